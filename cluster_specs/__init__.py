@@ -1,0 +1,1 @@
+"""Cluster spec JSON files (loaded with ``cost.load_cluster``)."""

@@ -1,0 +1,63 @@
+"""Cost of converting a tensor from one sharding to another.
+
+A sharding ("spec") is a tuple with one entry per tensor dim: the tuple of mesh axes that
+dim is split over (``()`` = not split). Axes not named anywhere replicate the tensor.
+
+Conversion, in the cheapest order: axes only in the target slice locally (free); axes
+that move between dims are all-to-alls; axes only in the source are gathered in one
+all-gather over all of them.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+from .comm import MeshModel, collective_time
+
+Spec = tuple[tuple[int, ...], ...]
+Collective = tuple[str, tuple[int, ...], float]  # (kind, mesh axes, bytes as in cost.comm)
+
+
+def local_shape(shape: tuple[int, ...], spec: Spec, mesh_shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(n // math.prod(mesh_shape[a] for a in axes) for n, axes in zip(shape, spec))
+
+
+def shard_factor(spec: Spec, mesh_shape: tuple[int, ...]) -> int:
+    return math.prod(mesh_shape[a] for axes in spec for a in axes)
+
+
+def _axis_dims(spec: Spec) -> dict[int, int]:
+    return {a: d for d, axes in enumerate(spec) for a in axes}
+
+
+@lru_cache(maxsize=1 << 18)
+def resharding(mesh: MeshModel, shape: tuple[int, ...], itemsize: int, src: Spec, dst: Spec
+               ) -> tuple[float, tuple[Collective, ...]]:
+    """(seconds, collectives) to turn a tensor sharded as ``src`` into ``dst``."""
+    if src == dst:
+        return 0.0, ()
+    full = math.prod(shape) * itemsize
+    where_src, where_dst = _axis_dims(src), _axis_dims(dst)
+    factor = math.prod(mesh.shape[a] for a in where_src)
+    # slices first: axes only in dst shrink the local buffer for free
+    for a in where_dst:
+        if a not in where_src:
+            factor *= mesh.shape[a]
+    seconds, colls = 0.0, []
+    for a, d in sorted(where_src.items()):
+        if a in where_dst and where_dst[a] != d:
+            nbytes = full / factor
+            seconds += collective_time(mesh, "all-to-all", (a,), nbytes)
+            colls.append(("all-to-all", (a,), nbytes))
+    gathered = tuple(sorted(a for a in where_src if a not in where_dst))
+    if gathered:
+        factor //= math.prod(mesh.shape[a] for a in gathered)
+        nbytes = full / factor
+        seconds += collective_time(mesh, "all-gather", gathered, nbytes)
+        colls.append(("all-gather", gathered, nbytes))
+    if not colls and src != dst and sorted(where_src.items()) == sorted(where_dst.items()):
+        # same axes per dim in another order: a permutation of shards
+        nbytes = full / factor
+        seconds += collective_time(mesh, "collective-permute", tuple(sorted(where_src)), nbytes)
+        colls.append(("collective-permute", tuple(sorted(where_src)), nbytes))
+    return seconds, tuple(colls)
