@@ -1,0 +1,1 @@
+"""Example models for autopar (plain JAX + optax)."""
