@@ -1,0 +1,138 @@
+"""OpGraph + strategies on one logical mesh → the solver's numeric :class:`solvers.Problem`.
+
+Node cost (µs) = roofline compute of the local shard + collectives inside the op; edge
+cost (µs) = resharding the producer's output spec into the spec the consumer wants;
+usage (bytes) = the node's outputs per device, live from the node to its last use
+(program inputs and outputs are live for the whole step).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cost import MeshModel, collective_time, compute_time, resharding
+from solvers import Problem
+
+from .graph import OpGraph
+from .strategies import Strategy, replicate, strategies_for
+from .strategies.base import local_nbytes
+from .trace import Lit, Value
+
+US = 1e6  # solver costs are microseconds
+# Among plans of equal predicted time prefer the one holding fewer bytes per device:
+# 1 µs per GB of (summed) live outputs — far below any real cost difference.
+TIEBREAK_US_PER_BYTE = 1e-9
+
+
+@dataclass
+class Operand:
+    node: int
+    operand: int
+    value: Value
+    producer: int
+    out_index: int
+
+
+@dataclass
+class IntraProblem:
+    graph: OpGraph
+    mesh: MeshModel
+    strategies: list[list[Strategy]]
+    compute_s: list[np.ndarray]
+    comm_s: list[np.ndarray]
+    fallbacks: dict[int, str]
+    edges: list[tuple[int, int]]
+    edge_operands: list[list[Operand]]
+    problem: Problem
+    stats: dict = field(default_factory=dict)
+
+
+def _node_strategies(graph: OpGraph, mesh: MeshModel):
+    strats, fallbacks = [], {}
+    for node in graph.nodes:
+        if node.kind == "input":
+            from .strategies import enumerate_specs
+            from .strategies.base import spec_name
+            v = node.outputs[0]
+            strats.append([Strategy(spec_name(s), (s,), ()) for s in enumerate_specs(v.shape, mesh.shape)])
+        elif node.kind == "const":
+            strats.append([Strategy("replicated", (replicate(len(node.outputs[0].shape)),), ())])
+        else:
+            s, reason = strategies_for(node, mesh)
+            strats.append(s)
+            if reason:
+                fallbacks[node.index] = reason
+    return strats, fallbacks
+
+
+def _shard_factor(spec, mesh_shape) -> int:
+    return math.prod(mesh_shape[a] for axes in spec for a in axes)
+
+
+def _node_costs(node, strats, mesh):
+    comp = np.zeros(len(strats))
+    comm = np.zeros(len(strats))
+    use = np.zeros(len(strats))
+    if node.kind != "eqn":
+        use[:] = [local_nbytes(node.outputs[0], s.out_specs[0], mesh.shape) for s in strats]
+        return comp, comm, use
+    dtype = str(node.outputs[0].dtype)
+    for i, s in enumerate(strats):
+        factors = [_shard_factor(sp, mesh.shape) for sp in s.out_specs]
+        factors += [_shard_factor(sp, mesh.shape) for sp in s.in_specs if sp is not None]
+        div = s.work_div or max(factors, default=1)
+        nbytes = sum(local_nbytes(v, sp, mesh.shape) for v, sp in zip(node.outputs, s.out_specs))
+        use[i] = nbytes
+        nbytes += sum(local_nbytes(o, sp, mesh.shape) for o, sp in zip(node.operands, s.in_specs))
+        comp[i] = compute_time(mesh, node.flops / div, nbytes, dtype)
+        comm[i] = sum(collective_time(mesh, k, ax, n) for k, ax, n in s.comm)
+    return comp, comm, use
+
+
+def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float | None) -> IntraProblem:
+    strats, fallbacks = _node_strategies(graph, mesh)
+    n = len(graph.nodes)
+    node_costs, usages, comp_all, comm_all, intervals = [], [], [], [], []
+    for node, ss in zip(graph.nodes, strats):
+        comp, comm, use = _node_costs(node, ss, mesh)
+        comp_all.append(comp)
+        comm_all.append(comm)
+        node_costs.append((comp + comm) * US + use * TIEBREAK_US_PER_BYTE)
+        usages.append(use)
+        if node.kind == "input":
+            intervals.append((0, n + 1))
+        else:
+            end = max(graph.last_use(v.id) for v in node.outputs)
+            intervals.append((node.index, end + 1))
+    # edges: group operands by (producer, consumer)
+    grouped: dict[tuple[int, int], list[Operand]] = {}
+    for node in graph.nodes:
+        for k, o in enumerate(node.operands):
+            if isinstance(o, Lit):
+                continue
+            u, j = graph.producer[o.id]
+            grouped.setdefault((u, node.index), []).append(Operand(node.index, k, o, u, j))
+    cache: dict = {}
+    edges, edge_costs, edge_ops = [], [], []
+    for (u, v), ops in grouped.items():
+        mat = np.zeros((len(strats[u]), len(strats[v])))
+        for op in ops:
+            src = tuple(s.out_specs[op.out_index] for s in strats[u])
+            dst = tuple(s.in_specs[op.operand] for s in strats[v])
+            key = (op.value.shape, op.value.itemsize, src, dst)
+            m = cache.get(key)
+            if m is None:
+                m = np.array([[0.0 if d is None else resharding(mesh, op.value.shape, op.value.itemsize, a, d)[0]
+                               for d in dst] for a in src]) * US
+                cache[key] = m
+            mat = mat + m
+        edges.append((u, v))
+        edge_costs.append(mat)
+        edge_ops.append(ops)
+    problem = Problem(node_costs, usages, intervals, edges, edge_costs, usage_limit=memory_budget_bytes,
+                      name=f"mesh{mesh.shape}")
+    stats = {"nodes": n, "edges": len(edges), "strategies": int(sum(len(s) for s in strats)),
+             "edge_matrix_cache": len(cache)}
+    return IntraProblem(graph, mesh, strats, comp_all, comm_all, fallbacks, edges, edge_ops, problem, stats)

@@ -1,0 +1,94 @@
+"""OpGraph: one node per program input, closed-over constant and equation.
+
+Nodes carry their output values (shape, dtype), operands, FLOPs and bytes touched; the
+graph knows each value's producer and consumers, and the program order used for liveness.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .trace import Eqn, Lit, Program, Value
+
+ELEMENTWISE_FLOPS = 1
+
+
+@dataclass
+class Node:
+    index: int
+    kind: str                   # "input" | "const" | "eqn"
+    name: str                   # primitive name, or "input[i]" / "const"
+    outputs: list[Value]
+    operands: list              # Value | Lit
+    eqn: Eqn | None = None
+    flops: float = 0.0
+    bytes: float = 0.0
+
+    @property
+    def params(self) -> dict:
+        return self.eqn.params if self.eqn is not None else {}
+
+
+@dataclass
+class OpGraph:
+    program: Program
+    nodes: list[Node]
+    producer: dict[int, tuple[int, int]] = field(default_factory=dict)   # value -> (node, output index)
+    consumers: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # value -> [(node, operand index)]
+    output_values: set[int] = field(default_factory=set)
+
+    def last_use(self, value_id: int) -> int:
+        """Index of the last node reading ``value_id`` (len(nodes) if it is a program output)."""
+        if value_id in self.output_values:
+            return len(self.nodes)
+        uses = self.consumers.get(value_id, [])
+        return max((n for n, _ in uses), default=self.producer[value_id][0])
+
+
+def _numel(shape) -> int:
+    return math.prod(shape)
+
+
+def estimate_flops(eqn: Eqn, operands: list, outputs: list[Value]) -> float:
+    name = eqn.prim.name
+    out = sum(_numel(v.shape) for v in outputs)
+    if name == "dot_general":
+        (lc, _), _ = eqn.params["dimension_numbers"]
+        k = math.prod(operands[0].shape[d] for d in lc)
+        return 2.0 * out * k
+    if name == "conv_general_dilated":
+        rhs = operands[1].shape
+        dn = eqn.params["dimension_numbers"]
+        rhs_spec = dn.rhs_spec
+        kernel = math.prod(rhs[d] for d in rhs_spec[2:]) * rhs[rhs_spec[1]]
+        return 2.0 * out * kernel
+    if name.startswith("reduce_") or name in ("argmax", "argmin", "cumsum", "cumprod", "cummax", "cumlogsumexp"):
+        return float(sum(_numel(o.shape) for o in operands))
+    return float(out * ELEMENTWISE_FLOPS)
+
+
+def build_graph(program: Program) -> OpGraph:
+    nodes: list[Node] = []
+    producer: dict[int, tuple[int, int]] = {}
+    consumers: dict[int, list[tuple[int, int]]] = {}
+    vals = program.values
+    for i, vid in enumerate(program.invars):
+        nodes.append(Node(len(nodes), "input", f"input[{i}]", [vals[vid]], []))
+        producer[vid] = (len(nodes) - 1, 0)
+    for vid in program.consts:
+        nodes.append(Node(len(nodes), "const", "const", [vals[vid]], []))
+        producer[vid] = (len(nodes) - 1, 0)
+    for eqn in program.eqns:
+        operands = [x if isinstance(x, Lit) else vals[x] for x in eqn.inputs]
+        outputs = [vals[o] for o in eqn.outputs]
+        idx = len(nodes)
+        nbytes = sum(v.nbytes for v in outputs) + sum(v.nbytes for v in operands if isinstance(v, Value))
+        nodes.append(Node(idx, "eqn", eqn.prim.name, outputs, operands, eqn,
+                          estimate_flops(eqn, operands, outputs), float(nbytes)))
+        for k, x in enumerate(eqn.inputs):
+            if not isinstance(x, Lit):
+                consumers.setdefault(x, []).append((idx, k))
+        for k, o in enumerate(eqn.outputs):
+            producer[o] = (idx, k)
+    outs = {o for o in program.outvars if isinstance(o, int)}
+    return OpGraph(program, nodes, producer, consumers, outs)

@@ -1,0 +1,145 @@
+"""The Plan: a frozen pydantic model that round-trips through JSON.
+
+Specs are stored as lists of mesh-axis *names* per tensor dim (``[["x"], []]``), never as
+solver indices. ``timing`` holds the only non-deterministic fields (wall-clock times).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from cost import ClusterSpec
+
+SpecNames = list[list[str]]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class CollectiveCost(_Frozen):
+    kind: str
+    axes: list[str]
+    bytes: float          # per device, as in the α+nβ formulas (see cost.comm)
+    time_s: float
+    where: str            # e.g. "dot_general #12 (model.py:30)" or "reshard v5: input[0] -> dot_general #12"
+
+
+class KindTotal(_Frozen):
+    count: int
+    bytes: float
+    time_s: float
+
+
+class Predicted(_Frozen):
+    step_time_s: float
+    compute_s: float
+    comm_s: float
+    comm_bytes_per_device: float
+    peak_memory_bytes: float
+    collectives: list[CollectiveCost]
+    by_kind: dict[str, KindTotal]
+
+
+class EqnPlan(_Frozen):
+    index: int
+    primitive: str
+    strategy: str
+    out_specs: list[SpecNames | None]
+    reshard_inputs: dict[int, SpecNames]   # operand index -> spec it is resharded to first
+    shapes: list[list[int]]
+    compute_s: float
+    comm_s: float
+    source: str = ""
+    fallback: str | None = None
+
+
+class SolverStats(_Frozen):
+    solver: str
+    status: str
+    objective_s: float
+    lower_bound_s: float | None
+    gap: float | None
+    nodes: int
+    edges: int
+    strategies: int
+
+
+class MeshCandidate(_Frozen):
+    mesh_shape: list[int]
+    objective_s: float | None
+    status: str
+
+
+class Fallback(_Frozen):
+    primitive: str
+    count: int
+    reason: str
+
+
+class Timing(_Frozen):
+    trace_s: float = 0.0
+    strategies_s: float = 0.0
+    solve_s: float = 0.0
+    total_s: float = 0.0
+
+
+class Plan(_Frozen):
+    version: int = 1
+    function: str
+    fingerprint: str
+    cluster: ClusterSpec
+    nodes: int
+    mesh_shape: list[int]
+    axis_names: list[str]
+    memory_budget_bytes: float
+    input_specs_flat: list[SpecNames]
+    output_specs_flat: list[SpecNames | None]
+    input_tree: Any
+    output_tree: Any
+    input_shapes: list[list[int]]
+    eqns: list[EqnPlan]
+    predicted: Predicted
+    solver: SolverStats
+    mesh_candidates: list[MeshCandidate]
+    fallbacks: list[Fallback]
+    timing: Timing = Timing()
+
+    # --- views -----------------------------------------------------------------------
+    @property
+    def input_specs(self):
+        """PartitionSpec pytree matching the example arguments."""
+        from .emit import to_pspec
+        from .pytree_json import treedef_from_json
+        return treedef_from_json(self.input_tree).unflatten([to_pspec(s) for s in self.input_specs_flat])
+
+    @property
+    def output_specs(self):
+        from jax.sharding import PartitionSpec
+
+        from .emit import to_pspec
+        from .pytree_json import treedef_from_json
+        return treedef_from_json(self.output_tree).unflatten(
+            [PartitionSpec() if s is None else to_pspec(s) for s in self.output_specs_flat])
+
+    def report(self) -> str:
+        from .report import format_report
+        return format_report(self)
+
+    def to_json(self, *, indent: int | None = 1) -> str:
+        return self.model_dump_json(indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        return cls.model_validate_json(text)
+
+    def apply(self, fn, *, devices=None):
+        """A jitted callable taking the same arguments as ``fn``, sharded as planned."""
+        from .runtime import apply_plan
+        return apply_plan(self, fn, devices=devices)
+
+    def validate(self, fn, *args, devices=None):
+        """Compile the plan; predicted vs compiled collective bytes and peak memory."""
+        from .validate import validate_plan
+        return validate_plan(self, fn, *args, devices=devices)

@@ -1,0 +1,190 @@
+"""``autopar.plan``: trace → graph → strategies → ILP per candidate mesh → best Plan."""
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+
+import numpy as np
+
+import solvers
+from cost import ClusterSpec, collective_time, load_cluster, mesh_model, resharding
+
+from .build import IntraProblem, build_problem
+from .emit import axis_names
+from .graph import build_graph
+from .plan import (CollectiveCost, EqnPlan, Fallback, KindTotal, MeshCandidate, Plan, Predicted,
+                   SolverStats, Timing)
+from .pytree_json import treedef_to_json
+from .trace import trace
+
+SOLVERS = ("auto", "cbc", "highs", "heuristic", "brute")
+
+
+class PlanError(ValueError):
+    """No plan satisfies the request (e.g. the memory budget)."""
+
+    def __init__(self, message: str, *, min_bytes_per_device: float | None = None):
+        super().__init__(message)
+        self.min_bytes_per_device = min_bytes_per_device
+
+
+def candidate_meshes(num_devices: int) -> list[tuple[int, ...]]:
+    """The 1D mesh and every 2D factorization a×b (a, b > 1)."""
+    out = [(num_devices,)]
+    out += [(a, num_devices // a) for a in range(2, num_devices) if num_devices % a == 0]
+    return out
+
+
+def _check_args(cluster, nodes, mesh_shape, solver, memory_budget_bytes, time_limit_s) -> ClusterSpec:
+    spec = load_cluster(cluster)
+    if not isinstance(nodes, int) or nodes < 1:
+        raise ValueError(f"nodes must be a positive int, got {nodes=}")
+    total = nodes * spec.devices_per_node
+    if mesh_shape is not None:
+        shape = tuple(mesh_shape)
+        if not shape or any(not isinstance(d, int) or d < 1 for d in shape) or len(shape) > 2:
+            raise ValueError(f"mesh_shape must be 1 or 2 positive ints, got {mesh_shape=}")
+        if math.prod(shape) != total:
+            raise ValueError(
+                f"mesh_shape={shape} has {math.prod(shape)} devices but cluster {spec.name!r} × nodes={nodes} "
+                f"has {total}; use a shape whose product is {total}, e.g. {candidate_meshes(total)[1:3] or [(total,)]}")
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
+    if memory_budget_bytes is not None and not memory_budget_bytes > 0:
+        raise ValueError(f"memory_budget_bytes must be > 0, got {memory_budget_bytes}")
+    if time_limit_s is not None and not time_limit_s > 0:
+        raise ValueError(f"time_limit_s must be > 0, got {time_limit_s}")
+    return spec
+
+
+def plan(fn, *example_args, cluster="cpu-8", nodes: int = 1, mesh_shape=None,
+         memory_budget_bytes: float | None = None, solver: str = "auto",
+         time_limit_s: float | None = None) -> Plan:
+    """Plan ``fn(*example_args)`` on ``nodes`` nodes of ``cluster``.
+
+    ``example_args`` may be arrays or ``jax.ShapeDtypeStruct`` pytrees. Every logical mesh
+    (1D and each 2D factorization) is solved unless ``mesh_shape`` fixes one; the cheapest
+    predicted step wins. ``memory_budget_bytes`` defaults to the device memory.
+    """
+    t0 = time.perf_counter()
+    spec = _check_args(cluster, nodes, mesh_shape, solver, memory_budget_bytes, time_limit_s)
+    budget = float(memory_budget_bytes or spec.device.memory_bytes)
+    program = trace(fn, *example_args)
+    graph = build_graph(program)
+    t_trace = time.perf_counter()
+    total = nodes * spec.devices_per_node
+    shapes = [tuple(mesh_shape)] if mesh_shape is not None else candidate_meshes(total)
+    best = None
+    candidates, t_strat, t_solve, min_needed = [], 0.0, 0.0, []
+    for shape in shapes:
+        ts = time.perf_counter()
+        ip = build_problem(graph, mesh_model(spec, nodes, shape), memory_budget_bytes=budget)
+        t_strat += time.perf_counter() - ts
+        ts = time.perf_counter()
+        try:
+            sol = solvers.solve(ip.problem, solver=solver, time_limit_s=time_limit_s)
+        except solvers.InfeasibleError as err:
+            min_needed.append(err.min_peak_usage)
+            candidates.append(MeshCandidate(mesh_shape=list(shape), objective_s=None, status="infeasible"))
+            t_solve += time.perf_counter() - ts
+            continue
+        t_solve += time.perf_counter() - ts
+        ok = sol.feasible and math.isfinite(sol.cost)
+        candidates.append(MeshCandidate(mesh_shape=list(shape), objective_s=sol.cost / 1e6 if ok else None,
+                                        status=sol.status if ok else "infeasible"))
+        if not ok:
+            min_needed.append(ip.problem.min_peak_usage())
+            continue
+        if best is None or sol.cost < best[1].cost * (1 - 1e-9):
+            best = (ip, sol)
+    if best is None:
+        need = min((m for m in min_needed if m is not None), default=None)
+        raise PlanError(
+            f"no sharding of {getattr(fn, '__name__', 'fn')} fits memory_budget_bytes={budget:.0f} per device "
+            f"on meshes {shapes}; the minimum is {need:.0f} bytes per device"
+            + (" (every tensor split as finely as possible)" if need else "")
+            + ". Raise the budget, add devices/nodes, or shrink the model/batch.",
+            min_bytes_per_device=need)
+    timing = Timing(trace_s=t_trace - t0, strategies_s=t_strat, solve_s=t_solve,
+                    total_s=time.perf_counter() - t0)
+    return assemble_plan(fn, program, best[0], best[1], spec, nodes, budget, candidates, timing)
+
+
+def _names(spec, names) -> list[list[str]]:
+    return [[names[a] for a in axes] for axes in spec]
+
+
+def _where(graph, idx) -> str:
+    node = graph.nodes[idx]
+    src = node.eqn.source if node.eqn is not None else ""
+    return f"{node.name} #{idx}" + (f" ({src})" if src else "")
+
+
+def assemble_plan(fn, program, ip: IntraProblem, sol, spec: ClusterSpec, nodes: int, budget: float,
+                  candidates, timing) -> Plan:
+    graph, mesh = ip.graph, ip.mesh
+    names = axis_names(len(mesh.shape))
+    choice = sol.choice
+    chosen = [ip.strategies[v][c] for v, c in enumerate(choice)]
+    colls: list[CollectiveCost] = []
+    compute_s = float(sum(ip.compute_s[v][c] for v, c in enumerate(choice)))
+    for v, s in enumerate(chosen):
+        for kind, axes, nbytes in s.comm:
+            colls.append(CollectiveCost(kind=kind, axes=[names[a] for a in axes], bytes=nbytes,
+                                        time_s=collective_time(mesh, kind, axes, nbytes), where=_where(graph, v)))
+    reshard: dict[int, dict[int, list]] = {}
+    for (u, v), ops in zip(ip.edges, ip.edge_operands):
+        for op in ops:
+            src = chosen[u].out_specs[op.out_index]
+            dst = chosen[v].in_specs[op.operand]
+            if dst is None or src == dst:
+                continue
+            reshard.setdefault(v, {})[op.operand] = _names(dst, names)
+            _, parts = resharding(mesh, op.value.shape, op.value.itemsize, src, dst)
+            for kind, axes, nbytes in parts:
+                colls.append(CollectiveCost(
+                    kind=kind, axes=[names[a] for a in axes], bytes=nbytes,
+                    time_s=collective_time(mesh, kind, axes, nbytes),
+                    where=f"reshard {_where(graph, u)} -> {_where(graph, v)}"))
+    comm_s = sum(c.time_s for c in colls)
+    by_kind: dict[str, KindTotal] = {}
+    for kind in sorted({c.kind for c in colls}):
+        cs = [c for c in colls if c.kind == kind]
+        by_kind[kind] = KindTotal(count=len(cs), bytes=sum(c.bytes for c in cs), time_s=sum(c.time_s for c in cs))
+    _, _, peak = solvers.evaluate(ip.problem, choice)
+    predicted = Predicted(step_time_s=compute_s + comm_s, compute_s=compute_s, comm_s=comm_s,
+                          comm_bytes_per_device=sum(c.bytes for c in colls), peak_memory_bytes=peak,
+                          collectives=colls, by_kind=by_kind)
+    eqn_offset = len(program.invars) + len(program.consts)
+    eqns = []
+    for v in range(eqn_offset, len(graph.nodes)):
+        node, s = graph.nodes[v], chosen[v]
+        eqns.append(EqnPlan(
+            index=v - eqn_offset, primitive=node.name, strategy=s.name,
+            out_specs=[_names(sp, names) for sp in s.out_specs], reshard_inputs=reshard.get(v, {}),
+            shapes=[list(o.shape) for o in node.outputs],
+            compute_s=float(ip.compute_s[v][choice[v]]), comm_s=float(ip.comm_s[v][choice[v]]),
+            source=node.eqn.source, fallback=ip.fallbacks.get(v)))
+    in_specs = [_names(chosen[v].out_specs[0], names) for v in range(len(program.invars))]
+    out_specs = []
+    for o in program.outvars:
+        if isinstance(o, int):
+            u, j = graph.producer[o]
+            out_specs.append(_names(chosen[u].out_specs[j], names))
+        else:
+            out_specs.append(None)
+    fb = Counter((graph.nodes[v].name, r) for v, r in ip.fallbacks.items())
+    fallbacks = [Fallback(primitive=p, count=n, reason=r) for (p, r), n in sorted(fb.items())]
+    stats = SolverStats(solver=sol.solver, status=sol.status, objective_s=sol.cost / 1e6,
+                        lower_bound_s=sol.lower_bound / 1e6 if np.isfinite(sol.lower_bound) else None,
+                        gap=sol.gap if np.isfinite(sol.gap) else None, nodes=ip.problem.num_nodes,
+                        edges=ip.problem.num_edges, strategies=ip.stats["strategies"])
+    return Plan(
+        function=getattr(fn, "__qualname__", getattr(fn, "__name__", repr(fn))),
+        fingerprint=program.fingerprint, cluster=spec, nodes=nodes, mesh_shape=list(mesh.shape),
+        axis_names=list(names), memory_budget_bytes=budget, input_specs_flat=in_specs,
+        output_specs_flat=out_specs, input_tree=treedef_to_json(program.in_tree),
+        output_tree=treedef_to_json(program.out_tree),
+        input_shapes=[list(program.values[v].shape) for v in program.invars], eqns=eqns,
+        predicted=predicted, solver=stats, mesh_candidates=candidates, fallbacks=fallbacks, timing=timing)

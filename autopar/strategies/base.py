@@ -1,0 +1,104 @@
+"""Strategy type, spec enumeration and the rule table.
+
+A spec gives, per tensor dim, the sorted tuple of mesh axes that dim is split over.
+A rule maps a node on a mesh to its list of :class:`Strategy`; ``STRATEGY_RULES`` is keyed
+by primitive name; anything missing gets :func:`replicated_rule` (counted in the report).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+from cost import MeshModel, Spec
+
+from ..graph import Node
+from ..trace import Lit
+
+Collective = tuple[str, tuple[int, ...], float]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    out_specs: tuple[Spec, ...]
+    in_specs: tuple[Spec | None, ...]     # per operand; None for literals
+    comm: tuple[Collective, ...] = ()     # collectives inside the op (partial sums)
+    work_div: int | None = None           # devices sharing the work (default: max shard factor)
+
+
+Rule = Callable[[Node, MeshModel], list[Strategy]]
+STRATEGY_RULES: dict[str, Rule] = {}
+
+
+def register(*names: str):
+    def deco(rule: Rule) -> Rule:
+        for n in names:
+            STRATEGY_RULES[n] = rule
+        return rule
+    return deco
+
+
+def replicate(rank: int) -> Spec:
+    return ((),) * rank
+
+
+def live_axes(mesh_shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(a for a, n in enumerate(mesh_shape) if n > 1)
+
+
+@lru_cache(maxsize=4096)
+def enumerate_specs(shape: tuple[int, ...], mesh_shape: tuple[int, ...],
+                    allowed_dims: frozenset | None = None) -> tuple[Spec, ...]:
+    """Every spec of ``shape``: each mesh axis unused or on one dim that its size divides."""
+    axes = live_axes(mesh_shape)
+    dims = [d for d in range(len(shape)) if allowed_dims is None or d in allowed_dims]
+    out = []
+    for assign in itertools.product([None, *dims], repeat=len(axes)):
+        per_dim = [[] for _ in shape]
+        for a, d in zip(axes, assign):
+            if d is not None:
+                per_dim[d].append(a)
+        if all(shape[d] % math.prod(mesh_shape[a] for a in per_dim[d]) == 0 for d in range(len(shape))):
+            out.append(tuple(tuple(p) for p in per_dim))
+    return tuple(out)
+
+
+def spec_name(spec: Spec) -> str:
+    """Alpa-style short name: R = replicated dim, S01 = split over axes 0 and 1."""
+    return "".join("R" if not axes else "S" + "".join(map(str, axes)) for axes in spec) or "scalar"
+
+
+def local_nbytes(value, spec: Spec | None, mesh_shape) -> float:
+    if spec is None or isinstance(value, Lit):
+        return 0.0
+    factor = math.prod(mesh_shape[a] for axes in spec for a in axes)
+    return value.nbytes / factor
+
+
+def replicated_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
+    ins = tuple(None if isinstance(o, Lit) else replicate(len(o.shape)) for o in node.operands)
+    outs = tuple(replicate(len(v.shape)) for v in node.outputs)
+    return [Strategy("replicated", outs, ins)]
+
+
+def follow_output(node: Node, mesh: MeshModel, allowed_dims=None, label="") -> list[Strategy]:
+    """Elementwise-style: every operand of the output's shape gets the output's spec."""
+    out_shape = node.outputs[0].shape
+    res = []
+    for spec in enumerate_specs(out_shape, mesh.shape, allowed_dims):
+        ins = []
+        for o in node.operands:
+            if isinstance(o, Lit):
+                ins.append(None)
+            elif o.shape == out_shape:
+                ins.append(spec)
+            elif len(o.shape) == 0:
+                ins.append(())
+            else:
+                return replicated_rule(node, mesh)
+        outs = tuple(spec if v.shape == out_shape else replicate(len(v.shape)) for v in node.outputs)
+        res.append(Strategy(label + spec_name(spec), outs, tuple(ins)))
+    return res

@@ -1,0 +1,219 @@
+"""Elementwise, reduction and layout primitives (families registered together)."""
+from __future__ import annotations
+
+from cost import MeshModel
+
+from ..graph import Node
+from ..trace import Lit
+from .base import (Strategy, enumerate_specs, follow_output, register, replicate,
+                   replicated_rule, spec_name)
+
+ELEMENTWISE = (
+    "add", "add_any", "sub", "mul", "div", "rem", "pow", "integer_pow", "max", "min", "neg", "sign",
+    "floor", "ceil", "round", "is_finite", "exp", "exp2", "log", "log1p", "expm1", "tanh", "logistic",
+    "sin", "cos", "tan", "asin", "acos", "atan", "atan2", "sinh", "cosh", "asinh", "acosh", "atanh",
+    "sqrt", "rsqrt", "cbrt", "square", "abs", "erf", "erfc", "erf_inv", "lgamma", "digamma",
+    "nextafter", "and", "or", "not", "xor", "eq", "ne", "lt", "le", "gt", "ge", "select_n", "clamp",
+    "convert_element_type", "stop_gradient", "copy", "copy_p", "reduce_precision", "real", "imag",
+    "conj", "shift_left", "shift_right_logical", "shift_right_arithmetic", "population_count",
+    "threefry2x32", "sharding_constraint", "random_wrap", "random_unwrap", "random_fold_in",
+    "optimization_barrier",
+)
+REDUCTIONS = ("reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or",
+              "reduce_xor")
+
+
+def def_elementwise(*names: str) -> None:
+    register(*names)(lambda node, mesh: follow_output(node, mesh))
+
+
+def def_reduction(*names: str) -> None:
+    register(*names)(_reduction)
+
+
+def _reduction(node: Node, mesh: MeshModel) -> list[Strategy]:
+    (x,), out = node.operands, node.outputs[0]
+    axes = set(node.params["axes"])
+    res = []
+    for spec in enumerate_specs(x.shape, mesh.shape):
+        reduced = tuple(sorted(a for d in axes for a in spec[d]))
+        out_spec = tuple(s for d, s in enumerate(spec) if d not in axes)
+        comm = (("all-reduce", reduced, out.nbytes / _factor(out_spec, mesh)),) if reduced else ()
+        res.append(Strategy(spec_name(spec) + ("-allreduce" if reduced else ""), (out_spec,), (spec,), comm))
+    return res
+
+
+def _factor(spec, mesh) -> int:
+    f = 1
+    for axes in spec:
+        for a in axes:
+            f *= mesh.shape[a]
+    return f
+
+
+def_elementwise(*ELEMENTWISE)
+def_reduction(*REDUCTIONS)
+
+
+@register("bitcast_convert_type")
+def _bitcast(node: Node, mesh: MeshModel) -> list[Strategy]:
+    if node.operands[0].shape != node.outputs[0].shape:
+        return replicated_rule(node, mesh)
+    return follow_output(node, mesh)
+
+
+def _keep_dims(node: Node, mesh: MeshModel, frozen: set[int]) -> list[Strategy]:
+    """Like elementwise, but dims in ``frozen`` stay unsplit."""
+    rank = len(node.outputs[0].shape)
+    return follow_output(node, mesh, frozenset(d for d in range(rank) if d not in frozen))
+
+
+@register("argmax", "argmin")
+def _argminmax(node, mesh):
+    (x,), out = node.operands, node.outputs[0]
+    axes = set(node.params["axes"])
+    res = []
+    for spec in enumerate_specs(x.shape, mesh.shape, frozenset(d for d in range(len(x.shape)) if d not in axes)):
+        res.append(Strategy(spec_name(spec), (tuple(s for d, s in enumerate(spec) if d not in axes),), (spec,)))
+    return res
+
+
+@register("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp")
+def _cumulative(node, mesh):
+    return _keep_dims(node, mesh, {node.params["axis"]})
+
+
+@register("sort")
+def _sort(node, mesh):
+    return _keep_dims(node, mesh, {node.params["dimension"]})
+
+
+@register("top_k")
+def _top_k(node, mesh):
+    rank = len(node.operands[0].shape)
+    res = []
+    for spec in enumerate_specs(node.operands[0].shape, mesh.shape, frozenset(range(rank - 1))):
+        res.append(Strategy(spec_name(spec), (spec, spec), (spec,)))
+    return res
+
+
+@register("broadcast_in_dim")
+def _broadcast(node, mesh):
+    out = node.outputs[0]
+    operand = node.operands[0]
+    bdims = node.params["broadcast_dimensions"]
+    res = []
+    for spec in enumerate_specs(out.shape, mesh.shape):
+        if isinstance(operand, Lit):
+            in_spec = None
+        else:
+            in_spec = tuple(spec[od] if operand.shape[i] == out.shape[od] else () for i, od in enumerate(bdims))
+        ins = (in_spec,) + tuple(None if isinstance(o, Lit) else replicate(len(o.shape)) for o in node.operands[1:])
+        res.append(Strategy(spec_name(spec), (spec,), ins))
+    return res
+
+
+@register("transpose")
+def _transpose(node, mesh):
+    perm = node.params["permutation"]
+    res = []
+    for spec in enumerate_specs(node.outputs[0].shape, mesh.shape):
+        in_spec = [()] * len(perm)
+        for i, p in enumerate(perm):
+            in_spec[p] = spec[i]
+        res.append(Strategy(spec_name(spec), (spec,), (tuple(in_spec),)))
+    return res
+
+
+@register("squeeze")
+def _squeeze(node, mesh):
+    dims = sorted(d % len(node.operands[0].shape) for d in node.params["dimensions"])
+    res = []
+    for spec in enumerate_specs(node.outputs[0].shape, mesh.shape):
+        in_spec = list(spec)
+        for d in dims:
+            in_spec.insert(d, ())
+        res.append(Strategy(spec_name(spec), (spec,), (tuple(in_spec),)))
+    return res
+
+
+@register("expand_dims")
+def _expand_dims(node, mesh):
+    dims = sorted(node.params["dimensions"])
+    res = []
+    for spec in enumerate_specs(node.operands[0].shape, mesh.shape):
+        out = list(spec)
+        for d in dims:
+            out.insert(d, ())
+        res.append(Strategy(spec_name(spec), (tuple(out),), (spec,)))
+    return res
+
+
+@register("concatenate")
+def _concatenate(node, mesh):
+    return _keep_dims(node, mesh, {node.params["dimension"]})
+
+
+@register("split")
+def _split(node, mesh):
+    axis = node.params["axis"]
+    x = node.operands[0]
+    res = []
+    for spec in enumerate_specs(x.shape, mesh.shape, frozenset(d for d in range(len(x.shape)) if d != axis)):
+        res.append(Strategy(spec_name(spec), tuple(spec for _ in node.outputs), (spec,)))
+    return res
+
+
+@register("pad")
+def _pad(node, mesh):
+    cfg = node.params["padding_config"]
+    return _keep_dims(node, mesh, {d for d, (lo, hi, it) in enumerate(cfg) if lo or hi or it})
+
+
+def _changed_dims(a, b) -> set[int]:
+    return {d for d, (x, y) in enumerate(zip(a, b)) if x != y}
+
+
+@register("slice", "rev")
+def _slice(node, mesh):
+    if node.name == "rev":
+        return _keep_dims(node, mesh, set(node.params["dimensions"]))
+    frozen = _changed_dims(node.operands[0].shape, node.outputs[0].shape)
+    res = []
+    x = node.operands[0]
+    for spec in enumerate_specs(node.outputs[0].shape, mesh.shape, frozenset(set(range(len(x.shape))) - frozen)):
+        res.append(Strategy(spec_name(spec), (spec,), (spec,)))
+    return res
+
+
+@register("dynamic_slice")
+def _dynamic_slice(node, mesh):
+    x = node.operands[0]
+    frozen = _changed_dims(x.shape, node.outputs[0].shape)
+    res = []
+    for spec in enumerate_specs(x.shape, mesh.shape, frozenset(set(range(len(x.shape))) - frozen)):
+        idx = tuple(None if isinstance(o, Lit) else () for o in node.operands[1:])
+        res.append(Strategy(spec_name(spec), (spec,), (spec,) + idx))
+    return res
+
+
+@register("dynamic_update_slice")
+def _dynamic_update_slice(node, mesh):
+    x, upd = node.operands[0], node.operands[1]
+    frozen = _changed_dims(x.shape, upd.shape)
+    res = []
+    for spec in enumerate_specs(x.shape, mesh.shape, frozenset(set(range(len(x.shape))) - frozen)):
+        idx = tuple(None if isinstance(o, Lit) else () for o in node.operands[2:])
+        upd_spec = None if isinstance(upd, Lit) else spec
+        res.append(Strategy(spec_name(spec), (spec,), (spec, upd_spec) + idx))
+    return res
+
+
+@register("iota", "random_bits", "random_seed", "rng_uniform", "full_like")
+def _generator(node, mesh):
+    """Outputs computed locally per shard; operands (keys, scalars) replicated."""
+    out = node.outputs[0]
+    ins = tuple(None if isinstance(o, Lit) else replicate(len(o.shape)) for o in node.operands)
+    if node.name != "iota" and any(len(o.shape) for o in node.operands if not isinstance(o, Lit)):
+        return replicated_rule(node, mesh)
+    return [Strategy(spec_name(s), (s,), ins) for s in enumerate_specs(out.shape, mesh.shape)]

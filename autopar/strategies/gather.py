@@ -1,0 +1,120 @@
+"""gather / scatter-add (embedding lookups and their gradients).
+
+gather, per mesh axis: split an index batch dim (output batch dim follows, table
+replicated), a passthrough dim of the table (full-size slices; output offset dim follows),
+or the indexed (vocab) dim of the table (vocab-parallel: masked local lookup, then an
+all-reduce of the output). scatter-add is the transpose: split an update batch dim
+(partial sums → all-reduce), a window dim, or the indexed dim of the operand.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+from cost import MeshModel
+
+from ..graph import Node
+from .base import Strategy, live_axes, register, replicated_rule, spec_name
+
+
+def _assign(roles, mesh, build):
+    """Enumerate axis→role assignments; ``roles`` are (size, ...) tuples."""
+    axes = live_axes(mesh.shape)
+    res = []
+    for assign in itertools.product([None, *range(len(roles))], repeat=len(axes)):
+        per = [[] for _ in roles]
+        for ax, r in zip(axes, assign):
+            if r is not None:
+                per[r].append(ax)
+        if any(roles[r][0] % math.prod(mesh.shape[a] for a in per[r]) for r in range(len(roles))):
+            continue
+        res.append(build([tuple(p) for p in per]))
+    return res
+
+
+@register("gather")
+def gather_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
+    operand, indices = node.operands[:2]
+    out = node.outputs[0]
+    dn = node.params["dimension_numbers"]
+    sizes = node.params["slice_sizes"]
+    if dn.operand_batching_dims:
+        return replicated_rule(node, mesh)
+    idx_batch = list(range(len(indices.shape) - 1))
+    out_batch = [d for d in range(len(out.shape)) if d not in dn.offset_dims]
+    op_offset = [d for d in range(len(operand.shape)) if d not in dn.collapsed_slice_dims]
+    if len(out_batch) != len(idx_batch) or len(op_offset) != len(dn.offset_dims):
+        return replicated_rule(node, mesh)
+    roles = []  # (size, operand dim, indices dim, out dim, vocab)
+    for i, od in zip(idx_batch, out_batch):
+        roles.append((indices.shape[i], None, i, od, False))
+    for d, od in zip(op_offset, dn.offset_dims):
+        if sizes[d] == operand.shape[d]:
+            roles.append((operand.shape[d], d, None, od, False))
+    if len(dn.start_index_map) == 1 and dn.start_index_map[0] in dn.collapsed_slice_dims:
+        roles.append((operand.shape[dn.start_index_map[0]], dn.start_index_map[0], None, None, True))
+
+    def build(per):
+        ospec, ispec, outspec = [()] * len(operand.shape), [()] * len(indices.shape), [()] * len(out.shape)
+        vocab = ()
+        for (size, opd, idd, od, is_vocab), axes in zip(roles, per):
+            if opd is not None:
+                ospec[opd] = axes
+            if idd is not None:
+                ispec[idd] = axes
+            if od is not None:
+                outspec[od] = axes
+            if is_vocab:
+                vocab = axes
+        comm = ()
+        if vocab:
+            local = out.nbytes / math.prod(mesh.shape[a] for s in outspec for a in s)
+            comm = (("all-reduce", tuple(sorted(vocab)), local),)
+        rest = tuple(None if not hasattr(o, "id") else ((),) * len(o.shape) for o in node.operands[2:])
+        return Strategy(spec_name(ospec) + "[" + spec_name(ispec) + "]" + ("-vocab" if vocab else ""),
+                        (tuple(outspec),), (tuple(ospec), tuple(ispec)) + rest, comm)
+    return _assign(roles, mesh, build)
+
+
+@register("scatter-add", "scatter_add")
+def scatter_add_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
+    operand, indices, updates = node.operands[:3]
+    out = node.outputs[0]
+    dn = node.params["dimension_numbers"]
+    if dn.operand_batching_dims or not hasattr(updates, "id"):
+        return replicated_rule(node, mesh)
+    upd_scatter = [d for d in range(len(updates.shape)) if d not in dn.update_window_dims]
+    idx_batch = list(range(len(indices.shape) - 1))
+    op_window = [d for d in range(len(operand.shape)) if d not in dn.inserted_window_dims]
+    if len(upd_scatter) != len(idx_batch) or len(op_window) != len(dn.update_window_dims):
+        return replicated_rule(node, mesh)
+    roles = []  # (size, operand/out dim, indices dim, updates dim, kind)
+    for i, ud in zip(idx_batch, upd_scatter):
+        roles.append((updates.shape[ud], None, i, ud, "batch"))
+    for d, ud in zip(op_window, dn.update_window_dims):
+        if updates.shape[ud] == operand.shape[d]:
+            roles.append((operand.shape[d], d, None, ud, "window"))
+    if len(dn.scatter_dims_to_operand_dims) == 1 and dn.scatter_dims_to_operand_dims[0] in dn.inserted_window_dims:
+        roles.append((operand.shape[dn.scatter_dims_to_operand_dims[0]], dn.scatter_dims_to_operand_dims[0],
+                      None, None, "indexed"))
+
+    def build(per):
+        ospec, ispec, uspec = [()] * len(operand.shape), [()] * len(indices.shape), [()] * len(updates.shape)
+        partial = ()
+        for (size, opd, idd, ud, kind), axes in zip(roles, per):
+            if opd is not None:
+                ospec[opd] = axes
+            if idd is not None:
+                ispec[idd] = axes
+            if ud is not None:
+                uspec[ud] = axes
+            if kind == "batch":
+                partial += axes
+        comm = ()
+        if partial:
+            local = out.nbytes / math.prod(mesh.shape[a] for s in ospec for a in s)
+            comm = (("all-reduce", tuple(sorted(partial)), local),)
+        ins = (tuple(ospec), tuple(ispec), tuple(uspec))
+        return Strategy(spec_name(ospec) + "[" + spec_name(uspec) + "]" + ("-allreduce" if partial else ""),
+                        (tuple(ospec),), ins, comm)
+    return _assign(roles, mesh, build)
