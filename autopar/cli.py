@@ -1,0 +1,191 @@
+"""``autopar`` command line: ``plan``, ``run`` and ``clusters`` (a thin layer over the API).
+
+Example modules follow one convention: for a step function ``FOO`` the module defines
+``FOO_args(**knobs) -> tuple`` returning example positional arguments (``abstract=True``,
+if accepted, returns ShapeDtypeStructs). ``--arg key=value`` passes knobs.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+from pathlib import Path
+
+
+def _parse_mesh(text: str | None):
+    if not text:
+        return None
+    try:
+        shape = tuple(int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"autopar: --mesh must look like 8 or 2x4, got {text!r}") from None
+    return shape
+
+
+def _parse_knobs(items) -> dict:
+    knobs = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"autopar: --arg expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            knobs[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            knobs[k] = v
+    return knobs
+
+
+def load_target(target: str):
+    """'pkg.module:fn' or 'path/file.py:fn' → (module, function, name)."""
+    if ":" not in target:
+        raise SystemExit(f"autopar: target must be MODULE_OR_FILE:FUNCTION, got {target!r}")
+    where, name = target.rsplit(":", 1)
+    if where.endswith(".py") or Path(where).exists():
+        path = Path(where)
+        if not path.exists():
+            raise SystemExit(f"autopar: file {where!r} does not exist")
+        sys.path.insert(0, str(path.resolve().parent.parent))
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module
+        spec.loader.exec_module(module)
+    else:
+        sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(where)
+        except ImportError as err:
+            raise SystemExit(f"autopar: cannot import module {where!r}: {err}") from None
+    fn = getattr(module, name, None)
+    if fn is None or not callable(fn):
+        raise SystemExit(f"autopar: {where!r} has no function {name!r}")
+    return module, fn, name
+
+
+def example_args(module, name: str, knobs: dict, abstract: bool):
+    maker = getattr(module, f"{name}_args", None) or getattr(module, "example_args", None)
+    if maker is None:
+        raise SystemExit(
+            f"autopar: {module.__name__} defines no {name}_args() (or example_args()) returning the example "
+            f"arguments of {name}; add `def {name}_args(**knobs): return (arg0, arg1, ...)`")
+    params = inspect.signature(maker).parameters
+    if "abstract" in params and "abstract" not in knobs:
+        knobs = {**knobs, "abstract": abstract}
+    unknown = [k for k in knobs if k not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values())]
+    if unknown:
+        raise SystemExit(f"autopar: {maker.__name__} has no knob(s) {unknown}; it accepts {list(params)}")
+    args = maker(**knobs)
+    return tuple(args) if isinstance(args, (tuple, list)) else (args,)
+
+
+def _plan_from_args(ns, fn, args):
+    import autopar
+    return autopar.plan(fn, *args, cluster=ns.cluster, nodes=ns.nodes, mesh_shape=_parse_mesh(ns.mesh),
+                        memory_budget_bytes=ns.budget, solver=ns.solver, time_limit_s=ns.time_limit)
+
+
+def cmd_clusters(ns) -> int:
+    from cost import known_clusters, load_cluster
+    for name in known_clusters():
+        c = load_cluster(name)
+        d = c.device
+        print(f"{name:<16} {c.devices_per_node}× {d.name:<16} {d.memory_bytes / 2**30:6.0f} GiB  "
+              f"intra {c.intra_node_link.bandwidth_bytes_per_s / 1e9:6.1f} GB/s  "
+              f"network {c.inter_node_bandwidth_per_device() / 1e9:6.2f} GB/s per device  {c.description}")
+    return 0
+
+
+def cmd_plan(ns) -> int:
+    from .report import format_report
+    module, fn, name = load_target(ns.target)
+    args = example_args(module, name, _parse_knobs(ns.arg), abstract=True)
+    plan = _plan_from_args(ns, fn, args)
+    print(format_report(plan, equations=ns.equations))
+    if ns.json:
+        Path(ns.json).write_text(plan.to_json())
+        print(f"\nplan written to {ns.json}")
+    return 0
+
+
+def cmd_run(ns) -> int:
+    import jax
+    import numpy as np
+
+    import autopar
+    from .report import format_report
+    module, fn, name = load_target(ns.target)
+    args = example_args(module, name, _parse_knobs(ns.arg), abstract=False)
+    if ns.plan:
+        plan = autopar.Plan.from_json(Path(ns.plan).read_text())
+    else:
+        plan = _plan_from_args(ns, fn, args)
+        print(format_report(plan))
+    sharded = plan.apply(fn)
+    got = jax.block_until_ready(sharded(*args))
+    want = jax.jit(fn)(*args)
+    worst, ok = 0.0, True
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.dtype.kind in "fc":
+            worst = max(worst, float(np.max(np.abs(a - b), initial=0.0)))
+            ok &= bool(np.allclose(a, b, rtol=ns.rtol, atol=ns.atol))
+        else:
+            ok &= bool(np.array_equal(a, b))
+    devs = sharded.mesh.devices.size
+    print(f"\nran on {devs} {jax.devices()[0].platform} devices, mesh {tuple(plan.mesh_shape)}: "
+          f"max |sharded - unsharded| = {worst:.3g} → {'OK' if ok else 'MISMATCH'} (rtol {ns.rtol}, atol {ns.atol})")
+    return 0 if ok else 1
+
+
+def _common(p):
+    p.add_argument("target", help="MODULE_OR_FILE:FUNCTION, e.g. examples/mlp.py:mlp_step")
+    p.add_argument("--cluster", default="cpu-8", help="cluster spec name or JSON path (see `autopar clusters`)")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--mesh", help="fix the logical mesh, e.g. 8 or 2x4 (default: search)")
+    p.add_argument("--budget", type=float, default=None, help="memory budget in bytes per device")
+    p.add_argument("--solver", default="auto", choices=["auto", "cbc", "highs", "heuristic", "brute"])
+    p.add_argument("--time-limit", type=float, default=None, help="solver time limit, seconds")
+    p.add_argument("--arg", action="append", metavar="KEY=VALUE", help="knob for FUNCTION_args()")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="autopar", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("clusters", help="list the known cluster specs")
+    p = sub.add_parser("plan", help="plan a function and print the strategy report")
+    _common(p)
+    p.add_argument("--json", help="write the plan as JSON")
+    p.add_argument("--equations", action="store_true", help="also list every equation with its strategy")
+    r = sub.add_parser("run", help="plan (or load) and execute on local devices; check vs unsharded")
+    _common(r)
+    r.add_argument("--plan", help="a plan JSON to run instead of planning")
+    r.add_argument("--devices", type=int, default=None,
+                   help="simulated CPU devices (default: nodes × devices per node; ignored on GPU)")
+    r.add_argument("--rtol", type=float, default=1e-5)
+    r.add_argument("--atol", type=float, default=1e-6)
+    ns = parser.parse_args(argv)
+    if ns.cmd == "run":
+        from cost import ClusterSpecError, load_cluster
+        try:
+            want = ns.devices or ns.nodes * load_cluster(ns.cluster).devices_per_node
+        except ClusterSpecError as err:
+            print(f"autopar: {err}", file=sys.stderr)
+            return 2
+        os.environ.setdefault("JAX_NUM_CPU_DEVICES", str(want))
+    from cost import ClusterSpecError
+
+    from .planner import PlanError
+    from .runtime import PlanMismatchError
+    from .trace import TraceError
+    try:
+        return {"clusters": cmd_clusters, "plan": cmd_plan, "run": cmd_run}[ns.cmd](ns)
+    except (ClusterSpecError, PlanError, PlanMismatchError, TraceError, ValueError) as err:
+        print(f"autopar: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
