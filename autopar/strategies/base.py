@@ -97,6 +97,8 @@ def follow_output(node: Node, mesh: MeshModel, allowed_dims=None, label="") -> l
                 ins.append(spec)
             elif len(o.shape) == 0:
                 ins.append(())
+            elif len(o.shape) == len(out_shape) and all(a in (1, b) for a, b in zip(o.shape, out_shape)):
+                ins.append(tuple(s if a == b else () for s, a, b in zip(spec, o.shape, out_shape)))
             else:
                 return replicated_rule(node, mesh)
         outs = tuple(spec if v.shape == out_shape else replicate(len(v.shape)) for v in node.outputs)
