@@ -91,8 +91,31 @@ def _node_costs(node, strats, mesh):
     return comp, comm, use
 
 
-def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float | None) -> IntraProblem:
+def match_donations(graph: OpGraph, donated_inputs) -> list[tuple[int, int]]:
+    """(input index, output index) pairs: each donated input leaf aliases the first unmatched
+    program output of the same shape and dtype (the rule ``jax.jit`` uses for donation)."""
+    prog = graph.program
+    pairs, used = [], set()
+    for i in sorted(donated_inputs):
+        v = prog.values[prog.invars[i]]
+        for k, o in enumerate(prog.outvars):
+            if k in used or not isinstance(o, int):
+                continue
+            w = prog.values[o]
+            if w.shape == v.shape and str(w.dtype) == str(v.dtype):
+                used.add(k)
+                pairs.append((i, k))
+                break
+    return pairs
+
+
+def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float | None,
+                  donated_inputs=()) -> IntraProblem:
+    """``donated_inputs``: flat input indices whose buffers the step may reuse; each must keep
+    the sharding of the output it aliases (alias constraint: an edge with ∞ off the diagonal)."""
     strats, fallbacks = _node_strategies(graph, mesh)
+    aliases = match_donations(graph, donated_inputs)
+    donated_nodes = {i for i, _ in aliases}
     n = len(graph.nodes)
     node_costs, usages, comp_all, comm_all, intervals = [], [], [], [], []
     for node, ss in zip(graph.nodes, strats):
@@ -101,8 +124,10 @@ def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float
         comm_all.append(comm)
         node_costs.append((comp + comm) * US + use * TIEBREAK_US_PER_BYTE)
         usages.append(use)
-        if node.kind == "input":
+        if node.kind == "input" and node.index not in donated_nodes:
             intervals.append((0, n + 1))
+        elif node.kind == "input":  # donated: its buffer is free after the last read
+            intervals.append((0, graph.last_use(node.outputs[0].id) + 1))
         else:
             end = max(graph.last_use(v.id) for v in node.outputs)
             intervals.append((node.index, end + 1))
@@ -115,7 +140,7 @@ def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float
             u, j = graph.producer[o.id]
             grouped.setdefault((u, node.index), []).append(Operand(node.index, k, o, u, j))
     cache: dict = {}
-    edges, edge_costs, edge_ops = [], [], []
+    edges, edge_costs, edge_ops, grouped_index = [], [], [], {}
     for (u, v), ops in grouped.items():
         mat = np.zeros((len(strats[u]), len(strats[v])))
         for op in ops:
@@ -128,11 +153,27 @@ def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float
                                for d in dst] for a in src]) * US
                 cache[key] = m
             mat = mat + m
+        grouped_index[(u, v)] = len(edges)
         edges.append((u, v))
         edge_costs.append(mat)
         edge_ops.append(ops)
+    for i, k in aliases:
+        out_value = graph.program.outvars[k]
+        u, j = graph.producer[out_value]
+        if u == i:
+            continue
+        src = [s.out_specs[0] for s in strats[i]]
+        dst = [s.out_specs[j] for s in strats[u]]
+        mat = np.array([[0.0 if a == b else np.inf for b in dst] for a in src])
+        if (i, u) in grouped_index:
+            e = grouped_index[(i, u)]
+            edge_costs[e] = edge_costs[e] + mat
+        else:
+            edges.append((i, u))
+            edge_costs.append(mat)
+            edge_ops.append([])
     problem = Problem(node_costs, usages, intervals, edges, edge_costs, usage_limit=memory_budget_bytes,
                       name=f"mesh{mesh.shape}")
-    stats = {"nodes": n, "edges": len(edges), "strategies": int(sum(len(s) for s in strats)),
+    stats = {"aliases": len(aliases), "nodes": n, "edges": len(edges), "strategies": int(sum(len(s) for s in strats)),
              "edge_matrix_cache": len(cache)}
     return IntraProblem(graph, mesh, strats, comp_all, comm_all, fallbacks, edges, edge_ops, problem, stats)

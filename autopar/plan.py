@@ -104,6 +104,7 @@ class Plan(_Frozen):
     solver: SolverStats
     mesh_candidates: list[MeshCandidate]
     fallbacks: list[Fallback]
+    donated_inputs: list[int] = []
     timing: Timing = Timing()
 
     # --- views -----------------------------------------------------------------------

@@ -60,17 +60,21 @@ def _check_args(cluster, nodes, mesh_shape, solver, memory_budget_bytes, time_li
 
 def plan(fn, *example_args, cluster="cpu-8", nodes: int = 1, mesh_shape=None,
          memory_budget_bytes: float | None = None, solver: str = "auto",
-         time_limit_s: float | None = None) -> Plan:
+         time_limit_s: float | None = None, donate_argnums=()) -> Plan:
     """Plan ``fn(*example_args)`` on ``nodes`` nodes of ``cluster``.
 
     ``example_args`` may be arrays or ``jax.ShapeDtypeStruct`` pytrees. Every logical mesh
     (1D and each 2D factorization) is solved unless ``mesh_shape`` fixes one; the cheapest
     predicted step wins. ``memory_budget_bytes`` defaults to the device memory.
+    ``donate_argnums`` (as in ``jax.jit``): those arguments' buffers are reused for the
+    outputs they alias (same shape/dtype), which must then keep the same sharding — pass the
+    params/optimizer-state positions of a training step.
     """
     t0 = time.perf_counter()
     spec = _check_args(cluster, nodes, mesh_shape, solver, memory_budget_bytes, time_limit_s)
     budget = float(memory_budget_bytes or spec.device.memory_bytes)
     program = trace(fn, *example_args)
+    donated = donated_leaves(example_args, donate_argnums)
     graph = build_graph(program)
     t_trace = time.perf_counter()
     total = nodes * spec.devices_per_node
@@ -79,7 +83,8 @@ def plan(fn, *example_args, cluster="cpu-8", nodes: int = 1, mesh_shape=None,
     candidates, t_strat, t_solve, min_needed = [], 0.0, 0.0, []
     for shape in shapes:
         ts = time.perf_counter()
-        ip = build_problem(graph, mesh_model(spec, nodes, shape), memory_budget_bytes=budget)
+        ip = build_problem(graph, mesh_model(spec, nodes, shape), memory_budget_bytes=budget,
+                           donated_inputs=donated)
         t_strat += time.perf_counter() - ts
         ts = time.perf_counter()
         try:
@@ -108,7 +113,25 @@ def plan(fn, *example_args, cluster="cpu-8", nodes: int = 1, mesh_shape=None,
             min_bytes_per_device=need)
     timing = Timing(trace_s=t_trace - t0, strategies_s=t_strat, solve_s=t_solve,
                     total_s=time.perf_counter() - t0)
-    return assemble_plan(fn, program, best[0], best[1], spec, nodes, budget, candidates, timing)
+    return assemble_plan(fn, program, best[0], best[1], spec, nodes, budget, candidates, timing, donated)
+
+
+def donated_leaves(args, donate_argnums) -> list[int]:
+    """Flat leaf indices of the positional arguments in ``donate_argnums``."""
+    import jax
+    nums = (donate_argnums,) if isinstance(donate_argnums, int) else tuple(donate_argnums or ())
+    bad = [a for a in nums if not isinstance(a, int) or not -len(args) <= a < len(args)]
+    if bad:
+        raise ValueError(f"donate_argnums={nums} refers to missing arguments {bad}; the function got "
+                         f"{len(args)} positional arguments")
+    nums = {a % len(args) for a in nums}
+    out, offset = [], 0
+    for a, arg in enumerate(args):
+        n = len(jax.tree_util.tree_leaves(arg))
+        if a in nums:
+            out.extend(range(offset, offset + n))
+        offset += n
+    return out
 
 
 def _names(spec, names) -> list[list[str]]:
@@ -122,7 +145,7 @@ def _where(graph, idx) -> str:
 
 
 def assemble_plan(fn, program, ip: IntraProblem, sol, spec: ClusterSpec, nodes: int, budget: float,
-                  candidates, timing) -> Plan:
+                  candidates, timing, donated=()) -> Plan:
     graph, mesh = ip.graph, ip.mesh
     names = axis_names(len(mesh.shape))
     choice = sol.choice
@@ -187,4 +210,5 @@ def assemble_plan(fn, program, ip: IntraProblem, sol, spec: ClusterSpec, nodes: 
         output_specs_flat=out_specs, input_tree=treedef_to_json(program.in_tree),
         output_tree=treedef_to_json(program.out_tree),
         input_shapes=[list(program.values[v].shape) for v in program.invars], eqns=eqns,
-        predicted=predicted, solver=stats, mesh_candidates=candidates, fallbacks=fallbacks, timing=timing)
+        predicted=predicted, solver=stats, mesh_candidates=candidates, fallbacks=fallbacks,
+        donated_inputs=list(donated), timing=timing)

@@ -41,7 +41,8 @@ class ShardedFunction:
         in_specs = {(e.index, k): s for e in self.plan.eqns for k, s in e.reshard_inputs.items()}
         body = interpret(program, out_specs, in_specs, self.mesh)
         out_shardings = [named(self.mesh, s if s is not None else []) for s in self.plan.output_specs_flat]
-        jitted = jax.jit(body, in_shardings=self.in_shardings, out_shardings=out_shardings)
+        jitted = jax.jit(body, in_shardings=self.in_shardings, out_shardings=out_shardings,
+                         donate_argnums=tuple(self.plan.donated_inputs))
         self._cache[key] = (jitted, program.out_tree)
         return self._cache[key], flat
 
