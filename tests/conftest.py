@@ -12,7 +12,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 from cost import cluster_from_dict, load_cluster  # noqa: E402
 
 
-def test_cluster(devices_per_node: int = 4, *, alpha_s: float = 1e-7, intra_bw: float = 150e9,
+def make_cluster(devices_per_node: int = 4, *, alpha_s: float = 1e-7, intra_bw: float = 150e9,
                  inter_bw: float = 15e9, nics: int | None = None, flops: float = 1e12,
                  memory_bytes: int = 4 * 2**30):
     """A cluster with fast links (tiny α) and slow devices, so small models are worth sharding."""
