@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PrivateAttr
 
 from cost import ClusterSpec
 
@@ -106,6 +106,7 @@ class Plan(_Frozen):
     fallbacks: list[Fallback]
     donated_inputs: list[int] = []
     timing: Timing = Timing()
+    _fn: Any = PrivateAttr(default=None)   # the planned function, when planned in this process
 
     # --- views -----------------------------------------------------------------------
     @property
@@ -140,7 +141,11 @@ class Plan(_Frozen):
         from .runtime import apply_plan
         return apply_plan(self, fn, devices=devices)
 
-    def validate(self, fn, *args, devices=None):
+    def validate(self, *args, fn=None, devices=None):
         """Compile the plan; predicted vs compiled collective bytes and peak memory."""
         from .validate import validate_plan
+        fn = fn if fn is not None else self._fn
+        if fn is None:
+            raise ValueError("this plan does not hold its function (it was loaded from JSON): "
+                             "call plan.validate(*args, fn=the_function)")
         return validate_plan(self, fn, *args, devices=devices)

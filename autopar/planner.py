@@ -113,7 +113,9 @@ def plan(fn, *example_args, cluster="cpu-8", nodes: int = 1, mesh_shape=None,
             min_bytes_per_device=need)
     timing = Timing(trace_s=t_trace - t0, strategies_s=t_strat, solve_s=t_solve,
                     total_s=time.perf_counter() - t0)
-    return assemble_plan(fn, program, best[0], best[1], spec, nodes, budget, candidates, timing, donated)
+    result = assemble_plan(fn, program, best[0], best[1], spec, nodes, budget, candidates, timing, donated)
+    result._fn = fn
+    return result
 
 
 def donated_leaves(args, donate_argnums) -> list[int]:
