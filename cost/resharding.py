@@ -33,7 +33,13 @@ def _axis_dims(spec: Spec) -> dict[int, int]:
 @lru_cache(maxsize=1 << 18)
 def resharding(mesh: MeshModel, shape: tuple[int, ...], itemsize: int, src: Spec, dst: Spec
                ) -> tuple[float, tuple[Collective, ...]]:
-    """(seconds, collectives) to turn a tensor sharded as ``src`` into ``dst``."""
+    """(seconds, collectives) to turn a tensor sharded as ``src`` into ``dst``.
+
+    Within a dim, axes are major-to-minor: a dim split over ``(y,)`` holds contiguous halves,
+    over ``(x, y)`` blocks ordered by x then y. Extra axes can be sliced locally only when the
+    source's axes on that dim are a prefix of the target's; otherwise the shards have to be
+    permuted between devices (one collective-permute of the target-sized shard).
+    """
     if src == dst:
         return 0.0, ()
     full = math.prod(shape) * itemsize
@@ -55,9 +61,16 @@ def resharding(mesh: MeshModel, shape: tuple[int, ...], itemsize: int, src: Spec
         nbytes = full / factor
         seconds += collective_time(mesh, "all-gather", gathered, nbytes)
         colls.append(("all-gather", gathered, nbytes))
-    if not colls and src != dst and sorted(where_src.items()) == sorted(where_dst.items()):
-        # same axes per dim in another order: a permutation of shards
-        nbytes = full / factor
-        seconds += collective_time(mesh, "collective-permute", tuple(sorted(where_src)), nbytes)
-        colls.append(("collective-permute", tuple(sorted(where_src)), nbytes))
+    kept = [a for a in where_src if where_dst.get(a) == where_src[a]]
+    misplaced = tuple(sorted(a for a in kept if not _in_prefix_position(src, dst, a, where_src[a])))
+    if misplaced:
+        nbytes = full / math.prod(mesh.shape[a] for axes in dst for a in axes)
+        seconds += collective_time(mesh, "collective-permute", misplaced, nbytes)
+        colls.append(("collective-permute", misplaced, nbytes))
     return seconds, tuple(colls)
+
+
+def _in_prefix_position(src: Spec, dst: Spec, axis: int, dim: int) -> bool:
+    """Is ``axis`` at the same place in dim ``dim`` of both specs, behind the same axes?"""
+    k = src[dim].index(axis)
+    return src[dim][:k + 1] == dst[dim][:k + 1]

@@ -90,11 +90,9 @@ def _sort(node, mesh):
 
 @register("top_k")
 def _top_k(node, mesh):
-    rank = len(node.operands[0].shape)
-    res = []
-    for spec in enumerate_specs(node.operands[0].shape, mesh.shape, frozenset(range(rank - 1))):
-        res.append(Strategy(spec_name(spec), (spec, spec), (spec,)))
-    return res
+    """XLA's partitioner gathers top_k operands whatever their sharding (measured on CPU,
+    jax 0.10): plan it replicated so the prediction matches what runs."""
+    return replicated_rule(node, mesh)
 
 
 @register("broadcast_in_dim")
