@@ -108,6 +108,11 @@ class Plan(_Frozen):
     timing: Timing = Timing()
     _fn: Any = PrivateAttr(default=None)   # the planned function, when planned in this process
 
+    def __eq__(self, other) -> bool:  # fields only (not the private function reference)
+        return isinstance(other, Plan) and self.model_dump() == other.model_dump()
+
+    __hash__ = None
+
     # --- views -----------------------------------------------------------------------
     @property
     def input_specs(self):
