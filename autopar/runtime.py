@@ -56,9 +56,15 @@ class ShardedFunction:
         return jitted.lower(*[_abstract(x) for x in flat])
 
     def shard_inputs(self, *args):
-        """``device_put`` the arguments with the planned input shardings."""
+        """Global arrays with the planned input shardings, built from host data that every
+        process holds in full (works under ``jax.distributed`` with several processes)."""
+        import numpy as np
         flat, tree = jax.tree_util.tree_flatten(args)
-        return jax.tree_util.tree_unflatten(tree, [jax.device_put(x, s) for x, s in zip(flat, self.in_shardings)])
+        out = []
+        for x, s in zip(flat, self.in_shardings):
+            host = np.asarray(x)
+            out.append(jax.make_array_from_callback(host.shape, s, lambda idx, h=host: h[idx]))
+        return jax.tree_util.tree_unflatten(tree, out)
 
 
 def apply_plan(plan, fn, *, devices=None) -> ShardedFunction:
