@@ -99,7 +99,7 @@ def plan(fn, *example_args, cluster="cpu-8", nodes: int = 1, mesh_shape=None,
         candidates.append(MeshCandidate(mesh_shape=list(shape), objective_s=sol.cost / 1e6 if ok else None,
                                         status=sol.status if ok else "infeasible"))
         if not ok:
-            min_needed.append(ip.problem.min_peak_usage())
+            min_needed.append(ip.full.min_peak_usage())
             continue
         if best is None or sol.cost < best[1].cost * (1 - 1e-9):
             best = (ip, sol)
@@ -150,7 +150,7 @@ def assemble_plan(fn, program, ip: IntraProblem, sol, spec: ClusterSpec, nodes: 
                   candidates, timing, donated=()) -> Plan:
     graph, mesh = ip.graph, ip.mesh
     names = axis_names(len(mesh.shape))
-    choice = sol.choice
+    choice = ip.expand(sol.choice)
     chosen = [ip.strategies[v][c] for v, c in enumerate(choice)]
     colls: list[CollectiveCost] = []
     compute_s = float(sum(ip.compute_s[v][c] for v, c in enumerate(choice)))
@@ -177,7 +177,7 @@ def assemble_plan(fn, program, ip: IntraProblem, sol, spec: ClusterSpec, nodes: 
     for kind in sorted({c.kind for c in colls}):
         cs = [c for c in colls if c.kind == kind]
         by_kind[kind] = KindTotal(count=len(cs), bytes=sum(c.bytes for c in cs), time_s=sum(c.time_s for c in cs))
-    _, _, peak = solvers.evaluate(ip.problem, choice)
+    _, _, peak = solvers.evaluate(ip.full, choice)
     predicted = Predicted(step_time_s=compute_s + comm_s, compute_s=compute_s, comm_s=comm_s,
                           comm_bytes_per_device=sum(c.bytes for c in colls), peak_memory_bytes=peak,
                           collectives=colls, by_kind=by_kind)
@@ -204,7 +204,7 @@ def assemble_plan(fn, program, ip: IntraProblem, sol, spec: ClusterSpec, nodes: 
     stats = SolverStats(solver=sol.solver, status=sol.status, objective_s=sol.cost / 1e6,
                         lower_bound_s=sol.lower_bound / 1e6 if np.isfinite(sol.lower_bound) else None,
                         gap=sol.gap if np.isfinite(sol.gap) else None, nodes=ip.problem.num_nodes,
-                        edges=ip.problem.num_edges, strategies=ip.stats["strategies"])
+                        edges=ip.problem.num_edges, strategies=int(sum(len(c) for c in ip.problem.node_costs)))
     return Plan(
         function=getattr(fn, "__qualname__", getattr(fn, "__name__", repr(fn))),
         fingerprint=program.fingerprint, cluster=spec, nodes=nodes, mesh_shape=list(mesh.shape),
