@@ -25,6 +25,13 @@ def embed_grad(table, tokens):
     return jax.grad(lambda t: (embed(t, tokens) ** 2).sum())(table)
 
 
+def cross_entropy_grad(logits, labels):
+    def loss(lg):
+        lp = jax.nn.log_softmax(lg, axis=-1)
+        return -jnp.take_along_axis(lp, labels[..., None], axis=-1).mean()
+    return jax.value_and_grad(loss)(logits)
+
+
 def conv(x, w):
     return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))
 
@@ -76,6 +83,7 @@ CASES = {
     "conv_grad": (conv_step, lambda: (arr(8, 16, 8, 8), arr(32, 16, 3, 3))),
     "gather_embedding": (embed, lambda: (arr(512, 64), jnp.asarray(rng.integers(0, 512, (16, 8)), jnp.int32))),
     "scatter_add_grad": (embed_grad, lambda: (arr(512, 64), jnp.asarray(rng.integers(0, 512, (16, 8)), jnp.int32))),
+    "take_along_axis": (cross_entropy_grad, lambda: (arr(8, 16, 512), jnp.asarray(rng.integers(0, 512, (8, 16)), jnp.int32))),
     "layout": (layout_ops, lambda: (arr(32, 16),)),
     "dynamic": (dynamic_ops, lambda: (arr(64, 64), jnp.int32(3))),
     "elementwise_reduce": (elementwise_mix, lambda: (arr(64, 64), arr(64, 64))),

@@ -38,16 +38,16 @@ def gather_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
     out = node.outputs[0]
     dn = node.params["dimension_numbers"]
     sizes = node.params["slice_sizes"]
-    if dn.operand_batching_dims:
-        return replicated_rule(node, mesh)
     idx_batch = list(range(len(indices.shape) - 1))
     out_batch = [d for d in range(len(out.shape)) if d not in dn.offset_dims]
-    op_offset = [d for d in range(len(operand.shape)) if d not in dn.collapsed_slice_dims]
+    op_offset = [d for d in range(len(operand.shape))
+                 if d not in dn.collapsed_slice_dims and d not in dn.operand_batching_dims]
     if len(out_batch) != len(idx_batch) or len(op_offset) != len(dn.offset_dims):
         return replicated_rule(node, mesh)
+    paired = dict(zip(dn.start_indices_batching_dims, dn.operand_batching_dims))  # take_along_axis
     roles = []  # (size, operand dim, indices dim, out dim, vocab)
     for i, od in zip(idx_batch, out_batch):
-        roles.append((indices.shape[i], None, i, od, False))
+        roles.append((indices.shape[i], paired.get(i), i, od, False))
     for d, od in zip(op_offset, dn.offset_dims):
         if sizes[d] == operand.shape[d]:
             roles.append((operand.shape[d], d, None, od, False))
@@ -81,16 +81,19 @@ def scatter_add_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
     operand, indices, updates = node.operands[:3]
     out = node.outputs[0]
     dn = node.params["dimension_numbers"]
-    if dn.operand_batching_dims or not hasattr(updates, "id"):
+    if not hasattr(updates, "id"):
         return replicated_rule(node, mesh)
     upd_scatter = [d for d in range(len(updates.shape)) if d not in dn.update_window_dims]
     idx_batch = list(range(len(indices.shape) - 1))
-    op_window = [d for d in range(len(operand.shape)) if d not in dn.inserted_window_dims]
+    op_window = [d for d in range(len(operand.shape))
+                 if d not in dn.inserted_window_dims and d not in dn.operand_batching_dims]
     if len(upd_scatter) != len(idx_batch) or len(op_window) != len(dn.update_window_dims):
         return replicated_rule(node, mesh)
+    paired = dict(zip(dn.scatter_indices_batching_dims, dn.operand_batching_dims))
     roles = []  # (size, operand/out dim, indices dim, updates dim, kind)
     for i, ud in zip(idx_batch, upd_scatter):
-        roles.append((updates.shape[ud], None, i, ud, "batch"))
+        # a batching pair writes only its own operand slice: no partial sums
+        roles.append((updates.shape[ud], paired.get(i), i, ud, "paired" if i in paired else "batch"))
     for d, ud in zip(op_window, dn.update_window_dims):
         if updates.shape[ud] == operand.shape[d]:
             roles.append((operand.shape[d], d, None, ud, "window"))
