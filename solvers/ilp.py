@@ -12,6 +12,8 @@ removed first by arc consistency; a node left with one strategy is a constant):
     Σ_i s_v[i] = 1                                 one-hot         (``_node_vars``)
     Σ_j e_uv[i,j] = s_u[i]   for every i of u      marginal rows   (``_edge_vars``)
     Σ_i e_uv[i,j] = s_v[j]   for every j of v      marginal cols   (``_edge_vars``)
+    (strategies with identical rows / columns of E_uv share their edge variables: the
+    marginals are summed over each group — see ``_edge_vars``)
     Σ_{items covering p} use_j[i] s_{node_j}[i] ≤ limit − base[p]  (``_memory_rows``)
 
 With binary s the marginals force e_uv = s_u ⊗ s_v (a transportation polytope with unit
@@ -75,8 +77,10 @@ class Built:
         self.milp = SparseMILP()
         self.allowed: list[np.ndarray] = []  # allowed strategy indices per node
         self.var0: np.ndarray = np.full(cp.n, -1)  # first s variable of a node (-1: constant)
-        self.edge_blocks: list[tuple[int, int, int, np.ndarray, np.ndarray]] = []  # (u, v, first, ii, jj)
+        # (u, v, first var, row group of each var, col group of each var, group of each u / v strategy)
+        self.edge_blocks: list[tuple[int, int, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         self.infeasible_reason = ""
+        self.memory: MemoryRows | None = None
 
     def decode(self, x: np.ndarray) -> np.ndarray:
         choice = np.zeros(self.cp.n, dtype=np.int64)
@@ -168,157 +172,276 @@ def build(cp: Compact, *, memory: bool = True, integer: bool = True) -> Built:
         milp.add_row(np.arange(b.var0[v], b.var0[v] + len(al)), np.ones(len(al)), 1.0, 1.0)
     milp.offset = offset
     for u, v, sub in edges:
-        first, ii, jj = _edge_vars(milp, b.var0[u], b.var0[v], sub, scale)
-        b.edge_blocks.append((u, v, first, ii, jj))
+        b.edge_blocks.append((u, v, *_edge_vars(milp, b.var0[u], b.var0[v], sub, scale)))
     if memory and cp.limit is not None:
-        _memory_rows(b, cp)
+        b.memory = MemoryRows(b, cp)
+        b.infeasible_reason = b.memory.infeasible_reason
     return b
 
 
 def _edge_vars(milp: SparseMILP, su: int, sv: int, sub: np.ndarray, scale: float):
-    ii, jj = np.nonzero(np.isfinite(sub))
+    """Marginal edge variables over *groups*: strategies of u whose rows of ``sub`` are
+    identical form one row group (likewise columns), and the marginals are summed over a
+    group — exact (binary s still forces one pair), and a 25×80 edge whose consumer has 16
+    distinct input specs needs 25×16 variables, not 2000."""
+    rows, rg = np.unique(sub, axis=0, return_inverse=True)
+    cols, cg = np.unique(rows, axis=1, return_inverse=True)
+    rg, cg = rg.reshape(-1), cg.reshape(-1)
+    gi, gj = np.nonzero(np.isfinite(cols))
     first = len(milp.c)
-    for i, j in zip(ii, jj):
-        milp.add_var(float(sub[i, j]) * scale, False)
-    ids = first + np.arange(len(ii))
-    for i in range(sub.shape[0]):
-        sel = ids[ii == i]
-        milp.add_row(np.append(sel, su + i), np.append(np.ones(len(sel)), -1.0), 0.0, 0.0)
-    for j in range(sub.shape[1]):
-        sel = ids[jj == j]
-        milp.add_row(np.append(sel, sv + j), np.append(np.ones(len(sel)), -1.0), 0.0, 0.0)
-    return first, ii, jj
+    for i, j in zip(gi, gj):
+        milp.add_var(float(cols[i, j]) * scale, False)
+    ids = first + np.arange(len(gi))
+    for g in range(cols.shape[0]):
+        members = np.flatnonzero(rg == g)
+        sel = ids[gi == g]
+        milp.add_row(np.concatenate([sel, su + members]),
+                     np.concatenate([np.ones(len(sel)), -np.ones(len(members))]), 0.0, 0.0)
+    for h in range(cols.shape[1]):
+        members = np.flatnonzero(cg == h)
+        sel = ids[gj == h]
+        milp.add_row(np.concatenate([sel, sv + members]),
+                     np.concatenate([np.ones(len(sel)), -np.ones(len(members))]), 0.0, 0.0)
+    return first, gi, gj, rg, cg
 
 
-def _memory_rows(b: Built, cp: Compact) -> None:
-    """One row per binding maximal point (after constant nodes moved into the base)."""
-    base = cp.base.copy()
-    terms = []  # (lo, hi, var indices, coefficients, max)
-    for v, lo, hi, use in zip(cp.item_node, cp.item_lo, cp.item_hi, cp.item_use):
-        u = use[b.allowed[v]]
-        m = float(u.min())
-        base[lo:hi] += m
-        if b.var0[v] >= 0 and np.any(u > m):
-            nz = np.flatnonzero(u > m)
-            terms.append((lo, hi, b.var0[v] + nz, u[nz] - m, float((u - m).max())))
-    rhs = cp.limit - base
-    if np.any(rhs < -1e-9 * max(cp.limit, 1.0)):
-        p = int(np.argmin(rhs))
-        b.infeasible_reason = f"usage at time {int(cp.points[p])} is at least {base[p]:.6g} > limit {cp.limit:.6g}"
-        return
-    prof = np.zeros(len(cp.points) + 1)
-    for lo, hi, *_, mx in terms:
-        prof[lo] += mx
-        prof[hi] -= mx
-    binding = np.cumsum(prof)[:-1] > rhs
-    # group points by their set of covering terms (changes only where a term starts or ends)
-    cuts = sorted({0, len(cp.points)} | {t[0] for t in terms} | {t[1] for t in terms})
-    by_segment = [[] for _ in range(len(cuts) - 1)]
-    seg_of = {c: k for k, c in enumerate(cuts[:-1])}
-    for k, (lo, hi, *_rest) in enumerate(terms):
-        s = seg_of[lo]
-        while cuts[s] < hi:
-            by_segment[s].append(k)
-            s += 1
-    for s, members in enumerate(by_segment):
-        pts = np.arange(cuts[s], cuts[s + 1])
-        pts = pts[binding[pts]]
-        if len(pts) == 0 or not members:
-            continue
-        idx = np.concatenate([terms[k][2] for k in members])
-        val = np.concatenate([terms[k][3] for k in members])
-        b.milp.add_row(idx, val, -np.inf, float(rhs[pts].min()))
+class MemoryRows:
+    """Memory rows Σ_j use_j[i] s[i] ≤ limit − base[p] at binding maximal points (see module doc)."""
+
+    def __init__(self, b: Built, cp: Compact):
+        self.points = cp.points
+        base = cp.base.copy()
+        lo, hi, var, coef, mx = [], [], [], [], []
+        for v, l, h, use in zip(cp.item_node, cp.item_lo, cp.item_hi, cp.item_use):
+            u = use[b.allowed[v]]
+            m = float(u.min())
+            base[l:h] += m
+            if b.var0[v] >= 0 and np.any(u > m):
+                nz = np.flatnonzero(u > m)
+                lo.append(l), hi.append(h), var.append(b.var0[v] + nz), coef.append(u[nz] - m), mx.append(float((u - m).max()))
+        self.lo, self.hi = np.array(lo, dtype=np.int64), np.array(hi, dtype=np.int64)
+        self.var, self.coef = var, coef
+        self.rhs = cp.limit - base
+        self.infeasible_reason = ""
+        if np.any(self.rhs < -1e-9 * max(cp.limit, 1.0)):
+            p = int(np.argmin(self.rhs))
+            self.infeasible_reason = f"usage at time {int(cp.points[p])} is at least {base[p]:.6g} > limit {cp.limit:.6g}"
+        prof = np.zeros(len(cp.points) + 1)
+        np.add.at(prof, self.lo, mx)
+        np.add.at(prof, self.hi, -np.array(mx))
+        self.binding = np.cumsum(prof)[:-1] > self.rhs
+        # cost of writing every row: Σ_terms (nonzeros × binding points covered)
+        cov = np.concatenate([[0], np.cumsum(self.binding)])
+        sizes = np.array([len(x) for x in var], dtype=np.float64)
+        self.total_nnz = float((sizes * (cov[self.hi] - cov[self.lo])).sum()) if len(var) else 0.0
+
+    def row(self, terms) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.concatenate([self.var[k] for k in terms])
+        val = np.concatenate([self.coef[k] for k in terms])
+        uniq, inv = np.unique(idx, return_inverse=True)
+        return uniq, np.bincount(inv, weights=val)
+
+    def at(self, p: int):
+        terms = np.flatnonzero((self.lo <= p) & (self.hi > p))
+        return (*self.row(terms), float(self.rhs[p]))
+
+    def all_rows(self):
+        """Every binding row; points covered by the same terms share one row (tightest rhs)."""
+        cuts = np.unique(np.concatenate([[0, len(self.points)], self.lo, self.hi]))
+        order = np.argsort(self.lo, kind="stable")
+        active: set[int] = set()
+        ends: dict[int, list[int]] = {}
+        k = 0
+        for s in range(len(cuts) - 1):
+            a, z = int(cuts[s]), int(cuts[s + 1])
+            for t in ends.pop(a, []):
+                active.discard(t)
+            while k < len(order) and self.lo[order[k]] <= a:
+                t = int(order[k])
+                if self.hi[t] > a:
+                    active.add(t)
+                    ends.setdefault(int(self.hi[t]), []).append(t)
+                k += 1
+            pts = np.arange(a, z)
+            pts = pts[self.binding[pts]]
+            if len(pts) and active:
+                yield (*self.row(sorted(active)), float(self.rhs[pts].min()))
+
+
+def _add_memory_rows(b: Built, mem: MemoryRows) -> None:
+    for idx, val, rhs in mem.all_rows():
+        b.milp.add_row(idx, val, -np.inf, rhs)
+
+
+FULL_MEMORY_NNZ = 300_000  # write every memory row up front below this many nonzeros
+ROWS_PER_ROUND = 40  # violated memory rows added per round of lazy generation
 
 
 def solve_ilp(problem: Problem, *, solver: str = "highs", time_limit_s: float | None = None,
               gap_rel: float = 0.0, threads: int | None = None, relax: bool = False,
-              start: np.ndarray | None = None) -> Solution:
+              start=None, lazy: bool | None = None) -> Solution:
     """Solve ``problem`` exactly (or to ``gap_rel``) with ``solver`` in {"highs", "cbc"}.
 
-    ``relax=True`` solves the LP relaxation (its value is a lower bound; the rounded choice
-    is returned as-is). ``start`` (a choice) seeds HiGHS with an incumbent.
-    Status: "optimal" (proven), "feasible" (limit hit with an incumbent), "infeasible"
-    (proven), "unknown" (limit hit without an incumbent).
+    Memory rows are all written when they are few; otherwise (``lazy``) the model starts
+    without them and each round adds the most violated row of every violated stretch of
+    time, until the solution fits — the optimum of a relaxation that is feasible is optimal,
+    and every relaxation's bound is a valid lower bound.
+
+    ``relax=True`` solves the LP relaxation (a lower bound; the rounded choice is returned
+    as-is). ``start`` (a feasible choice) seeds HiGHS and is returned if nothing better is
+    found. Status: "optimal" (proven), "feasible" (limit hit with an incumbent),
+    "infeasible" (proven), "unknown" (limit hit without an incumbent).
     """
     t0 = time.perf_counter()
+    deadline = None if time_limit_s is None else t0 + time_limit_s
     cp = Compact.from_problem(problem)
     b = build(cp, integer=not relax)
     stats = {"variables": len(b.milp.c), "rows": len(b.milp.rows)}
     if b.infeasible_reason:
         return Solution(choice=(), cost=math.inf, feasible=False, status="infeasible", solver=solver,
                         time_s=time.perf_counter() - t0, stats={**stats, "reason": b.infeasible_reason})
-    stats["build_s"] = time.perf_counter() - t0
-    if not b.milp.c:  # every node constant after arc consistency
-        status, x, bound = "optimal", np.zeros(0), -math.inf
-    elif solver == "highs":
-        status, x, bound = _run_highs(b, time_limit_s, gap_rel, threads, start)
+    mem = b.memory
+    if lazy is None:
+        lazy = mem is not None and mem.total_nnz > FULL_MEMORY_NNZ
+    if mem is not None and not lazy:
+        _add_memory_rows(b, mem)
+    stats.update(rows=len(b.milp.rows), lazy=bool(lazy), build_s=time.perf_counter() - t0)
+    if solver == "highs":
+        backend = _Highs(b, gap_rel, threads)
     elif solver == "cbc":
-        status, x, bound = _run_cbc(b, time_limit_s, gap_rel, threads)
+        backend = _Cbc(b, gap_rel, threads)
     else:
         raise ValueError(f"unknown ILP {solver=}; expected 'highs' or 'cbc'")
+
+    best = None  # (cost, choice) of the best feasible choice seen
+    if start is not None:
+        c0, f0, _ = evaluate(problem, start)
+        if f0:
+            best = (c0, tuple(int(c) for c in start))
+    bound, status, rounds, added = -math.inf, "unknown", 0, set()
+    while True:
+        rounds += 1
+        left = None if deadline is None else deadline - time.perf_counter()
+        if left is not None and left <= 0:
+            status = "feasible" if best else "unknown"
+            break
+        status, x, bound = backend.solve(left, best[1] if best and not relax else None) if b.milp.c \
+            else ("optimal", np.zeros(0), -math.inf)
+        if x is None:
+            break
+        choice = tuple(int(c) for c in b.decode(x))
+        cost, feasible, _ = evaluate(problem, choice)
+        if feasible and (best is None or cost < best[0]):
+            best = (cost, choice)
+        if relax or not lazy or feasible or status == "infeasible":
+            break
+        new = _violated_points(cp, np.array(choice), added)
+        if not new:
+            break
+        for p in new:
+            added.add(p)
+            idx, val, rhs = mem.at(p)
+            backend.add_row(idx, val, rhs)
+        status = "unknown"  # the relaxation's solution does not fit yet
     elapsed = time.perf_counter() - t0
-    if x is None:
-        return Solution(choice=(), cost=math.inf, feasible=False, status=status, solver=solver,
-                        lower_bound=bound, time_s=elapsed, stats=stats)
-    choice = tuple(int(c) for c in b.decode(x))
-    cost, feasible, peak = evaluate(problem, choice)
-    if relax:
-        status = "feasible" if feasible else "unknown"
-    if status == "optimal" and not relax:
-        bound = cost if not math.isfinite(bound) else min(bound, cost)
-    stats["peak_usage"] = peak
-    return Solution(choice=choice, cost=cost, feasible=feasible, status=status if feasible or relax else "unknown",
-                    lower_bound=bound, solver=solver, time_s=elapsed, stats=stats)
+    stats.update(rounds=rounds, lazy_rows=len(added))
+    if relax and x is not None:
+        choice = tuple(int(c) for c in b.decode(x))
+        cost, feasible, _ = evaluate(problem, choice)
+        return Solution(choice=choice, cost=cost, feasible=feasible, status="feasible" if feasible else "unknown",
+                        lower_bound=bound, solver=solver, time_s=elapsed, stats=stats)
+    if best is None:
+        return Solution(choice=(), cost=math.inf, feasible=False, status="infeasible" if status == "infeasible" else "unknown",
+                        lower_bound=bound, solver=solver, time_s=elapsed, stats=stats)
+    cost, choice = best
+    if status == "optimal" and cost <= bound + 1e-9 * max(1.0, abs(cost)) or status == "optimal" and not math.isfinite(bound):
+        bound = cost
+    elif status == "optimal":
+        status = "feasible"  # the proven optimum did not fit (tolerances); keep the incumbent
+    else:
+        status = "feasible"
+    return Solution(choice=choice, cost=cost, feasible=True, status=status, lower_bound=min(bound, cost),
+                    solver=solver, time_s=elapsed, stats=stats)
 
 
-def _run_highs(b: Built, time_limit_s, gap_rel, threads, start):
-    import highspy
+def _violated_points(cp: Compact, choice: np.ndarray, added: set) -> list[int]:
+    """The most violated point of each maximal stretch of violated points (most violated first)."""
+    excess = cp.load(choice) - cp.limit * (1 + 1e-12)
+    bad = excess > 0
+    if not bad.any():
+        return []
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], bad.astype(np.int8), [0]])))
+    picks = []
+    for a, z in zip(edges[::2], edges[1::2]):
+        p = a + int(np.argmax(excess[a:z]))
+        if p not in added:
+            picks.append((excess[p], p))
+        else:  # already a row (tolerance): take another point of the stretch
+            for q in a + np.argsort(-excess[a:z]):
+                if int(q) not in added:
+                    picks.append((excess[q], int(q)))
+                    break
+    picks.sort(reverse=True)
+    return [int(p) for _, p in picks[:ROWS_PER_ROUND]]
 
-    milp, nv = b.milp, len(b.milp.c)
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
-    h.setOptionValue("mip_rel_gap", float(gap_rel))
-    if time_limit_s is not None:
-        h.setOptionValue("time_limit", float(max(time_limit_s, 0.01)))
-    if threads is not None:
-        h.setOptionValue("threads", int(threads))
-    lp = highspy.HighsLp()
-    lp.num_col_, lp.num_row_ = nv, len(milp.rows)
-    lp.col_cost_ = np.asarray(milp.c, dtype=np.float64)
-    lp.col_lower_ = np.zeros(nv)
-    lp.col_upper_ = np.ones(nv)
-    starts, idx, val = milp.csr()
-    lp.row_lower_ = np.array([r[2] for r in milp.rows], dtype=np.float64)
-    lp.row_upper_ = np.array([r[3] for r in milp.rows], dtype=np.float64)
-    lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
-    lp.a_matrix_.start_ = starts
-    lp.a_matrix_.index_ = idx
-    lp.a_matrix_.value_ = val
-    lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = nv, len(milp.rows)
-    if any(milp.integer):
-        lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous for i in milp.integer]
-    h.passModel(lp)
-    if start is not None and any(milp.integer):
-        x0 = _start_vector(b, start)
-        if x0 is not None:
-            sol = highspy.HighsSolution()
-            sol.col_value = list(x0)
-            sol.value_valid = True
-            h.setSolution(sol)
-    h.run()
-    ms = h.getModelStatus()
-    info = h.getInfo()
-    S = highspy.HighsModelStatus
-    mip = any(milp.integer)
-    has_x = info.primal_solution_status == 2  # kSolutionStatusFeasible
-    x = np.asarray(h.getSolution().col_value) if has_x else None
-    raw_bound = info.mip_dual_bound if mip else info.objective_function_value
-    bound = raw_bound / milp.scale + milp.offset if raw_bound is not None and math.isfinite(raw_bound) else -math.inf
-    if ms == S.kOptimal:
-        return "optimal", x, bound
-    if ms in (S.kInfeasible, S.kUnboundedOrInfeasible):
-        return "infeasible", None, math.inf
-    return ("feasible" if x is not None else "unknown"), x, bound
+
+class _Highs:
+    """HiGHS through highspy: the whole matrix in one call; rows can be added between runs."""
+
+    def __init__(self, b: Built, gap_rel: float, threads: int | None):
+        import highspy
+
+        self.hs, self.b = highspy, b
+        milp, nv = b.milp, len(b.milp.c)
+        h = self.h = highspy.Highs()
+        h.setOptionValue("output_flag", False)
+        h.setOptionValue("mip_rel_gap", float(gap_rel))
+        if threads is not None:
+            h.setOptionValue("threads", int(threads))
+        if nv == 0:
+            return
+        lp = highspy.HighsLp()
+        lp.num_col_, lp.num_row_ = nv, len(milp.rows)
+        lp.col_cost_ = np.asarray(milp.c, dtype=np.float64)
+        lp.col_lower_ = np.zeros(nv)
+        lp.col_upper_ = np.ones(nv)
+        starts, idx, val = milp.csr()
+        lp.row_lower_ = np.array([r[2] for r in milp.rows], dtype=np.float64)
+        lp.row_upper_ = np.array([r[3] for r in milp.rows], dtype=np.float64)
+        lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
+        lp.a_matrix_.start_ = starts
+        lp.a_matrix_.index_ = idx
+        lp.a_matrix_.value_ = val
+        lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = nv, len(milp.rows)
+        self.mip = any(milp.integer)
+        if self.mip:
+            lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous for i in milp.integer]
+        h.passModel(lp)
+
+    def add_row(self, idx, val, rhs: float) -> None:
+        self.h.addRow(-self.hs.kHighsInf, rhs, len(idx), np.asarray(idx, dtype=np.int32), np.asarray(val, dtype=np.float64))
+
+    def solve(self, time_left, start):
+        hs, h, milp = self.hs, self.h, self.b.milp
+        h.setOptionValue("time_limit", float(max(time_left, 0.01)) if time_left is not None else hs.kHighsInf)
+        if start is not None and self.mip:
+            x0 = _start_vector(self.b, start)
+            if x0 is not None:
+                sol = hs.HighsSolution()
+                sol.col_value = list(x0)
+                sol.value_valid = True
+                h.setSolution(sol)
+        h.run()
+        ms, info = h.getModelStatus(), h.getInfo()
+        S = hs.HighsModelStatus
+        x = np.asarray(h.getSolution().col_value) if info.primal_solution_status == 2 else None
+        raw = info.mip_dual_bound if self.mip else info.objective_function_value
+        bound = raw / milp.scale + milp.offset if raw is not None and math.isfinite(raw) else -math.inf
+        if ms == S.kOptimal:
+            return "optimal", x, bound
+        if ms in (S.kInfeasible, S.kUnboundedOrInfeasible):
+            return "infeasible", None, math.inf
+        return ("feasible" if x is not None else "unknown"), x, bound
 
 
 def _start_vector(b: Built, choice) -> np.ndarray | None:
@@ -332,49 +455,56 @@ def _start_vector(b: Built, choice) -> np.ndarray | None:
         pos[v] = where[0]
         if b.var0[v] >= 0:
             x[b.var0[v] + pos[v]] = 1.0
-    for u, v, first, ii, jj in b.edge_blocks:
-        hit = np.flatnonzero((ii == pos[u]) & (jj == pos[v]))
+    for u, v, first, gi, gj, rg, cg in b.edge_blocks:
+        hit = np.flatnonzero((gi == rg[pos[u]]) & (gj == cg[pos[v]]))
         if len(hit) == 0:
             return None  # an inf pair
         x[first + hit[0]] = 1.0
     return x
 
 
-def _run_cbc(b: Built, time_limit_s, gap_rel, threads):
-    import pulp
+class _Cbc:
+    """CBC through pulp (bundled binary); the model is rebuilt for every run."""
 
-    milp = b.milp
-    prob = pulp.LpProblem("autopar", pulp.LpMinimize)
-    xs = [pulp.LpVariable(f"x{i}", lowBound=0, upBound=1, cat=pulp.LpBinary if integ else pulp.LpContinuous)
-          for i, integ in enumerate(milp.integer)]
-    prob.setObjective(pulp.LpAffineExpression([(xs[i], c) for i, c in enumerate(milp.c)]))
-    for r, (idx, val, lo, hi) in enumerate(milp.rows):
-        expr = pulp.LpAffineExpression([(xs[i], float(a)) for i, a in zip(idx, val)])
-        if lo == hi:
-            prob.addConstraint(pulp.LpConstraint(expr, pulp.LpConstraintEQ, rhs=float(lo)), f"r{r}")
-        else:
-            prob.addConstraint(pulp.LpConstraint(expr, pulp.LpConstraintLE, rhs=float(hi)), f"r{r}")
-    fd, log = tempfile.mkstemp(suffix=".log", prefix="autopar-cbc-")
-    os.close(fd)
-    try:
-        cmd = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=gap_rel, threads=threads, logPath=log)
-        prob.solve(cmd)
-        with open(log) as f:
-            text = f.read()
-    finally:
-        os.unlink(log)
-    if prob.status == pulp.LpStatusInfeasible:
-        return "infeasible", None, math.inf
-    if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
-        return "unknown", None, _cbc_bound(text, milp)
-    x = np.array([v.varValue or 0.0 for v in xs])
-    if prob.sol_status == pulp.LpSolutionOptimal and "Result - Optimal" in text:
-        return "optimal", x, -math.inf
-    return "feasible", x, _cbc_bound(text, milp)
+    def __init__(self, b: Built, gap_rel: float, threads: int | None):
+        self.b, self.gap_rel, self.threads = b, gap_rel, threads
+        self.extra: list[tuple] = []
 
+    def add_row(self, idx, val, rhs: float) -> None:
+        self.extra.append((idx, val, -np.inf, rhs))
 
-def _cbc_bound(text: str, milp: SparseMILP) -> float:
-    m = re.findall(r"Lower bound:\s*(-?[0-9.eE+-]+)", text) or re.findall(r"best possible (-?[0-9.eE+-]+)", text)
-    if not m:
-        return -math.inf
-    return float(m[-1]) / milp.scale + milp.offset
+    def solve(self, time_left, start):
+        import pulp
+
+        milp = self.b.milp
+        prob = pulp.LpProblem("autopar", pulp.LpMinimize)
+        xs = [pulp.LpVariable(f"x{i}", lowBound=0, upBound=1, cat=pulp.LpBinary if integ else pulp.LpContinuous)
+              for i, integ in enumerate(milp.integer)]
+        prob.setObjective(pulp.LpAffineExpression([(xs[i], c) for i, c in enumerate(milp.c)]))
+        for r, (idx, val, lo, hi) in enumerate(milp.rows + self.extra):
+            expr = pulp.LpAffineExpression([(xs[i], float(a)) for i, a in zip(idx, val)])
+            sense = pulp.LpConstraintEQ if lo == hi else pulp.LpConstraintLE
+            prob.addConstraint(pulp.LpConstraint(expr, sense, rhs=float(hi)), f"r{r}")
+        fd, log = tempfile.mkstemp(suffix=".log", prefix="autopar-cbc-")
+        os.close(fd)
+        try:
+            cmd = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_left, gapRel=self.gap_rel, threads=self.threads,
+                                    logPath=log, mip=any(milp.integer))
+            prob.solve(cmd)
+            with open(log) as f:
+                text = f.read()
+        finally:
+            os.unlink(log)
+        if prob.status == pulp.LpStatusInfeasible:
+            return "infeasible", None, math.inf
+        if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+            return "unknown", None, self._bound(text)
+        x = np.array([v.varValue or 0.0 for v in xs])
+        if prob.sol_status == pulp.LpSolutionOptimal and ("Result - Optimal" in text or not any(milp.integer)):
+            obj = pulp.value(prob.objective)
+            return "optimal", x, (obj / milp.scale + milp.offset) if obj is not None else -math.inf
+        return "feasible", x, self._bound(text)
+
+    def _bound(self, text: str) -> float:
+        m = re.findall(r"Lower bound:\s*(-?[0-9.eE+-]+)", text) or re.findall(r"best possible (-?[0-9.eE+-]+)", text)
+        return float(m[-1]) / self.b.milp.scale + self.b.milp.offset if m else -math.inf
