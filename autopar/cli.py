@@ -175,6 +175,11 @@ def main(argv=None) -> int:
             print(f"autopar: {err}", file=sys.stderr)
             return 2
         os.environ.setdefault("JAX_NUM_CPU_DEVICES", str(want))
+        import jax
+        try:  # only possible before the CPU backend starts; harmless on GPU machines
+            jax.config.update("jax_num_cpu_devices", int(os.environ["JAX_NUM_CPU_DEVICES"]))
+        except RuntimeError:
+            pass
     from cost import ClusterSpecError
 
     from .planner import PlanError

@@ -31,7 +31,7 @@ def _paths(tree_json, n: int) -> list[str]:
         return [f"[{i}]" for i in range(n)]
 
 
-def format_report(plan, *, equations: bool = False, max_collectives: int = 40) -> str:
+def format_report(plan, *, equations: bool = False, max_collectives: int = 12) -> str:
     p = plan.predicted
     total = plan.nodes * plan.cluster.devices_per_node
     lines = [f"autopar plan: {plan.function} on {plan.cluster.name} × {plan.nodes} node(s) = {total} devices",
@@ -58,7 +58,7 @@ def format_report(plan, *, equations: bool = False, max_collectives: int = 40) -
         lines.append(f"collectives ({len(p.collectives)}):")
         for kind, t in p.by_kind.items():
             lines.append(f"  {kind:<18} ×{t.count:<4} {_si(t.bytes, 'B'):>10}  {_time(t.time_s):>10}")
-        lines.append("  largest:")
+        lines.append(f"  largest {min(max_collectives, len(p.collectives))} (plan.predicted.collectives has all):")
         for c in sorted(p.collectives, key=lambda c: -c.time_s)[:max_collectives]:
             lines.append(f"    {c.kind:<18} over {','.join(c.axes):<4} {_si(c.bytes, 'B'):>10} {_time(c.time_s):>10}  {c.where}")
     else:
