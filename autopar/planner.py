@@ -159,6 +159,7 @@ def assemble_plan(fn, program, ip: IntraProblem, sol, spec: ClusterSpec, nodes: 
             colls.append(CollectiveCost(kind=kind, axes=[names[a] for a in axes], bytes=nbytes,
                                         time_s=collective_time(mesh, kind, axes, nbytes), where=_where(graph, v)))
     reshard: dict[int, dict[int, list]] = {}
+    done = set()  # XLA reshards a value once per target spec, however many consumers want it
     for (u, v), ops in zip(ip.edges, ip.edge_operands):
         for op in ops:
             src = chosen[u].out_specs[op.out_index]
@@ -166,6 +167,9 @@ def assemble_plan(fn, program, ip: IntraProblem, sol, spec: ClusterSpec, nodes: 
             if dst is None or src == dst:
                 continue
             reshard.setdefault(v, {})[op.operand] = _names(dst, names)
+            if (op.value.id, dst) in done:
+                continue
+            done.add((op.value.id, dst))
             _, parts = resharding(mesh, op.value.shape, op.value.itemsize, src, dst)
             for kind, axes, nbytes in parts:
                 colls.append(CollectiveCost(

@@ -1,0 +1,58 @@
+"""The command line, as a user runs it (subprocesses)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def autopar(*args, timeout=300):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("JAX_NUM_CPU_DEVICES", None)  # `run` must set the devices up itself
+    return subprocess.run([sys.executable, "-m", "autopar", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_clusters_lists_specs():
+    r = autopar("clusters")
+    assert r.returncode == 0, r.stderr
+    for name in ("cpu-8", "dgx-a100-80g", "dgx-h100", "p3.16xlarge"):
+        assert name in r.stdout
+
+
+def test_plan_prints_report_and_writes_json(tmp_path):
+    out = tmp_path / "plan.json"
+    r = autopar("plan", "examples/mlp.py:mlp_step", "--cluster", "dgx-a100-80g", "--nodes", "2", "--mesh", "2x8",
+                "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    for part in ("mesh: (2, 8)", "predicted step time", "per-device memory", "[0][0]['w']", "collectives",
+                 "solver:", "fallback ops"):
+        assert part in r.stdout, r.stdout
+    plan = json.loads(out.read_text())
+    assert plan["mesh_shape"] == [2, 8] and plan["nodes"] == 2
+
+
+def test_run_checks_against_unsharded(tmp_path):
+    r = autopar("run", "examples/mlp.py:mlp_step", "--arg", "hidden=512")
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "ran on 8 cpu devices" in r.stdout and "→ OK" in r.stdout
+
+
+def test_run_saved_plan(tmp_path):
+    out = tmp_path / "plan.json"
+    assert autopar("plan", "examples.mlp:mlp_step", "--mesh", "8", "--json", str(out)).returncode == 0
+    r = autopar("run", "examples.mlp:mlp_step", "--plan", str(out))
+    assert r.returncode == 0 and "→ OK" in r.stdout, r.stderr + r.stdout
+
+
+def test_errors_are_one_line_messages():
+    r = autopar("plan", "examples/mlp.py:mlp_step", "--cluster", "nope")
+    assert r.returncode == 2 and "known clusters: cpu-8" in r.stderr and "Traceback" not in r.stderr
+    r = autopar("plan", "examples/mlp.py:mlp_step", "--mesh", "3x3")
+    assert r.returncode == 2 and "mesh_shape=(3, 3)" in r.stderr and "Traceback" not in r.stderr
+    r = autopar("plan", "examples/mlp.py:no_such_fn")
+    assert r.returncode != 0 and "no function 'no_such_fn'" in r.stderr
+    r = autopar("plan", "examples/mlp.py:mlp_step", "--arg", "widht=3")
+    assert r.returncode != 0 and "widht" in r.stderr
