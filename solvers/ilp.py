@@ -167,8 +167,8 @@ def build(cp: Compact, *, memory: bool = True, integer: bool = True) -> Built:
             offset += float(node_c[v][0])
             continue
         b.var0[v] = len(milp.c)
-        for i in range(len(al)):
-            milp.add_var(float(node_c[v][i]) * scale, integer)
+        milp.c.extend((node_c[v] * scale).tolist())
+        milp.integer.extend([integer] * len(al))
         milp.add_row(np.arange(b.var0[v], b.var0[v] + len(al)), np.ones(len(al)), 1.0, 1.0)
     milp.offset = offset
     for u, v, sub in edges:
@@ -180,29 +180,16 @@ def build(cp: Compact, *, memory: bool = True, integer: bool = True) -> Built:
 
 
 def _edge_vars(milp: SparseMILP, su: int, sv: int, sub: np.ndarray, scale: float):
-    """Marginal edge variables over *groups*: strategies of u whose rows of ``sub`` are
-    identical form one row group (likewise columns), and the marginals are summed over a
-    group — exact (binary s still forces one pair), and a 25×80 edge whose consumer has 16
-    distinct input specs needs 25×16 variables, not 2000."""
-    rows, rg = np.unique(sub, axis=0, return_inverse=True)
-    cols, cg = np.unique(rows, axis=1, return_inverse=True)
-    rg, cg = rg.reshape(-1), cg.reshape(-1)
-    gi, gj = np.nonzero(np.isfinite(cols))
+    ii, jj = np.nonzero(np.isfinite(sub))  # row-major: ii sorted
     first = len(milp.c)
-    for i, j in zip(gi, gj):
-        milp.add_var(float(cols[i, j]) * scale, False)
-    ids = first + np.arange(len(gi))
-    for g in range(cols.shape[0]):
-        members = np.flatnonzero(rg == g)
-        sel = ids[gi == g]
-        milp.add_row(np.concatenate([sel, su + members]),
-                     np.concatenate([np.ones(len(sel)), -np.ones(len(members))]), 0.0, 0.0)
-    for h in range(cols.shape[1]):
-        members = np.flatnonzero(cg == h)
-        sel = ids[gj == h]
-        milp.add_row(np.concatenate([sel, sv + members]),
-                     np.concatenate([np.ones(len(sel)), -np.ones(len(members))]), 0.0, 0.0)
-    return first, gi, gj, rg, cg
+    milp.c.extend((sub[ii, jj] * scale).tolist())
+    milp.integer.extend([False] * len(ii))
+    ids = first + np.arange(len(ii))
+    for s0, groups in ((su, np.split(ids, np.cumsum(np.bincount(ii, minlength=sub.shape[0]))[:-1])),
+                       (sv, np.split(ids[np.argsort(jj, kind="stable")], np.cumsum(np.bincount(jj, minlength=sub.shape[1]))[:-1]))):
+        for i, sel in enumerate(groups):
+            milp.add_row(np.append(sel, s0 + i), np.append(np.ones(len(sel)), -1.0), 0.0, 0.0)
+    return first, ii, jj
 
 
 class MemoryRows:
@@ -293,8 +280,31 @@ def solve_ilp(problem: Problem, *, solver: str = "highs", time_limit_s: float | 
     "infeasible" (proven), "unknown" (limit hit without an incumbent).
     """
     t0 = time.perf_counter()
+    sol = solve_compact(Compact.from_problem(problem), solver=solver, time_limit_s=time_limit_s, gap_rel=gap_rel,
+                        threads=threads, relax=relax, start=start, lazy=lazy)
+    if not sol.choice:
+        return Solution(choice=(), cost=math.inf, feasible=False, status=sol.status, lower_bound=sol.lower_bound,
+                        solver=solver, time_s=time.perf_counter() - t0, stats=sol.stats)
+    cost, feasible, peak = evaluate(problem, sol.choice)
+    return Solution(choice=sol.choice, cost=cost, feasible=feasible, status=sol.status,
+                    lower_bound=min(sol.lower_bound, cost) if feasible and not relax else sol.lower_bound,
+                    solver=solver, time_s=time.perf_counter() - t0, stats={**sol.stats, "peak_usage": peak})
+
+
+def check(cp: Compact, choice) -> tuple[float, bool]:
+    """(cost, fits) of a choice on the compact problem (memory checked at maximal points)."""
+    choice = np.asarray(choice, dtype=np.int64)
+    cost = cp.total_cost(choice)
+    fits = cp.limit is None or len(cp.points) == 0 or bool(np.all(cp.load(choice) <= cp.limit * (1 + 1e-9)))
+    return cost, math.isfinite(cost) and fits
+
+
+def solve_compact(cp: Compact, *, solver: str = "highs", time_limit_s: float | None = None,
+                  gap_rel: float = 0.0, threads: int | None = None, relax: bool = False,
+                  start=None, lazy: bool | None = None) -> Solution:
+    """``solve_ilp`` on a :class:`Compact` problem (also used for LNS sub-problems)."""
+    t0 = time.perf_counter()
     deadline = None if time_limit_s is None else t0 + time_limit_s
-    cp = Compact.from_problem(problem)
     b = build(cp, integer=not relax)
     stats = {"variables": len(b.milp.c), "rows": len(b.milp.rows)}
     if b.infeasible_reason:
@@ -315,10 +325,10 @@ def solve_ilp(problem: Problem, *, solver: str = "highs", time_limit_s: float | 
 
     best = None  # (cost, choice) of the best feasible choice seen
     if start is not None:
-        c0, f0, _ = evaluate(problem, start)
+        c0, f0 = check(cp, start)
         if f0:
             best = (c0, tuple(int(c) for c in start))
-    bound, status, rounds, added = -math.inf, "unknown", 0, set()
+    bound, status, rounds, added, x = -math.inf, "unknown", 0, set(), None
     while True:
         rounds += 1
         left = None if deadline is None else deadline - time.perf_counter()
@@ -330,7 +340,7 @@ def solve_ilp(problem: Problem, *, solver: str = "highs", time_limit_s: float | 
         if x is None:
             break
         choice = tuple(int(c) for c in b.decode(x))
-        cost, feasible, _ = evaluate(problem, choice)
+        cost, feasible = check(cp, choice)
         if feasible and (best is None or cost < best[0]):
             best = (cost, choice)
         if relax or not lazy or feasible or status == "infeasible":
@@ -347,19 +357,17 @@ def solve_ilp(problem: Problem, *, solver: str = "highs", time_limit_s: float | 
     stats.update(rounds=rounds, lazy_rows=len(added))
     if relax and x is not None:
         choice = tuple(int(c) for c in b.decode(x))
-        cost, feasible, _ = evaluate(problem, choice)
+        cost, feasible = check(cp, choice)
         return Solution(choice=choice, cost=cost, feasible=feasible, status="feasible" if feasible else "unknown",
                         lower_bound=bound, solver=solver, time_s=elapsed, stats=stats)
     if best is None:
         return Solution(choice=(), cost=math.inf, feasible=False, status="infeasible" if status == "infeasible" else "unknown",
                         lower_bound=bound, solver=solver, time_s=elapsed, stats=stats)
     cost, choice = best
-    if status == "optimal" and cost <= bound + 1e-9 * max(1.0, abs(cost)) or status == "optimal" and not math.isfinite(bound):
+    if status == "optimal" and (not math.isfinite(bound) or cost <= bound + 1e-9 * max(1.0, abs(cost))):
         bound = cost
-    elif status == "optimal":
-        status = "feasible"  # the proven optimum did not fit (tolerances); keep the incumbent
     else:
-        status = "feasible"
+        status = "feasible"  # limit hit (or the proven optimum did not fit by tolerances): the incumbent
     return Solution(choice=choice, cost=cost, feasible=True, status=status, lower_bound=min(bound, cost),
                     solver=solver, time_s=elapsed, stats=stats)
 
