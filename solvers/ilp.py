@@ -53,11 +53,6 @@ class SparseMILP:
     offset: float = 0.0
     scale: float = 1.0
 
-    def add_var(self, cost: float, integer: bool) -> int:
-        self.c.append(cost)
-        self.integer.append(integer)
-        return len(self.c) - 1
-
     def add_row(self, idx, val, lo: float, hi: float) -> None:
         self.rows.append((np.asarray(idx, dtype=np.int32), np.asarray(val, dtype=np.float64), lo, hi))
 
@@ -180,16 +175,25 @@ def build(cp: Compact, *, memory: bool = True, integer: bool = True) -> Built:
 
 
 def _edge_vars(milp: SparseMILP, su: int, sv: int, sub: np.ndarray, scale: float):
-    ii, jj = np.nonzero(np.isfinite(sub))  # row-major: ii sorted
+    """Marginal edge variables over *groups*: strategies of u whose rows of ``sub`` are
+    identical form one row group (likewise columns), and the marginals are summed over a
+    group — exact (binary s still forces one pair), and a 25×80 edge whose consumer has 16
+    distinct input specs needs 25×16 variables, not 2000."""
+    rows, rg = np.unique(sub, axis=0, return_inverse=True)
+    cols, cg = np.unique(rows, axis=1, return_inverse=True)
+    rg, cg = rg.reshape(-1), cg.reshape(-1)
+    gi, gj = np.nonzero(np.isfinite(cols))  # row-major: gi sorted
     first = len(milp.c)
-    milp.c.extend((sub[ii, jj] * scale).tolist())
-    milp.integer.extend([False] * len(ii))
-    ids = first + np.arange(len(ii))
-    for s0, groups in ((su, np.split(ids, np.cumsum(np.bincount(ii, minlength=sub.shape[0]))[:-1])),
-                       (sv, np.split(ids[np.argsort(jj, kind="stable")], np.cumsum(np.bincount(jj, minlength=sub.shape[1]))[:-1]))):
-        for i, sel in enumerate(groups):
-            milp.add_row(np.append(sel, s0 + i), np.append(np.ones(len(sel)), -1.0), 0.0, 0.0)
-    return first, ii, jj
+    milp.c.extend((cols[gi, gj] * scale).tolist())
+    milp.integer.extend([False] * len(gi))
+    ids = first + np.arange(len(gi))
+    by_row = np.split(ids, np.cumsum(np.bincount(gi, minlength=cols.shape[0]))[:-1])
+    by_col = np.split(ids[np.argsort(gj, kind="stable")], np.cumsum(np.bincount(gj, minlength=cols.shape[1]))[:-1])
+    for s0, groups, of in ((su, by_row, rg), (sv, by_col, cg)):
+        members = np.split(np.argsort(of, kind="stable"), np.cumsum(np.bincount(of, minlength=len(groups)))[:-1])
+        for sel, mem in zip(groups, members):
+            milp.add_row(np.concatenate([sel, s0 + mem]), np.concatenate([np.ones(len(sel)), -np.ones(len(mem))]), 0.0, 0.0)
+    return first, gi, gj, rg, cg
 
 
 class MemoryRows:
