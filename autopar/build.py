@@ -108,6 +108,17 @@ def _node_costs(node, strats, mesh):
     return comp, comm, use
 
 
+def transient_usages(graph: OpGraph, strats) -> list:
+    """While an op reduces partial sums (all-reduce / reduce-scatter inside it), the
+    unreduced local buffer exists besides its output: an item live only at the op."""
+    items = []
+    for node, ss in zip(graph.nodes, strats):
+        extra = np.array([sum(n for kind, _, n in s.comm if kind in ("all-reduce", "reduce-scatter")) for s in ss])
+        if extra.any():
+            items.append((node.index, extra, (node.index, node.index + 1)))
+    return items
+
+
 def match_donations(graph: OpGraph, donated_inputs) -> list[tuple[int, int]]:
     """(input index, output index) pairs: each donated input leaf aliases the first unmatched
     program output of the same shape and dtype (the rule ``jax.jit`` uses for donation)."""
@@ -202,7 +213,7 @@ def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float
             edge_costs.append(mat)
             edge_ops.append([])
     full = Problem(node_costs, usages, intervals, edges, edge_costs, usage_limit=memory_budget_bytes,
-                   name=f"mesh{mesh.shape}")
+                   name=f"mesh{mesh.shape}", extra_usages=transient_usages(graph, strats))
     if merge_followers:
         rep, maps = find_followers(graph, strats)
     else:

@@ -56,7 +56,7 @@ def find_followers(graph, strats) -> tuple[list[int], list[np.ndarray]]:
 
 
 def merge(full: Problem, rep: list[int], maps: list[np.ndarray]) -> Merged:
-    assert not full.extra_usages and not full.fixed_usages, "merge expects a problem built from a program"
+    assert not full.fixed_usages, "merge expects a problem built from a program"
     reps = sorted(set(rep))
     index = {r: t for t, r in enumerate(reps)}
     costs = [np.zeros(len(full.node_costs[r])) for r in reps]
@@ -77,6 +77,7 @@ def merge(full: Problem, rep: list[int], maps: list[np.ndarray]) -> Merged:
         edge_acc[(a, b)] = edge_acc[(a, b)] + m2 if (a, b) in edge_acc else m2
     problem = Problem(costs, [full.node_usages[r] for r in reps], [full.intervals[r] for r in reps],
                       list(edge_acc), list(edge_acc.values()), usage_limit=full.usage_limit,
-                      name=full.name, extra_usages=extra,
+                      name=full.name,
+                      extra_usages=extra + [(index[rep[v]], use[maps[v]], iv) for v, use, iv in full.extra_usages],
                       fixed_usages=list(full.fixed_usages), cost_offset=full.cost_offset)
     return Merged(problem, rep, maps, index)
