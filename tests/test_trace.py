@@ -1,0 +1,44 @@
+"""Tracing: inlining, dead code, control flow kept whole, abstract arguments."""
+import jax
+import jax.numpy as jnp
+
+from autopar.graph import build_graph
+from autopar.trace import trace
+
+
+@jax.custom_vjp
+def clip_grad(x):
+    return x
+
+
+clip_grad.defvjp(lambda x: (x, None), lambda _, g: (jnp.clip(g, -1, 1),))
+
+
+def fn(x, w):
+    h = jax.jit(lambda a: jax.nn.relu(a @ w))(x)              # nested jit + custom_jvp (relu)
+    h = jax.checkpoint(lambda a: jnp.sin(a) * 2)(h)            # remat2
+    h = clip_grad(h)                                          # custom_vjp
+    _unused = jnp.exp(x)                                      # dead
+    s = jax.lax.scan(lambda c, r: (c + r, c), jnp.zeros(h.shape[1]), h)[1]
+    return jax.lax.cond(s.sum() > 0, lambda v: v, lambda v: -v, s).sum()
+
+
+def test_inlines_calls_and_keeps_control_flow_whole():
+    args = (jax.ShapeDtypeStruct((8, 16), jnp.float32), jax.ShapeDtypeStruct((16, 32), jnp.float32))
+    prog = trace(jax.grad(fn, argnums=1), *args)
+    names = [e.prim.name for e in prog.eqns]
+    for inlined in ("jit", "pjit", "custom_jvp_call", "custom_vjp_call", "remat2", "checkpoint"):
+        assert inlined not in names
+    assert "scan" in names and "cond" in names
+    assert prog.stats["inlined_calls"] >= 3 and prog.stats["dead_eqns"] >= 1
+    graph = build_graph(prog)
+    dots = [n for n in graph.nodes if n.name == "dot_general"]
+    assert dots and all(n.flops > 0 for n in dots)
+    assert dots[0].flops == 2 * 8 * 16 * 32
+
+
+def test_fingerprint_is_deterministic_and_shape_sensitive():
+    a = (jnp.ones((8, 16)), jnp.ones((16, 32)))
+    b = (jnp.ones((4, 16)), jnp.ones((16, 32)))
+    assert trace(fn, *a).fingerprint == trace(fn, *a).fingerprint
+    assert trace(fn, *a).fingerprint != trace(fn, *b).fingerprint
