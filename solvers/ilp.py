@@ -286,7 +286,7 @@ def solve_ilp(problem: Problem, *, solver: str = "highs", time_limit_s: float | 
     t0 = time.perf_counter()
     sol = solve_compact(Compact.from_problem(problem), solver=solver, time_limit_s=time_limit_s, gap_rel=gap_rel,
                         threads=threads, relax=relax, start=start, lazy=lazy)
-    if not sol.choice:
+    if not sol.feasible and not sol.choice:
         return Solution(choice=(), cost=math.inf, feasible=False, status=sol.status, lower_bound=sol.lower_bound,
                         solver=solver, time_s=time.perf_counter() - t0, stats=sol.stats)
     cost, feasible, peak = evaluate(problem, sol.choice)

@@ -1,0 +1,97 @@
+"""The one entry point: ``solve(problem) -> Solution`` (presolve, pick a solver, map back).
+
+    1. usage_limit < min peak usage (every node at its least-usage strategy)  → InfeasibleError
+    2. presolve (exact reductions, ``solvers.presolve``)
+    3. solver on the reduced problem:
+         "brute"     exhaustive (tiny problems only)
+         "highs"     marginal ILP with HiGHS            ("cbc": the same with CBC)
+         "heuristic" memory-aware local search + ILP neighbourhoods
+         "auto"      HiGHS when the reduced ILP is small (≤ AUTO_ILP_VARIABLES), falling back
+                     to the heuristic if HiGHS finds nothing in time; the heuristic otherwise
+    4. the reduced choice is restored to the original nodes and re-scored with ``evaluate``.
+
+``time_limit_s`` covers all of it (None: exact solvers run to optimality, the heuristic
+gets DEFAULT_HEURISTIC_S).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+from .brute import solve_brute
+from .heuristic import solve_heuristic
+from .ilp import solve_ilp
+from .presolve import presolve as run_presolve
+from .problem import InfeasibleError, Problem, Solution, evaluate
+
+SOLVERS = ("auto", "cbc", "highs", "heuristic", "brute")
+AUTO_ILP_VARIABLES = 200_000
+DEFAULT_HEURISTIC_S = 60.0
+
+
+def ilp_size(problem: Problem) -> int:
+    """Variables of the marginal ILP before grouping: strategies + finite edge entries."""
+    return sum(len(c) for c in problem.node_costs if len(c) > 1) + sum(
+        int(math.prod(m.shape)) if len(problem.node_costs[u]) > 1 and len(problem.node_costs[v]) > 1 else 0
+        for (u, v), m in zip(problem.edges, problem.edge_costs))
+
+
+def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None = None,
+          presolve: bool = True, seed: int = 0) -> Solution:
+    """Best choice for ``problem`` (in its own node order), scored by ``evaluate``."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown {solver=}; expected one of {SOLVERS}")
+    t0 = time.perf_counter()
+    min_peak = problem.min_peak_usage() if problem.usage_limit is not None else 0.0
+    if problem.usage_limit is not None and problem.usage_limit < min_peak * (1 - 1e-12):
+        raise InfeasibleError(
+            f"usage_limit={problem.usage_limit:.6g} is below the minimum peak usage {min_peak:.6g} "
+            f"(every node at its least-usage strategy); raise the limit to at least min_peak_usage={min_peak:.6g}",
+            min_peak_usage=min_peak)
+    stats: dict = {}
+    if presolve:
+        try:
+            ps = run_presolve(problem)
+        except InfeasibleError as err:
+            raise InfeasibleError(str(err), min_peak_usage=min_peak) from None
+        reduced, restore = ps.problem, ps.restore
+        stats["presolve"] = ps.stats
+    else:
+        reduced, restore = problem, (lambda c: tuple(int(x) for x in c))
+
+    def left() -> float | None:
+        return None if time_limit_s is None else max(0.0, time_limit_s - (time.perf_counter() - t0))
+
+    name = solver
+    if solver == "brute":
+        sol = solve_brute(reduced)
+    elif solver in ("highs", "cbc"):
+        sol = solve_ilp(reduced, solver=solver, time_limit_s=left())
+    elif solver == "heuristic":
+        sol = solve_heuristic(reduced, time_limit_s=left() or DEFAULT_HEURISTIC_S, seed=seed)
+    else:
+        size = ilp_size(reduced)
+        stats["ilp_size"] = size
+        sol = None
+        if size <= AUTO_ILP_VARIABLES:
+            name = "auto:highs"
+            sol = solve_ilp(reduced, solver="highs", time_limit_s=left())
+        if sol is None or (not sol.feasible and sol.status != "infeasible"):
+            name = "auto:heuristic"
+            budget = left()
+            sol = solve_heuristic(reduced, time_limit_s=DEFAULT_HEURISTIC_S if budget is None else budget, seed=seed)
+    stats["solver"] = sol.stats
+    elapsed = time.perf_counter() - t0
+    if sol.status == "infeasible":
+        raise InfeasibleError(
+            f"no assignment has finite cost and fits usage_limit={problem.usage_limit} ({name} proved it); "
+            f"minimum peak usage is {min_peak:.6g}", min_peak_usage=min_peak)
+    if not sol.feasible:
+        return Solution(choice=(), cost=math.inf, feasible=False, status="unknown", lower_bound=sol.lower_bound,
+                        solver=name, time_s=elapsed, stats=stats)
+    choice = restore(sol.choice)
+    cost, feasible, peak = evaluate(problem, choice)
+    stats["peak_usage"] = peak
+    bound = min(sol.lower_bound, cost) if feasible else sol.lower_bound
+    return Solution(choice=choice, cost=cost, feasible=feasible, status=sol.status if feasible else "unknown",
+                    lower_bound=bound, solver=name, time_s=time.perf_counter() - t0, stats=stats)
