@@ -17,7 +17,7 @@ from solvers import Problem
 
 from .followers import Merged, find_followers, merge
 from .graph import OpGraph
-from .repeats import find_repeats, signature
+from .repeats import find_repeats
 from .strategies import Strategy, replicate, strategies_for
 from .strategies.base import local_nbytes
 from .trace import Lit, Value
@@ -111,11 +111,14 @@ def _node_costs(node, strats, mesh):
 def transient_usages(graph: OpGraph, strats) -> list:
     """While an op reduces partial sums (all-reduce / reduce-scatter inside it), the
     unreduced local buffer exists besides its output: an item live only at the op."""
-    items = []
+    items, cache = [], {}
     for node, ss in zip(graph.nodes, strats):
-        extra = np.array([sum(n for kind, _, n in s.comm if kind in ("all-reduce", "reduce-scatter")) for s in ss])
-        if extra.any():
-            items.append((node.index, extra, (node.index, node.index + 1)))
+        key = id(ss)  # strategy lists are shared between nodes of one signature
+        if key not in cache:
+            cache[key] = np.array([sum(n for kind, _, n in s.comm if kind in ("all-reduce", "reduce-scatter"))
+                                   for s in ss])
+        if cache[key].any():
+            items.append((node.index, cache[key], (node.index, node.index + 1)))
     return items
 
 
@@ -148,7 +151,7 @@ def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float
     objectives on the GPT example (it forbids the free slice from a replicated producer
     into a sharded elementwise consumer).
     """
-    signatures = [signature(node) for node in graph.nodes]
+    signatures = graph.signatures
     strats, fallbacks = _node_strategies(graph, mesh, signatures)
     aliases = match_donations(graph, donated_inputs)
     donated_nodes = {i for i, _ in aliases}

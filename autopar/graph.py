@@ -36,6 +36,15 @@ class OpGraph:
     producer: dict[int, tuple[int, int]] = field(default_factory=dict)   # value -> (node, output index)
     consumers: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # value -> [(node, operand index)]
     output_values: set[int] = field(default_factory=set)
+    _signatures: list | None = None
+
+    @property
+    def signatures(self) -> list[int]:
+        """Structural hash per node (same hash ⇒ same strategies and costs); computed once."""
+        if self._signatures is None:
+            from .repeats import signature
+            self._signatures = [signature(n) for n in self.nodes]
+        return self._signatures
 
     def last_use(self, value_id: int) -> int:
         """Index of the last node reading ``value_id`` (len(nodes) if it is a program output)."""

@@ -30,7 +30,7 @@ def find_repeats(graph, strats, signatures=None, *, min_repeats: int = 3, num_pe
     n = len(graph.nodes)
     tie = list(range(n))
     eqns = [node.index for node in graph.nodes if node.kind == "eqn"]
-    signatures = signatures or [signature(node) for node in graph.nodes]
+    signatures = signatures or graph.signatures
     sigs = [signatures[i] for i in eqns]
     last, gaps = {}, Counter()
     for pos, s in enumerate(sigs):

@@ -61,20 +61,27 @@ def test_abstract_arguments_never_allocate():
 
 
 def _momentum_mlp(params, x, y):
-    # momentum SGD, not Adam: Adam turns float noise on tiny gradients into ±lr updates
-    # (DESIGN.md), so two correct programs can differ there
+    # momentum SGD on a tanh MLP: Adam turns float noise on tiny gradients into ±lr updates
+    # and ReLU masks flip on float noise near 0 (DESIGN.md), so two correct programs could
+    # differ there; this step is well conditioned
     import optax
     opt = optax.sgd(1e-2, momentum=0.9)
 
+    def loss_fn(params, x, y):
+        h = x
+        for layer in params:
+            h = jnp.tanh(h @ layer["w"])
+        return jnp.mean((h - y) ** 2)
+
     def step(params, state, x, y):
-        loss, g = jax.value_and_grad(mlp.mlp_loss)(params, x, y)
+        loss, g = jax.value_and_grad(loss_fn)(params, x, y)
         upd, state = opt.update(g, state, params)
         return optax.apply_updates(params, upd), state, loss
     return step, opt.init(params)
 
 
 def test_memory_budget_forces_sharded_parameters(devices8):
-    params, x, y = mlp.mlp_step_args(batch=256, hidden=256)
+    params, x, y = mlp.mlp_step_args(batch=256, hidden=256, layers=4)
     step, state = _momentum_mlp(params, x, y)
     args = (params, state, x, y)
     state_bytes = sum(a.nbytes for a in jax.tree_util.tree_leaves((params, state)))
