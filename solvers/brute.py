@@ -31,7 +31,7 @@ def solve_brute(problem: Problem, *, max_combinations: int = MAX_COMBINATIONS) -
         choices = np.zeros((1, 0), dtype=np.int64)
     else:
         choices = np.indices(tuple(int(k) for k in cp.k)).reshape(n, -1).T  # lexicographic order
-    cost = np.full(len(choices), cp.offset)
+    cost = np.full(len(choices), float(cp.offset))
     for v in range(n):
         cost += cp.cost[cp.off[v] + choices[:, v]]
     for u, v, m in zip(cp.edge_u, cp.edge_v, cp.edge_costs):

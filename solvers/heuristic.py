@@ -118,7 +118,7 @@ class LocalSearch:
                 c = np.where(self.fits(v), c, np.inf)
             i = int(np.argmin(c))
             cur = c[self.x[v]]
-            if c[i] < cur - 1e-12 * max(1.0, abs(cur)) or (math.isinf(cur) and math.isfinite(c[i])):
+            if (math.isfinite(c[i]) and not math.isfinite(cur)) or c[i] < cur - 1e-12 * max(1.0, abs(cur)):
                 self.move(v, i)
                 moved += 1
         return moved
@@ -271,8 +271,8 @@ def tight_set(ls: LocalSearch, budget: float) -> list[int]:
 
 def solve_heuristic(problem: Problem, *, time_limit_s: float = 60.0, seed: int = 0, start=None,
                     lns: bool = True, budget: float = 4000.0) -> Solution:
-    """Best feasible choice found within ``time_limit_s`` (status "feasible", or "infeasible"
-    if even the repaired least-usage start does not fit)."""
+    """Best feasible choice found within ``time_limit_s``: status "feasible", "optimal" when one
+    ILP neighbourhood covered the whole problem, "unknown" if nothing that fits was found."""
     from .ilp import solve_compact
 
     t0 = time.perf_counter()
@@ -288,16 +288,19 @@ def solve_heuristic(problem: Problem, *, time_limit_s: float = 60.0, seed: int =
         ls.start()
     ok = ls.repair()
     if not ok:
-        return Solution(choice=(), cost=math.inf, feasible=False, status="infeasible", solver="heuristic",
+        return Solution(choice=(), cost=math.inf, feasible=False, status="unknown", solver="heuristic",
                         time_s=time.perf_counter() - t0, stats=stats)
     while time.perf_counter() < deadline and ls.sweep() > 0:
         stats["sweeps"] += 1
     stats["start_cost"] = ls.cost()
-    best_x, best_cost = ls.x.copy(), ls.cost()
+    best_x, best_cost, status = ls.x.copy(), ls.cost(), "feasible"
     kind = 0
-    while lns and time.perf_counter() < deadline - 0.05:
+    whole = sum(len(c) * (1 + len(nb)) for c, nb in zip(ls.costs, ls.nbrs)) <= budget
+    while lns and cp.n and time.perf_counter() < deadline - 0.05:
         kind += 1
-        if kind % 3 == 0:
+        if whole:
+            nodes = list(range(cp.n))
+        elif kind % 3 == 0:
             nodes = tight_set(ls, budget)
         else:
             nodes = ball(ls, int(ls.rng.integers(cp.n)), budget)
@@ -309,6 +312,13 @@ def solve_heuristic(problem: Problem, *, time_limit_s: float = 60.0, seed: int =
         left = deadline - time.perf_counter()
         sol = solve_compact(sub, time_limit_s=min(left, max(1.0, time_limit_s / 20)), start=ls.x[nodes])
         stats["lns_steps"] += 1
+        if len(nodes) == cp.n and sol.status in ("optimal", "infeasible"):
+            if sol.status == "infeasible":  # proven: no choice has finite cost and fits
+                return Solution(choice=(), cost=math.inf, feasible=False, status="infeasible", solver="heuristic",
+                                time_s=time.perf_counter() - t0, stats=stats)
+            ls.set_choice(np.array(sol.choice, dtype=np.int64))
+            best_x, best_cost, status = ls.x.copy(), ls.cost(), "optimal"
+            break
         if sol.choice and sol.feasible:
             before = ls.cost()
             old = ls.x[nodes].copy()
@@ -324,5 +334,5 @@ def solve_heuristic(problem: Problem, *, time_limit_s: float = 60.0, seed: int =
             best_x, best_cost = ls.x.copy(), ls.cost()
     choice = tuple(int(c) for c in best_x)
     cost, feasible, _ = evaluate(problem, choice)
-    return Solution(choice=choice, cost=cost, feasible=feasible, status="feasible" if feasible else "infeasible",
-                    solver="heuristic", time_s=time.perf_counter() - t0, stats=stats)
+    return Solution(choice=choice, cost=cost, feasible=feasible, status=status if feasible else "unknown",
+                    lower_bound=cost if status == "optimal" else -math.inf, solver="heuristic", time_s=time.perf_counter() - t0, stats=stats)

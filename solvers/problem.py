@@ -76,6 +76,7 @@ class Problem:
             extra.append((int(v), use, (int(a), int(b))))
         self.extra_usages = extra
         self.fixed_usages = [(float(use), (int(a), int(b))) for use, (a, b) in self.fixed_usages]
+        self.cost_offset = float(self.cost_offset)
 
     @property
     def num_nodes(self) -> int:

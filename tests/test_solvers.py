@@ -1,0 +1,247 @@
+"""Solvers against brute force on seeded random problems; presolve exactness; pipeline behaviour."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from solvers import InfeasibleError, Problem, evaluate, solve
+from solvers.brute import solve_brute
+from solvers.compact import Compact
+from solvers.heuristic import solve_heuristic
+from solvers.ilp import _Highs, build, solve_ilp
+from solvers.mrf import TRWS
+from solvers.presolve import presolve
+
+
+def random_problem(seed: int, *, limit: bool = True, n_max: int = 7, k_max: int = 3, p_inf: float = 0.15,
+                   structured: bool = True) -> Problem:
+    """Small random problem; ``structured`` adds alias (functional) edges, separable edges,
+    single-strategy nodes and constant-usage nodes so every presolve rule fires."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, n_max + 1))
+    ks = rng.integers(1, k_max + 1, n)
+    while np.prod(ks) > 20000:
+        ks = np.maximum(1, ks - 1)
+    costs = [rng.integers(0, 100, k).astype(float) for k in ks]
+    for c in costs:
+        if len(c) > 1 and rng.random() < p_inf:
+            c[rng.integers(len(c))] = np.inf
+    usages = [rng.integers(0, 20, k).astype(float) for k in ks]
+    if structured:
+        for v in range(n):
+            if rng.random() < 0.2:
+                usages[v][:] = usages[v][0]  # usage independent of the strategy
+    intervals = []
+    for _ in range(n):
+        a = int(rng.integers(0, 10))
+        intervals.append((a, a + int(rng.integers(0, 6))))
+    edges, ecosts = [], []
+    for _ in range(int(rng.integers(0, 2 * n))):
+        u, v = (int(x) for x in rng.integers(0, n, 2))
+        kind = rng.random() if structured else 1.0
+        if kind < 0.15 and u != v:  # alias: v's strategy is a function of u's
+            f = rng.integers(0, ks[v], ks[u])
+            m = np.full((ks[u], ks[v]), np.inf)
+            m[np.arange(ks[u]), f] = rng.integers(0, 10, ks[u])
+        elif kind < 0.25:  # separable a_i + b_j
+            m = rng.integers(0, 30, ks[u])[:, None] + rng.integers(0, 30, ks[v])[None, :]
+        else:
+            m = rng.integers(0, 60, (ks[u], ks[v])).astype(float)
+            m[rng.random(m.shape) < p_inf] = np.inf
+        edges.append((u, v))
+        ecosts.append(np.asarray(m, dtype=float))
+    p = Problem(costs, usages, intervals, edges, ecosts)
+    if limit:
+        lo = p.min_peak_usage()
+        hi = Problem([np.zeros(k) for k in ks], [np.full(k, u.max()) for k, u in zip(ks, usages)],
+                     intervals, [], []).min_peak_usage()
+        p.usage_limit = float(rng.integers(int(lo), int(hi) + 2))
+    return p
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or abs(a - b) <= 1e-9 * max(1.0, abs(b))
+
+
+@pytest.mark.parametrize("solver, lazy", [("highs", False), ("highs", True), ("cbc", False)],
+                         ids=["highs", "highs-lazy-rows", "cbc"])
+def test_ilp_matches_brute_force(solver, lazy):
+    for seed in range(200):
+        p = random_problem(seed, limit=seed % 2 == 0)
+        ref = solve_brute(p)
+        got = solve_ilp(p, solver=solver, lazy=lazy)
+        if ref.status == "infeasible":
+            assert not got.feasible, f"{seed=}: brute force says infeasible, {solver} found {got}"
+            continue
+        assert got.status == "optimal" and got.feasible, f"{seed=}: {got}"
+        assert _same(got.cost, ref.cost), f"{seed=}: {solver} {got.cost} vs brute force {ref.cost}"
+        assert _same(got.lower_bound, got.cost)
+
+
+def test_edge_variables_come_out_integral():
+    """Continuous e with marginal rows is exact: at a binary s every e is 0/1."""
+    checked = 0
+    for seed in range(60):
+        p = random_problem(seed, limit=False, k_max=4, structured=False)
+        b = build(Compact.from_problem(p), memory=False)
+        if not b.milp.c or b.infeasible_reason:
+            continue
+        status, x, _ = _Highs(b, 0.0, None).solve(10.0, None)
+        if x is None:
+            continue
+        assert np.allclose(x, np.round(x), atol=1e-6), f"{seed=}: fractional edge variables"
+        checked += 1
+    assert checked > 20
+
+
+def test_presolve_is_exact():
+    rng = np.random.default_rng(0)
+    for seed in range(300):
+        p = random_problem(seed, limit=seed % 3 != 0, n_max=8, k_max=4)
+        ref = solve_brute(p)
+        try:
+            ps = presolve(p)
+        except InfeasibleError:
+            assert ref.status == "infeasible", f"{seed=}: presolve says infeasible, brute force {ref}"
+            continue
+        red = solve_brute(ps.problem)
+        if ref.status == "infeasible":
+            assert red.status == "infeasible", f"{seed=}: reduced problem feasible, original not"
+            continue
+        assert red.status == "optimal" and _same(red.cost, ref.cost), f"{seed=}: {red.cost} vs {ref.cost}"
+        cost, feasible, _ = evaluate(p, ps.restore(red.choice))
+        assert feasible and _same(cost, ref.cost), f"{seed=}: restored {cost} vs {ref.cost}"
+        for _ in range(3):  # any reduced choice maps to an original choice of equal cost
+            x = [int(rng.integers(len(c))) for c in ps.problem.node_costs]
+            c1, f1, _ = evaluate(ps.problem, x)
+            c2, f2, _ = evaluate(p, ps.restore(x))
+            if math.isfinite(c1):
+                assert _same(c2, c1) and f1 == f2, f"{seed=}: reduced {c1, f1} restored {c2, f2}"
+
+
+def test_presolve_reduces_aliases_and_leaves():
+    # chain 0 -alias- 1 - 2 (leaf, no varying usage): everything folds away
+    alias = np.array([[0.0, np.inf], [np.inf, 0.0]])
+    p = Problem([[1, 5], [3, 0], [2, 2]], [[1, 2], [1, 1], [4, 4]], [(0, 5), (0, 5), (1, 2)],
+                [(0, 1), (1, 2)], [alias, [[0, 9], [9, 0]]], usage_limit=10)
+    ps = presolve(p)
+    assert ps.problem.num_nodes == 0
+    assert ps.problem.cost_offset == 6.0 and ps.restore(()) == (0, 0, 0)
+    assert evaluate(p, (0, 0, 0)) == (6.0, True, 6.0)
+
+
+def test_pipeline_every_solver_matches_brute_force():
+    for seed in range(40):
+        p = random_problem(1000 + seed, limit=True)
+        ref = solve_brute(p)
+        for solver in ("auto", "highs", "cbc", "brute", "heuristic"):
+            for pre in (True, False):
+                if ref.status == "infeasible" and solver == "heuristic":  # cannot prove it, finds nothing
+                    try:
+                        assert not solve(p, solver=solver, presolve=pre, time_limit_s=1).feasible
+                    except InfeasibleError:
+                        pass
+                    continue
+                if ref.status == "infeasible":
+                    with pytest.raises(InfeasibleError):
+                        solve(p, solver=solver, presolve=pre, time_limit_s=5)
+                    continue
+                got = solve(p, solver=solver, presolve=pre, time_limit_s=5)
+                assert got.feasible and len(got.choice) == p.num_nodes, f"{seed=} {solver=} {pre=}: {got}"
+                cost, feasible, _ = evaluate(p, got.choice)
+                assert feasible and _same(cost, got.cost)
+                if solver != "heuristic":
+                    assert _same(got.cost, ref.cost), f"{seed=} {solver=} {pre=}: {got.cost} vs {ref.cost}"
+
+
+def test_heuristic_is_feasible_and_close():
+    ratios = []
+    for seed in range(60):
+        p = random_problem(2000 + seed, limit=True, n_max=9, k_max=4, p_inf=0.0)
+        ref = solve_brute(p)
+        if ref.status == "infeasible":
+            continue
+        for lns in (False, True):
+            got = solve_heuristic(p, time_limit_s=2.0, lns=lns, seed=seed)
+            assert got.feasible, f"{seed=} {lns=}: heuristic found nothing; brute force {ref.cost}"
+            assert got.cost >= ref.cost - 1e-9
+            if lns:
+                ratios.append(got.cost / max(ref.cost, 1e-9))
+            else:
+                assert got.cost <= 3 * ref.cost + 100, f"{seed=}: ICM alone {got.cost} vs {ref.cost}"
+    assert max(ratios) <= 1.0 + 1e-9, "an ILP neighbourhood covering a tiny problem is exact"
+
+
+def test_trws_is_exact_on_a_tree():
+    rng = np.random.default_rng(3)
+    n = 12
+    unary = [rng.random(3) for _ in range(n)]
+    edges = [(int(rng.integers(v)), v, rng.random((3, 3))) for v in range(1, n)]
+    t = TRWS(unary, edges)
+    for _ in range(5):
+        t.sweep()
+    x = t.decode()
+    p = Problem(unary, [np.zeros(3)] * n, [(0, 0)] * n, [(u, v) for u, v, _ in edges], [m for *_, m in edges])
+    ref = solve_ilp(p)
+    assert _same(evaluate(p, x)[0], ref.cost)
+
+
+def test_limit_below_min_peak_raises_with_the_minimum():
+    p = Problem([[1, 2], [3, 4]], [[5, 3], [4, 6]], [(0, 2), (1, 3)], [(0, 1)], [[[0, 1], [1, 0]]], usage_limit=6)
+    assert p.min_peak_usage() == 7.0
+    with pytest.raises(InfeasibleError, match="min_peak_usage=7") as err:
+        solve(p)
+    assert err.value.min_peak_usage == 7.0
+    p.usage_limit = 7
+    sol = solve(p)
+    assert sol.feasible and sol.choice == (1, 0) and sol.cost == 6.0
+
+
+def test_all_forbidden_raises():
+    p = Problem([[1, 2], [3, 4]], [[0, 0], [0, 0]], [(0, 1), (0, 1)], [(0, 1)], [[[np.inf, 1], [np.inf, np.inf]]])
+    p.edge_costs[0][0, 1] = np.inf
+    with pytest.raises(InfeasibleError):
+        solve(p)
+
+
+def test_time_limited_solve_reports_bound_and_gap():
+    rng = np.random.default_rng(7)
+    n, k = 40, 8
+    costs = [rng.integers(0, 1000, k).astype(float) for _ in range(n)]
+    usages = [rng.integers(1, 50, k).astype(float) for _ in range(n)]
+    edges = [(u, v) for u in range(n) for v in range(u + 1, n) if rng.random() < 0.3]
+    ecosts = [rng.integers(0, 1000, (k, k)).astype(float) for _ in edges]
+    p = Problem(costs, usages, [(0, 10)] * n, edges, ecosts)
+    p.usage_limit = p.min_peak_usage() * 1.3
+    sol = solve(p, solver="highs", time_limit_s=1.0)
+    assert sol.status == "feasible" and sol.feasible
+    assert math.isfinite(sol.lower_bound) and sol.lower_bound < sol.cost
+    assert sol.gap == pytest.approx((sol.cost - sol.lower_bound) / sol.cost) and 0 < sol.gap < 1
+    assert sol.time_s < 5.0
+    cbc = solve(p, solver="cbc", time_limit_s=1.0)
+    assert cbc.status == "feasible" and cbc.feasible and cbc.lower_bound <= cbc.cost
+
+
+def test_evaluate_counts_merged_and_fixed_usage():
+    p = Problem([[1, 2]], [[3, 5]], [(0, 4)], [], [], usage_limit=8,
+                extra_usages=[(0, [4, 0], (2, 6))], fixed_usages=[(2.0, (3, 5))], cost_offset=7)
+    assert evaluate(p, [0]) == (8.0, False, 3 + 4 + 2)  # at t = 3
+    assert evaluate(p, [1]) == (9.0, True, 5 + 0 + 2)
+    assert solve_brute(p).choice == (1,)
+
+
+def test_brute_force_refuses_big_problems():
+    p = Problem([np.zeros(10)] * 7, [np.zeros(10)] * 7, [(0, 1)] * 7, [], [])
+    with pytest.raises(ValueError, match="brute force needs"):
+        solve_brute(p)
+
+
+def test_importing_solvers_does_not_import_jax():
+    code = ("import sys, solvers, solvers.ilp, solvers.heuristic, solvers.presolve, solvers.iopddl, "
+            "solvers.pipeline, solvers.mrf, solvers.brute, solvers.__main__; "
+            "assert 'jax' not in sys.modules, 'jax imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
