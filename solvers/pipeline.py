@@ -80,8 +80,12 @@ def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None 
         sol = None
         if size <= AUTO_ILP_VARIABLES:
             name = "auto:highs"
-            sol = solve_ilp(reduced, solver="highs", time_limit_s=left(), start=_quick_start(reduced, left()),
-                            gap_rel=gap_rel)
+            sol = _lp_first(reduced, left(), gap_rel)
+            if sol is None:
+                sol = solve_ilp(reduced, solver="highs", time_limit_s=left(), start=_quick_start(reduced, left()),
+                                gap_rel=gap_rel)
+            else:
+                name = "auto:highs-lp"
         if sol is None or (not sol.feasible and sol.status != "infeasible"):
             name = "auto:heuristic"
             budget = left()
@@ -101,6 +105,22 @@ def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None 
     bound = min(sol.lower_bound, cost) if feasible else sol.lower_bound
     return Solution(choice=choice, cost=cost, feasible=feasible, status=sol.status if feasible else "unknown",
                     lower_bound=bound, solver=name, time_s=time.perf_counter() - t0, stats=stats)
+
+
+def _lp_first(problem: Problem, time_left: float | None, gap_rel: float) -> Solution | None:
+    """The marginal LP relaxation is often integral on sharding problems (measured: every GPT
+    mesh in benchmarks/plan_time.py). Its rounded choice is returned when it is feasible and
+    within ``gap_rel`` of the LP bound (that bound proves it); otherwise None → the MILP."""
+    if problem.num_nodes == 0:
+        return None
+    lp = solve_ilp(problem, solver="highs", relax=True, time_limit_s=time_left)
+    if not lp.feasible or not math.isfinite(lp.lower_bound) or not lp.choice:
+        return None
+    if lp.cost - lp.lower_bound > max(gap_rel * abs(lp.cost), 1e-9 * max(1.0, abs(lp.cost))):
+        return None
+    status = "optimal" if lp.cost - lp.lower_bound <= 1e-9 * max(1.0, abs(lp.cost)) else "feasible"
+    return Solution(choice=lp.choice, cost=lp.cost, feasible=True, status=status, lower_bound=lp.lower_bound,
+                    solver="highs-lp", time_s=lp.time_s, stats=lp.stats)
 
 
 def _quick_start(problem: Problem, time_left: float | None):
