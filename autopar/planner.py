@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
 
 import numpy as np
@@ -80,22 +82,28 @@ def plan(fn, *example_args, cluster="cpu-8", nodes: int = 1, mesh_shape=None,
     t_trace = time.perf_counter()
     total = nodes * spec.devices_per_node
     shapes = [tuple(mesh_shape)] if mesh_shape is not None else candidate_meshes(total)
-    best = None
-    candidates, t_strat, t_solve, min_needed = [], 0.0, 0.0, []
-    for shape in shapes:
-        ts = time.perf_counter()
-        ip = build_problem(graph, mesh_model(spec, nodes, shape), memory_budget_bytes=budget,
-                           donated_inputs=donated)
-        t_strat += time.perf_counter() - ts
-        ts = time.perf_counter()
+    ts = time.perf_counter()
+    built = [(shape, build_problem(graph, mesh_model(spec, nodes, shape), memory_budget_bytes=budget,
+                                   donated_inputs=donated)) for shape in shapes]
+    t_strat = time.perf_counter() - ts
+
+    def solve_one(ip):
         try:
-            sol = solvers.solve(ip.problem, solver=solver, time_limit_s=time_limit_s, gap_rel=MIP_GAP)
+            return solvers.solve(ip.problem, solver=solver, time_limit_s=time_limit_s, gap_rel=MIP_GAP)
         except solvers.InfeasibleError as err:
-            min_needed.append(err.min_peak_usage)
+            return err
+
+    ts = time.perf_counter()
+    # HiGHS releases the GIL: candidate meshes are solved side by side
+    with ThreadPoolExecutor(max_workers=max(1, min(len(built), os.cpu_count() or 1))) as pool:
+        results = list(pool.map(solve_one, [ip for _, ip in built]))
+    t_solve = time.perf_counter() - ts
+    best, candidates, min_needed = None, [], []
+    for (shape, ip), sol in zip(built, results):
+        if isinstance(sol, solvers.InfeasibleError):
+            min_needed.append(sol.min_peak_usage)
             candidates.append(MeshCandidate(mesh_shape=list(shape), objective_s=None, status="infeasible"))
-            t_solve += time.perf_counter() - ts
             continue
-        t_solve += time.perf_counter() - ts
         ok = sol.feasible and math.isfinite(sol.cost)
         candidates.append(MeshCandidate(mesh_shape=list(shape), objective_s=sol.cost / 1e6 if ok else None,
                                         status=sol.status if ok else "infeasible"))
