@@ -174,3 +174,22 @@ def test_bad_arguments_are_clear_errors():
         autopar.plan(mlp.mlp_step, *args, nodes=0)
     with pytest.raises(ValueError, match="donate_argnums"):
         autopar.plan(mlp.mlp_step, *args, donate_argnums=(5,))
+
+
+def test_solvers_are_selectable_and_agree():
+    args = mlp.mlp_step_args(batch=128, hidden=1024, abstract=True)
+    plans = {s: autopar.plan(mlp.mlp_step, *args, cluster="cpu-8", mesh_shape=(8,), solver=s)
+             for s in ("highs", "cbc", "auto", "heuristic")}
+    best = plans["highs"].solver.objective_s
+    assert plans["cbc"].solver.objective_s == pytest.approx(best, rel=1e-6)
+    assert plans["auto"].solver.objective_s == pytest.approx(best, rel=1e-3)
+    assert plans["heuristic"].solver.objective_s >= best * (1 - 1e-9)
+    assert {p.solver.solver for p in plans.values()} >= {"highs", "cbc"}
+
+
+def test_time_limit_returns_incumbent_with_bound_and_gap():
+    args = mlp.mlp_step_args(batch=128, hidden=1024, abstract=True)
+    plan = autopar.plan(mlp.mlp_step, *args, cluster="cpu-8", mesh_shape=(2, 4), solver="highs", time_limit_s=5)
+    s = plan.solver
+    assert s.status in ("optimal", "feasible") and s.lower_bound_s is not None and s.gap is not None
+    assert s.lower_bound_s <= s.objective_s * (1 + 1e-9)
