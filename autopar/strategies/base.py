@@ -66,6 +66,31 @@ def enumerate_specs(shape: tuple[int, ...], mesh_shape: tuple[int, ...],
     return tuple(out)
 
 
+def role_assignments(sizes, mesh_shape):
+    """Every way to give each live mesh axis to one *role* (a group of tensor dims split
+    together, e.g. a contracting pair) or to none, such that each role's size is divisible
+    by the product of its axes. Yields one axis tuple per role."""
+    axes = live_axes(mesh_shape)
+    for assign in itertools.product([None, *range(len(sizes))], repeat=len(axes)):
+        per = [[] for _ in sizes]
+        for ax, r in zip(axes, assign):
+            if r is not None:
+                per[r].append(ax)
+        if all(sizes[r] % math.prod(mesh_shape[a] for a in per[r]) == 0 for r in range(len(sizes))):
+            yield [tuple(p) for p in per]
+
+
+def specs_from_roles(ranks, role_dims, per) -> list[Spec]:
+    """Specs of several tensors: ``role_dims[r][t]`` is the dim of tensor t that role r
+    splits (None: that tensor has no such dim); ``per[r]`` the role's mesh axes."""
+    specs = [[()] * rank for rank in ranks]
+    for dims, axes in zip(role_dims, per):
+        for t, d in enumerate(dims):
+            if d is not None:
+                specs[t][d] = axes
+    return [tuple(sp) for sp in specs]
+
+
 def spec_name(spec: Spec) -> str:
     """Alpa-style short name: R = replicated dim, S01 = split over axes 0 and 1."""
     return "".join("R" if not axes else "S" + "".join(map(str, axes)) for axes in spec) or "scalar"

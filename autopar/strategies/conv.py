@@ -2,13 +2,12 @@
 channels (contracted: partial sums → all-reduce), or nothing. Grouped convs: batch only."""
 from __future__ import annotations
 
-import itertools
 import math
 
 from cost import MeshModel
 
 from ..graph import Node
-from .base import Strategy, live_axes, register, spec_name
+from .base import Strategy, register, role_assignments, spec_name, specs_from_roles
 
 
 @register("conv_general_dilated")
@@ -18,39 +17,22 @@ def conv_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
     dn = node.params["dimension_numbers"]
     lspec_dims, rspec_dims, ospec_dims = dn.lhs_spec, dn.rhs_spec, dn.out_spec
     grouped = node.params.get("feature_group_count", 1) > 1 or node.params.get("batch_group_count", 1) > 1
-    # role: (lhs dim, rhs dim, out dim, size, contracted)
-    roles = [(lspec_dims[0], None, ospec_dims[0], lhs.shape[lspec_dims[0]], False)]
+    # roles: (size, (lhs dim, rhs dim, out dim), contracted)
+    roles = [] if node.params.get("batch_group_count", 1) > 1 else [
+        (lhs.shape[lspec_dims[0]], (lspec_dims[0], None, ospec_dims[0]), False)]
     if not grouped:
-        roles.append((None, rspec_dims[0], ospec_dims[1], rhs.shape[rspec_dims[0]], False))
-        roles.append((lspec_dims[1], rspec_dims[1], None, lhs.shape[lspec_dims[1]], True))
-    if node.params.get("batch_group_count", 1) > 1:
-        roles = []
-    axes = live_axes(mesh.shape)
+        roles.append((rhs.shape[rspec_dims[0]], (None, rspec_dims[0], ospec_dims[1]), False))
+        roles.append((lhs.shape[lspec_dims[1]], (lspec_dims[1], rspec_dims[1], None), True))
+    ranks = (len(lhs.shape), len(rhs.shape), len(out.shape))
     res = []
-    for assign in itertools.product([None, *range(len(roles))], repeat=len(axes)):
-        per = [[] for _ in roles]
-        for ax, r in zip(axes, assign):
-            if r is not None:
-                per[r].append(ax)
-        if any(roles[r][3] % math.prod(mesh.shape[a] for a in per[r]) for r in range(len(roles))):
-            continue
-        ls, rs, os_ = [()] * len(lhs.shape), [()] * len(rhs.shape), [()] * len(out.shape)
-        contracted = []
-        for r, (ld, rd, od, _, c) in enumerate(roles):
-            t = tuple(per[r])
-            if ld is not None:
-                ls[ld] = t
-            if rd is not None:
-                rs[rd] = t
-            if od is not None:
-                os_[od] = t
-            if c:
-                contracted.extend(per[r])
+    for per in role_assignments([r[0] for r in roles], mesh.shape):
+        ls, rs, os_ = specs_from_roles(ranks, [r[1] for r in roles], per)
+        contracted = tuple(sorted(a for r, axes in zip(roles, per) if r[2] for a in axes))
         comm = ()
         if contracted:
             local = out.nbytes / math.prod(mesh.shape[a] for s in os_ for a in s)
-            comm = (("all-reduce", tuple(sorted(contracted)), local),)
-        work = math.prod(mesh.shape[a] for p in per for a in p)
+            comm = (("all-reduce", contracted, local),)
+        work = math.prod(mesh.shape[a] for axes in per for a in axes)
         res.append(Strategy(f"{spec_name(ls)}x{spec_name(rs)}" + ("-allreduce" if comm else ""),
-                            (tuple(os_),), (tuple(ls), tuple(rs)), comm, work))
+                            (os_,), (ls, rs), comm, work))
     return res

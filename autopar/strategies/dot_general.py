@@ -4,13 +4,12 @@ output dim) — or nothing.
 """
 from __future__ import annotations
 
-import itertools
 import math
 
 from cost import MeshModel
 
 from ..graph import Node
-from .base import Strategy, live_axes, register, spec_name
+from .base import Strategy, register, role_assignments, spec_name, specs_from_roles
 
 
 def _roles(lhs_rank, rhs_rank, dn):
@@ -25,51 +24,25 @@ def dot_general_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
     lhs, rhs = node.operands[:2]
     out = node.outputs[0]
     lc, rc, lb, rb, lfree, rfree = _roles(len(lhs.shape), len(rhs.shape), node.params["dimension_numbers"])
-    # role -> (lhs dim or None, rhs dim or None, out dim or None, size)
-    roles = []
+    # roles: (kind, size, (lhs dim, rhs dim, out dim))
     nb = len(lb)
-    for i, (a, b) in enumerate(zip(lb, rb)):
-        roles.append(("b", a, b, i, lhs.shape[a]))
-    for j, a in enumerate(lfree):
-        roles.append(("l", a, None, nb + j, lhs.shape[a]))
-    for k, b in enumerate(rfree):
-        roles.append(("r", None, b, nb + len(lfree) + k, rhs.shape[b]))
-    for a, b in zip(lc, rc):
-        roles.append(("c", a, b, None, lhs.shape[a]))
-    axes = live_axes(mesh.shape)
-    res = []
-    seen = set()
-    for assign in itertools.product([None, *range(len(roles))], repeat=len(axes)):
-        per_role = [[] for _ in roles]
-        for ax, r in zip(axes, assign):
-            if r is not None:
-                per_role[r].append(ax)
-        if any(roles[r][4] % math.prod(mesh.shape[a] for a in per_role[r]) for r in range(len(roles))):
-            continue
-        lspec = [()] * len(lhs.shape)
-        rspec = [()] * len(rhs.shape)
-        ospec = [()] * len(out.shape)
-        contracted = []
-        for r, (kind, ld, rd, od, _) in enumerate(roles):
-            t = tuple(per_role[r])
-            if ld is not None:
-                lspec[ld] = t
-            if rd is not None:
-                rspec[rd] = t
-            if od is not None:
-                ospec[od] = t
-            if kind == "c":
-                contracted.extend(per_role[r])
-        contracted = tuple(sorted(contracted))
-        ins = (tuple(lspec), tuple(rspec))
-        work = math.prod(mesh.shape[a] for a in axes if a in {x for p in per_role for x in p})
+    roles = [("b", lhs.shape[a], (a, b, i)) for i, (a, b) in enumerate(zip(lb, rb))]
+    roles += [("l", lhs.shape[a], (a, None, nb + j)) for j, a in enumerate(lfree)]
+    roles += [("r", rhs.shape[b], (None, b, nb + len(lfree) + k)) for k, b in enumerate(rfree)]
+    roles += [("c", lhs.shape[a], (a, b, None)) for a, b in zip(lc, rc)]
+    ranks = (len(lhs.shape), len(rhs.shape), len(out.shape))
+    res, seen = [], set()
+    for per in role_assignments([r[1] for r in roles], mesh.shape):
+        lspec, rspec, ospec = specs_from_roles(ranks, [r[2] for r in roles], per)
+        contracted = tuple(sorted(a for r, axes in zip(roles, per) if r[0] == "c" for a in axes))
+        ins = (lspec, rspec)
+        work = math.prod(mesh.shape[a] for axes in per for a in axes)
+        base = f"{spec_name(lspec)}x{spec_name(rspec)}"
         if not contracted:
-            res.append(Strategy(f"{spec_name(ins[0])}x{spec_name(ins[1])}", (tuple(ospec),), ins, (), work))
+            res.append(Strategy(base, (ospec,), ins, (), work))
             continue
         out_local = out.nbytes / math.prod(mesh.shape[a] for s in ospec for a in s)
-        base = f"{spec_name(ins[0])}x{spec_name(ins[1])}"
-        res.append(Strategy(base + "-allreduce", (tuple(ospec),), ins,
-                            (("all-reduce", contracted, out_local),), work))
+        res.append(Strategy(base + "-allreduce", (ospec,), ins, (("all-reduce", contracted, out_local),), work))
         p = math.prod(mesh.shape[a] for a in contracted)
         for d in range(len(out.shape)):
             local_d = out.shape[d] // math.prod(mesh.shape[a] for a in ospec[d])

@@ -8,28 +8,12 @@ all-reduce of the output). scatter-add is the transpose: split an update batch d
 """
 from __future__ import annotations
 
-import itertools
 import math
 
 from cost import MeshModel
 
 from ..graph import Node
-from .base import Strategy, live_axes, register, replicated_rule, spec_name
-
-
-def _assign(roles, mesh, build):
-    """Enumerate axis→role assignments; ``roles`` are (size, ...) tuples."""
-    axes = live_axes(mesh.shape)
-    res = []
-    for assign in itertools.product([None, *range(len(roles))], repeat=len(axes)):
-        per = [[] for _ in roles]
-        for ax, r in zip(axes, assign):
-            if r is not None:
-                per[r].append(ax)
-        if any(roles[r][0] % math.prod(mesh.shape[a] for a in per[r]) for r in range(len(roles))):
-            continue
-        res.append(build([tuple(p) for p in per]))
-    return res
+from .base import Strategy, register, replicated_rule, role_assignments, spec_name, specs_from_roles
 
 
 @register("gather")
@@ -45,35 +29,27 @@ def gather_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
     if len(out_batch) != len(idx_batch) or len(op_offset) != len(dn.offset_dims):
         return replicated_rule(node, mesh)
     paired = dict(zip(dn.start_indices_batching_dims, dn.operand_batching_dims))  # take_along_axis
-    roles = []  # (size, operand dim, indices dim, out dim, vocab)
+    roles = []  # (size, (operand dim, indices dim, out dim), vocab)
     for i, od in zip(idx_batch, out_batch):
-        roles.append((indices.shape[i], paired.get(i), i, od, False))
+        roles.append((indices.shape[i], (paired.get(i), i, od), False))
     for d, od in zip(op_offset, dn.offset_dims):
         if sizes[d] == operand.shape[d]:
-            roles.append((operand.shape[d], d, None, od, False))
+            roles.append((operand.shape[d], (d, None, od), False))
     if len(dn.start_index_map) == 1 and dn.start_index_map[0] in dn.collapsed_slice_dims:
-        roles.append((operand.shape[dn.start_index_map[0]], dn.start_index_map[0], None, None, True))
-
-    def build(per):
-        ospec, ispec, outspec = [()] * len(operand.shape), [()] * len(indices.shape), [()] * len(out.shape)
-        vocab = ()
-        for (size, opd, idd, od, is_vocab), axes in zip(roles, per):
-            if opd is not None:
-                ospec[opd] = axes
-            if idd is not None:
-                ispec[idd] = axes
-            if od is not None:
-                outspec[od] = axes
-            if is_vocab:
-                vocab = axes
+        roles.append((operand.shape[dn.start_index_map[0]], (dn.start_index_map[0], None, None), True))
+    ranks = (len(operand.shape), len(indices.shape), len(out.shape))
+    rest = tuple(None if not hasattr(o, "id") else ((),) * len(o.shape) for o in node.operands[2:])
+    res = []
+    for per in role_assignments([r[0] for r in roles], mesh.shape):
+        ospec, ispec, outspec = specs_from_roles(ranks, [r[1] for r in roles], per)
+        vocab = tuple(sorted(a for r, axes in zip(roles, per) if r[2] for a in axes))
         comm = ()
         if vocab:
             local = out.nbytes / math.prod(mesh.shape[a] for s in outspec for a in s)
-            comm = (("all-reduce", tuple(sorted(vocab)), local),)
-        rest = tuple(None if not hasattr(o, "id") else ((),) * len(o.shape) for o in node.operands[2:])
-        return Strategy(spec_name(ospec) + "[" + spec_name(ispec) + "]" + ("-vocab" if vocab else ""),
-                        (tuple(outspec),), (tuple(ospec), tuple(ispec)) + rest, comm)
-    return _assign(roles, mesh, build)
+            comm = (("all-reduce", vocab, local),)
+        res.append(Strategy(spec_name(ospec) + "[" + spec_name(ispec) + "]" + ("-vocab" if vocab else ""),
+                            (outspec,), (ospec, ispec) + rest, comm))
+    return res
 
 
 @register("scatter-add", "scatter_add")
@@ -90,34 +66,25 @@ def scatter_add_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
     if len(upd_scatter) != len(idx_batch) or len(op_window) != len(dn.update_window_dims):
         return replicated_rule(node, mesh)
     paired = dict(zip(dn.scatter_indices_batching_dims, dn.operand_batching_dims))
-    roles = []  # (size, operand/out dim, indices dim, updates dim, kind)
+    roles = []  # (size, (operand/out dim, indices dim, updates dim), kind)
     for i, ud in zip(idx_batch, upd_scatter):
         # a batching pair writes only its own operand slice: no partial sums
-        roles.append((updates.shape[ud], paired.get(i), i, ud, "paired" if i in paired else "batch"))
+        roles.append((updates.shape[ud], (paired.get(i), i, ud), "paired" if i in paired else "batch"))
     for d, ud in zip(op_window, dn.update_window_dims):
         if updates.shape[ud] == operand.shape[d]:
-            roles.append((operand.shape[d], d, None, ud, "window"))
+            roles.append((operand.shape[d], (d, None, ud), "window"))
     if len(dn.scatter_dims_to_operand_dims) == 1 and dn.scatter_dims_to_operand_dims[0] in dn.inserted_window_dims:
-        roles.append((operand.shape[dn.scatter_dims_to_operand_dims[0]], dn.scatter_dims_to_operand_dims[0],
-                      None, None, "indexed"))
-
-    def build(per):
-        ospec, ispec, uspec = [()] * len(operand.shape), [()] * len(indices.shape), [()] * len(updates.shape)
-        partial = ()
-        for (size, opd, idd, ud, kind), axes in zip(roles, per):
-            if opd is not None:
-                ospec[opd] = axes
-            if idd is not None:
-                ispec[idd] = axes
-            if ud is not None:
-                uspec[ud] = axes
-            if kind == "batch":
-                partial += axes
+        roles.append((operand.shape[dn.scatter_dims_to_operand_dims[0]],
+                      (dn.scatter_dims_to_operand_dims[0], None, None), "indexed"))
+    ranks = (len(operand.shape), len(indices.shape), len(updates.shape))
+    res = []
+    for per in role_assignments([r[0] for r in roles], mesh.shape):
+        ospec, ispec, uspec = specs_from_roles(ranks, [r[1] for r in roles], per)
+        partial = tuple(sorted(a for r, axes in zip(roles, per) if r[2] == "batch" for a in axes))
         comm = ()
         if partial:
             local = out.nbytes / math.prod(mesh.shape[a] for s in ospec for a in s)
-            comm = (("all-reduce", tuple(sorted(partial)), local),)
-        ins = (tuple(ospec), tuple(ispec), tuple(uspec))
-        return Strategy(spec_name(ospec) + "[" + spec_name(uspec) + "]" + ("-allreduce" if partial else ""),
-                        (tuple(ospec),), ins, comm)
-    return _assign(roles, mesh, build)
+            comm = (("all-reduce", partial, local),)
+        res.append(Strategy(spec_name(ospec) + "[" + spec_name(uspec) + "]" + ("-allreduce" if partial else ""),
+                            (ospec,), (ospec, ispec, uspec), comm))
+    return res
