@@ -1,0 +1,357 @@
+"""Inter-op stage partitioning (Alpa §5): split L layers into pipeline stages on sub-meshes.
+
+Data (``StageProblem``): layers 0..L−1; a cluster of N nodes × M devices; sub-mesh shapes
+
+    𝓜 = {(1,1), (1,2), (1,4), …, (1,M)} ∪ {(k,M) : 2 ≤ k ≤ N},   |m| = n·m devices   (``submesh_shapes``)
+
+and for each layer range [i,j) and m ∈ 𝓜: latency t(i,j,m) (s per micro-batch, fwd+bwd, ∞ =
+infeasible), static memory W(i,j,m) (params+grads+optimizer state) and activation memory
+A(i,j,m) per in-flight micro-batch (bytes per device). A plan is S stages
+[b_0=0,b_1), …, [b_{S−1},b_S=L) with sub-meshes m_1..m_S (stage i has t_i, W_i, A_i):
+
+    minimise  T = Σ_i t_i + (B − 1)·max_i t_i                                    (``_solution``)
+    s.t.      Σ_i |m_i| = N·M                             tiling                 (``_dp``, index d)
+              W_i + f(S − i + 1)·A_i ≤ device_memory      memory, i = 1..S       (``_need``)
+              t_i < ∞
+    f(r) = min(r, B) under 1F1B (stage i holds the micro-batches of the stages from it to
+    the last, never more than B), f(r) = B under GPipe                           (``_inflight``)
+
+Tiling: Alpa's rule — the shapes of 𝓜 with Σ|m_i| = N·M can always be placed on the
+cluster (Alpa §5.2) when M is a power of two; for other M, (1,M) is added and the device
+count is the only check (it can then be optimistic, e.g. three (1,4) on 2 nodes × 6).
+
+Algorithm (``solve_stages``): for a bound t_max on every stage latency,
+
+    F(0, L, 0) = 0
+    F(s, k, d) = min_{k<j≤L, m: |m|≤d, t(k,j,m) ≤ t_max, W+f(s)·A ≤ mem} t(k,j,m) + F(s−1, j, d−|m|)
+
+places layers k..L−1 as s stages on d devices (``_dp`` with ⊕ = +); s counts the stages from
+this one to the last, which is exactly the S − i + 1 of the memory rule. Then
+
+    T* = min_{t_max} min_S F_{t_max}(S, 0, N·M) + (B − 1)·t_max
+
+over the distinct finite latencies t_max ≥ t_lo = min over plans of max_i t_i (the bottleneck,
+``_dp`` with ⊕ = max). B = 1 needs only F_∞ (no bound). Otherwise a best-first search over
+gaps of candidates (``solve_stages``): a DP at t whose plans' largest stage is h covers
+[h, t] (F is constant there); a gap cands[i..j] below a DP with Σ = f has the lower bound
+f + (B−1)·cands[i] (F only grows as t_max falls) and is dropped once that exceeds the best T
+— Alpa's pruning "(B−1)·t_max > best T", tightened by f; each DP bisects its gap. Ties: fewer
+stages, then the lexicographically smallest (b_1, m_1, b_2, m_2, …) — layer boundaries
+first, earliest stage first (``_better``); the DP keeps the first (j, m) within 1e-9 of the
+minimum, which yields that order.
+
+Infeasible (``StageInfeasibleError``): min_device_memory = min over plans with finite
+latencies of max_i (W_i + f(S−i+1)·A_i) (``_dp`` with ⊕ = max on the memory needs).
+``brute_force`` enumerates every plan (tiny instances) and checks all of the above.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["StageProblem", "StageSolution", "StageInfeasibleError", "solve_stages", "brute_force",
+           "submesh_shapes"]
+
+_TOL = 1e-9
+
+
+def submesh_shapes(num_nodes: int, devices_per_node: int) -> list[tuple[int, int]]:
+    """(1,1), (1,2), (1,4), … (powers of two below M), (1,M), then (k,M) for k = 2..N."""
+    shapes, w = [], 1
+    while w < devices_per_node:
+        shapes.append((1, w))
+        w *= 2
+    return shapes + [(1, devices_per_node)] + [(k, devices_per_node) for k in range(2, num_nodes + 1)]
+
+
+class StageInfeasibleError(ValueError):
+    """No plan fits; ``min_device_memory`` is the smallest device memory that makes one fit
+    (``inf`` when no plan with finite stage latencies tiles the cluster at all)."""
+
+    def __init__(self, message: str, min_device_memory: float):
+        super().__init__(message)
+        self.min_device_memory = min_device_memory
+
+
+@dataclass(frozen=True, eq=False)
+class StageProblem:
+    """Arrays have shape (L, L+1, len(submesh_shapes)); entry [i, j, s] is the range [i, j)
+    on sub-mesh s (only i < j is read). A dict {(i, j, s): value} is accepted too (missing:
+    latency ∞, memory 0). ``memory``/``activation`` None means 0 (memory not modelled)."""
+
+    num_layers: int
+    num_nodes: int
+    devices_per_node: int
+    latency: object
+    memory: object = None
+    activation: object = None
+    num_microbatches: int = 1
+    device_memory: float = math.inf
+    schedule: str = "1f1b"
+
+    def __post_init__(self):
+        L, shape = self.num_layers, (self.num_layers, self.num_layers + 1, len(self.shapes))
+        if L < 1 or self.num_nodes < 1 or self.devices_per_node < 1 or self.num_microbatches < 1:
+            raise ValueError("num_layers, num_nodes, devices_per_node, num_microbatches must be ≥ 1")
+        if self.schedule not in ("1f1b", "gpipe"):
+            raise ValueError(f"schedule must be '1f1b' or 'gpipe', not {self.schedule!r}")
+        for name, default in (("latency", math.inf), ("memory", 0.0), ("activation", 0.0)):
+            a = getattr(self, name)
+            if a is None:
+                a = np.zeros(shape)
+            elif isinstance(a, dict):
+                d, a = a, np.full(shape, default)
+                for (i, j, s), v in d.items():
+                    a[i, j, s] = v
+            a = np.array(a, dtype=np.float64)
+            if a.shape != shape:
+                raise ValueError(f"{name} has shape {a.shape}, expected (L, L+1, #submeshes) = {shape}")
+            if np.isnan(a).any() or (a < 0).any():
+                raise ValueError(f"{name} must be ≥ 0 or inf (no NaN)")
+            if name == "latency":  # ranges [i, j) with j ≤ i do not exist
+                a[np.tril_indices(L, 0, L + 1)] = np.inf
+            a.flags.writeable = False
+            object.__setattr__(self, name, a)
+
+    @classmethod
+    def from_callables(cls, num_layers, num_nodes, devices_per_node, latency_fn, static_mem_fn=None,
+                       act_mem_fn=None, **kwargs) -> "StageProblem":
+        """Each fn is called as fn(start, end, submesh_shape) for the range [start, end); the
+        memory fns only where the latency is finite."""
+        shapes = submesh_shapes(num_nodes, devices_per_node)
+        lat = np.full((num_layers, num_layers + 1, len(shapes)), np.inf)
+        mem, act = np.zeros_like(lat), np.zeros_like(lat)
+        for i in range(num_layers):
+            for j in range(i + 1, num_layers + 1):
+                for s, sh in enumerate(shapes):
+                    lat[i, j, s] = latency_fn(i, j, sh)
+                    if math.isfinite(lat[i, j, s]):
+                        mem[i, j, s] = static_mem_fn(i, j, sh) if static_mem_fn else 0.0
+                        act[i, j, s] = act_mem_fn(i, j, sh) if act_mem_fn else 0.0
+        return cls(num_layers, num_nodes, devices_per_node, lat, mem, act, **kwargs)
+
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        return submesh_shapes(self.num_nodes, self.devices_per_node)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [n * m for n, m in self.shapes]
+
+    @property
+    def total_devices(self) -> int:
+        return self.num_nodes * self.devices_per_node
+
+
+@dataclass(frozen=True)
+class StageSolution:
+    """stages: (start, end, submesh_index, submesh_shape, latency_s) per stage, in order;
+    t_max: the largest stage latency; objective_s = total_latency_s + (B−1)·t_max."""
+
+    stages: list
+    total_latency_s: float
+    t_max: float
+    objective_s: float
+    num_stages: int
+    status: str  # "optimal" | "forced"
+
+
+def _inflight(p: StageProblem, r: int) -> int:
+    """Micro-batches of activations a stage holds when r stages (itself included) remain."""
+    return min(r, p.num_microbatches) if p.schedule == "1f1b" else p.num_microbatches
+
+
+def _need(p: StageProblem, r: int) -> np.ndarray:
+    """Memory per device of every (submesh, start, end) as a stage with r stages remaining."""
+    return (p.memory + _inflight(p, r) * p.activation).transpose(2, 0, 1)
+
+
+def _dp(p: StageProblem, cost, smax: int, combine):
+    """F[s][k, d] = best ⊕-combination of cost(s)[m, k, j] ⊕ F[s−1][j, d−|m|]; choice[s][k, d]
+    = flat (j, m) index of the first choice within _TOL of the best (−1: none)."""
+    L, D, sizes = p.num_layers, p.total_devices, p.sizes
+    F = [np.full((L + 1, D + 1), np.inf)]
+    F[0][L, 0] = 0.0
+    choice = [None]
+    for s in range(1, smax + 1):
+        K = L - s + 1  # s stages need k ≤ L − s, and the next stage then starts at j ≤ K
+        c = cost(s)[:, :K, :K + 1]  # (nS, K, K+1) of (m, k, j)
+        V = np.full((len(sizes), K, D + 1, K + 1), np.inf)  # [m, k, d, j]
+        for m, n in enumerate(sizes):
+            if n <= D:
+                V[m, :, n:, :] = combine(c[m][:, None, :], F[s - 1][:K + 1, :D + 1 - n].T[None, :, :])
+        best = V.min(axis=3).min(axis=0)
+        near = V <= best[None, :, :, None] * (1 + _TOL)
+        j = np.argmax(near.any(axis=0), axis=2)  # first j, then the first m for that j
+        m = np.argmax(np.take_along_axis(near, j[None, :, :, None], axis=3)[..., 0], axis=0)
+        idx = j * len(sizes) + m
+        idx[~np.isfinite(best)] = -1
+        Fs = np.full((L + 1, D + 1), np.inf)
+        Fs[:K] = best
+        F.append(Fs)
+        choice.append(idx)
+    return F, choice
+
+
+def _plan(p: StageProblem, choice, S: int) -> list[tuple[int, int, int]]:
+    k, d, plan, nS = 0, p.total_devices, [], len(p.sizes)
+    for s in range(S, 0, -1):
+        j, m = divmod(int(choice[s][k, d]), nS)
+        plan.append((k, j, m))
+        k, d = j, d - p.sizes[m]
+    assert k == p.num_layers and d == 0
+    return plan
+
+
+def _solution(p: StageProblem, plan, status: str) -> StageSolution:
+    shapes = p.shapes
+    stages = [(k, j, m, shapes[m], float(p.latency[k, j, m])) for k, j, m in plan]
+    lats = [st[4] for st in stages]
+    total, tmax = sum(lats), max(lats)
+    return StageSolution(stages, total, tmax, total + (p.num_microbatches - 1) * tmax, len(stages), status)
+
+
+def _better(a: StageSolution, b: StageSolution | None) -> bool:
+    """Lower objective (relative tolerance), then fewer stages, then (b_1, m_1, b_2, m_2, …)."""
+    if b is None:
+        return True
+    tol = _TOL * max(abs(a.objective_s), abs(b.objective_s))
+    if abs(a.objective_s - b.objective_s) > tol:
+        return a.objective_s < b.objective_s
+    key = lambda x: (x.num_stages, [(st[1], st[2]) for st in x.stages])  # noqa: E731
+    return key(a) < key(b)
+
+
+def _stage_range(p: StageProblem, num_stages: int | None) -> list[int]:
+    smax = min(p.num_layers, p.total_devices)
+    if num_stages is None:
+        return list(range(1, smax + 1))
+    if not 1 <= num_stages <= smax:
+        raise ValueError(f"num_stages={num_stages} must be in 1..min(L, N·M) = 1..{smax}")
+    return [num_stages]
+
+
+def _infeasible(p: StageProblem, srange: list[int]) -> StageInfeasibleError:
+    finite = np.isfinite(p.latency.transpose(2, 0, 1))
+    F, _ = _dp(p, lambda s: np.where(finite, _need(p, s), np.inf), max(srange), np.maximum)
+    mm = min(F[s][0, p.total_devices] for s in srange)
+    stages = f" with {srange[0]} stages" if len(srange) == 1 else ""
+    if not math.isfinite(mm):
+        return StageInfeasibleError(
+            f"no plan{stages}: no stages with finite latency tile the {p.num_nodes}×{p.devices_per_node} "
+            f"cluster", mm)
+    return StageInfeasibleError(
+        f"no plan{stages} fits device_memory={p.device_memory:.6g} bytes; the smallest device memory "
+        f"that makes one fit is {mm:.6g} bytes ({p.schedule}, B={p.num_microbatches})", float(mm))
+
+
+def _forced(p: StageProblem, forced, num_stages: int | None) -> StageSolution:
+    shapes, plan, k = p.shapes, [], 0
+    for start, end, shape in forced:
+        m = shape if isinstance(shape, (int, np.integer)) else (
+            shapes.index(tuple(shape)) if tuple(shape) in shapes else None)
+        if m is None or not 0 <= m < len(shapes):
+            raise ValueError(f"forced stage [{start},{end}): sub-mesh {shape} not in {shapes}")
+        if start != k or end <= start:
+            raise ValueError(f"forced stages must be contiguous non-empty ranges from 0; got [{start},{end}) "
+                             f"after layer {k}")
+        plan.append((start, end, int(m)))
+        k = end
+    if k != p.num_layers:
+        raise ValueError(f"forced stages cover layers 0..{k - 1}, not 0..{p.num_layers - 1}")
+    used = sum(p.sizes[m] for _, _, m in plan)
+    if used != p.total_devices:
+        raise ValueError(f"forced sub-meshes use {used} devices, the cluster has {p.total_devices}")
+    if num_stages is not None and num_stages != len(plan):
+        raise ValueError(f"num_stages={num_stages} but {len(plan)} forced stages")
+    S = len(plan)
+    for k, j, m in plan:
+        if not math.isfinite(p.latency[k, j, m]):
+            raise StageInfeasibleError(f"forced stage [{k},{j}) on {shapes[m]} has no finite latency", math.inf)
+    need = max(float(_need(p, S - i)[m, k, j]) for i, (k, j, m) in enumerate(plan))
+    if need > p.device_memory:
+        raise StageInfeasibleError(f"forced plan needs {need:.6g} bytes per device > device_memory="
+                                   f"{p.device_memory:.6g}", need)
+    return _solution(p, plan, "forced")
+
+
+def solve_stages(p: StageProblem, *, num_stages: int | None = None, forced=None) -> StageSolution:
+    """Optimal plan (see the module docstring). ``num_stages`` forces S; ``forced`` =
+    [(start, end, submesh_shape or index), …] validates and costs the user's plan."""
+    if forced is not None:
+        return _forced(p, forced, num_stages)
+    srange, D = _stage_range(p, num_stages), p.total_devices
+    lat = p.latency.transpose(2, 0, 1)  # (nS, L, L+1)
+    ok = {s: _need(p, s) <= p.device_memory for s in range(1, max(srange) + 1)}
+    Fb, _ = _dp(p, lambda s: np.where(ok[s], lat, np.inf), max(srange), np.maximum)
+    t_lo = min(Fb[s][0, D] for s in srange)
+    if not math.isfinite(t_lo):
+        raise _infeasible(p, srange)
+    best = None
+
+    def run(t_max: float) -> tuple[float, float]:
+        """DP under t_max; returns (min over S of Σ t_i, max over S of the plans' max t_i)."""
+        nonlocal best
+        F, ch = _dp(p, lambda s: np.where(ok[s] & (lat <= t_max), lat, np.inf), max(srange), np.add)
+        sols = [_solution(p, _plan(p, ch, s), "optimal") for s in srange if math.isfinite(F[s][0, D])]
+        for sol in sols:
+            if _better(sol, best):
+                best = sol
+        return min(x.total_latency_s for x in sols), max(x.t_max for x in sols)
+
+    # Best-first over gaps of not yet covered t_max candidates. A run at t whose plans'
+    # largest max is h covers [h, t] (F is constant there); a gap cands[i..j] below a run
+    # with Σ = f is bounded by f + (B−1)·cands[i] (F only grows as t_max falls).
+    B, cands = p.num_microbatches, np.unique(lat[np.isfinite(lat) & ok[1] & (lat >= t_lo)])
+    f, h = run(math.inf)
+    gaps = [(f + (B - 1) * cands[0], 0, int(np.searchsorted(cands, h)) - 1, f)] if B > 1 else []
+    while gaps:
+        bound, i, j, f = heapq.heappop(gaps)
+        if j < i or bound > best.objective_s * (1 + _TOL):
+            continue
+        mid = (i + j) // 2
+        f_mid, h = run(float(cands[mid]))
+        heapq.heappush(gaps, (f + (B - 1) * cands[min(mid + 1, j)], mid + 1, j, f))
+        heapq.heappush(gaps, (f_mid + (B - 1) * cands[i], i, int(np.searchsorted(cands, h)) - 1, f_mid))
+    return best
+
+
+def brute_force(p: StageProblem, *, num_stages: int | None = None, limit: int = 200_000) -> StageSolution:
+    """Every partition × sub-mesh assignment; same objective, rules and tie-break as
+    ``solve_stages``. Raises ValueError when more than ``limit`` plans could be enumerated."""
+    L, D, sizes, srange = p.num_layers, p.total_devices, p.sizes, _stage_range(p, num_stages)
+    count = sum(math.comb(L - 1, S - 1) * len(sizes) ** S for S in srange)
+    if count > limit:
+        raise ValueError(f"brute_force: {count} plans > limit {limit}; use solve_stages")
+    best, min_mem = None, math.inf
+
+    def visit(plan):
+        nonlocal best, min_mem
+        S = len(plan)
+        if S not in srange or any(not math.isfinite(p.latency[k, j, m]) for k, j, m in plan):
+            return
+        need = max(float(p.memory[k, j, m] + _inflight(p, S - i) * p.activation[k, j, m])
+                   for i, (k, j, m) in enumerate(plan))
+        min_mem = min(min_mem, need)
+        if need <= p.device_memory:
+            sol = _solution(p, plan, "optimal")
+            if _better(sol, best):
+                best = sol
+
+    def rec(k, d, plan):
+        if k == L:
+            if d == 0:
+                visit(plan)
+            return
+        for j in range(k + 1, L + 1):
+            for m, n in enumerate(sizes):
+                if n <= d:
+                    rec(j, d - n, plan + [(k, j, m)])
+
+    rec(0, D, [])
+    if best is None:
+        raise StageInfeasibleError(f"brute_force: no feasible plan; min device memory {min_mem:.6g}", min_mem)
+    return best

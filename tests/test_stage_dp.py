@@ -1,0 +1,204 @@
+"""Stage-partitioning DP (solvers/stage_dp.py) against brute force on seeded random instances."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from solvers.stage_dp import (StageInfeasibleError, StageProblem, StageSolution, brute_force, solve_stages,
+                              submesh_shapes)
+
+
+def random_instance(seed: int, *, memory: str | None = None) -> StageProblem:
+    """Latencies and memories are multiples of 1/4 (exact sums, so ties are exact and the
+    tie-break is tested too); ~10% infinite latencies; memory None/'loose'/'binding'/'tight'."""
+    rng = np.random.default_rng(seed)
+    L, N, M = int(rng.integers(1, 7)), int(rng.choice([1, 2])), int(rng.choice([2, 4]))
+    B, schedule = int(rng.choice([1, 4, 8])), str(rng.choice(["1f1b", "gpipe"]))
+    shapes = submesh_shapes(N, M)
+    work = rng.integers(1, 9, L)
+    lat = np.full((L, L + 1, len(shapes)), np.inf)
+    mem, act = np.zeros_like(lat), np.zeros_like(lat)
+    for i in range(L):
+        for j in range(i + 1, L + 1):
+            for s, (n, m) in enumerate(shapes):
+                d = n * m
+                eff = rng.uniform(0.25, 0.9) ** np.log2(d)  # poor scaling: pipelines pay off
+                lat[i, j, s] = np.round(4 * work[i:j].sum() / (d * eff) + rng.integers(0, 3)) / 4
+                mem[i, j, s] = np.round(4 * work[i:j].sum() * 8 / d) / 4 + rng.integers(0, 3)
+                act[i, j, s] = rng.integers(0, 4)
+    lat[rng.random(lat.shape) < 0.1] = np.inf
+    p = StageProblem(L, N, M, lat, mem, act, num_microbatches=B, schedule=schedule)
+    if memory is None:
+        return p
+    try:
+        brute_force(StageProblem(L, N, M, lat, mem, act, num_microbatches=B, schedule=schedule,
+                                 device_memory=-1.0))
+    except StageInfeasibleError as e:
+        lo = e.min_device_memory
+    if not math.isfinite(lo):
+        return p
+    limit = {"loose": lo * 1.5 + 1, "binding": lo + rng.integers(0, 4), "tight": lo - 0.25}[memory]
+    return StageProblem(L, N, M, lat, mem, act, num_microbatches=B, schedule=schedule, device_memory=limit)
+
+
+def describe(p: StageProblem) -> str:
+    return (f"L={p.num_layers} N={p.num_nodes} M={p.devices_per_node} B={p.num_microbatches} "
+            f"{p.schedule} mem={p.device_memory}\nlatency={p.latency.tolist()}\nmemory={p.memory.tolist()}"
+            f"\nactivation={p.activation.tolist()}")
+
+
+def outcome(fn, p, **kw):
+    try:
+        return fn(p, **kw)
+    except StageInfeasibleError as e:
+        return ("infeasible", e.min_device_memory)
+
+
+def check_plan(p: StageProblem, sol: StageSolution):
+    """The returned plan obeys every rule on its own (independently of both solvers)."""
+    assert sol.stages[0][0] == 0 and sol.stages[-1][1] == p.num_layers
+    assert all(a[1] == b[0] for a, b in zip(sol.stages, sol.stages[1:]))
+    assert sum(n * m for _, _, _, (n, m), _ in sol.stages) == p.num_nodes * p.devices_per_node
+    S, B = sol.num_stages, p.num_microbatches
+    for i, (k, j, s, shape, t) in enumerate(sol.stages):
+        assert shape == submesh_shapes(p.num_nodes, p.devices_per_node)[s] and t == p.latency[k, j, s]
+        held = min(S - i, B) if p.schedule == "1f1b" else B
+        assert p.memory[k, j, s] + held * p.activation[k, j, s] <= p.device_memory
+    lats = [st[4] for st in sol.stages]
+    assert sol.objective_s == pytest.approx(sum(lats) + (B - 1) * max(lats))
+
+
+@pytest.mark.parametrize("memory", [None, "loose", "binding", "tight"])
+def test_dp_matches_brute_force(memory):
+    infeasible = 0
+    for seed in range(40):
+        p = random_instance(seed, memory=memory)
+        dp, bf = outcome(solve_stages, p), outcome(brute_force, p)
+        assert dp == bf, f"seed {seed}: dp {dp} != brute {bf}\n{describe(p)}"
+        if isinstance(dp, StageSolution):
+            check_plan(p, dp)
+        else:
+            infeasible += 1
+        if p.num_layers > 1:  # forced S too
+            S = 1 + seed % min(p.num_layers, p.num_nodes * p.devices_per_node)
+            dp, bf = outcome(solve_stages, p, num_stages=S), outcome(brute_force, p, num_stages=S)
+            assert dp == bf, f"seed {seed} S={S}: dp {dp} != brute {bf}\n{describe(p)}"
+            assert not isinstance(dp, StageSolution) or dp.num_stages == S
+    if memory == "tight":
+        assert infeasible >= 20
+    elif memory is None:
+        assert infeasible < 20
+
+
+def test_min_device_memory_is_exact():
+    checked = 0
+    for seed in range(40):
+        p = random_instance(seed, memory="tight")
+        try:
+            solve_stages(p)
+            continue
+        except StageInfeasibleError as e:
+            lo = e.min_device_memory
+            assert "smallest device memory" in str(e) or not math.isfinite(lo)
+        if not math.isfinite(lo):
+            continue
+        args = (p.num_layers, p.num_nodes, p.devices_per_node, p.latency, p.memory, p.activation)
+        kw = dict(num_microbatches=p.num_microbatches, schedule=p.schedule)
+        sol = solve_stages(StageProblem(*args, **kw, device_memory=lo))
+        assert max(p.memory[k, j, s] + (min(sol.num_stages - i, p.num_microbatches) if p.schedule == "1f1b"
+                                         else p.num_microbatches) * p.activation[k, j, s]
+                   for i, (k, j, s, _, _) in enumerate(sol.stages)) == lo
+        with pytest.raises(StageInfeasibleError):
+            solve_stages(StageProblem(*args, **kw, device_memory=lo * (1 - 1e-9)))
+        checked += 1
+    assert checked >= 10
+
+
+def test_unequal_layers_get_unequal_submeshes():
+    """Layers of cost [1, 1, 4] on 3 nodes × 2 devices, 80% scaling efficiency per doubling:
+    the two light layers share a (1,2) stage and the heavy one gets (2,2). (On 8 devices
+    the power-of-two shapes only split 4+4, where one stage on 4 is never worse than two.)"""
+    work = [1.0, 1.0, 4.0]
+    def latency(i, j, shape):
+        d = shape[0] * shape[1]
+        return sum(work[i:j]) / (d * 0.8 ** math.log2(d))
+
+    p = StageProblem.from_callables(3, 3, 2, latency, num_microbatches=16)
+    sol = solve_stages(p)
+    assert sol == brute_force(p)
+    assert [st[:4] for st in sol.stages] == [(0, 2, 1, (1, 2)), (2, 3, 2, (2, 2))]
+    assert sol.t_max == pytest.approx(1 / 0.64) and sol.objective_s == pytest.approx(1.25 + 16 / 0.64)
+
+
+def test_forced_stages_and_validation():
+    work = [1.0, 2.0, 3.0]
+    p = StageProblem.from_callables(3, 1, 4, lambda i, j, sh: sum(work[i:j]) / sh[1], num_microbatches=4)
+    sol = solve_stages(p, forced=[(0, 1, (1, 2)), (1, 3, 1)])  # shape or index
+    assert sol.status == "forced" and sol.stages == [(0, 1, 1, (1, 2), 0.5), (1, 3, 1, (1, 2), 2.5)]
+    assert sol.objective_s == 3.0 + 3 * 2.5 and sol.objective_s >= solve_stages(p).objective_s
+    bad = [[(0, 1, (1, 4))], [(0, 1, (1, 2)), (2, 3, (1, 2))], [(0, 3, (3, 3))], [(0, 3, (1, 2))],
+           [(0, 0, (1, 2)), (0, 3, (1, 2))], [(0, 1, 9), (1, 3, 0)]]
+    for forced in bad:
+        with pytest.raises(ValueError):
+            solve_stages(p, forced=forced)
+    with pytest.raises(ValueError):
+        solve_stages(p, forced=[(0, 1, (1, 2)), (1, 3, (1, 2))], num_stages=3)
+    with pytest.raises(ValueError):
+        solve_stages(p, num_stages=4)  # more stages than layers
+    # a forced plan over the memory limit reports its own need
+    q = StageProblem(2, 1, 2, np.ones((2, 3, 2)), np.full((2, 3, 2), 10.0), np.ones((2, 3, 2)),
+                     num_microbatches=4, device_memory=5)
+    with pytest.raises(StageInfeasibleError) as e:
+        solve_stages(q, forced=[(0, 1, (1, 1)), (1, 2, 0)])
+    assert e.value.min_device_memory == 12.0  # first stage: 10 + 2 in flight × 1
+    lat = np.ones((2, 3, 2))
+    lat[1, 2, 0] = np.inf
+    with pytest.raises(StageInfeasibleError):
+        solve_stages(StageProblem(2, 1, 2, lat), forced=[(0, 1, 0), (1, 2, 0)])
+
+
+def test_forced_equals_optimum_and_num_stages():
+    p = random_instance(5)
+    for seed in range(5, 60):
+        p = random_instance(seed)
+        if p.num_layers >= 3 and p.num_microbatches > 1:
+            break
+    sol = solve_stages(p)
+    again = solve_stages(p, forced=[(k, j, shape) for k, j, _, shape, _ in sol.stages])
+    assert again.objective_s == sol.objective_s and again.stages == sol.stages
+    for S in range(1, min(p.num_layers, p.num_nodes * p.devices_per_node) + 1):
+        r = outcome(solve_stages, p, num_stages=S)
+        assert not isinstance(r, StageSolution) or (r.num_stages == S and r.objective_s >= sol.objective_s)
+
+
+def test_deterministic_and_tie_break():
+    p = random_instance(17, memory="binding")
+    assert outcome(solve_stages, p) == outcome(solve_stages, p)
+    # all stages identical: fewer stages wins the tie, then the earliest boundaries
+    q = StageProblem.from_callables(4, 1, 4, lambda i, j, sh: (j - i) / sh[1], num_microbatches=1)
+    sol = solve_stages(q)
+    assert sol.num_stages == 1 and sol.stages[0][3] == (1, 4) and sol.objective_s == 1.0
+    r = solve_stages(q, num_stages=2)  # only 2+2 devices tile; every boundary ties at Σ = 2
+    assert [st[:4] for st in r.stages] == [(0, 1, 1, (1, 2)), (1, 4, 1, (1, 2))]
+    assert r == brute_force(q, num_stages=2)
+
+
+def test_infeasible_latency_and_dict_input():
+    lat = {(0, 1, 0): 1.0}  # only layer 0 on one device: 1 layer, 1×2 cluster never tiled
+    p = StageProblem(1, 1, 2, lat)
+    with pytest.raises(StageInfeasibleError) as e:
+        solve_stages(p)
+    assert math.isinf(e.value.min_device_memory) and "tile" in str(e.value)
+    p = StageProblem(1, 1, 2, {(0, 1, 1): 2.0}, {(0, 1, 1): 7.0}, num_microbatches=3)
+    assert solve_stages(p).objective_s == 6.0
+    with pytest.raises(ValueError):
+        brute_force(StageProblem(12, 2, 8, np.ones((12, 13, 5))))
+
+
+def test_import_keeps_jax_out():
+    code = "import sys, solvers.stage_dp; assert 'jax' not in sys.modules, 'jax imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
