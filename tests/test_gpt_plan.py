@@ -28,13 +28,13 @@ def test_gpt_sgd_step_matches_unsharded(mesh, devices8):
 
 def test_gpt_adamw_step_loss_and_state(devices8):
     # Adam turns float noise on zero-gradient parameters into ±lr updates (DESIGN.md), so the
-    # AdamW step is compared on the loss and the optimizer's first moments (gradients × 0.1)
+    # AdamW step is compared on the loss and the first moments (0.1 × the gradients), fp32 rtol 1e-5
     make = lambda: gpt.train_step_args(layers=2, hidden=64, seq=32, vocab=256, batch=8)  # noqa: E731
     plan = autopar.plan(gpt.train_step, *make(), cluster=CLUSTER, mesh_shape=(8,), donate_argnums=(0, 1))
     _, state, loss = plan.apply(gpt.train_step)(*make())
     _, want_state, want_loss = jax.jit(gpt.train_step)(*make())
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
-    _leaves_close(state[0].mu, want_state[0].mu, rtol=1e-4, atol=1e-7)
+    _leaves_close(state[0].mu, want_state[0].mu)
 
 
 def test_repeated_layers_are_tied(devices8):
