@@ -103,7 +103,7 @@ def test_family_runs_and_matches(name, devices8):
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
     v = plan.validate(*args)
-    assert v.bytes_error() <= 0.05 or abs(v.predicted_total_bytes - v.compiled_total_bytes) < 64, v.table()
+    assert v.bytes_error() <= 0.05, v.table()
 
 
 def test_control_flow_is_replicated_and_reported(devices8):
