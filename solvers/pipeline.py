@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 import time
 
+import numpy as np
+
 from .brute import solve_brute
 from .heuristic import solve_heuristic
 from .ilp import solve_ilp
@@ -30,10 +32,14 @@ DEFAULT_HEURISTIC_S = 60.0
 
 
 def ilp_size(problem: Problem) -> int:
-    """Variables of the marginal ILP before grouping: strategies + finite edge entries."""
-    return sum(len(c) for c in problem.node_costs if len(c) > 1) + sum(
-        int(math.prod(m.shape)) if len(problem.node_costs[u]) > 1 and len(problem.node_costs[v]) > 1 else 0
-        for (u, v), m in zip(problem.edges, problem.edge_costs))
+    """Variables of the marginal ILP: strategies + edge variables, where strategies with
+    identical rows / columns of an edge matrix share variables (as ``ilp._edge_vars`` does)."""
+    size = sum(len(c) for c in problem.node_costs if len(c) > 1)
+    for (u, v), m in zip(problem.edges, problem.edge_costs):
+        if len(problem.node_costs[u]) > 1 and len(problem.node_costs[v]) > 1:
+            rows = np.unique(m, axis=0)
+            size += len(rows) * len(np.unique(rows, axis=1).T)
+    return size
 
 
 def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None = None,
@@ -109,11 +115,14 @@ def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None 
 
 def _lp_first(problem: Problem, time_left: float | None, gap_rel: float) -> Solution | None:
     """The marginal LP relaxation is often integral on sharding problems (measured: every GPT
-    mesh in benchmarks/plan_time.py). Its rounded choice is returned when it is feasible and
+    mesh in benchmarks/plan_time.py), and the memory limit rarely binds. The LP is solved
+    without memory rows; its rounded choice is returned when it fits the memory limit and is
     within ``gap_rel`` of the LP bound (that bound proves it); otherwise None → the MILP."""
     if problem.num_nodes == 0:
         return None
-    lp = solve_ilp(problem, solver="highs", relax=True, time_limit_s=time_left)
+    # without memory rows (lazy, relax: none are added): still a lower bound of the real problem,
+    # and when the rounded choice fits memory nothing else is needed
+    lp = solve_ilp(problem, solver="highs", relax=True, time_limit_s=time_left, lazy=True)
     if not lp.feasible or not math.isfinite(lp.lower_bound) or not lp.choice:
         return None
     if lp.cost - lp.lower_bound > max(gap_rel * abs(lp.cost), 1e-9 * max(1.0, abs(lp.cost))):
