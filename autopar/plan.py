@@ -83,6 +83,7 @@ class Timing(_Frozen):
     strategies_s: float = 0.0
     solve_s: float = 0.0
     total_s: float = 0.0
+    per_mesh_solve_s: dict[str, float] = {}
 
 
 class Plan(_Frozen):

@@ -88,10 +88,15 @@ def plan(fn, *example_args, cluster="cpu-8", nodes: int = 1, mesh_shape=None,
     t_strat = time.perf_counter() - ts
 
     def solve_one(ip):
+        t = time.perf_counter()
         try:
             return solvers.solve(ip.problem, solver=solver, time_limit_s=time_limit_s, gap_rel=MIP_GAP)
         except solvers.InfeasibleError as err:
             return err
+        finally:
+            per_mesh["x".join(map(str, ip.mesh.shape))] = round(time.perf_counter() - t, 3)
+
+    per_mesh: dict[str, float] = {}
 
     ts = time.perf_counter()
     # HiGHS releases the GIL: candidate meshes are solved side by side
@@ -121,7 +126,7 @@ def plan(fn, *example_args, cluster="cpu-8", nodes: int = 1, mesh_shape=None,
             + ". Raise the budget, add devices/nodes, or shrink the model/batch.",
             min_bytes_per_device=need)
     timing = Timing(trace_s=t_trace - t0, strategies_s=t_strat, solve_s=t_solve,
-                    total_s=time.perf_counter() - t0)
+                    total_s=time.perf_counter() - t0, per_mesh_solve_s=per_mesh)
     result = assemble_plan(fn, program, best[0], best[1], spec, nodes, budget, candidates, timing, donated)
     result._fn = fn
     return result
