@@ -83,8 +83,10 @@ def example_args(module, name: str, knobs: dict, abstract: bool):
 
 def _plan_from_args(ns, fn, args):
     import autopar
+    donate = tuple(int(x) for x in ns.donate.split(",") if x.strip()) if ns.donate else ()
     return autopar.plan(fn, *args, cluster=ns.cluster, nodes=ns.nodes, mesh_shape=_parse_mesh(ns.mesh),
-                        memory_budget_bytes=ns.budget, solver=ns.solver, time_limit_s=ns.time_limit)
+                        memory_budget_bytes=ns.budget, solver=ns.solver, time_limit_s=ns.time_limit,
+                        donate_argnums=donate)
 
 
 def cmd_clusters(ns) -> int:
@@ -149,6 +151,8 @@ def _common(p):
     p.add_argument("--solver", default="auto", choices=["auto", "cbc", "highs", "heuristic", "brute"])
     p.add_argument("--time-limit", type=float, default=None, help="solver time limit, seconds")
     p.add_argument("--arg", action="append", metavar="KEY=VALUE", help="knob for FUNCTION_args()")
+    p.add_argument("--donate", metavar="0,1", help="donated argument positions (params, optimizer state of "
+                   "a training step): they keep their sharding across the step and their buffers are reused")
 
 
 def main(argv=None) -> int:

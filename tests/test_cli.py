@@ -25,13 +25,13 @@ def test_clusters_lists_specs():
 def test_plan_prints_report_and_writes_json(tmp_path):
     out = tmp_path / "plan.json"
     r = autopar("plan", "examples/mlp.py:mlp_step", "--cluster", "dgx-a100-80g", "--nodes", "2", "--mesh", "2x8",
-                "--json", str(out))
+                "--donate", "0", "--json", str(out))
     assert r.returncode == 0, r.stderr
     for part in ("mesh: (2, 8)", "predicted step time", "per-device memory", "[0][0]['w']", "collectives",
                  "solver:", "fallback ops"):
         assert part in r.stdout, r.stdout
     plan = json.loads(out.read_text())
-    assert plan["mesh_shape"] == [2, 8] and plan["nodes"] == 2
+    assert plan["mesh_shape"] == [2, 8] and plan["nodes"] == 2 and plan["donated_inputs"] == [0, 1]
 
 
 def test_run_checks_against_unsharded(tmp_path):
