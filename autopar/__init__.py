@@ -11,8 +11,9 @@ from .plan import Plan
 from .planner import PlanError, candidate_meshes, plan
 from .report import format_report
 from .runtime import PlanMismatchError, ShardedFunction
+from .stage_boundary import stage_boundary
 from .trace import TraceError
 
 __all__ = ["ClusterSpec", "ClusterSpecError", "MeshError", "Plan", "PlanError", "PlanMismatchError",
            "ShardedFunction", "TraceError", "candidate_meshes", "format_report", "known_clusters",
-           "load_cluster", "plan"]
+           "load_cluster", "plan", "stage_boundary"]

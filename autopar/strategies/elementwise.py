@@ -17,7 +17,7 @@ ELEMENTWISE = (
     "convert_element_type", "stop_gradient", "copy", "copy_p", "reduce_precision", "real", "imag",
     "conj", "shift_left", "shift_right_logical", "shift_right_arithmetic", "population_count",
     "threefry2x32", "sharding_constraint", "random_wrap", "random_unwrap", "random_fold_in",
-    "optimization_barrier",
+    "optimization_barrier", "stage_boundary",
 )
 REDUCTIONS = ("reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or",
               "reduce_xor")

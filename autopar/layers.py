@@ -1,0 +1,115 @@
+"""Layer clustering for pipeline stages (Alpa §5.2, the seeds' "automatic stage partitioning").
+
+The forward equations (in program order) are cut into ``L`` contiguous layers:
+
+    minimise   Σ_b cut(b)                         bytes of activations crossing boundary b
+    subject to flops(layer) ≤ cap = max((1 + δ)·total / L, largest single equation)
+
+``cut(k)`` counts every value produced at or before equation k and read after it (program
+inputs — parameters, the batch — are excluded: each stage receives its own). Solved by
+``_dp``: best[l][j] = min_i best[l−1][i] + cut(i) over the window of i whose layer
+(i, j] fits the cap; the window only slides right, so a monotone deque makes it O(n·L).
+``autopar.stage_boundary`` markers, when present, fix the cuts instead.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from .graph import OpGraph
+
+
+@dataclass(frozen=True)
+class Layering:
+    layers: tuple[tuple[int, int], ...]   # [start, end) over the graph's equation positions
+    flops: tuple[float, ...]              # per layer
+    cut_bytes: tuple[float, ...]          # per boundary (len(layers) − 1)
+    from_markers: bool
+
+
+def _eqn_positions(graph: OpGraph) -> list[int]:
+    return [n.index for n in graph.nodes if n.kind == "eqn"]
+
+
+def cut_profile(graph: OpGraph) -> np.ndarray:
+    """cut[k]: bytes live across the boundary after equation position k."""
+    pos = {node: k for k, node in enumerate(_eqn_positions(graph))}
+    n = len(pos)
+    diff = np.zeros(n + 1)
+    for node_index, k in pos.items():
+        for v in graph.nodes[node_index].outputs:
+            last = max((pos[c] for c, _ in graph.consumers.get(v.id, []) if c in pos), default=k)
+            if v.id in graph.output_values:
+                last = n - 1
+            if last > k:
+                diff[k] += v.nbytes
+                diff[last] -= v.nbytes
+    return np.cumsum(diff)[:n]
+
+
+def _dp(flops: np.ndarray, cut: np.ndarray, num_layers: int, cap: float) -> list[int] | None:
+    n = len(flops)
+    prefix = np.concatenate([[0.0], np.cumsum(flops)])
+    inf = float("inf")
+    best = np.full(n, inf)
+    for j in range(n):  # one layer: eqns [0, j]
+        if prefix[j + 1] <= cap:
+            best[j] = 0.0
+    back = [np.full(n, -1, dtype=np.int64)]
+    for _ in range(1, num_layers):
+        new, arg = np.full(n, inf), np.full(n, -1, dtype=np.int64)
+        window: deque[int] = deque()
+        lo = 0
+        for j in range(1, n):
+            i = j - 1  # candidate last eqn of the previous layer
+            if best[i] < inf:
+                val = best[i] + cut[i]
+                while window and best[window[-1]] + cut[window[-1]] >= val:
+                    window.pop()
+                window.append(i)
+            while prefix[j + 1] - prefix[lo + 1] > cap:
+                lo += 1
+            while window and window[0] < lo:
+                window.popleft()
+            if window:
+                new[j], arg[j] = best[window[0]] + cut[window[0]], window[0]
+        best = new
+        back.append(arg)
+    if best[n - 1] == inf:
+        return None
+    ends, j = [], n - 1
+    for layer in range(num_layers - 1, 0, -1):
+        j = int(back[layer][j])
+        ends.append(j)
+    return sorted(ends)
+
+
+def cluster_layers(graph: OpGraph, num_layers: int | None = None, *, imbalance: float = 0.25) -> Layering:
+    """Cut the equations into layers (at ``stage_boundary`` markers if there are any)."""
+    positions = _eqn_positions(graph)
+    n = len(positions)
+    if n == 0:
+        raise ValueError("the function has no equations to cluster into layers")
+    flops = np.array([max(graph.nodes[i].flops, 1.0) for i in positions])
+    cut = cut_profile(graph)
+    markers = [k for k, i in enumerate(positions) if graph.nodes[i].name == "stage_boundary"]
+    if markers:
+        ends = sorted({k for k in markers if k + 1 < n and graph.nodes[positions[k + 1]].name != "stage_boundary"})
+        if num_layers is not None and num_layers != len(ends) + 1:
+            raise ValueError(f"num_layers={num_layers} but the function's stage_boundary markers make "
+                             f"{len(ends) + 1} layers; drop num_layers or the markers")
+    else:
+        num_layers = num_layers or min(8, n)
+        if not 1 <= num_layers <= n:
+            raise ValueError(f"num_layers={num_layers} must be between 1 and the {n} equations")
+        cap = max((1 + imbalance) * flops.sum() / num_layers, float(flops.max()))
+        ends = None
+        while ends is None:  # relax the balance until a partition exists
+            ends = _dp(flops, cut, num_layers, cap)
+            cap *= 1.25
+    bounds = [0] + [e + 1 for e in ends] + [n]
+    layers = tuple((positions[a], positions[b - 1] + 1) for a, b in zip(bounds, bounds[1:]))
+    return Layering(layers=layers, flops=tuple(float(flops[a:b].sum()) for a, b in zip(bounds, bounds[1:])),
+                    cut_bytes=tuple(float(cut[e]) for e in ends), from_markers=bool(markers))
