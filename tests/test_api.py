@@ -193,3 +193,19 @@ def test_time_limit_returns_incumbent_with_bound_and_gap():
     s = plan.solver
     assert s.status in ("optimal", "feasible") and s.lower_bound_s is not None and s.gap is not None
     assert s.lower_bound_s <= s.objective_s * (1 + 1e-9)
+
+
+def test_plan_needing_more_devices_than_visible_is_a_clear_error(devices8):
+    args = mlp.mlp_step_args(batch=128, hidden=1024, abstract=True)
+    plan = autopar.plan(mlp.mlp_step, *args, cluster="cpu-8", nodes=2, mesh_shape=(16,))
+    with pytest.raises(autopar.MeshError, match="needs 16 devices .* JAX sees 8"):
+        plan.apply(mlp.mlp_step)
+
+
+def test_literal_and_passthrough_outputs(devices8):
+    def fn(x, n):
+        return x @ x.T + n, 3.0, x
+    args = (jnp.ones((16, 64)), jnp.int32(2))
+    plan = autopar.plan(fn, *args, cluster="cpu-8")
+    for a, b in zip(jax.tree_util.tree_leaves(plan.apply(fn)(*args)), jax.tree_util.tree_leaves(jax.jit(fn)(*args))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
