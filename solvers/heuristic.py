@@ -31,7 +31,8 @@ from .problem import Problem, Solution, evaluate
 
 def solve_heuristic(problem: Problem, *, time_limit_s: float = 60.0, seed: int = 0, start=None,
                     lns: bool = True, lagrangian: bool | None = None, budget: float = 12000.0,
-                    lagrangian_share: float = 0.25, gap_rel: float = 1e-5, lazy_rows: bool | None = True) -> Solution:
+                    lagrangian_share: float = 0.25, gap_rel: float = 1e-5, lazy_rows: bool | None = True,
+                    workers: int = 2) -> Solution:
     """Best feasible choice found within ``time_limit_s``: status "feasible", "optimal" when one
     ILP neighbourhood covered the whole problem, "infeasible" when that ILP proved it,
     "unknown" if nothing that fits was found."""
@@ -75,49 +76,75 @@ def solve_heuristic(problem: Problem, *, time_limit_s: float = 60.0, seed: int =
         return finish(None, "unknown")
     stats["lagrangian_cost"] = best[0]
     ls.set_choice(best[1])
-    kind = 0
-    while lns and cp.n and time.perf_counter() < deadline - 0.05:
-        kind += 1
-        if whole:
-            nodes = list(range(cp.n))
-        elif kind % 3 == 0:
-            nodes = tight_set(ls, budget)
-        else:
-            nodes = ball(ls, int(ls.rng.integers(cp.n)), budget)
-        if len(nodes) < 2 and not whole:
-            continue
-        sub, nodes = sub_problem(ls, nodes)
-        left = deadline - time.perf_counter()
+    if lns and cp.n and whole:
         from .ilp import solve_compact
 
-        ts = time.perf_counter()
-        sol = solve_compact(sub, time_limit_s=min(left, max(1.0, time_limit_s / 20)), start=ls.x[nodes],
-                            gap_rel=gap_rel, lazy=lazy_rows)
-        stats["lns_steps"] += 1
-        tag = "tight" if kind % 3 == 0 else "ball"
-        rec = stats.setdefault("lns_" + tag, [0, 0, 0.0, 0])  # steps, improved, seconds, not optimal
-        rec[0] += 1
-        rec[2] += time.perf_counter() - ts
-        rec[3] += sol.status != "optimal"
-        gain0 = ls.total
-        if whole and sol.status in ("optimal", "infeasible"):
-            if sol.status == "infeasible":  # proven: no choice has finite cost and fits
-                return finish(None, "infeasible")
+        sol = solve_compact(cp, time_limit_s=max(deadline - time.perf_counter(), 0.01), start=best[1])
+        if sol.status == "infeasible":  # proven: no choice has finite cost and fits
+            return finish(None, "infeasible")
+        if sol.feasible:
             ls.set_choice(np.array(sol.choice, dtype=np.int64))
             offer()
-            return finish(best[1], "optimal")
-        if sol.feasible and sol.choice:
-            before, old = ls.total, ls.x[nodes].copy()
-            for v, i in zip(nodes, sol.choice):
-                ls.move(int(v), int(i))
-            if ls.feasible() and ls.total < before - 1e-9 * max(1.0, abs(before)):
-                stats["lns_improved"] += 1
-                rec[1] += 1
-                offer()
-            elif not ls.feasible() or ls.total > before:
-                for v, i in zip(nodes, old):
-                    ls.move(int(v), int(i))
+        return finish(best[1], "optimal" if sol.status == "optimal" else "feasible")
+    if lns and cp.n:
+        _lns(ls, deadline=deadline, step_s=max(1.0, time_limit_s / 20), budget=budget, workers=workers,
+             gap_rel=gap_rel, lazy_rows=lazy_rows, offer=offer, stats=stats)
     return finish(best[1], "feasible")
+
+
+def _lns(ls: LocalSearch, *, deadline: float, step_s: float, budget: float, workers: int, gap_rel: float,
+         lazy_rows, offer, stats: dict) -> None:
+    """ILP neighbourhoods solved by ``workers`` HiGHS threads (highspy releases the GIL) on
+    disjoint node sets; a result is applied only if it still lowers the cost and fits."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    from .ilp import solve_compact
+
+    pending: dict = {}
+    busy: set[int] = set()
+    kind = 0
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        while pending or time.perf_counter() < deadline - 0.05:
+            while len(pending) < workers and time.perf_counter() < deadline - 0.05:
+                kind += 1
+                tag = "tight" if kind % 3 == 0 else "ball"
+                seed = int(ls.rng.integers(ls.cp.n))
+                nodes = tight_set(ls, budget) if tag == "tight" else ball(ls, seed, budget)
+                nodes = [v for v in nodes if v not in busy]
+                if len(nodes) < 2:
+                    if kind > 100 * workers and not pending:
+                        return
+                    continue
+                sub, nodes = sub_problem(ls, nodes)
+                left = deadline - time.perf_counter()
+                fut = pool.submit(solve_compact, sub, time_limit_s=min(left, step_s), start=ls.x[nodes],
+                                  gap_rel=gap_rel, lazy=lazy_rows, threads=1, lp_first=True, fix_integral=True)
+                pending[fut] = (nodes, tag, time.perf_counter())
+                busy.update(int(v) for v in nodes)
+            if not pending:
+                break
+            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            for fut in done:
+                nodes, tag, ts = pending.pop(fut)
+                busy.difference_update(int(v) for v in nodes)
+                sol = fut.result()
+                stats["lns_steps"] += 1
+                rec = stats.setdefault("lns_" + tag, [0, 0, 0.0, 0])  # steps, improved, seconds, not optimal
+                rec[0] += 1
+                rec[2] += time.perf_counter() - ts
+                rec[3] += sol.status != "optimal"
+                if not (sol.feasible and sol.choice):
+                    continue
+                before, old = ls.total, ls.x[nodes].copy()
+                for v, i in zip(nodes, sol.choice):
+                    ls.move(int(v), int(i))
+                if ls.feasible() and ls.total < before - 1e-9 * max(1.0, abs(before)):
+                    stats["lns_improved"] += 1
+                    rec[1] += 1
+                    offer()
+                elif not ls.feasible() or ls.total > before:
+                    for v, i in zip(nodes, old):
+                        ls.move(int(v), int(i))
 
 
 def _lagrangian(ls: LocalSearch, *, deadline: float, offer, get_best, stats: dict) -> None:

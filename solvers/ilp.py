@@ -77,6 +77,24 @@ class Built:
         self.infeasible_reason = ""
         self.memory: MemoryRows | None = None
 
+    def integral(self, x: np.ndarray, tol: float = 1e-6) -> bool:
+        """Every node variable s_v[i] within ``tol`` of 0 or 1."""
+        s = np.concatenate([x[self.var0[v]: self.var0[v] + len(al)] for v, al in enumerate(self.allowed)
+                            if self.var0[v] >= 0] or [np.zeros(0)])
+        return bool(np.all(np.minimum(s, 1 - s) <= tol))
+
+    def integral_columns(self, x: np.ndarray, tol: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+        """(columns, values) fixing every node whose s_v is integral in ``x``."""
+        cols, vals = [], []
+        for v, al in enumerate(self.allowed):
+            if self.var0[v] < 0:
+                continue
+            s = x[self.var0[v]: self.var0[v] + len(al)]
+            if np.all(np.minimum(s, 1 - s) <= tol):
+                cols.append(np.arange(self.var0[v], self.var0[v] + len(al)))
+                vals.append(np.round(s))
+        return (np.concatenate(cols), np.concatenate(vals)) if cols else (np.zeros(0, np.int64), np.zeros(0))
+
     def decode(self, x: np.ndarray) -> np.ndarray:
         choice = np.zeros(self.cp.n, dtype=np.int64)
         for v, al in enumerate(self.allowed):
@@ -305,8 +323,14 @@ def check(cp: Compact, choice) -> tuple[float, bool]:
 
 def solve_compact(cp: Compact, *, solver: str = "highs", time_limit_s: float | None = None,
                   gap_rel: float = 0.0, threads: int | None = None, relax: bool = False,
-                  start=None, lazy: bool | None = None) -> Solution:
-    """``solve_ilp`` on a :class:`Compact` problem (also used for LNS sub-problems)."""
+                  start=None, lazy: bool | None = None, lp_first: bool = False,
+                  fix_integral: bool = False) -> Solution:
+    """``solve_ilp`` on a :class:`Compact` problem (also used for LNS sub-problems).
+
+    ``lp_first`` (HiGHS) solves the LP relaxation first and branches only if its optimum is
+    fractional: LNS sub-problems are usually integral at the root, and the LP is 5–15×
+    faster than HiGHS's MIP set-up. ``fix_integral`` then keeps the nodes the LP decided
+    integrally and branches on the rest only (a heuristic: the status is at best "feasible")."""
     t0 = time.perf_counter()
     deadline = None if time_limit_s is None else t0 + time_limit_s
     b = build(cp, integer=not relax)
@@ -333,14 +357,25 @@ def solve_compact(cp: Compact, *, solver: str = "highs", time_limit_s: float | N
         if f0:
             best = (c0, tuple(int(c) for c in start))
     bound, status, rounds, added, x = -math.inf, "unknown", 0, set(), None
+    lp_mode = lp_first and solver == "highs" and not relax and any(b.milp.integer)
+    fixed = False
+    if lp_mode:  # an integral LP optimum that fits is the MIP optimum, found without branching
+        backend.set_relaxation(True)
     while True:
         rounds += 1
         left = None if deadline is None else deadline - time.perf_counter()
         if left is not None and left <= 0:
             status = "feasible" if best else "unknown"
             break
-        status, x, bound = backend.solve(left, best[1] if best and not relax else None) if b.milp.c \
+        status, x, bound = backend.solve(left, best[1] if best and not (relax or lp_mode) else None) if b.milp.c \
             else ("optimal", np.zeros(0), -math.inf)
+        if lp_mode and status != "infeasible" and (x is None or status != "optimal" or not b.integral(x)):
+            lp_mode = False  # the relaxation is fractional (or unfinished): branch
+            backend.set_relaxation(False)
+            if fix_integral and x is not None and status == "optimal":
+                backend.fix(b.integral_columns(x))  # heuristic: branch only on the fractional nodes
+                fixed = True
+            continue
         if x is None:
             break
         choice = tuple(int(c) for c in b.decode(x))
@@ -370,6 +405,8 @@ def solve_compact(cp: Compact, *, solver: str = "highs", time_limit_s: float | N
         return Solution(choice=(), cost=math.inf, feasible=False, status="infeasible" if status == "infeasible" else "unknown",
                         lower_bound=bound, solver=solver, time_s=elapsed, stats=stats)
     cost, choice = best
+    if fixed:
+        status, bound = "feasible", -math.inf
     if status == "optimal" and (not math.isfinite(bound) or cost <= bound + 1e-9 * max(1.0, abs(cost))):
         bound = cost
     else:
@@ -414,7 +451,7 @@ class _Highs:
     def __init__(self, b: Built, gap_rel: float, threads: int | None):
         import highspy
 
-        self.hs, self.b = highspy, b
+        self.hs, self.b, self.relaxed = highspy, b, False
         milp, nv = b.milp, len(b.milp.c)
         h = self.h = highspy.Highs()
         h.setOptionValue("output_flag", False)
@@ -444,6 +481,15 @@ class _Highs:
     def add_row(self, idx, val, rhs: float) -> None:
         self.h.addRow(-self.hs.kHighsInf, rhs, len(idx), np.asarray(idx, dtype=np.int32), np.asarray(val, dtype=np.float64))
 
+    def fix(self, cols_vals) -> None:
+        cols, vals = cols_vals
+        if len(cols):
+            self.h.changeColsBounds(len(cols), np.asarray(cols, dtype=np.int32), vals, vals)
+
+    def set_relaxation(self, flag: bool) -> None:
+        self.h.setOptionValue("solve_relaxation", bool(flag))
+        self.relaxed = flag
+
     def solve(self, time_left, start):
         hs, h, milp = self.hs, self.h, self.b.milp
         h.setOptionValue("time_limit", float(max(time_left, 0.01)) if time_left is not None else hs.kHighsInf)
@@ -458,7 +504,7 @@ class _Highs:
         ms, info = h.getModelStatus(), h.getInfo()
         S = hs.HighsModelStatus
         x = np.asarray(h.getSolution().col_value) if info.primal_solution_status == 2 else None
-        raw = info.mip_dual_bound if self.mip else info.objective_function_value
+        raw = info.mip_dual_bound if self.mip and not self.relaxed else info.objective_function_value
         bound = raw / milp.scale + milp.offset if raw is not None and math.isfinite(raw) else -math.inf
         if ms == S.kOptimal:
             return "optimal", x, bound
