@@ -1,6 +1,7 @@
 """Solvers against brute force on seeded random problems; presolve exactness; pipeline behaviour."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -12,7 +13,8 @@ from solvers import InfeasibleError, Problem, evaluate, solve
 from solvers.brute import solve_brute
 from solvers.compact import Compact
 from solvers.heuristic import solve_heuristic
-from solvers.ilp import _Highs, build, solve_ilp
+from solvers.backends import HighsBackend
+from solvers.ilp import build, solve_compact, solve_ilp
 from solvers.mrf import TRWS
 from solvers.presolve import presolve
 
@@ -67,13 +69,18 @@ def _same(a: float, b: float) -> bool:
     return a == b or abs(a - b) <= 1e-9 * max(1.0, abs(b))
 
 
-@pytest.mark.parametrize("solver, lazy", [("highs", False), ("highs", True), ("cbc", False)],
-                         ids=["highs", "highs-lazy-rows", "cbc"])
-def test_ilp_matches_brute_force(solver, lazy):
+@pytest.mark.parametrize("solver, lazy, lp_first", [("highs", False, False), ("highs", True, False),
+                                                    ("highs", True, True), ("cbc", False, False)],
+                         ids=["highs", "highs-lazy-rows", "highs-lp-first", "cbc"])
+def test_ilp_matches_brute_force(solver, lazy, lp_first):
     for seed in range(200):
         p = random_problem(seed, limit=seed % 2 == 0)
         ref = solve_brute(p)
-        got = solve_ilp(p, solver=solver, lazy=lazy)
+        if lp_first:
+            got = solve_compact(Compact.from_problem(p), lazy=lazy, lp_first=True)
+            got = dataclasses.replace(got, cost=evaluate(p, got.choice)[0]) if got.feasible else got
+        else:
+            got = solve_ilp(p, solver=solver, lazy=lazy)
         if ref.status == "infeasible":
             assert not got.feasible, f"{seed=}: brute force says infeasible, {solver} found {got}"
             continue
@@ -90,7 +97,7 @@ def test_edge_variables_come_out_integral():
         b = build(Compact.from_problem(p), memory=False)
         if not b.milp.c or b.infeasible_reason:
             continue
-        status, x, _ = _Highs(b, 0.0, None).solve(10.0, None)
+        status, x, _ = HighsBackend(b, 0.0, None).solve(10.0, None)
         if x is None:
             continue
         assert np.allclose(x, np.round(x), atol=1e-6), f"{seed=}: fractional edge variables"

@@ -1,0 +1,151 @@
+"""Solver back ends for the marginal MILP built by ``solvers.ilp``.
+
+``HighsBackend`` passes the whole matrix to highspy in one call, keeps the model between
+runs (rows are added for lazy memory constraints, nodes can be fixed, the LP relaxation
+can be solved first) and reads HiGHS's MIP dual bound. ``CbcBackend`` goes through pulp's
+bundled CBC binary; the model is rebuilt for every run and the bound is read from CBC's log.
+Both return (status, x, lower bound) with status in {"optimal", "feasible", "infeasible",
+"unknown"}.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+
+import numpy as np
+
+
+class HighsBackend:
+    """HiGHS through highspy: the whole matrix in one call; rows can be added between runs."""
+
+    def __init__(self, b, gap_rel: float, threads: int | None):
+        import highspy
+
+        self.hs, self.b, self.relaxed = highspy, b, False
+        milp, nv = b.milp, len(b.milp.c)
+        h = self.h = highspy.Highs()
+        h.setOptionValue("output_flag", False)
+        h.setOptionValue("mip_rel_gap", float(gap_rel))
+        if threads is not None:
+            h.setOptionValue("threads", int(threads))
+        if nv == 0:
+            return
+        lp = highspy.HighsLp()
+        lp.num_col_, lp.num_row_ = nv, len(milp.rows)
+        lp.col_cost_ = np.asarray(milp.c, dtype=np.float64)
+        lp.col_lower_ = np.zeros(nv)
+        lp.col_upper_ = np.ones(nv)
+        starts, idx, val = milp.csr()
+        lp.row_lower_ = np.array([r[2] for r in milp.rows], dtype=np.float64)
+        lp.row_upper_ = np.array([r[3] for r in milp.rows], dtype=np.float64)
+        lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
+        lp.a_matrix_.start_ = starts
+        lp.a_matrix_.index_ = idx
+        lp.a_matrix_.value_ = val
+        lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = nv, len(milp.rows)
+        self.mip = any(milp.integer)
+        if self.mip:
+            lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous for i in milp.integer]
+        h.passModel(lp)
+
+    def add_row(self, idx, val, rhs: float) -> None:
+        self.h.addRow(-self.hs.kHighsInf, rhs, len(idx), np.asarray(idx, dtype=np.int32), np.asarray(val, dtype=np.float64))
+
+    def fix(self, cols_vals) -> None:
+        cols, vals = cols_vals
+        if len(cols):
+            self.h.changeColsBounds(len(cols), np.asarray(cols, dtype=np.int32), vals, vals)
+
+    def set_relaxation(self, flag: bool) -> None:
+        self.h.setOptionValue("solve_relaxation", bool(flag))
+        self.relaxed = flag
+
+    def solve(self, time_left, start):
+        hs, h, milp = self.hs, self.h, self.b.milp
+        h.setOptionValue("time_limit", float(max(time_left, 0.01)) if time_left is not None else hs.kHighsInf)
+        if start is not None and self.mip:
+            x0 = start_vector(self.b, start)
+            if x0 is not None:
+                sol = hs.HighsSolution()
+                sol.col_value = list(x0)
+                sol.value_valid = True
+                h.setSolution(sol)
+        h.run()
+        ms, info = h.getModelStatus(), h.getInfo()
+        S = hs.HighsModelStatus
+        x = np.asarray(h.getSolution().col_value) if info.primal_solution_status == 2 else None
+        raw = info.mip_dual_bound if self.mip and not self.relaxed else info.objective_function_value
+        bound = raw / milp.scale + milp.offset if raw is not None and math.isfinite(raw) else -math.inf
+        if ms == S.kOptimal:
+            return "optimal", x, bound
+        if ms in (S.kInfeasible, S.kUnboundedOrInfeasible):
+            return "infeasible", None, math.inf
+        return ("feasible" if x is not None else "unknown"), x, bound
+
+
+def start_vector(b, choice) -> np.ndarray | None:
+    """Full MILP vector for a choice (s one-hot, e = s_u ⊗ s_v), or None if a pick is not allowed."""
+    x = np.zeros(len(b.milp.c))
+    pos = np.zeros(b.cp.n, dtype=np.int64)
+    for v, al in enumerate(b.allowed):
+        where = np.flatnonzero(al == choice[v])
+        if len(where) == 0:
+            return None
+        pos[v] = where[0]
+        if b.var0[v] >= 0:
+            x[b.var0[v] + pos[v]] = 1.0
+    for u, v, first, gi, gj, rg, cg in b.edge_blocks:
+        hit = np.flatnonzero((gi == rg[pos[u]]) & (gj == cg[pos[v]]))
+        if len(hit) == 0:
+            return None  # an inf pair
+        x[first + hit[0]] = 1.0
+    return x
+
+
+class CbcBackend:
+    """CBC through pulp (bundled binary); the model is rebuilt for every run."""
+
+    def __init__(self, b, gap_rel: float, threads: int | None):
+        self.b, self.gap_rel, self.threads = b, gap_rel, threads
+        self.extra: list[tuple] = []
+
+    def add_row(self, idx, val, rhs: float) -> None:
+        self.extra.append((idx, val, -np.inf, rhs))
+
+    def solve(self, time_left, start):
+        import pulp
+
+        milp = self.b.milp
+        prob = pulp.LpProblem("autopar", pulp.LpMinimize)
+        xs = [pulp.LpVariable(f"x{i}", lowBound=0, upBound=1, cat=pulp.LpBinary if integ else pulp.LpContinuous)
+              for i, integ in enumerate(milp.integer)]
+        prob.setObjective(pulp.LpAffineExpression([(xs[i], c) for i, c in enumerate(milp.c)]))
+        for r, (idx, val, lo, hi) in enumerate(milp.rows + self.extra):
+            expr = pulp.LpAffineExpression([(xs[i], float(a)) for i, a in zip(idx, val)])
+            sense = pulp.LpConstraintEQ if lo == hi else pulp.LpConstraintLE
+            prob.addConstraint(pulp.LpConstraint(expr, sense, rhs=float(hi)), f"r{r}")
+        fd, log = tempfile.mkstemp(suffix=".log", prefix="autopar-cbc-")
+        os.close(fd)
+        try:
+            cmd = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_left, gapRel=self.gap_rel, threads=self.threads,
+                                    logPath=log, mip=any(milp.integer))
+            prob.solve(cmd)
+            with open(log) as f:
+                text = f.read()
+        finally:
+            os.unlink(log)
+        if prob.status == pulp.LpStatusInfeasible:
+            return "infeasible", None, math.inf
+        if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+            return "unknown", None, self._bound(text)
+        x = np.array([v.varValue or 0.0 for v in xs])
+        if prob.sol_status == pulp.LpSolutionOptimal and ("Result - Optimal" in text or not any(milp.integer)):
+            obj = pulp.value(prob.objective)
+            return "optimal", x, (obj / milp.scale + milp.offset) if obj is not None else -math.inf
+        return "feasible", x, self._bound(text)
+
+    def _bound(self, text: str) -> float:
+        m = re.findall(r"Lower bound:\s*(-?[0-9.eE+-]+)", text) or re.findall(r"best possible (-?[0-9.eE+-]+)", text)
+        return float(m[-1]) / self.b.milp.scale + self.b.milp.offset if m else -math.inf
