@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -69,7 +70,8 @@ def main():
     a = ap.parse_args()
     rows = run(a.layers, a.clusters, a.hidden, a.seq, a.vocab, a.batch)
     md = (f"GPT train step (AdamW), hidden {a.hidden}, seq {a.seq}, vocab {a.vocab}, batch {a.batch}; "
-          f"8 devices; all meshes searched. Machine: {platform.machine()}, {platform.python_version()}.\n\n"
+          f"8 devices; all meshes searched, solved one after the other. "
+          f"Machine: {platform.machine()}, Python {platform.python_version()}, {os.cpu_count()} cores.\n\n"
           + table(rows) + "\n")
     print()
     print(md)
