@@ -80,29 +80,20 @@ def plan(fn, *example_args, cluster="cpu-8", nodes: int = 1, mesh_shape=None,
     t_trace = time.perf_counter()
     total = nodes * spec.devices_per_node
     shapes = [tuple(mesh_shape)] if mesh_shape is not None else candidate_meshes(total)
-    ts = time.perf_counter()
-    built = [(shape, build_problem(graph, mesh_model(spec, nodes, shape), memory_budget_bytes=budget,
-                                   donated_inputs=donated)) for shape in shapes]
-    t_strat = time.perf_counter() - ts
-
-    def solve_one(ip):
-        t = time.perf_counter()
+    best, candidates, min_needed, per_mesh = None, [], [], {}
+    t_strat = t_solve = 0.0
+    for shape in shapes:
+        ts = time.perf_counter()
+        ip = build_problem(graph, mesh_model(spec, nodes, shape), memory_budget_bytes=budget,
+                           donated_inputs=donated)
+        t_strat += time.perf_counter() - ts
+        ts = time.perf_counter()
         try:
-            return solvers.solve(ip.problem, solver=solver, time_limit_s=time_limit_s, gap_rel=MIP_GAP)
+            sol = solvers.solve(ip.problem, solver=solver, time_limit_s=time_limit_s, gap_rel=MIP_GAP)
         except solvers.InfeasibleError as err:
-            return err
-        finally:
-            per_mesh["x".join(map(str, ip.mesh.shape))] = round(time.perf_counter() - t, 3)
-
-    per_mesh: dict[str, float] = {}
-
-    ts = time.perf_counter()
-    # one after the other: solving meshes in threads was slower (presolve and model building
-    # hold the GIL; measured 9.0–10.0 s vs 6.9 s for a 2-layer GPT on 3 meshes)
-    results = [solve_one(ip) for _, ip in built]
-    t_solve = time.perf_counter() - ts
-    best, candidates, min_needed = None, [], []
-    for (shape, ip), sol in zip(built, results):
+            sol = err
+        t_solve += time.perf_counter() - ts
+        per_mesh["x".join(map(str, shape))] = round(time.perf_counter() - ts, 3)
         if isinstance(sol, solvers.InfeasibleError):
             min_needed.append(sol.min_peak_usage)
             candidates.append(MeshCandidate(mesh_shape=list(shape), objective_s=None, status="infeasible"))
@@ -117,12 +108,15 @@ def plan(fn, *example_args, cluster="cpu-8", nodes: int = 1, mesh_shape=None,
             best = (ip, sol)
     if best is None:
         need = min((m for m in min_needed if m is not None), default=None)
+        name = getattr(fn, "__name__", "fn")
+        if need is None or need <= budget:  # not a memory problem: forbidden combinations
+            raise PlanError(f"no valid sharding of {name} on meshes {shapes} (every plan breaks an alias "
+                            "constraint or an unsupported combination); try mesh_shape=(N,) or no donate_argnums",
+                            min_bytes_per_device=need)
         raise PlanError(
-            f"no sharding of {getattr(fn, '__name__', 'fn')} fits memory_budget_bytes={budget:.0f} per device "
-            f"on meshes {shapes}; the minimum is {need:.0f} bytes per device"
-            + (" (every tensor split as finely as possible)" if need else "")
-            + ". Raise the budget, add devices/nodes, or shrink the model/batch.",
-            min_bytes_per_device=need)
+            f"no sharding of {name} fits memory_budget_bytes={budget:.0f} per device on meshes {shapes}; "
+            f"the minimum is {need:.0f} bytes per device (every tensor split as finely as possible). "
+            "Raise the budget, add devices/nodes, or shrink the model/batch.", min_bytes_per_device=need)
     timing = Timing(trace_s=t_trace - t0, strategies_s=t_strat, solve_s=t_solve,
                     total_s=time.perf_counter() - t0, per_mesh_solve_s=per_mesh)
     result = assemble_plan(fn, program, best[0], best[1], spec, nodes, budget, candidates, timing, donated)
