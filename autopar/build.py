@@ -7,18 +7,17 @@ usage (bytes) = the node's outputs per device, live from the node to its last us
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from cost import MeshModel, collective_time, compute_time, resharding
+from cost import MeshModel, collective_time, compute_time, resharding, shard_factor
 from solvers import Problem
 
 from .followers import Merged, find_followers, merge
 from .graph import OpGraph
 from .repeats import find_repeats
-from .strategies import Strategy, replicate, strategies_for
+from .strategies import Strategy, enumerate_specs, replicate, spec_name, strategies_for
 from .strategies.base import local_nbytes
 from .trace import Lit, Value
 
@@ -69,8 +68,6 @@ def _node_strategies(graph: OpGraph, mesh: MeshModel, signatures):
                 fallbacks[node.index] = cache[sig][1]
             continue
         if node.kind == "input":
-            from .strategies import enumerate_specs
-            from .strategies.base import spec_name
             v = node.outputs[0]
             strats.append([Strategy(spec_name(s), (s,), ()) for s in enumerate_specs(v.shape, mesh.shape)])
         elif node.kind == "const":
@@ -84,10 +81,6 @@ def _node_strategies(graph: OpGraph, mesh: MeshModel, signatures):
     return strats, fallbacks
 
 
-def _shard_factor(spec, mesh_shape) -> int:
-    return math.prod(mesh_shape[a] for axes in spec for a in axes)
-
-
 def _node_costs(node, strats, mesh):
     comp = np.zeros(len(strats))
     comm = np.zeros(len(strats))
@@ -97,8 +90,8 @@ def _node_costs(node, strats, mesh):
         return comp, comm, use
     dtype = str(node.outputs[0].dtype)
     for i, s in enumerate(strats):
-        factors = [_shard_factor(sp, mesh.shape) for sp in s.out_specs]
-        factors += [_shard_factor(sp, mesh.shape) for sp in s.in_specs if sp is not None]
+        factors = [shard_factor(sp, mesh.shape) for sp in s.out_specs]
+        factors += [shard_factor(sp, mesh.shape) for sp in s.in_specs if sp is not None]
         div = s.work_div or max(factors, default=1)
         nbytes = sum(local_nbytes(v, sp, mesh.shape) for v, sp in zip(node.outputs, s.out_specs))
         use[i] = nbytes
