@@ -18,6 +18,7 @@ Three phases on the flat :class:`Compact` view (state in ``solvers.local``):
 from __future__ import annotations
 
 import math
+import threading
 import time
 
 import numpy as np
@@ -31,8 +32,8 @@ from .problem import Problem, Solution, evaluate
 
 def solve_heuristic(problem: Problem, *, time_limit_s: float = 60.0, seed: int = 0, start=None,
                     lns: bool = True, lagrangian: bool | None = None, budget: float = 12000.0,
-                    lagrangian_share: float = 0.25, gap_rel: float = 1e-5, lazy_rows: bool | None = True,
-                    workers: int = 2) -> Solution:
+                    lagrangian_share: float = 0.4, gap_rel: float = 1e-5, lazy_rows: bool | None = True,
+                    workers: int = 2, follow: bool = True) -> Solution:
     """Best feasible choice found within ``time_limit_s``: status "feasible", "optimal" when one
     ILP neighbourhood covered the whole problem, "infeasible" when that ILP proved it,
     "unknown" if nothing that fits was found."""
@@ -48,48 +49,66 @@ def solve_heuristic(problem: Problem, *, time_limit_s: float = 60.0, seed: int =
                             time_s=time.perf_counter() - t0, stats=stats)
         choice = tuple(int(c) for c in x)
         cost, feasible, _ = evaluate(problem, choice)
+        from .ilp import trivial_bound
+
+        bound = cost if status == "optimal" else min(trivial_bound(cp), cost)
         return Solution(choice=choice, cost=cost, feasible=feasible, status=status if feasible else "unknown",
-                        lower_bound=cost if status == "optimal" else -math.inf, solver="heuristic",
+                        lower_bound=bound, solver="heuristic",
                         time_s=time.perf_counter() - t0, stats=stats)
 
     best = None  # (cost, x)
+    lock = threading.Lock()
 
-    def offer() -> None:
+    def offer(state: LocalSearch) -> None:
         nonlocal best
-        if ls.feasible() and (best is None or ls.total < best[0] * (1 + 1e-9) + 1e-9):
-            exact = ls.cost()
-            if best is None or exact < best[0]:
-                best = (exact, ls.x.copy())
-                stats.setdefault("trace", []).append((round(time.perf_counter() - t0, 2), exact))
+        if state.feasible() and (best is None or state.total < best[0] * (1 + 1e-9) + 1e-9):
+            exact = state.cost()
+            with lock:
+                if best is None or exact < best[0]:
+                    best = (exact, state.x.copy())
+                    stats.setdefault("trace", []).append((round(time.perf_counter() - t0, 2), exact))
 
     ls.set_choice(ls.least_usage() if start is None else start)
     ls.repair()
     ls.descend(memory=True, max_sweeps=20)
-    offer()
+    offer(ls)
     stats["start_cost"] = best[0] if best else math.inf
     whole = sum(size_of(ls, v) for v in range(cp.n)) <= budget
     if lagrangian is None:
         lagrangian = lns and not whole and cp.limit is not None
     if lagrangian and cp.n:
-        _lagrangian(ls, deadline=t0 + lagrangian_share * time_limit_s, offer=offer, get_best=lambda: best, stats=stats)
-    if best is None:
+        phase_end = t0 + lagrangian_share * time_limit_s
+        follower = None
+        if follow and lns and workers > 1 and best is not None:  # one core polishes the incumbent meanwhile
+            follower = threading.Thread(target=_follow, args=(ls.clone(seed + 1),), kwargs=dict(
+                deadline=phase_end, get_best=lambda: best, step_s=max(1.0, time_limit_s / 20), budget=budget,
+                gap_rel=gap_rel, lazy_rows=lazy_rows, offer=offer, stats=stats), daemon=True)
+            follower.start()
+        _lagrangian(ls, deadline=phase_end, offer=offer, get_best=lambda: best, stats=stats)
+        if follower is not None:
+            follower.join()
+    if best is None and not lns:
         return finish(None, "unknown")
-    stats["lagrangian_cost"] = best[0]
-    ls.set_choice(best[1])
+    if best is not None:
+        stats["lagrangian_cost"] = best[0]
+        ls.set_choice(best[1])
     if lns and cp.n and whole:
         from .ilp import solve_compact
 
-        sol = solve_compact(cp, time_limit_s=max(deadline - time.perf_counter(), 0.01), start=best[1])
+        sol = solve_compact(cp, time_limit_s=max(deadline - time.perf_counter(), 0.01),
+                            start=best[1] if best else None)
         if sol.status == "infeasible":  # proven: no choice has finite cost and fits
             return finish(None, "infeasible")
         if sol.feasible:
             ls.set_choice(np.array(sol.choice, dtype=np.int64))
-            offer()
+            offer(ls)
+        if best is None:
+            return finish(None, "unknown")
         return finish(best[1], "optimal" if sol.status == "optimal" else "feasible")
-    if lns and cp.n:
+    if lns and cp.n:  # (also from an infeasible state: steps that reduce cost and overload are kept)
         _lns(ls, deadline=deadline, step_s=max(1.0, time_limit_s / 20), budget=budget, workers=workers,
              gap_rel=gap_rel, lazy_rows=lazy_rows, offer=offer, stats=stats)
-    return finish(best[1], "feasible")
+    return finish(None, "unknown") if best is None else finish(best[1], "feasible")
 
 
 def _lns(ls: LocalSearch, *, deadline: float, step_s: float, budget: float, workers: int, gap_rel: float,
@@ -135,16 +154,26 @@ def _lns(ls: LocalSearch, *, deadline: float, step_s: float, budget: float, work
                 rec[3] += sol.status != "optimal"
                 if not (sol.feasible and sol.choice):
                     continue
-                before, old = ls.total, ls.x[nodes].copy()
+                before, over, old = ls.total, max(ls.overload(), 0.0), ls.x[nodes].copy()
                 for v, i in zip(nodes, sol.choice):
                     ls.move(int(v), int(i))
-                if ls.feasible() and ls.total < before - 1e-9 * max(1.0, abs(before)):
+                if max(ls.overload(), 0.0) <= over and ls.total < before - 1e-9 * max(1.0, abs(before)):
                     stats["lns_improved"] += 1
                     rec[1] += 1
-                    offer()
-                elif not ls.feasible() or ls.total > before:
+                    offer(ls)
+                elif max(ls.overload(), 0.0) > over or ls.total > before:
                     for v, i in zip(nodes, old):
                         ls.move(int(v), int(i))
+
+
+def _follow(ls: LocalSearch, *, deadline: float, get_best, offer, **lns_kw) -> None:
+    """LNS with one worker on a copy of the incumbent, re-synced whenever another phase
+    found something better."""
+    while time.perf_counter() < deadline - 0.5:
+        best = get_best()
+        if best[0] < ls.cost() - 1e-9 * abs(best[0]):
+            ls.set_choice(best[1])
+        _lns(ls, deadline=min(deadline, time.perf_counter() + 10.0), workers=1, offer=offer, **lns_kw)
 
 
 def _lagrangian(ls: LocalSearch, *, deadline: float, offer, get_best, stats: dict) -> None:
@@ -153,10 +182,11 @@ def _lagrangian(ls: LocalSearch, *, deadline: float, offer, get_best, stats: dic
     edges = [(u, v, m) for u, v, m in zip(cp.edge_u, cp.edge_v, cp.edge_costs)]
     trws = TRWS(ls.costs, edges)
     theta, best_dual, stall = 1.0, -math.inf, 0
+    t_start = time.perf_counter()
     while time.perf_counter() < deadline:
         stats["lagrangian_rounds"] += 1
         price = ls.prices(lam)
-        trws.set_unary([c + p for c, p in zip(ls.costs, price)])
+        trws.set_unary([c + price[a:z] for c, a, z in zip(ls.costs, cp.off[:-1], cp.off[1:])])
         trws.sweep()
         ls.set_choice(trws.decode())
         ls.descend(price=price, memory=False, max_sweeps=3)
@@ -168,10 +198,13 @@ def _lagrangian(ls: LocalSearch, *, deadline: float, offer, get_best, stats: dic
             stall += 1
             if stall >= 3:
                 theta, stall = theta / 2, 0
+        priced_cost, over = ls.total, float(g.max(initial=0.0))
         # primal: make x_λ fit, then improve it under the hard limit
         if ls.repair(max_steps=20000):
             ls.descend(memory=True, max_sweeps=5)
-            offer()
+            offer(ls)
+        stats.setdefault("lagrangian_trace", []).append(
+            (round(time.perf_counter() - t_start, 2), dual, priced_cost, over, ls.total if ls.feasible() else math.inf))
         best = get_best()
         upper = best[0] if best else 2 * abs(dual) + 1.0
         norm = float(g @ g)

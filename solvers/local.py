@@ -58,6 +58,14 @@ class LocalSearch:
         use = np.stack([self.cp.item_use[j] for j in js])  # items × k
         return bps, np.searchsorted(bps, lo), np.searchsorted(bps, hi), use
 
+    def clone(self, seed: int) -> "LocalSearch":
+        """Another state over the same (shared, read-only) problem data."""
+        other = object.__new__(LocalSearch)
+        other.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("x", "load", "lc_flat", "lc", "total")})
+        other.rng = np.random.default_rng(seed)
+        other.set_choice(self.x)
+        return other
+
     # -- state ---------------------------------------------------------------------------
     def set_choice(self, x) -> None:
         self.x = np.asarray(x, dtype=np.int64).copy()
@@ -114,23 +122,28 @@ class LocalSearch:
         return ((segmax[:, None] + d <= self.limit) | (d <= 0)).all(axis=0)
 
     # -- moves ---------------------------------------------------------------------------
-    def sweep(self, order=None, price: list[np.ndarray] | None = None, memory: bool = True) -> int:
-        """One pass of iterated conditional modes; returns the number of improving moves.
-        ``price`` adds a per-strategy term (Lagrangian usage prices); ``memory`` keeps
-        every move within the usage limit."""
+    def sweep(self, price: np.ndarray | None = None, memory: bool = True) -> int:
+        """One pass of iterated conditional modes over the nodes that have a cheaper strategy
+        (found for all nodes at once with a segmented min), in random order; returns the
+        number of improving moves. ``price`` (flat, per strategy) adds Lagrangian usage
+        prices; ``memory`` keeps every move within the usage limit."""
+        if not self.cp.n:
+            return 0
+        off = self.cp.off
+        flat = self.lc_flat if price is None else self.lc_flat + price
+        cur = flat[off[:-1] + self.x]
+        cand = np.flatnonzero(np.minimum.reduceat(flat, off[:-1]) < cur - 1e-12 * np.maximum(1.0, np.abs(cur)))
         moved = 0
-        for v in (order if order is not None else self.rng.permutation(self.cp.n)):
-            c = self.lc[v] if price is None else self.lc[v] + price[v]
-            if len(c) == 1:
-                continue
+        for v in self.rng.permutation(cand):
+            c = self.lc[v] if price is None else self.lc[v] + price[off[v]: off[v + 1]]
             i = int(np.argmin(c))
             cur = c[self.x[v]]
             if not c[i] < cur - 1e-12 * max(1.0, abs(cur)):
-                continue  # no improving strategy at all
+                continue  # an earlier move changed this node's local costs
             if memory and self.seg[v] is not None:
                 c = np.where(self.fits(v), c, np.inf)
                 i = int(np.argmin(c))
-            if c[i] < cur - 1e-12 * max(1.0, abs(cur)) or (math.isfinite(c[i]) and not math.isfinite(cur)):
+            if c[i] < cur - 1e-12 * max(1.0, abs(cur)):
                 self.move(v, i)
                 moved += 1
         return moved
@@ -147,8 +160,7 @@ class LocalSearch:
         if cp.limit is None or not len(cp.points):
             return True
         if not hasattr(self, "_flat_use"):
-            self._flat_use = np.concatenate(cp.item_use) if cp.item_use else np.zeros(0)
-            self._item_off = np.concatenate([[0], np.cumsum([len(u) for u in cp.item_use])]).astype(np.int64)
+            self._prepare_flat_use()
         off = cp.off
         for _ in range(max_steps):
             p = int(np.argmax(self.load))
@@ -191,9 +203,21 @@ class LocalSearch:
             x[v] = int(np.lexsort((c, (use * width[:, None]).sum(axis=0), use.sum(axis=0)))[0])
         return x
 
-    def prices(self, lam: np.ndarray) -> list[np.ndarray]:
-        """Per node, Σ_items use[i] · Σ_{p ∈ item} λ_p."""
+    def prices(self, lam: np.ndarray) -> np.ndarray:
+        """Flat, per strategy i of node v: Σ_items use[i] · Σ_{p ∈ item} λ_p."""
+        cp = self.cp
         cum = np.concatenate([[0.0], np.cumsum(lam)])
-        per_item = cum[self.cp.item_hi] - cum[self.cp.item_lo]
-        return [np.zeros(len(self.costs[v])) if s is None else per_item[self.items[v]] @ s[3]
-                for v, s in enumerate(self.seg)]
+        per_item = cum[cp.item_hi] - cum[cp.item_lo]
+        if not hasattr(self, "_flat_use"):
+            self._prepare_flat_use()
+        out = np.zeros(int(cp.off[-1]))
+        ks = cp.k[cp.item_node]
+        rep = np.repeat(np.arange(len(ks)), ks)
+        strat = np.arange(ks.sum()) - np.repeat(np.cumsum(ks) - ks, ks)
+        np.add.at(out, cp.off[cp.item_node][rep] + strat, self._flat_use * per_item[rep])
+        return out
+
+    def _prepare_flat_use(self) -> None:
+        cp = self.cp
+        self._flat_use = np.concatenate(cp.item_use) if cp.item_use else np.zeros(0)
+        self._item_off = np.concatenate([[0], np.cumsum([len(u) for u in cp.item_use])]).astype(np.int64)
