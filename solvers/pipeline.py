@@ -31,11 +31,14 @@ AUTO_ILP_VARIABLES = 200_000
 DEFAULT_HEURISTIC_S = 60.0
 
 
-def ilp_size(problem: Problem) -> int:
+def ilp_size(problem: Problem, cap: float = math.inf) -> int:
     """Variables of the marginal ILP: strategies + edge variables, where strategies with
-    identical rows / columns of an edge matrix share variables (as ``ilp._edge_vars`` does)."""
+    identical rows / columns of an edge matrix share variables (as ``ilp._edge_vars`` does).
+    Counting stops once the size exceeds ``cap``."""
     size = sum(len(c) for c in problem.node_costs if len(c) > 1)
     for (u, v), m in zip(problem.edges, problem.edge_costs):
+        if size > cap:
+            break
         if len(problem.node_costs[u]) > 1 and len(problem.node_costs[v]) > 1:
             rows = np.unique(m, axis=0)
             size += len(rows) * len(np.unique(rows, axis=1).T)
@@ -81,7 +84,7 @@ def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None 
     elif solver == "heuristic":
         sol = solve_heuristic(reduced, time_limit_s=left() or DEFAULT_HEURISTIC_S, seed=seed)
     else:
-        size = ilp_size(reduced)
+        size = ilp_size(reduced, cap=AUTO_ILP_VARIABLES)
         stats["ilp_size"] = size
         sol = None
         if size <= AUTO_ILP_VARIABLES:
