@@ -10,10 +10,21 @@ Three phases on the flat :class:`Compact` view (state in ``solvers.local``):
    memory-free pairwise problem whose unary terms gain the price Σ_items use[i] Σ_{p∈item} λ_p;
    TRW-S (``solvers.mrf``, messages kept between rounds) plus priced ICM approximately
    minimise it, giving x_λ. The subgradient g = load(x_λ) − limit updates
-   λ ← max(0, λ + θ (U − L̃) g / ‖g‖²) (Polyak's step with the estimate L̃ = L(λ, x_λ)).
-   Each x_λ is repaired and improved under the hard limit, and may become the incumbent.
+   λ ← max(0, λ + θ (U − L̃) g / ‖g‖²) (Polyak's step with the estimate L̃ = L(λ, x_λ);
+   θ halves when L̃ stalls), and then λ_p ← ``push`` · λ_p wherever x_λ still overloads:
+   the approximate inner minimiser makes L̃ noisy, and without the push the step shrinks
+   while x_λ stays ~20 % over the limit (measured on S: repaired cost 1.85e9 without,
+   1.57e9 with push = 1.3). Each x_λ is repaired and improved under the hard limit, and may
+   become the incumbent.
+   This phase takes ``lagrangian_share`` of the time; meanwhile a second thread runs LNS
+   (below) with one HiGHS worker on a copy of the incumbent (highspy releases the GIL).
 3. *LNS* — ILP neighbourhoods (``solvers.lns``) around the incumbent until the time is up:
-   breadth-first balls and the nodes live at the tightest points, solved by HiGHS.
+   breadth-first balls and the nodes live at the tightest points, solved by HiGHS, LP first
+   (sub-problems are nearly always integral at the root), ``workers`` at a time.
+
+A problem small enough for one neighbourhood (``budget``) is solved as a whole ILP instead.
+Measured on the IOPDDL instances M and S (2 cores): the Lagrangian phase alone reaches
+within ~0.5 % (M) and ~2 % (S) of the best known costs in about a minute; LNS refines.
 """
 from __future__ import annotations
 
@@ -33,7 +44,7 @@ from .problem import Problem, Solution, evaluate
 def solve_heuristic(problem: Problem, *, time_limit_s: float = 60.0, seed: int = 0, start=None,
                     lns: bool = True, lagrangian: bool | None = None, budget: float = 12000.0,
                     lagrangian_share: float = 0.4, gap_rel: float = 1e-5, lazy_rows: bool | None = True,
-                    workers: int = 2, follow: bool = True) -> Solution:
+                    workers: int = 2, follow: bool = True, push: float = 1.3) -> Solution:
     """Best feasible choice found within ``time_limit_s``: status "feasible", "optimal" when one
     ILP neighbourhood covered the whole problem, "infeasible" when that ILP proved it,
     "unknown" if nothing that fits was found."""
@@ -84,7 +95,7 @@ def solve_heuristic(problem: Problem, *, time_limit_s: float = 60.0, seed: int =
                 deadline=phase_end, get_best=lambda: best, step_s=max(1.0, time_limit_s / 20), budget=budget,
                 gap_rel=gap_rel, lazy_rows=lazy_rows, offer=offer, stats=stats), daemon=True)
             follower.start()
-        _lagrangian(ls, deadline=phase_end, offer=offer, get_best=lambda: best, stats=stats)
+        _lagrangian(ls, deadline=phase_end, offer=offer, get_best=lambda: best, stats=stats, push=push)
         if follower is not None:
             follower.join()
     if best is None and not lns:
@@ -176,7 +187,7 @@ def _follow(ls: LocalSearch, *, deadline: float, get_best, offer, **lns_kw) -> N
         _lns(ls, deadline=min(deadline, time.perf_counter() + 10.0), workers=1, offer=offer, **lns_kw)
 
 
-def _lagrangian(ls: LocalSearch, *, deadline: float, offer, get_best, stats: dict) -> None:
+def _lagrangian(ls: LocalSearch, *, deadline: float, offer, get_best, stats: dict, push: float = 0.0) -> None:
     cp = ls.cp
     lam = np.zeros(len(cp.points))
     edges = [(u, v, m) for u, v, m in zip(cp.edge_u, cp.edge_v, cp.edge_costs)]
@@ -211,4 +222,6 @@ def _lagrangian(ls: LocalSearch, *, deadline: float, offer, get_best, stats: dic
         if norm == 0:
             break
         lam = np.maximum(0.0, lam + theta * max(upper - dual, 1e-9 * abs(upper)) / norm * g)
+        if push and over > 0:  # keep raising prices where x_λ still overloads
+            lam[g > 0] *= push
     stats["lagrangian_theta"] = theta
