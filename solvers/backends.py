@@ -129,7 +129,9 @@ class CbcBackend:
         fd, log = tempfile.mkstemp(suffix=".log", prefix="autopar-cbc-")
         os.close(fd)
         try:
-            cmd = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_left, gapRel=self.gap_rel, threads=self.threads,
+            # CBC overshoots its limit (model loading, final cleanup): give it 85 % of the time left
+            limit = None if time_left is None else max(0.5, 0.85 * time_left)
+            cmd = pulp.PULP_CBC_CMD(msg=False, timeLimit=limit, gapRel=self.gap_rel, threads=self.threads,
                                     logPath=log, mip=any(milp.integer))
             prob.solve(cmd)
             with open(log) as f:

@@ -165,7 +165,7 @@ class Solution:
     choice: tuple[int, ...]
     cost: float
     feasible: bool
-    status: str  # "optimal" | "feasible" (limit hit, incumbent) | "infeasible"
+    status: str  # "optimal" | "feasible" (limit hit, incumbent) | "infeasible" (proven) | "unknown" (nothing found)
     lower_bound: float = -math.inf
     solver: str = ""
     time_s: float = 0.0

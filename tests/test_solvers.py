@@ -248,7 +248,7 @@ def test_brute_force_refuses_big_problems():
 
 
 def test_importing_solvers_does_not_import_jax():
-    code = ("import sys, solvers, solvers.ilp, solvers.heuristic, solvers.presolve, solvers.iopddl, "
-            "solvers.pipeline, solvers.mrf, solvers.brute, solvers.__main__; "
+    code = ("import sys, solvers, solvers.ilp, solvers.backends, solvers.heuristic, solvers.local, solvers.lns, "
+            "solvers.presolve, solvers.iopddl, solvers.pipeline, solvers.mrf, solvers.brute, solvers.__main__; "
             "assert 'jax' not in sys.modules, 'jax imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
