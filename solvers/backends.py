@@ -47,7 +47,8 @@ class HighsBackend:
         lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = nv, len(milp.rows)
         self.mip = any(milp.integer)
         if self.mip:
-            lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous for i in milp.integer]
+            kinds = highspy.HighsVarType
+            lp.integrality_ = [kinds.kInteger if i else kinds.kContinuous for i in milp.integer]
         h.passModel(lp)
 
     def add_row(self, idx, val, rhs: float) -> None:

@@ -14,8 +14,8 @@ Three phases on the flat :class:`Compact` view (state in ``solvers.local``):
    θ halves when L̃ stalls), and then λ_p ← ``push`` · λ_p wherever x_λ still overloads:
    the approximate inner minimiser makes L̃ noisy, and without the push the step shrinks
    while x_λ stays ~20 % over the limit (measured on S: repaired cost 1.85e9 without,
-   1.57e9 with push = 1.3; 2.0 gets there about twice as fast on M). Each x_λ is repaired and improved under the hard limit, and may
-   become the incumbent.
+   1.57e9 with push = 1.3; 2.0 gets there about twice as fast on M). Each x_λ is repaired
+   and improved under the hard limit, and may become the incumbent.
    This phase takes ``lagrangian_share`` of the time; meanwhile a second thread runs LNS
    (below) with one HiGHS worker on a copy of the incumbent (highspy releases the GIL).
 3. *LNS* — ILP neighbourhoods (``solvers.lns``) around the incumbent until the time is up:

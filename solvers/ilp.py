@@ -169,7 +169,8 @@ def build(cp: Compact, *, memory: bool = True, integer: bool = True) -> Built:
                 continue
         edges.append((u, v, sub))
     # scale: largest finite objective coefficient ≈ 1e6 (a power of two keeps it exact)
-    biggest = max([float(np.abs(c).max()) for c in node_c] + [float(np.abs(s[np.isfinite(s)]).max(initial=0)) for *_, s in edges] + [0.0])
+    biggest = max([float(np.abs(c).max()) for c in node_c]
+                  + [float(np.abs(s[np.isfinite(s)]).max(initial=0)) for *_, s in edges] + [0.0])
     scale = 2.0 ** round(math.log2(1e6 / biggest)) if biggest > 0 else 1.0
     milp = b.milp
     milp.scale = scale
@@ -208,7 +209,8 @@ def _edge_vars(milp: SparseMILP, su: int, sv: int, sub: np.ndarray, scale: float
     for s0, groups, of in ((su, by_row, rg), (sv, by_col, cg)):
         members = np.split(np.argsort(of, kind="stable"), np.cumsum(np.bincount(of, minlength=len(groups)))[:-1])
         for sel, mem in zip(groups, members):
-            milp.add_row(np.concatenate([sel, s0 + mem]), np.concatenate([np.ones(len(sel)), -np.ones(len(mem))]), 0.0, 0.0)
+            milp.add_row(np.concatenate([sel, s0 + mem]),
+                         np.concatenate([np.ones(len(sel)), -np.ones(len(mem))]), 0.0, 0.0)
     return first, gi, gj, rg, cg
 
 
@@ -225,7 +227,8 @@ class MemoryRows:
             base[l:h] += m
             if b.var0[v] >= 0 and np.any(u > m):
                 nz = np.flatnonzero(u > m)
-                lo.append(l), hi.append(h), var.append(b.var0[v] + nz), coef.append(u[nz] - m), mx.append(float((u - m).max()))
+                lo.append(l), hi.append(h), var.append(b.var0[v] + nz)
+                coef.append(u[nz] - m), mx.append(float((u - m).max()))
         self.lo, self.hi = np.array(lo, dtype=np.int64), np.array(hi, dtype=np.int64)
         self.var, self.coef = var, coef
         self.rhs = cp.limit - base
@@ -400,7 +403,8 @@ def solve_compact(cp: Compact, *, solver: str = "highs", time_limit_s: float | N
         return Solution(choice=choice, cost=cost, feasible=feasible, status="feasible" if feasible else "unknown",
                         lower_bound=bound, solver=solver, time_s=elapsed, stats=stats)
     if best is None:
-        return Solution(choice=(), cost=math.inf, feasible=False, status="infeasible" if status == "infeasible" else "unknown",
+        return Solution(choice=(), cost=math.inf, feasible=False,
+                        status="infeasible" if status == "infeasible" else "unknown",
                         lower_bound=bound, solver=solver, time_s=elapsed, stats=stats)
     cost, choice = best
     if fixed:

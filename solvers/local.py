@@ -61,7 +61,8 @@ class LocalSearch:
     def clone(self, seed: int) -> "LocalSearch":
         """Another state over the same (shared, read-only) problem data."""
         other = object.__new__(LocalSearch)
-        other.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("x", "load", "lc_flat", "lc", "total")})
+        state = ("x", "load", "lc_flat", "lc", "total")
+        other.__dict__.update({k: v for k, v in self.__dict__.items() if k not in state})
         other.rng = np.random.default_rng(seed)
         other.set_choice(self.x)
         return other

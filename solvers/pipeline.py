@@ -82,7 +82,7 @@ def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None 
         sol = solve_ilp(reduced, solver=solver, time_limit_s=left(), start=_quick_start(reduced, left()),
                         gap_rel=gap_rel)
     elif solver == "heuristic":
-        sol = solve_heuristic(reduced, time_limit_s=left() or DEFAULT_HEURISTIC_S, seed=seed)
+        sol = solve_heuristic(reduced, time_limit_s=_heuristic_time(left()), seed=seed)
     else:
         size = ilp_size(reduced, cap=AUTO_ILP_VARIABLES)
         stats["ilp_size"] = size
@@ -98,7 +98,7 @@ def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None 
         if sol is None or (not sol.feasible and sol.status != "infeasible"):
             name = "auto:heuristic"
             budget = left()
-            sol = solve_heuristic(reduced, time_limit_s=DEFAULT_HEURISTIC_S if budget is None else budget, seed=seed)
+            sol = solve_heuristic(reduced, time_limit_s=_heuristic_time(budget), seed=seed)
     stats["solver"] = sol.stats
     elapsed = time.perf_counter() - t0
     if sol.status == "infeasible":
@@ -133,6 +133,14 @@ def _lp_first(problem: Problem, time_left: float | None, gap_rel: float) -> Solu
     status = "optimal" if lp.cost - lp.lower_bound <= 1e-9 * max(1.0, abs(lp.cost)) else "feasible"
     return Solution(choice=lp.choice, cost=lp.cost, feasible=True, status=status, lower_bound=lp.lower_bound,
                     solver="highs-lp", time_s=lp.time_s, stats=lp.stats)
+
+
+def _heuristic_time(time_left: float | None) -> float:
+    """The heuristic runs to its limit; keep ~1 s (2 % of longer limits) for restoring and
+    re-scoring the choice so the whole solve stays within ``time_limit_s``."""
+    if time_left is None:
+        return DEFAULT_HEURISTIC_S
+    return max(0.05, time_left - min(1.0 + 0.005 * time_left, 0.1 * time_left))
 
 
 def _quick_start(problem: Problem, time_left: float | None):

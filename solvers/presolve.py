@@ -86,7 +86,8 @@ class _State:
         self.ops: list[tuple] = []
         self.queue: deque[int] = deque(range(n))
         self.queued = np.ones(n, dtype=bool)
-        self.counts = {k: 0 for k in ("forbidden", "fixed", "separable", "merged", "leaf", "series", "dominated", "slack_items")}
+        self.counts = {k: 0 for k in ("forbidden", "fixed", "separable", "merged", "leaf", "series", "dominated",
+                                      "slack_items")}
         for (u, v), m in zip(problem.edges, problem.edge_costs):
             if u == v:
                 self.cost[u] = self.cost[u] + np.diag(m)
@@ -170,7 +171,7 @@ class _State:
             fin = np.isfinite(m)
             if fin.all():
                 a, b = m[:, 0] - m[0, 0], m[0, :]
-                if np.array_equal(m, a[:, None] + b[None, :]) or np.allclose(m, a[:, None] + b[None, :], rtol=1e-13, atol=0):
+                if np.allclose(m, a[:, None] + b[None, :], rtol=1e-13, atol=0):
                     self.cost[v] = self.cost[v] + a
                     self.cost[w] = self.cost[w] + b
                     self._del_edge(v, w)
