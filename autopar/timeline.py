@@ -1,0 +1,165 @@
+"""``draw_timeline``: the pipeline picture of a simulated ``schedule.Timeline``.
+
+One row per stage, one box per task (forward and backward in two colours, the micro-batch
+number inside when the box is wide enough), a time axis in µs / ms / s and the bubble
+fraction in the title. ``.svg`` is written by hand (no dependency); ``.png`` uses matplotlib,
+imported only then (``pip install 'autopar[plot]'``).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+from xml.sax.saxutils import escape, quoteattr
+
+from .schedule import Timeline
+
+COLORS = {"F": "#4c72b0", "B": "#dd8452"}
+KIND_NAMES = {"F": "forward", "B": "backward"}
+PLOT_EXTRA = "pip install 'autopar[plot]'"
+
+# SVG geometry (pixels)
+_ROW_H, _ROW_GAP, _TOP, _AXIS_H, _PLOT_W, _RIGHT = 26, 6, 44, 40, 900, 20
+_CHAR_W = 7.0  # approximate width of a 12px sans-serif character
+
+
+def _time_unit(makespan: float) -> tuple[str, float]:
+    if makespan >= 1.0:
+        return "s", 1.0
+    if makespan >= 1e-3:
+        return "ms", 1e3
+    return "µs", 1e6
+
+
+def _ticks(makespan: float, target: int = 8) -> list[float]:
+    """Ticks at 1/2/5 × 10^k seconds covering [0, makespan]."""
+    if makespan <= 0:
+        return [0.0]
+    raw = makespan / target
+    base = 10 ** math.floor(math.log10(raw))
+    step = next(m * base for m in (1, 2, 5, 10) if m * base >= raw)
+    return [i * step for i in range(int(makespan / step + 1e-9) + 1)]
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def _title(timeline: Timeline, title: str | None) -> str:
+    unit, scale = _time_unit(timeline.makespan)
+    stats = (f"makespan {_fmt(timeline.makespan * scale)} {unit} · "
+             f"bubble {timeline.bubble_fraction:.1%}")
+    return f"{title} — {stats}" if title else f"pipeline timeline — {stats}"
+
+
+def _labels(timeline: Timeline, stage_labels: Sequence[str] | None) -> list[str]:
+    S = timeline.num_stages
+    if stage_labels is None:
+        return [f"stage {s}" for s in range(S)]
+    labels = [str(label) for label in stage_labels]
+    if len(labels) != S:
+        raise ValueError(f"stage_labels needs one label per stage: {len(labels)} given, {S} stages")
+    return labels
+
+
+def draw_timeline(timeline: Timeline, path, *, stage_labels: Sequence[str] | None = None,
+                  title: str | None = None) -> str:
+    """Write the pipeline picture of ``timeline`` to ``path`` (``.svg`` or ``.png``) and
+    return the path. ``stage_labels``: one row label per stage (default "stage s")."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".svg", ".png"):
+        raise ValueError(f"draw_timeline writes .svg or .png, got {str(path)!r}")
+    labels = _labels(timeline, stage_labels)
+    if suffix == ".svg":
+        Path(path).write_text(_svg(timeline, labels, _title(timeline, title)), encoding="utf-8")
+    else:
+        _png(timeline, labels, _title(timeline, title), path)
+    return str(path)
+
+
+def _svg(timeline: Timeline, labels: list[str], title: str) -> str:
+    S, makespan = timeline.num_stages, timeline.makespan
+    unit, scale = _time_unit(makespan)
+    left = 16 + _CHAR_W * max(len(label) for label in labels)
+    width = left + _PLOT_W + _RIGHT
+    height = _TOP + S * (_ROW_H + _ROW_GAP) + _AXIS_H
+    span = makespan if makespan > 0 else 1.0
+
+    def x(t: float) -> float:
+        return left + _PLOT_W * t / span
+
+    def row_y(s: int) -> float:
+        return _TOP + s * (_ROW_H + _ROW_GAP)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
+           f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="sans-serif" font-size="12">',
+           f'<rect class="background" x="0" y="0" width="{width:.0f}" height="{height:.0f}" fill="white"/>',
+           f'<text class="title" x="{width / 2:.1f}" y="20" text-anchor="middle" font-size="14">'
+           f'{escape(title)}</text>']
+    # legend
+    lx = left
+    for kind in ("F", "B"):
+        out.append(f'<rect class="legend" x="{lx:.1f}" y="28" width="10" height="10" fill="{COLORS[kind]}"/>')
+        out.append(f'<text class="legend" x="{lx + 14:.1f}" y="37">{KIND_NAMES[kind]}</text>')
+        lx += 90
+    for s, label in enumerate(labels):
+        y = row_y(s)
+        out.append(f'<rect class="row" x="{left:.1f}" y="{y:.1f}" width="{_PLOT_W}" height="{_ROW_H}" fill="#f2f2f2"/>')
+        out.append(f'<text class="stage-label" x="{left - 8:.1f}" y="{y + _ROW_H / 2 + 4:.1f}" '
+                   f'text-anchor="end">{escape(label)}</text>')
+    for task, start, end in timeline.events:
+        y = row_y(task.stage)
+        x0, x1 = x(start), x(end)
+        tip = (f"{KIND_NAMES[task.kind]} · stage {task.stage} · micro-batch {task.microbatch} · "
+               f"{_fmt(start * scale)}–{_fmt(end * scale)} {unit}")
+        out.append(f'<rect class="task {task.kind}" x="{x0:.2f}" y="{y:.1f}" width="{max(x1 - x0, 0.0):.2f}" '
+                   f'height="{_ROW_H}" fill="{COLORS[task.kind]}" stroke="white" stroke-width="0.5">'
+                   f'<title>{escape(tip)}</title></rect>')
+        text = str(task.microbatch)
+        if x1 - x0 >= _CHAR_W * len(text) + 4:
+            out.append(f'<text class="microbatch" x="{(x0 + x1) / 2:.2f}" y="{y + _ROW_H / 2 + 4:.1f}" '
+                       f'text-anchor="middle" fill="white">{text}</text>')
+    axis_y = _TOP + S * (_ROW_H + _ROW_GAP)
+    out.append(f'<line class="axis" x1="{left:.1f}" y1="{axis_y:.1f}" x2="{left + _PLOT_W:.1f}" '
+               f'y2="{axis_y:.1f}" stroke="black"/>')
+    for t in _ticks(makespan):
+        xt = x(t)
+        out.append(f'<line class="tick" x1="{xt:.1f}" y1="{axis_y:.1f}" x2="{xt:.1f}" y2="{axis_y + 5:.1f}" stroke="black"/>')
+        out.append(f'<text class="tick-label" x="{xt:.1f}" y="{axis_y + 18:.1f}" text-anchor="middle">'
+                   f'{_fmt(t * scale)}</text>')
+    out.append(f'<text class="axis-label" x="{left + _PLOT_W / 2:.1f}" y="{axis_y + 34:.1f}" '
+               f'text-anchor="middle">time ({escape(unit)})</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def _png(timeline: Timeline, labels: list[str], title: str, path) -> None:
+    try:
+        from matplotlib.figure import Figure
+        from matplotlib.patches import Patch
+    except ImportError as e:
+        raise ImportError(f"draw_timeline needs matplotlib for .png output: {PLOT_EXTRA} "
+                          f"(or write .svg, which needs nothing)") from e
+    S, makespan = timeline.num_stages, timeline.makespan
+    unit, scale = _time_unit(makespan)
+    fig = Figure(figsize=(12, 1.2 + 0.45 * S), layout="constrained")
+    ax = fig.add_subplot()
+    for task, start, end in timeline.events:
+        x0, w = start * scale, (end - start) * scale
+        ax.barh(task.stage, w, left=x0, height=0.8, color=COLORS[task.kind], edgecolor="white", linewidth=0.5)
+    fig.canvas.draw()  # renderer for measuring the label width
+    width_px = ax.get_window_extent().width
+    span = makespan * scale if makespan > 0 else 1.0
+    for task, start, end in timeline.events:
+        text = str(task.microbatch)
+        if (end - start) * scale / span * width_px >= 7 * len(text) + 4:
+            ax.text((start + end) / 2 * scale, task.stage, text, ha="center", va="center",
+                    color="white", fontsize=8)
+    ax.set_yticks(range(S), labels)
+    ax.set_ylim(S - 0.5, -0.5)
+    ax.set_xlim(0, span)
+    ax.set_xlabel(f"time ({unit})")
+    ax.set_title(title)
+    ax.legend(handles=[Patch(color=COLORS[k], label=KIND_NAMES[k]) for k in ("F", "B")],
+              loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    fig.savefig(path, dpi=120)
