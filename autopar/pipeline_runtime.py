@@ -1,0 +1,286 @@
+"""Run a TrainingPlan: per-stage executables on sub-meshes and a Python schedule driver.
+
+A ``jax.jit`` cannot span two meshes, so each stage gets its own executables, all on its
+sub-mesh with the shardings of its intra-op plan:
+
+* forward ``(p, a, nd) -> (y, aux, vjp_fn)`` — ``jax.vjp`` of the stage function; the
+  residuals (the returned ``vjp_fn``, a pytree) stay on the stage until its backward;
+* backward ``(vjp_fn, ct[, acc]) -> (acc + dp, da)`` — parameter gradients accumulated over
+  micro-batches in place (the accumulator is donated);
+* update ``(params, opt_state, grads) -> (params, opt_state)`` — the optimizer applied to
+  the parameters the stage owns, on its own sub-mesh (params/state donated with ``donate``).
+
+Activations go forward and their gradients back with ``jax.device_put`` to the receiving
+stage's ``NamedSharding``. Tasks run in the order of the simulated GPipe/1F1B schedule
+(``autopar.schedule``). The optimizer state is split per stage by applying
+``optimizer.init`` to the params with every leaf the stage does not own replaced by
+``None``; this is exact for per-parameter optimizers (sgd, momentum, adam, adamw, …) and
+**not** for transformations that mix leaves (e.g. ``clip_by_global_norm``).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .emit import MeshError, make_mesh, named
+from .pytree_json import treedef_from_json
+from .runtime import PlanMismatchError
+from .schedule import execution_order
+from .stages import owners, split_program, stage_forward
+from .training import microbatch_shapes, trace_loss
+
+_wsc = jax.lax.with_sharding_constraint
+
+
+def _is_none(x) -> bool:
+    return x is None
+
+
+class _StageExec:
+    def __init__(self, sp, st, program, P, devices, optimizer, masked_params_abs, donate):
+        plan = sp.plan
+        self.st, self.sp = st, sp
+        self.mesh = make_mesh(plan.mesh_shape, plan.axis_names, devices)
+        specs, outs = plan.input_specs_flat, plan.output_specs_flat
+        n_p, n_a = len(st.params), len(st.acts_in)
+        n_nd = len(st.batch) + len(st.nd_acts_in)
+        sh = lambda s: named(self.mesh, s if s is not None else [])  # noqa: E731
+        self.p_sh = [sh(s) for s in specs[:n_p]]
+        self.a_sh = [sh(s) for s in specs[n_p:n_p + n_a]]
+        self.nd_sh = [sh(s) for s in specs[n_p + n_a:n_p + n_a + n_nd]]
+        self.ct_sh = [sh(s) for s in specs[n_p + n_a + n_nd:]]
+        ny, naux = len(st.outs), len(st.nd_outs)
+        self.y_sh = [sh(s) for s in outs[:ny]]
+        self.aux_sh = [sh(s) for s in outs[ny:ny + naux]]
+        self.repl = named(self.mesh, [])
+        fwd = stage_forward(program, st, P)
+        y_sh, aux_sh, p_sh, a_sh = self.y_sh, self.aux_sh, self.p_sh, self.a_sh
+
+        def forward(p, a, nd):
+            y, vjp_fn, aux = jax.vjp(lambda p_, a_: fwd(p_, a_, nd), p, a, has_aux=True)
+            return [_wsc(v, s) for v, s in zip(y, y_sh)], [_wsc(v, s) for v, s in zip(aux, aux_sh)], vjp_fn
+
+        def backward(vjp_fn, ct, acc):
+            dp, da = vjp_fn(ct)
+            dp = [_wsc(g, s) for g, s in zip(dp, p_sh)]
+            if acc is not None:
+                dp = [x + g for x, g in zip(acc, dp)]
+            return dp, [_wsc(g, s) for g, s in zip(da, a_sh)]
+
+        self.forward = jax.jit(forward)
+        self.backward_first = jax.jit(lambda vjp_fn, ct: backward(vjp_fn, ct, None))
+        self.backward_acc = jax.jit(backward, donate_argnums=(2,))
+
+        # optimizer on the owned params (full tree, None where not owned)
+        self.masked_tree = jax.tree_util.tree_structure(masked_params_abs)
+        ptree = self.masked_tree
+
+        def update(params, opt_state, grads):
+            upd, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, upd), opt_state
+        self.update = jax.jit(update, donate_argnums=(0, 1) if donate else ())
+        self._ptree = ptree
+
+
+class PipelineStep:
+    """``step(params, opt_state, batch) -> (params, opt_state, loss)`` for a TrainingPlan."""
+
+    def __init__(self, tplan, loss_fn, optimizer, *, devices=None, donate: bool = True):
+        self.plan, self.optimizer, self.donate = tplan, optimizer, donate
+        B = tplan.num_microbatches
+        self.p_tree = treedef_from_json(tplan.param_tree)
+        self.b_tree = treedef_from_json(tplan.batch_tree)
+        params_abs = self.p_tree.unflatten([jax.ShapeDtypeStruct(tuple(s), d)
+                                            for s, d in zip(tplan.param_shapes, tplan.param_dtypes)])
+        batch_abs = self.b_tree.unflatten([jax.ShapeDtypeStruct(tuple(s), d)
+                                           for s, d in zip(tplan.batch_shapes, tplan.batch_dtypes)])
+        program = trace_loss(loss_fn, params_abs, microbatch_shapes(batch_abs, B))
+        if program.fingerprint != tplan.fingerprint:
+            raise PlanMismatchError(
+                f"plan was made for {tplan.function} (fingerprint {tplan.fingerprint}) but this loss function/"
+                f"parameter shapes trace to a different program ({program.fingerprint}); re-plan with plan_training")
+        self.P = P = len(tplan.param_shapes)
+        self.stages = split_program(program, P, [s.eqns for s in tplan.stages])
+        self.own = owners(self.stages, P)
+        all_devices = list(jax.devices() if devices is None else devices)
+        need = max(max(s.devices) for s in tplan.stages) + 1
+        if len(all_devices) < need:
+            raise MeshError(
+                f"the plan needs {need} devices ({tplan.nodes} node(s) × {tplan.cluster.devices_per_node}) but JAX "
+                f"sees {len(all_devices)}; plan for the devices you have, or on CPU set JAX_NUM_CPU_DEVICES")
+        self.loss_var = program.outvars[0]
+        self.loss_dtype = program.values[self.loss_var].dtype
+        self.producer = {v: st.index for st in self.stages for v in list(st.outs) + list(st.nd_outs)}
+        self.consumers: dict[int, list[int]] = {}
+        for st in self.stages:
+            for v in list(st.acts_in) + list(st.nd_acts_in):
+                self.consumers.setdefault(v, []).append(st.index)
+        # optimizer-state split: skeleton per stage with None where the stage owns nothing
+        flat_abs = jax.tree_util.tree_leaves(params_abs)
+        self.masked_abs = []
+        for k in range(len(self.stages)):
+            self.masked_abs.append(self.p_tree.unflatten(
+                [x if self.own[i] == k else None for i, x in enumerate(flat_abs)]))
+        full_opt = jax.eval_shape(optimizer.init, params_abs)
+        self.opt_leaves_abs, self.opt_tree = jax.tree_util.tree_flatten(full_opt)
+        self.skeletons = []
+        for k, masked in enumerate(self.masked_abs):
+            skel = jax.eval_shape(optimizer.init, masked)
+            leaves, tree = jax.tree_util.tree_flatten(skel, is_leaf=_is_none)
+            if len(leaves) != len(self.opt_leaves_abs) or any(
+                    s is not None and (tuple(s.shape) != tuple(g.shape) or s.dtype != g.dtype)
+                    for s, g in zip(leaves, self.opt_leaves_abs)):
+                raise ValueError(
+                    "the optimizer state does not split per parameter (its structure changes when some params "
+                    "are None); pipeline plans need a per-parameter optax optimizer such as sgd, momentum, "
+                    "adam or adamw, without global transformations like clip_by_global_norm")
+            self.skeletons.append((leaves, tree))
+        self.execs = [_StageExec(sp, st, program, P, [all_devices[i] for i in sp.devices], optimizer,
+                                 self.masked_abs[k], donate)
+                      for k, (sp, st) in enumerate(zip(tplan.stages, self.stages))]
+        # sharding of every param leaf on its owner (unread params: replicated on stage 0)
+        self.param_sharding = []
+        for i in range(P):
+            ex = self.execs[self.own[i]]
+            st = ex.st
+            self.param_sharding.append(ex.p_sh[st.params.index(i)] if i in st.params else ex.repl)
+        self.mirrors = [self._mirrors(k) for k in range(len(self.stages))]
+        self.shapes = {v: program.values[v].shape for v in program.values}
+        self.dtypes = {v: program.values[v].dtype for v in program.values}
+        self.order = execution_order(tplan.simulate())
+
+    # --- optimizer-state placement ----------------------------------------------------
+    def _mirrors(self, k: int) -> list[int]:
+        """For each leaf of stage k's optimizer-state skeleton: the param leaf it mirrors
+        (a subtree shaped like the masked params, e.g. Adam's mu/nu), else −1 (step counts)."""
+        masked = self.masked_abs[k]
+        ptree = jax.tree_util.tree_structure(masked)
+        index_tree = self.p_tree.unflatten([i if self.own[i] == k else None for i in range(self.P)])
+        skel_abs = jax.eval_shape(self.optimizer.init, masked)
+
+        def visit(sub):
+            if sub is not None and jax.tree_util.tree_structure(sub) == ptree:
+                return index_tree
+            return jax.tree_util.tree_map(lambda _: -1, sub)
+        marked = jax.tree_util.tree_map(visit, skel_abs, is_leaf=lambda t: t is None or
+                                        jax.tree_util.tree_structure(t) == ptree)
+        flat = jax.tree_util.tree_flatten(marked, is_leaf=_is_none)[0]
+        leaves = self.skeletons[k][0]
+        out = []
+        for i, leaf in zip(flat, leaves):
+            ok = leaf is not None and isinstance(i, int) and i >= 0 and \
+                tuple(leaf.shape) == tuple(self.plan.param_shapes[i])
+            out.append(i if ok else -1)
+        return out
+
+    def __call__(self, params, opt_state, batch):
+        plan, B = self.plan, self.plan.num_microbatches
+        p_leaves, p_tree = jax.tree_util.tree_flatten(params)
+        b_leaves, b_tree = jax.tree_util.tree_flatten(batch)
+        o_leaves, o_tree = jax.tree_util.tree_flatten(opt_state)
+        if p_tree != self.p_tree or [list(np.shape(x)) for x in p_leaves] != plan.param_shapes:
+            raise PlanMismatchError(f"params do not match the plan (planned shapes {plan.param_shapes})")
+        if b_tree != self.b_tree or [list(np.shape(x)) for x in b_leaves] != plan.batch_shapes:
+            raise PlanMismatchError(f"batch does not match the plan (planned shapes {plan.batch_shapes}); "
+                                    "a pipeline plan is made for one batch size")
+        if o_tree != self.opt_tree:
+            raise PlanMismatchError("opt_state does not match optimizer.init(params) of the planned optimizer")
+        S = len(self.stages)
+        ex, st = self.execs, self.stages
+        # parameters on every stage that reads them (owners' copies are the ones updated)
+        p_in = [[jax.device_put(p_leaves[i], ex[k].p_sh[j]) for j, i in enumerate(st[k].params)] for k in range(S)]
+        # micro-batches
+        mbs = [[x[m * (x.shape[0] // B):(m + 1) * (x.shape[0] // B)] for x in b_leaves] for m in range(B)]
+        acts: dict = {}
+        pending = {}
+        res: dict = {}
+        cts: dict = {}
+        acc: list = [None] * S
+        losses = []
+        for task in self.order:
+            k, m = task.stage, task.microbatch
+            e, s = ex[k], st[k]
+            if task.kind == "F":
+                a = [jax.device_put(acts[(v, m)], sh) for v, sh in zip(s.acts_in, e.a_sh)]
+                nd_src = [mbs[m][b] for b in s.batch] + [acts[(v, m)] for v in s.nd_acts_in]
+                nd = [jax.device_put(x, sh) for x, sh in zip(nd_src, e.nd_sh)]
+                for v in list(s.acts_in) + list(s.nd_acts_in):
+                    pending[(v, m)] -= 1
+                    if pending[(v, m)] == 0:
+                        del acts[(v, m)], pending[(v, m)]
+                y, aux, vjp_fn = e.forward(p_in[k], a, nd)
+                for v, val in zip(list(s.outs) + list(s.nd_outs), list(y) + list(aux)):
+                    if v == self.loss_var:
+                        losses.append(val)
+                    if v in self.consumers:
+                        acts[(v, m)] = val
+                        pending[(v, m)] = len(self.consumers[v])
+                res[(k, m)] = vjp_fn
+            else:
+                ct = []
+                for v, sh in zip(s.outs, e.ct_sh):
+                    if v == self.loss_var:
+                        g = jnp.asarray(1.0 / B, self.loss_dtype)
+                    else:
+                        g = cts.pop((v, m), None)
+                        if g is None:  # an output nobody differentiates: zero cotangent
+                            g = jnp.zeros(self.shapes[v], self.dtypes[v])
+                    ct.append(jax.device_put(g, sh))
+                vjp_fn = res.pop((k, m))
+                if acc[k] is None:
+                    acc[k], da = e.backward_first(vjp_fn, ct)
+                else:
+                    acc[k], da = e.backward_acc(vjp_fn, ct, acc[k])
+                for v, g in zip(s.acts_in, da):
+                    j = self.producer[v]
+                    dst = ex[j].ct_sh[st[j].outs.index(v)]
+                    g = jax.device_put(g, dst)
+                    cts[(v, m)] = g if (v, m) not in cts else cts[(v, m)] + g
+        # gradients of parameters read by several stages go back to their owner
+        grads = [None] * self.P
+        for k in range(S):
+            for j, i in enumerate(st[k].params):
+                g = acc[k][j]
+                if self.own[i] == k:
+                    grads[i] = g if grads[i] is None else grads[i] + g
+        for k in range(S):
+            for j, i in enumerate(st[k].params):
+                if self.own[i] != k:
+                    g = jax.device_put(acc[k][j], self.param_sharding[i])
+                    grads[i] = g if grads[i] is None else grads[i] + g
+        owner_params = [None] * self.P
+        for k in range(S):
+            for j, i in enumerate(st[k].params):
+                if self.own[i] == k:
+                    owner_params[i] = p_in[k][j]
+        for i in range(self.P):
+            if owner_params[i] is None:  # read by no stage: zero gradient, kept on stage 0
+                owner_params[i] = jax.device_put(p_leaves[i], self.param_sharding[i])
+                grads[i] = jnp.zeros_like(owner_params[i])
+        # every stage's inputs are placed before any update runs: updates donate their inputs,
+        # and a step count shared by all stages must not be consumed by the first one
+        inputs = []
+        for k in range(S):
+            mirror, (skel, skel_tree) = self.mirrors[k], self.skeletons[k]
+            o_stage = [None if sk is None else jax.device_put(
+                o_leaves[j], self.param_sharding[mirror[j]] if mirror[j] >= 0 else ex[k].repl)
+                for j, sk in enumerate(skel)]
+            inputs.append((self.p_tree.unflatten([owner_params[i] if self.own[i] == k else None for i in range(self.P)]),
+                           skel_tree.unflatten(o_stage),
+                           self.p_tree.unflatten([grads[i] if self.own[i] == k else None for i in range(self.P)])))
+        new_p, new_o = [None] * self.P, [None] * len(o_leaves)
+        for k in range(S):
+            p_out, o_out = ex[k].update(*inputs[k])
+            owned = [i for i in range(self.P) if self.own[i] == k]
+            for i, val in zip(owned, jax.tree_util.tree_leaves(p_out)):
+                new_p[i] = val
+            for j, val in enumerate(jax.tree_util.tree_flatten(o_out, is_leaf=_is_none)[0]):
+                if val is not None and new_o[j] is None:  # shared leaves (step counts): stage 0's copy
+                    new_o[j] = val
+        loss = losses[0]
+        for x in losses[1:]:
+            loss = loss + x
+        loss = loss / B
+        return self.p_tree.unflatten(new_p), self.opt_tree.unflatten(new_o), loss

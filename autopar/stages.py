@@ -1,0 +1,164 @@
+"""Pipeline stages carved out of the traced loss program.
+
+The loss ``loss_fn(params, microbatch)`` is traced once (``autopar.trace``) into a flat
+program whose inputs are the parameter leaves followed by the batch leaves. A stage is a
+contiguous range of its equations. For each stage this module finds
+
+* the parameter leaves it reads (``params``; a leaf read by several stages — e.g. tied
+  embeddings — is *owned* by the first and copied to the others, whose gradients are sent
+  back and added);
+* the batch leaves it reads (``batch``);
+* the activations it receives from earlier stages (``acts_in``) and the values it sends to
+  later stages or returns (``outs``), each split into differentiable (floating) and
+  non-differentiable (integer/bool) values.
+
+``stage_forward`` turns a stage into ``fwd(p, a, nd) -> (y, aux)``: ``p`` its parameter
+leaves, ``a`` its floating incoming activations, ``nd`` its batch leaves then integer
+activations; ``y`` the floating outputs (differentiated), ``aux`` the integer ones.
+``stage_train`` is the same stage's forward + backward for one micro-batch — what the
+intra-op ILP plans and costs — ``(p, a, nd, ct) -> (y, aux, dp, da)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+from jax.extend.core import Var
+
+from .emit import interpret
+from .trace import Program
+
+
+class StageSplitError(ValueError):
+    """The loss program cannot be cut as asked."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int
+    eqns: tuple[int, int]                 # [start, end) positions in program.eqns
+    params: tuple[int, ...]               # flat param leaf indices read here (sorted)
+    batch: tuple[int, ...]                # flat batch leaf indices read here (sorted)
+    acts_in: tuple[int, ...]              # value ids from earlier stages (floating), sorted
+    nd_acts_in: tuple[int, ...]           # value ids from earlier stages (integer/bool), sorted
+    outs: tuple[int, ...]                 # floating values sent on / returned, sorted
+    nd_outs: tuple[int, ...]              # integer/bool values sent on
+    consts: tuple[int, ...]               # closed-over constants read here
+
+
+def _floating(dtype) -> bool:
+    return bool(np.issubdtype(np.dtype(dtype), np.inexact))
+
+
+def split_program(program: Program, num_params: int, eqn_ranges) -> list[Stage]:
+    """Cut ``program`` (inputs: ``num_params`` param leaves, then batch leaves) at
+    ``eqn_ranges`` = [(start, end), …] that tile ``range(len(program.eqns))`` in order."""
+    n = len(program.eqns)
+    ranges = [tuple(map(int, r)) for r in eqn_ranges]
+    if not ranges or ranges[0][0] != 0 or ranges[-1][1] != n or any(
+            a >= b for a, b in ranges) or any(r[1] != s[0] for r, s in zip(ranges, ranges[1:])):
+        raise StageSplitError(f"stage equation ranges {ranges} must tile [0, {n}) in order, each non-empty")
+    invar_pos = {v: i for i, v in enumerate(program.invars)}
+    stage_of: dict[int, int] = {}
+    for s, (a, b) in enumerate(ranges):
+        for eqn in program.eqns[a:b]:
+            for o in eqn.outputs:
+                stage_of[o] = s
+    outvars = [o for o in program.outvars if isinstance(o, int)]
+    used_later: dict[int, set[int]] = {}
+    for s, (a, b) in enumerate(ranges):
+        for eqn in program.eqns[a:b]:
+            for x in eqn.inputs:
+                if isinstance(x, int) and x in stage_of and stage_of[x] != s:
+                    used_later.setdefault(x, set()).add(s)
+    stages = []
+    for s, (a, b) in enumerate(ranges):
+        params, batch, acts, nd_acts, consts = set(), set(), set(), set(), set()
+        for eqn in program.eqns[a:b]:
+            for x in eqn.inputs:
+                if not isinstance(x, int):
+                    continue
+                if x in invar_pos:
+                    i = invar_pos[x]
+                    if i < num_params:
+                        params.add(i)
+                    else:
+                        batch.add(i - num_params)
+                elif x in program.consts:
+                    consts.add(x)
+                elif stage_of[x] != s:
+                    (acts if _floating(program.values[x].dtype) else nd_acts).add(x)
+        outs = sorted(v for v, st in stage_of.items() if st == s and (v in used_later or v in outvars))
+        stages.append(Stage(
+            index=s, eqns=(a, b), params=tuple(sorted(params)), batch=tuple(sorted(batch)),
+            acts_in=tuple(sorted(acts)), nd_acts_in=tuple(sorted(nd_acts)),
+            outs=tuple(v for v in outs if _floating(program.values[v].dtype)),
+            nd_outs=tuple(v for v in outs if not _floating(program.values[v].dtype)),
+            consts=tuple(sorted(consts))))
+    return stages
+
+
+def owners(stages: list[Stage], num_params: int) -> list[int]:
+    """Owning stage of every param leaf: the first stage that reads it (0 if none does)."""
+    own = [0] * num_params
+    seen = set()
+    for st in stages:
+        for p in st.params:
+            if p not in seen:
+                own[p] = st.index
+                seen.add(p)
+    return own
+
+
+def _sub_program(program: Program, st: Stage, num_params: int) -> Program:
+    invars = ([program.invars[p] for p in st.params] + list(st.acts_in)
+              + [program.invars[num_params + b] for b in st.batch] + list(st.nd_acts_in))
+    return Program(values=program.values, invars=invars, outvars=list(st.outs) + list(st.nd_outs),
+                   consts={c: program.consts[c] for c in st.consts},
+                   eqns=program.eqns[st.eqns[0]:st.eqns[1]], in_tree=None, out_tree=None)
+
+
+def stage_forward(program: Program, st: Stage, num_params: int):
+    """``fwd(p, a, nd) -> (y, aux)`` for one stage (lists of arrays)."""
+    run = interpret(_sub_program(program, st, num_params), {}, {}, None)
+    ny = len(st.outs)
+
+    def fwd(p, a, nd):
+        outs = run(*p, *a, *nd)
+        return list(outs[:ny]), list(outs[ny:])
+    return fwd
+
+
+def stage_train(fwd):
+    """Forward + backward of one micro-batch: ``(p, a, nd, ct) -> (y, aux, dp, da)``."""
+    def train(p, a, nd, ct):
+        y, vjp_fn, aux = jax.vjp(lambda p_, a_: fwd(p_, a_, nd), p, a, has_aux=True)
+        dp, da = vjp_fn(ct)
+        return y, aux, dp, da
+    return train
+
+
+def stage_abstract_args(program: Program, st: Stage, num_params: int):
+    """ShapeDtypeStruct lists (p, a, nd, ct) of ``stage_train`` for this stage."""
+    vals = program.values
+    sds = lambda v: jax.ShapeDtypeStruct(vals[v].shape, vals[v].dtype)  # noqa: E731
+    p = [sds(program.invars[i]) for i in st.params]
+    a = [sds(v) for v in st.acts_in]
+    nd = [sds(program.invars[num_params + b]) for b in st.batch] + [sds(v) for v in st.nd_acts_in]
+    ct = [sds(v) for v in st.outs]
+    return p, a, nd, ct
+
+
+def residual_bytes(fwd, p, a, nd) -> float:
+    """Bytes the backward pass keeps from the forward (``jax.vjp`` residuals), not counting
+    residuals that are inputs passed through (parameters): activation memory per micro-batch."""
+    def res(p_, a_, nd_):
+        return jax.tree_util.tree_leaves(jax.vjp(lambda x, y: fwd(x, y, nd_), p_, a_, has_aux=True)[1])
+    closed = jax.make_jaxpr(res)(p, a, nd)
+    ins = set(closed.jaxpr.invars)
+    total = 0.0
+    for v in closed.jaxpr.outvars:
+        if isinstance(v, Var) and v not in ins:
+            total += float(np.prod(v.aval.shape, dtype=np.int64)) * np.dtype(v.aval.dtype).itemsize
+    return total

@@ -1,0 +1,398 @@
+"""``autopar.plan_training``: pipeline stages (inter-op) × sharding inside each stage (intra-op).
+
+Data flow::
+
+    loss_fn(params, micro-batch) ─trace→ Program ─cluster_layers→ L layers
+        for each layer range [i, j) and sub-mesh m (solvers.stage_dp.submesh_shapes):
+            stage = equations of layers i..j−1 (autopar.stages)
+            autopar.plan(stage forward+backward, sub-mesh m)  → latency t, memory
+            (cached by the stage's structural key: identical layers are planned once)
+        solvers.stage_dp.solve_stages  → stages (layer ranges, sub-meshes)
+        → TrainingPlan (each stage keeps its intra-op Plan) → PipelineStep runs it
+
+Costs per stage and micro-batch (seconds, bytes per device):
+
+* t = the intra-op ILP's predicted time of the stage's forward + backward on its best
+  logical mesh, plus the sends into the stage: 2·(α + bytes_in / (n_dev·bw)) for the
+  activations coming in and their gradients going back (bw, α: the inter-node link when the
+  cluster has several nodes, else the intra-node link). Forward/backward split 1 : 2.
+* A = the stage's ``jax.vjp`` residuals (activations kept for the backward) / n_dev.
+* W = the ILP's peak for one micro-batch + (1 + r)·params per device (gradient accumulator
+  and optimizer state; r = optimizer-state bytes per parameter byte) − A.
+* memory rule (1F1B): W + min(S − i, B)·A ≤ device memory for stage i of S (GPipe: B·A).
+
+``costing="exact"`` plans every (range, sub-mesh) pair; ``"additive"`` plans single layers
+only and sums them over a range (boundary reshards between layers inside a stage are then
+not counted; the chosen stages are re-planned exactly). ``"auto"`` is exact while the
+number of pairs is at most ``max_exact_pairs``.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+
+import jax
+import numpy as np
+
+import solvers
+from cost import ClusterSpec, load_cluster
+from solvers.stage_dp import StageInfeasibleError, StageProblem, solve_stages, submesh_shapes
+
+from .graph import build_graph
+from .layers import cluster_layers
+from .plan import Plan, Timing
+from .planner import PlanError, plan as plan_intra
+from .pytree_json import treedef_to_json
+from .stages import Stage, residual_bytes, split_program, stage_abstract_args, stage_forward, stage_train, owners
+from .trace import Program, TraceError, trace
+from .training_plan import PredictedTraining, StagePlan, StageSearch, TrainingPlan
+
+SCHEDULES = ("1f1b", "gpipe")
+FWD_SHARE = 1.0 / 3.0   # forward : backward = 1 : 2 (matmul-dominated layers)
+
+
+def _abstract(x):
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
+    raise TypeError(f"expected arrays or jax.ShapeDtypeStruct leaves, got {type(x).__name__}")
+
+
+def microbatch_shapes(batch, num_microbatches: int):
+    """ShapeDtypeStructs of one micro-batch: every batch leaf split along axis 0."""
+    leaves, tree = jax.tree_util.tree_flatten(batch)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(batch)[0]]
+    out = []
+    for path, x in zip(paths, leaves):
+        shape = tuple(getattr(x, "shape", ()))
+        if not shape or shape[0] % num_microbatches:
+            raise ValueError(
+                f"batch leaf {path or '<batch>'} has shape {shape}: its leading (batch) dimension must be "
+                f"divisible by num_microbatches={num_microbatches}; pick a divisor of the batch size")
+        out.append(jax.ShapeDtypeStruct((shape[0] // num_microbatches,) + shape[1:], x.dtype))
+    return jax.tree_util.tree_unflatten(tree, out)
+
+
+def trace_loss(loss_fn, params, mb) -> Program:
+    program = trace(loss_fn, params, mb)
+    outs = program.outvars
+    name = getattr(loss_fn, "__name__", "loss_fn")
+    if len(outs) != 1 or not isinstance(outs[0], int) or program.values[outs[0]].shape != () \
+            or not np.issubdtype(np.dtype(program.values[outs[0]].dtype), np.floating):
+        raise TraceError(f"{name}(params, batch) must return one scalar floating loss (a mean over the "
+                         "batch); it returned " + ", ".join(
+                             f"{program.values[o].shape} {program.values[o].dtype}" if isinstance(o, int) else "a constant"
+                             for o in outs))
+    if not program.eqns or outs[0] in program.invars:
+        raise TraceError(f"{name}'s loss does not depend on any computation; nothing to plan")
+    return program
+
+
+def stage_for_range(program: Program, num_params: int, a: int, b: int) -> Stage:
+    n = len(program.eqns)
+    ranges = [r for r in ((0, a), (a, b), (b, n)) if r[0] < r[1]]
+    return next(st for st in split_program(program, num_params, ranges) if st.eqns == (a, b))
+
+
+def structural_key(program: Program, st: Stage, num_params: int) -> str:
+    """Hash of the stage's forward program with value ids renumbered: identical layers
+    (same primitives, params, shapes, wiring) get the same key wherever they sit."""
+    ids: dict[int, int] = {}
+    vals = program.values
+
+    def name(x):
+        if not isinstance(x, int):
+            return f"lit{x.val!r}:{x.dtype}"
+        if x not in ids:
+            ids[x] = len(ids)
+        return f"v{ids[x]}:{vals[x].shape}{vals[x].dtype}"
+    ins = ([program.invars[p] for p in st.params] + list(st.acts_in)
+           + [program.invars[num_params + b] for b in st.batch] + list(st.nd_acts_in) + list(st.consts))
+    parts = ["in " + " ".join(name(v) for v in ins)]
+    for eqn in program.eqns[st.eqns[0]:st.eqns[1]]:
+        parts.append(f"{eqn.prim.name} {[name(x) for x in eqn.inputs]} -> {[name(o) for o in eqn.outputs]} "
+                     f"{sorted((k, str(v)) for k, v in eqn.params.items())}")
+    parts.append("out " + " ".join(name(v) for v in list(st.outs) + list(st.nd_outs)))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
+
+
+def sub_cluster(spec: ClusterSpec, submesh) -> tuple[ClusterSpec, int]:
+    """The cluster a sub-mesh (n, m) sees: n nodes of m devices each."""
+    n, m = submesh
+    if m == spec.devices_per_node:
+        return spec, n
+    return spec.model_copy(update={"devices_per_node": m}), n
+
+
+def place_submeshes(shapes, num_nodes: int, devices_per_node: int) -> list[list[int]]:
+    """Global device indices per stage: whole nodes for (k, M); an aligned block inside one
+    node for (1, m) (buddy placement, larger sub-meshes first, so power-of-two tilings fit)."""
+    free = [[True] * devices_per_node for _ in range(num_nodes)]
+    out: list[list[int] | None] = [None] * len(shapes)
+    for s in sorted(range(len(shapes)), key=lambda s: (-shapes[s][0] * shapes[s][1], s)):
+        n, m = shapes[s]
+        if m == devices_per_node:
+            nodes = [k for k in range(num_nodes) if all(free[k])][:n]
+            if len(nodes) < n:
+                raise PlanError(f"cannot place sub-mesh {shapes[s]} on {num_nodes} nodes × {devices_per_node}")
+            for k in nodes:
+                free[k] = [False] * devices_per_node
+            out[s] = [k * devices_per_node + d for k in nodes for d in range(devices_per_node)]
+            continue
+        placed = False
+        for step in (m, 1):  # aligned first, then any contiguous block
+            for k in range(num_nodes):
+                for off in range(0, devices_per_node - m + 1, step):
+                    if all(free[k][off:off + m]):
+                        free[k][off:off + m] = [False] * m
+                        out[s] = [k * devices_per_node + d for d in range(off, off + m)]
+                        placed = True
+                        break
+                if placed:
+                    break
+            if placed:
+                break
+        if not placed:
+            raise PlanError(f"cannot place sub-mesh {shapes[s]} on {num_nodes} nodes × {devices_per_node}")
+    return out  # type: ignore[return-value]
+
+
+def _spec_factor(plan: Plan, spec_names) -> int:
+    size = dict(zip(plan.axis_names, plan.mesh_shape))
+    return math.prod(size[a] for axes in spec_names for a in axes)
+
+
+class _StageCoster:
+    """Plans (layer range, sub-mesh) stages with the intra-op ILP, cached by structural key."""
+
+    def __init__(self, program, num_params, layer_eqns, spec, nodes, budget, opt_ratio, solver, time_limit_s):
+        self.program, self.P, self.layer_eqns = program, num_params, layer_eqns
+        self.spec, self.nodes, self.budget, self.opt_ratio = spec, nodes, budget, opt_ratio
+        self.solver, self.time_limit_s = solver, time_limit_s
+        self.cache: dict = {}
+        self.solves = self.hits = self.infeasible = 0
+        self.min_need = math.inf
+
+    def stage(self, i: int, j: int) -> Stage:
+        return stage_for_range(self.program, self.P, self.layer_eqns[i][0], self.layer_eqns[j - 1][1])
+
+    def cost(self, i: int, j: int, submesh, mesh_shape=None) -> dict:
+        st = self.stage(i, j)
+        key = (structural_key(self.program, st, self.P), tuple(submesh), None if mesh_shape is None else tuple(mesh_shape))
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.hits += 1
+            return hit
+        self.solves += 1
+        fwd = stage_forward(self.program, st, self.P)
+        p, a, nd, ct = stage_abstract_args(self.program, st, self.P)
+        cl, n = sub_cluster(self.spec, submesh)
+        n_dev = submesh[0] * submesh[1]
+        try:
+            sp = plan_intra(stage_train(fwd), p, a, nd, ct, cluster=cl, nodes=n, mesh_shape=mesh_shape,
+                            memory_budget_bytes=self.budget, solver=self.solver, time_limit_s=self.time_limit_s)
+        except PlanError as err:
+            self.infeasible += 1
+            if err.min_bytes_per_device is not None:
+                self.min_need = min(self.min_need, err.min_bytes_per_device)
+            res = {"plan": None, "latency": math.inf, "static": 0.0, "act": 0.0}
+            self.cache[key] = res
+            return res
+        vals = self.program.values
+        param_dev = sum(float(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+                        / _spec_factor(sp, spec) for x, spec in zip(p, sp.input_specs_flat[:len(p)]))
+        act = residual_bytes(fwd, p, a, nd) / n_dev
+        in_bytes = sum(vals[v].nbytes for v in list(st.acts_in) + list(st.nd_acts_in))
+        link = self.spec.inter_node_link if self.nodes > 1 else self.spec.intra_node_link
+        bw = (self.spec.inter_node_bandwidth_per_device() if self.nodes > 1 else link.bandwidth_bytes_per_s) * n_dev
+        send = 2 * (link.alpha_s + in_bytes / bw) if in_bytes else 0.0
+        static = max(sp.predicted.peak_memory_bytes + (1 + self.opt_ratio) * param_dev - act, 0.0)
+        res = {"plan": sp, "latency": sp.predicted.step_time_s + send, "send": send, "static": static,
+               "act": act, "param_dev": param_dev}
+        self.cache[key] = res
+        return res
+
+
+def _check(cluster, nodes, num_microbatches, schedule, optimizer, memory_budget_bytes, costing) -> ClusterSpec:
+    spec = load_cluster(cluster)
+    if not isinstance(nodes, int) or isinstance(nodes, bool) or nodes < 1:
+        raise ValueError(f"nodes must be a positive int, got {nodes!r}")
+    if not isinstance(num_microbatches, int) or isinstance(num_microbatches, bool) or num_microbatches < 1:
+        raise ValueError(f"num_microbatches must be a positive int, got {num_microbatches!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        raise ValueError("optimizer must be an optax.GradientTransformation (with .init and .update), "
+                         f"got {type(optimizer).__name__}")
+    if memory_budget_bytes is not None and not memory_budget_bytes > 0:
+        raise ValueError(f"memory_budget_bytes must be > 0, got {memory_budget_bytes!r}")
+    if costing not in ("auto", "exact", "additive"):
+        raise ValueError(f"costing must be 'auto', 'exact' or 'additive', got {costing!r}")
+    return spec
+
+
+def _forced_stages(stages, num_layers, shapes):
+    out = []
+    for k, s in enumerate(stages):
+        s = tuple(s)
+        if len(s) not in (3, 4):
+            raise ValueError(f"stages[{k}]={s!r}: expected (layer_start, layer_end, submesh) or "
+                             "(layer_start, layer_end, submesh, logical_mesh_shape)")
+        a, b, sub = int(s[0]), int(s[1]), tuple(s[2])
+        if sub not in shapes:
+            raise ValueError(f"stages[{k}]: sub-mesh {sub} is not one of {shapes}")
+        mesh = tuple(s[3]) if len(s) == 4 and s[3] is not None else None
+        if mesh is not None and math.prod(mesh) != sub[0] * sub[1]:
+            raise ValueError(f"stages[{k}]: logical mesh {mesh} has {math.prod(mesh)} devices, sub-mesh {sub} "
+                             f"has {sub[0] * sub[1]}")
+        out.append((a, b, sub, mesh))
+    bounds = [(a, b) for a, b, _, _ in out]
+    if bounds[0][0] != 0 or bounds[-1][1] != num_layers or any(x[1] != y[0] for x, y in zip(bounds, bounds[1:])) \
+            or any(a >= b for a, b in bounds):
+        raise ValueError(f"stages layer ranges {bounds} must tile [0, {num_layers}) in order (num_layers="
+                         f"{num_layers}); pass num_layers= to set the layer count")
+    return out
+
+
+def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: int = 1,
+                  num_microbatches: int = 1, schedule: str = "1f1b", num_stages: int | None = None,
+                  stages=None, num_layers: int | None = None, memory_budget_bytes: float | None = None,
+                  solver: str = "auto", time_limit_s: float | None = None, costing: str = "auto",
+                  max_exact_pairs: int = 48) -> TrainingPlan:
+    """Plan a training step of ``loss_fn(params, batch) -> scalar mean loss`` with ``optimizer``.
+
+    The batch is split into ``num_microbatches`` along axis 0; the forward is cut into
+    ``num_layers`` layers (``autopar.stage_boundary`` markers, else the layer-clustering DP,
+    default min(8, equations)); the stage DP picks stages and sub-meshes minimising
+    Σ t_i + (B − 1)·max t_i, each stage sharded by the intra-op ILP. ``num_stages`` forces the
+    stage count; ``stages=[(layer_start, layer_end, (nodes, devices)[, logical_mesh]), …]``
+    fixes the whole split. One stage (pure intra-op + gradient accumulation) comes out of the
+    same search when it is predicted fastest.
+    """
+    t0 = time.perf_counter()
+    spec = _check(cluster, nodes, num_microbatches, schedule, optimizer, memory_budget_bytes, costing)
+    budget = float(memory_budget_bytes or spec.device.memory_bytes)
+    params_abs = jax.tree_util.tree_map(_abstract, params)
+    batch_abs = jax.tree_util.tree_map(_abstract, batch)
+    p_leaves, p_tree = jax.tree_util.tree_flatten(params_abs)
+    b_leaves, b_tree = jax.tree_util.tree_flatten(batch_abs)
+    bad = [jax.tree_util.keystr(k) for k, x in jax.tree_util.tree_flatten_with_path(params_abs)[0]
+           if not np.issubdtype(np.dtype(x.dtype), np.floating)]
+    if bad:
+        raise ValueError(f"every params leaf is trained and must be floating; got non-float leaves {bad}. "
+                         "Move integer data into the batch or close over it")
+    mb = microbatch_shapes(batch_abs, num_microbatches)
+    program = trace_loss(loss_fn, params_abs, mb)
+    P = len(p_leaves)
+    try:
+        opt_abs = jax.eval_shape(optimizer.init, params_abs)
+    except Exception as err:
+        raise ValueError(f"optimizer.init(params) failed: {type(err).__name__}: {err}") from err
+    p_bytes = sum(float(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize for x in p_leaves)
+    o_bytes = sum(float(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+                  for x in jax.tree_util.tree_leaves(opt_abs))
+    opt_ratio = o_bytes / p_bytes if p_bytes else 0.0
+    graph = build_graph(program)
+    if stages is not None and num_layers is None:
+        num_layers = max(int(tuple(s)[1]) for s in stages)
+    layering = cluster_layers(graph, num_layers)
+    off = len(program.invars) + len(program.consts)
+    layer_eqns = [(a - off, b - off) for a, b in layering.layers]
+    L = len(layer_eqns)
+    t_trace = time.perf_counter()
+
+    shapes = submesh_shapes(nodes, spec.devices_per_node)
+    coster = _StageCoster(program, P, layer_eqns, spec, nodes, budget, opt_ratio, solver, time_limit_s)
+    forced = _forced_stages(stages, L, shapes) if stages is not None else None
+    lat = np.full((L, L + 1, len(shapes)), np.inf)
+    mem, act = np.zeros_like(lat), np.zeros_like(lat)
+    pairs = L * (L + 1) // 2 * len(shapes)
+    mode = "exact" if forced is not None else (
+        costing if costing != "auto" else ("exact" if pairs <= max_exact_pairs else "additive"))
+    if forced is not None:
+        for a, b, sub, mesh in forced:
+            c = coster.cost(a, b, sub, mesh)
+            s = shapes.index(sub)
+            lat[a, b, s], mem[a, b, s], act[a, b, s] = c["latency"], c["static"], c["act"]
+    elif mode == "exact":
+        for i in range(L):
+            for j in range(i + 1, L + 1):
+                for s, sub in enumerate(shapes):
+                    c = coster.cost(i, j, sub)
+                    lat[i, j, s], mem[i, j, s], act[i, j, s] = c["latency"], c["static"], c["act"]
+    else:
+        single = [[coster.cost(i, i + 1, sub) for sub in shapes] for i in range(L)]
+        for s in range(len(shapes)):
+            for i in range(L):
+                tl = mm = aa = 0.0
+                for j in range(i + 1, L + 1):
+                    c = single[j - 1][s]
+                    tl += c["latency"] - (c.get("send", 0.0) if j > i + 1 else 0.0)
+                    mm += c["static"]
+                    aa += c["act"]
+                    lat[i, j, s], mem[i, j, s], act[i, j, s] = tl, mm, aa
+    problem = StageProblem(num_layers=L, num_nodes=nodes, devices_per_node=spec.devices_per_node,
+                           latency=lat, memory=mem, activation=act, num_microbatches=num_microbatches,
+                           device_memory=budget, schedule=schedule)
+    name = getattr(loss_fn, "__name__", "loss_fn")
+    try:
+        sol = solve_stages(problem, num_stages=num_stages,
+                           forced=[(a, b, sub) for a, b, sub, _ in forced] if forced is not None else None)
+    except StageInfeasibleError as err:
+        need = min(err.min_device_memory, coster.min_need)
+        raise PlanError(
+            f"no pipeline plan of {name} fits memory_budget_bytes={budget:.0f} per device on {nodes} node(s) × "
+            f"{spec.devices_per_node}" + (f"; the smallest budget that fits is {need:.0f} bytes per device"
+                                           if math.isfinite(need) else "") +
+            ". Raise the budget, add nodes, use more micro-batches, or shrink the model/batch.",
+            min_bytes_per_device=need if math.isfinite(need) else None) from err
+    except ValueError as err:
+        raise PlanError(f"cannot plan stages for {name}: {err}") from err
+    t_solve = time.perf_counter()
+
+    # the chosen stages, planned exactly (cached when the exact mode already did)
+    chosen = []
+    mesh_of = {(a, b): mesh for a, b, _, mesh in forced} if forced is not None else {}
+    for (a, b, s, sub, _lat) in sol.stages:
+        chosen.append((a, b, tuple(sub), coster.cost(a, b, tuple(sub), mesh_of.get((a, b)))))
+    split = split_program(program, P, [(layer_eqns[a][0], layer_eqns[b - 1][1]) for a, b, _, _ in chosen])
+    own = owners(split, P)
+    devices = place_submeshes([sub for _, _, sub, _ in chosen], nodes, spec.devices_per_node)
+    S = len(chosen)
+    stage_plans = []
+    for k, ((a, b, sub, c), st) in enumerate(zip(chosen, split)):
+        if c["plan"] is None:
+            raise PlanError(f"stage {k} (layers {a}..{b - 1}) does not fit sub-mesh {sub}")
+        inflight = min(S - k, num_microbatches) if schedule == "1f1b" else num_microbatches
+        t = c["latency"]
+        stage_plans.append(StagePlan(
+            index=k, layers=[a, b], eqns=list(st.eqns), submesh=list(sub), devices=devices[k], plan=c["plan"],
+            latency_s=t, fwd_s=(t - c["send"]) * FWD_SHARE, bwd_s=(t - c["send"]) * (1 - FWD_SHARE),
+            send_s=c["send"],
+            params=list(st.params), owned_params=[p for p in range(P) if own[p] == k], batch=list(st.batch),
+            param_bytes_per_device=c["param_dev"], activation_bytes_per_device=c["act"],
+            inflight_microbatches=inflight, memory_bytes_per_device=c["static"] + inflight * c["act"]))
+    from .schedule import simulate, stage_orders
+    timeline = simulate(stage_orders(S, num_microbatches, schedule), [s.fwd_s for s in stage_plans],
+                        [s.bwd_s for s in stage_plans], [s.send_s / 2 for s in stage_plans[1:]])
+    predicted = PredictedTraining(step_time_s=timeline.makespan, dp_objective_s=sol.objective_s,
+                                  bubble_fraction=timeline.bubble_fraction,
+                                  peak_memory_bytes=max(s.memory_bytes_per_device for s in stage_plans))
+    search = StageSearch(num_layers=L, layer_flops=list(layering.flops), layer_eqns=[list(x) for x in layer_eqns],
+                         layers_from_markers=layering.from_markers, candidates=int(np.isfinite(lat).sum()),
+                         ilp_solves=coster.solves, cache_hits=coster.hits, infeasible=coster.infeasible,
+                         costing=mode)
+    t_end = time.perf_counter()
+    result = TrainingPlan(
+        function=getattr(loss_fn, "__qualname__", name), fingerprint=program.fingerprint, cluster=spec,
+        nodes=nodes, num_microbatches=num_microbatches, schedule=schedule, memory_budget_bytes=budget,
+        optimizer_state_ratio=opt_ratio, param_tree=treedef_to_json(p_tree), batch_tree=treedef_to_json(b_tree),
+        param_shapes=[list(x.shape) for x in p_leaves], param_dtypes=[str(np.dtype(x.dtype)) for x in p_leaves],
+        batch_shapes=[list(x.shape) for x in b_leaves], batch_dtypes=[str(np.dtype(x.dtype)) for x in b_leaves],
+        stages=stage_plans, predicted=predicted, search=search,
+        timing=Timing(trace_s=t_trace - t0, solve_s=t_solve - t_trace, total_s=t_end - t0))
+    result._loss_fn, result._optimizer = loss_fn, optimizer
+    return result
+
+
+__all__ = ["plan_training", "microbatch_shapes", "place_submeshes", "structural_key", "sub_cluster", "solvers"]

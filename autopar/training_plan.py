@@ -1,0 +1,130 @@
+"""TrainingPlan: a pipeline (or single-stage) training plan, frozen pydantic, JSON round trip.
+
+Each stage carries its own intra-op :class:`~autopar.plan.Plan` (the stage's forward +
+backward for one micro-batch, planned on the stage's sub-mesh), so a stage is costed,
+reported and executed with the same machinery as a single-mesh plan.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import PrivateAttr
+
+from cost import ClusterSpec
+
+from .plan import Plan, Timing, _Frozen
+
+
+class StagePlan(_Frozen):
+    index: int
+    layers: list[int]                 # [start, end) layer indices
+    eqns: list[int]                   # [start, end) equation positions in the traced loss
+    submesh: list[int]                # (nodes, devices per node) of the sub-mesh
+    devices: list[int]                # global device indices, in mesh order
+    plan: Plan                        # intra-op plan of the stage's forward + backward
+    latency_s: float                  # fwd + bwd of one micro-batch incl. the stage's sends
+    fwd_s: float
+    bwd_s: float
+    send_s: float                     # activations in + their gradients back, per micro-batch
+    params: list[int]                 # flat param leaves read by the stage
+    owned_params: list[int]           # flat param leaves updated by the stage (first reader)
+    batch: list[int]                  # flat batch leaves read by the stage
+    param_bytes_per_device: float
+    activation_bytes_per_device: float  # vjp residuals of one micro-batch (sharded estimate)
+    inflight_microbatches: int
+    memory_bytes_per_device: float    # static (params, grads, accumulators, optimizer state) + in-flight activations
+
+
+class PredictedTraining(_Frozen):
+    step_time_s: float                # simulated schedule makespan (the timeline)
+    dp_objective_s: float             # Σ t_i + (B − 1)·max t_i (the stage DP's objective)
+    bubble_fraction: float
+    peak_memory_bytes: float          # max over stages, per device
+
+
+class StageSearch(_Frozen):
+    num_layers: int
+    layer_flops: list[float]
+    layer_eqns: list[list[int]]
+    layers_from_markers: bool
+    candidates: int                   # (layer range, sub-mesh) pairs costed
+    ilp_solves: int                   # distinct stage programs planned (after structural-hash cache)
+    cache_hits: int
+    infeasible: int
+    costing: str                      # "exact" | "additive"
+
+
+class TrainingPlan(_Frozen):
+    version: int = 1
+    kind: str = "training"
+    function: str
+    fingerprint: str                  # of the traced micro-batch loss
+    cluster: ClusterSpec
+    nodes: int
+    num_microbatches: int
+    schedule: str
+    memory_budget_bytes: float
+    optimizer_state_ratio: float      # optimizer-state bytes per parameter byte
+    param_tree: Any
+    batch_tree: Any
+    param_shapes: list[list[int]]
+    param_dtypes: list[str]
+    batch_shapes: list[list[int]]     # full batch
+    batch_dtypes: list[str]
+    stages: list[StagePlan]
+    predicted: PredictedTraining
+    search: StageSearch
+    timing: Timing = Timing()
+    _loss_fn: Any = PrivateAttr(default=None)
+    _optimizer: Any = PrivateAttr(default=None)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, TrainingPlan) and self.model_dump() == other.model_dump()
+
+    __hash__ = None
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def report(self) -> str:
+        from .training_report import format_training_report
+        return format_training_report(self)
+
+    def to_json(self, *, indent: int | None = 1) -> str:
+        return self.model_dump_json(indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainingPlan":
+        return cls.model_validate_json(text)
+
+    def simulate(self):
+        """The predicted schedule (``autopar.schedule.Timeline``) of one training step."""
+        from .schedule import simulate, stage_orders
+        orders = stage_orders(len(self.stages), self.num_microbatches, self.schedule)
+        return simulate(orders, [s.fwd_s for s in self.stages], [s.bwd_s for s in self.stages],
+                        [s.send_s / 2 for s in self.stages[1:]])
+
+    def timeline(self, path: str) -> str:
+        """Draw the pipeline schedule per stage/devices to ``path`` (.svg or .png)."""
+        from .timeline import draw_timeline
+        labels = [f"stage {s.index} · devices {s.devices[0]}-{s.devices[-1]} "
+                  f"{'×'.join(map(str, s.plan.mesh_shape))}" for s in self.stages]
+        return draw_timeline(self.simulate(), path, stage_labels=labels,
+                             title=f"{self.function}: {self.num_stages} stage(s), {self.num_microbatches} "
+                                   f"micro-batches, {self.schedule}")
+
+    def apply(self, loss_fn=None, optimizer=None, *, devices=None, donate: bool = True):
+        """``step(params, opt_state, batch) -> (params, opt_state, loss)`` running the plan.
+
+        ``loss_fn``/``optimizer`` default to the ones planned in this process (required for a
+        plan loaded from JSON). ``opt_state`` is ``optimizer.init(params)``; with ``donate``
+        the params and optimizer-state buffers passed in are reused (as ``jax.jit``'s
+        ``donate_argnums``)."""
+        from .pipeline_runtime import PipelineStep
+        loss_fn = loss_fn if loss_fn is not None else self._loss_fn
+        optimizer = optimizer if optimizer is not None else self._optimizer
+        if loss_fn is None or optimizer is None:
+            raise ValueError("this plan does not hold its loss function/optimizer (it was loaded from JSON): "
+                             "call plan.apply(loss_fn, optimizer)")
+        return PipelineStep(self, loss_fn, optimizer, devices=devices, donate=donate)
