@@ -89,6 +89,58 @@ def _plan_from_args(ns, fn, args):
                         donate_argnums=donate)
 
 
+def _optimizer(ns, module):
+    """--optimizer NAME:LR (sgd, momentum, adam, adamw), else the module's OPTIMIZER, else adam:1e-3."""
+    import optax
+    if ns.optimizer:
+        name, _, lr = ns.optimizer.partition(":")
+        makers = {"sgd": optax.sgd, "adam": optax.adam, "adamw": optax.adamw,
+                  "momentum": lambda lr: optax.sgd(lr, momentum=0.9)}
+        if name not in makers:
+            raise SystemExit(f"autopar: --optimizer must be one of {sorted(makers)}[:LR], got {ns.optimizer!r}")
+        try:
+            return makers[name](float(lr or 1e-3))
+        except ValueError:
+            raise SystemExit(f"autopar: --optimizer learning rate must be a number, got {lr!r}") from None
+    return getattr(module, "OPTIMIZER", None) or optax.adam(1e-3)
+
+
+def _parse_stages(text):
+    """"0-2:1x4,2-4:1x4" → [(0, 2, (1, 4)), (2, 4, (1, 4))] (layer ranges, sub-meshes)."""
+    if not text:
+        return None
+    out = []
+    try:
+        for part in text.split(","):
+            rng, sub = part.split(":")
+            a, b = rng.split("-")
+            n, m = sub.lower().split("x")
+            out.append((int(a), int(b), (int(n), int(m))))
+    except ValueError:
+        raise SystemExit(f"autopar: --stages must look like 0-2:1x4,2-4:1x4 (layer range:sub-mesh), got {text!r}") from None
+    return out
+
+
+def _training_plan(ns, module, fn, args):
+    import autopar
+    if len(args) != 2:
+        raise SystemExit(f"autopar: --train needs a loss function FOO(params, batch); FOO_args returned {len(args)} "
+                         "arguments")
+    return autopar.plan_training(
+        fn, *args, optimizer=_optimizer(ns, module), cluster=ns.cluster, nodes=ns.nodes,
+        num_microbatches=ns.microbatches, schedule=ns.schedule, num_stages=ns.num_stages,
+        stages=_parse_stages(ns.stages), num_layers=ns.layers, memory_budget_bytes=ns.budget,
+        solver=ns.solver, time_limit_s=ns.time_limit)
+
+
+def _finish_training(ns, plan) -> None:
+    if ns.json:
+        Path(ns.json).write_text(plan.to_json())
+        print(f"\nplan written to {ns.json}")
+    if ns.timeline:
+        print(f"timeline written to {plan.timeline(ns.timeline)}")
+
+
 def cmd_clusters(ns) -> int:
     from cost import known_clusters, load_cluster
     for name in known_clusters():
@@ -104,6 +156,11 @@ def cmd_plan(ns) -> int:
     from .report import format_report
     module, fn, name = load_target(ns.target)
     args = example_args(module, name, _parse_knobs(ns.arg), abstract=True)
+    if ns.train:
+        plan = _training_plan(ns, module, fn, args)
+        print(plan.report())
+        _finish_training(ns, plan)
+        return 0
     plan = _plan_from_args(ns, fn, args)
     print(format_report(plan, equations=ns.equations))
     if ns.json:
@@ -120,6 +177,8 @@ def cmd_run(ns) -> int:
     from .report import format_report
     module, fn, name = load_target(ns.target)
     args = example_args(module, name, _parse_knobs(ns.arg), abstract=False)
+    if ns.train:
+        return _run_training(ns, module, fn, args)
     if ns.plan:
         plan = autopar.Plan.from_json(Path(ns.plan).read_text())
     else:
@@ -142,6 +201,43 @@ def cmd_run(ns) -> int:
     return 0 if ok else 1
 
 
+def _run_training(ns, module, fn, args) -> int:
+    import jax
+    import numpy as np
+    import optax
+
+    import autopar
+    opt = _optimizer(ns, module)
+    if ns.plan:
+        plan = autopar.TrainingPlan.from_json(Path(ns.plan).read_text())
+    else:
+        plan = _training_plan(ns, module, fn, args)
+        print(plan.report())
+        _finish_training(ns, plan)
+    params, batch = args
+    state = opt.init(params)
+
+    def reference(p, o, b):
+        loss, g = jax.value_and_grad(fn)(p, b)
+        u, o = opt.update(g, o, p)
+        return optax.apply_updates(p, u), o, loss
+    want = jax.block_until_ready(jax.jit(reference)(params, state, batch))
+    got = jax.block_until_ready(plan.apply(fn, opt)(params, state, batch))
+    worst, ok = 0.0, True
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.dtype.kind in "fc":
+            worst = max(worst, float(np.max(np.abs(a - b), initial=0.0)))
+            ok &= bool(np.allclose(a, b, rtol=ns.rtol, atol=ns.atol))
+        else:
+            ok &= bool(np.array_equal(a, b))
+    print(f"\nran {plan.num_stages} stage(s) × {plan.num_microbatches} micro-batch(es) ({plan.schedule}) on "
+          f"{plan.nodes * plan.cluster.devices_per_node} {jax.devices()[0].platform} devices: params, optimizer "
+          f"state and loss vs the single-device step: max |diff| = {worst:.3g} → {'OK' if ok else 'MISMATCH'} "
+          f"(rtol {ns.rtol}, atol {ns.atol})")
+    return 0 if ok else 1
+
+
 def _common(p):
     p.add_argument("target", help="MODULE_OR_FILE:FUNCTION, e.g. examples/mlp.py:mlp_step")
     p.add_argument("--cluster", default="cpu-8", help="cluster spec name or JSON path (see `autopar clusters`)")
@@ -153,6 +249,15 @@ def _common(p):
     p.add_argument("--arg", action="append", metavar="KEY=VALUE", help="knob for FUNCTION_args()")
     p.add_argument("--donate", metavar="0,1", help="donated argument positions (params, optimizer state of "
                    "a training step): they keep their sharding across the step and their buffers are reused")
+    t = p.add_argument_group("training plans (--train: FUNCTION is loss_fn(params, batch))")
+    t.add_argument("--train", action="store_true", help="plan a training step with pipeline stages")
+    t.add_argument("--optimizer", help="sgd|momentum|adam|adamw[:LR] (default: the module's OPTIMIZER, else adam:1e-3)")
+    t.add_argument("--microbatches", type=int, default=1, help="micro-batches per step")
+    t.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"])
+    t.add_argument("--num-stages", type=int, default=None, help="force the number of stages")
+    t.add_argument("--stages", help="fix the stages: layer ranges and sub-meshes, e.g. 0-2:1x4,2-4:1x4")
+    t.add_argument("--layers", type=int, default=None, help="number of layers to cluster the forward into")
+    t.add_argument("--timeline", help="draw the pipeline schedule to this .svg or .png")
 
 
 def main(argv=None) -> int:
@@ -166,6 +271,7 @@ def main(argv=None) -> int:
     r = sub.add_parser("run", help="plan (or load) and execute on local devices; check vs unsharded")
     _common(r)
     r.add_argument("--plan", help="a plan JSON to run instead of planning")
+    r.add_argument("--json", help="write the (training) plan as JSON")
     r.add_argument("--devices", type=int, default=None,
                    help="simulated CPU devices (default: nodes × devices per node; ignored on GPU)")
     r.add_argument("--rtol", type=float, default=1e-5)

@@ -1,0 +1,50 @@
+"""``format_training_report(plan) -> str``: stages table + schedule summary of a TrainingPlan."""
+from __future__ import annotations
+
+from .emit import to_pspec
+from .report import _paths, _si, _time
+
+
+def format_training_report(plan) -> str:
+    p, s = plan.predicted, plan.search
+    total = plan.nodes * plan.cluster.devices_per_node
+    lines = [f"autopar training plan: {plan.function} on {plan.cluster.name} × {plan.nodes} node(s) = {total} devices",
+             f"{plan.num_stages} stage(s), {plan.num_microbatches} micro-batch(es), schedule {plan.schedule}; "
+             f"layers: {s.num_layers} ({'stage_boundary markers' if s.layers_from_markers else 'clustered'})",
+             f"predicted step time: {_time(p.step_time_s)} (schedule simulation; DP objective "
+             f"Σt + (B−1)·max t = {_time(p.dp_objective_s)}), bubble {p.bubble_fraction:.1%}, "
+             f"peak memory {_si(p.peak_memory_bytes, 'B')} per device (budget {_si(plan.memory_budget_bytes, 'B')})",
+             ""]
+    head = (f"{'stage':>5}  {'layers':>7}  {'sub-mesh':>8}  {'devices':>9}  {'mesh':>6}  {'t/micro-batch':>13}  "
+            f"{'fwd':>9}  {'bwd':>9}  {'send':>9}  {'params/dev':>10}  {'act/dev':>10}  {'in flight':>9}  {'memory/dev':>10}")
+    lines += [head, "-" * len(head)]
+    for st in plan.stages:
+        lines.append(
+            f"{st.index:>5}  {f'{st.layers[0]}-{st.layers[1] - 1}':>7}  {'×'.join(map(str, st.submesh)):>8}  "
+            f"{f'{st.devices[0]}-{st.devices[-1]}':>9}  {'×'.join(map(str, st.plan.mesh_shape)):>6}  "
+            f"{_time(st.latency_s):>13}  {_time(st.fwd_s):>9}  {_time(st.bwd_s):>9}  {_time(st.send_s):>9}  "
+            f"{_si(st.param_bytes_per_device, 'B'):>10}  {_si(st.activation_bytes_per_device, 'B'):>10}  "
+            f"{st.inflight_microbatches:>9}  {_si(st.memory_bytes_per_device, 'B'):>10}")
+    lines.append("")
+    paths = _paths(plan.param_tree, len(plan.param_shapes))
+    w = max((len(x) for x in paths), default=0)
+    lines.append("parameters (owner stage: sharding on its sub-mesh):")
+    for st in plan.stages:
+        specs = dict(zip(st.params, st.plan.input_specs_flat[:len(st.params)]))
+        for i in st.owned_params:
+            spec = to_pspec(specs[i]) if i in specs else "replicated (unused)"
+            lines.append(f"  {paths[i]:<{w}}  {str(tuple(plan.param_shapes[i])):<18} stage {st.index}: {spec}")
+    shared = [(i, [st.index for st in plan.stages if i in st.params]) for i in range(len(plan.param_shapes))]
+    shared = [(i, ks) for i, ks in shared if len(ks) > 1]
+    if shared:
+        lines.append("shared parameters (copied forward, gradients sent back to the owner): " +
+                     ", ".join(f"{paths[i]} → stages {ks}" for i, ks in shared))
+    lines.append("")
+    lines.append(f"stage search: {s.costing} costing, {s.candidates} (layer range, sub-mesh) candidates, "
+                 f"{s.ilp_solves} intra-op plans solved, {s.cache_hits} cache hits (identical layers), "
+                 f"{s.infeasible} infeasible")
+    t = plan.timing
+    lines.append(f"planning time: {t.total_s:.2f} s (trace + layers {t.trace_s:.2f} s, stage costing + DP {t.solve_s:.2f} s)")
+    fb = sorted({f"{f.primitive} ×{f.count}" for st in plan.stages for f in st.plan.fallbacks})
+    lines.append("fallback ops (replicated): " + (", ".join(fb) if fb else "none"))
+    return "\n".join(lines)
