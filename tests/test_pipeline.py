@@ -1,0 +1,187 @@
+"""Pipeline training plans: equality with the single-device step, stage choices, errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import autopar
+from autopar import PlanError, TrainingPlan, plan_training
+from conftest import make_cluster
+from examples import gpt, mlp
+
+
+def reference_step(loss_fn, opt):
+    def step(p, o, b):
+        loss, g = jax.value_and_grad(loss_fn)(p, b)
+        u, o = opt.update(g, o, p)
+        return optax.apply_updates(p, u), o, loss
+    return jax.jit(step)
+
+
+def assert_tree_close(got, want, rtol=1e-5, atol=1e-6):
+    gl, gt = jax.tree_util.tree_flatten(got)
+    wl, wt = jax.tree_util.tree_flatten(want)
+    assert gt == wt
+    for a, b in zip(gl, wl):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol)
+
+
+def run_and_compare(loss_fn, params, batch, opt, tplan):
+    state = opt.init(params)
+    want = reference_step(loss_fn, opt)(params, state, batch)
+    jax.block_until_ready(want)
+    got = tplan.apply()(params, state, batch)
+    assert_tree_close(got, want)
+    return got
+
+
+# 2 stages: one node of 4 each; 4 stages: (1,2) sub-meshes on a 2 × 4 cluster
+STAGES = {2: [(0, 2, (1, 4)), (2, 4, (1, 4))],
+          4: [(0, 1, (1, 2)), (1, 2, (1, 2)), (2, 3, (1, 2)), (3, 4, (1, 2))]}
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("num_stages", [2, 4])
+def test_mlp_pipeline_equals_single_device(devices8, schedule, num_stages):
+    params, batch = mlp.params_and_batch(batch=32, hidden=64, layers=4, bias=True)
+    opt = optax.adam(1e-2)
+    tplan = plan_training(mlp.loss_fn, params, batch, optimizer=opt, cluster=make_cluster(4), nodes=2,
+                          num_microbatches=4, schedule=schedule, num_layers=4, stages=STAGES[num_stages])
+    assert tplan.num_stages == num_stages
+    assert [s.layers for s in tplan.stages] == [[a, b] for a, b, _ in STAGES[num_stages]]
+    devs = [d for s in tplan.stages for d in s.devices]
+    assert len(set(devs)) == len(devs)  # sub-meshes are disjoint
+    _, _, loss = run_and_compare(mlp.loss_fn, params, batch, opt, tplan)
+    assert np.isfinite(float(loss))
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("num_stages", [2, 4])
+def test_gpt_pipeline_equals_single_device(devices8, schedule, num_stages):
+    # tied embeddings: wte is read by the first and the last stage (copied, gradient sent back)
+    params, batch = gpt.params_and_batch(layers=2, hidden=32, seq=16, vocab=64, batch=8)
+    opt = optax.sgd(0.1, momentum=0.9)
+    stages = [(a, b, sub, (sub[1],)) for a, b, sub in STAGES[num_stages]]  # 1D logical meshes: faster to plan
+    tplan = plan_training(gpt.loss_fn, params, batch, optimizer=opt, cluster=make_cluster(4), nodes=2,
+                          num_microbatches=2, schedule=schedule, num_layers=4, stages=stages)
+    paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    wte = paths.index("['wte']")
+    readers = [s.index for s in tplan.stages if wte in s.params]
+    run_and_compare(gpt.loss_fn, params, batch, opt, tplan)
+    assert tplan.num_stages == num_stages
+    assert readers == [0, num_stages - 1]  # embedding lookup and the tied output projection
+    assert "shared parameters" in tplan.report()
+
+
+def test_two_slow_nodes_and_a_big_model_give_one_stage_per_node(devices8):
+    # network 1000× slower than the links inside a node; the model does not fit one node
+    params, batch = mlp.params_and_batch(batch=64, hidden=512, layers=4)
+    opt = optax.adam(1e-3)
+    cluster = make_cluster(4, intra_bw=150e9, inter_bw=0.15e9, alpha_s=1e-6, flops=1e11)
+    p_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+    budget = 0.8 * p_bytes  # params + grads + 2 Adam moments sharded over 4 devices need 1.0 × p_bytes
+    tplan = plan_training(mlp.loss_fn, params, batch, optimizer=opt, cluster=cluster, nodes=2,
+                          num_microbatches=4, num_layers=2, memory_budget_bytes=budget)
+    assert tplan.num_stages == 2
+    assert [s.submesh for s in tplan.stages] == [[1, 4], [1, 4]]
+    assert sorted(tplan.stages[0].devices) == [0, 1, 2, 3] and sorted(tplan.stages[1].devices) == [4, 5, 6, 7]
+    assert all(s.memory_bytes_per_device <= budget for s in tplan.stages)
+    run_and_compare(mlp.loss_fn, params, batch, opt, tplan)
+
+
+def test_fast_links_and_a_small_model_give_one_stage(devices8):
+    # compute-bound (slow devices) and fast links everywhere: data parallel over all 8 devices
+    # scales perfectly, so a pipeline would only add its bubble
+    params, batch = mlp.params_and_batch(batch=512, hidden=64, layers=4)
+    opt = optax.adam(1e-3)
+    tplan = plan_training(mlp.loss_fn, params, batch, optimizer=opt,
+                          cluster=make_cluster(4, inter_bw=150e9, flops=1e10), nodes=2, num_microbatches=4,
+                          num_layers=2)
+    assert tplan.num_stages == 1
+    assert tplan.stages[0].submesh == [2, 4]
+    assert tplan.predicted.bubble_fraction == 0.0
+    run_and_compare(mlp.loss_fn, params, batch, opt, tplan)
+
+
+def test_json_round_trip_and_apply_from_json(devices8):
+    params, batch = mlp.params_and_batch(batch=16, hidden=32, layers=2)
+    opt = optax.sgd(0.1)
+    tplan = plan_training(mlp.loss_fn, params, batch, optimizer=opt, cluster=make_cluster(4), nodes=2,
+                          num_microbatches=2, num_layers=2, stages=[(0, 1, (1, 4)), (1, 2, (1, 4))])
+    again = TrainingPlan.from_json(tplan.to_json())
+    assert again == tplan
+    with pytest.raises(ValueError, match="loaded from JSON"):
+        again.apply()
+    state = opt.init(params)
+    want = reference_step(mlp.loss_fn, opt)(params, state, batch)
+    assert_tree_close(again.apply(mlp.loss_fn, opt)(params, state, batch), want)
+
+
+def test_planning_is_deterministic(devices8):
+    params, batch = mlp.params_and_batch(batch=32, hidden=64, layers=4)
+    kw = dict(optimizer=optax.adam(1e-3), cluster=make_cluster(4), nodes=2, num_microbatches=4, num_layers=3)
+    a = plan_training(mlp.loss_fn, params, batch, **kw)
+    b = plan_training(mlp.loss_fn, params, batch, **kw)
+    skip = {"timing": True, "stages": {"__all__": {"plan": {"timing"}}}}
+    assert a.model_dump(exclude=skip) == b.model_dump(exclude=skip)
+
+
+def test_identical_layers_are_planned_once(devices8):
+    params, batch = mlp.params_and_batch(batch=32, hidden=64, layers=6)
+    tplan = plan_training(mlp.loss_fn, params, batch, optimizer=optax.sgd(0.1), cluster=make_cluster(4),
+                          num_microbatches=2, num_layers=6, costing="additive")
+    # single layers × 3 sub-meshes; the 4 middle layers are identical
+    assert tplan.search.cache_hits >= 3 * 3
+    assert tplan.search.costing == "additive"
+
+
+def test_report_timeline_and_stage_boundary_markers(devices8, tmp_path):
+    def loss_fn(params, batch):
+        h = jnp.tanh(batch["x"] @ params["w1"])
+        h = autopar.stage_boundary(h)
+        h = jnp.tanh(h @ params["w2"])
+        h = autopar.stage_boundary(h)
+        return jnp.mean((h @ params["w3"] - batch["y"]) ** 2)
+    rng = np.random.default_rng(0)
+    params = {k: jnp.asarray(rng.normal(size=(32, 32)) / 6, jnp.float32) for k in ("w1", "w2", "w3")}
+    batch = {"x": jnp.asarray(rng.normal(size=(16, 32)), jnp.float32), "y": jnp.zeros((16, 32), jnp.float32)}
+    opt = optax.adam(1e-2)
+    tplan = plan_training(loss_fn, params, batch, optimizer=opt, cluster=make_cluster(4), num_microbatches=4,
+                          num_stages=3)
+    assert tplan.search.layers_from_markers and tplan.search.num_layers == 3
+    assert tplan.num_stages == 3
+    run_and_compare(loss_fn, params, batch, opt, tplan)
+    rep = tplan.report()
+    for word in ("stage", "sub-mesh", "bubble", "in flight", "memory/dev", "['w1']"):
+        assert word in rep
+    svg = tplan.timeline(str(tmp_path / "t.svg"))
+    text = open(svg).read()
+    assert text.count('class="task F') == 3 * 4 and text.count('class="task B') == 3 * 4
+
+
+def test_errors(devices8):
+    params, batch = mlp.params_and_batch(batch=30, hidden=16, layers=2)
+    opt = optax.sgd(0.1)
+    with pytest.raises(ValueError, match="divisible by num_microbatches=4"):
+        plan_training(mlp.loss_fn, params, batch, optimizer=opt, num_microbatches=4)
+    with pytest.raises(ValueError, match="optax.GradientTransformation"):
+        plan_training(mlp.loss_fn, params, batch, optimizer="adam")
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        plan_training(mlp.loss_fn, params, batch, optimizer=opt, schedule="zb")
+    with pytest.raises(autopar.TraceError, match="one scalar floating loss"):
+        plan_training(lambda p, b: b["x"] @ p[0]["w"], params, batch, optimizer=opt)
+    with pytest.raises(ValueError, match="must tile"):
+        plan_training(mlp.loss_fn, params, batch, optimizer=opt, num_layers=2, stages=[(0, 1, (1, 8))])
+    with pytest.raises(ValueError, match="is not one of"):
+        plan_training(mlp.loss_fn, params, batch, optimizer=opt, num_layers=2,
+                      stages=[(0, 1, (1, 3)), (1, 2, (1, 4))])
+    with pytest.raises(PlanError, match="smallest budget that fits is"):
+        plan_training(mlp.loss_fn, params, batch, optimizer=opt, num_layers=2, memory_budget_bytes=100)
+    tplan = plan_training(mlp.loss_fn, params, batch, optimizer=opt, num_layers=2)
+    step = tplan.apply()
+    bigger, _ = mlp.params_and_batch(batch=30, hidden=32, layers=2)
+    with pytest.raises(autopar.PlanMismatchError):
+        step(bigger, opt.init(bigger), batch)
+    with pytest.raises(autopar.PlanMismatchError):
+        tplan.apply(lambda p, b: mlp.loss_fn(p, b) * 2.0)
