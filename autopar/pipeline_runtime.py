@@ -64,24 +64,23 @@ class _StageExec:
 
         def backward(vjp_fn, ct, acc):
             dp, da = vjp_fn(ct)
-            dp = [_wsc(g, s) for g, s in zip(dp, p_sh)]
-            if acc is not None:
-                dp = [x + g for x, g in zip(acc, dp)]
+            dp = [_wsc(x + g, s) for x, g, s in zip(acc, dp, p_sh)]
             return dp, [_wsc(g, s) for g, s in zip(da, a_sh)]
 
         self.forward = jax.jit(forward)
-        self.backward_first = jax.jit(lambda vjp_fn, ct: backward(vjp_fn, ct, None))
-        self.backward_acc = jax.jit(backward, donate_argnums=(2,))
+        self.backward = jax.jit(backward, donate_argnums=(2,))
+        self.p_avals = [(tuple(program.values[program.invars[i]].shape), program.values[program.invars[i]].dtype)
+                        for i in st.params]
 
-        # optimizer on the owned params (full tree, None where not owned)
-        self.masked_tree = jax.tree_util.tree_structure(masked_params_abs)
-        ptree = self.masked_tree
 
-        def update(params, opt_state, grads):
+        def update(params, opt_state, grads):  # owned params: full tree, None where not owned
             upd, opt_state = optimizer.update(grads, opt_state, params)
             return optax.apply_updates(params, upd), opt_state
         self.update = jax.jit(update, donate_argnums=(0, 1) if donate else ())
-        self._ptree = ptree
+
+    def zero_grads(self):
+        """Gradient accumulators: zeros with the parameters' shardings (no compilation)."""
+        return [jax.device_put(np.zeros(shape, dtype), sh) for (shape, dtype), sh in zip(self.p_avals, self.p_sh)]
 
 
 class PipelineStep:
@@ -229,10 +228,7 @@ class PipelineStep:
                             g = jnp.zeros(self.shapes[v], self.dtypes[v])
                     ct.append(jax.device_put(g, sh))
                 vjp_fn = res.pop((k, m))
-                if acc[k] is None:
-                    acc[k], da = e.backward_first(vjp_fn, ct)
-                else:
-                    acc[k], da = e.backward_acc(vjp_fn, ct, acc[k])
+                acc[k], da = e.backward(vjp_fn, ct, e.zero_grads() if acc[k] is None else acc[k])
                 for v, g in zip(s.acts_in, da):
                     j = self.producer[v]
                     dst = ex[j].ct_sh[st[j].outs.index(v)]

@@ -11,6 +11,21 @@ from conftest import make_cluster
 from examples import gpt, mlp
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Stage executables are identical across the GPipe/1F1B variants of a case: a persistent
+    compilation cache (fresh for this module) compiles each once (XLA:CPU needs ~3 s per GPT stage)."""
+    from jax._src import compilation_cache as cc
+    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    cc.reset_cache()
+    yield
+    jax.config.update("jax_compilation_cache_dir", old[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+    cc.reset_cache()
+
+
 def reference_step(loss_fn, opt):
     def step(p, o, b):
         loss, g = jax.value_and_grad(loss_fn)(p, b)
