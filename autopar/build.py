@@ -133,10 +133,31 @@ def match_donations(graph: OpGraph, donated_inputs) -> list[tuple[int, int]]:
     return pairs
 
 
+def restrict_inputs(graph: OpGraph, strats, allowed) -> list:
+    """Keep only the strategies ``allowed(node_index, strategy)`` accepts, on program inputs."""
+    out = list(strats)
+    for node in graph.nodes:
+        if node.kind != "input":
+            continue
+        keep = [s for s in strats[node.index] if allowed(node.index, s)]
+        if not keep:
+            raise ValueError(f"no allowed sharding for program input {node.index} (shape {node.outputs[0].shape}): "
+                             f"the restriction rejects all of {[s.name for s in strats[node.index]]}")
+        out[node.index] = keep
+    return out
+
+
 def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float | None,
-                  donated_inputs=(), merge_followers: bool = False, tie_repeats: bool = True) -> IntraProblem:
+                  donated_inputs=(), merge_followers: bool = False, tie_repeats: bool = True,
+                  allowed=None, allowed_reshard=None) -> IntraProblem:
     """``donated_inputs``: flat input indices whose buffers the step may reuse; each must keep
     the sharding of the output it aliases (alias constraint: an edge with ∞ off the diagonal).
+
+    ``allowed(node_index, strategy) -> bool`` (default: everything) restricts the shardings of
+    the program inputs (node index = flat input leaf index), ``allowed_reshard(node_index,
+    src_spec, dst_spec) -> bool`` the specs their consumers may convert them to (forbidden:
+    ∞ on the edge); ``autopar.baselines`` uses both to pin data/parameter layouts and lets
+    the solver choose every other operator.
 
     ``tie_repeats`` (default on) ties repeated layers (``autopar.repeats``); it kept the
     optimum on every GPT size we measured. ``merge_followers`` (off by default) also folds
@@ -146,13 +167,16 @@ def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float
     """
     signatures = graph.signatures
     strats, fallbacks = _node_strategies(graph, mesh, signatures)
+    if allowed is not None:
+        strats = restrict_inputs(graph, strats, allowed)
     aliases = match_donations(graph, donated_inputs)
     donated_nodes = {i for i, _ in aliases}
     n = len(graph.nodes)
     node_costs, usages, comp_all, comm_all, intervals = [], [], [], [], []
     cost_cache: dict = {}
     for node, ss, sig in zip(graph.nodes, strats, signatures):
-        key = sig if node.kind == "eqn" else (node.kind, node.outputs[0].shape, str(node.outputs[0].dtype))
+        key = sig if node.kind == "eqn" else (node.kind, node.outputs[0].shape, str(node.outputs[0].dtype),
+                                               tuple(x.name for x in ss))
         if key not in cost_cache:
             cost_cache[key] = _node_costs(node, ss, mesh)
         comp, comm, use = cost_cache[key]
@@ -188,6 +212,9 @@ def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float
                 m = np.array([[0.0 if d is None else resharding(mesh, op.value.shape, op.value.itemsize, a, d)[0]
                                for d in dst] for a in src]) * US
                 cache[key] = m
+            if allowed_reshard is not None and graph.nodes[u].kind == "input":
+                ok = np.array([[d is None or allowed_reshard(u, a, d) for d in dst] for a in src], dtype=bool)
+                m = np.where(ok, m, np.inf)
             mat = mat + m
         grouped_index[(u, v)] = len(edges)
         edges.append((u, v))
@@ -216,6 +243,9 @@ def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float
         rep, maps = list(range(n)), [np.arange(len(s)) for s in strats]
     if tie_repeats:
         tie = find_repeats(graph, strats, signatures)
+        if allowed is not None:  # restricted inputs of one shape may differ: tie only equal lists
+            tie = [t if t == v or [x.out_specs for x in strats[t]] == [x.out_specs for x in strats[v]] else v
+                   for v, t in enumerate(tie)]
         rep = [tie[r] for r in rep]
     merged = merge(full, rep, maps)
     stats = {"aliases": len(aliases), "nodes": n, "edges": len(edges), "strategies": int(sum(len(s) for s in strats)),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from cost import ClusterSpec
 
@@ -107,6 +107,9 @@ class Plan(_Frozen):
     fallbacks: list[Fallback]
     donated_inputs: list[int] = []
     timing: Timing = Timing()
+    # who chose the shardings: "autopar", or a hand-written baseline of autopar.baselines
+    # ("data_parallel", "fsdp", "megatron", "dp_tp"); left out of the JSON when "autopar"
+    strategy_name: str = Field(default="autopar", exclude_if=lambda v: v == "autopar")
     _fn: Any = PrivateAttr(default=None)   # the planned function, when planned in this process
 
     def __eq__(self, other) -> bool:  # fields only (not the private function reference)

@@ -71,6 +71,18 @@ def plan(fn, *example_args, cluster="cpu-8", nodes: int = 1, mesh_shape=None,
     outputs they alias (same shape/dtype), which must then keep the same sharding — pass the
     params/optimizer-state positions of a training step.
     """
+    return plan_with(fn, example_args, cluster=cluster, nodes=nodes, mesh_shape=mesh_shape,
+                     memory_budget_bytes=memory_budget_bytes, solver=solver, time_limit_s=time_limit_s,
+                     donate_argnums=donate_argnums)
+
+
+def plan_with(fn, example_args, *, cluster="cpu-8", nodes: int = 1, mesh_shape=None,
+              memory_budget_bytes: float | None = None, solver: str = "auto",
+              time_limit_s: float | None = None, donate_argnums=(), restrict=None,
+              strategy_name: str = "autopar") -> Plan:
+    """``plan`` with two hooks for restricted runs (``autopar.baselines``): ``restrict(mesh_shape)``
+    returns the ``build_problem`` keyword arguments ``allowed`` / ``allowed_reshard`` (filters
+    on the program inputs' shardings) for that mesh; ``strategy_name`` is recorded in the Plan."""
     t0 = time.perf_counter()
     spec = _check_args(cluster, nodes, mesh_shape, solver, memory_budget_bytes, time_limit_s)
     budget = float(memory_budget_bytes or spec.device.memory_bytes)
@@ -85,7 +97,7 @@ def plan(fn, *example_args, cluster="cpu-8", nodes: int = 1, mesh_shape=None,
     for shape in shapes:
         ts = time.perf_counter()
         ip = build_problem(graph, mesh_model(spec, nodes, shape), memory_budget_bytes=budget,
-                           donated_inputs=donated)
+                           donated_inputs=donated, **({} if restrict is None else restrict(shape)))
         t_strat += time.perf_counter() - ts
         ts = time.perf_counter()
         try:
@@ -109,6 +121,14 @@ def plan(fn, *example_args, cluster="cpu-8", nodes: int = 1, mesh_shape=None,
     if best is None:
         need = min((m for m in min_needed if m is not None), default=None)
         name = getattr(fn, "__name__", "fn")
+        if strategy_name != "autopar":
+            name = f"{name} (baseline {strategy_name})"
+            if need is not None and need <= budget:  # the fixed layouts (not one op at a time) need more
+                raise PlanError(
+                    f"no sharding of {name} on meshes {shapes} fits memory_budget_bytes={budget:.0f} per device "
+                    f"with the baseline's input layouts and alias constraints; {need:.0f} bytes per device is a "
+                    "lower bound (every op at its smallest allowed sharding), the baseline needs more. Raise the "
+                    "budget or try another baseline.", min_bytes_per_device=need)
         if need is None or need <= budget:  # not a memory problem: forbidden combinations
             raise PlanError(f"no valid sharding of {name} on meshes {shapes} (every plan breaks an alias "
                             "constraint or an unsupported combination); try mesh_shape=(N,) or no donate_argnums",
@@ -119,7 +139,8 @@ def plan(fn, *example_args, cluster="cpu-8", nodes: int = 1, mesh_shape=None,
             "Raise the budget, add devices/nodes, or shrink the model/batch.", min_bytes_per_device=need)
     timing = Timing(trace_s=t_trace - t0, strategies_s=t_strat, solve_s=t_solve,
                     total_s=time.perf_counter() - t0, per_mesh_solve_s=per_mesh)
-    result = assemble_plan(fn, program, best[0], best[1], spec, nodes, budget, candidates, timing, donated)
+    result = assemble_plan(fn, program, best[0], best[1], spec, nodes, budget, candidates, timing, donated,
+                           strategy_name=strategy_name)
     result._fn = fn
     return result
 
@@ -153,7 +174,7 @@ def _where(graph, idx) -> str:
 
 
 def assemble_plan(fn, program, ip: IntraProblem, sol, spec: ClusterSpec, nodes: int, budget: float,
-                  candidates, timing, donated=()) -> Plan:
+                  candidates, timing, donated=(), strategy_name: str = "autopar") -> Plan:
     graph, mesh = ip.graph, ip.mesh
     names = axis_names(len(mesh.shape))
     choice = ip.expand(sol.choice)
@@ -223,4 +244,4 @@ def assemble_plan(fn, program, ip: IntraProblem, sol, spec: ClusterSpec, nodes: 
         output_tree=treedef_to_json(program.out_tree),
         input_shapes=[list(program.values[v].shape) for v in program.invars], eqns=eqns,
         predicted=predicted, solver=stats, mesh_candidates=candidates, fallbacks=fallbacks,
-        donated_inputs=list(donated), timing=timing)
+        donated_inputs=list(donated), timing=timing, strategy_name=strategy_name)

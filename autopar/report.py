@@ -34,7 +34,8 @@ def _paths(tree_json, n: int) -> list[str]:
 def format_report(plan, *, equations: bool = False, max_collectives: int = 12) -> str:
     p = plan.predicted
     total = plan.nodes * plan.cluster.devices_per_node
-    lines = [f"autopar plan: {plan.function} on {plan.cluster.name} × {plan.nodes} node(s) = {total} devices",
+    who = "autopar" if plan.strategy_name == "autopar" else f"baseline {plan.strategy_name}"
+    lines = [f"{who} plan: {plan.function} on {plan.cluster.name} × {plan.nodes} node(s) = {total} devices",
              f"mesh: {tuple(plan.mesh_shape)} axes {tuple(plan.axis_names)}"]
     cands = ", ".join(f"{tuple(c.mesh_shape)}: " + (_time(c.objective_s) if c.objective_s is not None else c.status)
                       for c in plan.mesh_candidates)
