@@ -149,7 +149,7 @@ def restrict_inputs(graph: OpGraph, strats, allowed) -> list:
 
 def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float | None,
                   donated_inputs=(), merge_followers: bool = False, tie_repeats: bool = True,
-                  allowed=None, allowed_reshard=None) -> IntraProblem:
+                  allowed=None, allowed_reshard=None, input_usage_scale=None) -> IntraProblem:
     """``donated_inputs``: flat input indices whose buffers the step may reuse; each must keep
     the sharding of the output it aliases (alias constraint: an edge with ∞ off the diagonal).
 
@@ -158,6 +158,10 @@ def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float
     src_spec, dst_spec) -> bool`` the specs their consumers may convert them to (forbidden:
     ∞ on the edge); ``autopar.baselines`` uses both to pin data/parameter layouts and lets
     the solver choose every other operator.
+
+    ``input_usage_scale`` {input index: k} counts k bytes per byte of that input (same
+    sharding): pipeline stages charge a parameter for its gradient accumulator and optimizer
+    state, which live on the stage all step long.
 
     ``tie_repeats`` (default on) ties repeated layers (``autopar.repeats``); it kept the
     optimum on every GPT size we measured. ``merge_followers`` (off by default) also folds
@@ -180,6 +184,8 @@ def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float
         if key not in cost_cache:
             cost_cache[key] = _node_costs(node, ss, mesh)
         comp, comm, use = cost_cache[key]
+        if input_usage_scale and node.kind == "input" and node.index in input_usage_scale:
+            use = use * float(input_usage_scale[node.index])
         comp_all.append(comp)
         comm_all.append(comm)
         node_costs.append((comp + comm) * US + use * TIEBREAK_US_PER_BYTE)

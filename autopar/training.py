@@ -17,8 +17,9 @@ Costs per stage and micro-batch (seconds, bytes per device):
   activations coming in and their gradients going back (bw, α: the inter-node link when the
   cluster has several nodes, else the intra-node link). Forward/backward split 1 : 2.
 * A = the stage's ``jax.vjp`` residuals (activations kept for the backward) / n_dev.
-* W = the ILP's peak for one micro-batch + (1 + r)·params per device (gradient accumulator
-  and optimizer state; r = optimizer-state bytes per parameter byte) − A.
+* W = the ILP's peak for one micro-batch − A, where the ILP charges every parameter
+  (2 + r)× its bytes (itself, its gradient accumulator and optimizer state; r =
+  optimizer-state bytes per parameter byte), so it shards parameters when memory binds.
 * memory rule (1F1B): W + min(S − i, B)·A ≤ device memory for stage i of S (GPipe: B·A).
 
 ``costing="exact"`` plans every (range, sub-mesh) pair; ``"additive"`` plans single layers
@@ -42,7 +43,7 @@ from solvers.stage_dp import StageInfeasibleError, StageProblem, solve_stages, s
 from .graph import build_graph
 from .layers import cluster_layers
 from .plan import Plan, Timing
-from .planner import PlanError, plan as plan_intra
+from .planner import PlanError, plan_with
 from .pytree_json import treedef_to_json
 from .stages import Stage, residual_bytes, split_program, stage_abstract_args, stage_forward, stage_train, owners
 from .trace import Program, TraceError, trace
@@ -189,8 +190,11 @@ class _StageCoster:
         cl, n = sub_cluster(self.spec, submesh)
         n_dev = submesh[0] * submesh[1]
         try:
-            sp = plan_intra(stage_train(fwd), p, a, nd, ct, cluster=cl, nodes=n, mesh_shape=mesh_shape,
-                            memory_budget_bytes=self.budget, solver=self.solver, time_limit_s=self.time_limit_s)
+            # a parameter also holds its gradient accumulator and optimizer state all step long
+            scale = {i: 2.0 + self.opt_ratio for i in range(len(p))}
+            sp = plan_with(stage_train(fwd), (p, a, nd, ct), cluster=cl, nodes=n, mesh_shape=mesh_shape,
+                           memory_budget_bytes=self.budget, solver=self.solver, time_limit_s=self.time_limit_s,
+                           restrict=lambda shape: {"input_usage_scale": scale})
         except PlanError as err:
             self.infeasible += 1
             if err.min_bytes_per_device is not None:
@@ -206,7 +210,7 @@ class _StageCoster:
         link = self.spec.inter_node_link if self.nodes > 1 else self.spec.intra_node_link
         bw = (self.spec.inter_node_bandwidth_per_device() if self.nodes > 1 else link.bandwidth_bytes_per_s) * n_dev
         send = 2 * (link.alpha_s + in_bytes / bw) if in_bytes else 0.0
-        static = max(sp.predicted.peak_memory_bytes + (1 + self.opt_ratio) * param_dev - act, 0.0)
+        static = max(sp.predicted.peak_memory_bytes - act, 0.0)  # the ILP's peak counts one micro-batch's residuals
         res = {"plan": sp, "latency": sp.predicted.step_time_s + send, "send": send, "static": static,
                "act": act, "param_dev": param_dev}
         self.cache[key] = res
