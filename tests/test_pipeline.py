@@ -207,3 +207,31 @@ def test_errors(devices8):
         step(bigger, opt.init(bigger), batch)
     with pytest.raises(autopar.PlanMismatchError):
         tplan.apply(lambda p, b: mlp.loss_fn(p, b) * 2.0)
+
+
+def test_unequal_layer_costs_get_unequal_submeshes(devices8):
+    # layer 0 has twice the FLOPs of layers 1 and 2 (two matmuls vs one); slow links and a large
+    # α make intra-op scaling poor, so a 3-stage pipeline wins and the DP gives the heavy
+    # layer 4 devices and the light ones 2 each (Alpa's WResNet result had this shape: 4/4/8)
+    def loss_fn(p, b):
+        x = jnp.tanh(jnp.tanh(b["x"] @ p["a"]) @ p["b"])
+        x = autopar.stage_boundary(x)
+        x = autopar.stage_boundary(jnp.tanh(x @ p["c"]))
+        return jnp.mean((jnp.tanh(x @ p["d"]) - b["y"]) ** 2)
+    rng = np.random.default_rng(0)
+    h = 1024
+    params = {k: jnp.asarray(rng.normal(size=(h, h)) / 32, jnp.float32) for k in "abcd"}
+    batch = {"x": jnp.asarray(rng.normal(size=(256, h)), jnp.float32),
+             "y": jnp.asarray(rng.normal(size=(256, h)), jnp.float32)}
+    opt = optax.sgd(0.1)
+    kw = dict(optimizer=opt, cluster=make_cluster(8, intra_bw=1e9, inter_bw=1e9, alpha_s=1e-4, flops=1e11),
+              num_microbatches=16)
+    tplan = plan_training(loss_fn, params, batch, **kw)
+    assert [s.layers for s in tplan.stages] == [[0, 1], [1, 2], [2, 3]]
+    assert [s.submesh for s in tplan.stages] == [[1, 4], [1, 2], [1, 2]]
+    # predicted faster than every equal split: one stage on 8 devices, two stages on 4 + 4
+    for n in (1, 2):
+        equal = plan_training(loss_fn, params, batch, num_stages=n, **kw)
+        assert len({tuple(s.submesh) for s in equal.stages}) == 1
+        assert tplan.predicted.dp_objective_s < equal.predicted.dp_objective_s
+    run_and_compare(loss_fn, params, batch, opt, tplan)
