@@ -1,12 +1,17 @@
 """Every strategy family: planned, compiled, run on 8 CPU devices; outputs equal the
 unsharded function and predicted collective bytes match the compiled HLO."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import make_cluster
+from jax.sharding import PartitionSpec as P
 
 import autopar
+from autopar import baselines
+from autopar.strategies import STRATEGY_RULES, replicated_rule
 
 # slow devices and cheap links: splitting pays for every op, so the rules are exercised
 CLUSTER = make_cluster(8, flops=1e9, alpha_s=1e-7)
@@ -76,6 +81,35 @@ def sort_ops(x):
     return jnp.sort(x, axis=1), jax.lax.top_k(x, 3)[0]
 
 
+def pad_mid(x):
+    return jnp.pad(x, ((0, 0), (1, 1), (0, 0))) * 2
+
+
+def concat_last(x):
+    return jnp.concatenate([x, x * 3], axis=2) * 2
+
+
+def pool_grads(x):
+    """Max-pool and avg-pool (reduce_window) and their gradients (select_and_scatter_add;
+    pad with interior padding + reduce_window_sum), NHWC."""
+    def maxpool(v):
+        return jax.lax.reduce_window(v, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), "SAME")
+
+    def avgpool(v):
+        return jax.lax.reduce_window(v, 0.0, jax.lax.add, (1, 3, 3, 1), (1, 2, 2, 1), "SAME") / 9
+    return jax.grad(lambda v: (maxpool(v) ** 2).sum() + (avgpool(v) ** 2).sum())(x)
+
+
+def bitcast_barrier(x, y):
+    a, b = jax.lax.optimization_barrier((x * 3, y + 1))                 # operands of two shapes
+    bits = jax.lax.bitcast_convert_type(a, jnp.uint8).astype(jnp.float32)  # (64, 32) -> (64, 32, 4)
+    return bits.sum(-1) + a * 2 + b[:, None]
+
+
+def batched_keys(x, keys):
+    return x + jax.vmap(lambda k: jax.random.normal(k, x.shape[1:]))(keys)
+
+
 CASES = {
     "dot_general": (lambda a, b: jnp.tanh(a @ b) @ b.T, lambda: (arr(64, 128), arr(128, 256))),
     "batched_dot": (attention_like, lambda: (arr(8, 32, 16), arr(8, 32, 16))),
@@ -90,6 +124,11 @@ CASES = {
     "random_bits": (random_ops, lambda: (arr(64, 64),)),
     "control_flow": (control_flow, lambda: (arr(16, 32),)),
     "sort_topk": (sort_ops, lambda: (arr(64, 32),)),
+    "pad": (pad_mid, lambda: (arr(64, 32, 128),)),
+    "concatenate": (concat_last, lambda: (arr(64, 32, 128),)),
+    "pooling": (pool_grads, lambda: (arr(16, 16, 16, 8),)),
+    "bitcast_barrier": (bitcast_barrier, lambda: (arr(64, 32), arr(64))),
+    "batched_keys": (batched_keys, lambda: (arr(64, 32), jax.random.split(jax.random.key(0), 64))),
 }
 
 
@@ -134,3 +173,66 @@ def test_megatron_rule_finds_partial_sum_all_reduce(devices8):
     assert plan.input_specs == (jax.sharding.PartitionSpec(None, "x"), jax.sharding.PartitionSpec("x"))
     v = plan.validate(*args)
     assert set(v.compiled_bytes) == {"all-reduce"} and v.bytes_error() <= 0.05, v.table()
+
+
+# (primitive, dims it must leave unsplit: the padded / concatenated / windowed ones)
+LOCAL_OPS = {"pad": ("pad", {1}), "concatenate": ("concatenate", {2}),
+             "pooling": ("select_and_scatter_add", {1, 2})}
+COLLECTIVE = re.compile(r"all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute")
+
+
+@pytest.mark.parametrize("how", ["autopar", "data_parallel"])
+@pytest.mark.parametrize("name", list(LOCAL_OPS))
+def test_batch_split_pad_concat_pool_stay_local(name, how, devices8):
+    """pad / concatenate / pooling of a batch-split input: split on the dims they leave alone,
+    no collective at all (they used to be replicated: an all-gather each, not reported)."""
+    fn, make = CASES[name]
+    args = make()
+    if how == "autopar":
+        plan = autopar.plan(fn, *args, cluster=CLUSTER, mesh_shape=(8,))
+    else:  # the input is pinned batch-split; the ILP chooses the rest
+        plan = baselines.data_parallel(fn, *args, cluster=CLUSTER, batch_argnums=(0,))
+        assert plan.input_specs[0] == P("x")
+    prim, frozen = LOCAL_OPS[name]
+    eqns = [e for e in plan.eqns if e.primitive == prim]
+    assert eqns, [e.primitive for e in plan.eqns]
+    for e in eqns:
+        assert e.strategy != "replicated" and any(e.out_specs[0]), (e.strategy, plan.report())
+        assert all(not e.out_specs[0][d] for d in frozen), e.out_specs
+        assert not e.reshard_inputs and e.fallback is None, e
+    assert plan.fallbacks == [] and plan.predicted.comm_bytes_per_device == 0, plan.report()
+    step = plan.apply(fn)
+    for a, b in zip(jax.tree_util.tree_leaves(step(*args)), jax.tree_util.tree_leaves(jax.jit(fn)(*args))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    hlo = step.lower(*args).compile().as_text()
+    assert not COLLECTIVE.findall(hlo), sorted(set(COLLECTIVE.findall(hlo)))
+
+
+@pytest.mark.parametrize("name", ["bitcast_barrier", "batched_keys"])
+def test_shape_changing_ops_are_split(name, devices8):
+    """bitcast to a narrower type, optimization_barrier of two shapes, random_bits of batched
+    keys: split on the dims they share (they used to be replicated without a report)."""
+    fn, make = CASES[name]
+    plan = autopar.plan(fn, *make(), cluster=CLUSTER, mesh_shape=(8,))
+    prims = {"bitcast_barrier": ("bitcast_convert_type", "optimization_barrier"), "batched_keys": ("random_bits",)}
+    for prim in prims[name]:
+        eqns = [e for e in plan.eqns if e.primitive == prim and len(e.shapes[0]) > 1]
+        assert eqns and all(any(e.out_specs[0]) for e in eqns), plan.report()
+    assert plan.fallbacks == [] and plan.predicted.comm_bytes_per_device == 0, plan.report()
+
+
+def test_top_k_is_replicated_and_reported(devices8):
+    fn, make = CASES["sort_topk"]
+    plan = autopar.plan(fn, *make(), cluster=CLUSTER, mesh_shape=(8,))
+    assert [f.primitive for f in plan.fallbacks] == ["top_k"] and "gathers" in plan.fallbacks[0].reason
+    assert "top_k" in plan.report()
+
+
+def test_rule_that_only_replicates_is_reported(devices8, monkeypatch):
+    """A rule offering nothing but the replicated strategy for a splittable op is a fallback:
+    the planner lists it instead of silently all-gathering its operands."""
+    monkeypatch.setitem(STRATEGY_RULES, "pad", replicated_rule)
+    fn, make = CASES["pad"]
+    plan = autopar.plan(fn, *make(), cluster=CLUSTER, mesh_shape=(8,))
+    assert [(f.primitive, f.count) for f in plan.fallbacks] == [("pad", 1)]
+    assert "no valid split" in plan.fallbacks[0].reason and "pad" in plan.report()

@@ -2,7 +2,8 @@
 
 A spec gives, per tensor dim, the sorted tuple of mesh axes that dim is split over.
 A rule maps a node on a mesh to its list of :class:`Strategy`; ``STRATEGY_RULES`` is keyed
-by primitive name; anything missing gets :func:`replicated_rule` (counted in the report).
+by primitive name; anything missing gets :func:`replicated_rule`, and so does a node whose rule
+raises :class:`Fallback` (both counted in the report).
 """
 from __future__ import annotations
 
@@ -109,23 +110,39 @@ def replicated_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
     return [Strategy("replicated", outs, ins)]
 
 
+class Fallback(Exception):
+    """Raised by a rule that cannot split its node: the node is planned replicated and the
+    message (the reason) is listed among the report's fallback ops. A rule must never return
+    ``replicated_rule`` silently: that hides a needless all-gather from the report."""
+
+
 def follow_output(node: Node, mesh: MeshModel, allowed_dims=None, label="") -> list[Strategy]:
-    """Elementwise-style: every operand of the output's shape gets the output's spec."""
-    out_shape = node.outputs[0].shape
+    """Elementwise-style: the output's spec on every operand and output of its rank.
+
+    Dims outside ``allowed_dims`` stay unsplit and may differ in size between the operands
+    and the output (pad, concatenate, windowed reductions); on the others an operand either
+    has the output's size (it gets the output's split) or size 1 (broadcast: unsplit).
+    Scalars are replicated, literals take no spec. Anything else raises :class:`Fallback`.
+    """
+    out_shape = tuple(node.outputs[0].shape)
+    rank = len(out_shape)
+    free = set(range(rank)) if allowed_dims is None else set(allowed_dims)
+
+    def fits(shape, size_one_ok):
+        return len(shape) == rank and all(
+            d not in free or a == b or (size_one_ok and a == 1) for d, (a, b) in enumerate(zip(shape, out_shape)))
+
+    for o in node.operands:
+        if not isinstance(o, Lit) and len(o.shape) and not fits(tuple(o.shape), True):
+            raise Fallback("operand shape does not follow the output: replicated")
+    for v in node.outputs[1:]:
+        if len(v.shape) and not fits(tuple(v.shape), False):
+            raise Fallback("outputs of different shapes: replicated")
     res = []
-    for spec in enumerate_specs(out_shape, mesh.shape, allowed_dims):
-        ins = []
-        for o in node.operands:
-            if isinstance(o, Lit):
-                ins.append(None)
-            elif o.shape == out_shape:
-                ins.append(spec)
-            elif len(o.shape) == 0:
-                ins.append(())
-            elif len(o.shape) == len(out_shape) and all(a in (1, b) for a, b in zip(o.shape, out_shape)):
-                ins.append(tuple(s if a == b else () for s, a, b in zip(spec, o.shape, out_shape)))
-            else:
-                return replicated_rule(node, mesh)
-        outs = tuple(spec if v.shape == out_shape else replicate(len(v.shape)) for v in node.outputs)
-        res.append(Strategy(label + spec_name(spec), outs, tuple(ins)))
+    for spec in enumerate_specs(out_shape, mesh.shape, None if allowed_dims is None else frozenset(free)):
+        ins = tuple(None if isinstance(o, Lit) else
+                    tuple(s if a == b else () for s, a, b in zip(spec, o.shape, out_shape)) for o in node.operands)
+        outs = tuple(tuple(s if a == b else () for s, a, b in zip(spec, v.shape, out_shape))
+                     for v in node.outputs)
+        res.append(Strategy(label + spec_name(spec), outs, ins))
     return res

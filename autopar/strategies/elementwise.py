@@ -1,12 +1,15 @@
 """Elementwise, reduction and layout primitives (families registered together)."""
 from __future__ import annotations
 
+import itertools
+import math
+
 from cost import MeshModel
 
 from ..graph import Node
 from ..trace import Lit
-from .base import (Strategy, enumerate_specs, follow_output, register, replicate,
-                   replicated_rule, spec_name)
+from .base import (Fallback, Strategy, enumerate_specs, follow_output, register, replicate,
+                   spec_name)
 
 ELEMENTWISE = (
     "add", "add_any", "sub", "mul", "div", "rem", "pow", "integer_pow", "max", "min", "neg", "sign",
@@ -16,8 +19,7 @@ ELEMENTWISE = (
     "nextafter", "and", "or", "not", "xor", "eq", "ne", "lt", "le", "gt", "ge", "select_n", "clamp",
     "convert_element_type", "stop_gradient", "copy", "copy_p", "reduce_precision", "real", "imag",
     "conj", "shift_left", "shift_right_logical", "shift_right_arithmetic", "population_count",
-    "threefry2x32", "sharding_constraint", "random_wrap", "random_unwrap", "random_fold_in",
-    "optimization_barrier", "stage_boundary",
+    "threefry2x32", "sharding_constraint", "random_fold_in", "stage_boundary",
 )
 REDUCTIONS = ("reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or",
               "reduce_xor")
@@ -55,15 +57,53 @@ def_elementwise(*ELEMENTWISE)
 def_reduction(*REDUCTIONS)
 
 
-@register("bitcast_convert_type")
+def _prefix(node: Node, mesh: MeshModel, split_tail: bool = False) -> list[Strategy]:
+    """One operand whose dims are the leading dims of the output or the other way round
+    (bitcast to a narrower / wider type, random_wrap / unwrap, random_bits of batched keys):
+    the shared leading dims have one spec; the extra trailing dims stay unsplit, or, with
+    ``split_tail``, may be split on the output (each shard generates its own part)."""
+    (x,), out = node.operands, node.outputs[0]
+    n = min(len(x.shape), len(out.shape))
+    if tuple(x.shape[:n]) != tuple(out.shape[:n]) or len(node.outputs) != 1:
+        raise Fallback("operand and output share no leading dims: replicated")
+    allowed = None if split_tail else frozenset(range(n))
+    res = []
+    for spec in enumerate_specs(tuple(out.shape), mesh.shape, allowed):
+        in_spec = None if isinstance(x, Lit) else tuple(spec[:n]) + ((),) * (len(x.shape) - n)
+        res.append(Strategy(spec_name(spec), (spec,), (in_spec,)))
+    return res
+
+
+@register("bitcast_convert_type", "random_wrap", "random_unwrap")
 def _bitcast(node: Node, mesh: MeshModel) -> list[Strategy]:
-    if node.operands[0].shape != node.outputs[0].shape:
-        return replicated_rule(node, mesh)
-    return follow_output(node, mesh)
+    if node.operands[0].shape == node.outputs[0].shape:
+        return follow_output(node, mesh)
+    return _prefix(node, mesh)
+
+
+MAX_COMBINATIONS = 256   # strategies of an optimization_barrier of differently-shaped operands
+
+
+@register("optimization_barrier")
+def _optimization_barrier(node: Node, mesh: MeshModel) -> list[Strategy]:
+    """Identity on every operand: output i has operand i's spec. Operands of one shape share
+    a spec; otherwise every combination (a product, capped)."""
+    if len({tuple(v.shape) for v in node.outputs}) == 1:
+        return follow_output(node, mesh)
+    choices = [enumerate_specs(tuple(v.shape), mesh.shape) for v in node.outputs]
+    if math.prod(map(len, choices)) > MAX_COMBINATIONS:
+        raise Fallback("optimization_barrier of many differently-shaped operands: replicated")
+    res = []
+    for specs in itertools.product(*choices):
+        ins = tuple(None if isinstance(o, Lit) else sp for o, sp in zip(node.operands, specs))
+        res.append(Strategy("/".join(map(spec_name, specs)), tuple(specs), ins))
+    return res
 
 
 def _keep_dims(node: Node, mesh: MeshModel, frozen: set[int]) -> list[Strategy]:
-    """Like elementwise, but dims in ``frozen`` stay unsplit."""
+    """Like elementwise, but dims in ``frozen`` stay unsplit (and may differ in size between
+    the operands and the output: the padded / concatenated / windowed dims); every other
+    dim has the same split on the operands and the output, so the op is local."""
     rank = len(node.outputs[0].shape)
     return follow_output(node, mesh, frozenset(d for d in range(rank) if d not in frozen))
 
@@ -91,8 +131,8 @@ def _sort(node, mesh):
 @register("top_k")
 def _top_k(node, mesh):
     """XLA's partitioner gathers top_k operands whatever their sharding (measured on CPU,
-    jax 0.10): plan it replicated so the prediction matches what runs."""
-    return replicated_rule(node, mesh)
+    jax 0.10): plan it replicated so the prediction matches what runs (and report it)."""
+    raise Fallback("XLA gathers top_k operands: replicated")
 
 
 @register("broadcast_in_dim")
@@ -149,6 +189,7 @@ def _expand_dims(node, mesh):
 
 @register("concatenate")
 def _concatenate(node, mesh):
+    """Every dim but the concatenated one: the same split on all operands and the output."""
     return _keep_dims(node, mesh, {node.params["dimension"]})
 
 
@@ -164,8 +205,26 @@ def _split(node, mesh):
 
 @register("pad")
 def _pad(node, mesh):
+    """Every dim with lo = hi = interior = 0: the same split on the operand and the output
+    (the padding value is a scalar, replicated); padded dims stay unsplit."""
     cfg = node.params["padding_config"]
     return _keep_dims(node, mesh, {d for d, (lo, hi, it) in enumerate(cfg) if lo or hi or it})
+
+
+WINDOWED = ("reduce_window_sum", "reduce_window_max", "reduce_window_min", "reduce_window",
+            "select_and_scatter_add", "select_and_gather_add", "select_and_scatter")
+
+
+@register(*WINDOWED)
+def _windowed(node, mesh):
+    """Pooling and its gradients: dims with a trivial window (size 1, stride 1, no padding or
+    dilation: batch, channels) are split like pad's; windowed dims stay unsplit."""
+    p = node.params
+    rank = len(p["window_dimensions"])
+    trivial = {"window_dimensions": 1, "window_strides": 1, "base_dilation": 1, "window_dilation": 1}
+    frozen = {d for d in range(rank)
+              if any(p[k][d] != v for k, v in trivial.items() if k in p) or tuple(p["padding"][d]) != (0, 0)}
+    return _keep_dims(node, mesh, frozen)
 
 
 def _changed_dims(a, b) -> set[int]:
@@ -207,11 +266,18 @@ def _dynamic_update_slice(node, mesh):
     return res
 
 
-@register("iota", "random_bits", "random_seed", "rng_uniform", "full_like")
+@register("iota", "rng_uniform", "full_like")
 def _generator(node, mesh):
-    """Outputs computed locally per shard; operands (keys, scalars) replicated."""
+    """Outputs computed locally per shard; operands (scalars) replicated."""
     out = node.outputs[0]
     ins = tuple(None if isinstance(o, Lit) else replicate(len(o.shape)) for o in node.operands)
     if node.name != "iota" and any(len(o.shape) for o in node.operands if not isinstance(o, Lit)):
-        return replicated_rule(node, mesh)
+        raise Fallback("non-scalar operands: replicated")
     return [Strategy(spec_name(s), (s,), ins) for s in enumerate_specs(out.shape, mesh.shape)]
+
+
+@register("random_bits", "random_seed")
+def _random(node, mesh):
+    """The output's leading dims are the keys' (seeds') dims: split alike; the generated
+    trailing dims may be split too (each shard generates its part, as for a scalar key)."""
+    return _prefix(node, mesh, split_tail=True)

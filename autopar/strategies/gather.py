@@ -13,7 +13,7 @@ import math
 from cost import MeshModel
 
 from ..graph import Node
-from .base import Strategy, register, replicated_rule, role_assignments, spec_name, specs_from_roles
+from .base import Fallback, Strategy, register, role_assignments, spec_name, specs_from_roles
 
 
 @register("gather")
@@ -27,7 +27,7 @@ def gather_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
     op_offset = [d for d in range(len(operand.shape))
                  if d not in dn.collapsed_slice_dims and d not in dn.operand_batching_dims]
     if len(out_batch) != len(idx_batch) or len(op_offset) != len(dn.offset_dims):
-        return replicated_rule(node, mesh)
+        raise Fallback("gather dims not understood: replicated")
     paired = dict(zip(dn.start_indices_batching_dims, dn.operand_batching_dims))  # take_along_axis
     roles = []  # (size, (operand dim, indices dim, out dim), vocab)
     for i, od in zip(idx_batch, out_batch):
@@ -58,13 +58,13 @@ def scatter_add_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
     out = node.outputs[0]
     dn = node.params["dimension_numbers"]
     if not hasattr(updates, "id"):
-        return replicated_rule(node, mesh)
+        raise Fallback("scatter-add of literal updates: replicated")
     upd_scatter = [d for d in range(len(updates.shape)) if d not in dn.update_window_dims]
     idx_batch = list(range(len(indices.shape) - 1))
     op_window = [d for d in range(len(operand.shape))
                  if d not in dn.inserted_window_dims and d not in dn.operand_batching_dims]
     if len(upd_scatter) != len(idx_batch) or len(op_window) != len(dn.update_window_dims):
-        return replicated_rule(node, mesh)
+        raise Fallback("scatter-add dims not understood: replicated")
     paired = dict(zip(dn.scatter_indices_batching_dims, dn.operand_batching_dims))
     roles = []  # (size, (operand/out dim, indices dim, updates dim), kind)
     for i, ud in zip(idx_batch, upd_scatter):

@@ -8,7 +8,7 @@ import math
 from cost import MeshModel
 
 from ..graph import Node
-from .base import Strategy, enumerate_specs, register, replicated_rule, spec_name
+from .base import Fallback, Strategy, enumerate_specs, register, spec_name
 
 
 def dim_groups(in_shape, out_shape):
@@ -35,10 +35,10 @@ def dim_groups(in_shape, out_shape):
 def reshape_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
     x, out = node.operands[0], node.outputs[0]
     if node.params.get("dimensions") is not None:
-        return replicated_rule(node, mesh)
+        raise Fallback("reshape with dimensions (a transpose first): replicated")
     groups = dim_groups(x.shape, out.shape)
     if groups is None:
-        return replicated_rule(node, mesh)
+        raise Fallback("reshape not decomposable into dim groups: replicated")
     res = []
     for spec in enumerate_specs(out.shape, mesh.shape):
         in_spec = [()] * len(x.shape)
