@@ -158,6 +158,22 @@ def place_submeshes(shapes, num_nodes: int, devices_per_node: int) -> list[list[
     return out  # type: ignore[return-value]
 
 
+def stage_meshes(submesh, search: str = "auto") -> list[tuple[int, ...]]:
+    """Logical meshes tried for a sub-mesh (n, m). "auto": the 1D mesh, and on one node
+    (2, m/2) and (m/2, 2), on several nodes the physical (n, m) (data parallel over nodes,
+    tensor parallel inside); "full": every factorization (``candidate_meshes``)."""
+    from .planner import candidate_meshes
+    n, m = submesh
+    if search == "full":
+        return candidate_meshes(n * m)
+    if n > 1:
+        return [(n * m,), (n, m)]
+    out = [(m,)]
+    if m >= 4 and m % 2 == 0:
+        out += [(2, m // 2), (m // 2, 2)]
+    return list(dict.fromkeys(out))
+
+
 def _spec_factor(plan: Plan, spec_names) -> int:
     size = dict(zip(plan.axis_names, plan.mesh_shape))
     return math.prod(size[a] for axes in spec_names for a in axes)
@@ -166,7 +182,9 @@ def _spec_factor(plan: Plan, spec_names) -> int:
 class _StageCoster:
     """Plans (layer range, sub-mesh) stages with the intra-op ILP, cached by structural key."""
 
-    def __init__(self, program, num_params, layer_eqns, spec, nodes, budget, opt_ratio, solver, time_limit_s):
+    def __init__(self, program, num_params, layer_eqns, spec, nodes, budget, opt_ratio, solver, time_limit_s,
+                 mesh_search="auto"):
+        self.mesh_search = mesh_search
         self.program, self.P, self.layer_eqns = program, num_params, layer_eqns
         self.spec, self.nodes, self.budget, self.opt_ratio = spec, nodes, budget, opt_ratio
         self.solver, self.time_limit_s = solver, time_limit_s
@@ -193,6 +211,7 @@ class _StageCoster:
             # a parameter also holds its gradient accumulator and optimizer state all step long
             scale = {i: 2.0 + self.opt_ratio for i in range(len(p))}
             sp = plan_with(stage_train(fwd), (p, a, nd, ct), cluster=cl, nodes=n, mesh_shape=mesh_shape,
+                           mesh_shapes=stage_meshes(submesh, self.mesh_search),
                            memory_budget_bytes=self.budget, solver=self.solver, time_limit_s=self.time_limit_s,
                            restrict=lambda shape: {"input_usage_scale": scale})
         except PlanError as err:
@@ -262,8 +281,11 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
                   num_microbatches: int = 1, schedule: str = "1f1b", num_stages: int | None = None,
                   stages=None, num_layers: int | None = None, memory_budget_bytes: float | None = None,
                   solver: str = "auto", time_limit_s: float | None = None, costing: str = "auto",
-                  max_exact_pairs: int = 48) -> TrainingPlan:
+                  max_exact_pairs: int = 48, mesh_search: str = "auto") -> TrainingPlan:
     """Plan a training step of ``loss_fn(params, batch) -> scalar mean loss`` with ``optimizer``.
+
+    ``mesh_search``: "auto" tries a few logical meshes per sub-mesh (``stage_meshes``),
+    "full" every factorization.
 
     The batch is split into ``num_microbatches`` along axis 0; the forward is cut into
     ``num_layers`` layers (``autopar.stage_boundary`` markers, else the layer-clustering DP,
@@ -306,7 +328,9 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
     t_trace = time.perf_counter()
 
     shapes = submesh_shapes(nodes, spec.devices_per_node)
-    coster = _StageCoster(program, P, layer_eqns, spec, nodes, budget, opt_ratio, solver, time_limit_s)
+    if mesh_search not in ("auto", "full"):
+        raise ValueError(f"mesh_search must be 'auto' or 'full', got {mesh_search!r}")
+    coster = _StageCoster(program, P, layer_eqns, spec, nodes, budget, opt_ratio, solver, time_limit_s, mesh_search)
     forced = _forced_stages(stages, L, shapes) if stages is not None else None
     lat = np.full((L, L + 1, len(shapes)), np.inf)
     mem, act = np.zeros_like(lat), np.zeros_like(lat)
@@ -358,7 +382,11 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
     chosen = []
     mesh_of = {(a, b): mesh for a, b, _, mesh in forced} if forced is not None else {}
     for (a, b, s, sub, _lat) in sol.stages:
-        chosen.append((a, b, tuple(sub), coster.cost(a, b, tuple(sub), mesh_of.get((a, b)))))
+        mesh = mesh_of.get((a, b))
+        if mode == "additive" and b - a > 1:  # the logical mesh its most expensive layer chose
+            heaviest = max(range(a, b), key=lambda j: single[j][s]["latency"])
+            mesh = tuple(single[heaviest][s]["plan"].mesh_shape)
+        chosen.append((a, b, tuple(sub), coster.cost(a, b, tuple(sub), mesh)))
     split = split_program(program, P, [(layer_eqns[a][0], layer_eqns[b - 1][1]) for a, b, _, _ in chosen])
     own = owners(split, P)
     devices = place_submeshes([sub for _, _, sub, _ in chosen], nodes, spec.devices_per_node)
