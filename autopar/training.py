@@ -51,6 +51,9 @@ from .training_plan import PredictedTraining, StagePlan, StageSearch, TrainingPl
 
 SCHEDULES = ("1f1b", "gpipe")
 FWD_SHARE = 1.0 / 3.0   # forward : backward = 1 : 2 (matmul-dominated layers)
+# per intra-op stage plan when time_limit_s is None: small stages solve exactly in well under a
+# second; a big stage whose ILP goes to the heuristic returns its incumbent after this long
+STAGE_TIME_LIMIT_S = 10.0
 
 
 def _abstract(x):
@@ -212,7 +215,8 @@ class _StageCoster:
             scale = {i: 2.0 + self.opt_ratio for i in range(len(p))}
             sp = plan_with(stage_train(fwd), (p, a, nd, ct), cluster=cl, nodes=n, mesh_shape=mesh_shape,
                            mesh_shapes=stage_meshes(submesh, self.mesh_search),
-                           memory_budget_bytes=self.budget, solver=self.solver, time_limit_s=self.time_limit_s,
+                           memory_budget_bytes=self.budget, solver=self.solver,
+                           time_limit_s=self.time_limit_s if self.time_limit_s is not None else STAGE_TIME_LIMIT_S,
                            restrict=lambda shape: {"input_usage_scale": scale})
         except PlanError as err:
             self.infeasible += 1

@@ -45,6 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from autopar.stage_boundary import stage_boundary
+
 HEAD_DIM = 16            # head size used by ``default_heads`` outside the suite sizes
 LEARNING_RATE = 1e-3     # AdamW (``train_step``)
 WEIGHT_DECAY = 0.01
@@ -182,7 +184,9 @@ def _mlp(p, x):
 def _forward(params, tokens, heads):
     S = tokens.shape[1]
     x = jnp.take(params["wte"], tokens, axis=0) + params["wpe"][:S]
-    for blk in params["blocks"]:
+    for i, blk in enumerate(params["blocks"]):
+        if i:
+            x = stage_boundary(x)  # identity; pipeline planning cuts layers here (one block per layer)
         x = x + _attention(blk["attn"], _layer_norm(blk["ln1"], x), heads)
         x = x + _mlp(blk["mlp"], _layer_norm(blk["ln2"], x))
     x = _layer_norm(params["ln_f"], x)

@@ -75,11 +75,14 @@ def test_mlp_pipeline_equals_single_device(devices8, schedule, num_stages):
 @pytest.mark.parametrize("num_stages", [2, 4])
 def test_gpt_pipeline_equals_single_device(devices8, schedule, num_stages):
     # tied embeddings: wte is read by the first and the last stage (copied, gradient sent back)
-    params, batch = gpt.params_and_batch(layers=2, hidden=32, seq=16, vocab=64, batch=8)
+    # the example marks a layer per transformer block (autopar.stage_boundary between blocks)
+    params, batch = gpt.params_and_batch(layers=num_stages, hidden=32, seq=16, vocab=64, batch=8)
     opt = optax.sgd(0.1, momentum=0.9)
-    stages = [(a, b, sub, (sub[1],)) for a, b, sub in STAGES[num_stages]]  # 1D logical meshes: faster to plan
+    subs = {2: (1, 4), 4: (1, 2)}[num_stages]
+    stages = [(k, k + 1, subs, (subs[1],)) for k in range(num_stages)]  # 1D logical meshes: faster to plan
     tplan = plan_training(gpt.loss_fn, params, batch, optimizer=opt, cluster=make_cluster(4), nodes=2,
-                          num_microbatches=2, schedule=schedule, num_layers=4, stages=stages)
+                          num_microbatches=2, schedule=schedule, stages=stages)
+    assert tplan.search.layers_from_markers
     paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     wte = paths.index("['wte']")
     readers = [s.index for s in tplan.stages if wte in s.params]
