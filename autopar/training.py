@@ -285,7 +285,7 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
                   num_microbatches: int = 1, schedule: str = "1f1b", num_stages: int | None = None,
                   stages=None, num_layers: int | None = None, memory_budget_bytes: float | None = None,
                   solver: str = "auto", time_limit_s: float | None = None, costing: str = "auto",
-                  max_exact_pairs: int = 48, mesh_search: str = "auto") -> TrainingPlan:
+                  max_exact_pairs: int = 24, mesh_search: str = "auto") -> TrainingPlan:
     """Plan a training step of ``loss_fn(params, batch) -> scalar mean loss`` with ``optimizer``.
 
     ``mesh_search``: "auto" tries a few logical meshes per sub-mesh (``stage_meshes``),
