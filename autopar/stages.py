@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Var
 
@@ -48,7 +49,7 @@ class Stage:
 
 
 def _floating(dtype) -> bool:
-    return bool(np.issubdtype(np.dtype(dtype), np.inexact))
+    return bool(jnp.issubdtype(dtype, jnp.inexact))  # (numpy alone does not know bfloat16)
 
 
 def split_program(program: Program, num_params: int, eqn_ranges) -> list[Stage]:

@@ -34,6 +34,7 @@ import math
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import solvers
@@ -82,7 +83,7 @@ def trace_loss(loss_fn, params, mb) -> Program:
     outs = program.outvars
     name = getattr(loss_fn, "__name__", "loss_fn")
     if len(outs) != 1 or not isinstance(outs[0], int) or program.values[outs[0]].shape != () \
-            or not np.issubdtype(np.dtype(program.values[outs[0]].dtype), np.floating):
+            or not jnp.issubdtype(program.values[outs[0]].dtype, jnp.floating):
         raise TraceError(f"{name}(params, batch) must return one scalar floating loss (a mean over the "
                          "batch); it returned " + ", ".join(
                              f"{program.values[o].shape} {program.values[o].dtype}" if isinstance(o, int) else "a constant"
@@ -307,9 +308,10 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
     p_leaves, p_tree = jax.tree_util.tree_flatten(params_abs)
     b_leaves, b_tree = jax.tree_util.tree_flatten(batch_abs)
     bad = [jax.tree_util.keystr(k) for k, x in jax.tree_util.tree_flatten_with_path(params_abs)[0]
-           if not np.issubdtype(np.dtype(x.dtype), np.floating)]
+           if not jnp.issubdtype(x.dtype, jnp.floating)]
     if bad:
-        raise ValueError(f"every params leaf is trained and must be floating; got non-float leaves {bad}. "
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise ValueError(f"every params leaf is trained and must be floating; got non-float leaves {bad[:5]}{more}. "
                          "Move integer data into the batch or close over it")
     mb = microbatch_shapes(batch_abs, num_microbatches)
     program = trace_loss(loss_fn, params_abs, mb)

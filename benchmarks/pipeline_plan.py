@@ -24,10 +24,10 @@ sys.path.insert(0, str(ROOT))
 CONFIGS = [("gpt-1.3b", 1), ("gpt-2.6b", 1), ("gpt-6.7b", 2), ("gpt-15b", 4), ("gpt-39b", 8)]
 
 
-def run(suite: str, nodes: int, microbatches: int, batch: int) -> dict:
+def run(suite: str, nodes: int, microbatches: int, batch: int, dtype: str) -> dict:
     from autopar import PlanError, plan_training
     from examples import gpt
-    params, data = gpt.params_and_batch(suite=suite, batch=batch, abstract=True)
+    params, data = gpt.params_and_batch(suite=suite, batch=batch, abstract=True, dtype=dtype)
     t0 = time.perf_counter()
     try:
         tp = plan_training(gpt.loss_fn, params, data, optimizer=gpt.OPTIMIZER, cluster="dgx-a100-80g",
@@ -46,7 +46,8 @@ def run(suite: str, nodes: int, microbatches: int, batch: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--microbatches", type=int, default=64)
+    ap.add_argument("--microbatches", type=int, default=128)
+    ap.add_argument("--dtype", default="bfloat16", help="parameter/activation dtype (Alpa: fp16)")
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pipeline_plan"))
     ns = ap.parse_args()
@@ -57,7 +58,7 @@ def main() -> None:
     print("|" + "---|" * 9)
     lines = [head, "|" + "---|" * 9]
     for suite, nodes in configs:
-        r = run(suite, nodes, ns.microbatches, ns.batch)
+        r = run(suite, nodes, ns.microbatches, ns.batch, ns.dtype)
         rows.append(r)
         if "error" in r:
             line = f"| {r['model']} | {r['gpus']} | – | {r['error'][:80]} | – | – | – | {r['plan_s']:.1f} s | – |"
@@ -68,7 +69,7 @@ def main() -> None:
         lines.append(line)
     out = Path(ns.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = (f"GPT suite (seq 1024, vocab 51200, fp32 params, AdamW), global batch {ns.batch}, {ns.microbatches} "
+    meta = (f"GPT suite (seq 1024, vocab 51200, {ns.dtype} params and activations, AdamW, no rematerialisation), global batch {ns.batch}, {ns.microbatches} "
             f"micro-batches, 1F1B, dgx-a100-80g (8 GPUs/node); planned from ShapeDtypeStructs on "
             f"{platform.machine()} ({platform.python_version()}), 2 cores.")
     out.with_suffix(".md").write_text("# Pipeline planning: GPT suite\n\n" + meta + "\n\n" + "\n".join(lines) + "\n")

@@ -238,3 +238,11 @@ def test_unequal_layer_costs_get_unequal_submeshes(devices8):
         assert len({tuple(s.submesh) for s in equal.stages}) == 1
         assert tplan.predicted.dp_objective_s < equal.predicted.dp_objective_s
     run_and_compare(loss_fn, params, batch, opt, tplan)
+
+
+def test_bfloat16_model_plans_from_shapes(devices8):
+    params, batch = gpt.params_and_batch(layers=2, hidden=32, seq=16, vocab=64, batch=8, abstract=True,
+                                         dtype=jnp.bfloat16)
+    tplan = plan_training(gpt.loss_fn, params, batch, optimizer=optax.sgd(0.1), cluster=make_cluster(4),
+                          num_microbatches=2, stages=[(0, 1, (1, 2)), (1, 2, (1, 2))])
+    assert tplan.num_stages == 2 and set(tplan.param_dtypes) == {"bfloat16"}
