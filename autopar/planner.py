@@ -79,18 +79,19 @@ def plan(fn, *example_args, cluster="cpu-8", nodes: int = 1, mesh_shape=None,
 def plan_with(fn, example_args, *, cluster="cpu-8", nodes: int = 1, mesh_shape=None,
               memory_budget_bytes: float | None = None, solver: str = "auto",
               time_limit_s: float | None = None, donate_argnums=(), restrict=None,
-              strategy_name: str = "autopar", mesh_shapes=None) -> Plan:
+              strategy_name: str = "autopar", mesh_shapes=None, traced=None) -> Plan:
     """``plan`` with two hooks for restricted runs (``autopar.baselines``): ``restrict(mesh_shape)``
     returns the ``build_problem`` keyword arguments ``allowed`` / ``allowed_reshard`` (filters
     on the program inputs' shardings) for that mesh; ``strategy_name`` is recorded in the Plan.
     ``mesh_shapes`` (when ``mesh_shape`` is None) replaces the candidate list (pipeline stages
-    search fewer logical meshes)."""
+    search fewer logical meshes). ``traced`` = (program, graph) of ``fn`` on these arguments
+    skips tracing (pipeline stages plan one stage on many sub-meshes)."""
     t0 = time.perf_counter()
     spec = _check_args(cluster, nodes, mesh_shape, solver, memory_budget_bytes, time_limit_s)
     budget = float(memory_budget_bytes or spec.device.memory_bytes)
-    program = trace(fn, *example_args)
+    program, graph = traced if traced is not None else (trace(fn, *example_args), None)
     donated = donated_leaves(example_args, donate_argnums)
-    graph = build_graph(program)
+    graph = graph if graph is not None else build_graph(program)
     t_trace = time.perf_counter()
     total = nodes * spec.devices_per_node
     shapes = [tuple(mesh_shape)] if mesh_shape is not None else (

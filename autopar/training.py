@@ -193,6 +193,7 @@ class _StageCoster:
         self.spec, self.nodes, self.budget, self.opt_ratio = spec, nodes, budget, opt_ratio
         self.solver, self.time_limit_s = solver, time_limit_s
         self.cache: dict = {}
+        self.traced: dict = {}
         self.solves = self.hits = self.infeasible = 0
         self.min_need = math.inf
 
@@ -207,15 +208,20 @@ class _StageCoster:
             self.hits += 1
             return hit
         self.solves += 1
-        fwd = stage_forward(self.program, st, self.P)
-        p, a, nd, ct = stage_abstract_args(self.program, st, self.P)
+        skey = key[0]
+        if skey not in self.traced:  # per stage program, shared by all sub-meshes
+            fwd = stage_forward(self.program, st, self.P)
+            args = stage_abstract_args(self.program, st, self.P)
+            prog = trace(stage_train(fwd), *args)
+            self.traced[skey] = (fwd, args, prog, build_graph(prog), residual_bytes(fwd, *args[:3]))
+        fwd, (p, a, nd, ct), prog, graph, res_bytes = self.traced[skey]
         cl, n = sub_cluster(self.spec, submesh)
         n_dev = submesh[0] * submesh[1]
         try:
             # a parameter also holds its gradient accumulator and optimizer state all step long
             scale = {i: 2.0 + self.opt_ratio for i in range(len(p))}
             sp = plan_with(stage_train(fwd), (p, a, nd, ct), cluster=cl, nodes=n, mesh_shape=mesh_shape,
-                           mesh_shapes=stage_meshes(submesh, self.mesh_search),
+                           mesh_shapes=stage_meshes(submesh, self.mesh_search), traced=(prog, graph),
                            memory_budget_bytes=self.budget, solver=self.solver,
                            time_limit_s=self.time_limit_s if self.time_limit_s is not None else STAGE_TIME_LIMIT_S,
                            restrict=lambda shape: {"input_usage_scale": scale})
@@ -229,7 +235,7 @@ class _StageCoster:
         vals = self.program.values
         param_dev = sum(float(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
                         / _spec_factor(sp, spec) for x, spec in zip(p, sp.input_specs_flat[:len(p)]))
-        act = residual_bytes(fwd, p, a, nd) / n_dev
+        act = res_bytes / n_dev
         in_bytes = sum(vals[v].nbytes for v in list(st.acts_in) + list(st.nd_acts_in))
         link = self.spec.inter_node_link if self.nodes > 1 else self.spec.intra_node_link
         bw = (self.spec.inter_node_bandwidth_per_device() if self.nodes > 1 else link.bandwidth_bytes_per_s) * n_dev
