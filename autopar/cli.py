@@ -187,18 +187,26 @@ def cmd_run(ns) -> int:
     want = jax.block_until_ready(jax.jit(fn)(*args))  # first: the sharded call may donate its inputs
     sharded = plan.apply(fn)
     got = jax.block_until_ready(sharded(*args))
+    worst, ok = _compare(got, want, ns.rtol, ns.atol)
+    devs = sharded.mesh.devices.size
+    print(f"\nran on {devs} {jax.devices()[0].platform} devices, mesh {tuple(plan.mesh_shape)}: "
+          f"max |sharded - unsharded| = {worst:.3g} → {'OK' if ok else 'MISMATCH'} (rtol {ns.rtol}, atol {ns.atol})")
+    return 0 if ok else 1
+
+
+def _compare(got, want, rtol, atol) -> tuple[float, bool]:
+    """(max |got − want| over float leaves, every leaf allclose / equal)."""
+    import jax
+    import numpy as np
     worst, ok = 0.0, True
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         a, b = np.asarray(a), np.asarray(b)
         if a.dtype.kind in "fc":
             worst = max(worst, float(np.max(np.abs(a - b), initial=0.0)))
-            ok &= bool(np.allclose(a, b, rtol=ns.rtol, atol=ns.atol))
+            ok &= bool(np.allclose(a, b, rtol=rtol, atol=atol))
         else:
             ok &= bool(np.array_equal(a, b))
-    devs = sharded.mesh.devices.size
-    print(f"\nran on {devs} {jax.devices()[0].platform} devices, mesh {tuple(plan.mesh_shape)}: "
-          f"max |sharded - unsharded| = {worst:.3g} → {'OK' if ok else 'MISMATCH'} (rtol {ns.rtol}, atol {ns.atol})")
-    return 0 if ok else 1
+    return worst, ok
 
 
 def _run_training(ns, module, fn, args) -> int:
@@ -223,14 +231,7 @@ def _run_training(ns, module, fn, args) -> int:
         return optax.apply_updates(p, u), o, loss
     want = jax.block_until_ready(jax.jit(reference)(params, state, batch))
     got = jax.block_until_ready(plan.apply(fn, opt)(params, state, batch))
-    worst, ok = 0.0, True
-    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
-        a, b = np.asarray(a), np.asarray(b)
-        if a.dtype.kind in "fc":
-            worst = max(worst, float(np.max(np.abs(a - b), initial=0.0)))
-            ok &= bool(np.allclose(a, b, rtol=ns.rtol, atol=ns.atol))
-        else:
-            ok &= bool(np.array_equal(a, b))
+    worst, ok = _compare(got, want, ns.rtol, ns.atol)
     print(f"\nran {plan.num_stages} stage(s) × {plan.num_microbatches} micro-batch(es) ({plan.schedule}) on "
           f"{plan.nodes * plan.cluster.devices_per_node} {jax.devices()[0].platform} devices: params, optimizer "
           f"state and loss vs the single-device step: max |diff| = {worst:.3g} → {'OK' if ok else 'MISMATCH'} "

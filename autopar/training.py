@@ -37,7 +37,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import solvers
 from cost import ClusterSpec, load_cluster
 from solvers.stage_dp import StageInfeasibleError, StageProblem, solve_stages, submesh_shapes
 
@@ -439,4 +438,4 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
     return result
 
 
-__all__ = ["plan_training", "microbatch_shapes", "place_submeshes", "structural_key", "sub_cluster", "solvers"]
+__all__ = ["plan_training", "microbatch_shapes", "place_submeshes", "stage_meshes", "structural_key", "sub_cluster"]
