@@ -209,3 +209,13 @@ def test_literal_and_passthrough_outputs(devices8):
     plan = autopar.plan(fn, *args, cluster="cpu-8")
     for a, b in zip(jax.tree_util.tree_leaves(plan.apply(fn)(*args)), jax.tree_util.tree_leaves(jax.jit(fn)(*args))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+
+
+def test_hlo_group_sizes_of_every_replica_group_form():
+    from autopar.validate import _group_size
+    assert _group_size("all-reduce(x), replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=add") == 4
+    assert _group_size("all-gather(x), replica_groups=[2,4]<=[8], dimensions={0}") == 4
+    assert _group_size("reduce-scatter(x), replica_groups=mesh['x'=2,'y'=4] {'y'}, dimensions={0}") == 4
+    assert _group_size("reduce-scatter(x), replica_groups=mesh['x'=2,'y'=4] device_ids=(0,1,2,3,4,5,6,7) "
+                       "{'x','y'}, dimensions={0}") == 8
+    assert _group_size("collective-permute(x), source_target_pairs={{0,1},{1,0}}") == 2
