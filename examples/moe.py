@@ -68,6 +68,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from examples import steps
+
 HEAD_DIM = 16            # head size used by ``default_heads`` outside the suite sizes
 SUITE_HEADS = 16
 TOP_K = 2
@@ -338,25 +340,12 @@ def make_loss_fn(cfg: MoEConfig | None = None) -> Callable:
 
 def make_train_step(cfg: MoEConfig | None = None, optimizer=None) -> Callable:
     """``train_step(params, opt_state, batch) -> (params, opt_state, loss)`` (default: ``OPTIMIZER``)."""
-    loss_fn = make_loss_fn(cfg)
-    opt = OPTIMIZER if optimizer is None else optimizer
-
-    def train_step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-    return train_step
+    return steps.optax_train_step(make_loss_fn(cfg), OPTIMIZER if optimizer is None else optimizer)
 
 
 def make_sgd_train_step(cfg: MoEConfig | None = None, lr: float = SGD_LEARNING_RATE) -> Callable:
     """``sgd_train_step(params, batch) -> (params, loss)``: plain SGD with a constant step size."""
-    loss_fn = make_loss_fn(cfg)
-
-    def sgd_train_step(params, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-        params = jax.tree.map(lambda p, g: p - jnp.asarray(lr, p.dtype) * g.astype(p.dtype), params, grads)
-        return params, loss
-    return sgd_train_step
+    return steps.sgd_train_step(make_loss_fn(cfg), lr)
 
 
 forward = make_forward()
