@@ -39,9 +39,9 @@ def _is_none(x) -> bool:
 
 
 class _StageExec:
-    def __init__(self, sp, st, program, P, devices, optimizer, masked_params_abs, donate):
+    def __init__(self, sp, st, program, P, devices, optimizer, donate):
         plan = sp.plan
-        self.st, self.sp = st, sp
+        self.st = st
         self.mesh = make_mesh(plan.mesh_shape, plan.axis_names, devices)
         specs, outs = plan.input_specs_flat, plan.output_specs_flat
         n_p, n_a = len(st.params), len(st.acts_in)
@@ -71,7 +71,6 @@ class _StageExec:
         self.backward = jax.jit(backward, donate_argnums=(2,))
         self.p_avals = [(tuple(program.values[program.invars[i]].shape), program.values[program.invars[i]].dtype)
                         for i in st.params]
-
 
         def update(params, opt_state, grads):  # owned params: full tree, None where not owned
             upd, opt_state = optimizer.update(grads, opt_state, params)
@@ -136,9 +135,8 @@ class PipelineStep:
                     "are None); pipeline plans need a per-parameter optax optimizer such as sgd, momentum, "
                     "adam or adamw, without global transformations like clip_by_global_norm")
             self.skeletons.append((leaves, tree))
-        self.execs = [_StageExec(sp, st, program, P, [all_devices[i] for i in sp.devices], optimizer,
-                                 self.masked_abs[k], donate)
-                      for k, (sp, st) in enumerate(zip(tplan.stages, self.stages))]
+        self.execs = [_StageExec(sp, st, program, P, [all_devices[i] for i in sp.devices], optimizer, donate)
+                      for sp, st in zip(tplan.stages, self.stages)]
         # sharding of every param leaf on its owner (unread params: replicated on stage 0)
         self.param_sharding = []
         for i in range(P):
@@ -146,18 +144,17 @@ class PipelineStep:
             st = ex.st
             self.param_sharding.append(ex.p_sh[st.params.index(i)] if i in st.params else ex.repl)
         self.mirrors = [self._mirrors(k) for k in range(len(self.stages))]
-        self.shapes = {v: program.values[v].shape for v in program.values}
-        self.dtypes = {v: program.values[v].dtype for v in program.values}
+        self.values = program.values
         self.order = execution_order(tplan.simulate())
 
     # --- optimizer-state placement ----------------------------------------------------
     def _mirrors(self, k: int) -> list[int]:
         """For each leaf of stage k's optimizer-state skeleton: the param leaf it mirrors
         (a subtree shaped like the masked params, e.g. Adam's mu/nu), else −1 (step counts)."""
-        masked = self.masked_abs[k]
-        ptree = jax.tree_util.tree_structure(masked)
+        ptree = jax.tree_util.tree_structure(self.masked_abs[k])
         index_tree = self.p_tree.unflatten([i if self.own[i] == k else None for i in range(self.P)])
-        skel_abs = jax.eval_shape(self.optimizer.init, masked)
+        leaves, skel_tree = self.skeletons[k]
+        skel_abs = skel_tree.unflatten(leaves)
 
         def visit(sub):
             if sub is not None and jax.tree_util.tree_structure(sub) == ptree:
@@ -166,7 +163,6 @@ class PipelineStep:
         marked = jax.tree_util.tree_map(visit, skel_abs, is_leaf=lambda t: t is None or
                                         jax.tree_util.tree_structure(t) == ptree)
         flat = jax.tree_util.tree_flatten(marked, is_leaf=_is_none)[0]
-        leaves = self.skeletons[k][0]
         out = []
         for i, leaf in zip(flat, leaves):
             ok = leaf is not None and isinstance(i, int) and i >= 0 and \
@@ -225,7 +221,7 @@ class PipelineStep:
                     else:
                         g = cts.pop((v, m), None)
                         if g is None:  # an output nobody differentiates: zero cotangent
-                            g = jnp.zeros(self.shapes[v], self.dtypes[v])
+                            g = jnp.zeros(self.values[v].shape, self.values[v].dtype)
                     ct.append(jax.device_put(g, sh))
                 vjp_fn = res.pop((k, m))
                 acc[k], da = e.backward(vjp_fn, ct, e.zero_grads() if acc[k] is None else acc[k])
@@ -235,22 +231,15 @@ class PipelineStep:
                     g = jax.device_put(g, dst)
                     cts[(v, m)] = g if (v, m) not in cts else cts[(v, m)] + g
         # gradients of parameters read by several stages go back to their owner
-        grads = [None] * self.P
+        grads, owner_params = [None] * self.P, [None] * self.P
         for k in range(S):
             for j, i in enumerate(st[k].params):
                 g = acc[k][j]
                 if self.own[i] == k:
-                    grads[i] = g if grads[i] is None else grads[i] + g
-        for k in range(S):
-            for j, i in enumerate(st[k].params):
-                if self.own[i] != k:
-                    g = jax.device_put(acc[k][j], self.param_sharding[i])
-                    grads[i] = g if grads[i] is None else grads[i] + g
-        owner_params = [None] * self.P
-        for k in range(S):
-            for j, i in enumerate(st[k].params):
-                if self.own[i] == k:
                     owner_params[i] = p_in[k][j]
+                else:
+                    g = jax.device_put(g, self.param_sharding[i])
+                grads[i] = g if grads[i] is None else grads[i] + g
         for i in range(self.P):
             if owner_params[i] is None:  # read by no stage: zero gradient, kept on stage 0
                 owner_params[i] = jax.device_put(p_leaves[i], self.param_sharding[i])

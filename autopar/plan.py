@@ -18,6 +18,23 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class _Document(_Frozen):
+    """A saved plan: JSON round trip; equality over fields only (private attributes such as
+    the planned function are not compared)."""
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and self.model_dump() == other.model_dump()
+
+    __hash__ = None
+
+    def to_json(self, *, indent: int | None = 1) -> str:
+        return self.model_dump_json(indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str):
+        return cls.model_validate_json(text)
+
+
 class CollectiveCost(_Frozen):
     kind: str
     axes: list[str]
@@ -86,7 +103,7 @@ class Timing(_Frozen):
     per_mesh_solve_s: dict[str, float] = {}
 
 
-class Plan(_Frozen):
+class Plan(_Document):
     version: int = 1
     function: str
     fingerprint: str
@@ -112,11 +129,6 @@ class Plan(_Frozen):
     strategy_name: str = Field(default="autopar", exclude_if=lambda v: v == "autopar")
     _fn: Any = PrivateAttr(default=None)   # the planned function, when planned in this process
 
-    def __eq__(self, other) -> bool:  # fields only (not the private function reference)
-        return isinstance(other, Plan) and self.model_dump() == other.model_dump()
-
-    __hash__ = None
-
     # --- views -----------------------------------------------------------------------
     @property
     def input_specs(self):
@@ -137,13 +149,6 @@ class Plan(_Frozen):
     def report(self) -> str:
         from .report import format_report
         return format_report(self)
-
-    def to_json(self, *, indent: int | None = 1) -> str:
-        return self.model_dump_json(indent=indent)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Plan":
-        return cls.model_validate_json(text)
 
     def apply(self, fn, *, devices=None):
         """A jitted callable taking the same arguments as ``fn``, sharded as planned."""

@@ -193,21 +193,25 @@ class _StageCoster:
         self.solver, self.time_limit_s = solver, time_limit_s
         self.cache: dict = {}
         self.traced: dict = {}
+        self.stages: dict = {}
         self.solves = self.hits = self.infeasible = 0
         self.min_need = math.inf
 
-    def stage(self, i: int, j: int) -> Stage:
-        return stage_for_range(self.program, self.P, self.layer_eqns[i][0], self.layer_eqns[j - 1][1])
+    def stage(self, i: int, j: int) -> tuple[Stage, str]:
+        """Layers i..j−1 as a stage and its structural key (computed once per range)."""
+        if (i, j) not in self.stages:
+            st = stage_for_range(self.program, self.P, self.layer_eqns[i][0], self.layer_eqns[j - 1][1])
+            self.stages[(i, j)] = (st, structural_key(self.program, st, self.P))
+        return self.stages[(i, j)]
 
     def cost(self, i: int, j: int, submesh, mesh_shape=None) -> dict:
-        st = self.stage(i, j)
-        key = (structural_key(self.program, st, self.P), tuple(submesh), None if mesh_shape is None else tuple(mesh_shape))
+        st, skey = self.stage(i, j)
+        key = (skey, tuple(submesh), None if mesh_shape is None else tuple(mesh_shape))
         hit = self.cache.get(key)
         if hit is not None:
             self.hits += 1
             return hit
         self.solves += 1
-        skey = key[0]
         if skey not in self.traced:  # per stage program, shared by all sub-meshes
             fwd = stage_forward(self.program, st, self.P)
             args = stage_abstract_args(self.program, st, self.P)

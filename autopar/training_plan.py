@@ -12,7 +12,7 @@ from pydantic import PrivateAttr
 
 from cost import ClusterSpec
 
-from .plan import Plan, Timing, _Frozen
+from .plan import Plan, Timing, _Document, _Frozen
 
 
 class StagePlan(_Frozen):
@@ -54,7 +54,7 @@ class StageSearch(_Frozen):
     costing: str                      # "exact" | "additive"
 
 
-class TrainingPlan(_Frozen):
+class TrainingPlan(_Document):
     version: int = 1
     kind: str = "training"
     function: str
@@ -78,11 +78,6 @@ class TrainingPlan(_Frozen):
     _loss_fn: Any = PrivateAttr(default=None)
     _optimizer: Any = PrivateAttr(default=None)
 
-    def __eq__(self, other) -> bool:
-        return isinstance(other, TrainingPlan) and self.model_dump() == other.model_dump()
-
-    __hash__ = None
-
     @property
     def num_stages(self) -> int:
         return len(self.stages)
@@ -90,13 +85,6 @@ class TrainingPlan(_Frozen):
     def report(self) -> str:
         from .training_report import format_training_report
         return format_training_report(self)
-
-    def to_json(self, *, indent: int | None = 1) -> str:
-        return self.model_dump_json(indent=indent)
-
-    @classmethod
-    def from_json(cls, text: str) -> "TrainingPlan":
-        return cls.model_validate_json(text)
 
     def simulate(self):
         """The predicted schedule (``autopar.schedule.Timeline``) of one training step."""
