@@ -236,8 +236,7 @@ class _StageCoster:
             self.cache[key] = res
             return res
         vals = self.program.values
-        param_dev = sum(float(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
-                        / _spec_factor(sp, spec) for x, spec in zip(p, sp.input_specs_flat[:len(p)]))
+        param_dev = sum(_nbytes(x) / _spec_factor(sp, spec) for x, spec in zip(p, sp.input_specs_flat[:len(p)]))
         act = res_bytes / n_dev
         in_bytes = sum(vals[v].nbytes for v in list(st.acts_in) + list(st.nd_acts_in))
         link = self.spec.inter_node_link if self.nodes > 1 else self.spec.intra_node_link
@@ -250,7 +249,12 @@ class _StageCoster:
         return res
 
 
-def _check(cluster, nodes, num_microbatches, schedule, optimizer, memory_budget_bytes, costing) -> ClusterSpec:
+def _nbytes(x) -> float:
+    return float(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+
+
+def _check(cluster, nodes, num_microbatches, schedule, optimizer, memory_budget_bytes, costing,
+           mesh_search) -> ClusterSpec:
     spec = load_cluster(cluster)
     if not isinstance(nodes, int) or isinstance(nodes, bool) or nodes < 1:
         raise ValueError(f"nodes must be a positive int, got {nodes!r}")
@@ -265,6 +269,8 @@ def _check(cluster, nodes, num_microbatches, schedule, optimizer, memory_budget_
         raise ValueError(f"memory_budget_bytes must be > 0, got {memory_budget_bytes!r}")
     if costing not in ("auto", "exact", "additive"):
         raise ValueError(f"costing must be 'auto', 'exact' or 'additive', got {costing!r}")
+    if mesh_search not in ("auto", "full"):
+        raise ValueError(f"mesh_search must be 'auto' or 'full', got {mesh_search!r}")
     return spec
 
 
@@ -310,7 +316,7 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
     same search when it is predicted fastest.
     """
     t0 = time.perf_counter()
-    spec = _check(cluster, nodes, num_microbatches, schedule, optimizer, memory_budget_bytes, costing)
+    spec = _check(cluster, nodes, num_microbatches, schedule, optimizer, memory_budget_bytes, costing, mesh_search)
     budget = float(memory_budget_bytes or spec.device.memory_bytes)
     params_abs = jax.tree_util.tree_map(_abstract, params)
     batch_abs = jax.tree_util.tree_map(_abstract, batch)
@@ -329,9 +335,8 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
         opt_abs = jax.eval_shape(optimizer.init, params_abs)
     except Exception as err:
         raise ValueError(f"optimizer.init(params) failed: {type(err).__name__}: {err}") from err
-    p_bytes = sum(float(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize for x in p_leaves)
-    o_bytes = sum(float(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
-                  for x in jax.tree_util.tree_leaves(opt_abs))
+    p_bytes = sum(_nbytes(x) for x in p_leaves)
+    o_bytes = sum(_nbytes(x) for x in jax.tree_util.tree_leaves(opt_abs))
     opt_ratio = o_bytes / p_bytes if p_bytes else 0.0
     graph = build_graph(program)
     if stages is not None and num_layers is None:
@@ -343,8 +348,6 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
     t_trace = time.perf_counter()
 
     shapes = submesh_shapes(nodes, spec.devices_per_node)
-    if mesh_search not in ("auto", "full"):
-        raise ValueError(f"mesh_search must be 'auto' or 'full', got {mesh_search!r}")
     coster = _StageCoster(program, P, layer_eqns, spec, nodes, budget, opt_ratio, solver, time_limit_s, mesh_search)
     forced = _forced_stages(stages, L, shapes) if stages is not None else None
     lat = np.full((L, L + 1, len(shapes)), np.inf)
