@@ -13,6 +13,10 @@ result, so the two can be compared number for number:
   layer-norm scales) split or replicated — Megatron's choice space.
 * :func:`dp_tp` — 2D mesh ``(dp, tp)``: batch dim 0 over axis ``x``; weights as in
   ``megatron`` over axis ``y`` (replicated over ``x``).
+* :func:`dp_tp_pp` — Megatron-LM's 3D grid for a training step: ``pp`` pipeline stages with
+  the same number of layers each, every stage on an equal sub-mesh laid out as ``dp_tp``
+  (``tp`` inside a node); the best grid point ``pp × dp × tp`` is returned as a
+  :class:`~autopar.TrainingPlan`, executed by ``tplan.apply()`` like ``plan_training``'s.
 
 "Batch" leaves are those of the positional arguments in ``batch_argnums`` (default: the
 last one); every other leaf is "state" (parameters, optimizer state).
@@ -48,7 +52,7 @@ from cost import load_cluster
 from .planner import plan_with
 from .strategies.base import live_axes
 
-__all__ = ["data_parallel", "fsdp", "megatron", "dp_tp", "BASELINES"]
+__all__ = ["data_parallel", "fsdp", "megatron", "dp_tp", "dp_tp_pp", "pipeline_grid", "uniform_stages", "BASELINES"]
 
 
 def _leaf_shapes(args, batch_argnums) -> tuple[list[tuple[int, ...]], list[bool]]:
@@ -198,3 +202,123 @@ def dp_tp(fn, *args, mesh_shape=None, cluster="cpu-8", nodes: int = 1, batch_arg
 
 
 BASELINES = {"data_parallel": data_parallel, "fsdp": fsdp, "megatron": megatron, "dp_tp": dp_tp}
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def pipeline_grid(num_layers: int, nodes: int, devices_per_node: int, microbatch_size: int):
+    """Megatron-style grid points ``(pp, submesh, (dp, tp))``: ``pp`` ≤ the layers divides
+    the devices; each stage gets ``N / pp`` devices as whole nodes ``(k, M)`` or an aligned
+    part of one node ``(1, m)``; ``tp`` divides the devices of a node (tensor parallelism
+    stays inside a node) and ``dp`` divides the micro-batch. Stages get ``num_layers / pp``
+    layers each (:func:`uniform_stages`; ±1 where ``pp`` does not divide the layers)."""
+    M, N = devices_per_node, nodes * devices_per_node
+    out = []
+    for pp in _divisors(N):
+        if pp > num_layers:
+            continue
+        d = N // pp
+        if d >= M and d % M == 0:
+            sub = (d // M, M)
+        elif d < M and M % d == 0:
+            sub = (1, d)
+        else:
+            continue
+        for tp in _divisors(min(d, M)):
+            dp = d // tp
+            if d % tp == 0 and microbatch_size % dp == 0:
+                out.append((pp, sub, (dp, tp)))
+    return out
+
+
+def uniform_stages(num_layers: int, pp: int) -> list[tuple[int, int]]:
+    """``pp`` contiguous layer ranges whose sizes differ by at most one (larger ones last)."""
+    bounds = [round(s * num_layers / pp) for s in range(pp + 1)]
+    return list(zip(bounds, bounds[1:]))
+
+
+def _stage_rules(microbatch_size: int):
+    """``restrict`` for a stage's (params, activations in, batch, cotangents) on mesh (dp, tp):
+    params as in Megatron over ``y``; micro-batch-major leaves dim 0 over ``x``, the rest
+    replicated; every input consumed as laid out."""
+    def restrict(stage_args, mesh_shape):
+        p, rest = stage_args[0], [x for group in stage_args[1:] for x in group]
+        live = set(live_axes(mesh_shape))
+        b_axes, s_axes = tuple(a for a in (0,) if a in live), tuple(a for a in (1,) if a in live)
+        layouts = [_state_layout(tuple(x.shape), mesh_shape, s_axes, "tensor") for x in p]
+        for k, x in enumerate(rest):
+            shape = tuple(x.shape)
+            layouts.append(_batch_layout(shape, mesh_shape, b_axes, "dp_tp_pp", len(p) + k)
+                           if shape and shape[0] == microbatch_size else _replicated)
+        return {"allowed": lambda i, strategy: layouts[i](strategy.out_specs[0]), "allowed_reshard": lambda i, src, dst: src == dst}
+    return restrict
+
+
+def dp_tp_pp(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: int = 1, num_microbatches: int = 1,
+             schedule: str = "1f1b", num_layers: int | None = None, memory_budget_bytes: float | None = None,
+             solver: str = "auto", time_limit_s: float | None = None, refine: int = 2, grid=None):
+    """The best Megatron-LM 3D grid (data × tensor × pipeline parallel, uniform stages) for a
+    training step, as a :class:`~autopar.TrainingPlan` (``strategy_name="dp_tp_pp"``).
+
+    Same inputs as :func:`autopar.plan_training`. Every grid point of :func:`pipeline_grid`
+    (or ``grid=[(pp, submesh, (dp, tp)), …]``) is costed layer by layer (each layer's
+    forward + backward planned by the ILP under the ``dp_tp`` input rules on ``(dp, tp)``,
+    summed over a stage); the ``refine`` best estimates are planned stage by stage exactly
+    and the fastest predicted step is returned. ``tplan.baseline_grid`` lists every point
+    with its estimate (or why it was dropped)."""
+    from .planner import PlanError
+    from .training import _Setup
+
+    setup = _Setup(loss_fn, params, batch, optimizer=optimizer, cluster=cluster, nodes=nodes,
+                   num_microbatches=num_microbatches, schedule=schedule, memory_budget_bytes=memory_budget_bytes,
+                   costing="auto", mesh_search="auto", num_layers=num_layers, stages=None)
+    mb_leaves = jax.tree_util.tree_leaves(setup.microbatch)
+    mb_size = int(mb_leaves[0].shape[0]) if mb_leaves and mb_leaves[0].shape else 1
+    L, M = setup.L, setup.spec.devices_per_node
+    points = [(int(pp), tuple(sub), tuple(mesh)) for pp, sub, mesh in grid] if grid is not None \
+        else pipeline_grid(L, nodes, M, mb_size)
+    if not points:
+        raise PlanError(f"no Megatron grid point for {L} layers on {nodes} node(s) × {M} with micro-batch "
+                        f"{mb_size}: pp must divide the layers and devices, dp the micro-batch")
+    coster = setup.coster(solver, time_limit_s, restrict=_stage_rules(mb_size), strategy_name="dp_tp_pp")
+    rows = []
+    for pp, sub, mesh in points:
+        if not 1 <= pp <= L or sub not in setup.shapes or math.prod(mesh) != sub[0] * sub[1] \
+                or pp * sub[0] * sub[1] != nodes * M:
+            raise ValueError(f"grid point pp={pp}, submesh={sub}, mesh={mesh} does not fit {L} layers on "
+                             f"{nodes} node(s) × {M} (sub-meshes {setup.shapes})")
+        forced = [(a, b, sub, mesh) for a, b in uniform_stages(L, pp)]
+        row = {"pp": pp, "submesh": list(sub), "dp": mesh[0], "tp": mesh[1], "forced": forced}
+        try:
+            row["estimate_s"] = setup.solve(coster, forced=forced, mode="additive", estimate_only=True,
+                                            strategy_name="dp_tp_pp").objective_s
+        except PlanError as err:
+            row["error"] = str(err).split(";")[0]
+        rows.append(row)
+    ok = sorted((r for r in rows if "estimate_s" in r), key=lambda r: r["estimate_s"])
+    best, errors = None, []
+    for r in ok[:max(1, refine)]:
+        try:
+            tp_ = setup.solve(coster, forced=r["forced"], mode="exact", strategy_name="dp_tp_pp")
+        except PlanError as err:
+            r["error"] = str(err).split(";")[0]
+            errors.append(err)
+            continue
+        r["step_s"] = tp_.predicted.step_time_s
+        if best is None or tp_.predicted.step_time_s < best.predicted.step_time_s:
+            best = tp_
+    if best is None:
+        need = [e.min_bytes_per_device for e in errors if e.min_bytes_per_device] + (
+            [coster.min_need] if math.isfinite(coster.min_need) else [])
+        raise PlanError(f"no Megatron DP×TP×PP grid point of {setup.name} fits memory_budget_bytes="
+                        f"{setup.budget:.0f} per device on {nodes} node(s) × {M} ({len(rows)} points tried)"
+                        + (f"; {min(need):.0f} bytes per device is the smallest a stage needs" if need else "")
+                        + ". Raise the budget, add nodes or use more micro-batches.",
+                        min_bytes_per_device=min(need) if need else None)
+    for r in rows:
+        r.pop("forced")
+    out = best.model_copy(update={"baseline_grid": rows})
+    out._loss_fn, out._optimizer = best._loss_fn, best._optimizer
+    return out

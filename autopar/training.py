@@ -186,8 +186,9 @@ class _StageCoster:
     """Plans (layer range, sub-mesh) stages with the intra-op ILP, cached by structural key."""
 
     def __init__(self, program, num_params, layer_eqns, spec, nodes, budget, opt_ratio, solver, time_limit_s,
-                 mesh_search="auto"):
-        self.mesh_search = mesh_search
+                 mesh_search="auto", restrict=None, strategy_name="autopar"):
+        # restrict(stage_args (p, a, nd, ct), mesh_shape) -> build_problem filters (baselines)
+        self.mesh_search, self.restrict, self.strategy_name = mesh_search, restrict, strategy_name
         self.program, self.P, self.layer_eqns = program, num_params, layer_eqns
         self.spec, self.nodes, self.budget, self.opt_ratio = spec, nodes, budget, opt_ratio
         self.solver, self.time_limit_s = solver, time_limit_s
@@ -227,7 +228,9 @@ class _StageCoster:
                            mesh_shapes=stage_meshes(submesh, self.mesh_search), traced=(prog, graph),
                            memory_budget_bytes=self.budget, solver=self.solver,
                            time_limit_s=self.time_limit_s if self.time_limit_s is not None else STAGE_TIME_LIMIT_S,
-                           restrict=lambda shape: {"input_usage_scale": scale})
+                           restrict=lambda shape: {"input_usage_scale": scale, **(
+                               {} if self.restrict is None else self.restrict((p, a, nd, ct), tuple(shape)))},
+                           strategy_name=self.strategy_name)
         except PlanError as err:
             self.infeasible += 1
             if err.min_bytes_per_device is not None:
@@ -297,6 +300,167 @@ def _forced_stages(stages, num_layers, shapes):
     return out
 
 
+class _Setup:
+    """Everything ``plan_training`` derives before costing stages (shared with the pipeline baseline)."""
+
+    def __init__(self, loss_fn, params, batch, *, optimizer, cluster, nodes, num_microbatches, schedule,
+                 memory_budget_bytes, costing, mesh_search, num_layers, stages):
+        self.t0 = time.perf_counter()
+        self.spec = spec = _check(cluster, nodes, num_microbatches, schedule, optimizer, memory_budget_bytes,
+                                  costing, mesh_search)
+        self.loss_fn, self.optimizer, self.nodes, self.schedule = loss_fn, optimizer, nodes, schedule
+        self.num_microbatches = num_microbatches
+        self.name = getattr(loss_fn, "__name__", "loss_fn")
+        self.budget = float(memory_budget_bytes or spec.device.memory_bytes)
+        params_abs = jax.tree_util.tree_map(_abstract, params)
+        batch_abs = jax.tree_util.tree_map(_abstract, batch)
+        self.p_leaves, self.p_tree = jax.tree_util.tree_flatten(params_abs)
+        self.b_leaves, self.b_tree = jax.tree_util.tree_flatten(batch_abs)
+        bad = [jax.tree_util.keystr(k) for k, x in jax.tree_util.tree_flatten_with_path(params_abs)[0]
+               if not jnp.issubdtype(x.dtype, jnp.floating)]
+        if bad:
+            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+            raise ValueError(f"every params leaf is trained and must be floating; got non-float leaves {bad[:5]}{more}. "
+                             "Move integer data into the batch or close over it")
+        self.microbatch = microbatch_shapes(batch_abs, num_microbatches)
+        self.program = trace_loss(loss_fn, params_abs, self.microbatch)
+        self.P = len(self.p_leaves)
+        try:
+            opt_abs = jax.eval_shape(optimizer.init, params_abs)
+        except Exception as err:
+            raise ValueError(f"optimizer.init(params) failed: {type(err).__name__}: {err}") from err
+        p_bytes = sum(_nbytes(x) for x in self.p_leaves)
+        o_bytes = sum(_nbytes(x) for x in jax.tree_util.tree_leaves(opt_abs))
+        self.opt_ratio = o_bytes / p_bytes if p_bytes else 0.0
+        graph = build_graph(self.program)
+        if stages is not None and num_layers is None:
+            num_layers = max(int(tuple(s)[1]) for s in stages)
+        self.layering = cluster_layers(graph, num_layers)
+        off = len(self.program.invars) + len(self.program.consts)
+        self.layer_eqns = [(a - off, b - off) for a, b in self.layering.layers]
+        self.L = len(self.layer_eqns)
+        self.shapes = submesh_shapes(nodes, spec.devices_per_node)
+        self.t_trace = time.perf_counter()
+
+    def coster(self, solver, time_limit_s, mesh_search="auto", restrict=None, strategy_name="autopar"):
+        return _StageCoster(self.program, self.P, self.layer_eqns, self.spec, self.nodes, self.budget,
+                            self.opt_ratio, solver, time_limit_s, mesh_search, restrict=restrict,
+                            strategy_name=strategy_name)
+
+    def solve(self, coster, *, forced=None, num_stages=None, mode="exact", strategy_name="autopar",
+              estimate_only=False):
+        """Cost stages (``forced`` [(a, b, submesh, mesh|None)], or every range in ``mode``),
+        run the stage DP and assemble the TrainingPlan. ``estimate_only``: return the stage
+        DP's solution (``forced`` with ``mode="additive"``: summed single-layer costs)."""
+        L, shapes, spec, nodes = self.L, self.shapes, self.spec, self.nodes
+        lat = np.full((L, L + 1, len(shapes)), np.inf)
+        mem, act = np.zeros_like(lat), np.zeros_like(lat)
+        single = None
+        if forced is not None:
+            for a, b, sub, mesh in forced:
+                s = shapes.index(sub)
+                if mode == "additive":  # layer by layer (estimate), as the additive search does
+                    cs = [coster.cost(i, i + 1, sub, mesh) for i in range(a, b)]
+                    lat[a, b, s] = sum(c["latency"] for c in cs) - sum(c.get("send", 0.0) for c in cs[1:])
+                    mem[a, b, s], act[a, b, s] = sum(c["static"] for c in cs), sum(c["act"] for c in cs)
+                    continue
+                c = coster.cost(a, b, sub, mesh)
+                lat[a, b, s], mem[a, b, s], act[a, b, s] = c["latency"], c["static"], c["act"]
+        elif mode == "exact":
+            for i in range(L):
+                for j in range(i + 1, L + 1):
+                    for s, sub in enumerate(shapes):
+                        c = coster.cost(i, j, sub)
+                        lat[i, j, s], mem[i, j, s], act[i, j, s] = c["latency"], c["static"], c["act"]
+        else:
+            single = [[coster.cost(i, i + 1, sub) for sub in shapes] for i in range(L)]
+            for s in range(len(shapes)):
+                for i in range(L):
+                    tl = mm = aa = 0.0
+                    for j in range(i + 1, L + 1):
+                        c = single[j - 1][s]
+                        tl += c["latency"] - (c.get("send", 0.0) if j > i + 1 else 0.0)
+                        mm += c["static"]
+                        aa += c["act"]
+                        lat[i, j, s], mem[i, j, s], act[i, j, s] = tl, mm, aa
+        problem = StageProblem(num_layers=L, num_nodes=nodes, devices_per_node=spec.devices_per_node,
+                               latency=lat, memory=mem, activation=act, num_microbatches=self.num_microbatches,
+                               device_memory=self.budget, schedule=self.schedule)
+        name = self.name if strategy_name == "autopar" else f"{self.name} (baseline {strategy_name})"
+        try:
+            sol = solve_stages(problem, num_stages=num_stages,
+                               forced=[(a, b, sub) for a, b, sub, _ in forced] if forced is not None else None)
+        except StageInfeasibleError as err:
+            need = min(err.min_device_memory, coster.min_need)
+            raise PlanError(
+                f"no pipeline plan of {name} fits memory_budget_bytes={self.budget:.0f} per device on {nodes} "
+                f"node(s) × {spec.devices_per_node}" + (f"; the smallest budget that fits is {need:.0f} bytes per "
+                                                         f"device" if math.isfinite(need) else "") +
+                ". Raise the budget, add nodes, use more micro-batches, or shrink the model/batch.",
+                min_bytes_per_device=need if math.isfinite(need) else None) from err
+        except ValueError as err:
+            raise PlanError(f"cannot plan stages for {name}: {err}") from err
+        if estimate_only:
+            return sol
+        t_solve = time.perf_counter()
+
+        # the chosen stages, planned exactly (cached when the exact mode already did)
+        chosen = []
+        mesh_of = {(a, b): mesh for a, b, _, mesh in forced} if forced is not None else {}
+        for (a, b, s, sub, _lat) in sol.stages:
+            mesh = mesh_of.get((a, b))
+            if single is not None and b - a > 1 and forced is None:  # the logical mesh its most expensive layer chose
+                heaviest = max(range(a, b), key=lambda j: single[j][s]["latency"])
+                mesh = tuple(single[heaviest][s]["plan"].mesh_shape)
+            chosen.append((a, b, tuple(sub), coster.cost(a, b, tuple(sub), mesh)))
+        return self._assemble(chosen, coster, sol.objective_s, t_solve, "exact" if single is None else "additive",
+                              strategy_name, int(np.isfinite(lat).sum()))
+
+    def _assemble(self, chosen, coster, objective_s, t_solve, mode, strategy_name, candidates) -> TrainingPlan:
+        P, spec, nodes, B = self.P, self.spec, self.nodes, self.num_microbatches
+        split = split_program(self.program, P, [(self.layer_eqns[a][0], self.layer_eqns[b - 1][1])
+                                                for a, b, _, _ in chosen])
+        own = owners(split, P)
+        devices = place_submeshes([sub for _, _, sub, _ in chosen], nodes, spec.devices_per_node)
+        S = len(chosen)
+        stage_plans = []
+        for k, ((a, b, sub, c), st) in enumerate(zip(chosen, split)):
+            if c["plan"] is None:
+                raise PlanError(f"stage {k} (layers {a}..{b - 1}) does not fit sub-mesh {sub}")
+            inflight = min(S - k, B) if self.schedule == "1f1b" else B
+            t = c["latency"]
+            stage_plans.append(StagePlan(
+                index=k, layers=[a, b], eqns=list(st.eqns), submesh=list(sub), devices=devices[k], plan=c["plan"],
+                latency_s=t, fwd_s=(t - c["send"]) * FWD_SHARE, bwd_s=(t - c["send"]) * (1 - FWD_SHARE),
+                send_s=c["send"],
+                params=list(st.params), owned_params=[p for p in range(P) if own[p] == k], batch=list(st.batch),
+                param_bytes_per_device=c["param_dev"], activation_bytes_per_device=c["act"],
+                inflight_microbatches=inflight, memory_bytes_per_device=c["static"] + inflight * c["act"]))
+        from .schedule import simulate, stage_orders
+        timeline = simulate(stage_orders(S, B, self.schedule), [s.fwd_s for s in stage_plans],
+                            [s.bwd_s for s in stage_plans], [s.send_s / 2 for s in stage_plans[1:]])
+        predicted = PredictedTraining(step_time_s=timeline.makespan, dp_objective_s=objective_s,
+                                      bubble_fraction=timeline.bubble_fraction,
+                                      peak_memory_bytes=max(s.memory_bytes_per_device for s in stage_plans))
+        search = StageSearch(num_layers=self.L, layer_flops=list(self.layering.flops),
+                             layer_eqns=[list(x) for x in self.layer_eqns],
+                             layers_from_markers=self.layering.from_markers, candidates=candidates,
+                             ilp_solves=coster.solves, cache_hits=coster.hits, infeasible=coster.infeasible,
+                             costing=mode)
+        t_end = time.perf_counter()
+        result = TrainingPlan(
+            function=getattr(self.loss_fn, "__qualname__", self.name), fingerprint=self.program.fingerprint,
+            cluster=spec, nodes=nodes, num_microbatches=B, schedule=self.schedule, memory_budget_bytes=self.budget,
+            optimizer_state_ratio=self.opt_ratio, param_tree=treedef_to_json(self.p_tree),
+            batch_tree=treedef_to_json(self.b_tree),
+            param_shapes=[list(x.shape) for x in self.p_leaves], param_dtypes=[str(np.dtype(x.dtype)) for x in self.p_leaves],
+            batch_shapes=[list(x.shape) for x in self.b_leaves], batch_dtypes=[str(np.dtype(x.dtype)) for x in self.b_leaves],
+            stages=stage_plans, predicted=predicted, search=search, strategy_name=strategy_name,
+            timing=Timing(trace_s=self.t_trace - self.t0, solve_s=t_solve - self.t_trace, total_s=t_end - self.t0))
+        result._loss_fn, result._optimizer = self.loss_fn, self.optimizer
+        return result
+
+
 def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: int = 1,
                   num_microbatches: int = 1, schedule: str = "1f1b", num_stages: int | None = None,
                   stages=None, num_layers: int | None = None, memory_budget_bytes: float | None = None,
@@ -315,134 +479,15 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
     fixes the whole split. One stage (pure intra-op + gradient accumulation) comes out of the
     same search when it is predicted fastest.
     """
-    t0 = time.perf_counter()
-    spec = _check(cluster, nodes, num_microbatches, schedule, optimizer, memory_budget_bytes, costing, mesh_search)
-    budget = float(memory_budget_bytes or spec.device.memory_bytes)
-    params_abs = jax.tree_util.tree_map(_abstract, params)
-    batch_abs = jax.tree_util.tree_map(_abstract, batch)
-    p_leaves, p_tree = jax.tree_util.tree_flatten(params_abs)
-    b_leaves, b_tree = jax.tree_util.tree_flatten(batch_abs)
-    bad = [jax.tree_util.keystr(k) for k, x in jax.tree_util.tree_flatten_with_path(params_abs)[0]
-           if not jnp.issubdtype(x.dtype, jnp.floating)]
-    if bad:
-        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-        raise ValueError(f"every params leaf is trained and must be floating; got non-float leaves {bad[:5]}{more}. "
-                         "Move integer data into the batch or close over it")
-    mb = microbatch_shapes(batch_abs, num_microbatches)
-    program = trace_loss(loss_fn, params_abs, mb)
-    P = len(p_leaves)
-    try:
-        opt_abs = jax.eval_shape(optimizer.init, params_abs)
-    except Exception as err:
-        raise ValueError(f"optimizer.init(params) failed: {type(err).__name__}: {err}") from err
-    p_bytes = sum(_nbytes(x) for x in p_leaves)
-    o_bytes = sum(_nbytes(x) for x in jax.tree_util.tree_leaves(opt_abs))
-    opt_ratio = o_bytes / p_bytes if p_bytes else 0.0
-    graph = build_graph(program)
-    if stages is not None and num_layers is None:
-        num_layers = max(int(tuple(s)[1]) for s in stages)
-    layering = cluster_layers(graph, num_layers)
-    off = len(program.invars) + len(program.consts)
-    layer_eqns = [(a - off, b - off) for a, b in layering.layers]
-    L = len(layer_eqns)
-    t_trace = time.perf_counter()
-
-    shapes = submesh_shapes(nodes, spec.devices_per_node)
-    coster = _StageCoster(program, P, layer_eqns, spec, nodes, budget, opt_ratio, solver, time_limit_s, mesh_search)
-    forced = _forced_stages(stages, L, shapes) if stages is not None else None
-    lat = np.full((L, L + 1, len(shapes)), np.inf)
-    mem, act = np.zeros_like(lat), np.zeros_like(lat)
-    pairs = L * (L + 1) // 2 * len(shapes)
+    setup = _Setup(loss_fn, params, batch, optimizer=optimizer, cluster=cluster, nodes=nodes,
+                   num_microbatches=num_microbatches, schedule=schedule, memory_budget_bytes=memory_budget_bytes,
+                   costing=costing, mesh_search=mesh_search, num_layers=num_layers, stages=stages)
+    coster = setup.coster(solver, time_limit_s, mesh_search)
+    forced = _forced_stages(stages, setup.L, setup.shapes) if stages is not None else None
+    pairs = setup.L * (setup.L + 1) // 2 * len(setup.shapes)
     mode = "exact" if forced is not None else (
         costing if costing != "auto" else ("exact" if pairs <= max_exact_pairs else "additive"))
-    if forced is not None:
-        for a, b, sub, mesh in forced:
-            c = coster.cost(a, b, sub, mesh)
-            s = shapes.index(sub)
-            lat[a, b, s], mem[a, b, s], act[a, b, s] = c["latency"], c["static"], c["act"]
-    elif mode == "exact":
-        for i in range(L):
-            for j in range(i + 1, L + 1):
-                for s, sub in enumerate(shapes):
-                    c = coster.cost(i, j, sub)
-                    lat[i, j, s], mem[i, j, s], act[i, j, s] = c["latency"], c["static"], c["act"]
-    else:
-        single = [[coster.cost(i, i + 1, sub) for sub in shapes] for i in range(L)]
-        for s in range(len(shapes)):
-            for i in range(L):
-                tl = mm = aa = 0.0
-                for j in range(i + 1, L + 1):
-                    c = single[j - 1][s]
-                    tl += c["latency"] - (c.get("send", 0.0) if j > i + 1 else 0.0)
-                    mm += c["static"]
-                    aa += c["act"]
-                    lat[i, j, s], mem[i, j, s], act[i, j, s] = tl, mm, aa
-    problem = StageProblem(num_layers=L, num_nodes=nodes, devices_per_node=spec.devices_per_node,
-                           latency=lat, memory=mem, activation=act, num_microbatches=num_microbatches,
-                           device_memory=budget, schedule=schedule)
-    name = getattr(loss_fn, "__name__", "loss_fn")
-    try:
-        sol = solve_stages(problem, num_stages=num_stages,
-                           forced=[(a, b, sub) for a, b, sub, _ in forced] if forced is not None else None)
-    except StageInfeasibleError as err:
-        need = min(err.min_device_memory, coster.min_need)
-        raise PlanError(
-            f"no pipeline plan of {name} fits memory_budget_bytes={budget:.0f} per device on {nodes} node(s) × "
-            f"{spec.devices_per_node}" + (f"; the smallest budget that fits is {need:.0f} bytes per device"
-                                           if math.isfinite(need) else "") +
-            ". Raise the budget, add nodes, use more micro-batches, or shrink the model/batch.",
-            min_bytes_per_device=need if math.isfinite(need) else None) from err
-    except ValueError as err:
-        raise PlanError(f"cannot plan stages for {name}: {err}") from err
-    t_solve = time.perf_counter()
-
-    # the chosen stages, planned exactly (cached when the exact mode already did)
-    chosen = []
-    mesh_of = {(a, b): mesh for a, b, _, mesh in forced} if forced is not None else {}
-    for (a, b, s, sub, _lat) in sol.stages:
-        mesh = mesh_of.get((a, b))
-        if mode == "additive" and b - a > 1:  # the logical mesh its most expensive layer chose
-            heaviest = max(range(a, b), key=lambda j: single[j][s]["latency"])
-            mesh = tuple(single[heaviest][s]["plan"].mesh_shape)
-        chosen.append((a, b, tuple(sub), coster.cost(a, b, tuple(sub), mesh)))
-    split = split_program(program, P, [(layer_eqns[a][0], layer_eqns[b - 1][1]) for a, b, _, _ in chosen])
-    own = owners(split, P)
-    devices = place_submeshes([sub for _, _, sub, _ in chosen], nodes, spec.devices_per_node)
-    S = len(chosen)
-    stage_plans = []
-    for k, ((a, b, sub, c), st) in enumerate(zip(chosen, split)):
-        if c["plan"] is None:
-            raise PlanError(f"stage {k} (layers {a}..{b - 1}) does not fit sub-mesh {sub}")
-        inflight = min(S - k, num_microbatches) if schedule == "1f1b" else num_microbatches
-        t = c["latency"]
-        stage_plans.append(StagePlan(
-            index=k, layers=[a, b], eqns=list(st.eqns), submesh=list(sub), devices=devices[k], plan=c["plan"],
-            latency_s=t, fwd_s=(t - c["send"]) * FWD_SHARE, bwd_s=(t - c["send"]) * (1 - FWD_SHARE),
-            send_s=c["send"],
-            params=list(st.params), owned_params=[p for p in range(P) if own[p] == k], batch=list(st.batch),
-            param_bytes_per_device=c["param_dev"], activation_bytes_per_device=c["act"],
-            inflight_microbatches=inflight, memory_bytes_per_device=c["static"] + inflight * c["act"]))
-    from .schedule import simulate, stage_orders
-    timeline = simulate(stage_orders(S, num_microbatches, schedule), [s.fwd_s for s in stage_plans],
-                        [s.bwd_s for s in stage_plans], [s.send_s / 2 for s in stage_plans[1:]])
-    predicted = PredictedTraining(step_time_s=timeline.makespan, dp_objective_s=sol.objective_s,
-                                  bubble_fraction=timeline.bubble_fraction,
-                                  peak_memory_bytes=max(s.memory_bytes_per_device for s in stage_plans))
-    search = StageSearch(num_layers=L, layer_flops=list(layering.flops), layer_eqns=[list(x) for x in layer_eqns],
-                         layers_from_markers=layering.from_markers, candidates=int(np.isfinite(lat).sum()),
-                         ilp_solves=coster.solves, cache_hits=coster.hits, infeasible=coster.infeasible,
-                         costing=mode)
-    t_end = time.perf_counter()
-    result = TrainingPlan(
-        function=getattr(loss_fn, "__qualname__", name), fingerprint=program.fingerprint, cluster=spec,
-        nodes=nodes, num_microbatches=num_microbatches, schedule=schedule, memory_budget_bytes=budget,
-        optimizer_state_ratio=opt_ratio, param_tree=treedef_to_json(p_tree), batch_tree=treedef_to_json(b_tree),
-        param_shapes=[list(x.shape) for x in p_leaves], param_dtypes=[str(np.dtype(x.dtype)) for x in p_leaves],
-        batch_shapes=[list(x.shape) for x in b_leaves], batch_dtypes=[str(np.dtype(x.dtype)) for x in b_leaves],
-        stages=stage_plans, predicted=predicted, search=search,
-        timing=Timing(trace_s=t_trace - t0, solve_s=t_solve - t_trace, total_s=t_end - t0))
-    result._loss_fn, result._optimizer = loss_fn, optimizer
-    return result
+    return setup.solve(coster, forced=forced, num_stages=num_stages, mode=mode)
 
 
 __all__ = ["plan_training", "microbatch_shapes", "place_submeshes", "stage_meshes", "structural_key", "sub_cluster"]

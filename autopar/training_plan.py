@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import PrivateAttr
+from pydantic import Field, PrivateAttr
 
 from cost import ClusterSpec
 
@@ -74,6 +74,9 @@ class TrainingPlan(_Document):
     stages: list[StagePlan]
     predicted: PredictedTraining
     search: StageSearch
+    strategy_name: str = Field(default="autopar", exclude_if=lambda v: v == "autopar")  # or the baseline's name
+    # dp_tp_pp baseline: every grid point tried (pp, submesh, dp, tp, estimate_s | error, step_s if refined)
+    baseline_grid: list[dict] | None = Field(default=None, exclude_if=lambda v: v is None)
     timing: Timing = Timing()
     _loss_fn: Any = PrivateAttr(default=None)
     _optimizer: Any = PrivateAttr(default=None)

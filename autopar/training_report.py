@@ -8,7 +8,8 @@ from .report import _paths, _si, _time
 def format_training_report(plan) -> str:
     p, s = plan.predicted, plan.search
     total = plan.nodes * plan.cluster.devices_per_node
-    lines = [f"autopar training plan: {plan.function} on {plan.cluster.name} × {plan.nodes} node(s) = {total} devices",
+    who = "autopar" if plan.strategy_name == "autopar" else f"baseline {plan.strategy_name}"
+    lines = [f"{who} training plan: {plan.function} on {plan.cluster.name} × {plan.nodes} node(s) = {total} devices",
              f"{plan.num_stages} stage(s), {plan.num_microbatches} micro-batch(es), schedule {plan.schedule}; "
              f"layers: {s.num_layers} ({'stage_boundary markers' if s.layers_from_markers else 'clustered'})",
              f"predicted step time: {_time(p.step_time_s)} (schedule simulation; DP objective "

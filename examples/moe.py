@@ -68,6 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from autopar.stage_boundary import stage_boundary
 from examples import steps
 
 HEAD_DIM = 16            # head size used by ``default_heads`` outside the suite sizes
@@ -295,7 +296,9 @@ def _forward(params, tokens, top_k, capacity_factor):
     S = tokens.shape[1]
     x = jnp.take(params["wte"], tokens, axis=0) + params["wpe"][:S]
     aux = jnp.zeros((), jnp.float32)
-    for blk in params["blocks"]:
+    for i, blk in enumerate(params["blocks"]):
+        if i:
+            x, aux = stage_boundary((x, aux))  # identity; pipeline planning cuts layers here (a block per layer)
         x = x + _attention(blk["attn"], _layer_norm(blk["ln1"], x))
         y = _layer_norm(blk["ln2"], x)
         if "moe" in blk:

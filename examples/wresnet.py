@@ -71,6 +71,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from autopar.stage_boundary import stage_boundary
 from examples import steps
 
 LEARNING_RATE = 1e-3     # AdamW (``train_step``)
@@ -281,6 +282,8 @@ def _forward(params, images):
     x = _max_pool_3x3_s2(x)
     for i, stage in enumerate(params["stages"]):
         for j, blk in enumerate(stage):
+            if i or j:
+                x = stage_boundary(x)  # identity; pipeline planning cuts layers here (a block per layer)
             x = _block(blk, x, 2 if i > 0 and j == 0 else 1)
     x = jnp.mean(x, axis=(1, 2))                                   # global average pool
     return x @ params["head"]["w"] + params["head"]["b"]

@@ -1,0 +1,90 @@
+"""The Megatron DP×TP×PP baseline (autopar.baselines.dp_tp_pp): grid, rules, execution, errors."""
+import jax
+import numpy as np
+import optax
+import pytest
+from conftest import make_cluster
+
+import autopar
+from autopar import PlanError, TrainingPlan
+from autopar.baselines import dp_tp_pp, pipeline_grid, uniform_stages
+from examples import gpt
+
+
+def test_grid_and_uniform_stages():
+    # 2 nodes × 4, micro-batch 4: pp ∈ {1, 2, 4, 8}; tp divides a node; dp divides the micro-batch
+    grid = pipeline_grid(num_layers=4, nodes=2, devices_per_node=4, microbatch_size=4)
+    assert (1, (2, 4), (2, 4)) in grid and (2, (1, 4), (4, 1)) in grid and (4, (1, 2), (1, 2)) in grid
+    assert all(pp * dp * tp == 8 and tp <= 4 and 4 % dp == 0 for pp, _, (dp, tp) in grid)
+    assert not any(pp == 8 for pp, _, _ in grid)          # more stages than layers
+    assert (1, (2, 4), (8, 1)) not in grid                  # dp = 8 does not divide the micro-batch of 4
+    assert uniform_stages(4, 2) == [(0, 2), (2, 4)]
+    assert uniform_stages(7, 3) == [(0, 2), (2, 5), (5, 7)]
+
+
+@pytest.fixture(scope="module")
+def gpt_case(devices8):
+    params, batch = gpt.params_and_batch(layers=4, hidden=32, seq=16, vocab=64, batch=16)
+    opt = optax.sgd(0.1, momentum=0.9)
+    kw = dict(optimizer=opt, cluster=make_cluster(4), nodes=2, num_microbatches=2)
+    base = dp_tp_pp(gpt.loss_fn, params, batch, **kw)
+    ours = autopar.plan_training(gpt.loss_fn, params, batch, **kw)
+    return params, batch, opt, base, ours
+
+
+def test_baseline_is_a_uniform_grid_point_under_the_dp_tp_rule(gpt_case):
+    params, batch, _, base, _ = gpt_case
+    assert isinstance(base, TrainingPlan) and base.strategy_name == "dp_tp_pp"
+    assert base.report().startswith("baseline dp_tp_pp training plan")
+    pp = base.num_stages
+    assert [s.layers for s in base.stages] == [list(r) for r in uniform_stages(4, pp)]
+    assert len({tuple(s.submesh) for s in base.stages}) == 1 and len({tuple(s.plan.mesh_shape) for s in base.stages}) == 1
+    assert pp * np.prod(base.stages[0].submesh) == 8
+    # every grid point was costed; the returned one is the fastest refined one
+    grid = base.baseline_grid
+    assert len(grid) == len(pipeline_grid(4, 2, 4, 8))
+    refined = [g for g in grid if "step_s" in g]
+    assert refined and min(g["step_s"] for g in refined) == pytest.approx(base.predicted.step_time_s)
+    names = base.stages[0].plan.axis_names
+    for st in base.stages:
+        dp_ax, tp_ax = st.plan.axis_names
+        for spec in st.plan.input_specs_flat[:len(st.params)]:   # params: never split over the data axis
+            assert not any(dp_ax in axes for axes in spec)
+        for spec in st.plan.input_specs_flat[len(st.params):]:   # activations/batch: dim 0 over x, no tp split
+            assert not any(tp_ax in axes for axes in spec)
+            assert all(not axes for axes in spec[1:])
+    assert names
+
+
+def test_baseline_runs_and_equals_the_single_device_step(gpt_case):
+    params, batch, opt, base, _ = gpt_case
+    state = opt.init(params)
+
+    def ref(p, o, b):
+        loss, g = jax.value_and_grad(gpt.loss_fn)(p, b)
+        u, o = opt.update(g, o, p)
+        return optax.apply_updates(p, u), o, loss
+    want = jax.jit(ref)(params, state, batch)
+    got = base.apply()(params, state, batch)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_autopar_is_not_slower_than_the_grid(gpt_case):
+    *_, base, ours = gpt_case
+    assert ours.predicted.step_time_s <= base.predicted.step_time_s * (1 + 1e-6)
+
+
+def test_json_round_trip_keeps_the_grid(gpt_case):
+    *_, base, _ = gpt_case
+    back = TrainingPlan.model_validate_json(base.model_dump_json())
+    assert back == base and back.strategy_name == "dp_tp_pp" and back.baseline_grid == base.baseline_grid
+
+
+def test_errors(devices8):
+    params, batch = gpt.params_and_batch(layers=2, hidden=32, seq=16, vocab=64, batch=8)
+    kw = dict(optimizer=optax.sgd(0.1), cluster=make_cluster(4), nodes=2, num_microbatches=2)
+    with pytest.raises(ValueError, match="grid point"):
+        dp_tp_pp(gpt.loss_fn, params, batch, grid=[(2, (1, 2), (1, 2))], **kw)   # 2 stages × 2 devices ≠ 8
+    with pytest.raises(PlanError, match="Megatron DP×TP×PP .*smallest"):
+        dp_tp_pp(gpt.loss_fn, params, batch, memory_budget_bytes=1e4, **kw)
