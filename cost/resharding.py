@@ -39,6 +39,11 @@ def resharding(mesh: MeshModel, shape: tuple[int, ...], itemsize: int, src: Spec
     over ``(x, y)`` blocks ordered by x then y. Extra axes can be sliced locally only when the
     source's axes on that dim are a prefix of the target's; otherwise the shards have to be
     permuted between devices (one collective-permute of the target-sized shard).
+
+    XLA's SPMD partitioner cannot move an axis to another dim when minor axes of its source
+    dim are dropped (``(x, y)`` on dim 0 → ``x`` on dim 2): it replicates the whole tensor
+    (one all-gather over every source axis, "Involuntary full rematerialization") and slices;
+    priced as that (measured in tests/test_resharding_hlo.py).
     """
     if src == dst:
         return 0.0, ()
@@ -49,6 +54,9 @@ def resharding(mesh: MeshModel, shape: tuple[int, ...], itemsize: int, src: Spec
     for a in where_dst:
         if a not in where_src:
             factor *= mesh.shape[a]
+    if _full_rematerialization(src, where_src, where_dst):
+        axes = tuple(sorted(where_src))
+        return collective_time(mesh, "all-gather", axes, full), (("all-gather", axes, full),)
     seconds, colls = 0.0, []
     for a, d in sorted(where_src.items()):
         if a in where_dst and where_dst[a] != d:
@@ -68,6 +76,16 @@ def resharding(mesh: MeshModel, shape: tuple[int, ...], itemsize: int, src: Spec
         seconds += collective_time(mesh, "collective-permute", misplaced, nbytes)
         colls.append(("collective-permute", misplaced, nbytes))
     return seconds, tuple(colls)
+
+
+def _full_rematerialization(src: Spec, where_src: dict[int, int], where_dst: dict[int, int]) -> bool:
+    """An axis moves to another dim while an axis minor to it in its source dim is gathered."""
+    for a, d in where_src.items():
+        if a in where_dst and where_dst[a] != d:
+            minor = src[d][src[d].index(a) + 1:]
+            if any(b not in where_dst for b in minor):
+                return True
+    return False
 
 
 def _in_prefix_position(src: Spec, dst: Spec, axis: int, dim: int) -> bool:

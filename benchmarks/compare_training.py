@@ -1,0 +1,233 @@
+"""Full-size suites, 1–8 nodes: autopar.plan_training vs the Megatron DP×TP×PP grid.
+
+For each (model, suite config, cluster, nodes) it plans a training step of the suite config
+(Alpa's GPU count for that size: 8 GPUs per node), from ShapeDtypeStructs (nothing allocated
+or compiled): ``autopar.plan_training`` (stage DP over layer ranges × sub-meshes, intra-op ILP
+per stage) and ``autopar.baselines.dp_tp_pp`` (every uniform-stage grid point pp × dp × tp,
+each stage under the dp_tp rule), both with AdamW, the same global batch, micro-batch count,
+1F1B schedule and device memory. It prints and writes: predicted step time of both (``OOM``
+where nothing fits), baseline / autopar, autopar's stages, peak memory per device and
+planning times. Each config runs in its own subprocess (``--timeout`` seconds) and is
+appended to ``<out>.jsonl`` as it finishes, so an interrupted run keeps what it measured
+(``--resume`` skips configs already there). Results: benchmarks/results/compare_training.{md,json,png}.
+
+    python benchmarks/compare_training.py                          # 3 models × 3 clusters × 1, 2, 4, 8 nodes
+    python benchmarks/compare_training.py --models gpt --clusters dgx-a100-80g --nodes 1
+    python benchmarks/compare_training.py --report                 # tables + plot from the .jsonl only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# suite config per node count (Alpa's GPU counts 8, 16, 32, 64 for these sizes)
+SUITES = {
+    "gpt": {1: "gpt-2.6b", 2: "gpt-6.7b", 4: "gpt-15b", 8: "gpt-39b"},
+    "moe": {1: "moe-2.4b", 2: "moe-10b", 4: "moe-27b", 8: "moe-70b"},
+    "wresnet": {1: "wresnet-2b", 2: "wresnet-4b", 4: "wresnet-6.8b", 8: "wresnet-13b"},
+}
+BATCH = {"gpt": 1024, "moe": 1024, "wresnet": 1536}
+CLUSTERS = ("p3.16xlarge", "dgx-a100-80g", "dgx-h100")
+NODES = (1, 2, 4, 8)
+
+
+def one(model: str, nodes: int, cluster: str, microbatches: int, dtype: str) -> dict:
+    """Plan one config (in this process) and return its row."""
+    import importlib
+
+    from autopar import PlanError, plan_training
+    from autopar.baselines import dp_tp_pp
+    mod = importlib.import_module(f"examples.{model}")
+    suite = SUITES[model][nodes]
+    params, batch = mod.params_and_batch(suite=suite, batch=BATCH[model], abstract=True, dtype=dtype)
+    kw = dict(optimizer=mod.OPTIMIZER, cluster=cluster, nodes=nodes, num_microbatches=microbatches)
+    row = {"model": model, "suite": suite, "cluster": cluster, "nodes": nodes, "gpus": nodes * 8,
+           "batch": BATCH[model], "microbatches": microbatches}
+    for name, fn in (("autopar", lambda: plan_training(mod.loss_fn, params, batch, **kw)),
+                     ("dp_tp_pp", lambda: dp_tp_pp(mod.loss_fn, params, batch, **kw))):
+        t0 = time.perf_counter()
+        try:
+            tp = fn()
+        except PlanError as err:
+            row[name] = {"oom": True, "error": str(err)[:300], "min_bytes": err.min_bytes_per_device,
+                         "plan_s": time.perf_counter() - t0}
+            continue
+        row[name] = {
+            "step_s": tp.predicted.step_time_s, "peak_gb": tp.predicted.peak_memory_bytes / 1e9,
+            "bubble": tp.predicted.bubble_fraction, "stages": tp.num_stages, "plan_s": time.perf_counter() - t0,
+            "layout": [f"L{s.layers[0]}-{s.layers[1] - 1}@{s.submesh[0]}x{s.submesh[1]}/"
+                       f"{'x'.join(map(str, s.plan.mesh_shape))}" for s in tp.stages],
+            "layers": tp.search.num_layers, "ilp_solves": tp.search.ilp_solves}
+        if tp.baseline_grid is not None:
+            row[name]["grid"] = tp.baseline_grid
+    a, b = row["autopar"], row["dp_tp_pp"]
+    if "step_s" in a and "step_s" in b:
+        row["ratio"] = b["step_s"] / a["step_s"]
+    return row
+
+
+def _ms(s: float) -> str:
+    return f"{s:.2f} s" if s >= 1 else f"{s * 1e3:.1f} ms"
+
+
+def _compact(layout: list[str]) -> str:
+    """L0-5@1x8/2x4 L6-11@1x8/2x4 … → 2×(6 layers@1x8/2x4) where stages repeat."""
+    parts = []
+    for item in layout:
+        rng, where = item[1:].split("@")
+        a, b = map(int, rng.split("-"))
+        key = (b - a + 1, where)
+        if parts and parts[-1][0] == key:
+            parts[-1][1] += 1
+        else:
+            parts.append([key, 1])
+    return " ".join(f"{n}×{k[0]}L@{k[1]}" for k, n in parts)
+
+
+def table_line(r: dict) -> str:
+    a, b = r["autopar"], r["dp_tp_pp"]
+    if "error" in r:
+        return f"| {r['model']} | {r['suite']} | {r['cluster']} | {r['gpus']} | error: {r['error'][:80]} |" + " |" * 6
+    fa = "OOM" if a.get("oom") else _ms(a["step_s"])
+    fb = "OOM" if b.get("oom") else _ms(b["step_s"])
+    ratio = f"{r['ratio']:.2f}×" if "ratio" in r else ("∞ (baseline OOM)" if b.get("oom") and not a.get("oom") else "–")
+    lay_a = _compact(a["layout"]) if "layout" in a else "–"
+    lay_b = _compact(b["layout"]) if "layout" in b else "–"
+    mem = f"{a['peak_gb']:.1f} GB" if "peak_gb" in a else "–"
+    return (f"| {r['model']} | {r['suite']} | {r['cluster']} | {r['gpus']} | {fa} | {fb} | {ratio} | {lay_a} | "
+            f"{lay_b} | {mem} | {a['plan_s']:.0f} s / {b['plan_s']:.0f} s |")
+
+
+HEAD = ("| model | config | cluster | GPUs | autopar | DP×TP×PP | baseline / autopar | autopar stages "
+        "(n×layers@sub-mesh/mesh) | baseline grid point | autopar mem/GPU | plan time (autopar / baseline) |")
+
+
+def findings(rows: list[dict]) -> list[str]:
+    ok = [r for r in rows if "ratio" in r]
+    out = []
+    if ok:
+        ratios = sorted(r["ratio"] for r in ok)
+        best = max(ok, key=lambda r: r["ratio"])
+        out.append(f"* {len(ok)} configs planned by both; baseline / autopar median {ratios[len(ratios) // 2]:.2f}×, "
+                   f"range {ratios[0]:.2f}–{ratios[-1]:.2f}×; largest: {best['suite']} on {best['cluster']} × "
+                   f"{best['nodes']} ({best['ratio']:.2f}×).")
+        worse = [r for r in ok if r["ratio"] < 1 - 1e-9]
+        out.append("* Configs where the baseline's predicted step beats autopar's: " + (
+            ", ".join(f"{r['suite']}/{r['cluster']}/{r['gpus']} ({r['ratio']:.3f}×)" for r in worse) if worse else "none")
+            + ".")
+        big = [r for r in ok if r["ratio"] >= 1.5]
+        out.append("* Configs ≥ 1.5×: " + (", ".join(f"{r['suite']}/{r['cluster']}/{r['gpus']} ({r['ratio']:.2f}×)"
+                                                  for r in big) if big else "none") + ".")
+    only = [r for r in rows if r.get("autopar", {}).get("step_s") and r.get("dp_tp_pp", {}).get("oom")]
+    out.append("* Autopar fits, every grid point OOM: " + (", ".join(f"{r['suite']}/{r['cluster']}/{r['gpus']}"
+                                                                       for r in only) if only else "none") + ".")
+    both = [r for r in rows if r.get("autopar", {}).get("oom") and r.get("dp_tp_pp", {}).get("oom")]
+    out.append("* Neither fits the device memory: " + (", ".join(f"{r['suite']}/{r['cluster']}/{r['gpus']}"
+                                                                  for r in both) if both else "none") + ".")
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ok = [r for r in rows if "ratio" in r]
+    if not ok:
+        return
+    short = {"p3.16xlarge": "V100", "dgx-a100-80g": "A100", "dgx-h100": "H100"}
+    labels = [f"{r['suite']}\n{short.get(r['cluster'], r['cluster'])}×{r['nodes']}" for r in ok]
+    vals = [r["ratio"] for r in ok]
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(ok) + 2), 4))
+    ax.bar(range(len(ok)), vals, color=["tab:green" if v >= 1 else "tab:red" for v in vals])
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axhline(1.5, color="gray", lw=0.8, ls="--")
+    for i, v in enumerate(vals):
+        ax.text(i, v, f"{v:.2f}×", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(ok)), labels, fontsize=6, rotation=90)
+    ax.set_ylabel("DP×TP×PP grid / autopar (predicted step)")
+    ax.set_ylim(0, max(vals + [1.6]) * 1.2)
+    ax.set_title("autopar training plans vs the best Megatron DP×TP×PP grid point")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write(rows: list[dict], out: Path, meta: str) -> None:
+    order = {(m, c, n): k for k, (m, c, n) in enumerate((m, c, n) for m in SUITES for c in CLUSTERS for n in NODES)}
+    rows = sorted(rows, key=lambda r: order.get((r["model"], r["cluster"], r["nodes"]), 1 << 30))
+    lines = [HEAD, "|" + "---|" * 11] + [table_line(r) for r in rows]
+    find = findings(rows)
+    out.with_suffix(".md").write_text(
+        "# Training plans at full size: autopar vs Megatron DP×TP×PP\n\n" + meta + "\n\n" + "\n".join(lines)
+        + f"\n\n![speedup]({out.with_suffix('.png').name})\n\n## Findings (generated)\n\n" + "\n".join(find) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    plot(rows, out.with_suffix(".png"))
+    print("\n".join(lines) + "\n\n" + "\n".join(find))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default=",".join(SUITES))
+    ap.add_argument("--clusters", default=",".join(CLUSTERS))
+    ap.add_argument("--nodes", default=",".join(map(str, NODES)))
+    ap.add_argument("--microbatches", type=int, default=64)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per config (subprocess)")
+    ap.add_argument("--resume", action="store_true", help="skip configs already in <out>.jsonl")
+    ap.add_argument("--report", action="store_true", help="only rebuild md/json/png from <out>.jsonl")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compare_training"))
+    ap.add_argument("--one", nargs=3, metavar=("MODEL", "NODES", "CLUSTER"), help=argparse.SUPPRESS)
+    ns = ap.parse_args()
+    if ns.one:
+        print("ROW " + json.dumps(one(ns.one[0], int(ns.one[1]), ns.one[2], ns.microbatches, ns.dtype)), flush=True)
+        return
+    out = Path(ns.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = out.with_suffix(".jsonl")
+    rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
+    meta = (f"Training step of each suite config (AdamW, {ns.dtype} params/activations, no rematerialisation), "
+            f"global batch {BATCH['gpt']} (GPT, MoE) / {BATCH['wresnet']} (Wide-ResNet), {ns.microbatches} "
+            f"micro-batches, 1F1B, 8 GPUs per node, device memory of the cluster spec; planned from "
+            f"ShapeDtypeStructs. autopar = `autopar.plan_training` (defaults); DP×TP×PP = "
+            f"`autopar.baselines.dp_tp_pp` (best uniform-stage grid point, each stage under the dp_tp rule). "
+            f"Times are predicted by autopar's cost model. Run on {platform.machine()} (Python "
+            f"{platform.python_version()}), 2 cores, one config per subprocess.")
+    if not ns.report:
+        if not ns.resume:
+            rows, _ = [], log.write_text("")
+        done = {(r["model"], r["cluster"], r["nodes"]) for r in rows}
+        print(HEAD + "\n|" + "---|" * 11, flush=True)
+        for model in ns.models.split(","):
+            for nodes in map(int, ns.nodes.split(",")):
+                for cluster in ns.clusters.split(","):
+                    if (model, cluster, nodes) in done:
+                        continue
+                    t0 = time.perf_counter()
+                    cmd = [sys.executable, __file__, "--one", model, str(nodes), cluster,
+                           "--microbatches", str(ns.microbatches), "--dtype", ns.dtype]
+                    try:
+                        res = subprocess.run(cmd, capture_output=True, text=True, timeout=ns.timeout, cwd=ROOT)
+                        line = [x for x in res.stdout.splitlines() if x.startswith("ROW ")]
+                        row = json.loads(line[-1][4:]) if line else {"error": (res.stderr or res.stdout)[-300:]}
+                    except subprocess.TimeoutExpired:
+                        row = {"error": f"timed out after {ns.timeout} s"}
+                    row.update(model=model, cluster=cluster, nodes=nodes, gpus=nodes * 8,
+                               suite=SUITES[model][nodes], wall_s=time.perf_counter() - t0)
+                    row.setdefault("autopar", {"plan_s": 0.0})
+                    row.setdefault("dp_tp_pp", {"plan_s": 0.0})
+                    rows.append(row)
+                    with log.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    print(table_line(row), flush=True)
+    write(rows, out, meta)
+
+
+if __name__ == "__main__":
+    main()
