@@ -36,10 +36,13 @@ SUITES = {
 }
 BATCH = {"gpt": 1024, "moe": 1024, "wresnet": 1536}
 CLUSTERS = ("p3.16xlarge", "dgx-a100-80g", "dgx-h100")
+# sequences (images) per micro-batch: 16 GB V100s need small micro-batches without rematerialisation
+MICROBATCH = {"p3.16xlarge": 4}
+DEFAULT_MICROBATCH = 16
 NODES = (1, 2, 4, 8)
 
 
-def one(model: str, nodes: int, cluster: str, microbatches: int, dtype: str) -> dict:
+def one(model: str, nodes: int, cluster: str, dtype: str) -> dict:
     """Plan one config (in this process) and return its row."""
     import importlib
 
@@ -48,6 +51,7 @@ def one(model: str, nodes: int, cluster: str, microbatches: int, dtype: str) -> 
     mod = importlib.import_module(f"examples.{model}")
     suite = SUITES[model][nodes]
     params, batch = mod.params_and_batch(suite=suite, batch=BATCH[model], abstract=True, dtype=dtype)
+    microbatches = BATCH[model] // MICROBATCH.get(cluster, DEFAULT_MICROBATCH)
     kw = dict(optimizer=mod.OPTIMIZER, cluster=cluster, nodes=nodes, num_microbatches=microbatches)
     row = {"model": model, "suite": suite, "cluster": cluster, "nodes": nodes, "gpus": nodes * 8,
            "batch": BATCH[model], "microbatches": microbatches}
@@ -177,7 +181,6 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(SUITES))
     ap.add_argument("--clusters", default=",".join(CLUSTERS))
     ap.add_argument("--nodes", default=",".join(map(str, NODES)))
-    ap.add_argument("--microbatches", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per config (subprocess)")
     ap.add_argument("--resume", action="store_true", help="skip configs already in <out>.jsonl")
@@ -186,15 +189,15 @@ def main() -> None:
     ap.add_argument("--one", nargs=3, metavar=("MODEL", "NODES", "CLUSTER"), help=argparse.SUPPRESS)
     ns = ap.parse_args()
     if ns.one:
-        print("ROW " + json.dumps(one(ns.one[0], int(ns.one[1]), ns.one[2], ns.microbatches, ns.dtype)), flush=True)
+        print("ROW " + json.dumps(one(ns.one[0], int(ns.one[1]), ns.one[2], ns.dtype)), flush=True)
         return
     out = Path(ns.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.with_suffix(".jsonl")
     rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
     meta = (f"Training step of each suite config (AdamW, {ns.dtype} params/activations, no rematerialisation), "
-            f"global batch {BATCH['gpt']} (GPT, MoE) / {BATCH['wresnet']} (Wide-ResNet), {ns.microbatches} "
-            f"micro-batches, 1F1B, 8 GPUs per node, device memory of the cluster spec; planned from "
+            f"global batch {BATCH['gpt']} (GPT, MoE) / {BATCH['wresnet']} (Wide-ResNet) in micro-batches of "
+            f"{DEFAULT_MICROBATCH} ({MICROBATCH['p3.16xlarge']} on p3.16xlarge's 16 GB V100s), 1F1B, 8 GPUs per node, device memory of the cluster spec; planned from "
             f"ShapeDtypeStructs. autopar = `autopar.plan_training` (defaults); DP×TP×PP = "
             f"`autopar.baselines.dp_tp_pp` (best uniform-stage grid point, each stage under the dp_tp rule). "
             f"Times are predicted by autopar's cost model. Run on {platform.machine()} (Python "
@@ -210,8 +213,7 @@ def main() -> None:
                     if (model, cluster, nodes) in done:
                         continue
                     t0 = time.perf_counter()
-                    cmd = [sys.executable, __file__, "--one", model, str(nodes), cluster,
-                           "--microbatches", str(ns.microbatches), "--dtype", ns.dtype]
+                    cmd = [sys.executable, __file__, "--one", model, str(nodes), cluster, "--dtype", ns.dtype]
                     try:
                         res = subprocess.run(cmd, capture_output=True, text=True, timeout=ns.timeout, cwd=ROOT)
                         line = [x for x in res.stdout.splitlines() if x.startswith("ROW ")]
