@@ -20,11 +20,16 @@ Costs per stage and micro-batch (seconds, bytes per device):
 * W = the ILP's peak for one micro-batch − A, where the ILP charges every parameter
   (2 + r)× its bytes (itself, its gradient accumulator and optimizer state; r =
   optimizer-state bytes per parameter byte), so it shards parameters when memory binds.
+  Summed over layers (additive costing): Σ parameter parts + max of the other parts.
 * memory rule (1F1B): W + min(S − i, B)·A ≤ device memory for stage i of S (GPipe: B·A).
 
 ``costing="exact"`` plans every (range, sub-mesh) pair; ``"additive"`` plans single layers
 only and sums them over a range (boundary reshards between layers inside a stage are then
-not counted; the chosen stages are re-planned exactly). ``"auto"`` is exact while the
+not counted; the chosen stages are re-planned exactly). In additive costing a layer on a
+sub-mesh of |m| of the N devices is planned within budget / max(1, L·|m|/N) — its share of a
+stage in a balanced pipeline — so that per-layer plans do not each take the whole device
+(else the sum over a long stage overflows where sharding the parameters would have fitted);
+a layer that does not fit its share is planned with the whole budget. ``"auto"`` is exact while the
 number of pairs is at most ``max_exact_pairs``.
 """
 from __future__ import annotations
@@ -205,9 +210,18 @@ class _StageCoster:
             self.stages[(i, j)] = (st, structural_key(self.program, st, self.P))
         return self.stages[(i, j)]
 
-    def cost(self, i: int, j: int, submesh, mesh_shape=None) -> dict:
+    def cost(self, i: int, j: int, submesh, mesh_shape=None, share: float = 1.0) -> dict:
+        """Plan layers i..j−1 on ``submesh``. ``share`` > 1 (additive costing of one layer):
+        plan it within budget / share — the layer's part of a stage holding ``share`` layers —
+        falling back to the whole budget when it does not fit that."""
+        if share > 1.0:
+            res = self._cost(i, j, submesh, mesh_shape, self.budget / share)
+            return res if res["plan"] is not None else self._cost(i, j, submesh, mesh_shape, self.budget)
+        return self._cost(i, j, submesh, mesh_shape, self.budget)
+
+    def _cost(self, i: int, j: int, submesh, mesh_shape, budget: float) -> dict:
         st, skey = self.stage(i, j)
-        key = (skey, tuple(submesh), None if mesh_shape is None else tuple(mesh_shape))
+        key = (skey, tuple(submesh), None if mesh_shape is None else tuple(mesh_shape), budget)
         hit = self.cache.get(key)
         if hit is not None:
             self.hits += 1
@@ -226,15 +240,16 @@ class _StageCoster:
             scale = {i: 2.0 + self.opt_ratio for i in range(len(p))}
             sp = plan_with(stage_train(fwd), (p, a, nd, ct), cluster=cl, nodes=n, mesh_shape=mesh_shape,
                            mesh_shapes=stage_meshes(submesh, self.mesh_search), traced=(prog, graph),
-                           memory_budget_bytes=self.budget, solver=self.solver,
+                           memory_budget_bytes=budget, solver=self.solver,
                            time_limit_s=self.time_limit_s if self.time_limit_s is not None else STAGE_TIME_LIMIT_S,
                            restrict=lambda shape: {"input_usage_scale": scale, **(
                                {} if self.restrict is None else self.restrict((p, a, nd, ct), tuple(shape)))},
                            strategy_name=self.strategy_name)
         except PlanError as err:
-            self.infeasible += 1
-            if err.min_bytes_per_device is not None:
-                self.min_need = min(self.min_need, err.min_bytes_per_device)
+            if budget == self.budget:  # (a layer that misses its share of the budget is retried whole)
+                self.infeasible += 1
+                if err.min_bytes_per_device is not None:
+                    self.min_need = min(self.min_need, err.min_bytes_per_device)
             res = {"plan": None, "latency": math.inf, "static": 0.0, "act": 0.0}
             self.cache[key] = res
             return res
@@ -246,10 +261,36 @@ class _StageCoster:
         bw = (self.spec.inter_node_bandwidth_per_device() if self.nodes > 1 else link.bandwidth_bytes_per_s) * n_dev
         send = 2 * (link.alpha_s + in_bytes / bw) if in_bytes else 0.0
         static = max(sp.predicted.peak_memory_bytes - act, 0.0)  # the ILP's peak counts one micro-batch's residuals
+        # persistent part of static: parameters with their accumulators and optimizer state
+        persist = min(param_dev * (2.0 + self.opt_ratio), static)
         res = {"plan": sp, "latency": sp.predicted.step_time_s + send, "send": send, "static": static,
-               "act": act, "param_dev": param_dev}
+               "act": act, "param_dev": param_dev, "persist": persist}
         self.cache[key] = res
         return res
+
+
+class _Sums:
+    """Running (latency, static, activation) of consecutive single-layer plans as one stage:
+    sends between layers inside the stage dropped, static as in ``_summed_static``."""
+
+    def __init__(self):
+        self.t, self.persist, self.transient, self.a, self.n = 0.0, 0.0, 0.0, 0.0, 0
+
+    def add(self, c) -> tuple[float, float, float]:
+        self.t += c["latency"] - (c.get("send", 0.0) if self.n else 0.0)
+        self.persist += c.get("persist", 0.0)
+        self.transient = max(self.transient, c["static"] - c.get("persist", 0.0))
+        self.a += c["act"]
+        self.n += 1
+        return self.t, self.persist + self.transient, self.a
+
+
+def _summed_static(costs) -> float:
+    """Static memory of layers planned one by one, as one stage: every layer's parameters (with
+    accumulators and optimizer state) stay, their other buffers (temporaries at each layer's
+    peak) are live one layer at a time."""
+    return sum(c.get("persist", 0.0) for c in costs) + max(
+        (c["static"] - c.get("persist", 0.0) for c in costs), default=0.0)
 
 
 def _nbytes(x) -> float:
@@ -355,14 +396,14 @@ class _Setup:
         L, shapes, spec, nodes = self.L, self.shapes, self.spec, self.nodes
         lat = np.full((L, L + 1, len(shapes)), np.inf)
         mem, act = np.zeros_like(lat), np.zeros_like(lat)
-        single = None
+        single = pick = None
         if forced is not None:
             for a, b, sub, mesh in forced:
                 s = shapes.index(sub)
                 if mode == "additive":  # layer by layer (estimate), as the additive search does
-                    cs = [coster.cost(i, i + 1, sub, mesh) for i in range(a, b)]
+                    cs = [coster.cost(i, i + 1, sub, mesh, share=b - a) for i in range(a, b)]
                     lat[a, b, s] = sum(c["latency"] for c in cs) - sum(c.get("send", 0.0) for c in cs[1:])
-                    mem[a, b, s], act[a, b, s] = sum(c["static"] for c in cs), sum(c["act"] for c in cs)
+                    mem[a, b, s], act[a, b, s] = _summed_static(cs), sum(c["act"] for c in cs)
                     continue
                 c = coster.cost(a, b, sub, mesh)
                 lat[a, b, s], mem[a, b, s], act[a, b, s] = c["latency"], c["static"], c["act"]
@@ -372,34 +413,11 @@ class _Setup:
                     for s, sub in enumerate(shapes):
                         c = coster.cost(i, j, sub)
                         lat[i, j, s], mem[i, j, s], act[i, j, s] = c["latency"], c["static"], c["act"]
-        else:
-            single = [[coster.cost(i, i + 1, sub) for sub in shapes] for i in range(L)]
-            for s in range(len(shapes)):
-                for i in range(L):
-                    tl = mm = aa = 0.0
-                    for j in range(i + 1, L + 1):
-                        c = single[j - 1][s]
-                        tl += c["latency"] - (c.get("send", 0.0) if j > i + 1 else 0.0)
-                        mm += c["static"]
-                        aa += c["act"]
-                        lat[i, j, s], mem[i, j, s], act[i, j, s] = tl, mm, aa
-        problem = StageProblem(num_layers=L, num_nodes=nodes, devices_per_node=spec.devices_per_node,
-                               latency=lat, memory=mem, activation=act, num_microbatches=self.num_microbatches,
-                               device_memory=self.budget, schedule=self.schedule)
         name = self.name if strategy_name == "autopar" else f"{self.name} (baseline {strategy_name})"
-        try:
-            sol = solve_stages(problem, num_stages=num_stages,
-                               forced=[(a, b, sub) for a, b, sub, _ in forced] if forced is not None else None)
-        except StageInfeasibleError as err:
-            need = min(err.min_device_memory, coster.min_need)
-            raise PlanError(
-                f"no pipeline plan of {name} fits memory_budget_bytes={self.budget:.0f} per device on {nodes} "
-                f"node(s) × {spec.devices_per_node}" + (f"; the smallest budget that fits is {need:.0f} bytes per "
-                                                         f"device" if math.isfinite(need) else "") +
-                ". Raise the budget, add nodes, use more micro-batches, or shrink the model/batch.",
-                min_bytes_per_device=need if math.isfinite(need) else None) from err
-        except ValueError as err:
-            raise PlanError(f"cannot plan stages for {name}: {err}") from err
+        if mode == "additive" and forced is None:
+            (single, pick), sol = self._additive(coster, lat, mem, act, num_stages, name)
+        else:
+            sol = self._stage_dp(coster, lat, mem, act, num_stages, forced, name)
         if estimate_only:
             return sol
         t_solve = time.perf_counter()
@@ -410,11 +428,90 @@ class _Setup:
         for (a, b, s, sub, _lat) in sol.stages:
             mesh = mesh_of.get((a, b))
             if single is not None and b - a > 1 and forced is None:  # the logical mesh its most expensive layer chose
-                heaviest = max(range(a, b), key=lambda j: single[j][s]["latency"])
-                mesh = tuple(single[heaviest][s]["plan"].mesh_shape)
-            chosen.append((a, b, tuple(sub), coster.cost(a, b, tuple(sub), mesh)))
+                var = single[int(pick[a, b, s])]
+                heaviest = max(range(a, b), key=lambda j: var[j][s]["latency"])
+                mesh = tuple(var[heaviest][s]["plan"].mesh_shape)
+            chosen.append((a, b, tuple(sub), self._exact(coster, a, b, tuple(sub), mesh, len(sol.stages) - len(chosen))))
         return self._assemble(chosen, coster, sol.objective_s, t_solve, "exact" if single is None else "additive",
                               strategy_name, int(np.isfinite(lat).sum()))
+
+    def _stage_dp(self, coster, lat, mem, act, num_stages, forced, name):
+        spec, nodes = self.spec, self.nodes
+        problem = StageProblem(num_layers=self.L, num_nodes=nodes, devices_per_node=spec.devices_per_node,
+                               latency=lat, memory=mem, activation=act, num_microbatches=self.num_microbatches,
+                               device_memory=self.budget, schedule=self.schedule)
+        try:
+            return solve_stages(problem, num_stages=num_stages,
+                                forced=[(a, b, sub) for a, b, sub, _ in forced] if forced is not None else None)
+        except StageInfeasibleError as err:
+            need = min(err.min_device_memory, coster.min_need)
+            raise PlanError(
+                f"no pipeline plan of {name} fits memory_budget_bytes={self.budget:.0f} per device on {nodes} "
+                f"node(s) × {spec.devices_per_node}" + (f"; the smallest budget that fits is {need:.0f} bytes per "
+                                                         f"device" if math.isfinite(need) else "") +
+                ". Raise the budget, add nodes, use more micro-batches, or shrink the model/batch.",
+                min_bytes_per_device=need if math.isfinite(need) else None) from err
+        except ValueError as err:
+            raise PlanError(f"cannot plan stages for {name}: {err}") from err
+
+    def _inflight(self, remaining: int) -> int:
+        return min(remaining, self.num_microbatches) if self.schedule == "1f1b" else self.num_microbatches
+
+    def _exact(self, coster, a, b, sub, mesh, remaining: int) -> dict:
+        """Stage [a, b) planned whole. The ILP's peak counts one micro-batch of activations; when
+        the stage's other in-flight micro-batches then overflow the budget, plan it again within
+        the budget less their activations."""
+        c = coster.cost(a, b, sub, mesh)
+        extra = (self._inflight(remaining) - 1) * c["act"]
+        if c["plan"] is not None and c["static"] + c["act"] + extra > self.budget >= extra:
+            again = coster._cost(a, b, sub, mesh, self.budget - extra)
+            if again["plan"] is not None:
+                return again
+        return c
+
+    def _additive(self, coster, lat, mem, act, num_stages, name):
+        """Stage costs from single-layer plans, then the stage DP. Variant 0 plans each layer
+        with the whole budget. A range that does not fit that way even with one micro-batch
+        in flight might fit if its layers shard parameters harder: variant 1
+        plans each layer of a sub-mesh within half its share of the budget (budget / (2·L·|m|/N),
+        a balanced stage there holding L·|m|/N layers). Variant 1 is planned lazily: such a
+        range first enters the DP with optimistic costs (variant 0's latency, parameters
+        sharded over every device); only when the DP's plan uses one are the sub-mesh's layers
+        planned again, and the DP re-run. (The DP itself checks each stage with its in-flight
+        micro-batches.)"""
+        L, shapes = self.L, self.shapes
+        total = self.nodes * self.spec.devices_per_node
+        full = [[coster.cost(i, i + 1, sub) for sub in shapes] for i in range(L)]
+        lean = [[None] * len(shapes) for _ in range(L)]
+        pbytes = [sum(_nbytes(self.p_leaves[q]) for q in coster.stage(i, i + 1)[0].params) * (2.0 + self.opt_ratio)
+                  for i in range(L)]
+        while True:
+            pick = np.zeros(lat.shape, dtype=np.int8)  # 0: whole budget, 1: lean, 2: optimistic placeholder
+            for s, sub in enumerate(shapes):
+                n = sub[0] * sub[1]
+                share = L * n / total
+                for i in range(L):
+                    run0, run1 = _Sums(), _Sums()
+                    for j in range(i + 1, L + 1):
+                        t, w, a = run0.add(full[j - 1][s])
+                        if not (t < math.inf and w + a <= self.budget) and share > 1:
+                            if lean[0][s] is None:  # optimistic: latency as planned with the whole budget
+                                t, w, pick[i, j, s] = run0.t, sum(pbytes[i:j]) / n, 2
+                            else:
+                                t1, w1, a1 = run1.add(lean[j - 1][s])
+                                if t1 < math.inf and (w1 + a1 <= self.budget or w1 + a1 < w + a):
+                                    t, w, a, pick[i, j, s] = t1, w1, a1, 1
+                        elif lean[0][s] is not None:
+                            run1.add(lean[j - 1][s])
+                        lat[i, j, s], mem[i, j, s], act[i, j, s] = t, w, a
+            sol = self._stage_dp(coster, lat, mem, act, num_stages, None, name)
+            todo = {s for a_, b_, s, _, _ in sol.stages if pick[a_, b_, s] == 2}
+            if not todo:
+                return ((full, lean), pick), sol
+            for s in todo:
+                share = L * shapes[s][0] * shapes[s][1] / total
+                for i in range(L):
+                    lean[i][s] = coster.cost(i, i + 1, shapes[s], share=2 * share)
 
     def _assemble(self, chosen, coster, objective_s, t_solve, mode, strategy_name, candidates) -> TrainingPlan:
         P, spec, nodes, B = self.P, self.spec, self.nodes, self.num_microbatches

@@ -1,4 +1,6 @@
 """Pipeline training plans: equality with the single-device step, stage choices, errors."""
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -246,3 +248,51 @@ def test_bfloat16_model_plans_from_shapes(devices8):
     tplan = plan_training(gpt.loss_fn, params, batch, optimizer=optax.sgd(0.1), cluster=make_cluster(4),
                           num_microbatches=2, stages=[(0, 1, (1, 2)), (1, 2, (1, 2))])
     assert tplan.num_stages == 2 and set(tplan.param_dtypes) == {"bfloat16"}
+
+
+
+class _FakeCoster:
+    """Single-layer costs without the ILP: planned with the whole budget a layer replicates its
+    parameters (persist 3.0 per device: param + accumulator + momentum) and scales perfectly;
+    planned within a share of the budget (share > 1) it shards them (3.0 / n) and is 20 % slower."""
+
+    def __init__(self):
+        self.lean_calls, self.min_need = [], float("inf")
+
+    def cost(self, i, j, sub, mesh=None, share=1.0):
+        n = sub[0] * sub[1]
+        if share > 1:
+            self.lean_calls.append((i, tuple(sub)))
+            return {"plan": object(), "latency": 1.2 / n, "static": 3.0 / n, "persist": 3.0 / n, "act": 0.1}
+        return {"plan": object(), "latency": 1.0 / n, "static": 3.0, "persist": 3.0, "act": 0.1}
+
+    def stage(self, i, j):
+        return types.SimpleNamespace(params=[i]), f"layer{i}"
+
+
+def test_additive_costing_plans_layers_leaner_when_a_long_stage_needs_it():
+    # 4 layers, 1 node × 4 devices, budget 6.5. Whole-budget layer plans: one stage on 4 devices
+    # holds 4 × 3.0 > 6.5, so the best such plan is 2 stages × 2 layers on 2 devices each
+    # (2·1.0 + 3·1.0 = 5.0 s). Lean layer plans on (1, 4): 4 × 0.75 + 0.4 fits, 4 × 1.2 / 4 = 1.2 s
+    # per micro-batch, objective 4 × 1.2 = 4.8 s — better, and only (1, 4) is planned lean.
+    from autopar.training import _Setup
+    from cost import load_cluster
+    setup = object.__new__(_Setup)
+    spec = load_cluster("cpu-8").model_copy(update={"devices_per_node": 4})
+    setup.__dict__.update(L=4, shapes=[(1, 1), (1, 2), (1, 4)], nodes=1, spec=spec, budget=6.5, opt_ratio=1.0,
+                          num_microbatches=4, schedule="1f1b", p_leaves=[jax.ShapeDtypeStruct((1,), jnp.int8)] * 4)  # 1 byte per layer
+    coster = _FakeCoster()
+    lat = np.full((4, 5, 3), np.inf)
+    mem, act = np.zeros_like(lat), np.zeros_like(lat)
+    (_, pick), sol = setup._additive(coster, lat, mem, act, None, "loss_fn")
+    assert [(a, b, sub) for a, b, _, sub, _ in sol.stages] == [(0, 4, (1, 4))]
+    assert pick[0, 4, 2] == 1 and sol.objective_s == pytest.approx(4.8)
+    assert {sub for _, sub in coster.lean_calls} == {(1, 4)}
+    # with lean plans no better than the whole-budget ones, the 2 × 2 pipeline stays
+    slow = _FakeCoster()
+    slow.cost = lambda i, j, sub, mesh=None, share=1.0: (
+        {**_FakeCoster.cost(slow, i, j, sub, mesh, share), "latency": 2.0 / (sub[0] * sub[1])} if share > 1
+        else _FakeCoster.cost(slow, i, j, sub, mesh, share))
+    (_, pick), sol = setup._additive(slow, np.full((4, 5, 3), np.inf), np.zeros((4, 5, 3)), np.zeros((4, 5, 3)),
+                                     None, "loss_fn")
+    assert [(a, b, sub) for a, b, _, sub, _ in sol.stages] == [(0, 2, (1, 2)), (2, 4, (1, 2))]
