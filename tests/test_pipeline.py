@@ -296,3 +296,24 @@ def test_additive_costing_plans_layers_leaner_when_a_long_stage_needs_it():
     (_, pick), sol = setup._additive(slow, np.full((4, 5, 3), np.inf), np.zeros((4, 5, 3)), np.zeros((4, 5, 3)),
                                      None, "loss_fn")
     assert [(a, b, sub) for a, b, _, sub, _ in sol.stages] == [(0, 2, (1, 2)), (2, 4, (1, 2))]
+
+
+def test_a_chosen_stage_is_replanned_for_its_in_flight_micro_batches():
+    # the whole-budget stage plan holds 5 + 1 (one micro-batch); as the first of 4 stages under
+    # 1F1B it keeps 4 micro-batches: 5 + 4·1 > 8, so it is planned again within 8 − 3·1
+    from autopar.training import _Setup
+    setup = object.__new__(_Setup)
+    setup.__dict__.update(budget=8.0, num_microbatches=8, schedule="1f1b")
+    calls = []
+
+    class Coster:
+        def cost(self, a, b, sub, mesh=None):
+            return {"plan": "fast", "static": 5.0, "act": 1.0}
+
+        def _cost(self, a, b, sub, mesh, budget):
+            calls.append(budget)
+            return {"plan": "lean", "static": 3.5, "act": 1.0}
+    assert setup._exact(Coster(), 0, 2, (1, 4), None, remaining=4)["plan"] == "lean" and calls == [5.0]
+    assert setup._exact(Coster(), 0, 2, (1, 4), None, remaining=2)["plan"] == "fast"   # 5 + 2 ≤ 8
+    setup.schedule = "gpipe"                                          # all 8 in flight, even in the last stage
+    assert setup._exact(Coster(), 0, 2, (1, 4), None, remaining=1)["plan"] == "lean" and calls[-1] == 1.0
