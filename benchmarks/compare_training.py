@@ -163,14 +163,15 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def write(rows: list[dict], out: Path, meta: str) -> None:
+def write(rows: list[dict], out: Path, meta: str, analysis: str = "") -> None:
     order = {(m, c, n): k for k, (m, c, n) in enumerate((m, c, n) for m in SUITES for c in CLUSTERS for n in NODES)}
     rows = sorted(rows, key=lambda r: order.get((r["model"], r["cluster"], r["nodes"]), 1 << 30))
     lines = [HEAD, "|" + "---|" * 11] + [table_line(r) for r in rows]
     find = findings(rows)
     out.with_suffix(".md").write_text(
         "# Training plans at full size: autopar vs Megatron DP×TP×PP\n\n" + meta + "\n\n" + "\n".join(lines)
-        + f"\n\n![speedup]({out.with_suffix('.png').name})\n\n## Findings (generated)\n\n" + "\n".join(find) + "\n")
+        + f"\n\n![speedup]({out.with_suffix('.png').name})\n\n## Findings (generated)\n\n" + "\n".join(find) + "\n"
+        + (f"\n## Analysis (hand-written, from the rows above and their .json)\n\n{analysis.strip()}\n" if analysis else ""))
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     plot(rows, out.with_suffix(".png"))
     print("\n".join(lines) + "\n\n" + "\n".join(find))
@@ -185,6 +186,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per config (subprocess)")
     ap.add_argument("--resume", action="store_true", help="skip configs already in <out>.jsonl")
     ap.add_argument("--report", action="store_true", help="only rebuild md/json/png from <out>.jsonl")
+    ap.add_argument("--note", default="", help="text appended to the run description (e.g. how it was run)")
+    ap.add_argument("--analysis", help="a markdown file appended to the .md under 'Analysis'")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compare_training"))
     ap.add_argument("--one", nargs=3, metavar=("MODEL", "NODES", "CLUSTER"), help=argparse.SUPPRESS)
     ns = ap.parse_args()
@@ -201,7 +204,7 @@ def main() -> None:
             f"ShapeDtypeStructs. autopar = `autopar.plan_training` (defaults); DP×TP×PP = "
             f"`autopar.baselines.dp_tp_pp` (best uniform-stage grid point, each stage under the dp_tp rule). "
             f"Times are predicted by autopar's cost model. Run on {platform.machine()} (Python "
-            f"{platform.python_version()}), 2 cores, one config per subprocess.")
+            f"{platform.python_version()}), 2 cores, one config per subprocess." + (f" {ns.note}" if ns.note else ""))
     if not ns.report:
         if not ns.resume:
             rows, _ = [], log.write_text("")
@@ -228,7 +231,7 @@ def main() -> None:
                     with log.open("a") as f:
                         f.write(json.dumps(row) + "\n")
                     print(table_line(row), flush=True)
-    write(rows, out, meta)
+    write(rows, out, meta, Path(ns.analysis).read_text() if ns.analysis else "")
 
 
 if __name__ == "__main__":
