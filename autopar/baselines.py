@@ -49,8 +49,9 @@ import numpy as np
 
 from cost import load_cluster
 
-from .planner import plan_with
+from .planner import PlanError, plan_with
 from .strategies.base import live_axes
+from .training import _Setup
 
 __all__ = ["data_parallel", "fsdp", "megatron", "dp_tp", "dp_tp_pp", "pipeline_grid", "uniform_stages", "BASELINES"]
 
@@ -268,9 +269,6 @@ def dp_tp_pp(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: int =
     summed over a stage); the ``refine`` best estimates are planned stage by stage exactly
     and the fastest predicted step is returned. ``tplan.baseline_grid`` lists every point
     with its estimate (or why it was dropped)."""
-    from .planner import PlanError
-    from .training import _Setup
-
     setup = _Setup(loss_fn, params, batch, optimizer=optimizer, cluster=cluster, nodes=nodes,
                    num_microbatches=num_microbatches, schedule=schedule, memory_budget_bytes=memory_budget_bytes,
                    costing="auto", mesh_search="auto", num_layers=num_layers, stages=None)

@@ -25,16 +25,13 @@ Costs per stage and micro-batch (seconds, bytes per device):
 
 ``costing="exact"`` plans every (range, sub-mesh) pair; ``"additive"`` plans single layers
 only and sums them over a range (boundary reshards between layers inside a stage are then
-not counted; the chosen stages are re-planned exactly). In additive costing a layer on a
-sub-mesh of |m| of the N devices is planned within budget / max(1, L·|m|/N) — its share of a
-stage in a balanced pipeline — so that per-layer plans do not each take the whole device
-(else the sum over a long stage overflows where sharding the parameters would have fitted);
-a layer that does not fit its share is planned with the whole budget. ``"auto"`` is exact while the
-number of pairs is at most ``max_exact_pairs``.
+not counted; the chosen stages are re-planned exactly). Where a range does not fit
+with single layers planned on the whole budget, the layers of that sub-mesh are planned again
+within half their share of it (``_Setup._additive``). ``"auto"`` is exact while the number of
+pairs is at most ``max_exact_pairs``. Stage costing itself: ``autopar.stage_cost``.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 
@@ -47,18 +44,16 @@ from solvers.stage_dp import StageInfeasibleError, StageProblem, solve_stages, s
 
 from .graph import build_graph
 from .layers import cluster_layers
-from .plan import Plan, Timing
-from .planner import PlanError, plan_with
+from .plan import Timing
+from .planner import PlanError
 from .pytree_json import treedef_to_json
-from .stages import Stage, residual_bytes, split_program, stage_abstract_args, stage_forward, stage_train, owners
+from .stage_cost import StageCoster, Sums, nbytes, stage_meshes, structural_key, sub_cluster  # noqa: F401 (re-exported)
+from .stages import split_program, owners
 from .trace import Program, TraceError, trace
 from .training_plan import PredictedTraining, StagePlan, StageSearch, TrainingPlan
 
 SCHEDULES = ("1f1b", "gpipe")
 FWD_SHARE = 1.0 / 3.0   # forward : backward = 1 : 2 (matmul-dominated layers)
-# per intra-op stage plan when time_limit_s is None: small stages solve exactly in well under a
-# second; a big stage whose ILP goes to the heuristic returns its incumbent after this long
-STAGE_TIME_LIMIT_S = 10.0
 
 
 def _abstract(x):
@@ -97,42 +92,6 @@ def trace_loss(loss_fn, params, mb) -> Program:
     return program
 
 
-def stage_for_range(program: Program, num_params: int, a: int, b: int) -> Stage:
-    n = len(program.eqns)
-    ranges = [r for r in ((0, a), (a, b), (b, n)) if r[0] < r[1]]
-    return next(st for st in split_program(program, num_params, ranges) if st.eqns == (a, b))
-
-
-def structural_key(program: Program, st: Stage, num_params: int) -> str:
-    """Hash of the stage's forward program with value ids renumbered: identical layers
-    (same primitives, params, shapes, wiring) get the same key wherever they sit."""
-    ids: dict[int, int] = {}
-    vals = program.values
-
-    def name(x):
-        if not isinstance(x, int):
-            return f"lit{x.val!r}:{x.dtype}"
-        if x not in ids:
-            ids[x] = len(ids)
-        return f"v{ids[x]}:{vals[x].shape}{vals[x].dtype}"
-    ins = ([program.invars[p] for p in st.params] + list(st.acts_in)
-           + [program.invars[num_params + b] for b in st.batch] + list(st.nd_acts_in) + list(st.consts))
-    parts = ["in " + " ".join(name(v) for v in ins)]
-    for eqn in program.eqns[st.eqns[0]:st.eqns[1]]:
-        parts.append(f"{eqn.prim.name} {[name(x) for x in eqn.inputs]} -> {[name(o) for o in eqn.outputs]} "
-                     f"{sorted((k, str(v)) for k, v in eqn.params.items())}")
-    parts.append("out " + " ".join(name(v) for v in list(st.outs) + list(st.nd_outs)))
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
-
-
-def sub_cluster(spec: ClusterSpec, submesh) -> tuple[ClusterSpec, int]:
-    """The cluster a sub-mesh (n, m) sees: n nodes of m devices each."""
-    n, m = submesh
-    if m == spec.devices_per_node:
-        return spec, n
-    return spec.model_copy(update={"devices_per_node": m}), n
-
-
 def place_submeshes(shapes, num_nodes: int, devices_per_node: int) -> list[list[int]]:
     """Global device indices per stage: whole nodes for (k, M); an aligned block inside one
     node for (1, m) (buddy placement, larger sub-meshes first, so power-of-two tilings fit)."""
@@ -164,137 +123,6 @@ def place_submeshes(shapes, num_nodes: int, devices_per_node: int) -> list[list[
         if not placed:
             raise PlanError(f"cannot place sub-mesh {shapes[s]} on {num_nodes} nodes × {devices_per_node}")
     return out  # type: ignore[return-value]
-
-
-def stage_meshes(submesh, search: str = "auto") -> list[tuple[int, ...]]:
-    """Logical meshes tried for a sub-mesh (n, m). "auto": the 1D mesh, and on one node
-    (2, m/2) and (m/2, 2), on several nodes the physical (n, m) (data parallel over nodes,
-    tensor parallel inside); "full": every factorization (``candidate_meshes``)."""
-    from .planner import candidate_meshes
-    n, m = submesh
-    if search == "full":
-        return candidate_meshes(n * m)
-    if n > 1:
-        return [(n * m,), (n, m)]
-    out = [(m,)]
-    if m >= 4 and m % 2 == 0:
-        out += [(2, m // 2), (m // 2, 2)]
-    return list(dict.fromkeys(out))
-
-
-def _spec_factor(plan: Plan, spec_names) -> int:
-    size = dict(zip(plan.axis_names, plan.mesh_shape))
-    return math.prod(size[a] for axes in spec_names for a in axes)
-
-
-class _StageCoster:
-    """Plans (layer range, sub-mesh) stages with the intra-op ILP, cached by structural key."""
-
-    def __init__(self, program, num_params, layer_eqns, spec, nodes, budget, opt_ratio, solver, time_limit_s,
-                 mesh_search="auto", restrict=None, strategy_name="autopar"):
-        # restrict(stage_args (p, a, nd, ct), mesh_shape) -> build_problem filters (baselines)
-        self.mesh_search, self.restrict, self.strategy_name = mesh_search, restrict, strategy_name
-        self.program, self.P, self.layer_eqns = program, num_params, layer_eqns
-        self.spec, self.nodes, self.budget, self.opt_ratio = spec, nodes, budget, opt_ratio
-        self.solver, self.time_limit_s = solver, time_limit_s
-        self.cache: dict = {}
-        self.traced: dict = {}
-        self.stages: dict = {}
-        self.solves = self.hits = self.infeasible = 0
-        self.min_need = math.inf
-
-    def stage(self, i: int, j: int) -> tuple[Stage, str]:
-        """Layers i..j−1 as a stage and its structural key (computed once per range)."""
-        if (i, j) not in self.stages:
-            st = stage_for_range(self.program, self.P, self.layer_eqns[i][0], self.layer_eqns[j - 1][1])
-            self.stages[(i, j)] = (st, structural_key(self.program, st, self.P))
-        return self.stages[(i, j)]
-
-    def cost(self, i: int, j: int, submesh, mesh_shape=None, share: float = 1.0) -> dict:
-        """Plan layers i..j−1 on ``submesh``. ``share`` > 1 (additive costing of one layer):
-        plan it within budget / share — the layer's part of a stage holding ``share`` layers —
-        falling back to the whole budget when it does not fit that."""
-        if share > 1.0:
-            res = self._cost(i, j, submesh, mesh_shape, self.budget / share)
-            return res if res["plan"] is not None else self._cost(i, j, submesh, mesh_shape, self.budget)
-        return self._cost(i, j, submesh, mesh_shape, self.budget)
-
-    def _cost(self, i: int, j: int, submesh, mesh_shape, budget: float) -> dict:
-        st, skey = self.stage(i, j)
-        key = (skey, tuple(submesh), None if mesh_shape is None else tuple(mesh_shape), budget)
-        hit = self.cache.get(key)
-        if hit is not None:
-            self.hits += 1
-            return hit
-        self.solves += 1
-        if skey not in self.traced:  # per stage program, shared by all sub-meshes
-            fwd = stage_forward(self.program, st, self.P)
-            args = stage_abstract_args(self.program, st, self.P)
-            prog = trace(stage_train(fwd), *args)
-            self.traced[skey] = (fwd, args, prog, build_graph(prog), residual_bytes(fwd, *args[:3]))
-        fwd, (p, a, nd, ct), prog, graph, res_bytes = self.traced[skey]
-        cl, n = sub_cluster(self.spec, submesh)
-        n_dev = submesh[0] * submesh[1]
-        try:
-            # a parameter also holds its gradient accumulator and optimizer state all step long
-            scale = {i: 2.0 + self.opt_ratio for i in range(len(p))}
-            sp = plan_with(stage_train(fwd), (p, a, nd, ct), cluster=cl, nodes=n, mesh_shape=mesh_shape,
-                           mesh_shapes=stage_meshes(submesh, self.mesh_search), traced=(prog, graph),
-                           memory_budget_bytes=budget, solver=self.solver,
-                           time_limit_s=self.time_limit_s if self.time_limit_s is not None else STAGE_TIME_LIMIT_S,
-                           restrict=lambda shape: {"input_usage_scale": scale, **(
-                               {} if self.restrict is None else self.restrict((p, a, nd, ct), tuple(shape)))},
-                           strategy_name=self.strategy_name)
-        except PlanError as err:
-            if budget == self.budget:  # (a layer that misses its share of the budget is retried whole)
-                self.infeasible += 1
-                if err.min_bytes_per_device is not None:
-                    self.min_need = min(self.min_need, err.min_bytes_per_device)
-            res = {"plan": None, "latency": math.inf, "static": 0.0, "act": 0.0}
-            self.cache[key] = res
-            return res
-        vals = self.program.values
-        param_dev = sum(_nbytes(x) / _spec_factor(sp, spec) for x, spec in zip(p, sp.input_specs_flat[:len(p)]))
-        act = res_bytes / n_dev
-        in_bytes = sum(vals[v].nbytes for v in list(st.acts_in) + list(st.nd_acts_in))
-        link = self.spec.inter_node_link if self.nodes > 1 else self.spec.intra_node_link
-        bw = (self.spec.inter_node_bandwidth_per_device() if self.nodes > 1 else link.bandwidth_bytes_per_s) * n_dev
-        send = 2 * (link.alpha_s + in_bytes / bw) if in_bytes else 0.0
-        static = max(sp.predicted.peak_memory_bytes - act, 0.0)  # the ILP's peak counts one micro-batch's residuals
-        # persistent part of static: parameters with their accumulators and optimizer state
-        persist = min(param_dev * (2.0 + self.opt_ratio), static)
-        res = {"plan": sp, "latency": sp.predicted.step_time_s + send, "send": send, "static": static,
-               "act": act, "param_dev": param_dev, "persist": persist}
-        self.cache[key] = res
-        return res
-
-
-class _Sums:
-    """Running (latency, static, activation) of consecutive single-layer plans as one stage:
-    sends between layers inside the stage dropped, static as in ``_summed_static``."""
-
-    def __init__(self):
-        self.t, self.persist, self.transient, self.a, self.n = 0.0, 0.0, 0.0, 0.0, 0
-
-    def add(self, c) -> tuple[float, float, float]:
-        self.t += c["latency"] - (c.get("send", 0.0) if self.n else 0.0)
-        self.persist += c.get("persist", 0.0)
-        self.transient = max(self.transient, c["static"] - c.get("persist", 0.0))
-        self.a += c["act"]
-        self.n += 1
-        return self.t, self.persist + self.transient, self.a
-
-
-def _summed_static(costs) -> float:
-    """Static memory of layers planned one by one, as one stage: every layer's parameters (with
-    accumulators and optimizer state) stay, their other buffers (temporaries at each layer's
-    peak) are live one layer at a time."""
-    return sum(c.get("persist", 0.0) for c in costs) + max(
-        (c["static"] - c.get("persist", 0.0) for c in costs), default=0.0)
-
-
-def _nbytes(x) -> float:
-    return float(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
 
 
 def _check(cluster, nodes, num_microbatches, schedule, optimizer, memory_budget_bytes, costing,
@@ -370,8 +198,8 @@ class _Setup:
             opt_abs = jax.eval_shape(optimizer.init, params_abs)
         except Exception as err:
             raise ValueError(f"optimizer.init(params) failed: {type(err).__name__}: {err}") from err
-        p_bytes = sum(_nbytes(x) for x in self.p_leaves)
-        o_bytes = sum(_nbytes(x) for x in jax.tree_util.tree_leaves(opt_abs))
+        p_bytes = sum(nbytes(x) for x in self.p_leaves)
+        o_bytes = sum(nbytes(x) for x in jax.tree_util.tree_leaves(opt_abs))
         self.opt_ratio = o_bytes / p_bytes if p_bytes else 0.0
         graph = build_graph(self.program)
         if stages is not None and num_layers is None:
@@ -384,7 +212,7 @@ class _Setup:
         self.t_trace = time.perf_counter()
 
     def coster(self, solver, time_limit_s, mesh_search="auto", restrict=None, strategy_name="autopar"):
-        return _StageCoster(self.program, self.P, self.layer_eqns, self.spec, self.nodes, self.budget,
+        return StageCoster(self.program, self.P, self.layer_eqns, self.spec, self.nodes, self.budget,
                             self.opt_ratio, solver, time_limit_s, mesh_search, restrict=restrict,
                             strategy_name=strategy_name)
 
@@ -401,9 +229,9 @@ class _Setup:
             for a, b, sub, mesh in forced:
                 s = shapes.index(sub)
                 if mode == "additive":  # layer by layer (estimate), as the additive search does
-                    cs = [coster.cost(i, i + 1, sub, mesh, share=b - a) for i in range(a, b)]
-                    lat[a, b, s] = sum(c["latency"] for c in cs) - sum(c.get("send", 0.0) for c in cs[1:])
-                    mem[a, b, s], act[a, b, s] = _summed_static(cs), sum(c["act"] for c in cs)
+                    run = Sums()
+                    for i in range(a, b):
+                        lat[a, b, s], mem[a, b, s], act[a, b, s] = run.add(coster.cost(i, i + 1, sub, mesh, share=b - a))
                     continue
                 c = coster.cost(a, b, sub, mesh)
                 lat[a, b, s], mem[a, b, s], act[a, b, s] = c["latency"], c["static"], c["act"]
@@ -483,7 +311,7 @@ class _Setup:
         total = self.nodes * self.spec.devices_per_node
         full = [[coster.cost(i, i + 1, sub) for sub in shapes] for i in range(L)]
         lean = [[None] * len(shapes) for _ in range(L)]
-        pbytes = [sum(_nbytes(self.p_leaves[q]) for q in coster.stage(i, i + 1)[0].params) * (2.0 + self.opt_ratio)
+        pbytes = [sum(nbytes(self.p_leaves[q]) for q in coster.stage(i, i + 1)[0].params) * (2.0 + self.opt_ratio)
                   for i in range(L)]
         while True:
             pick = np.zeros(lat.shape, dtype=np.int8)  # 0: whole budget, 1: lean, 2: optimistic placeholder
@@ -491,7 +319,7 @@ class _Setup:
                 n = sub[0] * sub[1]
                 share = L * n / total
                 for i in range(L):
-                    run0, run1 = _Sums(), _Sums()
+                    run0, run1 = Sums(), Sums()
                     for j in range(i + 1, L + 1):
                         t, w, a = run0.add(full[j - 1][s])
                         if not (t < math.inf and w + a <= self.budget) and share > 1:

@@ -25,6 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import ratio_plot  # noqa: E402
+
 TIME_LIMIT_S = 20
 BASELINE_NAMES = ("data_parallel", "fsdp", "megatron", "dp_tp")
 
@@ -136,24 +138,11 @@ def findings(rows: list[dict]) -> list[str]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     ok = [r for r in rows if "ratio" in r]
-    labels = [f"{r['model']}\n{r['cluster'].replace('dgx-a100-80g', 'A100')}\n{r['gpus']} GPUs" for r in ok]
-    vals = [r["ratio"] for r in ok]
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(ok) + 2), 4))
-    ax.bar(range(len(ok)), vals, color=["tab:green" if v >= 1 else "tab:red" for v in vals])
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.axhline(1.5, color="gray", lw=0.8, ls="--")
-    for i, (v, r) in enumerate(zip(vals, ok)):
-        ax.text(i, v, f"{v:.2f}×\n{r['best_baseline']}", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(ok)), labels, fontsize=7)
-    ax.set_ylabel("best baseline / autopar (predicted step time)")
-    ax.set_ylim(0, max(vals + [1.6]) * 1.2)
-    ax.set_title("autopar speedup over the best hand-written baseline")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ratio_plot(path, [f"{r['model']}\n{r['cluster'].replace('dgx-a100-80g', 'A100')}\n{r['gpus']} GPUs" for r in ok],
+               [r["ratio"] for r in ok], [r["best_baseline"] for r in ok],
+               ylabel="best baseline / autopar (predicted step time)",
+               title="autopar speedup over the best hand-written baseline", bar_width=0.9, label_size=7)
 
 
 def main() -> None:

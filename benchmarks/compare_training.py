@@ -28,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import code_version, ratio_plot  # noqa: E402
+
 # suite config per node count (Alpa's GPU counts 8, 16, 32, 64 for these sizes)
 SUITES = {
     "gpt": {1: "gpt-2.6b", 2: "gpt-6.7b", 4: "gpt-15b", 8: "gpt-39b"},
@@ -140,27 +142,14 @@ def findings(rows: list[dict]) -> list[str]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     ok = [r for r in rows if "ratio" in r]
     if not ok:
         return
     short = {"p3.16xlarge": "V100", "dgx-a100-80g": "A100", "dgx-h100": "H100"}
-    labels = [f"{r['suite']}\n{short.get(r['cluster'], r['cluster'])}×{r['nodes']}" for r in ok]
-    vals = [r["ratio"] for r in ok]
-    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(ok) + 2), 4))
-    ax.bar(range(len(ok)), vals, color=["tab:green" if v >= 1 else "tab:red" for v in vals])
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.axhline(1.5, color="gray", lw=0.8, ls="--")
-    for i, v in enumerate(vals):
-        ax.text(i, v, f"{v:.2f}×", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(ok)), labels, fontsize=6, rotation=90)
-    ax.set_ylabel("DP×TP×PP grid / autopar (predicted step)")
-    ax.set_ylim(0, max(vals + [1.6]) * 1.2)
-    ax.set_title("autopar training plans vs the best Megatron DP×TP×PP grid point")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ratio_plot(path, [f"{r['suite']}\n{short.get(r['cluster'], r['cluster'])}×{r['nodes']}" for r in ok],
+               [r["ratio"] for r in ok], [""] * len(ok), ylabel="DP×TP×PP grid / autopar (predicted step)",
+               title="autopar training plans vs the best Megatron DP×TP×PP grid point", bar_width=0.7,
+               label_size=6, rotation=90)
 
 
 def write(rows: list[dict], out: Path, meta: str, analysis: str = "") -> None:
@@ -224,13 +213,16 @@ def main() -> None:
                     except subprocess.TimeoutExpired:
                         row = {"error": f"timed out after {ns.timeout} s"}
                     row.update(model=model, cluster=cluster, nodes=nodes, gpus=nodes * 8,
-                               suite=SUITES[model][nodes], wall_s=time.perf_counter() - t0)
+                               suite=SUITES[model][nodes], wall_s=time.perf_counter() - t0, code=code_version())
                     row.setdefault("autopar", {"plan_s": 0.0})
                     row.setdefault("dp_tp_pp", {"plan_s": 0.0})
                     rows.append(row)
                     with log.open("a") as f:
                         f.write(json.dumps(row) + "\n")
                     print(table_line(row), flush=True)
+    codes = sorted({r["code"] for r in rows if "code" in r})
+    if codes:
+        meta += f" Code: {', '.join(codes)}."
     write(rows, out, meta, Path(ns.analysis).read_text() if ns.analysis else "")
 
 

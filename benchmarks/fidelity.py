@@ -46,21 +46,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import code_version  # noqa: E402
+
 BYTES_TOL = 0.05
 MEM_TOL = 0.15
 CLUSTER = "dgx-a100-80g"
 
-
-def code_version() -> str:
-    """HEAD and whether the planner's sources (autopar/, cost/, solvers/, examples/) had uncommitted edits."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "autopar", "cost", "solvers", "examples"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return f"{head}{' + uncommitted changes' if dirty else ''}" if head else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 GPT_KNOBS = dict(layers=2, hidden=512, seq=512, vocab=8192)
 # the MLP's data-parallel regime needs links much faster than its tiny matmuls (tests/conftest.py's

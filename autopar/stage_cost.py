@@ -1,0 +1,184 @@
+"""Stage costing for ``autopar.plan_training``: a (layer range, sub-mesh) of the traced loss
+→ its forward + backward planned by the intra-op ILP → latency, static and activation memory
+per device (``StageCoster``, cached by the stage's structural key so identical layers are
+planned once), and the running sums that cost a range layer by layer (``Sums``).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+
+from cost import ClusterSpec
+
+from .graph import build_graph
+from .plan import Plan
+from .planner import PlanError, plan_with
+from .stages import Stage, residual_bytes, split_program, stage_abstract_args, stage_forward, stage_train
+from .trace import Program, trace
+
+# per intra-op stage plan when time_limit_s is None: small stages solve exactly in well under a
+# second; a big stage whose ILP goes to the heuristic returns its incumbent after this long
+STAGE_TIME_LIMIT_S = 10.0
+
+
+def stage_for_range(program: Program, num_params: int, a: int, b: int) -> Stage:
+    n = len(program.eqns)
+    ranges = [r for r in ((0, a), (a, b), (b, n)) if r[0] < r[1]]
+    return next(st for st in split_program(program, num_params, ranges) if st.eqns == (a, b))
+
+
+def structural_key(program: Program, st: Stage, num_params: int) -> str:
+    """Hash of the stage's forward program with value ids renumbered: identical layers
+    (same primitives, params, shapes, wiring) get the same key wherever they sit."""
+    ids: dict[int, int] = {}
+    vals = program.values
+
+    def name(x):
+        if not isinstance(x, int):
+            return f"lit{x.val!r}:{x.dtype}"
+        if x not in ids:
+            ids[x] = len(ids)
+        return f"v{ids[x]}:{vals[x].shape}{vals[x].dtype}"
+    ins = ([program.invars[p] for p in st.params] + list(st.acts_in)
+           + [program.invars[num_params + b] for b in st.batch] + list(st.nd_acts_in) + list(st.consts))
+    parts = ["in " + " ".join(name(v) for v in ins)]
+    for eqn in program.eqns[st.eqns[0]:st.eqns[1]]:
+        parts.append(f"{eqn.prim.name} {[name(x) for x in eqn.inputs]} -> {[name(o) for o in eqn.outputs]} "
+                     f"{sorted((k, str(v)) for k, v in eqn.params.items())}")
+    parts.append("out " + " ".join(name(v) for v in list(st.outs) + list(st.nd_outs)))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
+
+
+def sub_cluster(spec: ClusterSpec, submesh) -> tuple[ClusterSpec, int]:
+    """The cluster a sub-mesh (n, m) sees: n nodes of m devices each."""
+    n, m = submesh
+    if m == spec.devices_per_node:
+        return spec, n
+    return spec.model_copy(update={"devices_per_node": m}), n
+
+
+def stage_meshes(submesh, search: str = "auto") -> list[tuple[int, ...]]:
+    """Logical meshes tried for a sub-mesh (n, m). "auto": the 1D mesh, and on one node
+    (2, m/2) and (m/2, 2), on several nodes the physical (n, m) (data parallel over nodes,
+    tensor parallel inside); "full": every factorization (``candidate_meshes``)."""
+    from .planner import candidate_meshes
+    n, m = submesh
+    if search == "full":
+        return candidate_meshes(n * m)
+    if n > 1:
+        return [(n * m,), (n, m)]
+    out = [(m,)]
+    if m >= 4 and m % 2 == 0:
+        out += [(2, m // 2), (m // 2, 2)]
+    return list(dict.fromkeys(out))
+
+
+def _spec_factor(plan: Plan, spec_names) -> int:
+    size = dict(zip(plan.axis_names, plan.mesh_shape))
+    return math.prod(size[a] for axes in spec_names for a in axes)
+
+
+class StageCoster:
+    """Plans (layer range, sub-mesh) stages with the intra-op ILP, cached by structural key."""
+
+    def __init__(self, program, num_params, layer_eqns, spec, nodes, budget, opt_ratio, solver, time_limit_s,
+                 mesh_search="auto", restrict=None, strategy_name="autopar"):
+        # restrict(stage_args (p, a, nd, ct), mesh_shape) -> build_problem filters (baselines)
+        self.mesh_search, self.restrict, self.strategy_name = mesh_search, restrict, strategy_name
+        self.program, self.P, self.layer_eqns = program, num_params, layer_eqns
+        self.spec, self.nodes, self.budget, self.opt_ratio = spec, nodes, budget, opt_ratio
+        self.solver, self.time_limit_s = solver, time_limit_s
+        self.cache: dict = {}
+        self.traced: dict = {}
+        self.stages: dict = {}
+        self.solves = self.hits = self.infeasible = 0
+        self.min_need = math.inf
+
+    def stage(self, i: int, j: int) -> tuple[Stage, str]:
+        """Layers i..j−1 as a stage and its structural key (computed once per range)."""
+        if (i, j) not in self.stages:
+            st = stage_for_range(self.program, self.P, self.layer_eqns[i][0], self.layer_eqns[j - 1][1])
+            self.stages[(i, j)] = (st, structural_key(self.program, st, self.P))
+        return self.stages[(i, j)]
+
+    def cost(self, i: int, j: int, submesh, mesh_shape=None, share: float = 1.0) -> dict:
+        """Plan layers i..j−1 on ``submesh``. ``share`` > 1 (additive costing of one layer):
+        plan it within budget / share — the layer's part of a stage holding ``share`` layers —
+        falling back to the whole budget when it does not fit that."""
+        if share > 1.0:
+            res = self._cost(i, j, submesh, mesh_shape, self.budget / share)
+            return res if res["plan"] is not None else self._cost(i, j, submesh, mesh_shape, self.budget)
+        return self._cost(i, j, submesh, mesh_shape, self.budget)
+
+    def _cost(self, i: int, j: int, submesh, mesh_shape, budget: float) -> dict:
+        st, skey = self.stage(i, j)
+        key = (skey, tuple(submesh), None if mesh_shape is None else tuple(mesh_shape), budget)
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.hits += 1
+            return hit
+        self.solves += 1
+        if skey not in self.traced:  # per stage program, shared by all sub-meshes
+            fwd = stage_forward(self.program, st, self.P)
+            args = stage_abstract_args(self.program, st, self.P)
+            prog = trace(stage_train(fwd), *args)
+            self.traced[skey] = (fwd, args, prog, build_graph(prog), residual_bytes(fwd, *args[:3]))
+        fwd, (p, a, nd, ct), prog, graph, res_bytes = self.traced[skey]
+        cl, n = sub_cluster(self.spec, submesh)
+        n_dev = submesh[0] * submesh[1]
+        try:
+            # a parameter also holds its gradient accumulator and optimizer state all step long
+            scale = {i: 2.0 + self.opt_ratio for i in range(len(p))}
+            sp = plan_with(stage_train(fwd), (p, a, nd, ct), cluster=cl, nodes=n, mesh_shape=mesh_shape,
+                           mesh_shapes=stage_meshes(submesh, self.mesh_search), traced=(prog, graph),
+                           memory_budget_bytes=budget, solver=self.solver,
+                           time_limit_s=self.time_limit_s if self.time_limit_s is not None else STAGE_TIME_LIMIT_S,
+                           restrict=lambda shape: {"input_usage_scale": scale, **(
+                               {} if self.restrict is None else self.restrict((p, a, nd, ct), tuple(shape)))},
+                           strategy_name=self.strategy_name)
+        except PlanError as err:
+            if budget == self.budget:  # (a layer that misses its share of the budget is retried whole)
+                self.infeasible += 1
+                if err.min_bytes_per_device is not None:
+                    self.min_need = min(self.min_need, err.min_bytes_per_device)
+            res = {"plan": None, "latency": math.inf, "static": 0.0, "act": 0.0}
+            self.cache[key] = res
+            return res
+        vals = self.program.values
+        param_dev = sum(nbytes(x) / _spec_factor(sp, spec) for x, spec in zip(p, sp.input_specs_flat[:len(p)]))
+        act = res_bytes / n_dev
+        in_bytes = sum(vals[v].nbytes for v in list(st.acts_in) + list(st.nd_acts_in))
+        link = self.spec.inter_node_link if self.nodes > 1 else self.spec.intra_node_link
+        bw = (self.spec.inter_node_bandwidth_per_device() if self.nodes > 1 else link.bandwidth_bytes_per_s) * n_dev
+        send = 2 * (link.alpha_s + in_bytes / bw) if in_bytes else 0.0
+        static = max(sp.predicted.peak_memory_bytes - act, 0.0)  # the ILP's peak counts one micro-batch's residuals
+        # persistent part of static: parameters with their accumulators and optimizer state
+        persist = min(param_dev * (2.0 + self.opt_ratio), static)
+        res = {"plan": sp, "latency": sp.predicted.step_time_s + send, "send": send, "static": static,
+               "act": act, "param_dev": param_dev, "persist": persist}
+        self.cache[key] = res
+        return res
+
+
+class Sums:
+    """Running (latency, static, activation) of consecutive single-layer plans as one stage:
+    sends between layers inside the stage dropped; static = every layer's parameter part
+    (parameters, accumulators, optimizer state stay all step) + the largest other part
+    (a layer's temporaries are live one layer at a time)."""
+
+    def __init__(self):
+        self.t, self.persist, self.transient, self.a, self.n = 0.0, 0.0, 0.0, 0.0, 0
+
+    def add(self, c) -> tuple[float, float, float]:
+        self.t += c["latency"] - (c.get("send", 0.0) if self.n else 0.0)
+        self.persist += c.get("persist", 0.0)
+        self.transient = max(self.transient, c["static"] - c.get("persist", 0.0))
+        self.a += c["act"]
+        self.n += 1
+        return self.t, self.persist + self.transient, self.a
+
+
+def nbytes(x) -> float:
+    return float(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
