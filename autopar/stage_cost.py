@@ -108,11 +108,12 @@ class StageCoster:
         plan it within budget / share — the layer's part of a stage holding ``share`` layers —
         falling back to the whole budget when it does not fit that."""
         if share > 1.0:
-            res = self._cost(i, j, submesh, mesh_shape, self.budget / share)
-            return res if res["plan"] is not None else self._cost(i, j, submesh, mesh_shape, self.budget)
-        return self._cost(i, j, submesh, mesh_shape, self.budget)
+            res = self.cost_within(i, j, submesh, mesh_shape, self.budget / share)
+            return res if res["plan"] is not None else self.cost_within(i, j, submesh, mesh_shape, self.budget)
+        return self.cost_within(i, j, submesh, mesh_shape, self.budget)
 
-    def _cost(self, i: int, j: int, submesh, mesh_shape, budget: float) -> dict:
+    def cost_within(self, i: int, j: int, submesh, mesh_shape, budget: float) -> dict:
+        """Layers i..j−1 on ``submesh`` planned within ``budget`` bytes per device (cached)."""
         st, skey = self.stage(i, j)
         key = (skey, tuple(submesh), None if mesh_shape is None else tuple(mesh_shape), budget)
         hit = self.cache.get(key)

@@ -292,7 +292,7 @@ class _Setup:
         c = coster.cost(a, b, sub, mesh)
         extra = (self._inflight(remaining) - 1) * c["act"]
         if c["plan"] is not None and c["static"] + c["act"] + extra > self.budget >= extra:
-            again = coster._cost(a, b, sub, mesh, self.budget - extra)
+            again = coster.cost_within(a, b, sub, mesh, self.budget - extra)
             if again["plan"] is not None:
                 return again
         return c
@@ -324,7 +324,7 @@ class _Setup:
                         t, w, a = run0.add(full[j - 1][s])
                         if not (t < math.inf and w + a <= self.budget) and share > 1:
                             if lean[0][s] is None:  # optimistic: latency as planned with the whole budget
-                                t, w, pick[i, j, s] = run0.t, sum(pbytes[i:j]) / n, 2
+                                w, pick[i, j, s] = sum(pbytes[i:j]) / n, 2
                             else:
                                 t1, w1, a1 = run1.add(lean[j - 1][s])
                                 if t1 < math.inf and (w1 + a1 <= self.budget or w1 + a1 < w + a):

@@ -310,7 +310,7 @@ def test_a_chosen_stage_is_replanned_for_its_in_flight_micro_batches():
         def cost(self, a, b, sub, mesh=None):
             return {"plan": "fast", "static": 5.0, "act": 1.0}
 
-        def _cost(self, a, b, sub, mesh, budget):
+        def cost_within(self, a, b, sub, mesh, budget):
             calls.append(budget)
             return {"plan": "lean", "static": 3.5, "act": 1.0}
     assert setup._exact(Coster(), 0, 2, (1, 4), None, remaining=4)["plan"] == "lean" and calls == [5.0]
