@@ -48,6 +48,7 @@ import jax
 import numpy as np
 
 from cost import load_cluster
+from solvers.stage_dp import uniform_stages, uniform_submeshes
 
 from .planner import PlanError, plan_with
 from .strategies.base import live_axes
@@ -210,34 +211,20 @@ def _divisors(n: int) -> list[int]:
 
 
 def pipeline_grid(num_layers: int, nodes: int, devices_per_node: int, microbatch_size: int):
-    """Megatron-style grid points ``(pp, submesh, (dp, tp))``: ``pp`` ≤ the layers divides
-    the devices; each stage gets ``N / pp`` devices as whole nodes ``(k, M)`` or an aligned
-    part of one node ``(1, m)``; ``tp`` divides the devices of a node (tensor parallelism
-    stays inside a node) and ``dp`` divides the micro-batch. Stages get ``num_layers / pp``
-    layers each (:func:`uniform_stages`; ±1 where ``pp`` does not divide the layers)."""
-    M, N = devices_per_node, nodes * devices_per_node
+    """Megatron-style grid points ``(pp, submesh, (dp, tp))``: the equal splits of
+    :func:`solvers.stage_dp.uniform_submeshes` (``pp`` ≤ the layers divides the devices; each
+    stage gets ``N / pp`` devices as whole nodes ``(k, M)`` or an aligned part of one node
+    ``(1, m)``); ``tp`` divides the devices of a node (tensor parallelism stays inside a node)
+    and ``dp`` divides the micro-batch. Stages get ``num_layers / pp`` layers each
+    (:func:`uniform_stages`; ±1 where ``pp`` does not divide the layers)."""
     out = []
-    for pp in _divisors(N):
-        if pp > num_layers:
-            continue
-        d = N // pp
-        if d >= M and d % M == 0:
-            sub = (d // M, M)
-        elif d < M and M % d == 0:
-            sub = (1, d)
-        else:
-            continue
-        for tp in _divisors(min(d, M)):
+    for pp, sub in uniform_submeshes(num_layers, nodes, devices_per_node):
+        d = sub[0] * sub[1]
+        for tp in _divisors(min(d, devices_per_node)):
             dp = d // tp
             if d % tp == 0 and microbatch_size % dp == 0:
                 out.append((pp, sub, (dp, tp)))
     return out
-
-
-def uniform_stages(num_layers: int, pp: int) -> list[tuple[int, int]]:
-    """``pp`` contiguous layer ranges whose sizes differ by at most one (larger ones last)."""
-    bounds = [round(s * num_layers / pp) for s in range(pp + 1)]
-    return list(zip(bounds, bounds[1:]))
 
 
 def _stage_rules(microbatch_size: int):

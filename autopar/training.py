@@ -40,7 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cost import ClusterSpec, load_cluster
-from solvers.stage_dp import StageInfeasibleError, StageProblem, solve_stages, submesh_shapes
+from solvers.stage_dp import (StageInfeasibleError, StageProblem, solve_stages, submesh_shapes, uniform_stages,
+                              uniform_submeshes)
 
 from .graph import build_graph
 from .layers import cluster_layers
@@ -54,6 +55,11 @@ from .training_plan import PredictedTraining, StagePlan, StageSearch, TrainingPl
 
 SCHEDULES = ("1f1b", "gpipe")
 FWD_SHARE = 1.0 / 3.0   # forward : backward = 1 : 2 (matmul-dominated layers)
+# additive costing: besides the stage DP's split, this many equal splits (the best by estimate)
+# are planned exactly too, and the fastest exact one is kept
+REFINE_UNIFORM = 2
+# … but only those estimated within this fraction of the best exact step so far
+REFINE_MARGIN = 0.05
 
 
 def _abstract(x):
@@ -224,7 +230,6 @@ class _Setup:
         L, shapes, spec, nodes = self.L, self.shapes, self.spec, self.nodes
         lat = np.full((L, L + 1, len(shapes)), np.inf)
         mem, act = np.zeros_like(lat), np.zeros_like(lat)
-        single = pick = None
         if forced is not None:
             for a, b, sub, mesh in forced:
                 s = shapes.index(sub)
@@ -242,34 +247,85 @@ class _Setup:
                         c = coster.cost(i, j, sub)
                         lat[i, j, s], mem[i, j, s], act[i, j, s] = c["latency"], c["static"], c["act"]
         name = self.name if strategy_name == "autopar" else f"{self.name} (baseline {strategy_name})"
+        single = None
         if mode == "additive" and forced is None:
-            (single, pick), sol = self._additive(coster, lat, mem, act, num_stages, name)
+            (single, _pick), sol = self._additive(coster, lat, mem, act, num_stages, name)
         else:
             sol = self._stage_dp(coster, lat, mem, act, num_stages, forced, name)
         if estimate_only:
             return sol
         t_solve = time.perf_counter()
 
-        # the chosen stages, planned exactly (cached when the exact mode already did)
-        chosen = []
+        if single is not None:  # additive: estimates → plan the DP's split and the best equal splits exactly
+            chosen, refined = self._refine(coster, sol, lat, mem, act, num_stages)
+            return self._assemble(chosen, coster, sol.objective_s, t_solve, "additive", strategy_name,
+                                  int(np.isfinite(lat).sum()), refined)
+        # the chosen stages, planned exactly (cached: the exact mode already planned them)
         mesh_of = {(a, b): mesh for a, b, _, mesh in forced} if forced is not None else {}
-        for (a, b, s, sub, _lat) in sol.stages:
-            mesh = mesh_of.get((a, b))
-            if single is not None and b - a > 1 and forced is None:  # the logical mesh its most expensive layer chose
-                var = single[int(pick[a, b, s])]
-                heaviest = max(range(a, b), key=lambda j: var[j][s]["latency"])
-                mesh = tuple(var[heaviest][s]["plan"].mesh_shape)
-            chosen.append((a, b, tuple(sub), self._exact(coster, a, b, tuple(sub), mesh, len(sol.stages) - len(chosen))))
-        return self._assemble(chosen, coster, sol.objective_s, t_solve, "exact" if single is None else "additive",
-                              strategy_name, int(np.isfinite(lat).sum()))
+        stages = [(a, b, tuple(sub)) for a, b, _, sub, _ in sol.stages]
+        chosen = self._exact_stages(coster, stages, lambda a, b: mesh_of.get((a, b)))
+        return self._assemble(chosen, coster, sol.objective_s, t_solve, "exact", strategy_name,
+                              int(np.isfinite(lat).sum()))
+
+    def _problem(self, lat, mem, act) -> StageProblem:
+        return StageProblem(num_layers=self.L, num_nodes=self.nodes, devices_per_node=self.spec.devices_per_node,
+                            latency=lat, memory=mem, activation=act, num_microbatches=self.num_microbatches,
+                            device_memory=self.budget, schedule=self.schedule)
+
+    def _exact_stages(self, coster, stages, mesh_of) -> list:
+        """Each stage planned whole, on logical mesh ``mesh_of(a, b)`` (None: every ``stage_meshes``)."""
+        S = len(stages)
+        return [(a, b, sub, self._exact(coster, a, b, sub, mesh_of(a, b), S - k)) for k, (a, b, sub) in enumerate(stages)]
+
+    def _refine(self, coster, sol, lat, mem, act, num_stages):
+        """Additive costing only estimates a stage (summed single layers, each on its own best
+        logical mesh, within the whole budget or a share of it). Plan exactly — each stage on
+        every logical mesh of its sub-mesh (``stage_meshes``: a whole stage may prefer another
+        mesh than its layers alone), within the budget its in-flight micro-batches leave — the
+        stage DP's split, then the ``REFINE_UNIFORM``
+        equal splits (``uniform_submeshes``) with the best estimates among those estimated
+        within REFINE_MARGIN of the best exact step so far; keep the fastest simulated step
+        among those that fit (the DP's split when none does)."""
+        dp = [(a, b, tuple(sub)) for a, b, _, sub, _ in sol.stages]
+        cands = [("stage DP", dp, sol.objective_s)]
+        uniform = []
+        for pp, sub in uniform_submeshes(self.L, self.nodes, self.spec.devices_per_node):
+            stages = [(a, b, sub) for a, b in uniform_stages(self.L, pp)]
+            if (num_stages is not None and pp != num_stages) or stages == dp:
+                continue
+            try:
+                est = solve_stages(self._problem(lat, mem, act), forced=stages)
+            except ValueError:  # does not fit even by the estimate (StageInfeasibleError)
+                continue
+            uniform.append((f"equal stages ×{pp}", stages, est.objective_s))
+        cands += sorted(uniform, key=lambda c: c[2])[:REFINE_UNIFORM]
+        refined, exact = [], []
+        for source, stages, estimate in cands:
+            best_step = min((r["step_s"] for r in refined if r["fits"]), default=math.inf)  # fits: step_s set
+            if refined and estimate > best_step * (1 + REFINE_MARGIN):
+                refined.append({"source": source, "stages": " ".join(f"{b - a}L@{x}x{y}" for a, b, (x, y) in stages),
+                                "estimate_s": estimate, "step_s": None, "peak_bytes": None, "fits": False,
+                                "chosen": False, "plan_s": 0.0, "skipped": True})
+                exact.append(None)
+                continue
+            t0 = time.perf_counter()
+            chosen = self._exact_stages(coster, stages, lambda a, b: None)
+            ok = all(c["plan"] is not None for *_, c in chosen)
+            step = self._simulate(chosen).makespan if ok else math.inf
+            peak = max(m for _, m in self._memory(chosen)) if ok else math.inf
+            refined.append({"source": source, "stages": _layout(chosen), "estimate_s": estimate,
+                            "step_s": step if ok else None, "peak_bytes": peak if ok else None, "fits": ok and peak <= self.budget * (1 + 1e-9), "chosen": False,
+                            "plan_s": time.perf_counter() - t0, "skipped": False})
+            exact.append(chosen)
+        fitting = [k for k, r in enumerate(refined) if r["fits"]]
+        best = min(fitting, key=lambda k: (refined[k]["step_s"], k)) if fitting else 0
+        refined[best]["chosen"] = True
+        return exact[best], refined
 
     def _stage_dp(self, coster, lat, mem, act, num_stages, forced, name):
         spec, nodes = self.spec, self.nodes
-        problem = StageProblem(num_layers=self.L, num_nodes=nodes, devices_per_node=spec.devices_per_node,
-                               latency=lat, memory=mem, activation=act, num_microbatches=self.num_microbatches,
-                               device_memory=self.budget, schedule=self.schedule)
         try:
-            return solve_stages(problem, num_stages=num_stages,
+            return solve_stages(self._problem(lat, mem, act), num_stages=num_stages,
                                 forced=[(a, b, sub) for a, b, sub, _ in forced] if forced is not None else None)
         except StageInfeasibleError as err:
             need = min(err.min_device_memory, coster.min_need)
@@ -341,18 +397,32 @@ class _Setup:
                 for i in range(L):
                     lean[i][s] = coster.cost(i, i + 1, shapes[s], share=2 * share)
 
-    def _assemble(self, chosen, coster, objective_s, t_solve, mode, strategy_name, candidates) -> TrainingPlan:
+    def _memory(self, chosen) -> list[tuple[int, float]]:
+        """(in-flight micro-batches, bytes per device) of each stage."""
+        S, B = len(chosen), self.num_microbatches
+        out = []
+        for k, (*_, c) in enumerate(chosen):
+            inflight = min(S - k, B) if self.schedule == "1f1b" else B
+            out.append((inflight, c["static"] + inflight * c["act"]))
+        return out
+
+    def _simulate(self, chosen):
+        from .schedule import simulate, stage_orders
+        t = [c["latency"] - c["send"] for *_, c in chosen]
+        return simulate(stage_orders(len(chosen), self.num_microbatches, self.schedule), [x * FWD_SHARE for x in t],
+                        [x * (1 - FWD_SHARE) for x in t], [c["send"] / 2 for *_, c in chosen[1:]])
+
+    def _assemble(self, chosen, coster, objective_s, t_solve, mode, strategy_name, candidates,
+                  refined=()) -> TrainingPlan:
         P, spec, nodes, B = self.P, self.spec, self.nodes, self.num_microbatches
         split = split_program(self.program, P, [(self.layer_eqns[a][0], self.layer_eqns[b - 1][1])
                                                 for a, b, _, _ in chosen])
         own = owners(split, P)
         devices = place_submeshes([sub for _, _, sub, _ in chosen], nodes, spec.devices_per_node)
-        S = len(chosen)
         stage_plans = []
-        for k, ((a, b, sub, c), st) in enumerate(zip(chosen, split)):
+        for k, ((a, b, sub, c), st, (inflight, memory)) in enumerate(zip(chosen, split, self._memory(chosen))):
             if c["plan"] is None:
                 raise PlanError(f"stage {k} (layers {a}..{b - 1}) does not fit sub-mesh {sub}")
-            inflight = min(S - k, B) if self.schedule == "1f1b" else B
             t = c["latency"]
             stage_plans.append(StagePlan(
                 index=k, layers=[a, b], eqns=list(st.eqns), submesh=list(sub), devices=devices[k], plan=c["plan"],
@@ -360,10 +430,8 @@ class _Setup:
                 send_s=c["send"],
                 params=list(st.params), owned_params=[p for p in range(P) if own[p] == k], batch=list(st.batch),
                 param_bytes_per_device=c["param_dev"], activation_bytes_per_device=c["act"],
-                inflight_microbatches=inflight, memory_bytes_per_device=c["static"] + inflight * c["act"]))
-        from .schedule import simulate, stage_orders
-        timeline = simulate(stage_orders(S, B, self.schedule), [s.fwd_s for s in stage_plans],
-                            [s.bwd_s for s in stage_plans], [s.send_s / 2 for s in stage_plans[1:]])
+                inflight_microbatches=inflight, memory_bytes_per_device=memory))
+        timeline = self._simulate(chosen)
         predicted = PredictedTraining(step_time_s=timeline.makespan, dp_objective_s=objective_s,
                                       bubble_fraction=timeline.bubble_fraction,
                                       peak_memory_bytes=max(s.memory_bytes_per_device for s in stage_plans))
@@ -371,7 +439,7 @@ class _Setup:
                              layer_eqns=[list(x) for x in self.layer_eqns],
                              layers_from_markers=self.layering.from_markers, candidates=candidates,
                              ilp_solves=coster.solves, cache_hits=coster.hits, infeasible=coster.infeasible,
-                             costing=mode)
+                             costing=mode, refined=[dict(r) for r in refined])
         t_end = time.perf_counter()
         result = TrainingPlan(
             function=getattr(self.loss_fn, "__qualname__", self.name), fingerprint=self.program.fingerprint,
@@ -384,6 +452,21 @@ class _Setup:
             timing=Timing(trace_s=self.t_trace - self.t0, solve_s=t_solve - self.t_trace, total_s=t_end - self.t0))
         result._loss_fn, result._optimizer = self.loss_fn, self.optimizer
         return result
+
+
+def _layout(chosen) -> str:
+    """``1×4L@1x8/2x4 …``: runs of equal stages as count × layers @ sub-mesh / logical mesh."""
+    parts = []
+    for a, b, sub, c in chosen:
+        mesh = "x".join(map(str, c["plan"].mesh_shape)) if c["plan"] is not None else "?"
+        parts.append(f"{b - a}L@{sub[0]}x{sub[1]}/{mesh}")
+    runs = []
+    for p in parts:
+        if runs and runs[-1][1] == p:
+            runs[-1][0] += 1
+        else:
+            runs.append([1, p])
+    return " ".join(f"{n}×{p}" for n, p in runs)
 
 
 def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: int = 1,

@@ -52,6 +52,9 @@ class StageSearch(_Frozen):
     cache_hits: int
     infeasible: int
     costing: str                      # "exact" | "additive"
+    # additive costing: the splits planned exactly ({source, stages, estimate_s, step_s,
+    # peak_bytes, fits, chosen}); the fastest that fits is the plan
+    refined: list[dict] = []
 
 
 class TrainingPlan(_Document):

@@ -44,8 +44,8 @@ DEFAULT_MICROBATCH = 16
 NODES = (1, 2, 4, 8)
 
 
-def one(model: str, nodes: int, cluster: str, dtype: str) -> dict:
-    """Plan one config (in this process) and return its row."""
+def one(model: str, nodes: int, cluster: str, dtype: str, baseline: bool = True) -> dict:
+    """Plan one config (in this process) and return its row (``baseline=False``: autopar only)."""
     import importlib
 
     from autopar import PlanError, plan_training
@@ -57,8 +57,9 @@ def one(model: str, nodes: int, cluster: str, dtype: str) -> dict:
     kw = dict(optimizer=mod.OPTIMIZER, cluster=cluster, nodes=nodes, num_microbatches=microbatches)
     row = {"model": model, "suite": suite, "cluster": cluster, "nodes": nodes, "gpus": nodes * 8,
            "batch": BATCH[model], "microbatches": microbatches}
-    for name, fn in (("autopar", lambda: plan_training(mod.loss_fn, params, batch, **kw)),
-                     ("dp_tp_pp", lambda: dp_tp_pp(mod.loss_fn, params, batch, **kw))):
+    runs = [("autopar", lambda: plan_training(mod.loss_fn, params, batch, **kw)),
+            ("dp_tp_pp", lambda: dp_tp_pp(mod.loss_fn, params, batch, **kw))]
+    for name, fn in runs[:2 if baseline else 1]:
         t0 = time.perf_counter()
         try:
             tp = fn()
@@ -74,7 +75,14 @@ def one(model: str, nodes: int, cluster: str, dtype: str) -> dict:
             "layers": tp.search.num_layers, "ilp_solves": tp.search.ilp_solves}
         if tp.baseline_grid is not None:
             row[name]["grid"] = tp.baseline_grid
-    a, b = row["autopar"], row["dp_tp_pp"]
+        if tp.search.refined:
+            row[name]["refined"] = tp.search.refined
+    return row
+
+
+def _ratio(row: dict) -> dict:
+    a, b = row.get("autopar", {}), row.get("dp_tp_pp", {})
+    row.pop("ratio", None)
     if "step_s" in a and "step_s" in b:
         row["ratio"] = b["step_s"] / a["step_s"]
     return row
@@ -178,10 +186,13 @@ def main() -> None:
     ap.add_argument("--note", default="", help="text appended to the run description (e.g. how it was run)")
     ap.add_argument("--analysis", help="a markdown file appended to the .md under 'Analysis'")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compare_training"))
+    ap.add_argument("--baseline-from", help="a .jsonl of an earlier run: take each config's dp_tp_pp result from it "
+                    "(the row records its code version as baseline_code) and plan autopar only")
     ap.add_argument("--one", nargs=3, metavar=("MODEL", "NODES", "CLUSTER"), help=argparse.SUPPRESS)
+    ap.add_argument("--no-baseline", action="store_true", help=argparse.SUPPRESS)
     ns = ap.parse_args()
     if ns.one:
-        print("ROW " + json.dumps(one(ns.one[0], int(ns.one[1]), ns.one[2], ns.dtype)), flush=True)
+        print("ROW " + json.dumps(one(ns.one[0], int(ns.one[1]), ns.one[2], ns.dtype, not ns.no_baseline)), flush=True)
         return
     out = Path(ns.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -194,6 +205,10 @@ def main() -> None:
             f"`autopar.baselines.dp_tp_pp` (best uniform-stage grid point, each stage under the dp_tp rule). "
             f"Times are predicted by autopar's cost model. Run on {platform.machine()} (Python "
             f"{platform.python_version()}), 2 cores, one config per subprocess." + (f" {ns.note}" if ns.note else ""))
+    old = {}
+    if ns.baseline_from:
+        old = {(r["model"], r["cluster"], r["nodes"]): r for r in map(json.loads, Path(ns.baseline_from).read_text().splitlines())
+               if r.get("dp_tp_pp", {}).get("plan_s")}
     if not ns.report:
         if not ns.resume:
             rows, _ = [], log.write_text("")
@@ -205,7 +220,9 @@ def main() -> None:
                     if (model, cluster, nodes) in done:
                         continue
                     t0 = time.perf_counter()
-                    cmd = [sys.executable, __file__, "--one", model, str(nodes), cluster, "--dtype", ns.dtype]
+                    prev = old.get((model, cluster, nodes))
+                    cmd = [sys.executable, __file__, "--one", model, str(nodes), cluster, "--dtype", ns.dtype] + (
+                        ["--no-baseline"] if prev else [])
                     try:
                         res = subprocess.run(cmd, capture_output=True, text=True, timeout=ns.timeout, cwd=ROOT)
                         line = [x for x in res.stdout.splitlines() if x.startswith("ROW ")]
@@ -214,8 +231,11 @@ def main() -> None:
                         row = {"error": f"timed out after {ns.timeout} s"}
                     row.update(model=model, cluster=cluster, nodes=nodes, gpus=nodes * 8,
                                suite=SUITES[model][nodes], wall_s=time.perf_counter() - t0, code=code_version())
+                    if prev:
+                        row.update(dp_tp_pp=prev["dp_tp_pp"], baseline_code=prev.get("code", "?"))
                     row.setdefault("autopar", {"plan_s": 0.0})
                     row.setdefault("dp_tp_pp", {"plan_s": 0.0})
+                    _ratio(row)
                     rows.append(row)
                     with log.open("a") as f:
                         f.write(json.dumps(row) + "\n")
@@ -223,6 +243,9 @@ def main() -> None:
     codes = sorted({r["code"] for r in rows if "code" in r})
     if codes:
         meta += f" Code: {', '.join(codes)}."
+    bcodes = sorted({r["baseline_code"] for r in rows if "baseline_code" in r})
+    if bcodes:
+        meta += f" DP×TP×PP rows taken from an earlier run at {', '.join(bcodes)} (--baseline-from)."
     write(rows, out, meta, Path(ns.analysis).read_text() if ns.analysis else "")
 
 

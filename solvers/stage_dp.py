@@ -53,7 +53,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["StageProblem", "StageSolution", "StageInfeasibleError", "solve_stages", "brute_force",
-           "submesh_shapes"]
+           "submesh_shapes", "uniform_stages", "uniform_submeshes"]
 
 _TOL = 1e-9
 
@@ -65,6 +65,29 @@ def submesh_shapes(num_nodes: int, devices_per_node: int) -> list[tuple[int, int
         shapes.append((1, w))
         w *= 2
     return shapes + [(1, devices_per_node)] + [(k, devices_per_node) for k in range(2, num_nodes + 1)]
+
+
+def uniform_submeshes(num_layers: int, num_nodes: int, devices_per_node: int) -> list[tuple[int, tuple[int, int]]]:
+    """Megatron-style equal splits ``(pp, submesh)``: ``pp`` ≤ the layers divides the
+    devices and every stage gets ``N / pp`` of them, as whole nodes ``(k, M)`` or an
+    aligned part of one node ``(1, m)``."""
+    M, N = devices_per_node, num_nodes * devices_per_node
+    out = []
+    for pp in range(1, min(N, num_layers) + 1):
+        if N % pp:
+            continue
+        d = N // pp
+        if d >= M and d % M == 0:
+            out.append((pp, (d // M, M)))
+        elif d < M and M % d == 0:
+            out.append((pp, (1, d)))
+    return out
+
+
+def uniform_stages(num_layers: int, pp: int) -> list[tuple[int, int]]:
+    """``pp`` contiguous layer ranges whose sizes differ by at most one (larger ones last)."""
+    bounds = [round(s * num_layers / pp) for s in range(pp + 1)]
+    return list(zip(bounds, bounds[1:]))
 
 
 class StageInfeasibleError(ValueError):
