@@ -257,13 +257,13 @@ class _Setup:
         t_solve = time.perf_counter()
 
         if single is not None:  # additive: estimates → plan the DP's split and the best equal splits exactly
-            chosen, refined = self._refine(coster, sol, lat, mem, act, num_stages)
+            chosen, refined = self._refine(coster, sol, lat, mem, act, num_stages, single, _pick)
             return self._assemble(chosen, coster, sol.objective_s, t_solve, "additive", strategy_name,
                                   int(np.isfinite(lat).sum()), refined)
         # the chosen stages, planned exactly (cached: the exact mode already planned them)
         mesh_of = {(a, b): mesh for a, b, _, mesh in forced} if forced is not None else {}
         stages = [(a, b, tuple(sub)) for a, b, _, sub, _ in sol.stages]
-        chosen = self._exact_stages(coster, stages, lambda a, b: mesh_of.get((a, b)))
+        chosen = self._exact_stages(coster, stages, lambda a, b, sub: mesh_of.get((a, b)))
         return self._assemble(chosen, coster, sol.objective_s, t_solve, "exact", strategy_name,
                               int(np.isfinite(lat).sum()))
 
@@ -273,16 +273,37 @@ class _Setup:
                             device_memory=self.budget, schedule=self.schedule)
 
     def _exact_stages(self, coster, stages, mesh_of) -> list:
-        """Each stage planned whole, on logical mesh ``mesh_of(a, b)`` (None: every ``stage_meshes``)."""
-        S = len(stages)
-        return [(a, b, sub, self._exact(coster, a, b, sub, mesh_of(a, b), S - k)) for k, (a, b, sub) in enumerate(stages)]
+        """Each stage planned whole; ``mesh_of(a, b, sub)`` is a logical mesh, None (every
+        ``stage_meshes``) or a list of meshes tried one by one (the fastest that fits wins)."""
+        S, out = len(stages), []
+        for k, (a, b, sub) in enumerate(stages):
+            meshes = mesh_of(a, b, sub)
+            if not isinstance(meshes, list):
+                out.append((a, b, sub, self._exact(coster, a, b, sub, meshes, S - k)))
+                continue
+            inflight = self._inflight(S - k)
+            tries = [self._exact(coster, a, b, sub, m, S - k) for m in meshes]
+            fit = [c for c in tries if c["plan"] is not None and c["static"] + inflight * c["act"] <= self.budget]
+            out.append((a, b, sub, min(fit or tries, key=lambda c: c["latency"])))
+        return out
 
-    def _refine(self, coster, sol, lat, mem, act, num_stages):
+    def _layer_meshes(self, single, pick, a, b, sub) -> list | None:
+        """The logical meshes the single-layer plans of layers a..b−1 on ``sub`` chose (each
+        once, the most expensive layer's first); None (every mesh) when a layer has no plan."""
+        s = self.shapes.index(sub)
+        var = single[1] if pick[a, b, s] == 1 and single[1][a][s] is not None else single[0]
+        plans = [var[j][s] for j in range(a, b)]
+        if any(c["plan"] is None for c in plans):
+            return None
+        plans.sort(key=lambda c: -c["latency"])
+        return list(dict.fromkeys(tuple(c["plan"].mesh_shape) for c in plans))
+
+    def _refine(self, coster, sol, lat, mem, act, num_stages, single, pick):
         """Additive costing only estimates a stage (summed single layers, each on its own best
         logical mesh, within the whole budget or a share of it). Plan exactly — each stage on
-        every logical mesh of its sub-mesh (``stage_meshes``: a whole stage may prefer another
-        mesh than its layers alone), within the budget its in-flight micro-batches leave — the
-        stage DP's split, then the ``REFINE_UNIFORM``
+        every logical mesh one of its layers chose (``_layer_meshes``: a stage of mixed layers
+        may prefer another mesh than its most expensive layer), within the budget its in-flight
+        micro-batches leave — the stage DP's split, then the ``REFINE_UNIFORM``
         equal splits (``uniform_submeshes``) with the best estimates among those estimated
         within REFINE_MARGIN of the best exact step so far; keep the fastest simulated step
         among those that fit (the DP's split when none does)."""
@@ -309,7 +330,7 @@ class _Setup:
                 exact.append(None)
                 continue
             t0 = time.perf_counter()
-            chosen = self._exact_stages(coster, stages, lambda a, b: None)
+            chosen = self._exact_stages(coster, stages, lambda a, b, sub: self._layer_meshes(single, pick, a, b, sub))
             ok = all(c["plan"] is not None for *_, c in chosen)
             step = self._simulate(chosen).makespan if ok else math.inf
             peak = max(m for _, m in self._memory(chosen)) if ok else math.inf

@@ -322,42 +322,49 @@ def test_a_chosen_stage_is_replanned_for_its_in_flight_micro_batches():
 
 def test_additive_refinement_plans_equal_splits_exactly_and_keeps_the_fastest_that_fits():
     # the stage DP's split (one stage on 4 devices) is estimated best, but planned exactly it is
-    # 1.0 s per micro-batch (4.0 s for 4); two equal stages on 2 devices each are 0.6 s (≈ 3.0 s);
-    # four single-layer stages are estimated at 7 s, above the best exact step: not planned
+    # 0.9 s per micro-batch on the (2, 2) mesh that layers 2-3 chose (1.0 s on layers 0-1's (4,)):
+    # 3.6 s for 4; two equal stages on 2 devices each are 0.6 s (≈ 3.0 s); four single-layer
+    # stages are estimated at 7 s, above the best exact step: not planned
     from autopar.training import _Setup
     from cost import load_cluster
     setup = object.__new__(_Setup)
     spec = load_cluster("cpu-8").model_copy(update={"devices_per_node": 4})
     setup.__dict__.update(L=4, shapes=[(1, 1), (1, 2), (1, 4)], nodes=1, spec=spec, budget=10.0,
                           num_microbatches=4, schedule="1f1b")
-    exact = {(0, 4, (1, 4)): (1.0, 2.0), (0, 2, (1, 2)): (0.6, 2.0), (2, 4, (1, 2)): (0.6, 2.0)}
+    exact = {(0, 4, (4,)): (1.0, 2.0), (0, 4, (2, 2)): (0.9, 2.0), (0, 2, (2,)): (0.6, 2.0), (2, 4, (2,)): (0.6, 2.0)}
     planned = []
 
     class Coster:
         def cost(self, a, b, sub, mesh=None):
             planned.append((a, b, tuple(sub), mesh))
-            t, static = exact[(a, b, tuple(sub))]
-            return {"plan": types.SimpleNamespace(mesh_shape=(sub[1],)), "latency": t, "send": 0.0,
+            t, static = exact[(a, b, mesh)]
+            return {"plan": types.SimpleNamespace(mesh_shape=mesh), "latency": t, "send": 0.0,
                     "static": static, "act": 0.5}
 
         def cost_within(self, a, b, sub, mesh, budget):  # no leaner plan
             return {"plan": None, "latency": math.inf, "static": 0.0, "act": 0.0}
+
+    def layer(mesh, t):
+        return {"plan": types.SimpleNamespace(mesh_shape=mesh), "latency": t}
+    full = [[layer((1,), 1.0), layer((2,), 0.5), layer((4,) if i < 2 else (2, 2), 0.3 if i < 2 else 0.2)]
+            for i in range(4)]
+    single, pick = (full, [[None] * 3 for _ in range(4)]), np.zeros((4, 5, 3), dtype=np.int8)
     lat = np.full((4, 5, 3), np.inf)
     mem, act = np.zeros_like(lat), np.zeros_like(lat)
     lat[0, 4, 2], lat[0, 2, 1], lat[2, 4, 1] = 0.5, 0.5, 0.5
     for i in range(4):
         lat[i, i + 1, 0] = 1.0
     sol = types.SimpleNamespace(stages=[(0, 4, 2, (1, 4), 0.5)], objective_s=2.0)
-    chosen, refined = setup._refine(Coster(), sol, lat, mem, act, None)
+    chosen, refined = setup._refine(Coster(), sol, lat, mem, act, None, single, pick)
     assert [r["source"] for r in refined] == ["stage DP", "equal stages ×2", "equal stages ×4"]
     assert [(a, b, sub) for a, b, sub, _ in chosen] == [(0, 2, (1, 2)), (2, 4, (1, 2))]
     assert [r["chosen"] for r in refined] == [False, True, False] and refined[2]["skipped"]
-    assert refined[0]["step_s"] == pytest.approx(4.0) and refined[1]["step_s"] < 3.5
-    assert all(mesh is None for *_, mesh in planned)          # every logical mesh of the sub-mesh
-    assert not any(sub == (1, 1) for _, _, sub, _ in planned)  # the skipped split was not planned
-    # when the equal split does not fit the budget (static 2 + 2 in flight × 0.5 > 2.5), the DP's split stays
+    assert refined[0]["step_s"] == pytest.approx(3.6) and refined[1]["step_s"] < 3.5
+    # each stage on the meshes its layers chose (the most expensive layer's first), nothing else
+    assert planned == [(0, 4, (1, 4), (4,)), (0, 4, (1, 4), (2, 2)), (0, 2, (1, 2), (2,)), (2, 4, (1, 2), (2,))]
+    # when the equal split does not fit the budget (static 2 + 2 in flight × 0.5 > 2.6), the DP's split stays
     setup.budget = 2.6
-    exact[(0, 4, (1, 4))] = (1.0, 0.5)
-    chosen, refined = setup._refine(Coster(), sol, lat, mem, act, None)
-    assert [(a, b, sub) for a, b, sub, _ in chosen] == [(0, 4, (1, 4))]
+    exact[(0, 4, (4,))], exact[(0, 4, (2, 2))] = (1.0, 0.5), (0.9, 0.5)
+    chosen, refined = setup._refine(Coster(), sol, lat, mem, act, None, single, pick)
+    assert [(a, b, sub) for a, b, sub, _ in chosen] == [(0, 4, (1, 4))] and chosen[0][3]["latency"] == 0.9
     assert [r["fits"] for r in refined[:2]] == [True, False] and refined[0]["chosen"]
