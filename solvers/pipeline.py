@@ -7,7 +7,9 @@
          "highs"     marginal ILP with HiGHS            ("cbc": the same with CBC)
          "heuristic" memory-aware local search + ILP neighbourhoods
          "auto"      HiGHS when the reduced ILP is small (≤ AUTO_ILP_VARIABLES), falling back
-                     to the heuristic if HiGHS finds nothing in time; the heuristic otherwise
+                     to the heuristic if HiGHS finds nothing in time; up to AUTO_LP_VARIABLES
+                     the LP relaxation alone, kept when it is integral and fits memory;
+                     the heuristic otherwise
     4. the reduced choice is restored to the original nodes and re-scored with ``evaluate``.
 
 ``time_limit_s`` covers all of it (None: exact solvers run to optimality, the heuristic
@@ -28,6 +30,9 @@ from .problem import InfeasibleError, Problem, Solution, evaluate
 
 SOLVERS = ("auto", "cbc", "highs", "heuristic", "brute")
 AUTO_ILP_VARIABLES = 200_000
+# above AUTO_ILP_VARIABLES, up to this size the LP relaxation is tried first (≤ AUTO_LP_S, and at
+# most 30 % of the time limit): when it is integral and fits memory it is the proven optimum
+AUTO_LP_VARIABLES, AUTO_LP_S = 1_000_000, 30.0
 DEFAULT_HEURISTIC_S = 60.0
 
 
@@ -84,7 +89,7 @@ def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None 
     elif solver == "heuristic":
         sol = solve_heuristic(reduced, time_limit_s=_heuristic_time(left()), seed=seed)
     else:
-        size = ilp_size(reduced, cap=AUTO_ILP_VARIABLES)
+        size = ilp_size(reduced, cap=AUTO_LP_VARIABLES)
         stats["ilp_size"] = size
         sol = None
         if size <= AUTO_ILP_VARIABLES:
@@ -95,6 +100,10 @@ def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None 
                                 gap_rel=gap_rel)
             else:
                 name = "auto:highs-lp"
+        elif size <= AUTO_LP_VARIABLES:  # too big for the MILP, but its LP is often integral: try it, briefly
+            limit = left()
+            sol = _lp_first(reduced, min(AUTO_LP_S, 0.3 * limit) if limit is not None else AUTO_LP_S, gap_rel)
+            name = "auto:highs-lp"
         if sol is None or (not sol.feasible and sol.status != "infeasible"):
             name = "auto:heuristic"
             budget = left()

@@ -252,3 +252,25 @@ def test_importing_solvers_does_not_import_jax():
             "solvers.presolve, solvers.iopddl, solvers.pipeline, solvers.mrf, solvers.brute, solvers.__main__; "
             "assert 'jax' not in sys.modules, 'jax imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_auto_above_the_milp_size_tries_the_lp_relaxation(monkeypatch):
+    # above AUTO_ILP_VARIABLES (set to 0 here) "auto" skips the MILP: the LP relaxation is kept
+    # when it is integral and fits memory (then it is the optimum: equal to brute force) and
+    # otherwise the heuristic runs; above AUTO_LP_VARIABLES it is the heuristic directly
+    import solvers.pipeline as sp
+    monkeypatch.setattr(sp, "AUTO_ILP_VARIABLES", 0)
+    names = set()
+    for seed in range(30):
+        p = random_problem(3000 + seed, limit=False, n_max=12, p_inf=0.0, structured=False)
+        ref = solve_brute(p)
+        got = solve(p, solver="auto", time_limit_s=5)
+        names.add(got.solver)
+        cost, feasible, _ = evaluate(p, got.choice)
+        assert feasible and _same(cost, got.cost)
+        if got.solver == "auto:highs-lp":
+            assert got.status == "optimal" and _same(got.cost, ref.cost), f"{seed=}: {got.cost} vs {ref.cost}"
+            big = p
+    assert "auto:highs-lp" in names
+    monkeypatch.setattr(sp, "AUTO_LP_VARIABLES", 0)
+    assert solve(big, solver="auto", time_limit_s=1).solver == "auto:heuristic"
