@@ -88,3 +88,19 @@ def test_errors(devices8):
         dp_tp_pp(gpt.loss_fn, params, batch, grid=[(2, (1, 2), (1, 2))], **kw)   # 2 stages × 2 devices ≠ 8
     with pytest.raises(PlanError, match="Megatron DP×TP×PP .*smallest"):
         dp_tp_pp(gpt.loss_fn, params, batch, memory_budget_bytes=1e4, **kw)
+
+
+def test_autopar_refines_its_split_and_equal_splits_exactly(gpt_case):
+    # 4 layers × 4 sub-meshes > 24 pairs: additive costing, then the stage DP's split and the
+    # best equal splits are planned exactly; the plan is the fastest of them that fits
+    *_, base, ours = gpt_case
+    refined = ours.search.refined
+    assert ours.search.costing == "additive" and refined[0]["source"] == "stage DP"
+    assert all(r["source"].startswith("equal stages ×") for r in refined[1:])
+    chosen = [r for r in refined if r["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["fits"]
+    assert chosen[0]["step_s"] == pytest.approx(ours.predicted.step_time_s)
+    assert all(r["step_s"] >= chosen[0]["step_s"] for r in refined if r["fits"])
+    assert "exactly planned splits" in ours.report()
+    back = TrainingPlan.model_validate_json(ours.model_dump_json())
+    assert back.search.refined == refined
