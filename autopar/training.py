@@ -249,7 +249,7 @@ class _Setup:
         name = self.name if strategy_name == "autopar" else f"{self.name} (baseline {strategy_name})"
         single = None
         if mode == "additive" and forced is None:
-            (single, _pick), sol = self._additive(coster, lat, mem, act, num_stages, name)
+            (single, pick), sol = self._additive(coster, lat, mem, act, num_stages, name)
         else:
             sol = self._stage_dp(coster, lat, mem, act, num_stages, forced, name)
         if estimate_only:
@@ -257,7 +257,7 @@ class _Setup:
         t_solve = time.perf_counter()
 
         if single is not None:  # additive: estimates → plan the DP's split and the best equal splits exactly
-            chosen, refined = self._refine(coster, sol, lat, mem, act, num_stages, single, _pick)
+            chosen, refined = self._refine(coster, sol, lat, mem, act, num_stages, single, pick)
             return self._assemble(chosen, coster, sol.objective_s, t_solve, "additive", strategy_name,
                                   int(np.isfinite(lat).sum()), refined)
         # the chosen stages, planned exactly (cached: the exact mode already planned them)
@@ -324,7 +324,7 @@ class _Setup:
         for source, stages, estimate in cands:
             best_step = min((r["step_s"] for r in refined if r["fits"]), default=math.inf)  # fits: step_s set
             if refined and estimate > best_step * (1 + REFINE_MARGIN):
-                refined.append({"source": source, "stages": " ".join(f"{b - a}L@{x}x{y}" for a, b, (x, y) in stages),
+                refined.append({"source": source, "stages": _runs(f"{b - a}L@{x}x{y}" for a, b, (x, y) in stages),
                                 "estimate_s": estimate, "step_s": None, "peak_bytes": None, "fits": False,
                                 "chosen": False, "plan_s": 0.0, "skipped": True})
                 exact.append(None)
@@ -334,9 +334,12 @@ class _Setup:
             ok = all(c["plan"] is not None for *_, c in chosen)
             step = self._simulate(chosen).makespan if ok else math.inf
             peak = max(m for _, m in self._memory(chosen)) if ok else math.inf
-            refined.append({"source": source, "stages": _layout(chosen), "estimate_s": estimate,
-                            "step_s": step if ok else None, "peak_bytes": peak if ok else None, "fits": ok and peak <= self.budget * (1 + 1e-9), "chosen": False,
-                            "plan_s": time.perf_counter() - t0, "skipped": False})
+            refined.append({"source": source, "estimate_s": estimate, "chosen": False, "skipped": False,
+                            "stages": _runs(f"{b - a}L@{sub[0]}x{sub[1]}/{'x'.join(map(str, c['plan'].mesh_shape))}"
+                                            if c["plan"] is not None else f"{b - a}L@{sub[0]}x{sub[1]}"
+                                            for a, b, sub, c in chosen),
+                            "step_s": step if ok else None, "peak_bytes": peak if ok else None,
+                            "fits": ok and peak <= self.budget * (1 + 1e-9), "plan_s": time.perf_counter() - t0})
             exact.append(chosen)
         fitting = [k for k, r in enumerate(refined) if r["fits"]]
         best = min(fitting, key=lambda k: (refined[k]["step_s"], k)) if fitting else 0
@@ -420,12 +423,8 @@ class _Setup:
 
     def _memory(self, chosen) -> list[tuple[int, float]]:
         """(in-flight micro-batches, bytes per device) of each stage."""
-        S, B = len(chosen), self.num_microbatches
-        out = []
-        for k, (*_, c) in enumerate(chosen):
-            inflight = min(S - k, B) if self.schedule == "1f1b" else B
-            out.append((inflight, c["static"] + inflight * c["act"]))
-        return out
+        S = len(chosen)
+        return [(self._inflight(S - k), c["static"] + self._inflight(S - k) * c["act"]) for k, (*_, c) in enumerate(chosen)]
 
     def _simulate(self, chosen):
         from .schedule import simulate, stage_orders
@@ -475,12 +474,8 @@ class _Setup:
         return result
 
 
-def _layout(chosen) -> str:
-    """``1×4L@1x8/2x4 …``: runs of equal stages as count × layers @ sub-mesh / logical mesh."""
-    parts = []
-    for a, b, sub, c in chosen:
-        mesh = "x".join(map(str, c["plan"].mesh_shape)) if c["plan"] is not None else "?"
-        parts.append(f"{b - a}L@{sub[0]}x{sub[1]}/{mesh}")
+def _runs(parts) -> str:
+    """``2×6L@1x8/2x4 1×3L@1x4/4``: runs of equal stage descriptions, counted."""
     runs = []
     for p in parts:
         if runs and runs[-1][1] == p:
