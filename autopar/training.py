@@ -304,8 +304,7 @@ class _Setup:
         every logical mesh one of its layers chose (``_layer_meshes``: a stage of mixed layers
         may prefer another mesh than its most expensive layer), within the budget its in-flight
         micro-batches leave — the stage DP's split, then the ``REFINE_UNIFORM``
-        equal splits (``uniform_submeshes``; not those costed with ``_additive``'s optimistic
-        placeholders) with the best estimates among those estimated
+        equal splits (``uniform_submeshes``) with the best estimates among those estimated
         within REFINE_MARGIN of the best exact step so far; keep the fastest simulated step
         among those that fit (the DP's split when none does)."""
         dp = [(a, b, tuple(sub)) for a, b, _, sub, _ in sol.stages]
@@ -315,8 +314,6 @@ class _Setup:
             stages = [(a, b, sub) for a, b in uniform_stages(self.L, pp)]
             if (num_stages is not None and pp != num_stages) or stages == dp:
                 continue
-            if any(pick[a, b, self.shapes.index(sub)] == 2 for a, b, _ in stages):
-                continue  # an optimistic placeholder (lean layers not planned): no real estimate
             try:
                 est = solve_stages(self._problem(lat, mem, act), forced=stages)
             except ValueError:  # does not fit even by the estimate (StageInfeasibleError)
