@@ -29,7 +29,7 @@ from .pytree_json import treedef_from_json
 from .runtime import PlanMismatchError
 from .schedule import execution_order
 from .stages import owners, split_program, stage_forward
-from .training import microbatch_shapes, trace_loss
+from .training_inputs import microbatch_shapes, trace_loss
 
 _wsc = jax.lax.with_sharding_constraint
 

@@ -53,7 +53,8 @@ class StageSearch(_Frozen):
     infeasible: int
     costing: str                      # "exact" | "additive"
     # additive costing: the splits planned exactly ({source, stages, estimate_s, step_s,
-    # peak_bytes, fits, chosen}); the fastest that fits is the plan
+    # peak_bytes, fits, chosen, skipped, plan_s}; step_s/peak_bytes None when not planned or a
+    # stage does not fit); the fastest that fits is the plan
     refined: list[dict] = []
 
 
