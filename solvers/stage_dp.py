@@ -40,13 +40,21 @@ stages, then the lexicographically smallest (b_1, m_1, b_2, m_2, …) — layer 
 first, earliest stage first (``_better``); the DP keeps the first (j, m) within 1e-9 of the
 minimum, which yields that order.
 
+Variants: the arrays may carry a leading axis of V alternative costings of every stage
+(e.g. parameters sharded harder: less W, more t). A stage with r stages after it uses the
+fastest variant that fits with f(r) micro-batches in flight (``_effective``), so the DP runs
+on per-s effective latencies; ``StageSolution.variants`` names the variant of each stage.
+Ties prefer the lower variant index.
+
 Infeasible (``StageInfeasibleError``): min_device_memory = min over plans with finite
-latencies of max_i (W_i + f(S−i+1)·A_i) (``_dp`` with ⊕ = max on the memory needs).
+latencies of max_i (W_i + f(S−i+1)·A_i) (``_dp`` with ⊕ = max on the memory needs; per stage
+the least-memory variant with a finite latency).
 ``brute_force`` enumerates every plan (tiny instances) and checks all of the above.
 """
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -103,7 +111,9 @@ class StageInfeasibleError(ValueError):
 class StageProblem:
     """Arrays have shape (L, L+1, len(submesh_shapes)); entry [i, j, s] is the range [i, j)
     on sub-mesh s (only i < j is read). A dict {(i, j, s): value} is accepted too (missing:
-    latency ∞, memory 0). ``memory``/``activation`` None means 0 (memory not modelled)."""
+    latency ∞, memory 0). ``memory``/``activation`` None means 0 (memory not modelled).
+    Arrays of shape (V, L, L+1, #submeshes) give V variants of every stage (module docstring);
+    all three then need that shape (None still means 0)."""
 
     num_layers: int
     num_nodes: int
@@ -121,6 +131,9 @@ class StageProblem:
             raise ValueError("num_layers, num_nodes, devices_per_node, num_microbatches must be ≥ 1")
         if self.schedule not in ("1f1b", "gpipe"):
             raise ValueError(f"schedule must be '1f1b' or 'gpipe', not {self.schedule!r}")
+        lat0 = self.latency
+        if not isinstance(lat0, dict) and np.ndim(lat0) == 4:
+            shape = (int(np.shape(lat0)[0]),) + shape
         for name, default in (("latency", math.inf), ("memory", 0.0), ("activation", 0.0)):
             a = getattr(self, name)
             if a is None:
@@ -131,13 +144,23 @@ class StageProblem:
                     a[i, j, s] = v
             a = np.array(a, dtype=np.float64)
             if a.shape != shape:
-                raise ValueError(f"{name} has shape {a.shape}, expected (L, L+1, #submeshes) = {shape}")
+                what = "(V, L, L+1, #submeshes)" if len(shape) == 4 else "(L, L+1, #submeshes)"
+                raise ValueError(f"{name} has shape {a.shape}, expected {what} = {shape}")
+            if len(shape) == 4 and shape[0] < 1:
+                raise ValueError("at least one variant is needed")
             if np.isnan(a).any() or (a < 0).any():
                 raise ValueError(f"{name} must be ≥ 0 or inf (no NaN)")
             if name == "latency":  # ranges [i, j) with j ≤ i do not exist
-                a[np.tril_indices(L, 0, L + 1)] = np.inf
+                a[(..., *np.tril_indices(L, 0, L + 1), slice(None))] = np.inf
             a.flags.writeable = False
             object.__setattr__(self, name, a)
+        # internal view: (V, #submeshes, L, L+1) for every array
+        object.__setattr__(self, "_v", tuple(
+            (a if a.ndim == 4 else a[None]).transpose(0, 3, 1, 2) for a in (self.latency, self.memory, self.activation)))
+
+    @property
+    def num_variants(self) -> int:
+        return self._v[0].shape[0]
 
     @classmethod
     def from_callables(cls, num_layers, num_nodes, devices_per_node, latency_fn, static_mem_fn=None,
@@ -172,7 +195,8 @@ class StageProblem:
 @dataclass(frozen=True)
 class StageSolution:
     """stages: (start, end, submesh_index, submesh_shape, latency_s) per stage, in order;
-    t_max: the largest stage latency; objective_s = total_latency_s + (B−1)·t_max."""
+    t_max: the largest stage latency; objective_s = total_latency_s + (B−1)·t_max;
+    variants: the cost variant of each stage (all 0 without variants)."""
 
     stages: list
     total_latency_s: float
@@ -180,6 +204,7 @@ class StageSolution:
     objective_s: float
     num_stages: int
     status: str  # "optimal" | "forced"
+    variants: tuple = ()
 
 
 def _inflight(p: StageProblem, r: int) -> int:
@@ -188,8 +213,16 @@ def _inflight(p: StageProblem, r: int) -> int:
 
 
 def _need(p: StageProblem, r: int) -> np.ndarray:
-    """Memory per device of every (submesh, start, end) as a stage with r stages remaining."""
-    return (p.memory + _inflight(p, r) * p.activation).transpose(2, 0, 1)
+    """Memory per device of every (variant, submesh, start, end) as a stage with r stages remaining."""
+    return p._v[1] + _inflight(p, r) * p._v[2]
+
+
+def _effective(p: StageProblem, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """(latency, variant) of every (submesh, start, end) as a stage with r stages remaining:
+    the fastest variant that fits with its in-flight micro-batches (∞ where none fits)."""
+    lat = np.where(_need(p, r) <= p.device_memory, p._v[0], np.inf)
+    v = np.argmin(lat, axis=0)  # first of equal minima: the lower variant
+    return np.take_along_axis(lat, v[None], axis=0)[0], v
 
 
 def _dp(p: StageProblem, cost, smax: int, combine):
@@ -229,12 +262,17 @@ def _plan(p: StageProblem, choice, S: int) -> list[tuple[int, int, int]]:
     return plan
 
 
-def _solution(p: StageProblem, plan, status: str) -> StageSolution:
-    shapes = p.shapes
-    stages = [(k, j, m, shapes[m], float(p.latency[k, j, m])) for k, j, m in plan]
+def _solution(p: StageProblem, plan, status: str, variants) -> StageSolution:
+    """``variants``: a list, or a function r ↦ the variant array of ``_effective(p, r)``
+    (each stage's fastest fitting variant with r stages remaining)."""
+    shapes, S = p.shapes, len(plan)
+    if callable(variants):
+        variants = [int(variants(S - i)[m, k, j]) for i, (k, j, m) in enumerate(plan)]
+    stages = [(k, j, m, shapes[m], float(p._v[0][v, m, k, j])) for (k, j, m), v in zip(plan, variants)]
     lats = [st[4] for st in stages]
     total, tmax = sum(lats), max(lats)
-    return StageSolution(stages, total, tmax, total + (p.num_microbatches - 1) * tmax, len(stages), status)
+    return StageSolution(stages, total, tmax, total + (p.num_microbatches - 1) * tmax, len(stages), status,
+                         tuple(int(v) for v in variants))
 
 
 def _better(a: StageSolution, b: StageSolution | None) -> bool:
@@ -248,6 +286,11 @@ def _better(a: StageSolution, b: StageSolution | None) -> bool:
     return key(a) < key(b)
 
 
+def _same(a: StageSolution, b: StageSolution) -> bool:
+    """Equal objective and stages (variants aside)."""
+    return not _better(a, b) and not _better(b, a)
+
+
 def _stage_range(p: StageProblem, num_stages: int | None) -> list[int]:
     smax = min(p.num_layers, p.total_devices)
     if num_stages is None:
@@ -257,9 +300,13 @@ def _stage_range(p: StageProblem, num_stages: int | None) -> list[int]:
     return [num_stages]
 
 
+def _least_need(p: StageProblem, r: int) -> np.ndarray:
+    """(submesh, start, end): the least memory of a variant with a finite latency (∞: none)."""
+    return np.where(np.isfinite(p._v[0]), _need(p, r), np.inf).min(axis=0)
+
+
 def _infeasible(p: StageProblem, srange: list[int]) -> StageInfeasibleError:
-    finite = np.isfinite(p.latency.transpose(2, 0, 1))
-    F, _ = _dp(p, lambda s: np.where(finite, _need(p, s), np.inf), max(srange), np.maximum)
+    F, _ = _dp(p, lambda s: _least_need(p, s), max(srange), np.maximum)
     mm = min(F[s][0, p.total_devices] for s in srange)
     stages = f" with {srange[0]} stages" if len(srange) == 1 else ""
     if not math.isfinite(mm):
@@ -292,13 +339,13 @@ def _forced(p: StageProblem, forced, num_stages: int | None) -> StageSolution:
         raise ValueError(f"num_stages={num_stages} but {len(plan)} forced stages")
     S = len(plan)
     for k, j, m in plan:
-        if not math.isfinite(p.latency[k, j, m]):
+        if not np.isfinite(p._v[0][:, m, k, j]).any():
             raise StageInfeasibleError(f"forced stage [{k},{j}) on {shapes[m]} has no finite latency", math.inf)
-    need = max(float(_need(p, S - i)[m, k, j]) for i, (k, j, m) in enumerate(plan))
+    need = max(float(_least_need(p, S - i)[m, k, j]) for i, (k, j, m) in enumerate(plan))
     if need > p.device_memory:
         raise StageInfeasibleError(f"forced plan needs {need:.6g} bytes per device > device_memory="
                                    f"{p.device_memory:.6g}", need)
-    return _solution(p, plan, "forced")
+    return _solution(p, plan, "forced", lambda r: _effective(p, r)[1])
 
 
 def solve_stages(p: StageProblem, *, num_stages: int | None = None, forced=None) -> StageSolution:
@@ -307,9 +354,13 @@ def solve_stages(p: StageProblem, *, num_stages: int | None = None, forced=None)
     if forced is not None:
         return _forced(p, forced, num_stages)
     srange, D = _stage_range(p, num_stages), p.total_devices
-    lat = p.latency.transpose(2, 0, 1)  # (nS, L, L+1)
-    ok = {s: _need(p, s) <= p.device_memory for s in range(1, max(srange) + 1)}
-    Fb, _ = _dp(p, lambda s: np.where(ok[s], lat, np.inf), max(srange), np.maximum)
+    by_inflight: dict[int, tuple] = {}  # effective latencies depend on s only through f(s)
+    for s in range(1, max(srange) + 1):
+        if _inflight(p, s) not in by_inflight:
+            by_inflight[_inflight(p, s)] = _effective(p, s)
+    eff = {s: by_inflight[_inflight(p, s)][0] for s in range(1, max(srange) + 1)}  # (nS, L, L+1), ∞: no fit
+    variant = lambda r: by_inflight[_inflight(p, r)][1]  # noqa: E731
+    Fb, _ = _dp(p, lambda s: eff[s], max(srange), np.maximum)
     t_lo = min(Fb[s][0, D] for s in srange)
     if not math.isfinite(t_lo):
         raise _infeasible(p, srange)
@@ -318,8 +369,8 @@ def solve_stages(p: StageProblem, *, num_stages: int | None = None, forced=None)
     def run(t_max: float) -> tuple[float, float]:
         """DP under t_max; returns (min over S of Σ t_i, max over S of the plans' max t_i)."""
         nonlocal best
-        F, ch = _dp(p, lambda s: np.where(ok[s] & (lat <= t_max), lat, np.inf), max(srange), np.add)
-        sols = [_solution(p, _plan(p, ch, s), "optimal") for s in srange if math.isfinite(F[s][0, D])]
+        F, ch = _dp(p, lambda s: np.where(eff[s] <= t_max, eff[s], np.inf), max(srange), np.add)
+        sols = [_solution(p, _plan(p, ch, s), "optimal", variant) for s in srange if math.isfinite(F[s][0, D])]
         for sol in sols:
             if _better(sol, best):
                 best = sol
@@ -328,7 +379,8 @@ def solve_stages(p: StageProblem, *, num_stages: int | None = None, forced=None)
     # Best-first over gaps of not yet covered t_max candidates. A run at t whose plans'
     # largest max is h covers [h, t] (F is constant there); a gap cands[i..j] below a run
     # with Σ = f is bounded by f + (B−1)·cands[i] (F only grows as t_max falls).
-    B, cands = p.num_microbatches, np.unique(lat[np.isfinite(lat) & ok[1] & (lat >= t_lo)])
+    B = p.num_microbatches
+    cands = np.unique(np.concatenate([e[np.isfinite(e) & (e >= t_lo)] for e, _ in by_inflight.values()]))
     f, h = run(math.inf)
     gaps = [(f + (B - 1) * cands[0], 0, int(np.searchsorted(cands, h)) - 1, f)] if B > 1 else []
     while gaps:
@@ -346,23 +398,27 @@ def brute_force(p: StageProblem, *, num_stages: int | None = None, limit: int = 
     """Every partition × sub-mesh assignment; same objective, rules and tie-break as
     ``solve_stages``. Raises ValueError when more than ``limit`` plans could be enumerated."""
     L, D, sizes, srange = p.num_layers, p.total_devices, p.sizes, _stage_range(p, num_stages)
-    count = sum(math.comb(L - 1, S - 1) * len(sizes) ** S for S in srange)
+    count = sum(math.comb(L - 1, S - 1) * (len(sizes) * p.num_variants) ** S for S in srange)
     if count > limit:
         raise ValueError(f"brute_force: {count} plans > limit {limit}; use solve_stages")
-    best, min_mem = None, math.inf
+    best, min_mem, needs = None, math.inf, {}
 
     def visit(plan):
         nonlocal best, min_mem
         S = len(plan)
-        if S not in srange or any(not math.isfinite(p.latency[k, j, m]) for k, j, m in plan):
+        if S not in srange or any(not np.isfinite(p._v[0][:, m, k, j]).any() for k, j, m in plan):
             return
-        need = max(float(p.memory[k, j, m] + _inflight(p, S - i) * p.activation[k, j, m])
-                   for i, (k, j, m) in enumerate(plan))
-        min_mem = min(min_mem, need)
-        if need <= p.device_memory:
-            sol = _solution(p, plan, "optimal")
-            if _better(sol, best):
-                best = sol
+        if S not in needs:
+            needs[S] = [_need(p, r) for r in range(S, 0, -1)]
+        per_stage = [[v for v in range(p.num_variants) if math.isfinite(p._v[0][v, m, k, j])]
+                     for k, j, m in plan]
+        for vs in itertools.product(*per_stage):  # every variant choice of every stage
+            need = max(float(needs[S][i][v, m, k, j]) for i, ((k, j, m), v) in enumerate(zip(plan, vs)))
+            min_mem = min(min_mem, need)
+            if need <= p.device_memory:
+                sol = _solution(p, plan, "optimal", vs)
+                if _better(sol, best) or (best is not None and _same(sol, best) and vs < best.variants):
+                    best = sol
 
     def rec(k, d, plan):
         if k == L:

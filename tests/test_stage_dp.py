@@ -202,3 +202,75 @@ def test_infeasible_latency_and_dict_input():
 def test_import_keeps_jax_out():
     code = "import sys, solvers.stage_dp; assert 'jax' not in sys.modules, 'jax imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+
+
+def with_variant(p: StageProblem, seed: int, memory: str) -> StageProblem:
+    """``p`` plus a second variant of every stage: less static memory, more latency (as a
+    stage whose parameters are sharded harder); device memory set like ``random_instance``."""
+    rng = np.random.default_rng(1000 + seed)
+    lat = np.stack([p.latency, p.latency + rng.integers(0, 3, p.latency.shape) / 4])
+    mem = np.stack([p.memory, np.floor(p.memory * rng.uniform(0.2, 0.9, p.memory.shape))])
+    act = np.stack([p.activation, p.activation])
+    kw = dict(num_microbatches=p.num_microbatches, schedule=p.schedule)
+    args = (p.num_layers, p.num_nodes, p.devices_per_node, lat, mem, act)
+    try:
+        brute_force(StageProblem(*args, **kw, device_memory=-1.0), limit=10 ** 7)
+    except StageInfeasibleError as e:
+        lo = e.min_device_memory
+    if not math.isfinite(lo):
+        return StageProblem(*args, **kw)
+    limit = {"loose": lo * 1.5 + 1, "binding": lo + rng.integers(0, 4), "tight": lo - 0.25}[memory]
+    return StageProblem(*args, **kw, device_memory=limit)
+
+
+@pytest.mark.parametrize("memory", ["loose", "binding", "tight"])
+def test_variants_match_brute_force(memory):
+    """With two cost variants per stage, the DP (fastest fitting variant at each position)
+    equals brute force over every plan × variant choice, and its plan obeys the rules with
+    the variants it names."""
+    lean_used = infeasible = 0
+    for seed in range(40):
+        p = with_variant(random_instance(seed), seed, memory)
+        dp, bf = outcome(solve_stages, p), outcome(brute_force, p, limit=10 ** 7)
+        assert dp == bf, f"seed {seed}: dp {dp} != brute {bf}\n{describe(p)}"
+        if not isinstance(dp, StageSolution):
+            infeasible += 1
+            continue
+        S, B = dp.num_stages, p.num_microbatches
+        assert len(dp.variants) == S
+        for i, ((k, j, s, _, t), v) in enumerate(zip(dp.stages, dp.variants)):
+            held = min(S - i, B) if p.schedule == "1f1b" else B
+            assert t == p.latency[v, k, j, s]
+            assert p.memory[v, k, j, s] + held * p.activation[v, k, j, s] <= p.device_memory
+            faster = p.latency[0, k, j, s] < t
+            assert not (v == 1 and faster and p.memory[0, k, j, s] + held * p.activation[0, k, j, s]
+                        <= p.device_memory), "variant 1 chosen where the faster variant 0 fits"
+        lean_used += 1 in dp.variants
+    if memory == "binding":
+        assert lean_used >= 3
+    elif memory == "tight":
+        assert infeasible >= 20
+
+
+def test_variant_depends_on_position():
+    """Two layers on 1 × 2 devices, 1F1B with 4 micro-batches: the first of two stages holds
+    2 micro-batches and only fits with the lean variant; the last holds 1 and keeps the
+    faster one. Forced plans pick variants the same way; a variant axis on only some arrays
+    is refused."""
+    lat = np.full((2, 2, 3, 2), np.inf)
+    mem, act = np.zeros_like(lat), np.ones_like(lat)
+    lat[0, 0, 1, 0], lat[0, 1, 2, 0] = 1.0, 1.0  # one layer per (1,1) stage
+    mem[0, :, :, 0] = 8.0
+    lat[1, 0, 1, 0], lat[1, 1, 2, 0] = 1.5, 1.5
+    mem[1, :, :, 0] = 5.0
+    p = StageProblem(2, 1, 2, lat, mem, act, num_microbatches=4, device_memory=9.0)
+    sol = solve_stages(p)
+    assert [(k, j) for k, j, *_ in sol.stages] == [(0, 1), (1, 2)] and sol.variants == (1, 0)
+    assert sol.objective_s == 1.5 + 1.0 + 3 * 1.5 and sol == brute_force(p)
+    assert solve_stages(p, forced=[(0, 1, 0), (1, 2, 0)]) == sol.__class__(**{**sol.__dict__, "status": "forced"})
+    tight = StageProblem(2, 1, 2, lat, mem, act, num_microbatches=4, device_memory=6.9)
+    with pytest.raises(StageInfeasibleError) as e:
+        solve_stages(tight)
+    assert e.value.min_device_memory == 7.0  # lean first stage: 5 + 2 micro-batches
+    with pytest.raises(ValueError, match="expected"):
+        StageProblem(2, 1, 2, lat, mem[0], act)
