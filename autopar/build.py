@@ -174,6 +174,12 @@ def restrict_inputs(graph: OpGraph, strats, allowed) -> list:
     return out
 
 
+# resharding cost matrices (src specs × dst specs) by (mesh, shape, itemsize, src, dst), shared by
+# every build: a pipeline plan rebuilds the same layers on the same meshes many times
+_RESHARD_MATRICES: dict = {}
+_RESHARD_CACHE_SIZE = 50_000
+
+
 def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float | None,
                   donated_inputs=(), merge_followers: bool = False, tie_repeats: bool = True,
                   allowed=None, allowed_reshard=None, input_usage_scale=None) -> IntraProblem:
@@ -235,19 +241,22 @@ def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float
                 continue
             u, j = graph.producer[o.id]
             grouped.setdefault((u, node.index), []).append(Operand(node.index, k, o, u, j))
-    cache: dict = {}
-    edges, edge_costs, edge_ops, grouped_index = [], [], [], {}
+    edges, edge_costs, edge_ops, grouped_index, matrices = [], [], [], {}, set()
     for (u, v), ops in grouped.items():
         mat = np.zeros((len(strats[u]), len(strats[v])))
         for op in ops:
             src = tuple(s.out_specs[op.out_index] for s in strats[u])
             dst = tuple(s.in_specs[op.operand] for s in strats[v])
-            key = (op.value.shape, op.value.itemsize, src, dst)
-            m = cache.get(key)
+            key = (mesh, op.value.shape, op.value.itemsize, src, dst)
+            m = _RESHARD_MATRICES.get(key)
+            matrices.add(key)
             if m is None:
                 m = np.array([[0.0 if d is None else resharding(mesh, op.value.shape, op.value.itemsize, a, d)[0]
                                for d in dst] for a in src]) * US
-                cache[key] = m
+                m.flags.writeable = False
+                if len(_RESHARD_MATRICES) >= _RESHARD_CACHE_SIZE:
+                    _RESHARD_MATRICES.clear()
+                _RESHARD_MATRICES[key] = m
             if allowed_reshard is not None and graph.nodes[u].kind == "input":
                 ok = np.array([[d is None or allowed_reshard(u, a, d) for d in dst] for a in src], dtype=bool)
                 m = np.where(ok, m, np.inf)
@@ -285,6 +294,6 @@ def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float
         rep = [tie[r] for r in rep]
     merged = merge(full, rep, maps)
     stats = {"aliases": len(aliases), "nodes": n, "edges": len(edges), "strategies": int(sum(len(s) for s in strats)),
-             "edge_matrix_cache": len(cache), "solver_nodes": merged.problem.num_nodes,
+             "edge_matrix_cache": len(matrices), "solver_nodes": merged.problem.num_nodes,
              "solver_edges": merged.problem.num_edges}
     return IntraProblem(graph, mesh, strats, comp_all, comm_all, fallbacks, edges, edge_ops, full, merged, stats)

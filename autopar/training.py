@@ -25,9 +25,10 @@ Costs per stage and micro-batch (seconds, bytes per device):
 
 ``costing="exact"`` plans every (range, sub-mesh) pair; ``"additive"`` plans single layers
 only and sums them over a range (boundary reshards between layers inside a stage are then
-not counted; the chosen stages are re-planned exactly). Where a range does not fit
-with single layers planned on the whole budget, the layers of that sub-mesh are planned again
-within half their share of it (``_Setup._additive``). ``"auto"`` is exact while the number of
+not counted; the chosen stages are re-planned exactly). Each range gets a second cost
+variant from its layers planned within half their share of the budget (parameters sharded
+harder); the stage DP uses it where a stage fits only that way at its position
+(``autopar.additive``). ``"auto"`` is exact while the number of
 pairs is at most ``max_exact_pairs``. Inputs checked and traced: ``autopar.training_inputs``;
 stage costing itself: ``autopar.stage_cost``.
 """
@@ -43,6 +44,7 @@ import numpy as np
 from solvers.stage_dp import (StageInfeasibleError, StageProblem, solve_stages, submesh_shapes, uniform_stages,
                               uniform_submeshes)
 
+from .additive import AdditiveCosts
 from .graph import build_graph
 from .layers import cluster_layers
 from .plan import Timing
@@ -166,19 +168,19 @@ class _Setup:
                         c = coster.cost(i, j, sub)
                         lat[i, j, s], mem[i, j, s], act[i, j, s] = c["latency"], c["static"], c["act"]
         name = self.name if strategy_name == "autopar" else f"{self.name} (baseline {strategy_name})"
-        single = None
+        costs = None
         if mode == "additive" and forced is None:
-            (single, pick), sol = self._additive(coster, lat, mem, act, num_stages, name)
+            costs, sol = self._additive(coster, num_stages, name)
         else:
             sol = self._stage_dp(coster, lat, mem, act, num_stages, forced, name)
         if estimate_only:
             return sol
         t_solve = time.perf_counter()
 
-        if single is not None:  # additive: estimates → plan the DP's split and the best equal splits exactly
-            chosen, refined = self._refine(coster, sol, lat, mem, act, num_stages, single, pick)
+        if costs is not None:  # additive: estimates → plan the DP's split and the best equal splits exactly
+            chosen, refined = self._refine(coster, costs, sol, num_stages)
             return self._assemble(chosen, coster, sol.objective_s, t_solve, "additive", strategy_name,
-                                  int(np.isfinite(lat).sum()), refined)
+                                  costs.candidates, refined)
         # the chosen stages, planned exactly (cached: the exact mode already planned them)
         mesh_of = {(a, b): mesh for a, b, _, mesh in forced} if forced is not None else {}
         stages = [(a, b, tuple(sub)) for a, b, _, sub, _ in sol.stages]
@@ -206,60 +208,64 @@ class _Setup:
             out.append((a, b, sub, min(fit or tries, key=lambda c: c["latency"])))
         return out
 
-    def _layer_meshes(self, single, pick, a, b, sub) -> list | None:
-        """The logical meshes the single-layer plans of layers a..b−1 on ``sub`` chose (each
-        once, the most expensive layer's first); None (every mesh) when a layer has no plan."""
-        s = self.shapes.index(sub)
-        var = single[1] if pick[a, b, s] == 1 and single[1][a][s] is not None else single[0]
-        plans = [var[j][s] for j in range(a, b)]
-        if any(c["plan"] is None for c in plans):
-            return None
-        plans.sort(key=lambda c: -c["latency"])
-        return list(dict.fromkeys(tuple(c["plan"].mesh_shape) for c in plans))
-
-    def _refine(self, coster, sol, lat, mem, act, num_stages, single, pick):
-        """Additive costing only estimates a stage (summed single layers, each on its own best
-        logical mesh, within the whole budget or a share of it). Plan exactly — each stage on
-        every logical mesh one of its layers chose (``_layer_meshes``: a stage of mixed layers
-        may prefer another mesh than its most expensive layer), within the budget its in-flight
-        micro-batches leave — the stage DP's split, then the ``REFINE_UNIFORM``
-        equal splits (``uniform_submeshes``) with the best estimates among those estimated
-        within REFINE_MARGIN of the best exact step so far; keep the fastest simulated step
-        among those that fit (the DP's split when none does)."""
+    def _refine(self, coster, costs, sol, num_stages):
+        """Additive costing only estimates a stage (``autopar.additive``). Plan exactly — each
+        stage on every logical mesh one of its layers chose in the cost variant the estimate
+        used (``AdditiveCosts.layer_meshes``: a stage of mixed layers may prefer another mesh
+        than its most expensive layer), within the budget its in-flight micro-batches leave —
+        the stage DP's split, then up to ``REFINE_UNIFORM`` equal splits (``uniform_submeshes``)
+        in order of estimate, each only when estimated within REFINE_MARGIN of the best exact
+        step so far (placeholder costs are resolved first; a skipped split's estimate may be a
+        lower bound). Keep the fastest simulated step among those that fit (the DP's split
+        when none does)."""
         dp = [(a, b, tuple(sub)) for a, b, _, sub, _ in sol.stages]
-        cands = [("stage DP", dp, sol.objective_s)]
-        uniform = []
+        equal = []
         for pp, sub in uniform_submeshes(self.L, self.nodes, self.spec.devices_per_node):
             stages = [(a, b, sub) for a, b in uniform_stages(self.L, pp)]
-            if (num_stages is not None and pp != num_stages) or stages == dp:
-                continue
-            try:
-                est = solve_stages(self._problem(lat, mem, act), forced=stages)
-            except ValueError:  # does not fit even by the estimate (StageInfeasibleError)
-                continue
-            uniform.append((f"equal stages ×{pp}", stages, est.objective_s))
-        cands += sorted(uniform, key=lambda c: c[2])[:REFINE_UNIFORM]
+            if (num_stages is None or pp == num_stages) and stages != dp:
+                equal.append((f"equal stages ×{pp}", stages))
         refined, exact = [], []
-        for source, stages, estimate in cands:
+
+        def plan(source, stages, est):
             best_step = min((r["step_s"] for r in refined if r["fits"]), default=math.inf)  # fits: step_s set
-            if refined and estimate > best_step * (1 + REFINE_MARGIN):
+            if refined and est.objective_s > best_step * (1 + REFINE_MARGIN):
                 refined.append({"source": source, "stages": _runs(f"{b - a}L@{x}x{y}" for a, b, (x, y) in stages),
-                                "estimate_s": estimate, "step_s": None, "peak_bytes": None, "fits": False,
+                                "estimate_s": est.objective_s, "step_s": None, "peak_bytes": None, "fits": False,
                                 "chosen": False, "plan_s": 0.0, "skipped": True})
                 exact.append(None)
-                continue
+                return
             t0 = time.perf_counter()
-            chosen = self._exact_stages(coster, stages, lambda a, b, sub: self._layer_meshes(single, pick, a, b, sub))
+            variant = {(a, b): v for (a, b, *_), v in zip(est.stages, est.variants)}
+            chosen = self._exact_stages(coster, stages, lambda a, b, sub: costs.layer_meshes(variant[a, b], a, b, sub))
             ok = all(c["plan"] is not None for *_, c in chosen)
             step = self._simulate(chosen).makespan if ok else math.inf
             peak = max(m for _, m in self._memory(chosen)) if ok else math.inf
-            refined.append({"source": source, "estimate_s": estimate, "chosen": False, "skipped": False,
+            refined.append({"source": source, "estimate_s": est.objective_s, "chosen": False, "skipped": False,
                             "stages": _runs(f"{b - a}L@{sub[0]}x{sub[1]}/{'x'.join(map(str, c['plan'].mesh_shape))}"
                                             if c["plan"] is not None else f"{b - a}L@{sub[0]}x{sub[1]}"
                                             for a, b, sub, c in chosen),
                             "step_s": step if ok else None, "peak_bytes": peak if ok else None,
                             "fits": ok and peak <= self.budget * (1 + 1e-9), "plan_s": time.perf_counter() - t0})
             exact.append(chosen)
+
+        plan("stage DP", dp, sol)
+        while equal and len(refined) <= REFINE_UNIFORM:
+            ests = []
+            for k, (source, stages) in enumerate(equal):
+                try:
+                    ests.append((solve_stages(self._problem(costs.latency, costs.memory, costs.activation),
+                                              forced=stages), k))
+                except ValueError:  # does not fit even by the estimate (StageInfeasibleError)
+                    pass
+            if not ests:
+                break
+            est, k = min(ests, key=lambda e: (e[0].objective_s, e[1]))
+            best_step = min((r["step_s"] for r in refined if r["fits"]), default=math.inf)
+            lower = costs.placeholders(est)
+            if lower and est.objective_s <= best_step * (1 + REFINE_MARGIN):
+                costs.resolve(lower)  # might be planned: estimate it for real first
+                continue
+            plan(*equal.pop(k), est)
         fitting = [k for k, r in enumerate(refined) if r["fits"]]
         best = min(fitting, key=lambda k: (refined[k]["step_s"], k)) if fitting else 0
         refined[best]["chosen"] = True
@@ -296,49 +302,19 @@ class _Setup:
                 return again
         return c
 
-    def _additive(self, coster, lat, mem, act, num_stages, name):
-        """Stage costs from single-layer plans, then the stage DP. Variant 0 plans each layer
-        with the whole budget. A range that does not fit that way even with one micro-batch
-        in flight might fit if its layers shard parameters harder: variant 1
-        plans each layer of a sub-mesh within half its share of the budget (budget / (2·L·|m|/N),
-        a balanced stage there holding L·|m|/N layers). Variant 1 is planned lazily: such a
-        range first enters the DP with optimistic costs (variant 0's latency, parameters
-        sharded over every device); only when the DP's plan uses one are the sub-mesh's layers
-        planned again, and the DP re-run. (The DP itself checks each stage with its in-flight
-        micro-batches.)"""
-        L, shapes = self.L, self.shapes
-        total = self.nodes * self.spec.devices_per_node
-        full = [[coster.cost(i, i + 1, sub) for sub in shapes] for i in range(L)]
-        lean = [[None] * len(shapes) for _ in range(L)]
+    def _additive(self, coster, num_stages, name):
+        """Stage costs from single-layer plans in two variants (``autopar.additive``), then
+        the stage DP; where its solution relies on a placeholder of the lean variant, that
+        sub-mesh's layers are planned lean and the DP re-run. Returns (costs, solution)."""
         pbytes = [sum(nbytes(self.p_leaves[q]) for q in coster.stage(i, i + 1)[0].params) * (2.0 + self.opt_ratio)
-                  for i in range(L)]
+                  for i in range(self.L)]
+        costs = AdditiveCosts(coster, self.L, self.shapes, self.nodes * self.spec.devices_per_node, pbytes)
         while True:
-            pick = np.zeros(lat.shape, dtype=np.int8)  # 0: whole budget, 1: lean, 2: optimistic placeholder
-            for s, sub in enumerate(shapes):
-                n = sub[0] * sub[1]
-                share = L * n / total
-                for i in range(L):
-                    run0, run1 = Sums(), Sums()
-                    for j in range(i + 1, L + 1):
-                        t, w, a = run0.add(full[j - 1][s])
-                        if not (t < math.inf and w + a <= self.budget) and share > 1:
-                            if lean[0][s] is None:  # optimistic: latency as planned with the whole budget
-                                w, pick[i, j, s] = sum(pbytes[i:j]) / n, 2
-                            else:
-                                t1, w1, a1 = run1.add(lean[j - 1][s])
-                                if t1 < math.inf and (w1 + a1 <= self.budget or w1 + a1 < w + a):
-                                    t, w, a, pick[i, j, s] = t1, w1, a1, 1
-                        elif lean[0][s] is not None:
-                            run1.add(lean[j - 1][s])
-                        lat[i, j, s], mem[i, j, s], act[i, j, s] = t, w, a
-            sol = self._stage_dp(coster, lat, mem, act, num_stages, None, name)
-            todo = {s for a_, b_, s, _, _ in sol.stages if pick[a_, b_, s] == 2}
-            if not todo:
-                return ((full, lean), pick), sol
-            for s in todo:
-                share = L * shapes[s][0] * shapes[s][1] / total
-                for i in range(L):
-                    lean[i][s] = coster.cost(i, i + 1, shapes[s], share=2 * share)
+            sol = self._stage_dp(coster, costs.latency, costs.memory, costs.activation, num_stages, None, name)
+            lower = costs.placeholders(sol)
+            if not lower:
+                return costs, sol
+            costs.resolve(lower)
 
     def _memory(self, chosen) -> list[tuple[int, float]]:
         """(in-flight micro-batches, bytes per device) of each stage."""

@@ -171,7 +171,8 @@ class _State:
             fin = np.isfinite(m)
             if fin.all():
                 a, b = m[:, 0] - m[0, 0], m[0, :]
-                if np.allclose(m, a[:, None] + b[None, :], rtol=1e-13, atol=0):
+                sep = a[:, None] + b[None, :]
+                if (np.abs(m - sep) <= 1e-13 * np.abs(sep)).all():  # np.allclose(rtol=1e-13, atol=0)
                     self.cost[v] = self.cost[v] + a
                     self.cost[w] = self.cost[w] + b
                     self._del_edge(v, w)

@@ -262,10 +262,11 @@ class _FakeCoster:
 
     def cost(self, i, j, sub, mesh=None, share=1.0):
         n = sub[0] * sub[1]
+        plan = types.SimpleNamespace(mesh_shape=mesh or (n,))
         if share > 1:
-            self.lean_calls.append((i, tuple(sub)))
-            return {"plan": object(), "latency": 1.2 / n, "static": 3.0 / n, "persist": 3.0 / n, "act": 0.1}
-        return {"plan": object(), "latency": 1.0 / n, "static": 3.0, "persist": 3.0, "act": 0.1}
+            self.lean_calls.append((i, tuple(sub), mesh))
+            return {"plan": plan, "latency": 1.2 / n, "static": 3.0 / n, "persist": 3.0 / n, "act": 0.1}
+        return {"plan": plan, "latency": 1.0 / n, "static": 3.0, "persist": 3.0, "act": 0.1}
 
     def stage(self, i, j):
         return types.SimpleNamespace(params=[i]), f"layer{i}"
@@ -283,19 +284,16 @@ def test_additive_costing_plans_layers_leaner_when_a_long_stage_needs_it():
     setup.__dict__.update(L=4, shapes=[(1, 1), (1, 2), (1, 4)], nodes=1, spec=spec, budget=6.5, opt_ratio=1.0,
                           num_microbatches=4, schedule="1f1b", p_leaves=[jax.ShapeDtypeStruct((1,), jnp.int8)] * 4)  # 1 byte per layer
     coster = _FakeCoster()
-    lat = np.full((4, 5, 3), np.inf)
-    mem, act = np.zeros_like(lat), np.zeros_like(lat)
-    (_, pick), sol = setup._additive(coster, lat, mem, act, None, "loss_fn")
+    _, sol = setup._additive(coster, None, "loss_fn")
     assert [(a, b, sub) for a, b, _, sub, _ in sol.stages] == [(0, 4, (1, 4))]
-    assert pick[0, 4, 2] == 1 and sol.objective_s == pytest.approx(4.8)
-    assert {sub for _, sub in coster.lean_calls} == {(1, 4)}
+    assert sol.variants == (1,) and sol.objective_s == pytest.approx(4.8)
+    assert set(coster.lean_calls) == {(i, (1, 4), (4,)) for i in range(4)}  # on the mesh variant 0 chose
     # with lean plans no better than the whole-budget ones, the 2 × 2 pipeline stays
     slow = _FakeCoster()
     slow.cost = lambda i, j, sub, mesh=None, share=1.0: (
         {**_FakeCoster.cost(slow, i, j, sub, mesh, share), "latency": 2.0 / (sub[0] * sub[1])} if share > 1
         else _FakeCoster.cost(slow, i, j, sub, mesh, share))
-    (_, pick), sol = setup._additive(slow, np.full((4, 5, 3), np.inf), np.zeros((4, 5, 3)), np.zeros((4, 5, 3)),
-                                     None, "loss_fn")
+    _, sol = setup._additive(slow, None, "loss_fn")
     assert [(a, b, sub) for a, b, _, sub, _ in sol.stages] == [(0, 2, (1, 2)), (2, 4, (1, 2))]
 
 
@@ -348,14 +346,16 @@ def test_additive_refinement_plans_equal_splits_exactly_and_keeps_the_fastest_th
         return {"plan": types.SimpleNamespace(mesh_shape=mesh), "latency": t}
     full = [[layer((1,), 1.0), layer((2,), 0.5), layer((4,) if i < 2 else (2, 2), 0.3 if i < 2 else 0.2)]
             for i in range(4)]
-    single, pick = (full, [[None] * 3 for _ in range(4)]), np.zeros((4, 5, 3), dtype=np.int8)
-    lat = np.full((4, 5, 3), np.inf)
-    mem, act = np.zeros_like(lat), np.zeros_like(lat)
-    lat[0, 4, 2], lat[0, 2, 1], lat[2, 4, 1] = 0.5, 0.5, 0.5
+    from autopar.additive import AdditiveCosts
+    costs = object.__new__(AdditiveCosts)
+    lat = np.full((1, 4, 5, 3), np.inf)
+    lat[0, 0, 4, 2], lat[0, 0, 2, 1], lat[0, 2, 4, 1] = 0.5, 0.5, 0.5
     for i in range(4):
-        lat[i, i + 1, 0] = 1.0
-    sol = types.SimpleNamespace(stages=[(0, 4, 2, (1, 4), 0.5)], objective_s=2.0)
-    chosen, refined = setup._refine(Coster(), sol, lat, mem, act, None, single, pick)
+        lat[0, i, i + 1, 0] = 1.0
+    costs.__dict__.update(full=full, lean=[[None] * 3 for _ in range(4)], shapes=setup.shapes, L=4, latency=lat,
+                          memory=np.zeros_like(lat), activation=np.zeros_like(lat))
+    sol = types.SimpleNamespace(stages=[(0, 4, 2, (1, 4), 0.5)], objective_s=2.0, variants=(0,))
+    chosen, refined = setup._refine(Coster(), costs, sol, None)
     assert [r["source"] for r in refined] == ["stage DP", "equal stages ×2", "equal stages ×4"]
     assert [(a, b, sub) for a, b, sub, _ in chosen] == [(0, 2, (1, 2)), (2, 4, (1, 2))]
     assert [r["chosen"] for r in refined] == [False, True, False] and refined[2]["skipped"]
@@ -365,6 +365,6 @@ def test_additive_refinement_plans_equal_splits_exactly_and_keeps_the_fastest_th
     # when the equal split does not fit the budget (static 2 + 2 in flight × 0.5 > 2.6), the DP's split stays
     setup.budget = 2.6
     exact[(0, 4, (4,))], exact[(0, 4, (2, 2))] = (1.0, 0.5), (0.9, 0.5)
-    chosen, refined = setup._refine(Coster(), sol, lat, mem, act, None, single, pick)
+    chosen, refined = setup._refine(Coster(), costs, sol, None)
     assert [(a, b, sub) for a, b, sub, _ in chosen] == [(0, 4, (1, 4))] and chosen[0][3]["latency"] == 0.9
     assert [r["fits"] for r in refined[:2]] == [True, False] and refined[0]["chosen"]
