@@ -1,4 +1,4 @@
-"""Solver back ends for the marginal MILP built by ``solvers.ilp``.
+"""Solver back ends for the marginal MILP built by ``solvers.milp``.
 
 ``HighsBackend`` passes the whole matrix to highspy in one call, keeps the model between
 runs (rows are added for lazy memory constraints, nodes can be fixed, the LP relaxation

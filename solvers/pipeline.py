@@ -38,7 +38,7 @@ DEFAULT_HEURISTIC_S = 60.0
 
 def ilp_size(problem: Problem, cap: float = math.inf) -> int:
     """Variables of the marginal ILP: strategies + edge variables, where strategies with
-    identical rows / columns of an edge matrix share variables (as ``ilp._edge_vars`` does).
+    identical rows / columns of an edge matrix share variables (as ``milp._edge_vars`` does).
     Counting stops once the size exceeds ``cap``."""
     size = sum(len(c) for c in problem.node_costs if len(c) > 1)
     for (u, v), m in zip(problem.edges, problem.edge_costs):
