@@ -112,7 +112,7 @@ class StageCoster:
         plan it within budget / share — the layer's part of a stage holding ``share`` layers —
         falling back to the whole budget when it does not fit that."""
         if share > 1.0:
-            limit = min(LEAN_TIME_LIMIT_S, self.time_limit_s) if self.time_limit_s is not None else LEAN_TIME_LIMIT_S
+            limit = min(LEAN_TIME_LIMIT_S, math.inf if self.time_limit_s is None else self.time_limit_s)
             res = self.cost_within(i, j, submesh, mesh_shape, self.budget / share, time_limit_s=limit)
             return res if res["plan"] is not None else self.cost_within(i, j, submesh, mesh_shape, self.budget)
         return self.cost_within(i, j, submesh, mesh_shape, self.budget)

@@ -226,9 +226,11 @@ class _Setup:
                 equal.append((f"equal stages ×{pp}", stages))
         refined, exact = [], []
 
+        def best_step() -> float:
+            return min((r["step_s"] for r in refined if r["fits"]), default=math.inf)  # fits: step_s set
+
         def plan(source, stages, est):
-            best_step = min((r["step_s"] for r in refined if r["fits"]), default=math.inf)  # fits: step_s set
-            if refined and est.objective_s > best_step * (1 + REFINE_MARGIN):
+            if refined and est.objective_s > best_step() * (1 + REFINE_MARGIN):
                 refined.append({"source": source, "stages": _runs(f"{b - a}L@{x}x{y}" for a, b, (x, y) in stages),
                                 "estimate_s": est.objective_s, "step_s": None, "peak_bytes": None, "fits": False,
                                 "chosen": False, "plan_s": 0.0, "skipped": True})
@@ -260,9 +262,8 @@ class _Setup:
             if not ests:
                 break
             est, k = min(ests, key=lambda e: (e[0].objective_s, e[1]))
-            best_step = min((r["step_s"] for r in refined if r["fits"]), default=math.inf)
             lower = costs.placeholders(est)
-            if lower and est.objective_s <= best_step * (1 + REFINE_MARGIN):
+            if lower and est.objective_s <= best_step() * (1 + REFINE_MARGIN):
                 costs.resolve(lower)  # might be planned: estimate it for real first
                 continue
             plan(*equal.pop(k), est)
