@@ -51,6 +51,7 @@ from cost import load_cluster
 from solvers.stage_dp import uniform_stages, uniform_submeshes
 
 from .planner import PlanError, plan_with
+from .rules import as_is, as_is_or_gathered, batch_layout, stage_rules, state_layout
 from .strategies.base import live_axes
 from .training import _Setup
 
@@ -74,69 +75,33 @@ def _leaf_shapes(args, batch_argnums) -> tuple[list[tuple[int, ...]], list[bool]
     return shapes, is_batch
 
 
-def _one_dim(spec, axes) -> bool:
-    """``spec`` splits exactly one dim, over exactly ``axes``, and nothing else."""
-    split = [d for d in spec if d]
-    return len(split) == 1 and tuple(split[0]) == tuple(axes)
-
-
-def _replicated(spec) -> bool:
-    return not any(spec)
-
-
-def _divides(shape, mesh_shape, axes) -> list[int]:
-    k = math.prod(mesh_shape[a] for a in axes)
-    return [d for d, n in enumerate(shape) if n % k == 0]
-
-
-def _batch_layout(shape, mesh_shape, axes, name, leaf):
-    """Batch leaves: dim 0 split over ``axes`` (scalars and ``axes == ()``: replicated)."""
-    if not shape or not axes:
-        return _replicated
-    k = math.prod(mesh_shape[a] for a in axes)
-    if shape[0] % k:
-        raise ValueError(f"{name}: batch leaf {leaf} has shape {shape}; its dim 0 ({shape[0]}) is not divisible "
-                         f"by the {k} data-parallel devices. Use a batch size divisible by {k}, or name the "
-                         f"batch arguments with batch_argnums=")
-    want = (tuple(axes),) + ((),) * (len(shape) - 1)
-    return lambda spec: spec == want
-
-
-def _state_layout(shape, mesh_shape, axes, kind):
-    """State leaves. kind 'replicated'; 'sharded' (FSDP: one dim over ``axes`` wherever a dim
-    divides); 'tensor' (Megatron: weights of rank ≥ 2 split on one dim, vectors split or not)."""
-    if kind == "replicated" or not axes or not _divides(shape, mesh_shape, axes):
-        return _replicated
-    if kind == "sharded" or len(shape) >= 2:
-        return lambda spec: _one_dim(spec, axes)
-    return lambda spec: _replicated(spec) or _one_dim(spec, axes)
-
-
-def _as_is(src, dst) -> bool:
-    return src == dst
-
-
-def _as_is_or_gathered(src, dst) -> bool:  # FSDP: a consumer all-gathers the whole parameter
-    return src == dst or _replicated(dst)
-
-
-def _restricted_plan(name, fn, args, *, cluster, nodes, mesh_shape, batch_axes, state_kind, batch_argnums,
-                     donate_argnums, memory_budget_bytes, solver, time_limit_s):
+def layout_rule(name, args, *, mesh_shape, batch_axes, state_kind, batch_argnums) -> dict:
+    """The ``build_problem`` filters (``allowed`` / ``allowed_reshard``) of a baseline's input
+    layouts for ``args`` on ``mesh_shape``: batch leaves dim 0 over ``batch_axes``, state leaves
+    by ``state_kind`` ("replicated", "sharded" (FSDP), "tensor" (Megatron, last axis))."""
     shapes, is_batch = _leaf_shapes(args, batch_argnums)
     mesh_shape = tuple(mesh_shape)
     live = set(live_axes(mesh_shape))
     b_axes = tuple(a for a in batch_axes if a in live)
     s_axes = {"replicated": (), "sharded": tuple(sorted(live)), "tensor": (len(mesh_shape) - 1,)}[state_kind]
     s_axes = tuple(a for a in s_axes if a in live)
-    layouts = [_batch_layout(s, mesh_shape, b_axes, name, i) if b else _state_layout(s, mesh_shape, s_axes, state_kind)
+    layouts = [batch_layout(s, mesh_shape, b_axes, name, i) if b else state_layout(s, mesh_shape, s_axes, state_kind)
                for i, (s, b) in enumerate(zip(shapes, is_batch))]
-    uses = [_as_is_or_gathered if state_kind == "sharded" and not b else _as_is for b in is_batch]
+    uses = [as_is_or_gathered if state_kind == "sharded" and not b else as_is for b in is_batch]
+    return {"allowed": lambda i, strategy: layouts[i](strategy.out_specs[0]),
+            "allowed_reshard": lambda i, src, dst: uses[i](src, dst)}
+
+
+def _restricted_plan(name, fn, args, *, cluster, nodes, mesh_shape, batch_axes, state_kind, batch_argnums,
+                     donate_argnums, memory_budget_bytes, solver, time_limit_s):
+    mesh_shape = tuple(mesh_shape)
+    rule = layout_rule(name, args, mesh_shape=mesh_shape, batch_axes=batch_axes, state_kind=state_kind,
+                       batch_argnums=batch_argnums)
 
     def restrict(shape):
         if tuple(shape) != mesh_shape:
             raise AssertionError(f"{name} was set up for mesh {mesh_shape}, asked for {shape}")
-        return {"allowed": lambda i, strategy: layouts[i](strategy.out_specs[0]),
-                "allowed_reshard": lambda i, src, dst: uses[i](src, dst)}
+        return rule
 
     return plan_with(fn, args, cluster=cluster, nodes=nodes, mesh_shape=mesh_shape,
                      memory_budget_bytes=memory_budget_bytes, solver=solver, time_limit_s=time_limit_s,
@@ -227,23 +192,6 @@ def pipeline_grid(num_layers: int, nodes: int, devices_per_node: int, microbatch
     return out
 
 
-def _stage_rules(microbatch_size: int):
-    """``restrict`` for a stage's (params, activations in, batch, cotangents) on mesh (dp, tp):
-    params as in Megatron over ``y``; micro-batch-major leaves dim 0 over ``x``, the rest
-    replicated; every input consumed as laid out."""
-    def restrict(stage_args, mesh_shape):
-        p, rest = stage_args[0], [x for group in stage_args[1:] for x in group]
-        live = set(live_axes(mesh_shape))
-        b_axes, s_axes = tuple(a for a in (0,) if a in live), tuple(a for a in (1,) if a in live)
-        layouts = [_state_layout(tuple(x.shape), mesh_shape, s_axes, "tensor") for x in p]
-        for k, x in enumerate(rest):
-            shape = tuple(x.shape)
-            layouts.append(_batch_layout(shape, mesh_shape, b_axes, "dp_tp_pp", len(p) + k)
-                           if shape and shape[0] == microbatch_size else _replicated)
-        return {"allowed": lambda i, strategy: layouts[i](strategy.out_specs[0]), "allowed_reshard": lambda i, src, dst: src == dst}
-    return restrict
-
-
 def dp_tp_pp(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: int = 1, num_microbatches: int = 1,
              schedule: str = "1f1b", num_layers: int | None = None, memory_budget_bytes: float | None = None,
              solver: str = "auto", time_limit_s: float | None = None, refine: int = 2, grid=None):
@@ -259,15 +207,14 @@ def dp_tp_pp(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: int =
     setup = _Setup(loss_fn, params, batch, optimizer=optimizer, cluster=cluster, nodes=nodes,
                    num_microbatches=num_microbatches, schedule=schedule, memory_budget_bytes=memory_budget_bytes,
                    costing="auto", mesh_search="auto", num_layers=num_layers, stages=None)
-    mb_leaves = jax.tree_util.tree_leaves(setup.microbatch)
-    mb_size = int(mb_leaves[0].shape[0]) if mb_leaves and mb_leaves[0].shape else 1
+    mb_size = setup.microbatch_size
     L, M = setup.L, setup.spec.devices_per_node
     points = [(int(pp), tuple(sub), tuple(mesh)) for pp, sub, mesh in grid] if grid is not None \
         else pipeline_grid(L, nodes, M, mb_size)
     if not points:
         raise PlanError(f"no Megatron grid point for {L} layers on {nodes} node(s) × {M} with micro-batch "
                         f"{mb_size}: pp must divide the layers and devices, dp the micro-batch")
-    coster = setup.coster(solver, time_limit_s, restrict=_stage_rules(mb_size), strategy_name="dp_tp_pp")
+    coster = setup.coster(solver, time_limit_s, restrict=stage_rules(mb_size), strategy_name="dp_tp_pp")
     rows = []
     for pp, sub, mesh in points:
         if not 1 <= pp <= L or sub not in setup.shapes or math.prod(mesh) != sub[0] * sub[1] \

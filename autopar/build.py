@@ -8,6 +8,7 @@ usage (bytes) = the node's outputs per device, live from the node to its last us
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,6 +60,37 @@ class IntraProblem:
     def expand(self, choice) -> tuple[int, ...]:
         """A solution of ``problem`` → one strategy index per graph node."""
         return self.merged.expand(choice)
+
+    def restricted(self, allowed=None, allowed_reshard=None) -> Problem:
+        """``problem`` (same nodes, same strategy indices) with what an input layout rule
+        forbids at ∞: input strategies ``allowed(node, strategy)`` rejects, and conversions of
+        an input into a consumer's spec ``allowed_reshard(node, src, dst)`` rejects (the
+        ``build_problem`` arguments). A choice of it is a choice of ``problem``: the rule's
+        plan, used as the warm start of an ILP that may stop at its time limit."""
+        m, p = self.merged, self.merged.problem
+        costs, ecosts = [c.copy() for c in p.node_costs], list(p.edge_costs)
+        where = {e: k for k, e in enumerate(p.edges)}
+        for node in self.graph.nodes:
+            u = node.index
+            if node.kind == "input" and allowed is not None:
+                bad = np.array([not allowed(u, self.strategies[u][s]) for s in m.maps[u]], dtype=bool)
+                costs[m.index[m.rep[u]]][bad] = np.inf
+        for (u, v), ops in zip(self.edges, self.edge_operands):
+            if allowed_reshard is None or self.graph.nodes[u].kind != "input" or not ops:
+                continue
+            ok = np.ones((len(m.maps[u]), len(m.maps[v])), dtype=bool)
+            for op in ops:
+                src = [self.strategies[u][s].out_specs[op.out_index] for s in m.maps[u]]
+                dst = [self.strategies[v][s].in_specs[op.operand] for s in m.maps[v]]
+                ok &= np.array([[d is None or allowed_reshard(u, a, d) for d in dst] for a in src], dtype=bool)
+            a, b = m.index[m.rep[u]], m.index[m.rep[v]]
+            if a == b:
+                costs[a][~np.diag(ok)] = np.inf
+            elif (a, b) in where:
+                ecosts[where[a, b]] = np.where(ok, ecosts[where[a, b]], np.inf)
+            else:
+                ecosts[where[b, a]] = np.where(ok.T, ecosts[where[b, a]], np.inf)
+        return dataclasses.replace(p, node_costs=costs, edge_costs=ecosts, name=f"{p.name} (rule)")
 
 
 def _node_strategies(graph: OpGraph, mesh: MeshModel, signatures):

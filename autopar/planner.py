@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -79,13 +81,16 @@ def plan(fn, *example_args, cluster="cpu-8", nodes: int = 1, mesh_shape=None,
 def plan_with(fn, example_args, *, cluster="cpu-8", nodes: int = 1, mesh_shape=None,
               memory_budget_bytes: float | None = None, solver: str = "auto",
               time_limit_s: float | None = None, donate_argnums=(), restrict=None,
-              strategy_name: str = "autopar", mesh_shapes=None, traced=None) -> Plan:
+              strategy_name: str = "autopar", mesh_shapes=None, traced=None, seed=None) -> Plan:
     """``plan`` with two hooks for restricted runs (``autopar.baselines``): ``restrict(mesh_shape)``
     returns the ``build_problem`` keyword arguments ``allowed`` / ``allowed_reshard`` (filters
     on the program inputs' shardings) for that mesh; ``strategy_name`` is recorded in the Plan.
     ``mesh_shapes`` (when ``mesh_shape`` is None) replaces the candidate list (pipeline stages
     search fewer logical meshes). ``traced`` = (program, graph) of ``fn`` on these arguments
-    skips tracing (pipeline stages plan one stage on many sub-meshes)."""
+    skips tracing (pipeline stages plan one stage on many sub-meshes). ``seed(mesh_shape)``
+    returns a :class:`Seed` (an input layout rule) or None: the rule's plan is the ILP's warm
+    start (``rule_start``), so a time limit never leaves the plan worse than the rule's
+    (pipeline stages: Megatron's DP × TP layout)."""
     t0 = time.perf_counter()
     spec = _check_args(cluster, nodes, mesh_shape, solver, memory_budget_bytes, time_limit_s)
     budget = float(memory_budget_bytes or spec.device.memory_bytes)
@@ -104,8 +109,10 @@ def plan_with(fn, example_args, *, cluster="cpu-8", nodes: int = 1, mesh_shape=N
                            donated_inputs=donated, **({} if restrict is None else restrict(shape)))
         t_strat += time.perf_counter() - ts
         ts = time.perf_counter()
+        rule = seed(shape) if seed is not None else None
         try:
-            sol = solvers.solve(ip.problem, solver=solver, time_limit_s=time_limit_s, gap_rel=MIP_GAP)
+            sol = solvers.solve(ip.problem, solver=solver, time_limit_s=time_limit_s, gap_rel=MIP_GAP,
+                                start=rule_start(ip, rule, solver, time_limit_s) if rule else None)
         except solvers.InfeasibleError as err:
             sol = err
         t_solve += time.perf_counter() - ts
@@ -147,6 +154,42 @@ def plan_with(fn, example_args, *, cluster="cpu-8", nodes: int = 1, mesh_shape=N
                            strategy_name=strategy_name)
     result._fn = fn
     return result
+
+
+@dataclass
+class Seed:
+    """An input layout rule whose plan warm-starts the ILP (``plan_with(seed=)``): the
+    ``build_problem`` filters ``allowed`` / ``allowed_reshard``, and the rule's plans found so
+    far on this problem at other memory budgets, as (usage limit, choice or None): one found
+    under a limit at least as high that still fits is reused (pipeline stages are planned at
+    several budgets on the same mesh)."""
+    allowed: Callable | None = None
+    allowed_reshard: Callable | None = None
+    solved: list = field(default_factory=list)
+
+
+def rule_start(ip: IntraProblem, seed: Seed, solver: str, time_limit_s: float | None):
+    """Warm start for ``solvers.solve``: the best plan of ``ip`` under the rule
+    (``IntraProblem.restricted``), solved within ``time_limit_s`` of its own (the rule's plan
+    is what the main solve must not lose to, so it does not share that solve's time).
+    None when the rule has no plan that fits."""
+    def start(left):
+        limit = ip.problem.usage_limit
+        for lim, choice in seed.solved:
+            if lim is None or (limit is not None and lim >= limit):
+                if choice is None:
+                    return None  # none under a looser limit
+                if solvers.evaluate(ip.problem, choice)[1]:
+                    return choice
+        try:
+            sol = solvers.solve(ip.restricted(seed.allowed, seed.allowed_reshard), solver=solver, gap_rel=MIP_GAP,
+                                time_limit_s=time_limit_s)
+            choice = sol.choice if sol.feasible else None
+        except solvers.InfeasibleError:
+            choice = None
+        seed.solved.append((limit, choice))
+        return choice
+    return start
 
 
 def donated_leaves(args, donate_argnums) -> list[int]:

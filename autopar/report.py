@@ -70,6 +70,9 @@ def format_report(plan, *, equations: bool = False, max_collectives: int = 12) -
     lines.append("")
     lines.append(f"solver: {s.solver} {s.status}; objective {_time(s.objective_s)}, lower bound {bound}, gap {gap}; "
                  f"{s.nodes} nodes, {s.edges} edges, {s.strategies} strategies")
+    if s.solver.endswith("+start"):
+        lines.append("  (+start: the solver stopped at its time limit without beating its warm start, the plan under "
+                     "a hand-written input layout rule (pipeline stages: Megatron's DP×TP), so that plan is returned)")
     t = plan.timing
     lines.append(f"planning time: {t.total_s:.2f} s (trace {t.trace_s:.2f} s, strategies {t.strategies_s:.2f} s, "
                  f"solve {t.solve_s:.2f} s)")

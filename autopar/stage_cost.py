@@ -14,7 +14,7 @@ from cost import ClusterSpec
 
 from .graph import build_graph
 from .plan import Plan
-from .planner import PlanError, plan_with
+from .planner import PlanError, Seed, plan_with
 from .stages import Stage, residual_bytes, split_program, stage_abstract_args, stage_forward, stage_train
 from .trace import Program, trace
 
@@ -88,13 +88,15 @@ class StageCoster:
     """Plans (layer range, sub-mesh) stages with the intra-op ILP, cached by structural key."""
 
     def __init__(self, program, num_params, layer_eqns, spec, nodes, budget, opt_ratio, solver, time_limit_s,
-                 mesh_search="auto", restrict=None, strategy_name="autopar"):
-        # restrict(stage_args (p, a, nd, ct), mesh_shape) -> build_problem filters (baselines)
-        self.mesh_search, self.restrict, self.strategy_name = mesh_search, restrict, strategy_name
+                 mesh_search="auto", restrict=None, strategy_name="autopar", seed=None):
+        # restrict(stage_args (p, a, nd, ct), mesh_shape) -> build_problem filters (baselines);
+        # seed: the same for the rule whose plan warm-starts every stage ILP (``plan_with(seed=)``)
+        self.mesh_search, self.restrict, self.strategy_name, self.seed = mesh_search, restrict, strategy_name, seed
         self.program, self.P, self.layer_eqns = program, num_params, layer_eqns
         self.spec, self.nodes, self.budget, self.opt_ratio = spec, nodes, budget, opt_ratio
         self.solver, self.time_limit_s = solver, time_limit_s
         self.cache: dict = {}
+        self.seeds: dict = {}
         self.traced: dict = {}
         self.stages: dict = {}
         self.solves = self.hits = self.infeasible = 0
@@ -145,7 +147,7 @@ class StageCoster:
                                self.time_limit_s if self.time_limit_s is not None else STAGE_TIME_LIMIT_S),
                            restrict=lambda shape: {"input_usage_scale": scale, **(
                                {} if self.restrict is None else self.restrict((p, a, nd, ct), tuple(shape)))},
-                           strategy_name=self.strategy_name)
+                           strategy_name=self.strategy_name, seed=self._seed((p, a, nd, ct), key[:2]))
         except PlanError as err:
             if budget == self.budget:  # (a layer that misses its share of the budget is retried whole)
                 self.infeasible += 1
@@ -168,6 +170,24 @@ class StageCoster:
                "act": act, "param_dev": param_dev, "persist": persist}
         self.cache[key] = res
         return res
+
+
+    def _seed(self, stage_args, key):
+        """``plan_with``'s seed for this stage (``key``: structure, sub-mesh): the rule on each
+        mesh, one :class:`Seed` per mesh shared by every budget (None where the rule does not
+        apply, e.g. a micro-batch that the mesh's data-parallel axis does not divide)."""
+        if self.seed is None:
+            return None
+
+        def rule(shape):
+            k = (*key, tuple(shape))
+            if k not in self.seeds:
+                try:
+                    self.seeds[k] = Seed(**self.seed(stage_args, tuple(shape)))
+                except ValueError:
+                    self.seeds[k] = None
+            return self.seeds[k]
+        return rule
 
 
 class Sums:

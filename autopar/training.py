@@ -50,6 +50,7 @@ from .layers import cluster_layers
 from .plan import Timing
 from .planner import PlanError
 from .pytree_json import treedef_to_json
+from .rules import stage_rules
 from .stage_cost import StageCoster, Sums, nbytes, stage_meshes, structural_key, sub_cluster  # noqa: F401 (re-exported)
 from .stages import split_program, owners
 from .training_inputs import abstract, check_options, forced_stages, microbatch_shapes, trace_loss
@@ -119,6 +120,8 @@ class _Setup:
             raise ValueError(f"every params leaf is trained and must be floating; got non-float leaves {bad[:5]}{more}. "
                              "Move integer data into the batch or close over it")
         self.microbatch = microbatch_shapes(batch_abs, num_microbatches)
+        mb_leaves = jax.tree_util.tree_leaves(self.microbatch)
+        self.microbatch_size = int(mb_leaves[0].shape[0]) if mb_leaves and mb_leaves[0].shape else 1
         self.program = trace_loss(loss_fn, params_abs, self.microbatch)
         self.P = len(self.p_leaves)
         try:
@@ -139,9 +142,13 @@ class _Setup:
         self.t_trace = time.perf_counter()
 
     def coster(self, solver, time_limit_s, mesh_search="auto", restrict=None, strategy_name="autopar"):
+        """A StageCoster; unrestricted (autopar's own), every stage ILP is warm-started from
+        Megatron's DP × TP layout of the stage (``rules.stage_rules``), so a time-limited
+        stage plan is never worse than the pipeline grid baseline's plan of it."""
         return StageCoster(self.program, self.P, self.layer_eqns, self.spec, self.nodes, self.budget,
                             self.opt_ratio, solver, time_limit_s, mesh_search, restrict=restrict,
-                            strategy_name=strategy_name)
+                            strategy_name=strategy_name,
+                            seed=stage_rules(self.microbatch_size) if restrict is None else None)
 
     def solve(self, coster, *, forced=None, num_stages=None, mode="exact", strategy_name="autopar",
               estimate_only=False):

@@ -14,6 +14,13 @@
 
 ``time_limit_s`` covers all of it (None: exact solvers run to optimality, the heuristic
 gets DEFAULT_HEURISTIC_S).
+
+``start`` (a warm start: a choice, or a function of the seconds left that returns one or
+None) is what a time limit must never make the result worse than. It is asked for only when
+the solve would not be exact at once (not when an integral LP optimum settles it), seeds
+the ILP (mapped through presolve, ``Presolved.forward``; the better of it and the quick
+heuristic incumbent) and is returned itself when nothing better is found
+(``solver`` then ends in ``+start``).
 """
 from __future__ import annotations
 
@@ -51,12 +58,12 @@ def ilp_size(problem: Problem, cap: float = math.inf) -> int:
 
 
 def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None = None,
-          presolve: bool = True, seed: int = 0, gap_rel: float = 0.0) -> Solution:
+          presolve: bool = True, seed: int = 0, gap_rel: float = 0.0, start=None) -> Solution:
     """Best choice for ``problem`` (in its own node order), scored by ``evaluate``.
 
     ``gap_rel``: the ILP stops once its incumbent is proven within this relative gap of the
     optimum (0: prove optimality; the planner uses 1e-4 — closing the last 0.01 % of a
-    predicted step time can take HiGHS minutes)."""
+    predicted step time can take HiGHS minutes). ``start``: a warm start (module doc)."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown {solver=}; expected one of {SOLVERS}")
     t0 = time.perf_counter()
@@ -72,21 +79,40 @@ def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None 
             ps = run_presolve(problem)
         except InfeasibleError as err:
             raise InfeasibleError(str(err), min_peak_usage=min_peak) from None
-        reduced, restore = ps.problem, ps.restore
+        reduced, restore, forward = ps.problem, ps.restore, ps.forward
         stats["presolve"] = ps.stats
     else:
-        reduced, restore = problem, (lambda c: tuple(int(x) for x in c))
+        reduced, restore, forward = problem, (lambda c: tuple(int(x) for x in c)), (lambda c: tuple(c))
 
     def left() -> float | None:
         return None if time_limit_s is None else max(0.0, time_limit_s - (time.perf_counter() - t0))
+
+    warm = None  # (cost, choice) of the warm start, in the original problem
+
+    def ilp_start():
+        """The ILP's incumbent on the reduced problem: the warm start (if it has finite cost
+        and fits) or the quick heuristic's, whichever is cheaper."""
+        nonlocal warm
+        if start is not None and warm is None:
+            ts = time.perf_counter()
+            choice = start(left()) if callable(start) else start
+            if choice is not None:
+                cost, feasible, _ = evaluate(problem, choice)
+                warm = (cost, tuple(int(c) for c in choice)) if feasible else None
+            stats["start_s"] = time.perf_counter() - ts
+        seeds = [forward(warm[1])] if warm is not None else []
+        seeds = [c for c in seeds if c is not None] + [_quick_start(reduced, left())]
+        scored = [(evaluate(reduced, c), c) for c in seeds if c is not None]
+        scored = [(r[0], c) for r, c in scored if r[1]]
+        return min(scored, key=lambda x: x[0])[1] if scored else None
 
     name = solver
     if solver == "brute":
         sol = solve_brute(reduced)
     elif solver in ("highs", "cbc"):
-        sol = solve_ilp(reduced, solver=solver, time_limit_s=left(), start=_quick_start(reduced, left()),
-                        gap_rel=gap_rel)
+        sol = solve_ilp(reduced, solver=solver, time_limit_s=left(), start=ilp_start(), gap_rel=gap_rel)
     elif solver == "heuristic":
+        ilp_start()
         sol = solve_heuristic(reduced, time_limit_s=_heuristic_time(left()), seed=seed)
     else:
         size = ilp_size(reduced, cap=AUTO_LP_VARIABLES)
@@ -96,8 +122,7 @@ def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None 
             name = "auto:highs"
             sol = _lp_first(reduced, left(), gap_rel)
             if sol is None:
-                sol = solve_ilp(reduced, solver="highs", time_limit_s=left(), start=_quick_start(reduced, left()),
-                                gap_rel=gap_rel)
+                sol = solve_ilp(reduced, solver="highs", time_limit_s=left(), start=ilp_start(), gap_rel=gap_rel)
             else:
                 name = "auto:highs-lp"
         elif size <= AUTO_LP_VARIABLES:  # too big for the MILP, but its LP is often integral: try it, briefly
@@ -106,10 +131,19 @@ def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None 
             name = "auto:highs-lp"
         if sol is None or (not sol.feasible and sol.status != "infeasible"):
             name = "auto:heuristic"
+            if warm is None:
+                ilp_start()
             budget = left()
             sol = solve_heuristic(reduced, time_limit_s=_heuristic_time(budget), seed=seed)
     stats["solver"] = sol.stats
     elapsed = time.perf_counter() - t0
+    if warm is not None:  # the result must not be worse than the warm start
+        cost = evaluate(problem, restore(sol.choice))[0] if sol.feasible else math.inf
+        if warm[0] < cost:
+            stats["peak_usage"] = evaluate(problem, warm[1])[2]
+            return Solution(choice=warm[1], cost=warm[0], feasible=True, status="feasible",
+                            lower_bound=min(sol.lower_bound, warm[0]), solver=name + "+start", time_s=elapsed,
+                            stats=stats)
     if sol.status == "infeasible":
         raise InfeasibleError(
             f"no assignment has finite cost and fits usage_limit={problem.usage_limit} ({name} proved it); "

@@ -51,6 +51,25 @@ class Presolved:
     ops: list[tuple] = field(repr=False)  # restore operations, applied in reverse
     num_original: int = 0
     stats: dict = field(default_factory=dict)
+    # (original node, original strategy) dropped as dominated → the strategy that dominated it
+    dominated_by: dict = field(default_factory=dict, repr=False)
+
+    def forward(self, choice) -> tuple[int, ...] | None:
+        """A reduced choice for an original ``choice`` (a warm start): each kept node keeps
+        its strategy, a dominated one is replaced by its dominator (never worse). None when
+        the choice uses a strategy presolve proved unusable (it cannot have finite cost)."""
+        out = []
+        for r, v in enumerate(self.nodes):
+            s, seen = int(choice[v]), 0
+            pos = np.flatnonzero(self.strategies[r] == s)
+            while not len(pos):
+                s = self.dominated_by.get((int(v), s))
+                seen += 1
+                if s is None or seen > len(self.dominated_by):
+                    return None
+                pos = np.flatnonzero(self.strategies[r] == s)
+            out.append(int(pos[0]))
+        return tuple(out)
 
     def restore(self, choice) -> tuple[int, ...]:
         """Original choice (one strategy per original node) for a reduced ``choice``."""
@@ -78,6 +97,7 @@ class _State:
         self.strat = [np.arange(k) for k in self.korig]
         self.cost = [c.astype(np.float64).copy() for c in problem.node_costs]
         self.alive = np.ones(n, dtype=bool)
+        self.dominated_by: dict = {}
         self.adj: list[dict[int, np.ndarray]] = [dict() for _ in range(n)]  # adj[u][w] = E_uw (u×w)
         self.items: list[list[list]] = [[] for _ in range(n)]  # [use, (a, b)] with min(use) == 0
         self.fixed: list[tuple[float, tuple[int, int]]] = list(problem.fixed_usages)
@@ -265,6 +285,9 @@ class _State:
         np.fill_diagonal(better, False)
         dominated = better.any(axis=0)
         if dominated.any():
+            for a in np.flatnonzero(dominated):  # a dominator that stays (``better`` is a strict order)
+                b = int(np.flatnonzero(better[:, a] & ~dominated)[0])
+                self.dominated_by[(v, int(self.strat[v][a]))] = int(self.strat[v][b])
             self.counts["dominated"] += int(dominated.sum())
             self._restrict(v, ~dominated)
 
@@ -336,4 +359,4 @@ def presolve(problem: Problem) -> Presolved:
     stats = dict(st.counts, nodes=len(nodes), edges=len(edges), strategies=int(sum(len(st.cost[v]) for v in nodes)),
                  items=len(extra), time_s=time.perf_counter() - t0)
     return Presolved(problem=reduced, nodes=nodes, strategies=[st.strat[v] for v in nodes], ops=st.ops,
-                     num_original=problem.num_nodes, stats=stats)
+                     num_original=problem.num_nodes, stats=stats, dominated_by=st.dominated_by)

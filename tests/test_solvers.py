@@ -130,6 +130,67 @@ def test_presolve_is_exact():
                 assert _same(c2, c1) and f1 == f2, f"{seed=}: reduced {c1, f1} restored {c2, f2}"
 
 
+def test_presolve_forward_maps_a_choice_to_one_no_worse():
+    """Presolved.forward (warm starts): every feasible original choice maps to a reduced
+    choice whose restored cost is no higher and which still fits; dominated strategies are
+    replaced by their dominators."""
+    rng = np.random.default_rng(1)
+    mapped = replaced = 0
+    for seed in range(300):
+        p = random_problem(seed, limit=seed % 3 != 0, n_max=8, k_max=4)
+        try:
+            ps = presolve(p)
+        except InfeasibleError:
+            continue
+        for _ in range(20):
+            x = [int(rng.integers(len(c))) for c in p.node_costs]
+            cost, feasible, _ = evaluate(p, x)
+            if not feasible:
+                continue
+            red = ps.forward(x)
+            assert red is not None, f"{seed=}: a feasible choice {x} has no reduced counterpart"
+            c2, f2, _ = evaluate(p, ps.restore(red))
+            assert f2 and c2 <= cost + 1e-9 * max(1.0, abs(cost)), f"{seed=}: {x} cost {cost} mapped to {c2}"
+            mapped += 1
+            replaced += any(x[v] not in ps.strategies[r] for r, v in enumerate(ps.nodes))
+    assert mapped > 100 and replaced > 5, (mapped, replaced)
+
+
+def test_warm_start_is_never_beaten_by_the_time_limit():
+    """solve(start=…): a time-limited ILP that stops early returns the warm start when that
+    is better; the start seeds the ILP; a callable start is asked for only when the solve
+    would not be exact at once; an infeasible start is ignored."""
+    rng = np.random.default_rng(7)
+    n, k = 40, 8
+    costs = [rng.integers(0, 1000, k).astype(float) for _ in range(n)]
+    usages = [rng.integers(1, 50, k).astype(float) for _ in range(n)]
+    edges = [(u, v) for u in range(n) for v in range(u + 1, n) if rng.random() < 0.3]
+    ecosts = [rng.integers(0, 1000, (k, k)).astype(float) for _ in edges]
+    p = Problem(costs, usages, [(0, 10)] * n, edges, ecosts)
+    p.usage_limit = p.min_peak_usage() * 1.3
+    good = solve(p, solver="highs", time_limit_s=8.0)
+    short = solve(p, solver="highs", time_limit_s=0.05)
+    assert good.cost < short.cost  # (the short solve stops with a worse incumbent)
+    calls = []
+
+    def start(left):
+        calls.append(left)
+        return good.choice
+    got = solve(p, solver="auto", time_limit_s=0.05, start=start)
+    assert len(calls) == 1 and 0 <= calls[0] <= 0.05  # asked with the seconds left
+    assert got.feasible and got.cost <= good.cost and got.lower_bound <= got.cost
+    assert evaluate(p, got.choice)[:2] == (got.cost, True)
+    # a start that does not fit is ignored
+    worst = tuple(int(np.argmax(u)) for u in usages)
+    assert not evaluate(p, worst)[1]
+    assert solve(p, solver="highs", time_limit_s=0.05, start=worst).feasible
+    # an LP-integral problem settles exactly: the start is never asked for
+    chain = Problem([np.array([1.0, 2.0])] * 4, [np.array([1.0, 5.0])] * 4, [(0, 1)] * 4, [(0, 1), (1, 2), (2, 3)],
+                    [np.array([[0.0, 5.0], [5.0, 0.0]])] * 3, usage_limit=10.0)
+    sol = solve(chain, start=lambda left: calls.append(left) or (1, 1, 1, 1))
+    assert sol.solver == "auto:highs-lp" and sol.cost == 4.0 and len(calls) == 1
+
+
 def test_presolve_reduces_aliases_and_leaves():
     # chain 0 -alias- 1 - 2 (leaf, no varying usage): everything folds away
     alias = np.array([[0.0, np.inf], [np.inf, 0.0]])

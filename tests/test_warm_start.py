@@ -1,0 +1,89 @@
+"""Warm starts from a hand-written layout rule (``plan_with(seed=)``, ``IntraProblem.restricted``,
+``rule_start``): the rule's plan found on the unrestricted problem equals the baseline's, and a
+solver that stops early can never return something worse than it."""
+import math
+
+import pytest
+from conftest import make_cluster
+
+import autopar
+import solvers
+import solvers.pipeline as pipeline
+from autopar.baselines import layout_rule
+from autopar.build import build_problem
+from autopar.graph import build_graph
+from autopar.planner import Seed, plan_with, rule_start
+from autopar.trace import trace
+from cost import load_cluster, mesh_model
+from examples import gpt
+
+CLUSTER = make_cluster(8, flops=1e11, alpha_s=1e-6)
+MESH = (2, 4)
+
+
+def _args():
+    return gpt.sgd_train_step_args(layers=1, hidden=64, seq=32, vocab=256, batch=8)
+
+
+def _rule(mesh=MESH):
+    return layout_rule("dp_tp", _args(), mesh_shape=mesh, batch_axes=(0,), state_kind="tensor", batch_argnums=(1,))
+
+
+@pytest.fixture(scope="module")
+def base(devices8):
+    return autopar.baselines.dp_tp(gpt.sgd_train_step, *_args(), mesh_shape=MESH, cluster=CLUSTER, batch_argnums=(1,))
+
+
+@pytest.fixture
+def crippled(monkeypatch):
+    """Every solver gives up at once on unrestricted problems (a time limit hit before any
+    incumbent); the rule's problems (named "… (rule)") solve normally."""
+    real = {k: getattr(pipeline, k) for k in ("solve_ilp", "_lp_first", "solve_heuristic")}
+
+    def wrap(name, give_up):
+        def f(problem, *a, **kw):
+            return real[name](problem, *a, **kw) if problem.name.endswith("(rule)") else give_up
+        return f
+    nothing = solvers.Solution(choice=(), cost=math.inf, feasible=False, status="unknown")
+    monkeypatch.setattr(pipeline, "solve_ilp", wrap("solve_ilp", nothing))
+    monkeypatch.setattr(pipeline, "_lp_first", wrap("_lp_first", None))
+    monkeypatch.setattr(pipeline, "solve_heuristic", wrap("solve_heuristic", nothing))
+
+
+def test_the_rules_plan_on_the_full_problem_equals_the_baselines(base):
+    """Masking the unrestricted problem (same strategy indices) finds the same optimum as the
+    baseline, whose problem is built with the input strategies filtered out."""
+    program = trace(gpt.sgd_train_step, *_args())
+    ip = build_problem(build_graph(program), mesh_model(load_cluster(CLUSTER), 1, MESH),
+                       memory_budget_bytes=load_cluster(CLUSTER).device.memory_bytes)
+    sol = solvers.solve(ip.restricted(**_rule()), gap_rel=1e-9)
+    assert sol.cost / 1e6 == pytest.approx(base.solver.objective_s, rel=1e-6)
+    assert solvers.evaluate(ip.problem, sol.choice)[:2] == (sol.cost, True)  # a choice of the full problem
+    free = solvers.solve(ip.problem, gap_rel=1e-9)
+    assert free.cost <= sol.cost * (1 + 1e-9)
+
+
+def test_a_solver_that_gives_up_returns_the_rules_plan(base, crippled):
+    with pytest.raises(autopar.PlanError):  # without a seed: nothing found
+        plan_with(gpt.sgd_train_step, _args(), cluster=CLUSTER, mesh_shape=MESH)
+    p = plan_with(gpt.sgd_train_step, _args(), cluster=CLUSTER, mesh_shape=MESH, seed=lambda s: Seed(**_rule(s)))
+    assert p.solver.solver.endswith("+start") and p.solver.status == "feasible"
+    assert p.solver.objective_s == pytest.approx(base.solver.objective_s, rel=1e-6)
+    assert p.predicted.step_time_s == pytest.approx(base.predicted.step_time_s, rel=1e-6)
+    assert "+start: the solver stopped" in p.report()
+
+
+def test_the_rules_plan_is_reused_across_budgets(devices8):
+    program = trace(gpt.sgd_train_step, *_args())
+    spec = load_cluster(CLUSTER)
+    graph, mesh = build_graph(program), mesh_model(spec, 1, MESH)
+    seed = Seed(**_rule())
+    loose = build_problem(graph, mesh, memory_budget_bytes=spec.device.memory_bytes)
+    first = rule_start(loose, seed, "auto", None)(None)
+    peak = solvers.evaluate(loose.problem, first)[2]
+    tight = build_problem(graph, mesh, memory_budget_bytes=peak * 1.01)
+    assert rule_start(tight, seed, "auto", None)(None) == first and len(seed.solved) == 1  # still fits: reused
+    tighter = build_problem(graph, mesh, memory_budget_bytes=peak * 0.9)
+    again = rule_start(tighter, seed, "auto", 2.0)(None)
+    assert len(seed.solved) == 2  # did not fit: solved again under the tighter limit
+    assert again is None or solvers.evaluate(tighter.problem, again)[1]
