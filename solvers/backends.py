@@ -46,6 +46,7 @@ class HighsBackend:
         lp.a_matrix_.value_ = val
         lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = nv, len(milp.rows)
         self.mip = any(milp.integer)
+        self._lp_presolve(not self.mip)
         if self.mip:
             kinds = highspy.HighsVarType
             lp.integrality_ = [kinds.kInteger if i else kinds.kContinuous for i in milp.integer]
@@ -61,7 +62,13 @@ class HighsBackend:
 
     def set_relaxation(self, flag: bool) -> None:
         self.h.setOptionValue("solve_relaxation", bool(flag))
+        self._lp_presolve(flag)
         self.relaxed = flag
+
+    def _lp_presolve(self, lp: bool) -> None:
+        """HiGHS's presolve costs more than it saves on these LPs (measured on GPT-39B stage
+        relaxations, 83–455 nodes: 1.4–2.1× faster without it, same optimum); MIPs keep it."""
+        self.h.setOptionValue("presolve", "off" if lp else "choose")
 
     def solve(self, time_left, start):
         hs, h, milp = self.hs, self.h, self.b.milp
