@@ -72,5 +72,6 @@ def stage_rules(microbatch_size: int):
             shape = tuple(x.shape)
             layouts.append(batch_layout(shape, mesh_shape, b_axes, "dp_tp_pp", len(p) + k)
                            if shape and shape[0] == microbatch_size else replicated)
-        return {"allowed": lambda i, strategy: layouts[i](strategy.out_specs[0]), "allowed_reshard": lambda i, src, dst: src == dst}
+        return {"allowed": lambda i, strategy: layouts[i](strategy.out_specs[0]),
+                "allowed_reshard": lambda i, src, dst: src == dst}
     return restrict

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from solvers import InfeasibleError, Problem, evaluate, solve
+from solvers import InfeasibleError, Problem, Solution, evaluate, solve
 from solvers.brute import solve_brute
 from solvers.compact import Compact
 from solvers.heuristic import solve_heuristic
@@ -62,6 +62,19 @@ def random_problem(seed: int, *, limit: bool = True, n_max: int = 7, k_max: int 
         hi = Problem([np.zeros(k) for k in ks], [np.full(k, u.max()) for k, u in zip(ks, usages)],
                      intervals, [], []).min_peak_usage()
         p.usage_limit = float(rng.integers(int(lo), int(hi) + 2))
+    return p
+
+
+def hard_problem() -> Problem:
+    """40 nodes × 8 strategies, dense random edges, a binding memory limit: HiGHS needs seconds."""
+    rng = np.random.default_rng(7)
+    n, k = 40, 8
+    costs = [rng.integers(0, 1000, k).astype(float) for _ in range(n)]
+    usages = [rng.integers(1, 50, k).astype(float) for _ in range(n)]
+    edges = [(u, v) for u in range(n) for v in range(u + 1, n) if rng.random() < 0.3]
+    ecosts = [rng.integers(0, 1000, (k, k)).astype(float) for _ in edges]
+    p = Problem(costs, usages, [(0, 10)] * n, edges, ecosts)
+    p.usage_limit = p.min_peak_usage() * 1.3
     return p
 
 
@@ -156,34 +169,41 @@ def test_presolve_forward_maps_a_choice_to_one_no_worse():
     assert mapped > 100 and replaced > 5, (mapped, replaced)
 
 
-def test_warm_start_is_never_beaten_by_the_time_limit():
-    """solve(start=…): a time-limited ILP that stops early returns the warm start when that
-    is better; the start seeds the ILP; a callable start is asked for only when the solve
-    would not be exact at once; an infeasible start is ignored."""
-    rng = np.random.default_rng(7)
-    n, k = 40, 8
-    costs = [rng.integers(0, 1000, k).astype(float) for _ in range(n)]
-    usages = [rng.integers(1, 50, k).astype(float) for _ in range(n)]
-    edges = [(u, v) for u in range(n) for v in range(u + 1, n) if rng.random() < 0.3]
-    ecosts = [rng.integers(0, 1000, (k, k)).astype(float) for _ in edges]
-    p = Problem(costs, usages, [(0, 10)] * n, edges, ecosts)
-    p.usage_limit = p.min_peak_usage() * 1.3
-    good = solve(p, solver="highs", time_limit_s=8.0)
-    short = solve(p, solver="highs", time_limit_s=0.05)
-    assert good.cost < short.cost  # (the short solve stops with a worse incumbent)
+def test_warm_start_is_never_beaten_by_the_time_limit(monkeypatch):
+    """solve(start=…): when the solver stops without beating the warm start (simulated: it
+    gives up at once), the start is returned, marked "+start"; the start seeds the ILP (mapped
+    through presolve); a callable start is asked for once, with the seconds left, and only
+    when the solve would not be exact at once; a start that does not fit is ignored."""
+    import solvers.pipeline as pl
+    p = hard_problem()
+    good = solve_heuristic(p, time_limit_s=0.5, seed=1)
+    seeds = []
+
+    def give_up(problem, *a, start=None, **kw):
+        seeds.append(start)
+        return Solution(choice=(), cost=math.inf, feasible=False, status="unknown")
+    monkeypatch.setattr(pl, "solve_ilp", give_up)
+    monkeypatch.setattr(pl, "_lp_first", lambda *a, **kw: None)
+    monkeypatch.setattr(pl, "solve_heuristic", lambda *a, **kw: Solution(choice=(), cost=math.inf, feasible=False,
+                                                                          status="unknown"))
     calls = []
 
     def start(left):
         calls.append(left)
         return good.choice
-    got = solve(p, solver="auto", time_limit_s=0.05, start=start)
-    assert len(calls) == 1 and 0 <= calls[0] <= 0.05  # asked with the seconds left
-    assert got.feasible and got.cost <= good.cost and got.lower_bound <= got.cost
-    assert evaluate(p, got.choice)[:2] == (got.cost, True)
-    # a start that does not fit is ignored
-    worst = tuple(int(np.argmax(u)) for u in usages)
+    got = solve(p, solver="auto", time_limit_s=5.0, start=start)
+    assert len(calls) == 1 and 0 < calls[0] <= 5.0  # asked once, with the seconds left
+    # (auto: the ILP, then the heuristic gave up)
+    assert got.choice == good.choice and got.cost == good.cost and got.solver == "auto:heuristic+start"
+    assert got.status == "feasible" and got.lower_bound <= got.cost
+    ps = presolve(p)  # the ILP was seeded with the start's reduced counterpart
+    assert seeds[0] == ps.forward(good.choice) and evaluate(p, ps.restore(seeds[0]))[0] <= good.cost
+    assert solve(p, solver="highs", start=good.choice).solver == "highs+start"  # a plain choice works too
+    # a start that does not fit is ignored (nothing found: the error says so)
+    worst = tuple(int(np.argmax(u)) for u in p.node_usages)
     assert not evaluate(p, worst)[1]
-    assert solve(p, solver="highs", time_limit_s=0.05, start=worst).feasible
+    assert not solve(p, solver="highs", time_limit_s=1.0, start=worst).feasible
+    monkeypatch.undo()
     # an LP-integral problem settles exactly: the start is never asked for
     chain = Problem([np.array([1.0, 2.0])] * 4, [np.array([1.0, 5.0])] * 4, [(0, 1)] * 4, [(0, 1), (1, 2), (2, 3)],
                     [np.array([[0.0, 5.0], [5.0, 0.0]])] * 3, usage_limit=10.0)
@@ -277,14 +297,7 @@ def test_all_forbidden_raises():
 
 
 def test_time_limited_solve_reports_bound_and_gap():
-    rng = np.random.default_rng(7)
-    n, k = 40, 8
-    costs = [rng.integers(0, 1000, k).astype(float) for _ in range(n)]
-    usages = [rng.integers(1, 50, k).astype(float) for _ in range(n)]
-    edges = [(u, v) for u in range(n) for v in range(u + 1, n) if rng.random() < 0.3]
-    ecosts = [rng.integers(0, 1000, (k, k)).astype(float) for _ in edges]
-    p = Problem(costs, usages, [(0, 10)] * n, edges, ecosts)
-    p.usage_limit = p.min_peak_usage() * 1.3
+    p = hard_problem()
     sol = solve(p, solver="highs", time_limit_s=1.0)
     assert sol.status == "feasible" and sol.feasible
     assert math.isfinite(sol.lower_bound) and sol.lower_bound < sol.cost
