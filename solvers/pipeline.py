@@ -16,7 +16,8 @@
 gets DEFAULT_HEURISTIC_S).
 
 ``start`` (a warm start: a choice, or a function of the seconds left that returns one or
-None) is what a time limit must never make the result worse than. It is asked for only when
+None) is what a time limit must never make the result worse than; the time it takes is not
+counted against ``time_limit_s`` (the solver keeps its full time). It is asked for only when
 the solve would not be exact at once (not when an integral LP optimum settles it), seeds
 the ILP (mapped through presolve, ``Presolved.forward``; the better of it and the quick
 heuristic incumbent) and is returned itself when nothing better is found
@@ -84,22 +85,24 @@ def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None 
     else:
         reduced, restore, forward = problem, (lambda c: tuple(int(x) for x in c)), (lambda c: tuple(c))
 
+    start_s = 0.0  # the warm start's own solve (not counted against time_limit_s)
+
     def left() -> float | None:
-        return None if time_limit_s is None else max(0.0, time_limit_s - (time.perf_counter() - t0))
+        return None if time_limit_s is None else max(0.0, time_limit_s + start_s - (time.perf_counter() - t0))
 
     warm = None  # (cost, choice) of the warm start, in the original problem
 
     def ilp_start():
         """The ILP's incumbent on the reduced problem: the warm start (if it has finite cost
         and fits) or the quick heuristic's, whichever is cheaper."""
-        nonlocal warm
+        nonlocal warm, start_s
         if start is not None and warm is None:
             ts = time.perf_counter()
             choice = start(left()) if callable(start) else start
             if choice is not None:
                 cost, feasible, _ = evaluate(problem, choice)
                 warm = (cost, tuple(int(c) for c in choice)) if feasible else None
-            stats["start_s"] = time.perf_counter() - ts
+            start_s = stats["start_s"] = time.perf_counter() - ts
         seeds = [forward(warm[1])] if warm is not None else []
         seeds = [c for c in seeds if c is not None] + [_quick_start(reduced, left())]
         scored = [(evaluate(reduced, c), c) for c in seeds if c is not None]
