@@ -171,7 +171,6 @@ class StageCoster:
         self.cache[key] = res
         return res
 
-
     def _seed(self, stage_args, key):
         """``plan_with``'s seed for this stage (``key``: structure, sub-mesh): the rule on each
         mesh, one :class:`Seed` per mesh shared by every budget (None where the rule does not

@@ -90,19 +90,23 @@ def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None 
     def left() -> float | None:
         return None if time_limit_s is None else max(0.0, time_limit_s + start_s - (time.perf_counter() - t0))
 
-    warm = None  # (cost, choice) of the warm start, in the original problem
+    warm, asked = None, False  # (cost, choice) of the warm start in the original problem; asked for yet
+
+    def warm_start() -> None:
+        nonlocal warm, asked, start_s
+        if start is None or asked:
+            return
+        asked, ts = True, time.perf_counter()
+        choice = start(left()) if callable(start) else start
+        if choice is not None:
+            cost, feasible, _ = evaluate(problem, choice)
+            warm = (cost, tuple(int(c) for c in choice)) if feasible else None
+        start_s = stats["start_s"] = time.perf_counter() - ts
 
     def ilp_start():
         """The ILP's incumbent on the reduced problem: the warm start (if it has finite cost
         and fits) or the quick heuristic's, whichever is cheaper."""
-        nonlocal warm, start_s
-        if start is not None and warm is None:
-            ts = time.perf_counter()
-            choice = start(left()) if callable(start) else start
-            if choice is not None:
-                cost, feasible, _ = evaluate(problem, choice)
-                warm = (cost, tuple(int(c) for c in choice)) if feasible else None
-            start_s = stats["start_s"] = time.perf_counter() - ts
+        warm_start()
         seeds = [forward(warm[1])] if warm is not None else []
         seeds = [c for c in seeds if c is not None] + [_quick_start(reduced, left())]
         scored = [(evaluate(reduced, c), c) for c in seeds if c is not None]
@@ -115,7 +119,7 @@ def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None 
     elif solver in ("highs", "cbc"):
         sol = solve_ilp(reduced, solver=solver, time_limit_s=left(), start=ilp_start(), gap_rel=gap_rel)
     elif solver == "heuristic":
-        ilp_start()
+        warm_start()
         sol = solve_heuristic(reduced, time_limit_s=_heuristic_time(left()), seed=seed)
     else:
         size = ilp_size(reduced, cap=AUTO_LP_VARIABLES)
@@ -134,8 +138,7 @@ def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None 
             name = "auto:highs-lp"
         if sol is None or (not sol.feasible and sol.status != "infeasible"):
             name = "auto:heuristic"
-            if warm is None:
-                ilp_start()
+            warm_start()
             budget = left()
             sol = solve_heuristic(reduced, time_limit_s=_heuristic_time(budget), seed=seed)
     stats["solver"] = sol.stats
