@@ -127,7 +127,7 @@ class CbcBackend:
 
         milp = self.b.milp
         prob = pulp.LpProblem("autopar", pulp.LpMinimize)
-        xs = [pulp.LpVariable(f"x{i}", lowBound=0, upBound=1, cat=pulp.LpBinary if integ else pulp.LpContinuous)
+        xs = [prob.add_variable(f"x{i}", lowBound=0, upBound=1, cat=pulp.LpBinary if integ else pulp.LpContinuous)
               for i, integ in enumerate(milp.integer)]
         prob.setObjective(pulp.LpAffineExpression([(xs[i], c) for i, c in enumerate(milp.c)]))
         for r, (idx, val, lo, hi) in enumerate(milp.rows + self.extra):
