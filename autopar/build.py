@@ -61,6 +61,13 @@ class IntraProblem:
         """A solution of ``problem`` → one strategy index per graph node."""
         return self.merged.expand(choice)
 
+    def with_budget(self, memory_budget_bytes: float | None) -> "IntraProblem":
+        """The same problem under another memory budget (nothing else depends on it)."""
+        full = dataclasses.replace(self.full, usage_limit=memory_budget_bytes)
+        merged = dataclasses.replace(self.merged, problem=dataclasses.replace(self.merged.problem,
+                                                                             usage_limit=memory_budget_bytes))
+        return dataclasses.replace(self, full=full, merged=merged)
+
     def restricted(self, allowed=None, allowed_reshard=None) -> Problem:
         """``problem`` (same nodes, same strategy indices) with what an input layout rule
         forbids at ∞: input strategies ``allowed(node, strategy)`` rejects, and conversions of

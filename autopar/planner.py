@@ -81,7 +81,8 @@ def plan(fn, *example_args, cluster="cpu-8", nodes: int = 1, mesh_shape=None,
 def plan_with(fn, example_args, *, cluster="cpu-8", nodes: int = 1, mesh_shape=None,
               memory_budget_bytes: float | None = None, solver: str = "auto",
               time_limit_s: float | None = None, donate_argnums=(), restrict=None,
-              strategy_name: str = "autopar", mesh_shapes=None, traced=None, seed=None) -> Plan:
+              strategy_name: str = "autopar", mesh_shapes=None, traced=None, seed=None,
+              problems: dict | None = None) -> Plan:
     """``plan`` with two hooks for restricted runs (``autopar.baselines``): ``restrict(mesh_shape)``
     returns the ``build_problem`` keyword arguments ``allowed`` / ``allowed_reshard`` (filters
     on the program inputs' shardings) for that mesh; ``strategy_name`` is recorded in the Plan.
@@ -90,7 +91,9 @@ def plan_with(fn, example_args, *, cluster="cpu-8", nodes: int = 1, mesh_shape=N
     skips tracing (pipeline stages plan one stage on many sub-meshes). ``seed(mesh_shape)``
     returns a :class:`Seed` (an input layout rule) or None: the rule's plan is the ILP's warm
     start (``rule_start``), so a time limit never leaves the plan worse than the rule's
-    (pipeline stages: Megatron's DP × TP layout)."""
+    (pipeline stages: Megatron's DP × TP layout). ``problems`` caches the built problem per
+    mesh across calls that differ only in ``memory_budget_bytes`` (a stage planned at several
+    budgets)."""
     t0 = time.perf_counter()
     spec = _check_args(cluster, nodes, mesh_shape, solver, memory_budget_bytes, time_limit_s)
     budget = float(memory_budget_bytes or spec.device.memory_bytes)
@@ -105,8 +108,13 @@ def plan_with(fn, example_args, *, cluster="cpu-8", nodes: int = 1, mesh_shape=N
     t_strat = t_solve = 0.0
     for shape in shapes:
         ts = time.perf_counter()
-        ip = build_problem(graph, mesh_model(spec, nodes, shape), memory_budget_bytes=budget,
-                           donated_inputs=donated, **({} if restrict is None else restrict(shape)))
+        if problems is not None and shape in problems:
+            ip = problems[shape].with_budget(budget)
+        else:
+            ip = build_problem(graph, mesh_model(spec, nodes, shape), memory_budget_bytes=budget,
+                               donated_inputs=donated, **({} if restrict is None else restrict(shape)))
+            if problems is not None:
+                problems[shape] = ip
         t_strat += time.perf_counter() - ts
         ts = time.perf_counter()
         rule = seed(shape) if seed is not None else None

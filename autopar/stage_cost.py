@@ -97,6 +97,7 @@ class StageCoster:
         self.solver, self.time_limit_s = solver, time_limit_s
         self.cache: dict = {}
         self.seeds: dict = {}
+        self.problems: dict = {}  # (structure, sub-mesh) -> {mesh: IntraProblem}, reused across budgets
         self.traced: dict = {}
         self.stages: dict = {}
         self.solves = self.hits = self.infeasible = 0
@@ -147,7 +148,8 @@ class StageCoster:
                                self.time_limit_s if self.time_limit_s is not None else STAGE_TIME_LIMIT_S),
                            restrict=lambda shape: {"input_usage_scale": scale, **(
                                {} if self.restrict is None else self.restrict((p, a, nd, ct), tuple(shape)))},
-                           strategy_name=self.strategy_name, seed=self._seed((p, a, nd, ct), key[:2]))
+                           strategy_name=self.strategy_name, seed=self._seed((p, a, nd, ct), key[:2]),
+                           problems=self.problems.setdefault(key[:2], {}))
         except PlanError as err:
             if budget == self.budget:  # (a layer that misses its share of the budget is retried whole)
                 self.infeasible += 1

@@ -1,6 +1,8 @@
-"""Warm starts from a hand-written layout rule (``plan_with(seed=)``, ``IntraProblem.restricted``,
-``rule_start``): the rule's plan found on the unrestricted problem equals the baseline's, and a
-solver that stops early can never return something worse than it."""
+"""Planning one problem many times. Warm starts from a hand-written layout rule
+(``plan_with(seed=)``, ``IntraProblem.restricted``, ``rule_start``): the rule's plan found on
+the unrestricted problem equals the baseline's, and a solver that stops early can never return
+something worse than it. A built problem planned again at another budget (``problems=``).
+"""
 import math
 
 import pytest
@@ -15,7 +17,7 @@ from autopar.graph import build_graph
 from autopar.planner import Seed, plan_with, rule_start
 from autopar.trace import trace
 from cost import load_cluster, mesh_model
-from examples import gpt
+from examples import gpt, mlp
 
 CLUSTER = make_cluster(8, flops=1e11, alpha_s=1e-6)
 MESH = (2, 4)
@@ -87,3 +89,19 @@ def test_the_rules_plan_is_reused_across_budgets(devices8):
     again = rule_start(tighter, seed, "auto", 2.0)(None)
     assert len(seed.solved) == 2  # did not fit: solved again under the tighter limit
     assert again is None or solvers.evaluate(tighter.problem, again)[1]
+
+
+def test_a_problem_built_once_is_planned_again_at_another_budget(devices8):
+    """plan_with(problems=…) (a stage planned at several budgets): the second budget reuses the
+    built problem and gives the plan a fresh build gives."""
+    problems, args = {}, (lambda: mlp.mlp_step_args(batch=256, hidden=256))
+    loose = plan_with(mlp.mlp_step, args(), cluster=CLUSTER, mesh_shape=MESH, problems=problems)
+    built = problems[MESH]
+    budget = loose.predicted.peak_memory_bytes * 0.8
+    again = plan_with(mlp.mlp_step, args(), cluster=CLUSTER, mesh_shape=MESH, problems=problems,
+                      memory_budget_bytes=budget)
+    fresh = plan_with(mlp.mlp_step, args(), cluster=CLUSTER, mesh_shape=MESH, memory_budget_bytes=budget)
+    assert problems[MESH] is built and built.problem.usage_limit == loose.memory_budget_bytes  # not changed
+    assert again.predicted.peak_memory_bytes <= budget < loose.predicted.peak_memory_bytes
+    assert again.solver.objective_s == pytest.approx(fresh.solver.objective_s, rel=1e-9)
+    assert again.predicted.peak_memory_bytes == pytest.approx(fresh.predicted.peak_memory_bytes, rel=1e-9)
