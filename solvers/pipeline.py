@@ -91,7 +91,7 @@ def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None 
     def left() -> float | None:
         return None if time_limit_s is None else max(0.0, time_limit_s + start_s - (time.perf_counter() - t0))
 
-    warm, asked = None, False  # (cost, choice) of the warm start in the original problem; asked for yet
+    warm, asked = None, False  # (cost, choice, peak) of the warm start in the original problem; asked for yet
 
     def warm_start() -> None:
         nonlocal warm, asked, start_s
@@ -100,8 +100,8 @@ def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None 
         asked, ts = True, time.perf_counter()
         choice = start(left()) if callable(start) else start
         if choice is not None:
-            cost, feasible, _ = evaluate(problem, choice)
-            warm = (cost, tuple(int(c) for c in choice)) if feasible else None
+            cost, feasible, peak = evaluate(problem, choice)
+            warm = (cost, tuple(int(c) for c in choice), peak) if feasible else None
         start_s = stats["start_s"] = time.perf_counter() - ts
 
     def ilp_start():
@@ -144,22 +144,23 @@ def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None 
             sol = solve_heuristic(reduced, time_limit_s=_heuristic_time(budget), seed=seed)
     stats["solver"] = sol.stats
     elapsed = time.perf_counter() - t0
-    if warm is not None:  # the result must not be worse than the warm start
-        cost = evaluate(problem, restore(sol.choice))[0] if sol.feasible else math.inf
-        if warm[0] < cost:
-            stats["peak_usage"] = evaluate(problem, warm[1])[2]
-            return Solution(choice=warm[1], cost=warm[0], feasible=True, status="feasible",
-                            lower_bound=min(sol.lower_bound, warm[0]), solver=name + "+start", time_s=elapsed,
-                            stats=stats)
+    found = None  # (choice, cost, fits, peak) of the solver's answer, in the original problem
+    if sol.feasible:
+        choice = restore(sol.choice)
+        found = (choice, *evaluate(problem, choice))
+    if warm is not None and warm[0] < (found[1] if found else math.inf):  # never worse than the warm start
+        stats["peak_usage"] = warm[2]
+        return Solution(choice=warm[1], cost=warm[0], feasible=True, status="feasible",
+                        lower_bound=min(sol.lower_bound, warm[0]), solver=name + "+start", time_s=elapsed,
+                        stats=stats)
     if sol.status == "infeasible":
         raise InfeasibleError(
             f"no assignment has finite cost and fits usage_limit={problem.usage_limit} ({name} proved it); "
             f"minimum peak usage is {min_peak:.6g}", min_peak_usage=min_peak)
-    if not sol.feasible:
+    if found is None:
         return Solution(choice=(), cost=math.inf, feasible=False, status="unknown", lower_bound=sol.lower_bound,
                         solver=name, time_s=elapsed, stats=stats)
-    choice = restore(sol.choice)
-    cost, feasible, peak = evaluate(problem, choice)
+    choice, cost, feasible, peak = found
     stats["peak_usage"] = peak
     bound = min(sol.lower_bound, cost) if feasible else sol.lower_bound
     return Solution(choice=choice, cost=cost, feasible=feasible, status=sol.status if feasible else "unknown",
