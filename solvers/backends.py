@@ -9,9 +9,12 @@ Both return (status, x, lower bound) with status in {"optimal", "feasible", "inf
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 import re
+import sys
 import tempfile
 
 import numpy as np
@@ -25,16 +28,18 @@ class HighsBackend:
 
         self.hs, self.b, self.relaxed = highspy, b, False
         milp, nv = b.milp, len(b.milp.c)
+        _swallow_banner()
         h = self.h = highspy.Highs()
         h.setOptionValue("output_flag", False)
         h.setOptionValue("mip_rel_gap", float(gap_rel))
         if threads is not None:
             h.setOptionValue("threads", int(threads))
+        self.c = np.zeros(0)
         if nv == 0:
             return
         lp = highspy.HighsLp()
         lp.num_col_, lp.num_row_ = nv, len(milp.rows)
-        lp.col_cost_ = np.asarray(milp.c, dtype=np.float64)
+        lp.col_cost_ = self.c = np.asarray(milp.c, dtype=np.float64)
         lp.col_lower_ = np.zeros(nv)
         lp.col_upper_ = np.ones(nv)
         starts, idx, val = milp.csr()
@@ -60,7 +65,19 @@ class HighsBackend:
         if len(cols):
             self.h.changeColsBounds(len(cols), np.asarray(cols, dtype=np.int32), vals, vals)
 
+    def _consistent(self, x, objective: float) -> bool:
+        """Whether ``x`` achieves the objective HiGHS reports (within its feasibility tolerances:
+        each entry of ``x`` may be off by 1e-6)."""
+        c = self.c
+        return abs(float(np.dot(c, x)) - objective) <= 1e-6 * (max(1.0, abs(objective)) + float(np.abs(c).sum()))
+
     def set_relaxation(self, flag: bool) -> None:
+        if self.relaxed and not flag:
+            # HiGHS 1.16 keeps the relaxation's solution and basis into the MIP run, and its
+            # presolved MIP then reports the right optimum with a stale, worse col_value
+            # (tests/test_solvers.py seed 150: objective 395, returned x costs 402). A MIP
+            # run starts from a clear solver.
+            self.h.clearSolver()
         self.h.setOptionValue("solve_relaxation", bool(flag))
         self._lp_presolve(flag)
         self.relaxed = flag
@@ -84,6 +101,15 @@ class HighsBackend:
         ms, info = h.getModelStatus(), h.getInfo()
         S = hs.HighsModelStatus
         x = np.asarray(h.getSolution().col_value) if info.primal_solution_status == 2 else None
+        if ms == S.kOptimal and x is not None and not self._consistent(x, info.objective_function_value):
+            # a solution vector that does not achieve the reported optimum is stale solver
+            # state (see set_relaxation): solve again from a clear solver, once
+            h.clearSolver()
+            h.run()
+            ms, info = h.getModelStatus(), h.getInfo()
+            x = np.asarray(h.getSolution().col_value) if info.primal_solution_status == 2 else None
+            if ms == S.kOptimal and x is not None and not self._consistent(x, info.objective_function_value):
+                ms = None  # still inconsistent: keep x as an unproven incumbent
         raw = info.mip_dual_bound if self.mip and not self.relaxed else info.objective_function_value
         bound = raw / milp.scale + milp.offset if raw is not None and math.isfinite(raw) else -math.inf
         if ms == S.kOptimal:
@@ -91,6 +117,25 @@ class HighsBackend:
         if ms in (S.kInfeasible, S.kUnboundedOrInfeasible):
             return "infeasible", None, math.inf
         return ("feasible" if x is not None else "unknown"), x, bound
+
+
+@functools.cache
+def _swallow_banner() -> None:
+    """HiGHS ≥ 1.16 prints its banner ("Running HiGHS … Copyright …") to the C stdout when the
+    first ``Highs`` of a process is made, before ``output_flag`` can be set: make that first one
+    with file descriptor 1 pointed at /dev/null."""
+    import highspy
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            with contextlib.suppress(Exception):
+                highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def start_vector(b, choice) -> np.ndarray | None:

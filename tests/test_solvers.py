@@ -102,6 +102,18 @@ def test_ilp_matches_brute_force(solver, lazy, lp_first):
         assert _same(got.lower_bound, got.cost)
 
 
+@pytest.mark.parametrize("lazy", [False, True], ids=["rows", "lazy-rows"])
+def test_lp_first_then_mip_proves_the_optimum(lazy):
+    """Regression (highspy 1.16.0): after the LP relaxation's rounds, the MIP run on the same
+    HiGHS model reported the optimum (395) but returned a stale vector costing 402."""
+    import highspy
+
+    p = random_problem(150, limit=True)
+    got = solve_compact(Compact.from_problem(p), lazy=lazy, lp_first=True)
+    assert got.status == "optimal", f"highspy {getattr(highspy, '__version__', '?')}: {got}"
+    assert evaluate(p, got.choice)[0] == solve_brute(p).cost == 395.0
+
+
 def test_edge_variables_come_out_integral():
     """Continuous e with marginal rows is exact: at a binary s every e is 0/1."""
     checked = 0
