@@ -169,6 +169,18 @@ def cmd_plan(ns) -> int:
     return 0
 
 
+def cmd_explain(ns) -> int:
+    """Why input LEAF has its sharding in the plan (``Plan.explain``): plan (or load ``--plan``), explain."""
+    import autopar
+    if ns.train:
+        raise SystemExit("autopar: explain works on intra-op plans; drop --train")
+    module, fn, name = load_target(ns.target)
+    args = example_args(module, name, _parse_knobs(ns.arg), abstract=True)
+    plan = autopar.Plan.from_json(Path(ns.plan).read_text()) if ns.plan else _plan_from_args(ns, fn, args)
+    print(plan.explain(ns.leaf, fn=fn, args=args, top=ns.top, solver=ns.solver, time_limit_s=ns.time_limit))
+    return 0
+
+
 def cmd_run(ns) -> int:
     import jax
     import numpy as np
@@ -277,6 +289,13 @@ def main(argv=None) -> int:
                    help="simulated CPU devices (default: nodes × devices per node; ignored on GPU)")
     r.add_argument("--rtol", type=float, default=1e-5)
     r.add_argument("--atol", type=float, default=1e-6)
+    x = sub.add_parser("explain", help="why an input leaf is replicated / split: the cheapest plan that splits "
+                       "it further and the operations that make it expensive")
+    _common(x)
+    x.add_argument("leaf", help="input leaf: its path as the plan report prints it (e.g. [0]['qkv']) or its "
+                   "flat index")
+    x.add_argument("--plan", help="a plan JSON to explain instead of planning (same TARGET and --arg)")
+    x.add_argument("--top", type=int, default=5, help="operations listed each way (default 5)")
     ns = parser.parse_args(argv)
     if ns.cmd == "run":
         from cost import ClusterSpecError, load_cluster
@@ -297,7 +316,7 @@ def main(argv=None) -> int:
     from .runtime import PlanMismatchError
     from .trace import TraceError
     try:
-        return {"clusters": cmd_clusters, "plan": cmd_plan, "run": cmd_run}[ns.cmd](ns)
+        return {"clusters": cmd_clusters, "plan": cmd_plan, "run": cmd_run, "explain": cmd_explain}[ns.cmd](ns)
     except (ClusterSpecError, PlanError, PlanMismatchError, TraceError, ValueError) as err:
         print(f"autopar: error: {err}", file=sys.stderr)
         return 2

@@ -128,6 +128,7 @@ class Plan(_Document):
     # ("data_parallel", "fsdp", "megatron", "dp_tp"); left out of the JSON when "autopar"
     strategy_name: str = Field(default="autopar", exclude_if=lambda v: v == "autopar")
     _fn: Any = PrivateAttr(default=None)   # the planned function, when planned in this process
+    _args: Any = PrivateAttr(default=None)  # its example arguments as ShapeDtypeStructs (for explain)
 
     # --- views -----------------------------------------------------------------------
     @property
@@ -163,3 +164,11 @@ class Plan(_Document):
             raise ValueError("this plan does not hold its function (it was loaded from JSON): "
                              "call plan.validate(*args, fn=the_function)")
         return validate_plan(self, fn, *args, devices=devices)
+
+    def explain(self, leaf, *, fn=None, args=None, top: int = 5, solver: str = "auto", time_limit_s=None):
+        """Why input ``leaf`` (a path as the report prints it, e.g. ``"[0]['qkv']"``, or a flat
+        index) has its sharding; for a replicated / partly split leaf, the cheapest plan that
+        splits it further and the operations that make it expensive (``autopar.explain``).
+        ``fn`` / ``args`` are needed after a JSON load."""
+        from .explain import explain
+        return explain(self, leaf, fn=fn, args=args, top=top, solver=solver, time_limit_s=time_limit_s)

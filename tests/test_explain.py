@@ -1,0 +1,145 @@
+"""``Plan.explain`` / ``autopar explain``: why is a weight replicated?
+
+The model is the nanoGPT-style example (``examples/gpt.py``): a fused QKV projection whose
+output is cut by ``jnp.split(qkv, 3, axis=-1)``. On 8 devices the three pieces never line up
+with the shards of the fused dim (each piece is 8/3 shards wide), so the planner keeps the
+QKV weight replicated while the MLP weights are split; ``explain`` must say that the split
+is what makes splitting the weight expensive.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_cluster
+
+import autopar
+from autopar.explain import ExplainError, leaf_paths
+from autopar.planner import plan_with
+from cost import shard_factor
+from examples import gpt
+
+ROOT = Path(__file__).resolve().parent.parent
+KNOBS = dict(layers=2, hidden=192, seq=64, vocab=512, batch=8)
+CLUSTER = dict(flops=20e12, alpha_s=5e-6)   # sharding pays, collectives are not free
+QKV = "[0]['blocks'][0]['attn']['qkv']['w']"
+FC = "[0]['blocks'][0]['mlp']['fc']['w']"
+SPLIT_LINE = next(i for i, line in enumerate((ROOT / "examples" / "gpt.py").read_text().splitlines(), 1)
+                  if "jnp.split(qkv" in line)
+
+
+@pytest.fixture(scope="module")
+def planned():
+    args = gpt.sgd_train_step_args(**KNOBS, abstract=True)
+    kw = dict(cluster=make_cluster(8, **CLUSTER), mesh_shape=(8,), donate_argnums=(0,))
+    plan = autopar.plan(gpt.sgd_train_step, *args, **kw)
+    return plan, args, kw
+
+
+def _index(plan, path):
+    return leaf_paths(plan).index(path)
+
+
+def test_replicated_qkv_names_the_split(planned):
+    plan, _, _ = planned
+    specs = dict(zip(leaf_paths(plan), plan.input_specs_flat))
+    assert specs[QKV] == [[], []] and specs[FC] == [[], ["x"]]   # the issue's situation
+    e = plan.explain(QKV)
+    assert e.state == "replicated" and e.split_factor == 1 and e.spec == "P()"
+    a = e.alternative
+    assert a is not None and a.leaf_split_factor == 8 and a.extra_time_s > 0
+    causes = [c for alt in (e.alternative, e.used_split) if alt is not None for c in alt.costlier]
+    split = [c for c in causes if f"split at gpt.py:{SPLIT_LINE}" in c.what]
+    assert split, [c.what for c in causes]
+    assert a.costlier[0] is split[0] or (e.used_split and e.used_split.costlier[0] is split[0])
+    assert "all-gather" in split[0].forced or "all-to-all" in split[0].forced
+    text = str(e)
+    assert f"split at gpt.py:{SPLIT_LINE}" in text and "(d, 3, heads, head_dim)" in text
+    assert "cheapest plan that splits it further" in text and "what makes it expensive" in text
+
+
+def test_extra_cost_is_the_difference_of_two_solved_objectives(planned):
+    plan, args, kw = planned
+    e = plan.explain(QKV, top=10**6)
+    idx = _index(plan, QKV)
+    forced = plan_with(gpt.sgd_train_step, args, **kw, restrict=lambda shape: {
+        "allowed": lambda u, s: u != idx or shard_factor(s.out_specs[0], shape) > 1})
+    a = e.alternative
+    assert a.extra_time_s == forced.solver.objective_s - plan.solver.objective_s
+    assert a.objective_s == forced.solver.objective_s
+    assert a.peak_memory_bytes == forced.predicted.peak_memory_bytes
+    assert a.extra_memory_bytes == forced.predicted.peak_memory_bytes - plan.predicted.peak_memory_bytes
+    assert a.leaf_spec == str(forced.input_specs[0]["blocks"][0]["attn"]["qkv"]["w"])
+    # the node-by-node / edge-by-edge attribution adds up to the objectives' difference
+    listed = sum(c.delta_s for c in a.costlier + a.cheaper)
+    assert listed == pytest.approx(a.extra_time_s, rel=0.02, abs=1e-7)
+    if e.used_split is not None:   # the tensor-parallel variant: no all-gather of the leaf where it is read
+        def kept(u, src, dst):
+            return u != idx or {x for axes in src for x in axes} <= {x for axes in dst for x in axes}
+        tp = plan_with(gpt.sgd_train_step, args, **kw, restrict=lambda shape: {
+            "allowed": lambda u, s: u != idx or shard_factor(s.out_specs[0], shape) > 1, "allowed_reshard": kept})
+        assert e.used_split.extra_time_s == tp.solver.objective_s - plan.solver.objective_s
+
+
+def test_split_leaf_reports_it_is_split(planned):
+    plan, _, _ = planned
+    e = plan.explain(FC)
+    assert e.state == "split" and e.split_factor == 8 and e.alternative is None
+    assert "already split over all 8 devices" in str(e)
+
+
+def test_leaf_by_flat_index_and_loose_path(planned):
+    plan, _, _ = planned
+    idx = _index(plan, QKV)
+    by_index, by_path = plan.explain(idx), plan.explain('[0]["blocks"][0]["attn"]["qkv"]["w"]')
+    assert by_index.leaf == by_path.leaf == QKV and by_index.index == idx
+    assert by_index.alternative.extra_time_s == by_path.alternative.extra_time_s
+
+
+def test_bad_path_lists_valid_paths(planned):
+    plan, _, _ = planned
+    with pytest.raises(ExplainError, match="valid paths") as err:
+        plan.explain("[0]['blocks'][0]['attn']['qvk']['w']")
+    assert isinstance(err.value, ValueError) and "Did you mean" in str(err.value) and QKV in str(err.value)
+    with pytest.raises(ExplainError, match="out of range"):
+        plan.explain(10_000)
+    with pytest.raises(ExplainError, match="matches 2 leaves"):
+        plan.explain("['attn']['qkv']['w']")
+
+
+def test_loaded_plan_needs_fn_and_args(planned):
+    plan, args, _ = planned
+    loaded = autopar.Plan.from_json(plan.to_json())
+    with pytest.raises(ExplainError, match="fn=the_function"):
+        loaded.explain(QKV)
+    e = loaded.explain(QKV, fn=gpt.sgd_train_step, args=args)
+    assert e.alternative.extra_time_s == plan.explain(QKV).alternative.extra_time_s
+    other = gpt.sgd_train_step_args(**{**KNOBS, "hidden": 128}, abstract=True)
+    with pytest.raises(ExplainError, match="different program"):
+        loaded.explain(QKV, fn=gpt.sgd_train_step, args=other)
+
+
+def _autopar(*args, timeout=300):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "autopar", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_cli_explain(tmp_path):
+    spec = tmp_path / "cluster.json"
+    spec.write_text(make_cluster(8, **CLUSTER).model_dump_json())
+    common = ["examples/gpt.py:sgd_train_step", *[f"--arg={k}={v}" for k, v in KNOBS.items()],
+              "--cluster", str(spec), "--mesh", "8", "--donate", "0"]
+    r = _autopar("explain", common[0], QKV, *common[1:])
+    assert r.returncode == 0, r.stderr
+    assert "replicated" in r.stdout and f"split at gpt.py:{SPLIT_LINE}" in r.stdout, r.stdout
+    assert "predicted time +" in r.stdout
+    r = _autopar("explain", common[0], "[0]['nope']", *common[1:])
+    assert r.returncode == 2 and "valid paths" in r.stderr and QKV in r.stderr and "Traceback" not in r.stderr
+    saved = tmp_path / "plan.json"
+    assert _autopar("plan", *common, "--json", str(saved)).returncode == 0
+    r = _autopar("explain", common[0], FC, *common[1:], "--plan", str(saved))
+    assert r.returncode == 0 and "already split over all 8 devices" in r.stdout, r.stderr + r.stdout
+    assert json.loads(saved.read_text())["mesh_shape"] == [8]
