@@ -52,6 +52,7 @@ class IntraProblem:
     full: Problem                 # one solver node per graph node
     merged: Merged                # followers folded in: what the solver sees
     stats: dict = field(default_factory=dict)
+    carried: list = field(default_factory=list)  # (input, output) pairs a loop feeds back
 
     @property
     def problem(self) -> Problem:
@@ -219,11 +220,32 @@ _RESHARD_MATRICES: dict = {}
 _RESHARD_CACHE_SIZE = 50_000
 
 
+def reshard_matrix(mesh: MeshModel, value: Value, src: tuple, dst: tuple, seen: set | None = None) -> np.ndarray:
+    """µs to reshard ``value`` from each spec of ``src`` (rows) into each of ``dst`` (columns;
+    None: the consumer takes any layout, 0), read-only, cached across builds."""
+    key = (mesh, value.shape, value.itemsize, src, dst)
+    if seen is not None:
+        seen.add(key)
+    m = _RESHARD_MATRICES.get(key)
+    if m is None:
+        m = np.array([[0.0 if d is None else resharding(mesh, value.shape, value.itemsize, a, d)[0]
+                       for d in dst] for a in src]) * US
+        m.flags.writeable = False
+        if len(_RESHARD_MATRICES) >= _RESHARD_CACHE_SIZE:
+            _RESHARD_MATRICES.clear()
+        _RESHARD_MATRICES[key] = m
+    return m
+
+
 def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float | None,
                   donated_inputs=(), merge_followers: bool = False, tie_repeats: bool = True,
-                  allowed=None, allowed_reshard=None, input_usage_scale=None) -> IntraProblem:
+                  allowed=None, allowed_reshard=None, input_usage_scale=None, carried=()) -> IntraProblem:
     """``donated_inputs``: flat input indices whose buffers the step may reuse; each must keep
     the sharding of the output it aliases (alias constraint: an edge with ∞ off the diagonal).
+
+    ``carried`` (input index, output index) pairs a loop feeds back (``autopar.carry``): an
+    edge from the output's producer to the input costing the resharding of the output's spec
+    into the input's, paid before the next call.
 
     ``allowed(node_index, strategy) -> bool`` (default: everything) restricts the shardings of
     the program inputs (node index = flat input leaf index), ``allowed_reshard(node_index,
@@ -286,16 +308,7 @@ def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float
         for op in ops:
             src = tuple(s.out_specs[op.out_index] for s in strats[u])
             dst = tuple(s.in_specs[op.operand] for s in strats[v])
-            key = (mesh, op.value.shape, op.value.itemsize, src, dst)
-            m = _RESHARD_MATRICES.get(key)
-            matrices.add(key)
-            if m is None:
-                m = np.array([[0.0 if d is None else resharding(mesh, op.value.shape, op.value.itemsize, a, d)[0]
-                               for d in dst] for a in src]) * US
-                m.flags.writeable = False
-                if len(_RESHARD_MATRICES) >= _RESHARD_CACHE_SIZE:
-                    _RESHARD_MATRICES.clear()
-                _RESHARD_MATRICES[key] = m
+            m = reshard_matrix(mesh, op.value, src, dst, matrices)
             if allowed_reshard is not None and graph.nodes[u].kind == "input":
                 ok = np.array([[d is None or allowed_reshard(u, a, d) for d in dst] for a in src], dtype=bool)
                 m = np.where(ok, m, np.inf)
@@ -304,14 +317,18 @@ def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float
         edges.append((u, v))
         edge_costs.append(mat)
         edge_ops.append(ops)
-    for i, k in aliases:
+    ties = [(i, k, True) for i, k in aliases] + [(i, k, False) for i, k in carried]
+    for i, k, alias in ties:
         out_value = graph.program.outvars[k]
         u, j = graph.producer[out_value]
         if u == i:
             continue
         src = [s.out_specs[0] for s in strats[i]]
         dst = [s.out_specs[j] for s in strats[u]]
-        mat = np.array([[0.0 if a == b else np.inf for b in dst] for a in src])
+        if alias:
+            mat = np.array([[0.0 if a == b else np.inf for b in dst] for a in src])
+        else:  # the output, laid out as b, is resharded into the input's a before the next call
+            mat = reshard_matrix(mesh, graph.program.values[out_value], tuple(dst), tuple(src), matrices).T
         if (i, u) in grouped_index:
             e = grouped_index[(i, u)]
             edge_costs[e] = edge_costs[e] + mat
@@ -332,7 +349,8 @@ def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float
                    for v, t in enumerate(tie)]
         rep = [tie[r] for r in rep]
     merged = merge(full, rep, maps)
-    stats = {"aliases": len(aliases), "nodes": n, "edges": len(edges), "strategies": int(sum(len(s) for s in strats)),
+    stats = {"aliases": len(aliases), "carried": len(carried), "nodes": n, "edges": len(edges), "strategies": int(sum(len(s) for s in strats)),
              "edge_matrix_cache": len(matrices), "solver_nodes": merged.problem.num_nodes,
              "solver_edges": merged.problem.num_edges}
-    return IntraProblem(graph, mesh, strats, comp_all, comm_all, fallbacks, edges, edge_ops, full, merged, stats)
+    return IntraProblem(graph, mesh, strats, comp_all, comm_all, fallbacks, edges, edge_ops, full, merged, stats,
+                        carried=list(carried))

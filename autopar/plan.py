@@ -57,6 +57,9 @@ class Predicted(_Frozen):
     peak_memory_bytes: float
     collectives: list[CollectiveCost]
     by_kind: dict[str, KindTotal]
+    # per step of a loop: outputs fed back whose layout differs from their input's are
+    # resharded by Plan.apply before the next call (not part of the compiled step)
+    loop_reshard_s: float = 0.0
 
 
 class EqnPlan(_Frozen):
@@ -103,6 +106,17 @@ class Timing(_Frozen):
     per_mesh_solve_s: dict[str, float] = {}
 
 
+def _like(tree, specs: list, what: str, function: str):
+    """``specs`` unflattened into the structure of ``tree`` (same number of leaves)."""
+    import jax
+
+    treedef = jax.tree_util.tree_structure(tree)
+    if treedef.num_leaves != len(specs):
+        raise ValueError(f"the plan of {function} has {len(specs)} {what} leaves but the pytree given has "
+                         f"{treedef.num_leaves} ({treedef}); pass the same {what}s the plan was made for")
+    return treedef.unflatten(specs)
+
+
 class Plan(_Document):
     version: int = 1
     function: str
@@ -123,29 +137,54 @@ class Plan(_Document):
     mesh_candidates: list[MeshCandidate]
     fallbacks: list[Fallback]
     donated_inputs: list[int] = []
+    # (flat input leaf, flat output leaf) pairs a loop feeds back (autopar.carry.carried_pairs)
+    carried: list[list[int]] = []
     timing: Timing = Timing()
     # who chose the shardings: "autopar", or a hand-written baseline of autopar.baselines
     # ("data_parallel", "fsdp", "megatron", "dp_tp"); left out of the JSON when "autopar"
     strategy_name: str = Field(default="autopar", exclude_if=lambda v: v == "autopar")
     _fn: Any = PrivateAttr(default=None)   # the planned function, when planned in this process
     _args: Any = PrivateAttr(default=None)  # its example arguments as ShapeDtypeStructs (for explain)
+    # the arguments' / outputs' own PyTreeDefs (equinox Modules, nnx.State, dataclasses …), when
+    # planned in this process; a JSON load keeps containers and namedtuples only (specs_like)
+    _in_treedef: Any = PrivateAttr(default=None)
+    _out_treedef: Any = PrivateAttr(default=None)
 
     # --- views -----------------------------------------------------------------------
     @property
     def input_specs(self):
-        """PartitionSpec pytree matching the example arguments."""
-        from .emit import to_pspec
+        """PartitionSpec pytree with the example arguments' structure (a tuple, one entry per
+        positional argument): ``jax.tree.map(f, args, plan.input_specs)`` works. After a JSON
+        load custom pytree nodes come back as tuples: use :meth:`specs_like`."""
         from .pytree_json import treedef_from_json
-        return treedef_from_json(self.input_tree).unflatten([to_pspec(s) for s in self.input_specs_flat])
+        tree = self._in_treedef if self._in_treedef is not None else treedef_from_json(self.input_tree)
+        return tree.unflatten(self._input_pspecs())
 
     @property
     def output_specs(self):
+        """PartitionSpec pytree with the function's output structure (see :meth:`output_specs_like`)."""
+        from .pytree_json import treedef_from_json
+        tree = self._out_treedef if self._out_treedef is not None else treedef_from_json(self.output_tree)
+        return tree.unflatten(self._output_pspecs())
+
+    def specs_like(self, *args):
+        """The input specs with the structure of ``args`` (the function's positional arguments,
+        arrays or ShapeDtypeStructs): re-attaches the user's pytree types after ``from_json``."""
+        return _like(args, self._input_pspecs(), "input", self.function)
+
+    def output_specs_like(self, outputs):
+        """The output specs with the structure of ``outputs`` (e.g. ``jax.eval_shape(fn, *args)``)."""
+        return _like(outputs, self._output_pspecs(), "output", self.function)
+
+    def _input_pspecs(self) -> list:
+        from .emit import to_pspec
+        return [to_pspec(s) for s in self.input_specs_flat]
+
+    def _output_pspecs(self) -> list:
         from jax.sharding import PartitionSpec
 
         from .emit import to_pspec
-        from .pytree_json import treedef_from_json
-        return treedef_from_json(self.output_tree).unflatten(
-            [PartitionSpec() if s is None else to_pspec(s) for s in self.output_specs_flat])
+        return [PartitionSpec() if s is None else to_pspec(s) for s in self.output_specs_flat]
 
     def report(self) -> str:
         from .report import format_report

@@ -12,7 +12,8 @@ import numpy as np
 import solvers
 from cost import ClusterSpec, collective_time, load_cluster, mesh_model, resharding
 
-from .build import IntraProblem, build_problem
+from .build import IntraProblem, build_problem, match_donations
+from .carry import carried_pairs
 from .emit import axis_names
 from .graph import build_graph
 from .plan import (CollectiveCost, EqnPlan, Fallback, KindTotal, MeshCandidate, Plan, Predicted,
@@ -100,6 +101,8 @@ def plan_with(fn, example_args, *, cluster="cpu-8", nodes: int = 1, mesh_shape=N
     program, graph = traced if traced is not None else (trace(fn, *example_args), None)
     donated = donated_leaves(example_args, donate_argnums)
     graph = graph if graph is not None else build_graph(program)
+    aliases = match_donations(graph, donated)
+    carried = carried_pairs(program, [i for i, _ in aliases], [k for _, k in aliases])
     t_trace = time.perf_counter()
     total = nodes * spec.devices_per_node
     shapes = [tuple(mesh_shape)] if mesh_shape is not None else (
@@ -112,7 +115,8 @@ def plan_with(fn, example_args, *, cluster="cpu-8", nodes: int = 1, mesh_shape=N
             ip = problems[shape].with_budget(budget)
         else:
             ip = build_problem(graph, mesh_model(spec, nodes, shape), memory_budget_bytes=budget,
-                               donated_inputs=donated, **({} if restrict is None else restrict(shape)))
+                               donated_inputs=donated, carried=carried,
+                               **({} if restrict is None else restrict(shape)))
             if problems is not None:
                 problems[shape] = ip
         t_strat += time.perf_counter() - ts
@@ -266,9 +270,15 @@ def assemble_plan(fn, program, ip: IntraProblem, sol, spec: ClusterSpec, nodes: 
         cs = [c for c in colls if c.kind == kind]
         by_kind[kind] = KindTotal(count=len(cs), bytes=sum(c.bytes for c in cs), time_s=sum(c.time_s for c in cs))
     _, _, peak = solvers.evaluate(ip.full, choice)
+    in_specs = [chosen[v].out_specs[0] for v in range(len(program.invars))]
+    loop_s = 0.0  # fed-back outputs whose layout differs from their input's: resharded by apply
+    for i, k in ip.carried:
+        u, j = graph.producer[program.outvars[k]]
+        value = program.values[program.outvars[k]]
+        loop_s += resharding(mesh, value.shape, value.itemsize, chosen[u].out_specs[j], in_specs[i])[0]
     predicted = Predicted(step_time_s=compute_s + comm_s, compute_s=compute_s, comm_s=comm_s,
                           comm_bytes_per_device=sum(c.bytes for c in colls), peak_memory_bytes=peak,
-                          collectives=colls, by_kind=by_kind)
+                          collectives=colls, by_kind=by_kind, loop_reshard_s=loop_s)
     eqn_offset = len(program.invars) + len(program.consts)
     eqns = []
     for v in range(eqn_offset, len(graph.nodes)):
@@ -279,7 +289,7 @@ def assemble_plan(fn, program, ip: IntraProblem, sol, spec: ClusterSpec, nodes: 
             shapes=[list(o.shape) for o in node.outputs],
             compute_s=float(ip.compute_s[v][choice[v]]), comm_s=float(ip.comm_s[v][choice[v]]),
             source=node.eqn.source, fallback=ip.fallbacks.get(v)))
-    in_specs = [_names(chosen[v].out_specs[0], names) for v in range(len(program.invars))]
+    in_specs = [_names(s, names) for s in in_specs]
     out_specs = []
     for o in program.outvars:
         if isinstance(o, int):
@@ -293,7 +303,7 @@ def assemble_plan(fn, program, ip: IntraProblem, sol, spec: ClusterSpec, nodes: 
                         lower_bound_s=sol.lower_bound / 1e6 if np.isfinite(sol.lower_bound) else None,
                         gap=sol.gap if np.isfinite(sol.gap) else None, nodes=ip.problem.num_nodes,
                         edges=ip.problem.num_edges, strategies=int(sum(len(c) for c in ip.problem.node_costs)))
-    return Plan(
+    plan = Plan(
         function=getattr(fn, "__qualname__", getattr(fn, "__name__", repr(fn))),
         fingerprint=program.fingerprint, cluster=spec, nodes=nodes, mesh_shape=list(mesh.shape),
         axis_names=list(names), memory_budget_bytes=budget, input_specs_flat=in_specs,
@@ -301,4 +311,7 @@ def assemble_plan(fn, program, ip: IntraProblem, sol, spec: ClusterSpec, nodes: 
         output_tree=treedef_to_json(program.out_tree),
         input_shapes=[list(program.values[v].shape) for v in program.invars], eqns=eqns,
         predicted=predicted, solver=stats, mesh_candidates=candidates, fallbacks=fallbacks,
-        donated_inputs=list(donated), timing=timing, strategy_name=strategy_name)
+        donated_inputs=list(donated), carried=[list(p) for p in ip.carried], timing=timing,
+        strategy_name=strategy_name)
+    plan._in_treedef, plan._out_treedef = program.in_tree, program.out_tree
+    return plan

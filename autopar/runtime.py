@@ -1,6 +1,8 @@
 """Run a single-mesh plan: the program replayed with its constraints under ``jax.jit``."""
 from __future__ import annotations
 
+import warnings
+
 import jax
 
 from .emit import interpret, make_mesh, named
@@ -9,6 +11,11 @@ from .trace import trace
 
 class PlanMismatchError(ValueError):
     """The function or arguments differ from the ones the plan was made for."""
+
+
+class ReshardWarning(UserWarning):
+    """``Plan.apply`` moved arguments into the plan's input layouts before the call (e.g. a
+    training loop feeding back outputs laid out otherwise)."""
 
 
 def _abstract(x):
@@ -24,9 +31,14 @@ class ShardedFunction:
         self.mesh = make_mesh(plan.mesh_shape, plan.axis_names, devices)
         self.in_shardings = [named(self.mesh, s) for s in plan.input_specs_flat]
         self._cache: dict = {}
+        self._warned: set = set()
+        self._in_paths = None
 
     def _compiled_for(self, args):
         flat, tree = jax.tree_util.tree_flatten(args)
+        if self._in_paths is None:
+            from .carry import leaf_paths
+            self._in_paths = leaf_paths(tree)
         key = (tree, tuple((getattr(x, "shape", None), str(getattr(x, "dtype", type(x)))) for x in flat))
         hit = self._cache.get(key)
         if hit is not None:
@@ -48,7 +60,58 @@ class ShardedFunction:
 
     def __call__(self, *args):
         (jitted, out_tree), flat = self._compiled_for(args)
-        return jax.tree_util.tree_unflatten(out_tree, jitted(*flat))
+        flat = self.conform(flat)
+        try:
+            out = jitted(*flat)
+        except ValueError as err:
+            if "does not match the sharding" not in str(err):
+                raise
+            raise PlanMismatchError(  # conform() should have prevented it: say what to do, not XLA's words
+                f"an argument of {self.plan.function} is not laid out as the plan expects and could not be "
+                f"moved ({err}); pass host arrays or arrays on the plan's devices") from None
+        return jax.tree_util.tree_unflatten(out_tree, out)
+
+    def conform(self, flat: list) -> list:
+        """``flat`` with every committed array whose sharding differs from the plan's input
+        sharding moved into it (``jax.device_put``), so ``jit`` never rejects a fed-back
+        output. One :class:`ReshardWarning` per set of moved leaves names them and the
+        predicted time of the moves."""
+        out, moved = list(flat), []
+        for i, (x, want) in enumerate(zip(flat, self.in_shardings)):
+            if isinstance(x, jax.Array) and x.committed and not x.sharding.is_equivalent_to(want, x.ndim):
+                moved.append((i, x.sharding))
+                out[i] = jax.device_put(x, want)
+        if moved and tuple(i for i, _ in moved) not in self._warned:
+            self._warned.add(tuple(i for i, _ in moved))
+            warnings.warn(self._reshard_message(flat, moved), ReshardWarning, stacklevel=3)
+        return out
+
+    def _reshard_message(self, flat, moved) -> str:
+        from cost import mesh_model, resharding
+
+        from .emit import to_pspec
+        from .report import _time
+        paths = self._in_paths or [f"[{i}]" for i in range(len(flat))]
+        mesh = mesh_model(self.plan.cluster, self.plan.nodes, tuple(self.plan.mesh_shape))
+        names = list(self.plan.axis_names)
+        total, parts = 0.0, []
+        for i, src in moved:
+            dst_names = self.plan.input_specs_flat[i]
+            dst = tuple(tuple(names.index(a) for a in axes) for axes in dst_names)
+            x = flat[i]
+            if isinstance(src, jax.sharding.NamedSharding) and src.mesh == self.mesh:
+                spec = tuple(src.spec) + (None,) * (x.ndim - len(src.spec))
+                axes = [() if p is None else (p,) if isinstance(p, str) else tuple(p) for p in spec]
+                src_spec = tuple(tuple(names.index(a) for a in ax) for ax in axes)
+                src_text = str(src.spec)
+            else:  # another device set: priced as a gather of the whole value, then a slice
+                src_spec = tuple(() for _ in range(x.ndim))
+                src_text = type(src).__name__
+            total += resharding(mesh, tuple(x.shape), x.dtype.itemsize, src_spec, dst)[0]
+            parts.append(f"{paths[i]} {src_text} -> {to_pspec(dst_names)}")
+        return (f"autopar: {self.plan.function}: moved {len(moved)} argument leaves into the plan's input layouts "
+                f"before the call (predicted {_time(total)} per call): {'; '.join(parts)}. This happens when a "
+                "loop feeds back outputs laid out otherwise; the plan's report shows the layouts.")
 
     def lower(self, *args):
         """``jax.stages.Lowered`` of the sharded program (for ``.compile().as_text()``)."""
