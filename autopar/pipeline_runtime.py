@@ -176,10 +176,13 @@ class PipelineStep:
         b_leaves, b_tree = jax.tree_util.tree_flatten(batch)
         o_leaves, o_tree = jax.tree_util.tree_flatten(opt_state)
         if p_tree != self.p_tree or [list(np.shape(x)) for x in p_leaves] != plan.param_shapes:
-            raise PlanMismatchError(f"params do not match the plan (planned shapes {plan.param_shapes})")
+            raise PlanMismatchError(f"params do not match the plan: planned shapes {plan.param_shapes}, given "
+                                    f"{[list(np.shape(x)) for x in p_leaves]} ({len(p_leaves)} leaves); re-plan with "
+                                    "plan_training for these params")
         if b_tree != self.b_tree or [list(np.shape(x)) for x in b_leaves] != plan.batch_shapes:
-            raise PlanMismatchError(f"batch does not match the plan (planned shapes {plan.batch_shapes}); "
-                                    "a pipeline plan is made for one batch size")
+            raise PlanMismatchError(f"batch does not match the plan: planned shapes {plan.batch_shapes}, given "
+                                    f"{[list(np.shape(x)) for x in b_leaves]}; a pipeline plan is made for one batch "
+                                    "size: re-plan with plan_training for this batch")
         if o_tree != self.opt_tree:
             raise PlanMismatchError("opt_state does not match optimizer.init(params) of the planned optimizer")
         S = len(self.stages)

@@ -131,13 +131,15 @@ class Plan(_Document):
     input_tree: Any
     output_tree: Any
     input_shapes: list[list[int]]
+    input_dtypes: list[str] = []   # (empty in plans saved before it was recorded)
     eqns: list[EqnPlan]
     predicted: Predicted
     solver: SolverStats
     mesh_candidates: list[MeshCandidate]
     fallbacks: list[Fallback]
     donated_inputs: list[int] = []
-    # (flat input leaf, flat output leaf) pairs a loop feeds back (autopar.carry.carried_pairs)
+    # (flat input leaf, flat output leaf) pairs a loop feeds back: donated pairs and those
+    # autopar.carry.carried_pairs matches by path
     carried: list[list[int]] = []
     timing: Timing = Timing()
     # who chose the shardings: "autopar", or a hand-written baseline of autopar.baselines

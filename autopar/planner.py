@@ -309,9 +309,11 @@ def assemble_plan(fn, program, ip: IntraProblem, sol, spec: ClusterSpec, nodes: 
         axis_names=list(names), memory_budget_bytes=budget, input_specs_flat=in_specs,
         output_specs_flat=out_specs, input_tree=treedef_to_json(program.in_tree),
         output_tree=treedef_to_json(program.out_tree),
-        input_shapes=[list(program.values[v].shape) for v in program.invars], eqns=eqns,
+        input_shapes=[list(program.values[v].shape) for v in program.invars],
+        input_dtypes=[str(program.values[v].dtype) for v in program.invars], eqns=eqns,
         predicted=predicted, solver=stats, mesh_candidates=candidates, fallbacks=fallbacks,
-        donated_inputs=list(donated), carried=[list(p) for p in ip.carried], timing=timing,
+        donated_inputs=list(donated), timing=timing,
+        carried=sorted([list(p) for p in match_donations(graph, donated)] + [list(p) for p in ip.carried]),
         strategy_name=strategy_name)
     plan._in_treedef, plan._out_treedef = program.in_tree, program.out_tree
     return plan

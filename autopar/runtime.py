@@ -22,6 +22,28 @@ def _abstract(x):
     return jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") and hasattr(x, "dtype") else x
 
 
+def mismatch_message(plan, program, paths) -> str:
+    """Why ``program`` (the function traced on the arguments given) is not the planned one:
+    the leaves whose shape or dtype differ, side by side, else a different function."""
+    given = [(tuple(program.values[v].shape), str(program.values[v].dtype)) for v in program.invars]
+    planned = [(tuple(s), d) for s, d in zip(plan.input_shapes, plan.input_dtypes or [None] * len(plan.input_shapes))]
+    head = f"the plan was made for {plan.function} with other arguments or another function: "
+    fix = " Re-plan with these arguments (autopar.plan), or pass the arguments the plan was made for."
+    if len(given) != len(planned):
+        return (head + f"it has {len(planned)} input leaves, the arguments given have {len(given)}; planned "
+                f"shapes {[s for s, _ in planned]}, given {[s for s, _ in given]}." + fix)
+    paths = paths or [f"[{i}]" for i in range(len(given))]
+    rows = [(p, g, w) for p, g, w in zip(paths, given, planned) if g[0] != w[0] or (w[1] and g[1] != w[1])]
+    if not rows:
+        return (head + f"the arguments have the planned shapes and dtypes, but the function traces to another "
+                f"program (fingerprint {program.fingerprint}, planned {plan.fingerprint}): a different function, "
+                "or different static values/closures." + " Re-plan with this function.")
+    width = max(len(p) for p, _, _ in rows)
+    lines = [f"  {p:<{width}}  planned {w[0]} {w[1] or '?'}  given {g[0]} {g[1]}" for p, g, w in rows[:12]]
+    more = f"\n  … and {len(rows) - 12} more" if len(rows) > 12 else ""
+    return head + f"{len(rows)} argument leaves differ:\n" + "\n".join(lines) + more + "\n" + fix.strip()
+
+
 class ShardedFunction:
     """Callable returned by ``Plan.apply``: same signature as the planned function."""
 
@@ -45,10 +67,7 @@ class ShardedFunction:
             return hit, flat
         program = trace(self.fn, *jax.tree_util.tree_map(_abstract, args))
         if program.fingerprint != self.plan.fingerprint:
-            raise PlanMismatchError(
-                f"plan was made for {self.plan.function} (fingerprint {self.plan.fingerprint}) but the function/"
-                f"arguments given trace to a different program (fingerprint {program.fingerprint}); "
-                f"input shapes planned: {self.plan.input_shapes}. Re-plan with these arguments.")
+            raise PlanMismatchError(mismatch_message(self.plan, program, self._in_paths))
         out_specs = {e.index: e.out_specs for e in self.plan.eqns}
         in_specs = {(e.index, k): s for e in self.plan.eqns for k, s in e.reshard_inputs.items()}
         body = interpret(program, out_specs, in_specs, self.mesh)

@@ -79,7 +79,11 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
     lines = [f"invalid cluster spec {source}:"]
     for e in err.errors():
         field = ".".join(str(x) for x in e["loc"]) or "<root>"
-        lines.append(f"  field '{field}': {e['msg']} (got {e.get('input')!r})")
+        if e["type"] == "missing":  # the input is the enclosing object: name the field, don't dump it
+            lines.append(f"  field '{field}' is missing")
+        else:
+            got = repr(e.get("input"))
+            lines.append(f"  field '{field}': {e['msg']} (got {got if len(got) <= 80 else got[:77] + '...'})")
     lines.append("Fix the named field(s); see cluster_specs/dgx-a100-80g.json for a complete example.")
     return "\n".join(lines)
 

@@ -1,5 +1,6 @@
 """Public API behaviour: JSON round trip, determinism, memory budgets, clear errors."""
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -133,6 +134,16 @@ def test_invalid_spec_field_is_named(tmp_path):
         autopar.load_cluster(path)
 
 
+def test_missing_spec_field_is_named_without_dumping_the_spec(tmp_path):
+    spec = json.loads(autopar.load_cluster("dgx-h100").model_dump_json())
+    del spec["device"]["memory_bytes"]
+    path = tmp_path / "missing.json"
+    path.write_text(json.dumps(spec))
+    with pytest.raises(autopar.ClusterSpecError, match="field 'device.memory_bytes' is missing") as err:
+        autopar.load_cluster(path)
+    assert "peak_flops" not in str(err.value) and len(str(err.value)) < 300, str(err.value)
+
+
 def test_custom_spec_file_and_nodes(tmp_path):
     spec = json.loads(autopar.load_cluster("p3.16xlarge").model_dump_json())
     spec["name"] = "my-cluster"
@@ -162,8 +173,13 @@ def test_non_jittable_function_is_a_clear_error():
 
 def test_applying_a_plan_to_other_shapes_is_a_clear_error(mlp_plan, devices8):
     plan, _ = mlp_plan
-    with pytest.raises(autopar.PlanMismatchError, match="Re-plan"):
+    with pytest.raises(autopar.PlanMismatchError, match="Re-plan") as err:
         plan.apply(mlp.mlp_step)(*mlp.mlp_step_args(batch=64, hidden=1024))
+    # the leaves that differ, planned next to given, with dtypes
+    assert re.search(r"\[1\] +planned \(128, 1024\) float32 +given \(64, 1024\) float32", str(err.value)), err.value
+    assert "[0][0]['w']" not in str(err.value)  # same shape: not listed
+    with pytest.raises(autopar.PlanMismatchError, match="traces to another program"):
+        plan.apply(lambda p, x, y: mlp.mlp_step(p, x * 2, y))(*mlp.mlp_step_args(batch=128, hidden=1024))
 
 
 def test_bad_arguments_are_clear_errors():

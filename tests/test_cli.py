@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -71,3 +73,39 @@ def test_training_plan_run_timeline_and_saved_plan(tmp_path):
     assert r.returncode == 0 and "→ OK" in r.stdout, r.stderr + r.stdout
     r = autopar("plan", "examples/mlp.py:loss_fn", "--train", "--stages", "0-1:1x3", "--layers", "1")
     assert r.returncode == 2 and "is not one of" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_file_target_imports_its_sibling_modules(tmp_path):
+    (tmp_path / "helpers.py").write_text("import jax.numpy as jnp\n\ndef layer(w, x):\n    return jnp.tanh(x @ w)\n")
+    (tmp_path / "model.py").write_text(
+        "import jax, jax.numpy as jnp\nfrom helpers import layer\n\n"
+        "def fwd(w, x):\n    return jnp.sum(layer(w, x))\n\n"
+        "def fwd_args(abstract=False):\n"
+        "    return jnp.ones((64, 64)), jnp.ones((32, 64))\n")
+    r = autopar("plan", str(tmp_path / "model.py") + ":fwd", "--mesh", "8")
+    assert r.returncode == 0 and "mesh: (8,)" in r.stdout, r.stderr
+    assert "Running HiGHS" not in r.stdout + r.stderr and "Copyright" not in r.stdout  # no solver banner
+
+
+def test_run_accepts_a_correct_adamw_step_and_says_what_it_compared():
+    r = autopar("run", "examples/flax_lm.py:adamw_step", "--steps", "3")
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "3 step(s)" in r.stdout and ("→ OK (loss)" in r.stdout or "→ OK\n" in r.stdout + "\n"), r.stdout
+
+
+def test_run_rejects_a_wrong_plan(monkeypatch, capsys, devices8):
+    """A plan whose execution is wrong (here: every fed-back output nudged by 1e-3, as a
+    broken reshard would) fails `autopar run`, even though Adam-style noise is tolerated."""
+    from autopar import cli
+    from autopar.runtime import ShardedFunction
+
+    real = ShardedFunction.__call__
+
+    def broken(self, *args):
+        params, loss = real(self, *args)
+        return jax.tree.map(lambda p: p + 1e-3, params), loss
+
+    monkeypatch.setattr(ShardedFunction, "__call__", broken)
+    rc = cli.main(["run", "examples/mlp.py:mlp_step", "--arg", "hidden=64", "--arg", "batch=32", "--mesh", "8"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "→ MISMATCH" in out and "step 2:" in out, out
