@@ -34,19 +34,28 @@ class ExplainError(ValueError):
 
 @dataclass(frozen=True)
 class Cause:
-    """Operations (or reshards) of one kind and source line whose predicted cost differs
-    between the plan and the forced alternative; ``delta_s`` = alternative − plan, summed."""
-    kind: str          # "op" (compute + collectives inside the equation) | "reshard" (edge)
-    what: str          # "split at model.py:42 (attention)" / "reshard dot_general at … → split at …"
+    """The equations of one source line whose predicted cost differs between the plan and the
+    alternative: their own compute + collectives, plus resharding the values they read (a
+    reshard is charged to the equation that reads the value in another layout, so a layout
+    change that only moves an all-to-all along a chain of one line nets out there).
+    ``delta_s`` = alternative − plan, summed over ``count`` changes."""
+    where: str                    # "gpt.py:168 (_attention)"
+    primitives: tuple[str, ...]   # primitives there whose cost changed, largest change first
     delta_s: float
-    count: int         # occurrences summed (e.g. one per layer)
-    plan: str          # the largest occurrence in the plan …
-    forced: str        # … and in the alternative
+    count: int
+    item: str                     # the largest single change: "reshard of add (gpt.py:161)'s output into split" …
+    plan: str                     # … as it is in the plan …
+    forced: str                   # … and in the alternative
+
+    @property
+    def what(self) -> str:
+        more = "/…" if len(self.primitives) > 3 else ""
+        return f"{'/'.join(self.primitives[:3])}{more} at {self.where}"
 
     def format(self) -> str:
-        times = f" ×{self.count}" if self.count > 1 else ""
-        return f"{_signed_time(self.delta_s):>11}  {self.what}{times}\n{'':13}plan: {self.plan}\n" \
-               f"{'':13}alt:  {self.forced}"
+        times = f", {self.count} changes" if self.count > 1 else ""
+        return (f"{_signed_time(self.delta_s):>11}  {self.what}{times}\n{'':13}largest: {self.item}\n"
+                f"{'':13}  plan: {self.plan}\n{'':13}  alt:  {self.forced}")
 
 
 @dataclass(frozen=True)
@@ -441,17 +450,20 @@ def _compare(plan, ip, program, index, sol, top, title) -> tuple[Alternative, se
     before = _plan_choice(ip, plan, program, index)
     after_idx = ip.expand(sol.choice)
     after = [ip.strategies[v][c] for v, c in enumerate(after_idx)]
-    groups: dict[tuple[str, str], list] = {}   # (kind, label) -> [delta, count, (|d|, plan, alt), primitives]
+    groups: dict[str, dict] = {}   # source line -> {"d": delta, "n": count, "prims": {p: delta}, "top": …}
 
-    def add(kind, label, delta, plan_desc, alt_desc, *nodes):
-        g = groups.setdefault((kind, label), [0.0, 0, None, set()])
-        g[0] += delta
-        g[1] += 1
-        g[3].update(graph.nodes[x].name for x in nodes if graph.nodes[x].kind == "eqn")
-        if g[2] is None or abs(delta) > g[2][0]:
-            g[2] = (abs(delta), plan_desc, alt_desc)
+    def add(v, prim, delta, item, plan_desc, alt_desc):
+        node = graph.nodes[v] if v is not None else None
+        where = (short_source(node.eqn.source) or node.name) if node is not None and node.kind == "eqn" else \
+            "the loop (outputs fed back as the next call's inputs)"
+        g = groups.setdefault(where, {"d": 0.0, "n": 0, "prims": {}, "top": None})
+        g["d"] += delta
+        g["n"] += 1
+        g["prims"][prim] = g["prims"].get(prim, 0.0) + delta
+        if g["top"] is None or abs(delta) > g["top"][0]:
+            g["top"] = (abs(delta), item, plan_desc, alt_desc)
 
-    def node_cost(v, s, idx):
+    def node_cost(v, idx):
         if graph.nodes[v].kind != "eqn":
             return 0.0
         return float(ip.compute_s[v][idx] + ip.comm_s[v][idx])
@@ -462,10 +474,10 @@ def _compare(plan, ip, program, index, sol, top, title) -> tuple[Alternative, se
         b, a = before[v], after[v]
         if b is a or node.kind != "eqn":
             continue
-        cb, ca = node_cost(v, b, index_of[v][id(b)]), node_cost(v, a, after_idx[v])
+        cb, ca = node_cost(v, index_of[v][id(b)]), node_cost(v, after_idx[v])
         if cb != ca:
-            add("op", _node_label(graph, v, paths), ca - cb, _describe_op(ip, v, b, names, cb),
-                _describe_op(ip, v, a, names, ca), v)
+            add(v, node.name, ca - cb, f"{node.name} itself (compute + collectives)",
+                _describe_op(ip, v, b, names, cb), _describe_op(ip, v, a, names, ca))
     for (u, v), ops in zip(ip.edges, ip.edge_operands):
         if before[u] is after[u] and before[v] is after[v]:
             continue
@@ -474,19 +486,21 @@ def _compare(plan, ip, program, index, sol, top, title) -> tuple[Alternative, se
             sa, da = after[u].out_specs[op.out_index], after[v].in_specs[op.operand]
             (cb, pb), (ca, pa) = _edge_cost(mesh, op, sb, db), _edge_cost(mesh, op, sa, da)
             if cb != ca:
-                label = f"reshard {_node_label(graph, u, paths)} → {_node_label(graph, v, paths)}"
-                add("reshard", label, ca - cb, _describe_reshard(op, sb, db, names, cb, pb),
-                    _describe_reshard(op, sa, da, names, ca, pa), u, v)
+                name = graph.nodes[v].name
+                add(v, name, ca - cb, f"reshard {_node_label(graph, u, paths)} → {name}",
+                    _describe_reshard(op, sb, db, names, cb, pb), _describe_reshard(op, sa, da, names, ca, pa))
     for i, k in getattr(ip, "carried", ()):  # a loop feeds output k back as input i
         u, j = graph.producer[program.outvars[k]]
         value = program.values[program.outvars[k]]
         cost = [resharding(mesh, value.shape, value.itemsize, x[u].out_specs[j], x[i].out_specs[0])
                 for x in (before, after)]
         if cost[0][0] != cost[1][0]:
-            add("reshard", f"loop reshard {_node_label(graph, u, paths)} → next call's {paths[i]}",
-                cost[1][0] - cost[0][0], f"{_time(cost[0][0])}", f"{_time(cost[1][0])}", u)
-    causes = [Cause(kind, label, d, n, desc[1], desc[2]) for (kind, label), (d, n, desc, _) in groups.items()]
-    prims_of = {(kind, label): g[3] for (kind, label), g in groups.items()}
+            add(None, "loop reshard", cost[1][0] - cost[0][0], f"reshard {_node_label(graph, u, paths)} → {paths[i]}",
+                _time(cost[0][0]), _time(cost[1][0]))
+    causes = []
+    for where, g in groups.items():
+        prims = tuple(p for p, _ in sorted(g["prims"].items(), key=lambda kv: -abs(kv[1])))
+        causes.append(Cause(where, prims, g["d"], g["n"], *g["top"][1:]))
     objective = sol.cost / 1e6
     extra = objective - plan.solver.objective_s
     scale = max(abs(extra), max((abs(c.delta_s) for c in causes), default=0.0))
@@ -503,7 +517,7 @@ def _compare(plan, ip, program, index, sol, top, title) -> tuple[Alternative, se
                            f"{_pspec(_spec_names(after[i].out_specs[0], names))}")
     _, _, peak = solvers.evaluate(ip.full, after_idx)
     leaf_spec = after[index].out_specs[0]
-    prims = set().union(set(), *(prims_of[c.kind, c.what] for c in costlier[:3]))
+    prims = {p for c in costlier[:3] for p in c.primitives[:2]}
     return Alternative(
         title=title, leaf_spec=_pspec(_spec_names(leaf_spec, names)), leaf_split_factor=shard_factor(leaf_spec, mesh.shape),
         objective_s=objective, extra_time_s=extra, peak_memory_bytes=peak,

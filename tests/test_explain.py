@@ -51,7 +51,7 @@ def test_replicated_qkv_names_the_split(planned):
     a = e.alternative
     assert a is not None and a.leaf_split_factor == 8 and a.extra_time_s > 0
     causes = [c for alt in (e.alternative, e.used_split) if alt is not None for c in alt.costlier]
-    split = [c for c in causes if f"split at gpt.py:{SPLIT_LINE}" in c.what]
+    split = [c for c in causes if "split" in c.primitives and c.where.startswith(f"gpt.py:{SPLIT_LINE} ")]
     assert split, [c.what for c in causes]
     assert a.costlier[0] is split[0] or (e.used_split and e.used_split.costlier[0] is split[0])
     assert "all-gather" in split[0].forced or "all-to-all" in split[0].forced
