@@ -212,21 +212,6 @@ def cmd_run(ns) -> int:
     return 0 if result.ok else 1
 
 
-def _compare(got, want, rtol, atol) -> tuple[float, bool]:
-    """(max |got − want| over float leaves, every leaf allclose / equal)."""
-    import jax
-    import numpy as np
-    worst, ok = 0.0, True
-    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
-        a, b = np.asarray(a), np.asarray(b)
-        if a.dtype.kind in "fc":
-            worst = max(worst, float(np.max(np.abs(a - b), initial=0.0)))
-            ok &= bool(np.allclose(a, b, rtol=rtol, atol=atol))
-        else:
-            ok &= bool(np.array_equal(a, b))
-    return worst, ok
-
-
 def _run_training(ns, module, fn, args) -> int:
     import jax
     import numpy as np
@@ -247,14 +232,18 @@ def _run_training(ns, module, fn, args) -> int:
         loss, g = jax.value_and_grad(fn)(p, b)
         u, o = opt.update(g, o, p)
         return optax.apply_updates(p, u), o, loss
-    want = jax.block_until_ready(jax.jit(reference)(params, state, batch))
-    got = jax.block_until_ready(plan.apply(fn, opt)(params, state, batch))
-    worst, ok = _compare(got, want, ns.rtol, ns.atol)
+    from .verify import compare_loops, run_loop
+    n_state = len(jax.tree_util.tree_leaves((params, state)))
+    carried = [(i, i) for i in range(n_state)]  # (params, state, batch) -> (params, state, loss)
+    first = [np.asarray(x) for x in jax.tree_util.tree_leaves((params, state, batch))]
+    want = run_loop(jax.jit(reference), (params, state, batch), carried, ns.steps)
+    got = run_loop(plan.apply(fn, opt), (params, state, batch), carried, ns.steps)
+    result = compare_loops(got, want, first, carried, rtol=ns.rtol, atol=ns.atol,
+                           paths=[f"params/state leaf {k}" for k in range(n_state)] + ["loss"])
     print(f"\nran {plan.num_stages} stage(s) × {plan.num_microbatches} micro-batch(es) ({plan.schedule}) on "
-          f"{plan.nodes * plan.cluster.devices_per_node} {jax.devices()[0].platform} devices: params, optimizer "
-          f"state and loss vs the single-device step: max |diff| = {worst:.3g} → {'OK' if ok else 'MISMATCH'} "
-          f"(rtol {ns.rtol}, atol {ns.atol})")
-    return 0 if ok else 1
+          f"{plan.nodes * plan.cluster.devices_per_node} {jax.devices()[0].platform} devices vs the single-device "
+          f"step, {result.summary()}")
+    return 0 if result.ok else 1
 
 
 def _common(p):
