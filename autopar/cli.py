@@ -178,7 +178,8 @@ def cmd_explain(ns) -> int:
     module, fn, name = load_target(ns.target)
     args = example_args(module, name, _parse_knobs(ns.arg), abstract=True)
     plan = autopar.Plan.from_json(Path(ns.plan).read_text()) if ns.plan else _plan_from_args(ns, fn, args)
-    print(plan.explain(ns.leaf, fn=fn, args=args, top=ns.top, solver=ns.solver, time_limit_s=ns.time_limit))
+    print(plan.explain(ns.leaf, fn=fn, args=args, axis=ns.axis, top=ns.top, solver=ns.solver,
+                       time_limit_s=ns.time_limit))
     return 0
 
 
@@ -292,6 +293,7 @@ def main(argv=None) -> int:
     x.add_argument("leaf", help="input leaf: its path as the plan report prints it (e.g. [0]['qkv']) or its "
                    "flat index")
     x.add_argument("--plan", help="a plan JSON to explain instead of planning (same TARGET and --arg)")
+    x.add_argument("--axis", help="mesh axis the alternative must split the leaf over, e.g. y (default: any)")
     x.add_argument("--top", type=int, default=5, help="operations listed each way (default 5)")
     ns = parser.parse_args(argv)
     if ns.cmd == "run":

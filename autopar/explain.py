@@ -25,7 +25,8 @@ from .strategies import enumerate_specs
 
 MAX_PATHS_IN_ERROR = 30
 # primitives whose cost grows when the pieces of a fused tensor do not line up with the shards
-_LAYOUT_PRIMS = {"split", "slice", "concatenate", "reshape", "dynamic_slice", "pad"}
+_CUT_PRIMS = {"split", "slice", "dynamic_slice", "concatenate", "pad"}
+_LAYOUT_PRIMS = _CUT_PRIMS | {"reshape"}
 
 
 class ExplainError(ValueError):
@@ -123,7 +124,8 @@ class Explanation:
     def format(self) -> str:
         mesh = f"mesh {self.mesh_shape} axes {self.axis_names}"
         over = "" if self.split_factor == 1 else f" over {self.split_factor} of {self.devices} devices"
-        lines = [f"{self.leaf}  {self.shape}{' ' + self.dtype if self.dtype else ''}: {self.spec} — {self.state}{over} on {mesh}",
+        dtype = f" {self.dtype}" if self.dtype else ""
+        lines = [f"{self.leaf}  {self.shape}{dtype}: {self.spec} — {self.state}{over} on {mesh}",
                  f"plan: objective {_time(self.objective_s)}, peak memory {_bytes(self.peak_memory_bytes)} per device"]
         for a in (self.alternative, self.used_split):
             if a is not None:
@@ -309,7 +311,8 @@ def _describe_reshard(op, src, dst, names, seconds, parts) -> str:
 
 
 def _describe_op(ip, v, s, names, seconds) -> str:
-    coll = ", ".join(f"{kind} over {','.join(names[a] for a in axes)} {_bytes(nbytes)}" for kind, axes, nbytes in s.comm)
+    coll = ", ".join(f"{kind} over {','.join(names[a] for a in axes)} {_bytes(nbytes)}"
+                     for kind, axes, nbytes in s.comm)
     outs = " ".join(_pspec(_spec_names(sp, names)) for sp in s.out_specs if sp is not None)
     return f"{s.name} → {outs}" + (f", {coll}" if coll else "") + f" ({_time(seconds)})"
 
@@ -327,13 +330,14 @@ def _same_build(plan) -> dict:
 
 # ----------------------------------------------------------------------------- explain
 
-def explain(plan, leaf, *, fn=None, args=None, top: int = 5, solver: str = "auto",
+def explain(plan, leaf, *, fn=None, args=None, axis: str | None = None, top: int = 5, solver: str = "auto",
             time_limit_s: float | None = None) -> Explanation:
     """Why input ``leaf`` of ``plan`` (a path as the report prints it, e.g. ``"[0]['qkv']"``,
     or a flat index) has its sharding, and what splitting it further would cost.
 
     ``fn`` / ``args`` default to the function and (abstract) arguments the plan was made from
-    in this process; a plan loaded from JSON needs both. ``top``: causes listed each way."""
+    in this process; a plan loaded from JSON needs both. ``axis`` (a mesh axis name, e.g. "y"):
+    the alternatives must split the leaf over that axis. ``top``: causes listed each way."""
     from .planner import MIP_GAP
     from .plan import Plan
 
@@ -345,6 +349,10 @@ def explain(plan, leaf, *, fn=None, args=None, top: int = 5, solver: str = "auto
     mesh_shape = tuple(plan.mesh_shape)
     names = tuple(plan.axis_names)
     devices = math.prod(mesh_shape)
+    if axis is not None and axis not in names:
+        raise ExplainError(f"axis={axis!r} is not an axis of the plan's mesh {mesh_shape}; use one of {names}")
+    want_axis = None if axis is None else names.index(axis)
+    over_axis = "" if axis is None else f" over axis {axis!r}"
     shape = tuple(plan.input_shapes[index])
     spec_names = plan.input_specs_flat[index]
     factor = math.prod(mesh_shape[names.index(a)] for axes in spec_names for a in axes)
@@ -376,15 +384,17 @@ def explain(plan, leaf, *, fn=None, args=None, top: int = 5, solver: str = "auto
     dtype = str(graph.nodes[index].outputs[0].dtype)
     base["dtype"] = dtype
     mesh = mesh_model(plan.cluster, plan.nodes, mesh_shape)
-    more = [s for s in enumerate_specs(shape, mesh.shape) if shard_factor(s, mesh.shape) > factor]
-    if not more:
+    def more_split(spec) -> bool:
+        return shard_factor(spec, mesh.shape) > factor and (
+            want_axis is None or any(want_axis in axes for axes in spec))
+    if not any(map(more_split, enumerate_specs(shape, mesh.shape))):
         return Explanation(**base, alternative=None,
-                           note=f"cannot be split further on this mesh: no dim of {shape} is divisible by a larger "
-                                f"product of mesh axes {dict(zip(names, mesh_shape))}",
+                           note=f"cannot be split further{over_axis} on this mesh: no dim of {shape} is divisible "
+                                f"by a larger product of mesh axes {dict(zip(names, mesh_shape))}",
                            seconds=time.perf_counter() - t0)
 
     def allowed(u, s):
-        return u != index or shard_factor(s.out_specs[0], mesh.shape) > factor
+        return u != index or more_split(s.out_specs[0])
 
     def kept(u, src, dst):  # the leaf's consumers read it without gathering any of its mesh axes
         return u != index or {a for axes in src for a in axes} <= {a for axes in dst for a in axes}
@@ -409,10 +419,10 @@ def explain(plan, leaf, *, fn=None, args=None, top: int = 5, solver: str = "auto
         [f"note: this is a baseline plan ({plan.strategy_name}); the alternatives are planned freely by autopar"]
     ip, sol, fail = solve(allowed=allowed)
     if fail:
-        notes.insert(0, f"forcing it over more than {factor} device(s) is infeasible: {fail}")
+        notes.insert(0, f"forcing it over more than {factor} device(s){over_axis} is infeasible: {fail}")
         return Explanation(**base, alternative=None, note="\n".join(notes), seconds=time.perf_counter() - t0)
     alt, prims, after = _compare(plan, ip, program, index, sol, top,
-                                 "cheapest plan that splits it further")
+                                 f"cheapest plan that splits it further{over_axis}")
     used = None
     if _gathers(ip, index, after):  # it is stored split but gathered where used: also force it used split
         ip2, sol2, fail2 = solve(allowed=allowed, allowed_reshard=kept)
@@ -421,15 +431,27 @@ def explain(plan, leaf, *, fn=None, args=None, top: int = 5, solver: str = "auto
         else:
             used, prims2, _ = _compare(plan, ip2, program, index, sol2, top,
                                        "cheapest plan that also uses it split (no all-gather of it: tensor parallel)")
-            prims |= prims2
-    hint = ""
-    if prims & _LAYOUT_PRIMS:
-        hint = (f"{'/'.join(sorted(prims & _LAYOUT_PRIMS))} among the costliest changes: when the pieces of a fused "
-                "tensor (jnp.split, slices, reshapes) do not line up with the shards, the split layout must be "
-                "gathered or exchanged first. Lay the fused dim out as its own axis (e.g. QKV as (d, 3, heads, "
-                "head_dim), indexed instead of split) so every piece is split the same way on every device")
-    return Explanation(**base, alternative=alt, used_split=used, note="\n".join(notes), hint=hint,
+            prims += prims2
+    return Explanation(**base, alternative=alt, used_split=used, note="\n".join(notes), hint=_hint(prims),
                        seconds=time.perf_counter() - t0)
+
+
+def _hint(layout) -> str:
+    """A model change for the first split / slice / reshape among the costliest causes."""
+    cut = [(p, w) for p, w in layout if p in _CUT_PRIMS]
+    if cut:
+        p, where = cut[0]
+        return (f"{p} at {where} is among the costliest changes: its pieces do not line up with the shards of the "
+                "dim it cuts, so that layout is gathered or exchanged first. Lay the fused dim out as its own axis "
+                "(e.g. QKV as (d, 3, heads, head_dim), indexed instead of jnp.split) so every piece is split the "
+                "same way on every device")
+    if layout:
+        p, where = layout[0]
+        return (f"{p} at {where} is among the costliest changes: a dim split over the mesh that a reshape merges "
+                "or divides (e.g. heads·head_dim ↔ (heads, head_dim)) lines up with the shards only when the split "
+                "is on the major factor; keep the split dim whole across the reshape (heads divisible by the mesh "
+                "axis)")
+    return ""
 
 
 def _gathers(ip, index, after) -> bool:
@@ -517,9 +539,10 @@ def _compare(plan, ip, program, index, sol, top, title) -> tuple[Alternative, se
                            f"{_pspec(_spec_names(after[i].out_specs[0], names))}")
     _, _, peak = solvers.evaluate(ip.full, after_idx)
     leaf_spec = after[index].out_specs[0]
-    prims = {p for c in costlier[:3] for p in c.primitives[:2]}
+    layout = [(p, c.where) for c in costlier[:3] for p in c.primitives[:2] if p in _LAYOUT_PRIMS]
     return Alternative(
-        title=title, leaf_spec=_pspec(_spec_names(leaf_spec, names)), leaf_split_factor=shard_factor(leaf_spec, mesh.shape),
+        title=title, leaf_spec=_pspec(_spec_names(leaf_spec, names)),
+        leaf_split_factor=shard_factor(leaf_spec, mesh.shape),
         objective_s=objective, extra_time_s=extra, peak_memory_bytes=peak,
         extra_memory_bytes=peak - plan.predicted.peak_memory_bytes, solver_status=f"{sol.solver} {sol.status}",
-        costlier=costlier, cheaper=cheaper, other_s=other, also_changed=tuple(changed)), prims, after
+        costlier=costlier, cheaper=cheaper, other_s=other, also_changed=tuple(changed)), layout, after

@@ -206,10 +206,10 @@ class Plan(_Document):
                              "call plan.validate(*args, fn=the_function)")
         return validate_plan(self, fn, *args, devices=devices)
 
-    def explain(self, leaf, *, fn=None, args=None, top: int = 5, solver: str = "auto", time_limit_s=None):
+    def explain(self, leaf, *, fn=None, args=None, axis=None, top: int = 5, solver: str = "auto", time_limit_s=None):
         """Why input ``leaf`` (a path as the report prints it, e.g. ``"[0]['qkv']"``, or a flat
         index) has its sharding; for a replicated / partly split leaf, the cheapest plan that
         splits it further and the operations that make it expensive (``autopar.explain``).
-        ``fn`` / ``args`` are needed after a JSON load."""
+        ``fn`` / ``args`` are needed after a JSON load; ``axis="y"``: split it over that mesh axis."""
         from .explain import explain
-        return explain(self, leaf, fn=fn, args=args, top=top, solver=solver, time_limit_s=time_limit_s)
+        return explain(self, leaf, fn=fn, args=args, axis=axis, top=top, solver=solver, time_limit_s=time_limit_s)

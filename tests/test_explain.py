@@ -143,3 +143,41 @@ def test_cli_explain(tmp_path):
     r = _autopar("explain", common[0], FC, *common[1:], "--plan", str(saved))
     assert r.returncode == 0 and "already split over all 8 devices" in r.stdout, r.stderr + r.stdout
     assert json.loads(saved.read_text())["mesh_shape"] == [8]
+
+
+@pytest.fixture(scope="module")
+def planned_2d():
+    """The issue's situation on a 2D mesh: MLP weights split over the tensor axis, QKV replicated."""
+    args = gpt.sgd_train_step_args(**KNOBS, abstract=True)
+    return autopar.plan(gpt.sgd_train_step, *args, cluster=make_cluster(8, **CLUSTER), mesh_shape=(2, 4),
+                        donate_argnums=(0,))
+
+
+def test_2d_mesh_partly_split_and_forced_axis(planned_2d):
+    plan = planned_2d
+    specs = dict(zip(leaf_paths(plan), plan.input_specs_flat))
+    assert specs[QKV] == [[], []] and specs[FC] == [[], ["y"]]
+    fc = plan.explain(FC)
+    assert fc.state == "partly split" and fc.split_factor == 4 and "over 4 of 8 devices" in str(fc)
+    assert fc.alternative is not None and fc.alternative.leaf_split_factor == 8
+    qkv = plan.explain(QKV, axis="y")   # over the tensor axis, where the MLP weights are split
+    for alt in (qkv.alternative, qkv.used_split):
+        if alt is not None:
+            assert "'y'" in alt.leaf_spec and alt.leaf_split_factor >= 4
+    assert "over axis 'y'" in str(qkv)
+    causes = [c for alt in (qkv.alternative, qkv.used_split) if alt is not None for c in alt.costlier]
+    assert any("split" in c.primitives and c.where.startswith(f"gpt.py:{SPLIT_LINE} ") for c in causes), \
+        [c.what for c in causes]
+    with pytest.raises(ExplainError, match="use one of"):
+        plan.explain(QKV, axis="z")
+
+
+def test_infeasible_forced_split_says_so(planned, monkeypatch):
+    import solvers
+
+    def no_fit(problem, **kw):
+        raise solvers.InfeasibleError("over the limit", min_peak_usage=2 * problem.usage_limit)
+    monkeypatch.setattr("autopar.explain.solvers.solve", no_fit)
+    plan, _, _ = planned
+    e = plan.explain(QKV)
+    assert e.alternative is None and "infeasible" in e.note and "does not fit the memory budget" in str(e)
