@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -85,9 +86,21 @@ def example_args(module, name: str, knobs: dict, abstract: bool):
 def _plan_from_args(ns, fn, args):
     import autopar
     donate = tuple(int(x) for x in ns.donate.split(",") if x.strip()) if ns.donate else ()
-    return autopar.plan(fn, *args, cluster=ns.cluster, nodes=ns.nodes, mesh_shape=_parse_mesh(ns.mesh),
-                        memory_budget_bytes=ns.budget, solver=ns.solver, time_limit_s=ns.time_limit,
-                        donate_argnums=donate)
+    with _progress(ns) as progress:
+        return autopar.plan(fn, *args, cluster=ns.cluster, nodes=ns.nodes, mesh_shape=_parse_mesh(ns.mesh),
+                            memory_budget_bytes=ns.budget, solver=ns.solver, time_limit_s=ns.time_limit,
+                            donate_argnums=donate, verbose=progress)
+
+
+@contextlib.contextmanager
+def _progress(ns):
+    """A live display on stderr while planning (``--quiet``: none)."""
+    from .progress import Progress, RichProgress
+    progress = Progress() if ns.quiet else RichProgress()
+    try:
+        yield progress
+    finally:
+        progress.close()
 
 
 def _optimizer(ns, module):
@@ -127,11 +140,12 @@ def _training_plan(ns, module, fn, args):
     if len(args) != 2:
         raise SystemExit(f"autopar: --train needs a loss function FOO(params, batch); FOO_args returned {len(args)} "
                          "arguments")
-    return autopar.plan_training(
-        fn, *args, optimizer=_optimizer(ns, module), cluster=ns.cluster, nodes=ns.nodes,
-        num_microbatches=ns.microbatches, schedule=ns.schedule, num_stages=ns.num_stages,
-        stages=_parse_stages(ns.stages), num_layers=ns.layers, memory_budget_bytes=ns.budget,
-        solver=ns.solver, time_limit_s=ns.time_limit)
+    with _progress(ns) as progress:
+        return autopar.plan_training(
+            fn, *args, optimizer=_optimizer(ns, module), cluster=ns.cluster, nodes=ns.nodes,
+            num_microbatches=ns.microbatches, schedule=ns.schedule, num_stages=ns.num_stages,
+            stages=_parse_stages(ns.stages), num_layers=ns.layers, memory_budget_bytes=ns.budget,
+            solver=ns.solver, time_limit_s=ns.time_limit, verbose=progress)
 
 
 def _finish_training(ns, plan) -> None:
@@ -256,6 +270,7 @@ def _common(p):
     p.add_argument("--solver", default="auto", choices=["auto", "cbc", "highs", "heuristic", "brute"])
     p.add_argument("--time-limit", type=float, default=None, help="solver time limit, seconds")
     p.add_argument("--arg", action="append", metavar="KEY=VALUE", help="knob for FUNCTION_args()")
+    p.add_argument("--quiet", action="store_true", help="no live progress display while planning")
     p.add_argument("--donate", metavar="0,1", help="donated argument positions (params, optimizer state of "
                    "a training step): they keep their sharding across the step and their buffers are reused")
     t = p.add_argument_group("training plans (--train: FUNCTION is loss_fn(params, batch))")

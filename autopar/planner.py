@@ -18,6 +18,7 @@ from .emit import axis_names
 from .graph import build_graph
 from .plan import (CollectiveCost, EqnPlan, Fallback, KindTotal, MeshCandidate, Plan, Predicted,
                    SolverStats, Timing)
+from .progress import Progress, progress_for
 from .pytree_json import treedef_to_json
 from .trace import trace
 
@@ -64,7 +65,7 @@ def _check_args(cluster, nodes, mesh_shape, solver, memory_budget_bytes, time_li
 
 def plan(fn, *example_args, cluster="cpu-8", nodes: int = 1, mesh_shape=None,
          memory_budget_bytes: float | None = None, solver: str = "auto",
-         time_limit_s: float | None = None, donate_argnums=()) -> Plan:
+         time_limit_s: float | None = None, donate_argnums=(), verbose=False) -> Plan:
     """Plan ``fn(*example_args)`` on ``nodes`` nodes of ``cluster``.
 
     ``example_args`` may be arrays or ``jax.ShapeDtypeStruct`` pytrees. Every logical mesh
@@ -73,17 +74,26 @@ def plan(fn, *example_args, cluster="cpu-8", nodes: int = 1, mesh_shape=None,
     ``donate_argnums`` (as in ``jax.jit``): those arguments' buffers are reused for the
     outputs they alias (same shape/dtype), which must then keep the same sharding — pass the
     params/optimizer-state positions of a training step.
+
+    Progress (meshes solved of total, best plan so far, gap, elapsed) goes to the
+    ``"autopar"`` logger at INFO — silent unless logging is configured; ``verbose=True``
+    prints it on stderr, a :class:`autopar.progress.Progress` receives it.
     """
-    return plan_with(fn, example_args, cluster=cluster, nodes=nodes, mesh_shape=mesh_shape,
-                     memory_budget_bytes=memory_budget_bytes, solver=solver, time_limit_s=time_limit_s,
-                     donate_argnums=donate_argnums)
+    progress = progress_for(verbose)
+    try:
+        return plan_with(fn, example_args, cluster=cluster, nodes=nodes, mesh_shape=mesh_shape,
+                         memory_budget_bytes=memory_budget_bytes, solver=solver, time_limit_s=time_limit_s,
+                         donate_argnums=donate_argnums, progress=progress)
+    finally:
+        if progress is not verbose:  # made here
+            progress.close()
 
 
 def plan_with(fn, example_args, *, cluster="cpu-8", nodes: int = 1, mesh_shape=None,
               memory_budget_bytes: float | None = None, solver: str = "auto",
               time_limit_s: float | None = None, donate_argnums=(), restrict=None,
               strategy_name: str = "autopar", mesh_shapes=None, traced=None, seed=None,
-              problems: dict | None = None) -> Plan:
+              problems: dict | None = None, carry: bool = True, progress=None) -> Plan:
     """``plan`` with two hooks for restricted runs (``autopar.baselines``): ``restrict(mesh_shape)``
     returns the ``build_problem`` keyword arguments ``allowed`` / ``allowed_reshard`` (filters
     on the program inputs' shardings) for that mesh; ``strategy_name`` is recorded in the Plan.
@@ -94,21 +104,25 @@ def plan_with(fn, example_args, *, cluster="cpu-8", nodes: int = 1, mesh_shape=N
     start (``rule_start``), so a time limit never leaves the plan worse than the rule's
     (pipeline stages: Megatron's DP × TP layout). ``problems`` caches the built problem per
     mesh across calls that differ only in ``memory_budget_bytes`` (a stage planned at several
-    budgets)."""
+    budgets). ``carry=False``: no loop-carried pairs (a stage's gradient program feeds nothing
+    back). ``progress``: a :class:`autopar.progress.Progress` told of each mesh solved."""
     t0 = time.perf_counter()
+    progress = progress if progress is not None else Progress()
+    progress.phase(f"trace {getattr(fn, '__name__', 'fn')}")
     spec = _check_args(cluster, nodes, mesh_shape, solver, memory_budget_bytes, time_limit_s)
     budget = float(memory_budget_bytes or spec.device.memory_bytes)
     program, graph = traced if traced is not None else (trace(fn, *example_args), None)
     donated = donated_leaves(example_args, donate_argnums)
     graph = graph if graph is not None else build_graph(program)
     aliases = match_donations(graph, donated)
-    carried = carried_pairs(program, [i for i, _ in aliases], [k for _, k in aliases])
+    carried = carried_pairs(program, [i for i, _ in aliases], [k for _, k in aliases]) if carry else []
     t_trace = time.perf_counter()
     total = nodes * spec.devices_per_node
     shapes = [tuple(mesh_shape)] if mesh_shape is not None else (
         [tuple(m) for m in mesh_shapes] if mesh_shapes is not None else candidate_meshes(total))
     best, candidates, min_needed, per_mesh = None, [], [], {}
     t_strat = t_solve = 0.0
+    progress.phase("solve meshes", total=len(shapes))
     for shape in shapes:
         ts = time.perf_counter()
         if problems is not None and shape in problems:
@@ -130,6 +144,7 @@ def plan_with(fn, example_args, *, cluster="cpu-8", nodes: int = 1, mesh_shape=N
         t_solve += time.perf_counter() - ts
         per_mesh["x".join(map(str, shape))] = round(time.perf_counter() - ts, 3)
         if isinstance(sol, solvers.InfeasibleError):
+            progress.advance(detail=f"mesh {'x'.join(map(str, shape))} infeasible")
             min_needed.append(sol.min_peak_usage)
             candidates.append(MeshCandidate(mesh_shape=list(shape), objective_s=None, status="infeasible"))
             continue
@@ -137,10 +152,13 @@ def plan_with(fn, example_args, *, cluster="cpu-8", nodes: int = 1, mesh_shape=N
         candidates.append(MeshCandidate(mesh_shape=list(shape), objective_s=sol.cost / 1e6 if ok else None,
                                         status=sol.status if ok else "infeasible"))
         if not ok:
+            progress.advance(detail=f"mesh {'x'.join(map(str, shape))} does not fit")
             min_needed.append(ip.full.min_peak_usage())
             continue
         if best is None or sol.cost < best[1].cost * (1 - 1e-9):
             best = (ip, sol)
+        progress.advance(detail=f"mesh {'x'.join(map(str, shape))} {sol.status}", incumbent_s=best[1].cost / 1e6,
+                         gap=sol.gap if np.isfinite(sol.gap) else None)
     if best is None:
         need = min((m for m in min_needed if m is not None), default=None)
         name = getattr(fn, "__name__", "fn")
@@ -255,7 +273,7 @@ def assemble_plan(fn, program, ip: IntraProblem, sol, spec: ClusterSpec, nodes: 
             if dst is None or src == dst:
                 continue
             reshard.setdefault(v, {})[op.operand] = _names(dst, names)
-            if (op.value.id, dst) in done:
+            if (op.value.id, dst) in done or u in ip.rematerialized:  # emit recomputes constants
                 continue
             done.add((op.value.id, dst))
             _, parts = resharding(mesh, op.value.shape, op.value.itemsize, src, dst)

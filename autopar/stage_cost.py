@@ -15,6 +15,7 @@ from cost import ClusterSpec
 from .graph import build_graph
 from .plan import Plan
 from .planner import PlanError, Seed, plan_with
+from .progress import Progress
 from .stages import Stage, residual_bytes, split_program, stage_abstract_args, stage_forward, stage_train
 from .trace import Program, trace
 
@@ -102,6 +103,7 @@ class StageCoster:
         self.stages: dict = {}
         self.solves = self.hits = self.infeasible = 0
         self.min_need = math.inf
+        self.progress = Progress()  # told of every stage planned (plan_training sets its own)
 
     def stage(self, i: int, j: int) -> tuple[Stage, str]:
         """Layers i..j−1 as a stage and its structural key (computed once per range)."""
@@ -128,6 +130,7 @@ class StageCoster:
         hit = self.cache.get(key)
         if hit is not None:
             self.hits += 1
+            self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]} (same as planned)")
             return hit
         self.solves += 1
         if skey not in self.traced:  # per stage program, shared by all sub-meshes
@@ -149,7 +152,7 @@ class StageCoster:
                            restrict=lambda shape: {"input_usage_scale": scale, **(
                                {} if self.restrict is None else self.restrict((p, a, nd, ct), tuple(shape)))},
                            strategy_name=self.strategy_name, seed=self._seed((p, a, nd, ct), key[:2]),
-                           problems=self.problems.setdefault(key[:2], {}))
+                           problems=self.problems.setdefault(key[:2], {}), carry=False)
         except PlanError as err:
             if budget == self.budget:  # (a layer that misses its share of the budget is retried whole)
                 self.infeasible += 1
@@ -157,6 +160,7 @@ class StageCoster:
                     self.min_need = min(self.min_need, err.min_bytes_per_device)
             res = {"plan": None, "latency": math.inf, "static": 0.0, "act": 0.0}
             self.cache[key] = res
+            self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]} do not fit")
             return res
         vals = self.program.values
         param_dev = sum(nbytes(x) / _spec_factor(sp, spec) for x, spec in zip(p, sp.input_specs_flat[:len(p)]))
@@ -171,6 +175,7 @@ class StageCoster:
         res = {"plan": sp, "latency": sp.predicted.step_time_s + send, "send": send, "static": static,
                "act": act, "param_dev": param_dev, "persist": persist}
         self.cache[key] = res
+        self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]}: {sp.solver.status}")
         return res
 
     def _seed(self, stage_args, key):

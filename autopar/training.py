@@ -49,6 +49,7 @@ from .graph import build_graph
 from .layers import cluster_layers
 from .plan import Timing
 from .planner import PlanError
+from .progress import Progress, progress_for
 from .pytree_json import treedef_to_json
 from .rules import stage_rules
 from .stage_cost import StageCoster, Sums, nbytes, stage_meshes, structural_key, sub_cluster  # noqa: F401 (re-exported)
@@ -99,6 +100,8 @@ def place_submeshes(shapes, num_nodes: int, devices_per_node: int) -> list[list[
 
 class _Setup:
     """Everything ``plan_training`` derives before costing stages (shared with the pipeline baseline)."""
+
+    progress: Progress = Progress()  # told of phases; plan_training gives its own (and to the coster)
 
     def __init__(self, loss_fn, params, batch, *, optimizer, cluster, nodes, num_microbatches, schedule,
                  memory_budget_bytes, costing, mesh_search, num_layers, stages):
@@ -158,7 +161,10 @@ class _Setup:
         L, shapes, spec, nodes = self.L, self.shapes, self.spec, self.nodes
         lat = np.full((L, L + 1, len(shapes)), np.inf)
         mem, act = np.zeros_like(lat), np.zeros_like(lat)
+        progress = self.progress
         if forced is not None:
+            progress.phase("plan the given stages", total=sum(b - a if mode == "additive" else 1
+                                                                for a, b, _, _ in forced))
             for a, b, sub, mesh in forced:
                 s = shapes.index(sub)
                 if mode == "additive":  # layer by layer (estimate), as the additive search does
@@ -169,6 +175,7 @@ class _Setup:
                 c = coster.cost(a, b, sub, mesh)
                 lat[a, b, s], mem[a, b, s], act[a, b, s] = c["latency"], c["static"], c["act"]
         elif mode == "exact":
+            progress.phase("plan stage candidates (layer range × sub-mesh)", total=L * (L + 1) // 2 * len(shapes))
             for i in range(L):
                 for j in range(i + 1, L + 1):
                     for s, sub in enumerate(shapes):
@@ -183,6 +190,7 @@ class _Setup:
         if estimate_only:
             return sol
         t_solve = time.perf_counter()
+        progress.phase(f"stage DP: {len(sol.stages)} stage(s), estimated step {sol.objective_s:.4g} s")
 
         if costs is not None:  # additive: estimates → plan the DP's split and the best equal splits exactly
             chosen, refined = self._refine(coster, costs, sol, num_stages)
@@ -232,6 +240,8 @@ class _Setup:
             if (num_stages is None or pp == num_stages) and stages != dp:
                 equal.append((f"equal stages ×{pp}", stages))
         refined, exact = [], []
+        progress, coster.progress = self.progress, Progress()  # count splits, not their stage ILPs
+        progress.phase("plan splits exactly", total=1 + min(len(equal), REFINE_UNIFORM))
 
         def best_step() -> float:
             return min((r["step_s"] for r in refined if r["fits"]), default=math.inf)  # fits: step_s set
@@ -256,6 +266,7 @@ class _Setup:
                             "step_s": step if ok else None, "peak_bytes": peak if ok else None,
                             "fits": ok and peak <= self.budget * (1 + 1e-9), "plan_s": time.perf_counter() - t0})
             exact.append(chosen)
+            progress.advance(detail=source, incumbent_s=best_step() if math.isfinite(best_step()) else None)
 
         plan("stage DP", dp, sol)
         while equal and len(refined) <= REFINE_UNIFORM:
@@ -274,6 +285,7 @@ class _Setup:
                 costs.resolve(lower)  # might be planned: estimate it for real first
                 continue
             plan(*equal.pop(k), est)
+        coster.progress = progress
         fitting = [k for k, r in enumerate(refined) if r["fits"]]
         best = min(fitting, key=lambda k: (refined[k]["step_s"], k)) if fitting else 0
         refined[best]["chosen"] = True
@@ -316,6 +328,7 @@ class _Setup:
         sub-mesh's layers are planned lean and the DP re-run. Returns (costs, solution)."""
         pbytes = [sum(nbytes(self.p_leaves[q]) for q in coster.stage(i, i + 1)[0].params) * (2.0 + self.opt_ratio)
                   for i in range(self.L)]
+        self.progress.phase("plan layers one by one (additive costing)", total=self.L * len(self.shapes))
         costs = AdditiveCosts(coster, self.L, self.shapes, self.nodes * self.spec.devices_per_node, pbytes)
         while True:
             sol = self._stage_dp(coster, costs.latency, costs.memory, costs.activation, num_stages, None, name)
@@ -392,7 +405,7 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
                   num_microbatches: int = 1, schedule: str = "1f1b", num_stages: int | None = None,
                   stages=None, num_layers: int | None = None, memory_budget_bytes: float | None = None,
                   solver: str = "auto", time_limit_s: float | None = None, costing: str = "auto",
-                  max_exact_pairs: int = 24, mesh_search: str = "auto") -> TrainingPlan:
+                  max_exact_pairs: int = 24, mesh_search: str = "auto", verbose=False) -> TrainingPlan:
     """Plan a training step of ``loss_fn(params, batch) -> scalar mean loss`` with ``optimizer``.
 
     ``mesh_search``: "auto" tries a few logical meshes per sub-mesh (``stage_meshes``),
@@ -405,16 +418,27 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
     stage count; ``stages=[(layer_start, layer_end, (nodes, devices)[, logical_mesh]), …]``
     fixes the whole split. One stage (pure intra-op + gradient accumulation) comes out of the
     same search when it is predicted fastest.
+
+    Progress (phase, stage plans done of total, best step so far, elapsed) goes to the
+    ``"autopar"`` logger at INFO; ``verbose=True`` prints it on stderr, a
+    :class:`autopar.progress.Progress` receives it.
     """
-    setup = _Setup(loss_fn, params, batch, optimizer=optimizer, cluster=cluster, nodes=nodes,
-                   num_microbatches=num_microbatches, schedule=schedule, memory_budget_bytes=memory_budget_bytes,
-                   costing=costing, mesh_search=mesh_search, num_layers=num_layers, stages=stages)
-    coster = setup.coster(solver, time_limit_s, mesh_search)
-    forced = forced_stages(stages, setup.L, setup.shapes) if stages is not None else None
-    pairs = setup.L * (setup.L + 1) // 2 * len(setup.shapes)
-    mode = "exact" if forced is not None else (
-        costing if costing != "auto" else ("exact" if pairs <= max_exact_pairs else "additive"))
-    return setup.solve(coster, forced=forced, num_stages=num_stages, mode=mode)
+    progress = progress_for(verbose)
+    try:
+        progress.phase("trace the loss and cut it into layers")
+        setup = _Setup(loss_fn, params, batch, optimizer=optimizer, cluster=cluster, nodes=nodes,
+                       num_microbatches=num_microbatches, schedule=schedule, memory_budget_bytes=memory_budget_bytes,
+                       costing=costing, mesh_search=mesh_search, num_layers=num_layers, stages=stages)
+        coster = setup.coster(solver, time_limit_s, mesh_search)
+        setup.progress = coster.progress = progress
+        forced = forced_stages(stages, setup.L, setup.shapes) if stages is not None else None
+        pairs = setup.L * (setup.L + 1) // 2 * len(setup.shapes)
+        mode = "exact" if forced is not None else (
+            costing if costing != "auto" else ("exact" if pairs <= max_exact_pairs else "additive"))
+        return setup.solve(coster, forced=forced, num_stages=num_stages, mode=mode)
+    finally:
+        if progress is not verbose:
+            progress.close()
 
 
 __all__ = ["plan_training", "microbatch_shapes", "place_submeshes", "stage_meshes", "structural_key", "sub_cluster"]
