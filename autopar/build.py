@@ -138,8 +138,8 @@ def _node_costs(node, strats, mesh):
         nbytes = sum(local_nbytes(v, sp, mesh.shape) for v, sp in zip(node.outputs, s.out_specs))
         use[i] = nbytes
         nbytes += sum(local_nbytes(o, sp, mesh.shape) for o, sp in zip(node.operands, s.in_specs))
-        comp[i] = compute_time(mesh, node.flops / div, nbytes, dtype)
-        comm[i] = sum(collective_time(mesh, k, ax, n) for k, ax, n in s.comm)
+        comp[i] = compute_time(mesh, node.flops / div, nbytes * node.repeat, dtype)  # flops: × repeat already
+        comm[i] = sum(collective_time(mesh, k, ax, n) for k, ax, n in s.comm) * node.repeat
     return comp, comm, use
 
 
@@ -313,17 +313,21 @@ def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float
                 ok = np.array([[d is None or allowed_reshard(u, a, d) for d in dst] for a in src], dtype=bool)
                 m = np.where(ok, m, np.inf)
             mat = mat + m
+        if graph.nodes[v].repeat > 1:  # a reshard inside a scan body happens every iteration
+            mat = mat * graph.nodes[v].repeat
         grouped_index[(u, v)] = len(edges)
         edges.append((u, v))
         edge_costs.append(mat)
         edge_ops.append(ops)
-    ties = [(i, k, True) for i, k in aliases] + [(i, k, False) for i, k in carried]
-    for i, k, alias in ties:
-        out_value = graph.program.outvars[k]
+    outvars, invars = graph.program.outvars, graph.program.invars
+    ties = [(invars[i], outvars[k], True) for i, k in aliases] + [(invars[i], outvars[k], False) for i, k in carried]
+    ties += [(a, b, True) for a, b in graph.ties]  # scan carries: one layout for every iteration
+    for in_value, out_value, alias in ties:
+        i, h = graph.producer[in_value]
         u, j = graph.producer[out_value]
         if u == i:
             continue
-        src = [s.out_specs[0] for s in strats[i]]
+        src = [s.out_specs[h] for s in strats[i]]
         dst = [s.out_specs[j] for s in strats[u]]
         if alias:
             mat = np.array([[0.0 if a == b else np.inf for b in dst] for a in src])

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from .trace import Lit, Program
+from .trace import SCAN_BOUNDARY, Lit, Program
 
 AXIS_NAMES = ("x", "y", "z")
 
@@ -57,31 +57,88 @@ def interpret(program: Program, out_specs: dict[int, list], in_specs: dict[tuple
     """A function of the flat inputs that replays ``program`` with sharding constraints.
 
     ``out_specs[eqn_index]``: spec (axis names per dim) of each output; ``in_specs[(eqn, k)]``:
-    spec operand k is resharded to before the equation (only where it differs).
+    spec operand k is resharded to before the equation (only where it differs). An expanded
+    scan (``trace.Region``) is replayed as a ``lax.scan`` whose body carries its equations'
+    constraints, so the loop stays a loop (compile time does not grow with the trip count).
     """
     wsc = jax.lax.with_sharding_constraint
+
+    def constrain(val, spec):
+        return wsc(val, named(mesh, spec)) if spec is not None and hasattr(val, "shape") else val
+
+    def operand(i, k, x, env):
+        val = x.val if isinstance(x, Lit) else env[x]
+        spec = in_specs.get((i, k))
+        return wsc(val, named(mesh, spec)) if spec is not None else val
+
+    def out_spec(i, k=0):
+        specs = out_specs.get(i)
+        return specs[k] if specs is not None else None
+
+    def run_eqn(i, eqn, env):
+        ins = [operand(i, k, x, env) for k, x in enumerate(eqn.inputs)]
+        outs = eqn.prim.bind(*ins, **eqn.prim.get_bind_params(eqn.params))
+        if not eqn.prim.multiple_results:
+            outs = [outs]
+        for k, (o, val) in enumerate(zip(eqn.outputs, outs)):
+            env[o] = constrain(val, out_spec(i, k))
+
+    def run_block(block, env, depth):
+        pos = 0
+        while pos < len(block):
+            i, eqn = block[pos]
+            if len(eqn.scope) > depth:  # a scan region starts: its equations are contiguous
+                rid, end = eqn.scope[depth], pos
+                while end < len(block) and len(block[end][1].scope) > depth and block[end][1].scope[depth] == rid:
+                    end += 1
+                run_scan(program.regions[rid], block[pos:end], env, depth + 1)
+                pos = end
+            else:
+                run_eqn(i, eqn, env)
+                pos += 1
+
+    def typed(val, e, lead: int = 0):
+        """``val`` as an array of boundary equation ``e``'s output type (without the ``lead``
+        leading dims): a literal is broadcast, a weak type made strong (carries keep one type)."""
+        v = program.values[e.outputs[0]]
+        return jax.lax.convert_element_type(jax.numpy.broadcast_to(val, v.shape[lead:]), v.dtype)
+
+    def raw(x, env):
+        return x.val if isinstance(x, Lit) else env[x]
+
+    def run_scan(region, block, env, depth):
+        def boundary(name):
+            return sorted(((i, e) for i, e in block if e.prim.name == name and len(e.scope) == depth),
+                          key=lambda ie: ie[1].params["index"])
+        carry_in, slices = boundary("scan_carry_in"), boundary("scan_slice")
+        carry_out, stacks = boundary("scan_carry_out"), boundary("scan_stack")
+        body = [(i, e) for i, e in block if not (e.prim.name in SCAN_BOUNDARY and len(e.scope) == depth)]
+        init = [constrain(typed(operand(i, 0, e.inputs[0], env), e), out_spec(i)) for i, e in carry_in]
+        xs = [operand(i, 0, e.inputs[0], env) for i, e in slices]
+
+        def step(carry, x):
+            benv = dict(env)  # the body reads outer values (the scan's consts) by closure
+            for (i, e), c in zip(carry_in, carry):
+                benv[e.outputs[0]] = constrain(c, out_spec(i))
+            for (i, e), v in zip(slices, x):
+                benv[e.outputs[0]] = constrain(v, out_spec(i))
+            run_block(body, benv, depth)
+            # the next iteration's carry keeps the carry's layout (graph.ties); a final carry laid
+            # out otherwise is resharded once, after the loop
+            return ([constrain(typed(raw(e.inputs[0], benv), e), out_spec(j)) for (i, e), (j, _) in zip(carry_out, carry_in)],
+                    [typed(operand(i, 0, e.inputs[0], benv), e, lead=1) for i, e in stacks])
+
+        final, ys = jax.lax.scan(step, init, xs, length=region.length, reverse=region.reverse, unroll=region.unroll)
+        for (i, e), val in zip(carry_out, final):
+            spec = in_specs.get((i, 0))
+            env[e.outputs[0]] = constrain(wsc(val, named(mesh, spec)) if spec is not None else val, out_spec(i))
+        for (i, e), val in zip(stacks, ys):
+            env[e.outputs[0]] = constrain(val, out_spec(i))
 
     def run(*flat_args):
         env = dict(zip(program.invars, flat_args))
         env.update(program.consts)
-
-        def read(x):
-            return x.val if isinstance(x, Lit) else env[x]
-
-        for i, eqn in enumerate(program.eqns):
-            ins = [read(x) for x in eqn.inputs]
-            for k in range(len(ins)):
-                spec = in_specs.get((i, k))
-                if spec is not None:
-                    ins[k] = wsc(ins[k], named(mesh, spec))
-            outs = eqn.prim.bind(*ins, **eqn.prim.get_bind_params(eqn.params))
-            if not eqn.prim.multiple_results:
-                outs = [outs]
-            specs = out_specs.get(i)
-            for k, (o, val) in enumerate(zip(eqn.outputs, outs)):
-                if specs is not None and specs[k] is not None and hasattr(val, "shape"):
-                    val = wsc(val, named(mesh, specs[k]))
-                env[o] = val
-        return [read(x) for x in program.outvars]
+        run_block(list(enumerate(program.eqns)), env, 0)
+        return [x.val if isinstance(x, Lit) else env[x] for x in program.outvars]
 
     return run

@@ -21,8 +21,13 @@ class Node:
     outputs: list[Value]
     operands: list              # Value | Lit
     eqn: Eqn | None = None
-    flops: float = 0.0
-    bytes: float = 0.0
+    flops: float = 0.0          # per call: per execution × repeat
+    bytes: float = 0.0          # touched per call (× repeat)
+
+    @property
+    def repeat(self) -> int:
+        """Executions per call (inside a scan: its trip count)."""
+        return self.eqn.repeat if self.eqn is not None else 1
 
     @property
     def params(self) -> dict:
@@ -36,6 +41,8 @@ class OpGraph:
     producer: dict[int, tuple[int, int]] = field(default_factory=dict)   # value -> (node, output index)
     consumers: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # value -> [(node, operand index)]
     output_values: set[int] = field(default_factory=set)
+    # value pairs that must have equal specs: a scan's carry at loop entry and at the end of the body
+    ties: list[tuple[int, int]] = field(default_factory=list)
     _signatures: list | None = None
 
     @property
@@ -93,11 +100,24 @@ def build_graph(program: Program) -> OpGraph:
         idx = len(nodes)
         nbytes = sum(v.nbytes for v in outputs) + sum(v.nbytes for v in operands if isinstance(v, Value))
         nodes.append(Node(idx, "eqn", eqn.prim.name, outputs, operands, eqn,
-                          estimate_flops(eqn, operands, outputs), float(nbytes)))
+                          estimate_flops(eqn, operands, outputs) * eqn.repeat, float(nbytes) * eqn.repeat))
         for k, x in enumerate(eqn.inputs):
             if not isinstance(x, Lit):
                 consumers.setdefault(x, []).append((idx, k))
         for k, o in enumerate(eqn.outputs):
             producer[o] = (idx, k)
     outs = {o for o in program.outvars if isinstance(o, int)}
-    return OpGraph(program, nodes, producer, consumers, outs)
+    return OpGraph(program, nodes, producer, consumers, outs, carry_ties(program))
+
+
+def carry_ties(program: Program) -> list[tuple[int, int]]:
+    """(carry value at the start of the body, carry value at its end) per scan carry: one
+    layout for every iteration (a carry passed through unchanged needs no tie)."""
+    start, end = {}, {}
+    for eqn in program.eqns:
+        key = (eqn.params.get("region"), eqn.params.get("index"))
+        if eqn.prim.name == "scan_carry_in":
+            start[key] = eqn.outputs[0]
+        elif eqn.prim.name == "scan_carry_out" and not isinstance(eqn.inputs[0], Lit):
+            end[key] = eqn.inputs[0]
+    return [(start[k], end[k]) for k in sorted(end, key=str) if k in start and start[k] != end[k]]

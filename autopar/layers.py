@@ -94,6 +94,11 @@ def cluster_layers(graph: OpGraph, num_layers: int | None = None, *, imbalance: 
         raise ValueError("the function has no equations to cluster into layers")
     flops = np.array([max(graph.nodes[i].flops, 1.0) for i in positions])
     cut = cut_profile(graph)
+    # a scan's expanded body (trace.Region) stays whole: no cut between its first and last equation
+    scopes = [graph.nodes[i].eqn.scope for i in positions]
+    inside = np.array([k + 1 < n and bool(set(scopes[k]) & set(scopes[k + 1])) for k in range(n)])
+    cut = np.where(inside, np.inf, cut)
+    cuttable = int((~inside[:-1]).sum()) if n > 1 else 0
     markers = [k for k, i in enumerate(positions) if graph.nodes[i].name == "stage_boundary"]
     if markers:
         ends = sorted({k for k in markers if k + 1 < n and graph.nodes[positions[k + 1]].name != "stage_boundary"})
@@ -101,7 +106,11 @@ def cluster_layers(graph: OpGraph, num_layers: int | None = None, *, imbalance: 
             raise ValueError(f"num_layers={num_layers} but the function's stage_boundary markers make "
                              f"{len(ends) + 1} layers; drop num_layers or the markers")
     else:
-        num_layers = num_layers or min(8, n)
+        if num_layers is not None and num_layers > cuttable + 1 and inside.any():
+            raise ValueError(f"num_layers={num_layers} but the function can be cut into at most {cuttable + 1} "
+                             "layers: a scan over layers is kept whole in one pipeline layer (cutting a scanned "
+                             "layer stack into stages is not supported yet); use fewer layers or unroll the scan")
+        num_layers = num_layers or min(8, n, cuttable + 1)
         if not 1 <= num_layers <= n:
             raise ValueError(f"num_layers={num_layers} must be between 1 and the {n} equations")
         cap = max((1 + imbalance) * flops.sum() / num_layers, float(flops.max()))

@@ -249,7 +249,8 @@ def _names(spec, names) -> list[list[str]]:
 def _where(graph, idx) -> str:
     node = graph.nodes[idx]
     src = node.eqn.source if node.eqn is not None else ""
-    return f"{node.name} #{idx}" + (f" ({src})" if src else "")
+    loop = f" ×{node.repeat} (scan)" if node.repeat > 1 else ""
+    return f"{node.name} #{idx}" + (f" ({src})" if src else "") + loop
 
 
 def assemble_plan(fn, program, ip: IntraProblem, sol, spec: ClusterSpec, nodes: int, budget: float,
@@ -261,9 +262,10 @@ def assemble_plan(fn, program, ip: IntraProblem, sol, spec: ClusterSpec, nodes: 
     colls: list[CollectiveCost] = []
     compute_s = float(sum(ip.compute_s[v][c] for v, c in enumerate(choice)))
     for v, s in enumerate(chosen):
+        r = graph.nodes[v].repeat  # inside a scan: once per iteration
         for kind, axes, nbytes in s.comm:
-            colls.append(CollectiveCost(kind=kind, axes=[names[a] for a in axes], bytes=nbytes,
-                                        time_s=collective_time(mesh, kind, axes, nbytes), where=_where(graph, v)))
+            colls.append(CollectiveCost(kind=kind, axes=[names[a] for a in axes], bytes=nbytes * r,
+                                        time_s=collective_time(mesh, kind, axes, nbytes) * r, where=_where(graph, v)))
     reshard: dict[int, dict[int, list]] = {}
     done = set()  # XLA reshards a value once per target spec, however many consumers want it
     for (u, v), ops in zip(ip.edges, ip.edge_operands):
@@ -277,10 +279,11 @@ def assemble_plan(fn, program, ip: IntraProblem, sol, spec: ClusterSpec, nodes: 
                 continue
             done.add((op.value.id, dst))
             _, parts = resharding(mesh, op.value.shape, op.value.itemsize, src, dst)
+            r = graph.nodes[v].repeat
             for kind, axes, nbytes in parts:
                 colls.append(CollectiveCost(
-                    kind=kind, axes=[names[a] for a in axes], bytes=nbytes,
-                    time_s=collective_time(mesh, kind, axes, nbytes),
+                    kind=kind, axes=[names[a] for a in axes], bytes=nbytes * r,
+                    time_s=collective_time(mesh, kind, axes, nbytes) * r,
                     where=f"reshard {_where(graph, u)} -> {_where(graph, v)}"))
     comm_s = sum(c.time_s for c in colls)
     by_kind: dict[str, KindTotal] = {}

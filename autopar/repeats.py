@@ -22,7 +22,7 @@ def signature(node) -> int:
     params = tuple(sorted((k, str(v)) for k, v in node.params.items()))
     ops = tuple(("lit", o.shape, str(o.dtype)) if isinstance(o, Lit) else (o.shape, str(o.dtype))
                 for o in node.operands)
-    return hash((node.name, params, ops, tuple((v.shape, str(v.dtype)) for v in node.outputs)))
+    return hash((node.name, params, ops, tuple((v.shape, str(v.dtype)) for v in node.outputs), node.repeat))
 
 
 def find_repeats(graph, strats, signatures=None, *, min_repeats: int = 3, num_periods: int = 8) -> list[int]:

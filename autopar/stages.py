@@ -117,7 +117,7 @@ def _sub_program(program: Program, st: Stage, num_params: int) -> Program:
               + [program.invars[num_params + b] for b in st.batch] + list(st.nd_acts_in))
     return Program(values=program.values, invars=invars, outvars=list(st.outs) + list(st.nd_outs),
                    consts={c: program.consts[c] for c in st.consts},
-                   eqns=program.eqns[st.eqns[0]:st.eqns[1]], in_tree=None, out_tree=None)
+                   eqns=program.eqns[st.eqns[0]:st.eqns[1]], in_tree=None, out_tree=None, regions=program.regions)
 
 
 def stage_forward(program: Program, st: Stage, num_params: int):

@@ -2,8 +2,8 @@
 
 ``jax.make_jaxpr`` on example arguments (arrays or ``jax.ShapeDtypeStruct`` pytrees — no
 allocation), then nested ``jit``, ``custom_jvp_call``, ``custom_vjp_call`` and ``remat2``
-(checkpoint) are inlined and dead equations dropped. ``scan``/``while``/``cond`` stay as
-single equations. Values are numbered with plain ints.
+(checkpoint) are inlined and dead equations dropped. A ``scan``'s body is expanded in place, once (see
+:class:`Region`); ``while``/``cond`` stay single equations. Values are numbered with plain ints.
 """
 from __future__ import annotations
 
@@ -63,6 +63,33 @@ class Eqn:
     outputs: list[int]
     params: dict
     source: str = ""           # source line info, for the report
+    repeat: int = 1            # executions per call: the trip counts of the enclosing scans
+    scope: tuple = ()          # ids of the enclosing scan regions, outermost first
+
+
+# A scan's body is planned like straight-line code, once for all iterations: its equations
+# are expanded in place between boundary equations of these (never bound) primitives —
+#   scan_carry_in[k]:  the loop's initial carry k → the body's carry input (every iteration)
+#   scan_slice[k]:     the stacked xs k (length, …) → iteration i's slice (…)
+#   scan_carry_out[k]: the body's carry output k → the loop's final carry k
+#   scan_stack[k]:     the body's output y k → the stacked ys (length, …)
+# params {"region": id, "index": k}. ``emit`` rebuilds the ``lax.scan`` from them.
+SCAN_CARRY_IN = jcore.Primitive("scan_carry_in")
+SCAN_SLICE = jcore.Primitive("scan_slice")
+SCAN_CARRY_OUT = jcore.Primitive("scan_carry_out")
+SCAN_STACK = jcore.Primitive("scan_stack")
+SCAN_BOUNDARY = ("scan_carry_in", "scan_slice", "scan_carry_out", "scan_stack")
+
+
+@dataclass(frozen=True)
+class Region:
+    """One expanded ``scan``: its equations have ``id`` in their scope."""
+    id: int
+    length: int
+    reverse: bool
+    unroll: Any
+    num_carry: int
+    source: str = ""
 
 
 @dataclass
@@ -76,6 +103,7 @@ class Program:
     out_tree: Any
     fingerprint: str = ""
     stats: dict = field(default_factory=dict)
+    regions: dict = field(default_factory=dict)   # region id -> Region (expanded scans)
 
 
 def dtype_itemsize(dtype) -> int:
@@ -99,6 +127,8 @@ class _Flattener:
         self.consts: dict[int, Any] = {}
         self.eqns: list[Eqn] = []
         self.inlined = 0
+        self.regions: dict[int, Region] = {}
+        self.repeat, self.scope = 1, ()
 
     def new_value(self, aval) -> int:
         vid = len(self.values)
@@ -134,18 +164,51 @@ class _Flattener:
                 for v, o in zip(eqn.outvars, outs):
                     env[v] = o
                 continue
-            outs = [self.new_value(v.aval) for v in eqn.outvars]
+            if name == "scan":
+                outs = self.scan(eqn, ins)
+            else:
+                outs = [self.new_value(v.aval) for v in eqn.outvars]
+                self.eqns.append(Eqn(eqn.primitive, ins, outs, dict(eqn.params), _source(eqn), self.repeat,
+                                     self.scope))
             for v, o in zip(eqn.outvars, outs):
                 env[v] = o
-            self.eqns.append(Eqn(eqn.primitive, ins, outs, dict(eqn.params), _source(eqn)))
         return [self.read(env, v) for v in jaxpr.outvars]
+
+    def _boundary(self, prim, x, aval, rid: int, k: int, source: str) -> int:
+        out = self.new_value(aval)
+        self.eqns.append(Eqn(prim, [x], [out], {"region": rid, "index": k}, source, self.repeat, self.scope))
+        return out
+
+    def scan(self, eqn, ins) -> list[int]:
+        """Expand a ``scan`` in place (see :class:`Region`); returns its outputs' value ids."""
+        p = eqn.params
+        nc, nk, length = int(p["num_consts"]), int(p["num_carry"]), int(p["length"])
+        body, src = p["jaxpr"], _source(eqn)
+        rid = len(self.regions)
+        self.regions[rid] = Region(rid, length, bool(p["reverse"]), p["unroll"], nk, src)
+        scope, repeat = self.scope, self.repeat
+        self.scope = scope + (rid,)
+        bin = body.jaxpr.invars
+        carry = [self._boundary(SCAN_CARRY_IN, x, bin[nc + k].aval, rid, k, src) for k, x in enumerate(ins[nc:nc + nk])]
+        xs = [self._boundary(SCAN_SLICE, x, bin[nc + nk + k].aval, rid, k, src) for k, x in enumerate(ins[nc + nk:])]
+        self.repeat = repeat * length
+        outs = self.run(body.jaxpr, body.consts, list(ins[:nc]) + carry + xs)
+        self.repeat = repeat
+        res = [self._boundary(SCAN_CARRY_OUT, o, v.aval, rid, k, src) for k, (o, v) in enumerate(zip(outs, eqn.outvars))
+               if k < nk]
+        res += [self._boundary(SCAN_STACK, o, v.aval, rid, k, src)
+                for k, (o, v) in enumerate(zip(outs[nk:], eqn.outvars[nk:]))]
+        self.scope = scope
+        return res
 
 
 def _dce(eqns: list[Eqn], outvars: list) -> list[Eqn]:
     live = {o for o in outvars if isinstance(o, int)}
     kept = []
     for eqn in reversed(eqns):
-        effectful = bool(getattr(eqn.prim, "effects", None)) or eqn.prim.name in ("debug_callback", "io_callback")
+        # a loop's carries are needed by its next iteration whatever reads the final value
+        effectful = bool(getattr(eqn.prim, "effects", None)) or eqn.prim.name in (
+            "debug_callback", "io_callback", "scan_carry_in", "scan_carry_out")
         if effectful or any(o in live for o in eqn.outputs):
             kept.append(eqn)
             live.update(x for x in eqn.inputs if isinstance(x, int))
@@ -173,7 +236,7 @@ def trace(fn, *args) -> Program:
     shapes = ";".join(f"{flat.values[v].shape}{flat.values[v].dtype}" for v in invars)
     fingerprint = hashlib.sha256((shapes + "\n" + text).encode()).hexdigest()[:16]
     return Program(
-        values=flat.values, invars=invars, outvars=outs, consts=flat.consts, eqns=eqns,
+        values=flat.values, invars=invars, outvars=outs, consts=flat.consts, eqns=eqns, regions=flat.regions,
         in_tree=in_tree, out_tree=jax.tree_util.tree_structure(out_shape), fingerprint=fingerprint,
         stats={"jaxpr_eqns": len(closed.jaxpr.eqns), "inlined_calls": flat.inlined,
                "dead_eqns": len(flat.eqns) - len(eqns)},

@@ -51,10 +51,33 @@ def _group_size(line: str) -> int:
     return 1
 
 
-def hlo_collectives(hlo_text: str) -> list[HloCollective]:
-    """Collectives in per-device HLO text; async pairs are counted once (at -start)."""
-    out = []
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([^\s(]+)\s*\(")
+_WHILE = re.compile(r"\swhile\(.*body=%?([^,\s]+).*\"known_trip_count\":\{\"n\":\"([0-9]+)\"")
+
+
+def loop_multipliers(hlo_text: str) -> dict[str, int]:
+    """Executions per step of each computation that is a ``while`` body with a known trip
+    count (nested loops multiply); other computations run once."""
+    calls, current = [], None  # (caller computation, body, trip count)
     for line in hlo_text.splitlines():
+        if line and not line.startswith(" ") and (m := _COMPUTATION.match(line)):
+            current = m.group(1)
+        elif (w := _WHILE.search(line)) and current is not None:
+            calls.append((current, w.group(1), int(w.group(2))))
+    mult: dict[str, int] = {}
+    for _ in range(len(calls) + 1):  # to a fixed point (nesting depth ≤ number of loops)
+        for caller, body, n in calls:
+            mult[body] = mult.get(caller, 1) * n
+    return mult
+
+
+def hlo_collectives(hlo_text: str) -> list[HloCollective]:
+    """Collectives in per-device HLO text, each counted as often as it runs per step (inside
+    a while loop: × its known trip count); async pairs are counted once (at -start)."""
+    out, mult, current = [], loop_multipliers(hlo_text), None
+    for line in hlo_text.splitlines():
+        if line and not line.startswith(" ") and (c := _COMPUTATION.match(line)):
+            current = c.group(1)
         m = _OP.search(line)
         if not m:
             continue
@@ -62,7 +85,7 @@ def hlo_collectives(hlo_text: str) -> list[HloCollective]:
         if m.group(3):  # async start: the result tuple also holds the operands; take the last shape(s)
             result = result.split("),")[-1] if result.startswith("((") else result
         g = _group_size(line)
-        nbytes = _bytes_of(result) * (g if kind == "reduce-scatter" else 1)
+        nbytes = _bytes_of(result) * (g if kind == "reduce-scatter" else 1) * mult.get(current, 1)
         out.append(HloCollective(kind, nbytes, g, line.strip()))
     return out
 
