@@ -12,6 +12,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from .graph import is_constant_broadcast
 from .trace import Lit, Program
 
 AXIS_NAMES = ("x", "y", "z")
@@ -57,9 +58,11 @@ def interpret(program: Program, out_specs: dict[int, list], in_specs: dict[tuple
     """A function of the flat inputs that replays ``program`` with sharding constraints.
 
     ``out_specs[eqn_index]``: spec (axis names per dim) of each output; ``in_specs[(eqn, k)]``:
-    spec operand k is resharded to before the equation (only where it differs).
+    spec operand k is resharded to before the equation (only where it differs). A constant
+    broadcast (``graph.is_constant_broadcast``) is not resharded but recomputed in that spec.
     """
     wsc = jax.lax.with_sharding_constraint
+    constants = {e.outputs[0]: e for e in program.eqns if is_constant_broadcast(e)}
 
     def run(*flat_args):
         env = dict(zip(program.invars, flat_args))
@@ -73,6 +76,9 @@ def interpret(program: Program, out_specs: dict[int, list], in_specs: dict[tuple
             for k in range(len(ins)):
                 spec = in_specs.get((i, k))
                 if spec is not None:
+                    src = constants.get(eqn.inputs[k]) if not isinstance(eqn.inputs[k], Lit) else None
+                    if src is not None:
+                        ins[k] = src.prim.bind(*[read(x) for x in src.inputs], **src.prim.get_bind_params(src.params))
                     ins[k] = wsc(ins[k], named(mesh, spec))
             outs = eqn.prim.bind(*ins, **eqn.prim.get_bind_params(eqn.params))
             if not eqn.prim.multiple_results:
