@@ -505,17 +505,23 @@ def _check_bytes(v, plan, stats: Counter | None = None) -> None:
     "reduce-scatter" bytes are compared as "all-reduce" bytes. And split: the collectives
     inside ops (partial sums) and those of reshards must each agree.
 
+    On a 2D mesh the in-op bytes are compared in total, not per kind: XLA may carry out a
+    reduce-scatter over x of a value replicated over y as an all-reduce of the final shard
+    plus a collective-permute of it (same bytes: ``test_regression_2d_reduce_scatter_kinds``).
+
     Known limitation (reported, not hidden): on a 2D mesh ``cost.resharding`` does not model
     every conversion XLA's partitioner makes (62 of the 210 spec pairs of an (8, 8, 4) array
     on (2, 4) differ: XLA gathers split dims one at a time, permutes before gathering, and
     sometimes replicates fully, depending on the shapes). There the reshard bytes are
     recorded in ``stats["reshard_mismatch_2d"]`` instead of failing; the in-op bytes are
-    still compared exactly, and on the 1D mesh everything is.
+    still compared exactly, and on the 1D mesh everything is, per kind.
     """
     pred, comp = _split_bytes(v, plan)
     detail = f"{v.table()}\npredicted {dict(pred)}\ncompiled {dict(comp)}"
-    assert _same(pred["op"], comp["op"]), detail
+    total = lambda c: Counter({"bytes": sum(c.values())})  # noqa: E731
+    assert _same(total(pred["op"]), total(comp["op"])), detail
     if len(plan.mesh_shape) == 1:
+        assert _same(pred["op"], comp["op"]), detail
         assert v.bytes_error() <= 1e-9, detail
         assert _same(pred["reshard"], comp["reshard"]), detail
     elif not _same(pred["reshard"], comp["reshard"]) and stats is not None:
@@ -659,3 +665,13 @@ def test_known_limitation_2d_gather_of_two_dims(devices8):
     cluster, nodes = CLUSTERS[(2, 4)]
     _, colls = resharding(mesh_model(cluster, nodes, (2, 4)), (8, 8, 4), 4, ((0,), (1,), ()), ((), (), ()))
     assert got == sorted((k, int(n)) for k, _, n in colls)
+
+
+def test_regression_2d_reduce_scatter_kinds(devices8):
+    """A dot's partial sums reduce-scattered over x on (2, 4) (8 bytes predicted): XLA emits a
+    4-byte all-reduce of the shard plus a 4-byte collective-permute — equal bytes, other kinds."""
+    prog = Program(nodes=(('in', (2,), 'float32', None), ('in', (2, 24), 'float32', None),
+                          ('dot', 0, 1, (((0,), (0,)), ((), ()))), ('in', (24, 2), 'float32', None),
+                          ('dot', 2, 3, (((0,), (0,)), ((), ())))),
+                   outputs=(4, 2), mesh=(2, 4), seed=1, grad=True)
+    run_program(prog)
