@@ -675,3 +675,14 @@ def test_regression_2d_reduce_scatter_kinds(devices8):
                           ('dot', 2, 3, (((0,), (0,)), ((), ())))),
                    outputs=(4, 2), mesh=(2, 4), seed=1, grad=True)
     run_program(prog)
+
+
+def test_regression_reduce_scatter_onto_split_dim_keeps_axis_order(devices8):
+    """A dot reduce-scattered over x onto an output dim already split over y: the plan named
+    the result (x, y) (sorted), XLA produces (y, x), so it all-gathered the 768-byte operand
+    and all-reduced the whole output. The scattered axes now go minor: (y, x)."""
+    prog = Program(nodes=(('in', (5, 24), 'float32', None), ('in', (5,), 'int32', 16),
+                          ('embed_grad', 0, 1, 16), ('in', (16,), 'float32', None),
+                          ('dot', 2, 3, (((0,), (0,)), ((), ())))),
+                   outputs=(4,), mesh=(2, 4), seed=9, grad=True)
+    run_program(prog)

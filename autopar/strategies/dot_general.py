@@ -50,7 +50,7 @@ def dot_general_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
             local_d = out.shape[d] // math.prod(mesh.shape[a] for a in ospec[d])
             if local_d % p == 0 and local_d >= p:
                 rs = list(ospec)
-                rs[d] = tuple(sorted(ospec[d] + contracted))
+                rs[d] = ospec[d] + contracted  # scattered axes minor to the dim's own split (XLA's order)
                 key = (tuple(rs), ins)
                 if key in seen:
                     continue
