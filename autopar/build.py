@@ -17,7 +17,7 @@ from cost import MeshModel, collective_time, compute_time, resharding, shard_fac
 from solvers import Problem
 
 from .followers import Merged, find_followers, merge
-from .graph import OpGraph
+from .graph import OpGraph, is_constant_broadcast
 from .repeats import find_repeats
 from .strategies import Strategy, enumerate_specs, replicate, spec_name, strategies_for
 from .strategies.base import local_nbytes
@@ -53,6 +53,7 @@ class IntraProblem:
     merged: Merged                # followers folded in: what the solver sees
     stats: dict = field(default_factory=dict)
     carried: list = field(default_factory=list)  # (input, output) pairs a loop feeds back
+    rematerialized: frozenset = frozenset()  # constant broadcasts: recomputed per consumer layout, reshards free
 
     @property
     def problem(self) -> Problem:
@@ -150,8 +151,9 @@ def transient_usages(graph: OpGraph, strats) -> list:
     for node, ss in zip(graph.nodes, strats):
         key = id(ss)  # strategy lists are shared between nodes of one signature
         if key not in cache:
-            cache[key] = np.array([sum(n for kind, _, n in s.comm if kind in ("all-reduce", "reduce-scatter"))
-                                   for s in ss])
+            # one buffer however many all-reduces it goes through (one per split reduced dim)
+            cache[key] = np.array([max((n for kind, _, n in s.comm if kind in ("all-reduce", "reduce-scatter")),
+                                       default=0.0) for s in ss])
         if cache[key].any():
             items.append((node.index, cache[key], (node.index, node.index + 1)))
     return items
@@ -303,9 +305,12 @@ def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float
             u, j = graph.producer[o.id]
             grouped.setdefault((u, node.index), []).append(Operand(node.index, k, o, u, j))
     edges, edge_costs, edge_ops, grouped_index, matrices = [], [], [], {}, set()
+    remat = frozenset(n.index for n in graph.nodes if n.eqn is not None and is_constant_broadcast(n.eqn))
     for (u, v), ops in grouped.items():
         mat = np.zeros((len(strats[u]), len(strats[v])))
         for op in ops:
+            if u in remat:  # emit recomputes the constant in the consumer's layout
+                continue
             src = tuple(s.out_specs[op.out_index] for s in strats[u])
             dst = tuple(s.in_specs[op.operand] for s in strats[v])
             m = reshard_matrix(mesh, op.value, src, dst, matrices)
@@ -357,4 +362,4 @@ def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float
              "edge_matrix_cache": len(matrices), "solver_nodes": merged.problem.num_nodes,
              "solver_edges": merged.problem.num_edges}
     return IntraProblem(graph, mesh, strats, comp_all, comm_all, fallbacks, edges, edge_ops, full, merged, stats,
-                        carried=list(carried))
+                        carried=list(carried), rematerialized=remat)

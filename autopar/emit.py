@@ -12,6 +12,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from .graph import is_constant_broadcast
 from .trace import SCAN_BOUNDARY, Lit, Program
 
 AXIS_NAMES = ("x", "y", "z")
@@ -57,19 +58,26 @@ def interpret(program: Program, out_specs: dict[int, list], in_specs: dict[tuple
     """A function of the flat inputs that replays ``program`` with sharding constraints.
 
     ``out_specs[eqn_index]``: spec (axis names per dim) of each output; ``in_specs[(eqn, k)]``:
-    spec operand k is resharded to before the equation (only where it differs). An expanded
-    scan (``trace.Region``) is replayed as a ``lax.scan`` whose body carries its equations'
-    constraints, so the loop stays a loop (compile time does not grow with the trip count).
+    spec operand k is resharded to before the equation (only where it differs). A constant
+    broadcast (``graph.is_constant_broadcast``) is not resharded but recomputed in that spec.
+    An expanded scan (``trace.Region``) is replayed as a ``lax.scan`` whose body carries its
+    equations' constraints, so the loop stays a loop (compile time does not grow with the
+    trip count).
     """
     wsc = jax.lax.with_sharding_constraint
+    constants = {e.outputs[0]: e for e in program.eqns if is_constant_broadcast(e)}
 
     def constrain(val, spec):
         return wsc(val, named(mesh, spec)) if spec is not None and hasattr(val, "shape") else val
 
     def operand(i, k, x, env):
-        val = x.val if isinstance(x, Lit) else env[x]
         spec = in_specs.get((i, k))
-        return wsc(val, named(mesh, spec)) if spec is not None else val
+        if spec is None:
+            return raw(x, env)
+        src = None if isinstance(x, Lit) else constants.get(x)
+        val = raw(x, env) if src is None else src.prim.bind(*[raw(y, env) for y in src.inputs],
+                                                             **src.prim.get_bind_params(src.params))
+        return wsc(val, named(mesh, spec))
 
     def out_spec(i, k=0):
         specs = out_specs.get(i)

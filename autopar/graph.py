@@ -61,6 +61,13 @@ class OpGraph:
         return max((n for n, _ in uses), default=self.producer[value_id][0])
 
 
+def is_constant_broadcast(eqn: Eqn) -> bool:
+    """A broadcast of a literal scalar (``jnp.zeros`` / ``ones`` / ``full``): ``emit`` recomputes
+    it in each layout a consumer wants instead of resharding it, so that conversion moves no
+    bytes (XLA folds an all-gather of such a constant but not an all-to-all; tests/test_fuzz.py)."""
+    return eqn.prim.name == "broadcast_in_dim" and len(eqn.inputs) == 1 and isinstance(eqn.inputs[0], Lit)
+
+
 def _numel(shape) -> int:
     return math.prod(shape)
 

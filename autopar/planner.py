@@ -275,7 +275,7 @@ def assemble_plan(fn, program, ip: IntraProblem, sol, spec: ClusterSpec, nodes: 
             if dst is None or src == dst:
                 continue
             reshard.setdefault(v, {})[op.operand] = _names(dst, names)
-            if (op.value.id, dst) in done:
+            if (op.value.id, dst) in done or u in ip.rematerialized:  # emit recomputes constants
                 continue
             done.add((op.value.id, dst))
             _, parts = resharding(mesh, op.value.shape, op.value.itemsize, src, dst)

@@ -70,7 +70,9 @@ def resharding(mesh: MeshModel, shape: tuple[int, ...], itemsize: int, src: Spec
         seconds += collective_time(mesh, "all-gather", gathered, nbytes)
         colls.append(("all-gather", gathered, nbytes))
     kept = [a for a in where_src if where_dst.get(a) == where_src[a]]
-    misplaced = tuple(sorted(a for a in kept if not _in_prefix_position(src, dst, a, where_src[a])))
+    misplaced = {a for a in kept if not _in_prefix_position(src, dst, a, where_src[a])}
+    misplaced |= _sliced_behind_moved(src, dst, where_src, where_dst)
+    misplaced = tuple(sorted(misplaced))
     if misplaced:
         nbytes = full / math.prod(mesh.shape[a] for axes in dst for a in axes)
         seconds += collective_time(mesh, "collective-permute", misplaced, nbytes)
@@ -79,13 +81,34 @@ def resharding(mesh: MeshModel, shape: tuple[int, ...], itemsize: int, src: Spec
 
 
 def _full_rematerialization(src: Spec, where_src: dict[int, int], where_dst: dict[int, int]) -> bool:
-    """An axis moves to another dim while an axis minor to it in its source dim is gathered."""
+    """An axis moves to another dim while an axis minor to it in its source dim is gathered;
+    or an axis is gathered from one dim while a new one is sliced on another (measured on
+    every spec pair of a 2D tensor on a (2, 4) mesh: XLA replicates, then slices)."""
+    gathered = {where_src[a] for a in where_src if a not in where_dst}
+    sliced = {where_dst[b] for b in where_dst if b not in where_src}
+    if any(g != s for g in gathered for s in sliced):
+        return True
     for a, d in where_src.items():
         if a in where_dst and where_dst[a] != d:
             minor = src[d][src[d].index(a) + 1:]
             if any(b not in where_dst for b in minor):
                 return True
     return False
+
+
+def _sliced_behind_moved(src: Spec, dst: Spec, where_src: dict[int, int], where_dst: dict[int, int]) -> set[int]:
+    """Axes that XLA leaves in the wrong order: an axis moved to another dim with a new (sliced)
+    axis minor to it there. XLA slices first and moves after, so the moved axis ends up minor
+    (``(∅, x)`` → ``(x y, ∅)`` comes out as ``(y x, ∅)``) and the shards are permuted back
+    (measured: an all-to-all plus a collective-permute of the target shard)."""
+    out = set()
+    for a, d in where_src.items():
+        e = where_dst.get(a)
+        if e is not None and e != d:
+            behind = [b for b in dst[e][dst[e].index(a) + 1:] if b not in where_src]
+            if behind:
+                out |= {a, *behind}
+    return out
 
 
 def _in_prefix_position(src: Spec, dst: Spec, axis: int, dim: int) -> bool:

@@ -92,6 +92,15 @@ def specs_from_roles(ranks, role_dims, per) -> list[Spec]:
     return [tuple(sp) for sp in specs]
 
 
+def partial_sum_all_reduces(reduced_axes, nbytes: float) -> tuple[Collective, ...]:
+    """The all-reduces of partial sums whose reduced dims are split over ``reduced_axes`` (the
+    mesh axes of each reduced dim, in dim order), ``nbytes`` the reduced local buffer: XLA's
+    partitioner emits one all-reduce per split dim (the last dim's first), each of the whole
+    buffer, not one over all their axes (measured on a (2, 4) mesh: a sum over dims split on
+    x and y is an all-reduce over y, then one over x; tests/test_fuzz.py)."""
+    return tuple(("all-reduce", tuple(sorted(axes)), nbytes) for axes in reversed(list(reduced_axes)) if axes)
+
+
 def spec_name(spec: Spec) -> str:
     """Alpa-style short name: R = replicated dim, S01 = split over axes 0 and 1."""
     return "".join("R" if not axes else "S" + "".join(map(str, axes)) for axes in spec) or "scalar"

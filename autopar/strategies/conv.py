@@ -1,5 +1,7 @@
 """conv_general_dilated: each mesh axis splits the batch, the output channels, or the input
-channels (contracted: partial sums → all-reduce), or nothing. Grouped convs: batch only."""
+channels (contracted: partial sums → all-reduce), or nothing. Grouped convs: batch only;
+XLA's partitioner gathers the operands of a grouped conv that is neither depthwise nor a
+1×1 stride-1 window whatever their sharding, so such a conv is planned replicated."""
 from __future__ import annotations
 
 import math
@@ -7,7 +9,7 @@ import math
 from cost import MeshModel
 
 from ..graph import Node
-from .base import Strategy, register, role_assignments, spec_name, specs_from_roles
+from .base import Fallback, Strategy, register, role_assignments, spec_name, specs_from_roles
 
 
 @register("conv_general_dilated")
@@ -16,7 +18,12 @@ def conv_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
     out = node.outputs[0]
     dn = node.params["dimension_numbers"]
     lspec_dims, rspec_dims, ospec_dims = dn.lhs_spec, dn.rhs_spec, dn.out_spec
-    grouped = node.params.get("feature_group_count", 1) > 1 or node.params.get("batch_group_count", 1) > 1
+    groups = node.params.get("feature_group_count", 1)
+    grouped = groups > 1 or node.params.get("batch_group_count", 1) > 1
+    if 1 < groups < lhs.shape[lspec_dims[1]] and not _pointwise(node, rhs, rspec_dims):
+        # measured (CPU, jax 0.10; tests/test_fuzz.py): an all-gather of the whole lhs for a batch
+        # split and for a channel split alike; the conv then runs replicated
+        raise Fallback("XLA gathers the operands of a grouped (not depthwise) conv: replicated")
     # roles: (size, (lhs dim, rhs dim, out dim), contracted)
     roles = [] if node.params.get("batch_group_count", 1) > 1 else [
         (lhs.shape[lspec_dims[0]], (lspec_dims[0], None, ospec_dims[0]), False)]
@@ -36,3 +43,11 @@ def conv_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
         res.append(Strategy(f"{spec_name(ls)}x{spec_name(rs)}" + ("-allreduce" if comm else ""),
                             (os_,), (ls, rs), comm, work))
     return res
+
+
+def _pointwise(node: Node, rhs, rspec_dims) -> bool:
+    """A 1×1 window, stride 1, no padding or dilation (XLA rewrites it into a dot)."""
+    p = node.params
+    return (all(rhs.shape[d] == 1 for d in rspec_dims[2:]) and all(s == 1 for s in p["window_strides"])
+            and all(tuple(pd) == (0, 0) for pd in p["padding"])
+            and all(d == 1 for d in (*p.get("lhs_dilation", ()), *p.get("rhs_dilation", ()))))

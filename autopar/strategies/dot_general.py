@@ -9,7 +9,7 @@ import math
 from cost import MeshModel
 
 from ..graph import Node
-from .base import Strategy, register, role_assignments, spec_name, specs_from_roles
+from .base import Strategy, partial_sum_all_reduces, register, role_assignments, spec_name, specs_from_roles
 
 
 def _roles(lhs_rank, rhs_rank, dn):
@@ -42,13 +42,15 @@ def dot_general_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
             res.append(Strategy(base, (ospec,), ins, (), work))
             continue
         out_local = out.nbytes / math.prod(mesh.shape[a] for s in ospec for a in s)
-        res.append(Strategy(base + "-allreduce", (ospec,), ins, (("all-reduce", contracted, out_local),), work))
+        # one all-reduce per split contracting dim (XLA's partitioner), one reduce-scatter in all
+        split_c = [axes for r, axes in zip(roles, per) if r[0] == "c"]
+        res.append(Strategy(base + "-allreduce", (ospec,), ins, partial_sum_all_reduces(split_c, out_local), work))
         p = math.prod(mesh.shape[a] for a in contracted)
         for d in range(len(out.shape)):
             local_d = out.shape[d] // math.prod(mesh.shape[a] for a in ospec[d])
             if local_d % p == 0 and local_d >= p:
                 rs = list(ospec)
-                rs[d] = tuple(sorted(ospec[d] + contracted))
+                rs[d] = ospec[d] + contracted  # scattered axes minor to the dim's own split (XLA's order)
                 key = (tuple(rs), ins)
                 if key in seen:
                     continue

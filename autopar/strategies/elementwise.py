@@ -8,8 +8,8 @@ from cost import MeshModel
 
 from ..graph import Node
 from ..trace import Lit
-from .base import (Fallback, Strategy, enumerate_specs, follow_output, register, replicate,
-                   spec_name)
+from .base import (Fallback, Strategy, enumerate_specs, follow_output, partial_sum_all_reduces, register,
+                   replicate, spec_name)
 
 ELEMENTWISE = (
     "add", "add_any", "sub", "mul", "div", "rem", "pow", "integer_pow", "max", "min", "neg", "sign",
@@ -38,10 +38,9 @@ def _reduction(node: Node, mesh: MeshModel) -> list[Strategy]:
     axes = set(node.params["axes"])
     res = []
     for spec in enumerate_specs(x.shape, mesh.shape):
-        reduced = tuple(sorted(a for d in axes for a in spec[d]))
         out_spec = tuple(s for d, s in enumerate(spec) if d not in axes)
-        comm = (("all-reduce", reduced, out.nbytes / _factor(out_spec, mesh)),) if reduced else ()
-        res.append(Strategy(spec_name(spec) + ("-allreduce" if reduced else ""), (out_spec,), (spec,), comm))
+        comm = partial_sum_all_reduces([spec[d] for d in sorted(axes)], out.nbytes / _factor(out_spec, mesh))
+        res.append(Strategy(spec_name(spec) + ("-allreduce" if comm else ""), (out_spec,), (spec,), comm))
     return res
 
 

@@ -73,7 +73,11 @@ def scatter_add_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
     for d, ud in zip(op_window, dn.update_window_dims):
         if updates.shape[ud] == operand.shape[d]:
             roles.append((operand.shape[d], (d, None, ud), "window"))
-    if len(dn.scatter_dims_to_operand_dims) == 1 and dn.scatter_dims_to_operand_dims[0] in dn.inserted_window_dims:
+    if len(dn.scatter_dims_to_operand_dims) == 1 and dn.scatter_dims_to_operand_dims[0] in dn.inserted_window_dims \
+            and math.prod(updates.shape[d] for d in upd_scatter) > 1:
+        # not for a single index: XLA (CPU, jax 0.10) turns that scatter into a dynamic-update-slice
+        # and, when the operand's split comes from a replicated value, writes the update into every
+        # shard at the local offset (wrong result; tests/test_fuzz.py regression)
         roles.append((operand.shape[dn.scatter_dims_to_operand_dims[0]],
                       (dn.scatter_dims_to_operand_dims[0], None, None), "indexed"))
     ranks = (len(operand.shape), len(indices.shape), len(updates.shape))
