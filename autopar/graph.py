@@ -73,21 +73,47 @@ def _numel(shape) -> int:
 
 
 def estimate_flops(eqn: Eqn, operands: list, outputs: list[Value]) -> float:
-    name = eqn.prim.name
+    return primitive_flops(eqn.prim.name, eqn.params, operands, outputs)
+
+
+def primitive_flops(name: str, params: dict, operands: list, outputs: list) -> float:
+    """FLOPs of one execution (operands/outputs: anything with ``.shape``). Control flow left
+    unexpanded (``cond``, ``while``) costs its body's FLOPs: the taken branch is the dearest
+    one, a while loop runs its body at least once."""
     out = sum(_numel(v.shape) for v in outputs)
     if name == "dot_general":
-        (lc, _), _ = eqn.params["dimension_numbers"]
+        (lc, _), _ = params["dimension_numbers"]
         k = math.prod(operands[0].shape[d] for d in lc)
         return 2.0 * out * k
     if name == "conv_general_dilated":
         rhs = operands[1].shape
-        dn = eqn.params["dimension_numbers"]
+        dn = params["dimension_numbers"]
         rhs_spec = dn.rhs_spec
         kernel = math.prod(rhs[d] for d in rhs_spec[2:]) * rhs[rhs_spec[1]]
         return 2.0 * out * kernel
+    if name == "cond":
+        return max((jaxpr_flops(b.jaxpr) for b in params["branches"]), default=0.0)
+    if name == "while":
+        return jaxpr_flops(params["body_jaxpr"].jaxpr) + jaxpr_flops(params["cond_jaxpr"].jaxpr)
+    if name == "scan":
+        return int(params["length"]) * jaxpr_flops(params["jaxpr"].jaxpr)
     if name.startswith("reduce_") or name in ("argmax", "argmin", "cumsum", "cumprod", "cummax", "cumlogsumexp"):
         return float(sum(_numel(o.shape) for o in operands))
     return float(out * ELEMENTWISE_FLOPS)
+
+
+def jaxpr_flops(jaxpr) -> float:
+    """FLOPs of a (jax.extend.core) jaxpr, nested calls and control flow included."""
+    from .trace import INLINE_PARAMS
+    total = 0.0
+    for e in jaxpr.eqns:
+        body = e.params.get(INLINE_PARAMS.get(e.primitive.name, ""))
+        if body is not None:
+            total += jaxpr_flops(getattr(body, "jaxpr", body))
+        else:
+            total += primitive_flops(e.primitive.name, e.params, [v.aval for v in e.invars],
+                                     [v.aval for v in e.outvars])
+    return total
 
 
 def build_graph(program: Program) -> OpGraph:

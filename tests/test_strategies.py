@@ -146,11 +146,21 @@ def test_family_runs_and_matches(name, devices8):
 
 
 def test_control_flow_is_replicated_and_reported(devices8):
+    """cond / while stay single replicated nodes, reported, costed at least their bodies'
+    FLOPs; a scan is planned (tests/test_scan.py), not a fallback."""
     fn, make = CASES["control_flow"]
     plan = autopar.plan(fn, *make(), cluster=CLUSTER)
     prims = {f.primitive for f in plan.fallbacks}
-    assert {"scan", "cond", "while"} <= prims
+    assert {"cond", "while"} <= prims and "scan" not in prims
     assert "control flow" in plan.report()
+    from autopar.graph import build_graph
+    from autopar.trace import trace
+
+    def heavy(x):  # 2·64³ FLOPs inside each branch / the loop body
+        c = jax.lax.cond(x.sum() > 0, lambda v: v @ v, lambda v: v @ v.T, x)
+        return jax.lax.while_loop(lambda s: s[0] < 3, lambda s: (s[0] + 1, s[1] @ s[1]), (0, c))[1]
+    nodes = {n.name: n for n in build_graph(trace(heavy, arr(64, 64))).nodes}
+    assert nodes["cond"].flops >= 2 * 64 ** 3 and nodes["while"].flops >= 2 * 64 ** 3
 
 
 def test_unknown_primitive_is_replicated_and_listed(devices8):
