@@ -22,7 +22,7 @@ from .repeats import find_repeats
 from .strategies import Strategy, enumerate_specs, replicate, spec_name, strategies_for
 from .strategies.base import local_nbytes
 from .strategies.elementwise import ELEMENTWISE, REDUCTIONS
-from .trace import Lit, Value
+from .trace import SCAN_BOUNDARY, Lit, Value
 
 US = 1e6  # solver costs are microseconds
 # Among plans of equal predicted time prefer the one holding fewer bytes per device:
@@ -132,6 +132,7 @@ def _node_costs(node, strats, mesh):
         use[:] = [local_nbytes(node.outputs[0], s.out_specs[0], mesh.shape) for s in strats]
         return comp, comm, use
     dtype = str(node.outputs[0].dtype)
+    view = node.name in SCAN_BOUNDARY  # a scan's slice / stack / carry: XLA reads and writes in place
     for i, s in enumerate(strats):
         factors = [shard_factor(sp, mesh.shape) for sp in s.out_specs]
         factors += [shard_factor(sp, mesh.shape) for sp in s.in_specs if sp is not None]
@@ -139,7 +140,7 @@ def _node_costs(node, strats, mesh):
         nbytes = sum(local_nbytes(v, sp, mesh.shape) for v, sp in zip(node.outputs, s.out_specs))
         use[i] = nbytes
         nbytes += sum(local_nbytes(o, sp, mesh.shape) for o, sp in zip(node.operands, s.in_specs))
-        comp[i] = compute_time(mesh, node.flops / div, nbytes * node.repeat, dtype)  # flops: × repeat already
+        comp[i] = 0.0 if view else compute_time(mesh, node.flops / div, nbytes * node.repeat, dtype)  # flops × repeat
         comm[i] = sum(collective_time(mesh, k, ax, n) for k, ax, n in s.comm) * node.repeat
     return comp, comm, use
 
