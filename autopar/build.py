@@ -296,7 +296,7 @@ def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float
             intervals.append((0, graph.last_use(node.outputs[0].id) + 1))
         else:
             end = max(graph.last_use(v.id) for v in node.outputs)
-            intervals.append((node.index, end + 1))
+            intervals.append((graph.born(node), end + 1))
     # edges: group operands by (producer, consumer)
     grouped: dict[tuple[int, int], list[Operand]] = {}
     for node in graph.nodes:

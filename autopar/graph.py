@@ -44,6 +44,7 @@ class OpGraph:
     # value pairs that must have equal specs: a scan's carry at loop entry and at the end of the body
     ties: list[tuple[int, int]] = field(default_factory=list)
     _signatures: list | None = None
+    _extents: dict | None = None
 
     @property
     def signatures(self) -> list[int]:
@@ -54,11 +55,33 @@ class OpGraph:
         return self._signatures
 
     def last_use(self, value_id: int) -> int:
-        """Index of the last node reading ``value_id`` (len(nodes) if it is a program output)."""
+        """Index of the last node reading ``value_id`` (len(nodes) if it is a program output).
+        A scan's stacked xs are read by every iteration: live until its region's last node."""
         if value_id in self.output_values:
             return len(self.nodes)
         uses = self.consumers.get(value_id, [])
-        return max((n for n, _ in uses), default=self.producer[value_id][0])
+        ext = self.region_extents
+        return max((ext[self.nodes[n].params["region"]][1] if self.nodes[n].name == "scan_slice" else n
+                    for n, _ in uses), default=self.producer[value_id][0])
+
+    @property
+    def region_extents(self) -> dict[int, tuple[int, int]]:
+        """First and last node index of each expanded scan (``trace.Region``)."""
+        if self._extents is None:
+            ext: dict[int, tuple[int, int]] = {}
+            for node in self.nodes:
+                for r in (node.eqn.scope if node.eqn is not None else ()):
+                    a, b = ext.get(r, (node.index, node.index))
+                    ext[r] = (min(a, node.index), max(b, node.index))
+            self._extents = ext
+        return self._extents
+
+    def born(self, node: Node) -> int:
+        """Where ``node``'s outputs start to hold memory: a scan's stacked ys are allocated when
+        its loop starts (every iteration writes its slice), anything else at the node."""
+        if node.name == "scan_stack":
+            return self.region_extents[node.params["region"]][0]
+        return node.index
 
 
 def is_constant_broadcast(eqn: Eqn) -> bool:

@@ -23,13 +23,14 @@ def fn(x, w):
     return jax.lax.cond(s.sum() > 0, lambda v: v, lambda v: -v, s).sum()
 
 
-def test_inlines_calls_and_keeps_control_flow_whole():
+def test_inlines_calls_expands_scans_and_keeps_cond_whole():
     args = (jax.ShapeDtypeStruct((8, 16), jnp.float32), jax.ShapeDtypeStruct((16, 32), jnp.float32))
     prog = trace(jax.grad(fn, argnums=1), *args)
     names = [e.prim.name for e in prog.eqns]
     for inlined in ("jit", "pjit", "custom_jvp_call", "custom_vjp_call", "remat2", "checkpoint"):
         assert inlined not in names
-    assert "scan" in names and "cond" in names
+    assert "cond" in names and "scan" not in names  # a scan's body is expanded in place (trace.Region)
+    assert {"scan_carry_in", "scan_slice", "scan_carry_out", "scan_stack"} <= set(names) and prog.regions
     assert prog.stats["inlined_calls"] >= 3 and prog.stats["dead_eqns"] >= 1
     graph = build_graph(prog)
     dots = [n for n in graph.nodes if n.name == "dot_general"]
