@@ -5,9 +5,13 @@ dim is split over (``()`` = not split), major to minor. Axes not named anywhere 
 the tensor.
 
 The model replays the decision sequence of XLA's ``PartitionedHlo::ReshardNoCache`` on mesh
-axes; it reproduces the compiled HLO's collectives (kind and bytes, in sequence) for every
-spec pair, all axis orders, of tensors (64,), (24,), (64, 64), (12, 20), (8, 2), (8, 8, 4),
-(6, 8, 4), (16, 64, 32) on meshes (8,), (2, 4), (4, 2) (``benchmarks/reshard_fidelity.py``).
+axes. XLA (jax 0.10.2) takes two more patterns when the reshard is between jit's
+``in_shardings`` and ``out_shardings`` than at a ``with_sharding_constraint`` (how plans are
+emitted, the default here); ``boundary=True`` prices the former. Both reproduce the compiled
+HLO's collectives (kind and bytes) for every spec pair, all axis orders, measured with
+``benchmarks/reshard_fidelity.py``: at a constraint for (64, 64), (8, 8, 4), (6, 8, 4) on
+(2, 4); at the boundary for (64,), (24,), (64, 64), (12, 20), (8, 2), (8, 8, 4), (6, 8, 4),
+(16, 64, 32) on meshes (8,), (2, 4), (4, 2).
 A state is the list of mesh-axis *factors* on each dim (major to minor) plus the replicated
 factors, major first (an all-to-all may split an axis: the part of size ``k`` of an axis is
 a factor of its own). Rules, in the order XLA tries them; a rule may run the whole procedure
@@ -32,14 +36,17 @@ again on a sub-step, "strict" meaning that sub-step may not fall back to rule 8:
 6. TryComplexReshardHandling, each kept only if its strict sub-steps reach the target:
    a. a dim split in two: ``X·Y`` on a dim ↔ ``X`` there and ``Y`` on another dim (one
       all-to-all of the minor part);
-   b. target partly replicated whose replicated factors lead a source dim that the target
-      leaves unsplit: first reach the target with those factors kept on that dim, then
-      gather them (``((), (x, y)) → ((y), ())``: all-to-all of y, then all-gather of x);
+   b. (only at a jit boundary, see below) target partly replicated whose replicated
+      factors lead a source dim that the target leaves unsplit: first reach the target with
+      those factors kept on that dim, then gather them (``((), (x, y)) → ((y), ())``:
+      all-to-all of y, then all-gather of x; at a sharding constraint: full rematerialization);
    c. target partly replicated: gather the first source dim whose count times the source's
       replication equals the target's replication, then go on: XLA gathers *before* it moves
       an axis, the all-to-all then runs on the gathered buffer (``((x), (y)) → ((y), ())``);
-   d. source partly replicated: slice its replicated factors onto the first dim the target
-      splits by a multiple of them, then go on (``((), (x)) → ((y), ())``: slice y, gather x).
+   d. source partly replicated, target fully tiled (at a jit boundary: any target): slice
+      its replicated factors onto the first dim the target splits by a multiple of them,
+      then go on (``((), (x)) → ((x, y), ())``: slice y onto dim 0, all-to-all x; at a jit
+      boundary ``((), (x)) → ((y), ())`` is slice y, gather x: 4096 bytes, not 16384).
 7. Dims with the same count in source and target are held (devices grouped by them) while
    the rest is resharded inside each group; then as from rule 1.
 8. Otherwise XLA replicates the whole tensor (one all-gather per split dim, last dim first:
@@ -142,8 +149,8 @@ def _state(spec: Spec, mesh_shape) -> _State:
 class _Plan:
     """Replays XLA's reshard of one tensor; collects (kind, factors, local bytes)."""
 
-    def __init__(self, shape, full_bytes):
-        self.shape, self.full = shape, full_bytes
+    def __init__(self, shape, full_bytes, boundary=False):
+        self.shape, self.full, self.boundary = shape, full_bytes, boundary
 
     def local(self, st: _State) -> float:
         return self.full / (st.tiles() * st.group)
@@ -268,7 +275,7 @@ class _Plan:
     def complex(self, cur, dst, shape):
         if (r := self.merge_or_split(cur, dst, shape)) is not None:
             return r
-        if (r := self.unreplicate_target(cur, dst, shape)) is not None:
+        if self.boundary and (r := self.unreplicate_target(cur, dst, shape)) is not None:
             return r
         if dst.partial():                          # PatternMatchPartiallyReplicateDim
             rs = _size(cur.rep) if cur.partial() else 1
@@ -279,7 +286,7 @@ class _Plan:
                     if st == dst:
                         return st, ops + more
                     break
-        if cur.partial():
+        if cur.partial() and (self.boundary or not dst.partial()):
             rep = _size(cur.rep)
             for i, (s, t) in enumerate(zip(cur.sizes(), dst.sizes())):
                 if t != s and s == 1 and t % rep == 0:
@@ -455,13 +462,18 @@ def _axes(factor_lists) -> tuple[int, ...]:
 
 
 @lru_cache(maxsize=1 << 18)
-def resharding(mesh: MeshModel, shape: tuple[int, ...], itemsize: int, src: Spec, dst: Spec
-               ) -> tuple[float, tuple[Collective, ...]]:
-    """(seconds, collectives) to turn a tensor sharded as ``src`` into ``dst`` (rules: module doc)."""
+def resharding(mesh: MeshModel, shape: tuple[int, ...], itemsize: int, src: Spec, dst: Spec,
+               boundary: bool = False) -> tuple[float, tuple[Collective, ...]]:
+    """(seconds, collectives) to turn a tensor sharded as ``src`` into ``dst`` (rules: module doc).
+
+    ``boundary``: the reshard happens between jit's ``in_shardings`` and ``out_shardings``
+    (no sharding constraint in between), where XLA also takes rules 6b and 6d to a partly
+    replicated target; the default prices a reshard at a ``with_sharding_constraint``,
+    which is how plans are emitted."""
     if src == dst:
         return 0.0, ()
     full = math.prod(shape) * itemsize
-    plan = _Plan(tuple(shape), full)
+    plan = _Plan(tuple(shape), full, boundary)
     _, ops = plan.reshard(_state(src, mesh.shape), _state(dst, mesh.shape))
     seconds, colls = 0.0, []
     for kind, factors, nbytes in ops:
