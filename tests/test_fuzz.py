@@ -509,23 +509,18 @@ def _check_bytes(v, plan, stats: Counter | None = None) -> None:
     reduce-scatter over x of a value replicated over y as an all-reduce of the final shard
     plus a collective-permute of it (same bytes: ``test_regression_2d_reduce_scatter_kinds``).
 
-    Known limitation (reported, not hidden): on a 2D mesh ``cost.resharding`` does not model
-    every conversion XLA's partitioner makes (62 of the 210 spec pairs of an (8, 8, 4) array
-    on (2, 4) differ: XLA gathers split dims one at a time, permutes before gathering, and
-    sometimes replicates fully, depending on the shapes). There the reshard bytes are
-    recorded in ``stats["reshard_mismatch_2d"]`` instead of failing; the in-op bytes are
-    still compared exactly, and on the 1D mesh everything is, per kind.
+    Reshards are compared exactly on both meshes: ``cost.resharding`` replays XLA's reshard
+    steps (it once missed 62 of the 210 spec pairs of an (8, 8, 4) array on (2, 4); now none:
+    tests/test_resharding_hlo.py checks every pair of two (shape, mesh) combinations).
     """
     pred, comp = _split_bytes(v, plan)
     detail = f"{v.table()}\npredicted {dict(pred)}\ncompiled {dict(comp)}"
     total = lambda c: Counter({"bytes": sum(c.values())})  # noqa: E731
     assert _same(total(pred["op"]), total(comp["op"])), detail
+    assert _same(pred["reshard"], comp["reshard"]), detail
     if len(plan.mesh_shape) == 1:
         assert _same(pred["op"], comp["op"]), detail
         assert v.bytes_error() <= 1e-9, detail
-        assert _same(pred["reshard"], comp["reshard"]), detail
-    elif not _same(pred["reshard"], comp["reshard"]) and stats is not None:
-        stats["reshard_mismatch_2d"] += 1
 
 
 def _sharded(plan) -> bool:
@@ -647,12 +642,10 @@ def test_regression_constant_broadcast_is_recomputed(devices8):
     _check_bytes(plan.validate(*args), plan)
 
 
-@pytest.mark.xfail(strict=True, reason="known cost-model limitation: cost.resharding prices a 2D-mesh gather of "
-                   "two split dims as one all-gather over both axes; XLA gathers one dim at a time (see _check_bytes)")
-def test_known_limitation_2d_gather_of_two_dims(devices8):
-    """(x on dim 0, y on dim 1) → replicated, (8, 8, 4) float32 on (2, 4): the model says one
-    1,024-byte all-gather over (x, y); XLA emits a 512-byte all-gather over y, then a 1,024-byte
-    one over x. When this passes, tighten ``_check_bytes`` on 2D meshes."""
+def test_regression_2d_gather_of_two_dims(devices8):
+    """(x on dim 0, y on dim 1) → replicated, (8, 8, 4) float32 on (2, 4): XLA emits a 512-byte
+    all-gather over y, then a 1,024-byte one over x (the model once said one 1,024-byte
+    all-gather over (x, y))."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     from autopar.validate import hlo_collectives
@@ -663,7 +656,8 @@ def test_known_limitation_2d_gather_of_two_dims(devices8):
     hlo = f.lower(jax.ShapeDtypeStruct((8, 8, 4), jnp.float32)).compile().as_text()
     got = sorted((c.kind, c.bytes) for c in hlo_collectives(hlo))
     cluster, nodes = CLUSTERS[(2, 4)]
-    _, colls = resharding(mesh_model(cluster, nodes, (2, 4)), (8, 8, 4), 4, ((0,), (1,), ()), ((), (), ()))
+    _, colls = resharding(mesh_model(cluster, nodes, (2, 4)), (8, 8, 4), 4, ((0,), (1,), ()), ((), (), ()),
+                          boundary=True)
     assert got == sorted((k, int(n)) for k, _, n in colls)
 
 
