@@ -319,8 +319,8 @@ def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float
                 ok = np.array([[d is None or allowed_reshard(u, a, d) for d in dst] for a in src], dtype=bool)
                 m = np.where(ok, m, np.inf)
             mat = mat + m
-        if graph.nodes[v].repeat > 1:  # a reshard inside a scan body happens every iteration
-            mat = mat * graph.nodes[v].repeat
+        if graph.reshard_repeat(v) > 1:  # a reshard inside a scan body happens every iteration
+            mat = mat * graph.reshard_repeat(v)
         grouped_index[(u, v)] = len(edges)
         edges.append((u, v))
         edge_costs.append(mat)

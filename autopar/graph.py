@@ -76,6 +76,15 @@ class OpGraph:
             self._extents = ext
         return self._extents
 
+    def reshard_repeat(self, v: int) -> int:
+        """How often a reshard of an operand of node ``v`` runs per call: inside a scan body once
+        per iteration; into a ``scan_stack`` too (each iteration's y is converted before it is
+        written into the stacked buffer)."""
+        node = self.nodes[v]
+        if node.name == "scan_stack":
+            return node.repeat * self.program.regions[node.params["region"]].length
+        return node.repeat
+
     def born(self, node: Node) -> int:
         """Where ``node``'s outputs start to hold memory: a scan's stacked ys are allocated when
         its loop starts (every iteration writes its slice), anything else at the node."""

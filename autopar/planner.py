@@ -279,7 +279,7 @@ def assemble_plan(fn, program, ip: IntraProblem, sol, spec: ClusterSpec, nodes: 
                 continue
             done.add((op.value.id, dst))
             _, parts = resharding(mesh, op.value.shape, op.value.itemsize, src, dst)
-            r = graph.nodes[v].repeat
+            r = graph.reshard_repeat(v)
             for kind, axes, nbytes in parts:
                 colls.append(CollectiveCost(
                     kind=kind, axes=[names[a] for a in axes], bytes=nbytes * r,
