@@ -246,3 +246,36 @@ def test_rule_that_only_replicates_is_reported(devices8, monkeypatch):
     plan = autopar.plan(fn, *make(), cluster=CLUSTER, mesh_shape=(8,))
     assert [(f.primitive, f.count) for f in plan.fallbacks] == [("pad", 1)]
     assert "no valid split" in plan.fallbacks[0].reason and "pad" in plan.report()
+
+
+def rope_stack(x, w):
+    """Llama RoPE: pairs rotated and put back with jnp.stack (``stack``); its gradient, and
+    jnp.unstack, give ``unstack``."""
+    def rot(v):
+        pos = jnp.arange(v.shape[1], dtype=jnp.float32)[:, None] * (1.0 + jnp.arange(v.shape[-1] // 2, dtype=jnp.float32)) / 16
+        cos, sin = jnp.cos(pos)[None, :, None], jnp.sin(pos)[None, :, None]
+        vr = v.reshape(*v.shape[:-1], v.shape[-1] // 2, 2)
+        a, b = jnp.unstack(vr, axis=-1)
+        return jnp.stack([a * cos - b * sin, a * sin + b * cos], axis=-1).reshape(v.shape)
+
+    def loss(w):
+        return (rot(jnp.tanh(x @ w).reshape(x.shape[0], x.shape[1], 4, -1)) ** 2).sum()
+    return jax.value_and_grad(loss)(w)
+
+
+@pytest.mark.parametrize("mesh", [(8,), (2, 4)])
+def test_stack_unstack_split_and_match(mesh, devices8):
+    """stack / unstack (RoPE) are planned split — not replicated fallbacks — on (8,) and
+    (2, 4): the run equals jax.jit and the predicted collective bytes equal the compiled
+    HLO's, per kind (the strict comparison of tests/test_fuzz.py)."""
+    from test_fuzz import CLUSTERS, _check_bytes, _check_numerics
+    fn = rope_stack
+    args = (arr(16, 32, 64), arr(64, 128))
+    cluster, nodes = CLUSTERS[mesh]
+    plan = autopar.plan(fn, *args, cluster=cluster, nodes=nodes, mesh_shape=mesh)
+    assert not plan.fallbacks, plan.report()
+    for prim in ("stack", "unstack"):
+        eqns = [e for e in plan.eqns if e.primitive == prim]
+        assert eqns and all(any(e.out_specs[0]) for e in eqns), (prim, plan.report())
+    _check_numerics(plan.apply(fn)(*args), jax.jit(fn)(*args))
+    _check_bytes(plan.validate(*args, fn=fn), plan)

@@ -202,6 +202,33 @@ def _split(node, mesh):
     return res
 
 
+@register("stack")
+def _stack(node, mesh):
+    """``jnp.stack`` (RoPE's rotated halves): the new dim ``axis`` stays unsplit; every other
+    dim has the same split on each operand and the output (a local copy, no collective)."""
+    axis = node.params["axis"]
+    res = []
+    for spec in enumerate_specs(tuple(node.outputs[0].shape), mesh.shape,
+                                frozenset(d for d in range(len(node.outputs[0].shape)) if d != axis)):
+        in_spec = spec[:axis] + spec[axis + 1:]
+        res.append(Strategy(spec_name(spec), (spec,),
+                            tuple(None if isinstance(o, Lit) else in_spec for o in node.operands)))
+    return res
+
+
+@register("unstack")
+def _unstack(node, mesh):
+    """``jnp.unstack`` (and stack's transpose in a gradient): the removed dim ``axis`` stays
+    unsplit on the operand; every other dim has the same split on the operand and each output."""
+    axis = node.params["axis"]
+    (x,) = node.operands
+    res = []
+    for spec in enumerate_specs(tuple(x.shape), mesh.shape, frozenset(d for d in range(len(x.shape)) if d != axis)):
+        out_spec = spec[:axis] + spec[axis + 1:]
+        res.append(Strategy(spec_name(spec), tuple(out_spec for _ in node.outputs), (spec,)))
+    return res
+
+
 @register("pad")
 def _pad(node, mesh):
     """Every dim with lo = hi = interior = 0: the same split on the operand and the output
