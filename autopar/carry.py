@@ -12,16 +12,6 @@ from __future__ import annotations
 import jax
 
 
-def leaf_paths(treedef) -> list[str]:
-    """``keystr`` of every leaf of ``treedef`` ("[0]['w']"); "[i]" where the tree cannot be rebuilt."""
-    n = treedef.num_leaves
-    try:
-        leaves = jax.tree_util.tree_flatten_with_path(treedef.unflatten(list(range(n))))[0]
-        return [jax.tree_util.keystr(p) or "<arg>" for p, _ in leaves]
-    except Exception:
-        return [f"[{i}]" for i in range(n)]
-
-
 def _keys(treedef) -> list[tuple]:
     n = treedef.num_leaves
     try:

@@ -212,7 +212,7 @@ def cmd_run(ns) -> int:
     else:
         plan = _plan_from_args(ns, fn, args)
         print(format_report(plan))
-    from .carry import leaf_paths
+    from .pytree_json import leaf_paths
     from .verify import compare_loops, run_loop
     steps = ns.steps if plan.carried else 1  # a loop only where outputs feed back
     first = [np.asarray(x) for x in jax.tree_util.tree_leaves(args)]

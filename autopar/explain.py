@@ -21,6 +21,9 @@ from dataclasses import dataclass
 import solvers
 from cost import mesh_model, resharding, shard_factor
 
+from .pytree_json import leaf_paths as _leaf_paths
+from .report import _si, _time
+from .runtime import abstract_args
 from .strategies import enumerate_specs
 
 MAX_PATHS_IN_ERROR = 30
@@ -143,24 +146,12 @@ class Explanation:
 
 # ----------------------------------------------------------------------------- helpers
 
-def _time(s: float) -> str:
-    a = abs(s)
-    if a >= 1:
-        return f"{s:.3f} s"
-    if a >= 1e-3:
-        return f"{s * 1e3:.3f} ms"
-    return f"{s * 1e6:.1f} µs"
-
-
 def _signed_time(s: float) -> str:
     return ("+" if s >= 0 else "−") + _time(abs(s))
 
 
 def _bytes(x: float) -> str:
-    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= scale:
-            return f"{x / scale:.2f} {prefix}B"
-    return f"{x:.0f} B"
+    return _si(x, "B")
 
 
 def _signed_bytes(x: float) -> str:
@@ -176,20 +167,8 @@ def short_source(src: str) -> str:
     return f"{m.group(1).replace(chr(92), '/').rsplit('/', 1)[-1]}:{m.group(2)}{where}"
 
 
-def abstract_args(args):
-    """Example arguments as ``jax.ShapeDtypeStruct`` pytrees (what ``explain`` needs to re-trace)."""
-    import jax
-
-    def one(x):
-        if hasattr(x, "shape") and hasattr(x, "dtype"):
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=bool(getattr(x, "weak_type", False)))
-        return x
-    return jax.tree_util.tree_map(one, tuple(args))
-
-
 def leaf_paths(plan) -> list[str]:
-    from .report import _paths
-    return _paths(plan.input_tree, len(plan.input_specs_flat))
+    return _leaf_paths(plan.input_tree, len(plan.input_specs_flat))
 
 
 def _norm(path: str) -> str:

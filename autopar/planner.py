@@ -183,7 +183,7 @@ def plan_with(fn, example_args, *, cluster="cpu-8", nodes: int = 1, mesh_shape=N
     result = assemble_plan(fn, program, best[0], best[1], spec, nodes, budget, candidates, timing, donated,
                            strategy_name=strategy_name)
     result._fn = fn
-    from .explain import abstract_args
+    from .runtime import abstract_args
     result._args = abstract_args(example_args)
     return result
 

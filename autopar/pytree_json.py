@@ -61,3 +61,16 @@ def _example(obj: Any) -> Any:
 
 def treedef_from_json(obj: Any):
     return jax.tree_util.tree_structure(_example(obj), is_leaf=lambda x: x is None and False)
+
+
+def leaf_paths(treedef, n: int | None = None) -> list[str]:
+    """``keystr`` of every leaf ("[0]['w']"; "<arg>" for a bare leaf) of a PyTreeDef or of a
+    JSON tree (``treedef_to_json``); "[i]" where the tree cannot be rebuilt."""
+    try:
+        if not isinstance(treedef, jax.tree_util.PyTreeDef):
+            treedef = treedef_from_json(treedef)
+        n = treedef.num_leaves
+        leaves = jax.tree_util.tree_flatten_with_path(treedef.unflatten(list(range(n))))[0]
+        return [jax.tree_util.keystr(p) or "<arg>" for p, _ in leaves]
+    except Exception:
+        return [f"[{i}]" for i in range(n or 0)]

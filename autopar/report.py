@@ -1,10 +1,8 @@
 """``format_report(plan) -> str``: the strategy report (a pure function of the Plan)."""
 from __future__ import annotations
 
-import jax
-
 from .emit import to_pspec
-from .pytree_json import treedef_from_json
+from .pytree_json import leaf_paths
 
 
 def _si(x: float, unit: str) -> str:
@@ -15,20 +13,15 @@ def _si(x: float, unit: str) -> str:
 
 
 def _time(s: float) -> str:
-    if s >= 1:
+    if abs(s) >= 1:
         return f"{s:.3f} s"
-    if s >= 1e-3:
+    if abs(s) >= 1e-3:
         return f"{s * 1e3:.3f} ms"
     return f"{s * 1e6:.1f} µs"
 
 
 def _paths(tree_json, n: int) -> list[str]:
-    try:
-        tree = treedef_from_json(tree_json).unflatten(list(range(n)))
-        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-        return [jax.tree_util.keystr(p) or "<arg>" for p, _ in leaves]
-    except Exception:
-        return [f"[{i}]" for i in range(n)]
+    return leaf_paths(tree_json, n)
 
 
 def format_report(plan, *, equations: bool = False, max_collectives: int = 12) -> str:

@@ -6,6 +6,7 @@ import warnings
 import jax
 
 from .emit import interpret, make_mesh, named
+from .pytree_json import leaf_paths
 from .trace import trace
 
 
@@ -19,7 +20,15 @@ class ReshardWarning(UserWarning):
 
 
 def _abstract(x):
-    return jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") and hasattr(x, "dtype") else x
+    """An array as a ShapeDtypeStruct (weak type kept: it changes the traced program); other leaves as they are."""
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=bool(getattr(x, "weak_type", False)))
+    return x
+
+
+def abstract_args(args) -> tuple:
+    """Example arguments as ``jax.ShapeDtypeStruct`` pytrees (to re-trace without the data)."""
+    return jax.tree_util.tree_map(_abstract, tuple(args))
 
 
 def mismatch_message(plan, program, paths) -> str:
@@ -59,7 +68,6 @@ class ShardedFunction:
     def _compiled_for(self, args):
         flat, tree = jax.tree_util.tree_flatten(args)
         if self._in_paths is None:
-            from .carry import leaf_paths
             self._in_paths = leaf_paths(tree)
         key = (tree, tuple((getattr(x, "shape", None), str(getattr(x, "dtype", type(x)))) for x in flat))
         hit = self._cache.get(key)
