@@ -147,14 +147,15 @@ def _node_costs(node, strats, mesh):
 
 def transient_usages(graph: OpGraph, strats) -> list:
     """While an op reduces partial sums (all-reduce / reduce-scatter inside it), the
-    unreduced local buffer exists besides its output: an item live only at the op."""
+    unreduced local buffer exists besides its output: an item live only at the op; so does
+    a strategy's scratch (``Strategy.temp_bytes``: unfused attention's S×S scores)."""
     items, cache = [], {}
     for node, ss in zip(graph.nodes, strats):
         key = id(ss)  # strategy lists are shared between nodes of one signature
         if key not in cache:
             # one buffer however many all-reduces it goes through (one per split reduced dim)
             cache[key] = np.array([max((n for kind, _, n in s.comm if kind in ("all-reduce", "reduce-scatter")),
-                                       default=0.0) for s in ss])
+                                       default=0.0) + s.temp_bytes * 1.0 for s in ss])
         if cache[key].any():
             items.append((node.index, cache[key], (node.index, node.index + 1)))
     return items

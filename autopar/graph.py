@@ -117,6 +117,10 @@ def primitive_flops(name: str, params: dict, operands: list, outputs: list) -> f
         (lc, _), _ = params["dimension_numbers"]
         k = math.prod(operands[0].shape[d] for d in lc)
         return 2.0 * out * k
+    if name in ("dot_product_attention", "dot_product_attention_bwd"):  # autopar.attention
+        (b, t, n, h), s, hv = operands[0].shape, operands[1].shape[1], operands[2].shape[-1]
+        fwd = 2.0 * b * n * t * s * (h + hv)   # QKᵀ and PV: 4·B·N·T·S·H
+        return fwd if name == "dot_product_attention" else 2.5 * fwd   # backward: 5 matmuls (recompute)
     if name == "conv_general_dilated":
         rhs = operands[1].shape
         dn = params["dimension_numbers"]

@@ -2,7 +2,9 @@
 
 ``jax.make_jaxpr`` on example arguments (arrays or ``jax.ShapeDtypeStruct`` pytrees — no
 allocation), then nested ``jit``, ``custom_jvp_call``, ``custom_vjp_call`` and ``remat2``
-(checkpoint) are inlined and dead equations dropped. A ``scan``'s body is expanded in place, once (see
+(checkpoint) are inlined and dead equations dropped. ``jax.nn.dot_product_attention`` is
+intercepted while tracing and becomes one equation (forward; its gradient a second one):
+see :mod:`autopar.attention`. A ``scan``'s body is expanded in place, once (see
 :class:`Region`); ``while``/``cond`` stay single equations. Values are numbered with plain ints.
 """
 from __future__ import annotations
@@ -219,8 +221,10 @@ def trace(fn, *args) -> Program:
     """Trace ``fn(*args)``; args may be arrays or ``jax.ShapeDtypeStruct`` pytrees."""
     if not callable(fn):
         raise TraceError(f"expected a callable, got {type(fn).__name__}")
+    from .attention import intercept
     try:
-        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+        with intercept():  # jax.nn.dot_product_attention → one planned op (autopar.attention)
+            closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
     except Exception as err:  # the user's function failed under tracing
         raise TraceError(
             f"could not trace {getattr(fn, '__name__', fn)!r} with jax.make_jaxpr: {type(err).__name__}: {err}\n"

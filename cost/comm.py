@@ -37,6 +37,14 @@ class MeshModel:
     peak_flops: tuple[tuple[str, float], ...]
     hbm_bandwidth_bytes_per_s: float
     memory_bytes: int
+    device_name: str = ""    # the cluster spec's device name (``device_kind`` reads it)
+
+    @property
+    def device_kind(self) -> str:
+        """"cpu", "tpu" or "gpu" (anything else: a spec describes GPUs unless its device name
+        says cpu / tpu). Fused attention is costed flash-style (no S×S buffer) on a GPU."""
+        name = self.device_name.lower()
+        return "cpu" if "cpu" in name else "tpu" if "tpu" in name else "gpu"
 
     @property
     def num_devices(self) -> int:
@@ -71,7 +79,7 @@ def mesh_model(cluster: ClusterSpec, nodes: int, mesh_shape: tuple[int, ...]) ->
             links.append(AxisLink(size, intra.alpha_s, intra.bandwidth_bytes_per_s, False))
     d = cluster.device
     return MeshModel(tuple(mesh_shape), tuple(links), tuple(sorted(d.peak_flops.items())),
-                     d.hbm_bandwidth_bytes_per_s, d.memory_bytes)
+                     d.hbm_bandwidth_bytes_per_s, d.memory_bytes, d.name)
 
 
 def _ring(mesh: MeshModel, axes) -> tuple[int, float, float]:

@@ -47,6 +47,7 @@ class LlamaConfig:
     attention: str = "einsum"          # "einsum" | "dpa"
     implementation: str | None = None  # jax.nn.dot_product_attention's, with attention="dpa"
     dtype: str = "float32"
+    remat: bool = False                # jax.checkpoint each layer (only its input is saved for the backward)
     lr: float = 1e-3
     weight_decay: float = 0.1
 
@@ -56,7 +57,7 @@ class LlamaConfig:
 
 
 LLAMA3_8B = LlamaConfig(vocab=128256, dim=4096, layers=32, heads=32, kv_heads=8, ffn=14336, seq=8192, batch=8,
-                        scan=True, attention="dpa", dtype="bfloat16")
+                        scan=True, attention="dpa", dtype="bfloat16", remat=True)
 
 
 def _layer_shapes(cfg: LlamaConfig) -> dict:
@@ -138,11 +139,13 @@ def block(cfg: LlamaConfig, p, x, positions):
 def forward(cfg: LlamaConfig, params, tokens):
     x = jnp.take(params["embed"], tokens, axis=0)
     positions = jnp.arange(tokens.shape[1])
+    layer = jax.checkpoint(lambda p, x: block(cfg, p, x, positions)) if cfg.remat else (
+        lambda p, x: block(cfg, p, x, positions))
     if cfg.scan:
-        x, _ = jax.lax.scan(lambda c, p: (block(cfg, p, c, positions), None), x, params["layers"])
+        x, _ = jax.lax.scan(lambda c, p: (layer(p, c), None), x, params["layers"])
     else:
         for p in params["layers"]:
-            x = block(cfg, p, x, positions)
+            x = layer(p, x)
     return rms_norm(params["norm"], x) @ params["head"]
 
 

@@ -1,5 +1,5 @@
 """Per-primitive sharding strategies: one rule table, ``STRATEGY_RULES``."""
-from . import control_flow, conv, dot_general, elementwise, gather, reshape, scan  # noqa: F401  (register rules)
+from . import attention, control_flow, conv, dot_general, elementwise, gather, reshape, scan  # noqa: F401  (register rules)
 from .base import STRATEGY_RULES, Fallback, Strategy, enumerate_specs, replicate, replicated_rule, spec_name
 from .control_flow import CONTROL_FLOW
 

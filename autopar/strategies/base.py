@@ -28,6 +28,7 @@ class Strategy:
     in_specs: tuple[Spec | None, ...]     # per operand; None for literals
     comm: tuple[Collective, ...] = ()     # collectives inside the op (partial sums)
     work_div: int | None = None           # devices sharing the work (default: max shard factor)
+    temp_bytes: float = 0.0               # local scratch live only during the op (attention's S×S scores)
 
 
 Rule = Callable[[Node, MeshModel], list[Strategy]]
