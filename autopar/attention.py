@@ -67,6 +67,15 @@ def runs_as(implementation, platform: str | None = None):
     return implementation
 
 
+def cudnn_note(platform: str | None = None) -> str | None:
+    """The report's line for a plan with implementation="cudnn" attention (None on a GPU)."""
+    platform = platform or jax.default_backend()
+    if platform in ("gpu", "cuda", "rocm"):
+        return None
+    return (f"note: dot_product_attention(implementation='cudnn') is planned as one fused op; on this {platform} "
+            "backend (no cuDNN) plan.apply runs it as implementation='xla'")
+
+
 def _call(q, k, v, mask, *, scale, is_causal, implementation, platform=None):
     return _ORIGINAL(q, k, v, mask=mask, scale=scale, is_causal=is_causal,
                      implementation=runs_as(implementation, platform))

@@ -75,6 +75,10 @@ def format_report(plan, *, equations: bool = False, max_collectives: int = 12) -
             lines.append(f"  {f.primitive} ×{f.count}: {f.reason}")
     else:
         lines.append("fallback ops: none")
+    if any(e.primitive.startswith("dot_product_attention") and e.strategy.endswith("(cudnn)") for e in plan.eqns):
+        from .attention import cudnn_note
+        if (note := cudnn_note()) is not None:
+            lines.append(note)
     if equations:
         lines.append("")
         lines.append("equations:")

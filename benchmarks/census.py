@@ -44,6 +44,7 @@ MODELS = {
     "llama-unrolled": lambda: _llama(scan=False),
     "llama-scan": lambda: _llama(scan=True),
     "llama-dpa": lambda: _llama(scan=True, attention="dpa"),
+    "llama-dpa-remat": lambda: _llama(scan=True, attention="dpa", remat=True),
     "llama-dpa-cudnn": lambda: _llama(scan=False, attention="dpa", implementation="cudnn"),
     "gpt": _gpt,
     "flax_lm": _flax,

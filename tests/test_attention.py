@@ -79,6 +79,7 @@ def test_llama_dpa_plans_abstract_runs_equal(impl, kind, devices8):
             attention._warned.clear()
             got = plan.apply(fn)(*args)
         assert any(issubclass(w.category, attention.CudnnOnCpuWarning) for w in caught)
+        assert "runs it as implementation='xla'" in plan.report()
         close(got, jax.jit(ref)(*args))
 
 

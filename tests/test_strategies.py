@@ -279,3 +279,17 @@ def test_stack_unstack_split_and_match(mesh, devices8):
         assert eqns and all(any(e.out_specs[0]) for e in eqns), (prim, plan.report())
     _check_numerics(plan.apply(fn)(*args), jax.jit(fn)(*args))
     _check_bytes(plan.validate(*args, fn=fn), plan)
+
+
+def test_census_llama_gpt_flax_have_no_fallback_ops():
+    """benchmarks/census.py: every primitive of the Llama-3-style step (scanned, unrolled,
+    fused attention, cudnn, remat), GPT and the flax LM has a rule that splits it on (8,) and (2, 4)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import census
+    result = census.census(list(census.MODELS))
+    bad = {m: [k for k in seen if k[1].startswith("fallback")] for m, seen in result.items()}
+    assert not any(bad.values()), bad
+    seen = {p for s in result.values() for p, _ in s}
+    assert {"stack", "unstack", "dot_product_attention", "dot_product_attention_bwd"} <= seen

@@ -62,5 +62,7 @@ def attention_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
             else:
                 ins, outs = (qs, kvs, kvs) + mspec, (qs,)
             label = "/".join(f"{r[0]}:{''.join(map(str, a))}" for r, a in zip(roles, per) if a) or "replicated"
-            res.append(Strategy(f"{spec_name(qs)}[{label}]", outs, ins, (), factor, temp))
+            impl = node.params.get("implementation")
+            res.append(Strategy(f"{spec_name(qs)}[{label}]" + (f" ({impl})" if impl else ""), outs, ins, (),
+                                factor, temp))
     return res
