@@ -91,15 +91,21 @@ def interpret(program: Program, out_specs: dict[int, list], in_specs: dict[tuple
         for k, (o, val) in enumerate(zip(eqn.outputs, outs)):
             env[o] = constrain(val, out_spec(i, k))
 
-    def run_block(block, env, depth):
+    def run_block(block, env, depth, group=None):
         pos = 0
         while pos < len(block):
             i, eqn = block[pos]
-            if len(eqn.scope) > depth:  # a scan region starts: its equations are contiguous
+            if eqn.remat is not None and eqn.remat != group:  # an inlined jax.checkpoint: contiguous
+                end = pos
+                while end < len(block) and block[end][1].remat == eqn.remat:
+                    end += 1
+                run_remat(block[pos:end], env, depth, eqn.remat)
+                pos = end
+            elif len(eqn.scope) > depth:  # a scan region starts: its equations are contiguous
                 rid, end = eqn.scope[depth], pos
                 while end < len(block) and len(block[end][1].scope) > depth and block[end][1].scope[depth] == rid:
                     end += 1
-                run_scan(program.regions[rid], block[pos:end], env, depth + 1)
+                run_scan(program.regions[rid], block[pos:end], env, depth + 1, group)
                 pos = end
             else:
                 run_eqn(i, eqn, env)
@@ -114,7 +120,23 @@ def interpret(program: Program, out_specs: dict[int, list], in_specs: dict[tuple
     def raw(x, env):
         return x.val if isinstance(x, Lit) else env[x]
 
-    def run_scan(region, block, env, depth):
+    def run_remat(block, env, depth, group):
+        """The equations of one inlined ``jax.checkpoint`` read their outside inputs through an
+        ``optimization_barrier``, as jax lowers ``checkpoint(prevent_cse=True)``: XLA then cannot
+        merge a backward-pass recomputation with the forward computation it repeats."""
+        made = {o for _, e in block for o in e.outputs}
+        ext = sorted({x for _, e in block for x in e.inputs
+                      if not isinstance(x, Lit) and x not in made and x in env and x not in program.consts})
+        if not ext:
+            return run_block(block, env, depth, group)
+        outer = [env[x] for x in ext]
+        for x, val in zip(ext, jax.lax.optimization_barrier(outer)):
+            env[x] = val
+        run_block(block, env, depth, group)
+        for x, val in zip(ext, outer):  # values are written once: restore the unbarriered ones
+            env[x] = val
+
+    def run_scan(region, block, env, depth, group=None):
         def boundary(name):
             return sorted(((i, e) for i, e in block if e.prim.name == name and len(e.scope) == depth),
                           key=lambda ie: ie[1].params["index"])
@@ -130,7 +152,7 @@ def interpret(program: Program, out_specs: dict[int, list], in_specs: dict[tuple
                 benv[e.outputs[0]] = constrain(c, out_spec(i))
             for (i, e), v in zip(slices, x):
                 benv[e.outputs[0]] = constrain(v, out_spec(i))
-            run_block(body, benv, depth)
+            run_block(body, benv, depth, group)
             # the next iteration's carry keeps the carry's layout (graph.ties); a final carry laid
             # out otherwise is resharded once, after the loop
             return ([constrain(typed(raw(e.inputs[0], benv), e), out_spec(j)) for (i, e), (j, _) in zip(carry_out, carry_in)],

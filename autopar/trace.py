@@ -67,6 +67,7 @@ class Eqn:
     source: str = ""           # source line info, for the report
     repeat: int = 1            # executions per call: the trip counts of the enclosing scans
     scope: tuple = ()          # ids of the enclosing scan regions, outermost first
+    remat: int | None = None   # the inlined jax.checkpoint (prevent_cse) it came from, outermost
 
 
 # A scan's body is planned like straight-line code, once for all iterations: its equations
@@ -131,6 +132,7 @@ class _Flattener:
         self.inlined = 0
         self.regions: dict[int, Region] = {}
         self.repeat, self.scope = 1, ()
+        self.remat, self.remat_groups = None, 0
 
     def new_value(self, aval) -> int:
         vid = len(self.values)
@@ -162,7 +164,12 @@ class _Flattener:
                 else:
                     inner, inner_consts = body, ()
                 n_extra = len(ins) - len(inner.invars)
+                group = self.remat is None and name in ("checkpoint", "remat2") and eqn.params.get("prevent_cse", True)
+                if group:  # its equations stay a group: emit keeps XLA from merging a recomputation back
+                    self.remat, self.remat_groups = self.remat_groups, self.remat_groups + 1
                 outs = self.run(inner, inner_consts, ins[n_extra:] if n_extra > 0 else ins)
+                if group:
+                    self.remat = None
                 for v, o in zip(eqn.outvars, outs):
                     env[v] = o
                 continue
@@ -171,14 +178,15 @@ class _Flattener:
             else:
                 outs = [self.new_value(v.aval) for v in eqn.outvars]
                 self.eqns.append(Eqn(eqn.primitive, ins, outs, dict(eqn.params), _source(eqn), self.repeat,
-                                     self.scope))
+                                     self.scope, self.remat))
             for v, o in zip(eqn.outvars, outs):
                 env[v] = o
         return [self.read(env, v) for v in jaxpr.outvars]
 
     def _boundary(self, prim, x, aval, rid: int, k: int, source: str) -> int:
         out = self.new_value(aval)
-        self.eqns.append(Eqn(prim, [x], [out], {"region": rid, "index": k}, source, self.repeat, self.scope))
+        self.eqns.append(Eqn(prim, [x], [out], {"region": rid, "index": k}, source, self.repeat, self.scope,
+                             self.remat))
         return out
 
     def scan(self, eqn, ins) -> list[int]:

@@ -1,6 +1,7 @@
 """Tracing: inlining, dead code, control flow kept whole, abstract arguments."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from autopar.graph import build_graph
 from autopar.trace import trace
@@ -43,3 +44,25 @@ def test_fingerprint_is_deterministic_and_shape_sensitive():
     b = (jnp.ones((4, 16)), jnp.ones((16, 32)))
     assert trace(fn, *a).fingerprint == trace(fn, *a).fingerprint
     assert trace(fn, *a).fingerprint != trace(fn, *b).fingerprint
+
+
+def test_checkpoint_keeps_its_optimization_barriers(devices8):
+    """An inlined jax.checkpoint's equations stay a group (Eqn.remat) and emit reads their
+    outside inputs through optimization_barrier, as jax lowers checkpoint(prevent_cse=True):
+    XLA then cannot merge the backward's recomputation with the forward."""
+    import autopar
+
+    def loss(ws, x):
+        for w in ws:
+            x = jax.checkpoint(lambda h, w: jnp.tanh(h @ w) + h)(x, w)
+        return jnp.mean(x ** 2)
+
+    step = jax.grad(loss)
+    ws = [jnp.ones((16, 16)) * 0.01 for _ in range(3)]
+    x = jnp.ones((8, 16))
+    prog = trace(step, ws, x)
+    assert any(e.remat is not None for e in prog.eqns)
+    plan = autopar.plan(step, ws, x, mesh_shape=(8,))
+    barriers = plan.apply(step).lower(ws, x).as_text().count("optimization_barrier")
+    assert barriers == jax.jit(step).lower(ws, x).as_text().count("optimization_barrier") > 0
+    np.testing.assert_allclose(plan.apply(step)(ws, x)[0], jax.jit(step)(ws, x)[0], rtol=1e-5, atol=1e-6)
