@@ -4,6 +4,8 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 LEARNING_RATE = 1e-3
@@ -28,13 +30,16 @@ def make_step(loss_fn: Callable, optimizer=OPTIMIZER, name: str = "step") -> Cal
     return step
 
 
-def step_args(init_params: Callable, batch, *, optimizer=OPTIMIZER, abstract: bool, make_batch: Callable):
-    """``(params, opt_state, batch)``: ShapeDtypeStructs (``abstract``) or concrete arrays."""
-    def init():
-        params = init_params()
-        return params, optimizer.init(params)
+def step_args(init_params: Callable, batch, *, optimizer=OPTIMIZER, abstract: bool, make_batch: Callable,
+              seed: int = 0):
+    """``(params, opt_state, batch)``: ShapeDtypeStructs (``abstract``, from the model's own
+    ``init`` under ``jax.eval_shape``: nothing allocated) or concrete arrays. Concrete
+    parameters are drawn with numpy (normal × 0.02 from a fixed seed, in the shapes and pytree
+    the model's ``init`` gives): no XLA compilation of the initializers, which took longer than
+    planning the tiny models."""
+    shapes = jax.eval_shape(init_params)
     if abstract:
-        params, state = jax.eval_shape(init)
-        return params, state, batch
-    params, state = jax.jit(init)()
-    return params, state, make_batch()
+        return shapes, jax.eval_shape(optimizer.init, shapes), batch
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(lambda s: jnp.asarray((rng.standard_normal(s.shape) * 0.02).astype(s.dtype)), shapes)
+    return params, optimizer.init(params), make_batch()

@@ -1,0 +1,80 @@
+"""The model zoo (examples/zoo/, examples/llama.py): models written the way the ecosystem
+writes them (flax linen unrolled and nn.scan, flax NNX unrolled and nnx.scan, equinox, a GShard
+MoE with lax.top_k routing, a ViT, Llama-3 unrolled and scanned), each an optax AdamW training
+step at its tiny size. Every one plans on (2, 4) (one also on (8,)), runs equal to jax.jit
+(loss and the whole optimizer state — first and second moments — at rtol 1e-5; the parameters
+are not compared: AdamW turns float noise on ~zero gradients into ±lr updates, DESIGN.md),
+predicts the compiled program's collective bytes, and reports the ops it replicated."""
+import importlib
+
+import jax
+import numpy as np
+import pytest
+
+import autopar
+from autopar.validate import hlo_collectives
+from conftest import make_cluster
+
+CLUSTER = make_cluster(8)
+
+# (module in examples/zoo, step) → the fallback ops (primitive, count) observed.
+# Zero fallbacks asserted everywhere except:
+#   moe: lax.top_k is replicated (XLA gathers top_k operands; README "Known limits").
+#   TIGHTEN when a top_k rule lands.
+MODELS = {
+    ("linen_transformer", "linen_step"): [],
+    ("linen_transformer", "linen_scan_step"): [],
+    ("nnx_transformer", "nnx_step"): [],
+    ("nnx_transformer", "nnx_scan_step"): [],
+    ("eqx_transformer", "eqx_step"): [],
+    ("moe", "moe_step"): [("top_k", 1)],
+    ("vit", "vit_step"): [],
+    ("llama", "llama_step"): [],
+    ("llama", "llama_scan_step"): [],
+}
+
+# compiled − predicted collective bytes per device, (2, 4) mesh. 0 = predicted exactly.
+# KNOWN BUG (scanned steps, TIGHTEN to 0 when fixed): the compiled program has an all-gather
+# after the forward while loop that the plan does not list, e.g. linen_scan_step: f32[4,16,16]
+# loop output gathered over x (8,192 B; the causal mask (8,1,16,16) split on batch, carried
+# through the loop by XLA); llama_scan_step: 32,768 B more all-gather than predicted.
+BYTES_GAP = {
+    ("linen_transformer", "linen_scan_step"): 8192,
+    ("nnx_transformer", "nnx_scan_step"): 8192,
+    ("llama", "llama_scan_step"): 32768,
+}
+
+
+def _run(module: str, name: str, mesh_shape):
+    mod = importlib.import_module(f"examples.zoo.{module}")
+    fn, args = getattr(mod, name), getattr(mod, f"{name}_args")("tiny")
+    plan = autopar.plan(fn, *args, cluster=CLUSTER, mesh_shape=mesh_shape)
+    fallbacks = sorted((f.primitive, f.count) for f in plan.fallbacks)
+    sharded = plan.apply(fn)
+    compiled = sharded.lower(*args).compile()   # compiled once: bytes read and run from it
+    compiled_bytes = sum(c.bytes for c in hlo_collectives(compiled.as_text()))
+    flat, _ = jax.tree_util.tree_flatten(args)
+    flat = [jax.device_put(x, s) for x, s in zip(flat, sharded.in_shardings)]
+    out_tree = sharded._compiled_for(args)[0][1]
+    out = jax.tree_util.tree_unflatten(out_tree, compiled(*flat))
+    ref = jax.jit(fn)(*args)
+    # (params, opt_state, loss): the loss and every optimizer-state leaf (mu, nu, count)
+    np.testing.assert_allclose(float(out[2]), float(ref[2]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(out[1]), jax.tree.leaves(ref[1]), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    return plan, fallbacks, compiled_bytes
+
+
+@pytest.mark.parametrize("module,name", list(MODELS), ids=[n for _, n in MODELS])
+def test_zoo_model_plans_runs_equal_and_predicts_collectives(module, name, devices8):
+    plan, fallbacks, compiled_bytes = _run(module, name, (2, 4))
+    assert fallbacks == MODELS[module, name], plan.fallbacks
+    assert any(any(axes for axes in s) for s in plan.input_specs_flat), "nothing sharded"
+    assert compiled_bytes - plan.predicted.comm_bytes_per_device == BYTES_GAP.get((module, name), 0), (
+        compiled_bytes, plan.predicted.comm_bytes_per_device)
+
+
+def test_zoo_model_on_a_1d_mesh(devices8):
+    plan, fallbacks, compiled_bytes = _run("llama", "llama_step", (8,))
+    assert fallbacks == [] and plan.mesh_shape == [8]
+    assert compiled_bytes == plan.predicted.comm_bytes_per_device
