@@ -5,9 +5,9 @@ an untied LM head) and trained with optax AdamW — unrolled (``linen_step``: a 
 stacked parameters, the MaxText / t5x way).
 
 Sizes: ``tiny`` (vocab 128, d 64, 4 heads, 2 layers, batch 8 × seq 16) and ``full``:
-unrolled GPT-1.3B shape (d 2048, 32 heads, 24 layers, vocab 51200, seq 1024, batch 8; 1.31e9
-parameters), scanned GPT-6.7B shape (d 4096, 32 heads, 32 layers, vocab 51200, seq 1024,
-batch 16; 6.65e9 parameters).
+unrolled GPT-1.3B shape (d 2048, 32 heads, 24 layers, vocab 51200, seq 1024, batch 8; untied head,
+1.42e9 parameters), scanned GPT-6.7B shape (d 4096, 32 heads, 32 layers, vocab 51200, seq 1024,
+batch 16; 6.87e9 parameters).
 """
 from __future__ import annotations
 

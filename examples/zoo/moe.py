@@ -8,7 +8,7 @@ params. Trained with optax AdamW; the loss adds GShard's load-balancing term.
 
 Sizes: ``tiny`` (vocab 128, d 64, 4 heads, 2 layers, 4 experts, batch 8 × seq 16) and
 ``full`` (GShard MoE-1.3B shape: d 768, 16 heads, 16 layers, 16 experts, ffn 8·d, vocab
-32000, seq 1024, batch 8; 1.35e9 parameters).
+32000, seq 1024, batch 8; 1.37e9 parameters).
 """
 from __future__ import annotations
 

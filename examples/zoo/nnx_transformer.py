@@ -5,8 +5,8 @@ into a graphdef and a ``State``, optax AdamW on the ``State``) — unrolled (``n
 run with ``nnx.scan``).
 
 Sizes: ``tiny`` (vocab 128, d 64, 4 heads, 2 layers, batch 8 × seq 16) and ``full``
-(unrolled: d 2048, 16 heads, 24 layers, vocab 32000, seq 1024, batch 8, 1.28e9 parameters;
-scanned: d 5120, 40 heads, 40 layers, vocab 32000, seq 1024, batch 16, 12.8e9 parameters).
+(unrolled: d 2048, 16 heads, 24 layers, vocab 32000, seq 1024, batch 8, 1.34e9 parameters;
+scanned: d 5120, 40 heads, 40 layers, vocab 32000, seq 1024, batch 16, 12.92e9 parameters).
 """
 from __future__ import annotations
 
