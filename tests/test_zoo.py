@@ -34,10 +34,13 @@ MODELS = {
 }
 
 # compiled − predicted collective bytes per device, (2, 4) mesh. 0 = predicted exactly.
-# KNOWN BUG (scanned steps, TIGHTEN to 0 when fixed): the compiled program has an all-gather
-# after the forward while loop that the plan does not list, e.g. linen_scan_step: f32[4,16,16]
-# loop output gathered over x (8,192 B; the causal mask (8,1,16,16) split on batch, carried
-# through the loop by XLA); llama_scan_step: 32,768 B more all-gather than predicted.
+# KNOWN BUG (scanned steps, TIGHTEN to 0 when fixed): the backward scan's scan_carry_out is
+# planned in another layout than its carry (graph.carry_ties ties scan_carry_in's output to
+# scan_carry_out's *input* only, and scan_carry_out may reshard it), but the emitted while loop
+# has one state layout, so XLA converts the carry: linen/nnx_scan_step carry_in (x, -, -) vs
+# carry_out (-, -, y): loop state f32[4,16,16] per device, all-gathered over x after the loop
+# (8,192 B); llama_scan_step carry_in (y, -, -) vs carry_out (y, -, x): the (8,32,64) carry
+# all-gathered over x at the top of every iteration (2 × 16,384 B).
 BYTES_GAP = {
     ("linen_transformer", "linen_scan_step"): 8192,
     ("nnx_transformer", "nnx_scan_step"): 8192,
