@@ -12,14 +12,13 @@ batch 16; 6.87e9 parameters).
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from examples.zoo.common import OPTIMIZER, check_size, make_step, step_args
+from examples.zoo.common import check_size, make_step, step_args
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +91,8 @@ linen_scan_step = make_step(loss_fn, name="linen_scan_step")
 def _args(cfg: Config, abstract: bool, seed: int = 0):
     model = Decoder(dataclasses.replace(cfg, batch=0))
     tokens = jax.ShapeDtypeStruct((cfg.batch, cfg.seq + 1), jnp.int32)
-    init = functools.partial(lambda: model.init(jax.random.PRNGKey(seed), jnp.zeros((1, cfg.seq), jnp.int32))["params"])
+    def init():
+        return model.init(jax.random.PRNGKey(seed), jnp.zeros((1, cfg.seq), jnp.int32))["params"]
     return step_args(init, tokens, abstract=abstract, make_batch=lambda: jax.random.randint(
         jax.random.PRNGKey(seed + 1), tokens.shape, 0, cfg.vocab))
 

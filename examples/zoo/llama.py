@@ -7,8 +7,8 @@ The head counts cannot be read from the weights' shapes, so the steps look the c
 (vocab, dim, ffn) among the sizes below. Sizes: ``tiny`` (examples/llama.py's default: vocab
 256, dim 64, 2 layers, 4 heads / 2 kv heads, ffn 128, batch 8 × seq 32) and ``full``
 (unrolled: Llama-3.2-1B shape, dim 2048, 16 layers, 32 / 8 heads, ffn 8192, vocab 128256,
-seq 2048, batch 8, bf16, untied head: 1.50e9 parameters; scanned: Llama-3-8B shape, dim 4096, 32 layers, 32 / 8 heads, ffn
-14336, vocab 128256, seq 8192, batch 8, bf16: 8.03e9 parameters).
+seq 2048, batch 8, bf16, untied head: 1.50e9 parameters; scanned: Llama-3-8B shape, dim 4096,
+32 layers, 32 / 8 heads, ffn 14336, vocab 128256, seq 8192, batch 8, bf16: 8.03e9 parameters).
 """
 from __future__ import annotations
 
