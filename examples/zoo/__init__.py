@@ -9,8 +9,11 @@ abstract=False)`` (so ``autopar plan examples/zoo/<module>.py:<name>_step`` work
 * ``eqx_transformer``:   equinox decoder (``eqx.partition``/``combine``), ``eqx_step``
 * ``moe``:               flax linen GShard MoE decoder, top-2 routing with ``lax.top_k``, ``moe_step``
 * ``vit``:               flax linen ViT (conv patch embedding), ``vit_step``
+* ``llama``:             ``examples/llama.py`` as it is: ``llama_step`` (unrolled, einsum attention),
+                         ``llama_scan_step`` (``lax.scan``, ``jax.nn.dot_product_attention``)
 
 Every step is ``(params, opt_state, batch) -> (params, opt_state, loss)`` with AdamW
-(``common.OPTIMIZER``); ``<name>_sgd_step`` (same arguments, SGD state) is there for exact
-numerics checks (AdamW turns float noise on ~zero gradients into ±lr updates).
+(``common.OPTIMIZER``; llama: ``examples/llama.py``'s own). For exact numerics compare the loss
+and the optimizer state (first / second moments), not the parameters: AdamW turns float noise
+on ~zero gradients into ±lr updates (tests/test_zoo.py).
 """
