@@ -180,13 +180,19 @@ def build_graph(program: Program) -> OpGraph:
 
 
 def carry_ties(program: Program) -> list[tuple[int, int]]:
-    """(carry value at the start of the body, carry value at its end) per scan carry: one
-    layout for every iteration (a carry passed through unchanged needs no tie)."""
-    start, end = {}, {}
+    """(carry value at the start of the body, carry value at its end) and (start, final carry
+    after the loop) per scan carry: one layout for every iteration and for the loop's result (a
+    carry passed through unchanged needs no first tie)."""
+    start, end, final = {}, {}, {}
     for eqn in program.eqns:
         key = (eqn.params.get("region"), eqn.params.get("index"))
         if eqn.prim.name == "scan_carry_in":
             start[key] = eqn.outputs[0]
-        elif eqn.prim.name == "scan_carry_out" and not isinstance(eqn.inputs[0], Lit):
-            end[key] = eqn.inputs[0]
-    return [(start[k], end[k]) for k in sorted(end, key=str) if k in start and start[k] != end[k]]
+        elif eqn.prim.name == "scan_carry_out":
+            final[key] = eqn.outputs[0]
+            if not isinstance(eqn.inputs[0], Lit):
+                end[key] = eqn.inputs[0]
+    ties = [(start[k], end[k]) for k in sorted(end, key=str) if k in start and start[k] != end[k]]
+    # the final carry leaves the loop in the loop's layout (XLA's while has one state layout; a
+    # reshard between the body and the final value was not what XLA did): consumers reshard it
+    return ties + [(start[k], final[k]) for k in sorted(final, key=str) if k in start]
