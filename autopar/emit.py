@@ -136,7 +136,7 @@ def interpret(program: Program, out_specs: dict[int, list], in_specs: dict[tuple
         for x, val in zip(ext, outer):  # values are written once: restore the unbarriered ones
             env[x] = val
 
-    def run_scan(region, block, env, depth, group=None):
+    def run_scan(region, block, env, depth, group):
         def boundary(name):
             return sorted(((i, e) for i, e in block if e.prim.name == name and len(e.scope) == depth),
                           key=lambda ie: ie[1].params["index"])
@@ -153,22 +153,19 @@ def interpret(program: Program, out_specs: dict[int, list], in_specs: dict[tuple
             for (i, e), v in zip(slices, x):
                 benv[e.outputs[0]] = constrain(v, out_spec(i))
             run_block(body, benv, depth, group)
-            # the next iteration's carry keeps the carry's layout (graph.ties); a final carry laid
-            # out otherwise is resharded once, after the loop
-            return ([constrain(typed(raw(e.inputs[0], benv), e), out_spec(j)) for (i, e), (j, _) in zip(carry_out, carry_in)],
-                    [typed(operand(i, 0, e.inputs[0], benv), e, lead=1) for i, e in stacks])
+            # the next iteration's carry, and the final one, keep the carry's layout (graph.ties)
+            new = [constrain(typed(raw(e.inputs[0], benv), e), out_spec(j))
+                   for (_, e), (j, _) in zip(carry_out, carry_in)]
+            return new, [typed(operand(i, 0, e.inputs[0], benv), e, lead=1) for i, e in stacks]
 
         final, ys = jax.lax.scan(step, init, xs, length=region.length, reverse=region.reverse, unroll=region.unroll)
-        for (i, e), val in zip(carry_out, final):
-            spec = in_specs.get((i, 0))
-            env[e.outputs[0]] = constrain(wsc(val, named(mesh, spec)) if spec is not None else val, out_spec(i))
-        for (i, e), val in zip(stacks, ys):
+        for (i, e), val in zip(carry_out + stacks, final + ys):
             env[e.outputs[0]] = constrain(val, out_spec(i))
 
     def run(*flat_args):
         env = dict(zip(program.invars, flat_args))
         env.update(program.consts)
         run_block(list(enumerate(program.eqns)), env, 0)
-        return [x.val if isinstance(x, Lit) else env[x] for x in program.outvars]
+        return [raw(x, env) for x in program.outvars]
 
     return run
