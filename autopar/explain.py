@@ -16,7 +16,6 @@ import difflib
 import math
 import re
 import time
-from dataclasses import dataclass
 
 import solvers
 from cost import mesh_model, resharding, shard_factor

@@ -1,6 +1,7 @@
 """Shared pieces of the zoo: the optimizers, sizes, the AdamW / SGD step builder."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
@@ -43,3 +44,22 @@ def step_args(init_params: Callable, batch, *, optimizer=OPTIMIZER, abstract: bo
     rng = np.random.default_rng(seed)
     params = jax.tree.map(lambda s: jnp.asarray((rng.standard_normal(s.shape) * 0.02).astype(s.dtype)), shapes)
     return params, optimizer.init(params), make_batch()
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Sizes of the zoo's decoder-only transformers (linen, NNX, equinox)."""
+    vocab: int
+    d: int
+    heads: int
+    layers: int
+    seq: int
+    batch: int = 0
+    scan: bool = False
+
+
+def token_step_args(init_params: Callable, cfg, *, abstract: bool, seed: int = 0):
+    """``step_args`` of a language model: ``(batch, seq + 1)`` int32 tokens below ``cfg.vocab``."""
+    tokens = jax.ShapeDtypeStruct((cfg.batch, cfg.seq + 1), jnp.int32)
+    return step_args(init_params, tokens, abstract=abstract, make_batch=lambda: jax.random.randint(
+        jax.random.PRNGKey(seed + 1), tokens.shape, 0, cfg.vocab))

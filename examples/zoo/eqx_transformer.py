@@ -18,19 +18,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from examples.zoo.common import check_size, make_step, step_args
+from examples.zoo.common import DecoderConfig, check_size, make_step, token_step_args
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    vocab: int
-    d: int
-    heads: int
-    layers: int
-    seq: int
-    batch: int = 0
-
-
+Config = DecoderConfig
 TINY = Config(vocab=128, d=64, heads=4, layers=2, seq=16, batch=8)
 FULL = Config(vocab=32000, d=2048, heads=16, layers=24, seq=1024, batch=8)
 
@@ -105,10 +96,8 @@ eqx_step = make_step(loss_fn, name="eqx_step")
 def eqx_step_args(size: str = "tiny", abstract: bool = False, seed: int = 0):
     """``(params, opt_state, tokens)`` of ``eqx_step``; ``params = eqx.filter(model, eqx.is_array)``."""
     cfg = TINY if check_size(size) == "tiny" else FULL
-    tokens = jax.ShapeDtypeStruct((cfg.batch, cfg.seq + 1), jnp.int32)
     model_cfg = dataclasses.replace(cfg, batch=0)
 
     def init():
         return eqx.filter(Decoder(model_cfg, jax.random.PRNGKey(seed)), eqx.is_array)
-    return step_args(init, tokens, abstract=abstract, make_batch=lambda: jax.random.randint(
-        jax.random.PRNGKey(seed + 1), tokens.shape, 0, cfg.vocab))
+    return token_step_args(init, cfg, abstract=abstract, seed=seed)

@@ -18,20 +18,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from examples.zoo.common import check_size, make_step, step_args
+from examples.zoo.common import DecoderConfig, check_size, make_step, token_step_args
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    vocab: int
-    d: int
-    heads: int
-    layers: int
-    seq: int
-    batch: int
-    scan: bool = False
-
-
+Config = DecoderConfig
 TINY = Config(vocab=128, d=64, heads=4, layers=2, seq=16, batch=8)
 FULL = Config(vocab=51200, d=2048, heads=32, layers=24, seq=1024, batch=8)
 FULL_SCAN = Config(vocab=51200, d=4096, heads=32, layers=32, seq=1024, batch=16, scan=True)
@@ -90,11 +80,9 @@ linen_scan_step = make_step(loss_fn, name="linen_scan_step")
 
 def _args(cfg: Config, abstract: bool, seed: int = 0):
     model = Decoder(dataclasses.replace(cfg, batch=0))
-    tokens = jax.ShapeDtypeStruct((cfg.batch, cfg.seq + 1), jnp.int32)
     def init():
         return model.init(jax.random.PRNGKey(seed), jnp.zeros((1, cfg.seq), jnp.int32))["params"]
-    return step_args(init, tokens, abstract=abstract, make_batch=lambda: jax.random.randint(
-        jax.random.PRNGKey(seed + 1), tokens.shape, 0, cfg.vocab))
+    return token_step_args(init, cfg, abstract=abstract, seed=seed)
 
 
 def linen_step_args(size: str = "tiny", abstract: bool = False):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 
 from examples import llama
 from examples.zoo.common import check_size

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from examples.zoo.common import check_size, make_step, step_args
+from examples.zoo.common import check_size, make_step, token_step_args
 
 TOP_K = 2
 CAPACITY_FACTOR = 1.0
@@ -127,7 +127,5 @@ def moe_step_args(size: str = "tiny", abstract: bool = False, seed: int = 0):
     """``(params, opt_state, tokens)`` of ``moe_step``."""
     cfg = TINY if check_size(size) == "tiny" else FULL
     model = Decoder(dataclasses.replace(cfg, batch=0))
-    tokens = jax.ShapeDtypeStruct((cfg.batch, cfg.seq + 1), jnp.int32)
-    return step_args(lambda: model.init(jax.random.PRNGKey(seed), jnp.zeros((1, cfg.seq), jnp.int32))["params"],
-                     tokens, abstract=abstract, make_batch=lambda: jax.random.randint(
-                         jax.random.PRNGKey(seed + 1), tokens.shape, 0, cfg.vocab))
+    return token_step_args(lambda: model.init(jax.random.PRNGKey(seed), jnp.zeros((1, cfg.seq), jnp.int32))["params"],
+                           cfg, abstract=abstract, seed=seed)

@@ -18,20 +18,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from examples.zoo.common import check_size, make_step, step_args
+from examples.zoo.common import DecoderConfig, check_size, make_step, token_step_args
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    vocab: int
-    d: int
-    heads: int
-    layers: int
-    seq: int
-    batch: int = 0
-    scan: bool = False
-
-
+Config = DecoderConfig
 TINY = Config(vocab=128, d=64, heads=4, layers=2, seq=16, batch=8)
 FULL = Config(vocab=32000, d=2048, heads=16, layers=24, seq=1024, batch=8)
 FULL_SCAN = Config(vocab=32000, d=5120, heads=40, layers=40, seq=1024, batch=16, scan=True)
@@ -109,13 +99,11 @@ nnx_scan_step = make_step(loss_fn, name="nnx_scan_step")
 
 
 def _args(cfg: Config, abstract: bool, seed: int = 0):
-    tokens = jax.ShapeDtypeStruct((cfg.batch, cfg.seq + 1), jnp.int32)
     model_cfg = dataclasses.replace(cfg, batch=0)
 
     def init():
         return nnx.state(Decoder(model_cfg, rngs=nnx.Rngs(seed)))
-    return step_args(init, tokens, abstract=abstract, make_batch=lambda: jax.random.randint(
-        jax.random.PRNGKey(seed + 1), tokens.shape, 0, cfg.vocab))
+    return token_step_args(init, cfg, abstract=abstract, seed=seed)
 
 
 def nnx_step_args(size: str = "tiny", abstract: bool = False):
