@@ -53,6 +53,7 @@ class IntraProblem:
     merged: Merged                # followers folded in: what the solver sees
     stats: dict = field(default_factory=dict)
     carried: list = field(default_factory=list)  # (input, output) pairs a loop feeds back
+    aliases: list = field(default_factory=list)  # (input, output) pairs of donated buffers
     rematerialized: frozenset = frozenset()  # constant broadcasts: recomputed per consumer layout, reshards free
 
     @property
@@ -364,4 +365,4 @@ def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float
              "edge_matrix_cache": len(matrices), "solver_nodes": merged.problem.num_nodes,
              "solver_edges": merged.problem.num_edges}
     return IntraProblem(graph, mesh, strats, comp_all, comm_all, fallbacks, edges, edge_ops, full, merged, stats,
-                        carried=list(carried), rematerialized=remat)
+                        carried=list(carried), aliases=aliases, rematerialized=remat)

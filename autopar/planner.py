@@ -334,7 +334,7 @@ def assemble_plan(fn, program, ip: IntraProblem, sol, spec: ClusterSpec, nodes: 
         input_dtypes=[str(program.values[v].dtype) for v in program.invars], eqns=eqns,
         predicted=predicted, solver=stats, mesh_candidates=candidates, fallbacks=fallbacks,
         donated_inputs=list(donated), timing=timing,
-        carried=sorted([list(p) for p in match_donations(graph, donated)] + [list(p) for p in ip.carried]),
+        carried=sorted(list(p) for p in ip.aliases + ip.carried),
         strategy_name=strategy_name)
     plan._in_treedef, plan._out_treedef = program.in_tree, program.out_tree
     return plan
