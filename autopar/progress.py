@@ -11,6 +11,8 @@ import logging
 import sys
 import time
 
+from .report import _time
+
 LOGGER = logging.getLogger("autopar")
 
 
@@ -54,11 +56,6 @@ def _info(detail: str, incumbent_s, gap) -> str:
     if gap is not None:
         parts.append(f"gap {gap:.1%}")
     return (": " + ", ".join(parts)) if parts else ""
-
-
-def _time(s: float) -> str:
-    from .report import _time as fmt
-    return fmt(s)
 
 
 class _Verbose(LogProgress):
