@@ -47,13 +47,13 @@ import math
 import jax
 import numpy as np
 
-from cost import load_cluster
-from solvers.stage_dp import uniform_stages, uniform_submeshes
+from autopar.cost import load_cluster
+from autopar.solvers.stage_dp import uniform_stages, uniform_submeshes
 
 from .planner import PlanError, plan_with
 from .rules import as_is, as_is_or_gathered, batch_layout, stage_rules, state_layout
 from .strategies.base import live_axes
-from .training import _Setup
+from .pipeline.training import _Setup
 
 __all__ = ["data_parallel", "fsdp", "megatron", "dp_tp", "dp_tp_pp", "pipeline_grid", "uniform_stages", "BASELINES"]
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cost import MeshModel, collective_time, compute_time, resharding, shard_factor
-from solvers import Problem
+from autopar.cost import MeshModel, collective_time, compute_time, resharding, shard_factor
+from autopar.solvers import Problem
 
 from .followers import Merged, find_followers, merge
 from .graph import OpGraph, is_constant_broadcast

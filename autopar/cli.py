@@ -157,7 +157,7 @@ def _finish_training(ns, plan) -> None:
 
 
 def cmd_clusters(ns) -> int:
-    from cost import known_clusters, load_cluster
+    from autopar.cost import known_clusters, load_cluster
     for name in known_clusters():
         c = load_cluster(name)
         d = c.device
@@ -312,7 +312,7 @@ def main(argv=None) -> int:
     x.add_argument("--top", type=int, default=5, help="operations listed each way (default 5)")
     ns = parser.parse_args(argv)
     if ns.cmd == "run":
-        from cost import ClusterSpecError, load_cluster
+        from autopar.cost import ClusterSpecError, load_cluster
         try:
             want = ns.devices or ns.nodes * load_cluster(ns.cluster).devices_per_node
         except ClusterSpecError as err:
@@ -324,7 +324,7 @@ def main(argv=None) -> int:
             jax.config.update("jax_num_cpu_devices", int(os.environ["JAX_NUM_CPU_DEVICES"]))
         except RuntimeError:
             pass
-    from cost import ClusterSpecError
+    from autopar.cost import ClusterSpecError
 
     from .planner import PlanError
     from .runtime import PlanMismatchError

@@ -17,8 +17,8 @@ import math
 import re
 import time
 
-import solvers
-from cost import mesh_model, resharding, shard_factor
+from autopar import solvers
+from autopar.cost import mesh_model, resharding, shard_factor
 
 from .pytree_json import leaf_paths as _leaf_paths
 from .explanation import Alternative, Cause, ExplainError, Explanation, _bytes
@@ -194,7 +194,7 @@ def explain(plan, leaf, *, fn=None, args=None, axis: str | None = None, top: int
     in this process; a plan loaded from JSON needs both. ``axis`` (a mesh axis name, e.g. "y"):
     the alternatives must split the leaf over that axis. ``top``: causes listed each way."""
     from .planner import MIP_GAP
-    from .plan import Plan
+    from .plan_types import Plan
 
     t0 = time.perf_counter()
     if not isinstance(plan, Plan):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from solvers import Problem
+from autopar.solvers import Problem
 
 from .trace import Lit
 

@@ -9,14 +9,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-import solvers
-from cost import ClusterSpec, collective_time, load_cluster, mesh_model, resharding
+from autopar import solvers
+from autopar.cost import ClusterSpec, collective_time, load_cluster, mesh_model, resharding
 
 from .build import IntraProblem, build_problem, match_donations
 from .carry import carried_pairs
 from .emit import axis_names
 from .graph import build_graph
-from .plan import (CollectiveCost, EqnPlan, Fallback, KindTotal, MeshCandidate, Plan, Predicted,
+from .plan_types import (CollectiveCost, EqnPlan, Fallback, KindTotal, MeshCandidate, Plan, Predicted,
                    SolverStats, Timing)
 from .progress import Progress, progress_for
 from .pytree_json import treedef_to_json

@@ -114,7 +114,7 @@ class ShardedFunction:
         return out
 
     def _reshard_message(self, flat, moved) -> str:
-        from cost import mesh_model, resharding
+        from autopar.cost import mesh_model, resharding
 
         from .emit import to_pspec
         from .report import _time

@@ -17,7 +17,7 @@ from collections import Counter
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from cost import cluster_from_dict, load_cluster, mesh_model  # noqa: E402
+from autopar.cost import cluster_from_dict, load_cluster, mesh_model  # noqa: E402
 
 from autopar.graph import build_graph  # noqa: E402
 from autopar.strategies import STRATEGY_RULES, strategies_for  # noqa: E402

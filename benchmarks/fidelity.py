@@ -141,7 +141,7 @@ EXPLANATIONS: dict = {
 # ----------------------------------------------------------------------------- child process
 
 def _cluster(devices, name=CLUSTER):
-    from cost import cluster_from_dict, load_cluster
+    from autopar.cost import cluster_from_dict, load_cluster
     if name == FAST_LINKS:  # as tests/conftest.py make_cluster: 1 TFLOP/s devices, α = 0.1 µs
         base = load_cluster("cpu-8").model_dump()
         link = {"alpha_s": 1e-7, "bandwidth_bytes_per_s": 150e9}
@@ -328,7 +328,7 @@ def predicted_peak(plan, fn, args, spec, nodes) -> dict:
     from autopar.build import build_problem
     from autopar.graph import build_graph
     from autopar.trace import trace
-    from cost import mesh_model
+    from autopar.cost import mesh_model
     program = trace(fn, *args)
     graph = build_graph(program)
     ip = build_problem(graph, mesh_model(spec, nodes, tuple(plan.mesh_shape)),

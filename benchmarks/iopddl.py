@@ -20,8 +20,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from solvers import InfeasibleError, solve  # noqa: E402
-from solvers.iopddl import read_problem, write_solution  # noqa: E402
+from autopar.solvers import InfeasibleError, solve  # noqa: E402
+from autopar.solvers.iopddl import read_problem, write_solution  # noqa: E402
 
 TIME_LIMIT_S = {"A": 60, "G": 120, "M": 180, "S": 240}
 BEST_KNOWN = {"A": 6548641531, "G": 217039, "M": 49928460991, "S": 1534613444}

@@ -64,7 +64,7 @@ def compiled_collectives(shape, mesh_shape, src, dst, itemsize=4, boundary=False
 
 
 def predicted_collectives(shape, mesh_shape, src, dst, itemsize=4, boundary=False):
-    from cost import load_cluster, mesh_model, resharding
+    from autopar.cost import load_cluster, mesh_model, resharding
 
     nodes = 1
     mesh = mesh_model(load_cluster("cpu-8"), nodes, mesh_shape)

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import autopar  # noqa: E402
 from _common import code_version  # noqa: E402
-from cost import cluster_from_dict, load_cluster  # noqa: E402
+from autopar.cost import cluster_from_dict, load_cluster  # noqa: E402
 
 CLUSTER = "dgx-a100-80g"
 # (module in examples/zoo, step, nodes of CLUSTER at full size, the module's full config)

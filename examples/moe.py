@@ -68,7 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from autopar.stage_boundary import stage_boundary
+from autopar import stage_boundary
 from examples import steps
 
 HEAD_DIM = 16            # head size used by ``default_heads`` outside the suite sizes

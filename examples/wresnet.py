@@ -71,7 +71,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from autopar.stage_boundary import stage_boundary
+from autopar import stage_boundary
 from examples import steps
 
 LEARNING_RATE = 1e-3     # AdamW (``train_step``)

@@ -1,4 +1,4 @@
-"""Command line: ``python -m solvers solve FILE --time-limit S [--solver ...] [--solution-out OUT]``.
+"""Command line: ``python -m autopar.solvers solve FILE --time-limit S [--solver ...] [--solution-out OUT]``.
 
 FILE is an IOPDDL contest problem (``.json`` or ``.json.gz``). Prints the cost, whether the
 choice fits the usage limit, the lower bound and gap, and the time; optionally writes the
@@ -16,7 +16,7 @@ from .problem import InfeasibleError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m solvers", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m autopar.solvers", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("solve", help="solve an IOPDDL problem file")
     s.add_argument("file")

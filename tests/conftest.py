@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
-from cost import cluster_from_dict, load_cluster  # noqa: E402
+from autopar.cost import cluster_from_dict, load_cluster  # noqa: E402
 
 
 def make_cluster(devices_per_node: int = 4, *, alpha_s: float = 1e-7, intra_bw: float = 150e9,

@@ -111,7 +111,7 @@ def test_attention_split_matches_hlo(mesh, devices8):
 def test_head_and_kv_seq_never_split(devices8):
     """No strategy splits head_dim or the kv sequence; the q sequence only in the forward."""
     from autopar.strategies import strategies_for
-    from cost import mesh_model
+    from autopar.cost import mesh_model
     g = build_graph(trace(lambda q, k: jax.grad(lambda q: jax.nn.dot_product_attention(q, k, k).sum())(q),
                           jax.ShapeDtypeStruct((8, 32, 8, 16), jnp.float32),
                           jax.ShapeDtypeStruct((8, 32, 4, 16), jnp.float32)))

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from cost import collective_time, load_cluster, mesh_model, resharding
+from autopar.cost import collective_time, load_cluster, mesh_model, resharding
 
 
 def test_cost_and_solvers_do_not_import_jax():

@@ -18,7 +18,7 @@ from conftest import make_cluster
 import autopar
 from autopar.explain import ExplainError, leaf_paths
 from autopar.planner import plan_with
-from cost import shard_factor
+from autopar.cost import shard_factor
 from examples import gpt
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,7 +173,7 @@ def test_2d_mesh_partly_split_and_forced_axis(planned_2d):
 
 
 def test_infeasible_forced_split_says_so(planned, monkeypatch):
-    import solvers
+    from autopar import solvers
 
     def no_fit(problem, **kw):
         raise solvers.InfeasibleError("over the limit", min_peak_usage=2 * problem.usage_limit)

@@ -649,8 +649,8 @@ def test_regression_2d_gather_of_two_dims(devices8):
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     from autopar.validate import hlo_collectives
-    from cost import mesh_model
-    from cost.resharding import resharding
+    from autopar.cost import mesh_model
+    from autopar.cost.resharding import resharding
     mesh = Mesh(np.array(devices8).reshape(2, 4), ("x", "y"))
     f = jax.jit(lambda a: a * 2, in_shardings=NamedSharding(mesh, P("x", "y")), out_shardings=NamedSharding(mesh, P()))
     hlo = f.lower(jax.ShapeDtypeStruct((8, 8, 4), jnp.float32)).compile().as_text()

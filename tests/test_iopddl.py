@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from solvers import evaluate, solve
-from solvers.brute import solve_brute
-from solvers.iopddl import problem_from_dict, read_problem, read_solution, write_solution
+from autopar.solvers import evaluate, solve
+from autopar.solvers.brute import solve_brute
+from autopar.solvers.iopddl import problem_from_dict, read_problem, read_solution, write_solution
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO.parent / "shared" / "benchmarks" / "iopddl" / "example.json"
@@ -95,7 +95,7 @@ def test_solution_round_trip(tmp_path):
 def test_cli_solves_the_example(tmp_path):
     example_problem()
     out = tmp_path / "example-solution.json"
-    run = subprocess.run([sys.executable, "-m", "solvers", "solve", str(EXAMPLE), "--time-limit", "10",
+    run = subprocess.run([sys.executable, "-m", "autopar.solvers", "solve", str(EXAMPLE), "--time-limit", "10",
                           "--solution-out", str(out)], capture_output=True, text=True, cwd=REPO, check=True)
     assert "cost        445" in run.stdout and "feasible    True" in run.stdout, run.stdout
     assert "gap         0.000%" in run.stdout

@@ -6,7 +6,7 @@ import pytest
 
 import autopar
 from autopar.graph import build_graph
-from autopar.layers import cluster_layers, cut_profile
+from autopar.pipeline.layers import cluster_layers, cut_profile
 from autopar.trace import trace
 
 B, H = 64, 128

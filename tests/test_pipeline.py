@@ -285,8 +285,8 @@ def test_additive_costing_plans_layers_leaner_when_a_long_stage_needs_it():
     # holds 4 × 3.0 > 6.5, so the best such plan is 2 stages × 2 layers on 2 devices each
     # (2·1.0 + 3·1.0 = 5.0 s). Lean layer plans on (1, 4): 4 × 0.75 + 0.4 fits, 4 × 1.2 / 4 = 1.2 s
     # per micro-batch, objective 4 × 1.2 = 4.8 s — better, and only (1, 4) is planned lean.
-    from autopar.training import _Setup
-    from cost import load_cluster
+    from autopar.pipeline.training import _Setup
+    from autopar.cost import load_cluster
     setup = object.__new__(_Setup)
     spec = load_cluster("cpu-8").model_copy(update={"devices_per_node": 4})
     setup.__dict__.update(L=4, shapes=[(1, 1), (1, 2), (1, 4)], nodes=1, spec=spec, budget=6.5, opt_ratio=1.0,
@@ -308,7 +308,7 @@ def test_additive_costing_plans_layers_leaner_when_a_long_stage_needs_it():
 def test_a_chosen_stage_is_replanned_for_its_in_flight_micro_batches():
     # the whole-budget stage plan holds 5 + 1 (one micro-batch); as the first of 4 stages under
     # 1F1B it keeps 4 micro-batches: 5 + 4·1 > 8, so it is planned again within 8 − 3·1
-    from autopar.training import _Setup
+    from autopar.pipeline.training import _Setup
     setup = object.__new__(_Setup)
     setup.__dict__.update(budget=8.0, num_microbatches=8, schedule="1f1b")
     calls = []
@@ -331,8 +331,8 @@ def test_additive_refinement_plans_equal_splits_exactly_and_keeps_the_fastest_th
     # 0.9 s per micro-batch on the (2, 2) mesh that layers 2-3 chose (1.0 s on layers 0-1's (4,)):
     # 3.6 s for 4; two equal stages on 2 devices each are 0.6 s (≈ 3.0 s); four single-layer
     # stages are estimated at 7 s, above the best exact step: not planned
-    from autopar.training import _Setup
-    from cost import load_cluster
+    from autopar.pipeline.training import _Setup
+    from autopar.cost import load_cluster
     setup = object.__new__(_Setup)
     spec = load_cluster("cpu-8").model_copy(update={"devices_per_node": 4})
     setup.__dict__.update(L=4, shapes=[(1, 1), (1, 2), (1, 4)], nodes=1, spec=spec, budget=10.0,
@@ -354,7 +354,7 @@ def test_additive_refinement_plans_equal_splits_exactly_and_keeps_the_fastest_th
         return {"plan": types.SimpleNamespace(mesh_shape=mesh), "latency": t}
     full = [[layer((1,), 1.0), layer((2,), 0.5), layer((4,) if i < 2 else (2, 2), 0.3 if i < 2 else 0.2)]
             for i in range(4)]
-    from autopar.additive import AdditiveCosts
+    from autopar.pipeline.additive import AdditiveCosts
     costs = object.__new__(AdditiveCosts)
     lat = np.full((1, 4, 5, 3), np.inf)
     lat[0, 0, 4, 2], lat[0, 0, 2, 1], lat[0, 2, 4, 1] = 0.5, 0.5, 0.5

@@ -7,8 +7,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from autopar.validate import hlo_collectives
-from cost import load_cluster, mesh_model
-from cost.resharding import resharding
+from autopar.cost import load_cluster, mesh_model
+from autopar.cost.resharding import resharding
 
 SHAPE = (16, 64, 32)
 # src, dst as cost specs on the (4, 2) mesh (axis 0 = x, 1 = y)

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from autopar.schedule import (SCHEDULES, Task, Timeline, execution_order, peak_inflight, simulate,
+from autopar.pipeline.schedule import (SCHEDULES, Task, Timeline, execution_order, peak_inflight, simulate,
                               stage_orders)
-from autopar.timeline import draw_timeline
+from autopar.pipeline.timeline import draw_timeline
 
 SIZES = [(1, 1), (1, 4), (2, 1), (2, 5), (4, 2), (4, 4), (4, 8), (3, 16), (8, 3), (8, 32)]
 SVG_NS = "{http://www.w3.org/2000/svg}"
@@ -221,7 +221,7 @@ def test_draw_errors(tmp_path: Path, monkeypatch):
 
 def test_no_jax_imports():
     root = Path(__file__).resolve().parents[1] / "autopar"
-    for name in ("schedule.py", "timeline.py"):
+    for name in ("pipeline/schedule.py", "pipeline/timeline.py"):
         tree = ast.parse((root / name).read_text())
         imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                     for alias in node.names}

@@ -9,14 +9,14 @@ import sys
 import numpy as np
 import pytest
 
-from solvers import InfeasibleError, Problem, Solution, evaluate, solve
-from solvers.brute import solve_brute
-from solvers.compact import Compact
-from solvers.heuristic import solve_heuristic
-from solvers.backends import HighsBackend
-from solvers.ilp import build, solve_compact, solve_ilp
-from solvers.mrf import TRWS
-from solvers.presolve import presolve
+from autopar.solvers import InfeasibleError, Problem, Solution, evaluate, solve
+from autopar.solvers.brute import solve_brute
+from autopar.solvers.compact import Compact
+from autopar.solvers.heuristic import solve_heuristic
+from autopar.solvers.backends import HighsBackend
+from autopar.solvers.ilp import build, solve_compact, solve_ilp
+from autopar.solvers.mrf import TRWS
+from autopar.solvers.presolve import presolve
 
 
 def random_problem(seed: int, *, limit: bool = True, n_max: int = 7, k_max: int = 3, p_inf: float = 0.15,
@@ -186,7 +186,7 @@ def test_warm_start_is_never_beaten_by_the_time_limit(monkeypatch):
     gives up at once), the start is returned, marked "+start"; the start seeds the ILP (mapped
     through presolve); a callable start is asked for once, with the seconds left, and only
     when the solve would not be exact at once; a start that does not fit is ignored."""
-    import solvers.pipeline as pl
+    import autopar.solvers.pipeline as pl
     p = hard_problem()
     good = solve_heuristic(p, time_limit_s=0.5, seed=1)
     seeds = []
@@ -334,8 +334,9 @@ def test_brute_force_refuses_big_problems():
 
 
 def test_importing_solvers_does_not_import_jax():
-    code = ("import sys, solvers, solvers.ilp, solvers.backends, solvers.heuristic, solvers.local, solvers.lns, "
-            "solvers.presolve, solvers.iopddl, solvers.pipeline, solvers.mrf, solvers.brute, solvers.__main__; "
+    code = ("import sys, autopar.solvers, autopar.solvers.ilp, autopar.solvers.backends, autopar.solvers.heuristic, "
+            "autopar.solvers.local, autopar.solvers.lns, autopar.solvers.presolve, autopar.solvers.iopddl, "
+            "autopar.solvers.pipeline, autopar.solvers.mrf, autopar.solvers.brute, autopar.solvers.__main__, autopar.cost; "
             "assert 'jax' not in sys.modules, 'jax imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -344,7 +345,7 @@ def test_auto_above_the_milp_size_tries_the_lp_relaxation(monkeypatch):
     # above AUTO_ILP_VARIABLES (set to 0 here) "auto" skips the MILP: the LP relaxation is kept
     # when it is integral and fits memory (then it is the optimum: equal to brute force) and
     # otherwise the heuristic runs; above AUTO_LP_VARIABLES it is the heuristic directly
-    import solvers.pipeline as sp
+    import autopar.solvers.pipeline as sp
     monkeypatch.setattr(sp, "AUTO_ILP_VARIABLES", 0)
     names = set()
     for seed in range(30):

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from solvers.stage_dp import (StageInfeasibleError, StageProblem, StageSolution, brute_force, solve_stages,
+from autopar.solvers.stage_dp import (StageInfeasibleError, StageProblem, StageSolution, brute_force, solve_stages,
                               submesh_shapes)
 
 
@@ -200,7 +200,7 @@ def test_infeasible_latency_and_dict_input():
 
 
 def test_import_keeps_jax_out():
-    code = "import sys, solvers.stage_dp; assert 'jax' not in sys.modules, 'jax imported'"
+    code = "import sys, autopar.solvers.stage_dp; assert 'jax' not in sys.modules, 'jax imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
 
 

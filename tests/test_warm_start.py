@@ -9,14 +9,14 @@ import pytest
 from conftest import make_cluster
 
 import autopar
-import solvers
-import solvers.pipeline as pipeline
+from autopar import solvers
+import autopar.solvers.pipeline as pipeline
 from autopar.baselines import layout_rule
 from autopar.build import build_problem
 from autopar.graph import build_graph
 from autopar.planner import Seed, plan_with, rule_start
 from autopar.trace import trace
-from cost import load_cluster, mesh_model
+from autopar.cost import load_cluster, mesh_model
 from examples import gpt, mlp
 
 CLUSTER = make_cluster(8, flops=1e11, alpha_s=1e-6)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 
-from cost import MeshModel
+from autopar.cost import MeshModel
 
 from ..graph import Node
 from ..trace import Lit

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
-from cost import MeshModel, Spec
+from autopar.cost import MeshModel, Spec
 
 from ..graph import Node
 from ..trace import Lit

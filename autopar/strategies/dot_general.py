@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from cost import MeshModel
+from autopar.cost import MeshModel
 
 from ..graph import Node
 from .base import Strategy, partial_sum_all_reduces, register, role_assignments, spec_name, specs_from_roles

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from cost import MeshModel
+from autopar.cost import MeshModel
 
 from ..graph import Node
 from .base import Fallback, Strategy, register, role_assignments, spec_name, specs_from_roles

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from cost import MeshModel
+from autopar.cost import MeshModel
 
 from ..graph import Node
 from .base import Fallback, Strategy, enumerate_specs, register, spec_name

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .graph import OpGraph
+from ..graph import OpGraph
 
 
 @dataclass(frozen=True)

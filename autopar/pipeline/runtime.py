@@ -12,7 +12,7 @@ sub-mesh with the shardings of its intra-op plan:
 
 Activations go forward and their gradients back with ``jax.device_put`` to the receiving
 stage's ``NamedSharding``. Tasks run in the order of the simulated GPipe/1F1B schedule
-(``autopar.schedule``). The optimizer state is split per stage by applying
+(``autopar.pipeline.schedule``). The optimizer state is split per stage by applying
 ``optimizer.init`` to the params with every leaf the stage does not own replaced by
 ``None``; this is exact for per-parameter optimizers (sgd, momentum, adam, adamw, …) and
 **not** for transformations that mix leaves (e.g. ``clip_by_global_norm``).
@@ -24,12 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .emit import MeshError, make_mesh, named
-from .pytree_json import treedef_from_json
-from .runtime import PlanMismatchError
+from ..emit import MeshError, make_mesh, named
+from ..pytree_json import treedef_from_json
+from ..runtime import PlanMismatchError
 from .schedule import execution_order
 from .stages import owners, split_program, stage_forward
-from .training_inputs import microbatch_shapes, trace_loss
+from .inputs import microbatch_shapes, trace_loss
 
 _wsc = jax.lax.with_sharding_constraint
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
-from cost import ClusterSpec
+from autopar.cost import ClusterSpec
 
 SpecNames = list[list[str]]
 

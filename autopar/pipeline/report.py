@@ -1,8 +1,8 @@
 """``format_training_report(plan) -> str``: stages table + schedule summary of a TrainingPlan."""
 from __future__ import annotations
 
-from .emit import to_pspec
-from .report import _paths, _si, _time
+from ..emit import to_pspec
+from ..report import _paths, _si, _time
 
 
 def format_training_report(plan) -> str:

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Var
 
-from .emit import interpret
-from .trace import Program
+from ..emit import interpret
+from ..trace import Program
 
 
 class StageSplitError(ValueError):

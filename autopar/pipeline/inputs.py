@@ -1,7 +1,7 @@
 """Inputs of ``autopar.plan_training`` checked and traced: the options (``check_options``),
 forced stages (``forced_stages``), one micro-batch's shapes (``microbatch_shapes``) and the
 traced micro-batch loss (``trace_loss``). The first step of the data flow in
-``autopar.training``."""
+``autopar.pipeline.training``."""
 from __future__ import annotations
 
 import math
@@ -9,10 +9,10 @@ import math
 import jax
 import jax.numpy as jnp
 
-from cost import ClusterSpec, load_cluster
+from autopar.cost import ClusterSpec, load_cluster
 
 from .schedule import SCHEDULES
-from .trace import Program, TraceError, trace
+from ..trace import Program, TraceError, trace
 
 
 def abstract(x):

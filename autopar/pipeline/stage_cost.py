@@ -10,14 +10,14 @@ import math
 
 import numpy as np
 
-from cost import ClusterSpec
+from autopar.cost import ClusterSpec
 
-from .graph import build_graph
-from .plan import Plan
-from .planner import PlanError, Seed, plan_with
-from .progress import Progress
+from ..graph import build_graph
+from ..plan_types import Plan
+from ..planner import PlanError, Seed, plan_with
+from ..progress import Progress
 from .stages import Stage, residual_bytes, split_program, stage_abstract_args, stage_forward, stage_train
-from .trace import Program, trace
+from ..trace import Program, trace
 
 # per intra-op stage plan when time_limit_s is None: small stages solve exactly in well under a
 # second; a big stage whose ILP goes to the heuristic returns its incumbent after this long
@@ -68,7 +68,7 @@ def stage_meshes(submesh, search: str = "auto") -> list[tuple[int, ...]]:
     """Logical meshes tried for a sub-mesh (n, m). "auto": the 1D mesh, and on one node
     (2, m/2) and (m/2, 2), on several nodes the physical (n, m) (data parallel over nodes,
     tensor parallel inside); "full": every factorization (``candidate_meshes``)."""
-    from .planner import candidate_meshes
+    from ..planner import candidate_meshes
     n, m = submesh
     if search == "full":
         return candidate_meshes(n * m)

@@ -1,6 +1,6 @@
 """TrainingPlan: a pipeline (or single-stage) training plan, frozen pydantic, JSON round trip.
 
-Each stage carries its own intra-op :class:`~autopar.plan.Plan` (the stage's forward +
+Each stage carries its own intra-op :class:`~autopar.plan_types.Plan` (the stage's forward +
 backward for one micro-batch, planned on the stage's sub-mesh), so a stage is costed,
 reported and executed with the same machinery as a single-mesh plan.
 """
@@ -10,9 +10,9 @@ from typing import Any
 
 from pydantic import Field, PrivateAttr
 
-from cost import ClusterSpec
+from autopar.cost import ClusterSpec
 
-from .plan import Plan, Timing, _Document, _Frozen
+from ..plan_types import Plan, Timing, _Document, _Frozen
 
 
 class StagePlan(_Frozen):
@@ -90,11 +90,11 @@ class TrainingPlan(_Document):
         return len(self.stages)
 
     def report(self) -> str:
-        from .training_report import format_training_report
+        from .report import format_training_report
         return format_training_report(self)
 
     def simulate(self):
-        """The predicted schedule (``autopar.schedule.Timeline``) of one training step."""
+        """The predicted schedule (``autopar.pipeline.schedule.Timeline``) of one training step."""
         from .schedule import simulate, stage_orders
         orders = stage_orders(len(self.stages), self.num_microbatches, self.schedule)
         return simulate(orders, [s.fwd_s for s in self.stages], [s.bwd_s for s in self.stages],
@@ -116,7 +116,7 @@ class TrainingPlan(_Document):
         plan loaded from JSON). ``opt_state`` is ``optimizer.init(params)``; with ``donate``
         the params and optimizer-state buffers passed in are reused (as ``jax.jit``'s
         ``donate_argnums``)."""
-        from .pipeline_runtime import PipelineStep
+        from .runtime import PipelineStep
         loss_fn = loss_fn if loss_fn is not None else self._loss_fn
         optimizer = optimizer if optimizer is not None else self._optimizer
         if loss_fn is None or optimizer is None:

@@ -41,20 +41,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from solvers.stage_dp import (StageInfeasibleError, StageProblem, solve_stages, submesh_shapes, uniform_stages,
+from autopar.solvers.stage_dp import (StageInfeasibleError, StageProblem, solve_stages, submesh_shapes, uniform_stages,
                               uniform_submeshes)
 
 from .additive import AdditiveCosts
-from .graph import build_graph
+from ..graph import build_graph
 from .layers import cluster_layers
-from .plan import Timing
-from .planner import PlanError
-from .progress import Progress, progress_for
-from .pytree_json import treedef_to_json
-from .rules import stage_rules
+from ..plan_types import Timing
+from ..planner import PlanError
+from ..progress import Progress, progress_for
+from ..pytree_json import treedef_to_json
+from ..rules import stage_rules
 from .stage_cost import StageCoster, Sums, nbytes, stage_meshes, structural_key, sub_cluster  # noqa: F401 (re-exported)
 from .stages import split_program, owners
-from .training_inputs import abstract, check_options, forced_stages, microbatch_shapes, trace_loss
+from .inputs import abstract, check_options, forced_stages, microbatch_shapes, trace_loss
 from .training_plan import PredictedTraining, StagePlan, StageSearch, TrainingPlan
 
 FWD_SHARE = 1.0 / 3.0   # forward : backward = 1 : 2 (matmul-dominated layers)
