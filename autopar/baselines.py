@@ -53,7 +53,13 @@ from autopar.solvers.stage_dp import uniform_stages, uniform_submeshes
 from .planner import PlanError, plan_with
 from .rules import as_is, as_is_or_gathered, batch_layout, stage_rules, state_layout
 from .strategies.base import live_axes
-from .pipeline.training import _Setup
+from .pipeline.inputs import ForcedStage, prepare_inputs
+from .pipeline.layers import layers_of
+from .pipeline.search import estimate_forced
+from .pipeline.stage_cost import CostOptions, StageCoster
+from .pipeline.training import plan_pipeline
+from .pipeline.training_plan import GridPoint
+from .progress import Progress
 
 __all__ = ["data_parallel", "fsdp", "megatron", "dp_tp", "dp_tp_pp", "pipeline_grid", "uniform_stages", "BASELINES"]
 
@@ -204,53 +210,57 @@ def dp_tp_pp(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: int =
     summed over a stage); the ``refine`` best estimates are planned stage by stage exactly
     and the fastest predicted step is returned. ``tplan.baseline_grid`` lists every point
     with its estimate (or why it was dropped)."""
-    setup = _Setup(loss_fn, params, batch, optimizer=optimizer, cluster=cluster, nodes=nodes,
-                   num_microbatches=num_microbatches, schedule=schedule, memory_budget_bytes=memory_budget_bytes,
-                   costing="auto", mesh_search="auto", num_layers=num_layers, stages=None)
-    mb_size = setup.microbatch_size
-    L, M = setup.L, setup.spec.devices_per_node
+    inputs = prepare_inputs(loss_fn, params, batch, optimizer=optimizer, cluster=cluster, nodes=nodes,
+                            num_microbatches=num_microbatches, schedule=schedule,
+                            memory_budget_bytes=memory_budget_bytes)
+    layering = layers_of(inputs.program, num_layers)
+    mb_size = inputs.microbatch_size
+    L, M = len(layering.layers), inputs.spec.devices_per_node
     points = [(int(pp), tuple(sub), tuple(mesh)) for pp, sub, mesh in grid] if grid is not None \
         else pipeline_grid(L, nodes, M, mb_size)
     if not points:
         raise PlanError(f"no Megatron grid point for {L} layers on {nodes} node(s) × {M} with micro-batch "
                         f"{mb_size}: pp must divide the layers and devices, dp the micro-batch")
-    coster = setup.coster(solver, time_limit_s, restrict=stage_rules(mb_size), strategy_name="dp_tp_pp")
-    rows = []
+    progress = Progress()
+    coster = StageCoster(inputs, layering.eqn_ranges(inputs.program),
+                         CostOptions(solver=solver, time_limit_s=time_limit_s, restrict=stage_rules(mb_size),
+                                     strategy_name="dp_tp_pp"), progress)
+    rows, forced_of = [], []
     for pp, sub, mesh in points:
-        if not 1 <= pp <= L or sub not in setup.shapes or math.prod(mesh) != sub[0] * sub[1] \
+        if not 1 <= pp <= L or sub not in inputs.shapes or math.prod(mesh) != sub[0] * sub[1] \
                 or pp * sub[0] * sub[1] != nodes * M:
             raise ValueError(f"grid point pp={pp}, submesh={sub}, mesh={mesh} does not fit {L} layers on "
-                             f"{nodes} node(s) × {M} (sub-meshes {setup.shapes})")
-        forced = [(a, b, sub, mesh) for a, b in uniform_stages(L, pp)]
-        row = {"pp": pp, "submesh": list(sub), "dp": mesh[0], "tp": mesh[1], "forced": forced}
+                             f"{nodes} node(s) × {M} (sub-meshes {list(inputs.shapes)})")
+        forced = [ForcedStage(a, b, sub, mesh) for a, b in uniform_stages(L, pp)]
+        row = {"pp": pp, "submesh": list(sub), "dp": mesh[0], "tp": mesh[1]}
         try:
-            row["estimate_s"] = setup.solve(coster, forced=forced, mode="additive", estimate_only=True,
-                                            strategy_name="dp_tp_pp").objective_s
+            row["estimate_s"] = estimate_forced(coster, inputs, L, forced, progress,
+                                                name=f"{inputs.name} (baseline dp_tp_pp)").objective_s
         except PlanError as err:
             row["error"] = str(err).split(";")[0]
         rows.append(row)
-    ok = sorted((r for r in rows if "estimate_s" in r), key=lambda r: r["estimate_s"])
+        forced_of.append(forced)
+    ok = sorted((k for k, r in enumerate(rows) if "estimate_s" in r), key=lambda k: rows[k]["estimate_s"])
     best, errors = None, []
-    for r in ok[:max(1, refine)]:
+    for k in ok[:max(1, refine)]:
         try:
-            tp_ = setup.solve(coster, forced=r["forced"], mode="exact", strategy_name="dp_tp_pp")
+            tp_ = plan_pipeline(inputs, layering, coster, progress, mode="exact", forced=forced_of[k],
+                                strategy_name="dp_tp_pp")
         except PlanError as err:
-            r["error"] = str(err).split(";")[0]
+            rows[k]["error"] = str(err).split(";")[0]
             errors.append(err)
             continue
-        r["step_s"] = tp_.predicted.step_time_s
+        rows[k]["step_s"] = tp_.predicted.step_time_s
         if best is None or tp_.predicted.step_time_s < best.predicted.step_time_s:
             best = tp_
     if best is None:
         need = [e.min_bytes_per_device for e in errors if e.min_bytes_per_device] + (
             [coster.min_need] if math.isfinite(coster.min_need) else [])
-        raise PlanError(f"no Megatron DP×TP×PP grid point of {setup.name} fits memory_budget_bytes="
-                        f"{setup.budget:.0f} per device on {nodes} node(s) × {M} ({len(rows)} points tried)"
+        raise PlanError(f"no Megatron DP×TP×PP grid point of {inputs.name} fits memory_budget_bytes="
+                        f"{inputs.budget:.0f} per device on {nodes} node(s) × {M} ({len(rows)} points tried)"
                         + (f"; {min(need):.0f} bytes per device is the smallest a stage needs" if need else "")
                         + ". Raise the budget, add nodes or use more micro-batches.",
                         min_bytes_per_device=min(need) if need else None)
-    for r in rows:
-        r.pop("forced")
-    out = best.model_copy(update={"baseline_grid": rows})
+    out = best.model_copy(update={"baseline_grid": [GridPoint(**r) for r in rows]})
     out._loss_fn, out._optimizer = best._loss_fn, best._optimizer
     return out

@@ -74,9 +74,9 @@ def one(model: str, nodes: int, cluster: str, dtype: str, baseline: bool = True)
                        f"{'x'.join(map(str, s.plan.mesh_shape))}" for s in tp.stages],
             "layers": tp.search.num_layers, "ilp_solves": tp.search.ilp_solves}
         if tp.baseline_grid is not None:
-            row[name]["grid"] = tp.baseline_grid
+            row[name]["grid"] = [g.model_dump() for g in tp.baseline_grid]
         if tp.search.refined:
-            row[name]["refined"] = tp.search.refined
+            row[name]["refined"] = [r.model_dump() for r in tp.search.refined]
     return row
 
 

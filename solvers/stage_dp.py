@@ -14,7 +14,7 @@ A(i,j,m) per in-flight micro-batch (bytes per device). A plan is S stages
               W_i + f(S − i + 1)·A_i ≤ device_memory      memory, i = 1..S       (``_need``)
               t_i < ∞
     f(r) = min(r, B) under 1F1B (stage i holds the micro-batches of the stages from it to
-    the last, never more than B), f(r) = B under GPipe                           (``_inflight``)
+    the last, never more than B), f(r) = B under GPipe          (``solvers.schedules.Schedule.inflight``)
 
 Tiling: Alpa's rule — the shapes of 𝓜 with Σ|m_i| = N·M can always be placed on the
 cluster (Alpa §5.2) when M is a power of two; for other M, (1,M) is added and the device
@@ -49,18 +49,19 @@ Ties prefer the lower variant index.
 Infeasible (``StageInfeasibleError``): min_device_memory = min over plans with finite
 latencies of max_i (W_i + f(S−i+1)·A_i) (``_dp`` with ⊕ = max on the memory needs; per stage
 the least-memory variant with a finite latency).
-``brute_force`` enumerates every plan (tiny instances) and checks all of the above.
+``solvers.stage_brute.brute_force`` enumerates every plan (tiny instances) and checks all of the above.
 """
 from __future__ import annotations
 
 import heapq
-import itertools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["StageProblem", "StageSolution", "StageInfeasibleError", "solve_stages", "brute_force",
+from .schedules import SCHEDULES, Schedule
+
+__all__ = ["StageProblem", "StageSolution", "StageInfeasibleError", "solve_stages",
            "submesh_shapes", "uniform_stages", "uniform_submeshes"]
 
 _TOL = 1e-9
@@ -129,8 +130,8 @@ class StageProblem:
         L, shape = self.num_layers, (self.num_layers, self.num_layers + 1, len(self.shapes))
         if L < 1 or self.num_nodes < 1 or self.devices_per_node < 1 or self.num_microbatches < 1:
             raise ValueError("num_layers, num_nodes, devices_per_node, num_microbatches must be ≥ 1")
-        if self.schedule not in ("1f1b", "gpipe"):
-            raise ValueError(f"schedule must be '1f1b' or 'gpipe', not {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, not {self.schedule!r}")
         lat0 = self.latency
         if not isinstance(lat0, dict) and np.ndim(lat0) == 4:
             shape = (int(np.shape(lat0)[0]),) + shape
@@ -209,7 +210,7 @@ class StageSolution:
 
 def _inflight(p: StageProblem, r: int) -> int:
     """Micro-batches of activations a stage holds when r stages (itself included) remain."""
-    return min(r, p.num_microbatches) if p.schedule == "1f1b" else p.num_microbatches
+    return Schedule(p.schedule).inflight(r, p.num_microbatches)
 
 
 def _need(p: StageProblem, r: int) -> np.ndarray:
@@ -393,44 +394,3 @@ def solve_stages(p: StageProblem, *, num_stages: int | None = None, forced=None)
         heapq.heappush(gaps, (f_mid + (B - 1) * cands[i], i, int(np.searchsorted(cands, h)) - 1, f_mid))
     return best
 
-
-def brute_force(p: StageProblem, *, num_stages: int | None = None, limit: int = 200_000) -> StageSolution:
-    """Every partition × sub-mesh assignment; same objective, rules and tie-break as
-    ``solve_stages``. Raises ValueError when more than ``limit`` plans could be enumerated."""
-    L, D, sizes, srange = p.num_layers, p.total_devices, p.sizes, _stage_range(p, num_stages)
-    count = sum(math.comb(L - 1, S - 1) * (len(sizes) * p.num_variants) ** S for S in srange)
-    if count > limit:
-        raise ValueError(f"brute_force: {count} plans > limit {limit}; use solve_stages")
-    best, min_mem, needs = None, math.inf, {}
-
-    def visit(plan):
-        nonlocal best, min_mem
-        S = len(plan)
-        if S not in srange or any(not np.isfinite(p._v[0][:, m, k, j]).any() for k, j, m in plan):
-            return
-        if S not in needs:
-            needs[S] = [_need(p, r) for r in range(S, 0, -1)]
-        per_stage = [[v for v in range(p.num_variants) if math.isfinite(p._v[0][v, m, k, j])]
-                     for k, j, m in plan]
-        for vs in itertools.product(*per_stage):  # every variant choice of every stage
-            need = max(float(needs[S][i][v, m, k, j]) for i, ((k, j, m), v) in enumerate(zip(plan, vs)))
-            min_mem = min(min_mem, need)
-            if need <= p.device_memory:
-                sol = _solution(p, plan, "optimal", vs)
-                if _better(sol, best) or (best is not None and _same(sol, best) and vs < best.variants):
-                    best = sol
-
-    def rec(k, d, plan):
-        if k == L:
-            if d == 0:
-                visit(plan)
-            return
-        for j in range(k + 1, L + 1):
-            for m, n in enumerate(sizes):
-                if n <= d:
-                    rec(j, d - n, plan + [(k, j, m)])
-
-    rec(0, D, [])
-    if best is None:
-        raise StageInfeasibleError(f"brute_force: no feasible plan; min device memory {min_mem:.6g}", min_mem)
-    return best

@@ -260,21 +260,33 @@ def test_bfloat16_model_plans_from_shapes(devices8):
 
 
 
+def _inputs(**kw):
+    """TrainingInputs for the search steps alone (no traced program): 1 node × 4 devices."""
+    from autopar.cost import load_cluster
+    from autopar.pipeline.inputs import TrainingInputs
+    spec = load_cluster("cpu-8").model_copy(update={"devices_per_node": 4})
+    base = dict(loss_fn=None, optimizer=None, name="loss_fn", spec=spec, nodes=1, num_microbatches=4,
+                schedule="1f1b", budget=10.0, p_leaves=(), p_tree=None, b_leaves=(), b_tree=None, microbatch_size=1,
+                program=None, opt_ratio=1.0, shapes=((1, 1), (1, 2), (1, 4)))
+    return TrainingInputs(**{**base, **kw})
+
+
 class _FakeCoster:
     """Single-layer costs without the ILP: planned with the whole budget a layer replicates its
     parameters (persist 3.0 per device: param + accumulator + momentum) and scales perfectly;
     planned within a share of the budget (share > 1) it shards them (3.0 / n) and is 20 % slower."""
 
-    def __init__(self):
-        self.lean_calls, self.min_need = [], float("inf")
+    def __init__(self, lean_latency=1.2):
+        self.lean_calls, self.min_need, self.lean_latency = [], float("inf"), lean_latency
 
     def cost(self, i, j, sub, mesh=None, share=1.0):
+        from autopar.pipeline.costs import StageCost
         n = sub[0] * sub[1]
         plan = types.SimpleNamespace(mesh_shape=mesh or (n,))
         if share > 1:
             self.lean_calls.append((i, tuple(sub), mesh))
-            return {"plan": plan, "latency": 1.2 / n, "static": 3.0 / n, "persist": 3.0 / n, "act": 0.1}
-        return {"plan": plan, "latency": 1.0 / n, "static": 3.0, "persist": 3.0, "act": 0.1}
+            return StageCost(plan=plan, latency=self.lean_latency / n, static=3.0 / n, persist=3.0 / n, act=0.1)
+        return StageCost(plan=plan, latency=1.0 / n, static=3.0, persist=3.0, act=0.1)
 
     def stage(self, i, j):
         return types.SimpleNamespace(params=[i]), f"layer{i}"
@@ -285,45 +297,38 @@ def test_additive_costing_plans_layers_leaner_when_a_long_stage_needs_it():
     # holds 4 × 3.0 > 6.5, so the best such plan is 2 stages × 2 layers on 2 devices each
     # (2·1.0 + 3·1.0 = 5.0 s). Lean layer plans on (1, 4): 4 × 0.75 + 0.4 fits, 4 × 1.2 / 4 = 1.2 s
     # per micro-batch, objective 4 × 1.2 = 4.8 s — better, and only (1, 4) is planned lean.
-    from autopar.pipeline.training import _Setup
-    from autopar.cost import load_cluster
-    setup = object.__new__(_Setup)
-    spec = load_cluster("cpu-8").model_copy(update={"devices_per_node": 4})
-    setup.__dict__.update(L=4, shapes=[(1, 1), (1, 2), (1, 4)], nodes=1, spec=spec, budget=6.5, opt_ratio=1.0,
-                          num_microbatches=4, schedule="1f1b", p_leaves=[jax.ShapeDtypeStruct((1,), jnp.int8)] * 4)  # 1 byte per layer
+    from autopar.pipeline.search import additive_search
+    from autopar.progress import Progress
+    inputs = _inputs(budget=6.5, p_leaves=(jax.ShapeDtypeStruct((1,), jnp.int8),) * 4)  # 1 byte per layer
     coster = _FakeCoster()
-    _, sol = setup._additive(coster, None, "loss_fn")
+    _, sol = additive_search(coster, inputs, 4, Progress())
     assert [(a, b, sub) for a, b, _, sub, _ in sol.stages] == [(0, 4, (1, 4))]
     assert sol.variants == (1,) and sol.objective_s == pytest.approx(4.8)
     assert set(coster.lean_calls) == {(i, (1, 4), (4,)) for i in range(4)}  # on the mesh variant 0 chose
     # with lean plans no better than the whole-budget ones, the 2 × 2 pipeline stays
-    slow = _FakeCoster()
-    slow.cost = lambda i, j, sub, mesh=None, share=1.0: (
-        {**_FakeCoster.cost(slow, i, j, sub, mesh, share), "latency": 2.0 / (sub[0] * sub[1])} if share > 1
-        else _FakeCoster.cost(slow, i, j, sub, mesh, share))
-    _, sol = setup._additive(slow, None, "loss_fn")
+    _, sol = additive_search(_FakeCoster(lean_latency=2.0), inputs, 4, Progress())
     assert [(a, b, sub) for a, b, _, sub, _ in sol.stages] == [(0, 2, (1, 2)), (2, 4, (1, 2))]
 
 
 def test_a_chosen_stage_is_replanned_for_its_in_flight_micro_batches():
     # the whole-budget stage plan holds 5 + 1 (one micro-batch); as the first of 4 stages under
     # 1F1B it keeps 4 micro-batches: 5 + 4·1 > 8, so it is planned again within 8 − 3·1
-    from autopar.pipeline.training import _Setup
-    setup = object.__new__(_Setup)
-    setup.__dict__.update(budget=8.0, num_microbatches=8, schedule="1f1b")
+    from autopar.pipeline.costs import StageCost
+    from autopar.pipeline.search import plan_stage
+    inputs = _inputs(budget=8.0, num_microbatches=8)
     calls = []
 
     class Coster:
         def cost(self, a, b, sub, mesh=None):
-            return {"plan": "fast", "static": 5.0, "act": 1.0}
+            return StageCost(plan="fast", static=5.0, act=1.0)
 
         def cost_within(self, a, b, sub, mesh, budget):
             calls.append(budget)
-            return {"plan": "lean", "static": 3.5, "act": 1.0}
-    assert setup._exact(Coster(), 0, 2, (1, 4), None, remaining=4)["plan"] == "lean" and calls == [5.0]
-    assert setup._exact(Coster(), 0, 2, (1, 4), None, remaining=2)["plan"] == "fast"   # 5 + 2 ≤ 8
-    setup.schedule = "gpipe"                                          # all 8 in flight, even in the last stage
-    assert setup._exact(Coster(), 0, 2, (1, 4), None, remaining=1)["plan"] == "lean" and calls[-1] == 1.0
+            return StageCost(plan="lean", static=3.5, act=1.0)
+    assert plan_stage(Coster(), inputs, 0, 2, (1, 4), None, remaining=4).plan == "lean" and calls == [5.0]
+    assert plan_stage(Coster(), inputs, 0, 2, (1, 4), None, remaining=2).plan == "fast"   # 5 + 2 ≤ 8
+    gpipe = _inputs(budget=8.0, num_microbatches=8, schedule="gpipe")  # all 8 in flight, even in the last stage
+    assert plan_stage(Coster(), gpipe, 0, 2, (1, 4), None, remaining=1).plan == "lean" and calls[-1] == 1.0
 
 
 def test_additive_refinement_plans_equal_splits_exactly_and_keeps_the_fastest_that_fits():
@@ -331,48 +336,46 @@ def test_additive_refinement_plans_equal_splits_exactly_and_keeps_the_fastest_th
     # 0.9 s per micro-batch on the (2, 2) mesh that layers 2-3 chose (1.0 s on layers 0-1's (4,)):
     # 3.6 s for 4; two equal stages on 2 devices each are 0.6 s (≈ 3.0 s); four single-layer
     # stages are estimated at 7 s, above the best exact step: not planned
-    from autopar.pipeline.training import _Setup
-    from autopar.cost import load_cluster
-    setup = object.__new__(_Setup)
-    spec = load_cluster("cpu-8").model_copy(update={"devices_per_node": 4})
-    setup.__dict__.update(L=4, shapes=[(1, 1), (1, 2), (1, 4)], nodes=1, spec=spec, budget=10.0,
-                          num_microbatches=4, schedule="1f1b")
+    import dataclasses
+    from autopar.pipeline.additive import AdditiveCosts
+    from autopar.pipeline.costs import INFEASIBLE, StageCost
+    from autopar.pipeline.refine import refine
+    from autopar.progress import Progress
+    inputs = _inputs()
     exact = {(0, 4, (4,)): (1.0, 2.0), (0, 4, (2, 2)): (0.9, 2.0), (0, 2, (2,)): (0.6, 2.0), (2, 4, (2,)): (0.6, 2.0)}
     planned = []
 
+    def layer(mesh, t):
+        return StageCost(plan=types.SimpleNamespace(mesh_shape=mesh), latency=t)
+    # single layers: 1.0 s on 1 device, 0.25 on 2, on 4 0.15 (layers 0-1, mesh (4,)) or 0.1 (2-3, (2, 2))
+    full = [[layer((1,), 1.0), layer((2,), 0.25), layer((4,) if i < 2 else (2, 2), 0.15 if i < 2 else 0.1)]
+            for i in range(4)]
+
     class Coster:
-        def cost(self, a, b, sub, mesh=None):
+        progress = Progress()
+        min_need = math.inf
+
+        def cost(self, a, b, sub, mesh=None, share=1.0):
+            if b == a + 1 and mesh is None:
+                return full[a][inputs.shapes.index(tuple(sub))]
             planned.append((a, b, tuple(sub), mesh))
             t, static = exact[(a, b, mesh)]
-            return {"plan": types.SimpleNamespace(mesh_shape=mesh), "latency": t, "send": 0.0,
-                    "static": static, "act": 0.5}
+            return StageCost(plan=types.SimpleNamespace(mesh_shape=mesh), latency=t, static=static, act=0.5)
 
         def cost_within(self, a, b, sub, mesh, budget):  # no leaner plan
-            return {"plan": None, "latency": math.inf, "static": 0.0, "act": 0.0}
-
-    def layer(mesh, t):
-        return {"plan": types.SimpleNamespace(mesh_shape=mesh), "latency": t}
-    full = [[layer((1,), 1.0), layer((2,), 0.5), layer((4,) if i < 2 else (2, 2), 0.3 if i < 2 else 0.2)]
-            for i in range(4)]
-    from autopar.pipeline.additive import AdditiveCosts
-    costs = object.__new__(AdditiveCosts)
-    lat = np.full((1, 4, 5, 3), np.inf)
-    lat[0, 0, 4, 2], lat[0, 0, 2, 1], lat[0, 2, 4, 1] = 0.5, 0.5, 0.5
-    for i in range(4):
-        lat[0, i, i + 1, 0] = 1.0
-    costs.__dict__.update(full=full, lean=[[None] * 3 for _ in range(4)], shapes=setup.shapes, L=4, latency=lat,
-                          memory=np.zeros_like(lat), activation=np.zeros_like(lat))
+            return INFEASIBLE
+    costs = AdditiveCosts(Coster(), 4, inputs.shapes, 4, [0.0] * 4)
     sol = types.SimpleNamespace(stages=[(0, 4, 2, (1, 4), 0.5)], objective_s=2.0, variants=(0,))
-    chosen, refined = setup._refine(Coster(), costs, sol, None)
-    assert [r["source"] for r in refined] == ["stage DP", "equal stages ×2", "equal stages ×4"]
-    assert [(a, b, sub) for a, b, sub, _ in chosen] == [(0, 2, (1, 2)), (2, 4, (1, 2))]
-    assert [r["chosen"] for r in refined] == [False, True, False] and refined[2]["skipped"]
-    assert refined[0]["step_s"] == pytest.approx(3.6) and refined[1]["step_s"] < 3.5
+    chosen, refined = refine(Coster(), inputs, 4, costs, sol, Progress())
+    assert [r.source for r in refined] == ["stage DP", "equal stages ×2", "equal stages ×4"]
+    assert [(c.start, c.end, c.submesh) for c in chosen] == [(0, 2, (1, 2)), (2, 4, (1, 2))]
+    assert [r.chosen for r in refined] == [False, True, False] and refined[2].skipped
+    assert refined[1].estimate_s == pytest.approx(2.5) and refined[2].estimate_s == pytest.approx(7.0)
+    assert refined[0].step_s == pytest.approx(3.6) and refined[1].step_s < 3.5
     # each stage on the meshes its layers chose (the most expensive layer's first), nothing else
     assert planned == [(0, 4, (1, 4), (4,)), (0, 4, (1, 4), (2, 2)), (0, 2, (1, 2), (2,)), (2, 4, (1, 2), (2,))]
     # when the equal split does not fit the budget (static 2 + 2 in flight × 0.5 > 2.6), the DP's split stays
-    setup.budget = 2.6
     exact[(0, 4, (4,))], exact[(0, 4, (2, 2))] = (1.0, 0.5), (0.9, 0.5)
-    chosen, refined = setup._refine(Coster(), costs, sol, None)
-    assert [(a, b, sub) for a, b, sub, _ in chosen] == [(0, 4, (1, 4))] and chosen[0][3]["latency"] == 0.9
-    assert [r["fits"] for r in refined[:2]] == [True, False] and refined[0]["chosen"]
+    chosen, refined = refine(Coster(), dataclasses.replace(inputs, budget=2.6), 4, costs, sol, Progress())
+    assert [(c.start, c.end, c.submesh) for c in chosen] == [(0, 4, (1, 4))] and chosen[0].cost.latency == 0.9
+    assert [r.fits for r in refined[:2]] == [True, False] and refined[0].chosen

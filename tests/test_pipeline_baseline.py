@@ -43,8 +43,8 @@ def test_baseline_is_a_uniform_grid_point_under_the_dp_tp_rule(gpt_case):
     # every grid point was costed; the returned one is the fastest refined one
     grid = base.baseline_grid
     assert len(grid) == len(pipeline_grid(4, 2, 4, 8))
-    refined = [g for g in grid if "step_s" in g]
-    assert refined and min(g["step_s"] for g in refined) == pytest.approx(base.predicted.step_time_s)
+    refined = [g for g in grid if g.step_s is not None]
+    assert refined and min(g.step_s for g in refined) == pytest.approx(base.predicted.step_time_s)
     names = base.stages[0].plan.axis_names
     for st in base.stages:
         dp_ax, tp_ax = st.plan.axis_names
@@ -95,12 +95,12 @@ def test_autopar_refines_its_split_and_equal_splits_exactly(gpt_case):
     # best equal splits are planned exactly; the plan is the fastest of them that fits
     *_, base, ours = gpt_case
     refined = ours.search.refined
-    assert ours.search.costing == "additive" and refined[0]["source"] == "stage DP"
-    assert all(r["source"].startswith("equal stages ×") for r in refined[1:])
-    chosen = [r for r in refined if r["chosen"]]
-    assert len(chosen) == 1 and chosen[0]["fits"]
-    assert chosen[0]["step_s"] == pytest.approx(ours.predicted.step_time_s)
-    assert all(r["step_s"] >= chosen[0]["step_s"] for r in refined if r["fits"])
+    assert ours.search.costing == "additive" and refined[0].source == "stage DP"
+    assert all(r.source.startswith("equal stages ×") for r in refined[1:])
+    chosen = [r for r in refined if r.chosen]
+    assert len(chosen) == 1 and chosen[0].fits
+    assert chosen[0].step_s == pytest.approx(ours.predicted.step_time_s)
+    assert all(r.step_s >= chosen[0].step_s for r in refined if r.fits)
     assert "exactly planned splits" in ours.report()
     back = TrainingPlan.model_validate_json(ours.model_dump_json())
     assert back.search.refined == refined

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from autopar.pipeline.schedule import (SCHEDULES, Task, Timeline, execution_order, peak_inflight, simulate,
+from autopar.pipeline.schedule import (SCHEDULES, Schedule, Task, Timeline, execution_order, peak_inflight, simulate,
                               stage_orders)
 from autopar.pipeline.timeline import draw_timeline
 
@@ -75,6 +75,8 @@ def test_1f1b_orders():
 def test_peak_inflight(S, B):
     assert peak_inflight(stage_orders(S, B, "1f1b")) == [min(S - s, B) for s in range(S)]
     assert peak_inflight(stage_orders(S, B, "gpipe")) == [B] * S
+    for schedule in Schedule:  # the simulated task order holds what the planners' one rule says
+        assert peak_inflight(stage_orders(S, B, schedule.value)) == [schedule.inflight(S - s, B) for s in range(S)]
 
 
 @pytest.mark.parametrize("seed", range(50))

@@ -8,8 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from autopar.solvers.stage_dp import (StageInfeasibleError, StageProblem, StageSolution, brute_force, solve_stages,
-                              submesh_shapes)
+from autopar.solvers.stage_brute import brute_force
+from autopar.solvers.stage_dp import (StageInfeasibleError, StageProblem, StageSolution, solve_stages,
+                                      submesh_shapes)
 
 
 def random_instance(seed: int, *, memory: str | None = None) -> StageProblem:

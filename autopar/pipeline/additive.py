@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .stage_cost import Sums
+from .costs import CostArrays, Sums
 
 
 class AdditiveCosts:
@@ -66,7 +66,7 @@ class AdditiveCosts:
         for s in subs:
             for i in range(self.L):
                 c = self.full[i][s]
-                mesh = tuple(c["plan"].mesh_shape) if c["plan"] is not None else None
+                mesh = tuple(c.plan.mesh_shape) if c.fits else None
                 self.lean[i][s] = self.coster.cost(i, i + 1, self.shapes[s], mesh, share=2 * self.share(s))
         self._fill(subs)
 
@@ -77,10 +77,14 @@ class AdditiveCosts:
         s = self.shapes.index(tuple(sub))
         var = self.lean if variant == 1 and self.lean[a][s] is not None else self.full
         plans = [var[j][s] for j in range(a, b)]
-        if any(c["plan"] is None for c in plans):
+        if any(not c.fits for c in plans):
             return None
-        plans.sort(key=lambda c: -c["latency"])
-        return list(dict.fromkeys(tuple(c["plan"].mesh_shape) for c in plans))
+        plans.sort(key=lambda c: -c.latency)
+        return list(dict.fromkeys(tuple(c.plan.mesh_shape) for c in plans))
+
+    @property
+    def arrays(self) -> CostArrays:
+        return CostArrays(self.latency, self.memory, self.activation)
 
     @property
     def candidates(self) -> int:

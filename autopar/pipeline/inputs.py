@@ -1,18 +1,85 @@
-"""Inputs of ``autopar.plan_training`` checked and traced: the options (``check_options``),
-forced stages (``forced_stages``), one micro-batch's shapes (``microbatch_shapes``) and the
-traced micro-batch loss (``trace_loss``). The first step of the data flow in
-``autopar.pipeline.training``."""
+"""Inputs of ``autopar.plan_training`` checked and traced (the first step of its data flow):
+the options (``check_options``), one micro-batch's shapes (``microbatch_shapes``), the traced
+micro-batch loss (``trace_loss``), all gathered in :class:`TrainingInputs` by
+``prepare_inputs``; forced stages (``forced_stages``)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from autopar.cost import ClusterSpec, load_cluster
+from autopar.solvers.stage_dp import submesh_shapes
 
 from .schedule import SCHEDULES
 from ..trace import Program, TraceError, trace
+
+
+@dataclass(frozen=True, eq=False)
+class TrainingInputs:
+    """What ``plan_training`` knows before it costs any stage."""
+    loss_fn: Any
+    optimizer: Any
+    name: str                       # the loss function's name, for messages
+    spec: ClusterSpec
+    nodes: int
+    num_microbatches: int
+    schedule: str                   # a ``solvers.schedules.SCHEDULES`` value
+    budget: float                   # bytes per device
+    p_leaves: tuple                 # ShapeDtypeStructs of the parameters (flat)
+    p_tree: Any
+    b_leaves: tuple                 # … of the full batch
+    b_tree: Any
+    microbatch_size: int
+    program: Program                # the traced loss of one micro-batch
+    opt_ratio: float                # optimizer-state bytes per parameter byte
+    shapes: tuple                   # candidate sub-meshes (``submesh_shapes``)
+
+    @property
+    def num_params(self) -> int:
+        return len(self.p_leaves)
+
+
+def nbytes(x) -> float:
+    return float(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+
+
+def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_microbatches, schedule,
+                   memory_budget_bytes, costing="auto", mesh_search="auto") -> TrainingInputs:
+    """Check the options, abstract the arguments, trace one micro-batch's loss and measure
+    the optimizer state (``optimizer.init`` under ``jax.eval_shape``)."""
+    spec = check_options(cluster, nodes, num_microbatches, schedule, optimizer, memory_budget_bytes, costing,
+                         mesh_search)
+    params_abs = jax.tree_util.tree_map(abstract, params)
+    batch_abs = jax.tree_util.tree_map(abstract, batch)
+    p_leaves, p_tree = jax.tree_util.tree_flatten(params_abs)
+    b_leaves, b_tree = jax.tree_util.tree_flatten(batch_abs)
+    bad = [jax.tree_util.keystr(k) for k, x in jax.tree_util.tree_flatten_with_path(params_abs)[0]
+           if not jnp.issubdtype(x.dtype, jnp.floating)]
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise ValueError(f"every params leaf is trained and must be floating; got non-float leaves {bad[:5]}{more}. "
+                         "Move integer data into the batch or close over it")
+    microbatch = microbatch_shapes(batch_abs, num_microbatches)
+    mb_leaves = jax.tree_util.tree_leaves(microbatch)
+    try:
+        opt_abs = jax.eval_shape(optimizer.init, params_abs)
+    except Exception as err:
+        raise ValueError(f"optimizer.init(params) failed: {type(err).__name__}: {err}") from err
+    p_bytes = sum(nbytes(x) for x in p_leaves)
+    o_bytes = sum(nbytes(x) for x in jax.tree_util.tree_leaves(opt_abs))
+    return TrainingInputs(
+        loss_fn=loss_fn, optimizer=optimizer, name=getattr(loss_fn, "__name__", "loss_fn"), spec=spec, nodes=nodes,
+        num_microbatches=num_microbatches, schedule=schedule,
+        budget=float(memory_budget_bytes or spec.device.memory_bytes), p_leaves=tuple(p_leaves), p_tree=p_tree,
+        b_leaves=tuple(b_leaves), b_tree=b_tree,
+        microbatch_size=int(mb_leaves[0].shape[0]) if mb_leaves and mb_leaves[0].shape else 1,
+        program=trace_loss(loss_fn, params_abs, microbatch), opt_ratio=o_bytes / p_bytes if p_bytes else 0.0,
+        shapes=tuple(submesh_shapes(nodes, spec.devices_per_node)))
 
 
 def abstract(x):
@@ -72,7 +139,17 @@ def check_options(cluster, nodes, num_microbatches, schedule, optimizer, memory_
     return spec
 
 
-def forced_stages(stages, num_layers, shapes):
+@dataclass(frozen=True)
+class ForcedStage:
+    """A stage the user fixed: layers [start, end) on ``submesh`` (nodes, devices per node)."""
+    start: int
+    end: int
+    submesh: tuple[int, int]
+    mesh: tuple[int, ...] | None     # the logical mesh; None: the usual candidates
+
+
+def forced_stages(stages, num_layers, shapes) -> list[ForcedStage]:
+    """``plan_training(stages=[(layer_start, layer_end, submesh[, logical_mesh]), …])`` checked."""
     out = []
     for k, s in enumerate(stages):
         s = tuple(s)
@@ -86,8 +163,8 @@ def forced_stages(stages, num_layers, shapes):
         if mesh is not None and math.prod(mesh) != sub[0] * sub[1]:
             raise ValueError(f"stages[{k}]: logical mesh {mesh} has {math.prod(mesh)} devices, sub-mesh {sub} "
                              f"has {sub[0] * sub[1]}")
-        out.append((a, b, sub, mesh))
-    bounds = [(a, b) for a, b, _, _ in out]
+        out.append(ForcedStage(a, b, sub, mesh))
+    bounds = [(f.start, f.end) for f in out]
     if bounds[0][0] != 0 or bounds[-1][1] != num_layers or any(x[1] != y[0] for x, y in zip(bounds, bounds[1:])) \
             or any(a >= b for a, b in bounds):
         raise ValueError(f"stages layer ranges {bounds} must tile [0, {num_layers}) in order (num_layers="

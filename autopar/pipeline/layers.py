@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..graph import OpGraph
+from ..graph import OpGraph, build_graph
+from ..trace import Program
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,19 @@ class Layering:
     flops: tuple[float, ...]              # per layer
     cut_bytes: tuple[float, ...]          # per boundary (len(layers) − 1)
     from_markers: bool
+
+    def eqn_ranges(self, program: Program) -> tuple[tuple[int, int], ...]:
+        """The layers as [start, end) positions in ``program.eqns`` (graph positions count the
+        program's inputs and constants first)."""
+        off = len(program.invars) + len(program.consts)
+        return tuple((a - off, b - off) for a, b in self.layers)
+
+
+def layers_of(program: Program, num_layers: int | None = None, stages=None) -> Layering:
+    """The pipeline's layers: ``num_layers`` (or as many as the forced ``stages`` reach)."""
+    if stages is not None and num_layers is None:
+        num_layers = max(int(tuple(s)[1]) for s in stages)
+    return cluster_layers(build_graph(program), num_layers)
 
 
 def _eqn_positions(graph: OpGraph) -> list[int]:

@@ -47,15 +47,15 @@ def format_training_report(plan) -> str:
     if s.refined:
         lines.append("exactly planned splits (additive estimates → exact; the fastest that fits is the plan):")
         for r in s.refined:
-            mark = "→" if r["chosen"] else " "
-            if r.get("skipped"):
-                lines.append(f"  {mark} {r['source']:<18} {r['stages']:<40} estimate {r['estimate_s']:.4g} s, "
+            mark = "→" if r.chosen else " "
+            if r.skipped:
+                lines.append(f"  {mark} {r.source:<18} {r.stages:<40} estimate {r.estimate_s:.4g} s, "
                              "not planned (estimate above the best exact step)")
                 continue
-            fit = "" if r["fits"] else "  (does not fit)" if r["step_s"] is not None else "  (a stage does not fit)"
-            step = f"{r['step_s']:.4g} s" if r["step_s"] is not None else "–"
-            lines.append(f"  {mark} {r['source']:<18} {r['stages']:<40} estimate {r['estimate_s']:.4g} s, "
-                         f"exact {step}{fit} [{r.get('plan_s', 0.0):.1f} s]")
+            fit = "" if r.fits else "  (does not fit)" if r.step_s is not None else "  (a stage does not fit)"
+            step = f"{r.step_s:.4g} s" if r.step_s is not None else "–"
+            lines.append(f"  {mark} {r.source:<18} {r.stages:<40} estimate {r.estimate_s:.4g} s, "
+                         f"exact {step}{fit} [{r.plan_s:.1f} s]")
     t = plan.timing
     lines.append(f"planning time: {t.total_s:.2f} s (trace + layers {t.trace_s:.2f} s, stage costing + DP {t.solve_s:.2f} s)")
     fb = sorted({f"{f.primitive} ×{f.count}" for st in plan.stages for f in st.plan.fallbacks})

@@ -37,7 +37,8 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-SCHEDULES = ("gpipe", "1f1b")
+from autopar.solvers.schedules import SCHEDULES, Schedule  # noqa: F401 (one place for the schedules)
+
 KINDS = ("F", "B")
 
 
@@ -91,12 +92,13 @@ def stage_orders(num_stages: int, num_microbatches: int, schedule: str) -> list[
     name = schedule.lower() if isinstance(schedule, str) else schedule
     if name not in SCHEDULES:
         raise ValueError(f"unknown pipeline schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
+    name = Schedule(name)
     S, B = num_stages, num_microbatches
     orders = []
     for s in range(S):
         F = [Task(s, m, "F") for m in range(B)]
         Bw = [Task(s, m, "B") for m in range(B)]
-        if name == "gpipe":
+        if name is Schedule.GPIPE:
             orders.append(F + Bw)
             continue
         warmup = min(S - s - 1, B)

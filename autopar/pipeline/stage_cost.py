@@ -1,14 +1,14 @@
 """Stage costing for ``autopar.plan_training``: a (layer range, sub-mesh) of the traced loss
-→ its forward + backward planned by the intra-op ILP → latency, static and activation memory
-per device (``StageCoster``, cached by the stage's structural key so identical layers are
-planned once), and the running sums that cost a range layer by layer (``Sums``).
+→ its forward + backward planned by the intra-op ILP → a :class:`~.costs.StageCost` (latency,
+static and activation memory per device; ``StageCoster``, cached by the stage's structural
+key so identical layers are planned once).
 """
 from __future__ import annotations
 
 import hashlib
 import math
-
-import numpy as np
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from autopar.cost import ClusterSpec
 
@@ -16,8 +16,11 @@ from ..graph import build_graph
 from ..plan_types import Plan
 from ..planner import PlanError, Seed, plan_with
 from ..progress import Progress
-from .stages import Stage, residual_bytes, split_program, stage_abstract_args, stage_forward, stage_train
+from ..rules import stage_rules
 from ..trace import Program, trace
+from .costs import INFEASIBLE, StageCost
+from .inputs import TrainingInputs, nbytes
+from .stages import Stage, residual_bytes, split_program, stage_abstract_args, stage_forward, stage_train
 
 # per intra-op stage plan when time_limit_s is None: small stages solve exactly in well under a
 # second; a big stage whose ILP goes to the heuristic returns its incumbent after this long
@@ -85,17 +88,38 @@ def _spec_factor(plan: Plan, spec_names) -> int:
     return math.prod(size[a] for axes in spec_names for a in axes)
 
 
+@dataclass(frozen=True)
+class CostOptions:
+    """How stages are planned. ``restrict(stage_args (p, a, nd, ct), mesh_shape)`` → filters
+    for ``build_problem`` (the pipeline baseline's fixed layouts); ``warm_start``: the same
+    signature, a layout rule whose plan warm-starts every stage ILP (``plan_with(seed=)``)."""
+    solver: str = "auto"
+    time_limit_s: float | None = None
+    mesh_search: str = "auto"
+    restrict: Callable | None = None
+    strategy_name: str = "autopar"
+    warm_start: Callable | None = None
+
+
+def autopar_options(inputs: TrainingInputs, solver: str, time_limit_s, mesh_search: str) -> CostOptions:
+    """autopar's own stage costing: every stage ILP is warm-started from Megatron's DP × TP
+    layout of the stage (``rules.stage_rules``), so a time-limited stage plan is never worse
+    than the pipeline grid baseline's plan of it."""
+    return CostOptions(solver=solver, time_limit_s=time_limit_s, mesh_search=mesh_search,
+                       warm_start=stage_rules(inputs.microbatch_size))
+
+
 class StageCoster:
     """Plans (layer range, sub-mesh) stages with the intra-op ILP, cached by structural key."""
 
-    def __init__(self, program, num_params, layer_eqns, spec, nodes, budget, opt_ratio, solver, time_limit_s,
-                 mesh_search="auto", restrict=None, strategy_name="autopar", seed=None):
-        # restrict(stage_args (p, a, nd, ct), mesh_shape) -> build_problem filters (baselines);
-        # seed: the same for the rule whose plan warm-starts every stage ILP (``plan_with(seed=)``)
-        self.mesh_search, self.restrict, self.strategy_name, self.seed = mesh_search, restrict, strategy_name, seed
-        self.program, self.P, self.layer_eqns = program, num_params, layer_eqns
-        self.spec, self.nodes, self.budget, self.opt_ratio = spec, nodes, budget, opt_ratio
-        self.solver, self.time_limit_s = solver, time_limit_s
+    def __init__(self, inputs: TrainingInputs, layer_eqns, options: CostOptions = CostOptions(),
+                 progress: Progress | None = None):
+        o = options
+        self.mesh_search, self.restrict, self.strategy_name, self.seed = (o.mesh_search, o.restrict, o.strategy_name,
+                                                                         o.warm_start)
+        self.program, self.P, self.layer_eqns = inputs.program, inputs.num_params, list(layer_eqns)
+        self.spec, self.nodes, self.budget, self.opt_ratio = inputs.spec, inputs.nodes, inputs.budget, inputs.opt_ratio
+        self.solver, self.time_limit_s = o.solver, o.time_limit_s
         self.cache: dict = {}
         self.seeds: dict = {}
         self.problems: dict = {}  # (structure, sub-mesh) -> {mesh: IntraProblem}, reused across budgets
@@ -103,7 +127,7 @@ class StageCoster:
         self.stages: dict = {}
         self.solves = self.hits = self.infeasible = 0
         self.min_need = math.inf
-        self.progress = Progress()  # told of every stage planned (plan_training sets its own)
+        self.progress = progress or Progress()  # told of every stage planned
 
     def stage(self, i: int, j: int) -> tuple[Stage, str]:
         """Layers i..j−1 as a stage and its structural key (computed once per range)."""
@@ -112,17 +136,18 @@ class StageCoster:
             self.stages[(i, j)] = (st, structural_key(self.program, st, self.P))
         return self.stages[(i, j)]
 
-    def cost(self, i: int, j: int, submesh, mesh_shape=None, share: float = 1.0) -> dict:
+    def cost(self, i: int, j: int, submesh, mesh_shape=None, share: float = 1.0) -> StageCost:
         """Plan layers i..j−1 on ``submesh``. ``share`` > 1 (additive costing of one layer):
         plan it within budget / share — the layer's part of a stage holding ``share`` layers —
         falling back to the whole budget when it does not fit that."""
         if share > 1.0:
             limit = min(LEAN_TIME_LIMIT_S, math.inf if self.time_limit_s is None else self.time_limit_s)
             res = self.cost_within(i, j, submesh, mesh_shape, self.budget / share, time_limit_s=limit)
-            return res if res["plan"] is not None else self.cost_within(i, j, submesh, mesh_shape, self.budget)
+            return res if res.fits else self.cost_within(i, j, submesh, mesh_shape, self.budget)
         return self.cost_within(i, j, submesh, mesh_shape, self.budget)
 
-    def cost_within(self, i: int, j: int, submesh, mesh_shape, budget: float, time_limit_s: float | None = None) -> dict:
+    def cost_within(self, i: int, j: int, submesh, mesh_shape, budget: float,
+                    time_limit_s: float | None = None) -> StageCost:
         """Layers i..j−1 on ``submesh`` planned within ``budget`` bytes per device (cached);
         ``time_limit_s`` overrides the coster's limit for this plan."""
         st, skey = self.stage(i, j)
@@ -158,7 +183,7 @@ class StageCoster:
                 self.infeasible += 1
                 if err.min_bytes_per_device is not None:
                     self.min_need = min(self.min_need, err.min_bytes_per_device)
-            res = {"plan": None, "latency": math.inf, "static": 0.0, "act": 0.0}
+            res = INFEASIBLE
             self.cache[key] = res
             self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]} do not fit")
             return res
@@ -172,8 +197,8 @@ class StageCoster:
         static = max(sp.predicted.peak_memory_bytes - act, 0.0)  # the ILP's peak counts one micro-batch's residuals
         # persistent part of static: parameters with their accumulators and optimizer state
         persist = min(param_dev * (2.0 + self.opt_ratio), static)
-        res = {"plan": sp, "latency": sp.predicted.step_time_s + send, "send": send, "static": static,
-               "act": act, "param_dev": param_dev, "persist": persist}
+        res = StageCost(plan=sp, latency=sp.predicted.step_time_s + send, send=send, static=static, act=act,
+                        param_dev=param_dev, persist=persist)
         self.cache[key] = res
         self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]}: {sp.solver.status}")
         return res
@@ -195,24 +220,3 @@ class StageCoster:
             return self.seeds[k]
         return rule
 
-
-class Sums:
-    """Running (latency, static, activation) of consecutive single-layer plans as one stage:
-    sends between layers inside the stage dropped; static = every layer's parameter part
-    (parameters, accumulators, optimizer state stay all step) + the largest other part
-    (a layer's temporaries are live one layer at a time)."""
-
-    def __init__(self):
-        self.t, self.persist, self.transient, self.a, self.n = 0.0, 0.0, 0.0, 0.0, 0
-
-    def add(self, c) -> tuple[float, float, float]:
-        self.t += c["latency"] - (c.get("send", 0.0) if self.n else 0.0)
-        self.persist += c.get("persist", 0.0)
-        self.transient = max(self.transient, c["static"] - c.get("persist", 0.0))
-        self.a += c["act"]
-        self.n += 1
-        return self.t, self.persist + self.transient, self.a
-
-
-def nbytes(x) -> float:
-    return float(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize

@@ -42,6 +42,30 @@ class PredictedTraining(_Frozen):
     peak_memory_bytes: float          # max over stages, per device
 
 
+class RefinedSplit(_Frozen):
+    """A split of the additive search planned exactly (``autopar.pipeline.refine``)."""
+    source: str                       # "stage DP" | "equal stages ×pp"
+    stages: str                       # e.g. "2×6L@1x8/2x4 1×3L@1x4/4"
+    estimate_s: float                 # the additive estimate of its step
+    step_s: float | None = None       # simulated step, planned exactly (None: not planned or a stage does not fit)
+    peak_bytes: float | None = None
+    fits: bool = False
+    chosen: bool = False              # the fastest that fits: the plan
+    skipped: bool = False             # estimate above the best exact step: not planned
+    plan_s: float = 0.0               # planning time
+
+
+class GridPoint(_Frozen):
+    """A Megatron DP×TP×PP grid point the ``dp_tp_pp`` baseline tried."""
+    pp: int
+    submesh: list[int]
+    dp: int
+    tp: int
+    estimate_s: float | None = None   # additive estimate (None: ``error``)
+    error: str | None = None          # why it was dropped
+    step_s: float | None = None       # planned exactly (the best estimates only)
+
+
 class StageSearch(_Frozen):
     num_layers: int
     layer_flops: list[float]
@@ -52,10 +76,7 @@ class StageSearch(_Frozen):
     cache_hits: int
     infeasible: int
     costing: str                      # "exact" | "additive"
-    # additive costing: the splits planned exactly ({source, stages, estimate_s, step_s,
-    # peak_bytes, fits, chosen, skipped, plan_s}; step_s/peak_bytes None when not planned or a
-    # stage does not fit); the fastest that fits is the plan
-    refined: list[dict] = []
+    refined: list[RefinedSplit] = []  # additive costing: the splits planned exactly
 
 
 class TrainingPlan(_Document):
@@ -79,8 +100,8 @@ class TrainingPlan(_Document):
     predicted: PredictedTraining
     search: StageSearch
     strategy_name: str = Field(default="autopar", exclude_if=lambda v: v == "autopar")  # or the baseline's name
-    # dp_tp_pp baseline: every grid point tried (pp, submesh, dp, tp, estimate_s | error, step_s if refined)
-    baseline_grid: list[dict] | None = Field(default=None, exclude_if=lambda v: v is None)
+    # dp_tp_pp baseline: every grid point tried
+    baseline_grid: list[GridPoint] | None = Field(default=None, exclude_if=lambda v: v is None)
     timing: Timing = Timing()
     _loss_fn: Any = PrivateAttr(default=None)
     _optimizer: Any = PrivateAttr(default=None)

@@ -1,0 +1,115 @@
+"""Typed values the stage search passes along: a planned stage's cost (``StageCost``), the
+cost arrays of the stage DP (``CostArrays``), a chosen stage (``ChosenStage``) and what a set
+of chosen stages means for memory and time (``stage_memory``, ``simulate_stages``).
+
+Costs per stage and micro-batch (seconds, bytes per device):
+
+* latency = the intra-op ILP's predicted time of the stage's forward + backward on its best
+  logical mesh, plus ``send``: 2·(α + bytes_in / (n_dev·bw)) for the activations coming in and
+  their gradients going back (bw, α: the inter-node link when the cluster has several nodes,
+  else the intra-node link). Forward/backward split 1 : 2 (``FWD_SHARE``).
+* act = the stage's ``jax.vjp`` residuals (activations kept for the backward) / n_dev.
+* static = the ILP's peak for one micro-batch − act, where the ILP charges every parameter
+  (2 + r)× its bytes (itself, its gradient accumulator and optimizer state; r =
+  optimizer-state bytes per parameter byte); ``persist`` is that parameter part.
+* memory of stage k of S = static + f(S − k)·act, f the schedule's in-flight rule
+  (``solvers.schedules.Schedule.inflight``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from autopar.solvers.schedules import Schedule
+
+from .schedule import simulate, stage_orders
+
+FWD_SHARE = 1.0 / 3.0   # forward : backward = 1 : 2 (matmul-dominated layers)
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """A layer range planned on a sub-mesh (one micro-batch, per device); ``plan`` None: it
+    does not fit (latency ∞)."""
+    plan: Any = None            # the stage's intra-op autopar Plan
+    latency: float = math.inf   # forward + backward + sends, seconds
+    send: float = 0.0           # activations in + their gradients back, seconds
+    static: float = 0.0         # bytes besides the in-flight activations
+    act: float = 0.0            # activation bytes of one micro-batch
+    param_dev: float = 0.0      # parameter bytes
+    persist: float = 0.0        # parameters with their accumulators and optimizer state (⊆ static)
+
+    @property
+    def fits(self) -> bool:
+        return self.plan is not None
+
+    def memory(self, inflight: int) -> float:
+        return self.static + inflight * self.act
+
+
+INFEASIBLE = StageCost()
+
+
+@dataclass(frozen=True)
+class ChosenStage:
+    start: int                  # layers [start, end)
+    end: int
+    submesh: tuple[int, int]    # (nodes, devices per node)
+    cost: StageCost
+
+
+@dataclass(frozen=True, eq=False)
+class CostArrays:
+    """Per (layer range, sub-mesh) — shape (L, L+1, #sub-meshes), or (V, L, L+1, #) with V cost
+    variants — the stage DP's latency, static memory and activation memory."""
+    latency: np.ndarray
+    memory: np.ndarray
+    activation: np.ndarray
+
+    @classmethod
+    def empty(cls, num_layers: int, num_shapes: int) -> "CostArrays":
+        lat = np.full((num_layers, num_layers + 1, num_shapes), np.inf)
+        return cls(lat, np.zeros_like(lat), np.zeros_like(lat))
+
+    def set(self, a: int, b: int, s: int, value: tuple[float, float, float]) -> None:
+        self.latency[a, b, s], self.memory[a, b, s], self.activation[a, b, s] = value
+
+
+def entry(c: StageCost) -> tuple[float, float, float]:
+    """A stage cost as the stage DP sees it: (latency, static memory, activations)."""
+    return c.latency, c.static, c.act
+
+
+class Sums:
+    """Running (latency, static, activation) of consecutive single-layer plans as one stage:
+    sends between layers inside the stage dropped; static = every layer's parameter part
+    (parameters, accumulators, optimizer state stay all step) + the largest other part
+    (a layer's temporaries are live one layer at a time)."""
+
+    def __init__(self):
+        self.t, self.persist, self.transient, self.a, self.n = 0.0, 0.0, 0.0, 0.0, 0
+
+    def add(self, c: StageCost) -> tuple[float, float, float]:
+        self.t += c.latency - (c.send if self.n else 0.0)
+        self.persist += c.persist
+        self.transient = max(self.transient, c.static - c.persist)
+        self.a += c.act
+        self.n += 1
+        return self.t, self.persist + self.transient, self.a
+
+
+def stage_memory(chosen: list[ChosenStage], schedule: str, num_microbatches: int) -> list[tuple[int, float]]:
+    """(in-flight micro-batches, bytes per device) of each stage."""
+    S, rule = len(chosen), Schedule(schedule)
+    return [(rule.inflight(S - k, num_microbatches), c.cost.memory(rule.inflight(S - k, num_microbatches)))
+            for k, c in enumerate(chosen)]
+
+
+def simulate_stages(chosen: list[ChosenStage], schedule: str, num_microbatches: int):
+    """The schedule's timeline (``autopar.pipeline.schedule.simulate``) of these stages."""
+    t = [c.cost.latency - c.cost.send for c in chosen]
+    return simulate(stage_orders(len(chosen), num_microbatches, schedule), [x * FWD_SHARE for x in t],
+                    [x * (1 - FWD_SHARE) for x in t], [c.cost.send / 2 for c in chosen[1:]])

@@ -1,0 +1,121 @@
+"""Refinement of the additive search (``autopar.pipeline.search``): additive costing only
+estimates a stage, so the splits worth it are planned exactly and the fastest that fits wins.
+
+Each stage is planned on every logical mesh one of its layers chose in the cost variant the
+estimate used (``AdditiveCosts.layer_meshes``: a stage of mixed layers may prefer another
+mesh than its most expensive layer), within the budget its in-flight micro-batches leave —
+first the stage DP's split, then up to ``REFINE_UNIFORM`` equal splits (``uniform_submeshes``)
+in order of estimate, each only when estimated within ``REFINE_MARGIN`` of the best exact
+step so far (placeholder costs are resolved first; a skipped split's estimate may be a lower
+bound). The fastest simulated step among those that fit is kept (the DP's split when none
+does).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+from autopar.solvers.stage_dp import StageSolution, solve_stages, uniform_stages, uniform_submeshes
+
+from ..progress import Progress
+from .additive import AdditiveCosts
+from .costs import ChosenStage, simulate_stages, stage_memory
+from .inputs import TrainingInputs
+from .search import plan_stages, solution_stages, stage_problem
+from .training_plan import RefinedSplit
+
+# besides the stage DP's split, this many equal splits (the best by estimate) are planned
+# exactly too, and the fastest exact one is kept
+REFINE_UNIFORM = 2
+# … but only those estimated within this fraction of the best exact step so far
+REFINE_MARGIN = 0.05
+
+
+def runs(parts) -> str:
+    """``2×6L@1x8/2x4 1×3L@1x4/4``: runs of equal stage descriptions, counted."""
+    out = []
+    for p in parts:
+        if out and out[-1][1] == p:
+            out[-1][0] += 1
+        else:
+            out.append([1, p])
+    return " ".join(f"{n}×{p}" for n, p in out)
+
+
+def _describe(chosen: list[ChosenStage]) -> str:
+    return runs(f"{c.end - c.start}L@{c.submesh[0]}x{c.submesh[1]}"
+                + (f"/{'x'.join(map(str, c.cost.plan.mesh_shape))}" if c.cost.fits else "") for c in chosen)
+
+
+def _equal_splits(inputs: TrainingInputs, num_layers: int, dp_split, num_stages: int | None):
+    out = []
+    for pp, sub in uniform_submeshes(num_layers, inputs.nodes, inputs.spec.devices_per_node):
+        stages = [(a, b, sub) for a, b in uniform_stages(num_layers, pp)]
+        if (num_stages is None or pp == num_stages) and stages != dp_split:
+            out.append((f"equal stages ×{pp}", stages))
+    return out
+
+
+def _planned(coster, inputs: TrainingInputs, costs: AdditiveCosts, source: str, stages,
+             est: StageSolution) -> tuple[RefinedSplit, list[ChosenStage]]:
+    """One split planned exactly, stage by stage, on the meshes its layers chose."""
+    t0 = time.perf_counter()
+    variant = {(a, b): v for (a, b, *_), v in zip(est.stages, est.variants)}
+    chosen = plan_stages(coster, inputs, stages, lambda a, b, sub: costs.layer_meshes(variant[a, b], a, b, sub))
+    ok = all(c.cost.fits for c in chosen)
+    step = simulate_stages(chosen, inputs.schedule, inputs.num_microbatches).makespan if ok else math.inf
+    peak = max(m for _, m in stage_memory(chosen, inputs.schedule, inputs.num_microbatches)) if ok else math.inf
+    split = RefinedSplit(source=source, estimate_s=est.objective_s, stages=_describe(chosen),
+                         step_s=step if ok else None, peak_bytes=peak if ok else None,
+                         fits=ok and peak <= inputs.budget * (1 + 1e-9), plan_s=time.perf_counter() - t0)
+    return split, chosen
+
+
+def refine(coster, inputs: TrainingInputs, num_layers: int, costs: AdditiveCosts, sol: StageSolution,
+           progress: Progress, num_stages: int | None = None) -> tuple[list[ChosenStage], list[RefinedSplit]]:
+    """The splits worth it planned exactly (module docstring); returns the chosen split's
+    stages and every split tried, the chosen one marked."""
+    dp_split = solution_stages(sol)
+    equal = _equal_splits(inputs, num_layers, dp_split, num_stages)
+    refined: list[RefinedSplit] = []
+    exact: list[list[ChosenStage] | None] = []
+    stage_progress, coster.progress = coster.progress, Progress()  # count splits, not their stage ILPs
+    progress.phase("plan splits exactly", total=1 + min(len(equal), REFINE_UNIFORM))
+
+    def best_step() -> float:
+        return min((r.step_s for r in refined if r.fits), default=math.inf)
+
+    def plan(source, stages, est):
+        if refined and est.objective_s > best_step() * (1 + REFINE_MARGIN):
+            refined.append(RefinedSplit(source=source, estimate_s=est.objective_s, skipped=True,
+                                        stages=runs(f"{b - a}L@{x}x{y}" for a, b, (x, y) in stages)))
+            exact.append(None)
+            return
+        split, chosen = _planned(coster, inputs, costs, source, stages, est)
+        refined.append(split)
+        exact.append(chosen)
+        progress.advance(detail=source, incumbent_s=best_step() if math.isfinite(best_step()) else None)
+
+    try:
+        plan("stage DP", dp_split, sol)
+        while equal and len(refined) <= REFINE_UNIFORM:
+            ests = []
+            for k, (source, stages) in enumerate(equal):
+                try:
+                    ests.append((solve_stages(stage_problem(inputs, num_layers, costs.arrays), forced=stages), k))
+                except ValueError:  # does not fit even by the estimate (StageInfeasibleError)
+                    pass
+            if not ests:
+                break
+            est, k = min(ests, key=lambda e: (e[0].objective_s, e[1]))
+            lower = costs.placeholders(est)
+            if lower and est.objective_s <= best_step() * (1 + REFINE_MARGIN):
+                costs.resolve(lower)  # might be planned: estimate it for real first
+                continue
+            plan(*equal.pop(k), est)
+    finally:
+        coster.progress = stage_progress
+    fitting = [k for k, r in enumerate(refined) if r.fits]
+    best = min(fitting, key=lambda k: (refined[k].step_s, k)) if fitting else 0
+    refined[best] = refined[best].model_copy(update={"chosen": True})
+    return exact[best], refined
