@@ -19,6 +19,8 @@ stage's ``NamedSharding``. Tasks run in the order of the simulated GPipe/1F1B sc
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -170,8 +172,29 @@ class PipelineStep:
             out.append(i if ok else -1)
         return out
 
+    # --- one training step: check → tasks in schedule order → gradients to owners → updates ---
     def __call__(self, params, opt_state, batch):
-        plan, B = self.plan, self.plan.num_microbatches
+        p_leaves, b_leaves, o_leaves = self._check(params, opt_state, batch)
+        B, S, ex, st = self.plan.num_microbatches, len(self.stages), self.execs, self.stages
+        # parameters on every stage that reads them (owners' copies are the ones updated)
+        p_in = [[jax.device_put(p_leaves[i], ex[k].p_sh[j]) for j, i in enumerate(st[k].params)] for k in range(S)]
+        mbs = [[x[m * (x.shape[0] // B):(m + 1) * (x.shape[0] // B)] for x in b_leaves] for m in range(B)]
+        flight = _Flight(acc=[None] * S)
+        for task in self.order:
+            if task.kind == "F":
+                self._forward(task.stage, task.microbatch, p_in, mbs, flight)
+            else:
+                self._backward(task.stage, task.microbatch, flight)
+        owner_params, grads = self._gather_grads(p_in, p_leaves, flight.acc)
+        new_p, new_o = self._update(owner_params, grads, o_leaves)
+        loss = flight.losses[0]
+        for x in flight.losses[1:]:
+            loss = loss + x
+        return self.p_tree.unflatten(new_p), self.opt_tree.unflatten(new_o), loss / B
+
+    def _check(self, params, opt_state, batch):
+        """Flat leaves of the arguments, after checking them against the plan."""
+        plan = self.plan
         p_leaves, p_tree = jax.tree_util.tree_flatten(params)
         b_leaves, b_tree = jax.tree_util.tree_flatten(batch)
         o_leaves, o_tree = jax.tree_util.tree_flatten(opt_state)
@@ -185,58 +208,55 @@ class PipelineStep:
                                     "size: re-plan with plan_training for this batch")
         if o_tree != self.opt_tree:
             raise PlanMismatchError("opt_state does not match optimizer.init(params) of the planned optimizer")
-        S = len(self.stages)
-        ex, st = self.execs, self.stages
-        # parameters on every stage that reads them (owners' copies are the ones updated)
-        p_in = [[jax.device_put(p_leaves[i], ex[k].p_sh[j]) for j, i in enumerate(st[k].params)] for k in range(S)]
-        # micro-batches
-        mbs = [[x[m * (x.shape[0] // B):(m + 1) * (x.shape[0] // B)] for x in b_leaves] for m in range(B)]
-        acts: dict = {}
-        pending = {}
-        res: dict = {}
-        cts: dict = {}
-        acc: list = [None] * S
-        losses = []
-        for task in self.order:
-            k, m = task.stage, task.microbatch
-            e, s = ex[k], st[k]
-            if task.kind == "F":
-                a = [jax.device_put(acts[(v, m)], sh) for v, sh in zip(s.acts_in, e.a_sh)]
-                nd_src = [mbs[m][b] for b in s.batch] + [acts[(v, m)] for v in s.nd_acts_in]
-                nd = [jax.device_put(x, sh) for x, sh in zip(nd_src, e.nd_sh)]
-                for v in list(s.acts_in) + list(s.nd_acts_in):
-                    pending[(v, m)] -= 1
-                    if pending[(v, m)] == 0:
-                        del acts[(v, m)], pending[(v, m)]
-                y, aux, vjp_fn = e.forward(p_in[k], a, nd)
-                for v, val in zip(list(s.outs) + list(s.nd_outs), list(y) + list(aux)):
-                    if v == self.loss_var:
-                        losses.append(val)
-                    if v in self.consumers:
-                        acts[(v, m)] = val
-                        pending[(v, m)] = len(self.consumers[v])
-                res[(k, m)] = vjp_fn
+        return p_leaves, b_leaves, o_leaves
+
+    def _forward(self, k: int, m: int, p_in, mbs, flight: "_Flight") -> None:
+        """Stage k's forward of micro-batch m: its inputs moved onto its sub-mesh (activations
+        freed once their last reader has them), outputs kept for their readers, the vjp kept
+        for the backward."""
+        e, s = self.execs[k], self.stages[k]
+        a = [jax.device_put(flight.acts[(v, m)], sh) for v, sh in zip(s.acts_in, e.a_sh)]
+        nd_src = [mbs[m][b] for b in s.batch] + [flight.acts[(v, m)] for v in s.nd_acts_in]
+        nd = [jax.device_put(x, sh) for x, sh in zip(nd_src, e.nd_sh)]
+        for v in list(s.acts_in) + list(s.nd_acts_in):
+            flight.pending[(v, m)] -= 1
+            if flight.pending[(v, m)] == 0:
+                del flight.acts[(v, m)], flight.pending[(v, m)]
+        y, aux, vjp_fn = e.forward(p_in[k], a, nd)
+        for v, val in zip(list(s.outs) + list(s.nd_outs), list(y) + list(aux)):
+            if v == self.loss_var:
+                flight.losses.append(val)
+            if v in self.consumers:
+                flight.acts[(v, m)] = val
+                flight.pending[(v, m)] = len(self.consumers[v])
+        flight.res[(k, m)] = vjp_fn
+
+    def _backward(self, k: int, m: int, flight: "_Flight") -> None:
+        """Stage k's backward of micro-batch m: gradients accumulated on the stage, cotangents
+        of its activation inputs sent to (and summed on) their producers."""
+        B, e, s = self.plan.num_microbatches, self.execs[k], self.stages[k]
+        ct = []
+        for v, sh in zip(s.outs, e.ct_sh):
+            if v == self.loss_var:
+                g = jnp.asarray(1.0 / B, self.loss_dtype)
             else:
-                ct = []
-                for v, sh in zip(s.outs, e.ct_sh):
-                    if v == self.loss_var:
-                        g = jnp.asarray(1.0 / B, self.loss_dtype)
-                    else:
-                        g = cts.pop((v, m), None)
-                        if g is None:  # an output nobody differentiates: zero cotangent
-                            g = jnp.zeros(self.values[v].shape, self.values[v].dtype)
-                    ct.append(jax.device_put(g, sh))
-                vjp_fn = res.pop((k, m))
-                acc[k], da = e.backward(vjp_fn, ct, e.zero_grads() if acc[k] is None else acc[k])
-                for v, g in zip(s.acts_in, da):
-                    j = self.producer[v]
-                    dst = ex[j].ct_sh[st[j].outs.index(v)]
-                    g = jax.device_put(g, dst)
-                    cts[(v, m)] = g if (v, m) not in cts else cts[(v, m)] + g
-        # gradients of parameters read by several stages go back to their owner
+                g = flight.cts.pop((v, m), None)
+                if g is None:  # an output nobody differentiates: zero cotangent
+                    g = jnp.zeros(self.values[v].shape, self.values[v].dtype)
+            ct.append(jax.device_put(g, sh))
+        vjp_fn = flight.res.pop((k, m))
+        flight.acc[k], da = e.backward(vjp_fn, ct, e.zero_grads() if flight.acc[k] is None else flight.acc[k])
+        for v, g in zip(s.acts_in, da):
+            j = self.producer[v]
+            g = jax.device_put(g, self.execs[j].ct_sh[self.stages[j].outs.index(v)])
+            flight.cts[(v, m)] = g if (v, m) not in flight.cts else flight.cts[(v, m)] + g
+
+    def _gather_grads(self, p_in, p_leaves, acc):
+        """Per parameter leaf: its owner's copy and its gradient summed on the owner (parameters
+        read by several stages send theirs back; unread ones get zeros on stage 0)."""
         grads, owner_params = [None] * self.P, [None] * self.P
-        for k in range(S):
-            for j, i in enumerate(st[k].params):
+        for k, st in enumerate(self.stages):
+            for j, i in enumerate(st.params):
                 g = acc[k][j]
                 if self.own[i] == k:
                     owner_params[i] = p_in[k][j]
@@ -247,6 +267,11 @@ class PipelineStep:
             if owner_params[i] is None:  # read by no stage: zero gradient, kept on stage 0
                 owner_params[i] = jax.device_put(p_leaves[i], self.param_sharding[i])
                 grads[i] = jnp.zeros_like(owner_params[i])
+        return owner_params, grads
+
+    def _update(self, owner_params, grads, o_leaves):
+        """Each stage's optimizer update of the parameters it owns → new flat params and state."""
+        S, ex = len(self.stages), self.execs
         # every stage's inputs are placed before any update runs: updates donate their inputs,
         # and a step count shared by all stages must not be consumed by the first one
         inputs = []
@@ -255,9 +280,10 @@ class PipelineStep:
             o_stage = [None if sk is None else jax.device_put(
                 o_leaves[j], self.param_sharding[mirror[j]] if mirror[j] >= 0 else ex[k].repl)
                 for j, sk in enumerate(skel)]
-            inputs.append((self.p_tree.unflatten([owner_params[i] if self.own[i] == k else None for i in range(self.P)]),
+            mine = [i for i in range(self.P) if self.own[i] == k]
+            inputs.append((self.p_tree.unflatten([owner_params[i] if i in mine else None for i in range(self.P)]),
                            skel_tree.unflatten(o_stage),
-                           self.p_tree.unflatten([grads[i] if self.own[i] == k else None for i in range(self.P)])))
+                           self.p_tree.unflatten([grads[i] if i in mine else None for i in range(self.P)])))
         new_p, new_o = [None] * self.P, [None] * len(o_leaves)
         for k in range(S):
             p_out, o_out = ex[k].update(*inputs[k])
@@ -267,8 +293,16 @@ class PipelineStep:
             for j, val in enumerate(jax.tree_util.tree_flatten(o_out, is_leaf=_is_none)[0]):
                 if val is not None and new_o[j] is None:  # shared leaves (step counts): stage 0's copy
                     new_o[j] = val
-        loss = losses[0]
-        for x in losses[1:]:
-            loss = loss + x
-        loss = loss / B
-        return self.p_tree.unflatten(new_p), self.opt_tree.unflatten(new_o), loss
+        return new_p, new_o
+
+
+@dataclass
+class _Flight:
+    """What a step holds between tasks: activations awaiting readers (and how many), vjp
+    residuals, cotangents awaiting their producer's backward, gradient accumulators, losses."""
+    acc: list
+    acts: dict = field(default_factory=dict)
+    pending: dict = field(default_factory=dict)
+    res: dict = field(default_factory=dict)
+    cts: dict = field(default_factory=dict)
+    losses: list = field(default_factory=list)
