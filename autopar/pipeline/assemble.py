@@ -13,7 +13,8 @@ from .costs import FWD_SHARE, ChosenStage, simulate_stages, stage_memory
 from .inputs import TrainingInputs
 from .layers import Layering
 from .stages import owners, split_program
-from .training_plan import PredictedTraining, RefinedSplit, StagePlan, StageSearch, TrainingPlan
+from .training_plan import (PredictedTraining, RefinedSplit, ScanSplitRecord, StagePlan, StageSearch,
+                            TrainingPlan)
 
 
 def place_submeshes(shapes, num_nodes: int, devices_per_node: int) -> list[list[int]]:
@@ -92,6 +93,17 @@ def assemble(inputs: TrainingInputs, layering: Layering, chosen: list[ChosenStag
         param_dtypes=[str(np.dtype(x.dtype)) for x in inputs.p_leaves],
         batch_shapes=[list(x.shape) for x in inputs.b_leaves],
         batch_dtypes=[str(np.dtype(x.dtype)) for x in inputs.b_leaves],
-        stages=stage_plans, predicted=predicted, search=search, strategy_name=record.strategy_name, timing=timing)
+        stages=stage_plans, predicted=predicted, search=search, strategy_name=record.strategy_name, timing=timing,
+        scan_split=_scan_split_record(inputs))
     result._loss_fn, result._optimizer = inputs.loss_fn, inputs.optimizer
     return result
+
+
+def _scan_split_record(inputs: TrainingInputs) -> ScanSplitRecord | None:
+    split = inputs.scan_split
+    if split is None:
+        return None
+    return ScanSplitRecord(stacked=list(split.stacked), lengths=list(split.lengths),
+                           param_tree=treedef_to_json(inputs.user_p_tree),
+                           param_shapes=[list(x.shape) for x in inputs.user_p_leaves],
+                           param_dtypes=[str(np.dtype(x.dtype)) for x in inputs.user_p_leaves])

@@ -17,6 +17,7 @@ from autopar.solvers.stage_dp import submesh_shapes
 
 from .schedule import SCHEDULES
 from ..trace import Program, TraceError, trace
+from .unscan import ScanSplit, find_scan_split, split_loss, split_tree
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,6 +39,11 @@ class TrainingInputs:
     program: Program                # the traced loss of one micro-batch
     opt_ratio: float                # optimizer-state bytes per parameter byte
     shapes: tuple                   # candidate sub-meshes (``submesh_shapes``)
+    # a scanned layer stack split per iteration (``autopar.pipeline.unscan``): the parameters
+    # above (p_leaves, p_tree) and the traced program are the split form; the user's are these
+    scan_split: ScanSplit | None = None
+    user_p_leaves: tuple = ()
+    user_p_tree: Any = None
 
     @property
     def num_params(self) -> int:
@@ -49,9 +55,11 @@ def nbytes(x) -> float:
 
 
 def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_microbatches, schedule,
-                   memory_budget_bytes, costing="auto", mesh_search="auto") -> TrainingInputs:
+                   memory_budget_bytes, costing="auto", mesh_search="auto", split_scans=True) -> TrainingInputs:
     """Check the options, abstract the arguments, trace one micro-batch's loss and measure
-    the optimizer state (``optimizer.init`` under ``jax.eval_shape``)."""
+    the optimizer state (``optimizer.init`` under ``jax.eval_shape``). With ``split_scans``
+    a scanned layer stack is unrolled into one layer per iteration, its stacked parameters
+    split per iteration (``autopar.pipeline.unscan``)."""
     spec = check_options(cluster, nodes, num_microbatches, schedule, optimizer, memory_budget_bytes, costing,
                          mesh_search)
     params_abs = jax.tree_util.tree_map(abstract, params)
@@ -72,14 +80,21 @@ def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_mic
         raise ValueError(f"optimizer.init(params) failed: {type(err).__name__}: {err}") from err
     p_bytes = sum(nbytes(x) for x in p_leaves)
     o_bytes = sum(nbytes(x) for x in jax.tree_util.tree_leaves(opt_abs))
+    split = find_scan_split(loss_fn, params_abs, microbatch) if split_scans else None
+    user_leaves, user_tree, traced_loss = tuple(p_leaves), p_tree, loss_fn
+    if split is not None:
+        traced_loss = split_loss(loss_fn, split, params_abs, microbatch)
+        params_abs = split_tree(split, p_tree, p_leaves)
+        p_leaves, p_tree = jax.tree_util.tree_flatten(params_abs)
     return TrainingInputs(
         loss_fn=loss_fn, optimizer=optimizer, name=getattr(loss_fn, "__name__", "loss_fn"), spec=spec, nodes=nodes,
         num_microbatches=num_microbatches, schedule=schedule,
         budget=float(memory_budget_bytes or spec.device.memory_bytes), p_leaves=tuple(p_leaves), p_tree=p_tree,
         b_leaves=tuple(b_leaves), b_tree=b_tree,
         microbatch_size=int(mb_leaves[0].shape[0]) if mb_leaves and mb_leaves[0].shape else 1,
-        program=trace_loss(loss_fn, params_abs, microbatch), opt_ratio=o_bytes / p_bytes if p_bytes else 0.0,
-        shapes=tuple(submesh_shapes(nodes, spec.devices_per_node)))
+        program=trace_loss(traced_loss, params_abs, microbatch), opt_ratio=o_bytes / p_bytes if p_bytes else 0.0,
+        shapes=tuple(submesh_shapes(nodes, spec.devices_per_node)), scan_split=split,
+        user_p_leaves=user_leaves if split is not None else (), user_p_tree=user_tree if split is not None else None)
 
 
 def abstract(x):

@@ -14,8 +14,14 @@ def format_training_report(plan) -> str:
              f"layers: {s.num_layers} ({'stage_boundary markers' if s.layers_from_markers else 'clustered'})",
              f"predicted step time: {_time(p.step_time_s)} (schedule simulation; DP objective "
              f"Σt + (B−1)·max t = {_time(p.dp_objective_s)}), bubble {p.bubble_fraction:.1%}, "
-             f"peak memory {_si(p.peak_memory_bytes, 'B')} per device (budget {_si(plan.memory_budget_bytes, 'B')})",
-             ""]
+             f"peak memory {_si(p.peak_memory_bytes, 'B')} per device (budget {_si(plan.memory_budget_bytes, 'B')})"]
+    if plan.scan_split is not None:
+        sc = plan.scan_split
+        user = _paths(sc.param_tree, len(sc.param_shapes))
+        lines.append(f"scanned layer stack split per iteration ({', '.join(map(str, sorted(set(sc.lengths))))} "
+                     f"iterations, one layer each): stacked params {', '.join(user[i] for i in sc.stacked)} → one "
+                     "slice per iteration, each on the stage that runs it (the step takes and returns them stacked)")
+    lines.append("")
     head = (f"{'stage':>5}  {'layers':>7}  {'sub-mesh':>8}  {'devices':>9}  {'mesh':>6}  {'t/micro-batch':>13}  "
             f"{'fwd':>9}  {'bwd':>9}  {'send':>9}  {'params/dev':>10}  {'act/dev':>10}  {'in flight':>9}  {'memory/dev':>10}")
     lines += [head, "-" * len(head)]

@@ -78,7 +78,8 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
                   num_microbatches: int = 1, schedule: str = "1f1b", num_stages: int | None = None,
                   stages=None, num_layers: int | None = None, memory_budget_bytes: float | None = None,
                   solver: str = "auto", time_limit_s: float | None = None, costing: str = "auto",
-                  max_exact_pairs: int = 24, mesh_search: str = "auto", verbose=False) -> TrainingPlan:
+                  max_exact_pairs: int = 24, mesh_search: str = "auto", split_scans: bool = True,
+                  verbose=False) -> TrainingPlan:
     """Plan a training step of ``loss_fn(params, batch) -> scalar mean loss`` with ``optimizer``.
 
     ``mesh_search``: "auto" tries a few logical meshes per sub-mesh (``stage_meshes``),
@@ -92,6 +93,11 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
     fixes the whole split. One stage (pure intra-op + gradient accumulation) comes out of the
     same search when it is predicted fastest.
 
+    A scanned layer stack (``jax.lax.scan`` / ``nn.scan`` over parameters stacked along axis 0)
+    is pipelined per iteration with ``split_scans`` (``autopar.pipeline.unscan``): one layer per
+    iteration (identical iterations planned once), each stage holding the slices of its
+    iterations; the step still takes and returns the stacked parameters.
+
     Progress (phase, stage plans done of total, best step so far, elapsed) goes to the
     ``"autopar"`` logger at INFO; ``verbose=True`` prints it on stderr, a
     :class:`autopar.progress.Progress` receives it.
@@ -102,7 +108,8 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
         progress.phase("trace the loss and cut it into layers")
         inputs = prepare_inputs(loss_fn, params, batch, optimizer=optimizer, cluster=cluster, nodes=nodes,
                                 num_microbatches=num_microbatches, schedule=schedule,
-                                memory_budget_bytes=memory_budget_bytes, costing=costing, mesh_search=mesh_search)
+                                memory_budget_bytes=memory_budget_bytes, costing=costing, mesh_search=mesh_search,
+                                split_scans=split_scans)
         layering = layers_of(inputs.program, num_layers, stages)
         t_trace = time.perf_counter()
         L = len(layering.layers)

@@ -66,6 +66,16 @@ class GridPoint(_Frozen):
     step_s: float | None = None       # planned exactly (the best estimates only)
 
 
+class ScanSplitRecord(_Frozen):
+    """A scanned layer stack pipelined per iteration (``autopar.pipeline.unscan``): the plan's
+    ``param_*`` fields describe the split parameters; the user passes and gets these."""
+    stacked: list[int]                # flat indices of the user's stacked parameter leaves
+    lengths: list[int]                # iterations of each
+    param_tree: Any                   # the user's parameter structure and leaves
+    param_shapes: list[list[int]]
+    param_dtypes: list[str]
+
+
 class StageSearch(_Frozen):
     num_layers: int
     layer_flops: list[float]
@@ -102,6 +112,7 @@ class TrainingPlan(_Document):
     strategy_name: str = Field(default="autopar", exclude_if=lambda v: v == "autopar")  # or the baseline's name
     # dp_tp_pp baseline: every grid point tried
     baseline_grid: list[GridPoint] | None = Field(default=None, exclude_if=lambda v: v is None)
+    scan_split: ScanSplitRecord | None = Field(default=None, exclude_if=lambda v: v is None)
     timing: Timing = Timing()
     _loss_fn: Any = PrivateAttr(default=None)
     _optimizer: Any = PrivateAttr(default=None)
@@ -143,4 +154,27 @@ class TrainingPlan(_Document):
         if loss_fn is None or optimizer is None:
             raise ValueError("this plan does not hold its loss function/optimizer (it was loaded from JSON): "
                              "call plan.apply(loss_fn, optimizer)")
-        return PipelineStep(self, loss_fn, optimizer, devices=devices, donate=donate)
+        if self.scan_split is None:
+            return PipelineStep(self, loss_fn, optimizer, devices=devices, donate=donate)
+        return self._split_step(loss_fn, optimizer, devices, donate)
+
+    def _split_step(self, loss_fn, optimizer, devices, donate):
+        """A scanned layer stack: the stages run the split form (``autopar.pipeline.unscan``)."""
+        import jax
+
+        from .inputs import microbatch_shapes
+        from ..pytree_json import treedef_from_json
+        from .runtime import PipelineStep
+        from .unscan import ScanSplit, SplitStep, split_loss
+        rec = self.scan_split
+        split = ScanSplit(stacked=tuple(rec.stacked), lengths=tuple(rec.lengths))
+        user_def = treedef_from_json(rec.param_tree)
+        params_abs = user_def.unflatten([jax.ShapeDtypeStruct(tuple(s), d)
+                                         for s, d in zip(rec.param_shapes, rec.param_dtypes)])
+        batch_abs = treedef_from_json(self.batch_tree).unflatten(
+            [jax.ShapeDtypeStruct(tuple(s), d) for s, d in zip(self.batch_shapes, self.batch_dtypes)])
+        mb_abs = microbatch_shapes(batch_abs, self.num_microbatches)
+        inner = PipelineStep(self, split_loss(loss_fn, split, params_abs, mb_abs), optimizer, devices=devices,
+                             donate=donate)
+        device = list(jax.devices() if devices is None else devices)[self.stages[0].devices[0]]
+        return SplitStep(inner, split, user_def, rec.param_shapes, device)

@@ -1,0 +1,114 @@
+"""Pipelines over scanned layer stacks (``autopar.pipeline.unscan``): ``plan_training`` cuts a
+``nn.scan`` / ``lax.scan`` over stacked parameters into stages, one layer per iteration, and
+the pipelined step equals the single-device training step."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import autopar
+from autopar.report import _paths
+from autopar.pipeline.unscan import find_scan_split, join_leaves, split_loss, split_tree
+from conftest import make_cluster
+from examples.zoo.common import OPTIMIZER
+
+
+def _reference(loss_fn, optimizer, params, opt_state, batch, steps):
+    @jax.jit
+    def step(p, o, b):
+        loss, g = jax.value_and_grad(loss_fn)(p, b)
+        u, o = optimizer.update(g, o, p)
+        return optax.apply_updates(p, u), o, loss
+    for _ in range(steps):
+        params, opt_state, loss = step(params, opt_state, batch)
+    return params, opt_state, loss
+
+
+def _run(tplan, params, opt_state, batch, steps, *fns):
+    step = tplan.apply(*fns, donate=False)
+    for _ in range(steps):
+        params, opt_state, loss = step(params, opt_state, batch)
+    return params, opt_state, loss
+
+
+def _assert_equal(got, want, rtol=2e-5, atol=2e-6):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol)
+
+
+def _stack_loss(p, b):
+    h = b["x"] @ p["emb"]
+
+    def body(h, w):
+        return jnp.tanh(h @ w["w"] + w["b"]), None
+    h, _ = jax.lax.scan(body, h, p["layers"])
+    return jnp.mean((h @ p["head"] - b["y"]) ** 2)
+
+
+def _stack_args(n=8, d=32):
+    rng = np.random.default_rng(0)
+    p = {"emb": rng.normal(size=(16, d)) * 0.3, "layers": {"w": rng.normal(size=(n, d, d)) * 0.2,
+                                                         "b": np.full((n, d), 0.1)}, "head": np.full((d, 4), 0.1)}
+    b = {"x": rng.normal(size=(16, 16)), "y": np.zeros((16, 4))}
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), (p, b))
+
+
+def test_split_loss_equals_the_scanned_loss_and_its_gradient():
+    p, b = _stack_args(n=4)
+    split = find_scan_split(_stack_loss, p, b)
+    assert split is not None and split.lengths == (4, 4)            # layers.b and layers.w, 4 iterations
+    leaves, tdef = jax.tree.flatten(p)
+    sp = split_tree(split, tdef, leaves)
+    loss2 = split_loss(_stack_loss, split, p, b)
+    np.testing.assert_allclose(loss2(sp, b), _stack_loss(p, b), rtol=1e-6)
+    g = tdef.unflatten(join_leaves(split, tdef, jax.tree.leaves(jax.grad(loss2)(sp, b))))
+    _assert_equal(g, jax.grad(_stack_loss)(p, b), rtol=1e-5, atol=1e-6)
+    # one stage_boundary between consecutive iterations: the iterations are the pipeline's layers
+    names = [e.primitive.name for e in jax.make_jaxpr(loss2)(sp, b).eqns]
+    assert names.count("stage_boundary") == 3 and "scan" not in names
+
+
+def test_a_stacked_leaf_read_outside_the_scan_is_not_split():
+    def loss(p, b):
+        h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), b, p["w"])
+        return jnp.mean(h) + jnp.sum(p["w"][0])        # the stack is also read whole
+    p = {"w": jnp.ones((3, 4, 4))}
+    assert find_scan_split(loss, p, jnp.ones((2, 4))) is None
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+def test_four_stage_pipeline_of_a_lax_scan_equals_the_single_device_step(schedule):
+    p, b = _stack_args()
+    opt = optax.adam(1e-2)
+    tplan = autopar.plan_training(_stack_loss, p, b, optimizer=opt, cluster=make_cluster(4), nodes=2,
+                                  num_microbatches=4, num_stages=4, schedule=schedule)
+    assert tplan.num_stages == 4 and tplan.scan_split is not None and tplan.search.num_layers == 8
+    assert tplan.search.layers_from_markers
+    # each stage owns the slices of the iterations it runs, nothing of the others
+    paths = _paths(tplan.param_tree, len(tplan.param_shapes))
+    for st in tplan.stages:
+        owned = {paths[i] for i in st.owned_params if "layers" in paths[i]}
+        assert owned == {f"['layers']['{n}'][{t}]" for n in "bw" for t in range(*st.layers)}
+    assert "scanned layer stack split per iteration" in tplan.report()
+    o = opt.init(p)
+    _assert_equal(_run(tplan, p, o, b, 2), _reference(_stack_loss, opt, p, o, b, 2))
+    back = autopar.TrainingPlan.from_json(tplan.to_json())
+    assert back == tplan and back.scan_split == tplan.scan_split
+    _assert_equal(_run(back, p, o, b, 1, _stack_loss, opt), _reference(_stack_loss, opt, p, o, b, 1))
+
+
+def test_flax_nn_scan_decoder_pipelines_per_layer():
+    from examples.zoo import linen_transformer as lt
+    cfg = dataclasses.replace(lt.TINY, layers=4, scan=True)
+    params, opt_state, tokens = lt._args(cfg, abstract=False)
+    opt = OPTIMIZER
+    tplan = autopar.plan_training(lt.loss_fn, params, tokens, optimizer=opt, cluster="cpu-8",
+                                  num_microbatches=2, num_stages=4)
+    assert tplan.num_stages == 4 and tplan.scan_split is not None and tplan.search.num_layers == 4
+    assert all(st.layers[1] - st.layers[0] == 1 for st in tplan.stages)
+    _assert_equal(_run(tplan, params, opt_state, tokens, 2), _reference(lt.loss_fn, opt, params, opt_state, tokens, 2),
+                  rtol=1e-4, atol=1e-5)
