@@ -106,9 +106,12 @@ def test_flax_nn_scan_decoder_pipelines_per_layer():
     cfg = dataclasses.replace(lt.TINY, layers=4, scan=True)
     params, opt_state, tokens = lt._args(cfg, abstract=False)
     opt = OPTIMIZER
+    # one layer per nn.scan iteration; two stages of two (the 4-stage case is the lax.scan test above)
     tplan = autopar.plan_training(lt.loss_fn, params, tokens, optimizer=opt, cluster="cpu-8",
-                                  num_microbatches=2, num_stages=4)
-    assert tplan.num_stages == 4 and tplan.scan_split is not None and tplan.search.num_layers == 4
-    assert all(st.layers[1] - st.layers[0] == 1 for st in tplan.stages)
-    _assert_equal(_run(tplan, params, opt_state, tokens, 2), _reference(lt.loss_fn, opt, params, opt_state, tokens, 2),
+                                  num_microbatches=2, stages=[(0, 2, (1, 4)), (2, 4, (1, 4))])
+    assert tplan.num_stages == 2 and tplan.scan_split is not None and tplan.search.num_layers == 4
+    stacked = [p for p in _paths(tplan.scan_split.param_tree, len(tplan.scan_split.param_shapes))
+               if p.startswith("['blocks']")]
+    assert len(tplan.scan_split.stacked) == len(stacked) > 0 and set(tplan.scan_split.lengths) == {4}
+    _assert_equal(_run(tplan, params, opt_state, tokens, 1), _reference(lt.loss_fn, opt, params, opt_state, tokens, 1),
                   rtol=1e-4, atol=1e-5)
