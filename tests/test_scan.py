@@ -178,7 +178,7 @@ def _scanned_loss(ws, batch):
     return jnp.mean((h @ ws["out"] - batch["y"]) ** 2)
 
 
-def test_pipeline_keeps_a_scan_in_one_stage_and_equals_the_single_device_step(devices8):
+def test_pipeline_of_a_scan_equals_the_single_device_step(devices8):
     k = jax.random.PRNGKey(3)
     ws = {"inp": jax.random.normal(k, (64, 64)) * 0.1, "out": jax.random.normal(k, (64, 64)) * 0.1,
           "blocks": stacked(4, layers=4, d=64)}
@@ -194,10 +194,19 @@ def test_pipeline_keeps_a_scan_in_one_stage_and_equals_the_single_device_step(de
     tp = autopar.plan_training(_scanned_loss, ws, batch, optimizer=opt, cluster=make_cluster(4), nodes=2,
                                num_microbatches=2, num_stages=2)
     assert tp.num_stages == 2
-    _close(tp.apply(_scanned_loss, opt)(ws, opt.init(ws), batch), want)
-    with pytest.raises(ValueError, match="scan over layers is kept whole"):
+    _close(tp.apply(_scanned_loss, opt, donate=False)(ws, opt.init(ws), batch), want)
+    assert tp.scan_split is not None  # split per iteration (autopar.pipeline.unscan)
+    with pytest.raises(ValueError, match="pipelined one layer per iteration"):
         autopar.plan_training(_scanned_loss, ws, batch, optimizer=opt, cluster=make_cluster(4), nodes=2,
                               num_microbatches=2, num_layers=12)
+    # kept whole (split_scans=False): the scan sits in one layer
+    whole = autopar.plan_training(_scanned_loss, ws, batch, optimizer=opt, cluster=make_cluster(4), nodes=2,
+                                  num_microbatches=2, num_stages=2, split_scans=False)
+    assert whole.scan_split is None and whole.num_stages == 2
+    _close(whole.apply(_scanned_loss, opt)(ws, opt.init(ws), batch), want)
+    with pytest.raises(ValueError, match="scan over layers is kept whole"):
+        autopar.plan_training(_scanned_loss, ws, batch, optimizer=opt, cluster=make_cluster(4), nodes=2,
+                              num_microbatches=2, num_layers=12, split_scans=False)
 
 
 def fwd_scan_remat(ws, x):

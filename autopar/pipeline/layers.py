@@ -36,11 +36,21 @@ class Layering:
         return tuple((a - off, b - off) for a, b in self.layers)
 
 
-def layers_of(program: Program, num_layers: int | None = None, stages=None) -> Layering:
-    """The pipeline's layers: ``num_layers`` (or as many as the forced ``stages`` reach)."""
+def layers_of(program: Program, num_layers: int | None = None, stages=None, *, split_scan: bool = False) -> Layering:
+    """The pipeline's layers: ``num_layers`` (or as many as the forced ``stages`` reach).
+    ``split_scan``: the program is a scanned layer stack unrolled one layer per iteration
+    (``autopar.pipeline.unscan``), its iterations separated by stage markers."""
     if stages is not None and num_layers is None:
         num_layers = max(int(tuple(s)[1]) for s in stages)
-    return cluster_layers(build_graph(program), num_layers)
+    try:
+        return cluster_layers(build_graph(program), num_layers)
+    except ValueError as err:
+        if split_scan and "stage_boundary markers make" in str(err):
+            made = str(err).split("markers make ")[1].split(" layers")[0]
+            raise ValueError(f"num_layers={num_layers}, but a scanned layer stack is pipelined one layer per "
+                             f"iteration ({made} layers here): drop num_layers, or pass split_scans=False to keep "
+                             "the scan whole in one layer") from None
+        raise
 
 
 def _eqn_positions(graph: OpGraph) -> list[int]:

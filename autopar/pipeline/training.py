@@ -110,7 +110,7 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
                                 num_microbatches=num_microbatches, schedule=schedule,
                                 memory_budget_bytes=memory_budget_bytes, costing=costing, mesh_search=mesh_search,
                                 split_scans=split_scans)
-        layering = layers_of(inputs.program, num_layers, stages)
+        layering = layers_of(inputs.program, num_layers, stages, split_scan=inputs.scan_split is not None)
         t_trace = time.perf_counter()
         L = len(layering.layers)
         forced = forced_stages(stages, L, inputs.shapes) if stages is not None else None
