@@ -10,7 +10,7 @@ from conftest import make_cluster
 
 import autopar
 from autopar import solvers
-import autopar.solvers.pipeline as pipeline
+import autopar.solvers.driver as driver
 from autopar.baselines import layout_rule
 from autopar.build import build_problem
 from autopar.graph import build_graph
@@ -40,16 +40,16 @@ def base(devices8):
 def crippled(monkeypatch):
     """Every solver gives up at once on unrestricted problems (a time limit hit before any
     incumbent); the rule's problems (named "… (rule)") solve normally."""
-    real = {k: getattr(pipeline, k) for k in ("solve_ilp", "_lp_first", "solve_heuristic")}
+    real = {k: getattr(driver, k) for k in ("solve_ilp", "_lp_first", "solve_heuristic")}
 
     def wrap(name, give_up):
         def f(problem, *a, **kw):
             return real[name](problem, *a, **kw) if problem.name.endswith("(rule)") else give_up
         return f
     nothing = solvers.Solution(choice=(), cost=math.inf, feasible=False, status="unknown")
-    monkeypatch.setattr(pipeline, "solve_ilp", wrap("solve_ilp", nothing))
-    monkeypatch.setattr(pipeline, "_lp_first", wrap("_lp_first", None))
-    monkeypatch.setattr(pipeline, "solve_heuristic", wrap("solve_heuristic", nothing))
+    monkeypatch.setattr(driver, "solve_ilp", wrap("solve_ilp", nothing))
+    monkeypatch.setattr(driver, "_lp_first", wrap("_lp_first", None))
+    monkeypatch.setattr(driver, "solve_heuristic", wrap("solve_heuristic", nothing))
 
 
 def test_the_rules_plan_on_the_full_problem_equals_the_baselines(base):

@@ -64,8 +64,8 @@ def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None 
     """Best choice for ``problem`` (in its own node order), scored by ``evaluate``.
 
     ``gap_rel``: the ILP stops once its incumbent is proven within this relative gap of the
-    optimum (0: prove optimality; the planner uses 1e-4 — closing the last 0.01 % of a
-    predicted step time can take HiGHS minutes). ``start``: a warm start (module doc)."""
+    optimum (0: prove optimality; the planner passes ``autopar.planner.MIP_GAP`` = 1e-3 —
+    closing the last 0.1 % of a predicted step time can take HiGHS minutes). ``start``: a warm start (module doc)."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown {solver=}; expected one of {SOLVERS}")
     t0 = time.perf_counter()
