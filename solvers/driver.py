@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
-import numpy as np
 
 from .brute import solve_brute
 from .heuristic import solve_heuristic
@@ -65,93 +66,160 @@ def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None 
 
     ``gap_rel``: the ILP stops once its incumbent is proven within this relative gap of the
     optimum (0: prove optimality; the planner passes ``autopar.planner.MIP_GAP`` = 1e-3 —
-    closing the last 0.1 % of a predicted step time can take HiGHS minutes). ``start``: a warm start (module doc)."""
+    closing the last 0.1 % of a predicted step time can take HiGHS minutes). ``seed``: the
+    heuristic's random seed. ``start``: a warm start (module doc)."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown {solver=}; expected one of {SOLVERS}")
-    t0 = time.perf_counter()
+    clock = _Clock(time_limit_s)
+    min_peak = _check_usage_limit(problem)
+    stats: dict = {}
+    reduced = _presolved(problem, min_peak, stats) if presolve else _Reduced.identity(problem)
+    warm = _WarmStart(problem, start, clock, stats)
+    name, sol = _run_solver(solver, reduced, warm, clock, gap_rel=gap_rel, seed=seed, stats=stats)
+    stats["solver"] = sol.stats
+    return _answer(problem, reduced, name, sol, warm.value, min_peak, clock, stats)
+
+
+class _Clock:
+    """Seconds left of ``time_limit_s`` (None: no limit); the warm start's own solve
+    (``excluded_s``) is not counted against it."""
+
+    def __init__(self, time_limit_s: float | None):
+        self.t0, self.time_limit_s, self.excluded_s = time.perf_counter(), time_limit_s, 0.0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def left(self) -> float | None:
+        if self.time_limit_s is None:
+            return None
+        return max(0.0, self.time_limit_s + self.excluded_s - self.elapsed())
+
+
+@dataclass(frozen=True)
+class _Reduced:
+    """The problem the solver sees and the maps between its choices and the original's."""
+    problem: Problem
+    restore: Callable  # reduced choice → original choice
+    forward: Callable  # original choice → reduced choice (None: none matches)
+
+    @staticmethod
+    def identity(problem: Problem) -> "_Reduced":
+        return _Reduced(problem, lambda c: tuple(int(x) for x in c), lambda c: tuple(c))
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """A choice of the original problem with its ``evaluate`` result."""
+    choice: tuple
+    cost: float
+    fits: bool
+    peak: float
+
+
+class _WarmStart:
+    """The caller's ``start``, asked for at most once (when first needed) and kept only when
+    it has finite cost and fits; the time it takes is excluded from the clock."""
+
+    def __init__(self, problem: Problem, start, clock: _Clock, stats: dict):
+        self.problem, self.start, self.clock, self.stats = problem, start, clock, stats
+        self.asked, self.value = False, None  # value: _Scored or None
+
+    def ask(self) -> _Scored | None:
+        if self.start is None or self.asked:
+            return self.value
+        self.asked, ts = True, time.perf_counter()
+        choice = self.start(self.clock.left()) if callable(self.start) else self.start
+        if choice is not None:
+            cost, feasible, peak = evaluate(self.problem, choice)
+            self.value = _Scored(tuple(int(c) for c in choice), cost, True, peak) if feasible else None
+        self.clock.excluded_s = self.stats["start_s"] = time.perf_counter() - ts
+        return self.value
+
+
+def _check_usage_limit(problem: Problem) -> float:
+    """The minimum peak usage (every node at its least-usage strategy; 0 without a limit);
+    InfeasibleError when the usage limit is below it."""
     min_peak = problem.min_peak_usage() if problem.usage_limit is not None else 0.0
     if problem.usage_limit is not None and problem.usage_limit < min_peak * (1 - 1e-12):
         raise InfeasibleError(
             f"usage_limit={problem.usage_limit:.6g} is below the minimum peak usage {min_peak:.6g} "
             f"(every node at its least-usage strategy); raise the limit to at least min_peak_usage={min_peak:.6g}",
             min_peak_usage=min_peak)
-    stats: dict = {}
-    if presolve:
-        try:
-            ps = run_presolve(problem)
-        except InfeasibleError as err:
-            raise InfeasibleError(str(err), min_peak_usage=min_peak) from None
-        reduced, restore, forward = ps.problem, ps.restore, ps.forward
-        stats["presolve"] = ps.stats
-    else:
-        reduced, restore, forward = problem, (lambda c: tuple(int(x) for x in c)), (lambda c: tuple(c))
+    return min_peak
 
-    start_s = 0.0  # the warm start's own solve (not counted against time_limit_s)
 
-    def left() -> float | None:
-        return None if time_limit_s is None else max(0.0, time_limit_s + start_s - (time.perf_counter() - t0))
+def _presolved(problem: Problem, min_peak: float, stats: dict) -> _Reduced:
+    try:
+        ps = run_presolve(problem)
+    except InfeasibleError as err:
+        raise InfeasibleError(str(err), min_peak_usage=min_peak) from None
+    stats["presolve"] = ps.stats
+    return _Reduced(ps.problem, ps.restore, ps.forward)
 
-    warm, asked = None, False  # (cost, choice, peak) of the warm start in the original problem; asked for yet
 
-    def warm_start() -> None:
-        nonlocal warm, asked, start_s
-        if start is None or asked:
-            return
-        asked, ts = True, time.perf_counter()
-        choice = start(left()) if callable(start) else start
-        if choice is not None:
-            cost, feasible, peak = evaluate(problem, choice)
-            warm = (cost, tuple(int(c) for c in choice), peak) if feasible else None
-        start_s = stats["start_s"] = time.perf_counter() - ts
-
-    def ilp_start():
-        """The ILP's incumbent on the reduced problem: the warm start (if it has finite cost
-        and fits) or the quick heuristic's, whichever is cheaper."""
-        warm_start()
-        seeds = [forward(warm[1])] if warm is not None else []
-        seeds = [c for c in seeds if c is not None] + [_quick_start(reduced, left())]
-        scored = [(evaluate(reduced, c), c) for c in seeds if c is not None]
-        scored = [(r[0], c) for r, c in scored if r[1]]
-        return min(scored, key=lambda x: x[0])[1] if scored else None
-
-    name = solver
+def _run_solver(solver: str, reduced: _Reduced, warm: _WarmStart, clock: _Clock, *, gap_rel: float, seed: int,
+                stats: dict) -> tuple[str, Solution]:
+    """(the solver's name as reported, its solution of the reduced problem)."""
+    p = reduced.problem
     if solver == "brute":
-        sol = solve_brute(reduced)
-    elif solver in ("highs", "cbc"):
-        sol = solve_ilp(reduced, solver=solver, time_limit_s=left(), start=ilp_start(), gap_rel=gap_rel)
-    elif solver == "heuristic":
-        warm_start()
-        sol = solve_heuristic(reduced, time_limit_s=_heuristic_time(left()), seed=seed)
-    else:
-        size = ilp_size(reduced, cap=AUTO_LP_VARIABLES)
-        stats["ilp_size"] = size
-        sol = None
-        if size <= AUTO_ILP_VARIABLES:
-            name = "auto:highs"
-            sol = _lp_first(reduced, left(), gap_rel)
-            if sol is None:
-                sol = solve_ilp(reduced, solver="highs", time_limit_s=left(), start=ilp_start(), gap_rel=gap_rel)
-            else:
-                name = "auto:highs-lp"
-        elif size <= AUTO_LP_VARIABLES:  # too big for the MILP, but its LP is often integral: try it, briefly
-            limit = left()
-            sol = _lp_first(reduced, min(AUTO_LP_S, 0.3 * limit) if limit is not None else AUTO_LP_S, gap_rel)
-            name = "auto:highs-lp"
-        if sol is None or (not sol.feasible and sol.status != "infeasible"):
-            name = "auto:heuristic"
-            warm_start()
-            budget = left()
-            sol = solve_heuristic(reduced, time_limit_s=_heuristic_time(budget), seed=seed)
-    stats["solver"] = sol.stats
-    elapsed = time.perf_counter() - t0
-    found = None  # (choice, cost, fits, peak) of the solver's answer, in the original problem
+        return solver, solve_brute(p)
+    if solver in ("highs", "cbc"):
+        return solver, solve_ilp(p, solver=solver, time_limit_s=clock.left(),
+                                 start=_ilp_start(reduced, warm, clock), gap_rel=gap_rel)
+    if solver == "heuristic":
+        warm.ask()
+        return solver, solve_heuristic(p, time_limit_s=_heuristic_time(clock.left()), seed=seed)
+    name, sol = _auto_exact(reduced, warm, clock, gap_rel=gap_rel, stats=stats)
+    if sol is None or (not sol.feasible and sol.status != "infeasible"):
+        warm.ask()
+        name, sol = "auto:heuristic", solve_heuristic(p, time_limit_s=_heuristic_time(clock.left()), seed=seed)
+    return name, sol
+
+
+def _auto_exact(reduced: _Reduced, warm: _WarmStart, clock: _Clock, *, gap_rel: float,
+                stats: dict) -> tuple[str, Solution | None]:
+    """"auto" by the reduced ILP's size: its LP relaxation, then HiGHS (small); the LP
+    relaxation alone, briefly (medium); nothing (large: the heuristic's)."""
+    p = reduced.problem
+    size = stats["ilp_size"] = ilp_size(p, cap=AUTO_LP_VARIABLES)
+    if size <= AUTO_ILP_VARIABLES:
+        sol = _lp_first(p, clock.left(), gap_rel)
+        if sol is not None:
+            return "auto:highs-lp", sol
+        return "auto:highs", solve_ilp(p, solver="highs", time_limit_s=clock.left(),
+                                       start=_ilp_start(reduced, warm, clock), gap_rel=gap_rel)
+    if size <= AUTO_LP_VARIABLES:  # too big for the MILP, but its LP is often integral: try it, briefly
+        limit = clock.left()
+        return "auto:highs-lp", _lp_first(p, min(AUTO_LP_S, 0.3 * limit) if limit is not None else AUTO_LP_S,
+                                          gap_rel)
+    return "auto", None
+
+
+def _ilp_start(reduced: _Reduced, warm: _WarmStart, clock: _Clock):
+    """The ILP's incumbent on the reduced problem: the warm start (if it has finite cost and
+    fits) or the quick heuristic's, whichever is cheaper."""
+    w = warm.ask()
+    seeds = [reduced.forward(w.choice)] if w is not None else []
+    seeds = [c for c in seeds if c is not None] + [_quick_start(reduced.problem, clock.left())]
+    scored = [(evaluate(reduced.problem, c), c) for c in seeds if c is not None]
+    scored = [(r[0], c) for r, c in scored if r[1]]
+    return min(scored, key=lambda x: x[0])[1] if scored else None
+
+
+def _answer(problem: Problem, reduced: _Reduced, name: str, sol: Solution, warm: _Scored | None, min_peak: float,
+            clock: _Clock, stats: dict) -> Solution:
+    """The solver's answer restored to the original nodes and re-scored, or the warm start
+    when it is cheaper (never worse than it)."""
+    elapsed = clock.elapsed()
+    found = None  # the solver's answer, in the original problem
     if sol.feasible:
-        choice = restore(sol.choice)
-        found = (choice, *evaluate(problem, choice))
-    if warm is not None and warm[0] < (found[1] if found else math.inf):  # never worse than the warm start
-        stats["peak_usage"] = warm[2]
-        return Solution(choice=warm[1], cost=warm[0], feasible=True, status="feasible",
-                        lower_bound=min(sol.lower_bound, warm[0]), solver=name + "+start", time_s=elapsed,
+        choice = reduced.restore(sol.choice)
+        found = _Scored(choice, *evaluate(problem, choice))
+    if warm is not None and warm.cost < (found.cost if found else math.inf):
+        stats["peak_usage"] = warm.peak
+        return Solution(choice=warm.choice, cost=warm.cost, feasible=True, status="feasible",
+                        lower_bound=min(sol.lower_bound, warm.cost), solver=name + "+start", time_s=elapsed,
                         stats=stats)
     if sol.status == "infeasible":
         raise InfeasibleError(
@@ -160,11 +228,11 @@ def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None 
     if found is None:
         return Solution(choice=(), cost=math.inf, feasible=False, status="unknown", lower_bound=sol.lower_bound,
                         solver=name, time_s=elapsed, stats=stats)
-    choice, cost, feasible, peak = found
-    stats["peak_usage"] = peak
-    bound = min(sol.lower_bound, cost) if feasible else sol.lower_bound
-    return Solution(choice=choice, cost=cost, feasible=feasible, status=sol.status if feasible else "unknown",
-                    lower_bound=bound, solver=name, time_s=time.perf_counter() - t0, stats=stats)
+    stats["peak_usage"] = found.peak
+    bound = min(sol.lower_bound, found.cost) if found.fits else sol.lower_bound
+    return Solution(choice=found.choice, cost=found.cost, feasible=found.fits,
+                    status=sol.status if found.fits else "unknown", lower_bound=bound, solver=name,
+                    time_s=clock.elapsed(), stats=stats)
 
 
 def _lp_first(problem: Problem, time_left: float | None, gap_rel: float) -> Solution | None:
