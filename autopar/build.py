@@ -16,9 +16,8 @@ import numpy as np
 from autopar.cost import MeshModel, collective_time, compute_time, resharding, shard_factor
 from autopar.solvers import Problem
 
-from .followers import Merged, find_followers, merge
 from .graph import OpGraph, is_constant_broadcast
-from .repeats import find_repeats
+from .repeats import Tied, find_repeats, tie
 from .strategies import Strategy, enumerate_specs, replicate, spec_name, strategies_for
 from .strategies.base import local_nbytes
 from .strategies.elementwise import ELEMENTWISE, REDUCTIONS
@@ -50,7 +49,7 @@ class IntraProblem:
     edges: list[tuple[int, int]]
     edge_operands: list[list[Operand]]
     full: Problem                 # one solver node per graph node
-    merged: Merged                # followers folded in: what the solver sees
+    tied: Tied                    # repeated layers tied: what the solver sees
     stats: dict = field(default_factory=dict)
     carried: list = field(default_factory=list)  # (input, output) pairs a loop feeds back
     aliases: list = field(default_factory=list)  # (input, output) pairs of donated buffers
@@ -58,18 +57,18 @@ class IntraProblem:
 
     @property
     def problem(self) -> Problem:
-        return self.merged.problem
+        return self.tied.problem
 
     def expand(self, choice) -> tuple[int, ...]:
         """A solution of ``problem`` → one strategy index per graph node."""
-        return self.merged.expand(choice)
+        return self.tied.expand(choice)
 
     def with_budget(self, memory_budget_bytes: float | None) -> "IntraProblem":
         """The same problem under another memory budget (nothing else depends on it)."""
         full = dataclasses.replace(self.full, usage_limit=memory_budget_bytes)
-        merged = dataclasses.replace(self.merged, problem=dataclasses.replace(self.merged.problem,
-                                                                             usage_limit=memory_budget_bytes))
-        return dataclasses.replace(self, full=full, merged=merged)
+        tied = dataclasses.replace(self.tied, problem=dataclasses.replace(self.tied.problem,
+                                                                          usage_limit=memory_budget_bytes))
+        return dataclasses.replace(self, full=full, tied=tied)
 
     def restricted(self, allowed=None, allowed_reshard=None) -> Problem:
         """``problem`` (same nodes, same strategy indices) with what an input layout rule
@@ -77,23 +76,23 @@ class IntraProblem:
         an input into a consumer's spec ``allowed_reshard(node, src, dst)`` rejects (the
         ``build_problem`` arguments). A choice of it is a choice of ``problem``: the rule's
         plan, used as the warm start of an ILP that may stop at its time limit."""
-        m, p = self.merged, self.merged.problem
+        t, p = self.tied, self.tied.problem
         costs, ecosts = [c.copy() for c in p.node_costs], list(p.edge_costs)
         where = {e: k for k, e in enumerate(p.edges)}
         for node in self.graph.nodes:
             u = node.index
             if node.kind == "input" and allowed is not None:
-                bad = np.array([not allowed(u, self.strategies[u][s]) for s in m.maps[u]], dtype=bool)
-                costs[m.index[m.rep[u]]][bad] = np.inf
+                bad = np.array([not allowed(u, s) for s in self.strategies[u]], dtype=bool)
+                costs[t.index[t.rep[u]]][bad] = np.inf
         for (u, v), ops in zip(self.edges, self.edge_operands):
             if allowed_reshard is None or self.graph.nodes[u].kind != "input" or not ops:
                 continue
-            ok = np.ones((len(m.maps[u]), len(m.maps[v])), dtype=bool)
+            ok = np.ones((len(self.strategies[u]), len(self.strategies[v])), dtype=bool)
             for op in ops:
-                src = [self.strategies[u][s].out_specs[op.out_index] for s in m.maps[u]]
-                dst = [self.strategies[v][s].in_specs[op.operand] for s in m.maps[v]]
+                src = [s.out_specs[op.out_index] for s in self.strategies[u]]
+                dst = [s.in_specs[op.operand] for s in self.strategies[v]]
                 ok &= np.array([[d is None or allowed_reshard(u, a, d) for d in dst] for a in src], dtype=bool)
-            a, b = m.index[m.rep[u]], m.index[m.rep[v]]
+            a, b = t.index[t.rep[u]], t.index[t.rep[v]]
             if a == b:
                 costs[a][~np.diag(ok)] = np.inf
             elif (a, b) in where:
@@ -243,7 +242,7 @@ def reshard_matrix(mesh: MeshModel, value: Value, src: tuple, dst: tuple, seen: 
 
 
 def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float | None,
-                  donated_inputs=(), merge_followers: bool = False, tie_repeats: bool = True,
+                  donated_inputs=(), tie_repeats: bool = True,
                   allowed=None, allowed_reshard=None, input_usage_scale=None, carried=()) -> IntraProblem:
     """``donated_inputs``: flat input indices whose buffers the step may reuse; each must keep
     the sharding of the output it aliases (alias constraint: an edge with ∞ off the diagonal).
@@ -263,10 +262,7 @@ def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float
     state, which live on the stage all step long.
 
     ``tie_repeats`` (default on) ties repeated layers (``autopar.repeats``); it kept the
-    optimum on every GPT size we measured. ``merge_followers`` (off by default) also folds
-    elementwise followers into producers: 2× fewer solver nodes, but 3.6–5.4 % worse
-    objectives on the GPT example (it forbids the free slice from a replicated producer
-    into a sharded elementwise consumer).
+    optimum on every GPT size we measured.
     """
     signatures = graph.signatures
     strats, fallbacks = _node_strategies(graph, mesh, signatures)
@@ -350,19 +346,15 @@ def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float
             edge_ops.append([])
     full = Problem(node_costs, usages, intervals, edges, edge_costs, usage_limit=memory_budget_bytes,
                    name=f"mesh{mesh.shape}", extra_usages=transient_usages(graph, strats))
-    if merge_followers:
-        rep, maps = find_followers(graph, strats)
-    else:
-        rep, maps = list(range(n)), [np.arange(len(s)) for s in strats]
+    rep = list(range(n))
     if tie_repeats:
-        tie = find_repeats(graph, strats, signatures)
+        rep = find_repeats(graph, strats, signatures)
         if allowed is not None:  # restricted inputs of one shape may differ: tie only equal lists
-            tie = [t if t == v or [x.out_specs for x in strats[t]] == [x.out_specs for x in strats[v]] else v
-                   for v, t in enumerate(tie)]
-        rep = [tie[r] for r in rep]
-    merged = merge(full, rep, maps)
+            rep = [t if t == v or [x.out_specs for x in strats[t]] == [x.out_specs for x in strats[v]] else v
+                   for v, t in enumerate(rep)]
+    tied = tie(full, rep)
     stats = {"aliases": len(aliases), "carried": len(carried), "nodes": n, "edges": len(edges), "strategies": int(sum(len(s) for s in strats)),
-             "edge_matrix_cache": len(matrices), "solver_nodes": merged.problem.num_nodes,
-             "solver_edges": merged.problem.num_edges}
-    return IntraProblem(graph, mesh, strats, comp_all, comm_all, fallbacks, edges, edge_ops, full, merged, stats,
+             "edge_matrix_cache": len(matrices), "solver_nodes": tied.problem.num_nodes,
+             "solver_edges": tied.problem.num_edges}
+    return IntraProblem(graph, mesh, strats, comp_all, comm_all, fallbacks, edges, edge_ops, full, tied, stats,
                         carried=list(carried), aliases=aliases, rematerialized=remat)
