@@ -14,7 +14,9 @@ from autopar.cost import ClusterSpec
 
 from ..graph import build_graph
 from ..plan_types import Plan
-from ..planner import PlanError, Seed, plan_with
+from ..build_edges import ReshardCache
+from ..planner import PlanError, PlanHooks, plan_with
+from ..warm_start import WarmStart
 from ..progress import Progress
 from .stages import Stage, residual_bytes, split_program, stage_abstract_args, stage_forward, stage_train
 from ..trace import Program, trace
@@ -89,15 +91,17 @@ class StageCoster:
     """Plans (layer range, sub-mesh) stages with the intra-op ILP, cached by structural key."""
 
     def __init__(self, program, num_params, layer_eqns, spec, nodes, budget, opt_ratio, solver, time_limit_s,
-                 mesh_search="auto", restrict=None, strategy_name="autopar", seed=None):
+                 mesh_search="auto", restrict=None, strategy_name="autopar", warm_start=None):
         # restrict(stage_args (p, a, nd, ct), mesh_shape) -> build_problem filters (baselines);
-        # seed: the same for the rule whose plan warm-starts every stage ILP (``plan_with(seed=)``)
-        self.mesh_search, self.restrict, self.strategy_name, self.seed = mesh_search, restrict, strategy_name, seed
+        # warm_start: the same for the rule whose plan warm-starts every stage ILP (``PlanHooks.warm_start``)
+        self.mesh_search, self.restrict, self.strategy_name = mesh_search, restrict, strategy_name
+        self.warm_start = warm_start
         self.program, self.P, self.layer_eqns = program, num_params, layer_eqns
         self.spec, self.nodes, self.budget, self.opt_ratio = spec, nodes, budget, opt_ratio
         self.solver, self.time_limit_s = solver, time_limit_s
         self.cache: dict = {}
-        self.seeds: dict = {}
+        self.warm_starts: dict = {}
+        self.reshard_cache = ReshardCache()  # shared by every stage build
         self.problems: dict = {}  # (structure, sub-mesh) -> {mesh: IntraProblem}, reused across budgets
         self.traced: dict = {}
         self.stages: dict = {}
@@ -144,15 +148,17 @@ class StageCoster:
         try:
             # a parameter also holds its gradient accumulator and optimizer state all step long
             scale = {i: 2.0 + self.opt_ratio for i in range(len(p))}
+            hooks = PlanHooks(
+                mesh_shapes=stage_meshes(submesh, self.mesh_search), traced=(prog, graph),
+                restrict=lambda shape: {"input_usage_scale": scale, **(
+                    {} if self.restrict is None else self.restrict((p, a, nd, ct), tuple(shape)))},
+                strategy_name=self.strategy_name, warm_start=self._warm_start((p, a, nd, ct), key[:2]),
+                problems=self.problems.setdefault(key[:2], {}), reshard_cache=self.reshard_cache, carry=False)
             sp = plan_with(stage_train(fwd), (p, a, nd, ct), cluster=cl, nodes=n, mesh_shape=mesh_shape,
-                           mesh_shapes=stage_meshes(submesh, self.mesh_search), traced=(prog, graph),
                            memory_budget_bytes=budget, solver=self.solver,
                            time_limit_s=time_limit_s if time_limit_s is not None else (
                                self.time_limit_s if self.time_limit_s is not None else STAGE_TIME_LIMIT_S),
-                           restrict=lambda shape: {"input_usage_scale": scale, **(
-                               {} if self.restrict is None else self.restrict((p, a, nd, ct), tuple(shape)))},
-                           strategy_name=self.strategy_name, seed=self._seed((p, a, nd, ct), key[:2]),
-                           problems=self.problems.setdefault(key[:2], {}), carry=False)
+                           hooks=hooks)
         except PlanError as err:
             if budget == self.budget:  # (a layer that misses its share of the budget is retried whole)
                 self.infeasible += 1
@@ -178,21 +184,21 @@ class StageCoster:
         self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]}: {sp.solver.status}")
         return res
 
-    def _seed(self, stage_args, key):
-        """``plan_with``'s seed for this stage (``key``: structure, sub-mesh): the rule on each
-        mesh, one :class:`Seed` per mesh shared by every budget (None where the rule does not
-        apply, e.g. a micro-batch that the mesh's data-parallel axis does not divide)."""
-        if self.seed is None:
+    def _warm_start(self, stage_args, key):
+        """``PlanHooks.warm_start`` for this stage (``key``: structure, sub-mesh): the rule on
+        each mesh, one :class:`WarmStart` per mesh shared by every budget (None where the rule
+        does not apply, e.g. a micro-batch that the mesh's data-parallel axis does not divide)."""
+        if self.warm_start is None:
             return None
 
         def rule(shape):
             k = (*key, tuple(shape))
-            if k not in self.seeds:
+            if k not in self.warm_starts:
                 try:
-                    self.seeds[k] = Seed(**self.seed(stage_args, tuple(shape)))
+                    self.warm_starts[k] = WarmStart(**self.warm_start(stage_args, tuple(shape)))
                 except ValueError:
-                    self.seeds[k] = None
-            return self.seeds[k]
+                    self.warm_starts[k] = None
+            return self.warm_starts[k]
         return rule
 
 

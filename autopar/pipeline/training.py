@@ -151,7 +151,7 @@ class _Setup:
         return StageCoster(self.program, self.P, self.layer_eqns, self.spec, self.nodes, self.budget,
                             self.opt_ratio, solver, time_limit_s, mesh_search, restrict=restrict,
                             strategy_name=strategy_name,
-                            seed=stage_rules(self.microbatch_size) if restrict is None else None)
+                            warm_start=stage_rules(self.microbatch_size) if restrict is None else None)
 
     def solve(self, coster, *, forced=None, num_stages=None, mode="exact", strategy_name="autopar",
               estimate_only=False):
