@@ -17,7 +17,7 @@ from .build_edges import ReshardCache, match_donations
 from .carry import carried_pairs
 from .emit import axis_names
 from .graph import build_graph
-from .plan_types import (CollectiveCost, EqnPlan, Fallback, KindTotal, MeshCandidate, Plan, Predicted,
+from .plan_types import (CollectiveCost, EqnPlan, FallbackTotal, KindTotal, MeshCandidate, Plan, Predicted,
                    SolverStats, Timing)
 from .progress import Progress, progress_for
 from .pytree_json import treedef_to_json
@@ -304,7 +304,7 @@ def assemble_plan(fn, program, ip: IntraProblem, sol, spec: ClusterSpec, nodes: 
         else:
             out_specs.append(None)
     fb = Counter((graph.nodes[v].name, r) for v, r in ip.fallbacks.items())
-    fallbacks = [Fallback(primitive=p, count=n, reason=r) for (p, r), n in sorted(fb.items())]
+    fallbacks = [FallbackTotal(primitive=p, count=n, reason=r) for (p, r), n in sorted(fb.items())]
     stats = SolverStats(solver=sol.solver, status=sol.status, objective_s=sol.cost / 1e6,
                         lower_bound_s=sol.lower_bound / 1e6 if np.isfinite(sol.lower_bound) else None,
                         gap=sol.gap if np.isfinite(sol.gap) else None, nodes=ip.problem.num_nodes,
