@@ -50,7 +50,7 @@ import numpy as np
 from autopar.cost import load_cluster
 from autopar.solvers.stage_dp import uniform_stages, uniform_submeshes
 
-from .planner import PlanError, plan_with
+from .planner import PlanError, PlanHooks, plan_with
 from .rules import as_is, as_is_or_gathered, batch_layout, stage_rules, state_layout
 from .strategies.base import live_axes
 from .pipeline.inputs import ForcedStage, prepare_inputs
@@ -111,7 +111,7 @@ def _restricted_plan(name, fn, args, *, cluster, nodes, mesh_shape, batch_axes, 
 
     return plan_with(fn, args, cluster=cluster, nodes=nodes, mesh_shape=mesh_shape,
                      memory_budget_bytes=memory_budget_bytes, solver=solver, time_limit_s=time_limit_s,
-                     donate_argnums=donate_argnums, restrict=restrict, strategy_name=name)
+                     donate_argnums=donate_argnums, hooks=PlanHooks(restrict=restrict, strategy_name=name))
 
 
 def _devices(cluster, nodes) -> int:

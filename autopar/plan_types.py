@@ -92,7 +92,9 @@ class MeshCandidate(_Frozen):
     status: str
 
 
-class Fallback(_Frozen):
+class FallbackTotal(_Frozen):
+    """Equations of one primitive replicated for one reason (no sharding rule applies: the
+    rule raised ``strategies.Fallback`` or offers only the replicated strategy)."""
     primitive: str
     count: int
     reason: str
@@ -136,7 +138,7 @@ class Plan(_Document):
     predicted: Predicted
     solver: SolverStats
     mesh_candidates: list[MeshCandidate]
-    fallbacks: list[Fallback]
+    fallbacks: list[FallbackTotal]
     donated_inputs: list[int] = []
     # (flat input leaf, flat output leaf) pairs a loop feeds back: donated pairs and those
     # autopar.carry.carried_pairs matches by path

@@ -5,18 +5,19 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from autopar import solvers
 from autopar.cost import ClusterSpec, collective_time, load_cluster, mesh_model, resharding
 
-from .build import IntraProblem, build_problem, match_donations
+from .build import IntraProblem, build_problem
+from .build_edges import ReshardCache, match_donations
 from .carry import carried_pairs
 from .emit import axis_names
 from .graph import build_graph
-from .plan_types import (CollectiveCost, EqnPlan, Fallback, KindTotal, MeshCandidate, Plan, Predicted,
+from .plan_types import (CollectiveCost, EqnPlan, FallbackTotal, KindTotal, MeshCandidate, Plan, Predicted,
                    SolverStats, Timing)
 from .progress import Progress, progress_for
 from .pytree_json import treedef_to_json
@@ -89,56 +90,72 @@ def plan(fn, *example_args, cluster="cpu-8", nodes: int = 1, mesh_shape=None,
             progress.close()
 
 
+@dataclass(frozen=True)
+class PlanHooks:
+    """How a run of :func:`plan_with` differs from ``autopar.plan`` (every field optional)."""
+    # mesh_shape -> build_problem keyword arguments for that mesh: hard filters on the program
+    # inputs' shardings (allowed / allowed_reshard: only the rule's layouts can be chosen;
+    # autopar.baselines) and input_usage_scale (pipeline stages)
+    restrict: Callable | None = None
+    # mesh_shape -> WarmStart or None: the rule's plan warm-starts the ILP but forbids nothing,
+    # so a time limit never leaves the plan worse than the rule's (pipeline stages: Megatron's
+    # DP × TP layout)
+    warm_start: Callable | None = None
+    strategy_name: str = "autopar"  # recorded in the Plan
+    # replaces the candidate meshes when mesh_shape is None (pipeline stages search fewer)
+    mesh_shapes: list | None = None
+    # (program, graph) of fn on these arguments: skips tracing (one stage on many sub-meshes)
+    traced: tuple | None = None
+    # {mesh_shape: IntraProblem}: the built problem per mesh, reused by calls that differ only
+    # in memory_budget_bytes (a stage planned at several budgets)
+    problems: dict | None = None
+    # resharding matrices shared across builds (default: one per call, shared by its meshes)
+    reshard_cache: ReshardCache | None = None
+    carry: bool = True  # False: no loop-carried pairs (a stage's gradient program feeds nothing back)
+
+
 def plan_with(fn, example_args, *, cluster="cpu-8", nodes: int = 1, mesh_shape=None,
               memory_budget_bytes: float | None = None, solver: str = "auto",
-              time_limit_s: float | None = None, donate_argnums=(), restrict=None,
-              strategy_name: str = "autopar", mesh_shapes=None, traced=None, seed=None,
-              problems: dict | None = None, carry: bool = True, progress=None) -> Plan:
-    """``plan`` with two hooks for restricted runs (``autopar.baselines``): ``restrict(mesh_shape)``
-    returns the ``build_problem`` keyword arguments ``allowed`` / ``allowed_reshard`` (filters
-    on the program inputs' shardings) for that mesh; ``strategy_name`` is recorded in the Plan.
-    ``mesh_shapes`` (when ``mesh_shape`` is None) replaces the candidate list (pipeline stages
-    search fewer logical meshes). ``traced`` = (program, graph) of ``fn`` on these arguments
-    skips tracing (pipeline stages plan one stage on many sub-meshes). ``seed(mesh_shape)``
-    returns a :class:`Seed` (an input layout rule) or None: the rule's plan is the ILP's warm
-    start (``rule_start``), so a time limit never leaves the plan worse than the rule's
-    (pipeline stages: Megatron's DP × TP layout). ``problems`` caches the built problem per
-    mesh across calls that differ only in ``memory_budget_bytes`` (a stage planned at several
-    budgets). ``carry=False``: no loop-carried pairs (a stage's gradient program feeds nothing
-    back). ``progress``: a :class:`autopar.progress.Progress` told of each mesh solved."""
+              time_limit_s: float | None = None, donate_argnums=(), hooks: PlanHooks = PlanHooks(),
+              progress=None) -> Plan:
+    """``plan`` with :class:`PlanHooks` (restricted, warm-started or repeated runs: baselines,
+    pipeline stages). ``progress``: a :class:`autopar.progress.Progress` told of each mesh
+    solved."""
     t0 = time.perf_counter()
     progress = progress if progress is not None else Progress()
     progress.phase(f"trace {getattr(fn, '__name__', 'fn')}")
     spec = _check_args(cluster, nodes, mesh_shape, solver, memory_budget_bytes, time_limit_s)
     budget = float(memory_budget_bytes or spec.device.memory_bytes)
-    program, graph = traced if traced is not None else (trace(fn, *example_args), None)
+    program, graph = hooks.traced if hooks.traced is not None else (trace(fn, *example_args), None)
     donated = donated_leaves(example_args, donate_argnums)
     graph = graph if graph is not None else build_graph(program)
     aliases = match_donations(graph, donated)
-    carried = carried_pairs(program, [i for i, _ in aliases], [k for _, k in aliases]) if carry else []
+    carried = carried_pairs(program, [i for i, _ in aliases], [k for _, k in aliases]) if hooks.carry else []
     t_trace = time.perf_counter()
     total = nodes * spec.devices_per_node
     shapes = [tuple(mesh_shape)] if mesh_shape is not None else (
-        [tuple(m) for m in mesh_shapes] if mesh_shapes is not None else candidate_meshes(total))
+        [tuple(m) for m in hooks.mesh_shapes] if hooks.mesh_shapes is not None else candidate_meshes(total))
+    cache = hooks.reshard_cache if hooks.reshard_cache is not None else ReshardCache()
     best, candidates, min_needed, per_mesh = None, [], [], {}
     t_strat = t_solve = 0.0
     progress.phase("solve meshes", total=len(shapes))
     for shape in shapes:
         ts = time.perf_counter()
-        if problems is not None and shape in problems:
-            ip = problems[shape].with_budget(budget)
+        if hooks.problems is not None and shape in hooks.problems:
+            ip = hooks.problems[shape].with_budget(budget)
         else:
             ip = build_problem(graph, mesh_model(spec, nodes, shape), memory_budget_bytes=budget,
-                               donated_inputs=donated, carried=carried,
-                               **({} if restrict is None else restrict(shape)))
-            if problems is not None:
-                problems[shape] = ip
+                               donated_inputs=donated, carried=carried, reshard_cache=cache,
+                               **({} if hooks.restrict is None else hooks.restrict(shape)))
+            if hooks.problems is not None:
+                hooks.problems[shape] = ip
         t_strat += time.perf_counter() - ts
         ts = time.perf_counter()
-        rule = seed(shape) if seed is not None else None
+        warm = hooks.warm_start(shape) if hooks.warm_start is not None else None
         try:
             sol = solvers.solve(ip.problem, solver=solver, time_limit_s=time_limit_s, gap_rel=MIP_GAP,
-                                start=rule_start(ip, rule, solver, time_limit_s) if rule else None)
+                                start=warm.start_for(ip, solver=solver, time_limit_s=time_limit_s, gap_rel=MIP_GAP)
+                                if warm else None)
         except solvers.InfeasibleError as err:
             sol = err
         t_solve += time.perf_counter() - ts
@@ -160,68 +177,36 @@ def plan_with(fn, example_args, *, cluster="cpu-8", nodes: int = 1, mesh_shape=N
         progress.advance(detail=f"mesh {'x'.join(map(str, shape))} {sol.status}", incumbent_s=best[1].cost / 1e6,
                          gap=sol.gap if np.isfinite(sol.gap) else None)
     if best is None:
-        need = min((m for m in min_needed if m is not None), default=None)
-        name = getattr(fn, "__name__", "fn")
-        if strategy_name != "autopar":
-            name = f"{name} (baseline {strategy_name})"
-            if need is not None and need <= budget:  # the fixed layouts (not one op at a time) need more
-                raise PlanError(
-                    f"no sharding of {name} on meshes {shapes} fits memory_budget_bytes={budget:.0f} per device "
-                    f"with the baseline's input layouts and alias constraints; {need:.0f} bytes per device is a "
-                    "lower bound (every op at its smallest allowed sharding), the baseline needs more. Raise the "
-                    "budget or try another baseline.", min_bytes_per_device=need)
-        if need is None or need <= budget:  # not a memory problem: forbidden combinations
-            raise PlanError(f"no valid sharding of {name} on meshes {shapes} (every plan breaks an alias "
-                            "constraint or an unsupported combination); try mesh_shape=(N,) or no donate_argnums",
-                            min_bytes_per_device=need)
-        raise PlanError(
-            f"no sharding of {name} fits memory_budget_bytes={budget:.0f} per device on meshes {shapes}; "
-            f"the minimum is {need:.0f} bytes per device (every tensor split as finely as possible). "
-            "Raise the budget, add devices/nodes, or shrink the model/batch.", min_bytes_per_device=need)
+        raise _no_plan(getattr(fn, "__name__", "fn"), hooks.strategy_name, shapes, budget, min_needed)
     timing = Timing(trace_s=t_trace - t0, strategies_s=t_strat, solve_s=t_solve,
                     total_s=time.perf_counter() - t0, per_mesh_solve_s=per_mesh)
     result = assemble_plan(fn, program, best[0], best[1], spec, nodes, budget, candidates, timing, donated,
-                           strategy_name=strategy_name)
+                           strategy_name=hooks.strategy_name)
     result._fn = fn
     from .runtime import abstract_args
     result._args = abstract_args(example_args)
     return result
 
 
-@dataclass
-class Seed:
-    """An input layout rule whose plan warm-starts the ILP (``plan_with(seed=)``): the
-    ``build_problem`` filters ``allowed`` / ``allowed_reshard``, and the rule's plans found so
-    far on this problem at other memory budgets, as (usage limit, choice or None): one found
-    under a limit at least as high that still fits is reused (pipeline stages are planned at
-    several budgets on the same mesh)."""
-    allowed: Callable | None = None
-    allowed_reshard: Callable | None = None
-    solved: list = field(default_factory=list)
-
-
-def rule_start(ip: IntraProblem, seed: Seed, solver: str, time_limit_s: float | None):
-    """Warm start for ``solvers.solve``: the best plan of ``ip`` under the rule
-    (``IntraProblem.restricted``), solved within ``time_limit_s`` of its own (the rule's plan
-    is what the main solve must not lose to, so it does not share that solve's time).
-    None when the rule has no plan that fits."""
-    def start(left):
-        limit = ip.problem.usage_limit
-        for lim, choice in seed.solved:
-            if lim is None or (limit is not None and lim >= limit):
-                if choice is None:
-                    return None  # none under a looser limit
-                if solvers.evaluate(ip.problem, choice)[1]:
-                    return choice
-        try:
-            sol = solvers.solve(ip.restricted(seed.allowed, seed.allowed_reshard), solver=solver, gap_rel=MIP_GAP,
-                                time_limit_s=time_limit_s)
-            choice = sol.choice if sol.feasible else None
-        except solvers.InfeasibleError:
-            choice = None
-        seed.solved.append((limit, choice))
-        return choice
-    return start
+def _no_plan(name: str, strategy_name: str, shapes, budget: float, min_needed) -> PlanError:
+    """Why no mesh has a plan: the memory budget, or forbidden combinations."""
+    need = min((m for m in min_needed if m is not None), default=None)
+    if strategy_name != "autopar":
+        name = f"{name} (baseline {strategy_name})"
+        if need is not None and need <= budget:  # the fixed layouts (not one op at a time) need more
+            return PlanError(
+                f"no sharding of {name} on meshes {shapes} fits memory_budget_bytes={budget:.0f} per device "
+                f"with the baseline's input layouts and alias constraints; {need:.0f} bytes per device is a "
+                "lower bound (every op at its smallest allowed sharding), the baseline needs more. Raise the "
+                "budget or try another baseline.", min_bytes_per_device=need)
+    if need is None or need <= budget:  # not a memory problem: forbidden combinations
+        return PlanError(f"no valid sharding of {name} on meshes {shapes} (every plan breaks an alias "
+                         "constraint or an unsupported combination); try mesh_shape=(N,) or no donate_argnums",
+                         min_bytes_per_device=need)
+    return PlanError(
+        f"no sharding of {name} fits memory_budget_bytes={budget:.0f} per device on meshes {shapes}; "
+        f"the minimum is {need:.0f} bytes per device (every tensor split as finely as possible). "
+        "Raise the budget, add devices/nodes, or shrink the model/batch.", min_bytes_per_device=need)
 
 
 def donated_leaves(args, donate_argnums) -> list[int]:
@@ -319,7 +304,7 @@ def assemble_plan(fn, program, ip: IntraProblem, sol, spec: ClusterSpec, nodes: 
         else:
             out_specs.append(None)
     fb = Counter((graph.nodes[v].name, r) for v, r in ip.fallbacks.items())
-    fallbacks = [Fallback(primitive=p, count=n, reason=r) for (p, r), n in sorted(fb.items())]
+    fallbacks = [FallbackTotal(primitive=p, count=n, reason=r) for (p, r), n in sorted(fb.items())]
     stats = SolverStats(solver=sol.solver, status=sol.status, objective_s=sol.cost / 1e6,
                         lower_bound_s=sol.lower_bound / 1e6 if np.isfinite(sol.lower_bound) else None,
                         gap=sol.gap if np.isfinite(sol.gap) else None, nodes=ip.problem.num_nodes,

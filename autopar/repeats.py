@@ -7,11 +7,17 @@ scanning with candidate periods taken from the gaps between equal signatures. Bl
 a run is tied to block ``k mod 2`` (not to block 0), so alternating patterns such as
 Megatron's column/row split of consecutive MLP layers stay expressible. Program inputs
 (parameters) consumed by a tied equation are tied to the corresponding input.
-Tying only restricts the search; costs and memory are still counted per copy.
+Tying only restricts the search; costs and memory are still counted per copy
+(:func:`tie`: one solver node per group of tied nodes).
 """
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from autopar.solvers import Problem
 
 from .trace import Lit
 
@@ -80,3 +86,47 @@ def _tie_inputs(graph, tie, strats) -> None:
         if graph.nodes[u0].kind == "input" and u0 != node.index and len(strats[u0]) == len(strats[node.index]) \
                 and tie[u0] == u0:
             tie[node.index] = u0
+
+
+@dataclass(frozen=True)
+class Tied:
+    """The problem the solver sees: one node per group of tied graph nodes."""
+    problem: Problem
+    rep: list[int]         # graph node -> the node it is tied to (its group's representative)
+    index: dict[int, int]  # representative -> solver node
+
+    def expand(self, choice) -> tuple[int, ...]:
+        """A choice of ``problem`` → one strategy index per graph node."""
+        return tuple(int(choice[self.index[r]]) for r in self.rep)
+
+
+def tie(full: Problem, rep: list[int]) -> Tied:
+    """``full`` (one node per graph node) with each node ``v`` folded into ``rep[v]`` (same
+    strategy list): its cost is added to the representative's, its memory stays its own (an
+    ``extra_usages`` term over its own interval), its edges join the representative's (an
+    edge inside one group adds its diagonal to the node cost)."""
+    assert not full.fixed_usages, "tie expects a problem built from a program"
+    reps = sorted(set(rep))
+    index = {r: t for t, r in enumerate(reps)}
+    costs = [np.zeros(len(full.node_costs[r])) for r in reps]
+    extra = []
+    for v, r in enumerate(rep):
+        costs[index[r]] = costs[index[r]] + full.node_costs[v]
+        if v != r:
+            extra.append((index[r], full.node_usages[v], full.intervals[v]))
+    edge_acc: dict[tuple[int, int], np.ndarray] = {}
+    for (u, v), mat in zip(full.edges, full.edge_costs):
+        a, b = index[rep[u]], index[rep[v]]
+        if a == b:
+            costs[a] = costs[a] + np.diag(mat)
+            continue
+        m = np.array(mat)
+        if a > b:
+            a, b, m = b, a, m.T
+        edge_acc[(a, b)] = edge_acc[(a, b)] + m if (a, b) in edge_acc else m
+    problem = Problem(costs, [full.node_usages[r] for r in reps], [full.intervals[r] for r in reps],
+                      list(edge_acc), list(edge_acc.values()), usage_limit=full.usage_limit,
+                      name=full.name,
+                      extra_usages=extra + [(index[rep[v]], use, iv) for v, use, iv in full.extra_usages],
+                      fixed_usages=list(full.fixed_usages), cost_offset=full.cost_offset)
+    return Tied(problem, rep, index)

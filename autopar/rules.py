@@ -60,9 +60,11 @@ def as_is_or_gathered(src, dst) -> bool:  # FSDP: a consumer all-gathers the who
 
 
 def stage_rules(microbatch_size: int):
-    """``restrict`` for a stage's (params, activations in, batch, cotangents) on mesh (dp, tp):
-    params as in Megatron over ``y``; micro-batch-major leaves dim 0 over ``x``, the rest
-    replicated; every input consumed as laid out."""
+    """Megatron's layout of a stage's (params, activations in, batch, cotangents) on mesh
+    (dp, tp): params as in Megatron over ``y``; micro-batch-major leaves dim 0 over ``x``, the
+    rest replicated; every input consumed as laid out. A function (stage args, mesh shape) →
+    ``build_problem`` filters, which ``StageCoster`` applies as a restriction (the dp_tp_pp
+    baseline) or as a warm start (``autopar.warm_start``; autopar's own stage plans)."""
     def restrict(stage_args, mesh_shape):
         p, rest = stage_args[0], [x for group in stage_args[1:] for x in group]
         live = set(live_axes(mesh_shape))

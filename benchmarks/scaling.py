@@ -58,7 +58,7 @@ Measured at 993d871 (hidden 1024); re-read the table after a rerun.
   reported gap of 8.7–8.8 % (a weak heuristic bound). The objectives remain below the 1D mesh's
   (376.6 vs 380.8 ms at 48 layers). The cause is that presolve keeps 813 nodes of the 2x4
   problem at 48 layers against 408 at 24. The ILP-size estimate then reaches 244,935, above
-  `AUTO_ILP_VARIABLES` = 200,000 (`solvers/pipeline.py`), and `solve_heuristic` runs with its
+  `AUTO_ILP_VARIABLES` = 200,000 (`solvers/driver.py`), and `solve_heuristic` runs with its
   default `time_limit_s=60` (`solvers/heuristic.py:44`), because the planner passes no limit. The
   fitted slopes (0.76; 1.07 over 8–96) therefore describe a step at 48 layers, not a trend.
 - **Devices** (8 layers): the 1D mesh is flat, 2.4–4.4 s from 8 to 1024 devices (slope 0.10),

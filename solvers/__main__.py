@@ -11,7 +11,7 @@ import math
 import sys
 
 from . import iopddl
-from .pipeline import SOLVERS, solve
+from .driver import SOLVERS, solve
 from .problem import InfeasibleError
 
 

@@ -17,7 +17,7 @@ from conftest import make_cluster
 
 import autopar
 from autopar.explain import ExplainError, leaf_paths
-from autopar.planner import plan_with
+from autopar.planner import PlanHooks, plan_with
 from autopar.cost import shard_factor
 from examples import gpt
 
@@ -64,8 +64,8 @@ def test_extra_cost_is_the_difference_of_two_solved_objectives(planned):
     plan, args, kw = planned
     e = plan.explain(QKV, top=10**6)
     idx = _index(plan, QKV)
-    forced = plan_with(gpt.sgd_train_step, args, **kw, restrict=lambda shape: {
-        "allowed": lambda u, s: u != idx or shard_factor(s.out_specs[0], shape) > 1})
+    forced = plan_with(gpt.sgd_train_step, args, **kw, hooks=PlanHooks(restrict=lambda shape: {
+        "allowed": lambda u, s: u != idx or shard_factor(s.out_specs[0], shape) > 1}))
     a = e.alternative
     assert a.extra_time_s == forced.solver.objective_s - plan.solver.objective_s
     assert a.objective_s == forced.solver.objective_s
@@ -78,8 +78,8 @@ def test_extra_cost_is_the_difference_of_two_solved_objectives(planned):
     if e.used_split is not None:   # the tensor-parallel variant: no all-gather of the leaf where it is read
         def kept(u, src, dst):
             return u != idx or {x for axes in src for x in axes} <= {x for axes in dst for x in axes}
-        tp = plan_with(gpt.sgd_train_step, args, **kw, restrict=lambda shape: {
-            "allowed": lambda u, s: u != idx or shard_factor(s.out_specs[0], shape) > 1, "allowed_reshard": kept})
+        tp = plan_with(gpt.sgd_train_step, args, **kw, hooks=PlanHooks(restrict=lambda shape: {
+            "allowed": lambda u, s: u != idx or shard_factor(s.out_specs[0], shape) > 1, "allowed_reshard": kept}))
         assert e.used_split.extra_time_s == tp.solver.objective_s - plan.solver.objective_s
 
 

@@ -186,7 +186,7 @@ def test_warm_start_is_never_beaten_by_the_time_limit(monkeypatch):
     gives up at once), the start is returned, marked "+start"; the start seeds the ILP (mapped
     through presolve); a callable start is asked for once, with the seconds left, and only
     when the solve would not be exact at once; a start that does not fit is ignored."""
-    import autopar.solvers.pipeline as pl
+    import autopar.solvers.driver as pl
     p = hard_problem()
     good = solve_heuristic(p, time_limit_s=0.5, seed=1)
     seeds = []
@@ -336,7 +336,7 @@ def test_brute_force_refuses_big_problems():
 def test_importing_solvers_does_not_import_jax():
     code = ("import sys, autopar.solvers, autopar.solvers.ilp, autopar.solvers.backends, autopar.solvers.heuristic, "
             "autopar.solvers.local, autopar.solvers.lns, autopar.solvers.presolve, autopar.solvers.iopddl, "
-            "autopar.solvers.pipeline, autopar.solvers.mrf, autopar.solvers.brute, autopar.solvers.__main__, autopar.cost; "
+            "autopar.solvers.driver, autopar.solvers.mrf, autopar.solvers.brute, autopar.solvers.__main__, autopar.cost; "
             "assert 'jax' not in sys.modules, 'jax imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -345,7 +345,7 @@ def test_auto_above_the_milp_size_tries_the_lp_relaxation(monkeypatch):
     # above AUTO_ILP_VARIABLES (set to 0 here) "auto" skips the MILP: the LP relaxation is kept
     # when it is integral and fits memory (then it is the optimum: equal to brute force) and
     # otherwise the heuristic runs; above AUTO_LP_VARIABLES it is the heuristic directly
-    import autopar.solvers.pipeline as sp
+    import autopar.solvers.driver as sp
     monkeypatch.setattr(sp, "AUTO_ILP_VARIABLES", 0)
     names = set()
     for seed in range(30):

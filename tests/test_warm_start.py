@@ -1,7 +1,8 @@
 """Planning one problem many times. Warm starts from a hand-written layout rule
-(``plan_with(seed=)``, ``IntraProblem.restricted``, ``rule_start``): the rule's plan found on
-the unrestricted problem equals the baseline's, and a solver that stops early can never return
-something worse than it. A built problem planned again at another budget (``problems=``).
+(``PlanHooks(warm_start=)``, ``IntraProblem.restricted``, ``WarmStart.start_for``): the rule's
+plan found on the unrestricted problem equals the baseline's, and a solver that stops early can
+never return something worse than it. A built problem planned again at another budget
+(``PlanHooks(problems=)``).
 """
 import math
 
@@ -10,12 +11,13 @@ from conftest import make_cluster
 
 import autopar
 from autopar import solvers
-import autopar.solvers.pipeline as pipeline
+import autopar.solvers.driver as driver
 from autopar.baselines import layout_rule
 from autopar.build import build_problem
 from autopar.graph import build_graph
-from autopar.planner import Seed, plan_with, rule_start
+from autopar.planner import MIP_GAP, PlanHooks, plan_with
 from autopar.trace import trace
+from autopar.warm_start import WarmStart
 from autopar.cost import load_cluster, mesh_model
 from examples import gpt, mlp
 
@@ -40,16 +42,16 @@ def base(devices8):
 def crippled(monkeypatch):
     """Every solver gives up at once on unrestricted problems (a time limit hit before any
     incumbent); the rule's problems (named "… (rule)") solve normally."""
-    real = {k: getattr(pipeline, k) for k in ("solve_ilp", "_lp_first", "solve_heuristic")}
+    real = {k: getattr(driver, k) for k in ("solve_ilp", "_lp_first", "solve_heuristic")}
 
     def wrap(name, give_up):
         def f(problem, *a, **kw):
             return real[name](problem, *a, **kw) if problem.name.endswith("(rule)") else give_up
         return f
     nothing = solvers.Solution(choice=(), cost=math.inf, feasible=False, status="unknown")
-    monkeypatch.setattr(pipeline, "solve_ilp", wrap("solve_ilp", nothing))
-    monkeypatch.setattr(pipeline, "_lp_first", wrap("_lp_first", None))
-    monkeypatch.setattr(pipeline, "solve_heuristic", wrap("solve_heuristic", nothing))
+    monkeypatch.setattr(driver, "solve_ilp", wrap("solve_ilp", nothing))
+    monkeypatch.setattr(driver, "_lp_first", wrap("_lp_first", None))
+    monkeypatch.setattr(driver, "solve_heuristic", wrap("solve_heuristic", nothing))
 
 
 def test_the_rules_plan_on_the_full_problem_equals_the_baselines(base):
@@ -66,9 +68,10 @@ def test_the_rules_plan_on_the_full_problem_equals_the_baselines(base):
 
 
 def test_a_solver_that_gives_up_returns_the_rules_plan(base, crippled):
-    with pytest.raises(autopar.PlanError):  # without a seed: nothing found
+    with pytest.raises(autopar.PlanError):  # without a warm start: nothing found
         plan_with(gpt.sgd_train_step, _args(), cluster=CLUSTER, mesh_shape=MESH)
-    p = plan_with(gpt.sgd_train_step, _args(), cluster=CLUSTER, mesh_shape=MESH, seed=lambda s: Seed(**_rule(s)))
+    p = plan_with(gpt.sgd_train_step, _args(), cluster=CLUSTER, mesh_shape=MESH,
+                  hooks=PlanHooks(warm_start=lambda s: WarmStart(**_rule(s))))
     assert p.solver.solver.endswith("+start") and p.solver.status == "feasible"
     assert p.solver.objective_s == pytest.approx(base.solver.objective_s, rel=1e-6)
     assert p.predicted.step_time_s == pytest.approx(base.predicted.step_time_s, rel=1e-6)
@@ -79,26 +82,27 @@ def test_the_rules_plan_is_reused_across_budgets(devices8):
     program = trace(gpt.sgd_train_step, *_args())
     spec = load_cluster(CLUSTER)
     graph, mesh = build_graph(program), mesh_model(spec, 1, MESH)
-    seed = Seed(**_rule())
+    warm = WarmStart(**_rule())
     loose = build_problem(graph, mesh, memory_budget_bytes=spec.device.memory_bytes)
-    first = rule_start(loose, seed, "auto", None)(None)
+    first = warm.start_for(loose, solver="auto", time_limit_s=None, gap_rel=MIP_GAP)(None)
     peak = solvers.evaluate(loose.problem, first)[2]
     tight = build_problem(graph, mesh, memory_budget_bytes=peak * 1.01)
-    assert rule_start(tight, seed, "auto", None)(None) == first and len(seed.solved) == 1  # still fits: reused
+    assert warm.start_for(tight, solver="auto", time_limit_s=None, gap_rel=MIP_GAP)(None) == first
+    assert len(warm.solved) == 1  # still fits: reused
     tighter = build_problem(graph, mesh, memory_budget_bytes=peak * 0.9)
-    again = rule_start(tighter, seed, "auto", 2.0)(None)
-    assert len(seed.solved) == 2  # did not fit: solved again under the tighter limit
+    again = warm.start_for(tighter, solver="auto", time_limit_s=2.0, gap_rel=MIP_GAP)(None)
+    assert len(warm.solved) == 2  # did not fit: solved again under the tighter limit
     assert again is None or solvers.evaluate(tighter.problem, again)[1]
 
 
 def test_a_problem_built_once_is_planned_again_at_another_budget(devices8):
-    """plan_with(problems=…) (a stage planned at several budgets): the second budget reuses the
+    """PlanHooks(problems=…) (a stage planned at several budgets): the second budget reuses the
     built problem and gives the plan a fresh build gives."""
     problems, args = {}, (lambda: mlp.mlp_step_args(batch=256, hidden=256))
-    loose = plan_with(mlp.mlp_step, args(), cluster=CLUSTER, mesh_shape=MESH, problems=problems)
+    loose = plan_with(mlp.mlp_step, args(), cluster=CLUSTER, mesh_shape=MESH, hooks=PlanHooks(problems=problems))
     built = problems[MESH]
     budget = loose.predicted.peak_memory_bytes * 0.8
-    again = plan_with(mlp.mlp_step, args(), cluster=CLUSTER, mesh_shape=MESH, problems=problems,
+    again = plan_with(mlp.mlp_step, args(), cluster=CLUSTER, mesh_shape=MESH, hooks=PlanHooks(problems=problems),
                       memory_budget_bytes=budget)
     fresh = plan_with(mlp.mlp_step, args(), cluster=CLUSTER, mesh_shape=MESH, memory_budget_bytes=budget)
     assert problems[MESH] is built and built.problem.usage_limit == loose.memory_budget_bytes  # not changed

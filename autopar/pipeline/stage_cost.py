@@ -14,7 +14,9 @@ from autopar.cost import ClusterSpec
 
 from ..graph import build_graph
 from ..plan_types import Plan
-from ..planner import PlanError, Seed, plan_with
+from ..build_edges import ReshardCache
+from ..planner import PlanError, PlanHooks, plan_with
+from ..warm_start import WarmStart
 from ..progress import Progress
 from ..rules import stage_rules
 from ..trace import Program, trace
@@ -92,7 +94,7 @@ def _spec_factor(plan: Plan, spec_names) -> int:
 class CostOptions:
     """How stages are planned. ``restrict(stage_args (p, a, nd, ct), mesh_shape)`` → filters
     for ``build_problem`` (the pipeline baseline's fixed layouts); ``warm_start``: the same
-    signature, a layout rule whose plan warm-starts every stage ILP (``plan_with(seed=)``)."""
+    signature, a layout rule whose plan warm-starts every stage ILP (``PlanHooks.warm_start``)."""
     solver: str = "auto"
     time_limit_s: float | None = None
     mesh_search: str = "auto"
@@ -115,13 +117,16 @@ class StageCoster:
     def __init__(self, inputs: TrainingInputs, layer_eqns, options: CostOptions = CostOptions(),
                  progress: Progress | None = None):
         o = options
-        self.mesh_search, self.restrict, self.strategy_name, self.seed = (o.mesh_search, o.restrict, o.strategy_name,
-                                                                         o.warm_start)
+        # restrict: build_problem filters (baselines); warm_start: the rule whose plan warm-starts
+        # every stage ILP (``PlanHooks.warm_start``); both take (stage_args (p, a, nd, ct), mesh_shape)
+        self.mesh_search, self.restrict, self.strategy_name = o.mesh_search, o.restrict, o.strategy_name
+        self.warm_start = o.warm_start
         self.program, self.P, self.layer_eqns = inputs.program, inputs.num_params, list(layer_eqns)
         self.spec, self.nodes, self.budget, self.opt_ratio = inputs.spec, inputs.nodes, inputs.budget, inputs.opt_ratio
         self.solver, self.time_limit_s = o.solver, o.time_limit_s
         self.cache: dict = {}
-        self.seeds: dict = {}
+        self.warm_starts: dict = {}
+        self.reshard_cache = ReshardCache()  # shared by every stage build
         self.problems: dict = {}  # (structure, sub-mesh) -> {mesh: IntraProblem}, reused across budgets
         self.traced: dict = {}
         self.stages: dict = {}
@@ -169,15 +174,17 @@ class StageCoster:
         try:
             # a parameter also holds its gradient accumulator and optimizer state all step long
             scale = {i: 2.0 + self.opt_ratio for i in range(len(p))}
+            hooks = PlanHooks(
+                mesh_shapes=stage_meshes(submesh, self.mesh_search), traced=(prog, graph),
+                restrict=lambda shape: {"input_usage_scale": scale, **(
+                    {} if self.restrict is None else self.restrict((p, a, nd, ct), tuple(shape)))},
+                strategy_name=self.strategy_name, warm_start=self._warm_start((p, a, nd, ct), key[:2]),
+                problems=self.problems.setdefault(key[:2], {}), reshard_cache=self.reshard_cache, carry=False)
             sp = plan_with(stage_train(fwd), (p, a, nd, ct), cluster=cl, nodes=n, mesh_shape=mesh_shape,
-                           mesh_shapes=stage_meshes(submesh, self.mesh_search), traced=(prog, graph),
                            memory_budget_bytes=budget, solver=self.solver,
                            time_limit_s=time_limit_s if time_limit_s is not None else (
                                self.time_limit_s if self.time_limit_s is not None else STAGE_TIME_LIMIT_S),
-                           restrict=lambda shape: {"input_usage_scale": scale, **(
-                               {} if self.restrict is None else self.restrict((p, a, nd, ct), tuple(shape)))},
-                           strategy_name=self.strategy_name, seed=self._seed((p, a, nd, ct), key[:2]),
-                           problems=self.problems.setdefault(key[:2], {}), carry=False)
+                           hooks=hooks)
         except PlanError as err:
             if budget == self.budget:  # (a layer that misses its share of the budget is retried whole)
                 self.infeasible += 1
@@ -203,20 +210,20 @@ class StageCoster:
         self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]}: {sp.solver.status}")
         return res
 
-    def _seed(self, stage_args, key):
-        """``plan_with``'s seed for this stage (``key``: structure, sub-mesh): the rule on each
-        mesh, one :class:`Seed` per mesh shared by every budget (None where the rule does not
-        apply, e.g. a micro-batch that the mesh's data-parallel axis does not divide)."""
-        if self.seed is None:
+    def _warm_start(self, stage_args, key):
+        """``PlanHooks.warm_start`` for this stage (``key``: structure, sub-mesh): the rule on
+        each mesh, one :class:`WarmStart` per mesh shared by every budget (None where the rule
+        does not apply, e.g. a micro-batch that the mesh's data-parallel axis does not divide)."""
+        if self.warm_start is None:
             return None
 
         def rule(shape):
             k = (*key, tuple(shape))
-            if k not in self.seeds:
+            if k not in self.warm_starts:
                 try:
-                    self.seeds[k] = Seed(**self.seed(stage_args, tuple(shape)))
+                    self.warm_starts[k] = WarmStart(**self.warm_start(stage_args, tuple(shape)))
                 except ValueError:
-                    self.seeds[k] = None
-            return self.seeds[k]
+                    self.warm_starts[k] = None
+            return self.warm_starts[k]
         return rule
 

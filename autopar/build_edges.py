@@ -1,0 +1,141 @@
+"""The edge terms of the solver problem (``autopar.build``): per (producer, consumer) pair the
+µs to reshard the producer's output spec into the spec the consumer wants, summed over the
+operands it reads; then the ties between a program input and an output: donated buffers
+(alias: one layout, ∞ off the diagonal), loop-carried pairs (the output resharded into the
+input's layout before the next call) and scan carries (one layout for every iteration).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from autopar.cost import MeshModel, resharding
+
+from .build_nodes import US
+from .graph import OpGraph, is_constant_broadcast
+from .trace import Lit, Value
+
+
+class ReshardCache:
+    """Resharding cost matrices (µs, src specs × dst specs) by (mesh, shape, itemsize, src,
+    dst), read-only. One per plan; a pipeline plan passes one to all its stage builds (it
+    rebuilds the same layers on the same meshes many times). Cleared at ``max_entries``."""
+
+    def __init__(self, max_entries: int = 50_000):
+        self.max_entries = max_entries
+        self._matrices: dict = {}
+
+    def matrix(self, mesh: MeshModel, value: Value, src: tuple, dst: tuple, seen: set | None = None) -> np.ndarray:
+        """µs to reshard ``value`` from each spec of ``src`` (rows) into each of ``dst``
+        (columns; None: the consumer takes any layout, 0). ``seen`` collects the keys used."""
+        key = (mesh, value.shape, value.itemsize, src, dst)
+        if seen is not None:
+            seen.add(key)
+        m = self._matrices.get(key)
+        if m is None:
+            m = np.array([[0.0 if d is None else resharding(mesh, value.shape, value.itemsize, a, d)[0]
+                           for d in dst] for a in src]) * US
+            m.flags.writeable = False
+            if len(self._matrices) >= self.max_entries:
+                self._matrices.clear()
+            self._matrices[key] = m
+        return m
+
+
+@dataclass
+class Operand:
+    node: int
+    operand: int
+    value: Value
+    producer: int
+    out_index: int
+
+
+@dataclass(frozen=True)
+class Edges:
+    pairs: list[tuple[int, int]]        # (producer, consumer) or (input, output's producer)
+    costs: list[np.ndarray]             # µs, producer strategies × consumer strategies
+    operands: list[list[Operand]]       # what each consumer reads ([] for a tie)
+    matrix_keys: frozenset              # the reshard matrices used
+
+
+def match_donations(graph: OpGraph, donated_inputs) -> list[tuple[int, int]]:
+    """(input index, output index) pairs: each donated input leaf aliases the first unmatched
+    program output of the same shape and dtype (the rule ``jax.jit`` uses for donation)."""
+    prog = graph.program
+    pairs, used = [], set()
+    for i in sorted(donated_inputs):
+        v = prog.values[prog.invars[i]]
+        for k, o in enumerate(prog.outvars):
+            if k in used or not isinstance(o, int):
+                continue
+            w = prog.values[o]
+            if w.shape == v.shape and str(w.dtype) == str(v.dtype):
+                used.add(k)
+                pairs.append((i, k))
+                break
+    return pairs
+
+
+def rematerialized(graph: OpGraph) -> frozenset[int]:
+    """Constant broadcasts: ``emit`` recomputes them in each consumer's layout, reshards free."""
+    return frozenset(n.index for n in graph.nodes if n.eqn is not None and is_constant_broadcast(n.eqn))
+
+
+def operand_edges(graph: OpGraph, mesh: MeshModel, strats, cache: ReshardCache, *, remat: frozenset[int],
+                  allowed_reshard=None) -> Edges:
+    """One edge per (producer, consumer) pair, its operands grouped; ``allowed_reshard(input,
+    src, dst)`` forbids (∞) conversions of a program input."""
+    grouped: dict[tuple[int, int], list[Operand]] = {}
+    for node in graph.nodes:
+        for k, o in enumerate(node.operands):
+            if isinstance(o, Lit):
+                continue
+            u, j = graph.producer[o.id]
+            grouped.setdefault((u, node.index), []).append(Operand(node.index, k, o, u, j))
+    costs, keys = [], set()
+    for (u, v), ops in grouped.items():
+        mat = np.zeros((len(strats[u]), len(strats[v])))
+        for op in ops:
+            if u in remat:  # emit recomputes the constant in the consumer's layout
+                continue
+            src = tuple(s.out_specs[op.out_index] for s in strats[u])
+            dst = tuple(s.in_specs[op.operand] for s in strats[v])
+            m = cache.matrix(mesh, op.value, src, dst, keys)
+            if allowed_reshard is not None and graph.nodes[u].kind == "input":
+                ok = np.array([[d is None or allowed_reshard(u, a, d) for d in dst] for a in src], dtype=bool)
+                m = np.where(ok, m, np.inf)
+            mat = mat + m
+        if graph.reshard_repeat(v) > 1:  # a reshard inside a scan body happens every iteration
+            mat = mat * graph.reshard_repeat(v)
+        costs.append(mat)
+    return Edges(list(grouped), costs, list(grouped.values()), frozenset(keys))
+
+
+def tie_edges(graph: OpGraph, mesh: MeshModel, strats, cache: ReshardCache, edges: Edges, *,
+              aliases, carried) -> Edges:
+    """``edges`` with the input/output ties added (on an operand edge: its matrix summed)."""
+    pairs, costs, operands, keys = list(edges.pairs), list(edges.costs), list(edges.operands), set(edges.matrix_keys)
+    index = {e: k for k, e in enumerate(pairs)}
+    outvars, invars = graph.program.outvars, graph.program.invars
+    ties = [(invars[i], outvars[k], True) for i, k in aliases] + [(invars[i], outvars[k], False) for i, k in carried]
+    ties += [(a, b, True) for a, b in graph.ties]  # scan carries: one layout for every iteration
+    for in_value, out_value, alias in ties:
+        i, h = graph.producer[in_value]
+        u, j = graph.producer[out_value]
+        if u == i:
+            continue
+        src = [s.out_specs[h] for s in strats[i]]
+        dst = [s.out_specs[j] for s in strats[u]]
+        if alias:
+            mat = np.array([[0.0 if a == b else np.inf for b in dst] for a in src])
+        else:  # the output, laid out as b, is resharded into the input's a before the next call
+            mat = cache.matrix(mesh, graph.program.values[out_value], tuple(dst), tuple(src), keys).T
+        if (i, u) in index:
+            costs[index[i, u]] = costs[index[i, u]] + mat
+        else:  # (not indexed: a second tie of the same pair is its own edge)
+            pairs.append((i, u))
+            costs.append(mat)
+            operands.append([])
+    return Edges(pairs, costs, operands, frozenset(keys))

@@ -1,0 +1,270 @@
+"""The one entry point: ``solve(problem) -> Solution`` (presolve, pick a solver, map back).
+
+    1. usage_limit < min peak usage (every node at its least-usage strategy)  → InfeasibleError
+    2. presolve (exact reductions, ``solvers.presolve``)
+    3. solver on the reduced problem:
+         "brute"     exhaustive (tiny problems only)
+         "highs"     marginal ILP with HiGHS            ("cbc": the same with CBC)
+         "heuristic" memory-aware local search + ILP neighbourhoods
+         "auto"      HiGHS when the reduced ILP is small (≤ AUTO_ILP_VARIABLES), falling back
+                     to the heuristic if HiGHS finds nothing in time; up to AUTO_LP_VARIABLES
+                     the LP relaxation alone, kept when it is integral and fits memory;
+                     the heuristic otherwise
+    4. the reduced choice is restored to the original nodes and re-scored with ``evaluate``.
+
+``time_limit_s`` covers all of it (None: exact solvers run to optimality, the heuristic
+gets DEFAULT_HEURISTIC_S).
+
+``start`` (a warm start: a choice, or a function of the seconds left that returns one or
+None) is what a time limit must never make the result worse than; the time it takes is not
+counted against ``time_limit_s`` (the solver keeps its full time). It is asked for only when
+the solve would not be exact at once (not when an integral LP optimum settles it), seeds
+the ILP (mapped through presolve, ``Presolved.forward``; the better of it and the quick
+heuristic incumbent) and is returned itself when nothing better is found
+(``solver`` then ends in ``+start``).
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+from .brute import solve_brute
+from .heuristic import solve_heuristic
+from .ilp import solve_ilp
+from .milp import unique_rows
+from .presolve import presolve as run_presolve
+from .problem import InfeasibleError, Problem, Solution, evaluate
+
+SOLVERS = ("auto", "cbc", "highs", "heuristic", "brute")
+AUTO_ILP_VARIABLES = 200_000
+# above AUTO_ILP_VARIABLES, up to this size the LP relaxation is tried first (≤ AUTO_LP_S, and at
+# most 30 % of the time limit): when it is integral and fits memory it is the proven optimum
+AUTO_LP_VARIABLES, AUTO_LP_S = 1_000_000, 30.0
+DEFAULT_HEURISTIC_S = 60.0
+
+
+def ilp_size(problem: Problem, cap: float = math.inf) -> int:
+    """Variables of the marginal ILP: strategies + edge variables, where strategies with
+    identical rows / columns of an edge matrix share variables (as ``milp._edge_vars`` does).
+    Counting stops once the size exceeds ``cap``."""
+    size = sum(len(c) for c in problem.node_costs if len(c) > 1)
+    for (u, v), m in zip(problem.edges, problem.edge_costs):
+        if size > cap:
+            break
+        if len(problem.node_costs[u]) > 1 and len(problem.node_costs[v]) > 1:
+            rows = unique_rows(m)[0]
+            size += len(rows) * len(unique_rows(rows.T)[0])
+    return size
+
+
+def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None = None,
+          presolve: bool = True, seed: int = 0, gap_rel: float = 0.0, start=None) -> Solution:
+    """Best choice for ``problem`` (in its own node order), scored by ``evaluate``.
+
+    ``gap_rel``: the ILP stops once its incumbent is proven within this relative gap of the
+    optimum (0: prove optimality; the planner passes ``autopar.planner.MIP_GAP`` = 1e-3 —
+    closing the last 0.1 % of a predicted step time can take HiGHS minutes). ``seed``: the
+    heuristic's random seed. ``start``: a warm start (module doc)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown {solver=}; expected one of {SOLVERS}")
+    clock = _Clock(time_limit_s)
+    min_peak = _check_usage_limit(problem)
+    stats: dict = {}
+    reduced = _presolved(problem, min_peak, stats) if presolve else _Reduced.identity(problem)
+    warm = _WarmStart(problem, start, clock, stats)
+    name, sol = _run_solver(solver, reduced, warm, clock, gap_rel=gap_rel, seed=seed, stats=stats)
+    stats["solver"] = sol.stats
+    return _answer(problem, reduced, name, sol, warm.value, min_peak, clock, stats)
+
+
+class _Clock:
+    """Seconds left of ``time_limit_s`` (None: no limit); the warm start's own solve
+    (``excluded_s``) is not counted against it."""
+
+    def __init__(self, time_limit_s: float | None):
+        self.t0, self.time_limit_s, self.excluded_s = time.perf_counter(), time_limit_s, 0.0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def left(self) -> float | None:
+        if self.time_limit_s is None:
+            return None
+        return max(0.0, self.time_limit_s + self.excluded_s - self.elapsed())
+
+
+@dataclass(frozen=True)
+class _Reduced:
+    """The problem the solver sees and the maps between its choices and the original's."""
+    problem: Problem
+    restore: Callable  # reduced choice → original choice
+    forward: Callable  # original choice → reduced choice (None: none matches)
+
+    @staticmethod
+    def identity(problem: Problem) -> "_Reduced":
+        return _Reduced(problem, lambda c: tuple(int(x) for x in c), lambda c: tuple(c))
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """A choice of the original problem with its ``evaluate`` result."""
+    choice: tuple
+    cost: float
+    fits: bool
+    peak: float
+
+
+class _WarmStart:
+    """The caller's ``start``, asked for at most once (when first needed) and kept only when
+    it has finite cost and fits; the time it takes is excluded from the clock."""
+
+    def __init__(self, problem: Problem, start, clock: _Clock, stats: dict):
+        self.problem, self.start, self.clock, self.stats = problem, start, clock, stats
+        self.asked, self.value = False, None  # value: _Scored or None
+
+    def ask(self) -> _Scored | None:
+        if self.start is None or self.asked:
+            return self.value
+        self.asked, ts = True, time.perf_counter()
+        choice = self.start(self.clock.left()) if callable(self.start) else self.start
+        if choice is not None:
+            cost, feasible, peak = evaluate(self.problem, choice)
+            self.value = _Scored(tuple(int(c) for c in choice), cost, True, peak) if feasible else None
+        self.clock.excluded_s = self.stats["start_s"] = time.perf_counter() - ts
+        return self.value
+
+
+def _check_usage_limit(problem: Problem) -> float:
+    """The minimum peak usage (every node at its least-usage strategy; 0 without a limit);
+    InfeasibleError when the usage limit is below it."""
+    min_peak = problem.min_peak_usage() if problem.usage_limit is not None else 0.0
+    if problem.usage_limit is not None and problem.usage_limit < min_peak * (1 - 1e-12):
+        raise InfeasibleError(
+            f"usage_limit={problem.usage_limit:.6g} is below the minimum peak usage {min_peak:.6g} "
+            f"(every node at its least-usage strategy); raise the limit to at least min_peak_usage={min_peak:.6g}",
+            min_peak_usage=min_peak)
+    return min_peak
+
+
+def _presolved(problem: Problem, min_peak: float, stats: dict) -> _Reduced:
+    try:
+        ps = run_presolve(problem)
+    except InfeasibleError as err:
+        raise InfeasibleError(str(err), min_peak_usage=min_peak) from None
+    stats["presolve"] = ps.stats
+    return _Reduced(ps.problem, ps.restore, ps.forward)
+
+
+def _run_solver(solver: str, reduced: _Reduced, warm: _WarmStart, clock: _Clock, *, gap_rel: float, seed: int,
+                stats: dict) -> tuple[str, Solution]:
+    """(the solver's name as reported, its solution of the reduced problem)."""
+    p = reduced.problem
+    if solver == "brute":
+        return solver, solve_brute(p)
+    if solver in ("highs", "cbc"):
+        return solver, solve_ilp(p, solver=solver, time_limit_s=clock.left(),
+                                 start=_ilp_start(reduced, warm, clock), gap_rel=gap_rel)
+    if solver == "heuristic":
+        warm.ask()
+        return solver, solve_heuristic(p, time_limit_s=_heuristic_time(clock.left()), seed=seed)
+    name, sol = _auto_exact(reduced, warm, clock, gap_rel=gap_rel, stats=stats)
+    if sol is None or (not sol.feasible and sol.status != "infeasible"):
+        warm.ask()
+        name, sol = "auto:heuristic", solve_heuristic(p, time_limit_s=_heuristic_time(clock.left()), seed=seed)
+    return name, sol
+
+
+def _auto_exact(reduced: _Reduced, warm: _WarmStart, clock: _Clock, *, gap_rel: float,
+                stats: dict) -> tuple[str, Solution | None]:
+    """"auto" by the reduced ILP's size: its LP relaxation, then HiGHS (small); the LP
+    relaxation alone, briefly (medium); nothing (large: the heuristic's)."""
+    p = reduced.problem
+    size = stats["ilp_size"] = ilp_size(p, cap=AUTO_LP_VARIABLES)
+    if size <= AUTO_ILP_VARIABLES:
+        sol = _lp_first(p, clock.left(), gap_rel)
+        if sol is not None:
+            return "auto:highs-lp", sol
+        return "auto:highs", solve_ilp(p, solver="highs", time_limit_s=clock.left(),
+                                       start=_ilp_start(reduced, warm, clock), gap_rel=gap_rel)
+    if size <= AUTO_LP_VARIABLES:  # too big for the MILP, but its LP is often integral: try it, briefly
+        limit = clock.left()
+        return "auto:highs-lp", _lp_first(p, min(AUTO_LP_S, 0.3 * limit) if limit is not None else AUTO_LP_S,
+                                          gap_rel)
+    return "auto", None
+
+
+def _ilp_start(reduced: _Reduced, warm: _WarmStart, clock: _Clock):
+    """The ILP's incumbent on the reduced problem: the warm start (if it has finite cost and
+    fits) or the quick heuristic's, whichever is cheaper."""
+    w = warm.ask()
+    seeds = [reduced.forward(w.choice)] if w is not None else []
+    seeds = [c for c in seeds if c is not None] + [_quick_start(reduced.problem, clock.left())]
+    scored = [(evaluate(reduced.problem, c), c) for c in seeds if c is not None]
+    scored = [(r[0], c) for r, c in scored if r[1]]
+    return min(scored, key=lambda x: x[0])[1] if scored else None
+
+
+def _answer(problem: Problem, reduced: _Reduced, name: str, sol: Solution, warm: _Scored | None, min_peak: float,
+            clock: _Clock, stats: dict) -> Solution:
+    """The solver's answer restored to the original nodes and re-scored, or the warm start
+    when it is cheaper (never worse than it)."""
+    elapsed = clock.elapsed()
+    found = None  # the solver's answer, in the original problem
+    if sol.feasible:
+        choice = reduced.restore(sol.choice)
+        found = _Scored(choice, *evaluate(problem, choice))
+    if warm is not None and warm.cost < (found.cost if found else math.inf):
+        stats["peak_usage"] = warm.peak
+        return Solution(choice=warm.choice, cost=warm.cost, feasible=True, status="feasible",
+                        lower_bound=min(sol.lower_bound, warm.cost), solver=name + "+start", time_s=elapsed,
+                        stats=stats)
+    if sol.status == "infeasible":
+        raise InfeasibleError(
+            f"no assignment has finite cost and fits usage_limit={problem.usage_limit} ({name} proved it); "
+            f"minimum peak usage is {min_peak:.6g}", min_peak_usage=min_peak)
+    if found is None:
+        return Solution(choice=(), cost=math.inf, feasible=False, status="unknown", lower_bound=sol.lower_bound,
+                        solver=name, time_s=elapsed, stats=stats)
+    stats["peak_usage"] = found.peak
+    bound = min(sol.lower_bound, found.cost) if found.fits else sol.lower_bound
+    return Solution(choice=found.choice, cost=found.cost, feasible=found.fits,
+                    status=sol.status if found.fits else "unknown", lower_bound=bound, solver=name,
+                    time_s=clock.elapsed(), stats=stats)
+
+
+def _lp_first(problem: Problem, time_left: float | None, gap_rel: float) -> Solution | None:
+    """The marginal LP relaxation is often integral on sharding problems (measured: every GPT
+    mesh in benchmarks/plan_time.py), and the memory limit rarely binds. The LP is solved
+    without memory rows; its rounded choice is returned when it fits the memory limit and is
+    within ``gap_rel`` of the LP bound (that bound proves it); otherwise None → the MILP."""
+    if problem.num_nodes == 0:
+        return None
+    # without memory rows (lazy, relax: none are added): still a lower bound of the real problem,
+    # and when the rounded choice fits memory nothing else is needed
+    lp = solve_ilp(problem, solver="highs", relax=True, time_limit_s=time_left, lazy=True)
+    if not lp.feasible or not math.isfinite(lp.lower_bound) or not lp.choice:
+        return None
+    if lp.cost - lp.lower_bound > max(gap_rel * abs(lp.cost), 1e-9 * max(1.0, abs(lp.cost))):
+        return None
+    status = "optimal" if lp.cost - lp.lower_bound <= 1e-9 * max(1.0, abs(lp.cost)) else "feasible"
+    return Solution(choice=lp.choice, cost=lp.cost, feasible=True, status=status, lower_bound=lp.lower_bound,
+                    solver="highs-lp", time_s=lp.time_s, stats=lp.stats)
+
+
+def _heuristic_time(time_left: float | None) -> float:
+    """The heuristic runs to its limit; keep ~1 s (2 % of longer limits) for restoring and
+    re-scoring the choice so the whole solve stays within ``time_limit_s``."""
+    if time_left is None:
+        return DEFAULT_HEURISTIC_S
+    return max(0.05, time_left - min(1.0 + 0.005 * time_left, 0.1 * time_left))
+
+
+def _quick_start(problem: Problem, time_left: float | None):
+    """A feasible incumbent for a time-limited ILP (least-usage start + memory-aware ICM)."""
+    if time_left is None or problem.num_nodes == 0:
+        return None
+    sol = solve_heuristic(problem, time_limit_s=min(5.0, 0.1 * time_left), lns=False)
+    return sol.choice if sol.feasible else None
