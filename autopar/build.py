@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from autopar.cost import MeshModel, collective_time, compute_time, resharding, shard_factor
+from autopar.cost import MeshModel, collective, collective_time, compute_time, resharding, shard_factor
 from autopar.solvers import Problem
 
 from .followers import Merged, find_followers, merge
@@ -147,15 +147,16 @@ def _node_costs(node, strats, mesh):
 
 
 def transient_usages(graph: OpGraph, strats) -> list:
-    """While an op reduces partial sums (all-reduce / reduce-scatter inside it), the
-    unreduced local buffer exists besides its output: an item live only at the op; so does
-    a strategy's scratch (``Strategy.temp_bytes``: unfused attention's S×S scores)."""
+    """While an op reduces partial sums (a collective inside it whose ``cost.comm`` record is
+    ``partial_live``: all-reduce, reduce-scatter), the unreduced local buffer exists besides
+    its output: an item live only at the op; so does a strategy's scratch
+    (``Strategy.temp_bytes``: unfused attention's S×S scores)."""
     items, cache = [], {}
     for node, ss in zip(graph.nodes, strats):
         key = id(ss)  # strategy lists are shared between nodes of one signature
         if key not in cache:
             # one buffer however many all-reduces it goes through (one per split reduced dim)
-            cache[key] = np.array([max((n for kind, _, n in s.comm if kind in ("all-reduce", "reduce-scatter")),
+            cache[key] = np.array([max((n for kind, _, n in s.comm if collective(kind).partial_live),
                                        default=0.0) + s.temp_bytes * 1.0 for s in ss])
         if cache[key].any():
             items.append((node.index, cache[key], (node.index, node.index + 1)))

@@ -13,20 +13,17 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
-from autopar.cost import MeshModel, Spec
+from autopar.cost import ALL_REDUCE, CollectiveOp, MeshModel, Spec
 
 from ..graph import Node
 from ..trace import Lit
-
-Collective = tuple[str, tuple[int, ...], float]
-
 
 @dataclass(frozen=True)
 class Strategy:
     name: str
     out_specs: tuple[Spec, ...]
     in_specs: tuple[Spec | None, ...]     # per operand; None for literals
-    comm: tuple[Collective, ...] = ()     # collectives inside the op (partial sums)
+    comm: tuple[CollectiveOp, ...] = ()   # collectives inside the op (partial sums)
     work_div: int | None = None           # devices sharing the work (default: max shard factor)
     temp_bytes: float = 0.0               # local scratch live only during the op (attention's S×S scores)
 
@@ -93,13 +90,13 @@ def specs_from_roles(ranks, role_dims, per) -> list[Spec]:
     return [tuple(sp) for sp in specs]
 
 
-def partial_sum_all_reduces(reduced_axes, nbytes: float) -> tuple[Collective, ...]:
+def partial_sum_all_reduces(reduced_axes, nbytes: float) -> tuple[CollectiveOp, ...]:
     """The all-reduces of partial sums whose reduced dims are split over ``reduced_axes`` (the
     mesh axes of each reduced dim, in dim order), ``nbytes`` the reduced local buffer: XLA's
     partitioner emits one all-reduce per split dim (the last dim's first), each of the whole
     buffer, not one over all their axes (measured on a (2, 4) mesh: a sum over dims split on
     x and y is an all-reduce over y, then one over x; tests/test_fuzz.py)."""
-    return tuple(("all-reduce", tuple(sorted(axes)), nbytes) for axes in reversed(list(reduced_axes)) if axes)
+    return tuple((ALL_REDUCE.name, tuple(sorted(axes)), nbytes) for axes in reversed(list(reduced_axes)) if axes)
 
 
 def spec_name(spec: Spec) -> str:

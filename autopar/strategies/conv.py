@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from autopar.cost import MeshModel
+from autopar.cost import ALL_REDUCE, MeshModel
 
 from ..graph import Node
 from .base import Fallback, Strategy, register, role_assignments, spec_name, specs_from_roles
@@ -38,7 +38,7 @@ def conv_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
         comm = ()
         if contracted:
             local = out.nbytes / math.prod(mesh.shape[a] for s in os_ for a in s)
-            comm = (("all-reduce", contracted, local),)
+            comm = ((ALL_REDUCE.name, contracted, local),)
         work = math.prod(mesh.shape[a] for axes in per for a in axes)
         res.append(Strategy(f"{spec_name(ls)}x{spec_name(rs)}" + ("-allreduce" if comm else ""),
                             (os_,), (ls, rs), comm, work))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from autopar.cost import MeshModel
+from autopar.cost import REDUCE_SCATTER, MeshModel
 
 from ..graph import Node
 from .base import Strategy, partial_sum_all_reduces, register, role_assignments, spec_name, specs_from_roles
@@ -56,5 +56,5 @@ def dot_general_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
                     continue
                 seen.add(key)
                 res.append(Strategy(base + f"-reducescatter{d}", (tuple(rs),), ins,
-                                    (("reduce-scatter", contracted, out_local),), work))
+                                    ((REDUCE_SCATTER.name, contracted, out_local),), work))
     return res

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from autopar.cost import MeshModel
+from autopar.cost import ALL_REDUCE, MeshModel
 
 from ..graph import Node
 from .base import Fallback, Strategy, register, role_assignments, spec_name, specs_from_roles
@@ -46,7 +46,7 @@ def gather_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
         comm = ()
         if vocab:
             local = out.nbytes / math.prod(mesh.shape[a] for s in outspec for a in s)
-            comm = (("all-reduce", vocab, local),)
+            comm = ((ALL_REDUCE.name, vocab, local),)
         res.append(Strategy(spec_name(ospec) + "[" + spec_name(ispec) + "]" + ("-vocab" if vocab else ""),
                             (outspec,), (ospec, ispec) + rest, comm))
     return res
@@ -88,7 +88,7 @@ def scatter_add_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
         comm = ()
         if partial:
             local = out.nbytes / math.prod(mesh.shape[a] for s in ospec for a in s)
-            comm = (("all-reduce", partial, local),)
+            comm = ((ALL_REDUCE.name, partial, local),)
         res.append(Strategy(spec_name(ospec) + "[" + spec_name(uspec) + "]" + ("-allreduce" if partial else ""),
                             (ospec,), (ospec, ispec, uspec), comm))
     return res
