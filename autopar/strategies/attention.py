@@ -15,9 +15,7 @@ during the op (``Strategy.temp_bytes``; twice that in the backward: scores and t
 """
 from __future__ import annotations
 
-import math
-
-from autopar.cost import MeshModel
+from autopar.cost import MeshModel, shard_factor
 
 from ..graph import Node
 from ..trace import Lit
@@ -55,7 +53,7 @@ def attention_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
         else:
             qs, kvs = tuple(qs), tuple(kvs)
             mspec = () if mask is None else (None if isinstance(mask, Lit) else tuple(ms),)
-            factor = math.prod(mesh.shape[a] for axes in per for a in axes)
+            factor = shard_factor(per, mesh.shape)
             temp = 0.0 if mesh.device_kind == "gpu" else b * n * t * s * q.itemsize / factor * (2 if bwd else 1)
             if bwd:
                 ins, outs = (qs, kvs, kvs) + mspec + (qs, qs), (qs, kvs, kvs)

@@ -8,12 +8,11 @@ raises :class:`Fallback` (both counted in the report).
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
-from autopar.cost import ALL_REDUCE, CollectiveOp, MeshModel, Spec
+from autopar.cost import ALL_REDUCE, CollectiveOp, MeshModel, Spec, axes_size, shard_factor
 
 from ..graph import Node
 from ..trace import Lit
@@ -60,7 +59,7 @@ def enumerate_specs(shape: tuple[int, ...], mesh_shape: tuple[int, ...],
         for a, d in zip(axes, assign):
             if d is not None:
                 per_dim[d].append(a)
-        if all(shape[d] % math.prod(mesh_shape[a] for a in per_dim[d]) == 0 for d in range(len(shape))):
+        if all(shape[d] % axes_size(per_dim[d], mesh_shape) == 0 for d in range(len(shape))):
             out.append(tuple(tuple(p) for p in per_dim))
     return tuple(out)
 
@@ -75,7 +74,7 @@ def role_assignments(sizes, mesh_shape):
         for ax, r in zip(axes, assign):
             if r is not None:
                 per[r].append(ax)
-        if all(sizes[r] % math.prod(mesh_shape[a] for a in per[r]) == 0 for r in range(len(sizes))):
+        if all(sizes[r] % axes_size(per[r], mesh_shape) == 0 for r in range(len(sizes))):
             yield [tuple(p) for p in per]
 
 
@@ -107,8 +106,7 @@ def spec_name(spec: Spec) -> str:
 def local_nbytes(value, spec: Spec | None, mesh_shape) -> float:
     if spec is None or isinstance(value, Lit):
         return 0.0
-    factor = math.prod(mesh_shape[a] for axes in spec for a in axes)
-    return value.nbytes / factor
+    return value.nbytes / shard_factor(spec, mesh_shape)
 
 
 def replicated_rule(node: Node, mesh: MeshModel) -> list[Strategy]:

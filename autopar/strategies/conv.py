@@ -4,9 +4,7 @@ XLA's partitioner gathers the operands of a grouped conv that is neither depthwi
 1×1 stride-1 window whatever their sharding, so such a conv is planned replicated."""
 from __future__ import annotations
 
-import math
-
-from autopar.cost import ALL_REDUCE, MeshModel
+from autopar.cost import ALL_REDUCE, MeshModel, shard_factor
 
 from ..graph import Node
 from .base import Fallback, Strategy, register, role_assignments, spec_name, specs_from_roles
@@ -37,9 +35,9 @@ def conv_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
         contracted = tuple(sorted(a for r, axes in zip(roles, per) if r[2] for a in axes))
         comm = ()
         if contracted:
-            local = out.nbytes / math.prod(mesh.shape[a] for s in os_ for a in s)
+            local = out.nbytes / shard_factor(os_, mesh.shape)
             comm = ((ALL_REDUCE.name, contracted, local),)
-        work = math.prod(mesh.shape[a] for axes in per for a in axes)
+        work = shard_factor(per, mesh.shape)
         res.append(Strategy(f"{spec_name(ls)}x{spec_name(rs)}" + ("-allreduce" if comm else ""),
                             (os_,), (ls, rs), comm, work))
     return res

@@ -4,9 +4,7 @@ output dim) — or nothing.
 """
 from __future__ import annotations
 
-import math
-
-from autopar.cost import REDUCE_SCATTER, MeshModel
+from autopar.cost import REDUCE_SCATTER, MeshModel, axes_size, shard_factor
 
 from ..graph import Node
 from .base import Strategy, partial_sum_all_reduces, register, role_assignments, spec_name, specs_from_roles
@@ -36,18 +34,18 @@ def dot_general_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
         lspec, rspec, ospec = specs_from_roles(ranks, [r[2] for r in roles], per)
         contracted = tuple(sorted(a for r, axes in zip(roles, per) if r[0] == "c" for a in axes))
         ins = (lspec, rspec)
-        work = math.prod(mesh.shape[a] for axes in per for a in axes)
+        work = shard_factor(per, mesh.shape)
         base = f"{spec_name(lspec)}x{spec_name(rspec)}"
         if not contracted:
             res.append(Strategy(base, (ospec,), ins, (), work))
             continue
-        out_local = out.nbytes / math.prod(mesh.shape[a] for s in ospec for a in s)
+        out_local = out.nbytes / shard_factor(ospec, mesh.shape)
         # one all-reduce per split contracting dim (XLA's partitioner), one reduce-scatter in all
         split_c = [axes for r, axes in zip(roles, per) if r[0] == "c"]
         res.append(Strategy(base + "-allreduce", (ospec,), ins, partial_sum_all_reduces(split_c, out_local), work))
-        p = math.prod(mesh.shape[a] for a in contracted)
+        p = axes_size(contracted, mesh.shape)
         for d in range(len(out.shape)):
-            local_d = out.shape[d] // math.prod(mesh.shape[a] for a in ospec[d])
+            local_d = out.shape[d] // axes_size(ospec[d], mesh.shape)
             if local_d % p == 0 and local_d >= p:
                 rs = list(ospec)
                 rs[d] = ospec[d] + contracted  # scattered axes minor to the dim's own split (XLA's order)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import itertools
 import math
 
-from autopar.cost import MeshModel
+from autopar.cost import MeshModel, shard_factor
 
 from ..graph import Node
 from ..trace import Lit
@@ -39,17 +39,9 @@ def _reduction(node: Node, mesh: MeshModel) -> list[Strategy]:
     res = []
     for spec in enumerate_specs(x.shape, mesh.shape):
         out_spec = tuple(s for d, s in enumerate(spec) if d not in axes)
-        comm = partial_sum_all_reduces([spec[d] for d in sorted(axes)], out.nbytes / _factor(out_spec, mesh))
+        comm = partial_sum_all_reduces([spec[d] for d in sorted(axes)], out.nbytes / shard_factor(out_spec, mesh.shape))
         res.append(Strategy(spec_name(spec) + ("-allreduce" if comm else ""), (out_spec,), (spec,), comm))
     return res
-
-
-def _factor(spec, mesh) -> int:
-    f = 1
-    for axes in spec:
-        for a in axes:
-            f *= mesh.shape[a]
-    return f
 
 
 def_elementwise(*ELEMENTWISE)
