@@ -1,21 +1,24 @@
-"""Strategy type, spec enumeration and the rule table.
+"""Strategy type, spec enumeration and the helpers rules share.
 
 A spec gives, per tensor dim, the sorted tuple of mesh axes that dim is split over.
-A rule maps a node on a mesh to its list of :class:`Strategy`; ``STRATEGY_RULES`` is keyed
-by primitive name; anything missing gets :func:`replicated_rule`, and so does a node whose rule
-raises :class:`Fallback` (both counted in the report).
+A rule maps a node on a mesh to its list of :class:`Strategy`; ``registry.STRATEGY_RULES``
+is keyed by primitive name; anything missing gets :func:`replicated_rule`, and so does a
+node whose rule raises :class:`Fallback` (both counted in the report).
 """
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
+from typing import TYPE_CHECKING
 
 from autopar.cost import ALL_REDUCE, CollectiveOp, MeshModel, Spec, axes_size, shard_factor
 
-from ..graph import Node
 from ..trace import Lit
+
+if TYPE_CHECKING:
+    from ..graph import Node
+
 
 @dataclass(frozen=True)
 class Strategy:
@@ -25,18 +28,6 @@ class Strategy:
     comm: tuple[CollectiveOp, ...] = ()   # collectives inside the op (partial sums)
     work_div: int | None = None           # devices sharing the work (default: max shard factor)
     temp_bytes: float = 0.0               # local scratch live only during the op (attention's S×S scores)
-
-
-Rule = Callable[[Node, MeshModel], list[Strategy]]
-STRATEGY_RULES: dict[str, Rule] = {}
-
-
-def register(*names: str):
-    def deco(rule: Rule) -> Rule:
-        for n in names:
-            STRATEGY_RULES[n] = rule
-        return rule
-    return deco
 
 
 def replicate(rank: int) -> Spec:

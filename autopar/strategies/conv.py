@@ -4,13 +4,26 @@ XLA's partitioner gathers the operands of a grouped conv that is neither depthwi
 1×1 stride-1 window whatever their sharding, so such a conv is planned replicated."""
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING
+
 from autopar.cost import ALL_REDUCE, MeshModel, shard_factor
 
-from ..graph import Node
-from .base import Fallback, Strategy, register, role_assignments, spec_name, specs_from_roles
+from .base import Fallback, Strategy, role_assignments, spec_name, specs_from_roles
+from .registry import num_elements, register
+
+if TYPE_CHECKING:
+    from ..graph import Node
 
 
-@register("conv_general_dilated")
+def conv_flops(params: dict, operands: list, outputs: list) -> float:
+    """2 · (output elements) · (kernel window · input channels)."""
+    rhs, rhs_spec = operands[1].shape, params["dimension_numbers"].rhs_spec
+    kernel = math.prod(rhs[d] for d in rhs_spec[2:]) * rhs[rhs_spec[1]]
+    return 2.0 * num_elements(outputs) * kernel
+
+
+@register("conv_general_dilated", flops=conv_flops)
 def conv_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
     lhs, rhs = node.operands[:2]
     out = node.outputs[0]

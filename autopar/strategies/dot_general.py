@@ -4,10 +4,16 @@ output dim) — or nothing.
 """
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING
+
 from autopar.cost import REDUCE_SCATTER, MeshModel, axes_size, shard_factor
 
-from ..graph import Node
-from .base import Strategy, partial_sum_all_reduces, register, role_assignments, spec_name, specs_from_roles
+from .base import Strategy, partial_sum_all_reduces, role_assignments, spec_name, specs_from_roles
+from .registry import Fusion, num_elements, register
+
+if TYPE_CHECKING:
+    from ..graph import Node
 
 
 def _roles(lhs_rank, rhs_rank, dn):
@@ -17,7 +23,16 @@ def _roles(lhs_rank, rhs_rank, dn):
     return list(lc), list(rc), list(lb), list(rb), lfree, rfree
 
 
-@register("dot_general")
+def dot_flops(params: dict, operands: list, outputs: list) -> float:
+    """2 · (output elements) · (contracted size): one multiply and one add per term."""
+    (lc, _), _ = params["dimension_numbers"]
+    k = math.prod(operands[0].shape[d] for d in lc)
+    return 2.0 * num_elements(outputs) * k
+
+
+# a dot read only by one transpose writes in the transposed layout (jax's weight gradients are
+# (xᵀg)ᵀ): the transpose's buffer is the one charged
+@register("dot_general", flops=dot_flops, fusion=Fusion(frozenset({"transpose"}), single_consumer=True))
 def dot_general_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
     lhs, rhs = node.operands[:2]
     out = node.outputs[0]

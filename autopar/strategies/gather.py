@@ -9,11 +9,15 @@ all-reduce of the output). scatter-add is the transpose: split an update batch d
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from autopar.cost import ALL_REDUCE, MeshModel, shard_factor
 
-from ..graph import Node
-from .base import Fallback, Strategy, register, role_assignments, spec_name, specs_from_roles
+from .base import Fallback, Strategy, role_assignments, spec_name, specs_from_roles
+from .registry import register
+
+if TYPE_CHECKING:
+    from ..graph import Node
 
 
 @register("gather")

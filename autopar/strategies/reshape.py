@@ -3,10 +3,15 @@ its major input dim; splits of minor dims cannot be expressed on the input, so t
 is gathered along them and the output sliced locally."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from autopar.cost import MeshModel, axes_size
 
-from ..graph import Node
-from .base import Fallback, Strategy, enumerate_specs, register, spec_name
+from .base import Fallback, Strategy, enumerate_specs, spec_name
+from .registry import register
+
+if TYPE_CHECKING:
+    from ..graph import Node
 
 
 def dim_groups(in_shape, out_shape):
