@@ -10,12 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from autopar.cost import MeshModel, collective_time, compute_time, shard_factor
+from autopar.cost import MeshModel, collective, collective_time, compute_time, shard_factor
 
 from .graph import OpGraph
-from .strategies import Strategy, enumerate_specs, replicate, spec_name, strategies_for
+from .strategies import FUSION_RULES, Strategy, enumerate_specs, replicate, spec_name, strategies_for
 from .strategies.base import local_nbytes
-from .strategies.elementwise import ELEMENTWISE, REDUCTIONS
 from .trace import SCAN_BOUNDARY
 
 US = 1e6  # solver costs are microseconds
@@ -134,40 +133,35 @@ def live_intervals(graph: OpGraph, donated_nodes: set[int]) -> list[tuple[int, i
 
 
 def transient_usages(graph: OpGraph, strats) -> list:
-    """While an op reduces partial sums (all-reduce / reduce-scatter inside it), the
-    unreduced local buffer exists besides its output: an item live only at the op; so does
-    a strategy's scratch (``Strategy.temp_bytes``: unfused attention's S×S scores)."""
+    """While an op reduces partial sums (a collective inside it whose ``cost.comm`` record is
+    ``partial_live``: all-reduce, reduce-scatter), the unreduced local buffer exists besides
+    its output: an item live only at the op; so does a strategy's scratch
+    (``Strategy.temp_bytes``: unfused attention's S×S scores)."""
     items, cache = [], {}
     for node, ss in zip(graph.nodes, strats):
         key = id(ss)  # strategy lists are shared between nodes of one signature
         if key not in cache:
             # one buffer however many all-reduces it goes through (one per split reduced dim)
-            cache[key] = np.array([max((n for kind, _, n in s.comm if kind in ("all-reduce", "reduce-scatter")),
+            cache[key] = np.array([max((n for kind, _, n in s.comm if collective(kind).partial_live),
                                        default=0.0) + s.temp_bytes * 1.0 for s in ss])
         if cache[key].any():
             items.append((node.index, cache[key], (node.index, node.index + 1)))
     return items
 
 
-# op → the consumers it is fused into (a dot: into exactly one transpose)
-_FUSE_INTO = {"broadcast_in_dim": set(ELEMENTWISE) | set(REDUCTIONS), "transpose": {"dot_general"},
-              "dot_general": {"transpose"}}
-
-
 def fused_nodes(graph: OpGraph) -> set[int]:
-    """Ops whose output XLA never materialises, so they hold no memory: a broadcast read only
-    by elementwise ops / reductions (fused into each consumer, recomputed in the backward), a
-    transpose read only by dots (folded into the dot's dimension numbers), and a dot read only
-    by one transpose (the dot writes in the transposed layout: jax's weight gradients are
-    (xᵀg)ᵀ; the transpose's buffer is the one charged). Measured in benchmarks/fidelity.py:
-    on GPT they were 13 % of the predicted peak and 0 % of XLA's."""
+    """Ops whose output XLA never materialises, so they hold no memory: a single-output op
+    that is no program output and whose consumers all fit its primitive's registered
+    :class:`~autopar.strategies.Fusion` (a broadcast read only by elementwise ops / reductions,
+    a transpose read only by dots, a dot read only by one transpose). Measured in
+    benchmarks/fidelity.py: on GPT they were 13 % of the predicted peak and 0 % of XLA's."""
     out = set()
     for node in graph.nodes:
-        into = _FUSE_INTO.get(node.name) if node.kind == "eqn" else None
-        if into is None or len(node.outputs) != 1 or node.outputs[0].id in graph.output_values:
+        fusion = FUSION_RULES.get(node.name) if node.kind == "eqn" else None
+        if fusion is None or len(node.outputs) != 1 or node.outputs[0].id in graph.output_values:
             continue
         users = graph.consumers.get(node.outputs[0].id, [])
-        if users and all(graph.nodes[u].name in into for u, _ in users) \
-                and (node.name != "dot_general" or len(users) == 1):
+        if users and all(graph.nodes[u].name in fusion.into for u, _ in users) \
+                and (not fusion.single_consumer or len(users) == 1):
             out.add(node.index)
     return out

@@ -52,7 +52,7 @@ def explain(plan, leaf, *, fn=None, args=None, axis: str | None = None, top: int
     over_axis = "" if axis is None else f" over axis {axis!r}"
     shape = tuple(plan.input_shapes[index])
     spec_names = plan.input_specs_flat[index]
-    factor = math.prod(mesh_shape[names.index(a)] for axes in spec_names for a in axes)
+    factor = shard_factor(spec_names, dict(zip(names, mesh_shape)))
     base = dict(leaf=path, index=index, shape=shape, spec=pspec(spec_names), split_factor=factor,
                 devices=devices, mesh_shape=mesh_shape, axis_names=names, objective_s=plan.solver.objective_s,
                 peak_memory_bytes=plan.predicted.peak_memory_bytes)

@@ -1,16 +1,15 @@
 """OpGraph: one node per program input, closed-over constant and equation.
 
-Nodes carry their output values (shape, dtype), operands, FLOPs and bytes touched; the
-graph knows each value's producer and consumers, and the program order used for liveness.
+Nodes carry their output values (shape, dtype), operands, FLOPs (each primitive's registered
+rule, ``strategies.registry``) and bytes touched; the graph knows each value's producer and
+consumers, and the program order used for liveness.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
+from .strategies import primitive_flops
 from .trace import Eqn, Lit, Program, Value
-
-ELEMENTWISE_FLOPS = 1
 
 
 @dataclass
@@ -100,58 +99,6 @@ def is_constant_broadcast(eqn: Eqn) -> bool:
     return eqn.prim.name == "broadcast_in_dim" and len(eqn.inputs) == 1 and isinstance(eqn.inputs[0], Lit)
 
 
-def _numel(shape) -> int:
-    return math.prod(shape)
-
-
-def estimate_flops(eqn: Eqn, operands: list, outputs: list[Value]) -> float:
-    return primitive_flops(eqn.prim.name, eqn.params, operands, outputs)
-
-
-def primitive_flops(name: str, params: dict, operands: list, outputs: list) -> float:
-    """FLOPs of one execution (operands/outputs: anything with ``.shape``). Control flow left
-    unexpanded (``cond``, ``while``) costs its body's FLOPs: the taken branch is the dearest
-    one, a while loop runs its body at least once."""
-    out = sum(_numel(v.shape) for v in outputs)
-    if name == "dot_general":
-        (lc, _), _ = params["dimension_numbers"]
-        k = math.prod(operands[0].shape[d] for d in lc)
-        return 2.0 * out * k
-    if name in ("dot_product_attention", "dot_product_attention_bwd"):  # autopar.attention
-        (b, t, n, h), s, hv = operands[0].shape, operands[1].shape[1], operands[2].shape[-1]
-        fwd = 2.0 * b * n * t * s * (h + hv)   # QKᵀ and PV: 4·B·N·T·S·H
-        return fwd if name == "dot_product_attention" else 2.5 * fwd   # backward: 5 matmuls (recompute)
-    if name == "conv_general_dilated":
-        rhs = operands[1].shape
-        dn = params["dimension_numbers"]
-        rhs_spec = dn.rhs_spec
-        kernel = math.prod(rhs[d] for d in rhs_spec[2:]) * rhs[rhs_spec[1]]
-        return 2.0 * out * kernel
-    if name == "cond":
-        return max((jaxpr_flops(b.jaxpr) for b in params["branches"]), default=0.0)
-    if name == "while":
-        return jaxpr_flops(params["body_jaxpr"].jaxpr) + jaxpr_flops(params["cond_jaxpr"].jaxpr)
-    if name == "scan":
-        return int(params["length"]) * jaxpr_flops(params["jaxpr"].jaxpr)
-    if name.startswith("reduce_") or name in ("argmax", "argmin", "cumsum", "cumprod", "cummax", "cumlogsumexp"):
-        return float(sum(_numel(o.shape) for o in operands))
-    return float(out * ELEMENTWISE_FLOPS)
-
-
-def jaxpr_flops(jaxpr) -> float:
-    """FLOPs of a (jax.extend.core) jaxpr, nested calls and control flow included."""
-    from .trace import INLINE_PARAMS
-    total = 0.0
-    for e in jaxpr.eqns:
-        body = e.params.get(INLINE_PARAMS.get(e.primitive.name, ""))
-        if body is not None:
-            total += jaxpr_flops(getattr(body, "jaxpr", body))
-        else:
-            total += primitive_flops(e.primitive.name, e.params, [v.aval for v in e.invars],
-                                     [v.aval for v in e.outvars])
-    return total
-
-
 def build_graph(program: Program) -> OpGraph:
     nodes: list[Node] = []
     producer: dict[int, tuple[int, int]] = {}
@@ -169,7 +116,8 @@ def build_graph(program: Program) -> OpGraph:
         idx = len(nodes)
         nbytes = sum(v.nbytes for v in outputs) + sum(v.nbytes for v in operands if isinstance(v, Value))
         nodes.append(Node(idx, "eqn", eqn.prim.name, outputs, operands, eqn,
-                          estimate_flops(eqn, operands, outputs) * eqn.repeat, float(nbytes) * eqn.repeat))
+                          primitive_flops(eqn.prim.name, eqn.params, operands, outputs) * eqn.repeat,
+                          float(nbytes) * eqn.repeat))
         for k, x in enumerate(eqn.inputs):
             if not isinstance(x, Lit):
                 consumers.setdefault(x, []).append((idx, k))

@@ -36,7 +36,7 @@ class _Document(_Frozen):
 
 
 class CollectiveCost(_Frozen):
-    kind: str
+    kind: str             # a cost.comm Collective's name ("all-reduce", …; cost.COLLECTIVES)
     axes: list[str]
     bytes: float          # per device, as in the α+nβ formulas (see cost.comm)
     time_s: float

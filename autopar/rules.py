@@ -8,7 +8,7 @@ arguments (``allowed`` / ``allowed_reshard``).
 """
 from __future__ import annotations
 
-import math
+from autopar.cost import axes_size
 
 from .strategies.base import live_axes
 
@@ -24,7 +24,7 @@ def replicated(spec) -> bool:
 
 
 def divides(shape, mesh_shape, axes) -> list[int]:
-    k = math.prod(mesh_shape[a] for a in axes)
+    k = axes_size(axes, mesh_shape)
     return [d for d, n in enumerate(shape) if n % k == 0]
 
 
@@ -32,7 +32,7 @@ def batch_layout(shape, mesh_shape, axes, name, leaf):
     """Batch leaves: dim 0 split over ``axes`` (scalars and ``axes == ()``: replicated)."""
     if not shape or not axes:
         return replicated
-    k = math.prod(mesh_shape[a] for a in axes)
+    k = axes_size(axes, mesh_shape)
     if shape[0] % k:
         raise ValueError(f"{name}: batch leaf {leaf} has shape {shape}; its dim 0 ({shape[0]}) is not divisible "
                          f"by the {k} data-parallel devices. Use a batch size divisible by {k}, or name the "

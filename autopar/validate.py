@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-HLO_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+from autopar.cost import HLO_OPS
+
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
                 "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "s4": 1, "u4": 1}
 _SHAPE = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9][a-z]*)?)\[([0-9,]*)\]")
-_OP = re.compile(r"=\s*(.*?)\s+(" + "|".join(HLO_COLLECTIVES) + r")(-start)?\((.*)$")
+_OP = re.compile(r"=\s*(.*?)\s+(" + "|".join(map(re.escape, HLO_OPS)) + r")(-start)?\((.*)$")  # cost.comm's ops
 
 
 def _bytes_of(text: str) -> int:
@@ -26,7 +27,7 @@ def _bytes_of(text: str) -> int:
 
 @dataclass
 class HloCollective:
-    kind: str
+    kind: str           # the cost.comm Collective's name (the kind plans store)
     bytes: int          # the full buffer as in cost.comm (reduce-scatter: its input)
     group_size: int
     line: str
@@ -81,12 +82,12 @@ def hlo_collectives(hlo_text: str) -> list[HloCollective]:
         m = _OP.search(line)
         if not m:
             continue
-        result, kind = m.group(1), m.group(2)
+        result, coll = m.group(1), HLO_OPS[m.group(2)]
         if m.group(3):  # async start: the result tuple also holds the operands; take the last shape(s)
             result = result.split("),")[-1] if result.startswith("((") else result
         g = _group_size(line)
-        nbytes = _bytes_of(result) * (g if kind == "reduce-scatter" else 1) * mult.get(current, 1)
-        out.append(HloCollective(kind, nbytes, g, line.strip()))
+        nbytes = coll.full_bytes(_bytes_of(result), g) * mult.get(current, 1)
+        out.append(HloCollective(coll.name, nbytes, g, line.strip()))
     return out
 
 

@@ -1,4 +1,4 @@
-"""α + nβ communication model on a logical device mesh.
+"""α + nβ communication model on a logical device mesh, and the registry of collectives.
 
 Each logical mesh axis is mapped onto the physical cluster (devices numbered node-major,
 the mesh laid out row-major over them). An axis whose device groups stay inside a node
@@ -6,18 +6,89 @@ uses the intra-node link; an axis that crosses nodes uses the network, with each
 getting ``nics_per_node * NIC bandwidth / devices_per_node``. A collective over several
 axes is modelled as one ring over all their devices, limited by the slowest axis.
 
-``nbytes`` is always the *full* buffer per device in the sense of the classic formulas:
-all-reduce: the buffer reduced; all-gather: the gathered result; reduce-scatter: the input
-before scattering; all-to-all: the local buffer; permute / p2p: the message.
+Every collective kind is one :class:`Collective` record in ``COLLECTIVES``: its name (the
+``kind`` stored in plans), its time formula, the HLO op names XLA emits for it, which buffer
+its ``nbytes`` counts and whether the unreduced partial buffer is live while it runs. With
+``p`` devices, per-message latency α and link bandwidth β⁻¹ (bytes/s), ``nbytes`` is the
+*full* buffer per device of the classic formulas:
+
+    all-reduce          n = the buffer reduced     min(2(p−1)α + 2(p−1)/p·nβ, ⌈log₂p⌉(α + nβ))
+    all-gather          n = the gathered result    min((p−1)α, ⌈log₂p⌉α) + (p−1)/p·nβ
+    reduce-scatter      n = its input              as all-gather
+    all-to-all          n = the local buffer       (p−1)α + (p−1)/p·nβ
+    collective-permute  n = the message            α + nβ
+    p2p                 n = the message            α + nβ   (between pipeline stages)
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 from .cluster import ClusterSpec
+from .spec import axes_size
 
-COLLECTIVE_KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute", "p2p")
+CollectiveOp = tuple[str, tuple[int, ...], float]   # (kind = Collective.name, mesh axes, nbytes)
+
+
+def _all_reduce_time(p: int, alpha: float, bw: float, nbytes: float) -> float:
+    """The faster of a ring (reduce-scatter + all-gather) and recursive doubling."""
+    ring = 2 * (p - 1) * alpha + 2 * (p - 1) / p * nbytes / bw
+    doubling = math.ceil(math.log2(p)) * (alpha + nbytes / bw)
+    return min(ring, doubling)
+
+
+def _all_to_all_time(p: int, alpha: float, bw: float, nbytes: float) -> float:
+    """A ring: p − 1 steps, each moving 1/p of the buffer."""
+    return (p - 1) * alpha + (p - 1) / p * nbytes / bw
+
+
+def _gather_time(p: int, alpha: float, bw: float, nbytes: float) -> float:
+    """All-gather / reduce-scatter: a ring or recursive doubling (same bytes, fewer steps)."""
+    ring = _all_to_all_time(p, alpha, bw, nbytes)
+    doubling = math.ceil(math.log2(p)) * alpha + (p - 1) / p * nbytes / bw
+    return min(ring, doubling)
+
+
+def _point_time(p: int, alpha: float, bw: float, nbytes: float) -> float:
+    """One message per device."""
+    return alpha + nbytes / bw
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One collective kind (see the module docstring's table)."""
+
+    name: str                       # the kind plans store (``CollectiveCost.kind``) and reports print
+    hlo_ops: tuple[str, ...]        # HLO op names XLA emits (``autopar.validate``; async: ``<op>-start``)
+    time: Callable[[int, float, float, float], float]   # (p, α s, bytes/s, nbytes) -> seconds
+    counts_input: bool = False      # nbytes is the op's input (result × group size), not its result
+    partial_live: bool = False      # reduces partial sums: the unreduced local buffer is live during it
+
+    def full_bytes(self, result_bytes: int, group_size: int) -> int:
+        """``nbytes`` of one op from its result's bytes and its replica group's size."""
+        return result_bytes * (group_size if self.counts_input else 1)
+
+
+ALL_REDUCE = Collective("all-reduce", ("all-reduce",), _all_reduce_time, partial_live=True)
+ALL_GATHER = Collective("all-gather", ("all-gather",), _gather_time)
+REDUCE_SCATTER = Collective("reduce-scatter", ("reduce-scatter",), _gather_time, counts_input=True,
+                            partial_live=True)
+ALL_TO_ALL = Collective("all-to-all", ("all-to-all",), _all_to_all_time)
+COLLECTIVE_PERMUTE = Collective("collective-permute", ("collective-permute",), _point_time)
+P2P = Collective("p2p", (), _point_time)   # a pipeline stage's send: no op of an intra-op program
+COLLECTIVES: dict[str, Collective] = {c.name: c for c in (
+    ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER, ALL_TO_ALL, COLLECTIVE_PERMUTE, P2P)}
+HLO_OPS: dict[str, Collective] = {op: c for c in COLLECTIVES.values() for op in c.hlo_ops}
+
+
+def collective(kind: str | Collective) -> Collective:
+    """The record of ``kind`` (a :class:`Collective` or its name)."""
+    if isinstance(kind, Collective):
+        return kind
+    if kind not in COLLECTIVES:
+        raise ValueError(f"unknown collective kind {kind!r}; expected one of {tuple(COLLECTIVES)}")
+    return COLLECTIVES[kind]
 
 
 @dataclass(frozen=True)
@@ -55,7 +126,7 @@ class MeshModel:
         return table.get(dtype, table.get("float32", min(table.values())))
 
     def axes_size(self, axes) -> int:
-        return math.prod(self.shape[a] for a in axes)
+        return axes_size(axes, self.shape)
 
 
 def mesh_model(cluster: ClusterSpec, nodes: int, mesh_shape: tuple[int, ...]) -> MeshModel:
@@ -89,31 +160,19 @@ def _ring(mesh: MeshModel, axes) -> tuple[int, float, float]:
     return p, alpha, bw
 
 
-def collective_time(mesh: MeshModel, kind: str, axes: tuple[int, ...], nbytes: float) -> float:
+def collective_time(mesh: MeshModel, kind: str | Collective, axes: tuple[int, ...], nbytes: float) -> float:
     """Seconds for one collective of ``kind`` over mesh ``axes`` moving ``nbytes`` (see module doc)."""
     if not axes or nbytes <= 0:
         return 0.0
     p, alpha, bw = _ring(mesh, axes)
     if p == 1:
         return 0.0
-    if kind == "all-reduce":
-        ring = 2 * (p - 1) * alpha + 2 * (p - 1) / p * nbytes / bw
-        doubling = math.ceil(math.log2(p)) * (alpha + nbytes / bw)
-        return min(ring, doubling)
-    if kind in ("all-gather", "reduce-scatter", "all-to-all"):
-        ring = (p - 1) * alpha + (p - 1) / p * nbytes / bw
-        if kind == "all-to-all":
-            return ring
-        doubling = math.ceil(math.log2(p)) * alpha + (p - 1) / p * nbytes / bw
-        return min(ring, doubling)
-    if kind in ("collective-permute", "p2p"):
-        return alpha + nbytes / bw
-    raise ValueError(f"unknown collective kind {kind!r}; expected one of {COLLECTIVE_KINDS}")
+    return collective(kind).time(p, alpha, bw, nbytes)
 
 
 def p2p_time(link_alpha_s: float, bandwidth_bytes_per_s: float, nbytes: float) -> float:
     """Point-to-point send between two devices (pipeline stages)."""
-    return link_alpha_s + nbytes / bandwidth_bytes_per_s
+    return P2P.time(2, link_alpha_s, bandwidth_bytes_per_s, nbytes)
 
 
 def compute_time(mesh: MeshModel, flops: float, nbytes: float, dtype: str) -> float:

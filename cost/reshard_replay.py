@@ -8,10 +8,11 @@ HLO's collectives (kind and bytes) for every spec pair, all axis orders, measure
 ``benchmarks/reshard_fidelity.py``: at a constraint for (64, 64), (8, 8, 4), (6, 8, 4) on
 (2, 4); at the boundary for (64,), (24,), (64, 64), (12, 20), (8, 2), (8, 8, 4), (6, 8, 4),
 (16, 64, 32) on meshes (8,), (2, 4), (4, 2).
-A state is the list of mesh-axis *factors* on each dim (major to minor) plus the replicated
-factors, major first (an all-to-all may split an axis: the part of size ``k`` of an axis is
-a factor of its own). Rules, in the order XLA tries them; a rule may run the whole procedure
-again on a sub-step, "strict" meaning that sub-step may not fall back to rule 8:
+A state (``cost.mesh_factors.State``) is the list of mesh-axis *factors* on each dim (major
+to minor) plus the replicated factors, major first (an all-to-all may split an axis: the
+part of size ``k`` of an axis is a factor of its own). Rules, in the order XLA tries them;
+a rule may run the whole procedure again on a sub-step, "strict" meaning that sub-step may
+not fall back to rule 8:
 
 1. Same device count on every dim, other device order: one collective-permute of the shard
    (``((x, y),) → ((y, x),)``).
@@ -49,85 +50,15 @@ again on a sub-step, "strict" meaning that sub-step may not fall back to rule 8:
    ``((x), (y)) → ((), ())`` moves 8192 + 16384 bytes for a (64, 64) float32 on (2, 4)) and
    slices the target ("Involuntary full rematerialization").
 
-Bytes follow cost.comm: all-gather its result, all-to-all and collective-permute their buffer.
+Bytes follow ``cost.comm``'s records: all-gather its result, all-to-all and collective-permute
+their buffer.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-Spec = tuple[tuple[int, ...], ...]
-
-# A factor of the device mesh: (axis, stride, size) = the digit (index // stride) % size of the
-# device's index along ``axis``. A whole axis of size n is (axis, 1, n).
-Factor = tuple[int, int, int]
-
-
-def _norm(factors) -> tuple[Factor, ...]:
-    """Merge neighbouring factors of one axis (major (a, s·k, m), minor (a, s, k)) into one."""
-    out: list[Factor] = []
-    for f in factors:
-        if f[2] == 1:
-            continue
-        if out and out[-1][0] == f[0] and out[-1][1] == f[1] * f[2]:
-            a, _, m = out.pop()
-            f = (a, f[1], m * f[2])
-        out.append(f)
-    return tuple(out)
-
-
-def _size(factors) -> int:
-    return math.prod(f[2] for f in factors)
-
-
-def _split(factors, major: int):
-    """Split a factor list into a major part of ``major`` devices and the minor rest, or None."""
-    head, rest = [], list(factors)
-    while major > 1:
-        if not rest:
-            return None
-        a, s, n = rest.pop(0)
-        if major >= n:
-            if major % n:
-                return None
-            head.append((a, s, n))
-            major //= n
-        else:
-            if n % major:
-                return None
-            head.append((a, s * (n // major), major))
-            rest.insert(0, (a, s, n // major))
-            major = 1
-    return _norm(head), _norm(rest)
-
-
-@dataclass(frozen=True)
-class _State:
-    dims: tuple[tuple[Factor, ...], ...]
-    rep: tuple[Factor, ...]      # replicated factors, major first
-    group: int = 1               # devices per tile held by grouping (rule 7), for the bytes
-
-    def sizes(self):
-        return tuple(_size(d) for d in self.dims)
-
-    def tiles(self):
-        return math.prod(self.sizes())
-
-    def replicated(self):
-        return self.tiles() == 1
-
-    def partial(self):
-        return not self.replicated() and _size(self.rep) > 1
-
-    def with_dims(self, dims, rep):
-        return _State(tuple(_norm(d) for d in dims), _norm(rep), self.group)
-
-
-def state_of(spec: Spec, mesh_shape) -> _State:
-    dims = tuple(_norm((a, 1, mesh_shape[a]) for a in axes) for axes in spec)
-    used = {a for axes in spec for a in axes}
-    rep = _norm((a, 1, n) for a, n in enumerate(mesh_shape) if a not in used)
-    return _State(dims, rep)
+from .comm import ALL_GATHER, ALL_TO_ALL, COLLECTIVE_PERMUTE
+from .mesh_factors import State, factors_size, norm_factors, split_factors
 
 
 class Replay:
@@ -136,16 +67,16 @@ class Replay:
     def __init__(self, shape, full_bytes, boundary=False):
         self.shape, self.full, self.boundary = shape, full_bytes, boundary
 
-    def local(self, st: _State) -> float:
+    def local(self, st: State) -> float:
         return self.full / (st.tiles() * st.group)
 
     # ---- entry: PartitionedHlo::ReshardNoCache -------------------------------------------
-    def reshard(self, cur: _State, dst: _State, allow_full=True, shape=None):
+    def reshard(self, cur: State, dst: State, allow_full=True, shape=None):
         shape = shape or self.shape
         if cur == dst:
             return cur, []
-        if cur.sizes() == dst.sizes() and _size(cur.rep) == _size(dst.rep):          # rule 1
-            return dst, [("collective-permute", cur.dims, self.local(dst))]
+        if cur.sizes() == dst.sizes() and factors_size(cur.rep) == factors_size(dst.rep):   # rule 1
+            return dst, [(COLLECTIVE_PERMUTE.name, cur.dims, self.local(dst))]
         pairs = _all_to_all_dims(cur, dst)
         if pairs is not None and (r := self.all_to_all(cur, dst, pairs, shape)) is not None:  # rule 2
             return r
@@ -168,7 +99,7 @@ class Replay:
         _, ops = self.gather_dims(cur, range(len(cur.dims)))                          # rule 8
         return dst, ops
 
-    def gather_dims(self, cur: _State, dims):
+    def gather_dims(self, cur: State, dims):
         """All-gather the given dims, one collective per dim, last dim first."""
         ops = []
         for d in sorted(dims, reverse=True):
@@ -176,7 +107,7 @@ class Replay:
                 continue
             moved = cur.dims[d]
             cur = cur.with_dims(cur.dims[:d] + ((),) + cur.dims[d + 1:], moved + cur.rep)
-            ops.append(("all-gather", (moved,), self.local(cur)))
+            ops.append((ALL_GATHER.name, (moved,), self.local(cur)))
         return cur, ops
 
     # ---- rule 2: ReshardWithAllToAll / TryMultipleSourceTargetDims ------------------------
@@ -195,16 +126,16 @@ class Replay:
             dims = list(cur.dims)
             moved = []
             for s, t in batch:
-                parts = _split(dims[s], _size(dims[t]))
+                parts = split_factors(dims[s], factors_size(dims[t]))
                 if parts is None:
                     return None
                 dims[s], m = parts
                 dims[t] = dims[t] + m
                 moved.extend(m)
             cur = cur.with_dims(dims, cur.rep)
-            ops.append(("all-to-all", (tuple(moved),), self.local(cur)))
+            ops.append((ALL_TO_ALL.name, (tuple(moved),), self.local(cur)))
         if cur != dst:
-            ops.append(("collective-permute", dst.dims, self.local(dst)))
+            ops.append((COLLECTIVE_PERMUTE.name, dst.dims, self.local(dst)))
         return dst, ops
 
     # ---- rule 3: ReshardFromPartialReplicateWithDynamicSlice ------------------------------
@@ -212,7 +143,7 @@ class Replay:
         temp = _compatible(cur, dst)
         if temp is None:
             return None
-        return dst, ([] if temp == dst else [("collective-permute", dst.dims, self.local(dst))])
+        return dst, ([] if temp == dst else [(COLLECTIVE_PERMUTE.name, dst.dims, self.local(dst))])
 
     # ---- rule 4: ReshardToPartialReplicateWithAllGather ------------------------------------
     def to_partial_gather(self, cur, dst, shape):
@@ -221,15 +152,15 @@ class Replay:
             return None
         ops = []
         if temp != cur:
-            ops.append(("collective-permute", cur.dims, self.local(cur)))
+            ops.append((COLLECTIVE_PERMUTE.name, cur.dims, self.local(cur)))
         gathered = [d for d, (a, b) in enumerate(zip(temp.sizes(), dst.sizes())) if a != b]
         ops_g = []
         for d in sorted(gathered, reverse=True):
-            moved = _split(temp.dims[d], dst.sizes()[d])[1]
+            moved = split_factors(temp.dims[d], dst.sizes()[d])[1]
             dims = list(temp.dims)
-            dims[d] = _split(temp.dims[d], dst.sizes()[d])[0]
+            dims[d] = split_factors(temp.dims[d], dst.sizes()[d])[0]
             temp = temp.with_dims(dims, moved + temp.rep)
-            ops_g.append(("all-gather", (moved,), self.local(temp)))
+            ops_g.append((ALL_GATHER.name, (moved,), self.local(temp)))
         return dst, ops + ops_g
 
     # ---- rule 5: ReshardPartialReplicateWithAllToAll ---------------------------------------
@@ -240,12 +171,12 @@ class Replay:
         if not cur.partial() or dst.partial() or dst.replicated():
             return None
         n = len(dst.dims)
-        psizes = cur.sizes() + (_size(cur.rep),)
+        psizes = cur.sizes() + (factors_size(cur.rep),)
         tsizes = dst.sizes()
         to_rep = max((i for i in range(n) if tsizes[i] > 1), default=None)
         if psizes[0] != 1 or to_rep is None or tsizes[to_rep] != psizes[-1] \
                 or any(tsizes[i] != psizes[i + 1] for i in range(n)) \
-                or _norm(sum(cur.dims, ()) + cur.rep) != _norm(sum(dst.dims, ())):
+                or norm_factors(sum(cur.dims, ()) + cur.rep) != norm_factors(sum(dst.dims, ())):
             return None
         tmp = dst.with_dims(dst.dims[:to_rep] + ((),) + dst.dims[to_rep + 1:], dst.dims[to_rep])
         pairs = _all_to_all_dims(cur, tmp)
@@ -262,16 +193,16 @@ class Replay:
         if self.boundary and (r := self.unreplicate_target(cur, dst, shape)) is not None:
             return r
         if dst.partial():                          # PatternMatchPartiallyReplicateDim
-            rs = _size(cur.rep) if cur.partial() else 1
+            rs = factors_size(cur.rep) if cur.partial() else 1
             for i, s in enumerate(cur.sizes()):
-                if s != 1 and s * rs == _size(dst.rep):
+                if s != 1 and s * rs == factors_size(dst.rep):
                     mid, ops = self.gather_dims(cur, [i])
                     st, more = self.reshard(mid, dst, allow_full=False, shape=shape)
                     if st == dst:
                         return st, ops + more
                     break
         if cur.partial() and (self.boundary or not dst.partial()):
-            rep = _size(cur.rep)
+            rep = factors_size(cur.rep)
             for i, (s, t) in enumerate(zip(cur.sizes(), dst.sizes())):
                 if t != s and s == 1 and t % rep == 0:
                     mid = cur.with_dims(cur.dims[:i] + (cur.rep,) + cur.dims[i + 1:], ())
@@ -284,9 +215,9 @@ class Replay:
     def unreplicate_target(self, cur, dst, shape):
         if not dst.partial():
             return None
-        rep = _size(dst.rep)
+        rep = factors_size(dst.rep)
         for i, (s, t) in enumerate(zip(cur.sizes(), dst.sizes())):
-            head = _split(cur.dims[i], rep) if t == 1 and s != t else None
+            head = split_factors(cur.dims[i], rep) if t == 1 and s != t else None
             if head is not None and head[0] == dst.rep:
                 mid = dst.with_dims(dst.dims[:i] + (dst.rep,) + dst.dims[i + 1:], ())
                 st, ops = self.reshard(cur, mid, allow_full=False, shape=shape)
@@ -298,7 +229,7 @@ class Replay:
 
     def merge_or_split(self, cur, dst, shape):
         if cur.replicated() or dst.replicated() or cur.partial() != dst.partial() \
-                or _size(cur.rep) != _size(dst.rep):
+                or factors_size(cur.rep) != factors_size(dst.rep):
             return None
         d1, d2 = [], []
         for i, (s, t) in enumerate(zip(cur.sizes(), dst.sizes())):
@@ -326,13 +257,13 @@ class Replay:
         if choice is None:
             return None
         i, k = choice
-        a, b = _split(cur.dims[i], k), _split(dst.dims[i], k)
+        a, b = split_factors(cur.dims[i], k), split_factors(dst.dims[i], k)
         if a is None or b is None:
             return None
         scur = cur.with_dims(cur.dims[:i] + a + cur.dims[i + 1:], cur.rep)
         sdst = dst.with_dims(dst.dims[:i] + b + dst.dims[i + 1:], dst.rep)
         local_i = shape[i] // cs[i]
-        minor = local_i * _size(b[1])
+        minor = local_i * factors_size(b[1])
         sshape = shape[:i] + (shape[i] // minor, minor) + shape[i + 1:]
         st, ops = self.reshard(scur, sdst, allow_full=False, shape=sshape)
         if st != sdst:
@@ -351,16 +282,16 @@ class Replay:
         if not eq:
             return None
         g = math.prod(cur.sizes()[d] for d in eq)
-        gcur = _State(tuple(() if d in eq else f for d, f in enumerate(cur.dims)), cur.rep, cur.group * g)
-        gdst = _State(tuple(() if d in eq else f for d, f in enumerate(dst.dims)), dst.rep, dst.group * g)
+        gcur = State(tuple(() if d in eq else f for d, f in enumerate(cur.dims)), cur.rep, cur.group * g)
+        gdst = State(tuple(() if d in eq else f for d, f in enumerate(dst.dims)), dst.rep, dst.group * g)
         gshape = tuple(n // cur.sizes()[d] if d in eq else n for d, n in enumerate(shape))
         st, ops = self.reshard(gcur, gdst, shape=gshape)
-        back = _State(tuple(cur.dims[d] if d in eq else f for d, f in enumerate(st.dims)), st.rep, cur.group)
+        back = State(tuple(cur.dims[d] if d in eq else f for d, f in enumerate(st.dims)), st.rep, cur.group)
         st, more = self.reshard(back, dst, shape=shape)
         return st, ops + more
 
 
-def _all_to_all_dims(cur: _State, dst: _State):
+def _all_to_all_dims(cur: State, dst: State):
     """XLA's GetReshardAllToAllSourceTargetDims: (source dim, target dim) pairs, or None."""
     if cur.replicated() or dst.replicated() or cur.partial() != dst.partial() or cur.tiles() != dst.tiles():
         return None
@@ -413,12 +344,12 @@ def _all_to_all_dims(cur: _State, dst: _State):
     return out
 
 
-def _subtiles(fine: _State, coarse: _State) -> bool:
+def _subtiles(fine: State, coarse: State) -> bool:
     """Every device's tile of ``fine`` lies inside its tile of ``coarse``."""
     return all(f[:len(c)] == c for f, c in zip(fine.dims, coarse.dims))
 
 
-def _compatible(partial: _State, target: _State):
+def _compatible(partial: State, target: State):
     """XLA's PartialReplicateReshardCompatibleSharding: ``target``'s tile counts reached from the
     partly replicated ``partial`` by splitting its replicated factors (major first) onto the
     dims that grow, in dim order. None when a dim would shrink."""
@@ -433,13 +364,10 @@ def _compatible(partial: _State, target: _State):
     for d, (p, t) in enumerate(zip(ps, ts)):
         extra = ()
         if t > p:
-            parts = _split(rep, t // p)
+            parts = split_factors(rep, t // p)
             if parts is None:
                 return None
             extra, rep = parts
         dims.append(partial.dims[d] + extra)
     return partial.with_dims(dims, rep)
 
-
-def axes_of(factor_lists) -> tuple[int, ...]:
-    return tuple(sorted({f[0] for fl in factor_lists for f in fl}))

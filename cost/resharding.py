@@ -1,8 +1,8 @@
 """Cost of converting a tensor from one sharding to another, as XLA's SPMD partitioner does it.
 
-A sharding ("spec") is a tuple with one entry per tensor dim: the tuple of mesh axes that
-dim is split over (``()`` = not split), major to minor. Axes not named anywhere replicate
-the tensor. The collectives come from replaying XLA's decision sequence
+A sharding ("spec", ``cost.spec``) is a tuple with one entry per tensor dim: the tuple of
+mesh axes that dim is split over (``()`` = not split), major to minor. Axes not named
+anywhere replicate the tensor. The collectives come from replaying XLA's decision sequence
 (``cost.reshard_replay``, whose docstring lists the rules and how they were measured).
 """
 from __future__ import annotations
@@ -10,23 +10,15 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-from .comm import MeshModel, collective_time
-from .reshard_replay import Replay, Spec, axes_of, state_of
-
-Collective = tuple[str, tuple[int, ...], float]  # (kind, mesh axes, bytes as in cost.comm)
-
-
-def local_shape(shape: tuple[int, ...], spec: Spec, mesh_shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(n // math.prod(mesh_shape[a] for a in axes) for n, axes in zip(shape, spec))
-
-
-def shard_factor(spec: Spec, mesh_shape: tuple[int, ...]) -> int:
-    return math.prod(mesh_shape[a] for axes in spec for a in axes)
+from .comm import CollectiveOp, MeshModel, collective_time
+from .mesh_factors import axes_of, state_of
+from .reshard_replay import Replay
+from .spec import Spec
 
 
 @lru_cache(maxsize=1 << 18)
 def resharding(mesh: MeshModel, shape: tuple[int, ...], itemsize: int, src: Spec, dst: Spec,
-               boundary: bool = False) -> tuple[float, tuple[Collective, ...]]:
+               boundary: bool = False) -> tuple[float, tuple[CollectiveOp, ...]]:
     """(seconds, collectives) to turn a tensor sharded as ``src`` into ``dst`` (rules: ``cost.reshard_replay``).
 
     ``boundary``: the reshard happens between jit's ``in_shardings`` and ``out_shardings``

@@ -8,9 +8,9 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
-from autopar.cost import ClusterSpec
+from autopar.cost import ClusterSpec, shard_factor
 
 from ..graph import build_graph
 from ..plan_types import Plan
@@ -83,11 +83,6 @@ def stage_meshes(submesh, search: str = "auto") -> list[tuple[int, ...]]:
     if m >= 4 and m % 2 == 0:
         out += [(2, m // 2), (m // 2, 2)]
     return list(dict.fromkeys(out))
-
-
-def _spec_factor(plan: Plan, spec_names) -> int:
-    size = dict(zip(plan.axis_names, plan.mesh_shape))
-    return math.prod(size[a] for axes in spec_names for a in axes)
 
 
 @dataclass(frozen=True)
@@ -195,7 +190,8 @@ class StageCoster:
             self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]} do not fit")
             return res
         vals = self.program.values
-        param_dev = sum(nbytes(x) / _spec_factor(sp, spec) for x, spec in zip(p, sp.input_specs_flat[:len(p)]))
+        sizes = dict(zip(sp.axis_names, sp.mesh_shape))
+        param_dev = sum(nbytes(x) / shard_factor(spec, sizes) for x, spec in zip(p, sp.input_specs_flat[:len(p)]))
         act = res_bytes / n_dev
         in_bytes = sum(vals[v].nbytes for v in list(st.acts_in) + list(st.nd_acts_in))
         link = self.spec.inter_node_link if self.nodes > 1 else self.spec.intra_node_link

@@ -1,7 +1,9 @@
-"""Per-primitive sharding strategies: one rule table, ``STRATEGY_RULES``."""
+"""Per-primitive sharding strategies, FLOPs and fusion facts: one table (``registry``), filled by
+one ``register`` call per primitive (or family) in the modules below."""
 from . import attention, control_flow, conv, dot_general, elementwise, gather, reshape, scan  # noqa: F401  (register rules)
-from .base import STRATEGY_RULES, Fallback, Strategy, enumerate_specs, replicate, replicated_rule, spec_name
+from .base import Fallback, Strategy, enumerate_specs, replicate, replicated_rule, spec_name
 from .control_flow import CONTROL_FLOW
+from .registry import FLOPS_RULES, FUSION_RULES, STRATEGY_RULES, Fusion, jaxpr_flops, primitive_flops, register
 
 
 def _is_replicated(s: Strategy) -> bool:
@@ -29,5 +31,5 @@ def strategies_for(node, mesh) -> tuple[list[Strategy], str | None]:
     return strats, None
 
 
-__all__ = ["STRATEGY_RULES", "Fallback", "Strategy", "enumerate_specs", "replicate", "replicated_rule", "spec_name",
-           "strategies_for"]
+__all__ = ["FLOPS_RULES", "FUSION_RULES", "STRATEGY_RULES", "Fallback", "Fusion", "Strategy", "enumerate_specs",
+           "jaxpr_flops", "primitive_flops", "register", "replicate", "replicated_rule", "spec_name", "strategies_for"]

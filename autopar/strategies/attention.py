@@ -15,18 +15,33 @@ during the op (``Strategy.temp_bytes``; twice that in the backward: scores and t
 """
 from __future__ import annotations
 
-import math
+from typing import TYPE_CHECKING
 
-from autopar.cost import MeshModel
+from autopar.cost import MeshModel, shard_factor
 
-from ..graph import Node
 from ..trace import Lit
-from .base import Fallback, Strategy, register, role_assignments, spec_name
+from .base import Fallback, Strategy, role_assignments, spec_name
+from .registry import register
+
+if TYPE_CHECKING:
+    from ..graph import Node
 
 FWD, BWD = "dot_product_attention", "dot_product_attention_bwd"
 
 
-@register(FWD, BWD)
+def attention_flops(params: dict, operands: list, outputs: list) -> float:
+    """QKᵀ and PV: 2·B·N·T·S·(H + Hv) (= 4·B·N·T·S·H)."""
+    (b, t, n, h), s, hv = operands[0].shape, operands[1].shape[1], operands[2].shape[-1]
+    return 2.0 * b * n * t * s * (h + hv)
+
+
+def attention_bwd_flops(params: dict, operands: list, outputs: list) -> float:
+    """Five matmuls (the scores recomputed): 2.5 × the forward's."""
+    return 2.5 * attention_flops(params, operands, outputs)
+
+
+@register(BWD, flops=attention_bwd_flops)
+@register(FWD, flops=attention_flops)
 def attention_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
     bwd = node.name == BWD
     q, k, v = node.operands[:3]
@@ -55,7 +70,7 @@ def attention_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
         else:
             qs, kvs = tuple(qs), tuple(kvs)
             mspec = () if mask is None else (None if isinstance(mask, Lit) else tuple(ms),)
-            factor = math.prod(mesh.shape[a] for axes in per for a in axes)
+            factor = shard_factor(per, mesh.shape)
             temp = 0.0 if mesh.device_kind == "gpu" else b * n * t * s * q.itemsize / factor * (2 if bwd else 1)
             if bwd:
                 ins, outs = (qs, kvs, kvs) + mspec + (qs, qs), (qs, kvs, kvs)

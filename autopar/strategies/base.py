@@ -1,24 +1,23 @@
-"""Strategy type, spec enumeration and the rule table.
+"""Strategy type, spec enumeration and the helpers rules share.
 
 A spec gives, per tensor dim, the sorted tuple of mesh axes that dim is split over.
-A rule maps a node on a mesh to its list of :class:`Strategy`; ``STRATEGY_RULES`` is keyed
-by primitive name; anything missing gets :func:`replicated_rule`, and so does a node whose rule
-raises :class:`Fallback` (both counted in the report).
+A rule maps a node on a mesh to its list of :class:`Strategy`; ``registry.STRATEGY_RULES``
+is keyed by primitive name; anything missing gets :func:`replicated_rule`, and so does a
+node whose rule raises :class:`Fallback` (both counted in the report).
 """
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
+from typing import TYPE_CHECKING
 
-from autopar.cost import MeshModel, Spec
+from autopar.cost import ALL_REDUCE, CollectiveOp, MeshModel, Spec, axes_size, shard_factor
 
-from ..graph import Node
 from ..trace import Lit
 
-Collective = tuple[str, tuple[int, ...], float]
+if TYPE_CHECKING:
+    from ..graph import Node
 
 
 @dataclass(frozen=True)
@@ -26,21 +25,9 @@ class Strategy:
     name: str
     out_specs: tuple[Spec, ...]
     in_specs: tuple[Spec | None, ...]     # per operand; None for literals
-    comm: tuple[Collective, ...] = ()     # collectives inside the op (partial sums)
+    comm: tuple[CollectiveOp, ...] = ()   # collectives inside the op (partial sums)
     work_div: int | None = None           # devices sharing the work (default: max shard factor)
     temp_bytes: float = 0.0               # local scratch live only during the op (attention's S×S scores)
-
-
-Rule = Callable[[Node, MeshModel], list[Strategy]]
-STRATEGY_RULES: dict[str, Rule] = {}
-
-
-def register(*names: str):
-    def deco(rule: Rule) -> Rule:
-        for n in names:
-            STRATEGY_RULES[n] = rule
-        return rule
-    return deco
 
 
 def replicate(rank: int) -> Spec:
@@ -63,7 +50,7 @@ def enumerate_specs(shape: tuple[int, ...], mesh_shape: tuple[int, ...],
         for a, d in zip(axes, assign):
             if d is not None:
                 per_dim[d].append(a)
-        if all(shape[d] % math.prod(mesh_shape[a] for a in per_dim[d]) == 0 for d in range(len(shape))):
+        if all(shape[d] % axes_size(per_dim[d], mesh_shape) == 0 for d in range(len(shape))):
             out.append(tuple(tuple(p) for p in per_dim))
     return tuple(out)
 
@@ -78,7 +65,7 @@ def role_assignments(sizes, mesh_shape):
         for ax, r in zip(axes, assign):
             if r is not None:
                 per[r].append(ax)
-        if all(sizes[r] % math.prod(mesh_shape[a] for a in per[r]) == 0 for r in range(len(sizes))):
+        if all(sizes[r] % axes_size(per[r], mesh_shape) == 0 for r in range(len(sizes))):
             yield [tuple(p) for p in per]
 
 
@@ -93,13 +80,13 @@ def specs_from_roles(ranks, role_dims, per) -> list[Spec]:
     return [tuple(sp) for sp in specs]
 
 
-def partial_sum_all_reduces(reduced_axes, nbytes: float) -> tuple[Collective, ...]:
+def partial_sum_all_reduces(reduced_axes, nbytes: float) -> tuple[CollectiveOp, ...]:
     """The all-reduces of partial sums whose reduced dims are split over ``reduced_axes`` (the
     mesh axes of each reduced dim, in dim order), ``nbytes`` the reduced local buffer: XLA's
     partitioner emits one all-reduce per split dim (the last dim's first), each of the whole
     buffer, not one over all their axes (measured on a (2, 4) mesh: a sum over dims split on
     x and y is an all-reduce over y, then one over x; tests/test_fuzz.py)."""
-    return tuple(("all-reduce", tuple(sorted(axes)), nbytes) for axes in reversed(list(reduced_axes)) if axes)
+    return tuple((ALL_REDUCE.name, tuple(sorted(axes)), nbytes) for axes in reversed(list(reduced_axes)) if axes)
 
 
 def spec_name(spec: Spec) -> str:
@@ -110,8 +97,7 @@ def spec_name(spec: Spec) -> str:
 def local_nbytes(value, spec: Spec | None, mesh_shape) -> float:
     if spec is None or isinstance(value, Lit):
         return 0.0
-    factor = math.prod(mesh_shape[a] for axes in spec for a in axes)
-    return value.nbytes / factor
+    return value.nbytes / shard_factor(spec, mesh_shape)
 
 
 def replicated_rule(node: Node, mesh: MeshModel) -> list[Strategy]:

@@ -5,14 +5,25 @@ XLA's partitioner gathers the operands of a grouped conv that is neither depthwi
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-from autopar.cost import MeshModel
+from autopar.cost import ALL_REDUCE, MeshModel, shard_factor
 
-from ..graph import Node
-from .base import Fallback, Strategy, register, role_assignments, spec_name, specs_from_roles
+from .base import Fallback, Strategy, role_assignments, spec_name, specs_from_roles
+from .registry import num_elements, register
+
+if TYPE_CHECKING:
+    from ..graph import Node
 
 
-@register("conv_general_dilated")
+def conv_flops(params: dict, operands: list, outputs: list) -> float:
+    """2 · (output elements) · (kernel window · input channels)."""
+    rhs, rhs_spec = operands[1].shape, params["dimension_numbers"].rhs_spec
+    kernel = math.prod(rhs[d] for d in rhs_spec[2:]) * rhs[rhs_spec[1]]
+    return 2.0 * num_elements(outputs) * kernel
+
+
+@register("conv_general_dilated", flops=conv_flops)
 def conv_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
     lhs, rhs = node.operands[:2]
     out = node.outputs[0]
@@ -37,9 +48,9 @@ def conv_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
         contracted = tuple(sorted(a for r, axes in zip(roles, per) if r[2] for a in axes))
         comm = ()
         if contracted:
-            local = out.nbytes / math.prod(mesh.shape[a] for s in os_ for a in s)
-            comm = (("all-reduce", contracted, local),)
-        work = math.prod(mesh.shape[a] for axes in per for a in axes)
+            local = out.nbytes / shard_factor(os_, mesh.shape)
+            comm = ((ALL_REDUCE.name, contracted, local),)
+        work = shard_factor(per, mesh.shape)
         res.append(Strategy(f"{spec_name(ls)}x{spec_name(rs)}" + ("-allreduce" if comm else ""),
                             (os_,), (ls, rs), comm, work))
     return res

@@ -5,11 +5,15 @@ output dim) — or nothing.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-from autopar.cost import MeshModel
+from autopar.cost import REDUCE_SCATTER, MeshModel, axes_size, shard_factor
 
-from ..graph import Node
-from .base import Strategy, partial_sum_all_reduces, register, role_assignments, spec_name, specs_from_roles
+from .base import Strategy, partial_sum_all_reduces, role_assignments, spec_name, specs_from_roles
+from .registry import Fusion, num_elements, register
+
+if TYPE_CHECKING:
+    from ..graph import Node
 
 
 def _roles(lhs_rank, rhs_rank, dn):
@@ -19,7 +23,16 @@ def _roles(lhs_rank, rhs_rank, dn):
     return list(lc), list(rc), list(lb), list(rb), lfree, rfree
 
 
-@register("dot_general")
+def dot_flops(params: dict, operands: list, outputs: list) -> float:
+    """2 · (output elements) · (contracted size): one multiply and one add per term."""
+    (lc, _), _ = params["dimension_numbers"]
+    k = math.prod(operands[0].shape[d] for d in lc)
+    return 2.0 * num_elements(outputs) * k
+
+
+# a dot read only by one transpose writes in the transposed layout (jax's weight gradients are
+# (xᵀg)ᵀ): the transpose's buffer is the one charged
+@register("dot_general", flops=dot_flops, fusion=Fusion(frozenset({"transpose"}), single_consumer=True))
 def dot_general_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
     lhs, rhs = node.operands[:2]
     out = node.outputs[0]
@@ -36,18 +49,18 @@ def dot_general_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
         lspec, rspec, ospec = specs_from_roles(ranks, [r[2] for r in roles], per)
         contracted = tuple(sorted(a for r, axes in zip(roles, per) if r[0] == "c" for a in axes))
         ins = (lspec, rspec)
-        work = math.prod(mesh.shape[a] for axes in per for a in axes)
+        work = shard_factor(per, mesh.shape)
         base = f"{spec_name(lspec)}x{spec_name(rspec)}"
         if not contracted:
             res.append(Strategy(base, (ospec,), ins, (), work))
             continue
-        out_local = out.nbytes / math.prod(mesh.shape[a] for s in ospec for a in s)
+        out_local = out.nbytes / shard_factor(ospec, mesh.shape)
         # one all-reduce per split contracting dim (XLA's partitioner), one reduce-scatter in all
         split_c = [axes for r, axes in zip(roles, per) if r[0] == "c"]
         res.append(Strategy(base + "-allreduce", (ospec,), ins, partial_sum_all_reduces(split_c, out_local), work))
-        p = math.prod(mesh.shape[a] for a in contracted)
+        p = axes_size(contracted, mesh.shape)
         for d in range(len(out.shape)):
-            local_d = out.shape[d] // math.prod(mesh.shape[a] for a in ospec[d])
+            local_d = out.shape[d] // axes_size(ospec[d], mesh.shape)
             if local_d % p == 0 and local_d >= p:
                 rs = list(ospec)
                 rs[d] = ospec[d] + contracted  # scattered axes minor to the dim's own split (XLA's order)
@@ -56,5 +69,5 @@ def dot_general_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
                     continue
                 seen.add(key)
                 res.append(Strategy(base + f"-reducescatter{d}", (tuple(rs),), ins,
-                                    (("reduce-scatter", contracted, out_local),), work))
+                                    ((REDUCE_SCATTER.name, contracted, out_local),), work))
     return res

@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import TYPE_CHECKING
 
-from autopar.cost import MeshModel
+from autopar.cost import MeshModel, shard_factor
 
-from ..graph import Node
 from ..trace import Lit
-from .base import (Fallback, Strategy, enumerate_specs, follow_output, partial_sum_all_reduces, register,
+from .base import (Fallback, Strategy, enumerate_specs, follow_output, partial_sum_all_reduces,
                    replicate, spec_name)
+from .registry import Fusion, operand_elements, register
+
+if TYPE_CHECKING:
+    from ..graph import Node
 
 ELEMENTWISE = (
     "add", "add_any", "sub", "mul", "div", "rem", "pow", "integer_pow", "max", "min", "neg", "sign",
@@ -26,11 +30,13 @@ REDUCTIONS = ("reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_a
 
 
 def def_elementwise(*names: str) -> None:
+    """One FLOP per output element (the default)."""
     register(*names)(lambda node, mesh: follow_output(node, mesh))
 
 
 def def_reduction(*names: str) -> None:
-    register(*names)(_reduction)
+    """One FLOP per operand element."""
+    register(*names, flops=operand_elements)(_reduction)
 
 
 def _reduction(node: Node, mesh: MeshModel) -> list[Strategy]:
@@ -39,17 +45,9 @@ def _reduction(node: Node, mesh: MeshModel) -> list[Strategy]:
     res = []
     for spec in enumerate_specs(x.shape, mesh.shape):
         out_spec = tuple(s for d, s in enumerate(spec) if d not in axes)
-        comm = partial_sum_all_reduces([spec[d] for d in sorted(axes)], out.nbytes / _factor(out_spec, mesh))
+        comm = partial_sum_all_reduces([spec[d] for d in sorted(axes)], out.nbytes / shard_factor(out_spec, mesh.shape))
         res.append(Strategy(spec_name(spec) + ("-allreduce" if comm else ""), (out_spec,), (spec,), comm))
     return res
-
-
-def _factor(spec, mesh) -> int:
-    f = 1
-    for axes in spec:
-        for a in axes:
-            f *= mesh.shape[a]
-    return f
 
 
 def_elementwise(*ELEMENTWISE)
@@ -107,7 +105,7 @@ def _keep_dims(node: Node, mesh: MeshModel, frozen: set[int]) -> list[Strategy]:
     return follow_output(node, mesh, frozenset(d for d in range(rank) if d not in frozen))
 
 
-@register("argmax", "argmin")
+@register("argmax", "argmin", flops=operand_elements)
 def _argminmax(node, mesh):
     (x,), out = node.operands, node.outputs[0]
     axes = set(node.params["axes"])
@@ -117,7 +115,7 @@ def _argminmax(node, mesh):
     return res
 
 
-@register("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp")
+@register("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp", flops=operand_elements)
 def _cumulative(node, mesh):
     return _keep_dims(node, mesh, {node.params["axis"]})
 
@@ -134,7 +132,8 @@ def _top_k(node, mesh):
     raise Fallback("XLA gathers top_k operands: replicated")
 
 
-@register("broadcast_in_dim")
+# read only by elementwise ops / reductions: fused into each consumer (recomputed in the backward)
+@register("broadcast_in_dim", fusion=Fusion(frozenset(ELEMENTWISE + REDUCTIONS)))
 def _broadcast(node, mesh):
     out = node.outputs[0]
     operand = node.operands[0]
@@ -150,7 +149,8 @@ def _broadcast(node, mesh):
     return res
 
 
-@register("transpose")
+# read only by dots: folded into the dot's dimension numbers
+@register("transpose", fusion=Fusion(frozenset({"dot_general"})))
 def _transpose(node, mesh):
     perm = node.params["permutation"]
     res = []
@@ -237,11 +237,12 @@ def _pad(node, mesh):
     return _keep_dims(node, mesh, {d for d, (lo, hi, it) in enumerate(cfg) if lo or hi or it})
 
 
-WINDOWED = ("reduce_window_sum", "reduce_window_max", "reduce_window_min", "reduce_window",
-            "select_and_scatter_add", "select_and_gather_add", "select_and_scatter")
+REDUCE_WINDOWS = ("reduce_window_sum", "reduce_window_max", "reduce_window_min", "reduce_window")
+SELECT_AND = ("select_and_scatter_add", "select_and_gather_add", "select_and_scatter")
 
 
-@register(*WINDOWED)
+@register(*SELECT_AND)
+@register(*REDUCE_WINDOWS, flops=operand_elements)
 def _windowed(node, mesh):
     """Pooling and its gradients: dims with a trivial window (size 1, stride 1, no padding or
     dilation: batch, channels) are split like pad's; windowed dims stay unsplit."""

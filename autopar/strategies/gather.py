@@ -9,11 +9,15 @@ all-reduce of the output). scatter-add is the transpose: split an update batch d
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-from autopar.cost import MeshModel
+from autopar.cost import ALL_REDUCE, MeshModel, shard_factor
 
-from ..graph import Node
-from .base import Fallback, Strategy, register, role_assignments, spec_name, specs_from_roles
+from .base import Fallback, Strategy, role_assignments, spec_name, specs_from_roles
+from .registry import register
+
+if TYPE_CHECKING:
+    from ..graph import Node
 
 
 @register("gather")
@@ -45,8 +49,8 @@ def gather_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
         vocab = tuple(sorted(a for r, axes in zip(roles, per) if r[2] for a in axes))
         comm = ()
         if vocab:
-            local = out.nbytes / math.prod(mesh.shape[a] for s in outspec for a in s)
-            comm = (("all-reduce", vocab, local),)
+            local = out.nbytes / shard_factor(outspec, mesh.shape)
+            comm = ((ALL_REDUCE.name, vocab, local),)
         res.append(Strategy(spec_name(ospec) + "[" + spec_name(ispec) + "]" + ("-vocab" if vocab else ""),
                             (outspec,), (ospec, ispec) + rest, comm))
     return res
@@ -87,8 +91,8 @@ def scatter_add_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
         partial = tuple(sorted(a for r, axes in zip(roles, per) if r[2] == "batch" for a in axes))
         comm = ()
         if partial:
-            local = out.nbytes / math.prod(mesh.shape[a] for s in ospec for a in s)
-            comm = (("all-reduce", partial, local),)
+            local = out.nbytes / shard_factor(ospec, mesh.shape)
+            comm = ((ALL_REDUCE.name, partial, local),)
         res.append(Strategy(spec_name(ospec) + "[" + spec_name(uspec) + "]" + ("-allreduce" if partial else ""),
                             (ospec,), (ospec, ispec, uspec), comm))
     return res

@@ -3,12 +3,15 @@ its major input dim; splits of minor dims cannot be expressed on the input, so t
 is gathered along them and the output sliced locally."""
 from __future__ import annotations
 
-import math
+from typing import TYPE_CHECKING
 
-from autopar.cost import MeshModel
+from autopar.cost import MeshModel, axes_size
 
-from ..graph import Node
-from .base import Fallback, Strategy, enumerate_specs, register, spec_name
+from .base import Fallback, Strategy, enumerate_specs, spec_name
+from .registry import register
+
+if TYPE_CHECKING:
+    from ..graph import Node
 
 
 def dim_groups(in_shape, out_shape):
@@ -48,7 +51,7 @@ def reshape_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
             if major_in is None or major_out is None:
                 continue
             axes = spec[major_out]
-            if axes and x.shape[major_in] % math.prod(mesh.shape[a] for a in axes) == 0:
+            if axes and x.shape[major_in] % axes_size(axes, mesh.shape) == 0:
                 in_spec[major_in] = axes
         res.append(Strategy(spec_name(spec), (spec,), (tuple(in_spec),)))
     return res

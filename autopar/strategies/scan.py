@@ -14,7 +14,8 @@ data from other devices (a gather per step).
 from __future__ import annotations
 
 from ..trace import Lit
-from .base import Strategy, enumerate_specs, follow_output, register, spec_name
+from .base import Strategy, enumerate_specs, follow_output, spec_name
+from .registry import register
 
 
 @register("scan_carry_in", "scan_carry_out")
