@@ -13,7 +13,6 @@ from typing import Callable
 from autopar.cost import ClusterSpec, shard_factor
 
 from ..graph import build_graph
-from ..plan_types import Plan
 from ..build_edges import ReshardCache
 from ..planner import PlanError, PlanHooks, plan_with
 from ..warm_start import WarmStart

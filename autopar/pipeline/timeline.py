@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 from typing import Sequence
-from xml.sax.saxutils import escape, quoteattr
+from xml.sax.saxutils import escape
 
 from .schedule import Timeline
 
