@@ -17,6 +17,13 @@ from .trace import SCAN_BOUNDARY, Lit, Program
 
 AXIS_NAMES = ("x", "y", "z")
 
+# Primitives whose split strategies XLA's SPMD partitioner does not keep local: it all-gathers
+# a top_k's operand whatever its sharding (measured on CPU, jax 0.10, TopK custom call and
+# sort-based alike). Their rules split only dims the op is independent along, with one spec
+# for the operand and every output; ``interpret`` binds them under ``shard_map`` in that spec,
+# so each device runs the primitive on its own shard (no collective, the same values).
+PER_SHARD = frozenset({"top_k"})
+
 
 class MeshError(ValueError):
     """The plan's mesh cannot be built on the visible devices."""
@@ -83,11 +90,28 @@ def interpret(program: Program, out_specs: dict[int, list], in_specs: dict[tuple
         specs = out_specs.get(i)
         return specs[k] if specs is not None else None
 
+    def per_shard(i, eqn):
+        """The spec ``eqn`` runs under ``shard_map`` in (``PER_SHARD``, split), else None."""
+        if mesh is None or eqn.prim.name not in PER_SHARD:
+            return None
+        specs = out_specs.get(i)
+        if not specs or not any(any(axes) for axes in specs[0]):
+            return None
+        assert all(list(map(list, s)) == list(map(list, specs[0])) for s in specs), specs
+        return to_pspec(specs[0])
+
     def run_eqn(i, eqn, env):
         ins = [operand(i, k, x, env) for k, x in enumerate(eqn.inputs)]
-        outs = eqn.prim.bind(*ins, **eqn.prim.get_bind_params(eqn.params))
-        if not eqn.prim.multiple_results:
-            outs = [outs]
+        params = eqn.prim.get_bind_params(eqn.params)
+        pspec = per_shard(i, eqn)
+        def bind(*args):
+            outs = eqn.prim.bind(*args, **params)
+            return tuple(outs) if eqn.prim.multiple_results else (outs,)
+        if pspec is None:
+            outs = bind(*ins)
+        else:
+            outs = jax.shard_map(bind, mesh=mesh, in_specs=(pspec,) * len(ins),
+                                 out_specs=(pspec,) * len(eqn.outputs))(*ins)
         for k, (o, val) in enumerate(zip(eqn.outputs, outs)):
             env[o] = constrain(val, out_spec(i, k))
 

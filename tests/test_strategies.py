@@ -231,11 +231,48 @@ def test_shape_changing_ops_are_split(name, devices8):
     assert plan.fallbacks == [] and plan.predicted.comm_bytes_per_device == 0, plan.report()
 
 
-def test_top_k_is_replicated_and_reported(devices8):
-    fn, make = CASES["sort_topk"]
-    plan = autopar.plan(fn, *make(), cluster=CLUSTER, mesh_shape=(8,))
-    assert [f.primitive for f in plan.fallbacks] == ["top_k"] and "gathers" in plan.fallbacks[0].reason
-    assert "top_k" in plan.report()
+def route_top2(gates):
+    """MoE routing: the two largest gates of each token and their experts."""
+    vals, idx = jax.lax.top_k(gates, 2)
+    return vals / vals.sum(-1, keepdims=True), idx
+
+
+def gates_with_ties():
+    """(batch 64, experts 8), integer-valued so that most rows tie: top_k must return the
+    lower expert index first, as jax.jit does."""
+    return jnp.asarray(rng.integers(0, 4, (64, 8)).astype(np.float32))
+
+
+@pytest.mark.parametrize("mesh_shape,batch_axes", [((8,), ["x"]), ((2, 4), ["x", "y"])])
+def test_batch_split_top_k_stays_local(mesh_shape, batch_axes, devices8):
+    """A top_k of (batch, experts) gates is split on the batch dim over every mesh axis (not a
+    fallback), runs per shard (emit.PER_SHARD) with no collective in the compiled program, and
+    gives jax.jit's values and indices exactly."""
+    args = (gates_with_ties(),)
+    plan = autopar.plan(route_top2, *args, cluster=CLUSTER, mesh_shape=mesh_shape)
+    (e,) = [e for e in plan.eqns if e.primitive == "top_k"]
+    assert e.out_specs == [[batch_axes, []], [batch_axes, []]] and e.fallback is None, plan.report()
+    assert not e.reshard_inputs and plan.fallbacks == [], plan.report()
+    step = plan.apply(route_top2)
+    hlo = step.lower(*args).compile().as_text()
+    assert not COLLECTIVE.findall(hlo), sorted(set(COLLECTIVE.findall(hlo)))
+    assert plan.predicted.comm_bytes_per_device == 0
+    v = plan.validate(*args)
+    assert sum(v.compiled_bytes.values()) == 0, v.table()
+    for a, b in zip(step(*args), jax.jit(route_top2)(*args), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_top_k_without_per_shard_emission_is_all_gathered(devices8, monkeypatch):
+    """The measured reason for emit.PER_SHARD: bound as is, a batch-split top_k makes XLA's
+    partitioner all-gather its operand (the planned 0 bytes would be wrong)."""
+    from autopar import emit
+    args = (gates_with_ties(),)
+    plan = autopar.plan(route_top2, *args, cluster=CLUSTER, mesh_shape=(8,))
+    monkeypatch.setattr(emit, "PER_SHARD", frozenset())
+    hlo = plan.apply(route_top2).lower(*args).compile().as_text()
+    assert "all-gather" in COLLECTIVE.findall(hlo)
 
 
 def test_rule_that_only_replicates_is_reported(devices8, monkeypatch):

@@ -125,11 +125,16 @@ def _sort(node, mesh):
     return _keep_dims(node, mesh, {node.params["dimension"]})
 
 
-@register("top_k")
+@register("top_k", flops=operand_elements)
 def _top_k(node, mesh):
-    """XLA's partitioner gathers top_k operands whatever their sharding (measured on CPU,
-    jax 0.10): plan it replicated so the prediction matches what runs (and report it)."""
-    raise Fallback("XLA gathers top_k operands: replicated")
+    """Every dim but ``axis`` (the one the k largest are taken along) has the same split on
+    the operand and both outputs (values, indices): rows are independent, no collective.
+    XLA's SPMD partitioner would all-gather a top_k's operand whatever its sharding (its
+    TopK custom call, measured on CPU, jax 0.10), so ``emit.interpret`` runs a split top_k
+    per shard under ``shard_map`` (``emit.PER_SHARD``), which compiles to no collective and
+    gives jax.jit's values and indices bit for bit. FLOPs: one comparison per operand element."""
+    rank = len(node.operands[0].shape)
+    return _keep_dims(node, mesh, {node.params.get("axis", rank - 1) % rank})
 
 
 # read only by elementwise ops / reductions: fused into each consumer (recomputed in the backward)
