@@ -252,7 +252,7 @@ def remat_cse(graph: OpGraph) -> dict[int, int]:
 
 def elementwise_fused(graph: OpGraph, *, cross_remat: bool = True) -> set[int]:
     """Elementwise ops XLA computes inside their readers' loop fusion, never materialised: one
-    output, no program output, every reader elementwise or a reduction in the same scan body
+    output, no program output, every reader elementwise in the same scan body
     (XLA fuses producers into consumers however far apart they are in program order), and, if
     the op is expensive (``EXPENSIVE``), one reader (XLA does not duplicate it). A reader in
     another ``jax.checkpoint`` group reads through an optimization barrier and cannot fuse it,
@@ -263,9 +263,12 @@ def elementwise_fused(graph: OpGraph, *, cross_remat: bool = True) -> set[int]:
     backward's ``add_any`` reading ``tanh`` and the dot (``sgd(fwd_loop)``, 4 layers of
     2048×128 → 512, mesh (8,)); charged value by value they were 2.1 MB of the predicted
     8.03 MB, which XLA never holds (compiled peak 6.68 MB)."""
-    from .strategies.elementwise import ELEMENTWISE, REDUCTIONS
+    from .strategies.elementwise import ELEMENTWISE
     elementwise = frozenset(ELEMENTWISE) - _NOT_FUSED
-    readers_ok = elementwise | frozenset(REDUCTIONS)
+    # not into reductions: XLA:CPU fuses into a reduce only when it reduces the minor-most dim
+    # (cpu_instruction_fusion.cc); counting every reduce as a fusion (jax's −x read by a
+    # reduce_sum in the backward) predicted MoE 15.5 % low (benchmarks/fidelity.py --quick)
+    readers_ok = elementwise
     out = set()
     for node in graph.nodes:
         if node.kind != "eqn" or node.name not in elementwise or len(node.outputs) != 1:
@@ -274,7 +277,14 @@ def elementwise_fused(graph: OpGraph, *, cross_remat: bool = True) -> set[int]:
         users = {u for u, _ in graph.consumers.get(v, [])}
         if not users or v in graph.output_values or (node.name in EXPENSIVE and len(users) > 1):
             continue
-        ok = True
+        # only where it frees memory: every array operand is live until the op's last reader
+        # anyway. Without this condition (every elementwise op read only by elementwise ops
+        # charged none, its operands extended) benchmarks/fidelity.py --quick went from +0.2 % to
+        # −12.6 % on GPT (8) and from −12.4 % to −17.8 % on MoE: XLA materialises some of
+        # those chains (which, not yet found).
+        last = graph.last_use(v)
+        ok = all(not hasattr(x, "id") or int(np.prod(x.shape)) <= 1 or graph.last_use(x.id) >= last
+                 for x in node.operands)
         for u in users:
             r = graph.nodes[u]
             if r.name not in readers_ok or r.eqn.scope != node.eqn.scope or r.repeat != node.repeat:
