@@ -72,10 +72,13 @@ def restrict_inputs(graph: OpGraph, strats, allowed) -> list:
 
 
 def node_terms(graph: OpGraph, mesh: MeshModel, strats, signatures, *, donated_nodes: set[int],
-               input_usage_scale=None) -> NodeTerms:
+               input_usage_scale=None, platform: str | None = None) -> NodeTerms:
     """Costs and memory of every node; ``input_usage_scale`` {input: k} counts k bytes per
-    byte of that input, donated inputs are free after their last read."""
-    fused = fused_nodes(graph)
+    byte of that input, donated inputs are free after their last read. ``platform`` (default:
+    JAX's backend, where ``plan.apply`` compiles) decides whether XLA undoes ``jax.checkpoint``
+    (:func:`remat_cse`)."""
+    view = memory_view(graph, platform)
+    fused = view.free
     comp_all, comm_all, costs, usages = [], [], [], []
     cost_cache: dict = {}
     for node, ss, sig in zip(graph.nodes, strats, signatures):
@@ -92,7 +95,7 @@ def node_terms(graph: OpGraph, mesh: MeshModel, strats, signatures, *, donated_n
         comm_all.append(comm)
         costs.append((comp + comm) * US + use * TIEBREAK_US_PER_BYTE)
         usages.append(use)
-    return NodeTerms(comp_all, comm_all, costs, usages, live_intervals(graph, donated_nodes))
+    return NodeTerms(comp_all, comm_all, costs, usages, live_intervals(graph, donated_nodes, view.ends))
 
 
 def _op_costs(node, strats, mesh):
@@ -117,17 +120,19 @@ def _op_costs(node, strats, mesh):
     return comp, comm, use
 
 
-def live_intervals(graph: OpGraph, donated_nodes: set[int]) -> list[tuple[int, int]]:
+def live_intervals(graph: OpGraph, donated_nodes: set[int], ends: dict[int, int] | None = None) -> list[tuple[int, int]]:
     """[born, last use + 1) per node; program inputs live all step (``len(nodes) + 1``)
-    unless donated (then until their last read)."""
+    unless donated (then until their last read). ``ends``: {value: last use} where XLA reads a
+    value later than its jaxpr consumers (``MemoryView.ends``)."""
     n, out = len(graph.nodes), []
+    last = (lambda v: ends.get(v, graph.last_use(v))) if ends else graph.last_use
     for node in graph.nodes:
         if node.kind == "input" and node.index not in donated_nodes:
             out.append((0, n + 1))
         elif node.kind == "input":  # donated: its buffer is free after the last read
-            out.append((0, graph.last_use(node.outputs[0].id) + 1))
+            out.append((0, last(node.outputs[0].id) + 1))
         else:
-            end = max(graph.last_use(v.id) for v in node.outputs)
+            end = max(last(v.id) for v in node.outputs)
             out.append((graph.born(node), end + 1))
     return out
 
@@ -163,5 +168,129 @@ def fused_nodes(graph: OpGraph) -> set[int]:
         users = graph.consumers.get(node.outputs[0].id, [])
         if users and all(graph.nodes[u].name in fusion.into for u, _ in users) \
                 and (not fusion.single_consumer or len(users) == 1):
+            out.add(node.index)
+    return out
+
+
+# XLA's elementwise ops it will not duplicate into several consumers (``IsExpensive`` in
+# xla/service/instruction_fusion.cc): with more than one reader they are materialised.
+EXPENSIVE = frozenset({"exp", "exp2", "expm1", "log", "log1p", "tanh", "logistic", "sin", "cos", "tan", "atan2",
+                       "pow", "sqrt", "rsqrt", "cbrt", "erf", "erfc", "erf_inv", "lgamma", "digamma", "div", "rem"})
+_NOT_FUSED = frozenset({"sharding_constraint", "stage_boundary", "threefry2x32", "random_fold_in"})
+
+
+def barriers_survive_cse(platform: str | None = None) -> bool:
+    """Whether ``jax.checkpoint``'s optimization barriers still stand when XLA runs CSE.
+
+    Measured (jax 0.10.2, ``--xla_dump_hlo_pass_re=.*``): XLA:CPU runs
+    ``cse_barrier_expander`` (``OptimizationBarrierExpander``: removes every opt-barrier) in
+    ``HLO_passes_through_layout_assignment``, before the CSE of
+    ``simplification_after_layout_assignment``; the recomputation of a remat'd layer then is
+    the forward computation again and CSE merges them (``sgd(fwd_loop_remat)``: 27 dots before
+    optimisation, 23 after, the same 23 as without ``jax.checkpoint``; compiled temporaries
+    26.2 MB with and without remat). On GPU/TPU the barrier is expanded only after the last
+    CSE, so the recomputation stays."""
+    import jax
+    return (platform or jax.default_backend()) != "cpu"
+
+
+@dataclass(frozen=True)
+class MemoryView:
+    free: set[int]           # nodes whose outputs XLA never materialises (fused, or CSE'd)
+    ends: dict[int, int]     # value -> node index of its last read in XLA's program
+    cse: dict[int, int]      # recomputed value -> the forward value CSE replaced it with
+
+
+def memory_view(graph: OpGraph, platform: str | None = None) -> MemoryView:
+    """What XLA materialises and until when, beyond program-order liveness of the jaxpr:
+
+    * ``fused_nodes`` and :func:`elementwise_fused` hold no memory; an elementwise op fused
+      into its readers is computed inside their fusion, so its operands are read there: their
+      last use moves to the op's last reader.
+    * :func:`remat_cse` (XLA:CPU only): a recomputed equation of a ``jax.checkpoint`` is
+      merged with the forward one, whose value stays live until the recomputation's readers.
+    """
+    cse = {} if barriers_survive_cse(platform) else remat_cse(graph)
+    merged = frozenset(node.index for node in graph.nodes if node.outputs and all(o.id in cse for o in node.outputs))
+    chain = elementwise_fused(graph, cross_remat=not barriers_survive_cse(platform)) - merged
+    free = fused_nodes(graph) | chain | merged
+    # a merged equation is gone: it reads nothing; its readers read the forward value
+    ends: dict[int, int] = {v: graph.last_use(v, merged) for v in graph.consumers} if merged else {}
+    end = lambda v: ends.get(v, graph.last_use(v))  # noqa: E731
+    for node in reversed(graph.nodes):  # readers come after producers: their ends are final
+        if node.index in chain:
+            last = end(node.outputs[0].id)
+            for x in node.operands:
+                if hasattr(x, "id") and end(x.id) < last:
+                    ends[x.id] = last
+        for o in node.outputs:  # read after the merge (not only by other merged equations)
+            read = o.id in graph.output_values or any(u not in merged for u, _ in graph.consumers.get(o.id, []))
+            if o.id in cse and read and end(cse[o.id]) < end(o.id):
+                ends[cse[o.id]] = end(o.id)
+    return MemoryView(free, ends, cse)
+
+
+def remat_cse(graph: OpGraph) -> dict[int, int]:
+    """{output of a recomputed equation: the earlier value XLA's CSE replaces it with}: an
+    equation of an inlined ``jax.checkpoint`` (``Eqn.remat``) with the primitive, parameters
+    and operands (after earlier replacements) of an earlier equation. Only where the barriers
+    are gone before CSE (:func:`barriers_survive_cse`)."""
+    alias: dict[int, int] = {}
+    seen: dict[tuple, list] = {}
+    for node, sig in zip(graph.nodes, graph.signatures):
+        if node.kind != "eqn" or node.name in _NOT_FUSED:
+            continue
+        ops = tuple(("lit", repr(x.val)) if not hasattr(x, "id") else alias.get(x.id, x.id) for x in node.operands)
+        key = (sig, ops, node.eqn.scope)
+        if node.eqn.remat is not None and key in seen:
+            for o, p in zip(node.outputs, seen[key]):
+                alias[o.id] = p.id
+        else:
+            seen.setdefault(key, node.outputs)
+    return alias
+
+
+def elementwise_fused(graph: OpGraph, *, cross_remat: bool = True) -> set[int]:
+    """Elementwise ops XLA computes inside their readers' loop fusion, never materialised: one
+    output, no program output, every reader elementwise in the same scan body
+    (XLA fuses producers into consumers however far apart they are in program order), and, if
+    the op is expensive (``EXPENSIVE``), one reader (XLA does not duplicate it). A reader in
+    another ``jax.checkpoint`` group reads through an optimization barrier and cannot fuse it,
+    unless the barriers are gone (``cross_remat``, XLA:CPU).
+
+    Measured: tanh's derivative ``1 - t`` and ``g·(1 - t)`` (jax's jvp of tanh), computed in
+    the forward pass and read in the backward, are one ``multiply_add_fusion`` with the
+    backward's ``add_any`` reading ``tanh`` and the dot (``sgd(fwd_loop)``, 4 layers of
+    2048×128 → 512, mesh (8,)); charged value by value they were 2.1 MB of the predicted
+    8.03 MB, which XLA never holds (compiled peak 6.68 MB)."""
+    from .strategies.elementwise import ELEMENTWISE
+    elementwise = frozenset(ELEMENTWISE) - _NOT_FUSED
+    # not into reductions: XLA:CPU fuses into a reduce only when it reduces the minor-most dim
+    # (cpu_instruction_fusion.cc); counting every reduce as a fusion (jax's −x read by a
+    # reduce_sum in the backward) predicted MoE 15.5 % low (benchmarks/fidelity.py --quick)
+    readers_ok = elementwise
+    out = set()
+    for node in graph.nodes:
+        if node.kind != "eqn" or node.name not in elementwise or len(node.outputs) != 1:
+            continue
+        v = node.outputs[0].id
+        users = {u for u, _ in graph.consumers.get(v, [])}
+        if not users or v in graph.output_values or (node.name in EXPENSIVE and len(users) > 1):
+            continue
+        # only where it frees memory: every array operand is live until the op's last reader
+        # anyway. Without this condition (every elementwise op read only by elementwise ops
+        # charged none, its operands extended) benchmarks/fidelity.py --quick went from +0.2 % to
+        # −12.6 % on GPT (8) and from −12.4 % to −17.8 % on MoE: XLA materialises some of
+        # those chains (which, not yet found).
+        last = graph.last_use(v)
+        ok = all(not hasattr(x, "id") or int(np.prod(x.shape)) <= 1 or graph.last_use(x.id) >= last
+                 for x in node.operands)
+        for u in users:
+            r = graph.nodes[u]
+            if r.name not in readers_ok or r.eqn.scope != node.eqn.scope or r.repeat != node.repeat:
+                ok = False
+            elif not cross_remat and r.eqn.remat is not None and r.eqn.remat != node.eqn.remat:
+                ok = False
+        if ok:
             out.add(node.index)
     return out

@@ -53,12 +53,13 @@ class OpGraph:
             self._signatures = [signature(n) for n in self.nodes]
         return self._signatures
 
-    def last_use(self, value_id: int) -> int:
+    def last_use(self, value_id: int, skip=frozenset()) -> int:
         """Index of the last node reading ``value_id`` (len(nodes) if it is a program output).
-        A scan's stacked xs are read by every iteration: live until its region's last node."""
+        A scan's stacked xs are read by every iteration: live until its region's last node.
+        Readers in ``skip`` (nodes XLA removes) do not count."""
         if value_id in self.output_values:
             return len(self.nodes)
-        uses = self.consumers.get(value_id, [])
+        uses = [u for u in self.consumers.get(value_id, []) if u[0] not in skip]
         ext = self.region_extents
         return max((ext[self.nodes[n].params["region"]][1] if self.nodes[n].name == "scan_slice" else n
                     for n, _ in uses), default=self.producer[value_id][0])
