@@ -75,9 +75,9 @@ def node_terms(graph: OpGraph, mesh: MeshModel, strats, signatures, *, donated_n
                input_usage_scale=None, platform: str | None = None) -> NodeTerms:
     """Costs and memory of every node; ``input_usage_scale`` {input: k} counts k bytes per
     byte of that input, donated inputs are free after their last read. ``platform`` (default:
-    JAX's backend, where ``plan.apply`` compiles) decides whether XLA undoes ``jax.checkpoint``
-    (:func:`remat_cse`)."""
-    view = memory_view(graph, platform)
+    the cluster's device kind, ``mesh.device_kind``: the compiler the plan is made for)
+    decides whether XLA undoes ``jax.checkpoint`` (:func:`remat_cse`)."""
+    view = memory_view(graph, platform or mesh.device_kind)
     fused = view.free
     comp_all, comm_all, costs, usages = [], [], [], []
     cost_cache: dict = {}
@@ -179,7 +179,7 @@ EXPENSIVE = frozenset({"exp", "exp2", "expm1", "log", "log1p", "tanh", "logistic
 _NOT_FUSED = frozenset({"sharding_constraint", "stage_boundary", "threefry2x32", "random_fold_in"})
 
 
-def barriers_survive_cse(platform: str | None = None) -> bool:
+def barriers_survive_cse(platform: str) -> bool:
     """Whether ``jax.checkpoint``'s optimization barriers still stand when XLA runs CSE.
 
     Measured (jax 0.10.2, ``--xla_dump_hlo_pass_re=.*``): XLA:CPU runs
@@ -189,9 +189,9 @@ def barriers_survive_cse(platform: str | None = None) -> bool:
     the forward computation again and CSE merges them (``sgd(fwd_loop_remat)``: 27 dots before
     optimisation, 23 after, the same 23 as without ``jax.checkpoint``; compiled temporaries
     26.2 MB with and without remat). On GPU/TPU the barrier is expanded only after the last
-    CSE, so the recomputation stays."""
-    import jax
-    return (platform or jax.default_backend()) != "cpu"
+    CSE, so the recomputation stays. ``platform``: "cpu", "gpu" or "tpu" (the cluster's
+    device kind, ``MeshModel.device_kind``)."""
+    return platform != "cpu"
 
 
 @dataclass(frozen=True)
@@ -201,7 +201,7 @@ class MemoryView:
     cse: dict[int, int]      # recomputed value -> the forward value CSE replaced it with
 
 
-def memory_view(graph: OpGraph, platform: str | None = None) -> MemoryView:
+def memory_view(graph: OpGraph, platform: str) -> MemoryView:
     """What XLA materialises and until when, beyond program-order liveness of the jaxpr:
 
     * ``fused_nodes`` and :func:`elementwise_fused` hold no memory; an elementwise op fused
