@@ -17,7 +17,7 @@ from autopar.solvers.stage_dp import submesh_shapes
 
 from .schedule import SCHEDULES
 from ..trace import Program, TraceError, trace
-from .unscan import ScanSplit, find_scan_split, split_loss, split_tree
+from .unscan import ScanSplit, find_scan_split, loss_jaxpr, split_loss, split_tree
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,10 +80,11 @@ def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_mic
         raise ValueError(f"optimizer.init(params) failed: {type(err).__name__}: {err}") from err
     p_bytes = sum(nbytes(x) for x in p_leaves)
     o_bytes = sum(nbytes(x) for x in jax.tree_util.tree_leaves(opt_abs))
-    split = find_scan_split(loss_fn, params_abs, microbatch) if split_scans else None
+    traced = loss_jaxpr(loss_fn, params_abs, microbatch) if split_scans else None
+    split = find_scan_split(loss_fn, params_abs, microbatch, traced) if split_scans else None
     user_leaves, user_tree, traced_loss = tuple(p_leaves), p_tree, loss_fn
     if split is not None:
-        traced_loss = split_loss(loss_fn, split, params_abs, microbatch)
+        traced_loss = split_loss(loss_fn, split, params_abs, microbatch, traced)
         params_abs = split_tree(split, p_tree, p_leaves)
         p_leaves, p_tree = jax.tree_util.tree_flatten(params_abs)
     return TrainingInputs(

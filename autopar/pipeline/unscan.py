@@ -61,9 +61,17 @@ def _uses(jaxpr, origin: dict, counts: dict, scans: list) -> None:
                     scans.append((o, n))
 
 
-def find_scan_split(loss_fn, params_abs, mb_abs) -> ScanSplit | None:
-    """The parameter leaves that only a scan reads, as its per-iteration ``xs`` (None: none)."""
-    closed = jax.make_jaxpr(loss_fn)(params_abs, mb_abs)
+def loss_jaxpr(loss_fn, params_abs, mb_abs):
+    """(closed jaxpr, output treedef) of ``loss_fn`` at these shapes: one trace shared by
+    ``find_scan_split`` and ``split_loss``."""
+    closed, out = jax.make_jaxpr(loss_fn, return_shape=True)(params_abs, mb_abs)
+    return closed, jax.tree_util.tree_structure(out)
+
+
+def find_scan_split(loss_fn, params_abs, mb_abs, traced=None) -> ScanSplit | None:
+    """The parameter leaves that only a scan reads, as its per-iteration ``xs`` (None: none).
+    ``traced``: ``loss_jaxpr``'s result, when the caller has it."""
+    closed, _ = traced or loss_jaxpr(loss_fn, params_abs, mb_abs)
     n_params = len(jax.tree_util.tree_leaves(params_abs))
     origin = {v: i for i, v in enumerate(closed.jaxpr.invars[:n_params])}
     counts: dict = {}
@@ -153,13 +161,12 @@ def split_tree(split: ScanSplit, tree_def, leaves) -> list:
     return tree_def.unflatten([[part(x, t) for t in range(n[i])] if i in n else x for i, x in enumerate(leaves)])
 
 
-def split_loss(loss_fn, split: ScanSplit, params_abs, mb_abs):
-    """``loss(split_params, batch)``: ``loss_fn`` with the split parameters' scans unrolled."""
-    closed = jax.make_jaxpr(loss_fn)(params_abs, mb_abs)
+def split_loss(loss_fn, split: ScanSplit, params_abs, mb_abs, traced=None):
+    """``loss(split_params, batch)``: ``loss_fn`` with the split parameters' scans unrolled
+    (``traced``: ``loss_jaxpr``'s result, when the caller has it)."""
+    closed, out_def = traced or loss_jaxpr(loss_fn, params_abs, mb_abs)
     p_def = jax.tree_util.tree_structure(params_abs)
     n = split.length_of()
-
-    out_def = jax.tree_util.tree_structure(jax.eval_shape(loss_fn, params_abs, mb_abs))
 
     def loss(split_params, batch):
         tops = p_def.flatten_up_to(split_params)
