@@ -228,7 +228,12 @@ def _effective(p: StageProblem, r: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _dp(p: StageProblem, cost, smax: int, combine):
     """F[s][k, d] = best ⊕-combination of cost(s)[m, k, j] ⊕ F[s−1][j, d−|m|]; choice[s][k, d]
-    = flat (j, m) index of the first choice within _TOL of the best (−1: none)."""
+    = flat (j, m) index of the first choice within _TOL of the best (−1: none): the smallest
+    j, then the smallest m at that j.
+
+    One sub-mesh shape at a time (two passes: the best over every (m, j), then the first
+    choice near it), so the working set is (L, D, L) per shape, not per shape set: with all
+    (m, j) at once it was #shapes × L × D × L floats (10 GB for 96 layers on 128 × 8 devices)."""
     L, D, sizes = p.num_layers, p.total_devices, p.sizes
     F = [np.full((L + 1, D + 1), np.inf)]
     F[0][L, 0] = 0.0
@@ -236,15 +241,24 @@ def _dp(p: StageProblem, cost, smax: int, combine):
     for s in range(1, smax + 1):
         K = L - s + 1  # s stages need k ≤ L − s, and the next stage then starts at j ≤ K
         c = cost(s)[:, :K, :K + 1]  # (nS, K, K+1) of (m, k, j)
-        V = np.full((len(sizes), K, D + 1, K + 1), np.inf)  # [m, k, d, j]
-        for m, n in enumerate(sizes):
-            if n <= D:
-                V[m, :, n:, :] = combine(c[m][:, None, :], F[s - 1][:K + 1, :D + 1 - n].T[None, :, :])
-        best = V.min(axis=3).min(axis=0)
-        near = V <= best[None, :, :, None] * (1 + _TOL)
-        j = np.argmax(near.any(axis=0), axis=2)  # first j, then the first m for that j
-        m = np.argmax(np.take_along_axis(near, j[None, :, :, None], axis=3)[..., 0], axis=0)
-        idx = j * len(sizes) + m
+        prev = F[s - 1][:K + 1].T  # (D+1, K+1) of (d, j)
+        shapes = [(m, n) for m, n in enumerate(sizes) if n <= D]
+
+        def block(m: int, n: int) -> np.ndarray:  # (K, D+1−n, K+1): d = n..D, every j
+            return combine(c[m][:, None, :], prev[None, :D + 1 - n, :])
+        best = np.full((K, D + 1), np.inf)
+        for m, n in shapes:
+            np.minimum(best[:, n:], block(m, n).min(axis=2), out=best[:, n:])
+        limit = best * (1 + _TOL)
+        first_j = np.full((K, D + 1), K + 1, dtype=np.int64)
+        first_m = np.zeros((K, D + 1), dtype=np.int64)
+        for m, n in shapes:
+            near = block(m, n) <= limit[:, n:, None]
+            j = np.argmax(near, axis=2)
+            fj, fm = first_j[:, n:], first_m[:, n:]  # views
+            take = near.any(axis=2) & (j < fj)
+            fj[take], fm[take] = j[take], m
+        idx = first_j * len(sizes) + first_m
         idx[~np.isfinite(best)] = -1
         Fs = np.full((L + 1, D + 1), np.inf)
         Fs[:K] = best

@@ -275,3 +275,51 @@ def test_variant_depends_on_position():
     assert e.value.min_device_memory == 7.0  # lean first stage: 5 + 2 micro-batches
     with pytest.raises(ValueError, match="expected"):
         StageProblem(2, 1, 2, lat, mem[0], act)
+
+
+def _dp_all_at_once(p, cost, smax, combine):
+    """The stage DP's recurrence with every (m, k, d, j) in one array (the formulation before
+    ``_dp`` went shape by shape): the reference for its values and its first-near choices."""
+    L, D, sizes = p.num_layers, p.total_devices, p.sizes
+    F, choice = [np.full((L + 1, D + 1), np.inf)], [None]
+    F[0][L, 0] = 0.0
+    for s in range(1, smax + 1):
+        K = L - s + 1
+        c = cost(s)[:, :K, :K + 1]
+        V = np.full((len(sizes), K, D + 1, K + 1), np.inf)
+        for m, n in enumerate(sizes):
+            if n <= D:
+                V[m, :, n:, :] = combine(c[m][:, None, :], F[s - 1][:K + 1, :D + 1 - n].T[None, :, :])
+        best = V.min(axis=3).min(axis=0)
+        near = V <= best[None, :, :, None] * (1 + 1e-9)
+        j = np.argmax(near.any(axis=0), axis=2)
+        m = np.argmax(np.take_along_axis(near, j[None, :, :, None], axis=3)[..., 0], axis=0)
+        idx = j * len(sizes) + m
+        idx[~np.isfinite(best)] = -1
+        Fs = np.full((L + 1, D + 1), np.inf)
+        Fs[:K] = best
+        F.append(Fs)
+        choice.append(idx)
+    return F, choice
+
+
+def test_dp_by_shape_equals_the_all_at_once_recurrence():
+    """``_dp`` (one sub-mesh shape at a time) gives the same tables and the same tie-broken
+    choices as the recurrence over all shapes at once, for ⊕ = + and max, on random
+    instances with ties (latencies from a few values) and infeasible ranges."""
+    from autopar.solvers.stage_dp import _dp, _effective
+    rng = np.random.default_rng(7)
+    for _ in range(60):
+        L, N, M = int(rng.integers(1, 8)), int(rng.integers(1, 4)), int(rng.choice([1, 2, 4, 8]))
+        nS = len(submesh_shapes(N, M))
+        lat = rng.choice([0.5, 1.0, 2.0, np.inf], size=(L, L + 1, nS)) * rng.integers(1, 3, size=(L, L + 1, nS))
+        mem = rng.integers(0, 5, size=lat.shape).astype(float)
+        act = rng.integers(0, 3, size=lat.shape).astype(float)
+        p = StageProblem(L, N, M, lat, mem, act, num_microbatches=int(rng.integers(1, 5)),
+                         device_memory=float(rng.integers(3, 10)))
+        for combine in (np.add, np.maximum):
+            cost = lambda s: _effective(p, s)[0]  # noqa: E731
+            got, want = _dp(p, cost, min(L, N * M), combine), _dp_all_at_once(p, cost, min(L, N * M), combine)
+            for s in range(1, len(want[0])):
+                np.testing.assert_array_equal(got[0][s], want[0][s])
+                np.testing.assert_array_equal(got[1][s], want[1][s])
