@@ -18,10 +18,13 @@ options (ties go to the lower index: no remat, whole budget). Only ("full", r₀
 up front; every other variant is planned lazily (memory-bound ILPs are the slow ones, and
 recomputation is never free): a (variant, sub-mesh) first enters with an optimistic
 placeholder — ("full", r₀)'s latency, parameters sharded over every device, and
-("full", r₀)'s activations for ("lean", r₀), none for another option: a lower bound — and
+("full", r₀)'s activations for ("lean", r₀), the option's traced residuals for another
+(``StageCoster.activation``): a lower bound — and
 ``resolve`` plans its layers for real once a split that is going to be used relies on one
 (``placeholders``). Where a layer does not fit a sub-mesh even alone under r₀, the other
-options' whole-budget variants are planned at once there.
+options' whole-budget variants are planned at once there. With remat, a stage also keeps the
+input of each of its layers after the first (a single-layer plan never counts its own
+input): those bytes are added to the sums.
 """
 from __future__ import annotations
 
@@ -45,6 +48,12 @@ class AdditiveCosts:
         # layers[v][s]: the single-layer costs of variant v on sub-mesh s (None: a placeholder)
         self.layers: list[list[list | None]] = [[None] * nS for _ in range(nV)]
         self.layers[0] = [[first[i][s] for i in range(L)] for s in range(nS)]
+        # remat: each layer's own saved bytes (traced, no plan) and the inputs of the layers
+        # after a stage's first, which its checkpoints keep (a single-layer plan never counts
+        # its input)
+        remat = any(r != "none" for r in self.options)
+        self.inputs = [coster.input_bytes(i) for i in range(L)] if remat else [0.0] * L
+        self.saved = {r: [coster.activation(i, i + 1, r) for i in range(L)] for r in rest}
         self.latency = np.full((nV, L, L + 1, nS), np.inf)
         self.memory, self.activation = np.zeros_like(self.latency), np.zeros_like(self.latency)
         for s in range(nS):  # a layer that does not fit alone: the other options at once
@@ -69,11 +78,13 @@ class AdditiveCosts:
                     run0, run = Sums(), Sums()
                     for j in range(i + 1, self.L + 1):
                         t, _, a = run0.add(self.layers[0][s][j - 1])
+                        kept = 0.0 if r == "none" else sum(self.inputs[i + 1:j]) / n
                         if costs is not None:
                             lat[v, i, j, s], mem[v, i, j, s], act[v, i, j, s] = run.add(costs[j - 1])
+                            act[v, i, j, s] += kept
                         else:  # optimistic placeholder
                             lat[v, i, j, s], mem[v, i, j, s] = t, sum(self.pbytes[i:j]) / n
-                            act[v, i, j, s] = a if r == self.options[0] else 0.0
+                            act[v, i, j, s] = (a if r == self.options[0] else sum(self.saved[r][i:j]) / n) + kept
 
     def placeholders(self, sol) -> set[tuple[int, int]]:
         """(variant, sub-mesh) placeholders the stage DP solution ``sol`` uses."""

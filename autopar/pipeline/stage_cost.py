@@ -123,6 +123,7 @@ class StageCoster:
         self.reshard_cache = ReshardCache()  # shared by every stage build
         self.problems: dict = {}  # (structure, sub-mesh) -> {mesh: IntraProblem}, reused across budgets
         self.traced: dict = {}
+        self.residuals: dict = {}  # program key -> residual bytes (``activation``)
         self.stages: dict = {}
         self.solves = self.hits = self.infeasible = 0
         self.min_need = math.inf
@@ -154,6 +155,25 @@ class StageCoster:
             return skey
         a = self.layer_eqns[i][0]
         return skey, remat, tuple(self.layer_eqns[k][0] - a for k in range(i + 1, j))
+
+    def activation(self, i: int, j: int, remat: str = "none") -> float:
+        """Bytes layers i..j−1 keep for the backward per micro-batch with ``remat`` (all
+        devices together; ``stages.residual_bytes``): traced only, no plan (cached)."""
+        key = self.program_key(i, j, remat)
+        if key not in self.residuals:
+            if key in self.traced:
+                self.residuals[key] = self.traced[key][4]
+            else:
+                st = self.stage(i, j)[0]
+                args = stage_abstract_args(self.program, st, self.P)
+                fwd = stage_forward(self.program, st, self.P, remat, self.layer_eqns[i:j])
+                self.residuals[key] = residual_bytes(fwd, *args[:3])
+        return self.residuals[key]
+
+    def input_bytes(self, i: int) -> float:
+        """Bytes of the floating activations layer i receives from earlier layers."""
+        st = self.stage(i, i + 1)[0]
+        return float(sum(self.program.values[v].nbytes for v in st.acts_in))
 
     def cost_within(self, i: int, j: int, submesh, mesh_shape, budget: float,
                     time_limit_s: float | None = None, remat: str = "none") -> StageCost:
