@@ -1,14 +1,15 @@
 """Refinement of the additive search (``autopar.pipeline.search``): additive costing only
-estimates a stage, so the splits worth it are planned exactly and the fastest that fits wins.
+estimates a stage, so the splits worth it are planned exactly and the fastest that fits
+wins.
 
 Each stage is planned on every logical mesh one of its layers chose in the cost variant the
 estimate used (``AdditiveCosts.layer_meshes``: a stage of mixed layers may prefer another
-mesh than its most expensive layer) with that variant's remat option, within the budget its in-flight micro-batches leave —
-first the stage DP's split, then up to ``REFINE_UNIFORM`` equal splits (``uniform_submeshes``)
-in order of estimate, each only when estimated within ``REFINE_MARGIN`` of the best exact
-step so far (placeholder costs are resolved first; a skipped split's estimate may be a lower
-bound). The fastest simulated step among those that fit is kept (the DP's split when none
-does).
+mesh than its most expensive layer) with that variant's remat option, within the budget its
+in-flight micro-batches leave — first the stage DP's split, then up to ``REFINE_UNIFORM``
+equal splits (``uniform_submeshes``) in order of estimate, each only when estimated within
+``REFINE_MARGIN`` of the best exact step so far (placeholder costs are resolved first; a
+skipped split's estimate may be a lower bound). The fastest simulated step among those that
+fit is kept (the DP's split when none does).
 """
 from __future__ import annotations
 
