@@ -145,7 +145,7 @@ def _training_plan(ns, module, fn, args):
             fn, *args, optimizer=_optimizer(ns, module), cluster=ns.cluster, nodes=ns.nodes,
             num_microbatches=ns.microbatches, schedule=ns.schedule, num_stages=ns.num_stages,
             stages=_parse_stages(ns.stages), num_layers=ns.layers, memory_budget_bytes=ns.budget,
-            solver=ns.solver, time_limit_s=ns.time_limit, verbose=progress)
+            solver=ns.solver, time_limit_s=ns.time_limit, remat=ns.remat, verbose=progress)
 
 
 def _finish_training(ns, plan) -> None:
@@ -281,6 +281,8 @@ def _common(p):
     t.add_argument("--num-stages", type=int, default=None, help="force the number of stages")
     t.add_argument("--stages", help="fix the stages: layer ranges and sub-meshes, e.g. 0-2:1x4,2-4:1x4")
     t.add_argument("--layers", type=int, default=None, help="number of layers to cluster the forward into")
+    t.add_argument("--remat", default="auto", choices=["auto", "none", "dots", "full"],
+                   help="activation rematerialisation per stage: chosen by the search (auto) or forced")
     t.add_argument("--timeline", help="draw the pipeline schedule to this .svg or .png")
 
 

@@ -2,19 +2,29 @@
 estimated from single-layer plans summed over its range (``stage_cost.Sums``), so only L
 layers × sub-meshes are planned instead of every range.
 
-Two cost variants per (range, sub-mesh), from which the stage DP picks, per stage, the
-fastest that fits with the micro-batches that stage holds in flight (``solvers.stage_dp``):
+Cost variants per (range, sub-mesh), from which the stage DP picks, per stage, the fastest
+that fits with the micro-batches that stage holds in flight (``solvers.stage_dp``): for each
+activation-rematerialisation option r the search may choose (``TrainingInputs.remat``, the
+first r₀ preferred; ``autopar.pipeline.remat``)
 
-* variant 0: each layer planned with the whole memory budget;
-* variant 1 ("lean"): each layer planned within half its share of the budget,
+* ("full", r): each layer planned with the whole memory budget;
+* ("lean", r): each layer planned within half its share of the budget,
   budget / (2·L·|m|/N) (a balanced stage on the sub-mesh holds L·|m|/N layers), on the
-  logical mesh variant 0 chose for it: parameters sharded harder, so a long stage, or an
+  logical mesh ("full", r) chose for it: parameters sharded harder, so a long stage, or an
   early one holding many micro-batches, fits. Only on sub-meshes with a share above one layer.
 
-Variant 1 is planned lazily (memory-bound ILPs are the slow ones): a sub-mesh first enters
-with an optimistic placeholder (variant 0's latency and activations, parameters sharded
-over every device: a lower bound), and ``resolve`` plans its layers for real once a split
-that is going to be used relies on one (``placeholders``).
+in the order ("full", r₀), ("lean", r₀), then ("full", r) and ("lean", r) for the other
+options (ties go to the lower index: no remat, whole budget). Only ("full", r₀) is planned
+up front; every other variant is planned lazily (memory-bound ILPs are the slow ones, and
+recomputation is never free): a (variant, sub-mesh) first enters with an optimistic
+placeholder — ("full", r₀)'s latency, parameters sharded over every device, and
+("full", r₀)'s activations for ("lean", r₀), the option's traced residuals for another
+(``StageCoster.activation``): a lower bound — and
+``resolve`` plans its layers for real once a split that is going to be used relies on one
+(``placeholders``). Where a layer does not fit a sub-mesh even alone under r₀, the other
+options' whole-budget variants are planned at once there. With remat, a stage also keeps the
+input of each of its layers after the first (a single-layer plan never counts its own
+input): those bytes are added to the sums.
 """
 from __future__ import annotations
 
@@ -24,17 +34,32 @@ from .costs import CostArrays, Sums
 
 
 class AdditiveCosts:
-    """Cost arrays (2, L, L+1, #sub-meshes) for ``solvers.stage_dp.StageProblem``."""
+    """Cost arrays (V, L, L+1, #sub-meshes) for ``solvers.stage_dp.StageProblem``; V = 2 per
+    remat option."""
 
-    def __init__(self, coster, num_layers: int, shapes, total_devices: int, param_bytes):
+    def __init__(self, coster, num_layers: int, shapes, total_devices: int, param_bytes, options=("none",)):
         """``param_bytes[i]``: layer i's parameters with accumulators and optimizer state."""
         self.coster, self.L, self.shapes, self.total = coster, num_layers, list(shapes), total_devices
-        self.pbytes = list(param_bytes)
-        L, nS = num_layers, len(self.shapes)
-        self.full = [[coster.cost(i, i + 1, sub) for sub in self.shapes] for i in range(L)]
-        self.lean = [[None] * nS for _ in range(L)]
-        self.latency = np.full((2, L, L + 1, nS), np.inf)
+        self.pbytes, self.options = list(param_bytes), tuple(options)
+        r0, rest = self.options[0], self.options[1:]
+        self.variants = [("full", r0), ("lean", r0)] + [("full", r) for r in rest] + [("lean", r) for r in rest]
+        L, nS, nV = num_layers, len(self.shapes), len(self.variants)
+        first = [[coster.cost(i, i + 1, sub, remat=r0) for sub in self.shapes] for i in range(L)]
+        # layers[v][s]: the single-layer costs of variant v on sub-mesh s (None: a placeholder)
+        self.layers: list[list[list | None]] = [[None] * nS for _ in range(nV)]
+        self.layers[0] = [[first[i][s] for i in range(L)] for s in range(nS)]
+        # remat: each layer's own saved bytes (traced, no plan) and the inputs of the layers
+        # after a stage's first, which its checkpoints keep (a single-layer plan never counts
+        # its input)
+        remat = any(r != "none" for r in self.options)
+        self.inputs = [coster.input_bytes(i) for i in range(L)] if remat else [0.0] * L
+        self.saved = {r: [coster.activation(i, i + 1, r) for i in range(L)] for r in rest}
+        self.latency = np.full((nV, L, L + 1, nS), np.inf)
         self.memory, self.activation = np.zeros_like(self.latency), np.zeros_like(self.latency)
+        for s in range(nS):  # a layer that does not fit alone: the other options at once
+            if any(not c.fits for c in self.layers[0][s]):
+                for r in rest:
+                    self._plan(self.variants.index(("full", r)), s)
         self._fill(range(nS))
 
     def share(self, s: int) -> float:
@@ -45,38 +70,58 @@ class AdditiveCosts:
         lat, mem, act = self.latency, self.memory, self.activation
         for s in subs:
             n = self.shapes[s][0] * self.shapes[s][1]
-            lean_too = self.share(s) > 1
-            for i in range(self.L):
-                run0, run1 = Sums(), Sums()
-                for j in range(i + 1, self.L + 1):
-                    t, w, a = lat[0, i, j, s], mem[0, i, j, s], act[0, i, j, s] = run0.add(self.full[j - 1][s])
-                    if not lean_too:
-                        continue
-                    if self.lean[0][s] is None:  # optimistic placeholder
-                        lat[1, i, j, s], mem[1, i, j, s], act[1, i, j, s] = t, sum(self.pbytes[i:j]) / n, a
-                    else:
-                        lat[1, i, j, s], mem[1, i, j, s], act[1, i, j, s] = run1.add(self.lean[j - 1][s])
+            for v, (kind, r) in enumerate(self.variants):
+                if kind == "lean" and self.share(s) <= 1:
+                    continue
+                costs = self.layers[v][s]
+                for i in range(self.L):
+                    run0, run = Sums(), Sums()
+                    for j in range(i + 1, self.L + 1):
+                        t, _, a = run0.add(self.layers[0][s][j - 1])
+                        kept = 0.0 if r == "none" else sum(self.inputs[i + 1:j]) / n
+                        if costs is not None:
+                            lat[v, i, j, s], mem[v, i, j, s], act[v, i, j, s] = run.add(costs[j - 1])
+                            act[v, i, j, s] += kept
+                        else:  # optimistic placeholder
+                            lat[v, i, j, s], mem[v, i, j, s] = t, sum(self.pbytes[i:j]) / n
+                            act[v, i, j, s] = (a if r == self.options[0] else sum(self.saved[r][i:j]) / n) + kept
 
-    def placeholders(self, sol) -> set[int]:
-        """Sub-meshes where the stage DP solution ``sol`` uses a placeholder."""
-        return {st[2] for st, v in zip(sol.stages, sol.variants) if v == 1 and self.lean[0][st[2]] is None}
+    def placeholders(self, sol) -> set[tuple[int, int]]:
+        """(variant, sub-mesh) placeholders the stage DP solution ``sol`` uses."""
+        return {(v, st[2]) for st, v in zip(sol.stages, sol.variants) if self.layers[v][st[2]] is None}
 
-    def resolve(self, subs) -> None:
-        """Plan the lean variant of every layer on these sub-meshes; refresh their sums."""
-        for s in subs:
-            for i in range(self.L):
-                c = self.full[i][s]
-                mesh = tuple(c.plan.mesh_shape) if c.fits else None
-                self.lean[i][s] = self.coster.cost(i, i + 1, self.shapes[s], mesh, share=2 * self.share(s))
-        self._fill(subs)
+    def resolve(self, keys) -> None:
+        """Plan every layer of these (variant, sub-mesh) placeholders; refresh their sums."""
+        for v, s in sorted(keys):
+            self._plan(v, s)
+        self._fill({s for _, s in keys})
+
+    def _plan(self, v: int, s: int) -> None:
+        if self.layers[v][s] is not None:
+            return
+        kind, r = self.variants[v]
+        sub = self.shapes[s]
+        if kind == "full":
+            self.layers[v][s] = [self.coster.cost(i, i + 1, sub, remat=r) for i in range(self.L)]
+            return
+        base = self.variants.index(("full", r))
+        self._plan(base, s)
+        meshes = [tuple(c.plan.mesh_shape) if c.fits else None for c in self.layers[base][s]]
+        self.layers[v][s] = [self.coster.cost(i, i + 1, sub, mesh, share=2 * self.share(s), remat=r)
+                             for i, mesh in enumerate(meshes)]
+
+    def option(self, variant: int) -> str:
+        """The remat option of a cost variant."""
+        return self.variants[variant][1]
 
     def layer_meshes(self, variant: int, a: int, b: int, sub) -> list | None:
-        """The logical meshes the single-layer plans (cost ``variant``) of layers a..b−1 on
-        ``sub`` chose (each once, the most expensive layer's first); None (every mesh) when a
-        layer has no plan."""
+        """The logical meshes the single-layer plans (cost ``variant``, else its option's
+        whole-budget variant, else the first) of layers a..b−1 on ``sub`` chose (each once,
+        the most expensive layer's first); None (every mesh) when a layer has no plan."""
         s = self.shapes.index(tuple(sub))
-        var = self.lean if variant == 1 and self.lean[a][s] is not None else self.full
-        plans = [var[j][s] for j in range(a, b)]
+        base = self.variants.index(("full", self.option(variant)))
+        var = next(x for x in (self.layers[variant][s], self.layers[base][s], self.layers[0][s]) if x is not None)
+        plans = [var[j] for j in range(a, b)]
         if any(not c.fits for c in plans):
             return None
         plans.sort(key=lambda c: -c.latency)

@@ -75,7 +75,7 @@ def assemble(inputs: TrainingInputs, layering: Layering, chosen: list[ChosenStag
             plan=c.cost.plan, latency_s=t, fwd_s=(t - send) * FWD_SHARE, bwd_s=(t - send) * (1 - FWD_SHARE),
             send_s=send, params=list(st.params), owned_params=[p for p in range(P) if own[p] == k],
             batch=list(st.batch), param_bytes_per_device=c.cost.param_dev, activation_bytes_per_device=c.cost.act,
-            inflight_microbatches=inflight, memory_bytes_per_device=memory))
+            inflight_microbatches=inflight, memory_bytes_per_device=memory, remat=c.cost.remat))
     timeline = simulate_stages(chosen, inputs.schedule, B)
     predicted = PredictedTraining(step_time_s=timeline.makespan, dp_objective_s=record.objective_s,
                                   bubble_fraction=timeline.bubble_fraction,

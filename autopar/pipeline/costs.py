@@ -41,6 +41,7 @@ class StageCost:
     act: float = 0.0            # activation bytes of one micro-batch
     param_dev: float = 0.0      # parameter bytes
     persist: float = 0.0        # parameters with their accumulators and optimizer state (⊆ static)
+    remat: str = "none"         # activation rematerialisation of its layers (``autopar.pipeline.remat``)
 
     @property
     def fits(self) -> bool:

@@ -15,6 +15,7 @@ import numpy as np
 from autopar.cost import ClusterSpec, load_cluster
 from autopar.solvers.stage_dp import submesh_shapes
 
+from .remat import remat_options
 from .schedule import SCHEDULES
 from ..trace import Program, TraceError, trace
 from .unscan import ScanSplit, find_scan_split, loss_jaxpr, split_loss, split_tree
@@ -44,6 +45,9 @@ class TrainingInputs:
     scan_split: ScanSplit | None = None
     user_p_leaves: tuple = ()
     user_p_tree: Any = None
+    # activation rematerialisation options the stage search chooses among per stage
+    # (``autopar.pipeline.remat``), the preferred first
+    remat: tuple = ("none",)
 
     @property
     def num_params(self) -> int:
@@ -55,11 +59,14 @@ def nbytes(x) -> float:
 
 
 def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_microbatches, schedule,
-                   memory_budget_bytes, costing="auto", mesh_search="auto", split_scans=True) -> TrainingInputs:
+                   memory_budget_bytes, costing="auto", mesh_search="auto", split_scans=True,
+                   remat: str = "none") -> TrainingInputs:
     """Check the options, abstract the arguments, trace one micro-batch's loss and measure
     the optimizer state (``optimizer.init`` under ``jax.eval_shape``). With ``split_scans``
     a scanned layer stack is unrolled into one layer per iteration, its stacked parameters
-    split per iteration (``autopar.pipeline.unscan``)."""
+    split per iteration (``autopar.pipeline.unscan``). ``remat``: "auto" (the search chooses
+    per stage) or one option for every stage (``autopar.pipeline.remat``)."""
+    options = remat_options(remat)
     spec = check_options(cluster, nodes, num_microbatches, schedule, optimizer, memory_budget_bytes, costing,
                          mesh_search)
     params_abs = jax.tree_util.tree_map(abstract, params)
@@ -95,7 +102,8 @@ def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_mic
         microbatch_size=int(mb_leaves[0].shape[0]) if mb_leaves and mb_leaves[0].shape else 1,
         program=trace_loss(traced_loss, params_abs, microbatch), opt_ratio=o_bytes / p_bytes if p_bytes else 0.0,
         shapes=tuple(submesh_shapes(nodes, spec.devices_per_node)), scan_split=split,
-        user_p_leaves=user_leaves if split is not None else (), user_p_tree=user_tree if split is not None else None)
+        user_p_leaves=user_leaves if split is not None else (), user_p_tree=user_tree if split is not None else None,
+        remat=options)
 
 
 def abstract(x):

@@ -1,14 +1,15 @@
 """Refinement of the additive search (``autopar.pipeline.search``): additive costing only
-estimates a stage, so the splits worth it are planned exactly and the fastest that fits wins.
+estimates a stage, so the splits worth it are planned exactly and the fastest that fits
+wins.
 
 Each stage is planned on every logical mesh one of its layers chose in the cost variant the
 estimate used (``AdditiveCosts.layer_meshes``: a stage of mixed layers may prefer another
-mesh than its most expensive layer), within the budget its in-flight micro-batches leave —
-first the stage DP's split, then up to ``REFINE_UNIFORM`` equal splits (``uniform_submeshes``)
-in order of estimate, each only when estimated within ``REFINE_MARGIN`` of the best exact
-step so far (placeholder costs are resolved first; a skipped split's estimate may be a lower
-bound). The fastest simulated step among those that fit is kept (the DP's split when none
-does).
+mesh than its most expensive layer) with that variant's remat option, within the budget its
+in-flight micro-batches leave — first the stage DP's split, then up to ``REFINE_UNIFORM``
+equal splits (``uniform_submeshes``) in order of estimate, each only when estimated within
+``REFINE_MARGIN`` of the best exact step so far (placeholder costs are resolved first; a
+skipped split's estimate may be a lower bound). The fastest simulated step among those that
+fit is kept (the DP's split when none does).
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def runs(parts) -> str:
 
 def _describe(chosen: list[ChosenStage]) -> str:
     return runs(f"{c.end - c.start}L@{c.submesh[0]}x{c.submesh[1]}"
-                + (f"/{'x'.join(map(str, c.cost.plan.mesh_shape))}" if c.cost.fits else "") for c in chosen)
+                + (f"/{'x'.join(map(str, c.cost.plan.mesh_shape))}" if c.cost.fits else "")
+                + ("" if c.cost.remat == "none" else f"+{c.cost.remat}") for c in chosen)
 
 
 def _equal_splits(inputs: TrainingInputs, num_layers: int, dp_split, num_stages: int | None):
@@ -61,7 +63,8 @@ def _planned(coster, inputs: TrainingInputs, costs: AdditiveCosts, source: str, 
     """One split planned exactly, stage by stage, on the meshes its layers chose."""
     t0 = time.perf_counter()
     variant = {(a, b): v for (a, b, *_), v in zip(est.stages, est.variants)}
-    chosen = plan_stages(coster, inputs, stages, lambda a, b, sub: costs.layer_meshes(variant[a, b], a, b, sub))
+    chosen = plan_stages(coster, inputs, stages, lambda a, b, sub: costs.layer_meshes(variant[a, b], a, b, sub),
+                         lambda a, b, sub: costs.option(variant[a, b]))
     ok = all(c.cost.fits for c in chosen)
     step = simulate_stages(chosen, inputs.schedule, inputs.num_microbatches).makespan if ok else math.inf
     peak = max(m for _, m in stage_memory(chosen, inputs.schedule, inputs.num_microbatches)) if ok else math.inf

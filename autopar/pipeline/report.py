@@ -23,7 +23,8 @@ def format_training_report(plan) -> str:
                      "slice per iteration, each on the stage that runs it (the step takes and returns them stacked)")
     lines.append("")
     head = (f"{'stage':>5}  {'layers':>7}  {'sub-mesh':>8}  {'devices':>9}  {'mesh':>6}  {'t/micro-batch':>13}  "
-            f"{'fwd':>9}  {'bwd':>9}  {'send':>9}  {'params/dev':>10}  {'act/dev':>10}  {'in flight':>9}  {'memory/dev':>10}")
+            f"{'fwd':>9}  {'bwd':>9}  {'send':>9}  {'params/dev':>10}  {'act/dev':>10}  {'in flight':>9}  {'memory/dev':>10}  "
+            f"{'remat':>5}")
     lines += [head, "-" * len(head)]
     for st in plan.stages:
         lines.append(
@@ -31,7 +32,10 @@ def format_training_report(plan) -> str:
             f"{f'{st.devices[0]}-{st.devices[-1]}':>9}  {'×'.join(map(str, st.plan.mesh_shape)):>6}  "
             f"{_time(st.latency_s):>13}  {_time(st.fwd_s):>9}  {_time(st.bwd_s):>9}  {_time(st.send_s):>9}  "
             f"{_si(st.param_bytes_per_device, 'B'):>10}  {_si(st.activation_bytes_per_device, 'B'):>10}  "
-            f"{st.inflight_microbatches:>9}  {_si(st.memory_bytes_per_device, 'B'):>10}")
+            f"{st.inflight_microbatches:>9}  {_si(st.memory_bytes_per_device, 'B'):>10}  {st.remat:>5}")
+    if any(st.remat != "none" for st in plan.stages):
+        lines.append("remat: each layer of a stage under jax.checkpoint — dots: weight matmul outputs saved, the "
+                     "rest recomputed in the backward; full: only each layer's input saved (act/dev: what is kept)")
     lines.append("")
     paths = _paths(plan.param_tree, len(plan.param_shapes))
     w = max((len(x) for x in paths), default=0)

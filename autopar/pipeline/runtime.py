@@ -4,7 +4,10 @@ A ``jax.jit`` cannot span two meshes, so each stage gets its own executables, al
 sub-mesh with the shardings of its intra-op plan:
 
 * forward ``(p, a, nd) -> (y, aux, vjp_fn)`` — ``jax.vjp`` of the stage function; the
-  residuals (the returned ``vjp_fn``, a pytree) stay on the stage until its backward;
+  residuals (the returned ``vjp_fn``, a pytree) stay on the stage until its backward; with
+  the stage's ``remat`` option its layers run under ``jax.checkpoint``, so the residuals are
+  only what the policy saves and the backward executable recomputes the rest (the two are
+  separate executables: XLA cannot merge the recomputation back into the forward);
 * backward ``(vjp_fn, ct[, acc]) -> (acc + dp, da)`` — parameter gradients accumulated over
   micro-batches in place (the accumulator is donated);
 * update ``(params, opt_state, grads) -> (params, opt_state)`` — the optimizer applied to
@@ -41,7 +44,7 @@ def _is_none(x) -> bool:
 
 
 class _StageExec:
-    def __init__(self, sp, st, program, P, devices, optimizer, donate):
+    def __init__(self, sp, st, program, P, devices, optimizer, donate, layer_ranges):
         plan = sp.plan
         self.st = st
         self.mesh = make_mesh(plan.mesh_shape, plan.axis_names, devices)
@@ -57,7 +60,7 @@ class _StageExec:
         self.y_sh = [sh(s) for s in outs[:ny]]
         self.aux_sh = [sh(s) for s in outs[ny:ny + naux]]
         self.repl = named(self.mesh, [])
-        fwd = stage_forward(program, st, P)
+        fwd = stage_forward(program, st, P, sp.remat, layer_ranges)  # remat: its layers under jax.checkpoint
         y_sh, aux_sh, p_sh, a_sh = self.y_sh, self.aux_sh, self.p_sh, self.a_sh
 
         def forward(p, a, nd):
@@ -137,7 +140,8 @@ class PipelineStep:
                     "are None); pipeline plans need a per-parameter optax optimizer such as sgd, momentum, "
                     "adam or adamw, without global transformations like clip_by_global_norm")
             self.skeletons.append((leaves, tree))
-        self.execs = [_StageExec(sp, st, program, P, [all_devices[i] for i in sp.devices], optimizer, donate)
+        self.execs = [_StageExec(sp, st, program, P, [all_devices[i] for i in sp.devices], optimizer, donate,
+                                 tplan.search.layer_eqns[sp.layers[0]:sp.layers[1]])
                       for sp, st in zip(tplan.stages, self.stages)]
         # sharding of every param leaf on its owner (unread params: replicated on stage 0)
         self.param_sharding = []

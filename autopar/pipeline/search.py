@@ -1,6 +1,9 @@
 """The stage search of ``autopar.plan_training``: stage costs (every (layer range, sub-mesh)
-planned exactly, the given stages only, or single layers summed — ``autopar.pipeline.additive``)
-→ the stage DP (``solvers.stage_dp``) → the chosen stages planned whole.
+planned exactly — ``autopar.pipeline.exact`` —, the given stages only, or single layers summed —
+``autopar.pipeline.additive``) → the stage DP (``solvers.stage_dp``) → the chosen stages
+planned whole. Every stage cost comes in one variant per activation-rematerialisation option
+(``TrainingInputs.remat``), the options after the first planned lazily: the DP is re-run
+until its solution uses no placeholder (``solve_lazily``).
 
 ``costing="exact"`` plans every (range, sub-mesh) pair; ``"additive"`` plans single layers only
 and sums them over a range (boundary reshards between layers inside a stage are then not
@@ -12,6 +15,8 @@ position.
 from __future__ import annotations
 
 import math
+
+import numpy as np
 
 from autopar.solvers.schedules import Schedule
 from autopar.solvers.stage_dp import StageInfeasibleError, StageProblem, StageSolution, solve_stages
@@ -51,33 +56,58 @@ def run_stage_dp(inputs: TrainingInputs, num_layers: int, costs: CostArrays, *, 
         raise PlanError(f"cannot plan stages for {name}: {err}") from err
 
 
-def exact_costs(coster, num_layers: int, shapes, progress: Progress) -> CostArrays:
-    """Every (layer range, sub-mesh) planned whole."""
-    costs = CostArrays.empty(num_layers, len(shapes))
-    progress.phase("plan stage candidates (layer range × sub-mesh)", total=num_layers * (num_layers + 1) // 2 * len(shapes))
-    for i in range(num_layers):
-        for j in range(i + 1, num_layers + 1):
-            for s, sub in enumerate(shapes):
-                costs.set(i, j, s, entry(coster.cost(i, j, sub)))
-    return costs
+def solve_lazily(coster, inputs: TrainingInputs, num_layers: int, costs, *, num_stages: int | None = None,
+                 forced: list[ForcedStage] | None = None, name: str = "",
+                 progress: Progress | None = None) -> StageSolution:
+    """The stage DP on ``costs`` (``ExactCosts``, ``AdditiveCosts`` or ``ForcedCosts``),
+    re-run after planning the placeholders its solution uses, until it uses none."""
+    while True:
+        sol = run_stage_dp(inputs, num_layers, costs.arrays, min_need=coster.min_need, num_stages=num_stages,
+                           forced=forced, name=name)
+        lower = costs.placeholders(sol)
+        if not lower:
+            return sol
+        if progress is not None:
+            progress.phase("plan the candidates the stage DP relies on", total=len(lower))
+        costs.resolve(lower)
 
 
-def forced_costs(coster, num_layers: int, shapes, forced: list[ForcedStage], progress: Progress, *,
-                 additive: bool = False) -> CostArrays:
-    """Only the given stages: planned whole, or (``additive``) estimated layer by layer as the
-    additive search does."""
-    costs = CostArrays.empty(num_layers, len(shapes))
-    progress.phase("plan the given stages", total=sum(f.end - f.start if additive else 1 for f in forced))
-    for f in forced:
-        s = list(shapes).index(f.submesh)
-        if additive:
-            run, value = Sums(), None
-            for i in range(f.start, f.end):
-                value = run.add(coster.cost(i, i + 1, f.submesh, f.mesh, share=f.end - f.start))
-            costs.set(f.start, f.end, s, value)
-        else:
-            costs.set(f.start, f.end, s, entry(coster.cost(f.start, f.end, f.submesh, f.mesh)))
-    return costs
+class ForcedCosts:
+    """Only the given stages, in every remat option: planned whole, or (``additive``)
+    estimated layer by layer as the additive search does."""
+
+    def __init__(self, coster, num_layers: int, shapes, forced: list[ForcedStage], progress: Progress,
+                 options=("none",), *, additive: bool = False):
+        self.options = tuple(options)
+        arrays = [CostArrays.empty(num_layers, len(shapes)) for _ in self.options]
+        progress.phase("plan the given stages", total=len(self.options) * sum(
+            f.end - f.start if additive else 1 for f in forced))
+        for f in forced:
+            s = list(shapes).index(f.submesh)
+            for costs, r in zip(arrays, self.options):
+                if additive:
+                    run, value = Sums(), None
+                    for i in range(f.start, f.end):
+                        value = run.add(coster.cost(i, i + 1, f.submesh, f.mesh, share=f.end - f.start, remat=r))
+                    costs.set(f.start, f.end, s, value)
+                else:
+                    costs.set(f.start, f.end, s, entry(coster.cost(f.start, f.end, f.submesh, f.mesh, remat=r)))
+        self.arrays = arrays[0] if len(arrays) == 1 else CostArrays(
+            *(np.stack([getattr(c, k) for c in arrays]) for k in ("latency", "memory", "activation")))
+
+    def placeholders(self, sol) -> set:
+        return set()
+
+    def resolve(self, keys) -> None:
+        """(Nothing is a placeholder.)"""
+
+    def option(self, variant: int) -> str:
+        return self.options[variant]
+
+    @property
+    def candidates(self) -> int:
+        lat = self.arrays.latency
+        return int(np.isfinite(lat if lat.ndim == 3 else lat.min(axis=0)).sum())
 
 
 def additive_search(coster, inputs: TrainingInputs, num_layers: int, progress: Progress, *,
@@ -88,41 +118,38 @@ def additive_search(coster, inputs: TrainingInputs, num_layers: int, progress: P
     pbytes = [sum(nbytes(inputs.p_leaves[q]) for q in coster.stage(i, i + 1)[0].params) * (2.0 + inputs.opt_ratio)
               for i in range(num_layers)]
     progress.phase("plan layers one by one (additive costing)", total=num_layers * len(inputs.shapes))
-    costs = AdditiveCosts(coster, num_layers, inputs.shapes, inputs.nodes * inputs.spec.devices_per_node, pbytes)
-    while True:
-        sol = run_stage_dp(inputs, num_layers, costs.arrays, min_need=coster.min_need, num_stages=num_stages,
-                           name=name)
-        lower = costs.placeholders(sol)
-        if not lower:
-            return costs, sol
-        costs.resolve(lower)
+    costs = AdditiveCosts(coster, num_layers, inputs.shapes, inputs.nodes * inputs.spec.devices_per_node, pbytes,
+                          inputs.remat)
+    return costs, solve_lazily(coster, inputs, num_layers, costs, num_stages=num_stages, name=name, progress=progress)
 
 
-def plan_stage(coster, inputs: TrainingInputs, a: int, b: int, sub, mesh, remaining: int) -> StageCost:
-    """Stage [a, b) planned whole. The ILP's peak counts one micro-batch of activations; when
-    the stage's other in-flight micro-batches then overflow the budget, plan it again within
-    the budget less their activations."""
-    c = coster.cost(a, b, sub, mesh)
+def plan_stage(coster, inputs: TrainingInputs, a: int, b: int, sub, mesh, remaining: int,
+               remat: str = "none") -> StageCost:
+    """Stage [a, b) planned whole (with rematerialisation ``remat``). The ILP's peak counts one
+    micro-batch of activations; when the stage's other in-flight micro-batches then overflow
+    the budget, plan it again within the budget less their activations."""
+    c = coster.cost(a, b, sub, mesh, remat=remat)
     extra = (Schedule(inputs.schedule).inflight(remaining, inputs.num_microbatches) - 1) * c.act
     if c.fits and c.static + c.act + extra > inputs.budget >= extra:
-        again = coster.cost_within(a, b, sub, mesh, inputs.budget - extra)
+        again = coster.cost_within(a, b, sub, mesh, inputs.budget - extra, remat=remat)
         if again.fits:
             return again
     return c
 
 
-def plan_stages(coster, inputs: TrainingInputs, stages, mesh_of) -> list[ChosenStage]:
+def plan_stages(coster, inputs: TrainingInputs, stages, mesh_of, remat_of=None) -> list[ChosenStage]:
     """Each stage (a, b, sub) planned whole; ``mesh_of(a, b, sub)`` is a logical mesh, None
     (every ``stage_meshes``) or a list of meshes tried one by one (the fastest that fits
-    with its in-flight micro-batches wins)."""
+    with its in-flight micro-batches wins); ``remat_of(a, b, sub)``: its remat option
+    (default "none")."""
     S, out = len(stages), []
     for k, (a, b, sub) in enumerate(stages):
-        meshes = mesh_of(a, b, sub)
+        meshes, remat = mesh_of(a, b, sub), "none" if remat_of is None else remat_of(a, b, sub)
         if not isinstance(meshes, list):
-            out.append(ChosenStage(a, b, tuple(sub), plan_stage(coster, inputs, a, b, sub, meshes, S - k)))
+            out.append(ChosenStage(a, b, tuple(sub), plan_stage(coster, inputs, a, b, sub, meshes, S - k, remat)))
             continue
         inflight = Schedule(inputs.schedule).inflight(S - k, inputs.num_microbatches)
-        tries = [plan_stage(coster, inputs, a, b, sub, m, S - k) for m in meshes]
+        tries = [plan_stage(coster, inputs, a, b, sub, m, S - k, remat) for m in meshes]
         fit = [c for c in tries if c.fits and c.memory(inflight) <= inputs.budget]
         out.append(ChosenStage(a, b, tuple(sub), min(fit or tries, key=lambda c: c.latency)))
     return out
@@ -133,8 +160,14 @@ def solution_stages(sol: StageSolution) -> list[tuple[int, int, tuple[int, int]]
     return [(a, b, tuple(sub)) for a, b, _, sub, _ in sol.stages]
 
 
+def solution_remat(sol: StageSolution, costs) -> dict[tuple[int, int], str]:
+    """{(start, end): remat option} of the stage DP's stages (``costs.option`` of each variant)."""
+    variants = sol.variants or (0,) * len(sol.stages)
+    return {(a, b): costs.option(v) for (a, b, *_), v in zip(sol.stages, variants)}
+
+
 def estimate_forced(coster, inputs: TrainingInputs, num_layers: int, forced: list[ForcedStage], progress: Progress,
                     name: str = "") -> StageSolution:
     """The given stages' step estimated from single-layer plans (as the additive search does)."""
-    costs = forced_costs(coster, num_layers, inputs.shapes, forced, progress, additive=True)
-    return run_stage_dp(inputs, num_layers, costs, min_need=coster.min_need, forced=forced, name=name)
+    costs = ForcedCosts(coster, num_layers, inputs.shapes, forced, progress, inputs.remat, additive=True)
+    return run_stage_dp(inputs, num_layers, costs.arrays, min_need=coster.min_need, forced=forced, name=name)

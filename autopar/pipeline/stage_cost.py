@@ -123,6 +123,7 @@ class StageCoster:
         self.reshard_cache = ReshardCache()  # shared by every stage build
         self.problems: dict = {}  # (structure, sub-mesh) -> {mesh: IntraProblem}, reused across budgets
         self.traced: dict = {}
+        self.residuals: dict = {}  # program key -> residual bytes (``activation``)
         self.stages: dict = {}
         self.solves = self.hits = self.infeasible = 0
         self.min_need = math.inf
@@ -135,21 +136,51 @@ class StageCoster:
             self.stages[(i, j)] = (st, structural_key(self.program, st, self.P))
         return self.stages[(i, j)]
 
-    def cost(self, i: int, j: int, submesh, mesh_shape=None, share: float = 1.0) -> StageCost:
-        """Plan layers i..j−1 on ``submesh``. ``share`` > 1 (additive costing of one layer):
+    def cost(self, i: int, j: int, submesh, mesh_shape=None, share: float = 1.0, remat: str = "none") -> StageCost:
+        """Plan layers i..j−1 on ``submesh`` with activation rematerialisation ``remat``
+        (``autopar.pipeline.remat``). ``share`` > 1 (additive costing of one layer):
         plan it within budget / share — the layer's part of a stage holding ``share`` layers —
         falling back to the whole budget when it does not fit that."""
         if share > 1.0:
             limit = min(LEAN_TIME_LIMIT_S, math.inf if self.time_limit_s is None else self.time_limit_s)
-            res = self.cost_within(i, j, submesh, mesh_shape, self.budget / share, time_limit_s=limit)
-            return res if res.fits else self.cost_within(i, j, submesh, mesh_shape, self.budget)
-        return self.cost_within(i, j, submesh, mesh_shape, self.budget)
+            res = self.cost_within(i, j, submesh, mesh_shape, self.budget / share, time_limit_s=limit, remat=remat)
+            return res if res.fits else self.cost_within(i, j, submesh, mesh_shape, self.budget, remat=remat)
+        return self.cost_within(i, j, submesh, mesh_shape, self.budget, remat=remat)
+
+    def program_key(self, i: int, j: int, remat: str = "none"):
+        """What the stage's traced forward + backward depends on: its structure, and with
+        remat where its layers are cut (relative equation positions)."""
+        skey = self.stage(i, j)[1]
+        if remat == "none":
+            return skey
+        a = self.layer_eqns[i][0]
+        return skey, remat, tuple(self.layer_eqns[k][0] - a for k in range(i + 1, j))
+
+    def activation(self, i: int, j: int, remat: str = "none") -> float:
+        """Bytes layers i..j−1 keep for the backward per micro-batch with ``remat`` (all
+        devices together; ``stages.residual_bytes``): traced only, no plan (cached)."""
+        key = self.program_key(i, j, remat)
+        if key not in self.residuals:
+            if key in self.traced:
+                self.residuals[key] = self.traced[key][4]
+            else:
+                st = self.stage(i, j)[0]
+                args = stage_abstract_args(self.program, st, self.P)
+                fwd = stage_forward(self.program, st, self.P, remat, self.layer_eqns[i:j])
+                self.residuals[key] = residual_bytes(fwd, *args[:3])
+        return self.residuals[key]
+
+    def input_bytes(self, i: int) -> float:
+        """Bytes of the floating activations layer i receives from earlier layers."""
+        st = self.stage(i, i + 1)[0]
+        return float(sum(self.program.values[v].nbytes for v in st.acts_in))
 
     def cost_within(self, i: int, j: int, submesh, mesh_shape, budget: float,
-                    time_limit_s: float | None = None) -> StageCost:
+                    time_limit_s: float | None = None, remat: str = "none") -> StageCost:
         """Layers i..j−1 on ``submesh`` planned within ``budget`` bytes per device (cached);
         ``time_limit_s`` overrides the coster's limit for this plan."""
-        st, skey = self.stage(i, j)
+        st, _ = self.stage(i, j)
+        skey = self.program_key(i, j, remat)
         key = (skey, tuple(submesh), None if mesh_shape is None else tuple(mesh_shape), budget)
         hit = self.cache.get(key)
         if hit is not None:
@@ -158,7 +189,7 @@ class StageCoster:
             return hit
         self.solves += 1
         if skey not in self.traced:  # per stage program, shared by all sub-meshes
-            fwd = stage_forward(self.program, st, self.P)
+            fwd = stage_forward(self.program, st, self.P, remat, self.layer_eqns[i:j])
             args = stage_abstract_args(self.program, st, self.P)
             prog = trace(stage_train(fwd), *args)
             self.traced[skey] = (fwd, args, prog, build_graph(prog), residual_bytes(fwd, *args[:3]))
@@ -200,7 +231,7 @@ class StageCoster:
         # persistent part of static: parameters with their accumulators and optimizer state
         persist = min(param_dev * (2.0 + self.opt_ratio), static)
         res = StageCost(plan=sp, latency=sp.predicted.step_time_s + send, send=send, static=static, act=act,
-                        param_dev=param_dev, persist=persist)
+                        param_dev=param_dev, persist=persist, remat=remat)
         self.cache[key] = res
         self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]}: {sp.solver.status}")
         return res

@@ -120,8 +120,13 @@ def _sub_program(program: Program, st: Stage, num_params: int) -> Program:
                    eqns=program.eqns[st.eqns[0]:st.eqns[1]], in_tree=None, out_tree=None, regions=program.regions)
 
 
-def stage_forward(program: Program, st: Stage, num_params: int):
-    """``fwd(p, a, nd) -> (y, aux)`` for one stage (lists of arrays)."""
+def stage_forward(program: Program, st: Stage, num_params: int, remat: str = "none", layer_ranges=None):
+    """``fwd(p, a, nd) -> (y, aux)`` for one stage (lists of arrays). ``remat`` "dots" or
+    "full": each of its layers (``layer_ranges``, equation positions) under ``jax.checkpoint``
+    (``autopar.pipeline.remat``)."""
+    if remat != "none":
+        from .remat import remat_forward
+        return remat_forward(program, st, num_params, layer_ranges, remat)
     run = interpret(_sub_program(program, st, num_params), {}, {}, None)
     ny = len(st.outs)
 

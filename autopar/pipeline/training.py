@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 from ..plan_types import Timing
 from ..progress import Progress, progress_for
 from .assemble import SearchRecord, assemble
 from .inputs import ForcedStage, TrainingInputs, forced_stages, microbatch_shapes, prepare_inputs  # noqa: F401
 from .layers import Layering, layers_of
 from .refine import refine
-from .search import additive_search, exact_costs, forced_costs, plan_stages, run_stage_dp, solution_stages
+from .exact import ExactCosts
+from .search import ForcedCosts, additive_search, plan_stages, solution_remat, solution_stages, solve_lazily
 from .stage_cost import StageCoster, autopar_options
 from .training_plan import TrainingPlan
 
@@ -53,20 +52,21 @@ def plan_pipeline(inputs: TrainingInputs, layering: Layering, coster: StageCoste
     additive = mode == "additive" and forced is None
     if additive:
         costs, sol = additive_search(coster, inputs, L, progress, num_stages=num_stages, name=name)
-        candidates = costs.candidates
     else:
-        arrays = (forced_costs(coster, L, shapes, forced, progress) if forced is not None
-                  else exact_costs(coster, L, shapes, progress))
-        sol = run_stage_dp(inputs, L, arrays, min_need=coster.min_need, num_stages=num_stages, forced=forced,
-                           name=name)
-        candidates = int(np.isfinite(arrays.latency).sum())
+        costs = (ForcedCosts(coster, L, shapes, forced, progress, inputs.remat) if forced is not None
+                 else ExactCosts(coster, inputs, L, shapes, progress))
+        sol = solve_lazily(coster, inputs, L, costs, num_stages=num_stages, forced=forced, name=name,
+                           progress=progress)
+    candidates = costs.candidates
     t_solve = time.perf_counter()
     progress.phase(f"stage DP: {len(sol.stages)} stage(s), estimated step {sol.objective_s:.4g} s")
     if additive:  # estimates → plan the DP's split and the best equal splits exactly
         chosen, refined = refine(coster, inputs, L, costs, sol, progress, num_stages)
     else:  # the chosen stages, planned exactly (cached: the exact mode already planned them)
         mesh_of = {(f.start, f.end): f.mesh for f in forced} if forced is not None else {}
-        chosen, refined = plan_stages(coster, inputs, solution_stages(sol), lambda a, b, sub: mesh_of.get((a, b))), ()
+        remat_of = solution_remat(sol, costs)
+        chosen, refined = plan_stages(coster, inputs, solution_stages(sol), lambda a, b, sub: mesh_of.get((a, b)),
+                                      lambda a, b, sub: remat_of[a, b]), ()
     record = SearchRecord(costing="additive" if additive else "exact", objective_s=sol.objective_s,
                           candidates=candidates, refined=tuple(refined), strategy_name=strategy_name)
     t_end = time.perf_counter()
@@ -79,7 +79,7 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
                   stages=None, num_layers: int | None = None, memory_budget_bytes: float | None = None,
                   solver: str = "auto", time_limit_s: float | None = None, costing: str = "auto",
                   max_exact_pairs: int = 24, mesh_search: str = "auto", split_scans: bool = True,
-                  verbose=False) -> TrainingPlan:
+                  remat: str = "auto", verbose=False) -> TrainingPlan:
     """Plan a training step of ``loss_fn(params, batch) -> scalar mean loss`` with ``optimizer``.
 
     ``mesh_search``: "auto" tries a few logical meshes per sub-mesh (``stage_meshes``),
@@ -92,6 +92,12 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
     stage count; ``stages=[(layer_start, layer_end, (nodes, devices)[, logical_mesh]), …]``
     fixes the whole split. One stage (pure intra-op + gradient accumulation) comes out of the
     same search when it is predicted fastest.
+
+    ``remat``: activation rematerialisation per stage (``autopar.pipeline.remat``): "auto" lets
+    the stage DP choose, per stage, among "none" (keep every residual), "dots" (each layer
+    under ``jax.checkpoint`` saving its weight matmuls' outputs) and "full" (each layer's
+    input only) — the fastest that fits with the stage's in-flight micro-batches, "none"
+    where it fits, since recomputation is never free; one of them forces it on every stage.
 
     A scanned layer stack (``jax.lax.scan`` / ``nn.scan`` over parameters stacked along axis 0)
     is pipelined per iteration with ``split_scans`` (``autopar.pipeline.unscan``): one layer per
@@ -109,7 +115,7 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
         inputs = prepare_inputs(loss_fn, params, batch, optimizer=optimizer, cluster=cluster, nodes=nodes,
                                 num_microbatches=num_microbatches, schedule=schedule,
                                 memory_budget_bytes=memory_budget_bytes, costing=costing, mesh_search=mesh_search,
-                                split_scans=split_scans)
+                                split_scans=split_scans, remat=remat)
         layering = layers_of(inputs.program, num_layers, stages, split_scan=inputs.scan_split is not None)
         t_trace = time.perf_counter()
         L = len(layering.layers)

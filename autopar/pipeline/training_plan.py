@@ -33,6 +33,7 @@ class StagePlan(_Frozen):
     activation_bytes_per_device: float  # vjp residuals of one micro-batch (sharded estimate)
     inflight_microbatches: int
     memory_bytes_per_device: float    # static (params, grads, accumulators, optimizer state) + in-flight activations
+    remat: str = "none"               # activation rematerialisation of its layers: "none" | "dots" | "full"
 
 
 class PredictedTraining(_Frozen):

@@ -1,0 +1,165 @@
+"""Activation rematerialisation as a decision of the pipeline stage search
+(``autopar.pipeline.remat``): a model that does not fit without remat gets a plan with remat
+that fits and runs equal to the single-device step, its stage forwards keeping (and
+compiling to) fewer bytes; with ample memory no remat is chosen and none is even planned;
+recomputation adds compute to every stage and time to the step."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from autopar import PlanError, TrainingPlan, plan_training, stage_boundary
+from autopar.pipeline.inputs import prepare_inputs
+from autopar.pipeline.layers import layers_of
+from autopar.pipeline.stage_cost import StageCoster, autopar_options
+from conftest import make_cluster
+from test_pipeline import assert_tree_close, reference_step
+
+
+def block(p, x):
+    """Pre-LayerNorm GELU MLP block with a residual: elementwise-heavy, like a transformer's."""
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    h = (x - mean) * jax.lax.rsqrt(var + 1e-5) * p["scale"]
+    return x + jax.nn.gelu(h @ p["fc"]) @ p["proj"]
+
+
+def loss_fn(params, batch):
+    x = batch["x"]
+    for i, p in enumerate(params):
+        x = block(p, stage_boundary(x) if i else x)  # one pipeline layer per block
+    return jnp.mean(jnp.square(x - batch["y"]))
+
+
+def params_and_batch(layers=4, d=32, seq=16, batch=8):
+    rng = np.random.default_rng(0)
+    params = [{"scale": np.ones(d, np.float32),
+               "fc": (rng.standard_normal((d, 4 * d)) / np.sqrt(d)).astype(np.float32),
+               "proj": (rng.standard_normal((4 * d, d)) / np.sqrt(4 * d)).astype(np.float32)} for _ in range(layers)]
+    return params, {"x": rng.standard_normal((batch, seq, d)).astype(np.float32),
+                    "y": rng.standard_normal((batch, seq, d)).astype(np.float32)}
+
+
+OPT = optax.sgd(0.1, momentum=0.9)
+# two stages of two blocks, one node each, all 4 micro-batches in flight (GPipe)
+STAGES = [(0, 2, (1, 4), (4,)), (2, 4, (1, 4), (4,))]
+KW = dict(cluster=make_cluster(4), nodes=2, num_microbatches=4, schedule="gpipe")
+# measured: without remat the stages need 299 / 309 kB per device;
+# planned within 200 kB, stage 0 takes "full" (181 kB) and stage 1 "dots" (151 kB)
+BUDGET = 200e3
+
+
+@pytest.fixture(scope="module")
+def model():
+    return params_and_batch()
+
+
+def forward_bytes(step, params, batch):
+    """Per stage of a PipelineStep, micro-batch 0: the bytes of the residuals its jitted
+    forward returns for the backward (all devices; its inputs, kept as they are, not counted,
+    as in ``stages.residual_bytes``) and its compiled output size per device (activations
+    sent on, residuals, parameters passed through to the backward)."""
+    leaves = jax.tree_util.tree_leaves(params)
+    mb = [x[:x.shape[0] // step.plan.num_microbatches] for x in jax.tree_util.tree_leaves(batch)]
+    acts, out = {}, []
+    for e, st in zip(step.execs, step.stages):
+        p = [jax.device_put(leaves[i], sh) for i, sh in zip(st.params, e.p_sh)]
+        a = [jax.device_put(acts[v], sh) for v, sh in zip(st.acts_in, e.a_sh)]
+        nd = [jax.device_put(mb[b], sh) for b, sh in zip(st.batch, e.nd_sh)]
+        compiled = e.forward.lower(p, a, nd).compile()
+        y, _, vjp_fn = compiled(p, a, nd)
+        acts.update(zip(st.outs, y))
+        res = sum(x.nbytes for x in jax.tree_util.tree_leaves(vjp_fn)) - sum(x.nbytes for x in p + a + nd)
+        out.append((res, compiled.memory_analysis().output_size_in_bytes))
+    return out
+
+
+def test_a_model_that_does_not_fit_without_remat_fits_with_it_and_runs_equal(devices8, model):
+    params, batch = model
+    with pytest.raises(PlanError, match="smallest budget that fits is 308968 bytes"):
+        plan_training(loss_fn, params, batch, optimizer=OPT, memory_budget_bytes=BUDGET, stages=STAGES,
+                      remat="none", **KW)
+    tight = plan_training(loss_fn, params, batch, optimizer=OPT, memory_budget_bytes=BUDGET, stages=STAGES, **KW)
+    assert [s.remat for s in tight.stages] == ["full", "dots"]
+    assert all(s.memory_bytes_per_device <= BUDGET for s in tight.stages)
+    report = tight.report()
+    assert "remat: each layer" in report and report.splitlines()[6].endswith(" full")
+    # the JSON keeps the choice; the plan loaded from it runs it: two optimizer steps
+    loaded = TrainingPlan.from_json(tight.to_json())
+    assert loaded == tight and [s.remat for s in loaded.stages] == ["full", "dots"]
+    step, ref = loaded.apply(loss_fn, OPT, donate=False), reference_step(loss_fn, OPT)
+    got = want = (params, OPT.init(params))
+    for _ in range(2):
+        got, want = step(*got[:2], batch), ref(*want[:2], batch)
+        assert_tree_close(got, want)
+    # the same stages and shardings without remat keep more for the backward (measured:
+    # residuals 4 096 vs 217 216 and 40 960 vs 225 792 bytes; compiled forward outputs per
+    # device 47 432 vs 103 824 and 41 324 vs 103 428 bytes)
+    plain = tight.model_copy(update={"stages": [s.model_copy(update={"remat": "none"}) for s in tight.stages]})
+    saved = forward_bytes(step, params, batch)
+    kept = forward_bytes(plain.apply(loss_fn, OPT, donate=False), params, batch)
+    print("residual bytes (remat, none):", [(s[0], k[0]) for s, k in zip(saved, kept)],
+          "compiled forward outputs per device (remat, none):", [(s[1], k[1]) for s, k in zip(saved, kept)])
+    for (res, out), (res0, out0) in zip(saved, kept):
+        assert res < 0.25 * res0 and out < 0.6 * out0
+    # the predicted activations per device are the measured residuals over the stage's 4 devices
+    for s, (res, _) in zip(tight.stages, saved):
+        assert s.activation_bytes_per_device == pytest.approx(res / 4, rel=0.05, abs=200)
+
+
+def test_ample_memory_chooses_no_remat_and_plans_none(model):
+    # the whole search (exact costing: 3 layers × 3 sub-meshes): remat candidates enter the
+    # stage DP as placeholders no faster than no remat, so none is ever planned
+    params, batch = params_and_batch(layers=3)
+    kw = dict(optimizer=OPT, cluster=make_cluster(4), num_microbatches=4, schedule="gpipe")
+    auto, none = (plan_training(loss_fn, params, batch, remat=r, **kw) for r in ("auto", "none"))
+    assert auto.search.costing == "exact" and all(s.remat == "none" for s in auto.stages)
+    assert auto.search.ilp_solves == none.search.ilp_solves
+    key = lambda tp: [(s.layers, s.submesh, s.plan.mesh_shape, s.plan.input_specs_flat, s.latency_s,  # noqa: E731
+                       s.memory_bytes_per_device) for s in tp.stages]
+    assert auto.predicted == none.predicted and key(auto) == key(none)
+
+
+def test_remat_adds_compute_to_every_stage_and_time_to_the_step(model):
+    params, batch = model
+    plans = {r: plan_training(loss_fn, params, batch, optimizer=OPT, stages=STAGES, remat=r, **KW)
+             for r in ("none", "dots", "full")}
+    for r in ("dots", "full"):
+        assert plans[r].predicted.step_time_s > plans["none"].predicted.step_time_s
+        for s, s0 in zip(plans[r].stages, plans["none"].stages):
+            assert s.remat == r and s.plan.predicted.compute_s > s0.plan.predicted.compute_s
+            assert s.activation_bytes_per_device < 0.25 * s0.activation_bytes_per_device
+    # on a GPU cluster too (there XLA keeps the recomputation inside one program as well)
+    inputs = prepare_inputs(loss_fn, params, batch, optimizer=OPT, cluster="dgx-a100-80g", nodes=1,
+                            num_microbatches=4, schedule="gpipe", memory_budget_bytes=None)
+    coster = StageCoster(inputs, layers_of(inputs.program).eqn_ranges(inputs.program),
+                         autopar_options(inputs, "auto", None, "auto"))
+    none, full = (coster.cost(0, 2, (1, 8), (8,), remat=r) for r in ("none", "full"))
+    assert full.latency > none.latency and full.plan.predicted.compute_s > none.plan.predicted.compute_s
+    # … where the ILP's peak of one micro-batch drops with the activations kept
+    assert full.static + full.act < none.static + none.act
+
+
+def test_remat_option_is_checked_and_old_plans_load_without_remat():
+    import gzip
+    from pathlib import Path
+    params, batch = params_and_batch(layers=2)
+    with pytest.raises(ValueError, match="remat must be"):
+        plan_training(loss_fn, params, batch, optimizer=OPT, remat="selective")
+    old = gzip.decompress((Path(__file__).parent / "data" / "training_plan_v1.json.gz").read_bytes()).decode()
+    assert all(s.remat == "none" for s in TrainingPlan.from_json(old).stages)
+
+
+def test_additive_search_chooses_remat_where_memory_needs_it(model):
+    # additive costing (single layers summed): the remat variants enter as placeholders and are
+    # planned only on the sub-meshes a split relies on; the splits planned exactly keep the choice
+    params, batch = model
+    with pytest.raises(PlanError):
+        plan_training(loss_fn, params, batch, optimizer=OPT, memory_budget_bytes=BUDGET, costing="additive",
+                      remat="none", **KW)
+    tp = plan_training(loss_fn, params, batch, optimizer=OPT, memory_budget_bytes=BUDGET, costing="additive", **KW)
+    assert tp.search.costing == "additive" and any(s.remat != "none" for s in tp.stages)
+    assert all(s.memory_bytes_per_device <= BUDGET for s in tp.stages)
+    chosen = next(r for r in tp.search.refined if r.chosen)
+    assert chosen.fits and ("+full" in chosen.stages or "+dots" in chosen.stages)
