@@ -145,7 +145,8 @@ def _training_plan(ns, module, fn, args):
             fn, *args, optimizer=_optimizer(ns, module), cluster=ns.cluster, nodes=ns.nodes,
             num_microbatches=ns.microbatches, schedule=ns.schedule, num_stages=ns.num_stages,
             stages=_parse_stages(ns.stages), num_layers=ns.layers, memory_budget_bytes=ns.budget,
-            solver=ns.solver, time_limit_s=ns.time_limit, remat=ns.remat, verbose=progress)
+            solver=ns.solver, time_limit_s=ns.time_limit, remat=ns.remat, zero=ns.zero,
+            verbose=progress)
 
 
 def _finish_training(ns, plan) -> None:
@@ -283,6 +284,8 @@ def _common(p):
     t.add_argument("--layers", type=int, default=None, help="number of layers to cluster the forward into")
     t.add_argument("--remat", default="auto", choices=["auto", "none", "dots", "full"],
                    help="activation rematerialisation per stage: chosen by the search (auto) or forced")
+    t.add_argument("--zero", default="auto", choices=["auto", "none", "1"],
+                   help="optimizer-state sharding (ZeRO-1) per stage: chosen by the search (auto) or forced")
     t.add_argument("--timeline", help="draw the pipeline schedule to this .svg or .png")
 
 

@@ -44,7 +44,7 @@ def params_and_batch(layers=4, d=32, seq=16, batch=8):
 OPT = optax.sgd(0.1, momentum=0.9)
 # two stages of two blocks, one node each, all 4 micro-batches in flight (GPipe)
 STAGES = [(0, 2, (1, 4), (4,)), (2, 4, (1, 4), (4,))]
-KW = dict(cluster=make_cluster(4), nodes=2, num_microbatches=4, schedule="gpipe")
+KW = dict(cluster=make_cluster(4), nodes=2, num_microbatches=4, schedule="gpipe", zero="none")  # remat alone
 # measured: without remat the stages need 299 / 309 kB per device;
 # planned within 200 kB, stage 0 takes "full" (181 kB) and stage 1 "dots" (151 kB)
 BUDGET = 200e3
@@ -84,7 +84,7 @@ def test_a_model_that_does_not_fit_without_remat_fits_with_it_and_runs_equal(dev
     assert [s.remat for s in tight.stages] == ["full", "dots"]
     assert all(s.memory_bytes_per_device <= BUDGET for s in tight.stages)
     report = tight.report()
-    assert "remat: each layer" in report and report.splitlines()[6].endswith(" full")
+    assert "remat: each layer" in report and report.splitlines()[6].split()[-2:] == ["full", "-"]
     # the JSON keeps the choice; the plan loaded from it runs it: two optimizer steps
     loaded = TrainingPlan.from_json(tight.to_json())
     assert loaded == tight and [s.remat for s in loaded.stages] == ["full", "dots"]

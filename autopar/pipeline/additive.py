@@ -4,8 +4,9 @@ layers × sub-meshes are planned instead of every range.
 
 Cost variants per (range, sub-mesh), from which the stage DP picks, per stage, the fastest
 that fits with the micro-batches that stage holds in flight (``solvers.stage_dp``): for each
-activation-rematerialisation option r the search may choose (``TrainingInputs.remat``, the
-first r₀ preferred; ``autopar.pipeline.remat``)
+stage option r the search may choose (``TrainingInputs.options``: activation
+rematerialisation, ``autopar.pipeline.remat``, × ZeRO-1, ``autopar.pipeline.zero``; the first
+r₀ preferred)
 
 * ("full", r): each layer planned with the whole memory budget;
 * ("lean", r): each layer planned within half its share of the budget,
@@ -30,30 +31,30 @@ from __future__ import annotations
 
 import numpy as np
 
-from .costs import CostArrays, Sums
+from .costs import CostArrays, StageOption, Sums
 
 
 class AdditiveCosts:
     """Cost arrays (V, L, L+1, #sub-meshes) for ``solvers.stage_dp.StageProblem``; V = 2 per
-    remat option."""
+    stage option."""
 
-    def __init__(self, coster, num_layers: int, shapes, total_devices: int, param_bytes, options=("none",)):
+    def __init__(self, coster, num_layers: int, shapes, total_devices: int, param_bytes, options=(StageOption(),)):
         """``param_bytes[i]``: layer i's parameters with accumulators and optimizer state."""
         self.coster, self.L, self.shapes, self.total = coster, num_layers, list(shapes), total_devices
         self.pbytes, self.options = list(param_bytes), tuple(options)
         r0, rest = self.options[0], self.options[1:]
         self.variants = [("full", r0), ("lean", r0)] + [("full", r) for r in rest] + [("lean", r) for r in rest]
         L, nS, nV = num_layers, len(self.shapes), len(self.variants)
-        first = [[coster.cost(i, i + 1, sub, remat=r0) for sub in self.shapes] for i in range(L)]
+        first = [[coster.cost(i, i + 1, sub, **r0._asdict()) for sub in self.shapes] for i in range(L)]
         # layers[v][s]: the single-layer costs of variant v on sub-mesh s (None: a placeholder)
         self.layers: list[list[list | None]] = [[None] * nS for _ in range(nV)]
         self.layers[0] = [[first[i][s] for i in range(L)] for s in range(nS)]
         # remat: each layer's own saved bytes (traced, no plan) and the inputs of the layers
         # after a stage's first, which its checkpoints keep (a single-layer plan never counts
         # its input)
-        remat = any(r != "none" for r in self.options)
+        remat = any(r.remat != "none" for r in self.options)
         self.inputs = [coster.input_bytes(i) for i in range(L)] if remat else [0.0] * L
-        self.saved = {r: [coster.activation(i, i + 1, r) for i in range(L)] for r in rest}
+        self.saved = {r: [coster.activation(i, i + 1, r.remat) for i in range(L)] for r in rest}
         self.latency = np.full((nV, L, L + 1, nS), np.inf)
         self.memory, self.activation = np.zeros_like(self.latency), np.zeros_like(self.latency)
         for s in range(nS):  # a layer that does not fit alone: the other options at once
@@ -78,7 +79,7 @@ class AdditiveCosts:
                     run0, run = Sums(), Sums()
                     for j in range(i + 1, self.L + 1):
                         t, _, a = run0.add(self.layers[0][s][j - 1])
-                        kept = 0.0 if r == "none" else sum(self.inputs[i + 1:j]) / n
+                        kept = 0.0 if r.remat == "none" else sum(self.inputs[i + 1:j]) / n
                         if costs is not None:
                             lat[v, i, j, s], mem[v, i, j, s], act[v, i, j, s] = run.add(costs[j - 1])
                             act[v, i, j, s] += kept
@@ -102,16 +103,16 @@ class AdditiveCosts:
         kind, r = self.variants[v]
         sub = self.shapes[s]
         if kind == "full":
-            self.layers[v][s] = [self.coster.cost(i, i + 1, sub, remat=r) for i in range(self.L)]
+            self.layers[v][s] = [self.coster.cost(i, i + 1, sub, **r._asdict()) for i in range(self.L)]
             return
         base = self.variants.index(("full", r))
         self._plan(base, s)
         meshes = [tuple(c.plan.mesh_shape) if c.fits else None for c in self.layers[base][s]]
-        self.layers[v][s] = [self.coster.cost(i, i + 1, sub, mesh, share=2 * self.share(s), remat=r)
+        self.layers[v][s] = [self.coster.cost(i, i + 1, sub, mesh, share=2 * self.share(s), **r._asdict())
                              for i, mesh in enumerate(meshes)]
 
-    def option(self, variant: int) -> str:
-        """The remat option of a cost variant."""
+    def option(self, variant: int):
+        """The stage option (``StageOption``) of a cost variant."""
         return self.variants[variant][1]
 
     def layer_meshes(self, variant: int, a: int, b: int, sub) -> list | None:

@@ -9,7 +9,7 @@ import numpy as np
 from ..plan_types import Timing
 from ..planner import PlanError
 from ..pytree_json import treedef_to_json
-from .costs import FWD_SHARE, ChosenStage, simulate_stages, stage_memory
+from .costs import FWD_SHARE, ChosenStage, simulate_stages, stage_memory, step_time
 from .inputs import TrainingInputs
 from .layers import Layering
 from .stages import owners, split_program
@@ -75,11 +75,14 @@ def assemble(inputs: TrainingInputs, layering: Layering, chosen: list[ChosenStag
             plan=c.cost.plan, latency_s=t, fwd_s=(t - send) * FWD_SHARE, bwd_s=(t - send) * (1 - FWD_SHARE),
             send_s=send, params=list(st.params), owned_params=[p for p in range(P) if own[p] == k],
             batch=list(st.batch), param_bytes_per_device=c.cost.param_dev, activation_bytes_per_device=c.cost.act,
-            inflight_microbatches=inflight, memory_bytes_per_device=memory, remat=c.cost.remat))
+            inflight_microbatches=inflight, memory_bytes_per_device=memory, remat=c.cost.remat, zero=c.cost.zero,
+            optimizer_bytes_per_device=c.cost.optimizer, gather_s=c.cost.gather_s))
     timeline = simulate_stages(chosen, inputs.schedule, B)
-    predicted = PredictedTraining(step_time_s=timeline.makespan, dp_objective_s=record.objective_s,
+    step = step_time(timeline, [c.cost.gather_s for c in chosen])
+    predicted = PredictedTraining(step_time_s=step, dp_objective_s=record.objective_s,
                                   bubble_fraction=timeline.bubble_fraction,
-                                  peak_memory_bytes=max(s.memory_bytes_per_device for s in stage_plans))
+                                  peak_memory_bytes=max(s.memory_bytes_per_device for s in stage_plans),
+                                  zero_gather_s=step - timeline.makespan)
     search = StageSearch(num_layers=len(eqns), layer_flops=list(layering.flops), layer_eqns=[list(x) for x in eqns],
                          layers_from_markers=layering.from_markers, candidates=record.candidates,
                          ilp_solves=coster.solves, cache_hits=coster.hits, infeasible=coster.infeasible,

@@ -11,15 +11,21 @@ Costs per stage and micro-batch (seconds, bytes per device):
 * act = the stage's ``jax.vjp`` residuals (activations kept for the backward) / n_dev.
 * static = the ILP's peak for one micro-batch − act, where the ILP charges every parameter
   (2 + r)× its bytes (itself, its gradient accumulator and optimizer state; r =
-  optimizer-state bytes per parameter byte); ``persist`` is that parameter part.
+  optimizer-state bytes per parameter byte); ``persist`` is that parameter part. With ZeRO-1
+  (``autopar.pipeline.zero``) the ILP charges 2× and the sharded optimizer state is added.
 * memory of stage k of S = static + f(S − k)·act, f the schedule's in-flight rule
   (``solvers.schedules.Schedule.inflight``).
+* gather = ZeRO-1's all-gather of the updated parameters, once per step after the stage's
+  last backward: ``step_time`` = max(schedule makespan, max_k end_k + gather_k), end_k the
+  end of stage k's last task. The stage DP, which only knows per-micro-batch latencies,
+  sees it spread over the B micro-batches (``entry``: latency + gather / B), so a stage
+  takes ZeRO-1 only where it is needed to fit or is free.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -28,6 +34,17 @@ from autopar.solvers.schedules import Schedule
 from .schedule import simulate, stage_orders
 
 FWD_SHARE = 1.0 / 3.0   # forward : backward = 1 : 2 (matmul-dominated layers)
+
+
+class StageOption(NamedTuple):
+    """What a stage may be planned with besides its layout: activation rematerialisation of
+    its layers (``autopar.pipeline.remat``) and ZeRO-1 (``autopar.pipeline.zero``)."""
+    remat: str = "none"
+    zero: bool = False
+
+    def label(self) -> str:
+        """"" for the plain option, else e.g. "+dots+zero1"."""
+        return ("" if self.remat == "none" else f"+{self.remat}") + ("+zero1" if self.zero else "")
 
 
 @dataclass(frozen=True)
@@ -42,6 +59,19 @@ class StageCost:
     param_dev: float = 0.0      # parameter bytes
     persist: float = 0.0        # parameters with their accumulators and optimizer state (⊆ static)
     remat: str = "none"         # activation rematerialisation of its layers (``autopar.pipeline.remat``)
+    zero: bool = False          # optimizer state sharded over the replicated axes (ZeRO-1)
+    optimizer: float = 0.0      # optimizer-state bytes (⊆ persist)
+    gather_s: float = 0.0       # ZeRO-1: the parameters' all-gather, seconds per step
+    num_microbatches: int = 1   # B the stage was costed for (the DP spreads gather_s over it)
+
+    @property
+    def option(self) -> StageOption:
+        return StageOption(self.remat, self.zero)
+
+    @property
+    def dp_latency(self) -> float:
+        """Latency per micro-batch as the stage DP sees it: with the per-step all-gather's share."""
+        return self.latency + self.gather_s / self.num_microbatches
 
     @property
     def fits(self) -> bool:
@@ -81,7 +111,7 @@ class CostArrays:
 
 def entry(c: StageCost) -> tuple[float, float, float]:
     """A stage cost as the stage DP sees it: (latency, static memory, activations)."""
-    return c.latency, c.static, c.act
+    return c.dp_latency, c.static, c.act
 
 
 class Sums:
@@ -94,7 +124,7 @@ class Sums:
         self.t, self.persist, self.transient, self.a, self.n = 0.0, 0.0, 0.0, 0.0, 0
 
     def add(self, c: StageCost) -> tuple[float, float, float]:
-        self.t += c.latency - (c.send if self.n else 0.0)
+        self.t += c.dp_latency - (c.send if self.n else 0.0)
         self.persist += c.persist
         self.transient = max(self.transient, c.static - c.persist)
         self.a += c.act
@@ -114,3 +144,17 @@ def simulate_stages(chosen: list[ChosenStage], schedule: str, num_microbatches: 
     t = [c.cost.latency - c.cost.send for c in chosen]
     return simulate(stage_orders(len(chosen), num_microbatches, schedule), [x * FWD_SHARE for x in t],
                     [x * (1 - FWD_SHARE) for x in t], [c.cost.send / 2 for c in chosen[1:]])
+
+
+def stage_ends(timeline) -> list[float]:
+    """When each stage's last task ends in ``timeline``."""
+    ends = [0.0] * timeline.num_stages
+    for task, _, end in timeline.events:
+        ends[task.stage] = max(ends[task.stage], end)
+    return ends
+
+
+def step_time(timeline, gather_s) -> float:
+    """The step: the schedule's makespan, or later where a stage's per-step all-gather
+    (``gather_s[k]``, ZeRO-1) after its last task ends after it."""
+    return max([timeline.makespan] + [e + g for e, g in zip(stage_ends(timeline), gather_s)])

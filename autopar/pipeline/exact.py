@@ -1,12 +1,12 @@
 """Exact stage costing for ``autopar.plan_training``: every (layer range, sub-mesh) planned
-whole, one cost variant per activation-rematerialisation option the search may choose
-(``TrainingInputs.remat``; ``autopar.pipeline.remat``), from which the stage DP picks, per
-stage, the fastest that fits with the micro-batches it holds in flight
-(``solvers.stage_dp``).
+whole, one cost variant per stage option the search may choose (``TrainingInputs.options``:
+activation rematerialisation, ``autopar.pipeline.remat``, × optimizer-state sharding,
+``autopar.pipeline.zero``), from which the stage DP picks, per stage, the fastest that fits
+with the micro-batches it holds in flight (``solvers.stage_dp``).
 
-The first option (``"none"`` under ``remat="auto"``) is planned for every pair. The other
+The first option (no remat, no ZeRO-1 under ``"auto"``) is planned for every pair. The other
 options are planned lazily: a pair first enters with an optimistic placeholder — the first
-option's latency (recomputation adds FLOPs), the parameters with their accumulators and
+option's latency (recomputation adds FLOPs, ZeRO-1 an all-gather), the parameters with their accumulators and
 optimizer state sharded over every device of the sub-mesh as its static memory, and the
 option's activations — and ``resolve`` plans it for real once a stage DP solution relies on
 it (``placeholders``). Its activations are exact: the residuals of the rematerialised stage
@@ -28,10 +28,10 @@ from .inputs import nbytes
 
 
 class ExactCosts:
-    """Cost arrays (L, L+1, #sub-meshes), or (R, L, L+1, #) with R > 1 remat options."""
+    """Cost arrays (L, L+1, #sub-meshes), or (R, L, L+1, #) with R > 1 stage options."""
 
     def __init__(self, coster, inputs, num_layers: int, shapes, progress):
-        self.coster, self.L, self.shapes, self.options = coster, num_layers, list(shapes), tuple(inputs.remat)
+        self.coster, self.L, self.shapes, self.options = coster, num_layers, list(shapes), tuple(inputs.options)
         self.budget, self.factor = inputs.budget, 2.0 + inputs.opt_ratio
         self.p_leaves = inputs.p_leaves
         R, nS = len(self.options), len(self.shapes)
@@ -44,13 +44,13 @@ class ExactCosts:
         for i in range(num_layers):
             for j in range(i + 1, num_layers + 1):
                 for s, sub in enumerate(self.shapes):
-                    c = coster.cost(i, j, sub, remat=self.options[0])
+                    c = coster.cost(i, j, sub, **self.options[0]._asdict())
                     self._set(0, i, j, s, c)
                     floor, n = self._param_floor(i, j, sub), sub[0] * sub[1]
                     for r in range(1, R):
                         if c.fits:
                             self.latency[r, i, j, s], self.memory[r, i, j, s] = c.latency, floor
-                            self.activation[r, i, j, s] = coster.activation(i, j, self.options[r]) / n
+                            self.activation[r, i, j, s] = coster.activation(i, j, self.options[r].remat) / n
                             self.pending.add((r, i, j, s))
                         elif floor <= self.budget:
                             eager.append((r, i, j, s))
@@ -73,7 +73,7 @@ class ExactCosts:
     def resolve(self, keys) -> None:
         """Plan these (option, start, end, sub-mesh) candidates for real."""
         for r, i, j, s in sorted(keys):
-            self._set(r, i, j, s, self.coster.cost(i, j, self.shapes[s], remat=self.options[r]))
+            self._set(r, i, j, s, self.coster.cost(i, j, self.shapes[s], **self.options[r]._asdict()))
             self.pending.discard((r, i, j, s))
 
     def option(self, variant: int) -> str:

@@ -15,7 +15,9 @@ import numpy as np
 from autopar.cost import ClusterSpec, load_cluster
 from autopar.solvers.stage_dp import submesh_shapes
 
+from .costs import StageOption
 from .remat import remat_options
+from .zero import zero_options
 from .schedule import SCHEDULES
 from ..trace import Program, TraceError, trace
 from .unscan import ScanSplit, find_scan_split, loss_jaxpr, split_loss, split_tree
@@ -48,10 +50,18 @@ class TrainingInputs:
     # activation rematerialisation options the stage search chooses among per stage
     # (``autopar.pipeline.remat``), the preferred first
     remat: tuple = ("none",)
+    # whether the optimizer state may be / is sharded (ZeRO-1, ``autopar.pipeline.zero``)
+    zero: tuple = (False,)
 
     @property
     def num_params(self) -> int:
         return len(self.p_leaves)
+
+    @property
+    def options(self) -> tuple[StageOption, ...]:
+        """The stage options the search chooses among, the preferred first (ties go to the
+        earlier): every remat option without ZeRO-1, then with it."""
+        return tuple(StageOption(r, z) for z in self.zero for r in self.remat)
 
 
 def nbytes(x) -> float:
@@ -60,13 +70,14 @@ def nbytes(x) -> float:
 
 def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_microbatches, schedule,
                    memory_budget_bytes, costing="auto", mesh_search="auto", split_scans=True,
-                   remat: str = "none") -> TrainingInputs:
+                   remat: str = "none", zero: str = "none") -> TrainingInputs:
     """Check the options, abstract the arguments, trace one micro-batch's loss and measure
     the optimizer state (``optimizer.init`` under ``jax.eval_shape``). With ``split_scans``
     a scanned layer stack is unrolled into one layer per iteration, its stacked parameters
     split per iteration (``autopar.pipeline.unscan``). ``remat``: "auto" (the search chooses
-    per stage) or one option for every stage (``autopar.pipeline.remat``)."""
-    options = remat_options(remat)
+    per stage) or one option for every stage (``autopar.pipeline.remat``); ``zero`` likewise
+    for ZeRO-1 ("auto", "none", "1"; ``autopar.pipeline.zero``)."""
+    options, zeros = remat_options(remat), zero_options(zero)
     spec = check_options(cluster, nodes, num_microbatches, schedule, optimizer, memory_budget_bytes, costing,
                          mesh_search)
     params_abs = jax.tree_util.tree_map(abstract, params)
@@ -103,7 +114,7 @@ def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_mic
         program=trace_loss(traced_loss, params_abs, microbatch), opt_ratio=o_bytes / p_bytes if p_bytes else 0.0,
         shapes=tuple(submesh_shapes(nodes, spec.devices_per_node)), scan_split=split,
         user_p_leaves=user_leaves if split is not None else (), user_p_tree=user_tree if split is not None else None,
-        remat=options)
+        remat=options, zero=zeros)
 
 
 def abstract(x):

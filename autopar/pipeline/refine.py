@@ -4,7 +4,7 @@ wins.
 
 Each stage is planned on every logical mesh one of its layers chose in the cost variant the
 estimate used (``AdditiveCosts.layer_meshes``: a stage of mixed layers may prefer another
-mesh than its most expensive layer) with that variant's remat option, within the budget its
+mesh than its most expensive layer) with that variant's stage option (remat, ZeRO-1), within the budget its
 in-flight micro-batches leave — first the stage DP's split, then up to ``REFINE_UNIFORM``
 equal splits (``uniform_submeshes``) in order of estimate, each only when estimated within
 ``REFINE_MARGIN`` of the best exact step so far (placeholder costs are resolved first; a
@@ -20,7 +20,7 @@ from autopar.solvers.stage_dp import StageSolution, solve_stages, uniform_stages
 
 from ..progress import Progress
 from .additive import AdditiveCosts
-from .costs import ChosenStage, simulate_stages, stage_memory
+from .costs import ChosenStage, simulate_stages, stage_memory, step_time
 from .inputs import TrainingInputs
 from .search import plan_stages, solution_stages, stage_problem
 from .training_plan import RefinedSplit
@@ -46,7 +46,7 @@ def runs(parts) -> str:
 def _describe(chosen: list[ChosenStage]) -> str:
     return runs(f"{c.end - c.start}L@{c.submesh[0]}x{c.submesh[1]}"
                 + (f"/{'x'.join(map(str, c.cost.plan.mesh_shape))}" if c.cost.fits else "")
-                + ("" if c.cost.remat == "none" else f"+{c.cost.remat}") for c in chosen)
+                + c.cost.option.label() for c in chosen)
 
 
 def _equal_splits(inputs: TrainingInputs, num_layers: int, dp_split, num_stages: int | None):
@@ -66,7 +66,8 @@ def _planned(coster, inputs: TrainingInputs, costs: AdditiveCosts, source: str, 
     chosen = plan_stages(coster, inputs, stages, lambda a, b, sub: costs.layer_meshes(variant[a, b], a, b, sub),
                          lambda a, b, sub: costs.option(variant[a, b]))
     ok = all(c.cost.fits for c in chosen)
-    step = simulate_stages(chosen, inputs.schedule, inputs.num_microbatches).makespan if ok else math.inf
+    step = step_time(simulate_stages(chosen, inputs.schedule, inputs.num_microbatches),
+                     [c.cost.gather_s for c in chosen]) if ok else math.inf
     peak = max(m for _, m in stage_memory(chosen, inputs.schedule, inputs.num_microbatches)) if ok else math.inf
     split = RefinedSplit(source=source, estimate_s=est.objective_s, stages=_describe(chosen),
                          step_s=step if ok else None, peak_bytes=peak if ok else None,

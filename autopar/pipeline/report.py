@@ -24,7 +24,7 @@ def format_training_report(plan) -> str:
     lines.append("")
     head = (f"{'stage':>5}  {'layers':>7}  {'sub-mesh':>8}  {'devices':>9}  {'mesh':>6}  {'t/micro-batch':>13}  "
             f"{'fwd':>9}  {'bwd':>9}  {'send':>9}  {'params/dev':>10}  {'act/dev':>10}  {'in flight':>9}  {'memory/dev':>10}  "
-            f"{'remat':>5}")
+            f"{'remat':>5}  {'zero':>4}")
     lines += [head, "-" * len(head)]
     for st in plan.stages:
         lines.append(
@@ -32,10 +32,18 @@ def format_training_report(plan) -> str:
             f"{f'{st.devices[0]}-{st.devices[-1]}':>9}  {'×'.join(map(str, st.plan.mesh_shape)):>6}  "
             f"{_time(st.latency_s):>13}  {_time(st.fwd_s):>9}  {_time(st.bwd_s):>9}  {_time(st.send_s):>9}  "
             f"{_si(st.param_bytes_per_device, 'B'):>10}  {_si(st.activation_bytes_per_device, 'B'):>10}  "
-            f"{st.inflight_microbatches:>9}  {_si(st.memory_bytes_per_device, 'B'):>10}  {st.remat:>5}")
+            f"{st.inflight_microbatches:>9}  {_si(st.memory_bytes_per_device, 'B'):>10}  {st.remat:>5}  "
+            f"{'1' if st.zero else '-':>4}")
     if any(st.remat != "none" for st in plan.stages):
         lines.append("remat: each layer of a stage under jax.checkpoint — dots: weight matmul outputs saved, the "
                      "rest recomputed in the backward; full: only each layer's input saved (act/dev: what is kept)")
+    zero = [st for st in plan.stages if st.zero]
+    if zero:
+        lines.append("zero 1: optimizer state and update split over the axes the stage's parameters are replicated on "
+                     "(ZeRO-1); the updated parameters are all-gathered once per step: " + ", ".join(
+                         f"stage {st.index} {_time(st.gather_s)}, optimizer state "
+                         f"{_si(st.optimizer_bytes_per_device or 0.0, 'B')}/dev" for st in zero)
+                     + f"; the step ends {_time(p.zero_gather_s)} after the micro-batch schedule")
     lines.append("")
     paths = _paths(plan.param_tree, len(plan.param_shapes))
     w = max((len(x) for x in paths), default=0)

@@ -11,7 +11,11 @@ sub-mesh with the shardings of its intra-op plan:
 * backward ``(vjp_fn, ct[, acc]) -> (acc + dp, da)`` — parameter gradients accumulated over
   micro-batches in place (the accumulator is donated);
 * update ``(params, opt_state, grads) -> (params, opt_state)`` — the optimizer applied to
-  the parameters the stage owns, on its own sub-mesh (params/state donated with ``donate``).
+  the parameters the stage owns, on its own sub-mesh (params/state donated with ``donate``);
+  with the stage's ``zero`` (ZeRO-1, ``autopar.pipeline.zero``) its optimizer state lives
+  split as ``zero_spec`` lays it out, the parameters and gradients are sliced to that layout
+  (no communication), updated there, and the new parameters all-gathered back to their
+  sharding inside the same executable, once per step.
 
 Activations go forward and their gradients back with ``jax.device_put`` to the receiving
 stage's ``NamedSharding``. Tasks run in the order of the simulated GPipe/1F1B schedule
@@ -35,6 +39,7 @@ from ..runtime import PlanMismatchError
 from .schedule import execution_order
 from .stages import owners, split_program, stage_forward
 from .inputs import microbatch_shapes, trace_loss
+from .zero import zero_spec
 
 _wsc = jax.lax.with_sharding_constraint
 
@@ -44,7 +49,7 @@ def _is_none(x) -> bool:
 
 
 class _StageExec:
-    def __init__(self, sp, st, program, P, devices, optimizer, donate, layer_ranges):
+    def __init__(self, sp, st, program, P, devices, optimizer, donate, layer_ranges, p_tree, owned):
         plan = sp.plan
         self.st = st
         self.mesh = make_mesh(plan.mesh_shape, plan.axis_names, devices)
@@ -60,6 +65,8 @@ class _StageExec:
         self.y_sh = [sh(s) for s in outs[:ny]]
         self.aux_sh = [sh(s) for s in outs[ny:ny + naux]]
         self.repl = named(self.mesh, [])
+        self.p_avals = [(tuple(program.values[program.invars[i]].shape), program.values[program.invars[i]].dtype)
+                        for i in st.params]
         fwd = stage_forward(program, st, P, sp.remat, layer_ranges)  # remat: its layers under jax.checkpoint
         y_sh, aux_sh, p_sh, a_sh = self.y_sh, self.aux_sh, self.p_sh, self.a_sh
 
@@ -74,12 +81,26 @@ class _StageExec:
 
         self.forward = jax.jit(forward)
         self.backward = jax.jit(backward, donate_argnums=(2,))
-        self.p_avals = [(tuple(program.values[program.invars[i]].shape), program.values[program.invars[i]].dtype)
-                        for i in st.params]
+
+        # ZeRO-1: each owned parameter's optimizer-state layout (else the parameter's own)
+        sizes = dict(zip(plan.axis_names, plan.mesh_shape))
+        # (an owned parameter no stage reads: replicated)
+        self.opt_sh = {i: self.repl for i in owned} | {
+            i: sh(zero_spec(self.p_avals[j][0], specs[j], sizes)) if sp.zero else self.p_sh[j]
+            for j, i in enumerate(st.params) if i in owned}
+        z_tree = p_tree.unflatten([self.opt_sh.get(i) for i in range(P)])
+        p_sh_tree = p_tree.unflatten([(self.p_sh[st.params.index(i)] if i in st.params else self.repl)
+                                      if i in owned else None for i in range(P)])
+        zero = sp.zero
 
         def update(params, opt_state, grads):  # owned params: full tree, None where not owned
+            if zero:  # slice to the optimizer state's layout: the update runs split
+                params, grads = (jax.tree_util.tree_map(_wsc, t, z_tree) for t in (params, grads))
             upd, opt_state = optimizer.update(grads, opt_state, params)
-            return optax.apply_updates(params, upd), opt_state
+            new = optax.apply_updates(params, upd)
+            if zero:  # all-gather the new parameters back to their sharding
+                new = jax.tree_util.tree_map(_wsc, new, p_sh_tree)
+            return new, opt_state
         self.update = jax.jit(update, donate_argnums=(0, 1) if donate else ())
 
     def zero_grads(self):
@@ -141,14 +162,17 @@ class PipelineStep:
                     "adam or adamw, without global transformations like clip_by_global_norm")
             self.skeletons.append((leaves, tree))
         self.execs = [_StageExec(sp, st, program, P, [all_devices[i] for i in sp.devices], optimizer, donate,
-                                 tplan.search.layer_eqns[sp.layers[0]:sp.layers[1]])
-                      for sp, st in zip(tplan.stages, self.stages)]
-        # sharding of every param leaf on its owner (unread params: replicated on stage 0)
-        self.param_sharding = []
+                                 tplan.search.layer_eqns[sp.layers[0]:sp.layers[1]], self.p_tree,
+                                 {i for i in range(P) if self.own[i] == k})
+                      for k, (sp, st) in enumerate(zip(tplan.stages, self.stages))]
+        # sharding of every param leaf, and of its optimizer state, on its owner (unread
+        # params: replicated on stage 0)
+        self.param_sharding, self.opt_sharding = [], []
         for i in range(P):
             ex = self.execs[self.own[i]]
             st = ex.st
             self.param_sharding.append(ex.p_sh[st.params.index(i)] if i in st.params else ex.repl)
+            self.opt_sharding.append(ex.opt_sh.get(i, ex.repl))
         self.mirrors = [self._mirrors(k) for k in range(len(self.stages))]
         self.values = program.values
         self.order = execution_order(tplan.simulate())
@@ -282,7 +306,7 @@ class PipelineStep:
         for k in range(S):
             mirror, (skel, skel_tree) = self.mirrors[k], self.skeletons[k]
             o_stage = [None if sk is None else jax.device_put(
-                o_leaves[j], self.param_sharding[mirror[j]] if mirror[j] >= 0 else ex[k].repl)
+                o_leaves[j], self.opt_sharding[mirror[j]] if mirror[j] >= 0 else ex[k].repl)
                 for j, sk in enumerate(skel)]
             mine = [i for i in range(self.P) if self.own[i] == k]
             inputs.append((self.p_tree.unflatten([owner_params[i] if i in mine else None for i in range(self.P)]),

@@ -1,9 +1,9 @@
 """The stage search of ``autopar.plan_training``: stage costs (every (layer range, sub-mesh)
 planned exactly — ``autopar.pipeline.exact`` —, the given stages only, or single layers summed —
 ``autopar.pipeline.additive``) → the stage DP (``solvers.stage_dp``) → the chosen stages
-planned whole. Every stage cost comes in one variant per activation-rematerialisation option
-(``TrainingInputs.remat``), the options after the first planned lazily: the DP is re-run
-until its solution uses no placeholder (``solve_lazily``).
+planned whole. Every stage cost comes in one variant per stage option (``TrainingInputs.options``:
+activation rematerialisation × ZeRO-1), the options after the first planned lazily: the DP is
+re-run until its solution uses no placeholder (``solve_lazily``).
 
 ``costing="exact"`` plans every (range, sub-mesh) pair; ``"additive"`` plans single layers only
 and sums them over a range (boundary reshards between layers inside a stage are then not
@@ -24,7 +24,7 @@ from autopar.solvers.stage_dp import StageInfeasibleError, StageProblem, StageSo
 from ..planner import PlanError
 from ..progress import Progress
 from .additive import AdditiveCosts
-from .costs import ChosenStage, CostArrays, StageCost, Sums, entry
+from .costs import ChosenStage, CostArrays, StageCost, StageOption, Sums, entry
 from .inputs import ForcedStage, TrainingInputs, nbytes
 
 
@@ -73,11 +73,11 @@ def solve_lazily(coster, inputs: TrainingInputs, num_layers: int, costs, *, num_
 
 
 class ForcedCosts:
-    """Only the given stages, in every remat option: planned whole, or (``additive``)
-    estimated layer by layer as the additive search does."""
+    """Only the given stages, in every stage option (:class:`StageOption`): planned whole, or
+    (``additive``) estimated layer by layer as the additive search does."""
 
     def __init__(self, coster, num_layers: int, shapes, forced: list[ForcedStage], progress: Progress,
-                 options=("none",), *, additive: bool = False):
+                 options=(StageOption(),), *, additive: bool = False):
         self.options = tuple(options)
         arrays = [CostArrays.empty(num_layers, len(shapes)) for _ in self.options]
         progress.phase("plan the given stages", total=len(self.options) * sum(
@@ -88,10 +88,10 @@ class ForcedCosts:
                 if additive:
                     run, value = Sums(), None
                     for i in range(f.start, f.end):
-                        value = run.add(coster.cost(i, i + 1, f.submesh, f.mesh, share=f.end - f.start, remat=r))
+                        value = run.add(coster.cost(i, i + 1, f.submesh, f.mesh, share=f.end - f.start, **r._asdict()))
                     costs.set(f.start, f.end, s, value)
                 else:
-                    costs.set(f.start, f.end, s, entry(coster.cost(f.start, f.end, f.submesh, f.mesh, remat=r)))
+                    costs.set(f.start, f.end, s, entry(coster.cost(f.start, f.end, f.submesh, f.mesh, **r._asdict())))
         self.arrays = arrays[0] if len(arrays) == 1 else CostArrays(
             *(np.stack([getattr(c, k) for c in arrays]) for k in ("latency", "memory", "activation")))
 
@@ -101,7 +101,7 @@ class ForcedCosts:
     def resolve(self, keys) -> None:
         """(Nothing is a placeholder.)"""
 
-    def option(self, variant: int) -> str:
+    def option(self, variant: int) -> StageOption:
         return self.options[variant]
 
     @property
@@ -119,39 +119,39 @@ def additive_search(coster, inputs: TrainingInputs, num_layers: int, progress: P
               for i in range(num_layers)]
     progress.phase("plan layers one by one (additive costing)", total=num_layers * len(inputs.shapes))
     costs = AdditiveCosts(coster, num_layers, inputs.shapes, inputs.nodes * inputs.spec.devices_per_node, pbytes,
-                          inputs.remat)
+                          inputs.options)
     return costs, solve_lazily(coster, inputs, num_layers, costs, num_stages=num_stages, name=name, progress=progress)
 
 
 def plan_stage(coster, inputs: TrainingInputs, a: int, b: int, sub, mesh, remaining: int,
-               remat: str = "none") -> StageCost:
-    """Stage [a, b) planned whole (with rematerialisation ``remat``). The ILP's peak counts one
+               option: StageOption = StageOption()) -> StageCost:
+    """Stage [a, b) planned whole with ``option`` (remat, ZeRO-1). The ILP's peak counts one
     micro-batch of activations; when the stage's other in-flight micro-batches then overflow
     the budget, plan it again within the budget less their activations."""
-    c = coster.cost(a, b, sub, mesh, remat=remat)
+    c = coster.cost(a, b, sub, mesh, **option._asdict())
     extra = (Schedule(inputs.schedule).inflight(remaining, inputs.num_microbatches) - 1) * c.act
     if c.fits and c.static + c.act + extra > inputs.budget >= extra:
-        again = coster.cost_within(a, b, sub, mesh, inputs.budget - extra, remat=remat)
+        again = coster.cost_within(a, b, sub, mesh, inputs.budget - extra, **option._asdict())
         if again.fits:
             return again
     return c
 
 
-def plan_stages(coster, inputs: TrainingInputs, stages, mesh_of, remat_of=None) -> list[ChosenStage]:
+def plan_stages(coster, inputs: TrainingInputs, stages, mesh_of, option_of=None) -> list[ChosenStage]:
     """Each stage (a, b, sub) planned whole; ``mesh_of(a, b, sub)`` is a logical mesh, None
     (every ``stage_meshes``) or a list of meshes tried one by one (the fastest that fits
-    with its in-flight micro-batches wins); ``remat_of(a, b, sub)``: its remat option
-    (default "none")."""
+    with its in-flight micro-batches wins); ``option_of(a, b, sub)``: its
+    :class:`StageOption` (default: no remat, no ZeRO-1)."""
     S, out = len(stages), []
     for k, (a, b, sub) in enumerate(stages):
-        meshes, remat = mesh_of(a, b, sub), "none" if remat_of is None else remat_of(a, b, sub)
+        meshes, option = mesh_of(a, b, sub), StageOption() if option_of is None else option_of(a, b, sub)
         if not isinstance(meshes, list):
-            out.append(ChosenStage(a, b, tuple(sub), plan_stage(coster, inputs, a, b, sub, meshes, S - k, remat)))
+            out.append(ChosenStage(a, b, tuple(sub), plan_stage(coster, inputs, a, b, sub, meshes, S - k, option)))
             continue
         inflight = Schedule(inputs.schedule).inflight(S - k, inputs.num_microbatches)
-        tries = [plan_stage(coster, inputs, a, b, sub, m, S - k, remat) for m in meshes]
+        tries = [plan_stage(coster, inputs, a, b, sub, m, S - k, option) for m in meshes]
         fit = [c for c in tries if c.fits and c.memory(inflight) <= inputs.budget]
-        out.append(ChosenStage(a, b, tuple(sub), min(fit or tries, key=lambda c: c.latency)))
+        out.append(ChosenStage(a, b, tuple(sub), min(fit or tries, key=lambda c: c.dp_latency)))
     return out
 
 
@@ -160,14 +160,16 @@ def solution_stages(sol: StageSolution) -> list[tuple[int, int, tuple[int, int]]
     return [(a, b, tuple(sub)) for a, b, _, sub, _ in sol.stages]
 
 
-def solution_remat(sol: StageSolution, costs) -> dict[tuple[int, int], str]:
-    """{(start, end): remat option} of the stage DP's stages (``costs.option`` of each variant)."""
+def solution_options(sol: StageSolution, costs) -> dict[tuple[int, int], StageOption]:
+    """{(start, end): stage option} of the stage DP's stages (``costs.option`` of each variant)."""
     variants = sol.variants or (0,) * len(sol.stages)
     return {(a, b): costs.option(v) for (a, b, *_), v in zip(sol.stages, variants)}
 
 
 def estimate_forced(coster, inputs: TrainingInputs, num_layers: int, forced: list[ForcedStage], progress: Progress,
-                    name: str = "") -> StageSolution:
-    """The given stages' step estimated from single-layer plans (as the additive search does)."""
-    costs = ForcedCosts(coster, num_layers, inputs.shapes, forced, progress, inputs.remat, additive=True)
+                    name: str = "", options=None) -> StageSolution:
+    """The given stages' step estimated from single-layer plans (as the additive search does),
+    each stage with the fastest fitting of ``options`` (default ``inputs.options``)."""
+    costs = ForcedCosts(coster, num_layers, inputs.shapes, forced, progress, options or inputs.options,
+                        additive=True)
     return run_stage_dp(inputs, num_layers, costs.arrays, min_need=coster.min_need, forced=forced, name=name)

@@ -21,6 +21,7 @@ from ..rules import stage_rules
 from ..trace import Program, trace
 from .costs import INFEASIBLE, StageCost
 from .inputs import TrainingInputs, nbytes
+from .zero import gather_time, optimizer_bytes, reserved_bytes
 from .stages import Stage, residual_bytes, split_program, stage_abstract_args, stage_forward, stage_train
 
 # per intra-op stage plan when time_limit_s is None: small stages solve exactly in well under a
@@ -117,11 +118,12 @@ class StageCoster:
         self.warm_start = o.warm_start
         self.program, self.P, self.layer_eqns = inputs.program, inputs.num_params, list(layer_eqns)
         self.spec, self.nodes, self.budget, self.opt_ratio = inputs.spec, inputs.nodes, inputs.budget, inputs.opt_ratio
+        self.num_microbatches = inputs.num_microbatches
         self.solver, self.time_limit_s = o.solver, o.time_limit_s
         self.cache: dict = {}
         self.warm_starts: dict = {}
         self.reshard_cache = ReshardCache()  # shared by every stage build
-        self.problems: dict = {}  # (structure, sub-mesh) -> {mesh: IntraProblem}, reused across budgets
+        self.problems: dict = {}  # (structure, sub-mesh, zero) -> {mesh: IntraProblem}, reused across budgets
         self.traced: dict = {}
         self.residuals: dict = {}  # program key -> residual bytes (``activation``)
         self.stages: dict = {}
@@ -136,16 +138,19 @@ class StageCoster:
             self.stages[(i, j)] = (st, structural_key(self.program, st, self.P))
         return self.stages[(i, j)]
 
-    def cost(self, i: int, j: int, submesh, mesh_shape=None, share: float = 1.0, remat: str = "none") -> StageCost:
+    def cost(self, i: int, j: int, submesh, mesh_shape=None, share: float = 1.0, remat: str = "none",
+             zero: bool = False) -> StageCost:
         """Plan layers i..j−1 on ``submesh`` with activation rematerialisation ``remat``
-        (``autopar.pipeline.remat``). ``share`` > 1 (additive costing of one layer):
+        (``autopar.pipeline.remat``) and, with ``zero``, the optimizer state sharded over the
+        replicated axes (``autopar.pipeline.zero``). ``share`` > 1 (additive costing of one layer):
         plan it within budget / share — the layer's part of a stage holding ``share`` layers —
         falling back to the whole budget when it does not fit that."""
+        kw = dict(remat=remat, zero=zero)
         if share > 1.0:
             limit = min(LEAN_TIME_LIMIT_S, math.inf if self.time_limit_s is None else self.time_limit_s)
-            res = self.cost_within(i, j, submesh, mesh_shape, self.budget / share, time_limit_s=limit, remat=remat)
-            return res if res.fits else self.cost_within(i, j, submesh, mesh_shape, self.budget, remat=remat)
-        return self.cost_within(i, j, submesh, mesh_shape, self.budget, remat=remat)
+            res = self.cost_within(i, j, submesh, mesh_shape, self.budget / share, time_limit_s=limit, **kw)
+            return res if res.fits else self.cost_within(i, j, submesh, mesh_shape, self.budget, **kw)
+        return self.cost_within(i, j, submesh, mesh_shape, self.budget, **kw)
 
     def program_key(self, i: int, j: int, remat: str = "none"):
         """What the stage's traced forward + backward depends on: its structure, and with
@@ -176,12 +181,15 @@ class StageCoster:
         return float(sum(self.program.values[v].nbytes for v in st.acts_in))
 
     def cost_within(self, i: int, j: int, submesh, mesh_shape, budget: float,
-                    time_limit_s: float | None = None, remat: str = "none") -> StageCost:
+                    time_limit_s: float | None = None, remat: str = "none", zero: bool = False) -> StageCost:
         """Layers i..j−1 on ``submesh`` planned within ``budget`` bytes per device (cached);
-        ``time_limit_s`` overrides the coster's limit for this plan."""
+        ``time_limit_s`` overrides the coster's limit for this plan. With ``zero`` the ILP
+        charges parameters 2× (themselves, gradient accumulators) within the budget less the
+        least ZeRO-1 optimizer state (``zero.reserved_bytes``); the state of the chosen layout
+        is added after."""
         st, _ = self.stage(i, j)
         skey = self.program_key(i, j, remat)
-        key = (skey, tuple(submesh), None if mesh_shape is None else tuple(mesh_shape), budget)
+        key = (skey, tuple(submesh), None if mesh_shape is None else tuple(mesh_shape), budget, zero)
         hit = self.cache.get(key)
         if hit is not None:
             self.hits += 1
@@ -196,17 +204,24 @@ class StageCoster:
         fwd, (p, a, nd, ct), prog, graph, res_bytes = self.traced[skey]
         cl, n = sub_cluster(self.spec, submesh)
         n_dev = submesh[0] * submesh[1]
+        p_bytes = [nbytes(x) for x in p]
+        reserve = reserved_bytes(sum(p_bytes), n_dev, self.opt_ratio) if zero else 0.0
+        if reserve >= budget:  # the sharded optimizer state alone overflows
+            self.cache[key] = INFEASIBLE
+            self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]} do not fit")
+            return INFEASIBLE
         try:
             # a parameter also holds its gradient accumulator and optimizer state all step long
-            scale = {i: 2.0 + self.opt_ratio for i in range(len(p))}
+            # (ZeRO-1: the optimizer state is reserved apart, split over every device)
+            scale = {i: 2.0 + (0.0 if zero else self.opt_ratio) for i in range(len(p))}
             hooks = PlanHooks(
                 mesh_shapes=stage_meshes(submesh, self.mesh_search), traced=(prog, graph),
                 restrict=lambda shape: {"input_usage_scale": scale, **(
                     {} if self.restrict is None else self.restrict((p, a, nd, ct), tuple(shape)))},
                 strategy_name=self.strategy_name, warm_start=self._warm_start((p, a, nd, ct), key[:2]),
-                problems=self.problems.setdefault(key[:2], {}), reshard_cache=self.reshard_cache, carry=False)
+                problems=self.problems.setdefault((*key[:2], zero), {}), reshard_cache=self.reshard_cache, carry=False)
             sp = plan_with(stage_train(fwd), (p, a, nd, ct), cluster=cl, nodes=n, mesh_shape=mesh_shape,
-                           memory_budget_bytes=budget, solver=self.solver,
+                           memory_budget_bytes=budget - reserve, solver=self.solver,
                            time_limit_s=time_limit_s if time_limit_s is not None else (
                                self.time_limit_s if self.time_limit_s is not None else STAGE_TIME_LIMIT_S),
                            hooks=hooks)
@@ -214,24 +229,34 @@ class StageCoster:
             if budget == self.budget:  # (a layer that misses its share of the budget is retried whole)
                 self.infeasible += 1
                 if err.min_bytes_per_device is not None:
-                    self.min_need = min(self.min_need, err.min_bytes_per_device)
+                    self.min_need = min(self.min_need, err.min_bytes_per_device + reserve)
             res = INFEASIBLE
             self.cache[key] = res
             self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]} do not fit")
             return res
         vals = self.program.values
         sizes = dict(zip(sp.axis_names, sp.mesh_shape))
-        param_dev = sum(nbytes(x) / shard_factor(spec, sizes) for x, spec in zip(p, sp.input_specs_flat[:len(p)]))
+        p_specs = sp.input_specs_flat[:len(p)]
+        param_dev = sum(b / shard_factor(spec, sizes) for b, spec in zip(p_bytes, p_specs))
         act = res_bytes / n_dev
         in_bytes = sum(vals[v].nbytes for v in list(st.acts_in) + list(st.nd_acts_in))
         link = self.spec.inter_node_link if self.nodes > 1 else self.spec.intra_node_link
         bw = (self.spec.inter_node_bandwidth_per_device() if self.nodes > 1 else link.bandwidth_bytes_per_s) * n_dev
         send = 2 * (link.alpha_s + in_bytes / bw) if in_bytes else 0.0
         static = max(sp.predicted.peak_memory_bytes - act, 0.0)  # the ILP's peak counts one micro-batch's residuals
-        # persistent part of static: parameters with their accumulators and optimizer state
-        persist = min(param_dev * (2.0 + self.opt_ratio), static)
+        shaped = [(tuple(x.shape), b) for x, b in zip(p, p_bytes)]
+        if zero:  # the optimizer state split over the replicated axes, all-gathered params once a step
+            optimizer = optimizer_bytes(shaped, p_specs, sizes, self.opt_ratio)
+            gather = gather_time(cl, n, sp.axis_names, sp.mesh_shape, shaped, p_specs)
+            static += optimizer
+            persist = min(param_dev * 2.0, static - optimizer) + optimizer
+        else:
+            optimizer, gather = param_dev * self.opt_ratio, 0.0
+            # persistent part of static: parameters with their accumulators and optimizer state
+            persist = min(param_dev * (2.0 + self.opt_ratio), static)
         res = StageCost(plan=sp, latency=sp.predicted.step_time_s + send, send=send, static=static, act=act,
-                        param_dev=param_dev, persist=persist, remat=remat)
+                        param_dev=param_dev, persist=persist, remat=remat, zero=zero, optimizer=optimizer,
+                        gather_s=gather, num_microbatches=self.num_microbatches)
         self.cache[key] = res
         self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]}: {sp.solver.status}")
         return res

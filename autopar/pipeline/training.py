@@ -25,7 +25,7 @@ from .inputs import ForcedStage, TrainingInputs, forced_stages, microbatch_shape
 from .layers import Layering, layers_of
 from .refine import refine
 from .exact import ExactCosts
-from .search import ForcedCosts, additive_search, plan_stages, solution_remat, solution_stages, solve_lazily
+from .search import ForcedCosts, additive_search, plan_stages, solution_options, solution_stages, solve_lazily
 from .stage_cost import StageCoster, autopar_options
 from .training_plan import TrainingPlan
 
@@ -53,7 +53,7 @@ def plan_pipeline(inputs: TrainingInputs, layering: Layering, coster: StageCoste
     if additive:
         costs, sol = additive_search(coster, inputs, L, progress, num_stages=num_stages, name=name)
     else:
-        costs = (ForcedCosts(coster, L, shapes, forced, progress, inputs.remat) if forced is not None
+        costs = (ForcedCosts(coster, L, shapes, forced, progress, inputs.options) if forced is not None
                  else ExactCosts(coster, inputs, L, shapes, progress))
         sol = solve_lazily(coster, inputs, L, costs, num_stages=num_stages, forced=forced, name=name,
                            progress=progress)
@@ -64,9 +64,9 @@ def plan_pipeline(inputs: TrainingInputs, layering: Layering, coster: StageCoste
         chosen, refined = refine(coster, inputs, L, costs, sol, progress, num_stages)
     else:  # the chosen stages, planned exactly (cached: the exact mode already planned them)
         mesh_of = {(f.start, f.end): f.mesh for f in forced} if forced is not None else {}
-        remat_of = solution_remat(sol, costs)
+        option_of = solution_options(sol, costs)
         chosen, refined = plan_stages(coster, inputs, solution_stages(sol), lambda a, b, sub: mesh_of.get((a, b)),
-                                      lambda a, b, sub: remat_of[a, b]), ()
+                                      lambda a, b, sub: option_of[a, b]), ()
     record = SearchRecord(costing="additive" if additive else "exact", objective_s=sol.objective_s,
                           candidates=candidates, refined=tuple(refined), strategy_name=strategy_name)
     t_end = time.perf_counter()
@@ -79,7 +79,7 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
                   stages=None, num_layers: int | None = None, memory_budget_bytes: float | None = None,
                   solver: str = "auto", time_limit_s: float | None = None, costing: str = "auto",
                   max_exact_pairs: int = 24, mesh_search: str = "auto", split_scans: bool = True,
-                  remat: str = "auto", verbose=False) -> TrainingPlan:
+                  remat: str = "auto", zero: str = "auto", verbose=False) -> TrainingPlan:
     """Plan a training step of ``loss_fn(params, batch) -> scalar mean loss`` with ``optimizer``.
 
     ``mesh_search``: "auto" tries a few logical meshes per sub-mesh (``stage_meshes``),
@@ -99,6 +99,11 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
     input only) — the fastest that fits with the stage's in-flight micro-batches, "none"
     where it fits, since recomputation is never free; one of them forces it on every stage.
 
+    ``zero``: optimizer-state sharding per stage (ZeRO-1, ``autopar.pipeline.zero``): "auto"
+    lets the stage DP shard a stage's optimizer state (and its update) over the axes its
+    parameters are replicated on where that is needed to fit — an all-gather of the updated
+    parameters per step is the price, in the predicted step —, "none" never, "1" always.
+
     A scanned layer stack (``jax.lax.scan`` / ``nn.scan`` over parameters stacked along axis 0)
     is pipelined per iteration with ``split_scans`` (``autopar.pipeline.unscan``): one layer per
     iteration (identical iterations planned once), each stage holding the slices of its
@@ -115,7 +120,7 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
         inputs = prepare_inputs(loss_fn, params, batch, optimizer=optimizer, cluster=cluster, nodes=nodes,
                                 num_microbatches=num_microbatches, schedule=schedule,
                                 memory_budget_bytes=memory_budget_bytes, costing=costing, mesh_search=mesh_search,
-                                split_scans=split_scans, remat=remat)
+                                split_scans=split_scans, remat=remat, zero=zero)
         layering = layers_of(inputs.program, num_layers, stages, split_scan=inputs.scan_split is not None)
         t_trace = time.perf_counter()
         L = len(layering.layers)

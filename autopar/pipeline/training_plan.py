@@ -34,13 +34,19 @@ class StagePlan(_Frozen):
     inflight_microbatches: int
     memory_bytes_per_device: float    # static (params, grads, accumulators, optimizer state) + in-flight activations
     remat: str = "none"               # activation rematerialisation of its layers: "none" | "dots" | "full"
+    zero: bool = False                # optimizer state (and update) split over the replicated axes (ZeRO-1)
+    optimizer_bytes_per_device: float | None = None  # optimizer state (⊆ memory; None: plans before ZeRO-1)
+    gather_s: float = 0.0             # ZeRO-1: all-gather of the updated parameters, once per step
 
 
 class PredictedTraining(_Frozen):
-    step_time_s: float                # simulated schedule makespan (the timeline)
+    step_time_s: float                # simulated schedule makespan (the timeline) + zero_gather_s
     dp_objective_s: float             # Σ t_i + (B − 1)·max t_i (the stage DP's objective)
     bubble_fraction: float
     peak_memory_bytes: float          # max over stages, per device
+    # ZeRO-1: how much later the step ends than the micro-batch schedule, for the stages'
+    # all-gathers of their updated parameters after their last backward
+    zero_gather_s: float = 0.0
 
 
 class RefinedSplit(_Frozen):
