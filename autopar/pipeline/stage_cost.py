@@ -206,10 +206,6 @@ class StageCoster:
         n_dev = submesh[0] * submesh[1]
         p_bytes = [nbytes(x) for x in p]
         reserve = reserved_bytes(sum(p_bytes), n_dev, self.opt_ratio) if zero else 0.0
-        if reserve >= budget:  # the sharded optimizer state alone overflows
-            self.cache[key] = INFEASIBLE
-            self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]} do not fit")
-            return INFEASIBLE
         try:
             # a parameter also holds its gradient accumulator and optimizer state all step long
             # (ZeRO-1: the optimizer state is reserved apart, split over every device)
@@ -221,7 +217,8 @@ class StageCoster:
                 strategy_name=self.strategy_name, warm_start=self._warm_start((p, a, nd, ct), key[:2]),
                 problems=self.problems.setdefault((*key[:2], zero), {}), reshard_cache=self.reshard_cache, carry=False)
             sp = plan_with(stage_train(fwd), (p, a, nd, ct), cluster=cl, nodes=n, mesh_shape=mesh_shape,
-                           memory_budget_bytes=budget - reserve, solver=self.solver,
+                           # (the state alone overflowing, a 1-byte budget: the ILP says what it needs)
+                           memory_budget_bytes=max(budget - reserve, 1.0), solver=self.solver,
                            time_limit_s=time_limit_s if time_limit_s is not None else (
                                self.time_limit_s if self.time_limit_s is not None else STAGE_TIME_LIMIT_S),
                            hooks=hooks)
