@@ -16,7 +16,9 @@ result, so the two can be compared number for number:
 * :func:`dp_tp_pp` — Megatron-LM's 3D grid for a training step: ``pp`` pipeline stages with
   the same number of layers each, every stage on an equal sub-mesh laid out as ``dp_tp``
   (``tp`` inside a node); the best grid point ``pp × dp × tp`` is returned as a
-  :class:`~autopar.TrainingPlan`, executed by ``tplan.apply()`` like ``plan_training``'s.
+  :class:`~autopar.TrainingPlan`, executed by ``tplan.apply()`` like ``plan_training``'s;
+  with Megatron's recompute (none/selective/full), distributed optimizer (ZeRO-1) and
+  micro-batch count choices per grid point.
 
 "Batch" leaves are those of the positional arguments in ``batch_argnums`` (default: the
 last one); every other leaf is "state" (parameters, optimizer state).
@@ -43,6 +45,7 @@ Memory: the baseline must fit the same per-device budget, else the same ``PlanEr
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import jax
 import numpy as np
@@ -53,8 +56,10 @@ from autopar.solvers.stage_dp import uniform_stages, uniform_submeshes
 from .planner import PlanError, PlanHooks, plan_with
 from .rules import as_is, as_is_or_gathered, batch_layout, stage_rules, state_layout
 from .strategies.base import live_axes
+from .pipeline.costs import StageOption
 from .pipeline.inputs import ForcedStage, prepare_inputs
 from .pipeline.layers import layers_of
+from .pipeline.remat import REMAT_OPTIONS
 from .pipeline.search import estimate_forced
 from .pipeline.stage_cost import CostOptions, StageCoster
 from .pipeline.training import plan_pipeline
@@ -198,53 +203,105 @@ def pipeline_grid(num_layers: int, nodes: int, devices_per_node: int, microbatch
     return out
 
 
+def _microbatch_counts(microbatches, num_microbatches: int, batch) -> list[int]:
+    """``dp_tp_pp(microbatches=…)``: None (only ``num_microbatches``), "divisors" (every divisor
+    of the global batch) or counts."""
+    if microbatches is None:
+        return [num_microbatches]
+    if microbatches == "divisors":
+        leaves = jax.tree_util.tree_leaves(batch)
+        return _divisors(int(np.shape(leaves[0])[0])) if leaves and np.shape(leaves[0]) else [1]
+    counts = sorted({int(b) for b in microbatches})
+    if not counts or counts[0] < 1:
+        raise ValueError(f"microbatches must be None, 'divisors' or positive counts, got {microbatches!r}")
+    return counts
+
+
+def _options(remat, zero) -> list[StageOption]:
+    """Megatron's recompute × distributed-optimizer choices, the plain one first."""
+    remat, zero = tuple(remat), tuple(bool(z) for z in zero)
+    bad = [r for r in remat if r not in REMAT_OPTIONS]
+    if bad or not remat or not zero:
+        raise ValueError(f"remat must be options among {REMAT_OPTIONS} and zero among (False, True); got "
+                         f"remat={remat!r}, zero={zero!r}")
+    opts = [StageOption(r, z) for z in dict.fromkeys(zero) for r in dict.fromkeys(remat)]
+    return sorted(opts, key=lambda o: (o != StageOption(), opts.index(o)))
+
+
 def dp_tp_pp(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: int = 1, num_microbatches: int = 1,
              schedule: str = "1f1b", num_layers: int | None = None, memory_budget_bytes: float | None = None,
-             solver: str = "auto", time_limit_s: float | None = None, refine: int = 2, grid=None):
+             solver: str = "auto", time_limit_s: float | None = None, refine: int = 2, grid=None,
+             remat=REMAT_OPTIONS, zero=(False, True), microbatches=None):
     """The best Megatron-LM 3D grid (data × tensor × pipeline parallel, uniform stages) for a
-    training step, as a :class:`~autopar.TrainingPlan` (``strategy_name="dp_tp_pp"``).
+    training step, as a :class:`~autopar.TrainingPlan` (``strategy_name="dp_tp_pp"``), with
+    Megatron's practice on top of the grid, each the same on every stage of a point:
+
+    * ``remat``: activation recompute — "none", "dots" (selective: weight matmul outputs
+      saved, attention and elementwise recomputed), "full" (``autopar.pipeline.remat``);
+    * ``zero``: the distributed optimizer (ZeRO-1: optimizer state split over the data-parallel
+      axis, one all-gather of the parameters per step; ``autopar.pipeline.zero``);
+    * ``microbatches``: micro-batch counts tried (None: ``num_microbatches`` only; "divisors":
+      every divisor of the global batch; or a tuple), each traced and costed apart.
 
     Same inputs as :func:`autopar.plan_training`. Every grid point of :func:`pipeline_grid`
     (or ``grid=[(pp, submesh, (dp, tp)), …]``) is costed layer by layer (each layer's
     forward + backward planned by the ILP under the ``dp_tp`` input rules on ``(dp, tp)``,
-    summed over a stage); the ``refine`` best estimates are planned stage by stage exactly
-    and the fastest predicted step is returned. ``tplan.baseline_grid`` lists every point
-    with its estimate (or why it was dropped)."""
-    inputs = prepare_inputs(loss_fn, params, batch, optimizer=optimizer, cluster=cluster, nodes=nodes,
-                            num_microbatches=num_microbatches, schedule=schedule,
-                            memory_budget_bytes=memory_budget_bytes)
-    layering = layers_of(inputs.program, num_layers)
-    mb_size = inputs.microbatch_size
-    L, M = len(layering.layers), inputs.spec.devices_per_node
-    points = [(int(pp), tuple(sub), tuple(mesh)) for pp, sub, mesh in grid] if grid is not None \
-        else pipeline_grid(L, nodes, M, mb_size)
-    if not points:
-        raise PlanError(f"no Megatron grid point for {L} layers on {nodes} node(s) × {M} with micro-batch "
-                        f"{mb_size}: pp must divide the layers and devices, dp the micro-batch")
+    summed over a stage) with no recompute and no distributed optimizer; only where that does
+    not fit are the other (recompute, ZeRO-1) combinations costed — in the cost model each
+    only adds work (recomputed FLOPs, an all-gather), so where the plain point fits it is the
+    point's best. The ``refine`` best estimates are planned stage by stage exactly and the
+    fastest predicted step is returned. ``tplan.baseline_grid`` lists every (point,
+    micro-batches, option) costed with its estimate (or why it was dropped).
+
+    Sequence parallelism is not a grid option: Megatron's SP shards the activations of the
+    LayerNorm/dropout regions along the sequence over the tp axis. The rule
+    (``rules.stage_rules``) fixes only a stage's inputs; the ILP completing each stage may
+    already lay out those regions sequence-sharded over tp wherever its cost model finds that
+    cheaper, and a stage's boundary send is charged by the activation's full bytes over all
+    devices of the sub-mesh whatever its layout (``StageCoster.cost_within``), so a rule
+    forcing SP on the stage inputs could only remove completions, never a cost."""
+    counts = _microbatch_counts(microbatches, num_microbatches, batch)
+    options = _options(remat, zero)
+    rows, cands = [], []   # cands: (row index, inputs, layering, coster, forced)
     progress = Progress()
-    coster = StageCoster(inputs, layering.eqn_ranges(inputs.program),
-                         CostOptions(solver=solver, time_limit_s=time_limit_s, restrict=stage_rules(mb_size),
-                                     strategy_name="dp_tp_pp"), progress)
-    rows, forced_of = [], []
-    for pp, sub, mesh in points:
-        if not 1 <= pp <= L or sub not in inputs.shapes or math.prod(mesh) != sub[0] * sub[1] \
-                or pp * sub[0] * sub[1] != nodes * M:
-            raise ValueError(f"grid point pp={pp}, submesh={sub}, mesh={mesh} does not fit {L} layers on "
-                             f"{nodes} node(s) × {M} (sub-meshes {list(inputs.shapes)})")
-        forced = [ForcedStage(a, b, sub, mesh) for a, b in uniform_stages(L, pp)]
-        row = {"pp": pp, "submesh": list(sub), "dp": mesh[0], "tp": mesh[1]}
-        try:
-            row["estimate_s"] = estimate_forced(coster, inputs, L, forced, progress,
-                                                name=f"{inputs.name} (baseline dp_tp_pp)").objective_s
-        except PlanError as err:
-            row["error"] = str(err).split(";")[0]
-        rows.append(row)
-        forced_of.append(forced)
+    for B in counts:
+        inputs = prepare_inputs(loss_fn, params, batch, optimizer=optimizer, cluster=cluster, nodes=nodes,
+                                num_microbatches=B, schedule=schedule, memory_budget_bytes=memory_budget_bytes)
+        layering = layers_of(inputs.program, num_layers)
+        mb_size = inputs.microbatch_size
+        L, M = len(layering.layers), inputs.spec.devices_per_node
+        points = [(int(pp), tuple(sub), tuple(mesh)) for pp, sub, mesh in grid] if grid is not None \
+            else pipeline_grid(L, nodes, M, mb_size)
+        if not points and len(counts) == 1:
+            raise PlanError(f"no Megatron grid point for {L} layers on {nodes} node(s) × {M} with micro-batch "
+                            f"{mb_size}: pp must divide the layers and devices, dp the micro-batch")
+        coster = StageCoster(inputs, layering.eqn_ranges(inputs.program),
+                             CostOptions(solver=solver, time_limit_s=time_limit_s, restrict=stage_rules(mb_size),
+                                         strategy_name="dp_tp_pp"), progress)
+        for pp, sub, mesh in points:
+            if not 1 <= pp <= L or sub not in inputs.shapes or math.prod(mesh) != sub[0] * sub[1] \
+                    or pp * sub[0] * sub[1] != nodes * M:
+                raise ValueError(f"grid point pp={pp}, submesh={sub}, mesh={mesh} does not fit {L} layers on "
+                                 f"{nodes} node(s) × {M} (sub-meshes {list(inputs.shapes)})")
+            forced = [ForcedStage(a, b, sub, mesh) for a, b in uniform_stages(L, pp)]
+            for k, opt in enumerate(options):
+                row = {"pp": pp, "submesh": list(sub), "dp": mesh[0], "tp": mesh[1], "num_microbatches": B,
+                       "remat": opt.remat, "zero": opt.zero}
+                try:
+                    row["estimate_s"] = estimate_forced(coster, inputs, L, forced, progress, options=(opt,),
+                                                        name=f"{inputs.name} (baseline dp_tp_pp)").objective_s
+                except PlanError as err:
+                    row["error"] = str(err).split(";")[0]
+                rows.append(row)
+                cands.append((replace(inputs, remat=(opt.remat,), zero=(opt.zero,)), layering, coster, forced))
+                if k == 0 and "estimate_s" in row and opt == StageOption():
+                    break   # the plain point fits: recompute and ZeRO-1 only add work
     ok = sorted((k for k, r in enumerate(rows) if "estimate_s" in r), key=lambda k: rows[k]["estimate_s"])
     best, errors = None, []
     for k in ok[:max(1, refine)]:
+        inputs, layering, coster, forced = cands[k]
         try:
-            tp_ = plan_pipeline(inputs, layering, coster, progress, mode="exact", forced=forced_of[k],
+            tp_ = plan_pipeline(inputs, layering, coster, progress, mode="exact", forced=forced,
                                 strategy_name="dp_tp_pp")
         except PlanError as err:
             rows[k]["error"] = str(err).split(";")[0]
@@ -254,10 +311,12 @@ def dp_tp_pp(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: int =
         if best is None or tp_.predicted.step_time_s < best.predicted.step_time_s:
             best = tp_
     if best is None:
-        need = [e.min_bytes_per_device for e in errors if e.min_bytes_per_device] + (
-            [coster.min_need] if math.isfinite(coster.min_need) else [])
-        raise PlanError(f"no Megatron DP×TP×PP grid point of {inputs.name} fits memory_budget_bytes="
-                        f"{inputs.budget:.0f} per device on {nodes} node(s) × {M} ({len(rows)} points tried)"
+        M = load_cluster(cluster).devices_per_node
+        need = [e.min_bytes_per_device for e in errors if e.min_bytes_per_device] + [
+            c.min_need for _, _, c, _ in cands if math.isfinite(c.min_need)]
+        raise PlanError(f"no Megatron DP×TP×PP grid point of {getattr(loss_fn, '__name__', 'loss_fn')} fits "
+                        f"memory_budget_bytes={cands[0][0].budget if cands else memory_budget_bytes:.0f} per device on "
+                        f"{nodes} node(s) × {M} ({len(rows)} points tried)"
                         + (f"; {min(need):.0f} bytes per device is the smallest a stage needs" if need else "")
                         + ". Raise the budget, add nodes or use more micro-batches.",
                         min_bytes_per_device=min(need) if need else None)

@@ -104,3 +104,41 @@ def test_autopar_refines_its_split_and_equal_splits_exactly(gpt_case):
     assert "exactly planned splits" in ours.report()
     back = TrainingPlan.model_validate_json(ours.model_dump_json())
     assert back.search.refined == refined
+
+
+def test_strong_baseline_takes_recompute_or_zero_when_memory_forces_it(devices8):
+    # Megatron's practice on top of the grid: recompute none/dots/full × distributed optimizer
+    # × micro-batch counts. One block per stage on dp=4 (parameters replicated over it), Adam.
+    from test_pipeline_remat import loss_fn, params_and_batch
+    from test_pipeline_zero import OPT
+    params, batch = params_and_batch(layers=2, d=128, seq=16, batch=32)
+    kw = dict(optimizer=OPT, cluster=make_cluster(4), nodes=2, num_microbatches=2, schedule="gpipe",
+              grid=[(2, (1, 4), (4, 1))], memory_budget_bytes=3.6e6)
+    # measured: the plain point needs 4.16 MB per device; ZeRO-1 3.38 MB, selective recompute fits too
+    with pytest.raises(PlanError, match="Megatron DP×TP×PP"):
+        dp_tp_pp(loss_fn, params, batch, remat=("none",), zero=(False,), **kw)
+    base = dp_tp_pp(loss_fn, params, batch, microbatches=(1, 2), **kw)
+    rows = {(g.num_microbatches, g.remat, g.zero): g for g in base.baseline_grid}
+    assert set(rows) == {(b, r, z) for b in (1, 2) for r in ("none", "dots", "full") for z in (False, True)}
+    assert rows[2, "none", False].error and rows[1, "none", False].error and rows[2, "dots", False].estimate_s
+    refined = [g for g in base.baseline_grid if g.step_s is not None]
+    best = min(refined, key=lambda g: g.step_s)
+    assert best.step_s == pytest.approx(base.predicted.step_time_s) and base.num_microbatches == best.num_microbatches
+    assert (best.remat, best.zero) != ("none", False)
+    assert all((s.remat, s.zero) == (best.remat, best.zero) for s in base.stages)   # uniform, as Megatron
+    assert all(s.memory_bytes_per_device <= 3.6e6 for s in base.stages)
+    back = TrainingPlan.model_validate_json(base.model_dump_json())
+    assert back.baseline_grid == base.baseline_grid
+    # it runs: one step equals the single-device step
+    from test_pipeline import assert_tree_close, reference_step
+    state = OPT.init(params)
+    assert_tree_close(base.apply()(params, state, batch), reference_step(loss_fn, OPT)(params, state, batch))
+
+
+def test_baseline_options_are_checked(devices8):
+    params, batch = gpt.params_and_batch(layers=2, hidden=32, seq=16, vocab=64, batch=8)
+    kw = dict(optimizer=optax.sgd(0.1), cluster=make_cluster(4), nodes=2, num_microbatches=2)
+    with pytest.raises(ValueError, match="remat must be"):
+        dp_tp_pp(gpt.loss_fn, params, batch, remat=("selective",), **kw)
+    with pytest.raises(ValueError, match="microbatches must be"):
+        dp_tp_pp(gpt.loss_fn, params, batch, microbatches=(0,), **kw)

@@ -3,7 +3,6 @@
 plan runs equal to the single-device Adam step with the optimizer state really split; with
 ample memory it is neither chosen nor planned; its per-step all-gather is in the predicted
 step, at the time ``autopar.cost`` gives it."""
-import jax
 import numpy as np
 import optax
 import pytest

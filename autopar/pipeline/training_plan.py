@@ -63,11 +63,15 @@ class RefinedSplit(_Frozen):
 
 
 class GridPoint(_Frozen):
-    """A Megatron DP×TP×PP grid point the ``dp_tp_pp`` baseline tried."""
+    """A Megatron DP×TP×PP grid point the ``dp_tp_pp`` baseline tried, with its options
+    (the same on every stage; plans saved before them: the defaults)."""
     pp: int
     submesh: list[int]
     dp: int
     tp: int
+    num_microbatches: int | None = None   # None: the plan's
+    remat: str = "none"               # activation recompute: "none" | "dots" (selective) | "full"
+    zero: bool = False                # distributed optimizer (ZeRO-1)
     estimate_s: float | None = None   # additive estimate (None: ``error``)
     error: str | None = None          # why it was dropped
     step_s: float | None = None       # planned exactly (the best estimates only)
