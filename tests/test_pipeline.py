@@ -279,7 +279,7 @@ class _FakeCoster:
     def __init__(self, lean_latency=1.2):
         self.lean_calls, self.min_need, self.lean_latency = [], float("inf"), lean_latency
 
-    def cost(self, i, j, sub, mesh=None, share=1.0, remat="none"):
+    def cost(self, i, j, sub, mesh=None, share=1.0, remat="none", zero=False):
         from autopar.pipeline.costs import StageCost
         n = sub[0] * sub[1]
         plan = types.SimpleNamespace(mesh_shape=mesh or (n,))
@@ -319,10 +319,10 @@ def test_a_chosen_stage_is_replanned_for_its_in_flight_micro_batches():
     calls = []
 
     class Coster:
-        def cost(self, a, b, sub, mesh=None, remat="none"):
+        def cost(self, a, b, sub, mesh=None, remat="none", zero=False):
             return StageCost(plan="fast", static=5.0, act=1.0)
 
-        def cost_within(self, a, b, sub, mesh, budget, remat="none"):
+        def cost_within(self, a, b, sub, mesh, budget, remat="none", zero=False):
             calls.append(budget)
             return StageCost(plan="lean", static=3.5, act=1.0)
     assert plan_stage(Coster(), inputs, 0, 2, (1, 4), None, remaining=4).plan == "lean" and calls == [5.0]
@@ -355,14 +355,14 @@ def test_additive_refinement_plans_equal_splits_exactly_and_keeps_the_fastest_th
         progress = Progress()
         min_need = math.inf
 
-        def cost(self, a, b, sub, mesh=None, share=1.0, remat="none"):
+        def cost(self, a, b, sub, mesh=None, share=1.0, remat="none", zero=False):
             if b == a + 1 and mesh is None:
                 return full[a][inputs.shapes.index(tuple(sub))]
             planned.append((a, b, tuple(sub), mesh))
             t, static = exact[(a, b, mesh)]
             return StageCost(plan=types.SimpleNamespace(mesh_shape=mesh), latency=t, static=static, act=0.5)
 
-        def cost_within(self, a, b, sub, mesh, budget, remat="none"):  # no leaner plan
+        def cost_within(self, a, b, sub, mesh, budget, remat="none", zero=False):  # no leaner plan
             return INFEASIBLE
     costs = AdditiveCosts(Coster(), 4, inputs.shapes, 4, [0.0] * 4)
     sol = types.SimpleNamespace(stages=[(0, 4, 2, (1, 4), 0.5)], objective_s=2.0, variants=(0,))
