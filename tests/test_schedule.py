@@ -204,6 +204,34 @@ def test_svg(tmp_path: Path):
     assert sum(t.isdigit() for t in texts) > S * B  # micro-batch numbers and ticks
 
 
+def test_svg_shows_recompute(tmp_path: Path):
+    """A stage that recomputes its activations draws its backward boxes as "backward +
+    recompute" (class, colour, tooltip, legend); stages without remat keep plain backwards."""
+    S, B = 3, 2
+    path = draw_timeline(small_timeline(S, B), tmp_path / "r.svg", recompute=["none", "full", "dots"])
+    root = ET.parse(path).getroot()
+    rects = [r for r in root.iter(f"{SVG_NS}rect") if r.get("class", "").startswith("task")]
+    by_stage = {}
+    for r in rects:
+        tip = "".join(r.find(f"{SVG_NS}title").itertext())
+        by_stage.setdefault(int(tip.split("stage ")[1].split(" ")[0]), []).append((r.get("class"), tip, r.get("fill")))
+    assert {c for c, _, _ in by_stage[0]} == {"task F", "task B"}
+    assert {c for c, _, _ in by_stage[1]} == {"task F", "task B recompute"}
+    assert any("backward + recompute (full)" in t for _, t, _ in by_stage[1])
+    assert any("backward + recompute (dots)" in t for _, t, _ in by_stage[2])
+    assert len({f for c, _, f in rects_of(by_stage) if "recompute" in c}) == 1
+    texts = ["".join(t.itertext()) for t in root.iter(f"{SVG_NS}text")]
+    assert "backward + recompute" in texts
+    plain = ET.parse(draw_timeline(small_timeline(S, B), tmp_path / "p.svg")).getroot()
+    assert "backward + recompute" not in ["".join(t.itertext()) for t in plain.iter(f"{SVG_NS}text")]
+    with pytest.raises(ValueError, match="one option per stage"):
+        draw_timeline(small_timeline(S, B), tmp_path / "x.svg", recompute=["full"])
+
+
+def rects_of(by_stage):
+    return [x for items in by_stage.values() for x in items]
+
+
 def test_png(tmp_path: Path):
     path = draw_timeline(small_timeline(), tmp_path / "pipe.png", title="1F1B")
     data = Path(path).read_bytes()

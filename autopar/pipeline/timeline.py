@@ -1,8 +1,9 @@
 """``draw_timeline``: the pipeline picture of a simulated ``schedule.Timeline``.
 
-One row per stage, one box per task (forward and backward in two colours, the micro-batch
-number inside when the box is wide enough), a time axis in µs / ms / s and the bubble
-fraction in the title. ``.svg`` is written by hand (no dependency); ``.png`` uses matplotlib,
+One row per stage, one box per task (forward and backward in two colours, the backward of a
+stage that recomputes its activations — ``StagePlan.remat`` "dots" / "full" — in a third:
+its box holds the recomputation; the micro-batch number inside when the box is wide enough),
+a time axis in µs / ms / s and the bubble fraction in the title. ``.svg`` is written by hand (no dependency); ``.png`` uses matplotlib,
 imported only then (``pip install 'autopar[plot]'``).
 """
 from __future__ import annotations
@@ -14,8 +15,8 @@ from xml.sax.saxutils import escape
 
 from .schedule import Timeline
 
-COLORS = {"F": "#4c72b0", "B": "#dd8452"}
-KIND_NAMES = {"F": "forward", "B": "backward"}
+COLORS = {"F": "#4c72b0", "B": "#dd8452", "R": "#c44e52"}
+KIND_NAMES = {"F": "forward", "B": "backward", "R": "backward + recompute"}
 PLOT_EXTRA = "pip install 'autopar[plot]'"
 
 # SVG geometry (pixels)
@@ -63,21 +64,44 @@ def _labels(timeline: Timeline, stage_labels: Sequence[str] | None) -> list[str]
 
 
 def draw_timeline(timeline: Timeline, path, *, stage_labels: Sequence[str] | None = None,
-                  title: str | None = None) -> str:
+                  title: str | None = None, recompute: Sequence[str] | None = None) -> str:
     """Write the pipeline picture of ``timeline`` to ``path`` (``.svg`` or ``.png``) and
-    return the path. ``stage_labels``: one row label per stage (default "stage s")."""
+    return the path. ``stage_labels``: one row label per stage (default "stage s");
+    ``recompute``: per stage its remat option ("none", "dots", "full"); the backward boxes of
+    the others are drawn as "backward + recompute"."""
     suffix = Path(path).suffix.lower()
     if suffix not in (".svg", ".png"):
         raise ValueError(f"draw_timeline writes .svg or .png, got {str(path)!r}")
     labels = _labels(timeline, stage_labels)
+    remat = list(recompute) if recompute is not None else ["none"] * timeline.num_stages
+    if len(remat) != timeline.num_stages:
+        raise ValueError(f"recompute needs one option per stage: {len(remat)} given, {timeline.num_stages} stages")
+    kinds = _Kinds(remat)
     if suffix == ".svg":
-        Path(path).write_text(_svg(timeline, labels, _title(timeline, title)), encoding="utf-8")
+        Path(path).write_text(_svg(timeline, labels, _title(timeline, title), kinds), encoding="utf-8")
     else:
-        _png(timeline, labels, _title(timeline, title), path)
+        _png(timeline, labels, _title(timeline, title), path, kinds)
     return str(path)
 
 
-def _svg(timeline: Timeline, labels: list[str], title: str) -> str:
+class _Kinds:
+    """The colour key of each task: "F", "B", or "R" (a backward that recomputes)."""
+
+    def __init__(self, remat: list[str]):
+        self.remat = remat
+
+    def __call__(self, task) -> str:
+        return "R" if task.kind == "B" and self.remat[task.stage] not in ("none", "") else task.kind
+
+    def legend(self) -> tuple[str, ...]:
+        return ("F", "B", "R") if any(r not in ("none", "") for r in self.remat) else ("F", "B")
+
+    def name(self, task) -> str:
+        k = self(task)
+        return KIND_NAMES[k] + (f" ({self.remat[task.stage]})" if k == "R" else "")
+
+
+def _svg(timeline: Timeline, labels: list[str], title: str, kinds: _Kinds) -> str:
     S, makespan = timeline.num_stages, timeline.makespan
     unit, scale = _time_unit(makespan)
     left = 16 + _CHAR_W * max(len(label) for label in labels)
@@ -98,10 +122,10 @@ def _svg(timeline: Timeline, labels: list[str], title: str) -> str:
            f'{escape(title)}</text>']
     # legend
     lx = left
-    for kind in ("F", "B"):
+    for kind in kinds.legend():
         out.append(f'<rect class="legend" x="{lx:.1f}" y="28" width="10" height="10" fill="{COLORS[kind]}"/>')
         out.append(f'<text class="legend" x="{lx + 14:.1f}" y="37">{KIND_NAMES[kind]}</text>')
-        lx += 90
+        lx += 20 + _CHAR_W * len(KIND_NAMES[kind])
     for s, label in enumerate(labels):
         y = row_y(s)
         out.append(f'<rect class="row" x="{left:.1f}" y="{y:.1f}" width="{_PLOT_W}" height="{_ROW_H}" fill="#f2f2f2"/>')
@@ -110,11 +134,12 @@ def _svg(timeline: Timeline, labels: list[str], title: str) -> str:
     for task, start, end in timeline.events:
         y = row_y(task.stage)
         x0, x1 = x(start), x(end)
-        tip = (f"{KIND_NAMES[task.kind]} · stage {task.stage} · micro-batch {task.microbatch} · "
+        tip = (f"{kinds.name(task)} · stage {task.stage} · micro-batch {task.microbatch} · "
                f"{_fmt(start * scale)}–{_fmt(end * scale)} {unit}")
-        out.append(f'<rect class="task {task.kind}" x="{x0:.2f}" y="{y:.1f}" width="{max(x1 - x0, 0.0):.2f}" '
-                   f'height="{_ROW_H}" fill="{COLORS[task.kind]}" stroke="white" stroke-width="0.5">'
-                   f'<title>{escape(tip)}</title></rect>')
+        extra = " recompute" if kinds(task) == "R" else ""
+        out.append(f'<rect class="task {task.kind}{extra}" x="{x0:.2f}" y="{y:.1f}" '
+                   f'width="{max(x1 - x0, 0.0):.2f}" height="{_ROW_H}" fill="{COLORS[kinds(task)]}" stroke="white" '
+                   f'stroke-width="0.5"><title>{escape(tip)}</title></rect>')
         text = str(task.microbatch)
         if x1 - x0 >= _CHAR_W * len(text) + 4:
             out.append(f'<text class="microbatch" x="{(x0 + x1) / 2:.2f}" y="{y + _ROW_H / 2 + 4:.1f}" '
@@ -133,7 +158,7 @@ def _svg(timeline: Timeline, labels: list[str], title: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def _png(timeline: Timeline, labels: list[str], title: str, path) -> None:
+def _png(timeline: Timeline, labels: list[str], title: str, path, kinds: _Kinds) -> None:
     try:
         from matplotlib.figure import Figure
         from matplotlib.patches import Patch
@@ -146,7 +171,7 @@ def _png(timeline: Timeline, labels: list[str], title: str, path) -> None:
     ax = fig.add_subplot()
     for task, start, end in timeline.events:
         x0, w = start * scale, (end - start) * scale
-        ax.barh(task.stage, w, left=x0, height=0.8, color=COLORS[task.kind], edgecolor="white", linewidth=0.5)
+        ax.barh(task.stage, w, left=x0, height=0.8, color=COLORS[kinds(task)], edgecolor="white", linewidth=0.5)
     fig.canvas.draw()  # renderer for measuring the label width
     width_px = ax.get_window_extent().width
     span = makespan * scale if makespan > 0 else 1.0
@@ -160,6 +185,6 @@ def _png(timeline: Timeline, labels: list[str], title: str, path) -> None:
     ax.set_xlim(0, span)
     ax.set_xlabel(f"time ({unit})")
     ax.set_title(title)
-    ax.legend(handles=[Patch(color=COLORS[k], label=KIND_NAMES[k]) for k in ("F", "B")],
+    ax.legend(handles=[Patch(color=COLORS[k], label=KIND_NAMES[k]) for k in kinds.legend()],
               loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     fig.savefig(path, dpi=120)

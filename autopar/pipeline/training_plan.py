@@ -147,8 +147,9 @@ class TrainingPlan(_Document):
         """Draw the pipeline schedule per stage/devices to ``path`` (.svg or .png)."""
         from .timeline import draw_timeline
         labels = [f"stage {s.index} · devices {s.devices[0]}-{s.devices[-1]} "
-                  f"{'×'.join(map(str, s.plan.mesh_shape))}" for s in self.stages]
-        return draw_timeline(self.simulate(), path, stage_labels=labels,
+                  f"{'×'.join(map(str, s.plan.mesh_shape))}" + (f" · remat {s.remat}" if s.remat != "none" else "")
+                  for s in self.stages]
+        return draw_timeline(self.simulate(), path, stage_labels=labels, recompute=[s.remat for s in self.stages],
                              title=f"{self.function}: {self.num_stages} stage(s), {self.num_microbatches} "
                                    f"micro-batches, {self.schedule}")
 
