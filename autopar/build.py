@@ -18,7 +18,8 @@ from autopar.cost import MeshModel
 from autopar.solvers import Problem
 
 from .build_edges import Operand, ReshardCache, match_donations, operand_edges, rematerialized, tie_edges
-from .build_nodes import node_strategies, node_terms, restrict_inputs, transient_usages
+from .build_nodes import TIEBREAK_US_PER_BYTE, node_strategies, node_terms, restrict_inputs, transient_usages
+from .build_shared import materialize_usages
 from .graph import OpGraph
 from .repeats import Tied, find_repeats, tie
 from .strategies import Strategy
@@ -40,6 +41,7 @@ class IntraProblem:
     carried: list = field(default_factory=list)  # (input, output) pairs a loop feeds back
     aliases: list = field(default_factory=list)  # (input, output) pairs of donated buffers
     rematerialized: frozenset = frozenset()  # constant broadcasts: recomputed per consumer layout, reshards free
+    materialize: tuple = ()  # build_shared.Materialize: solver nodes after the graph's
 
     @property
     def problem(self) -> Problem:
@@ -47,7 +49,22 @@ class IntraProblem:
 
     def expand(self, choice) -> tuple[int, ...]:
         """A solution of ``problem`` → one strategy index per graph node."""
+        return self.tied.expand(choice)[:len(self.graph.nodes)]
+
+    def expand_full(self, choice) -> tuple[int, ...]:
+        """A solution of ``problem`` → one strategy index per node of ``full`` (the graph's,
+        then the Materialize nodes')."""
         return self.tied.expand(choice)
+
+    def materialized(self, choice) -> dict[int, tuple]:
+        """{value id: the spec it is converted into once after it is produced} of a solution."""
+        full, n = self.tied.expand(choice), len(self.graph.nodes)
+        out = {}
+        for k, m in enumerate(self.materialize):
+            spec = m.spec_of(full[n + k])
+            if spec is not None:
+                out[m.value.id] = spec
+        return out
 
     def with_budget(self, memory_budget_bytes: float | None) -> "IntraProblem":
         """The same problem under another memory budget (nothing else depends on it)."""
@@ -124,15 +141,36 @@ def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float
     remat = rematerialized(graph)
     edges = operand_edges(graph, mesh, strats, cache, remat=remat, allowed_reshard=allowed_reshard)
     edges = tie_edges(graph, mesh, strats, cache, edges, aliases=aliases, carried=carried)
-    full = Problem(nodes.costs, nodes.usages, nodes.intervals, edges.pairs, edges.costs,
+    mats, n = edges.materialize, len(graph.nodes)  # Materialize nodes come after the graph's
+    m_use = [materialize_usages(m, mesh) for m in mats]
+    m_live = [(nodes.intervals[m.producer][0], graph.last_use(m.value.id) + 1 if graph.nodes[m.producer].kind == "input"
+               else nodes.intervals[m.producer][1]) for m in mats]
+    full = Problem(nodes.costs + [u * TIEBREAK_US_PER_BYTE for u in m_use], nodes.usages + m_use,
+                   nodes.intervals + m_live, edges.pairs + [(v, n + k) for v, k, _ in edges.materialize_edges],
+                   edges.costs + [m for _, _, m in edges.materialize_edges],
                    usage_limit=memory_budget_bytes, name=f"mesh{mesh.shape}",
                    extra_usages=transient_usages(graph, strats))
-    tied = tie(full, _tie_groups(graph, strats, signatures, tie_repeats=tie_repeats, restricted=allowed is not None))
+    rep = _tie_groups(graph, strats, signatures, tie_repeats=tie_repeats, restricted=allowed is not None)
+    tied = tie(full, rep + _tie_materialize(rep, mats, n))
     stats = {"aliases": len(aliases), "carried": len(carried), "nodes": len(graph.nodes), "edges": len(edges.pairs),
+             "materialize": len(mats),
              "strategies": int(sum(len(s) for s in strats)), "edge_matrix_cache": len(edges.matrix_keys),
              "solver_nodes": tied.problem.num_nodes, "solver_edges": tied.problem.num_edges}
     return IntraProblem(graph, mesh, strats, nodes.compute_s, nodes.comm_s, fallbacks, edges.pairs, edges.operands,
-                        full, tied, stats, carried=list(carried), aliases=aliases, rematerialized=remat)
+                        full, tied, stats, carried=list(carried), aliases=aliases, rematerialized=remat,
+                        materialize=mats)
+
+
+def _tie_materialize(rep: list[int], mats, n: int) -> list[int]:
+    """The solver node each Materialize node copies: the one of the same output of its
+    producer's representative, where that has the same strategies (else itself)."""
+    where = {(m.producer, m.out_index): k for k, m in enumerate(mats)}
+    out = []
+    for k, m in enumerate(mats):
+        r = where.get((rep[m.producer], m.out_index))
+        same = r is not None and mats[r].sources == m.sources and mats[r].specs == m.specs
+        out.append(n + (r if same else k))
+    return out
 
 
 def _tie_groups(graph: OpGraph, strats, signatures, *, tie_repeats: bool, restricted: bool) -> list[int]:

@@ -13,6 +13,7 @@ import numpy as np
 from autopar.cost import MeshModel, resharding
 
 from .build_nodes import US
+from .build_shared import materialize_terms, shared_values
 from .graph import OpGraph, is_constant_broadcast
 from .trace import Lit, Value
 
@@ -58,6 +59,10 @@ class Edges:
     costs: list[np.ndarray]             # µs, producer strategies × consumer strategies
     operands: list[list[Operand]]       # what each consumer reads ([] for a tie)
     matrix_keys: frozenset              # the reshard matrices used
+    # values read through a Materialize node (``build_shared``; their operands cost nothing on
+    # ``costs``) and its edges: (graph node, Materialize index, graph strategies × its strategies)
+    materialize: tuple = ()
+    materialize_edges: tuple = ()
 
 
 def match_donations(graph: OpGraph, donated_inputs) -> list[tuple[int, int]]:
@@ -84,9 +89,11 @@ def rematerialized(graph: OpGraph) -> frozenset[int]:
 
 
 def operand_edges(graph: OpGraph, mesh: MeshModel, strats, cache: ReshardCache, *, remat: frozenset[int],
-                  allowed_reshard=None) -> Edges:
+                  allowed_reshard=None, share: bool = True) -> Edges:
     """One edge per (producer, consumer) pair, its operands grouped; ``allowed_reshard(input,
-    src, dst)`` forbids (∞) conversions of a program input."""
+    src, dst)`` forbids (∞) conversions of a program input (those inputs are not shared).
+    ``share``: values several consumers may read in one converted spec are read through a
+    Materialize node (``autopar.build_shared``) instead of paying the conversion per edge."""
     grouped: dict[tuple[int, int], list[Operand]] = {}
     for node in graph.nodes:
         for k, o in enumerate(node.operands):
@@ -95,10 +102,15 @@ def operand_edges(graph: OpGraph, mesh: MeshModel, strats, cache: ReshardCache, 
             u, j = graph.producer[o.id]
             grouped.setdefault((u, node.index), []).append(Operand(node.index, k, o, u, j))
     costs, keys = [], set()
+    matrix = lambda value, src, dst: cache.matrix(mesh, value, tuple(src), tuple(dst), keys)  # noqa: E731
+    skip = set(remat) | ({n.index for n in graph.nodes if n.kind == "input"} if allowed_reshard is not None else set())
+    shared = shared_values(graph, strats, grouped, skip, _costly(graph, strats, matrix)) if share else {}
     for (u, v), ops in grouped.items():
         mat = np.zeros((len(strats[u]), len(strats[v])))
         for op in ops:
             if u in remat:  # emit recomputes the constant in the consumer's layout
+                continue
+            if op.value.id in shared:  # read through its Materialize node
                 continue
             src = tuple(s.out_specs[op.out_index] for s in strats[u])
             dst = tuple(s.in_specs[op.operand] for s in strats[v])
@@ -110,7 +122,19 @@ def operand_edges(graph: OpGraph, mesh: MeshModel, strats, cache: ReshardCache, 
         if graph.reshard_repeat(v) > 1:  # a reshard inside a scan body happens every iteration
             mat = mat * graph.reshard_repeat(v)
         costs.append(mat)
-    return Edges(list(grouped), costs, list(grouped.values()), frozenset(keys))
+    nodes, links = materialize_terms(graph, mesh, strats, grouped, shared, matrix)
+    return Edges(list(grouped), costs, list(grouped.values()), frozenset(keys), tuple(nodes), tuple(links))
+
+
+def _costly(graph: OpGraph, strats, matrix):
+    """``costly(value id, spec)``: converting the value into ``spec`` costs something from
+    some output spec of its producer."""
+    def costly(vid, spec) -> bool:
+        u, j = graph.producer[vid]
+        src = tuple(dict.fromkeys(s.out_specs[j] for s in strats[u]))
+        col = matrix(graph.program.values[vid], src, (spec,))
+        return bool((col[np.isfinite(col)] > 0).any())
+    return costly
 
 
 def tie_edges(graph: OpGraph, mesh: MeshModel, strats, cache: ReshardCache, edges: Edges, *,
@@ -138,4 +162,4 @@ def tie_edges(graph: OpGraph, mesh: MeshModel, strats, cache: ReshardCache, edge
             pairs.append((i, u))
             costs.append(mat)
             operands.append([])
-    return Edges(pairs, costs, operands, frozenset(keys))
+    return Edges(pairs, costs, operands, frozenset(keys), edges.materialize, edges.materialize_edges)

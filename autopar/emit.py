@@ -61,11 +61,14 @@ def named(mesh: Mesh, spec_names) -> NamedSharding:
     return NamedSharding(mesh, to_pspec(spec_names))
 
 
-def interpret(program: Program, out_specs: dict[int, list], in_specs: dict[tuple[int, int], list], mesh: Mesh):
+def interpret(program: Program, out_specs: dict[int, list], in_specs: dict[tuple[int, int], list], mesh: Mesh,
+              materialized: dict[int, list] | None = None):
     """A function of the flat inputs that replays ``program`` with sharding constraints.
 
     ``out_specs[eqn_index]``: spec (axis names per dim) of each output; ``in_specs[(eqn, k)]``:
-    spec operand k is resharded to before the equation (only where it differs). A constant
+    spec operand k is resharded to before the equation (only where it differs);
+    ``materialized[value]``: a spec the value is converted into once, right after it is
+    produced, for all its readers (``autopar.build_shared``). A constant
     broadcast (``graph.is_constant_broadcast``) is not resharded but recomputed in that spec.
     An expanded scan (``trace.Region``) is replayed as a ``lax.scan`` whose body carries its
     equations' constraints, so the loop stays a loop (compile time does not grow with the
@@ -74,8 +77,14 @@ def interpret(program: Program, out_specs: dict[int, list], in_specs: dict[tuple
     wsc = jax.lax.with_sharding_constraint
     constants = {e.outputs[0]: e for e in program.eqns if is_constant_broadcast(e)}
 
+    shared = materialized or {}
+
     def constrain(val, spec):
         return wsc(val, named(mesh, spec)) if spec is not None and hasattr(val, "shape") else val
+
+    def produced(vid, val, spec):
+        """``val`` as value ``vid`` is kept: in its spec, then in its shared spec if any."""
+        return constrain(constrain(val, spec), shared.get(vid))
 
     def operand(i, k, x, env):
         spec = in_specs.get((i, k))
@@ -113,7 +122,7 @@ def interpret(program: Program, out_specs: dict[int, list], in_specs: dict[tuple
             outs = jax.shard_map(bind, mesh=mesh, in_specs=(pspec,) * len(ins),
                                  out_specs=(pspec,) * len(eqn.outputs))(*ins)
         for k, (o, val) in enumerate(zip(eqn.outputs, outs)):
-            env[o] = constrain(val, out_spec(i, k))
+            env[o] = produced(o, val, out_spec(i, k))
 
     def run_block(block, env, depth, group=None):
         pos = 0
@@ -173,9 +182,9 @@ def interpret(program: Program, out_specs: dict[int, list], in_specs: dict[tuple
         def step(carry, x):
             benv = dict(env)  # the body reads outer values (the scan's consts) by closure
             for (i, e), c in zip(carry_in, carry):
-                benv[e.outputs[0]] = constrain(c, out_spec(i))
+                benv[e.outputs[0]] = produced(e.outputs[0], c, out_spec(i))
             for (i, e), v in zip(slices, x):
-                benv[e.outputs[0]] = constrain(v, out_spec(i))
+                benv[e.outputs[0]] = produced(e.outputs[0], v, out_spec(i))
             run_block(body, benv, depth, group)
             # the next iteration's carry, and the final one, keep the carry's layout (graph.ties)
             new = [constrain(typed(raw(e.inputs[0], benv), e), out_spec(j))
@@ -184,10 +193,10 @@ def interpret(program: Program, out_specs: dict[int, list], in_specs: dict[tuple
 
         final, ys = jax.lax.scan(step, init, xs, length=region.length, reverse=region.reverse, unroll=region.unroll)
         for (i, e), val in zip(carry_out + stacks, final + ys):
-            env[e.outputs[0]] = constrain(val, out_spec(i))
+            env[e.outputs[0]] = produced(e.outputs[0], val, out_spec(i))
 
     def run(*flat_args):
-        env = dict(zip(program.invars, flat_args))
+        env = {v: produced(v, x, None) for v, x in zip(program.invars, flat_args)}
         env.update(program.consts)
         run_block(list(enumerate(program.eqns)), env, 0)
         return [raw(x, env) for x in program.outvars]

@@ -8,6 +8,7 @@ from __future__ import annotations
 from autopar import solvers
 from autopar.cost import resharding, shard_factor
 
+from .build_edges import Operand
 from .explain_leaf import leaf_paths, short_source
 from .explanation import Alternative, Cause, ExplainError, _bytes
 from .report import _time
@@ -66,8 +67,9 @@ def _plan_choice(ip, plan, program, leaf: int):
                             continue
                         o = node.operands[k]
                         u, j = graph.producer[o.id]
-                        src = chosen[u].out_specs[j]
-                        if _spec_names(sp, names) != e.reshard_inputs.get(k, _spec_names(src, names)):
+                        src = _spec_names(chosen[u].out_specs[j], names)
+                        src = plan.materialized.get(o.id, src)  # read from its shared conversion
+                        if _spec_names(sp, names) != e.reshard_inputs.get(k, src):
                             return False
                     return True
                 cands = [s for s in cands if reads(s)] or cands
@@ -165,12 +167,30 @@ def compare(plan, ip, program, index, sol, top, title) -> tuple[Alternative, set
         if cb != ca:
             add(v, node.name, ca - cb, f"{node.name} itself (compute + collectives)",
                 _describe_op(ip, v, b, names, cb), _describe_op(ip, v, a, names, ca))
+    # values converted once after they are produced (autopar.build_shared): their readers
+    # convert from that spec; the conversion itself is the producer's
+    mat_b = {int(vid): tuple(tuple(names.index(a) for a in axes) for axes in spec)
+             for vid, spec in plan.materialized.items()}
+    mat_a = ip.materialized(sol.choice)
+    for m in ip.materialize:
+        vid, u, j = m.value.id, m.producer, m.out_index
+        if mat_b.get(vid) == mat_a.get(vid) and before[u] is after[u]:
+            continue
+        op = Operand(u, 0, m.value, u, j)
+        (cb, pb), (ca, pa) = [_edge_cost(mesh, op, x[u].out_specs[j], mt.get(vid))
+                              for x, mt in ((before, mat_b), (after, mat_a))]
+        if cb != ca:  # charged where its first reader is: the reason it is converted
+            r = min(n for n, _ in graph.consumers[vid])
+            name = graph.nodes[r].name
+            add(r, name, ca - cb, f"reshard {_node_label(graph, u, paths)} → {name} (once, for all its readers)",
+                _describe_reshard(op, before[u].out_specs[j], mat_b.get(vid), names, cb, pb),
+                _describe_reshard(op, after[u].out_specs[j], mat_a.get(vid), names, ca, pa))
     for (u, v), ops in zip(ip.edges, ip.edge_operands):
-        if before[u] is after[u] and before[v] is after[v]:
+        if before[u] is after[u] and before[v] is after[v] and not (mat_a or mat_b):
             continue
         for op in ops:
-            sb, db = before[u].out_specs[op.out_index], before[v].in_specs[op.operand]
-            sa, da = after[u].out_specs[op.out_index], after[v].in_specs[op.operand]
+            sb, db = mat_b.get(op.value.id, before[u].out_specs[op.out_index]), before[v].in_specs[op.operand]
+            sa, da = mat_a.get(op.value.id, after[u].out_specs[op.out_index]), after[v].in_specs[op.operand]
             (cb, pb), (ca, pa) = _edge_cost(mesh, op, sb, db), _edge_cost(mesh, op, sa, da)
             if cb != ca:
                 name = graph.nodes[v].name
@@ -202,7 +222,7 @@ def compare(plan, ip, program, index, sol, top, title) -> tuple[Alternative, set
         if i != index and before[i].out_specs[0] != after[i].out_specs[0]:
             changed.append(f"{paths[i]}: {pspec(_spec_names(before[i].out_specs[0], names))} → "
                            f"{pspec(_spec_names(after[i].out_specs[0], names))}")
-    _, _, peak = solvers.evaluate(ip.full, after_idx)
+    _, _, peak = solvers.evaluate(ip.full, ip.expand_full(sol.choice))
     leaf_spec = after[index].out_specs[0]
     layout = [(p, c.where) for c in costlier[:3] for p in c.primitives[:2] if p in _LAYOUT_PRIMS]
     return Alternative(

@@ -143,6 +143,9 @@ class Plan(_Document):
     # (flat input leaf, flat output leaf) pairs a loop feeds back: donated pairs and those
     # autopar.carry.carried_pairs matches by path
     carried: list[list[int]] = []
+    # values (traced program's value ids) converted once into this spec right after they are
+    # produced, where several readers want it (autopar.build_shared); left out when empty
+    materialized: dict[int, SpecNames] = Field(default_factory=dict, exclude_if=lambda v: not v)
     timing: Timing = Timing()
     # who chose the shardings: "autopar", or a hand-written baseline of autopar.baselines
     # ("data_parallel", "fsdp", "megatron", "dp_tp"); left out of the JSON when "autopar"

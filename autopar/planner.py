@@ -252,10 +252,18 @@ def assemble_plan(fn, program, ip: IntraProblem, sol, spec: ClusterSpec, nodes: 
             colls.append(CollectiveCost(kind=kind, axes=[names[a] for a in axes], bytes=nbytes * r,
                                         time_s=collective_time(mesh, kind, axes, nbytes) * r, where=_where(graph, v)))
     reshard: dict[int, dict[int, list]] = {}
+    mat = ip.materialized(sol.choice)  # value → the spec it is converted into once (build_shared)
+    for vid, into in sorted(mat.items()):
+        u, j = graph.producer[vid]
+        value, r = program.values[vid], graph.nodes[u].repeat
+        for kind, axes, nbytes in resharding(mesh, value.shape, value.itemsize, chosen[u].out_specs[j], into)[1]:
+            colls.append(CollectiveCost(kind=kind, axes=[names[a] for a in axes], bytes=nbytes * r,
+                                        time_s=collective_time(mesh, kind, axes, nbytes) * r,
+                                        where=f"reshard {_where(graph, u)} (shared by its readers)"))
     done = set()  # XLA reshards a value once per target spec, however many consumers want it
     for (u, v), ops in zip(ip.edges, ip.edge_operands):
         for op in ops:
-            src = chosen[u].out_specs[op.out_index]
+            src = mat.get(op.value.id, chosen[u].out_specs[op.out_index])
             dst = chosen[v].in_specs[op.operand]
             if dst is None or src == dst:
                 continue
@@ -275,7 +283,7 @@ def assemble_plan(fn, program, ip: IntraProblem, sol, spec: ClusterSpec, nodes: 
     for kind in sorted({c.kind for c in colls}):
         cs = [c for c in colls if c.kind == kind]
         by_kind[kind] = KindTotal(count=len(cs), bytes=sum(c.bytes for c in cs), time_s=sum(c.time_s for c in cs))
-    _, _, peak = solvers.evaluate(ip.full, choice)
+    _, _, peak = solvers.evaluate(ip.full, ip.expand_full(sol.choice))
     in_specs = [chosen[v].out_specs[0] for v in range(len(program.invars))]
     loop_s = 0.0  # fed-back outputs whose layout differs from their input's: resharded by apply
     for i, k in ip.carried:
@@ -320,6 +328,7 @@ def assemble_plan(fn, program, ip: IntraProblem, sol, spec: ClusterSpec, nodes: 
         predicted=predicted, solver=stats, mesh_candidates=candidates, fallbacks=fallbacks,
         donated_inputs=list(donated), timing=timing,
         carried=sorted(list(p) for p in ip.aliases + ip.carried),
+        materialized={vid: _names(into, names) for vid, into in sorted(mat.items())},
         strategy_name=strategy_name)
     plan._in_treedef, plan._out_treedef = program.in_tree, program.out_tree
     return plan

@@ -78,7 +78,7 @@ class ShardedFunction:
             raise PlanMismatchError(mismatch_message(self.plan, program, self._in_paths))
         out_specs = {e.index: e.out_specs for e in self.plan.eqns}
         in_specs = {(e.index, k): s for e in self.plan.eqns for k, s in e.reshard_inputs.items()}
-        body = interpret(program, out_specs, in_specs, self.mesh)
+        body = interpret(program, out_specs, in_specs, self.mesh, materialized=self.plan.materialized)
         out_shardings = [named(self.mesh, s if s is not None else []) for s in self.plan.output_specs_flat]
         jitted = jax.jit(body, in_shardings=self.in_shardings, out_shardings=out_shardings,
                          donate_argnums=tuple(self.plan.donated_inputs))
