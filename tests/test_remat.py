@@ -43,10 +43,10 @@ XS = jax.random.normal(jax.random.PRNGKey(2), (2048, 128))
 
 @pytest.mark.parametrize("mesh", [(8,), (2, 4)])
 def test_remat_step_memory_is_predicted_within_15_percent(mesh, devices8):
-    peaks = {}
+    peaks, plans = {}, {}
     for f in (fwd_plain, fwd_remat, fwd_dots):
         step = sgd(f)
-        plan = autopar.plan(step, WS, XS, cluster=CLUSTER, mesh_shape=mesh)
+        plans[f.__name__] = plan = autopar.plan(step, WS, XS, cluster=CLUSTER, mesh_shape=mesh)
         v = plan.validate(WS, XS)
         assert abs(v.predicted_peak_bytes / v.compiled_peak_bytes - 1) <= 0.15, (f.__name__, v.table())
         got, want = plan.apply(step)(WS, XS), jax.jit(step)(WS, XS)
@@ -55,8 +55,12 @@ def test_remat_step_memory_is_predicted_within_15_percent(mesh, devices8):
         peaks[f.__name__] = v.compiled_peak_bytes
     if barriers_survive_cse(jax.default_backend()):
         assert peaks["fwd_remat"] < peaks["fwd_plain"], peaks
-    else:  # XLA:CPU undoes the remat: the same program, the same peak
-        assert peaks["fwd_remat"] == peaks["fwd_dots"] == peaks["fwd_plain"], peaks
+    else:  # XLA:CPU undoes the remat: the same plan compiles to the same program, the same peak
+        assert peaks["fwd_remat"] == peaks["fwd_dots"], peaks
+        # (the plain step may differ in plan: values a checkpoint group reads are never shared,
+        # autopar.build_edges.checkpointed_values; where it shares none, its peak is the same too)
+        if not plans["fwd_plain"].materialized:
+            assert peaks["fwd_remat"] == peaks["fwd_plain"], peaks
 
 
 def test_the_memory_model_follows_the_clusters_compiler(devices8):
