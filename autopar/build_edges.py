@@ -104,7 +104,7 @@ def operand_edges(graph: OpGraph, mesh: MeshModel, strats, cache: ReshardCache, 
     costs, keys = [], set()
     matrix = lambda value, src, dst: cache.matrix(mesh, value, tuple(src), tuple(dst), keys)  # noqa: E731
     skip = set(remat) | ({n.index for n in graph.nodes if n.kind == "input"} if allowed_reshard is not None else set())
-    skip |= checkpointed_values(graph)
+    skip |= unshared_producers(graph)
     shared = shared_values(graph, strats, grouped, skip, _costly(graph, strats, matrix)) if share else {}
     for (u, v), ops in grouped.items():
         mat = np.zeros((len(strats[u]), len(strats[v])))
@@ -127,15 +127,17 @@ def operand_edges(graph: OpGraph, mesh: MeshModel, strats, cache: ReshardCache, 
     return Edges(list(grouped), costs, list(grouped.values()), frozenset(keys), tuple(nodes), tuple(links))
 
 
-def checkpointed_values(graph: OpGraph) -> set[int]:
-    """Producers of values a ``jax.checkpoint`` group makes or reads: not shared. The group's
-    recomputation reads them again through optimization barriers; with a shared conversion
-    in between, XLA:CPU no longer merged the recomputation with the forward pass (measured:
-    tests/test_remat.py on (2, 4), compiled all-gathers 5.24 MB vs 1.84 MB predicted and a
-    peak 37 % above the prediction)."""
+def unshared_producers(graph: OpGraph) -> set[int]:
+    """Producers of values a ``jax.checkpoint`` group or a scan body makes or reads: not
+    shared (straight-line code only). A checkpoint group's recomputation reads them again
+    through optimization barriers, and with a shared conversion in between XLA:CPU no longer
+    merged the recomputation with the forward pass (tests/test_remat.py on (2, 4): compiled
+    all-gathers 5.24 MB vs 1.84 MB predicted, peak 37 % above the prediction); across a scan
+    boundary XLA converted a value shared outside the loop again in every iteration
+    (tests/test_scan.py: compiled all-gathers 4× the predicted)."""
     out = set()
     for node in graph.nodes:
-        if node.eqn is None or node.eqn.remat is None:
+        if node.eqn is None or (node.eqn.remat is None and not node.eqn.scope):
             continue
         out.add(node.index)
         for x in node.operands:
