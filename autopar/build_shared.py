@@ -56,7 +56,8 @@ class Materialize:
 def shared_values(graph: OpGraph, strats, grouped, skip, costly) -> dict[int, tuple]:
     """{value id: specs ≥ 2 of its consumer operands may ask for and that cost something to
     convert into from some output spec of the producer (``costly(value, spec)``)}; values of
-    producers in ``skip`` are left to the pairwise edges."""
+    producers in ``skip`` and program outputs (returned in the producer's spec: a shared copy
+    would be converted back) are left to the pairwise edges."""
     asks: dict[int, list[set]] = {}
     for (u, v), ops in grouped.items():
         if u in skip:
@@ -65,7 +66,7 @@ def shared_values(graph: OpGraph, strats, grouped, skip, costly) -> dict[int, tu
             asks.setdefault(op.value.id, []).append({s.in_specs[op.operand] for s in strats[v]} - {None})
     out = {}
     for vid, wants in asks.items():
-        if len(wants) < 2:
+        if len(wants) < 2 or vid in graph.output_values:  # an output leaves in its producer's spec
             continue
         seen, twice = set(), set()
         for w in wants:
