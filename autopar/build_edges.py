@@ -123,7 +123,7 @@ def operand_edges(graph: OpGraph, mesh: MeshModel, strats, cache: ReshardCache, 
         if graph.reshard_repeat(v) > 1:  # a reshard inside a scan body happens every iteration
             mat = mat * graph.reshard_repeat(v)
         costs.append(mat)
-    nodes, links = materialize_terms(graph, mesh, strats, grouped, shared, matrix)
+    nodes, links = materialize_terms(graph, strats, grouped, shared, matrix)
     return Edges(list(grouped), costs, list(grouped.values()), frozenset(keys), tuple(nodes), tuple(links))
 
 

@@ -48,10 +48,6 @@ class Materialize:
         k = strategy - len(self.sources)
         return self.specs[k] if k >= 0 else None
 
-    @property
-    def num_strategies(self) -> int:
-        return len(self.sources) + len(self.specs)
-
 
 def shared_values(graph: OpGraph, strats, grouped, skip, costly) -> dict[int, tuple]:
     """{value id: specs ≥ 2 of its consumer operands may ask for and that cost something to
@@ -78,13 +74,13 @@ def shared_values(graph: OpGraph, strats, grouped, skip, costly) -> dict[int, tu
     return out
 
 
-def materialize_terms(graph: OpGraph, mesh, strats, grouped, shared: dict, matrix) -> tuple[list, list]:
+def materialize_terms(graph: OpGraph, strats, grouped, shared: dict, matrix) -> tuple[list, list]:
     """The :class:`Materialize` nodes of ``shared`` and their edges as (graph node, node k,
     matrix: graph node strategies × node k strategies); ``matrix(value, src specs, dst specs)``
     is the µs reshard matrix (``ReshardCache.matrix``)."""
     nodes, links = [], []
     readers: dict[int, list] = {}
-    for (_, _), ops in grouped.items():
+    for ops in grouped.values():
         for op in ops:
             if op.value.id in shared:
                 readers.setdefault(op.value.id, []).append(op)
