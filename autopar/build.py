@@ -135,7 +135,8 @@ def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float
     if allowed is not None:
         strats = restrict_inputs(graph, strats, allowed)
     aliases = match_donations(graph, donated_inputs)
-    nodes = node_terms(graph, mesh, strats, signatures, donated_nodes={i for i, _ in aliases},
+    aliased = frozenset(graph.program.outvars[k] for _, k in aliases)
+    nodes = node_terms(graph, mesh, strats, signatures, donated_nodes={i for i, _ in aliases}, aliased_outputs=aliased,
                        input_usage_scale=input_usage_scale)
     cache = reshard_cache if reshard_cache is not None else ReshardCache()
     remat = rematerialized(graph)

@@ -72,13 +72,14 @@ def restrict_inputs(graph: OpGraph, strats, allowed) -> list:
 
 
 def node_terms(graph: OpGraph, mesh: MeshModel, strats, signatures, *, donated_nodes: set[int],
-               input_usage_scale=None, platform: str | None = None) -> NodeTerms:
+               aliased_outputs: frozenset = frozenset(), input_usage_scale=None,
+               platform: str | None = None) -> NodeTerms:
     """Costs and memory of every node; ``input_usage_scale`` {input: k} counts k bytes per
     byte of that input, donated inputs are free after their last read. ``platform`` (default:
     the cluster's device kind, ``mesh.device_kind``: the compiler the plan is made for)
     decides whether XLA undoes ``jax.checkpoint`` (:func:`remat_cse`)."""
     view = memory_view(graph, platform or mesh.device_kind)
-    fused = view.free
+    fused = view.free | written_into_outputs(graph, view, aliased_outputs)
     comp_all, comm_all, costs, usages = [], [], [], []
     cost_cache: dict = {}
     for node, ss, sig in zip(graph.nodes, strats, signatures):
@@ -95,7 +96,7 @@ def node_terms(graph: OpGraph, mesh: MeshModel, strats, signatures, *, donated_n
         comm_all.append(comm)
         costs.append((comp + comm) * US + use * TIEBREAK_US_PER_BYTE)
         usages.append(use)
-    return NodeTerms(comp_all, comm_all, costs, usages, live_intervals(graph, donated_nodes, view.ends))
+    return NodeTerms(comp_all, comm_all, costs, usages, live_intervals(graph, donated_nodes, view.ends, aliased_outputs))
 
 
 def _op_costs(node, strats, mesh):
@@ -120,11 +121,17 @@ def _op_costs(node, strats, mesh):
     return comp, comm, use
 
 
-def live_intervals(graph: OpGraph, donated_nodes: set[int], ends: dict[int, int] | None = None) -> list[tuple[int, int]]:
+def live_intervals(graph: OpGraph, donated_nodes: set[int], ends: dict[int, int] | None = None,
+                   aliased_outputs: frozenset = frozenset()) -> list[tuple[int, int]]:
     """[born, last use + 1) per node; program inputs live all step (``len(nodes) + 1``)
-    unless donated (then until their last read). ``ends``: {value: last use} where XLA reads a
-    value later than its jaxpr consumers (``MemoryView.ends``)."""
+    unless donated (then until their last read). A program output's buffer is reserved all
+    step too (XLA allocates entry outputs apart from the reused temporaries: the zoo's tiny
+    unrolled AdamW steps were predicted 16–24 % low when outputs counted from their birth), but
+    one aliased to a donated input (``aliased_outputs``, value ids) takes over that input's
+    buffer. ``ends``: {value: last use} where XLA reads a value later than its jaxpr consumers
+    (``MemoryView.ends``)."""
     n, out = len(graph.nodes), []
+    aliased = aliased_outputs or frozenset()
     last = (lambda v: ends.get(v, graph.last_use(v))) if ends else graph.last_use
     for node in graph.nodes:
         if node.kind == "input" and node.index not in donated_nodes:
@@ -133,7 +140,38 @@ def live_intervals(graph: OpGraph, donated_nodes: set[int], ends: dict[int, int]
             out.append((0, last(node.outputs[0].id) + 1))
         else:
             end = max(last(v.id) for v in node.outputs)
-            out.append((graph.born(node), end + 1))
+            reserved = any(v.id in graph.output_values and v.id not in aliased for v in node.outputs)
+            out.append((0 if reserved else graph.born(node), end + 1))
+    return out
+
+
+def written_into_outputs(graph: OpGraph, view: MemoryView, aliased_outputs: frozenset = frozenset()) -> set[int]:
+    """Nodes whose buffer becomes a program output's: an elementwise op making a (not aliased)
+    output writes it in place over an operand of the same shape and dtype that dies there
+    (XLA fuses the chain or shares the buffer), and so on up an elementwise chain, so those
+    operands live in the output's allocation, reserved all step (:func:`live_intervals`):
+    e.g. the gradients an SGD update ``p - lr·g`` overwrites."""
+    from .strategies.elementwise import ELEMENTWISE
+    last = lambda v: view.ends.get(v, graph.last_use(v))  # noqa: E731
+    out = set()
+    for node in graph.nodes:
+        if node.name not in ELEMENTWISE or len(node.outputs) != 1:
+            continue
+        o = node.outputs[0]
+        if o.id not in graph.output_values or o.id in aliased_outputs:
+            continue
+        reader = node
+        while reader is not None:  # one operand's buffer per op of the chain
+            nxt = None
+            for x in reader.operands:
+                if not hasattr(x, "id") or x.shape != o.shape or str(x.dtype) != str(o.dtype):
+                    continue
+                u = graph.nodes[graph.producer[x.id][0]]
+                if u.kind == "eqn" and x.id not in graph.output_values and last(x.id) == reader.index:
+                    out.add(u.index)
+                    nxt = u if u.name in ELEMENTWISE and len(u.outputs) == 1 else None
+                    break
+            reader = nxt
     return out
 
 
@@ -209,13 +247,21 @@ def memory_view(graph: OpGraph, platform: str) -> MemoryView:
       last use moves to the op's last reader.
     * :func:`remat_cse` (XLA:CPU only): a recomputed equation of a ``jax.checkpoint`` is
       merged with the forward one, whose value stays live until the recomputation's readers.
+    * a scan body's value that is stacked into the loop's ys is written into the stacked
+      buffer where it is made (``dynamic-update-slice`` fusion): its own buffer ends at its
+      last other reader; :func:`sliced_in_place` slices hold nothing.
     """
     cse = {} if barriers_survive_cse(platform) else remat_cse(graph)
     merged = frozenset(node.index for node in graph.nodes if node.outputs and all(o.id in cse for o in node.outputs))
     chain = elementwise_fused(graph, cross_remat=not barriers_survive_cse(platform)) - merged
-    free = fused_nodes(graph) | chain | merged
+    free = fused_nodes(graph) | chain | merged | sliced_in_place(graph)
     # a merged equation is gone: it reads nothing; its readers read the forward value
     ends: dict[int, int] = {v: graph.last_use(v, merged) for v in graph.consumers} if merged else {}
+    stacks = frozenset(node.index for node in graph.nodes if node.name == "scan_stack")
+    for node in graph.nodes:  # written into its stacked ys as soon as it is made
+        for o in node.outputs:
+            if o.id not in graph.output_values and any(u in stacks for u, _ in graph.consumers.get(o.id, [])):
+                ends[o.id] = graph.last_use(o.id, merged | stacks)
     end = lambda v: ends.get(v, graph.last_use(v))  # noqa: E731
     for node in reversed(graph.nodes):  # readers come after producers: their ends are final
         if node.index in chain:
@@ -228,6 +274,22 @@ def memory_view(graph: OpGraph, platform: str) -> MemoryView:
             if o.id in cse and read and end(cse[o.id]) < end(o.id):
                 ends[cse[o.id]] = end(o.id)
     return MemoryView(free, ends, cse)
+
+
+def sliced_in_place(graph: OpGraph) -> set[int]:
+    """A scan iteration's slice of its stacked ``xs`` read only by elementwise ops of the body:
+    XLA fuses the dynamic-slice into their loop fusion and reads the stacked buffer in place
+    (a slice a dot reads is copied out: ``dynamic-slice_bitcast_fusion`` in the buffer
+    assignment)."""
+    from .strategies.elementwise import ELEMENTWISE
+    out = set()
+    for node in graph.nodes:
+        if node.name != "scan_slice":
+            continue
+        users = graph.consumers.get(node.outputs[0].id, [])
+        if users and all(graph.nodes[u].name in ELEMENTWISE for u, _ in users):
+            out.add(node.index)
+    return out
 
 
 def remat_cse(graph: OpGraph) -> dict[int, int]:

@@ -129,10 +129,14 @@ def validate_plan(plan, fn, *args, devices=None) -> Validation:
     for c in colls:
         compiled_bytes[c.kind] = compiled_bytes.get(c.kind, 0) + c.bytes
     predicted = {k: t.bytes for k, t in plan.predicted.by_kind.items()}
+    return Validation(predicted, compiled_bytes, plan.predicted.peak_memory_bytes, compiled_peak_bytes(compiled), colls)
+
+
+def compiled_peak_bytes(compiled) -> float:
+    """Per-device footprint of a compiled program (``memory_analysis()``): XLA:CPU's
+    peak_memory_in_bytes leaves out the temporaries; arguments + outputs − aliased + the temp
+    allocation (buffers packed with reuse) is what the device holds."""
     mem = compiled.memory_analysis()
-    # XLA:CPU's peak_memory_in_bytes leaves out the temporaries; arguments + outputs − aliased
-    # + the temp allocation (buffers packed with reuse) is the per-device footprint
     total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
              + mem.temp_size_in_bytes)
-    peak = max(getattr(mem, "peak_memory_in_bytes", 0) or 0, total)
-    return Validation(predicted, compiled_bytes, plan.predicted.peak_memory_bytes, float(peak), colls)
+    return float(max(getattr(mem, "peak_memory_in_bytes", 0) or 0, total))

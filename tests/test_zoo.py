@@ -4,7 +4,8 @@ MoE with lax.top_k routing, a ViT, Llama-3 unrolled and scanned), each an optax 
 step at its tiny size. Every one plans on (2, 4) (one also on (8,)), runs equal to jax.jit
 (loss and the whole optimizer state — first and second moments — at rtol 1e-5; the parameters
 are not compared: AdamW turns float noise on ~zero gradients into ±lr updates, DESIGN.md),
-predicts the compiled program's collective bytes, and reports the ops it replicated."""
+predicts the compiled program's collective bytes and (within 15 %) its peak memory, and
+reports the ops it replicated."""
 import importlib
 
 import jax
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 import autopar
-from autopar.validate import hlo_collectives
+from autopar.validate import compiled_peak_bytes, hlo_collectives
 from conftest import make_cluster
 
 CLUSTER = make_cluster(8)
@@ -49,6 +50,8 @@ def _run(module: str, name: str, mesh_shape):
     np.testing.assert_allclose(float(out[2]), float(ref[2]), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(out[1]), jax.tree.leaves(ref[1]), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    peak = compiled_peak_bytes(compiled)
+    assert abs(plan.predicted.peak_memory_bytes - peak) <= 0.15 * peak, (plan.predicted.peak_memory_bytes, peak)
     return plan, fallbacks, compiled_bytes
 
 
