@@ -26,24 +26,36 @@ ENV_TIMEOUT = "AUTOPAR_TIMEOUT_S"
 
 
 def initialize(coordinator: str, num_processes: int, process_id: int, *, timeout_s: int = 60) -> None:
-    """``jax.distributed.initialize`` with bounded waits (see the module docstring)."""
+    """``jax.distributed.initialize`` with bounded waits (see the module docstring). When not
+    all processes join within ``timeout_s`` this process exits with code 1 and says so."""
     import jax
     if not 0 <= process_id < num_processes:
         raise ValueError(f"process id must be in [0, {num_processes}), got {process_id=}")
     if timeout_s < 1:
         raise ValueError(f"timeout_s must be ≥ 1 second, got {timeout_s=}")
+    joined = threading.Event()
+
+    def watchdog():  # jax's own deadline (a few seconds later) aborts with a terse RPC status
+        if not joined.wait(timeout_s):
+            print(f"autopar: error: process {process_id}: not all {num_processes} processes joined the job at "
+                  f"{coordinator} within {timeout_s} s; start every process with this coordinator address and "
+                  f"number of processes, and process ids 0..{num_processes - 1}", file=sys.stderr, flush=True)
+            os._exit(1)
+    threading.Thread(target=watchdog, daemon=True).start()
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
-                               initialization_timeout=timeout_s, heartbeat_timeout_seconds=timeout_s,
+                               initialization_timeout=timeout_s + 5, heartbeat_timeout_seconds=timeout_s,
                                shutdown_timeout_seconds=timeout_s)
+    joined.set()
 
 
-def initialize_from_env() -> bool:
-    """:func:`initialize` from the ``AUTOPAR_*`` variables; False (nothing done) when unset."""
+def initialize_from_env(*, default_timeout_s: int = 60) -> bool:
+    """:func:`initialize` from the ``AUTOPAR_*`` variables (``AUTOPAR_TIMEOUT_S`` if set, else
+    ``default_timeout_s``); False (nothing done) when ``AUTOPAR_COORDINATOR`` is unset."""
     if ENV_COORDINATOR not in os.environ:
         return False
     try:
         num, pid = int(os.environ[ENV_NUM]), int(os.environ[ENV_ID])
-        timeout_s = int(os.environ.get(ENV_TIMEOUT, "60"))
+        timeout_s = int(os.environ.get(ENV_TIMEOUT, default_timeout_s))
     except (KeyError, ValueError) as err:
         raise ValueError(f"{ENV_COORDINATOR} is set, so {ENV_NUM} and {ENV_ID} must be integers "
                          f"({ENV_TIMEOUT} too, if set): {err}") from None
@@ -59,6 +71,8 @@ def free_port() -> int:
 
 def _pump(proc, rank: int, out) -> None:
     for line in proc.stdout:
+        if line.startswith("[Gloo] Rank "):  # gloo's connection chatter, one line per communicator
+            continue
         out.write(f"[{rank}] {line}" if rank else line)
         out.flush()
 

@@ -18,7 +18,7 @@ arrays (the same values in every process), which each stage puts on its devices.
 the two a leaf is, is decided by the processes of its owner stage and agreed on with one
 small all-gather per step (a process passing a global array where its owners pass host
 values gets a :class:`PlanMismatchError`, raised in every process).
-To read a result everywhere use :func:`to_host`.
+To read a result everywhere use :func:`to_host`; :func:`share_plan` plans once, in process 0.
 """
 from __future__ import annotations
 
@@ -61,6 +61,18 @@ def check_same_plan(tplan) -> None:
             f"(plan digests {[every[p][:4].tobytes().hex() for p in range(every.shape[0])]}); make the plan once "
             "(e.g. in process 0, saved as JSON) or identically in every process (same arguments: planning "
             "is deterministic)")
+
+
+def share_plan(make, cls):
+    """The plan ``make()`` returns in process 0, in every process of the job (as ``cls``:
+    ``TrainingPlan`` or ``Plan``): process 0 plans while the others wait, then its JSON is
+    broadcast (``multihost_utils.broadcast_one_to_all``)."""
+    first = jax.process_index() == 0
+    text = make().to_json().encode() if first else b""
+    n = int(multihost_utils.broadcast_one_to_all(np.int64(len(text)), is_source=first))
+    buf = np.frombuffer(text, np.uint8) if first else np.zeros(n, np.uint8)
+    data = np.asarray(multihost_utils.broadcast_one_to_all(buf, is_source=first))
+    return cls.from_json(data.astype(np.uint8).tobytes().decode())
 
 
 def to_host(tree):
