@@ -7,15 +7,13 @@ jitted ``shard_map`` ``ppermute`` (collective-permute; gloo on CPU, NCCL on GPU)
 union of the two device sets, which every process owning a device of either set calls.
 
 What is moved. Let the receiving sharding ``dst`` give device j of its n_B devices the
-block ``b_j`` of the value. When every ``b_j`` has the same shape, sender device
-i = j mod n_A of the n_A sending devices sends ``b_j`` to device j, in round j // n_A
-(⌈n_B / n_A⌉ rounds, one ppermute each): the value crosses the process boundary
-(replication of ``dst``) times, once per receiving device, each device receiving only its
-block. Before that the senders make the value replicated over their own devices (an
-all-gather inside the sending stage, on its fast links, none when it is replicated
-already) and each slices its blocks. Blocks of unequal shapes (a dimension not divisible by
-its mesh axes): each receiving device gets the whole value, replicated, then a jitted
-reshard on the receiving stage lays it out as ``dst``.
+block ``b_j`` of the value (all of one shape: a ``NamedSharding`` splits a dimension only
+into equal parts). Sender device i = j mod n_A of the n_A sending devices sends ``b_j`` to
+device j, in round j // n_A (⌈n_B / n_A⌉ rounds, one ppermute each): the value crosses the
+process boundary (replication of ``dst``) times, once per receiving device, each device
+receiving only its block. Before that the senders make the value replicated over their own
+devices (an all-gather inside the sending stage, on its fast links, none when it is
+replicated already) and each slices its blocks.
 
 Every process of the union must call the same transfers in the same order (the callers
 follow one deterministic global schedule). The sending and receiving device sets must be
@@ -53,13 +51,10 @@ class _Route:
         a_devs, b_devs = list(src.mesh.devices.flat), list(dst.mesh.devices.flat)
         if set(a_devs) & set(b_devs):
             raise ValueError(f"Transfer needs disjoint device sets; {src} and {dst} share devices")
-        index = dst.devices_indices_map(self.shape)
-        blocks = [tuple(_slice_len(s, n) for s, n in zip(index[d], self.shape)) for d in b_devs]
-        self.even = len(set(blocks)) == 1
-        self.recv = dst if self.even else NamedSharding(dst.mesh, P())
-        self.blk = blocks[0] if self.even else self.shape
-        starts = np.array([[s.start or 0 for s in index[d]] if self.even else [0] * len(self.shape)
-                           for d in b_devs], np.int32).reshape(len(b_devs), len(self.shape))
+        index = dst.devices_indices_map(self.shape)  # (raises IndivisibleError for unequal blocks)
+        self.blk = tuple(_slice_len(s, n) for s, n in zip(index[b_devs[0]], self.shape))
+        starts = np.array([[s.start or 0 for s in index[d]] for d in b_devs], np.int32).reshape(
+            len(b_devs), len(self.shape))
         n_a, n_b = len(a_devs), len(b_devs)
         self.rounds = R = math.ceil(n_b / n_a)
         # sender i's round-r block: receiver j = r·n_A + i (a repeat of its last one past n_B)
@@ -85,7 +80,6 @@ class _Route:
             got = jnp.stack([jax.lax.ppermute(v[:, r], "u", perm) for r, perm in enumerate(perms)])
             return got[jnp.asarray(pick)[jax.lax.axis_index("u")]]
         self.permute = jax.jit(jax.shard_map(permute, mesh=union, in_specs=P("u"), out_specs=P("u")))
-        self.reshard = None if self.even else jax.jit(lambda v: v, out_shardings=dst)
         self.zeros = {d: jax.device_put(np.zeros((1, R) + blk, self.dtype), d) for d in self.local_b}
 
     def __call__(self, x):
@@ -102,9 +96,8 @@ class _Route:
         if not self.local_b:
             return None
         mine = {s.device: s.data for s in out.addressable_shards}
-        y = jax.make_array_from_single_device_arrays(
-            self.shape, self.recv, [mine[d].reshape(self.blk) for d in self.local_b])
-        return y if self.reshard is None else self.reshard(y)
+        return jax.make_array_from_single_device_arrays(
+            self.shape, self.dst, [mine[d].reshape(self.blk) for d in self.local_b])
 
 
 def _slice_len(s: slice, n: int) -> int:

@@ -76,10 +76,11 @@ def share_plan(make, cls):
 
 
 def to_host(tree):
-    """Every leaf as a numpy array in every process (all processes must call it): each
-    contributes the shards it holds, gathered with one all-gather per leaf."""
+    """Every leaf as a numpy array in every process (all processes must call it): each process
+    contributes the shards it holds; one all-gather per dtype (leaves packed) and one for the
+    mask of what each process held."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    out = []
+    bufs, haves = [], []
     for x in leaves:
         buf, have = np.zeros(np.shape(x), x.dtype), np.zeros(np.shape(x), np.uint8)
         if isinstance(x, jax.Array):
@@ -87,11 +88,22 @@ def to_host(tree):
                 buf[s.index], have[s.index] = np.asarray(s.data), 1
         else:
             buf[...], have[...] = np.asarray(x), 1
-        bufs, haves = (np.asarray(a) for a in multihost_utils.process_allgather((buf, have)))
-        if not haves.any(axis=0).all():
-            raise ValueError(f"to_host: parts of a leaf of shape {np.shape(x)} are held by no process")
-        first = haves.argmax(axis=0)[None]  # the first process holding each element
-        out.append(np.take_along_axis(bufs, first, axis=0)[0])
+        bufs.append(buf.ravel())
+        haves.append(have.ravel())
+    dtypes = sorted({b.dtype.str for b in bufs})
+    packed = {d: np.concatenate([b for b in bufs if b.dtype.str == d]) for d in dtypes}
+    mask = np.concatenate(haves) if haves else np.zeros(0, np.uint8)
+    every, masks = (multihost_utils.process_allgather((packed, mask)))
+    masks = np.asarray(masks)
+    if not masks.any(axis=0).all():
+        raise ValueError("to_host: parts of some leaf are held by no process")
+    first = masks.argmax(axis=0)  # per element: the first process holding it
+    out, at, off = [], dict.fromkeys(dtypes, 0), 0
+    for x, b in zip(leaves, bufs):
+        d, n = b.dtype.str, b.size
+        rows = np.asarray(every[d])[:, at[d]:at[d] + n]
+        out.append(rows[first[off:off + n], np.arange(n)].reshape(np.shape(x)))
+        at[d], off = at[d] + n, off + n
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
