@@ -260,13 +260,14 @@ def _run_training(ns, module, fn, args) -> int:
     n_state = len(jax.tree_util.tree_leaves((params, state)))
     carried = [(i, i) for i in range(n_state)]  # (params, state, batch) -> (params, state, loss)
     first = [np.asarray(x) for x in jax.tree_util.tree_leaves((params, state, batch))]
-    want = run_loop(jax.jit(reference), (params, state, batch), carried, ns.steps)
+    lead = jax.process_index() == 0  # (the only process in a one-process run) computes the reference, checks
+    want = run_loop(jax.jit(reference), (params, state, batch), carried, ns.steps) if lead else None
     fetch = None
     if multi:
         from .pipeline.multistep import to_host
         fetch = to_host
     got = run_loop(plan.apply(fn, opt), (params, state, batch), carried, ns.steps, fetch=fetch)
-    if jax.process_index() > 0:  # process 0 reports the check
+    if not lead:
         return 0
     result = compare_loops(got, want, first, carried, rtol=ns.rtol, atol=ns.atol,
                            paths=[f"params/state leaf {k}" for k in range(n_state)] + ["loss"])

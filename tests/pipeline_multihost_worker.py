@@ -7,10 +7,11 @@ params/optimizer state feed back; process 0 writes OUT_DIR/NAME.npz (every outpu
 both steps, read with ``to_host``); every process checks that the params live only on their
 owner stage's devices. CASE "mismatch=A,B": process 0 loads plan A, the others plan B, and
 every process must raise PlanMismatchError. With env DIE_AFTER_STEPS=N process 1 exits (os._exit)
-right after N steps of the first case, to test that the others stop.
+right after N steps of the first case (process DIE_PROCESS if set), to test that the others stop.
 """
 import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -74,18 +75,21 @@ def main(port, pid, nproc, local, out_dir, cases):
         tplan = TrainingPlan.from_json(open(path).read())
         step = tplan.apply(loss_fn, opt)
         state = opt.init(params)
-        outs = []
+        outs, took = [], []
         for t in range(2):
-            if t == die_after and pid == 1:
+            if t == die_after and pid == int(os.environ.get("DIE_PROCESS", "1")):
                 print(f"process {pid}: exiting on purpose", flush=True)
                 os._exit(3)
+            t0 = time.perf_counter()
             params, state, loss = step(params, state, batch)
+            jax.block_until_ready((params, state, loss))
+            took.append(round(time.perf_counter() - t0, 3))
             check_placement(tplan, params, pid)
             outs.append(to_host((params, state, loss)))
         if pid == 0:
             np.savez(os.path.join(out_dir, f"{name}.npz"),
                      *[x for out in outs for x in jax.tree_util.tree_leaves(out)])
-        print(f"process {pid}: {name} done, placement checked, loss {outs[-1][2]}", flush=True)
+        print(f"process {pid}: {name} done, placement checked, loss {outs[-1][2]}, step seconds {took}", flush=True)
     jax.distributed.shutdown()
 
 

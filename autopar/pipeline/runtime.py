@@ -18,7 +18,9 @@ sub-mesh with the shardings of its intra-op plan:
   sharding inside the same executable, once per step.
 
 Activations go forward and their gradients back with ``jax.device_put`` to the receiving
-stage's ``NamedSharding``. Tasks run in the order of the simulated GPipe/1F1B schedule
+stage's ``NamedSharding`` (in a multi-process job, ``autopar.pipeline.multistep`` overrides
+the few hooks saying where a stage runs and how values move: ``_here``, ``_move``,
+``_place_param``, ``_place_opt``, ``_outputs``). Tasks run in the order of the simulated GPipe/1F1B schedule
 (``autopar.pipeline.schedule``). The optimizer state is split per stage by applying
 ``optimizer.init`` to the params with every leaf the stage does not own replaced by
 ``None``; this is exact for per-parameter optimizers (sgd, momentum, adam, adamw, …) and
