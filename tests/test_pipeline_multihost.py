@@ -181,6 +181,24 @@ def test_transfer_moves_values_between_disjoint_device_sets(devices8, shape, src
         np.testing.assert_array_equal(np.asarray(s.data), value[s.index])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.bool_])
+def test_transfer_sends_each_block_once_and_fans_out_bit_exactly(devices8, dtype):
+    devs = jax.devices()
+    a = NamedSharding(make_mesh((2,), ("x",), devs[:2]), P())
+    b = NamedSharding(make_mesh((2, 3), ("a", "b"), devs[2:8]), P("a"))  # 2 blocks, each on 3 devices
+    value = np.array([[-0.0, np.nan], [np.inf, -np.inf], [1e-45, -1.5], [0.0, 3.0]], np.float32).astype(dtype)
+    transfer = Transfer()
+    y = transfer(jax.device_put(value, a), a, b, value.shape, dtype)
+    (route,) = transfer._routes.values()
+    assert route.u_devs == devs[:2] + [devs[2], devs[5]]  # the senders and one head per block
+    hlo = route.permute.lower(jax.ShapeDtypeStruct((4, route.rounds, 2, 2), dtype, sharding=route.union)
+                              ).compile().as_text()
+    assert hlo.count("collective-permute") >= 1 and "{0,2},{1,3}" in hlo.replace(" ", "")
+    for sh in y.addressable_shards:  # every replica bit for bit (-0.0, NaN, denormals)
+        got, want = np.asarray(sh.data), value[sh.index]
+        assert got.tobytes() == np.ascontiguousarray(want).tobytes(), (sh.device, got, want)
+
+
 def test_readme_launcher_command_runs_word_for_word():
     text = (ROOT / "README.md").read_text()
     lines = [ln for ln in text.splitlines() if ln.startswith("autopar run") and "--processes" in ln]

@@ -6,14 +6,17 @@ cross-host device transfers"). :class:`Transfer` moves it with XLA collectives i
 jitted ``shard_map`` ``ppermute`` (collective-permute; gloo on CPU, NCCL on GPU) over the
 union of the two device sets, which every process owning a device of either set calls.
 
-What is moved. Let the receiving sharding ``dst`` give device j of its n_B devices the
-block ``b_j`` of the value (all of one shape: a ``NamedSharding`` splits a dimension only
-into equal parts). Sender device i = j mod n_A of the n_A sending devices sends ``b_j`` to
-device j, in round j // n_A (⌈n_B / n_A⌉ rounds, one ppermute each): the value crosses the
-process boundary (replication of ``dst``) times, once per receiving device, each device
-receiving only its block. Before that the senders make the value replicated over their own
-devices (an all-gather inside the sending stage, on its fast links, none when it is
-replicated already) and each slices its blocks.
+What is moved. The receiving sharding ``dst`` splits the value into n_H distinct blocks
+(all of one shape: a ``NamedSharding`` splits a dimension only into equal parts), each held
+by one or more receiving devices; the first of them in mesh order is the block's head.
+Sender device i of the n_A sending devices sends head q's block to it in round q // n_A when
+i = q mod n_A (⌈n_H / n_A⌉ rounds, one ppermute each): every byte of the value crosses the
+process boundary once, whatever the replication of ``dst``. Before that the senders make the
+value replicated over their own devices (an all-gather inside the sending stage, on its fast
+links; none when it is replicated already) and each slices its blocks. After it, where
+``dst`` replicates a block over some mesh axes, the heads pass it to the other devices of
+their group inside the receiving stage (a psum over those axes of the block's bits, zeros
+from the non-heads: exact for every dtype).
 
 Every process of the union must call the same transfers in the same order (the callers
 follow one deterministic global schedule). The sending and receiving device sets must be
@@ -43,8 +46,8 @@ def empty_array(shape, dtype, sharding) -> jax.Array:
 
 
 class _Route:
-    """The compiled send (on the sender), permute (on the union) and assembly of one
-    (src, dst, shape, dtype)."""
+    """The compiled send (on the senders), permute (senders + one receiver per block) and
+    fan-out (on the receivers) of one (src, dst, shape, dtype)."""
 
     def __init__(self, src: NamedSharding, dst: NamedSharding, shape, dtype):
         self.shape, self.dtype, self.dst = tuple(shape), np.dtype(dtype), dst
@@ -52,52 +55,76 @@ class _Route:
         if set(a_devs) & set(b_devs):
             raise ValueError(f"Transfer needs disjoint device sets; {src} and {dst} share devices")
         index = dst.devices_indices_map(self.shape)  # (raises IndivisibleError for unequal blocks)
-        self.blk = tuple(_slice_len(s, n) for s, n in zip(index[b_devs[0]], self.shape))
-        starts = np.array([[s.start or 0 for s in index[d]] for d in b_devs], np.int32).reshape(
-            len(b_devs), len(self.shape))
-        n_a, n_b = len(a_devs), len(b_devs)
-        self.rounds = R = math.ceil(n_b / n_a)
-        # sender i's round-r block: receiver j = r·n_A + i (a repeat of its last one past n_B)
-        table = np.stack([starts[[min(r * n_a + i, n_b - 1) for r in range(R)]] for i in range(n_a)])
-        self.a_devs, self.b_devs = a_devs, b_devs
+        first: dict = {}  # block → the first receiving device (in mesh order) holding it
+        for d in b_devs:
+            first.setdefault(tuple(s.indices(n) for s, n in zip(index[d], self.shape)), d)
+        heads = list(first.values())
+        self.blk = blk = tuple(_slice_len(s, n) for s, n in zip(index[heads[0]], self.shape))
+        starts = np.array([[s.start or 0 for s in index[d]] for d in heads], np.int32).reshape(
+            len(heads), len(self.shape))
+        n_a, n_h = len(a_devs), len(heads)
+        self.rounds = R = math.ceil(n_h / n_a)
+        # sender i's round-r block: head q = r·n_A + i (a repeat of the last one past n_H)
+        table = np.stack([starts[[min(r * n_a + i, n_h - 1) for r in range(R)]] for i in range(n_a)])
         me = jax.process_index()
+        self.a_devs, self.b_devs, self.u_devs = a_devs, b_devs, a_devs + heads
         self.local_a = [d for d in a_devs if d.process_index == me]
         self.local_b = [d for d in b_devs if d.process_index == me]
+        self.local_u = [d for d in self.u_devs if d.process_index == me]
         axes = tuple(src.mesh.axis_names)
-        blk = self.blk
 
         def cut(x):  # on sender i: its R blocks, (1, R, *blk)
-            i = jax.lax.axis_index(axes)
-            st = jnp.asarray(table)[i]
+            st = jnp.asarray(table)[jax.lax.axis_index(axes)]
             return jnp.stack([jax.lax.dynamic_slice(x, tuple(st[r]), blk) for r in range(R)])[None]
         self.send = jax.jit(jax.shard_map(cut, mesh=src.mesh, in_specs=P(), out_specs=P(axes)))
-        union = Mesh(np.array(a_devs + b_devs), ("u",))
-        self.union = NamedSharding(union, P("u"))
-        perms = [[(j % n_a, n_a + j) for j in range(n_b) if j // n_a == r] for r in range(R)]
-        pick = np.array([0] * n_a + [j // n_a for j in range(n_b)], np.int32)
+        self.union = NamedSharding(Mesh(np.array(self.u_devs), ("u",)), P("u"))
+        perms = [[(q % n_a, n_a + q) for q in range(n_h) if q // n_a == r] for r in range(R)]
+        pick = np.array([0] * n_a + [q // n_a for q in range(n_h)], np.int32)
 
-        def permute(v):  # (1, R, *blk) → (1, *blk): receiver j keeps its round's block
+        def permute(v):  # (1, R, *blk) → (1, *blk): head q keeps its round's block
             got = jnp.stack([jax.lax.ppermute(v[:, r], "u", perm) for r, perm in enumerate(perms)])
             return got[jnp.asarray(pick)[jax.lax.axis_index("u")]]
-        self.permute = jax.jit(jax.shard_map(permute, mesh=union, in_specs=P("u"), out_specs=P("u")))
-        self.zeros = {d: jax.device_put(np.zeros((1, R) + blk, self.dtype), d) for d in self.local_b}
+        self.permute = jax.jit(jax.shard_map(permute, mesh=self.union.mesh, in_specs=P("u"), out_specs=P("u")))
+        self.zeros = {d: jax.device_put(np.zeros((1, R) + blk, self.dtype), d)
+                      for d in self.local_u if d not in self.local_a}
+        self.fan = None
+        if n_h < len(b_devs):  # replicated over some dst axes: heads → their replicas, on the receivers' links
+            used = {a for e in dst.spec if e is not None for a in ((e,) if isinstance(e, str) else e)}
+            rep = tuple(a for a in dst.mesh.axis_names if a not in used)
+            self.blank = {d: jax.device_put(np.zeros((1,) + blk, self.dtype), d)
+                          for d in self.local_b if d not in self.local_u}
+            self.stacked = NamedSharding(dst.mesh, P(tuple(dst.mesh.axis_names)))
+            self.fan = jax.jit(jax.shard_map(lambda v: _bit_psum(v[0], rep), mesh=dst.mesh,
+                                             in_specs=P(tuple(dst.mesh.axis_names)), out_specs=dst.spec))
 
     def __call__(self, x):
-        local = {}
-        if self.local_a:
-            if x is None:
-                raise ValueError("Transfer: this process holds sending devices but was given no value")
-            local.update({s.device: s.data for s in self.send(x).addressable_shards})
-        local.update(self.zeros)
-        glob = jax.make_array_from_single_device_arrays(
-            (len(self.a_devs) + len(self.b_devs), self.rounds) + self.blk, self.union,
-            [local[d] for d in self.a_devs + self.b_devs if d in local])
-        out = self.permute(glob)
+        out = None
+        if self.local_u:
+            local = dict(self.zeros)
+            if self.local_a:
+                if x is None:
+                    raise ValueError("Transfer: this process holds sending devices but was given no value")
+                local.update({s.device: s.data for s in self.send(x).addressable_shards})
+            glob = jax.make_array_from_single_device_arrays(
+                (len(self.u_devs), self.rounds) + self.blk, self.union, [local[d] for d in self.local_u])
+            out = {s.device: s.data for s in self.permute(glob).addressable_shards}
         if not self.local_b:
             return None
-        mine = {s.device: s.data for s in out.addressable_shards}
-        return jax.make_array_from_single_device_arrays(
-            self.shape, self.dst, [mine[d].reshape(self.blk) for d in self.local_b])
+        if self.fan is None:
+            return jax.make_array_from_single_device_arrays(
+                self.shape, self.dst, [out[d].reshape(self.blk) for d in self.local_b])
+        pieces = [out[d] if d in self.local_u else self.blank[d] for d in self.local_b]
+        return self.fan(jax.make_array_from_single_device_arrays((len(self.b_devs),) + self.blk, self.stacked,
+                                                                 pieces))
+
+
+def _bit_psum(v, axes):
+    """``v`` from the one device of each ``axes`` group holding it (the others hold zeros), to
+    all of them: a psum of the bits (as unsigned integers), so exact for every dtype."""
+    if v.dtype == jnp.bool_:
+        return jax.lax.psum(v.astype(jnp.uint8), axes).astype(jnp.bool_)
+    uint = jnp.dtype(f"uint{8 * v.dtype.itemsize}")
+    return jax.lax.bitcast_convert_type(jax.lax.psum(jax.lax.bitcast_convert_type(v, uint), axes), v.dtype)
 
 
 def _slice_len(s: slice, n: int) -> int:
