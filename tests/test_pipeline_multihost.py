@@ -199,6 +199,18 @@ def test_transfer_sends_each_block_once_and_fans_out_bit_exactly(devices8, dtype
         assert got.tobytes() == np.ascontiguousarray(want).tobytes(), (sh.device, got, want)
 
 
+def test_launcher_rejects_bad_process_counts_before_starting_anything(monkeypatch):
+    from autopar import launch
+    from autopar.cli import main
+    monkeypatch.delenv(launch.ENV_COORDINATOR, raising=False)
+    with pytest.raises(SystemExit, match="--processes must divide the devices: 8 devices over 3 processes"):
+        main(["run", "examples/mlp.py:loss_fn", "--train", "--processes", "3"])
+    with pytest.raises(SystemExit, match="--processes runs training"):
+        main(["run", "examples/mlp.py:mlp_step", "--processes", "2"])
+    with pytest.raises(ValueError, match=r"process id must be in \[0, 2\), got process_id=2"):
+        launch.initialize("127.0.0.1:1", 2, 2)
+
+
 def test_readme_launcher_command_runs_word_for_word():
     text = (ROOT / "README.md").read_text()
     lines = [ln for ln in text.splitlines() if ln.startswith("autopar run") and "--processes" in ln]
