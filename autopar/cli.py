@@ -235,12 +235,20 @@ def _run_training(ns, module, fn, args) -> int:
 
     import autopar
     opt = _optimizer(ns, module)
-    if ns.plan:
-        plan = autopar.TrainingPlan.from_json(Path(ns.plan).read_text())
-    else:
+    multi = jax.process_count() > 1  # a jax.distributed job: process 0 plans, every process runs its stages
+
+    def make():
         plan = _training_plan(ns, module, fn, args)
         print(plan.report())
         _finish_training(ns, plan)
+        return plan
+    if ns.plan:
+        plan = autopar.TrainingPlan.from_json(Path(ns.plan).read_text())
+    elif multi:
+        from .pipeline.multistep import share_plan
+        plan = share_plan(make, autopar.TrainingPlan)
+    else:
+        plan = make()
     params, batch = args
     state = opt.init(params)
 
@@ -252,13 +260,21 @@ def _run_training(ns, module, fn, args) -> int:
     n_state = len(jax.tree_util.tree_leaves((params, state)))
     carried = [(i, i) for i in range(n_state)]  # (params, state, batch) -> (params, state, loss)
     first = [np.asarray(x) for x in jax.tree_util.tree_leaves((params, state, batch))]
-    want = run_loop(jax.jit(reference), (params, state, batch), carried, ns.steps)
-    got = run_loop(plan.apply(fn, opt), (params, state, batch), carried, ns.steps)
+    lead = jax.process_index() == 0  # (the only process in a one-process run) computes the reference, checks
+    want = run_loop(jax.jit(reference), (params, state, batch), carried, ns.steps) if lead else None
+    fetch = None
+    if multi:
+        from .pipeline.multistep import to_host
+        fetch = to_host
+    got = run_loop(plan.apply(fn, opt), (params, state, batch), carried, ns.steps, fetch=fetch)
+    if not lead:
+        return 0
     result = compare_loops(got, want, first, carried, rtol=ns.rtol, atol=ns.atol,
                            paths=[f"params/state leaf {k}" for k in range(n_state)] + ["loss"])
+    where = f" in {jax.process_count()} processes" if multi else ""
     print(f"\nran {plan.num_stages} stage(s) × {plan.num_microbatches} micro-batch(es) ({plan.schedule}) on "
-          f"{plan.nodes * plan.cluster.devices_per_node} {jax.devices()[0].platform} devices vs the single-device "
-          f"step, {result.summary()}")
+          f"{plan.nodes * plan.cluster.devices_per_node} {jax.devices()[0].platform} devices{where} vs the "
+          f"single-device step, {result.summary()}")
     return 0 if result.ok else 1
 
 
@@ -307,6 +323,10 @@ def main(argv=None) -> int:
                    "optimizer state), each compared with the unsharded loop (default 3)")
     r.add_argument("--rtol", type=float, default=1e-5)
     r.add_argument("--atol", type=float, default=1e-6)
+    r.add_argument("--processes", type=int, default=None, help="with --train: start N processes on 127.0.0.1 "
+                   "(jax.distributed, the CPU devices split among them) that run the plan's stages, and check")
+    r.add_argument("--timeout", type=int, default=60, help="multi-process: seconds for all processes to join, and "
+                   "after which a silent (dead) process stops the job (default 60)")
     x = sub.add_parser("explain", help="why an input leaf is replicated / split: the cheapest plan that splits "
                        "it further and the operations that make it expensive")
     _common(x)
@@ -318,17 +338,37 @@ def main(argv=None) -> int:
     ns = parser.parse_args(argv)
     if ns.cmd == "run":
         from autopar.cost import ClusterSpecError, load_cluster
+
+        from . import launch
         try:
             want = ns.devices or ns.nodes * load_cluster(ns.cluster).devices_per_node
         except ClusterSpecError as err:
             print(f"autopar: {err}", file=sys.stderr)
             return 2
+        in_job = launch.ENV_COORDINATOR in os.environ  # one process of a jax.distributed job
+        if ns.processes is not None and not in_job:
+            if not ns.train:
+                raise SystemExit("autopar: --processes runs training (pipeline) plans: add --train")
+            child = [sys.executable, "-m", "autopar"] + list(sys.argv[1:] if argv is None else argv)
+            try:
+                return launch.launch_local(child, ns.processes, want, timeout_s=ns.timeout)
+            except ValueError as err:
+                raise SystemExit(f"autopar: {err}") from None
+        if in_job:
+            want //= int(os.environ.get(launch.ENV_NUM, "1"))
         os.environ.setdefault("JAX_NUM_CPU_DEVICES", str(want))
         import jax
         try:  # only possible before the CPU backend starts; harmless on GPU machines
             jax.config.update("jax_num_cpu_devices", int(os.environ["JAX_NUM_CPU_DEVICES"]))
         except RuntimeError:
             pass
+        if in_job:
+            if not ns.train:
+                raise SystemExit("autopar: in a multi-process job `autopar run` runs training (pipeline) plans: "
+                                 "add --train")
+            launch.initialize_from_env(default_timeout_s=ns.timeout)
+            if ns.processes is not None and ns.processes != jax.process_count():
+                raise SystemExit(f"autopar: --processes {ns.processes} but the job has {jax.process_count()}")
     from autopar.cost import ClusterSpecError
 
     from .planner import PlanError

@@ -18,7 +18,9 @@ sub-mesh with the shardings of its intra-op plan:
   sharding inside the same executable, once per step.
 
 Activations go forward and their gradients back with ``jax.device_put`` to the receiving
-stage's ``NamedSharding``. Tasks run in the order of the simulated GPipe/1F1B schedule
+stage's ``NamedSharding`` (in a multi-process job, ``autopar.pipeline.multistep`` overrides
+the few hooks saying where a stage runs and how values move: ``_here``, ``_move``,
+``_place_param``, ``_place_opt``, ``_outputs``). Tasks run in the order of the simulated GPipe/1F1B schedule
 (``autopar.pipeline.schedule``). The optimizer state is split per stage by applying
 ``optimizer.init`` to the params with every leaf the stage does not own replaced by
 ``None``; this is exact for per-parameter optimizers (sgd, momentum, adam, adamw, …) and
@@ -142,7 +144,7 @@ class PipelineStep:
             for v in list(st.acts_in) + list(st.nd_acts_in):
                 self.consumers.setdefault(v, []).append(st.index)
         # optimizer-state split: skeleton per stage with None where the stage owns nothing
-        flat_abs = jax.tree_util.tree_leaves(params_abs)
+        self.param_abs = flat_abs = jax.tree_util.tree_leaves(params_abs)
         self.masked_abs = []
         for k in range(len(self.stages)):
             self.masked_abs.append(self.p_tree.unflatten(
@@ -174,7 +176,13 @@ class PipelineStep:
             self.param_sharding.append(ex.p_sh[st.params.index(i)] if i in st.params else ex.repl)
             self.opt_sharding.append(ex.opt_sh.get(i, ex.repl))
         self.mirrors = [self._mirrors(k) for k in range(len(self.stages))]
+        # a step count (or other leaf not mirroring a param) is returned from its first stage
+        self.opt_home = [min((k for k, (sk, _) in enumerate(self.skeletons) if sk[j] is not None), default=0)
+                         for j in range(len(self.opt_leaves_abs))]
         self.values = program.values
+        # sharding of every stage output (activations leave their stage laid out so)
+        self.out_sharding = {v: sh for e in self.execs for v, sh in zip(
+            list(e.st.outs) + list(e.st.nd_outs), list(e.y_sh) + list(e.aux_sh))}
         self.order = execution_order(tplan.simulate())
 
     # --- optimizer-state placement ----------------------------------------------------
@@ -205,7 +213,8 @@ class PipelineStep:
         p_leaves, b_leaves, o_leaves = self._check(params, opt_state, batch)
         B, S, ex, st = self.plan.num_microbatches, len(self.stages), self.execs, self.stages
         # parameters on every stage that reads them (owners' copies are the ones updated)
-        p_in = [[jax.device_put(p_leaves[i], ex[k].p_sh[j]) for j, i in enumerate(st[k].params)] for k in range(S)]
+        p_in = [[self._place_param(p_leaves[i], i, k, ex[k].p_sh[j]) for j, i in enumerate(st[k].params)]
+                for k in range(S)]
         mbs = [[x[m * (x.shape[0] // B):(m + 1) * (x.shape[0] // B)] for x in b_leaves] for m in range(B)]
         flight = _Flight(acc=[None] * S)
         for task in self.order:
@@ -215,10 +224,34 @@ class PipelineStep:
                 self._backward(task.stage, task.microbatch, flight)
         owner_params, grads = self._gather_grads(p_in, p_leaves, flight.acc)
         new_p, new_o = self._update(owner_params, grads, o_leaves)
-        loss = flight.losses[0]
-        for x in flight.losses[1:]:
-            loss = loss + x
-        return self.p_tree.unflatten(new_p), self.opt_tree.unflatten(new_o), loss / B
+        loss = None
+        if self._here(self.producer[self.loss_var]):
+            loss = flight.losses[0]
+            for x in flight.losses[1:]:
+                loss = loss + x
+            loss = loss / B
+        return self._outputs(new_p, new_o, loss)
+
+    # --- where values go (one process: jax.device_put; ``multistep`` overrides these) ---
+    def _here(self, k: int) -> bool:
+        """Whether this process runs stage k's tasks (one process: every stage)."""
+        return True
+
+    def _move(self, x, src, dst, aval):
+        """A stage's value (``aval``: its shape and dtype) laid out as ``src`` moved to another
+        stage's sharding ``dst``."""
+        return jax.device_put(x, dst)
+
+    def _place_param(self, x, i: int, k: int, sh):
+        """The caller's param leaf i on stage k's sharding ``sh``."""
+        return jax.device_put(x, sh)
+
+    def _place_opt(self, x, j: int, k: int, sh):
+        """The caller's optimizer-state leaf j on stage k's sharding ``sh``."""
+        return jax.device_put(x, sh)
+
+    def _outputs(self, new_p, new_o, loss):
+        return self.p_tree.unflatten(new_p), self.opt_tree.unflatten(new_o), loss
 
     def _check(self, params, opt_state, batch):
         """Flat leaves of the arguments, after checking them against the plan."""
@@ -242,15 +275,20 @@ class PipelineStep:
         """Stage k's forward of micro-batch m: its inputs moved onto its sub-mesh (activations
         freed once their last reader has them), outputs kept for their readers, the vjp kept
         for the backward."""
-        e, s = self.execs[k], self.stages[k]
-        a = [jax.device_put(flight.acts[(v, m)], sh) for v, sh in zip(s.acts_in, e.a_sh)]
-        nd_src = [mbs[m][b] for b in s.batch] + [flight.acts[(v, m)] for v in s.nd_acts_in]
-        nd = [jax.device_put(x, sh) for x, sh in zip(nd_src, e.nd_sh)]
+        e, s, here = self.execs[k], self.stages[k], self._here(k)
+        n_b, src = len(s.batch), self.out_sharding
+        val = self.values
+        a = [self._move(flight.acts[(v, m)], src[v], sh, val[v]) for v, sh in zip(s.acts_in, e.a_sh)]
+        nd = ([jax.device_put(mbs[m][b], sh) if here else None for b, sh in zip(s.batch, e.nd_sh)]
+              + [self._move(flight.acts[(v, m)], src[v], sh, val[v]) for v, sh in zip(s.nd_acts_in, e.nd_sh[n_b:])])
         for v in list(s.acts_in) + list(s.nd_acts_in):
             flight.pending[(v, m)] -= 1
             if flight.pending[(v, m)] == 0:
                 del flight.acts[(v, m)], flight.pending[(v, m)]
-        y, aux, vjp_fn = e.forward(p_in[k], a, nd)
+        if here:
+            y, aux, vjp_fn = e.forward(p_in[k], a, nd)
+        else:  # another process's stage: its outputs are placeholders here
+            y, aux, vjp_fn = [None] * len(s.outs), [None] * len(s.nd_outs), None
         for v, val in zip(list(s.outs) + list(s.nd_outs), list(y) + list(aux)):
             if v == self.loss_var:
                 flight.losses.append(val)
@@ -263,21 +301,24 @@ class PipelineStep:
         """Stage k's backward of micro-batch m: gradients accumulated on the stage, cotangents
         of its activation inputs sent to (and summed on) their producers."""
         B, e, s = self.plan.num_microbatches, self.execs[k], self.stages[k]
-        ct = []
-        for v, sh in zip(s.outs, e.ct_sh):
-            if v == self.loss_var:
-                g = jnp.asarray(1.0 / B, self.loss_dtype)
-            else:
-                g = flight.cts.pop((v, m), None)
-                if g is None:  # an output nobody differentiates: zero cotangent
-                    g = jnp.zeros(self.values[v].shape, self.values[v].dtype)
-            ct.append(jax.device_put(g, sh))
         vjp_fn = flight.res.pop((k, m))
-        flight.acc[k], da = e.backward(vjp_fn, ct, e.zero_grads() if flight.acc[k] is None else flight.acc[k])
-        for v, g in zip(s.acts_in, da):
+        da = [None] * len(s.acts_in)
+        if self._here(k):
+            ct = []
+            for v, sh in zip(s.outs, e.ct_sh):
+                if v == self.loss_var:
+                    g = np.asarray(1.0 / B, self.loss_dtype)
+                else:
+                    g = flight.cts.pop((v, m), None)
+                    if g is None:  # an output nobody differentiates: zero cotangent
+                        g = np.zeros(self.values[v].shape, self.values[v].dtype)
+                ct.append(jax.device_put(g, sh))
+            flight.acc[k], da = e.backward(vjp_fn, ct, e.zero_grads() if flight.acc[k] is None else flight.acc[k])
+        for v, g, a_sh in zip(s.acts_in, da, e.a_sh):
             j = self.producer[v]
-            g = jax.device_put(g, self.execs[j].ct_sh[self.stages[j].outs.index(v)])
-            flight.cts[(v, m)] = g if (v, m) not in flight.cts else flight.cts[(v, m)] + g
+            g = self._move(g, a_sh, self.execs[j].ct_sh[self.stages[j].outs.index(v)], self.values[v])
+            if self._here(j):
+                flight.cts[(v, m)] = g if (v, m) not in flight.cts else flight.cts[(v, m)] + g
 
     def _gather_grads(self, p_in, p_leaves, acc):
         """Per parameter leaf: its owner's copy and its gradient summed on the owner (parameters
@@ -285,16 +326,19 @@ class PipelineStep:
         grads, owner_params = [None] * self.P, [None] * self.P
         for k, st in enumerate(self.stages):
             for j, i in enumerate(st.params):
-                g = acc[k][j]
+                g = acc[k][j] if self._here(k) else None
                 if self.own[i] == k:
                     owner_params[i] = p_in[k][j]
                 else:
-                    g = jax.device_put(g, self.param_sharding[i])
-                grads[i] = g if grads[i] is None else grads[i] + g
+                    g = self._move(g, self.execs[k].p_sh[j], self.param_sharding[i], self.param_abs[i])
+                if self._here(self.own[i]):
+                    grads[i] = g if grads[i] is None else grads[i] + g
+        read = {i for st in self.stages for i in st.params}
         for i in range(self.P):
-            if owner_params[i] is None:  # read by no stage: zero gradient, kept on stage 0
-                owner_params[i] = jax.device_put(p_leaves[i], self.param_sharding[i])
-                grads[i] = jnp.zeros_like(owner_params[i])
+            if i not in read:  # read by no stage: zero gradient, kept on stage 0
+                owner_params[i] = self._place_param(p_leaves[i], i, self.own[i], self.param_sharding[i])
+                if self._here(self.own[i]):
+                    grads[i] = jnp.zeros_like(owner_params[i])
         return owner_params, grads
 
     def _update(self, owner_params, grads, o_leaves):
@@ -305,21 +349,26 @@ class PipelineStep:
         inputs = []
         for k in range(S):
             mirror, (skel, skel_tree) = self.mirrors[k], self.skeletons[k]
-            o_stage = [None if sk is None else jax.device_put(
-                o_leaves[j], self.opt_sharding[mirror[j]] if mirror[j] >= 0 else ex[k].repl)
+            o_stage = [None if sk is None else self._place_opt(
+                o_leaves[j], j, k, self.opt_sharding[mirror[j]] if mirror[j] >= 0 else ex[k].repl)
                 for j, sk in enumerate(skel)]
+            if not self._here(k):
+                inputs.append(None)
+                continue
             mine = [i for i in range(self.P) if self.own[i] == k]
             inputs.append((self.p_tree.unflatten([owner_params[i] if i in mine else None for i in range(self.P)]),
                            skel_tree.unflatten(o_stage),
                            self.p_tree.unflatten([grads[i] if i in mine else None for i in range(self.P)])))
         new_p, new_o = [None] * self.P, [None] * len(o_leaves)
         for k in range(S):
+            if inputs[k] is None:  # another process's stage
+                continue
             p_out, o_out = ex[k].update(*inputs[k])
             owned = [i for i in range(self.P) if self.own[i] == k]
             for i, val in zip(owned, jax.tree_util.tree_leaves(p_out)):
                 new_p[i] = val
             for j, val in enumerate(jax.tree_util.tree_flatten(o_out, is_leaf=_is_none)[0]):
-                if val is not None and new_o[j] is None:  # shared leaves (step counts): stage 0's copy
+                if val is not None and k == self.opt_home[j]:  # shared leaves (step counts): stage 0's copy
                     new_o[j] = val
         return new_p, new_o
 

@@ -159,13 +159,25 @@ class TrainingPlan(_Document):
         ``loss_fn``/``optimizer`` default to the ones planned in this process (required for a
         plan loaded from JSON). ``opt_state`` is ``optimizer.init(params)``; with ``donate``
         the params and optimizer-state buffers passed in are reused (as ``jax.jit``'s
-        ``donate_argnums``)."""
+        ``donate_argnums``).
+
+        In a multi-controller job (``jax.distributed``, ``jax.process_count() > 1``) every
+        process calls this with the same plan and gets its part of the step
+        (``autopar.pipeline.multistep``): values of stages on other processes' devices are
+        returned as arrays without shards here; ``multistep.to_host`` reads them everywhere."""
         from .runtime import PipelineStep
         loss_fn = loss_fn if loss_fn is not None else self._loss_fn
         optimizer = optimizer if optimizer is not None else self._optimizer
         if loss_fn is None or optimizer is None:
             raise ValueError("this plan does not hold its loss function/optimizer (it was loaded from JSON): "
                              "call plan.apply(loss_fn, optimizer)")
+        import jax
+        if jax.process_count() > 1:  # a multi-controller job: this process's part of the step
+            if self.scan_split is not None:
+                raise ValueError("a pipeline plan of a scanned layer stack (split per iteration) does not run in a "
+                                 "multi-process job yet; plan the model with unrolled layers for jax.distributed")
+            from .multistep import MultiProcessStep
+            return MultiProcessStep(self, loss_fn, optimizer, devices=devices, donate=donate)
         if self.scan_split is None:
             return PipelineStep(self, loss_fn, optimizer, devices=devices, donate=donate)
         return self._split_step(loss_fn, optimizer, devices, donate)
