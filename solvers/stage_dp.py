@@ -42,6 +42,16 @@ stages, then the lexicographically smallest (b_1, m_1, b_2, m_2, …) — layer 
 first, earliest stage first (``_better``); the DP keeps the first (j, m) within 1e-9 of the
 minimum, which yields that order.
 
+Pruning (exact, ``solvers.stage_prune``; ``solve_stages(prune=False)`` turns it off): before
+the DPs, candidates that no plan within the tie tolerance of the optimum can use are set to
+∞ — B·t > U (a stage's own latency bounds T from below) and the waste rule (the other
+layers on the other devices need a bottleneck of at least ρ·layers/devices) against the
+objective U of the best equal split; a DP under t_max also drops candidates whose waste
+bound exceeds t_max, and runs at most (U − (B−1)·t_lo)/t_min stage levels (U: the best plan
+so far). ``_dp`` then works on the band of range lengths each sub-mesh still has, in units
+of the gcd of the surviving sub-mesh sizes (D/M device states once sub-node meshes are
+gone). Cost per DP: Σ_m S·K·band_m·D/unit instead of #shapes·S·L²·D.
+
 Variants: the arrays may carry a leading axis of V alternative costings of every stage
 (e.g. parameters sharded harder: less W, more t). A stage with r stages after it uses the
 fastest variant that fits with f(r) micro-batches in flight (``_effective``), so the DP runs
@@ -64,60 +74,13 @@ import numpy as np
 
 from . import stage_prune
 from .schedules import SCHEDULES, Schedule
+from .submeshes import EVERY_NODE_COUNT_UP_TO, node_counts, submesh_shapes, uniform_stages, uniform_submeshes  # noqa: F401
 
 __all__ = ["StageProblem", "StageSolution", "StageInfeasibleError", "solve_stages",
            "submesh_shapes", "node_counts", "uniform_stages", "uniform_submeshes"]
 
 _TOL = 1e-9
 _KEEP_FLOATS = 20_000_000  # ``_dp`` keeps a stage level's blocks between its two passes up to this many
-
-
-# clusters up to this many nodes get every whole-node count k = 2..N (Alpa's set); larger ones
-# the powers of two and N itself (``submesh_shapes``)
-EVERY_NODE_COUNT_UP_TO = 8
-
-
-def node_counts(num_nodes: int) -> list[int]:
-    """Whole-node sub-mesh sizes k ≥ 2 (``submesh_shapes``)."""
-    if num_nodes <= EVERY_NODE_COUNT_UP_TO:
-        return list(range(2, num_nodes + 1))
-    return sorted({2 ** e for e in range(1, num_nodes.bit_length()) if 2 ** e <= num_nodes} | {num_nodes})
-
-
-def submesh_shapes(num_nodes: int, devices_per_node: int) -> list[tuple[int, int]]:
-    """(1,1), (1,2), (1,4), … (powers of two below M), (1,M), then (k,M) for k in
-    ``node_counts(N)``: every k = 2..N on up to ``EVERY_NODE_COUNT_UP_TO`` nodes, beyond that
-    the powers of two and N (a restriction of the search space, as Alpa's powers of two inside
-    a node are: log N whole-node shapes instead of N, each costing an intra-op plan per
-    distinct layer; any N·M devices are still tiled — N's binary digits)."""
-    shapes, w = [], 1
-    while w < devices_per_node:
-        shapes.append((1, w))
-        w *= 2
-    return shapes + [(1, devices_per_node)] + [(k, devices_per_node) for k in node_counts(num_nodes)]
-
-
-def uniform_submeshes(num_layers: int, num_nodes: int, devices_per_node: int) -> list[tuple[int, tuple[int, int]]]:
-    """Megatron-style equal splits ``(pp, submesh)``: ``pp`` ≤ the layers divides the
-    devices and every stage gets ``N / pp`` of them, as whole nodes ``(k, M)`` or an
-    aligned part of one node ``(1, m)``."""
-    M, N = devices_per_node, num_nodes * devices_per_node
-    out = []
-    for pp in range(1, min(N, num_layers) + 1):
-        if N % pp:
-            continue
-        d = N // pp
-        if d >= M and d % M == 0 and (d // M == 1 or d // M in node_counts(num_nodes)):
-            out.append((pp, (d // M, M)))
-        elif d < M and M % d == 0:
-            out.append((pp, (1, d)))
-    return out
-
-
-def uniform_stages(num_layers: int, pp: int) -> list[tuple[int, int]]:
-    """``pp`` contiguous layer ranges whose sizes differ by at most one (larger ones last)."""
-    bounds = [round(s * num_layers / pp) for s in range(pp + 1)]
-    return list(zip(bounds, bounds[1:]))
 
 
 class StageInfeasibleError(ValueError):
@@ -455,6 +418,8 @@ def solve_stages(p: StageProblem, *, num_stages: int | None = None, forced=None,
         for sol in sols:
             if _better(sol, best):
                 best = sol
+        if not sols:  # only plans of more stages than can beat U: nothing under t_max either
+            return math.inf, t_max
         return min(x.total_latency_s for x in sols), max(x.t_max for x in sols)
 
     # Best-first over gaps of not yet covered t_max candidates. A run at t whose plans'

@@ -45,6 +45,8 @@ import math
 
 import numpy as np
 
+from .submeshes import uniform_stages, uniform_submeshes
+
 # pruning compares with U·(1 + SLACK): far above the DP's relative tie tolerance (1e-9), so
 # no plan the tie-break could pick is lost to rounding
 SLACK = 1e-7
@@ -55,7 +57,6 @@ def upper_bound(eff_of, shapes, sizes, num_layers: int, num_nodes: int, devices_
     """The least objective among the equal splits (``solvers.stage_dp.uniform_submeshes``)
     whose sub-mesh is a candidate; ``eff_of(r)``: effective latencies (#sub-meshes, L, L+1)
     with r stages remaining. ∞ when none is feasible."""
-    from .stage_dp import uniform_stages, uniform_submeshes
     best = math.inf
     for pp, sub in uniform_submeshes(num_layers, num_nodes, devices_per_node):
         if (num_stages is not None and pp != num_stages) or tuple(sub) not in shapes:

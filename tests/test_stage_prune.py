@@ -108,3 +108,26 @@ def test_upper_bound_is_a_plan_the_search_can_beat():
     forced = stage_prune.upper_bound(lambda r: _effective(p, r)[0], p.shapes, p.sizes, p.num_layers,
                                      p.num_nodes, p.devices_per_node, p.num_microbatches, num_stages=3)
     assert forced == math.inf or solve_stages(p, num_stages=3).objective_s <= forced
+
+
+def test_whole_node_counts_beyond_eight_nodes_are_powers_of_two_and_n():
+    from autopar.solvers.stage_dp import node_counts, uniform_submeshes
+    assert node_counts(8) == [2, 3, 4, 5, 6, 7, 8]
+    assert node_counts(16) == [2, 4, 8, 16]
+    assert node_counts(24) == [2, 4, 8, 16, 24]
+    shapes = submesh_shapes(128, 8)
+    assert len(shapes) == 4 + 7 and shapes[-1] == (128, 8)
+    assert all(sub in submesh_shapes(24, 8) for _, sub in uniform_submeshes(96, 24, 8))
+    # any cluster is still tiled: the DP finds a plan on 24 nodes with only power-of-two stages + N
+    p = transformer_like(0, L=6, N=24, M=8, B=8, memory=False)
+    sol = solve_stages(p)
+    assert sum(n * m for *_, (n, m), _ in sol.stages) == 24 * 8
+
+
+def test_import_keeps_jax_out():
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import sys, autopar.solvers.stage_prune, autopar.solvers.submeshes; "
+            "assert 'jax' not in sys.modules, 'jax imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(Path(__file__).parents[1]))
