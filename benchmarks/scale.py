@@ -91,7 +91,12 @@ def run_one(point: str, llama_batch: int, llama_micro: int, workers: int | None)
                    stages=tp.num_stages, layers=tp.search.num_layers, ilp_solves=tp.search.ilp_solves,
                    candidates=tp.search.candidates, layout=describe(tp))
     row["plan_s"] = time.perf_counter() - t0
-    row["rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    row["rss_gb"] = me.ru_maxrss / 1e6
+    row["worker_rss_gb"] = kids.ru_maxrss / 1e6  # the largest pool worker
+    # CPU seconds of this process and its pool workers: the machine is shared, wall time is noisy
+    row["cpu_s"] = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    row["load"] = os.getloadavg()[0]
     row["phases"] = [(n, round(t, 2)) for n, t in progress.phases]
     return row
 
@@ -103,13 +108,14 @@ def describe(tp) -> str:
 
 
 def table(rows: list[dict]) -> list[str]:
-    head = ["| model | GPUs | plan time | peak RSS | predicted step | peak mem/GPU | stages (n×layers@sub-mesh/mesh) |",
-            "|---|---:|---:|---:|---:|---:|---|"]
+    head = ["| model | GPUs | plan time (wall) | CPU time | load | peak RSS (worker) | predicted step | peak mem/GPU | "
+            "stages (n×layers@sub-mesh/mesh) |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         plan = (f"{r['step_s']:.2f} s | {r['peak_gb']:.1f} GB | {r['layout']}" if "step_s" in r else
                 f"– | – | {r.get('error', '?')[:160]}")
         head.append(f"| {r['model']} | {r['gpus']} | {r.get('plan_s', float('nan')):.1f} s | "
-                    f"{r.get('rss_gb', float('nan')):.2f} GB | {plan} |")
+                    f"{r.get('cpu_s', float('nan')):.1f} s | {r.get('load', float('nan')):.1f} | "
+                    f"{r.get('rss_gb', float('nan')):.2f} ({r.get('worker_rss_gb', float('nan')):.2f}) GB | {plan} |")
     return head
 
 
@@ -117,14 +123,16 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a, c, b) = plt.subplots(1, 3, figsize=(14, 4))
     for model in dict.fromkeys(r["model"] for r in rows):
-        pts = sorted((r["gpus"], r["plan_s"], r["rss_gb"]) for r in rows if r["model"] == model and "plan_s" in r)
+        pts = sorted((r["gpus"], r["plan_s"], r.get("cpu_s", float("nan")), r["rss_gb"]) for r in rows
+                     if r["model"] == model and "rss_gb" in r)
         if pts:
-            g, t, m = zip(*pts)
+            g, t, u, m = zip(*pts)
             a.plot(g, t, "o-", label=model)
+            c.plot(g, u, "o-", label=model)
             b.plot(g, m, "o-", label=model)
-    for ax, what in ((a, "planning time (s)"), (b, "peak RSS (GB)")):
+    for ax, what in ((a, "planning time, wall (s)"), (c, "CPU time (s)"), (b, "peak RSS (GB)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("GPUs")
@@ -143,6 +151,7 @@ def main() -> None:
     ap.add_argument("--llama-micro", type=int, default=16)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--timeout", type=int, default=1200)
+    ap.add_argument("--table", action="store_true", help="only redo the table and plot from the JSON")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--append", action="store_true", help="add to the existing results (same point: replaced)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale"))
@@ -151,9 +160,9 @@ def main() -> None:
         print(json.dumps(run_one(ns.one, ns.llama_batch, ns.llama_micro, ns.workers)))
         return
     out = Path(ns.out)
-    rows = json.loads(out.with_suffix(".json").read_text())["rows"] if ns.append and out.with_suffix(".json").exists() \
-        else []
-    for point in ns.points:
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"] if (ns.append or ns.table) and \
+        out.with_suffix(".json").exists() else []
+    for point in [] if ns.table else ns.points:
         cmd = [sys.executable, __file__, "--one", point, "--llama-batch", str(ns.llama_batch),
                "--llama-micro", str(ns.llama_micro)] + ([] if ns.workers is None else ["--workers", str(ns.workers)])
         t0 = time.perf_counter()
@@ -179,7 +188,7 @@ def main() -> None:
              f"Llama-405B-shaped: batch {ns.llama_batch} in micro-batches of {ns.llama_micro} on dgx-h100. "
              "Predicted by autopar's cost model. `python benchmarks/scale.py`", ""] + table(rows)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    plot([r for r in rows if "plan_s" in r], out.with_suffix(".png"))
+    plot([r for r in rows if "rss_gb" in r], out.with_suffix(".png"))
     print("\n".join(lines))
 
 

@@ -87,7 +87,8 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
     "full" every factorization.
 
     The batch is split into ``num_microbatches`` along axis 0; the forward is cut into
-    ``num_layers`` layers (``autopar.stage_boundary`` markers, else the layer-clustering DP,
+    ``num_layers`` layers (``autopar.stage_boundary`` markers, else one per repeated block when
+    the model stacks more than 8 — ``autopar.pipeline.blocks`` —, else the layer-clustering DP,
     default min(8, equations)); the stage DP picks stages and sub-meshes minimising
     Σ t_i + (B − 1)·max t_i, each stage sharded by the intra-op ILP. ``num_stages`` forces the
     stage count; ``stages=[(layer_start, layer_end, (nodes, devices)[, logical_mesh]), …]``
