@@ -57,6 +57,8 @@ def _plan_one(args):
 def prefetch(coster, requests) -> None:
     """Plan the uncached ``requests`` ((args, kwargs) of ``coster.cost``) in ``coster.workers``
     processes; merge in request order (module docstring). Sequential when it does not pay."""
+    if getattr(coster, "workers", 1) <= 1:
+        return  # the caller's own ``cost`` calls plan them one by one
     todo, seen = [], set()
     for args, kw in requests:
         key = coster.plan_key(*args, **kw)
@@ -64,8 +66,8 @@ def prefetch(coster, requests) -> None:
             continue
         seen.add(key)
         todo.append((args, kw))
-    if coster.workers <= 1 or len(todo) < 2:
-        return  # the caller's own ``cost`` calls plan them one by one
+    if len(todo) < 2:
+        return
     global _COSTER
     progress, coster.progress = coster.progress, Progress()
     _COSTER = coster
