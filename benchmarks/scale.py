@@ -9,7 +9,8 @@ Models, planned from ShapeDtypeStructs (bfloat16, AdamW, 1F1B):
 * ``gpt-175b``: GPT-3 175B (96 layers, hidden 12288, 96 heads, seq 2048, vocab 51200), global
   batch 1536 in 192 micro-batches, dgx-h100;
 * ``llama-405b``: a Llama-3-405B-shaped decoder (126 layers, dim 16384, 128 heads, 8 KV heads,
-  FFN 53248, vocab 128256, seq 8192, fused attention, layers under ``jax.lax.scan``: pipelined
+  FFN 53248, vocab 128256, seq 8192, ``jax.nn.dot_product_attention`` (planned as one fused
+  op, costed flash-style), layers under ``jax.lax.scan``: pipelined
   one iteration per layer), global batch ``--llama-batch`` in micro-batches of
   ``--llama-micro`` sequences, dgx-h100.
 
@@ -56,7 +57,7 @@ def build(model: str, llama_batch: int, llama_micro: int):
         return gpt.make_loss_fn(cfg, markers=not model.endswith("nomark")), params, batch, gpt.OPTIMIZER, cluster, mbs
     from examples import llama
     cfg = llama.LlamaConfig(vocab=128256, dim=16384, layers=126, heads=128, kv_heads=8, ffn=53248, seq=8192,
-                            batch=llama_batch, scan=True, attention="dpa", implementation="cudnn",
+                            batch=llama_batch, scan=True, attention="dpa", implementation=None,
                             dtype="bfloat16")
     params = llama.init_params(cfg, abstract=True)
     batch = llama._batch(cfg, 0, True)
