@@ -11,7 +11,11 @@ counter, the least budget that fits) does not depend on the number of workers, n
 worker finished first. A stage ILP is deterministic given its problem (unless its time
 limit stops it, which depends on the machine's load with one worker as with two).
 
-Workers are forked (a traced loss function cannot be pickled); the pool is used only where
+Workers are forked (a traced loss function cannot be pickled). JAX warns that ``os.fork`` does
+not mix with its threads (a lock held by another thread at the fork stays held in the child);
+workers only trace (``jax.make_jaxpr``, no XLA backend, no compilation) and solve ILPs, and
+the warning is silenced here — the one risk is a worker that hangs, not a wrong result. The
+pool is used only where
 it pays: at least two plans to make and ``workers`` > 1 (``resolve_workers``).
 """
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+import warnings
 
 from ..plan_types import Plan
 from ..progress import Progress
@@ -73,8 +78,10 @@ def prefetch(coster, requests) -> None:
     _COSTER = coster
     try:
         ctx = multiprocessing.get_context("fork")
-        with ctx.Pool(min(coster.workers, len(todo))) as pool:
-            results = pool.map(_plan_one, todo, chunksize=1)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+            with ctx.Pool(min(coster.workers, len(todo))) as pool:
+                results = pool.map(_plan_one, todo, chunksize=1)
     finally:
         _COSTER = None
         coster.progress = progress
