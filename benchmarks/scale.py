@@ -133,6 +133,11 @@ def plot(rows: list[dict], path: Path) -> None:
             a.plot(g, t, "o-", label=model)
             c.plot(g, u, "o-", label=model)
             b.plot(g, m, "o-", label=model)
+    # GPT-175B before this work, as issue 19 measured it on this machine (128: PlanError after
+    # 38 s, 512: still running at 900 s, 1,024: killed for memory at > 24 GB)
+    a.plot([256, 512], [340, 900], "x--", color="gray", label="gpt-175b before (issue 19; 512: > 900 s)")
+    b.plot([128, 256, 512, 1024], [1.3, 2.8, 7.8, 24.0], "x--", color="gray", label="gpt-175b before (1024: OOM)")
+    b.legend(fontsize=8)
     for ax, what in ((a, "planning time, wall (s)"), (c, "CPU time (s)"), (b, "peak RSS (GB)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
