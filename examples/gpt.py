@@ -182,11 +182,11 @@ def _mlp(p, x):
     return _linear(p["proj"], jax.nn.gelu(_linear(p["fc"], x)))
 
 
-def _forward(params, tokens, heads):
+def _forward(params, tokens, heads, markers: bool = True):
     S = tokens.shape[1]
     x = jnp.take(params["wte"], tokens, axis=0) + params["wpe"][:S]
     for i, blk in enumerate(params["blocks"]):
-        if i:
+        if i and markers:
             x = stage_boundary(x)  # identity; pipeline planning cuts layers here (one block per layer)
         x = x + _attention(blk["attn"], _layer_norm(blk["ln1"], x), heads)
         x = x + _mlp(blk["mlp"], _layer_norm(blk["ln2"], x))
@@ -194,8 +194,8 @@ def _forward(params, tokens, heads):
     return x @ params["wte"].T                                   # tied embeddings
 
 
-def _loss(params, batch, heads):
-    logits = _forward(params, batch["tokens"], heads).astype(jnp.float32)
+def _loss(params, batch, heads, markers: bool = True):
+    logits = _forward(params, batch["tokens"], heads, markers).astype(jnp.float32)
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, batch["labels"][..., None], axis=-1)[..., 0]
     return jnp.mean(nll)
@@ -214,12 +214,13 @@ def make_forward(cfg: GPTConfig | None = None) -> Callable:
     return forward
 
 
-def make_loss_fn(cfg: GPTConfig | None = None) -> Callable:
-    """``loss_fn(params, batch) -> mean next-token cross-entropy``."""
+def make_loss_fn(cfg: GPTConfig | None = None, *, markers: bool = True) -> Callable:
+    """``loss_fn(params, batch) -> mean next-token cross-entropy``; ``markers=False``: without
+    the ``stage_boundary`` between blocks (the planner then finds the layers itself)."""
     heads = None if cfg is None else cfg.heads
 
     def loss_fn(params, batch):
-        return _loss(params, batch, _heads(params, heads))
+        return _loss(params, batch, _heads(params, heads), markers)
     return loss_fn
 
 

@@ -2,7 +2,9 @@
 
 Data (``StageProblem``): layers 0..L−1; a cluster of N nodes × M devices; sub-mesh shapes
 
-    𝓜 = {(1,1), (1,2), (1,4), …, (1,M)} ∪ {(k,M) : 2 ≤ k ≤ N},   |m| = n·m devices   (``submesh_shapes``)
+    𝓜 = {(1,1), (1,2), (1,4), …, (1,M)} ∪ {(k,M) : k ∈ K(N)},   |m| = n·m devices   (``submesh_shapes``)
+
+with K(N) = {2..N} up to 8 nodes, else the powers of two ≤ N and N (``node_counts``),
 
 and for each layer range [i,j) and m ∈ 𝓜: latency t(i,j,m) (s per micro-batch, fwd+bwd, ∞ =
 infeasible), static memory W(i,j,m) (params+grads+optimizer state) and activation memory
@@ -40,6 +42,16 @@ stages, then the lexicographically smallest (b_1, m_1, b_2, m_2, …) — layer 
 first, earliest stage first (``_better``); the DP keeps the first (j, m) within 1e-9 of the
 minimum, which yields that order.
 
+Pruning (exact, ``solvers.stage_prune``; ``solve_stages(prune=False)`` turns it off): before
+the DPs, candidates that no plan within the tie tolerance of the optimum can use are set to
+∞ — B·t > U (a stage's own latency bounds T from below) and the waste rule (the other
+layers on the other devices need a bottleneck of at least ρ·layers/devices) against the
+objective U of the best equal split; a DP under t_max also drops candidates whose waste
+bound exceeds t_max, and runs at most (U − (B−1)·t_lo)/t_min stage levels (U: the best plan
+so far). ``_dp`` then works on the band of range lengths each sub-mesh still has, in units
+of the gcd of the surviving sub-mesh sizes (D/M device states once sub-node meshes are
+gone). Cost per DP: Σ_m S·K·band_m·D/unit instead of #shapes·S·L²·D.
+
 Variants: the arrays may carry a leading axis of V alternative costings of every stage
 (e.g. parameters sharded harder: less W, more t). A stage with r stages after it uses the
 fastest variant that fits with f(r) micro-batches in flight (``_effective``), so the DP runs
@@ -53,50 +65,22 @@ the least-memory variant with a finite latency).
 """
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from . import stage_prune
 from .schedules import SCHEDULES, Schedule
+from .submeshes import EVERY_NODE_COUNT_UP_TO, node_counts, submesh_shapes, uniform_stages, uniform_submeshes  # noqa: F401
 
 __all__ = ["StageProblem", "StageSolution", "StageInfeasibleError", "solve_stages",
-           "submesh_shapes", "uniform_stages", "uniform_submeshes"]
+           "submesh_shapes", "node_counts", "uniform_stages", "uniform_submeshes"]
 
 _TOL = 1e-9
-
-
-def submesh_shapes(num_nodes: int, devices_per_node: int) -> list[tuple[int, int]]:
-    """(1,1), (1,2), (1,4), … (powers of two below M), (1,M), then (k,M) for k = 2..N."""
-    shapes, w = [], 1
-    while w < devices_per_node:
-        shapes.append((1, w))
-        w *= 2
-    return shapes + [(1, devices_per_node)] + [(k, devices_per_node) for k in range(2, num_nodes + 1)]
-
-
-def uniform_submeshes(num_layers: int, num_nodes: int, devices_per_node: int) -> list[tuple[int, tuple[int, int]]]:
-    """Megatron-style equal splits ``(pp, submesh)``: ``pp`` ≤ the layers divides the
-    devices and every stage gets ``N / pp`` of them, as whole nodes ``(k, M)`` or an
-    aligned part of one node ``(1, m)``."""
-    M, N = devices_per_node, num_nodes * devices_per_node
-    out = []
-    for pp in range(1, min(N, num_layers) + 1):
-        if N % pp:
-            continue
-        d = N // pp
-        if d >= M and d % M == 0:
-            out.append((pp, (d // M, M)))
-        elif d < M and M % d == 0:
-            out.append((pp, (1, d)))
-    return out
-
-
-def uniform_stages(num_layers: int, pp: int) -> list[tuple[int, int]]:
-    """``pp`` contiguous layer ranges whose sizes differ by at most one (larger ones last)."""
-    bounds = [round(s * num_layers / pp) for s in range(pp + 1)]
-    return list(zip(bounds, bounds[1:]))
+_KEEP_FLOATS = 20_000_000  # ``_dp`` keeps a stage level's blocks between its two passes up to this many
 
 
 class StageInfeasibleError(ValueError):
@@ -180,11 +164,11 @@ class StageProblem:
                         act[i, j, s] = act_mem_fn(i, j, sh) if act_mem_fn else 0.0
         return cls(num_layers, num_nodes, devices_per_node, lat, mem, act, **kwargs)
 
-    @property
+    @functools.cached_property
     def shapes(self) -> list[tuple[int, int]]:
         return submesh_shapes(self.num_nodes, self.devices_per_node)
 
-    @property
+    @functools.cached_property
     def sizes(self) -> list[int]:
         return [n * m for n, m in self.shapes]
 
@@ -226,15 +210,18 @@ def _effective(p: StageProblem, r: int) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(lat, v[None], axis=0)[0], v
 
 
-def _dp(p: StageProblem, cost, smax: int, combine):
-    """F[s][k, d] = best ⊕-combination of cost(s)[m, k, j] ⊕ F[s−1][j, d−|m|]; choice[s][k, d]
-    = flat (j, m) index of the first choice within _TOL of the best (−1: none): the smallest
-    j, then the smallest m at that j.
+def _dp(p: StageProblem, cost, smax: int, combine, unit: int = 1):
+    """F[s][k, d/unit] = best ⊕-combination of cost(s)[m, k, j] ⊕ F[s−1][j, (d−|m|)/unit];
+    choice[s][k, d/unit] = flat (j, m) index of the first choice within _TOL of the best (−1:
+    none): the smallest j, then the smallest m at that j. ``unit`` divides D and the size of
+    every sub-mesh with a finite cost (``stage_prune.device_unit``): d runs over its multiples.
 
     One sub-mesh shape at a time (two passes: the best over every (m, j), then the first
-    choice near it), so the working set is (L, D, L) per shape, not per shape set: with all
-    (m, j) at once it was #shapes × L × D × L floats (10 GB for 96 layers on 128 × 8 devices)."""
-    L, D, sizes = p.num_layers, p.total_devices, p.sizes
+    choice near it), each over the band of range lengths j − k where that shape has a finite
+    cost (after ``stage_prune.prune`` a few lengths per shape), so the working set is
+    (K, D/unit, band) per shape: with all (m, j) at once it was #shapes × L × D × L floats
+    (10 GB for 96 layers on 128 × 8 devices)."""
+    L, D, sizes = p.num_layers, p.total_devices // unit, p.sizes
     F = [np.full((L + 1, D + 1), np.inf)]
     F[0][L, 0] = 0.0
     choice = [None]
@@ -242,20 +229,40 @@ def _dp(p: StageProblem, cost, smax: int, combine):
         K = L - s + 1  # s stages need k ≤ L − s, and the next stage then starts at j ≤ K
         c = cost(s)[:, :K, :K + 1]  # (nS, K, K+1) of (m, k, j)
         prev = F[s - 1][:K + 1].T  # (D+1, K+1) of (d, j)
-        shapes = [(m, n) for m, n in enumerate(sizes) if n <= D]
+        blocks = []
+        for m, size in enumerate(sizes):
+            n = size // unit
+            if n > D or size % unit:
+                continue
+            ks, jf = np.nonzero(np.isfinite(c[m]))
+            if not len(ks):
+                continue
+            lo, hi = int((jf - ks).min()), int((jf - ks).max())  # the band of lengths j − k
+            k0, k1 = int(ks.min()), int(ks.max()) + 1  # rows with a finite cost
+            js = np.arange(k0, k1)[:, None] + np.arange(lo, hi + 1)[None, :]  # (rows, W) of j
+            ok = js <= K
+            jc = np.where(ok, js, K)
+            cb = np.where(ok, np.take_along_axis(c[m][k0:k1], jc, axis=1), np.inf)  # (rows, W)
+            blocks.append((m, n, k0, k1, js, cb, jc))
 
-        def block(m: int, n: int) -> np.ndarray:  # (K, D+1−n, K+1): d = n..D, every j
-            return combine(c[m][:, None, :], prev[None, :D + 1 - n, :])
+        def block(n, cb, jc) -> np.ndarray:  # (rows, D+1−n, W): d = n..D, every j of the band
+            return combine(cb[:, None, :], prev[:D + 1 - n][:, jc].transpose(1, 0, 2))
+        # the blocks of pass 1 are kept for pass 2 while they are small (else recomputed)
+        keep = sum(cb.size * (D + 1 - n) for _, n, _, _, _, cb, _ in blocks) <= _KEEP_FLOATS
+        kept = []
         best = np.full((K, D + 1), np.inf)
-        for m, n in shapes:
-            np.minimum(best[:, n:], block(m, n).min(axis=2), out=best[:, n:])
+        for m, n, k0, k1, js, cb, jc in blocks:
+            v = block(n, cb, jc)
+            kept.append(v if keep else None)
+            np.minimum(best[k0:k1, n:], v.min(axis=2), out=best[k0:k1, n:])
         limit = best * (1 + _TOL)
         first_j = np.full((K, D + 1), K + 1, dtype=np.int64)
         first_m = np.zeros((K, D + 1), dtype=np.int64)
-        for m, n in shapes:
-            near = block(m, n) <= limit[:, n:, None]
-            j = np.argmax(near, axis=2)
-            fj, fm = first_j[:, n:], first_m[:, n:]  # views
+        for (m, n, k0, k1, js, cb, jc), v in zip(blocks, kept):
+            near = (block(n, cb, jc) if v is None else v) <= limit[k0:k1, n:, None]
+            w = np.argmax(near, axis=2)  # first j of the band (the band is in increasing j)
+            j = np.take_along_axis(js, w, axis=1)
+            fj, fm = first_j[k0:k1, n:], first_m[k0:k1, n:]  # views
             take = near.any(axis=2) & (j < fj)
             fj[take], fm[take] = j[take], m
         idx = first_j * len(sizes) + first_m
@@ -267,12 +274,12 @@ def _dp(p: StageProblem, cost, smax: int, combine):
     return F, choice
 
 
-def _plan(p: StageProblem, choice, S: int) -> list[tuple[int, int, int]]:
-    k, d, plan, nS = 0, p.total_devices, [], len(p.sizes)
+def _plan(p: StageProblem, choice, S: int, unit: int = 1) -> list[tuple[int, int, int]]:
+    k, d, plan, nS = 0, p.total_devices // unit, [], len(p.sizes)
     for s in range(S, 0, -1):
         j, m = divmod(int(choice[s][k, d]), nS)
         plan.append((k, j, m))
-        k, d = j, d - p.sizes[m]
+        k, d = j, d - p.sizes[m] // unit
     assert k == p.num_layers and d == 0
     return plan
 
@@ -363,9 +370,11 @@ def _forced(p: StageProblem, forced, num_stages: int | None) -> StageSolution:
     return _solution(p, plan, "forced", lambda r: _effective(p, r)[1])
 
 
-def solve_stages(p: StageProblem, *, num_stages: int | None = None, forced=None) -> StageSolution:
+def solve_stages(p: StageProblem, *, num_stages: int | None = None, forced=None, prune: bool = True) -> StageSolution:
     """Optimal plan (see the module docstring). ``num_stages`` forces S; ``forced`` =
-    [(start, end, submesh_shape or index), …] validates and costs the user's plan."""
+    [(start, end, submesh_shape or index), …] validates and costs the user's plan.
+    ``prune``: drop the candidates no near-optimal plan can use first (``solvers.stage_prune``;
+    exact: the same solution either way)."""
     if forced is not None:
         return _forced(p, forced, num_stages)
     srange, D = _stage_range(p, num_stages), p.total_devices
@@ -373,28 +382,49 @@ def solve_stages(p: StageProblem, *, num_stages: int | None = None, forced=None)
     for s in range(1, max(srange) + 1):
         if _inflight(p, s) not in by_inflight:
             by_inflight[_inflight(p, s)] = _effective(p, s)
+    unit, bound = 1, math.inf
+    if prune:
+        keys = list(by_inflight)
+        least = by_inflight[_inflight(p, 1)][0]
+        bound = stage_prune.upper_bound(lambda r: by_inflight[_inflight(p, r)][0], p.shapes, p.sizes, p.num_layers,
+                                        p.num_nodes, p.devices_per_node, p.num_microbatches, num_stages)
+        effs = stage_prune.prune([by_inflight[k][0] for k in keys], least, p.sizes, D, p.num_microbatches, bound)
+        by_inflight = {k: (e, by_inflight[k][1]) for k, e in zip(keys, effs)}
+        if math.isfinite(bound):
+            unit = stage_prune.device_unit(effs, p.sizes, D)
+            smax = stage_prune.max_stages(effs, p.sizes, p.num_layers, D)
+            srange = [s for s in srange if s <= smax]
     eff = {s: by_inflight[_inflight(p, s)][0] for s in range(1, max(srange) + 1)}  # (nS, L, L+1), ∞: no fit
+    # the other stages' largest latency is at least this (``stage_prune.waste``): with pruning on,
+    # a DP under t_max skips candidates above it
+    rest = stage_prune.waste(eff[1], p.sizes, D) if prune else np.zeros_like(eff[1])
     variant = lambda r: by_inflight[_inflight(p, r)][1]  # noqa: E731
-    Fb, _ = _dp(p, lambda s: eff[s], max(srange), np.maximum)
-    t_lo = min(Fb[s][0, D] for s in srange)
+    Fb, _ = _dp(p, lambda s: eff[s], max(srange), np.maximum, unit)
+    t_lo = min(Fb[s][0, -1] for s in srange)
     if not math.isfinite(t_lo):
         raise _infeasible(p, srange)
     best = None
+    B, finite = p.num_microbatches, eff[1][np.isfinite(eff[1])]
+    t_min = float(finite.min()) if prune and finite.size else 0.0
 
     def run(t_max: float) -> tuple[float, float]:
         """DP under t_max; returns (min over S of Σ t_i, max over S of the plans' max t_i)."""
         nonlocal best
-        F, ch = _dp(p, lambda s: np.where(eff[s] <= t_max, eff[s], np.inf), max(srange), np.add)
-        sols = [_solution(p, _plan(p, ch, s), "optimal", variant) for s in srange if math.isfinite(F[s][0, D])]
+        upper = bound if best is None else min(bound, best.objective_s)
+        top = min(max(srange), stage_prune.stage_count_bound(upper, t_lo, t_min, B))
+        F, ch = _dp(p, lambda s: np.where((eff[s] <= t_max) & (rest <= t_max), eff[s], np.inf), top, np.add, unit)
+        sols = [_solution(p, _plan(p, ch, s, unit), "optimal", variant) for s in srange
+                if s <= top and math.isfinite(F[s][0, -1])]
         for sol in sols:
             if _better(sol, best):
                 best = sol
+        if not sols:  # only plans of more stages than can beat U: nothing under t_max either
+            return math.inf, t_max
         return min(x.total_latency_s for x in sols), max(x.t_max for x in sols)
 
     # Best-first over gaps of not yet covered t_max candidates. A run at t whose plans'
     # largest max is h covers [h, t] (F is constant there); a gap cands[i..j] below a run
     # with Σ = f is bounded by f + (B−1)·cands[i] (F only grows as t_max falls).
-    B = p.num_microbatches
     cands = np.unique(np.concatenate([e[np.isfinite(e) & (e >= t_lo)] for e, _ in by_inflight.values()]))
     f, h = run(math.inf)
     gaps = [(f + (B - 1) * cands[0], 0, int(np.searchsorted(cands, h)) - 1, f)] if B > 1 else []

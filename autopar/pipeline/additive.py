@@ -32,6 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from .costs import CostArrays, StageOption, Sums
+from .pool import prefetch
 
 
 class AdditiveCosts:
@@ -45,6 +46,7 @@ class AdditiveCosts:
         r0, rest = self.options[0], self.options[1:]
         self.variants = [("full", r0), ("lean", r0)] + [("full", r) for r in rest] + [("lean", r) for r in rest]
         L, nS, nV = num_layers, len(self.shapes), len(self.variants)
+        prefetch(coster, [((i, i + 1, sub), r0._asdict()) for i in range(L) for sub in self.shapes])
         first = [[coster.cost(i, i + 1, sub, **r0._asdict()) for sub in self.shapes] for i in range(L)]
         # layers[v][s]: the single-layer costs of variant v on sub-mesh s (None: a placeholder)
         self.layers: list[list[list | None]] = [[None] * nS for _ in range(nV)]
@@ -92,10 +94,33 @@ class AdditiveCosts:
         return {(v, st[2]) for st, v in zip(sol.stages, sol.variants) if self.layers[v][st[2]] is None}
 
     def resolve(self, keys) -> None:
-        """Plan every layer of these (variant, sub-mesh) placeholders; refresh their sums."""
-        for v, s in sorted(keys):
+        """Plan every layer of these (variant, sub-mesh) placeholders, and of the option's other
+        variant on that sub-mesh (a stage that relies on one of an option's variants there
+        likely relies on the other next: one DP round instead of two); refresh their sums.
+        Whole-budget variants first (a lean variant plans on the meshes its full one chose),
+        each group's layer plans handed to ``pool.prefetch`` together."""
+        keys = set(keys)
+        for v, s in list(keys):
+            other = self.variants.index(("lean" if self.variants[v][0] == "full" else "full", self.variants[v][1]))
+            if self.layers[other][s] is None and (self.variants[other][0] == "full" or self.share(s) > 1):
+                keys.add((other, s))
+        full = sorted((v, s) for v, s in keys if self.variants[v][0] == "full")
+        prefetch(self.coster, [((i, i + 1, self.shapes[s]), self.variants[v][1]._asdict())
+                               for v, s in full if self.layers[v][s] is None for i in range(self.L)])
+        for v, s in full:
+            self._plan(v, s)
+        lean = sorted((v, s) for v, s in keys if self.variants[v][0] == "lean")
+        prefetch(self.coster, [r for v, s in lean if self.layers[v][s] is None for r in self._lean_requests(v, s)])
+        for v, s in lean:
             self._plan(v, s)
         self._fill({s for _, s in keys})
+
+    def _lean_requests(self, v: int, s: int) -> list:
+        """``cost`` arguments of the lean variant v's layers on sub-mesh s (its full one planned)."""
+        r = self.variants[v][1]
+        base = self.layers[self.variants.index(("full", r))][s]
+        return [((i, i + 1, self.shapes[s], tuple(c.plan.mesh_shape) if c.fits else None),
+                 dict(share=2 * self.share(s), **r._asdict())) for i, c in enumerate(base)]
 
     def _plan(self, v: int, s: int) -> None:
         if self.layers[v][s] is not None:
@@ -103,11 +128,13 @@ class AdditiveCosts:
         kind, r = self.variants[v]
         sub = self.shapes[s]
         if kind == "full":
+            prefetch(self.coster, [((i, i + 1, sub), r._asdict()) for i in range(self.L)])
             self.layers[v][s] = [self.coster.cost(i, i + 1, sub, **r._asdict()) for i in range(self.L)]
             return
         base = self.variants.index(("full", r))
         self._plan(base, s)
         meshes = [tuple(c.plan.mesh_shape) if c.fits else None for c in self.layers[base][s]]
+        prefetch(self.coster, self._lean_requests(v, s))
         self.layers[v][s] = [self.coster.cost(i, i + 1, sub, mesh, share=2 * self.share(s), **r._asdict())
                              for i, mesh in enumerate(meshes)]
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from .costs import CostArrays, StageCost, entry
 from .inputs import nbytes
+from .pool import prefetch
 
 
 class ExactCosts:
@@ -41,6 +42,8 @@ class ExactCosts:
         progress.phase("plan stage candidates (layer range × sub-mesh)",
                        total=num_layers * (num_layers + 1) // 2 * nS)
         eager = []
+        prefetch(coster, [((i, j, sub), self.options[0]._asdict()) for i in range(num_layers)
+                          for j in range(i + 1, num_layers + 1) for sub in self.shapes])
         for i in range(num_layers):
             for j in range(i + 1, num_layers + 1):
                 for s, sub in enumerate(self.shapes):
@@ -72,6 +75,7 @@ class ExactCosts:
 
     def resolve(self, keys) -> None:
         """Plan these (option, start, end, sub-mesh) candidates for real."""
+        prefetch(self.coster, [((i, j, self.shapes[s]), self.options[r]._asdict()) for r, i, j, s in sorted(keys)])
         for r, i, j, s in sorted(keys):
             self._set(r, i, j, s, self.coster.cost(i, j, self.shapes[s], **self.options[r]._asdict()))
             self.pending.discard((r, i, j, s))

@@ -9,7 +9,9 @@ The forward equations (in program order) are cut into ``L`` contiguous layers:
 inputs — parameters, the batch — are excluded: each stage receives its own). Solved by
 ``_dp``: best[l][j] = min_i best[l−1][i] + cut(i) over the window of i whose layer
 (i, j] fits the cap; the window only slides right, so a monotone deque makes it O(n·L).
-``autopar.stage_boundary`` markers, when present, fix the cuts instead.
+``autopar.stage_boundary`` markers, when present, fix the cuts instead. Without markers and
+without ``num_layers``, a stack of more than 8 repeated blocks (``autopar.pipeline.blocks``)
+gives one layer per block, the layers markers between blocks would give; else 8 layers.
 """
 from __future__ import annotations
 
@@ -20,6 +22,10 @@ import numpy as np
 
 from ..graph import OpGraph, build_graph
 from ..trace import Program
+from .blocks import repeated_blocks
+
+# layers of an unmarked model (``cluster_layers``), unless it repeats more blocks than this
+DEFAULT_LAYERS = 8
 
 
 @dataclass(frozen=True)
@@ -134,11 +140,15 @@ def cluster_layers(graph: OpGraph, num_layers: int | None = None, *, imbalance: 
             raise ValueError(f"num_layers={num_layers} but the function can be cut into at most {cuttable + 1} "
                              "layers: a scan over layers is kept whole in one pipeline layer (cutting a scanned "
                              "layer stack into stages is not supported yet); use fewer layers or unroll the scan")
-        num_layers = num_layers or min(8, n, cuttable + 1)
+        ends = None
+        if num_layers is None:  # a stack of more repeated blocks than the default: one layer each
+            found = repeated_blocks([graph.signatures[i] for i in positions], cut)
+            if found is not None and len(found) + 1 > min(DEFAULT_LAYERS, n, cuttable + 1):
+                ends = found
+        num_layers = num_layers or min(DEFAULT_LAYERS, n, cuttable + 1)
         if not 1 <= num_layers <= n:
             raise ValueError(f"num_layers={num_layers} must be between 1 and the {n} equations")
         cap = max((1 + imbalance) * flops.sum() / num_layers, float(flops.max()))
-        ends = None
         while ends is None:  # relax the balance until a partition exists
             ends = _dp(flops, cut, num_layers, cap)
             cap *= 1.25

@@ -26,6 +26,7 @@ from ..progress import Progress
 from .additive import AdditiveCosts
 from .costs import ChosenStage, CostArrays, StageCost, StageOption, Sums, entry
 from .inputs import ForcedStage, TrainingInputs, nbytes
+from .pool import prefetch
 
 
 def stage_problem(inputs: TrainingInputs, num_layers: int, costs: CostArrays) -> StageProblem:
@@ -143,6 +144,11 @@ def plan_stages(coster, inputs: TrainingInputs, stages, mesh_of, option_of=None)
     with its in-flight micro-batches wins); ``option_of(a, b, sub)``: its
     :class:`StageOption` (default: no remat, no ZeRO-1)."""
     S, out = len(stages), []
+    requests = []
+    for a, b, sub in stages:
+        meshes, option = mesh_of(a, b, sub), StageOption() if option_of is None else option_of(a, b, sub)
+        requests += [((a, b, sub, m), option._asdict()) for m in (meshes if isinstance(meshes, list) else [meshes])]
+    prefetch(coster, requests)
     for k, (a, b, sub) in enumerate(stages):
         meshes, option = mesh_of(a, b, sub), StageOption() if option_of is None else option_of(a, b, sub)
         if not isinstance(meshes, list):

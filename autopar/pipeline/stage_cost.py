@@ -130,6 +130,8 @@ class StageCoster:
         self.solves = self.hits = self.infeasible = 0
         self.min_need = math.inf
         self.progress = progress or Progress()  # told of every stage planned
+        self.workers = 1  # processes for ``pool.prefetch``
+        self.prefetched: set = set()  # keys a worker planned, not yet asked for here
 
     def stage(self, i: int, j: int) -> tuple[Stage, str]:
         """Layers i..j−1 as a stage and its structural key (computed once per range)."""
@@ -151,6 +153,21 @@ class StageCoster:
             res = self.cost_within(i, j, submesh, mesh_shape, self.budget / share, time_limit_s=limit, **kw)
             return res if res.fits else self.cost_within(i, j, submesh, mesh_shape, self.budget, **kw)
         return self.cost_within(i, j, submesh, mesh_shape, self.budget, **kw)
+
+    def plan_key(self, i: int, j: int, submesh, mesh_shape=None, share: float = 1.0, remat: str = "none",
+                 zero: bool = False):
+        """The cache key of the plan ``cost`` makes first for these arguments."""
+        budget = self.budget / share if share > 1.0 else self.budget
+        return (self.program_key(i, j, remat), tuple(submesh), None if mesh_shape is None else tuple(mesh_shape),
+                budget, zero)
+
+    def is_cached(self, i: int, j: int, submesh, mesh_shape=None, share: float = 1.0, remat: str = "none",
+                  zero: bool = False) -> bool:
+        """Whether ``cost`` with these arguments plans nothing new."""
+        hit = self.cache.get(self.plan_key(i, j, submesh, mesh_shape, share, remat, zero))
+        if hit is None:
+            return False
+        return hit.fits or share <= 1.0 or self.plan_key(i, j, submesh, mesh_shape, 1.0, remat, zero) in self.cache
 
     def program_key(self, i: int, j: int, remat: str = "none"):
         """What the stage's traced forward + backward depends on: its structure, and with
@@ -192,6 +209,10 @@ class StageCoster:
         key = (skey, tuple(submesh), None if mesh_shape is None else tuple(mesh_shape), budget, zero)
         hit = self.cache.get(key)
         if hit is not None:
+            if key in self.prefetched:  # planned by a worker (``pool.prefetch``): this is its first use
+                self.prefetched.discard(key)
+                self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]} (planned by a worker)")
+                return hit
             self.hits += 1
             self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]} (same as planned)")
             return hit

@@ -23,6 +23,7 @@ from ..progress import Progress, progress_for
 from .assemble import SearchRecord, assemble
 from .inputs import ForcedStage, TrainingInputs, forced_stages, microbatch_shapes, prepare_inputs  # noqa: F401
 from .layers import Layering, layers_of
+from .pool import resolve_workers
 from .refine import refine
 from .exact import ExactCosts
 from .search import ForcedCosts, additive_search, plan_stages, solution_options, solution_stages, solve_lazily
@@ -79,14 +80,15 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
                   stages=None, num_layers: int | None = None, memory_budget_bytes: float | None = None,
                   solver: str = "auto", time_limit_s: float | None = None, costing: str = "auto",
                   max_exact_pairs: int = 24, mesh_search: str = "auto", split_scans: bool = True,
-                  remat: str = "auto", zero: str = "auto", verbose=False) -> TrainingPlan:
+                  remat: str = "auto", zero: str = "auto", workers="auto", verbose=False) -> TrainingPlan:
     """Plan a training step of ``loss_fn(params, batch) -> scalar mean loss`` with ``optimizer``.
 
     ``mesh_search``: "auto" tries a few logical meshes per sub-mesh (``stage_meshes``),
     "full" every factorization.
 
     The batch is split into ``num_microbatches`` along axis 0; the forward is cut into
-    ``num_layers`` layers (``autopar.stage_boundary`` markers, else the layer-clustering DP,
+    ``num_layers`` layers (``autopar.stage_boundary`` markers, else one per repeated block when
+    the model stacks more than 8 — ``autopar.pipeline.blocks`` —, else the layer-clustering DP,
     default min(8, equations)); the stage DP picks stages and sub-meshes minimising
     Σ t_i + (B − 1)·max t_i, each stage sharded by the intra-op ILP. ``num_stages`` forces the
     stage count; ``stages=[(layer_start, layer_end, (nodes, devices)[, logical_mesh]), …]``
@@ -109,6 +111,9 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
     iteration (identical iterations planned once), each stage holding the slices of its
     iterations; the step still takes and returns the stacked parameters.
 
+    ``workers``: processes that plan independent stage ILPs at once (``autopar.pipeline.pool``;
+    "auto": the cores, on clusters of 32 devices or more); the plan is the same with any number.
+
     Progress (phase, stage plans done of total, best step so far, elapsed) goes to the
     ``"autopar"`` logger at INFO; ``verbose=True`` prints it on stderr, a
     :class:`autopar.progress.Progress` receives it.
@@ -127,6 +132,7 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
         forced = forced_stages(stages, L, inputs.shapes) if stages is not None else None
         coster = StageCoster(inputs, layering.eqn_ranges(inputs.program),
                              autopar_options(inputs, solver, time_limit_s, mesh_search), progress)
+        coster.workers = resolve_workers(workers, inputs.nodes * inputs.spec.devices_per_node)
         mode = choose_costing(costing, forced, L, len(inputs.shapes), max_exact_pairs)
         return plan_pipeline(inputs, layering, coster, progress, mode=mode, forced=forced, num_stages=num_stages,
                              t0=t0, t_trace=t_trace)

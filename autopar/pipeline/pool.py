@@ -1,0 +1,97 @@
+"""Stage ILPs in parallel: the independent intra-op plans a costing step needs (every distinct
+layer on every sub-mesh, a variant's layers on one sub-mesh, every range of the exact
+search) planned by a pool of forked worker processes, each a copy of the parent's
+:class:`~.stage_cost.StageCoster` (traced programs, caches) at the fork.
+
+``prefetch(coster, requests)``: ``requests`` are ``StageCoster.cost`` argument tuples; those
+whose result is not cached are grouped by the plan they need (the structural key: identical
+layers are planned once), handed out in request order and their results merged back into the
+parent's cache in that same order — so what the search sees afterwards (every cost, every
+counter, the least budget that fits) does not depend on the number of workers, nor on which
+worker finished first. A stage ILP is deterministic given its problem (unless its time
+limit stops it, which depends on the machine's load with one worker as with two).
+
+Workers are forked (a traced loss function cannot be pickled). JAX warns that ``os.fork`` does
+not mix with its threads (a lock held by another thread at the fork stays held in the child);
+workers only trace (``jax.make_jaxpr``, no XLA backend, no compilation) and solve ILPs, and
+the warning is silenced here — the one risk is a worker that hangs, not a wrong result. The
+pool is used only where
+it pays: at least two plans to make and ``workers`` > 1 (``resolve_workers``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import warnings
+
+from ..plan_types import Plan
+from ..progress import Progress
+
+# ``workers="auto"``: this many processes at most (the machine's cores, fewer if it has fewer)
+AUTO_WORKERS = 8
+# … and only on sub-meshes this large or larger: small stage ILPs solve in milliseconds, less
+# than forking and pickling a plan costs
+AUTO_MIN_DEVICES = 32
+
+_COSTER = None  # the forked worker's coster (set in the parent right before the fork)
+
+
+def resolve_workers(workers, total_devices: int) -> int:
+    """The worker count for ``plan_training(workers=…)``: an int as given, "auto" the cores
+    (at most ``AUTO_WORKERS``) on clusters of ``AUTO_MIN_DEVICES`` devices or more, else 1."""
+    if workers == "auto":
+        return min(os.cpu_count() or 1, AUTO_WORKERS) if total_devices >= AUTO_MIN_DEVICES else 1
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be 'auto' or an int ≥ 1, got {workers!r}")
+    return workers
+
+
+def _plan_one(args):
+    """In a worker: plan one request; return the cache entries it made and its counters."""
+    coster = _COSTER
+    before = set(coster.cache)
+    solves, infeasible = coster.solves, coster.infeasible
+    coster.cost(*args[0], **args[1])
+    # a plan holds the traced function (not picklable): it travels as its JSON
+    made = {k: (v if v.plan is None else dataclasses.replace(v, plan=v.plan.model_dump_json()))
+            for k, v in coster.cache.items() if k not in before}
+    return made, coster.solves - solves, coster.infeasible - infeasible, coster.min_need
+
+
+def prefetch(coster, requests) -> None:
+    """Plan the uncached ``requests`` ((args, kwargs) of ``coster.cost``) in ``coster.workers``
+    processes; merge in request order (module docstring). Sequential when it does not pay."""
+    if getattr(coster, "workers", 1) <= 1:
+        return  # the caller's own ``cost`` calls plan them one by one
+    todo, seen = [], set()
+    for args, kw in requests:
+        key = coster.plan_key(*args, **kw)
+        if key in seen or coster.is_cached(*args, **kw):
+            continue
+        seen.add(key)
+        todo.append((args, kw))
+    if len(todo) < 2:
+        return
+    global _COSTER
+    progress, coster.progress = coster.progress, Progress()
+    _COSTER = coster
+    try:
+        ctx = multiprocessing.get_context("fork")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+            with ctx.Pool(min(coster.workers, len(todo))) as pool:
+                results = pool.map(_plan_one, todo, chunksize=1)
+    finally:
+        _COSTER = None
+        coster.progress = progress
+    for made, solves, infeasible, min_need in results:
+        for k, v in made.items():
+            coster.cache.setdefault(k, v if v.plan is None else dataclasses.replace(v, plan=Plan.model_validate_json(v.plan)))
+        coster.solves += solves
+        coster.infeasible += infeasible
+        coster.min_need = min(coster.min_need, min_need)
+        coster.prefetched.update(made)  # the caller's first ``cost`` of each is not a cache hit
+
+
+__all__ = ["AUTO_WORKERS", "AUTO_MIN_DEVICES", "resolve_workers", "prefetch"]

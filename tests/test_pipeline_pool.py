@@ -1,0 +1,39 @@
+"""Stage ILPs planned by a pool of worker processes (autopar/pipeline/pool.py): the plan, the
+search record and its counters are the same with one worker and with two."""
+from __future__ import annotations
+
+import optax
+import pytest
+
+from autopar import plan_training
+from autopar.pipeline.pool import resolve_workers
+from conftest import make_cluster
+from examples import gpt, mlp
+
+SKIP = {"timing": True, "stages": {"__all__": {"plan": {"timing"}}},
+        "search": {"refined": {"__all__": {"plan_s"}}}}
+
+
+@pytest.mark.parametrize("costing", ["additive", "exact"])
+def test_one_and_two_workers_give_the_same_plan(devices8, costing):
+    if costing == "additive":
+        model, (params, batch) = gpt, gpt.params_and_batch(batch=16, hidden=64, layers=4, seq=32)
+    else:
+        model, (params, batch) = mlp, mlp.params_and_batch(batch=32, hidden=64, layers=4)
+    kw = dict(optimizer=optax.adam(1e-3), cluster=make_cluster(4), nodes=2, num_microbatches=4,
+              costing=costing, remat="none", zero="auto", time_limit_s=60.0)
+    one = plan_training(model.loss_fn, params, batch, workers=1, **kw)
+    two = plan_training(model.loss_fn, params, batch, workers=2, **kw)
+    assert one.model_dump(exclude=SKIP) == two.model_dump(exclude=SKIP)
+    assert one.search.ilp_solves == two.search.ilp_solves > 1
+
+
+def test_workers_option(devices8):
+    assert resolve_workers(3, 8) == 3
+    assert resolve_workers("auto", 8) == 1  # small clusters: the ILPs are too quick to fork for
+    assert resolve_workers("auto", 1024) >= 1
+    with pytest.raises(ValueError, match="workers"):
+        resolve_workers(0, 8)
+    params, batch = mlp.params_and_batch(batch=16, hidden=32, layers=2)
+    with pytest.raises(ValueError, match="workers"):
+        plan_training(mlp.loss_fn, params, batch, optimizer=optax.sgd(0.1), workers="two")
