@@ -131,7 +131,6 @@ def live_intervals(graph: OpGraph, donated_nodes: set[int], ends: dict[int, int]
     buffer. ``ends``: {value: last use} where XLA reads a value later than its jaxpr consumers
     (``MemoryView.ends``)."""
     n, out = len(graph.nodes), []
-    aliased = aliased_outputs or frozenset()
     last = (lambda v: ends.get(v, graph.last_use(v))) if ends else graph.last_use
     for node in graph.nodes:
         if node.kind == "input" and node.index not in donated_nodes:
@@ -140,7 +139,7 @@ def live_intervals(graph: OpGraph, donated_nodes: set[int], ends: dict[int, int]
             out.append((0, last(node.outputs[0].id) + 1))
         else:
             end = max(last(v.id) for v in node.outputs)
-            reserved = any(v.id in graph.output_values and v.id not in aliased for v in node.outputs)
+            reserved = any(v.id in graph.output_values and v.id not in aliased_outputs for v in node.outputs)
             out.append((0 if reserved else graph.born(node), end + 1))
     return out
 
