@@ -3,13 +3,16 @@
 A ``jax.jit`` cannot span two meshes, so each stage gets its own executables, all on its
 sub-mesh with the shardings of its intra-op plan:
 
-* forward ``(p, a, nd) -> (y, aux, vjp_fn)`` — ``jax.vjp`` of the stage function; the
-  residuals (the returned ``vjp_fn``, a pytree) stay on the stage until its backward; with
+* forward ``(p, a, nd) -> (y, aux, res)`` — ``jax.vjp`` of the stage function; ``res`` are
+  its residuals less those that are the forward's own inputs (parameters above all: a jitted
+  output is a new buffer, so returning them would copy the stage's parameters once per
+  in-flight micro-batch); they stay on the stage until its backward; with
   the stage's ``remat`` option its layers run under ``jax.checkpoint``, so the residuals are
   only what the policy saves and the backward executable recomputes the rest (the two are
   separate executables: XLA cannot merge the recomputation back into the forward);
-* backward ``(vjp_fn, ct[, acc]) -> (acc + dp, da)`` — parameter gradients accumulated over
-  micro-batches in place (the accumulator is donated);
+* backward ``(res, inputs, ct, acc) -> (acc + dp, da)`` — the vjp rebuilt from ``res`` and
+  the forward's inputs; parameter gradients accumulated over micro-batches in place (the
+  accumulator is donated);
 * update ``(params, opt_state, grads) -> (params, opt_state)`` — the optimizer applied to
   the parameters the stage owns, on its own sub-mesh (params/state donated with ``donate``);
   with the stage's ``zero`` (ZeRO-1, ``autopar.pipeline.zero``) its optimizer state lives
@@ -72,17 +75,29 @@ class _StageExec:
         fwd = stage_forward(program, st, P, sp.remat, layer_ranges)  # remat: its layers under jax.checkpoint
         y_sh, aux_sh, p_sh, a_sh = self.y_sh, self.aux_sh, self.p_sh, self.a_sh
 
+        # the vjp's structure and, per residual leaf, which forward input it is (-1: computed);
+        # set when the forward is traced (every micro-batch has the same shapes)
+        self.residual_layout = None
+
         def forward(p, a, nd):
             y, vjp_fn, aux = jax.vjp(lambda p_, a_: fwd(p_, a_, nd), p, a, has_aux=True)
-            return [_wsc(v, s) for v, s in zip(y, y_sh)], [_wsc(v, s) for v, s in zip(aux, aux_sh)], vjp_fn
+            leaves, tree = jax.tree_util.tree_flatten(vjp_fn)
+            ins = list(p) + list(a) + list(nd)
+            which = [next((j for j, x in enumerate(ins) if x is leaf), -1) for leaf in leaves]
+            self.residual_layout = (tree, which)
+            res = [leaf for leaf, j in zip(leaves, which) if j < 0]
+            return [_wsc(v, s) for v, s in zip(y, y_sh)], [_wsc(v, s) for v, s in zip(aux, aux_sh)], res
 
-        def backward(vjp_fn, ct, acc):
+        def backward(res, ins, ct, acc):
+            tree, which = self.residual_layout
+            kept = iter(res)
+            vjp_fn = jax.tree_util.tree_unflatten(tree, [next(kept) if j < 0 else ins[j] for j in which])
             dp, da = vjp_fn(ct)
             dp = [_wsc(x + g, s) for x, g, s in zip(acc, dp, p_sh)]
             return dp, [_wsc(g, s) for g, s in zip(da, a_sh)]
 
         self.forward = jax.jit(forward)
-        self.backward = jax.jit(backward, donate_argnums=(2,))
+        self.backward = jax.jit(backward, donate_argnums=(3,))
 
         # ZeRO-1: each owned parameter's optimizer-state layout (else the parameter's own)
         sizes = dict(zip(plan.axis_names, plan.mesh_shape))
@@ -286,22 +301,23 @@ class PipelineStep:
             if flight.pending[(v, m)] == 0:
                 del flight.acts[(v, m)], flight.pending[(v, m)]
         if here:
-            y, aux, vjp_fn = e.forward(p_in[k], a, nd)
+            y, aux, res = e.forward(p_in[k], a, nd)
+            vjp = (res, list(p_in[k]) + a + nd)  # the inputs by reference: the backward reads them again
         else:  # another process's stage: its outputs are placeholders here
-            y, aux, vjp_fn = [None] * len(s.outs), [None] * len(s.nd_outs), None
+            y, aux, vjp = [None] * len(s.outs), [None] * len(s.nd_outs), None
         for v, val in zip(list(s.outs) + list(s.nd_outs), list(y) + list(aux)):
             if v == self.loss_var:
                 flight.losses.append(val)
             if v in self.consumers:
                 flight.acts[(v, m)] = val
                 flight.pending[(v, m)] = len(self.consumers[v])
-        flight.res[(k, m)] = vjp_fn
+        flight.res[(k, m)] = vjp
 
     def _backward(self, k: int, m: int, flight: "_Flight") -> None:
         """Stage k's backward of micro-batch m: gradients accumulated on the stage, cotangents
         of its activation inputs sent to (and summed on) their producers."""
         B, e, s = self.plan.num_microbatches, self.execs[k], self.stages[k]
-        vjp_fn = flight.res.pop((k, m))
+        vjp = flight.res.pop((k, m))
         da = [None] * len(s.acts_in)
         if self._here(k):
             ct = []
@@ -313,7 +329,7 @@ class PipelineStep:
                     if g is None:  # an output nobody differentiates: zero cotangent
                         g = np.zeros(self.values[v].shape, self.values[v].dtype)
                 ct.append(jax.device_put(g, sh))
-            flight.acc[k], da = e.backward(vjp_fn, ct, e.zero_grads() if flight.acc[k] is None else flight.acc[k])
+            flight.acc[k], da = e.backward(*vjp, ct, e.zero_grads() if flight.acc[k] is None else flight.acc[k])
         for v, g, a_sh in zip(s.acts_in, da, e.a_sh):
             j = self.producer[v]
             g = self._move(g, a_sh, self.execs[j].ct_sh[self.stages[j].outs.index(v)], self.values[v])
