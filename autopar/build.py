@@ -108,7 +108,8 @@ class IntraProblem:
 
 def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float | None,
                   donated_inputs=(), tie_repeats: bool = True, allowed=None, allowed_reshard=None,
-                  input_usage_scale=None, carried=(), reshard_cache: ReshardCache | None = None) -> IntraProblem:
+                  input_usage_scale=None, carried=(), reshard_cache: ReshardCache | None = None,
+                  split_backward: bool = False) -> IntraProblem:
     """``donated_inputs``: flat input indices whose buffers the step may reuse; each must keep
     the sharding of the output it aliases (alias constraint: an edge with ∞ off the diagonal).
 
@@ -124,7 +125,9 @@ def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float
 
     ``input_usage_scale`` {input index: k} counts k bytes per byte of that input (same
     sharding): pipeline stages charge a parameter for its gradient accumulator and optimizer
-    state, which live on the stage all step long.
+    state, which live on the stage all step long; ``split_backward``: the program's forward
+    and backward run as separate executables (a pipeline stage), so XLA cannot merge a
+    ``jax.checkpoint``'s recomputation back into the forward (``build_nodes.memory_view``).
 
     ``tie_repeats`` (default on) ties repeated layers (``autopar.repeats``); it kept the
     optimum on every GPT size we measured. ``reshard_cache``: resharding matrices shared with
@@ -137,7 +140,7 @@ def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float
     aliases = match_donations(graph, donated_inputs)
     aliased = frozenset(graph.program.outvars[k] for _, k in aliases)
     nodes = node_terms(graph, mesh, strats, signatures, donated_nodes={i for i, _ in aliases}, aliased_outputs=aliased,
-                       input_usage_scale=input_usage_scale)
+                       input_usage_scale=input_usage_scale, split_backward=split_backward)
     cache = reshard_cache if reshard_cache is not None else ReshardCache()
     remat = rematerialized(graph)
     edges = operand_edges(graph, mesh, strats, cache, remat=remat, allowed_reshard=allowed_reshard)

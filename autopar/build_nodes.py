@@ -73,12 +73,14 @@ def restrict_inputs(graph: OpGraph, strats, allowed) -> list:
 
 def node_terms(graph: OpGraph, mesh: MeshModel, strats, signatures, *, donated_nodes: set[int],
                aliased_outputs: frozenset = frozenset(), input_usage_scale=None,
-               platform: str | None = None) -> NodeTerms:
+               platform: str | None = None, split_backward: bool = False) -> NodeTerms:
     """Costs and memory of every node; ``input_usage_scale`` {input: k} counts k bytes per
     byte of that input, donated inputs are free after their last read. ``platform`` (default:
     the cluster's device kind, ``mesh.device_kind``: the compiler the plan is made for)
-    decides whether XLA undoes ``jax.checkpoint`` (:func:`remat_cse`)."""
-    view = memory_view(graph, platform or mesh.device_kind)
+    decides whether XLA undoes ``jax.checkpoint`` (:func:`remat_cse`); with
+    ``split_backward`` (a pipeline stage: ``autopar.pipeline.halves``) the forward and the
+    backward are separate executables and nothing is merged across them."""
+    view = memory_view(graph, platform or mesh.device_kind, merge_recompute=not split_backward)
     fused = view.free | written_into_outputs(graph, view, aliased_outputs)
     comp_all, comm_all, costs, usages = [], [], [], []
     cost_cache: dict = {}
@@ -238,19 +240,20 @@ class MemoryView:
     cse: dict[int, int]      # recomputed value -> the forward value CSE replaced it with
 
 
-def memory_view(graph: OpGraph, platform: str) -> MemoryView:
+def memory_view(graph: OpGraph, platform: str, *, merge_recompute: bool = True) -> MemoryView:
     """What XLA materialises and until when, beyond program-order liveness of the jaxpr:
 
     * ``fused_nodes`` and :func:`elementwise_fused` hold no memory; an elementwise op fused
       into its readers is computed inside their fusion, so its operands are read there: their
       last use moves to the op's last reader.
     * :func:`remat_cse` (XLA:CPU only): a recomputed equation of a ``jax.checkpoint`` is
-      merged with the forward one, whose value stays live until the recomputation's readers.
+      merged with the forward one, whose value stays live until the recomputation's readers
+      (not with ``merge_recompute`` off: the recomputation runs in another executable).
     * a scan body's value that is stacked into the loop's ys is written into the stacked
       buffer where it is made (``dynamic-update-slice`` fusion): its own buffer ends at its
       last other reader; :func:`sliced_in_place` slices hold nothing.
     """
-    cse = {} if barriers_survive_cse(platform) else remat_cse(graph)
+    cse = {} if barriers_survive_cse(platform) or not merge_recompute else remat_cse(graph)
     merged = frozenset(node.index for node in graph.nodes if node.outputs and all(o.id in cse for o in node.outputs))
     chain = elementwise_fused(graph, cross_remat=not barriers_survive_cse(platform)) - merged
     free = fused_nodes(graph) | chain | merged | sliced_in_place(graph)

@@ -24,7 +24,7 @@ STAGES = [(0, 1, (1, 4), (4,)), (1, 2, (1, 4), (4,))]
 KW = dict(cluster=make_cluster(4), nodes=2, num_microbatches=2, schedule="gpipe", remat="none", stages=STAGES)
 # measured: without ZeRO-1 stage 1 needs 4.30 MB per device (parameters replicated: the
 # data-parallel layout), with it 3.51 MB (its Adam state 1.05 MB → 262 kB per device);
-# stage 0 needs 2.85 MB either way (its parameters sharded)
+# stage 0 needs 3.05 MB either way (its parameters sharded)
 BUDGET = 3.7e6
 
 
@@ -40,7 +40,7 @@ def tight(model):
 
 def test_zero1_is_chosen_where_memory_needs_it_and_runs_equal(devices8, model, tight):
     params, batch = model
-    with pytest.raises(PlanError, match="smallest budget that fits is 42959"):
+    with pytest.raises(PlanError, match="smallest budget that fits is 4296330 "):
         plan_training(loss_fn, params, batch, optimizer=OPT, memory_budget_bytes=BUDGET, zero="none", **KW)
     assert [s.zero for s in tight.stages] == [False, True]
     assert all(s.memory_bytes_per_device <= BUDGET for s in tight.stages)

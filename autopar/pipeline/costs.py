@@ -8,7 +8,11 @@ Costs per stage and micro-batch (seconds, bytes per device):
   logical mesh, plus ``send``: 2·(α + bytes_in / (n_dev·bw)) for the activations coming in and
   their gradients going back (bw, α: the inter-node link when the cluster has several nodes,
   else the intra-node link). Forward/backward split 1 : 2 (``FWD_SHARE``).
-* act = the stage's ``jax.vjp`` residuals (activations kept for the backward) / n_dev.
+* act = the stage's residuals (the values its backward reads from its forward) on one
+  device, in the layouts of its plan (``autopar.pipeline.halves``: the runtime runs that
+  planned program cut in two, so these are the bytes it keeps per in-flight micro-batch); a
+  layer range not planned yet (``StageCoster.activation``) counts the ``jax.vjp`` residuals
+  / n_dev, a lower bound.
 * static = the ILP's peak for one micro-batch − act, where the ILP charges every parameter
   (2 + r)× its bytes (itself, its gradient accumulator and optimizer state; r =
   optimizer-state bytes per parameter byte); ``persist`` is that parameter part. With ZeRO-1

@@ -42,6 +42,7 @@ from ..emit import MeshError, make_mesh, named
 from ..pytree_json import treedef_from_json
 from ..runtime import PlanMismatchError
 from .schedule import execution_order
+from .halves import planned_halves
 from .stages import owners, split_program, stage_forward
 from .inputs import microbatch_shapes, trace_loss
 from .zero import zero_spec
@@ -75,24 +76,35 @@ class _StageExec:
         fwd = stage_forward(program, st, P, sp.remat, layer_ranges)  # remat: its layers under jax.checkpoint
         y_sh, aux_sh, p_sh, a_sh = self.y_sh, self.aux_sh, self.p_sh, self.a_sh
 
-        # the vjp's structure and, per residual leaf, which forward input it is (-1: computed);
-        # set when the forward is traced (every micro-batch has the same shapes)
+        halves = planned_halves(fwd, program, st, P, plan, self.mesh)
+        self.halves = halves
+        self.follows_plan = halves is not None  # the stage's planned program, constraints and all
+        # without it: jax.vjp of the stage forward under the boundary shardings; per residual
+        # leaf, which forward input it is (-1: computed), set when the forward is traced
         self.residual_layout = None
+        n_p = len(st.params)
 
         def forward(p, a, nd):
-            y, vjp_fn, aux = jax.vjp(lambda p_, a_: fwd(p_, a_, nd), p, a, has_aux=True)
-            leaves, tree = jax.tree_util.tree_flatten(vjp_fn)
-            ins = list(p) + list(a) + list(nd)
-            which = [next((j for j, x in enumerate(ins) if x is leaf), -1) for leaf in leaves]
-            self.residual_layout = (tree, which)
-            res = [leaf for leaf, j in zip(leaves, which) if j < 0]
+            if halves is not None:
+                outs = halves.forward(*p, *a, *nd)
+                y, aux, res = outs[:ny], outs[ny:ny + naux], list(outs[ny + naux:])
+            else:
+                y, vjp_fn, aux = jax.vjp(lambda p_, a_: fwd(p_, a_, nd), p, a, has_aux=True)
+                leaves, tree = jax.tree_util.tree_flatten(vjp_fn)
+                ins = list(p) + list(a) + list(nd)
+                which = [next((j for j, x in enumerate(ins) if x is leaf), -1) for leaf in leaves]
+                self.residual_layout = (tree, which)
+                res = [leaf for leaf, j in zip(leaves, which) if j < 0]
             return [_wsc(v, s) for v, s in zip(y, y_sh)], [_wsc(v, s) for v, s in zip(aux, aux_sh)], res
 
         def backward(res, ins, ct, acc):
-            tree, which = self.residual_layout
-            kept = iter(res)
-            vjp_fn = jax.tree_util.tree_unflatten(tree, [next(kept) if j < 0 else ins[j] for j in which])
-            dp, da = vjp_fn(ct)
+            if halves is not None:
+                grads = halves.backward(*res, *[ins[i] for i in halves.reads], *ct)
+                dp, da = grads[:n_p], grads[n_p:]
+            else:
+                tree, which = self.residual_layout
+                kept = iter(res)
+                dp, da = jax.tree_util.tree_unflatten(tree, [next(kept) if j < 0 else ins[j] for j in which])(ct)
             dp = [_wsc(x + g, s) for x, g, s in zip(acc, dp, p_sh)]
             return dp, [_wsc(g, s) for g, s in zip(da, a_sh)]
 

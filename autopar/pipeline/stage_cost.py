@@ -22,6 +22,7 @@ from ..trace import Program, trace
 from .costs import INFEASIBLE, StageCost
 from .inputs import TrainingInputs, nbytes
 from .zero import gather_time, optimizer_bytes, reserved_bytes
+from .halves import cut_train, residual_bytes_per_device
 from .stages import Stage, residual_bytes, split_program, stage_abstract_args, stage_forward, stage_train
 
 # per intra-op stage plan when time_limit_s is None: small stages solve exactly in well under a
@@ -221,8 +222,9 @@ class StageCoster:
             fwd = stage_forward(self.program, st, self.P, remat, self.layer_eqns[i:j])
             args = stage_abstract_args(self.program, st, self.P)
             prog = trace(stage_train(fwd), *args)
-            self.traced[skey] = (fwd, args, prog, build_graph(prog), residual_bytes(fwd, *args[:3]))
-        fwd, (p, a, nd, ct), prog, graph, res_bytes = self.traced[skey]
+            self.traced[skey] = (fwd, args, prog, build_graph(prog), residual_bytes(fwd, *args[:3]),
+                                 cut_train(fwd, args, prog, len(st.outs) + len(st.nd_outs)))
+        fwd, (p, a, nd, ct), prog, graph, res_bytes, cut = self.traced[skey]
         cl, n = sub_cluster(self.spec, submesh)
         n_dev = submesh[0] * submesh[1]
         p_bytes = [nbytes(x) for x in p]
@@ -233,7 +235,7 @@ class StageCoster:
             scale = {i: 2.0 + (0.0 if zero else self.opt_ratio) for i in range(len(p))}
             hooks = PlanHooks(
                 mesh_shapes=stage_meshes(submesh, self.mesh_search), traced=(prog, graph),
-                restrict=lambda shape: {"input_usage_scale": scale, **(
+                restrict=lambda shape: {"input_usage_scale": scale, "split_backward": True, **(
                     {} if self.restrict is None else self.restrict((p, a, nd, ct), tuple(shape)))},
                 strategy_name=self.strategy_name, warm_start=self._warm_start((p, a, nd, ct), key[:2]),
                 problems=self.problems.setdefault((*key[:2], zero), {}), reshard_cache=self.reshard_cache, carry=False)
@@ -256,7 +258,9 @@ class StageCoster:
         sizes = dict(zip(sp.axis_names, sp.mesh_shape))
         p_specs = sp.input_specs_flat[:len(p)]
         param_dev = sum(b / shard_factor(spec, sizes) for b, spec in zip(p_bytes, p_specs))
-        act = res_bytes / n_dev
+        # the residuals in their planned layouts, as the runtime keeps them (pipeline.halves); a
+        # replicated one is whole on every device
+        act = residual_bytes_per_device(prog, cut, sp) if cut is not None else res_bytes / n_dev
         in_bytes = sum(vals[v].nbytes for v in list(st.acts_in) + list(st.nd_acts_in))
         link = self.spec.inter_node_link if self.nodes > 1 else self.spec.intra_node_link
         bw = (self.spec.inter_node_bandwidth_per_device() if self.nodes > 1 else link.bandwidth_bytes_per_s) * n_dev

@@ -30,7 +30,7 @@ class StagePlan(_Frozen):
     owned_params: list[int]           # flat param leaves updated by the stage (first reader)
     batch: list[int]                  # flat batch leaves read by the stage
     param_bytes_per_device: float
-    activation_bytes_per_device: float  # vjp residuals of one micro-batch (sharded estimate)
+    activation_bytes_per_device: float  # residuals of one micro-batch on one device, in the planned layouts
     inflight_microbatches: int
     memory_bytes_per_device: float    # static (params, grads, accumulators, optimizer state) + in-flight activations
     remat: str = "none"               # activation rematerialisation of its layers: "none" | "dots" | "full"
