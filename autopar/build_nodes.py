@@ -80,13 +80,17 @@ def node_terms(graph: OpGraph, mesh: MeshModel, strats, signatures, *, donated_n
     decides whether XLA undoes ``jax.checkpoint`` (:func:`remat_cse`)."""
     view = memory_view(graph, platform or mesh.device_kind)
     fused = view.free | written_into_outputs(graph, view, aliased_outputs)
+    in_fusion = traffic_fused(graph) if mesh.fuse_elementwise else frozenset()
     comp_all, comm_all, costs, usages = [], [], [], []
     cost_cache: dict = {}
     for node, ss, sig in zip(graph.nodes, strats, signatures):
         key = sig if node.kind == "eqn" else (node.kind, node.outputs[0].shape, str(node.outputs[0].dtype),
                                                tuple(x.name for x in ss))
+        skip = (node.index in in_fusion,
+                tuple(hasattr(x, "id") and graph.producer[x.id][0] in in_fusion for x in node.operands))
+        key = (key, skip) if in_fusion else key
         if key not in cost_cache:
-            cost_cache[key] = _op_costs(node, ss, mesh)
+            cost_cache[key] = _op_costs(node, ss, mesh, *skip)
         comp, comm, use = cost_cache[key]
         if input_usage_scale and node.kind == "input" and node.index in input_usage_scale:
             use = use * float(input_usage_scale[node.index])
@@ -99,8 +103,10 @@ def node_terms(graph: OpGraph, mesh: MeshModel, strats, signatures, *, donated_n
     return NodeTerms(comp_all, comm_all, costs, usages, live_intervals(graph, donated_nodes, view.ends, aliased_outputs))
 
 
-def _op_costs(node, strats, mesh):
-    """(compute s, collective s, output bytes per device) per strategy of one node."""
+def _op_costs(node, strats, mesh, skip_out: bool = False, skip_in: tuple = ()):
+    """(compute s, collective s, output bytes per device) per strategy of one node; memory
+    traffic leaves out its output (``skip_out``) and the operands (``skip_in``) that stay inside
+    a loop fusion (:func:`traffic_fused`)."""
     comp = np.zeros(len(strats))
     comm = np.zeros(len(strats))
     use = np.zeros(len(strats))
@@ -113,9 +119,10 @@ def _op_costs(node, strats, mesh):
         factors = [shard_factor(sp, mesh.shape) for sp in s.out_specs]
         factors += [shard_factor(sp, mesh.shape) for sp in s.in_specs if sp is not None]
         div = s.work_div or max(factors, default=1)
-        nbytes = sum(local_nbytes(v, sp, mesh.shape) for v, sp in zip(node.outputs, s.out_specs))
-        use[i] = nbytes
-        nbytes += sum(local_nbytes(o, sp, mesh.shape) for o, sp in zip(node.operands, s.in_specs))
+        use[i] = sum(local_nbytes(v, sp, mesh.shape) for v, sp in zip(node.outputs, s.out_specs))
+        nbytes = 0.0 if skip_out else use[i]
+        nbytes += sum(local_nbytes(o, sp, mesh.shape) for k, (o, sp) in enumerate(zip(node.operands, s.in_specs))
+                      if not (k < len(skip_in) and skip_in[k]))
         comp[i] = 0.0 if view else compute_time(mesh, node.flops / div, nbytes * node.repeat, dtype)  # flops × repeat
         comm[i] = sum(collective_time(mesh, k, ax, n) for k, ax, n in s.comm) * node.repeat
     return comp, comm, use
@@ -309,6 +316,29 @@ def remat_cse(graph: OpGraph) -> dict[int, int]:
         else:
             seen.setdefault(key, node.outputs)
     return alias
+
+
+def traffic_fused(graph: OpGraph) -> frozenset[int]:
+    """Ops whose output XLA keeps inside its readers' loop fusion, for compute time
+    (``ClusterSpec.fuse_elementwise``): :func:`fused_nodes`, and every elementwise op whose
+    readers are all elementwise ops of the same scope and scan (an expensive one, ``EXPENSIVE``:
+    one reader), no program output. Its output is never written and its readers never read it
+    from memory; a chain costs what it reads from outside and what it writes at its end.
+    Unlike :func:`elementwise_fused` (memory) it does not ask whether the chain frees memory."""
+    from .strategies.elementwise import ELEMENTWISE
+    elementwise = frozenset(ELEMENTWISE) - _NOT_FUSED
+    out = set(fused_nodes(graph))
+    for node in graph.nodes:
+        if node.kind != "eqn" or node.name not in elementwise or len(node.outputs) != 1:
+            continue
+        v = node.outputs[0].id
+        users = {u for u, _ in graph.consumers.get(v, [])}
+        if not users or v in graph.output_values or (node.name in EXPENSIVE and len(users) > 1):
+            continue
+        if all(graph.nodes[u].name in elementwise and graph.nodes[u].eqn.scope == node.eqn.scope
+               and graph.nodes[u].repeat == node.repeat for u in users):
+            out.add(node.index)
+    return frozenset(out)
 
 
 def elementwise_fused(graph: OpGraph, *, cross_remat: bool = True) -> set[int]:

@@ -290,7 +290,7 @@ def assemble_plan(fn, program, ip: IntraProblem, sol, spec: ClusterSpec, nodes: 
         u, j = graph.producer[program.outvars[k]]
         value = program.values[program.outvars[k]]
         loop_s += resharding(mesh, value.shape, value.itemsize, chosen[u].out_specs[j], in_specs[i])[0]
-    predicted = Predicted(step_time_s=compute_s + comm_s, compute_s=compute_s, comm_s=comm_s,
+    predicted = Predicted(step_time_s=compute_s + comm_s + spec.step_overhead_s, compute_s=compute_s, comm_s=comm_s,
                           comm_bytes_per_device=sum(c.bytes for c in colls), peak_memory_bytes=peak,
                           collectives=colls, by_kind=by_kind, loop_reshard_s=loop_s)
     eqn_offset = len(program.invars) + len(program.consts)

@@ -97,6 +97,14 @@ class AxisLink:
     alpha_s: float
     bandwidth_bytes_per_s: float
     crosses_nodes: bool
+    by_kind: tuple[tuple[str, float, float], ...] = ()   # (kind, α, bandwidth): LinkSpec.by_kind
+
+    def terms(self, kind: str) -> tuple[float, float]:
+        """(α, bandwidth) a collective of ``kind`` sees on this axis."""
+        for k, a, bw in self.by_kind:
+            if k == kind:
+                return a, bw
+        return self.alpha_s, self.bandwidth_bytes_per_s
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,7 @@ class MeshModel:
     hbm_bandwidth_bytes_per_s: float
     memory_bytes: int
     device_name: str = ""    # the cluster spec's device name (``device_kind`` reads it)
+    fuse_elementwise: bool = False   # ClusterSpec.fuse_elementwise
 
     @property
     def device_kind(self) -> str:
@@ -142,32 +151,39 @@ def mesh_model(cluster: ClusterSpec, nodes: int, mesh_shape: tuple[int, ...]) ->
     for i, size in enumerate(mesh_shape):
         stride = math.prod(mesh_shape[i + 1:])
         crosses = len({(k * stride) // dpn for k in range(size)}) > 1
-        if crosses:
-            bw = min(cluster.inter_node_bandwidth_per_device(), cluster.intra_node_link.bandwidth_bytes_per_s)
-            links.append(AxisLink(size, cluster.inter_node_link.alpha_s, bw, True))
+        if crosses:   # a device's share of the node's NICs, never above its own intra-node link
+            share = cluster.nics_per_node / dpn
+            intra_bw = cluster.intra_node_link.bandwidth_bytes_per_s
+            inter = cluster.inter_node_link
+            bw = min(cluster.inter_node_bandwidth_per_device(), intra_bw)
+            kinds = tuple((k, t.alpha_s, min(t.bandwidth_bytes_per_s * share, cluster.intra_node_link.terms(k)
+                                             .bandwidth_bytes_per_s)) for k, t in sorted(inter.by_kind.items()))
+            links.append(AxisLink(size, inter.alpha_s, bw, True, kinds))
         else:
             intra = cluster.intra_node_link
-            links.append(AxisLink(size, intra.alpha_s, intra.bandwidth_bytes_per_s, False))
-    d = cluster.device
-    return MeshModel(tuple(mesh_shape), tuple(links), tuple(sorted(d.peak_flops.items())),
-                     d.hbm_bandwidth_bytes_per_s, d.memory_bytes, d.name)
+            kinds = tuple((k, t.alpha_s, t.bandwidth_bytes_per_s) for k, t in sorted(intra.by_kind.items()))
+            links.append(AxisLink(size, intra.alpha_s, intra.bandwidth_bytes_per_s, False, kinds))
+    d = cluster.device   # every device of the mesh busy: each gets 1/shared_by of its hardware
+    peaks = tuple(sorted((k, v / d.shared_by) for k, v in d.peak_flops.items()))
+    return MeshModel(tuple(mesh_shape), tuple(links), peaks, d.hbm_bandwidth_bytes_per_s / d.shared_by,
+                     d.memory_bytes, d.name, cluster.fuse_elementwise)
 
 
-def _ring(mesh: MeshModel, axes) -> tuple[int, float, float]:
+def _ring(mesh: MeshModel, axes, kind: str) -> tuple[int, float, float]:
     p = mesh.axes_size(axes)
-    alpha = max(mesh.links[a].alpha_s for a in axes)
-    bw = min(mesh.links[a].bandwidth_bytes_per_s for a in axes)
-    return p, alpha, bw
+    terms = [mesh.links[a].terms(kind) for a in axes]
+    return p, max(a for a, _ in terms), min(bw for _, bw in terms)
 
 
 def collective_time(mesh: MeshModel, kind: str | Collective, axes: tuple[int, ...], nbytes: float) -> float:
     """Seconds for one collective of ``kind`` over mesh ``axes`` moving ``nbytes`` (see module doc)."""
     if not axes or nbytes <= 0:
         return 0.0
-    p, alpha, bw = _ring(mesh, axes)
+    c = collective(kind)
+    p, alpha, bw = _ring(mesh, axes, c.name)
     if p == 1:
         return 0.0
-    return collective(kind).time(p, alpha, bw, nbytes)
+    return c.time(p, alpha, bw, nbytes)
 
 
 def p2p_time(link_alpha_s: float, bandwidth_bytes_per_s: float, nbytes: float) -> float:
