@@ -69,15 +69,20 @@ class Timer:
 
     def __call__(self, fn, *args) -> tuple[float, float]:
         """(median seconds, spread) of ``fn(*args)``."""
-        for _ in range(self.warmup):
-            jax.block_until_ready(fn(*args))
-        ts = []
+        return self.many([fn], *args)[0]
+
+    def many(self, fns, *args) -> list[tuple[float, float]]:
+        """(median, spread) of each ``fn(*args)``, timed in turn (a change of load hits all alike)."""
+        for fn in fns:
+            for _ in range(self.warmup):
+                jax.block_until_ready(fn(*args))
+        ts = [[] for _ in fns]
         for _ in range(self.repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            ts.append(time.perf_counter() - t0)
-        med = statistics.median(ts)
-        return med, (max(ts) - min(ts)) / med
+            for k, fn in enumerate(fns):
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(*args))
+                ts[k].append(time.perf_counter() - t0)
+        return [(statistics.median(t), (max(t) - min(t)) / statistics.median(t)) for t in ts]
 
 
 def _devices() -> list:
@@ -200,14 +205,14 @@ def collective_samples(timer: Timer, sizes: Sizes, bandwidth: float, meshes=None
                     in_bytes = nbytes // p if kind == "all-gather" else nbytes
                     m = max(p * p, in_bytes // 4 // (p * p) * p * p)   # float32s, divisible by p²
                     x = _global(mesh, (m,), "float32")
-                    times, glue = [], 0
-                    for k in (1, 1 + CHAIN):
-                        def body(v, k=k):
-                            nonlocal glue
-                            for _ in range(k):
-                                v, glue = _one(kind, v, names[axis], p)
-                            return v
-                        times.append(timer(_sharded(mesh, body), x))
+                    glue = 0
+
+                    def body(v, k):
+                        nonlocal glue
+                        for _ in range(k):
+                            v, glue = _one(kind, v, names[axis], p)
+                        return v
+                    times = timer.many([_sharded(mesh, lambda v, k=k: body(v, k)) for k in (1, 1 + CHAIN)], x)
                     per_op = (times[1][0] - times[0][0]) / CHAIN - glue / bandwidth
                     spread = max(times[0][1], times[1][1])
                     floor = 0.05 * times[1][0] / (1 + CHAIN)   # noise can make the difference ≤ 0

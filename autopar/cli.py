@@ -174,6 +174,8 @@ def cmd_calibrate(ns) -> int:
     import jax
 
     from .calibrate import Timer, calibrate, report, write
+    if Path(ns.out).suffix != ".json":
+        raise ValueError(f"--out must name a .json file, got {ns.out!r}")
     if (ns.repeats is not None and ns.repeats < 1) or ns.warmup < 0:
         raise SystemExit(f"autopar: --repeats must be ≥ 1 and --warmup ≥ 0, got {ns.repeats} and {ns.warmup}")
     timer = Timer(ns.warmup, ns.repeats) if ns.repeats is not None else None  # None: --quick's

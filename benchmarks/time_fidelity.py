@@ -11,7 +11,8 @@ the way the hardware does?
    searched) and the four intra-op baselines (data parallel, FSDP, Megatron, DP×TP) with the
    calibrated spec — five *candidates* per config.
 3. Run each candidate (``plan.apply``, inputs placed in the plan's layouts beforehand), compile,
-   warm up, then time ``--repeats`` calls: median step time and spread (max − min) / median.
+   warm up, then time ``--repeats`` calls of each, the candidates of a config in turn (so a change
+   of machine load hits them alike): median step time and spread (max − min) / median.
 
 Reports, against the issue's targets: median and max |relative error| (predicted − measured) /
 measured over all candidates; Spearman and Kendall rank correlation of predicted vs measured,
@@ -81,23 +82,39 @@ def _candidates(fn, abstract, spec, batch_argnums):
     return out
 
 
-def measure_plan(plan, fn, concrete, timer) -> tuple[float, float]:
-    sharded = plan.apply(fn)
-    args = sharded.shard_inputs(*concrete)
-    return timer(sharded, *args)
+def measure_interleaved(calls: dict, warmup: int, repeats: int) -> dict:
+    """{name: (median s, spread)} of the zero-argument ``calls``, timed in turn (call 1 of each,
+    then call 2 of each, …) so that a change of machine load hits every candidate alike."""
+    import jax
+    for fn in calls.values():
+        for _ in range(warmup):
+            jax.block_until_ready(fn())
+    times = {k: [] for k in calls}
+    for _ in range(repeats):
+        for k, fn in calls.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[k].append(time.perf_counter() - t0)
+    return {k: (float(np.median(ts)), float((max(ts) - min(ts)) / np.median(ts))) for k, ts in times.items()}
 
 
-def run_config(cfg, spec, timer, scale: int) -> list[dict]:
+def run_config(cfg, spec, warmup: int, repeats: int, scale: int) -> list[dict]:
     name, module, fn_name, knobs, batch_argnums = cfg
     knobs = dict(knobs, batch=knobs["batch"] * scale)
     fn, abstract, concrete = _build(module, fn_name, knobs)
-    rows = []
-    for cand, (plan, info) in _candidates(fn, abstract, spec, batch_argnums).items():
+    plans, calls, rows = _candidates(fn, abstract, spec, batch_argnums), {}, []
+    for cand, (plan, _) in plans.items():
+        if plan is not None:
+            sharded = plan.apply(fn)
+            args = sharded.shard_inputs(*concrete)
+            calls[cand] = lambda sharded=sharded, args=args: sharded(*args)
+    timed = measure_interleaved(calls, warmup, repeats)
+    for cand, (plan, info) in plans.items():
         row = dict(config=name, candidate=cand, knobs=knobs)
         if plan is None:
             rows.append(dict(row, status="no plan", note=info))
             continue
-        measured, spread = measure_plan(plan, fn, concrete, timer)
+        measured, spread = timed[cand]
         p = plan.predicted
         rows.append(dict(row, status="ok", mesh=list(plan.mesh_shape), plan_s=info, predicted_s=p.step_time_s,
                          compute_s=p.compute_s, comm_s=p.comm_s, collectives=len(p.collectives),
@@ -267,7 +284,8 @@ def write(rows, summary, meta, fits_text: str, out: Path) -> None:
           f"`{meta['command']}` — {meta['devices']} {meta['device_kind']} devices, jax {meta['jax']}, "
           f"{meta['cores']} cores, load average {meta['load_before']} before / {meta['load_after']} after, "
           f"{meta['wall_s']:.0f} s. Code: {meta['code']}. Each candidate: compiled, {meta['warmup']} warm-up "
-          f"calls, then the median of {meta['repeats']} timed calls; spread = (max − min) / median. Error = "
+          f"calls, then the median of {meta['repeats']} timed calls, the candidates of a config timed in turn; "
+          "spread = (max − min) / median. Error = "
           "(predicted − measured) / measured.\n",
           "## Summary\n", "\n".join(headline(summary)) + "\n",
           "## Per config\n", per_config_table(summary) + "\n",
@@ -297,7 +315,7 @@ def main():
     if a.repeats < 5 and not a.quick:
         raise SystemExit(f"--repeats must be ≥ 5 for a reported run, got {a.repeats}")
     import jax
-    from autopar.calibrate import Timer, calibrate, report, write as write_spec
+    from autopar.calibrate import calibrate, report, write as write_spec
     from autopar.cost import load_cluster
     from autopar.cost.calibration import Calibration, format_fits
     t0 = time.perf_counter()
@@ -315,12 +333,11 @@ def main():
         print(fits_text)
         spec_path, _ = write_spec(spec, cal, out / ("time_fidelity_spec_quick.json" if a.quick
                                                     else "time_fidelity_spec.json"))
-    timer = Timer(a.warmup, a.repeats)
     cfgs = [c for c in CONFIGS if (not a.quick or c[0] in QUICK) and (not a.only or any(s in c[0] for s in a.only))]
     rows = []
     for cfg in cfgs:
         print(f"{cfg[0]}: planning {len(CANDIDATES)} candidates, measuring …", flush=True)
-        rows += run_config(cfg, spec, timer, a.scale)
+        rows += run_config(cfg, spec, a.warmup, a.repeats, a.scale)
     summary = summarize(rows)
     meta = dict(command="python benchmarks/time_fidelity.py" + " ".join([""] + sys.argv[1:]), quick=bool(a.quick),
                 devices=len(jax.devices()), device_kind=jax.devices()[0].device_kind, jax=jax.__version__,
