@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from autopar.cost import MeshModel, collective, collective_time, compute_time, shard_factor
+from autopar.cost import ALL_REDUCE, MeshModel, collective, collective_time, compute_time, shard_factor
 
 from .graph import OpGraph
 from .strategies import FUSION_RULES, Strategy, enumerate_specs, replicate, spec_name, strategies_for
@@ -81,6 +81,7 @@ def node_terms(graph: OpGraph, mesh: MeshModel, strats, signatures, *, donated_n
     view = memory_view(graph, platform or mesh.device_kind)
     fused = view.free | written_into_outputs(graph, view, aliased_outputs)
     in_fusion = traffic_fused(graph) if mesh.fuse_elementwise else frozenset()
+    combined = combinable_nodes(graph) if mesh.combine_all_reduces else frozenset()
     comp_all, comm_all, costs, usages = [], [], [], []
     cost_cache: dict = {}
     for node, ss, sig in zip(graph.nodes, strats, signatures):
@@ -88,9 +89,9 @@ def node_terms(graph: OpGraph, mesh: MeshModel, strats, signatures, *, donated_n
                                                tuple(x.name for x in ss))
         skip = (node.index in in_fusion,
                 tuple(hasattr(x, "id") and graph.producer[x.id][0] in in_fusion for x in node.operands))
-        key = (key, skip) if in_fusion else key
+        key = (key, skip, node.index in combined) if in_fusion or combined else key
         if key not in cost_cache:
-            cost_cache[key] = _op_costs(node, ss, mesh, *skip)
+            cost_cache[key] = _op_costs(node, ss, mesh, *skip, combined=node.index in combined)
         comp, comm, use = cost_cache[key]
         if input_usage_scale and node.kind == "input" and node.index in input_usage_scale:
             use = use * float(input_usage_scale[node.index])
@@ -103,10 +104,11 @@ def node_terms(graph: OpGraph, mesh: MeshModel, strats, signatures, *, donated_n
     return NodeTerms(comp_all, comm_all, costs, usages, live_intervals(graph, donated_nodes, view.ends, aliased_outputs))
 
 
-def _op_costs(node, strats, mesh, skip_out: bool = False, skip_in: tuple = ()):
+def _op_costs(node, strats, mesh, skip_out: bool = False, skip_in: tuple = (), combined: bool = False):
     """(compute s, collective s, output bytes per device) per strategy of one node; memory
     traffic leaves out its output (``skip_out``) and the operands (``skip_in``) that stay inside
-    a loop fusion (:func:`traffic_fused`)."""
+    a loop fusion (:func:`traffic_fused`); ``combined``: its all-reduces join XLA's combined one
+    (:func:`combinable_nodes`), their α is charged once per group by ``planner.assemble_plan``."""
     comp = np.zeros(len(strats))
     comm = np.zeros(len(strats))
     use = np.zeros(len(strats))
@@ -124,7 +126,8 @@ def _op_costs(node, strats, mesh, skip_out: bool = False, skip_in: tuple = ()):
         nbytes += sum(local_nbytes(o, sp, mesh.shape) for k, (o, sp) in enumerate(zip(node.operands, s.in_specs))
                       if not (k < len(skip_in) and skip_in[k]))
         comp[i] = 0.0 if view else compute_time(mesh, node.flops / div, nbytes * node.repeat, dtype)  # flops × repeat
-        comm[i] = sum(collective_time(mesh, k, ax, n) for k, ax, n in s.comm) * node.repeat
+        comm[i] = sum(collective_time(mesh, k, ax, n, latency=not (combined and k == ALL_REDUCE.name))
+                      for k, ax, n in s.comm) * node.repeat
     return comp, comm, use
 
 
@@ -316,6 +319,19 @@ def remat_cse(graph: OpGraph) -> dict[int, int]:
         else:
             seen.setdefault(key, node.outputs)
     return alias
+
+
+def combinable_nodes(graph: OpGraph) -> frozenset[int]:
+    """Ops whose all-reduces XLA's all-reduce combiner may merge with others into one op
+    (``ClusterSpec.combine_all_reduces``): outside loops, and none of their results reaches a
+    dot or convolution, so no later matmul waits for them (weight gradients on their way to the
+    update, the loss) — they are independent of one another."""
+    heavy = {"dot_general", "conv_general_dilated"}
+    reaches = [False] * len(graph.nodes)
+    for node in reversed(graph.nodes):   # readers come after producers
+        reaches[node.index] = any(graph.nodes[u].name in heavy or reaches[u]
+                                  for o in node.outputs for u, _ in graph.consumers.get(o.id, []))
+    return frozenset(n.index for n in graph.nodes if n.kind == "eqn" and n.repeat == 1 and not reaches[n.index])
 
 
 def traffic_fused(graph: OpGraph) -> frozenset[int]:

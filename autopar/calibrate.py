@@ -18,6 +18,8 @@ timed calls (each until ``block_until_ready``); a sample is the median and the s
   update that brings a gather / scatter back to its input's shape — is charged at the fitted
   memory bandwidth and subtracted). An axis whose groups span processes (``jax.distributed``) is an
   inter-node link, else an intra-node one; the two are fitted apart.
+* **combining**: ``COMBINE`` independent all-reduces of the smallest size in one program vs one
+  (not much dearer: XLA combines them → ``ClusterSpec.combine_all_reduces``).
 * **launch**: a tiny program on every device: ``ClusterSpec.step_overhead_s``.
 
 Sizes are per platform (``SIZES``): CPU sizes keep a run around a minute on 8 simulated devices.
@@ -41,6 +43,7 @@ from .planner import candidate_meshes
 
 CHAIN = 2
 CHAIN_OPS = 8
+COMBINE = 8
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
@@ -222,6 +225,23 @@ def collective_samples(timer: Timer, sizes: Sizes, bandwidth: float, meshes=None
     return out
 
 
+def combining_samples(timer: Timer, nbytes: int) -> list[Sample]:
+    """``COMBINE`` independent all-reduces of ``nbytes`` each in one program, and one, over all
+    devices (whole-program times: ``cost.calibration.combined_all_reduces`` compares them with
+    the chained op of that size)."""
+    mesh = Mesh(np.array(_devices()), ("x",))
+    m = nbytes // 4
+    x = _global(mesh, (COMBINE * m,), "float32")
+    one = _sharded(mesh, lambda v: jax.lax.psum(v[:m], "x"))
+    many = _sharded(mesh, lambda v: jax.numpy.concatenate(
+        [jax.lax.psum(v[k * m:(k + 1) * m], "x") for k in range(COMBINE)]))
+    (t1, s1), (tk, sk) = timer.many([one, many], x)
+    p = mesh.devices.size
+    return [Sample(kind="all-reduce", nbytes=float(nbytes), seconds=t, spread=s, repeats=timer.repeats,
+                   link=_link(mesh, 0), axis_size=p, mesh=(p,), axis=0, independent=k, whole_program=True)
+            for k, t, s in ((1, t1, s1), (COMBINE, tk, sk))]
+
+
 # ----------------------------------------------------------------------------- the command
 
 def measure(*, quick: bool = False, timer: Timer | None = None, meshes=None, log=print) -> Calibration:
@@ -235,6 +255,8 @@ def measure(*, quick: bool = False, timer: Timer | None = None, meshes=None, log
     samples = matmul_samples(timer, sizes) + elementwise_samples(timer, sizes)
     bw, _, _ = fit_throughput([s for s in samples if s.kind == "elementwise"], "nbytes", "elementwise")
     samples += collective_samples(timer, sizes, bw, meshes)
+    if len(jax.devices()) > 1:
+        samples += combining_samples(timer, sizes.collective[0])
     log(f"measured {len(samples)} samples in {time.perf_counter() - t0:.1f} s")
     return Calibration(platform=plat, device_kind=jax.devices()[0].device_kind, devices=len(jax.devices()),
                        processes=jax.process_count(), samples=samples, fits=[],

@@ -9,6 +9,8 @@ numbers to them by least squares on *relative* residuals ``(model − measured) 
     elementwise  t = t₀ + bytes / B           read + written bytes, all devices at once → B
     chain        k dependent elementwise ops in one program vs one op: fused if < k/2 times as long
                  → ``ClusterSpec.fuse_elementwise``
+    combining    k independent small all-reduces in one program vs one: combined if the k − 1 extra
+                 cost less than half of k − 1 single ops → ``ClusterSpec.combine_all_reduces``
     alone        the same matmul on one device while the others idle → F₁;  shared_by = F₁ / F
     collective   t = cost.comm's formula of its kind with (α, 1/β) of the axis's link
 
@@ -50,6 +52,8 @@ class Sample(BaseModel):
     nbytes: float = 0.0           # elementwise: bytes read + written per device; collective: cost.comm's n
     alone: bool = False           # one device ran while the others idled
     chain: int = 1                # elementwise: dependent elementwise ops in the program (fused if XLA does)
+    independent: int = 1          # all-reduce: independent ops of this size in the program (combined if XLA does)
+    whole_program: bool = False   # collectives: seconds of the whole program (launch included), not one op
     link: str = ""                # collectives: "intra" or "inter"
     axis_size: int = 1            # collectives: devices in the group
     mesh: tuple[int, ...] = ()    # collectives: the mesh and axis they ran over (for the report)
@@ -194,9 +198,13 @@ def fit_spec(base: ClusterSpec, samples: list[Sample], *, name: str, devices_per
     if fuse is not None:
         fits.append(Fit(name="elementwise chain / one op", values={"ratio": fuse[1]}, samples=fuse[2],
                         rms_rel_error=0.0, max_rel_error=0.0))
+    combine = combined_all_reduces(samples)
+    if combine is not None:
+        fits.append(Fit(name="k all-reduces: extra / (k−1) ops", values={"ratio": combine[1]}, samples=combine[2],
+                        rms_rel_error=0.0, max_rel_error=0.0))
     links = {}
     for link in LINKS:
-        mine = [s for s in samples if s.kind in COLLECTIVES and s.link == link]
+        mine = _link_samples(samples, link)
         if not mine:
             continue
         common, _ = fit_link(mine, f"{link}-node link", base.intra_node_link if link == "intra" else None)
@@ -213,7 +221,8 @@ def fit_spec(base: ClusterSpec, samples: list[Sample], *, name: str, devices_per
         raise ValueError("no intra-node collective samples: calibration needs collectives inside a node")
     data = base.model_dump()
     data.update(name=name, description=description, devices_per_node=devices_per_node,
-                step_overhead_s=launch_overhead_s, fuse_elementwise=bool(fuse and fuse[0]))
+                step_overhead_s=launch_overhead_s, fuse_elementwise=bool(fuse and fuse[0]),
+                combine_all_reduces=bool(combine and combine[0]))
     data["device"].update(peak_flops={k: v * shared_by for k, v in peaks.items()},
                           hbm_bandwidth_bytes_per_s=bw * shared_by, shared_by=shared_by)
     if device_name:
@@ -231,6 +240,28 @@ def fit_spec(base: ClusterSpec, samples: list[Sample], *, name: str, devices_per
                         samples=len(rel), rms_rel_error=float(np.sqrt(np.mean(rel ** 2))),
                         max_rel_error=float(np.max(np.abs(rel)))))
     return spec, fits
+
+
+def _link_samples(samples: list[Sample], link: str) -> list[Sample]:
+    return [s for s in samples if s.kind in COLLECTIVES and s.link == link and not s.whole_program]
+
+
+def combined_all_reduces(samples: list[Sample]) -> tuple[bool, float, int] | None:
+    """(combined?, extra time of k independent all-reduces over one / (k − 1) single ops, pairs):
+    XLA combines them when k ops cost less than half of k − 1 extra ops (the single op's time is
+    the chained one of the same size and axis); None without such samples."""
+    ratios = []
+    for many in (s for s in samples if s.kind == "all-reduce" and s.whole_program and s.independent > 1):
+        same = [s for s in samples if s.kind == "all-reduce" and s.mesh == many.mesh and s.axis == many.axis
+                and s.nbytes == many.nbytes]
+        one = [s for s in same if s.whole_program and s.independent == 1]   # the same program with one op
+        op = [s for s in same if not s.whole_program]                       # one op's time (chained)
+        if one and op:
+            ratios.append((many.seconds - one[0].seconds) / ((many.independent - 1) * op[0].seconds))
+    if not ratios:
+        return None
+    r = float(np.median(ratios))
+    return r < 0.5, r, len(ratios)
 
 
 def fused_chains(samples: list[Sample]) -> tuple[bool, float, int] | None:
@@ -268,7 +299,7 @@ def link_errors(spec: ClusterSpec, samples: list[Sample]) -> dict[str, np.ndarra
     to the fit the command printed."""
     out = {}
     for link in LINKS:
-        mine = [s for s in samples if s.kind in COLLECTIVES and s.link == link]
+        mine = _link_samples(samples, link)
         if mine:
             t = np.array([s.seconds for s in mine])
             out[link] = (np.array([predicted_seconds(spec, s) for s in mine]) - t) / t

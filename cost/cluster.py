@@ -92,6 +92,9 @@ class ClusterSpec(BaseModel):
     nics_per_node: int = Field(gt=0)
     step_overhead_s: float = Field(0.0, ge=0, description=(
         "fixed seconds per step (launching the compiled program), added to the predicted step time"))
+    combine_all_reduces: bool = Field(False, description=(
+        "XLA combines independent all-reduces over the same devices into one: the latency α of the all-reduces "
+        "no matmul waits for (gradients on their way to the update) is charged once per group, not per tensor"))
     fuse_elementwise: bool = Field(False, description=(
         "charge memory traffic as XLA's loop fusion moves it: an elementwise op read only by elementwise ops "
         "writes nothing and its readers read nothing of it (False: every op reads and writes its operands)"))

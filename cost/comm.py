@@ -118,6 +118,7 @@ class MeshModel:
     memory_bytes: int
     device_name: str = ""    # the cluster spec's device name (``device_kind`` reads it)
     fuse_elementwise: bool = False   # ClusterSpec.fuse_elementwise
+    combine_all_reduces: bool = False   # ClusterSpec.combine_all_reduces
 
     @property
     def device_kind(self) -> str:
@@ -166,7 +167,7 @@ def mesh_model(cluster: ClusterSpec, nodes: int, mesh_shape: tuple[int, ...]) ->
     d = cluster.device   # every device of the mesh busy: each gets 1/shared_by of its hardware
     peaks = tuple(sorted((k, v / d.shared_by) for k, v in d.peak_flops.items()))
     return MeshModel(tuple(mesh_shape), tuple(links), peaks, d.hbm_bandwidth_bytes_per_s / d.shared_by,
-                     d.memory_bytes, d.name, cluster.fuse_elementwise)
+                     d.memory_bytes, d.name, cluster.fuse_elementwise, cluster.combine_all_reduces)
 
 
 def _ring(mesh: MeshModel, axes, kind: str) -> tuple[int, float, float]:
@@ -175,15 +176,17 @@ def _ring(mesh: MeshModel, axes, kind: str) -> tuple[int, float, float]:
     return p, max(a for a, _ in terms), min(bw for _, bw in terms)
 
 
-def collective_time(mesh: MeshModel, kind: str | Collective, axes: tuple[int, ...], nbytes: float) -> float:
-    """Seconds for one collective of ``kind`` over mesh ``axes`` moving ``nbytes`` (see module doc)."""
+def collective_time(mesh: MeshModel, kind: str | Collective, axes: tuple[int, ...], nbytes: float, *,
+                    latency: bool = True) -> float:
+    """Seconds for one collective of ``kind`` over mesh ``axes`` moving ``nbytes`` (see module doc);
+    ``latency=False``: without α (its bytes' share of an op combined with others)."""
     if not axes or nbytes <= 0:
         return 0.0
     c = collective(kind)
     p, alpha, bw = _ring(mesh, axes, c.name)
     if p == 1:
         return 0.0
-    return c.time(p, alpha, bw, nbytes)
+    return c.time(p, alpha if latency else 0.0, bw, nbytes)
 
 
 def p2p_time(link_alpha_s: float, bandwidth_bytes_per_s: float, nbytes: float) -> float:

@@ -161,3 +161,21 @@ def test_cli_calibrate_rejects_a_bad_out_path_before_measuring(capsys):
     from autopar.cli import main
     assert main(["calibrate", "--out", "spec.txt", "--quick"]) == 2
     assert "--out must name a .json file" in capsys.readouterr().err
+
+
+def test_combine_all_reduces_charges_alpha_once_per_group(devices8):
+    from autopar.baselines import data_parallel
+    from examples.mlp import mlp_step, mlp_step_args
+    base = load_cluster("cpu-8").model_dump()
+    slow_alpha = {**base, "intra_node_link": {"alpha_s": 1e-4, "bandwidth_bytes_per_s": 1e11}}
+    args = mlp_step_args(batch=512, hidden=64, layers=3, abstract=True)
+    off = data_parallel(mlp_step, *args, cluster=cluster_from_dict(slow_alpha), batch_argnums=(1, 2))
+    on = data_parallel(mlp_step, *args, cluster=cluster_from_dict({**slow_alpha, "combine_all_reduces": True}),
+                       batch_argnums=(1, 2))
+    grads = [c for c in on.predicted.collectives if c.kind == "all-reduce" and "combined" in c.where]
+    assert len(grads) >= 3   # every weight gradient (and the loss) joins one op
+    mesh = mesh_model(on.cluster, 1, (8,))
+    total = sum(c.bytes for c in grads)
+    assert sum(c.time_s for c in grads) == pytest.approx(collective_time(mesh, "all-reduce", (0,), total))
+    one_by_one = sum(collective_time(mesh, "all-reduce", (0,), c.bytes) for c in grads)
+    assert on.predicted.comm_s < off.predicted.comm_s and one_by_one - sum(c.time_s for c in grads) > 1e-4
