@@ -6,11 +6,13 @@ inputs and outputs are live for the whole step; ops XLA fuses away hold none,
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from autopar.cost import ALL_REDUCE, MeshModel, collective, collective_time, compute_time, shard_factor
+from autopar.cost import (ALL_REDUCE, MeshModel, collective, collective_time, compute_time, local_shape,
+                          matmul_efficiency, shard_factor)
 
 from .graph import OpGraph
 from .strategies import FUSION_RULES, Strategy, enumerate_specs, replicate, spec_name, strategies_for
@@ -125,10 +127,24 @@ def _op_costs(node, strats, mesh, skip_out: bool = False, skip_in: tuple = (), c
         nbytes = 0.0 if skip_out else use[i]
         nbytes += sum(local_nbytes(o, sp, mesh.shape) for k, (o, sp) in enumerate(zip(node.operands, s.in_specs))
                       if not (k < len(skip_in) and skip_in[k]))
-        comp[i] = 0.0 if view else compute_time(mesh, node.flops / div, nbytes * node.repeat, dtype)  # flops × repeat
+        flops = node.flops / div / (_dot_efficiency(node, s, mesh) if node.name == "dot_general" else 1.0)
+        comp[i] = 0.0 if view else compute_time(mesh, flops, nbytes * node.repeat, dtype)  # flops × repeat
         comm[i] = sum(collective_time(mesh, k, ax, n, latency=not (combined and k == ALL_REDUCE.name))
                       for k, ax, n in s.comm) * node.repeat
     return comp, comm, use
+
+
+def _dot_efficiency(node, s: Strategy, mesh: MeshModel) -> float:
+    """``cost.matmul_efficiency`` of a dot's local (M, K, N) under strategy ``s`` (1 when the
+    spec charges every matmul at peak)."""
+    if not mesh.matmul_half_dim or len(s.in_specs) < 2 or s.in_specs[0] is None or s.in_specs[1] is None:
+        return 1.0
+    (lc, rc), (lb, rb) = node.params["dimension_numbers"]
+    lhs = local_shape(tuple(node.operands[0].shape), s.in_specs[0], mesh.shape)
+    rhs = local_shape(tuple(node.operands[1].shape), s.in_specs[1], mesh.shape)
+    m = math.prod(d for k, d in enumerate(lhs) if k not in lc and k not in lb)
+    n = math.prod(d for k, d in enumerate(rhs) if k not in rc and k not in rb)
+    return matmul_efficiency(mesh.matmul_half_dim, (m, math.prod(lhs[k] for k in lc), n))
 
 
 def live_intervals(graph: OpGraph, donated_nodes: set[int], ends: dict[int, int] | None = None,

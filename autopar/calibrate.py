@@ -4,7 +4,8 @@ Every benchmark is a jitted program, compiled and called ``warmup`` times before
 timed calls (each until ``block_until_ready``); a sample is the median and the spread
 (max − min) / median. What is timed (the fitting is ``cost.calibration``):
 
-* **matmul** per dtype, several sizes n: ``a @ b`` of n×n blocks, every device at once
+* **matmul** per dtype: ``a @ b`` of n×n blocks of several sizes n and skinny (n, n, d) and
+  (n, d, n) ones (M, K, N), every device at once
   (``shard_map`` over all devices; the per-device throughput when the mesh is busy) and on one
   device alone (the ratio is ``DeviceSpec.shared_by``: simulated CPU devices share the host).
 * **elementwise** ``x · 1.5 + 0.5`` over vectors of several sizes on every device (bytes read
@@ -50,19 +51,20 @@ KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective
 @dataclass(frozen=True)
 class Sizes:
     matmul: tuple[int, ...]        # n of n×n blocks
+    skinny: tuple[int, ...]        # d of (n, n, d) and (n, d, n) matmuls, n the largest square size
     elementwise: tuple[int, ...]   # elements per device
     collective: tuple[int, ...]    # bytes per device (cost.comm's n)
     dtypes: tuple[str, ...]
 
 
 SIZES = {
-    "cpu": Sizes((128, 256, 384, 512), (1 << 16, 1 << 18, 1 << 20, 1 << 21),
+    "cpu": Sizes((128, 256, 384, 512), (16, 64), (1 << 16, 1 << 18, 1 << 20, 1 << 21),
                  (1 << 12, 1 << 15, 1 << 18, 1 << 21), ("float32",)),
-    "gpu": Sizes((1024, 2048, 4096, 8192), (1 << 22, 1 << 24, 1 << 26, 1 << 27),
+    "gpu": Sizes((1024, 2048, 4096, 8192), (32, 128), (1 << 22, 1 << 24, 1 << 26, 1 << 27),
                  (1 << 16, 1 << 20, 1 << 24, 1 << 27), ("float32", "bfloat16", "float16")),
 }
-QUICK = {"cpu": Sizes((128, 256, 384), (1 << 16, 1 << 19), (1 << 12, 1 << 19), ("float32",)),
-         "gpu": Sizes((1024, 4096), (1 << 22, 1 << 26), (1 << 16, 1 << 24), ("float32", "bfloat16"))}
+QUICK = {"cpu": Sizes((128, 256, 384), (16,), (1 << 16, 1 << 19), (1 << 12, 1 << 19), ("float32",)),
+         "gpu": Sizes((1024, 4096), (64,), (1 << 22, 1 << 26), (1 << 16, 1 << 24), ("float32", "bfloat16"))}
 
 
 @dataclass(frozen=True)
@@ -120,19 +122,22 @@ def matmul_samples(timer: Timer, sizes: Sizes) -> list[Sample]:
     devs = _devices()
     mesh = Mesh(np.array(devs), ("x",))
     out = []
+    big = max(sizes.matmul)
+    shapes = [(n, n, n) for n in sizes.matmul] + [(big, big, d) for d in sizes.skinny] + \
+        [(big, d, big) for d in sizes.skinny]
+    local = [d for d in devs if d.process_index == jax.process_index()][0]
     for dtype in sizes.dtypes:
-        for n in sizes.matmul:
-            a = _global(mesh, (n, n), dtype, 1)
-            b = _global(mesh, (n, n), dtype, 2)
+        for m, k, n in shapes:
+            a = _global(mesh, (m, k), dtype, 1)
+            b = _global(mesh, (k, n), dtype, 2)
             t, s = timer(_sharded(mesh, lambda x, y: x @ y), a, b)
-            out.append(Sample(kind="matmul", dtype=dtype, flops=2.0 * n ** 3, seconds=t, spread=s,
-                              repeats=timer.repeats))
-            local = [d for d in devs if d.process_index == jax.process_index()][0]
-            x1 = jax.device_put(np.ones((n, n), dtype), local)
+            out.append(Sample(kind="matmul", dtype=dtype, flops=2.0 * m * k * n, dims=(m, k, n), seconds=t,
+                              spread=s, repeats=timer.repeats))
             if jax.process_count() == 1:   # one device of a multi-process job alone would desynchronise it
-                t, s = timer(jax.jit(lambda x, y: x @ y), x1, x1 + 1)
-                out.append(Sample(kind="matmul", dtype=dtype, flops=2.0 * n ** 3, seconds=t, spread=s,
-                                  repeats=timer.repeats, alone=True))
+                x1, y1 = jax.device_put(np.ones((m, k), dtype), local), jax.device_put(np.ones((k, n), dtype), local)
+                t, s = timer(jax.jit(lambda x, y: x @ y), x1, y1)
+                out.append(Sample(kind="matmul", dtype=dtype, flops=2.0 * m * k * n, dims=(m, k, n), seconds=t,
+                                  spread=s, repeats=timer.repeats, alone=True))
     return out
 
 

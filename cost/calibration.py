@@ -5,7 +5,8 @@ a :class:`Sample` (median seconds over repeats, and the spread). This module fit
 numbers to them by least squares on *relative* residuals ``(model − measured) / measured``
 (every size counts alike, not just the largest):
 
-    matmul       t = t₀ + flops / F           per dtype, all devices at once → F (effective FLOP/s)
+    matmul       t = t₀ + flops / (F·Π d/(d+h))  per dtype, all devices at once, square and skinny
+                 (M, K, N) → F (effective FLOP/s) and h (``DeviceSpec.matmul_half_dim``, searched)
     elementwise  t = t₀ + bytes / B           read + written bytes, all devices at once → B
     chain        k dependent elementwise ops in one program vs one op: fused if < k/2 times as long
                  → ``ClusterSpec.fuse_elementwise``
@@ -34,7 +35,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from .cluster import ClusterSpec, LinkSpec, LinkTerms
-from .comm import COLLECTIVES, collective, collective_time, compute_time, mesh_model
+from .comm import COLLECTIVES, collective, collective_time, compute_time, matmul_efficiency, mesh_model
 
 LINKS = ("intra", "inter")
 
@@ -49,6 +50,7 @@ class Sample(BaseModel):
     repeats: int = Field(gt=0)
     dtype: str = "float32"
     flops: float = 0.0            # matmul: per device
+    dims: tuple[int, ...] = ()    # matmul: (M, K, N) per device
     nbytes: float = 0.0           # elementwise: bytes read + written per device; collective: cost.comm's n
     alone: bool = False           # one device ran while the others idled
     chain: int = 1                # elementwise: dependent elementwise ops in the program (fused if XLA does)
@@ -120,6 +122,23 @@ def fit_throughput(samples: list[Sample], work: str, name: str) -> tuple[float, 
                                        samples=len(samples), rms_rel_error=rms, max_rel_error=mx)
 
 
+HALF_DIMS = (0.0,) + tuple(float(2 ** (k / 2)) for k in range(0, 21))   # 1 … 1024: the search of fit_matmul
+
+
+def fit_matmul(samples: list[Sample], name: str) -> tuple[float, float, float, Fit]:
+    """t = t₀ + flops / (F · matmul_efficiency(h, dims)) → (F, t₀, h, fit): linear least squares in
+    (t₀, 1/F) for each h of ``HALF_DIMS``, the h with the smallest relative rms kept."""
+    best = None
+    for h in HALF_DIMS if any(s.dims for s in samples) else (0.0,):
+        eff = [matmul_efficiency(h, s.dims) if s.dims else 1.0 for s in samples]
+        scaled = [s.model_copy(update={"flops": s.flops / e}) for s, e in zip(samples, eff)]
+        rate, t0, fit = fit_throughput(scaled, "flops", name)
+        if best is None or fit.rms_rel_error < best[3].rms_rel_error - 1e-12:
+            best = (rate, t0, h, fit)
+    rate, t0, h, fit = best
+    return rate, t0, h, fit.model_copy(update={"values": {**fit.values, "half_dim": h}})
+
+
 def _coefficients(s: Sample, alpha: float, bw: float) -> tuple[float, float]:
     """(∂t/∂α, ∂t/∂β) of ``s``'s collective at (α, bw): exact on the branch active there, since
     every formula is a min of terms linear in α and β = 1/bw."""
@@ -180,14 +199,17 @@ def fit_spec(base: ClusterSpec, samples: list[Sample], *, name: str, devices_per
     busy = [s for s in samples if s.kind == "matmul" and not s.alone]
     if not busy:
         raise ValueError("no matmul samples: calibration needs matmul timings with every device busy")
-    peaks, ratios = {}, []
+    peaks, ratios, halves = {}, [], []
     for dtype in sorted({s.dtype for s in busy}):
-        rate, _, fit = fit_throughput([s for s in busy if s.dtype == dtype], "flops", f"matmul {dtype}")
+        rate, _, half, fit = fit_matmul([s for s in busy if s.dtype == dtype], f"matmul {dtype}")
         peaks[dtype] = rate
+        halves.append(half)
         fits.append(fit)
         alone = [s for s in samples if s.kind == "matmul" and s.alone and s.dtype == dtype]
         if len(alone) >= 2:
-            rate1, _, fit1 = fit_throughput(alone, "flops", f"matmul {dtype}, one device alone")
+            eff = [matmul_efficiency(half, s.dims) if s.dims else 1.0 for s in alone]
+            rate1, _, fit1 = fit_throughput([s.model_copy(update={"flops": s.flops / e}) for s, e in zip(alone, eff)],
+                                            "flops", f"matmul {dtype}, one device alone")
             fits.append(fit1)
             ratios.append(rate1 / rate)
     shared_by = max(1.0, float(np.median(ratios))) if ratios else 1.0
@@ -224,7 +246,8 @@ def fit_spec(base: ClusterSpec, samples: list[Sample], *, name: str, devices_per
                 step_overhead_s=launch_overhead_s, fuse_elementwise=bool(fuse and fuse[0]),
                 combine_all_reduces=bool(combine and combine[0]))
     data["device"].update(peak_flops={k: v * shared_by for k, v in peaks.items()},
-                          hbm_bandwidth_bytes_per_s=bw * shared_by, shared_by=shared_by)
+                          hbm_bandwidth_bytes_per_s=bw * shared_by, shared_by=shared_by,
+                          matmul_half_dim=float(np.median(halves)))
     if device_name:
         data["device"]["name"] = device_name
     if memory_bytes:
@@ -287,7 +310,8 @@ def predicted_seconds(spec: ClusterSpec, s: Sample) -> float:
         raise ValueError("an elementwise chain sample has no model time of its own (see fused_chains)")
     if s.kind in ("matmul", "elementwise"):
         mesh = mesh_model(spec, 1, (spec.devices_per_node,))   # every device busy
-        t = compute_time(mesh, s.flops, s.nbytes, s.dtype)
+        eff = matmul_efficiency(spec.device.matmul_half_dim, s.dims) if s.dims else 1.0
+        t = compute_time(mesh, s.flops / eff, s.nbytes, s.dtype)
         return t / spec.device.shared_by if s.alone else t
     nodes = max(1, math.prod(s.mesh) // spec.devices_per_node)
     return collective_time(mesh_model(spec, nodes, s.mesh), s.kind, (s.axis,), s.nbytes)

@@ -53,6 +53,9 @@ class DeviceSpec(BaseModel):
     peak_flops: dict[str, float] = Field(description="peak FLOP/s per dtype name, e.g. {'float32': 19.5e12}")
     memory_bytes: int = Field(gt=0)
     hbm_bandwidth_bytes_per_s: float = Field(gt=0)
+    matmul_half_dim: float = Field(0.0, ge=0, description=(
+        "a matmul whose local M, K, N are m, k, n runs at peak · Π d / (d + matmul_half_dim) over d in (m, k, n): "
+        "skinny or small matmuls are slower per FLOP (0: every matmul at peak)"))
     shared_by: float = Field(1.0, ge=1, description=(
         "devices sharing one device's compute hardware: with every device busy each gets peak_flops and "
         "hbm_bandwidth / shared_by (simulated CPU devices share the host's cores; GPUs: 1)"))

@@ -119,6 +119,7 @@ class MeshModel:
     device_name: str = ""    # the cluster spec's device name (``device_kind`` reads it)
     fuse_elementwise: bool = False   # ClusterSpec.fuse_elementwise
     combine_all_reduces: bool = False   # ClusterSpec.combine_all_reduces
+    matmul_half_dim: float = 0.0        # DeviceSpec.matmul_half_dim
 
     @property
     def device_kind(self) -> str:
@@ -167,7 +168,8 @@ def mesh_model(cluster: ClusterSpec, nodes: int, mesh_shape: tuple[int, ...]) ->
     d = cluster.device   # every device of the mesh busy: each gets 1/shared_by of its hardware
     peaks = tuple(sorted((k, v / d.shared_by) for k, v in d.peak_flops.items()))
     return MeshModel(tuple(mesh_shape), tuple(links), peaks, d.hbm_bandwidth_bytes_per_s / d.shared_by,
-                     d.memory_bytes, d.name, cluster.fuse_elementwise, cluster.combine_all_reduces)
+                     d.memory_bytes, d.name, cluster.fuse_elementwise, cluster.combine_all_reduces,
+                     d.matmul_half_dim)
 
 
 def _ring(mesh: MeshModel, axes, kind: str) -> tuple[int, float, float]:
@@ -192,6 +194,11 @@ def collective_time(mesh: MeshModel, kind: str | Collective, axes: tuple[int, ..
 def p2p_time(link_alpha_s: float, bandwidth_bytes_per_s: float, nbytes: float) -> float:
     """Point-to-point send between two devices (pipeline stages)."""
     return P2P.time(2, link_alpha_s, bandwidth_bytes_per_s, nbytes)
+
+
+def matmul_efficiency(half_dim: float, dims) -> float:
+    """Fraction of peak a matmul with local (M, K, N) = ``dims`` reaches: Π d / (d + half_dim)."""
+    return math.prod(d / (d + half_dim) for d in dims) if half_dim > 0 else 1.0
 
 
 def compute_time(mesh: MeshModel, flops: float, nbytes: float, dtype: str) -> float:

@@ -179,3 +179,27 @@ def test_combine_all_reduces_charges_alpha_once_per_group(devices8):
     assert sum(c.time_s for c in grads) == pytest.approx(collective_time(mesh, "all-reduce", (0,), total))
     one_by_one = sum(collective_time(mesh, "all-reduce", (0,), c.bytes) for c in grads)
     assert on.predicted.comm_s < off.predicted.comm_s and one_by_one - sum(c.time_s for c in grads) > 1e-4
+
+
+def test_fit_matmul_recovers_half_dim_and_the_planner_charges_it(devices8):
+    import jax
+    import jax.numpy as jnp
+
+    from autopar.cost import matmul_efficiency
+    from autopar.cost.calibration import fit_matmul
+    dims = [(n, n, n) for n in (128, 256, 512)] + [(512, 512, 16), (512, 16, 512), (512, 512, 64)]
+    s = [Sample(kind="matmul", flops=2.0 * m * k * n, dims=(m, k, n), spread=0, repeats=1,
+                seconds=2e-4 + 2.0 * m * k * n / (4e10 * matmul_efficiency(32.0, (m, k, n)))) for m, k, n in dims]
+    rate, t0, half, fit = fit_matmul(s, "matmul")
+    assert half == 32.0 and rate == pytest.approx(4e10, rel=1e-6) and fit.max_rel_error < 1e-6
+    base = load_cluster("cpu-8").model_dump()
+    spec = cluster_from_dict({**base, "device": {**base["device"], "matmul_half_dim": 32.0}})
+
+    def mm(a, b):
+        return a @ b
+    a, b = jax.ShapeDtypeStruct((1024, 256), jnp.float32), jax.ShapeDtypeStruct((256, 512), jnp.float32)
+    plain = autopar.plan(mm, a, b, cluster="cpu-8", mesh_shape=(8,))
+    slow = autopar.plan(mm, a, b, cluster=spec, mesh_shape=(8,))
+    dot = next(e for e in slow.eqns if e.primitive == "dot_general")
+    assert dot.compute_s > next(e.compute_s for e in plain.eqns if e.primitive == "dot_general")
+    assert dot.compute_s >= 2 * 1024 * 256 * 512 / 8 / 20e12 / matmul_efficiency(32.0, (128, 256, 512)) * (1 - 1e-9)
