@@ -247,6 +247,15 @@ def combining_samples(timer: Timer, nbytes: int) -> list[Sample]:
             for k, t, s in ((1, t1, s1), (COMBINE, tk, sk))]
 
 
+def load_probe(n: int = 256):
+    """A zero-argument call running one n×n matmul on every device: timed next to a measurement
+    and at calibration, the ratio says how much slower the (shared) machine runs now."""
+    mesh = Mesh(np.array(_devices()), ("x",))
+    a = _global(mesh, (n, n), "float32", 3)
+    f = _sharded(mesh, lambda x: x @ x)
+    return lambda: f(a)
+
+
 # ----------------------------------------------------------------------------- the command
 
 def measure(*, quick: bool = False, timer: Timer | None = None, meshes=None, log=print) -> Calibration:
@@ -329,4 +338,4 @@ def check(spec: ClusterSpec, cal: Calibration) -> dict[str, tuple[float, float]]
             for link, rel in link_errors(spec, cal.samples).items()}
 
 
-__all__ = ["calibrate", "measure", "report", "write", "check", "Timer", "Fit", "SIZES", "QUICK"]
+__all__ = ["calibrate", "measure", "report", "write", "check", "load_probe", "Timer", "Fit", "SIZES", "QUICK"]

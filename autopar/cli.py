@@ -179,7 +179,8 @@ def cmd_calibrate(ns) -> int:
     if (ns.repeats is not None and ns.repeats < 1) or ns.warmup < 0:
         raise SystemExit(f"autopar: --repeats must be ≥ 1 and --warmup ≥ 0, got {ns.repeats} and {ns.warmup}")
     timer = Timer(ns.warmup, ns.repeats) if ns.repeats is not None else None  # None: --quick's
-    spec, cal = calibrate(base=ns.base, name=ns.name or Path(ns.out).stem, quick=ns.quick, timer=timer)
+    spec, cal = calibrate(base=ns.base, name=ns.name or Path(ns.out).stem, quick=ns.quick, timer=timer,
+                          log=print if jax.process_index() == 0 else lambda *_: None)
     if jax.process_index() != 0:
         return 0
     print(report(spec, cal))

@@ -20,6 +20,11 @@ pooled and within each config (the one that says whether the model ranks a confi
 how often the candidate predicted fastest is the measured fastest or within 10 % of it; how
 often autopar's own plan is within 10 % of the measured fastest. Writes
 OUT/time_fidelity.{md,json,png}; the machine load (``os.getloadavg``) before and after.
+
+On a shared machine the speed changes between calibration and measurement: a fixed matmul on
+every device (``autopar.calibrate.load_probe``), timed right after calibrating and in turn with
+each config's candidates, measures by how much; the errors are also reported with the
+predictions scaled by that factor (the raw errors stay the headline).
 """
 from __future__ import annotations
 
@@ -98,7 +103,10 @@ def measure_interleaved(calls: dict, warmup: int, repeats: int) -> dict:
     return {k: (float(np.median(ts)), float((max(ts) - min(ts)) / np.median(ts))) for k, ts in times.items()}
 
 
-def run_config(cfg, spec, warmup: int, repeats: int, scale: int) -> list[dict]:
+PROBE = "(load probe)"
+
+
+def run_config(cfg, spec, warmup: int, repeats: int, scale: int, probe, probe_s: float) -> list[dict]:
     name, module, fn_name, knobs, batch_argnums = cfg
     knobs = dict(knobs, batch=knobs["batch"] * scale)
     fn, abstract, concrete = _build(module, fn_name, knobs)
@@ -108,7 +116,9 @@ def run_config(cfg, spec, warmup: int, repeats: int, scale: int) -> list[dict]:
             sharded = plan.apply(fn)
             args = sharded.shard_inputs(*concrete)
             calls[cand] = lambda sharded=sharded, args=args: sharded(*args)
+    calls[PROBE] = probe   # timed in turn with the candidates: how much slower than at calibration
     timed = measure_interleaved(calls, warmup, repeats)
+    slowdown = timed[PROBE][0] / probe_s
     for cand, (plan, info) in plans.items():
         row = dict(config=name, candidate=cand, knobs=knobs)
         if plan is None:
@@ -118,10 +128,11 @@ def run_config(cfg, spec, warmup: int, repeats: int, scale: int) -> list[dict]:
         p = plan.predicted
         rows.append(dict(row, status="ok", mesh=list(plan.mesh_shape), plan_s=info, predicted_s=p.step_time_s,
                          compute_s=p.compute_s, comm_s=p.comm_s, collectives=len(p.collectives),
-                         measured_s=measured, spread=spread, error=(p.step_time_s - measured) / measured))
+                         measured_s=measured, spread=spread, error=(p.step_time_s - measured) / measured,
+                         slowdown=slowdown, error_load_adjusted=(p.step_time_s * slowdown - measured) / measured))
         print(f"  {name:<10} {cand:<14} mesh {'x'.join(map(str, plan.mesh_shape)):<4} predicted "
               f"{p.step_time_s * 1e3:8.3f} ms  measured {measured * 1e3:8.3f} ms ± {100 * spread:3.0f} %  "
-              f"error {100 * rows[-1]['error']:+6.1f} %", flush=True)
+              f"error {100 * rows[-1]['error']:+6.1f} % (load probe ×{slowdown:.2f})", flush=True)
     return rows
 
 
@@ -186,11 +197,15 @@ def summarize(rows: list[dict]) -> dict:
     finite = lambda xs: [x for x in xs if np.isfinite(x)]  # noqa: E731
     sp, kd = finite([p["spearman"] for p in per.values()]), finite([p["kendall"] for p in per.values()])
     spreads = np.array([r["spread"] for r in ok])
+    adj = np.array([abs(r["error_load_adjusted"]) for r in ok])
     return dict(
         points=len(ok), configs=len(per), failed=len(rows) - len(ok),
         median_abs_error=float(np.median(err)) if err.size else None,
         max_abs_error=float(err.max()) if err.size else None,
         mean_signed_error=float(np.mean([r["error"] for r in ok])) if ok else None,
+        median_abs_error_load_adjusted=float(np.median(adj)) if adj.size else None,
+        max_abs_error_load_adjusted=float(adj.max()) if adj.size else None,
+        slowdown=[float(min(r["slowdown"] for r in ok)), float(max(r["slowdown"] for r in ok))] if ok else None,
         spearman_pooled=spearman(pred, meas), kendall_pooled=kendall(pred, meas),
         spearman_within_mean=float(np.mean(sp)) if sp else None,
         kendall_within_mean=float(np.mean(kd)) if kd else None,
@@ -208,15 +223,17 @@ def _ms(s) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| config | candidate | mesh | predicted ms | measured ms (spread) | error % | compute / comm ms |",
-           "|---|---|---|---:|---:|---:|---:|"]
+    out = ["| config | candidate | mesh | predicted ms | measured ms (spread) | error % | compute / comm ms | "
+           "load probe | error % at that load |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r["status"] != "ok":
-            out.append(f"| {r['config']} | {r['candidate']} | — | — | — | — | {r['status']}: {r.get('note', '')} |")
+            out.append(f"| {r['config']} | {r['candidate']} | — | — | — | — | {r['status']}: {r.get('note', '')} | | |")
             continue
         out.append(f"| {r['config']} | {r['candidate']} | {'x'.join(map(str, r['mesh']))} | {_ms(r['predicted_s'])} | "
                    f"{_ms(r['measured_s'])} (±{100 * r['spread']:.0f} %) | {100 * r['error']:+.1f} | "
-                   f"{_ms(r['compute_s'])} / {_ms(r['comm_s'])} |")
+                   f"{_ms(r['compute_s'])} / {_ms(r['comm_s'])} | ×{r['slowdown']:.2f} | "
+                   f"{100 * r['error_load_adjusted']:+.1f} |")
     return "\n".join(out)
 
 
@@ -236,6 +253,9 @@ def headline(s: dict) -> list[str]:
         f"- {s['points']} measured candidates in {n} configs ({s['failed']} candidates without a plan)",
         f"- |error|: median {100 * s['median_abs_error']:.1f} %, max {100 * s['max_abs_error']:.1f} % "
         f"(mean signed {100 * s['mean_signed_error']:+.1f} %) — target median ≤ 25 %",
+        f"- the machine ran ×{s['slowdown'][0]:.2f} … ×{s['slowdown'][1]:.2f} slower than at calibration (a fixed "
+        "matmul on every device, timed in turn with each config's candidates); predictions scaled by it: |error| "
+        f"median {100 * s['median_abs_error_load_adjusted']:.1f} %, max {100 * s['max_abs_error_load_adjusted']:.1f} %",
         f"- rank correlation within a config (mean over configs): Spearman {s['spearman_within_mean']:.2f}, "
         f"Kendall {s['kendall_within_mean']:.2f}; pooled over all candidates: Spearman "
         f"{s['spearman_pooled']:.2f}, Kendall {s['kendall_pooled']:.2f} — target ≥ 0.8",
@@ -333,17 +353,22 @@ def main():
         print(fits_text)
         spec_path, _ = write_spec(spec, cal, out / ("time_fidelity_spec_quick.json" if a.quick
                                                     else "time_fidelity_spec.json"))
+    from autopar.calibrate import Timer, load_probe
+    probe = load_probe()
+    probe_s = Timer(2, 15)(probe)[0]   # right after calibrating: the machine's speed the spec describes
+    print(f"load probe: {probe_s * 1e3:.3f} ms", flush=True)
     cfgs = [c for c in CONFIGS if (not a.quick or c[0] in QUICK) and (not a.only or any(s in c[0] for s in a.only))]
     rows = []
     for cfg in cfgs:
         print(f"{cfg[0]}: planning {len(CANDIDATES)} candidates, measuring …", flush=True)
-        rows += run_config(cfg, spec, a.warmup, a.repeats, a.scale)
+        rows += run_config(cfg, spec, a.warmup, a.repeats, a.scale, probe, probe_s)
     summary = summarize(rows)
     meta = dict(command="python benchmarks/time_fidelity.py" + " ".join([""] + sys.argv[1:]), quick=bool(a.quick),
                 devices=len(jax.devices()), device_kind=jax.devices()[0].device_kind, jax=jax.__version__,
                 cores=os.cpu_count(), machine=platform.machine(), load_before=load_before,
                 load_after=" ".join(f"{x:.2f}" for x in os.getloadavg()), wall_s=time.perf_counter() - t0,
-                code=code_version(), warmup=a.warmup, repeats=a.repeats, spec=str(spec_path), scale=a.scale)
+                code=code_version(), warmup=a.warmup, repeats=a.repeats, spec=str(spec_path), scale=a.scale,
+                probe_s=probe_s)
     write(rows, summary, meta, fits_text, out)
 
 

@@ -128,13 +128,19 @@ HALF_DIMS = (0.0,) + tuple(float(2 ** (k / 2)) for k in range(0, 21))   # 1 … 
 def fit_matmul(samples: list[Sample], name: str) -> tuple[float, float, float, Fit]:
     """t = t₀ + flops / (F · matmul_efficiency(h, dims)) → (F, t₀, h, fit): linear least squares in
     (t₀, 1/F) for each h of ``HALF_DIMS``, the h with the smallest relative rms kept."""
-    best = None
+    best, error = None, None
     for h in HALF_DIMS if any(s.dims for s in samples) else (0.0,):
         eff = [matmul_efficiency(h, s.dims) if s.dims else 1.0 for s in samples]
         scaled = [s.model_copy(update={"flops": s.flops / e}) for s, e in zip(samples, eff)]
-        rate, t0, fit = fit_throughput(scaled, "flops", name)
+        try:
+            rate, t0, fit = fit_throughput(scaled, "flops", name)
+        except ValueError as err:   # time does not grow with the work this h assumes: not a candidate
+            error = err
+            continue
         if best is None or fit.rms_rel_error < best[3].rms_rel_error - 1e-12:
             best = (rate, t0, h, fit)
+    if best is None:
+        raise error
     rate, t0, h, fit = best
     return rate, t0, h, fit.model_copy(update={"values": {**fit.values, "half_dim": h}})
 

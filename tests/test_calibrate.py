@@ -203,3 +203,20 @@ def test_fit_matmul_recovers_half_dim_and_the_planner_charges_it(devices8):
     dot = next(e for e in slow.eqns if e.primitive == "dot_general")
     assert dot.compute_s > next(e.compute_s for e in plain.eqns if e.primitive == "dot_general")
     assert dot.compute_s >= 2 * 1024 * 256 * 512 / 8 / 20e12 / matmul_efficiency(32.0, (128, 256, 512)) * (1 - 1e-9)
+
+
+def test_cli_calibrate_in_two_processes_fits_the_inter_node_link(tmp_path):
+    """``--processes 2`` (jax.distributed, 4 CPU devices each): axes whose groups span the two
+    processes are the inter-node link, fitted apart from the intra-node one."""
+    import os
+    out = tmp_path / "two.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
+    r = subprocess.run([sys.executable, "-m", "autopar", "calibrate", "--processes", "2", "--quick",
+                        "--out", str(out)], capture_output=True, text=True, timeout=240, env=env,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "inter-node link" in r.stdout and "intra-node link" in r.stdout
+    spec = load_cluster(str(out))
+    assert spec.devices_per_node == 4 and spec.nics_per_node == 4 and spec.inter_node_link.by_kind
+    cal = json.loads(out.with_name("two.calibration.json").read_text())
+    assert cal["processes"] == 2 and {s["link"] for s in cal["samples"] if s["link"]} == {"intra", "inter"}
