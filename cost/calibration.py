@@ -214,8 +214,11 @@ def fit_spec(base: ClusterSpec, samples: list[Sample], *, name: str, devices_per
         alone = [s for s in samples if s.kind == "matmul" and s.alone and s.dtype == dtype]
         if len(alone) >= 2:
             eff = [matmul_efficiency(half, s.dims) if s.dims else 1.0 for s in alone]
-            rate1, _, fit1 = fit_throughput([s.model_copy(update={"flops": s.flops / e}) for s, e in zip(alone, eff)],
-                                            "flops", f"matmul {dtype}, one device alone")
+            try:
+                rate1, _, fit1 = fit_throughput([s.model_copy(update={"flops": s.flops / e})
+                                                 for s, e in zip(alone, eff)], "flops", f"matmul {dtype}, one device alone")
+            except ValueError:   # too noisy to fit: shared_by stays 1 unless another dtype gives it
+                continue
             fits.append(fit1)
             ratios.append(rate1 / rate)
     shared_by = max(1.0, float(np.median(ratios))) if ratios else 1.0
