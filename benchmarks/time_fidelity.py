@@ -2,6 +2,7 @@
 the way the hardware does?
 
     python benchmarks/time_fidelity.py [--spec SPEC.json] [--quick] [--repeats 7] [--only NAME ...]
+    python benchmarks/time_fidelity.py --rewrite benchmarks/results/time_fidelity.json   # tables from saved data
 
 1. Calibrate on the devices JAX sees (``autopar.calibrate``; 8 simulated CPU devices here, the
    GPUs of a GPU machine — the script is the same) and write the spec to
@@ -23,8 +24,10 @@ OUT/time_fidelity.{md,json,png}; the machine load (``os.getloadavg``) before and
 
 On a shared machine the speed changes between calibration and measurement: a fixed matmul on
 every device (``autopar.calibrate.load_probe``), timed right after calibrating and in turn with
-each config's candidates, measures by how much; the errors are also reported with the
-predictions scaled by that factor (the raw errors stay the headline).
+each config's candidates, measures by how much (reported per config as a load indicator).
+Discordant pairs (ordered one way by the prediction, the other by the measurement) are counted
+with how many of them are closer in measured time than their spread: orders the measurement
+cannot resolve on this machine.
 """
 from __future__ import annotations
 
@@ -129,7 +132,7 @@ def run_config(cfg, spec, warmup: int, repeats: int, scale: int, probe, probe_s:
         rows.append(dict(row, status="ok", mesh=list(plan.mesh_shape), plan_s=info, predicted_s=p.step_time_s,
                          compute_s=p.compute_s, comm_s=p.comm_s, collectives=len(p.collectives),
                          measured_s=measured, spread=spread, error=(p.step_time_s - measured) / measured,
-                         slowdown=slowdown, error_load_adjusted=(p.step_time_s * slowdown - measured) / measured))
+                         slowdown=slowdown))
         print(f"  {name:<10} {cand:<14} mesh {'x'.join(map(str, plan.mesh_shape)):<4} predicted "
               f"{p.step_time_s * 1e3:8.3f} ms  measured {measured * 1e3:8.3f} ms ± {100 * spread:3.0f} %  "
               f"error {100 * rows[-1]['error']:+6.1f} % (load probe ×{slowdown:.2f})", flush=True)
@@ -194,17 +197,23 @@ def summarize(rows: list[dict]) -> dict:
             predicted_fastest_within=chosen["measured_s"] <= (1 + WITHIN) * fastest["measured_s"],
             autopar_within=ours is not None and ours["measured_s"] <= (1 + WITHIN) * fastest["measured_s"],
             autopar_over_fastest=ours["measured_s"] / fastest["measured_s"] if ours else None)
+    disc = noisy = 0
+    for name in per:
+        rs = [r for r in ok if r["config"] == name]
+        for i, a in enumerate(rs):
+            for b in rs[i + 1:]:
+                if (a["predicted_s"] - b["predicted_s"]) * (a["measured_s"] - b["measured_s"]) < 0:
+                    disc += 1
+                    gap = abs(a["measured_s"] - b["measured_s"]) / min(a["measured_s"], b["measured_s"])
+                    noisy += gap < max(a["spread"], b["spread"])
     finite = lambda xs: [x for x in xs if np.isfinite(x)]  # noqa: E731
     sp, kd = finite([p["spearman"] for p in per.values()]), finite([p["kendall"] for p in per.values()])
     spreads = np.array([r["spread"] for r in ok])
-    adj = np.array([abs(r["error_load_adjusted"]) for r in ok])
     return dict(
         points=len(ok), configs=len(per), failed=len(rows) - len(ok),
         median_abs_error=float(np.median(err)) if err.size else None,
         max_abs_error=float(err.max()) if err.size else None,
         mean_signed_error=float(np.mean([r["error"] for r in ok])) if ok else None,
-        median_abs_error_load_adjusted=float(np.median(adj)) if adj.size else None,
-        max_abs_error_load_adjusted=float(adj.max()) if adj.size else None,
         slowdown=[float(min(r["slowdown"] for r in ok)), float(max(r["slowdown"] for r in ok))] if ok else None,
         spearman_pooled=spearman(pred, meas), kendall_pooled=kendall(pred, meas),
         spearman_within_mean=float(np.mean(sp)) if sp else None,
@@ -212,6 +221,7 @@ def summarize(rows: list[dict]) -> dict:
         predicted_fastest_is_fastest=sum(p["predicted_fastest_is_fastest"] for p in per.values()),
         predicted_fastest_within=sum(p["predicted_fastest_within"] for p in per.values()),
         autopar_within=sum(p["autopar_within"] for p in per.values()),
+        discordant_pairs=disc, discordant_within_spread=noisy,
         spread_median=float(np.median(spreads)) if spreads.size else None,
         spread_max=float(spreads.max()) if spreads.size else None, per_config=per)
 
@@ -224,16 +234,15 @@ def _ms(s) -> str:
 
 def table(rows: list[dict]) -> str:
     out = ["| config | candidate | mesh | predicted ms | measured ms (spread) | error % | compute / comm ms | "
-           "load probe | error % at that load |",
-           "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+           "load probe |",
+           "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r["status"] != "ok":
-            out.append(f"| {r['config']} | {r['candidate']} | — | — | — | — | {r['status']}: {r.get('note', '')} | | |")
+            out.append(f"| {r['config']} | {r['candidate']} | — | — | — | — | {r['status']}: {r.get('note', '')} | |")
             continue
         out.append(f"| {r['config']} | {r['candidate']} | {'x'.join(map(str, r['mesh']))} | {_ms(r['predicted_s'])} | "
                    f"{_ms(r['measured_s'])} (±{100 * r['spread']:.0f} %) | {100 * r['error']:+.1f} | "
-                   f"{_ms(r['compute_s'])} / {_ms(r['comm_s'])} | ×{r['slowdown']:.2f} | "
-                   f"{100 * r['error_load_adjusted']:+.1f} |")
+                   f"{_ms(r['compute_s'])} / {_ms(r['comm_s'])} | ×{r['slowdown']:.2f} |")
     return "\n".join(out)
 
 
@@ -253,12 +262,13 @@ def headline(s: dict) -> list[str]:
         f"- {s['points']} measured candidates in {n} configs ({s['failed']} candidates without a plan)",
         f"- |error|: median {100 * s['median_abs_error']:.1f} %, max {100 * s['max_abs_error']:.1f} % "
         f"(mean signed {100 * s['mean_signed_error']:+.1f} %) — target median ≤ 25 %",
-        f"- the machine ran ×{s['slowdown'][0]:.2f} … ×{s['slowdown'][1]:.2f} slower than at calibration (a fixed "
-        "matmul on every device, timed in turn with each config's candidates); predictions scaled by it: |error| "
-        f"median {100 * s['median_abs_error_load_adjusted']:.1f} %, max {100 * s['max_abs_error_load_adjusted']:.1f} %",
+        f"- machine speed: a fixed matmul on every device (timed in turn with each config's candidates) ran "
+        f"×{s['slowdown'][0]:.2f} … ×{s['slowdown'][1]:.2f} slower than right after calibrating",
         f"- rank correlation within a config (mean over configs): Spearman {s['spearman_within_mean']:.2f}, "
         f"Kendall {s['kendall_within_mean']:.2f}; pooled over all candidates: Spearman "
         f"{s['spearman_pooled']:.2f}, Kendall {s['kendall_pooled']:.2f} — target ≥ 0.8",
+        f"- discordant pairs within configs: {s['discordant_pairs']}, of which {s['discordant_within_spread']} are "
+        "closer in measured time than the larger spread of the two (an order the measurement does not resolve)",
         f"- candidate predicted fastest is the measured fastest in {s['predicted_fastest_is_fastest']}/{n} configs, "
         f"within 10 % of it in {s['predicted_fastest_within']}/{n}",
         f"- autopar's plan within 10 % of the measured-fastest candidate in {s['autopar_within']}/{n} configs "
@@ -331,7 +341,12 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--scale", type=int, default=1, help="multiply every batch size (GPUs: e.g. 16)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--rewrite", metavar="JSON", help="re-render the .md/.png (summary recomputed) from a saved .json")
     a = ap.parse_args()
+    if a.rewrite:
+        saved = json.loads(Path(a.rewrite).read_text())
+        rows = [{k: v for k, v in r.items() if k != "error_load_adjusted"} for r in saved["rows"]]
+        return write(rows, summarize(rows), saved["meta"], saved["meta"].get("fits", ""), Path(a.out))
     if a.repeats < 5 and not a.quick:
         raise SystemExit(f"--repeats must be ≥ 5 for a reported run, got {a.repeats}")
     import jax
@@ -368,7 +383,7 @@ def main():
                 cores=os.cpu_count(), machine=platform.machine(), load_before=load_before,
                 load_after=" ".join(f"{x:.2f}" for x in os.getloadavg()), wall_s=time.perf_counter() - t0,
                 code=code_version(), warmup=a.warmup, repeats=a.repeats, spec=str(spec_path), scale=a.scale,
-                probe_s=probe_s)
+                probe_s=probe_s, fits=fits_text)
     write(rows, summary, meta, fits_text, out)
 
 
