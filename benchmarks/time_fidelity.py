@@ -368,6 +368,8 @@ def main():
         print(fits_text)
         spec_path, _ = write_spec(spec, cal, out / ("time_fidelity_spec_quick.json" if a.quick
                                                     else "time_fidelity_spec.json"))
+    spec_path = Path(spec_path).resolve()
+    spec_path = spec_path.relative_to(ROOT) if spec_path.is_relative_to(ROOT) else spec_path
     from autopar.calibrate import Timer, load_probe
     probe = load_probe()
     probe_s = Timer(2, 15)(probe)[0]   # right after calibrating: the machine's speed the spec describes
