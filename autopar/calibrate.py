@@ -103,7 +103,7 @@ def _global(mesh: Mesh, per_device: tuple[int, ...], dtype, seed: int = 0):
     """An array whose dim 0 is split over every mesh axis: ``per_device`` on each device."""
     shape = (per_device[0] * mesh.devices.size,) + tuple(per_device[1:])
     sharding = NamedSharding(mesh, P(mesh.axis_names))
-    host = np.random.default_rng(seed).standard_normal(shape).astype(dtype) * 0.01
+    host = (np.random.default_rng(seed).standard_normal(shape) * 0.01).astype(jax.numpy.dtype(dtype))  # bf16 too
     return jax.make_array_from_callback(shape, sharding, lambda idx: host[idx])
 
 
@@ -134,7 +134,7 @@ def matmul_samples(timer: Timer, sizes: Sizes) -> list[Sample]:
             out.append(Sample(kind="matmul", dtype=dtype, flops=2.0 * m * k * n, dims=(m, k, n), seconds=t,
                               spread=s, repeats=timer.repeats))
             if jax.process_count() == 1:   # one device of a multi-process job alone would desynchronise it
-                x1, y1 = jax.device_put(np.ones((m, k), dtype), local), jax.device_put(np.ones((k, n), dtype), local)
+                x1, y1 = (jax.device_put(np.ones(shape, jax.numpy.dtype(dtype)), local) for shape in ((m, k), (k, n)))
                 t, s = timer(jax.jit(lambda x, y: x @ y), x1, y1)
                 out.append(Sample(kind="matmul", dtype=dtype, flops=2.0 * m * k * n, dims=(m, k, n), seconds=t,
                                   spread=s, repeats=timer.repeats, alone=True))
@@ -314,7 +314,8 @@ def report(spec: ClusterSpec, cal: Calibration) -> str:
              f"{spec.step_overhead_s * 1e6:.0f} µs",
              f"intra-node link α {spec.intra_node_link.alpha_s * 1e6:.2f} µs, "
              f"{spec.intra_node_link.bandwidth_bytes_per_s / 1e9:.3g} GB/s; inter-node per device "
-             f"α {spec.inter_node_link.alpha_s * 1e6:.2f} µs, {spec.inter_node_bandwidth_per_device() / 1e9:.3g} GB/s"]
+             f"α {spec.inter_node_link.alpha_s * 1e6:.2f} µs, "
+             f"{spec.inter_node_bandwidth_per_device() / 1e9:.3g} GB/s"]
     return "\n".join(lines)
 
 

@@ -238,7 +238,8 @@ def table(rows: list[dict]) -> str:
            "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r["status"] != "ok":
-            out.append(f"| {r['config']} | {r['candidate']} | — | — | — | — | {r['status']}: {r.get('note', '')} | |")
+            out.append(f"| {r['config']} | {r['candidate']} | — | — | — | — | {r['status']}: "
+                       f"{r.get('note', '')} | |")
             continue
         out.append(f"| {r['config']} | {r['candidate']} | {'x'.join(map(str, r['mesh']))} | {_ms(r['predicted_s'])} | "
                    f"{_ms(r['measured_s'])} (±{100 * r['spread']:.0f} %) | {100 * r['error']:+.1f} | "

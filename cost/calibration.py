@@ -215,8 +215,8 @@ def fit_spec(base: ClusterSpec, samples: list[Sample], *, name: str, devices_per
         if len(alone) >= 2:
             eff = [matmul_efficiency(half, s.dims) if s.dims else 1.0 for s in alone]
             try:
-                rate1, _, fit1 = fit_throughput([s.model_copy(update={"flops": s.flops / e})
-                                                 for s, e in zip(alone, eff)], "flops", f"matmul {dtype}, one device alone")
+                scaled = [s.model_copy(update={"flops": s.flops / e}) for s, e in zip(alone, eff)]
+                rate1, _, fit1 = fit_throughput(scaled, "flops", f"matmul {dtype}, one device alone")
             except ValueError:   # too noisy to fit: shared_by stays 1 unless another dtype gives it
                 continue
             fits.append(fit1)
