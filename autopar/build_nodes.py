@@ -127,7 +127,9 @@ def _op_costs(node, strats, mesh, skip_out: bool = False, skip_in: tuple = (), c
         nbytes = 0.0 if skip_out else use[i]
         nbytes += sum(local_nbytes(o, sp, mesh.shape) for k, (o, sp) in enumerate(zip(node.operands, s.in_specs))
                       if not (k < len(skip_in) and skip_in[k]))
-        flops = node.flops / div / (_dot_efficiency(node, s, mesh) if node.name == "dot_general" else 1.0)
+        eff = _dot_efficiency(node, s, mesh) if node.name == "dot_general" else \
+            mesh.conv_efficiency if node.name == "conv_general_dilated" else 1.0
+        flops = node.flops / div / eff
         comp[i] = 0.0 if view else compute_time(mesh, flops, nbytes * node.repeat, dtype)  # flops × repeat
         comm[i] = sum(collective_time(mesh, k, ax, n, latency=not (combined and k == ALL_REDUCE.name))
                       for k, ax, n in s.comm) * node.repeat

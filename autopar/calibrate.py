@@ -8,6 +8,8 @@ timed calls (each until ``block_until_ready``); a sample is the median and the s
   (n, d, n) ones (M, K, N), every device at once
   (``shard_map`` over all devices; the per-device throughput when the mesh is busy) and on one
   device alone (the ratio is ``DeviceSpec.shared_by``: simulated CPU devices share the host).
+* **conv**: a 3×3 convolution and its two gradients (a training step's three convolutions) per
+  dtype, every device at once: their rate over the matmul rate is ``DeviceSpec.conv_efficiency``.
 * **elementwise** ``x · 1.5 + 0.5`` over vectors of several sizes on every device (bytes read
   + written → memory bandwidth), and a chain of ``CHAIN_OPS`` such ops at the largest size (not
   much slower than one op: XLA fuses chains → ``ClusterSpec.fuse_elementwise``).
@@ -55,16 +57,20 @@ class Sizes:
     elementwise: tuple[int, ...]   # elements per device
     collective: tuple[int, ...]    # bytes per device (cost.comm's n)
     dtypes: tuple[str, ...]
+    conv: tuple[tuple[int, int, int], ...] = ()   # (batch, image side, channels) per device of a 3×3 conv
 
 
 SIZES = {
     "cpu": Sizes((128, 256, 384, 512), (16, 64), (1 << 16, 1 << 18, 1 << 20, 1 << 21),
-                 (1 << 12, 1 << 15, 1 << 18, 1 << 21), ("float32",)),
+                 (1 << 12, 1 << 15, 1 << 18, 1 << 21), ("float32",),
+                 ((2, 32, 16), (2, 32, 32))),
     "gpu": Sizes((1024, 2048, 4096, 8192), (32, 128), (1 << 22, 1 << 24, 1 << 26, 1 << 27),
-                 (1 << 16, 1 << 20, 1 << 24, 1 << 27), ("float32", "bfloat16", "float16")),
+                 (1 << 16, 1 << 20, 1 << 24, 1 << 27), ("float32", "bfloat16", "float16"),
+                 ((32, 56, 64), (32, 28, 256))),
 }
-QUICK = {"cpu": Sizes((128, 256, 384), (16,), (1 << 16, 1 << 19), (1 << 12, 1 << 19), ("float32",)),
-         "gpu": Sizes((1024, 4096), (64,), (1 << 22, 1 << 26), (1 << 16, 1 << 24), ("float32", "bfloat16"))}
+QUICK = {"cpu": Sizes((128, 256, 384), (16,), (1 << 16, 1 << 19), (1 << 12, 1 << 19), ("float32",), ((2, 16, 16),)),
+         "gpu": Sizes((1024, 4096), (64,), (1 << 22, 1 << 26), (1 << 16, 1 << 24), ("float32", "bfloat16"),
+                      ((32, 28, 128),))}
 
 
 @dataclass(frozen=True)
@@ -138,6 +144,26 @@ def matmul_samples(timer: Timer, sizes: Sizes) -> list[Sample]:
                 t, s = timer(jax.jit(lambda x, y: x @ y), x1, y1)
                 out.append(Sample(kind="matmul", dtype=dtype, flops=2.0 * m * k * n, dims=(m, k, n), seconds=t,
                                   spread=s, repeats=timer.repeats, alone=True))
+    return out
+
+
+def conv_samples(timer: Timer, sizes: Sizes) -> list[Sample]:
+    """A 3×3 convolution (NHWC) and both its gradients in one program, every device at once."""
+    mesh = Mesh(np.array(_devices()), ("x",))
+    out = []
+    for dtype in sizes.dtypes:
+        for batch, side, c in sizes.conv:
+            x = _global(mesh, (batch, side, side, c), dtype, 4)
+            w = jax.numpy.full((3, 3, c, c), 0.01, jax.numpy.dtype(dtype))
+
+            def step(v, w=w):
+                conv = lambda v, w: jax.lax.conv_general_dilated(   # noqa: E731
+                    v, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                gv, gw = jax.grad(lambda v, w: (conv(v, w) ** 2).sum(), argnums=(0, 1))(v, w)
+                return gv + gw.sum()
+            t, s = timer(_sharded(mesh, step), x)
+            out.append(Sample(kind="conv", dtype=dtype, flops=3 * 2.0 * batch * side * side * c * c * 9, seconds=t,
+                              spread=s, repeats=timer.repeats))
     return out
 
 
@@ -266,7 +292,7 @@ def measure(*, quick: bool = False, timer: Timer | None = None, meshes=None, log
     log(f"calibrating {len(jax.devices())} {jax.devices()[0].device_kind} device(s) in {jax.process_count()} "
         f"process(es): matmul, elementwise, {len(KINDS)} collectives …")
     t0 = time.perf_counter()
-    samples = matmul_samples(timer, sizes) + elementwise_samples(timer, sizes)
+    samples = matmul_samples(timer, sizes) + conv_samples(timer, sizes) + elementwise_samples(timer, sizes)
     bw, _, _ = fit_throughput([s for s in samples if s.kind == "elementwise"], "nbytes", "elementwise")
     samples += collective_samples(timer, sizes, bw, meshes)
     if len(jax.devices()) > 1:

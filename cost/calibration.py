@@ -8,6 +8,8 @@ numbers to them by least squares on *relative* residuals ``(model − measured) 
     matmul       t = t₀ + flops / (F·Π d/(d+h))  per dtype, all devices at once, square and skinny
                  (M, K, N) → F (effective FLOP/s) and h (``DeviceSpec.matmul_half_dim``, searched)
     elementwise  t = t₀ + bytes / B           read + written bytes, all devices at once → B
+    conv         a 3×3 convolution and its two gradients, all devices at once: rate / F
+                 → ``DeviceSpec.conv_efficiency`` (≤ 1)
     chain        k dependent elementwise ops in one program vs one op: fused if < k/2 times as long
                  → ``ClusterSpec.fuse_elementwise``
     combining    k independent small all-reduces in one program vs one: combined if the k − 1 extra
@@ -44,7 +46,7 @@ class Sample(BaseModel):
     """One measured microbenchmark point (median over ``repeats`` timed calls after warm-up)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    kind: str = Field(description="'matmul', 'elementwise', or a cost.comm collective name")
+    kind: str = Field(description="'matmul', 'conv', 'elementwise', or a cost.comm collective name")
     seconds: float = Field(gt=0, description="median seconds per op")
     spread: float = Field(ge=0, description="(max − min) / median over the repeats")
     repeats: int = Field(gt=0)
@@ -222,6 +224,11 @@ def fit_spec(base: ClusterSpec, samples: list[Sample], *, name: str, devices_per
             fits.append(fit1)
             ratios.append(rate1 / rate)
     shared_by = max(1.0, float(np.median(ratios))) if ratios else 1.0
+    conv = [s for s in samples if s.kind == "conv" and s.dtype in peaks]   # rate / the matmul rate of its dtype
+    conv_eff = min(1.0, float(np.median([s.flops / s.seconds / peaks[s.dtype] for s in conv]))) if conv else 1.0
+    if conv:
+        fits.append(Fit(name="conv (fwd + grads) / matmul rate", values={"ratio": conv_eff}, samples=len(conv),
+                        rms_rel_error=0.0, max_rel_error=0.0))
     ew = [s for s in samples if s.kind == "elementwise" and not s.alone and s.chain == 1]
     bw, _, fit = fit_throughput(ew, "nbytes", "elementwise bandwidth")
     fits.append(fit)
@@ -256,7 +263,7 @@ def fit_spec(base: ClusterSpec, samples: list[Sample], *, name: str, devices_per
                 combine_all_reduces=bool(combine and combine[0]))
     data["device"].update(peak_flops={k: v * shared_by for k, v in peaks.items()},
                           hbm_bandwidth_bytes_per_s=bw * shared_by, shared_by=shared_by,
-                          matmul_half_dim=float(np.median(halves)))
+                          matmul_half_dim=float(np.median(halves)), conv_efficiency=conv_eff)
     if device_name:
         data["device"]["name"] = device_name
     if memory_bytes:
@@ -317,9 +324,10 @@ def predicted_seconds(spec: ClusterSpec, s: Sample) -> float:
     laid out over ``prod(mesh) / devices_per_node`` nodes)."""
     if s.kind == "elementwise" and s.chain > 1:
         raise ValueError("an elementwise chain sample has no model time of its own (see fused_chains)")
-    if s.kind in ("matmul", "elementwise"):
+    if s.kind in ("matmul", "elementwise", "conv"):
         mesh = mesh_model(spec, 1, (spec.devices_per_node,))   # every device busy
         eff = matmul_efficiency(spec.device.matmul_half_dim, s.dims) if s.dims else 1.0
+        eff = spec.device.conv_efficiency if s.kind == "conv" else eff
         t = compute_time(mesh, s.flops / eff, s.nbytes, s.dtype)
         return t / spec.device.shared_by if s.alone else t
     nodes = max(1, math.prod(s.mesh) // spec.devices_per_node)

@@ -56,6 +56,8 @@ class DeviceSpec(BaseModel):
     matmul_half_dim: float = Field(0.0, ge=0, description=(
         "a matmul whose local M, K, N are m, k, n runs at peak · Π d / (d + matmul_half_dim) over d in (m, k, n): "
         "skinny or small matmuls are slower per FLOP (0: every matmul at peak)"))
+    conv_efficiency: float = Field(1.0, gt=0, le=1, description=(
+        "convolutions (forward and gradients) run at this fraction of the matmul rate (1: same as matmuls)"))
     shared_by: float = Field(1.0, ge=1, description=(
         "devices sharing one device's compute hardware: with every device busy each gets peak_flops and "
         "hbm_bandwidth / shared_by (simulated CPU devices share the host's cores; GPUs: 1)"))

@@ -66,12 +66,14 @@ def test_fit_spec_fills_the_new_terms_and_round_trips():
     samples += [Sample(kind="matmul", flops=f, seconds=f / 8e10, spread=0, repeats=1, alone=True) for f in (1e7, 1e8)]
     samples += [Sample(kind="elementwise", nbytes=b, seconds=b / 2e9, spread=0, repeats=1) for b in (1e6, 1e7)]
     samples.append(Sample(kind="elementwise", nbytes=1e7, seconds=1.2e7 / 2e9, spread=0, repeats=1, chain=8))
+    samples.append(Sample(kind="conv", flops=1e8, seconds=1e8 / 2.5e9, spread=0, repeats=1))
     spec, fits = fit_spec(load_cluster("cpu-8"), samples, name="fitted", devices_per_node=8, launch_overhead_s=3e-4)
     assert spec.device.shared_by == pytest.approx(8.0)
     assert spec.device.peak_flops["float32"] == pytest.approx(8e10)       # one device's own; 1e10 each when all busy
     assert mesh_model(spec, 1, (8,)).flops_for("float32") == pytest.approx(1e10)
     assert mesh_model(spec, 1, (8,)).hbm_bandwidth_bytes_per_s == pytest.approx(2e9)
     assert spec.fuse_elementwise and spec.step_overhead_s == 3e-4 and fused_chains(samples)[0]
+    assert spec.device.conv_efficiency == pytest.approx(0.25)   # 2.5 of the 10 GFLOP/s of a matmul
     assert set(spec.intra_node_link.by_kind) == set(KINDS)
     assert max(abs(link_errors(spec, samples)["intra"])) < 1e-6
     assert {f.name for f in fits} >= {"matmul float32", "elementwise bandwidth", "intra-node link"}
@@ -83,6 +85,7 @@ def test_shipped_specs_keep_todays_terms():
     for name in known_clusters():
         spec = load_cluster(name)
         assert spec.device.shared_by == 1.0 and spec.step_overhead_s == 0.0 and not spec.fuse_elementwise
+        assert spec.device.matmul_half_dim == 0.0 and spec.device.conv_efficiency == 1.0 and not spec.combine_all_reduces
         assert not spec.intra_node_link.by_kind and not spec.inter_node_link.by_kind
 
 
@@ -132,7 +135,7 @@ def test_calibrate_on_8_cpu_devices_reproduces_its_measurements(calibrated, tmp_
     spec, cal = calibrated
     assert spec.devices_per_node == 8 and cal.devices == 8 and cal.platform == "cpu"
     kinds = {s.kind for s in cal.samples}
-    assert kinds == {"matmul", "elementwise", *KINDS}
+    assert kinds == {"matmul", "conv", "elementwise", *KINDS}
     assert {(s.mesh, s.axis) for s in cal.samples if s.link} == {((8,), 0), ((2, 4), 0), ((2, 4), 1)}
     assert all(s.link == "intra" for s in cal.samples if s.kind in KINDS)
     assert spec.device.shared_by >= 1 and spec.step_overhead_s > 0
@@ -220,3 +223,17 @@ def test_cli_calibrate_in_two_processes_fits_the_inter_node_link(tmp_path):
     assert spec.devices_per_node == 4 and spec.nics_per_node == 4 and spec.inter_node_link.by_kind
     cal = json.loads(out.with_name("two.calibration.json").read_text())
     assert cal["processes"] == 2 and {s["link"] for s in cal["samples"] if s["link"]} == {"intra", "inter"}
+
+
+def test_conv_efficiency_scales_convolution_time(devices8):
+    import jax
+    import jax.numpy as jnp
+
+    def conv(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    args = jax.ShapeDtypeStruct((8, 32, 32, 16), jnp.float32), jax.ShapeDtypeStruct((3, 3, 16, 16), jnp.float32)
+    base = load_cluster("cpu-8").model_dump()
+    slow = cluster_from_dict({**base, "device": {**base["device"], "conv_efficiency": 0.25}})
+    t = [next(e.compute_s for e in autopar.plan(conv, *args, cluster=c, mesh_shape=(8,)).eqns
+              if e.primitive == "conv_general_dilated") for c in ("cpu-8", slow)]
+    assert t[1] == pytest.approx(4 * t[0], rel=1e-9)   # compute-bound at 20 TFLOP/s: a quarter of the rate
