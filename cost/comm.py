@@ -6,6 +6,9 @@ uses the intra-node link; an axis that crosses nodes uses the network, with each
 getting ``nics_per_node * NIC bandwidth / devices_per_node``. A collective over several
 axes is modelled as one ring over all their devices, limited by the slowest axis.
 
+A link's α and bandwidth may differ per collective kind (``LinkSpec.by_kind``, fitted by
+``autopar calibrate``: XLA:CPU's all-to-all is far slower than its all-reduce).
+
 Every collective kind is one :class:`Collective` record in ``COLLECTIVES``: its name (the
 ``kind`` stored in plans), its time formula, the HLO op names XLA emits for it, which buffer
 its ``nbytes`` counts and whether the unreduced partial buffer is live while it runs. With
@@ -155,12 +158,10 @@ def mesh_model(cluster: ClusterSpec, nodes: int, mesh_shape: tuple[int, ...]) ->
         stride = math.prod(mesh_shape[i + 1:])
         crosses = len({(k * stride) // dpn for k in range(size)}) > 1
         if crosses:   # a device's share of the node's NICs, never above its own intra-node link
-            share = cluster.nics_per_node / dpn
-            intra_bw = cluster.intra_node_link.bandwidth_bytes_per_s
-            inter = cluster.inter_node_link
-            bw = min(cluster.inter_node_bandwidth_per_device(), intra_bw)
-            kinds = tuple((k, t.alpha_s, min(t.bandwidth_bytes_per_s * share, cluster.intra_node_link.terms(k)
-                                             .bandwidth_bytes_per_s)) for k, t in sorted(inter.by_kind.items()))
+            share, intra, inter = cluster.nics_per_node / dpn, cluster.intra_node_link, cluster.inter_node_link
+            bw = min(cluster.inter_node_bandwidth_per_device(), intra.bandwidth_bytes_per_s)
+            kinds = tuple((k, t.alpha_s, min(t.bandwidth_bytes_per_s * share, intra.terms(k).bandwidth_bytes_per_s))
+                          for k, t in sorted(inter.by_kind.items()))
             links.append(AxisLink(size, inter.alpha_s, bw, True, kinds))
         else:
             intra = cluster.intra_node_link
