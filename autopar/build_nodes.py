@@ -6,11 +6,13 @@ inputs and outputs are live for the whole step; ops XLA fuses away hold none,
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from autopar.cost import MeshModel, collective, collective_time, compute_time, shard_factor
+from autopar.cost import (ALL_REDUCE, MeshModel, collective, collective_time, compute_time, local_shape,
+                          matmul_efficiency, shard_factor)
 
 from .graph import OpGraph
 from .strategies import FUSION_RULES, Strategy, enumerate_specs, replicate, spec_name, strategies_for
@@ -82,13 +84,18 @@ def node_terms(graph: OpGraph, mesh: MeshModel, strats, signatures, *, donated_n
     backward are separate executables and nothing is merged across them."""
     view = memory_view(graph, platform or mesh.device_kind, merge_recompute=not split_backward)
     fused = view.free | written_into_outputs(graph, view, aliased_outputs)
+    in_fusion = traffic_fused(graph) if mesh.fuse_elementwise else frozenset()
+    combined = combinable_nodes(graph) if mesh.combine_all_reduces else frozenset()
     comp_all, comm_all, costs, usages = [], [], [], []
     cost_cache: dict = {}
     for node, ss, sig in zip(graph.nodes, strats, signatures):
         key = sig if node.kind == "eqn" else (node.kind, node.outputs[0].shape, str(node.outputs[0].dtype),
                                                tuple(x.name for x in ss))
+        skip = (node.index in in_fusion,
+                tuple(hasattr(x, "id") and graph.producer[x.id][0] in in_fusion for x in node.operands))
+        key = (key, skip, node.index in combined) if in_fusion or combined else key
         if key not in cost_cache:
-            cost_cache[key] = _op_costs(node, ss, mesh)
+            cost_cache[key] = _op_costs(node, ss, mesh, *skip, combined=node.index in combined)
         comp, comm, use = cost_cache[key]
         if input_usage_scale and node.kind == "input" and node.index in input_usage_scale:
             use = use * float(input_usage_scale[node.index])
@@ -101,8 +108,11 @@ def node_terms(graph: OpGraph, mesh: MeshModel, strats, signatures, *, donated_n
     return NodeTerms(comp_all, comm_all, costs, usages, live_intervals(graph, donated_nodes, view.ends, aliased_outputs))
 
 
-def _op_costs(node, strats, mesh):
-    """(compute s, collective s, output bytes per device) per strategy of one node."""
+def _op_costs(node, strats, mesh, skip_out: bool = False, skip_in: tuple = (), combined: bool = False):
+    """(compute s, collective s, output bytes per device) per strategy of one node; memory
+    traffic leaves out its output (``skip_out``) and the operands (``skip_in``) that stay inside
+    a loop fusion (:func:`traffic_fused`); ``combined``: its all-reduces join XLA's combined one
+    (:func:`combinable_nodes`), their α is charged once per group by ``planner.assemble_plan``."""
     comp = np.zeros(len(strats))
     comm = np.zeros(len(strats))
     use = np.zeros(len(strats))
@@ -115,12 +125,30 @@ def _op_costs(node, strats, mesh):
         factors = [shard_factor(sp, mesh.shape) for sp in s.out_specs]
         factors += [shard_factor(sp, mesh.shape) for sp in s.in_specs if sp is not None]
         div = s.work_div or max(factors, default=1)
-        nbytes = sum(local_nbytes(v, sp, mesh.shape) for v, sp in zip(node.outputs, s.out_specs))
-        use[i] = nbytes
-        nbytes += sum(local_nbytes(o, sp, mesh.shape) for o, sp in zip(node.operands, s.in_specs))
-        comp[i] = 0.0 if view else compute_time(mesh, node.flops / div, nbytes * node.repeat, dtype)  # flops × repeat
-        comm[i] = sum(collective_time(mesh, k, ax, n) for k, ax, n in s.comm) * node.repeat
+        use[i] = sum(local_nbytes(v, sp, mesh.shape) for v, sp in zip(node.outputs, s.out_specs))
+        nbytes = 0.0 if skip_out else use[i]
+        nbytes += sum(local_nbytes(o, sp, mesh.shape) for k, (o, sp) in enumerate(zip(node.operands, s.in_specs))
+                      if not (k < len(skip_in) and skip_in[k]))
+        eff = _dot_efficiency(node, s, mesh) if node.name == "dot_general" else \
+            mesh.conv_efficiency if node.name == "conv_general_dilated" else 1.0
+        flops = node.flops / div / eff
+        comp[i] = 0.0 if view else compute_time(mesh, flops, nbytes * node.repeat, dtype)  # flops × repeat
+        comm[i] = sum(collective_time(mesh, k, ax, n, latency=not (combined and k == ALL_REDUCE.name))
+                      for k, ax, n in s.comm) * node.repeat
     return comp, comm, use
+
+
+def _dot_efficiency(node, s: Strategy, mesh: MeshModel) -> float:
+    """``cost.matmul_efficiency`` of a dot's local (M, K, N) under strategy ``s`` (1 when the
+    spec charges every matmul at peak)."""
+    if not mesh.matmul_half_dim or len(s.in_specs) < 2 or s.in_specs[0] is None or s.in_specs[1] is None:
+        return 1.0
+    (lc, rc), (lb, rb) = node.params["dimension_numbers"]
+    lhs = local_shape(tuple(node.operands[0].shape), s.in_specs[0], mesh.shape)
+    rhs = local_shape(tuple(node.operands[1].shape), s.in_specs[1], mesh.shape)
+    m = math.prod(d for k, d in enumerate(lhs) if k not in lc and k not in lb)
+    n = math.prod(d for k, d in enumerate(rhs) if k not in rc and k not in rb)
+    return matmul_efficiency(mesh.matmul_half_dim, (m, math.prod(lhs[k] for k in lc), n))
 
 
 def live_intervals(graph: OpGraph, donated_nodes: set[int], ends: dict[int, int] | None = None,
@@ -312,6 +340,42 @@ def remat_cse(graph: OpGraph) -> dict[int, int]:
         else:
             seen.setdefault(key, node.outputs)
     return alias
+
+
+def combinable_nodes(graph: OpGraph) -> frozenset[int]:
+    """Ops whose all-reduces XLA's all-reduce combiner may merge with others into one op
+    (``ClusterSpec.combine_all_reduces``): outside loops, and none of their results reaches a
+    dot or convolution, so no later matmul waits for them (weight gradients on their way to the
+    update, the loss) — they are independent of one another."""
+    heavy = {"dot_general", "conv_general_dilated"}
+    reaches = [False] * len(graph.nodes)
+    for node in reversed(graph.nodes):   # readers come after producers
+        reaches[node.index] = any(graph.nodes[u].name in heavy or reaches[u]
+                                  for o in node.outputs for u, _ in graph.consumers.get(o.id, []))
+    return frozenset(n.index for n in graph.nodes if n.kind == "eqn" and n.repeat == 1 and not reaches[n.index])
+
+
+def traffic_fused(graph: OpGraph) -> frozenset[int]:
+    """Ops whose output XLA keeps inside its readers' loop fusion, for compute time
+    (``ClusterSpec.fuse_elementwise``): :func:`fused_nodes`, and every elementwise op whose
+    readers are all elementwise ops of the same scope and scan (an expensive one, ``EXPENSIVE``:
+    one reader), no program output. Its output is never written and its readers never read it
+    from memory; a chain costs what it reads from outside and what it writes at its end.
+    Unlike :func:`elementwise_fused` (memory) it does not ask whether the chain frees memory."""
+    from .strategies.elementwise import ELEMENTWISE
+    elementwise = frozenset(ELEMENTWISE) - _NOT_FUSED
+    out = set(fused_nodes(graph))
+    for node in graph.nodes:
+        if node.kind != "eqn" or node.name not in elementwise or len(node.outputs) != 1:
+            continue
+        v = node.outputs[0].id
+        users = {u for u, _ in graph.consumers.get(v, [])}
+        if not users or v in graph.output_values or (node.name in EXPENSIVE and len(users) > 1):
+            continue
+        if all(graph.nodes[u].name in elementwise and graph.nodes[u].eqn.scope == node.eqn.scope
+               and graph.nodes[u].repeat == node.repeat for u in users):
+            out.add(node.index)
+    return frozenset(out)
 
 
 def elementwise_fused(graph: OpGraph, *, cross_remat: bool = True) -> set[int]:

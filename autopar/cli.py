@@ -1,4 +1,5 @@
-"""``autopar`` command line: ``plan``, ``run`` and ``clusters`` (a thin layer over the API).
+"""``autopar`` command line: ``plan``, ``run``, ``explain``, ``calibrate`` and ``clusters`` (a thin
+layer over the API).
 
 Example modules follow one convention: for a step function ``FOO`` the module defines
 ``FOO_args(**knobs) -> tuple`` returning example positional arguments (``abstract=True``,
@@ -165,6 +166,26 @@ def cmd_clusters(ns) -> int:
         print(f"{name:<16} {c.devices_per_node}× {d.name:<16} {d.memory_bytes / 2**30:6.0f} GiB  "
               f"intra {c.intra_node_link.bandwidth_bytes_per_s / 1e9:6.1f} GB/s  "
               f"network {c.inter_node_bandwidth_per_device() / 1e9:6.2f} GB/s per device  {c.description}")
+    return 0
+
+
+def cmd_calibrate(ns) -> int:
+    """Microbenchmarks on the devices JAX sees → a fitted ClusterSpec JSON (``autopar.calibrate``)."""
+    import jax
+
+    from .calibrate import Timer, calibrate, report, write
+    if Path(ns.out).suffix != ".json":
+        raise ValueError(f"--out must name a .json file, got {ns.out!r}")
+    if (ns.repeats is not None and ns.repeats < 1) or ns.warmup < 0:
+        raise SystemExit(f"autopar: --repeats must be ≥ 1 and --warmup ≥ 0, got {ns.repeats} and {ns.warmup}")
+    timer = Timer(ns.warmup, ns.repeats) if ns.repeats is not None else None  # None: --quick's
+    spec, cal = calibrate(base=ns.base, name=ns.name or Path(ns.out).stem, quick=ns.quick, timer=timer,
+                          log=print if jax.process_index() == 0 else lambda *_: None)
+    if jax.process_index() != 0:
+        return 0
+    print(report(spec, cal))
+    out, data = write(spec, cal, ns.out)
+    print(f"\nspec written to {out} (samples and fits: {data}); plan with `autopar plan … --cluster {out}`")
     return 0
 
 
@@ -335,7 +356,24 @@ def main(argv=None) -> int:
     x.add_argument("--plan", help="a plan JSON to explain instead of planning (same TARGET and --arg)")
     x.add_argument("--axis", help="mesh axis the alternative must split the leaf over, e.g. y (default: any)")
     x.add_argument("--top", type=int, default=5, help="operations listed each way (default 5)")
+    c = sub.add_parser("calibrate", help="measure matmul, memory bandwidth and collectives on the devices JAX sees "
+                       "and fit a cluster spec JSON to them")
+    c.add_argument("--out", default="my-cluster.json", help="spec JSON to write (default my-cluster.json)")
+    c.add_argument("--base", default=None, help="spec giving what is not measured (inter-node link on one node, "
+                   "memory size on CPU); default cpu-8 on CPU, dgx-h100 on GPU")
+    c.add_argument("--name", help="the spec's name (default: the --out file's stem)")
+    c.add_argument("--quick", action="store_true", help="fewer sizes and repeats (a rough spec in seconds)")
+    c.add_argument("--repeats", type=int, default=7, help="timed calls per microbenchmark (median; default 7)")
+    c.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
+    c.add_argument("--devices", type=int, default=None, help="simulated CPU devices (default 8; ignored on GPU)")
+    c.add_argument("--processes", type=int, default=None, help="start N processes on 127.0.0.1 (jax.distributed, "
+                   "the CPU devices split among them): the links between them are fitted as the inter-node link")
+    c.add_argument("--timeout", type=int, default=60, help="multi-process: seconds for all processes to join")
     ns = parser.parse_args(argv)
+    if ns.cmd == "calibrate":
+        if ns.quick and "--repeats" not in (sys.argv[1:] if argv is None else argv):
+            ns.repeats = None   # the quick default
+        return _start_calibrate(ns, argv)
     if ns.cmd == "run":
         from autopar.cost import ClusterSpecError, load_cluster
 
@@ -377,6 +415,33 @@ def main(argv=None) -> int:
     try:
         return {"clusters": cmd_clusters, "plan": cmd_plan, "run": cmd_run, "explain": cmd_explain}[ns.cmd](ns)
     except (ClusterSpecError, PlanError, PlanMismatchError, TraceError, ValueError) as err:
+        print(f"autopar: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _start_calibrate(ns, argv) -> int:
+    """``autopar calibrate``: the simulated CPU devices (or a local multi-process job) first."""
+    from . import launch
+    in_job = launch.ENV_COORDINATOR in os.environ
+    want = ns.devices or 8
+    if ns.processes is not None and not in_job:
+        child = [sys.executable, "-m", "autopar"] + list(sys.argv[1:] if argv is None else argv)
+        try:
+            return launch.launch_local(child, ns.processes, want, timeout_s=ns.timeout)
+        except ValueError as err:
+            raise SystemExit(f"autopar: {err}") from None
+    os.environ.setdefault("JAX_NUM_CPU_DEVICES", str(want // int(os.environ.get(launch.ENV_NUM, "1"))))
+    import jax
+    try:  # only possible before the CPU backend starts; harmless on GPU machines
+        jax.config.update("jax_num_cpu_devices", int(os.environ["JAX_NUM_CPU_DEVICES"]))
+    except RuntimeError:
+        pass
+    if in_job:
+        launch.initialize_from_env(default_timeout_s=ns.timeout)
+    from autopar.cost import ClusterSpecError
+    try:
+        return cmd_calibrate(ns)
+    except (ClusterSpecError, ValueError) as err:
         print(f"autopar: error: {err}", file=sys.stderr)
         return 2
 

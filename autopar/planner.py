@@ -10,9 +10,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from autopar import solvers
-from autopar.cost import ClusterSpec, collective_time, load_cluster, mesh_model, resharding
+from autopar.cost import ALL_REDUCE, ClusterSpec, collective_time, load_cluster, mesh_model, resharding
 
 from .build import IntraProblem, build_problem
+from .build_nodes import combinable_nodes
 from .build_edges import ReshardCache, match_donations
 from .carry import carried_pairs
 from .emit import axis_names
@@ -246,11 +247,21 @@ def assemble_plan(fn, program, ip: IntraProblem, sol, spec: ClusterSpec, nodes: 
     chosen = [ip.strategies[v][c] for v, c in enumerate(choice)]
     colls: list[CollectiveCost] = []
     compute_s = float(sum(ip.compute_s[v][c] for v, c in enumerate(choice)))
+    combined = combinable_nodes(graph) if mesh.combine_all_reduces else frozenset()
+    groups: dict[tuple, list[int]] = {}   # axes -> the all-reduces XLA combines into one op there
     for v, s in enumerate(chosen):
         r = graph.nodes[v].repeat  # inside a scan: once per iteration
         for kind, axes, nbytes in s.comm:
+            if v in combined and kind == ALL_REDUCE.name:
+                groups.setdefault(tuple(axes), []).append(len(colls))
             colls.append(CollectiveCost(kind=kind, axes=[names[a] for a in axes], bytes=nbytes * r,
                                         time_s=collective_time(mesh, kind, axes, nbytes) * r, where=_where(graph, v)))
+    for axes, members in groups.items():   # one op moving their bytes; each gets its bytes' share
+        total = sum(colls[k].bytes for k in members)
+        t = collective_time(mesh, ALL_REDUCE, axes, total)
+        for k in members:
+            colls[k] = colls[k].model_copy(update={"time_s": t * colls[k].bytes / total,
+                                                   "where": f"{colls[k].where} (combined with {len(members) - 1})"})
     reshard: dict[int, dict[int, list]] = {}
     mat = ip.materialized(sol.choice)  # value → the spec it is converted into once (build_shared)
     for vid, into in sorted(mat.items()):
@@ -290,7 +301,7 @@ def assemble_plan(fn, program, ip: IntraProblem, sol, spec: ClusterSpec, nodes: 
         u, j = graph.producer[program.outvars[k]]
         value = program.values[program.outvars[k]]
         loop_s += resharding(mesh, value.shape, value.itemsize, chosen[u].out_specs[j], in_specs[i])[0]
-    predicted = Predicted(step_time_s=compute_s + comm_s, compute_s=compute_s, comm_s=comm_s,
+    predicted = Predicted(step_time_s=compute_s + comm_s + spec.step_overhead_s, compute_s=compute_s, comm_s=comm_s,
                           comm_bytes_per_device=sum(c.bytes for c in colls), peak_memory_bytes=peak,
                           collectives=colls, by_kind=by_kind, loop_reshard_s=loop_s)
     eqn_offset = len(program.invars) + len(program.consts)

@@ -18,12 +18,33 @@ class ClusterSpecError(ValueError):
     """A cluster spec could not be found or is invalid."""
 
 
-class LinkSpec(BaseModel):
-    """One link type in the α + nβ model: latency α and bandwidth 1/β (one direction)."""
+class LinkTerms(BaseModel):
+    """Latency α and bandwidth 1/β (one direction) of the α + nβ model."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     alpha_s: float = Field(gt=0, description="latency per message, seconds")
     bandwidth_bytes_per_s: float = Field(gt=0, description="bandwidth per direction, bytes/s")
+
+
+class LinkSpec(LinkTerms):
+    """One link type: α and 1/β for every collective, except the kinds in ``by_kind``
+    (collective name → its own α and bandwidth, fitted by ``autopar calibrate`` where one
+    implementation is much slower than another, e.g. XLA:CPU's all-to-all; empty: none)."""
+
+    by_kind: dict[str, LinkTerms] = Field(default_factory=dict)
+
+    @field_validator("by_kind")
+    @classmethod
+    def _known_kinds(cls, v: dict) -> dict:
+        from .comm import COLLECTIVES   # (comm imports this module)
+        bad = sorted(set(v) - set(COLLECTIVES))
+        if bad:
+            raise ValueError(f"by_kind keys must be collective names {sorted(COLLECTIVES)}, got {bad}")
+        return v
+
+    def terms(self, kind: str) -> LinkTerms:
+        """α and bandwidth a collective of ``kind`` sees on this link."""
+        return self.by_kind.get(kind, self)
 
 
 class DeviceSpec(BaseModel):
@@ -32,6 +53,14 @@ class DeviceSpec(BaseModel):
     peak_flops: dict[str, float] = Field(description="peak FLOP/s per dtype name, e.g. {'float32': 19.5e12}")
     memory_bytes: int = Field(gt=0)
     hbm_bandwidth_bytes_per_s: float = Field(gt=0)
+    matmul_half_dim: float = Field(0.0, ge=0, description=(
+        "a matmul whose local M, K, N are m, k, n runs at peak · Π d / (d + matmul_half_dim) over d in (m, k, n): "
+        "skinny or small matmuls are slower per FLOP (0: every matmul at peak)"))
+    conv_efficiency: float = Field(1.0, gt=0, le=1, description=(
+        "convolutions (forward and gradients) run at this fraction of the matmul rate (1: same as matmuls)"))
+    shared_by: float = Field(1.0, ge=1, description=(
+        "devices sharing one device's compute hardware: with every device busy each gets peak_flops and "
+        "hbm_bandwidth / shared_by (simulated CPU devices share the host's cores; GPUs: 1)"))
 
     @field_validator("peak_flops")
     @classmethod
@@ -66,6 +95,14 @@ class ClusterSpec(BaseModel):
     intra_node_link: LinkSpec
     inter_node_link: LinkSpec
     nics_per_node: int = Field(gt=0)
+    step_overhead_s: float = Field(0.0, ge=0, description=(
+        "fixed seconds per step (launching the compiled program), added to the predicted step time"))
+    combine_all_reduces: bool = Field(False, description=(
+        "XLA combines independent all-reduces over the same devices into one: the latency α of the all-reduces "
+        "no matmul waits for (gradients on their way to the update) is charged once per group, not per tensor"))
+    fuse_elementwise: bool = Field(False, description=(
+        "charge memory traffic as XLA's loop fusion moves it: an elementwise op read only by elementwise ops "
+        "writes nothing and its readers read nothing of it (False: every op reads and writes its operands)"))
 
     def inter_node_bandwidth_per_device(self) -> float:
         return self.nics_per_node * self.inter_node_link.bandwidth_bytes_per_s / self.devices_per_node

@@ -6,6 +6,9 @@ uses the intra-node link; an axis that crosses nodes uses the network, with each
 getting ``nics_per_node * NIC bandwidth / devices_per_node``. A collective over several
 axes is modelled as one ring over all their devices, limited by the slowest axis.
 
+A link's α and bandwidth may differ per collective kind (``LinkSpec.by_kind``, fitted by
+``autopar calibrate``: XLA:CPU's all-to-all is far slower than its all-reduce).
+
 Every collective kind is one :class:`Collective` record in ``COLLECTIVES``: its name (the
 ``kind`` stored in plans), its time formula, the HLO op names XLA emits for it, which buffer
 its ``nbytes`` counts and whether the unreduced partial buffer is live while it runs. With
@@ -97,6 +100,14 @@ class AxisLink:
     alpha_s: float
     bandwidth_bytes_per_s: float
     crosses_nodes: bool
+    by_kind: tuple[tuple[str, float, float], ...] = ()   # (kind, α, bandwidth): LinkSpec.by_kind
+
+    def terms(self, kind: str) -> tuple[float, float]:
+        """(α, bandwidth) a collective of ``kind`` sees on this axis."""
+        for k, a, bw in self.by_kind:
+            if k == kind:
+                return a, bw
+        return self.alpha_s, self.bandwidth_bytes_per_s
 
 
 @dataclass(frozen=True)
@@ -109,6 +120,10 @@ class MeshModel:
     hbm_bandwidth_bytes_per_s: float
     memory_bytes: int
     device_name: str = ""    # the cluster spec's device name (``device_kind`` reads it)
+    fuse_elementwise: bool = False   # ClusterSpec.fuse_elementwise
+    combine_all_reduces: bool = False   # ClusterSpec.combine_all_reduces
+    matmul_half_dim: float = 0.0        # DeviceSpec.matmul_half_dim
+    conv_efficiency: float = 1.0        # DeviceSpec.conv_efficiency
 
     @property
     def device_kind(self) -> str:
@@ -142,37 +157,50 @@ def mesh_model(cluster: ClusterSpec, nodes: int, mesh_shape: tuple[int, ...]) ->
     for i, size in enumerate(mesh_shape):
         stride = math.prod(mesh_shape[i + 1:])
         crosses = len({(k * stride) // dpn for k in range(size)}) > 1
-        if crosses:
-            bw = min(cluster.inter_node_bandwidth_per_device(), cluster.intra_node_link.bandwidth_bytes_per_s)
-            links.append(AxisLink(size, cluster.inter_node_link.alpha_s, bw, True))
+        if crosses:   # a device's share of the node's NICs, never above its own intra-node link
+            share, intra, inter = cluster.nics_per_node / dpn, cluster.intra_node_link, cluster.inter_node_link
+            bw = min(cluster.inter_node_bandwidth_per_device(), intra.bandwidth_bytes_per_s)
+            kinds = tuple((k, t.alpha_s, min(t.bandwidth_bytes_per_s * share, intra.terms(k).bandwidth_bytes_per_s))
+                          for k, t in sorted(inter.by_kind.items()))
+            links.append(AxisLink(size, inter.alpha_s, bw, True, kinds))
         else:
             intra = cluster.intra_node_link
-            links.append(AxisLink(size, intra.alpha_s, intra.bandwidth_bytes_per_s, False))
-    d = cluster.device
-    return MeshModel(tuple(mesh_shape), tuple(links), tuple(sorted(d.peak_flops.items())),
-                     d.hbm_bandwidth_bytes_per_s, d.memory_bytes, d.name)
+            kinds = tuple((k, t.alpha_s, t.bandwidth_bytes_per_s) for k, t in sorted(intra.by_kind.items()))
+            links.append(AxisLink(size, intra.alpha_s, intra.bandwidth_bytes_per_s, False, kinds))
+    d = cluster.device   # every device of the mesh busy: each gets 1/shared_by of its hardware
+    peaks = tuple(sorted((k, v / d.shared_by) for k, v in d.peak_flops.items()))
+    return MeshModel(tuple(mesh_shape), tuple(links), peaks, d.hbm_bandwidth_bytes_per_s / d.shared_by,
+                     d.memory_bytes, d.name, cluster.fuse_elementwise, cluster.combine_all_reduces,
+                     d.matmul_half_dim, d.conv_efficiency)
 
 
-def _ring(mesh: MeshModel, axes) -> tuple[int, float, float]:
+def _ring(mesh: MeshModel, axes, kind: str) -> tuple[int, float, float]:
     p = mesh.axes_size(axes)
-    alpha = max(mesh.links[a].alpha_s for a in axes)
-    bw = min(mesh.links[a].bandwidth_bytes_per_s for a in axes)
-    return p, alpha, bw
+    terms = [mesh.links[a].terms(kind) for a in axes]
+    return p, max(a for a, _ in terms), min(bw for _, bw in terms)
 
 
-def collective_time(mesh: MeshModel, kind: str | Collective, axes: tuple[int, ...], nbytes: float) -> float:
-    """Seconds for one collective of ``kind`` over mesh ``axes`` moving ``nbytes`` (see module doc)."""
+def collective_time(mesh: MeshModel, kind: str | Collective, axes: tuple[int, ...], nbytes: float, *,
+                    latency: bool = True) -> float:
+    """Seconds for one collective of ``kind`` over mesh ``axes`` moving ``nbytes`` (see module doc);
+    ``latency=False``: without α (its bytes' share of an op combined with others)."""
     if not axes or nbytes <= 0:
         return 0.0
-    p, alpha, bw = _ring(mesh, axes)
+    c = collective(kind)
+    p, alpha, bw = _ring(mesh, axes, c.name)
     if p == 1:
         return 0.0
-    return collective(kind).time(p, alpha, bw, nbytes)
+    return c.time(p, alpha if latency else 0.0, bw, nbytes)
 
 
 def p2p_time(link_alpha_s: float, bandwidth_bytes_per_s: float, nbytes: float) -> float:
     """Point-to-point send between two devices (pipeline stages)."""
     return P2P.time(2, link_alpha_s, bandwidth_bytes_per_s, nbytes)
+
+
+def matmul_efficiency(half_dim: float, dims) -> float:
+    """Fraction of peak a matmul with local (M, K, N) = ``dims`` reaches: Π d / (d + half_dim)."""
+    return math.prod(d / (d + half_dim) for d in dims) if half_dim > 0 else 1.0
 
 
 def compute_time(mesh: MeshModel, flops: float, nbytes: float, dtype: str) -> float:
