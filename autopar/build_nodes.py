@@ -355,6 +355,23 @@ def combinable_nodes(graph: OpGraph) -> frozenset[int]:
     return frozenset(n.index for n in graph.nodes if n.kind == "eqn" and n.repeat == 1 and not reaches[n.index])
 
 
+def _elementwise_names() -> frozenset:
+    from .strategies.elementwise import ELEMENTWISE
+    return frozenset(ELEMENTWISE) - _NOT_FUSED
+
+
+def _fusable(graph: OpGraph, elementwise: frozenset):
+    """(node, its readers) of every one-output elementwise op that XLA may fuse into its
+    readers: read at all, not a program output, and an expensive op (``EXPENSIVE``) read once."""
+    for node in graph.nodes:
+        if node.kind != "eqn" or node.name not in elementwise or len(node.outputs) != 1:
+            continue
+        v = node.outputs[0].id
+        users = {u for u, _ in graph.consumers.get(v, [])}
+        if users and v not in graph.output_values and not (node.name in EXPENSIVE and len(users) > 1):
+            yield node, users
+
+
 def traffic_fused(graph: OpGraph) -> frozenset[int]:
     """Ops whose output XLA keeps inside its readers' loop fusion, for compute time
     (``ClusterSpec.fuse_elementwise``): :func:`fused_nodes`, and every elementwise op whose
@@ -362,16 +379,9 @@ def traffic_fused(graph: OpGraph) -> frozenset[int]:
     one reader), no program output. Its output is never written and its readers never read it
     from memory; a chain costs what it reads from outside and what it writes at its end.
     Unlike :func:`elementwise_fused` (memory) it does not ask whether the chain frees memory."""
-    from .strategies.elementwise import ELEMENTWISE
-    elementwise = frozenset(ELEMENTWISE) - _NOT_FUSED
+    elementwise = _elementwise_names()
     out = set(fused_nodes(graph))
-    for node in graph.nodes:
-        if node.kind != "eqn" or node.name not in elementwise or len(node.outputs) != 1:
-            continue
-        v = node.outputs[0].id
-        users = {u for u, _ in graph.consumers.get(v, [])}
-        if not users or v in graph.output_values or (node.name in EXPENSIVE and len(users) > 1):
-            continue
+    for node, users in _fusable(graph, elementwise):
         if all(graph.nodes[u].name in elementwise and graph.nodes[u].eqn.scope == node.eqn.scope
                and graph.nodes[u].repeat == node.repeat for u in users):
             out.add(node.index)
@@ -391,20 +401,14 @@ def elementwise_fused(graph: OpGraph, *, cross_remat: bool = True) -> set[int]:
     backward's ``add_any`` reading ``tanh`` and the dot (``sgd(fwd_loop)``, 4 layers of
     2048×128 → 512, mesh (8,)); charged value by value they were 2.1 MB of the predicted
     8.03 MB, which XLA never holds (compiled peak 6.68 MB)."""
-    from .strategies.elementwise import ELEMENTWISE
-    elementwise = frozenset(ELEMENTWISE) - _NOT_FUSED
+    elementwise = _elementwise_names()
     # not into reductions: XLA:CPU fuses into a reduce only when it reduces the minor-most dim
     # (cpu_instruction_fusion.cc); counting every reduce as a fusion (jax's −x read by a
     # reduce_sum in the backward) predicted MoE 15.5 % low (benchmarks/fidelity.py --quick)
     readers_ok = elementwise
     out = set()
-    for node in graph.nodes:
-        if node.kind != "eqn" or node.name not in elementwise or len(node.outputs) != 1:
-            continue
+    for node, users in _fusable(graph, elementwise):
         v = node.outputs[0].id
-        users = {u for u, _ in graph.consumers.get(v, [])}
-        if not users or v in graph.output_values or (node.name in EXPENSIVE and len(users) > 1):
-            continue
         # only where it frees memory: every array operand is live until the op's last reader
         # anyway. Without this condition (every elementwise op read only by elementwise ops
         # charged none, its operands extended) benchmarks/fidelity.py --quick went from +0.2 % to

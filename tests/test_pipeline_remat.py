@@ -63,20 +63,28 @@ def forward_bytes(step, params, batch):
     forward returns for the backward (all devices, and on the device holding most; the
     residuals that are its inputs are not returned but read again by the backward) and its
     compiled output size per device (activations sent on, residuals)."""
+    out = []
+    for e, _, _, compiled, (_, _, res) in stage_forwards(step, params, batch):
+        per_device = max(sum(s.data.nbytes for x in res for s in x.addressable_shards if s.device == d)
+                         for d in e.mesh.devices.flat)
+        out.append((sum(x.nbytes for x in res), per_device, compiled.memory_analysis().output_size_in_bytes))
+    return out
+
+
+def stage_forwards(step, params, batch):
+    """Each stage's forward of micro-batch 0, compiled and run in turn (activations passed on):
+    (exec, stage, its parameters placed, the compiled forward, its outputs (y, aux, res))."""
     leaves = jax.tree_util.tree_leaves(params)
     mb = [x[:x.shape[0] // step.plan.num_microbatches] for x in jax.tree_util.tree_leaves(batch)]
-    acts, out = {}, []
+    acts = {}
     for e, st in zip(step.execs, step.stages):
         p = [jax.device_put(leaves[i], sh) for i, sh in zip(st.params, e.p_sh)]
         a = [jax.device_put(acts[v], sh) for v, sh in zip(st.acts_in, e.a_sh)]
         nd = [jax.device_put(mb[b], sh) for b, sh in zip(st.batch, e.nd_sh)]
         compiled = e.forward.lower(p, a, nd).compile()
-        y, _, res = compiled(p, a, nd)
-        acts.update(zip(st.outs, y))
-        per_device = max(sum(s.data.nbytes for x in res for s in x.addressable_shards if s.device == d)
-                         for d in e.mesh.devices.flat)
-        out.append((sum(x.nbytes for x in res), per_device, compiled.memory_analysis().output_size_in_bytes))
-    return out
+        outs = compiled(p, a, nd)
+        acts.update(zip(st.outs, outs[0]))
+        yield e, st, p, compiled, outs
 
 
 def live_bytes_per_device() -> collections.Counter:
@@ -233,16 +241,7 @@ def test_the_stage_forward_returns_no_copy_of_its_inputs(devices8, model):
     params, batch = model
     tplan = plan_training(loss_fn, params, batch, optimizer=OPT, stages=STAGES, remat="none", **KW)
     step = tplan.apply(loss_fn, OPT, donate=False)
-    leaves = jax.tree_util.tree_leaves(params)
-    mb = [x[:x.shape[0] // 4] for x in jax.tree_util.tree_leaves(batch)]
-    acts = {}
-    for e, st in zip(step.execs, step.stages):
-        p = [jax.device_put(leaves[i], sh) for i, sh in zip(st.params, e.p_sh)]
-        a = [jax.device_put(acts[v], sh) for v, sh in zip(st.acts_in, e.a_sh)]
-        nd = [jax.device_put(mb[b], sh) for b, sh in zip(st.batch, e.nd_sh)]
-        compiled = e.forward.lower(p, a, nd).compile()
-        y, aux, res = compiled(p, a, nd)
-        acts.update(zip(st.outs, y))
+    for e, st, p, compiled, (y, aux, res) in stage_forwards(step, params, batch):
         assert e.follows_plan, "the stage runs its planned program (autopar.pipeline.halves)"
         assert {j for j, x in enumerate(p) if x.ndim == 2} <= set(e.halves.reads), "matmul weights: read again"
         outs = list(y) + list(aux) + list(res)
