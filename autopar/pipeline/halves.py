@@ -51,17 +51,28 @@ def _part(train: Program, invars, outvars, eqns) -> Program:
                    eqns=list(eqns), in_tree=None, out_tree=None, regions=train.regions)
 
 
-def forward_prefix(fwd, args, train: Program) -> int | None:
-    """How many of ``train``'s first equations are the forward (``jax.vjp`` of ``fwd``
-    traced alone, its residuals returned); None if the two traces differ."""
+def forward_prefix(fwd, args, train: Program, num_outputs: int) -> int | None:
+    """How many of ``train``'s first equations are the forward: ``jax.vjp`` of ``fwd`` traced
+    alone (its residuals returned) matched in order against ``train``'s equations (an equation
+    of the lone trace that ``train`` dropped as dead code is skipped). None unless that prefix
+    reads no cotangent and makes the stage's ``num_outputs`` outputs (y, then aux)."""
     def alone(p, a, nd):
         y, vjp_fn, aux = jax.vjp(lambda x, z: fwd(x, z, nd), p, a, has_aux=True)
         return y, aux, jax.tree_util.tree_leaves(vjp_fn)
-    first = trace(alone, *args[:3]).eqns
-    if len(first) > len(train.eqns) or any(e.prim.name != t.prim.name or len(e.outputs) != len(t.outputs)
-                                           for e, t in zip(first, train.eqns)):
-        return None
-    return len(first)
+    at = 0
+    for e in trace(alone, *args[:3]).eqns:
+        t = train.eqns[at] if at < len(train.eqns) else None
+        if t is not None and e.prim.name == t.prim.name and len(e.outputs) == len(t.outputs):
+            at += 1
+    n_in = sum(len(x) for x in args[:3])
+    tainted = set(train.invars[n_in:])  # the cotangents and what depends on them
+    made = set(train.invars[:n_in])
+    for e in train.eqns[:at]:
+        if any(isinstance(x, int) and x in tainted for x in e.inputs):
+            return None
+        made.update(e.outputs)
+    outs = [v for v in train.outvars[:num_outputs] if isinstance(v, int)]
+    return at if all(v in made or v in train.consts for v in outs) else None
 
 
 @dataclass(frozen=True)
@@ -74,7 +85,7 @@ class Cut:
 def cut_train(fwd, args, train: Program, num_outputs: int) -> Cut | None:
     """Where ``train`` = ``trace(stage_train(fwd), *args)`` splits into forward and backward
     (``num_outputs``: the stage's outputs, y then aux); None if it cannot be cut."""
-    at = forward_prefix(fwd, args, train)
+    at = forward_prefix(fwd, args, train, num_outputs)
     if at is None:
         return None
     n_in = sum(len(x) for x in args[:3])

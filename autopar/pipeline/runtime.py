@@ -31,6 +31,7 @@ the few hooks saying where a stage runs and how values move: ``_here``, ``_move`
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import jax
@@ -48,6 +49,10 @@ from .inputs import microbatch_shapes, trace_loss
 from .zero import zero_spec
 
 _wsc = jax.lax.with_sharding_constraint
+
+
+class StageFallbackWarning(UserWarning):
+    """A stage runs without its planned program's inner constraints (``pipeline.halves``)."""
 
 
 def _is_none(x) -> bool:
@@ -194,6 +199,13 @@ class PipelineStep:
                                  tplan.search.layer_eqns[sp.layers[0]:sp.layers[1]], self.p_tree,
                                  {i for i in range(P) if self.own[i] == k})
                       for k, (sp, st) in enumerate(zip(tplan.stages, self.stages))]
+        off = [k for k, e in enumerate(self.execs) if not e.follows_plan]
+        if off:
+            warnings.warn(f"pipeline stages {off} run jax.vjp of their forward under the plan's boundary shardings "
+                          "only: their planned forward + backward could not be rebuilt from this loss (a plan made "
+                          "for another program, e.g. with its remat option edited); XLA lays out their insides, so "
+                          "their memory and collectives may differ from the prediction", StageFallbackWarning,
+                          stacklevel=2)
         # sharding of every param leaf, and of its optimizer state, on its owner (unread
         # params: replicated on stage 0)
         self.param_sharding, self.opt_sharding = [], []

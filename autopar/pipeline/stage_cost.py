@@ -42,7 +42,7 @@ def stage_for_range(program: Program, num_params: int, a: int, b: int) -> Stage:
 
 def structural_key(program: Program, st: Stage, num_params: int) -> str:
     """Hash of the stage's forward program with value ids renumbered: identical layers
-    (same primitives, params, shapes, wiring) get the same key wherever they sit."""
+    (same primitives, params, shapes, wiring, input roles) get the same key wherever they sit."""
     ids: dict[int, int] = {}
     vals = program.values
 
@@ -54,7 +54,10 @@ def structural_key(program: Program, st: Stage, num_params: int) -> str:
         return f"v{ids[x]}:{vals[x].shape}{vals[x].dtype}"
     ins = ([program.invars[p] for p in st.params] + list(st.acts_in)
            + [program.invars[num_params + b] for b in st.batch] + list(st.nd_acts_in) + list(st.consts))
-    parts = ["in " + " ".join(name(v) for v in ins)]
+    # the inputs' roles too: an activation is differentiated (its gradient is computed and
+    # sent back), a batch leaf is not, so the same layer reading either is another program
+    roles = f"{len(st.params)}p {len(st.acts_in)}a {len(st.batch)}b {len(st.nd_acts_in)}n {len(st.consts)}c"
+    parts = [f"in {roles} " + " ".join(name(v) for v in ins)]
     for eqn in program.eqns[st.eqns[0]:st.eqns[1]]:
         parts.append(f"{eqn.prim.name} {[name(x) for x in eqn.inputs]} -> {[name(o) for o in eqn.outputs]} "
                      f"{sorted((k, str(v)) for k, v in eqn.params.items())}")
