@@ -112,6 +112,9 @@ class PlanHooks:
     # resharding matrices shared across builds (default: one per call, shared by its meshes)
     reshard_cache: ReshardCache | None = None
     carry: bool = True  # False: no loop-carried pairs (a stage's gradient program feeds nothing back)
+    # True: a mesh whose ILP proves it cannot beat the best mesh so far stops there (its
+    # candidate says "cutoff", no objective); the plan is the same (pipeline stages)
+    cutoff: bool = False
 
 
 def plan_with(fn, example_args, *, cluster="cpu-8", nodes: int = 1, mesh_shape=None,
@@ -152,14 +155,22 @@ def plan_with(fn, example_args, *, cluster="cpu-8", nodes: int = 1, mesh_shape=N
         t_strat += time.perf_counter() - ts
         ts = time.perf_counter()
         warm = hooks.warm_start(shape) if hooks.warm_start is not None else None
+        # a later mesh replaces the best only below this (``solvers.solve(cutoff=)``: proving
+        # that it cannot stops its solve, and the choice among meshes is the same)
+        cutoff = best[1].cost * (1 - 1e-9) if hooks.cutoff and best is not None and solver in ("auto", "highs") \
+            else None
         try:
             sol = solvers.solve(ip.problem, solver=solver, time_limit_s=time_limit_s, gap_rel=MIP_GAP,
                                 start=warm.start_for(ip, solver=solver, time_limit_s=time_limit_s, gap_rel=MIP_GAP)
-                                if warm else None)
+                                if warm else None, cutoff=cutoff)
         except solvers.InfeasibleError as err:
             sol = err
         t_solve += time.perf_counter() - ts
         per_mesh["x".join(map(str, shape))] = round(time.perf_counter() - ts, 3)
+        if not isinstance(sol, solvers.InfeasibleError) and sol.status == "cutoff":
+            progress.advance(detail=f"mesh {'x'.join(map(str, shape))}: no plan faster than the best")
+            candidates.append(MeshCandidate(mesh_shape=list(shape), objective_s=None, status="cutoff"))
+            continue
         if isinstance(sol, solvers.InfeasibleError):
             progress.advance(detail=f"mesh {'x'.join(map(str, shape))} infeasible")
             min_needed.append(sol.min_peak_usage)

@@ -64,12 +64,18 @@ def prefetch(coster, requests) -> None:
     processes; merge in request order (module docstring). Sequential when it does not pay."""
     if getattr(coster, "workers", 1) <= 1:
         return  # the caller's own ``cost`` calls plan them one by one
-    todo, seen = [], set()
+    todo, seen, ahead = [], set(), {}
     for args, kw in requests:
         key = coster.plan_key(*args, **kw)
-        if key in seen or coster.is_cached(*args, **kw):
+        # (one an earlier request's plan may serve — a smaller budget, ``StageCoster.served``;
+        # a lean request may also plan its whole budget — is left to the caller, which plans
+        # it after that one as a single worker would)
+        if key in seen or coster.is_cached(*args, **kw) or any(
+                coster.serves(k, key) for k in ahead.get((key[0], key[1], key[4]), ())):
             continue
         seen.add(key)
+        ahead.setdefault((key[0], key[1], key[4]), []).extend(
+            [key, coster.plan_key(*args, **{**kw, "share": 1.0})])
         todo.append((args, kw))
     if len(todo) < 2:
         return
@@ -87,7 +93,8 @@ def prefetch(coster, requests) -> None:
         coster.progress = progress
     for made, solves, infeasible, min_need in results:
         for k, v in made.items():
-            coster.cache.setdefault(k, v if v.plan is None else dataclasses.replace(v, plan=Plan.model_validate_json(v.plan)))
+            if k not in coster.cache:
+                coster.remember(k, v if v.plan is None else dataclasses.replace(v, plan=Plan.model_validate_json(v.plan)))
         coster.solves += solves
         coster.infeasible += infeasible
         coster.min_need = min(coster.min_need, min_need)

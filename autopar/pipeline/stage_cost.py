@@ -2,6 +2,14 @@
 → its forward + backward planned by the intra-op ILP → a :class:`~.costs.StageCost` (latency,
 static and activation memory per device; ``StageCoster``, cached by the stage's structural
 key so identical layers are planned once).
+
+A stage planned within a smaller budget than before, with the same program, sub-mesh,
+logical mesh (or every mesh) and ZeRO-1 setting, reuses the earlier plan when that plan's
+peak fits the smaller budget (``StageCoster.served``). Exact: shrinking the budget only
+removes layouts from the ILP's feasible set (same objective), so a plan that was optimal
+(within the MIP gap, against the lower bound of every mesh) over the larger set and is still
+in the smaller one is optimal there, with the same certificate. A plan made for every mesh
+serves a request for the mesh it chose (it was the best on that mesh too).
 """
 from __future__ import annotations
 
@@ -127,6 +135,7 @@ class StageCoster:
         self.traced: dict = {}
         self.residuals: dict = {}  # program key -> residual bytes (``activation``)
         self.stages: dict = {}
+        self.planned: dict = {}  # (program key, sub-mesh, mesh or None, zero) -> [(budget, fitting StageCost)]
         self.solves = self.hits = self.infeasible = 0
         self.min_need = math.inf
         self.progress = progress or Progress()  # told of every stage planned
@@ -164,10 +173,46 @@ class StageCoster:
     def is_cached(self, i: int, j: int, submesh, mesh_shape=None, share: float = 1.0, remat: str = "none",
                   zero: bool = False) -> bool:
         """Whether ``cost`` with these arguments plans nothing new."""
-        hit = self.cache.get(self.plan_key(i, j, submesh, mesh_shape, share, remat, zero))
+        key = self.plan_key(i, j, submesh, mesh_shape, share, remat, zero)
+        hit = self.cache.get(key) or self.served(key, self.ilp_limit(i, j, submesh, key[3], zero))
         if hit is None:
             return False
-        return hit.fits or share <= 1.0 or self.plan_key(i, j, submesh, mesh_shape, 1.0, remat, zero) in self.cache
+        full = self.plan_key(i, j, submesh, mesh_shape, 1.0, remat, zero)
+        return hit.fits or share <= 1.0 or full in self.cache or self.served(
+            full, self.ilp_limit(i, j, submesh, full[3], zero)) is not None
+
+    def ilp_limit(self, i: int, j: int, submesh, budget: float, zero: bool) -> float:
+        """The memory limit of the stage ILP within ``budget`` (ZeRO-1: less the least optimizer state)."""
+        if not zero:
+            return budget
+        st = self.stage(i, j)[0]
+        p_bytes = sum(self.program.values[self.program.invars[q]].nbytes for q in st.params)
+        return max(budget - reserved_bytes(p_bytes, submesh[0] * submesh[1], self.opt_ratio), 1.0)
+
+    @staticmethod
+    def serves(made, key) -> bool:
+        """Whether the plan of cache key ``made`` may serve ``key`` (``served``), if it fits."""
+        return (made[0], made[1], made[4]) == (key[0], key[1], key[4]) and made[3] > key[3] and (
+            made[2] == key[2] or made[2] is None)
+
+    def served(self, key, limit: float) -> StageCost | None:
+        """An earlier plan within a larger budget whose peak fits ``limit`` (the ILP's limit of
+        ``key``'s budget), which is therefore this key's plan too (module docstring); the one
+        planned within the least budget, then the fastest."""
+        pkey, sub, mesh, budget, zero = key
+        found = []
+        for base in [(pkey, sub, mesh, zero)] + ([(pkey, sub, None, zero)] if mesh is not None else []):
+            for b1, res in self.planned.get(base, ()):
+                if b1 > budget and res.plan.predicted.peak_memory_bytes <= limit and (
+                        base[2] is not None or mesh is None or tuple(res.plan.mesh_shape) == mesh):
+                    found.append((b1, res.latency, len(found), res))
+        return min(found)[3] if found else None
+
+    def remember(self, key, res: StageCost) -> None:
+        """Cache a stage cost (and index a fitting one for ``served``)."""
+        self.cache[key] = res
+        if res.fits:
+            self.planned.setdefault((key[0], key[1], key[2], key[4]), []).append((key[3], res))
 
     def program_key(self, i: int, j: int, remat: str = "none"):
         """What the stage's traced forward + backward depends on: its structure, and with
@@ -216,6 +261,12 @@ class StageCoster:
             self.hits += 1
             self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]} (same as planned)")
             return hit
+        reused = self.served(key, self.ilp_limit(i, j, submesh, budget, zero))
+        if reused is not None:
+            self.hits += 1
+            self.remember(key, reused)
+            self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]} (fits as planned)")
+            return reused
         self.solves += 1
         if skey not in self.traced:  # per stage program, shared by all sub-meshes
             fwd = stage_forward(self.program, st, self.P, remat, self.layer_eqns[i:j])
@@ -236,7 +287,8 @@ class StageCoster:
                 restrict=lambda shape: {"input_usage_scale": scale, **(
                     {} if self.restrict is None else self.restrict((p, a, nd, ct), tuple(shape)))},
                 strategy_name=self.strategy_name, warm_start=self._warm_start((p, a, nd, ct), key[:2]),
-                problems=self.problems.setdefault((*key[:2], zero), {}), reshard_cache=self.reshard_cache, carry=False)
+                problems=self.problems.setdefault((*key[:2], zero), {}), reshard_cache=self.reshard_cache, carry=False,
+                cutoff=True)
             sp = plan_with(stage_train(fwd), (p, a, nd, ct), cluster=cl, nodes=n, mesh_shape=mesh_shape,
                            # (the state alone overflowing, a 1-byte budget: the ILP says what it needs)
                            memory_budget_bytes=max(budget - reserve, 1.0), solver=self.solver,
@@ -249,7 +301,7 @@ class StageCoster:
                 if err.min_bytes_per_device is not None:
                     self.min_need = min(self.min_need, err.min_bytes_per_device + reserve)
             res = INFEASIBLE
-            self.cache[key] = res
+            self.remember(key, res)
             self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]} do not fit")
             return res
         vals = self.program.values
@@ -275,7 +327,7 @@ class StageCoster:
         res = StageCost(plan=sp, latency=sp.predicted.step_time_s + send, send=send, static=static, act=act,
                         param_dev=param_dev, persist=persist, remat=remat, zero=zero, optimizer=optimizer,
                         gather_s=gather, num_microbatches=self.num_microbatches)
-        self.cache[key] = res
+        self.remember(key, res)
         self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]}: {sp.solver.status}")
         return res
 
