@@ -36,3 +36,19 @@ def test_a_smaller_budget_reuses_a_plan_that_fits_it(zero):
     assert c.solves == solves + 1 and tight is not big  # planned again
     if tight.fits:
         assert tight.plan.predicted.peak_memory_bytes <= limit * 0.97
+
+
+def test_zero1_from_a_memory_free_plain_plan_costs_what_its_ilp_does():
+    """``reuse.zero_of``: the ZeRO-1 stage taken from the plain plan (no ILP) has the latency,
+    memory and all-gather of the ZeRO-1 ILP's own plan."""
+    c = coster()
+    plain = c.cost(0, 2, SUB)
+    assert plain.memory_free  # a small stage within a large budget: the memory rows never bind
+    solves = c.solves
+    derived = c.cost(0, 2, SUB, zero=True)
+    assert c.solves == solves and derived.zero and derived.plan.mesh_shape == plain.plan.mesh_shape
+    solved = coster().cost(0, 2, SUB, zero=True)  # a fresh coster plans it
+    assert derived.latency == pytest.approx(solved.latency, rel=1e-3)
+    for field in ("static", "act", "persist", "optimizer", "param_dev", "gather_s"):
+        assert getattr(derived, field) == pytest.approx(getattr(solved, field), rel=1e-6), field
+    assert derived.plan.predicted.peak_memory_bytes == pytest.approx(solved.plan.predicted.peak_memory_bytes, rel=1e-6)

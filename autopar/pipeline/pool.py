@@ -27,6 +27,7 @@ import warnings
 
 from ..plan_types import Plan
 from ..progress import Progress
+from .reuse import serves
 
 # ``workers="auto"``: this many processes at most (the machine's cores, fewer if it has fewer)
 AUTO_WORKERS = 8
@@ -71,10 +72,10 @@ def prefetch(coster, requests) -> None:
         # a lean request may also plan its whole budget — is left to the caller, which plans
         # it after that one as a single worker would)
         if key in seen or coster.is_cached(*args, **kw) or any(
-                coster.serves(k, key) for k in ahead.get((key[0], key[1], key[4]), ())):
+                serves(k, key) for k in ahead.get((key[0], key[1]), ())):
             continue
         seen.add(key)
-        ahead.setdefault((key[0], key[1], key[4]), []).extend(
+        ahead.setdefault((key[0], key[1]), []).extend(
             [key, coster.plan_key(*args, **{**kw, "share": 1.0})])
         todo.append((args, kw))
     if len(todo) < 2:

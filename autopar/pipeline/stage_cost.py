@@ -3,13 +3,8 @@
 static and activation memory per device; ``StageCoster``, cached by the stage's structural
 key so identical layers are planned once).
 
-A stage planned within a smaller budget than before, with the same program, sub-mesh,
-logical mesh (or every mesh) and ZeRO-1 setting, reuses the earlier plan when that plan's
-peak fits the smaller budget (``StageCoster.served``). Exact: shrinking the budget only
-removes layouts from the ILP's feasible set (same objective), so a plan that was optimal
-(within the MIP gap, against the lower bound of every mesh) over the larger set and is still
-in the smaller one is optimal there, with the same certificate. A plan made for every mesh
-serves a request for the mesh it chose (it was the best on that mesh too).
+A request that an earlier plan answers (a smaller budget it fits, a memory-free plan, ZeRO-1
+from the plain plan) takes it without an ILP: ``autopar.pipeline.reuse``.
 """
 from __future__ import annotations
 
@@ -29,6 +24,7 @@ from ..rules import stage_rules
 from ..trace import Program, trace
 from .costs import INFEASIBLE, StageCost
 from .inputs import TrainingInputs, nbytes
+from .reuse import served
 from .zero import gather_time, optimizer_bytes, reserved_bytes
 from .stages import Stage, residual_bytes, split_program, stage_abstract_args, stage_forward, stage_train
 
@@ -174,12 +170,11 @@ class StageCoster:
                   zero: bool = False) -> bool:
         """Whether ``cost`` with these arguments plans nothing new."""
         key = self.plan_key(i, j, submesh, mesh_shape, share, remat, zero)
-        hit = self.cache.get(key) or self.served(key, self.ilp_limit(i, j, submesh, key[3], zero))
+        hit = self.cache.get(key) or self.served(i, j, key)
         if hit is None:
             return False
         full = self.plan_key(i, j, submesh, mesh_shape, 1.0, remat, zero)
-        return hit.fits or share <= 1.0 or full in self.cache or self.served(
-            full, self.ilp_limit(i, j, submesh, full[3], zero)) is not None
+        return hit.fits or share <= 1.0 or full in self.cache or self.served(i, j, full) is not None
 
     def ilp_limit(self, i: int, j: int, submesh, budget: float, zero: bool) -> float:
         """The memory limit of the stage ILP within ``budget`` (ZeRO-1: less the least optimizer state)."""
@@ -189,24 +184,9 @@ class StageCoster:
         p_bytes = sum(self.program.values[self.program.invars[q]].nbytes for q in st.params)
         return max(budget - reserved_bytes(p_bytes, submesh[0] * submesh[1], self.opt_ratio), 1.0)
 
-    @staticmethod
-    def serves(made, key) -> bool:
-        """Whether the plan of cache key ``made`` may serve ``key`` (``served``), if it fits."""
-        return (made[0], made[1], made[4]) == (key[0], key[1], key[4]) and made[3] > key[3] and (
-            made[2] == key[2] or made[2] is None)
-
-    def served(self, key, limit: float) -> StageCost | None:
-        """An earlier plan within a larger budget whose peak fits ``limit`` (the ILP's limit of
-        ``key``'s budget), which is therefore this key's plan too (module docstring); the one
-        planned within the least budget, then the fastest."""
-        pkey, sub, mesh, budget, zero = key
-        found = []
-        for base in [(pkey, sub, mesh, zero)] + ([(pkey, sub, None, zero)] if mesh is not None else []):
-            for b1, res in self.planned.get(base, ()):
-                if b1 > budget and res.plan.predicted.peak_memory_bytes <= limit and (
-                        base[2] is not None or mesh is None or tuple(res.plan.mesh_shape) == mesh):
-                    found.append((b1, res.latency, len(found), res))
-        return min(found)[3] if found else None
+    def served(self, i: int, j: int, key) -> StageCost | None:
+        """What an earlier plan answers for cache key ``key`` of layers i..j−1 (``reuse.served``)."""
+        return served(self, i, j, key)
 
     def remember(self, key, res: StageCost) -> None:
         """Cache a stage cost (and index a fitting one for ``served``)."""
@@ -261,7 +241,7 @@ class StageCoster:
             self.hits += 1
             self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]} (same as planned)")
             return hit
-        reused = self.served(key, self.ilp_limit(i, j, submesh, budget, zero))
+        reused = self.served(i, j, key)
         if reused is not None:
             self.hits += 1
             self.remember(key, reused)
@@ -278,6 +258,7 @@ class StageCoster:
         n_dev = submesh[0] * submesh[1]
         p_bytes = [nbytes(x) for x in p]
         reserve = reserved_bytes(sum(p_bytes), n_dev, self.opt_ratio) if zero else 0.0
+        outcomes: dict = {}
         try:
             # a parameter also holds its gradient accumulator and optimizer state all step long
             # (ZeRO-1: the optimizer state is reserved apart, split over every device)
@@ -288,7 +269,7 @@ class StageCoster:
                     {} if self.restrict is None else self.restrict((p, a, nd, ct), tuple(shape)))},
                 strategy_name=self.strategy_name, warm_start=self._warm_start((p, a, nd, ct), key[:2]),
                 problems=self.problems.setdefault((*key[:2], zero), {}), reshard_cache=self.reshard_cache, carry=False,
-                cutoff=True)
+                cutoff=True, outcomes=outcomes)
             sp = plan_with(stage_train(fwd), (p, a, nd, ct), cluster=cl, nodes=n, mesh_shape=mesh_shape,
                            # (the state alone overflowing, a 1-byte budget: the ILP says what it needs)
                            memory_budget_bytes=max(budget - reserve, 1.0), solver=self.solver,
@@ -304,11 +285,22 @@ class StageCoster:
             self.remember(key, res)
             self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]} do not fit")
             return res
+        res = self.stage_cost(i, j, submesh, sp, remat, zero, memory_free=outcomes.get("memory_free", False))
+        self.remember(key, res)
+        self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]}: {sp.solver.status}")
+        return res
+
+    def stage_cost(self, i: int, j: int, submesh, sp, remat: str, zero: bool, memory_free: bool = False) -> StageCost:
+        """The StageCost of layers i..j−1 planned as ``sp`` on ``submesh`` (``costs`` module docstring)."""
+        st = self.stage(i, j)[0]
+        p = stage_abstract_args(self.program, st, self.P)[0]
         vals = self.program.values
         sizes = dict(zip(sp.axis_names, sp.mesh_shape))
+        n_dev = math.prod(sp.mesh_shape)
+        p_bytes = [nbytes(x) for x in p]
         p_specs = sp.input_specs_flat[:len(p)]
         param_dev = sum(b / shard_factor(spec, sizes) for b, spec in zip(p_bytes, p_specs))
-        act = res_bytes / n_dev
+        act = self.activation(i, j, remat) / n_dev
         in_bytes = sum(vals[v].nbytes for v in list(st.acts_in) + list(st.nd_acts_in))
         link = self.spec.inter_node_link if self.nodes > 1 else self.spec.intra_node_link
         bw = (self.spec.inter_node_bandwidth_per_device() if self.nodes > 1 else link.bandwidth_bytes_per_s) * n_dev
@@ -316,6 +308,7 @@ class StageCoster:
         static = max(sp.predicted.peak_memory_bytes - act, 0.0)  # the ILP's peak counts one micro-batch's residuals
         shaped = [(tuple(x.shape), b) for x, b in zip(p, p_bytes)]
         if zero:  # the optimizer state split over the replicated axes, all-gathered params once a step
+            cl, n = sub_cluster(self.spec, submesh)
             optimizer = optimizer_bytes(shaped, p_specs, sizes, self.opt_ratio)
             gather = gather_time(cl, n, sp.axis_names, sp.mesh_shape, shaped, p_specs)
             static += optimizer
@@ -324,12 +317,9 @@ class StageCoster:
             optimizer, gather = param_dev * self.opt_ratio, 0.0
             # persistent part of static: parameters with their accumulators and optimizer state
             persist = min(param_dev * (2.0 + self.opt_ratio), static)
-        res = StageCost(plan=sp, latency=sp.predicted.step_time_s + send, send=send, static=static, act=act,
-                        param_dev=param_dev, persist=persist, remat=remat, zero=zero, optimizer=optimizer,
-                        gather_s=gather, num_microbatches=self.num_microbatches)
-        self.remember(key, res)
-        self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]}: {sp.solver.status}")
-        return res
+        return StageCost(plan=sp, latency=sp.predicted.step_time_s + send, send=send, static=static, act=act,
+                         param_dev=param_dev, persist=persist, remat=remat, zero=zero, optimizer=optimizer,
+                         gather_s=gather, num_microbatches=self.num_microbatches, memory_free=memory_free)
 
     def _warm_start(self, stage_args, key):
         """``PlanHooks.warm_start`` for this stage (``key``: structure, sub-mesh): the rule on
