@@ -23,7 +23,7 @@ import numpy as np
 class HighsBackend:
     """HiGHS through highspy: the whole matrix in one call; rows can be added between runs."""
 
-    def __init__(self, b, gap_rel: float, threads: int | None, cutoff: float | None = None):
+    def __init__(self, b, gap_rel: float, threads: int | None):
         import highspy
 
         self.hs, self.b, self.relaxed = highspy, b, False
@@ -52,9 +52,6 @@ class HighsBackend:
         lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = nv, len(milp.rows)
         self.mip = any(milp.integer)
         self._lp_presolve(not self.mip)
-        if cutoff is not None and self.mip and math.isfinite(cutoff):
-            # the MIP prunes every node whose bound reaches it: "infeasible" = nothing cheaper
-            h.setOptionValue("objective_bound", float((cutoff - milp.offset) * milp.scale))
         if self.mip:
             kinds = highspy.HighsVarType
             lp.integrality_ = [kinds.kInteger if i else kinds.kContinuous for i in milp.integer]
@@ -117,7 +114,7 @@ class HighsBackend:
         bound = raw / milp.scale + milp.offset if raw is not None and math.isfinite(raw) else -math.inf
         if ms == S.kOptimal:
             return "optimal", x, bound
-        if ms in (S.kInfeasible, S.kUnboundedOrInfeasible, S.kObjectiveBound):  # (the last: below a cutoff)
+        if ms in (S.kInfeasible, S.kUnboundedOrInfeasible):
             return "infeasible", None, math.inf
         return ("feasible" if x is not None else "unknown"), x, bound
 

@@ -48,7 +48,7 @@ ROWS_PER_ROUND = 40  # violated memory rows added per round of lazy generation
 
 def solve_ilp(problem: Problem, *, solver: str = "highs", time_limit_s: float | None = None,
               gap_rel: float = 0.0, threads: int | None = None, relax: bool = False,
-              start=None, lazy: bool | None = None, cutoff: float | None = None) -> Solution:
+              start=None, lazy: bool | None = None) -> Solution:
     """Solve ``problem`` exactly (or to ``gap_rel``) with ``solver`` in {"highs", "cbc"}.
 
     Memory rows are all written when they are few; otherwise (``lazy``) the model starts
@@ -59,12 +59,11 @@ def solve_ilp(problem: Problem, *, solver: str = "highs", time_limit_s: float | 
     ``relax=True`` solves the LP relaxation (a lower bound; the rounded choice is returned
     as-is). ``start`` (a feasible choice) seeds HiGHS and is returned if nothing better is
     found. Status: "optimal" (proven), "feasible" (limit hit with an incumbent),
-    "infeasible" (proven), "unknown" (limit hit without an incumbent), "cutoff" (HiGHS: proven
-    that nothing costs less than ``cutoff``; no choice returned).
+    "infeasible" (proven), "unknown" (limit hit without an incumbent).
     """
     t0 = time.perf_counter()
     sol = solve_compact(Compact.from_problem(problem), solver=solver, time_limit_s=time_limit_s, gap_rel=gap_rel,
-                        threads=threads, relax=relax, start=start, lazy=lazy, cutoff=cutoff)
+                        threads=threads, relax=relax, start=start, lazy=lazy)
     if not sol.feasible and not sol.choice:
         return Solution(choice=(), cost=math.inf, feasible=False, status=sol.status, lower_bound=sol.lower_bound,
                         solver=solver, time_s=time.perf_counter() - t0, stats=sol.stats)
@@ -85,14 +84,13 @@ def check(cp: Compact, choice) -> tuple[float, bool]:
 def solve_compact(cp: Compact, *, solver: str = "highs", time_limit_s: float | None = None,
                   gap_rel: float = 0.0, threads: int | None = None, relax: bool = False,
                   start=None, lazy: bool | None = None, lp_first: bool = False,
-                  fix_integral: bool = False, cutoff: float | None = None) -> Solution:
+                  fix_integral: bool = False) -> Solution:
     """``solve_ilp`` on a :class:`Compact` problem (also used for LNS sub-problems).
 
     ``lp_first`` (HiGHS) solves the LP relaxation first and branches only if its optimum is
     fractional: LNS sub-problems are usually integral at the root, and the LP is 5–15×
     faster than HiGHS's MIP set-up. ``fix_integral`` then keeps the nodes the LP decided
-    integrally and branches on the rest only (a heuristic: the status is at best "feasible").
-    ``cutoff`` (HiGHS MIP): only choices cheaper than it are searched for (``solve_ilp``)."""
+    integrally and branches on the rest only (a heuristic: the status is at best "feasible")."""
     t0 = time.perf_counter()
     deadline = None if time_limit_s is None else t0 + time_limit_s
     b = build(cp, integer=not relax)
@@ -106,10 +104,8 @@ def solve_compact(cp: Compact, *, solver: str = "highs", time_limit_s: float | N
     if mem is not None and not lazy:
         _add_memory_rows(b, mem)
     stats.update(rows=len(b.milp.rows), lazy=bool(lazy), build_s=time.perf_counter() - t0)
-    if cutoff is not None and solver != "highs":
-        raise ValueError(f"cutoff needs solver='highs', got {solver!r}")
     if solver == "highs":
-        backend = HighsBackend(b, gap_rel, threads, cutoff=cutoff if not relax else None)
+        backend = HighsBackend(b, gap_rel, threads)
     elif solver == "cbc":
         backend = CbcBackend(b, gap_rel, threads)
     else:
@@ -162,9 +158,6 @@ def solve_compact(cp: Compact, *, solver: str = "highs", time_limit_s: float | N
         bound = max(bound, trivial_bound(cp))
     if relax:
         stats["relaxation"] = status  # "optimal": ``bound`` is the LP optimum
-    if status == "infeasible" and cutoff is not None and not relax:  # nothing below the cutoff (or at all)
-        return Solution(choice=(), cost=math.inf, feasible=False, status="cutoff", lower_bound=cutoff,
-                        solver=solver, time_s=elapsed, stats=stats)
     if relax and x is not None:
         choice = tuple(int(c) for c in b.decode(x))
         cost, feasible = check(cp, choice)
