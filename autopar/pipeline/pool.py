@@ -48,6 +48,18 @@ def resolve_workers(workers, total_devices: int) -> int:
     return workers
 
 
+def _fresh_solver_threads() -> None:
+    """Pool initializer: HiGHS's global task scheduler (made by the parent's first MIP) has no
+    threads in a forked child — its MIPs then return nothing ("unknown") or hang waiting for
+    them (seen: a GPT-175B worker 13 min in ``TaskGroup::~TaskGroup`` of ``evaluateRootNode``).
+    Drop it so the child's first MIP starts its own."""
+    try:
+        import highspy
+        highspy.Highs.resetGlobalScheduler(False)
+    except (ImportError, AttributeError):
+        pass
+
+
 def _plan_one(args):
     """In a worker: plan one request; return the cache entries it made and its counters."""
     coster = _COSTER
@@ -87,7 +99,7 @@ def prefetch(coster, requests) -> None:
         ctx = multiprocessing.get_context("fork")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
-            with ctx.Pool(min(coster.workers, len(todo))) as pool:
+            with ctx.Pool(min(coster.workers, len(todo)), initializer=_fresh_solver_threads) as pool:
                 results = pool.map(_plan_one, todo, chunksize=1)
     finally:
         _COSTER = None
