@@ -113,6 +113,14 @@ class PlanHooks:
     # resharding matrices shared across builds (default: one per call, shared by its meshes)
     reshard_cache: ReshardCache | None = None
     carry: bool = True  # False: no loop-carried pairs (a stage's gradient program feeds nothing back)
+    # True: a mesh whose ILP proves it cannot beat the best mesh so far stops there (its
+    # candidate says "cutoff", no objective); the plan is the same (pipeline stages)
+    cutoff: bool = False
+    # a dict plan_with fills with what the solves showed: "memory_free" — True when no mesh's
+    # outcome depended on the memory budget (each solved by the LP relaxation without memory
+    # rows, or with no usage left that the budget could bind after presolve): the plan is then
+    # the best of every budget it fits (``autopar.pipeline.stage_cost``)
+    outcomes: dict | None = None
 
 
 def plan_with(fn, example_args, *, cluster="cpu-8", nodes: int = 1, mesh_shape=None,
@@ -137,7 +145,7 @@ def plan_with(fn, example_args, *, cluster="cpu-8", nodes: int = 1, mesh_shape=N
     shapes = [tuple(mesh_shape)] if mesh_shape is not None else (
         [tuple(m) for m in hooks.mesh_shapes] if hooks.mesh_shapes is not None else candidate_meshes(total))
     cache = hooks.reshard_cache if hooks.reshard_cache is not None else ReshardCache()
-    best, candidates, min_needed, per_mesh = None, [], [], {}
+    best, candidates, min_needed, per_mesh, free = None, [], [], {}, []
     t_strat = t_solve = 0.0
     progress.phase("solve meshes", total=len(shapes))
     for shape in shapes:
@@ -153,14 +161,24 @@ def plan_with(fn, example_args, *, cluster="cpu-8", nodes: int = 1, mesh_shape=N
         t_strat += time.perf_counter() - ts
         ts = time.perf_counter()
         warm = hooks.warm_start(shape) if hooks.warm_start is not None else None
+        # a later mesh replaces the best only below this (``solvers.solve(cutoff=)``: proving
+        # that it cannot stops its solve, and the choice among meshes is the same)
+        cutoff = best[1].cost * (1 - 1e-9) if hooks.cutoff and best is not None and solver in ("auto", "highs") \
+            else None
         try:
             sol = solvers.solve(ip.problem, solver=solver, time_limit_s=time_limit_s, gap_rel=MIP_GAP,
                                 start=warm.start_for(ip, solver=solver, time_limit_s=time_limit_s, gap_rel=MIP_GAP)
-                                if warm else None)
+                                if warm else None, cutoff=cutoff)
         except solvers.InfeasibleError as err:
             sol = err
         t_solve += time.perf_counter() - ts
         per_mesh["x".join(map(str, shape))] = round(time.perf_counter() - ts, 3)
+        free.append(not isinstance(sol, solvers.InfeasibleError) and (
+            sol.solver == "auto:highs-lp" or sol.stats.get("presolve", {}).get("items", 1) == 0))
+        if not isinstance(sol, solvers.InfeasibleError) and sol.status == "cutoff":
+            progress.advance(detail=f"mesh {'x'.join(map(str, shape))}: no plan faster than the best")
+            candidates.append(MeshCandidate(mesh_shape=list(shape), objective_s=None, status="cutoff"))
+            continue
         if isinstance(sol, solvers.InfeasibleError):
             progress.advance(detail=f"mesh {'x'.join(map(str, shape))} infeasible")
             min_needed.append(sol.min_peak_usage)
@@ -177,6 +195,8 @@ def plan_with(fn, example_args, *, cluster="cpu-8", nodes: int = 1, mesh_shape=N
             best = (ip, sol)
         progress.advance(detail=f"mesh {'x'.join(map(str, shape))} {sol.status}", incumbent_s=best[1].cost / 1e6,
                          gap=sol.gap if np.isfinite(sol.gap) else None)
+    if hooks.outcomes is not None:
+        hooks.outcomes["memory_free"] = all(free)
     if best is None:
         raise _no_plan(getattr(fn, "__name__", "fn"), hooks.strategy_name, shapes, budget, min_needed)
     timing = Timing(trace_s=t_trace - t0, strategies_s=t_strat, solve_s=t_solve,

@@ -15,6 +15,14 @@
 ``time_limit_s`` covers all of it (None: exact solvers run to optimality, the heuristic
 gets DEFAULT_HEURISTIC_S).
 
+``cutoff``: only a choice costing less than this matters to the caller (e.g. another logical
+mesh already has a plan at that cost). When the LP relaxation's bound (``_lp_first``; without
+memory rows it bounds every choice) reaches it, the MILP is skipped; the answer is then, as
+when the proven optimum is not below it, status ``"cutoff"`` (``feasible`` False,
+``lower_bound`` ≥ cutoff). Otherwise the solve is the same as without a cutoff. (HiGHS's own
+``objective_bound`` is not used: measured on a GPT-39B stage ILP, with it the time-limited
+MIP found no incumbent at all where without it found one.)
+
 ``start`` (a warm start: a choice, or a function of the seconds left that returns one or
 None) is what a time limit must never make the result worse than; the time it takes is not
 counted against ``time_limit_s`` (the solver keeps its full time). It is asked for only when
@@ -61,13 +69,14 @@ def ilp_size(problem: Problem, cap: float = math.inf) -> int:
 
 
 def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None = None,
-          presolve: bool = True, seed: int = 0, gap_rel: float = 0.0, start=None) -> Solution:
+          presolve: bool = True, seed: int = 0, gap_rel: float = 0.0, start=None,
+          cutoff: float | None = None) -> Solution:
     """Best choice for ``problem`` (in its own node order), scored by ``evaluate``.
 
     ``gap_rel``: the ILP stops once its incumbent is proven within this relative gap of the
     optimum (0: prove optimality; the planner passes ``autopar.planner.MIP_GAP`` = 1e-3 —
     closing the last 0.1 % of a predicted step time can take HiGHS minutes). ``seed``: the
-    heuristic's random seed. ``start``: a warm start (module doc)."""
+    heuristic's random seed. ``start``: a warm start, ``cutoff``: see the module doc."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown {solver=}; expected one of {SOLVERS}")
     clock = _Clock(time_limit_s)
@@ -75,9 +84,15 @@ def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None 
     stats: dict = {}
     reduced = _presolved(problem, min_peak, stats) if presolve else _Reduced.identity(problem)
     warm = _WarmStart(problem, start, clock, stats)
-    name, sol = _run_solver(solver, reduced, warm, clock, gap_rel=gap_rel, seed=seed, stats=stats)
+    name, sol = _run_solver(solver, reduced, warm, clock, gap_rel=gap_rel, seed=seed, stats=stats, cutoff=cutoff)
     stats["solver"] = sol.stats
-    return _answer(problem, reduced, name, sol, warm.value, min_peak, clock, stats)
+    if sol.status != "cutoff":
+        sol = _answer(problem, reduced, name, sol, warm.value, min_peak, clock, stats)
+        if cutoff is None or sol.status != "optimal" or sol.cost < cutoff:
+            return sol
+    # (the presolved problem's costs are the original's: its bound is theirs)
+    return Solution(choice=(), cost=math.inf, feasible=False, status="cutoff",
+                    lower_bound=max(sol.lower_bound, cutoff), solver=name, time_s=clock.elapsed(), stats=stats)
 
 
 class _Clock:
@@ -159,7 +174,7 @@ def _presolved(problem: Problem, min_peak: float, stats: dict) -> _Reduced:
 
 
 def _run_solver(solver: str, reduced: _Reduced, warm: _WarmStart, clock: _Clock, *, gap_rel: float, seed: int,
-                stats: dict) -> tuple[str, Solution]:
+                stats: dict, cutoff: float | None = None) -> tuple[str, Solution]:
     """(the solver's name as reported, its solution of the reduced problem)."""
     p = reduced.problem
     if solver == "brute":
@@ -170,21 +185,21 @@ def _run_solver(solver: str, reduced: _Reduced, warm: _WarmStart, clock: _Clock,
     if solver == "heuristic":
         warm.ask()
         return solver, solve_heuristic(p, time_limit_s=_heuristic_time(clock.left()), seed=seed)
-    name, sol = _auto_exact(reduced, warm, clock, gap_rel=gap_rel, stats=stats)
-    if sol is None or (not sol.feasible and sol.status != "infeasible"):
+    name, sol = _auto_exact(reduced, warm, clock, gap_rel=gap_rel, stats=stats, cutoff=cutoff)
+    if sol is None or (not sol.feasible and sol.status not in ("infeasible", "cutoff")):
         warm.ask()
         name, sol = "auto:heuristic", solve_heuristic(p, time_limit_s=_heuristic_time(clock.left()), seed=seed)
     return name, sol
 
 
 def _auto_exact(reduced: _Reduced, warm: _WarmStart, clock: _Clock, *, gap_rel: float,
-                stats: dict) -> tuple[str, Solution | None]:
+                stats: dict, cutoff: float | None = None) -> tuple[str, Solution | None]:
     """"auto" by the reduced ILP's size: its LP relaxation, then HiGHS (small); the LP
     relaxation alone, briefly (medium); nothing (large: the heuristic's)."""
     p = reduced.problem
     size = stats["ilp_size"] = ilp_size(p, cap=AUTO_LP_VARIABLES)
     if size <= AUTO_ILP_VARIABLES:
-        sol = _lp_first(p, clock.left(), gap_rel)
+        sol = _lp_first(p, clock.left(), gap_rel, cutoff)
         if sol is not None:
             return "auto:highs-lp", sol
         return "auto:highs", solve_ilp(p, solver="highs", time_limit_s=clock.left(),
@@ -192,7 +207,7 @@ def _auto_exact(reduced: _Reduced, warm: _WarmStart, clock: _Clock, *, gap_rel: 
     if size <= AUTO_LP_VARIABLES:  # too big for the MILP, but its LP is often integral: try it, briefly
         limit = clock.left()
         return "auto:highs-lp", _lp_first(p, min(AUTO_LP_S, 0.3 * limit) if limit is not None else AUTO_LP_S,
-                                          gap_rel)
+                                          gap_rel, cutoff)
     return "auto", None
 
 
@@ -235,16 +250,21 @@ def _answer(problem: Problem, reduced: _Reduced, name: str, sol: Solution, warm:
                     time_s=clock.elapsed(), stats=stats)
 
 
-def _lp_first(problem: Problem, time_left: float | None, gap_rel: float) -> Solution | None:
+def _lp_first(problem: Problem, time_left: float | None, gap_rel: float,
+              cutoff: float | None = None) -> Solution | None:
     """The marginal LP relaxation is often integral on sharding problems (measured: every GPT
     mesh in benchmarks/plan_time.py), and the memory limit rarely binds. The LP is solved
     without memory rows; its rounded choice is returned when it fits the memory limit and is
-    within ``gap_rel`` of the LP bound (that bound proves it); otherwise None → the MILP."""
+    within ``gap_rel`` of the LP bound (that bound proves it); a "cutoff" solution when the
+    bound reaches ``cutoff``; otherwise None → the MILP."""
     if problem.num_nodes == 0:
         return None
     # without memory rows (lazy, relax: none are added): still a lower bound of the real problem,
     # and when the rounded choice fits memory nothing else is needed
     lp = solve_ilp(problem, solver="highs", relax=True, time_limit_s=time_left, lazy=True)
+    if cutoff is not None and lp.stats.get("relaxation") == "optimal" and lp.lower_bound >= cutoff:
+        return Solution(choice=(), cost=math.inf, feasible=False, status="cutoff", lower_bound=lp.lower_bound,
+                        solver="highs-lp", time_s=lp.time_s, stats=lp.stats)
     if not lp.feasible or not math.isfinite(lp.lower_bound) or not lp.choice:
         return None
     if lp.cost - lp.lower_bound > max(gap_rel * abs(lp.cost), 1e-9 * max(1.0, abs(lp.cost))):

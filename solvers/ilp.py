@@ -156,6 +156,8 @@ def solve_compact(cp: Compact, *, solver: str = "highs", time_limit_s: float | N
     stats.update(rounds=rounds, lazy_rows=len(added))
     if status != "optimal":
         bound = max(bound, trivial_bound(cp))
+    if relax:
+        stats["relaxation"] = status  # "optimal": ``bound`` is the LP optimum
     if relax and x is not None:
         choice = tuple(int(c) for c in b.decode(x))
         cost, feasible = check(cp, choice)

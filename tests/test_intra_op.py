@@ -85,3 +85,17 @@ def test_plan_searches_meshes_and_reports_them(devices8):
     best = min(c.objective_s for c in plan.mesh_candidates)
     assert plan.solver.objective_s == pytest.approx(best)
     assert tuple(plan.mesh_shape) in shapes
+
+
+@pytest.mark.parametrize("hidden", [64, 1024])
+def test_mesh_cutoff_gives_the_same_plan(devices8, hidden):
+    """``PlanHooks(cutoff=True)`` (pipeline stages): a mesh proven unable to beat the best so
+    far stops early; the plan chosen is the same as with every mesh solved."""
+    from autopar.planner import PlanHooks, plan_with
+    args = mlp.mlp_step_args(batch=128, hidden=hidden)
+    full = plan_with(mlp.mlp_step, args, cluster="cpu-8")
+    cut = plan_with(mlp.mlp_step, args, cluster="cpu-8", hooks=PlanHooks(cutoff=True))
+    assert cut.mesh_shape == full.mesh_shape and cut.solver.objective_s == full.solver.objective_s
+    assert cut.input_specs_flat == full.input_specs_flat
+    for a, b in zip(full.mesh_candidates, cut.mesh_candidates):
+        assert b.status == "cutoff" and a.objective_s >= full.solver.objective_s or b == a

@@ -37,3 +37,22 @@ def test_workers_option(devices8):
     params, batch = mlp.params_and_batch(batch=16, hidden=32, layers=2)
     with pytest.raises(ValueError, match="workers"):
         plan_training(mlp.loss_fn, params, batch, optimizer=optax.sgd(0.1), workers="two")
+
+
+def test_a_worker_forked_after_a_mip_still_solves_mips():
+    """HiGHS's task scheduler does not survive ``fork``: without the pool's initializer a
+    worker's MIP after one in the parent hung (measured: small MIPs, killed after 60 s)."""
+    import multiprocessing
+    from autopar.pipeline.pool import _fresh_solver_threads
+    from test_solvers import hard_problem
+    from autopar.solvers.ilp import solve_ilp
+    solve_ilp(hard_problem(), solver="highs", time_limit_s=0.5)  # the parent's MIP starts the scheduler
+    want = _solve_small(0)
+    with multiprocessing.get_context("fork").Pool(2, initializer=_fresh_solver_threads) as pool:
+        assert pool.map_async(_solve_small, range(2), chunksize=1).get(timeout=120) == [want, want]
+
+
+def _solve_small(_):
+    from test_solvers import random_problem
+    from autopar.solvers.ilp import solve_ilp
+    return [solve_ilp(random_problem(s), solver="highs").cost for s in range(0, 20, 2)]

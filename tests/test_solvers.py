@@ -361,3 +361,22 @@ def test_auto_above_the_milp_size_tries_the_lp_relaxation(monkeypatch):
     assert "auto:highs-lp" in names
     monkeypatch.setattr(sp, "AUTO_LP_VARIABLES", 0)
     assert solve(big, solver="auto", time_limit_s=1).solver == "auto:heuristic"
+
+
+@pytest.mark.parametrize("solver", ["auto", "highs"])
+def test_cutoff_stops_only_when_nothing_is_cheaper(solver):
+    """``solve(cutoff=c)``: below the optimum → "cutoff" (proved: nothing cheaper, no choice);
+    above it → the same optimum as without a cutoff (brute force)."""
+    stopped = 0
+    for seed in range(120):
+        p = random_problem(seed, limit=seed % 2 == 0)
+        ref = solve_brute(p)
+        if ref.status == "infeasible":
+            continue
+        below = solve(p, solver=solver, cutoff=ref.cost * (1 - 1e-6) - 1e-6)
+        assert below.status == "cutoff" and not below.feasible and below.lower_bound >= ref.cost * (1 - 1e-6) - 1e-6, \
+            f"{seed=}: {below}"
+        above = solve(p, solver=solver, cutoff=ref.cost * 1.01 + 1.0)
+        assert above.status == "optimal" and _same(above.cost, ref.cost), f"{seed=}: {above} vs {ref.cost}"
+        stopped += 1
+    assert stopped > 50

@@ -67,6 +67,7 @@ class StageCost:
     optimizer: float = 0.0      # optimizer-state bytes (⊆ persist)
     gather_s: float = 0.0       # ZeRO-1: the parameters' all-gather, seconds per step
     num_microbatches: int = 1   # B the stage was costed for (the DP spreads gather_s over it)
+    memory_free: bool = False   # no mesh's solve depended on the budget (``autopar.pipeline.reuse``)
 
     @property
     def option(self) -> StageOption:

@@ -27,6 +27,7 @@ import warnings
 
 from ..plan_types import Plan
 from ..progress import Progress
+from .reuse import serves
 
 # ``workers="auto"``: this many processes at most (the machine's cores, fewer if it has fewer)
 AUTO_WORKERS = 8
@@ -47,6 +48,18 @@ def resolve_workers(workers, total_devices: int) -> int:
     return workers
 
 
+def _fresh_solver_threads() -> None:
+    """Pool initializer: HiGHS's global task scheduler (made by the parent's first MIP) has no
+    threads in a forked child — its MIPs then return nothing ("unknown") or hang waiting for
+    them (seen: a GPT-175B worker 13 min in ``TaskGroup::~TaskGroup`` of ``evaluateRootNode``).
+    Drop it so the child's first MIP starts its own."""
+    try:
+        import highspy
+        highspy.Highs.resetGlobalScheduler(False)
+    except (ImportError, AttributeError):
+        pass
+
+
 def _plan_one(args):
     """In a worker: plan one request; return the cache entries it made and its counters."""
     coster = _COSTER
@@ -64,12 +77,18 @@ def prefetch(coster, requests) -> None:
     processes; merge in request order (module docstring). Sequential when it does not pay."""
     if getattr(coster, "workers", 1) <= 1:
         return  # the caller's own ``cost`` calls plan them one by one
-    todo, seen = [], set()
+    todo, seen, ahead = [], set(), {}
     for args, kw in requests:
         key = coster.plan_key(*args, **kw)
-        if key in seen or coster.is_cached(*args, **kw):
+        # (one an earlier request's plan may serve — a smaller budget, ``StageCoster.served``;
+        # a lean request may also plan its whole budget — is left to the caller, which plans
+        # it after that one as a single worker would)
+        if key in seen or coster.is_cached(*args, **kw) or any(
+                serves(k, key) for k in ahead.get((key[0], key[1]), ())):
             continue
         seen.add(key)
+        ahead.setdefault((key[0], key[1]), []).extend(
+            [key, coster.plan_key(*args, **{**kw, "share": 1.0})])
         todo.append((args, kw))
     if len(todo) < 2:
         return
@@ -80,14 +99,15 @@ def prefetch(coster, requests) -> None:
         ctx = multiprocessing.get_context("fork")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
-            with ctx.Pool(min(coster.workers, len(todo))) as pool:
+            with ctx.Pool(min(coster.workers, len(todo)), initializer=_fresh_solver_threads) as pool:
                 results = pool.map(_plan_one, todo, chunksize=1)
     finally:
         _COSTER = None
         coster.progress = progress
     for made, solves, infeasible, min_need in results:
         for k, v in made.items():
-            coster.cache.setdefault(k, v if v.plan is None else dataclasses.replace(v, plan=Plan.model_validate_json(v.plan)))
+            if k not in coster.cache:
+                coster.remember(k, v if v.plan is None else dataclasses.replace(v, plan=Plan.model_validate_json(v.plan)))
         coster.solves += solves
         coster.infeasible += infeasible
         coster.min_need = min(coster.min_need, min_need)

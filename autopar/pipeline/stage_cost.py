@@ -2,6 +2,9 @@
 → its forward + backward planned by the intra-op ILP → a :class:`~.costs.StageCost` (latency,
 static and activation memory per device; ``StageCoster``, cached by the stage's structural
 key so identical layers are planned once).
+
+A request that an earlier plan answers (a smaller budget it fits, a memory-free plan, ZeRO-1
+from the plain plan) takes it without an ILP: ``autopar.pipeline.reuse``.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from ..rules import stage_rules
 from ..trace import Program, trace
 from .costs import INFEASIBLE, StageCost
 from .inputs import TrainingInputs, nbytes
+from .reuse import served
 from .zero import gather_time, optimizer_bytes, reserved_bytes
 from .halves import cut_train, residual_bytes_per_device
 from .stages import Stage, residual_bytes, split_program, stage_abstract_args, stage_forward, stage_train
@@ -131,6 +135,7 @@ class StageCoster:
         self.traced: dict = {}
         self.residuals: dict = {}  # program key -> residual bytes (``activation``)
         self.stages: dict = {}
+        self.planned: dict = {}  # (program key, sub-mesh, mesh or None, zero) -> [(budget, fitting StageCost)]
         self.solves = self.hits = self.infeasible = 0
         self.min_need = math.inf
         self.progress = progress or Progress()  # told of every stage planned
@@ -168,10 +173,30 @@ class StageCoster:
     def is_cached(self, i: int, j: int, submesh, mesh_shape=None, share: float = 1.0, remat: str = "none",
                   zero: bool = False) -> bool:
         """Whether ``cost`` with these arguments plans nothing new."""
-        hit = self.cache.get(self.plan_key(i, j, submesh, mesh_shape, share, remat, zero))
+        key = self.plan_key(i, j, submesh, mesh_shape, share, remat, zero)
+        hit = self.cache.get(key) or self.served(i, j, key)
         if hit is None:
             return False
-        return hit.fits or share <= 1.0 or self.plan_key(i, j, submesh, mesh_shape, 1.0, remat, zero) in self.cache
+        full = self.plan_key(i, j, submesh, mesh_shape, 1.0, remat, zero)
+        return hit.fits or share <= 1.0 or full in self.cache or self.served(i, j, full) is not None
+
+    def ilp_limit(self, i: int, j: int, submesh, budget: float, zero: bool) -> float:
+        """The memory limit of the stage ILP within ``budget`` (ZeRO-1: less the least optimizer state)."""
+        if not zero:
+            return budget
+        st = self.stage(i, j)[0]
+        p_bytes = sum(self.program.values[self.program.invars[q]].nbytes for q in st.params)
+        return max(budget - reserved_bytes(p_bytes, submesh[0] * submesh[1], self.opt_ratio), 1.0)
+
+    def served(self, i: int, j: int, key) -> StageCost | None:
+        """What an earlier plan answers for cache key ``key`` of layers i..j−1 (``reuse.served``)."""
+        return served(self, i, j, key)
+
+    def remember(self, key, res: StageCost) -> None:
+        """Cache a stage cost (and index a fitting one for ``served``)."""
+        self.cache[key] = res
+        if res.fits:
+            self.planned.setdefault((key[0], key[1], key[2], key[4]), []).append((key[3], res))
 
     def program_key(self, i: int, j: int, remat: str = "none"):
         """What the stage's traced forward + backward depends on: its structure, and with
@@ -220,6 +245,12 @@ class StageCoster:
             self.hits += 1
             self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]} (same as planned)")
             return hit
+        reused = self.served(i, j, key)
+        if reused is not None:
+            self.hits += 1
+            self.remember(key, reused)
+            self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]} (fits as planned)")
+            return reused
         self.solves += 1
         if skey not in self.traced:  # per stage program, shared by all sub-meshes
             fwd = stage_forward(self.program, st, self.P, remat, self.layer_eqns[i:j])
@@ -227,11 +258,12 @@ class StageCoster:
             prog = trace(stage_train(fwd), *args)
             self.traced[skey] = (fwd, args, prog, build_graph(prog), residual_bytes(fwd, *args[:3]),
                                  cut_train(fwd, args, prog, len(st.outs) + len(st.nd_outs)))
-        fwd, (p, a, nd, ct), prog, graph, res_bytes, cut = self.traced[skey]
+        fwd, (p, a, nd, ct), prog, graph = self.traced[skey][:4]
         cl, n = sub_cluster(self.spec, submesh)
         n_dev = submesh[0] * submesh[1]
         p_bytes = [nbytes(x) for x in p]
         reserve = reserved_bytes(sum(p_bytes), n_dev, self.opt_ratio) if zero else 0.0
+        outcomes: dict = {}
         try:
             # a parameter also holds its gradient accumulator and optimizer state all step long
             # (ZeRO-1: the optimizer state is reserved apart, split over every device)
@@ -241,7 +273,8 @@ class StageCoster:
                 restrict=lambda shape: {"input_usage_scale": scale, "split_backward": True, **(
                     {} if self.restrict is None else self.restrict((p, a, nd, ct), tuple(shape)))},
                 strategy_name=self.strategy_name, warm_start=self._warm_start((p, a, nd, ct), key[:2]),
-                problems=self.problems.setdefault((*key[:2], zero), {}), reshard_cache=self.reshard_cache, carry=False)
+                problems=self.problems.setdefault((*key[:2], zero), {}), reshard_cache=self.reshard_cache, carry=False,
+                cutoff=True, outcomes=outcomes)
             sp = plan_with(stage_train(fwd), (p, a, nd, ct), cluster=cl, nodes=n, mesh_shape=mesh_shape,
                            # (the state alone overflowing, a 1-byte budget: the ILP says what it needs)
                            memory_budget_bytes=max(budget - reserve, 1.0), solver=self.solver,
@@ -254,16 +287,31 @@ class StageCoster:
                 if err.min_bytes_per_device is not None:
                     self.min_need = min(self.min_need, err.min_bytes_per_device + reserve)
             res = INFEASIBLE
-            self.cache[key] = res
+            self.remember(key, res)
             self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]} do not fit")
             return res
+        res = self.stage_cost(i, j, submesh, sp, remat, zero, memory_free=outcomes.get("memory_free", False))
+        self.remember(key, res)
+        self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]}: {sp.solver.status}")
+        return res
+
+    def stage_cost(self, i: int, j: int, submesh, sp, remat: str, zero: bool, memory_free: bool = False) -> StageCost:
+        """The StageCost of layers i..j−1 planned as ``sp`` on ``submesh`` (``costs`` module docstring)."""
+        st = self.stage(i, j)[0]
+        p = stage_abstract_args(self.program, st, self.P)[0]
         vals = self.program.values
         sizes = dict(zip(sp.axis_names, sp.mesh_shape))
+        n_dev = math.prod(sp.mesh_shape)
+        p_bytes = [nbytes(x) for x in p]
         p_specs = sp.input_specs_flat[:len(p)]
         param_dev = sum(b / shard_factor(spec, sizes) for b, spec in zip(p_bytes, p_specs))
         # the residuals in their planned layouts, as the runtime keeps them (pipeline.halves); a
-        # replicated one is whole on every device
-        act = residual_bytes_per_device(prog, cut, sp) if cut is not None else res_bytes / n_dev
+        # replicated one is whole on every device (not traced here: the vjp residuals spread evenly)
+        traced = self.traced.get(self.program_key(i, j, remat))
+        if traced is not None and traced[5] is not None:
+            act = residual_bytes_per_device(traced[2], traced[5], sp)
+        else:
+            act = self.activation(i, j, remat) / n_dev
         in_bytes = sum(vals[v].nbytes for v in list(st.acts_in) + list(st.nd_acts_in))
         link = self.spec.inter_node_link if self.nodes > 1 else self.spec.intra_node_link
         bw = (self.spec.inter_node_bandwidth_per_device() if self.nodes > 1 else link.bandwidth_bytes_per_s) * n_dev
@@ -271,6 +319,7 @@ class StageCoster:
         static = max(sp.predicted.peak_memory_bytes - act, 0.0)  # the ILP's peak counts one micro-batch's residuals
         shaped = [(tuple(x.shape), b) for x, b in zip(p, p_bytes)]
         if zero:  # the optimizer state split over the replicated axes, all-gathered params once a step
+            cl, n = sub_cluster(self.spec, submesh)
             optimizer = optimizer_bytes(shaped, p_specs, sizes, self.opt_ratio)
             gather = gather_time(cl, n, sp.axis_names, sp.mesh_shape, shaped, p_specs)
             static += optimizer
@@ -279,12 +328,9 @@ class StageCoster:
             optimizer, gather = param_dev * self.opt_ratio, 0.0
             # persistent part of static: parameters with their accumulators and optimizer state
             persist = min(param_dev * (2.0 + self.opt_ratio), static)
-        res = StageCost(plan=sp, latency=sp.predicted.step_time_s + send, send=send, static=static, act=act,
-                        param_dev=param_dev, persist=persist, remat=remat, zero=zero, optimizer=optimizer,
-                        gather_s=gather, num_microbatches=self.num_microbatches)
-        self.cache[key] = res
-        self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]}: {sp.solver.status}")
-        return res
+        return StageCost(plan=sp, latency=sp.predicted.step_time_s + send, send=send, static=static, act=act,
+                         param_dev=param_dev, persist=persist, remat=remat, zero=zero, optimizer=optimizer,
+                         gather_s=gather, num_microbatches=self.num_microbatches, memory_free=memory_free)
 
     def _warm_start(self, stage_args, key):
         """``PlanHooks.warm_start`` for this stage (``key``: structure, sub-mesh): the rule on
