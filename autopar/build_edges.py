@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from autopar.cost import MeshModel, resharding
+from autopar.cost import ALL_GATHER, MeshModel, collective_time, resharding
 
 from .build_nodes import US
 from .build_shared import materialize_terms, shared_values
@@ -27,21 +27,39 @@ class ReshardCache:
         self.max_entries = max_entries
         self._matrices: dict = {}
 
-    def matrix(self, mesh: MeshModel, value: Value, src: tuple, dst: tuple, seen: set | None = None) -> np.ndarray:
+    def matrix(self, mesh: MeshModel, value: Value, src: tuple, dst: tuple, seen: set | None = None,
+               combined: bool = False) -> np.ndarray:
         """µs to reshard ``value`` from each spec of ``src`` (rows) into each of ``dst``
-        (columns; None: the consumer takes any layout, 0). ``seen`` collects the keys used."""
-        key = (mesh, value.shape, value.itemsize, src, dst)
+        (columns; None: the consumer takes any layout, 0). ``seen`` collects the keys used.
+        ``combined``: its all-gathers join XLA's combined one (:func:`gathers_combined`), no α."""
+        key = (mesh, value.shape, value.itemsize, src, dst, combined)
         if seen is not None:
             seen.add(key)
         m = self._matrices.get(key)
         if m is None:
-            m = np.array([[0.0 if d is None else resharding(mesh, value.shape, value.itemsize, a, d)[0]
+            m = np.array([[0.0 if d is None else _seconds(mesh, value, a, d, combined)
                            for d in dst] for a in src]) * US
             m.flags.writeable = False
             if len(self._matrices) >= self.max_entries:
                 self._matrices.clear()
             self._matrices[key] = m
         return m
+
+
+def _seconds(mesh: MeshModel, value: Value, src, dst, combined: bool) -> float:
+    seconds, parts = resharding(mesh, value.shape, value.itemsize, src, dst)
+    if not combined:
+        return seconds
+    return sum(collective_time(mesh, k, axes, n, latency=k != ALL_GATHER.name) for k, axes, n in parts)
+
+
+def gathers_combined(graph: OpGraph, mesh: MeshModel, vid: int, reader: int | None = None) -> bool:
+    """Whether XLA combines the all-gathers that reshard value ``vid`` (for node ``reader``)
+    with others into one op (``ClusterSpec.combine_all_gathers``): a program input's (a weight
+    gathered for the step), which waits for nothing, so all of them are independent of one
+    another; not where the reshard is redone in every iteration of a scan."""
+    return (mesh.combine_all_gathers and graph.nodes[graph.producer[vid][0]].kind == "input"
+            and (reader is None or graph.reshard_repeat(reader) == 1))
 
 
 @dataclass
@@ -102,7 +120,8 @@ def operand_edges(graph: OpGraph, mesh: MeshModel, strats, cache: ReshardCache, 
             u, j = graph.producer[o.id]
             grouped.setdefault((u, node.index), []).append(Operand(node.index, k, o, u, j))
     costs, keys = [], set()
-    matrix = lambda value, src, dst: cache.matrix(mesh, value, tuple(src), tuple(dst), keys)  # noqa: E731
+    matrix = lambda value, src, dst, reader=None: cache.matrix(  # noqa: E731
+        mesh, value, tuple(src), tuple(dst), keys, gathers_combined(graph, mesh, value.id, reader))
     skip = set(remat) | ({n.index for n in graph.nodes if n.kind == "input"} if allowed_reshard is not None else set())
     skip |= unshared_producers(graph)
     shared = shared_values(graph, strats, grouped, skip, _costly(graph, strats, matrix)) if share else {}
@@ -115,7 +134,7 @@ def operand_edges(graph: OpGraph, mesh: MeshModel, strats, cache: ReshardCache, 
                 continue
             src = tuple(s.out_specs[op.out_index] for s in strats[u])
             dst = tuple(s.in_specs[op.operand] for s in strats[v])
-            m = cache.matrix(mesh, op.value, src, dst, keys)
+            m = matrix(op.value, src, dst, v)
             if allowed_reshard is not None and graph.nodes[u].kind == "input":
                 ok = np.array([[d is None or allowed_reshard(u, a, d) for d in dst] for a in src], dtype=bool)
                 m = np.where(ok, m, np.inf)

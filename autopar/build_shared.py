@@ -76,8 +76,8 @@ def shared_values(graph: OpGraph, strats, grouped, skip, costly) -> dict[int, tu
 
 def materialize_terms(graph: OpGraph, strats, grouped, shared: dict, matrix) -> tuple[list, list]:
     """The :class:`Materialize` nodes of ``shared`` and their edges as (graph node, node k,
-    matrix: graph node strategies × node k strategies); ``matrix(value, src specs, dst specs)``
-    is the µs reshard matrix (``ReshardCache.matrix``)."""
+    matrix: graph node strategies × node k strategies); ``matrix(value, src specs, dst specs,
+    reader=None)`` is the µs reshard matrix (``ReshardCache.matrix``)."""
     nodes, links = [], []
     readers: dict[int, list] = {}
     for ops in grouped.values():
@@ -101,7 +101,7 @@ def materialize_terms(graph: OpGraph, strats, grouped, shared: dict, matrix) -> 
         per_node: dict[int, np.ndarray] = {}
         for op in ops:
             dst = tuple(s.in_specs[op.operand] for s in strats[op.node])
-            m = matrix(value, reads, dst) * graph.reshard_repeat(op.node)
+            m = matrix(value, reads, dst, op.node) * graph.reshard_repeat(op.node)
             per_node[op.node] = per_node.get(op.node, 0.0) + m
         for v in sorted(per_node):
             links.append((v, k, per_node[v].T))

@@ -273,6 +273,24 @@ def combining_samples(timer: Timer, nbytes: int) -> list[Sample]:
             for k, t, s in ((1, t1, s1), (COMBINE, tk, sk))]
 
 
+def all_gathers_combined(nbytes: int) -> bool:
+    """Whether the compiler merges ``COMBINE`` independent all-gathers of ``nbytes`` each (one
+    program, over all devices) into fewer ops: counted in its compiled HLO, not timed
+    (XLA:GPU's all-gather combiner does, XLA:CPU does not) → ``ClusterSpec.combine_all_gathers``."""
+    return 0 < compiled_all_gathers(nbytes) < COMBINE
+
+
+def compiled_all_gathers(nbytes: int) -> int:
+    """All-gather ops in the compiled program of ``COMBINE`` independent all-gathers."""
+    from .validate import hlo_collectives
+    mesh = Mesh(np.array(_devices()), ("x",))
+    m = max(1, nbytes // 4 // mesh.devices.size)
+    x = _global(mesh, (COMBINE * m,), "float32")
+    many = _sharded(mesh, lambda v: jax.numpy.concatenate(
+        [jax.lax.all_gather(v[k * m:(k + 1) * m], "x", tiled=True) for k in range(COMBINE)]))
+    return sum(c.kind == "all-gather" for c in hlo_collectives(many.lower(x).compile().as_text()))
+
+
 def load_probe(n: int = 256):
     """A zero-argument call running one n×n matmul on every device: timed next to a measurement
     and at calibration, the ratio says how much slower the (shared) machine runs now."""
@@ -300,7 +318,8 @@ def measure(*, quick: bool = False, timer: Timer | None = None, meshes=None, log
     log(f"measured {len(samples)} samples in {time.perf_counter() - t0:.1f} s")
     return Calibration(platform=plat, device_kind=jax.devices()[0].device_kind, devices=len(jax.devices()),
                        processes=jax.process_count(), samples=samples, fits=[],
-                       launch_overhead_s=launch_overhead(timer))
+                       launch_overhead_s=launch_overhead(timer),
+                       all_gathers_combined=len(jax.devices()) > 1 and all_gathers_combined(sizes.collective[0]))
 
 
 def _memory_bytes() -> int | None:
@@ -327,6 +346,7 @@ def calibrate(*, base: str | ClusterSpec | None = None, name: str | None = None,
     spec, fits = fit_spec(base_spec, cal.samples, name=name, devices_per_node=dpn, memory_bytes=_memory_bytes(),
                           device_name=f"{kind} (calibrated)", launch_overhead_s=cal.launch_overhead_s,
                           description=desc)
+    spec = spec.model_copy(update={"combine_all_gathers": cal.all_gathers_combined})
     return spec, cal.model_copy(update={"fits": fits})
 
 
@@ -341,7 +361,9 @@ def report(spec: ClusterSpec, cal: Calibration) -> str:
              f"intra-node link α {spec.intra_node_link.alpha_s * 1e6:.2f} µs, "
              f"{spec.intra_node_link.bandwidth_bytes_per_s / 1e9:.3g} GB/s; inter-node per device "
              f"α {spec.inter_node_link.alpha_s * 1e6:.2f} µs, "
-             f"{spec.inter_node_bandwidth_per_device() / 1e9:.3g} GB/s"]
+             f"{spec.inter_node_bandwidth_per_device() / 1e9:.3g} GB/s",
+             f"the compiler combines independent all-reduces: {spec.combine_all_reduces} (timed), "
+             f"all-gathers: {spec.combine_all_gathers} (read from its HLO)"]
     return "\n".join(lines)
 
 

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from autopar import solvers
-from autopar.cost import ALL_REDUCE, ClusterSpec, collective_time, load_cluster, mesh_model, resharding
+from autopar.cost import ALL_GATHER, ALL_REDUCE, ClusterSpec, collective_time, load_cluster, mesh_model, resharding
 
 from .build import IntraProblem, build_problem
 from .build_nodes import combinable_nodes
-from .build_edges import ReshardCache, match_donations
+from .build_edges import ReshardCache, gathers_combined, match_donations
 from .carry import carried_pairs
 from .emit import axis_names
 from .graph import build_graph
@@ -268,26 +268,22 @@ def assemble_plan(fn, program, ip: IntraProblem, sol, spec: ClusterSpec, nodes: 
     colls: list[CollectiveCost] = []
     compute_s = float(sum(ip.compute_s[v][c] for v, c in enumerate(choice)))
     combined = combinable_nodes(graph) if mesh.combine_all_reduces else frozenset()
-    groups: dict[tuple, list[int]] = {}   # axes -> the all-reduces XLA combines into one op there
+    groups: dict[tuple, list[int]] = {}   # (kind, axes) -> the collectives XLA combines into one op there
     for v, s in enumerate(chosen):
         r = graph.nodes[v].repeat  # inside a scan: once per iteration
         for kind, axes, nbytes in s.comm:
             if v in combined and kind == ALL_REDUCE.name:
-                groups.setdefault(tuple(axes), []).append(len(colls))
+                groups.setdefault((kind, tuple(axes)), []).append(len(colls))
             colls.append(CollectiveCost(kind=kind, axes=[names[a] for a in axes], bytes=nbytes * r,
                                         time_s=collective_time(mesh, kind, axes, nbytes) * r, where=_where(graph, v)))
-    for axes, members in groups.items():   # one op moving their bytes; each gets its bytes' share
-        total = sum(colls[k].bytes for k in members)
-        t = collective_time(mesh, ALL_REDUCE, axes, total)
-        for k in members:
-            colls[k] = colls[k].model_copy(update={"time_s": t * colls[k].bytes / total,
-                                                   "where": f"{colls[k].where} (combined with {len(members) - 1})"})
     reshard: dict[int, dict[int, list]] = {}
     mat = ip.materialized(sol.choice)  # value → the spec it is converted into once (build_shared)
     for vid, into in sorted(mat.items()):
         u, j = graph.producer[vid]
         value, r = program.values[vid], graph.nodes[u].repeat
         for kind, axes, nbytes in resharding(mesh, value.shape, value.itemsize, chosen[u].out_specs[j], into)[1]:
+            if kind == ALL_GATHER.name and gathers_combined(graph, mesh, vid):
+                groups.setdefault((kind, tuple(axes)), []).append(len(colls))
             colls.append(CollectiveCost(kind=kind, axes=[names[a] for a in axes], bytes=nbytes * r,
                                         time_s=collective_time(mesh, kind, axes, nbytes) * r,
                                         where=f"reshard {_where(graph, u)} (shared by its readers)"))
@@ -305,10 +301,18 @@ def assemble_plan(fn, program, ip: IntraProblem, sol, spec: ClusterSpec, nodes: 
             _, parts = resharding(mesh, op.value.shape, op.value.itemsize, src, dst)
             r = graph.reshard_repeat(v)
             for kind, axes, nbytes in parts:
+                if kind == ALL_GATHER.name and gathers_combined(graph, mesh, op.value.id, v):
+                    groups.setdefault((kind, tuple(axes)), []).append(len(colls))
                 colls.append(CollectiveCost(
                     kind=kind, axes=[names[a] for a in axes], bytes=nbytes * r,
                     time_s=collective_time(mesh, kind, axes, nbytes) * r,
                     where=f"reshard {_where(graph, u)} -> {_where(graph, v)}"))
+    for (kind, axes), members in groups.items():   # one op moving their bytes; each gets its bytes' share
+        total = sum(colls[k].bytes for k in members)
+        t = collective_time(mesh, kind, axes, total)
+        for k in members:
+            colls[k] = colls[k].model_copy(update={"time_s": t * colls[k].bytes / total,
+                                                   "where": f"{colls[k].where} (combined with {len(members) - 1})"})
     comm_s = sum(c.time_s for c in colls)
     by_kind: dict[str, KindTotal] = {}
     for kind in sorted({c.kind for c in colls}):

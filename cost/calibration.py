@@ -86,6 +86,9 @@ class Calibration(BaseModel):
     samples: list[Sample]
     fits: list[Fit]
     launch_overhead_s: float = 0.0
+    all_gathers_combined: bool = Field(False, description=(
+        "the compiler merged independent all-gathers into fewer ops (read from its HLO) "
+        "→ ClusterSpec.combine_all_gathers"))
 
 
 # ----------------------------------------------------------------------------- fitting

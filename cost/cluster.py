@@ -100,6 +100,10 @@ class ClusterSpec(BaseModel):
     combine_all_reduces: bool = Field(False, description=(
         "XLA combines independent all-reduces over the same devices into one: the latency α of the all-reduces "
         "no matmul waits for (gradients on their way to the update) is charged once per group, not per tensor"))
+    combine_all_gathers: bool = Field(False, description=(
+        "XLA combines independent all-gathers over the same devices into one (XLA:GPU's all-gather combiner; "
+        "XLA:CPU does not): the latency α of gathering program inputs (weights gathered for the step) is "
+        "charged once per group, not per tensor"))
     fuse_elementwise: bool = Field(False, description=(
         "charge memory traffic as XLA's loop fusion moves it: an elementwise op read only by elementwise ops "
         "writes nothing and its readers read nothing of it (False: every op reads and writes its operands)"))

@@ -86,6 +86,7 @@ def test_shipped_specs_keep_todays_terms():
         spec = load_cluster(name)
         assert spec.device.shared_by == 1.0 and spec.step_overhead_s == 0.0 and not spec.fuse_elementwise
         assert spec.device.matmul_half_dim == 0.0 and spec.device.conv_efficiency == 1.0 and not spec.combine_all_reduces
+        assert not spec.combine_all_gathers
         assert not spec.intra_node_link.by_kind and not spec.inter_node_link.by_kind
 
 
@@ -139,6 +140,8 @@ def test_calibrate_on_8_cpu_devices_reproduces_its_measurements(calibrated, tmp_
     assert {(s.mesh, s.axis) for s in cal.samples if s.link} == {((8,), 0), ((2, 4), 0), ((2, 4), 1)}
     assert all(s.link == "intra" for s in cal.samples if s.kind in KINDS)
     assert spec.device.shared_by >= 1 and spec.step_overhead_s > 0
+    # XLA:CPU keeps independent all-gathers apart (its HLO has one op per gather): not combined
+    assert not cal.all_gathers_combined and not spec.combine_all_gathers
     path, data = write(spec, cal, tmp_path / "mine.json")
     loaded = load_cluster(str(path))
     assert loaded == spec
@@ -182,6 +185,37 @@ def test_combine_all_reduces_charges_alpha_once_per_group(devices8):
     assert sum(c.time_s for c in grads) == pytest.approx(collective_time(mesh, "all-reduce", (0,), total))
     one_by_one = sum(collective_time(mesh, "all-reduce", (0,), c.bytes) for c in grads)
     assert on.predicted.comm_s < off.predicted.comm_s and one_by_one - sum(c.time_s for c in grads) > 1e-4
+
+
+def test_the_compiler_check_counts_one_all_gather_per_independent_gather_on_cpu(devices8):
+    from autopar.calibrate import COMBINE, all_gathers_combined, compiled_all_gathers
+    assert compiled_all_gathers(1 << 16) == COMBINE and not all_gathers_combined(1 << 16)
+
+
+def test_combine_all_gathers_charges_alpha_once_per_group_of_weight_gathers(devices8):
+    """With ``combine_all_gathers`` the gathers of program inputs (weights gathered for the
+    step) cost their bytes in the ILP and one α per group in the report; other gathers keep α."""
+    from autopar.planner import PlanHooks, plan_with
+    from examples.mlp import mlp_step, mlp_step_args
+    base = load_cluster("cpu-8").model_dump()
+    slow_alpha = {**base, "intra_node_link": {"alpha_s": 1e-4, "bandwidth_bytes_per_s": 1e11}}
+    args = mlp_step_args(batch=64, hidden=128, layers=3, abstract=True)
+    weights = {0, 1, 2}   # the three weight matrices (mlp_step_args, no bias): kept split on dim 0
+    hooks = PlanHooks(restrict=lambda shape: {"allowed": lambda u, s: u not in weights or s.out_specs[0][:1] == ((0,),)})
+    plans = {on: plan_with(mlp_step, args, cluster=cluster_from_dict({**slow_alpha, "combine_all_gathers": on}),
+                           mesh_shape=(8,), hooks=hooks) for on in (False, True)}
+    gathers = {on: [c for c in p.predicted.collectives if c.kind == "all-gather" and "input[" in c.where]
+               for on, p in plans.items()}
+    assert len(gathers[False]) >= 3 and not any("combined" in c.where for c in gathers[False])
+    assert all("combined" in c.where for c in gathers[True])
+    mesh = mesh_model(plans[True].cluster, 1, (8,))
+    total = sum(c.bytes for c in gathers[True])
+    assert sum(c.time_s for c in gathers[True]) == pytest.approx(collective_time(mesh, "all-gather", (0,), total))
+    one_by_one = sum(collective_time(mesh, "all-gather", (0,), c.bytes) for c in gathers[False])
+    alpha = collective_time(mesh, "all-gather", (0,), 1.0) - collective_time(mesh, "all-gather", (0,), 1.0, latency=False)
+    assert alpha > 1e-4 and one_by_one - sum(c.time_s for c in gathers[True]) == pytest.approx(
+        (len(gathers[False]) - 1) * alpha)
+    assert plans[True].solver.objective_s < plans[False].solver.objective_s
 
 
 def test_fit_matmul_recovers_half_dim_and_the_planner_charges_it(devices8):
