@@ -130,7 +130,7 @@ def _op_costs(node, strats, mesh, skip_out: bool = False, skip_in: tuple = (), c
         nbytes += sum(local_nbytes(o, sp, mesh.shape) for k, (o, sp) in enumerate(zip(node.operands, s.in_specs))
                       if not (k < len(skip_in) and skip_in[k]))
         eff = _dot_efficiency(node, s, mesh) if node.name == "dot_general" else \
-            mesh.conv_efficiency if node.name == "conv_general_dilated" else 1.0
+            _conv_efficiency(node, s, mesh) if node.name == "conv_general_dilated" else 1.0
         flops = node.flops / div / eff
         comp[i] = 0.0 if view else compute_time(mesh, flops, nbytes * node.repeat, dtype)  # flops × repeat
         comm[i] = sum(collective_time(mesh, k, ax, n, latency=not (combined and k == ALL_REDUCE.name))
@@ -149,6 +149,21 @@ def _dot_efficiency(node, s: Strategy, mesh: MeshModel) -> float:
     m = math.prod(d for k, d in enumerate(lhs) if k not in lc and k not in lb)
     n = math.prod(d for k, d in enumerate(rhs) if k not in rc and k not in rb)
     return matmul_efficiency(mesh.matmul_half_dim, (m, math.prod(lhs[k] for k in lc), n))
+
+
+def _conv_efficiency(node, s: Strategy, mesh: MeshModel) -> float:
+    """``DeviceSpec.conv_efficiency`` × ``cost.matmul_efficiency`` (``conv_half_dim``) of the
+    conv's implicit matmul under strategy ``s``: M output positions, K window × input channels,
+    N output channels, per device (a gradient conv alike: its dimension numbers say which is which)."""
+    if not mesh.conv_half_dim or len(s.in_specs) < 2 or s.in_specs[1] is None:
+        return mesh.conv_efficiency
+    rhs_spec = node.params["dimension_numbers"].rhs_spec
+    rhs = local_shape(tuple(node.operands[1].shape), s.in_specs[1], mesh.shape)
+    n = rhs[rhs_spec[0]]
+    k = math.prod(rhs[d] for d in rhs_spec[1:])
+    out = node.outputs[0]
+    m = math.prod(local_shape(tuple(out.shape), s.out_specs[0], mesh.shape)) / max(n, 1)
+    return mesh.conv_efficiency * matmul_efficiency(mesh.conv_half_dim, (m, k, n))
 
 
 def live_intervals(graph: OpGraph, donated_nodes: set[int], ends: dict[int, int] | None = None,

@@ -9,7 +9,8 @@ timed calls (each until ``block_until_ready``); a sample is the median and the s
   (``shard_map`` over all devices; the per-device throughput when the mesh is busy) and on one
   device alone (the ratio is ``DeviceSpec.shared_by``: simulated CPU devices share the host).
 * **conv**: a 3×3 convolution and its two gradients (a training step's three convolutions) per
-  dtype, every device at once: their rate over the matmul rate is ``DeviceSpec.conv_efficiency``.
+  dtype and channel count, every device at once: their rate over the matmul rate is
+  ``DeviceSpec.conv_efficiency`` × a matmul-style efficiency of few channels (``conv_half_dim``).
 * **elementwise** ``x · 1.5 + 0.5`` over vectors of several sizes on every device (bytes read
   + written → memory bandwidth), and a chain of ``CHAIN_OPS`` such ops at the largest size (not
   much slower than one op: XLA fuses chains → ``ClusterSpec.fuse_elementwise``).
@@ -63,14 +64,14 @@ class Sizes:
 SIZES = {
     "cpu": Sizes((128, 256, 384, 512), (16, 64), (1 << 16, 1 << 18, 1 << 20, 1 << 21),
                  (1 << 12, 1 << 15, 1 << 18, 1 << 21), ("float32",),
-                 ((2, 32, 16), (2, 32, 32))),
+                 ((2, 32, 8), (2, 32, 16), (2, 32, 32), (2, 16, 64))),
     "gpu": Sizes((1024, 2048, 4096, 8192), (32, 128), (1 << 22, 1 << 24, 1 << 26, 1 << 27),
                  (1 << 16, 1 << 20, 1 << 24, 1 << 27), ("float32", "bfloat16", "float16"),
-                 ((32, 56, 64), (32, 28, 256))),
+                 ((32, 56, 16), (32, 56, 64), (32, 28, 256))),
 }
-QUICK = {"cpu": Sizes((128, 256, 384), (16,), (1 << 16, 1 << 19), (1 << 12, 1 << 19), ("float32",), ((2, 16, 16),)),
+QUICK = {"cpu": Sizes((128, 256, 384), (16,), (1 << 16, 1 << 19), (1 << 12, 1 << 19), ("float32",), ((2, 16, 8), (2, 16, 32))),
          "gpu": Sizes((1024, 4096), (64,), (1 << 22, 1 << 26), (1 << 16, 1 << 24), ("float32", "bfloat16"),
-                      ((32, 28, 128),))}
+                      ((32, 56, 32), (32, 28, 128)))}
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,7 @@ def conv_samples(timer: Timer, sizes: Sizes) -> list[Sample]:
                 return gv + gw.sum()
             t, s = timer(_sharded(mesh, step), x)
             out.append(Sample(kind="conv", dtype=dtype, flops=3 * 2.0 * batch * side * side * c * c * 9, seconds=t,
-                              spread=s, repeats=timer.repeats))
+                              spread=s, repeats=timer.repeats, dims=(batch * side * side, 9 * c, c)))
     return out
 
 

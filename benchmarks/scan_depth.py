@@ -3,9 +3,11 @@ style) against the same decoder unrolled by a Python loop: planning time, predic
 and whether corresponding weights get the same sharding, at growing depth.
 
     python benchmarks/scan_depth.py [--layers 4 8 16 32] [--hidden 1024] [--cluster dgx-a100-80g]
+                                    [--combine-all-gathers]
 
 Planned from ShapeDtypeStructs (nothing allocated), SGD training step, mesh search on one
-node. Writes OUT/scan_depth.md and OUT/scan_depth.json.
+node. Writes OUT/scan_depth.md and OUT/scan_depth.json (with ``--combine-all-gathers``: the
+cluster with ``ClusterSpec.combine_all_gathers``, as XLA:GPU compiles; OUT/scan_depth_combining.*).
 """
 from __future__ import annotations
 
@@ -76,7 +78,12 @@ def main():
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--cluster", default="dgx-a100-80g")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--combine-all-gathers", action="store_true")
     a = ap.parse_args()
+    cluster = a.cluster
+    if a.combine_all_gathers:
+        from autopar.cost import cluster_from_dict, load_cluster
+        cluster = cluster_from_dict({**load_cluster(a.cluster).model_dump(), "combine_all_gathers": True})
     tokens = jax.ShapeDtypeStruct((a.batch, a.seq), jnp.int32)
     rows = []
     for n in a.layers:
@@ -84,7 +91,7 @@ def main():
         for kind, loss in (("scan", loss_scan), ("loop", loss_loop)):
             params = shapes(n, a.hidden, a.heads, a.vocab, kind == "scan")
             t0 = time.perf_counter()
-            plan = autopar.plan(sgd(loss), params, tokens, cluster=a.cluster)
+            plan = autopar.plan(sgd(loss), params, tokens, cluster=cluster)
             row[f"{kind}_s"] = time.perf_counter() - t0
             row[f"{kind}_step_ms"] = plan.predicted.step_time_s * 1e3
             row[f"{kind}_mesh"] = "x".join(map(str, plan.mesh_shape))
@@ -99,7 +106,8 @@ def main():
         print(f"L={n:<3} scan {row['scan_s']:6.2f} s  loop {row['loop_s']:6.2f} s  ratio {row['time_ratio']:.2f}  "
               f"step {row['scan_step_ms']:.2f} / {row['loop_step_ms']:.2f} ms  same specs {row['same_specs']}",
               flush=True)
-    lines = [f"# Scanned vs unrolled decoder ({a.cluster}, d {a.hidden}, seq {a.seq}, batch {a.batch}, "
+    suffix = "_combining" if a.combine_all_gathers else ""
+    lines = [f"# Scanned vs unrolled decoder ({a.cluster}{' + combine_all_gathers' if suffix else ''}, d {a.hidden}, seq {a.seq}, batch {a.batch}, "
              f"vocab {a.vocab}; {platform.machine()}, {jax.__version__})", "",
              "| layers | scan plan s | loop plan s | scan/loop time | scan step ms | loop step ms | step ratio "
              "| mesh | same weight specs |", "|---:|---:|---:|---:|---:|---:|---:|---|---|"]
@@ -109,8 +117,8 @@ def main():
                      f"{r['scan_mesh']} / {r['loop_mesh']} | {r['same_specs']} |")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "scan_depth.md").write_text("\n".join(lines) + "\n")
-    (out / "scan_depth.json").write_text(json.dumps(rows, indent=1))
+    (out / f"scan_depth{suffix}.md").write_text("\n".join(lines) + "\n")
+    (out / f"scan_depth{suffix}.json").write_text(json.dumps(rows, indent=1))
     print("\n".join(lines))
 
 

@@ -60,6 +60,20 @@ CONFIGS = [
     ("gpt-wide", "gpt", "sgd_train_step", dict(layers=2, hidden=256, seq=32, vocab=512, batch=8), (1,)),
     ("moe", "moe", "sgd_train_step", dict(layers=2, hidden=64, experts=8, seq=32, vocab=512, batch=16), (1,)),
     ("wresnet", "wresnet", "sgd_train_step", dict(layers=14, channels=8, width=2, image=32, batch=16), (1,)),
+    ("mlp-square", "mlp", "mlp_step", dict(batch=512, hidden=512, layers=2), (1, 2)),
+    ("mlp-narrow", "mlp", "mlp_step", dict(batch=1024, hidden=256, layers=6), (1, 2)),
+    ("mlp-tall", "mlp", "mlp_step", dict(batch=4096, hidden=256, layers=3), (1, 2)),
+    ("mlp-widest", "mlp", "mlp_step", dict(batch=128, hidden=2048, layers=2), (1, 2)),
+    ("gpt-deep", "gpt", "sgd_train_step", dict(layers=4, hidden=128, seq=64, vocab=1024, batch=16), (1,)),
+    ("gpt-long", "gpt", "sgd_train_step", dict(layers=2, hidden=128, seq=256, vocab=1024, batch=8), (1,)),
+    ("gpt-vocab", "gpt", "sgd_train_step", dict(layers=2, hidden=128, seq=64, vocab=8192, batch=16), (1,)),
+    ("gpt-batch", "gpt", "sgd_train_step", dict(layers=2, hidden=128, seq=64, vocab=1024, batch=64), (1,)),
+    ("moe-wide", "moe", "sgd_train_step", dict(layers=2, hidden=128, experts=8, seq=32, vocab=512, batch=16), (1,)),
+    ("moe-experts", "moe", "sgd_train_step", dict(layers=2, hidden=64, experts=16, seq=32, vocab=512, batch=32),
+     (1,)),
+    ("wresnet-wide", "wresnet", "sgd_train_step", dict(layers=14, channels=16, width=2, image=32, batch=16), (1,)),
+    ("wresnet-batch", "wresnet", "sgd_train_step", dict(layers=14, channels=8, width=2, image=32, batch=64), (1,)),
+    ("wresnet-image", "wresnet", "sgd_train_step", dict(layers=14, channels=8, width=2, image=64, batch=16), (1,)),
 ]
 QUICK = ("mlp-wide", "gpt")
 

@@ -8,8 +8,9 @@ numbers to them by least squares on *relative* residuals ``(model − measured) 
     matmul       t = t₀ + flops / (F·Π d/(d+h))  per dtype, all devices at once, square and skinny
                  (M, K, N) → F (effective FLOP/s) and h (``DeviceSpec.matmul_half_dim``, searched)
     elementwise  t = t₀ + bytes / B           read + written bytes, all devices at once → B
-    conv         a 3×3 convolution and its two gradients, all devices at once: rate / F
-                 → ``DeviceSpec.conv_efficiency`` (≤ 1)
+    conv         a 3×3 convolution and its two gradients, all devices at once, several channel
+                 counts: rate = F·e·Π d/(d+h) over its implicit matmul's (M, K, N)
+                 → ``DeviceSpec.conv_efficiency`` e (≤ 1) and ``conv_half_dim`` h (searched)
     chain        k dependent elementwise ops in one program vs one op: fused if < k/2 times as long
                  → ``ClusterSpec.fuse_elementwise``
     combining    k independent small all-reduces in one program vs one: combined if the k − 1 extra
@@ -52,7 +53,7 @@ class Sample(BaseModel):
     repeats: int = Field(gt=0)
     dtype: str = "float32"
     flops: float = 0.0            # matmul: per device
-    dims: tuple[int, ...] = ()    # matmul: (M, K, N) per device
+    dims: tuple[int, ...] = ()    # matmul, conv (its implicit matmul): (M, K, N) per device
     nbytes: float = 0.0           # elementwise: bytes read + written per device; collective: cost.comm's n
     alone: bool = False           # one device ran while the others idled
     chain: int = 1                # elementwise: dependent elementwise ops in the program (fused if XLA does)
@@ -150,6 +151,25 @@ def fit_matmul(samples: list[Sample], name: str) -> tuple[float, float, float, F
     return rate, t0, h, fit.model_copy(update={"values": {**fit.values, "half_dim": h}})
 
 
+def fit_conv(samples: list[Sample], peaks: dict[str, float]) -> tuple[float, float, Fit]:
+    """rate = peak · e · matmul_efficiency(h, dims) → (e = ``conv_efficiency``, h =
+    ``conv_half_dim``, fit): for each h of ``HALF_DIMS`` (only 0 when the samples have no dims
+    or one size) e is the median of rate / (peak · efficiency), capped at 1; the h whose times
+    have the smallest relative rms is kept."""
+    best = None
+    sized = len({s.dims for s in samples}) > 1 and all(s.dims for s in samples)
+    for h in HALF_DIMS if sized else (0.0,):
+        base = [peaks[s.dtype] * matmul_efficiency(h, s.dims) for s in samples]
+        e = min(1.0, float(np.median([s.flops / s.seconds / b for s, b in zip(samples, base)])))
+        rel = np.array([(s.flops / (b * e) - s.seconds) / s.seconds for s, b in zip(samples, base)])
+        rms = float(np.sqrt(np.mean(rel ** 2)))
+        if best is None or rms < best[2] - 1e-12:
+            best = (e, h, rms, float(np.max(np.abs(rel))))
+    e, h, rms, mx = best
+    return e, h, Fit(name="conv (fwd + grads) / matmul rate", values={"ratio": e, "half_dim": h},
+                     samples=len(samples), rms_rel_error=rms, max_rel_error=mx)
+
+
 def _coefficients(s: Sample, alpha: float, bw: float) -> tuple[float, float]:
     """(∂t/∂α, ∂t/∂β) of ``s``'s collective at (α, bw): exact on the branch active there, since
     every formula is a min of terms linear in α and β = 1/bw."""
@@ -228,10 +248,10 @@ def fit_spec(base: ClusterSpec, samples: list[Sample], *, name: str, devices_per
             ratios.append(rate1 / rate)
     shared_by = max(1.0, float(np.median(ratios))) if ratios else 1.0
     conv = [s for s in samples if s.kind == "conv" and s.dtype in peaks]   # rate / the matmul rate of its dtype
-    conv_eff = min(1.0, float(np.median([s.flops / s.seconds / peaks[s.dtype] for s in conv]))) if conv else 1.0
+    conv_eff, conv_half = 1.0, 0.0
     if conv:
-        fits.append(Fit(name="conv (fwd + grads) / matmul rate", values={"ratio": conv_eff}, samples=len(conv),
-                        rms_rel_error=0.0, max_rel_error=0.0))
+        conv_eff, conv_half, fit = fit_conv(conv, peaks)
+        fits.append(fit)
     ew = [s for s in samples if s.kind == "elementwise" and not s.alone and s.chain == 1]
     bw, _, fit = fit_throughput(ew, "nbytes", "elementwise bandwidth")
     fits.append(fit)
@@ -266,7 +286,8 @@ def fit_spec(base: ClusterSpec, samples: list[Sample], *, name: str, devices_per
                 combine_all_reduces=bool(combine and combine[0]))
     data["device"].update(peak_flops={k: v * shared_by for k, v in peaks.items()},
                           hbm_bandwidth_bytes_per_s=bw * shared_by, shared_by=shared_by,
-                          matmul_half_dim=float(np.median(halves)), conv_efficiency=conv_eff)
+                          matmul_half_dim=float(np.median(halves)), conv_efficiency=conv_eff,
+                          conv_half_dim=conv_half)
     if device_name:
         data["device"]["name"] = device_name
     if memory_bytes:
@@ -330,7 +351,8 @@ def predicted_seconds(spec: ClusterSpec, s: Sample) -> float:
     if s.kind in ("matmul", "elementwise", "conv"):
         mesh = mesh_model(spec, 1, (spec.devices_per_node,))   # every device busy
         eff = matmul_efficiency(spec.device.matmul_half_dim, s.dims) if s.dims else 1.0
-        eff = spec.device.conv_efficiency if s.kind == "conv" else eff
+        if s.kind == "conv":
+            eff = spec.device.conv_efficiency * (matmul_efficiency(spec.device.conv_half_dim, s.dims) if s.dims else 1.0)
         t = compute_time(mesh, s.flops / eff, s.nbytes, s.dtype)
         return t / spec.device.shared_by if s.alone else t
     nodes = max(1, math.prod(s.mesh) // spec.devices_per_node)

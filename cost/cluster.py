@@ -58,6 +58,10 @@ class DeviceSpec(BaseModel):
         "skinny or small matmuls are slower per FLOP (0: every matmul at peak)"))
     conv_efficiency: float = Field(1.0, gt=0, le=1, description=(
         "convolutions (forward and gradients) run at this fraction of the matmul rate (1: same as matmuls)"))
+    conv_half_dim: float = Field(0.0, ge=0, description=(
+        "a convolution is an implicit matmul (M: output positions, K: window × input channels, N: output "
+        "channels, per device); it runs at conv_efficiency · Π d / (d + conv_half_dim) over d in (M, K, N) of the "
+        "matmul rate: few channels are slower per FLOP (0: every convolution at conv_efficiency)"))
     shared_by: float = Field(1.0, ge=1, description=(
         "devices sharing one device's compute hardware: with every device busy each gets peak_flops and "
         "hbm_bandwidth / shared_by (simulated CPU devices share the host's cores; GPUs: 1)"))

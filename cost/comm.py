@@ -125,6 +125,7 @@ class MeshModel:
     matmul_half_dim: float = 0.0        # DeviceSpec.matmul_half_dim
     conv_efficiency: float = 1.0        # DeviceSpec.conv_efficiency
     combine_all_gathers: bool = False   # ClusterSpec.combine_all_gathers
+    conv_half_dim: float = 0.0          # DeviceSpec.conv_half_dim
 
     @property
     def device_kind(self) -> str:
@@ -172,7 +173,7 @@ def mesh_model(cluster: ClusterSpec, nodes: int, mesh_shape: tuple[int, ...]) ->
     peaks = tuple(sorted((k, v / d.shared_by) for k, v in d.peak_flops.items()))
     return MeshModel(tuple(mesh_shape), tuple(links), peaks, d.hbm_bandwidth_bytes_per_s / d.shared_by,
                      d.memory_bytes, d.name, cluster.fuse_elementwise, cluster.combine_all_reduces,
-                     d.matmul_half_dim, d.conv_efficiency, cluster.combine_all_gathers)
+                     d.matmul_half_dim, d.conv_efficiency, cluster.combine_all_gathers, d.conv_half_dim)
 
 
 def _ring(mesh: MeshModel, axes, kind: str) -> tuple[int, float, float]:

@@ -86,7 +86,7 @@ def test_shipped_specs_keep_todays_terms():
         spec = load_cluster(name)
         assert spec.device.shared_by == 1.0 and spec.step_overhead_s == 0.0 and not spec.fuse_elementwise
         assert spec.device.matmul_half_dim == 0.0 and spec.device.conv_efficiency == 1.0 and not spec.combine_all_reduces
-        assert not spec.combine_all_gathers
+        assert not spec.combine_all_gathers and spec.device.conv_half_dim == 0.0
         assert not spec.intra_node_link.by_kind and not spec.inter_node_link.by_kind
 
 
@@ -271,3 +271,33 @@ def test_conv_efficiency_scales_convolution_time(devices8):
     t = [next(e.compute_s for e in autopar.plan(conv, *args, cluster=c, mesh_shape=(8,)).eqns
               if e.primitive == "conv_general_dilated") for c in ("cpu-8", slow)]
     assert t[1] == pytest.approx(4 * t[0], rel=1e-9)   # compute-bound at 20 TFLOP/s: a quarter of the rate
+
+
+def test_fit_conv_recovers_efficiency_and_half_dim_and_the_planner_charges_few_channels(devices8):
+    """Convolutions with few channels are slower per FLOP (measured on this machine: a 3×3 conv
+    with 8 channels ran at about a tenth of the rate of one with 32); ``conv_half_dim`` charges
+    the implicit matmul's (M, K, N) like ``matmul_half_dim`` charges a matmul's."""
+    import jax
+    import jax.numpy as jnp
+
+    from autopar.cost import matmul_efficiency
+    from autopar.cost.calibration import fit_conv
+    dims = [(2048, 9 * c, c) for c in (8, 16, 32, 64)]
+    s = [Sample(kind="conv", flops=2.0 * m * k * n, dims=(m, k, n), spread=0, repeats=1,
+                seconds=2.0 * m * k * n / (4e10 * 0.5 * matmul_efficiency(16.0, (m, k, n)))) for m, k, n in dims]
+    e, h, fit = fit_conv(s, {"float32": 4e10})
+    assert h == 16.0 and e == pytest.approx(0.5, rel=1e-9) and fit.max_rel_error < 1e-9
+    assert fit_conv(s[:1], {"float32": 4e10})[1] == 0.0   # one size: nothing to fit h from
+
+    def conv(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    base = load_cluster("cpu-8").model_dump()
+    spec = cluster_from_dict({**base, "device": {**base["device"], "conv_half_dim": 16.0}})
+    for c in (8, 64):
+        args = jax.ShapeDtypeStruct((8, 32, 32, c), jnp.float32), jax.ShapeDtypeStruct((3, 3, c, c), jnp.float32)
+        plans = [autopar.plan(conv, *args, cluster=x, mesh_shape=(8,)) for x in ("cpu-8", spec)]
+        (e0, s0), (e1, s1) = [next((e.compute_s, e.strategy) for e in p.eqns if e.primitive == "conv_general_dilated")
+                              for p in plans]
+        assert s0 == s1
+        # the batch split (the only one cheaper than replicating here): local (M, K, N) = (1024, 9c, c)
+        assert e1 == pytest.approx(e0 / matmul_efficiency(16.0, (1024, 9 * c, c)), rel=1e-9), (c, s0)
