@@ -223,7 +223,11 @@ def summarize(rows: list[dict]) -> dict:
     finite = lambda xs: [x for x in xs if np.isfinite(x)]  # noqa: E731
     sp, kd = finite([p["spearman"] for p in per.values()]), finite([p["kendall"] for p in per.values()])
     spreads = np.array([r["spread"] for r in ok])
+    # the prediction scaled by how much slower the machine ran beside the config than at calibration
+    # (its load probe): the error left when the machine's speed change is taken out
+    scaled = np.array([abs(r["predicted_s"] * r["slowdown"] - r["measured_s"]) / r["measured_s"] for r in ok])
     return dict(
+        median_abs_error_load_scaled=float(np.median(scaled)) if scaled.size else None,
         points=len(ok), configs=len(per), failed=len(rows) - len(ok),
         median_abs_error=float(np.median(err)) if err.size else None,
         max_abs_error=float(err.max()) if err.size else None,
@@ -277,6 +281,10 @@ def headline(s: dict) -> list[str]:
         f"- {s['points']} measured candidates in {n} configs ({s['failed']} candidates without a plan)",
         f"- |error|: median {100 * s['median_abs_error']:.1f} %, max {100 * s['max_abs_error']:.1f} % "
         f"(mean signed {100 * s['mean_signed_error']:+.1f} %) — target median ≤ 25 %",
+        f"- machine speed: a fixed matmul on every device (timed in turn with each config's candidates) ran "
+        f"×{s['slowdown'][0]:.2f} … ×{s['slowdown'][1]:.2f} slower than right after calibrating; each prediction "
+        f"× its config's slowdown: median |error| {100 * s['median_abs_error_load_scaled']:.1f} %"
+        if s.get("median_abs_error_load_scaled") is not None else
         f"- machine speed: a fixed matmul on every device (timed in turn with each config's candidates) ran "
         f"×{s['slowdown'][0]:.2f} … ×{s['slowdown'][1]:.2f} slower than right after calibrating",
         f"- rank correlation within a config (mean over configs): Spearman {s['spearman_within_mean']:.2f}, "
