@@ -301,3 +301,35 @@ def test_fit_conv_recovers_efficiency_and_half_dim_and_the_planner_charges_few_c
         assert s0 == s1
         # the batch split (the only one cheaper than replicating here): local (M, K, N) = (1024, 9c, c)
         assert e1 == pytest.approx(e0 / matmul_efficiency(16.0, (1024, 9 * c, c)), rel=1e-9), (c, s0)
+
+
+def test_gathers_combined_only_for_program_inputs_outside_loops():
+    """A weight read by a scan body in every iteration (a closure constant) is resharded in every
+    iteration: not combined; a stacked weight's slice is gathered once before the loop: combined;
+    an intermediate value never is."""
+    import jax
+    import jax.numpy as jnp
+
+    from autopar.build_edges import gathers_combined
+    from autopar.graph import build_graph
+    from autopar.trace import trace
+
+    def f(ws, shared, x):
+        h, _ = jax.lax.scan(lambda c, w: (jnp.tanh(c @ w @ shared), None), x, ws)
+        return (h @ shared).sum()
+    S = jax.ShapeDtypeStruct
+    graph = build_graph(trace(f, S((3, 16, 16), jnp.float32), S((16, 16), jnp.float32), S((4, 16), jnp.float32)))
+    base = load_cluster("cpu-8").model_dump()
+    mesh = {on: mesh_model(cluster_from_dict({**base, "combine_all_gathers": on}), 1, (8,)) for on in (False, True)}
+    stacked, shared = (graph.program.invars[0], graph.program.invars[1])
+    reads = {(o.id, n.index) for n in graph.nodes for o in n.operands if hasattr(o, "id")}
+    slice_reader = next(v for w, v in reads if w == stacked and graph.nodes[v].name == "scan_slice")
+    in_body = [v for w, v in reads if w == shared and graph.reshard_repeat(v) > 1]
+    outside = [v for w, v in reads if w == shared and graph.reshard_repeat(v) == 1]
+    assert in_body and outside
+    assert gathers_combined(graph, mesh[True], stacked, slice_reader)
+    assert not gathers_combined(graph, mesh[False], stacked, slice_reader)
+    assert not any(gathers_combined(graph, mesh[True], shared, v) for v in in_body)
+    assert all(gathers_combined(graph, mesh[True], shared, v) for v in outside)
+    inner = next(n for n in graph.nodes if n.kind == "eqn" and n.name == "tanh").outputs[0].id
+    assert not gathers_combined(graph, mesh[True], inner)
