@@ -22,6 +22,8 @@ timed calls (each until ``block_until_ready``); a sample is the median and the s
   update that brings a gather / scatter back to its input's shape — is charged at the fitted
   memory bandwidth and subtracted). An axis whose groups span processes (``jax.distributed``) is an
   inter-node link, else an intra-node one; the two are fitted apart.
+* **sync**: a small all-reduce after each of k matmuls vs the matmuls alone, and k of them back to
+  back: the difference per op is ``ClusterSpec.collective_sync_s``.
 * **combining**: ``COMBINE`` independent all-reduces of the smallest size in one program vs one
   (not much dearer: XLA combines them → ``ClusterSpec.combine_all_reduces``).
 * **launch**: a tiny program on every device: ``ClusterSpec.step_overhead_s``.
@@ -274,6 +276,29 @@ def combining_samples(timer: Timer, nbytes: int) -> list[Sample]:
             for k, t, s in ((1, t1, s1), (COMBINE, tk, sk))]
 
 
+def sync_seconds(timer: Timer, n: int) -> tuple[float, float]:
+    """(per op in a program, per op back to back) of a small all-reduce over all devices: after
+    each of ``CHAIN_OPS`` n×n matmuls (each reads the reduced value: no overlap) against the
+    matmuls alone, and ``CHAIN_OPS`` of them in a chain against an empty program. The first
+    exceeds the second by the wait for every device to reach the collective after compute
+    (``ClusterSpec.collective_sync_s``)."""
+    mesh = Mesh(np.array(_devices()), ("x",))
+    x = _global(mesh, (n, n), "float32", 5)
+
+    def program(compute: bool, reduce: bool):
+        def f(v):
+            for _ in range(CHAIN_OPS):
+                if compute:
+                    v = jax.numpy.tanh(v @ v * (1.0 / n))
+                if reduce:
+                    v = v + jax.lax.psum(v[:1, :8], "x")[:, :1] * 1e-6
+            return v
+        return _sharded(mesh, f if compute or reduce else (lambda v: v + 1e-6))
+    (t_mm, _), (t_mm_ar, _), (t_ar, _), (t_0, _) = timer.many(
+        [program(True, False), program(True, True), program(False, True), program(False, False)], x)
+    return max(0.0, (t_mm_ar - t_mm) / CHAIN_OPS), max(0.0, (t_ar - t_0) / CHAIN_OPS)
+
+
 def all_gathers_combined(nbytes: int) -> bool:
     """Whether the compiler merges ``COMBINE`` independent all-gathers of ``nbytes`` each (one
     program, over all devices) into fewer ops: counted in its compiled HLO, not timed
@@ -316,8 +341,9 @@ def measure(*, quick: bool = False, timer: Timer | None = None, meshes=None, log
     samples += collective_samples(timer, sizes, bw, meshes)
     if len(jax.devices()) > 1:
         samples += combining_samples(timer, sizes.collective[0])
+    sync = sync_seconds(timer, sizes.matmul[min(1, len(sizes.matmul) - 1)]) if len(jax.devices()) > 1 else (0.0, 0.0)
     log(f"measured {len(samples)} samples in {time.perf_counter() - t0:.1f} s")
-    return Calibration(platform=plat, device_kind=jax.devices()[0].device_kind, devices=len(jax.devices()),
+    return Calibration(sync_in_program_s=sync[0], sync_back_to_back_s=sync[1],platform=plat, device_kind=jax.devices()[0].device_kind, devices=len(jax.devices()),
                        processes=jax.process_count(), samples=samples, fits=[],
                        launch_overhead_s=launch_overhead(timer),
                        all_gathers_combined=len(jax.devices()) > 1 and all_gathers_combined(sizes.collective[0]))
@@ -347,7 +373,8 @@ def calibrate(*, base: str | ClusterSpec | None = None, name: str | None = None,
     spec, fits = fit_spec(base_spec, cal.samples, name=name, devices_per_node=dpn, memory_bytes=_memory_bytes(),
                           device_name=f"{kind} (calibrated)", launch_overhead_s=cal.launch_overhead_s,
                           description=desc)
-    spec = spec.model_copy(update={"combine_all_gathers": cal.all_gathers_combined})
+    spec = spec.model_copy(update={"combine_all_gathers": cal.all_gathers_combined, "collective_sync_s": max(
+        0.0, cal.sync_in_program_s - cal.sync_back_to_back_s)})
     return spec, cal.model_copy(update={"fits": fits})
 
 
@@ -363,6 +390,8 @@ def report(spec: ClusterSpec, cal: Calibration) -> str:
              f"{spec.intra_node_link.bandwidth_bytes_per_s / 1e9:.3g} GB/s; inter-node per device "
              f"α {spec.inter_node_link.alpha_s * 1e6:.2f} µs, "
              f"{spec.inter_node_bandwidth_per_device() / 1e9:.3g} GB/s",
+             f"a small all-reduce after compute: {cal.sync_in_program_s * 1e6:.1f} µs, back to back "
+             f"{cal.sync_back_to_back_s * 1e6:.1f} µs → collective_sync_s {spec.collective_sync_s * 1e6:.1f} µs",
              f"the compiler combines independent all-reduces: {spec.combine_all_reduces} (timed), "
              f"all-gathers: {spec.combine_all_gathers} (read from its HLO)"]
     return "\n".join(lines)

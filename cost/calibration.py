@@ -87,6 +87,9 @@ class Calibration(BaseModel):
     samples: list[Sample]
     fits: list[Fit]
     launch_overhead_s: float = 0.0
+    sync_in_program_s: float = Field(0.0, description=(
+        "a small all-reduce after each of k matmuls, over k matmuls alone, per op"))
+    sync_back_to_back_s: float = Field(0.0, description="the same all-reduce in a chain of k, per op")
     all_gathers_combined: bool = Field(False, description=(
         "the compiler merged independent all-gathers into fewer ops (read from its HLO) "
         "→ ClusterSpec.combine_all_gathers"))
@@ -356,7 +359,8 @@ def predicted_seconds(spec: ClusterSpec, s: Sample) -> float:
         t = compute_time(mesh, s.flops / eff, s.nbytes, s.dtype)
         return t / spec.device.shared_by if s.alone else t
     nodes = max(1, math.prod(s.mesh) // spec.devices_per_node)
-    return collective_time(mesh_model(spec, nodes, s.mesh), s.kind, (s.axis,), s.nbytes)
+    back_to_back = spec.model_copy(update={"collective_sync_s": 0.0})   # how the samples ran
+    return collective_time(mesh_model(back_to_back, nodes, s.mesh), s.kind, (s.axis,), s.nbytes)
 
 
 def link_errors(spec: ClusterSpec, samples: list[Sample]) -> dict[str, np.ndarray]:

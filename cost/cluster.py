@@ -104,6 +104,10 @@ class ClusterSpec(BaseModel):
     combine_all_reduces: bool = Field(False, description=(
         "XLA combines independent all-reduces over the same devices into one: the latency α of the all-reduces "
         "no matmul waits for (gradients on their way to the update) is charged once per group, not per tensor"))
+    collective_sync_s: float = Field(0.0, ge=0, description=(
+        "seconds a collective costs inside a program beyond its α + n·β measured back to back: the wait for "
+        "every device to reach it after compute (simulated CPU devices time-sharing the host's cores; GPUs: 0); "
+        "charged once per collective op, with α"))
     combine_all_gathers: bool = Field(False, description=(
         "XLA combines independent all-gathers over the same devices into one (XLA:GPU's all-gather combiner; "
         "XLA:CPU does not): the latency α of gathering program inputs (weights gathered for the step) is "

@@ -126,6 +126,7 @@ class MeshModel:
     conv_efficiency: float = 1.0        # DeviceSpec.conv_efficiency
     combine_all_gathers: bool = False   # ClusterSpec.combine_all_gathers
     conv_half_dim: float = 0.0          # DeviceSpec.conv_half_dim
+    sync_s: float = 0.0                 # ClusterSpec.collective_sync_s
 
     @property
     def device_kind(self) -> str:
@@ -173,7 +174,8 @@ def mesh_model(cluster: ClusterSpec, nodes: int, mesh_shape: tuple[int, ...]) ->
     peaks = tuple(sorted((k, v / d.shared_by) for k, v in d.peak_flops.items()))
     return MeshModel(tuple(mesh_shape), tuple(links), peaks, d.hbm_bandwidth_bytes_per_s / d.shared_by,
                      d.memory_bytes, d.name, cluster.fuse_elementwise, cluster.combine_all_reduces,
-                     d.matmul_half_dim, d.conv_efficiency, cluster.combine_all_gathers, d.conv_half_dim)
+                     d.matmul_half_dim, d.conv_efficiency, cluster.combine_all_gathers, d.conv_half_dim,
+                     cluster.collective_sync_s)
 
 
 def _ring(mesh: MeshModel, axes, kind: str) -> tuple[int, float, float]:
@@ -184,15 +186,16 @@ def _ring(mesh: MeshModel, axes, kind: str) -> tuple[int, float, float]:
 
 def collective_time(mesh: MeshModel, kind: str | Collective, axes: tuple[int, ...], nbytes: float, *,
                     latency: bool = True) -> float:
-    """Seconds for one collective of ``kind`` over mesh ``axes`` moving ``nbytes`` (see module doc);
-    ``latency=False``: without α (its bytes' share of an op combined with others)."""
+    """Seconds for one collective of ``kind`` over mesh ``axes`` moving ``nbytes`` (see module doc),
+    plus ``MeshModel.sync_s`` (``ClusterSpec.collective_sync_s``) per op; ``latency=False``:
+    without α and sync (its bytes' share of an op combined with others)."""
     if not axes or nbytes <= 0:
         return 0.0
     c = collective(kind)
     p, alpha, bw = _ring(mesh, axes, c.name)
     if p == 1:
         return 0.0
-    return c.time(p, alpha if latency else 0.0, bw, nbytes)
+    return c.time(p, alpha if latency else 0.0, bw, nbytes) + (mesh.sync_s if latency else 0.0)
 
 
 def p2p_time(link_alpha_s: float, bandwidth_bytes_per_s: float, nbytes: float) -> float:

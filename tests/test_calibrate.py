@@ -86,7 +86,7 @@ def test_shipped_specs_keep_todays_terms():
         spec = load_cluster(name)
         assert spec.device.shared_by == 1.0 and spec.step_overhead_s == 0.0 and not spec.fuse_elementwise
         assert spec.device.matmul_half_dim == 0.0 and spec.device.conv_efficiency == 1.0 and not spec.combine_all_reduces
-        assert not spec.combine_all_gathers and spec.device.conv_half_dim == 0.0
+        assert not spec.combine_all_gathers and spec.device.conv_half_dim == 0.0 and spec.collective_sync_s == 0.0
         assert not spec.intra_node_link.by_kind and not spec.inter_node_link.by_kind
 
 
@@ -142,6 +142,8 @@ def test_calibrate_on_8_cpu_devices_reproduces_its_measurements(calibrated, tmp_
     assert spec.device.shared_by >= 1 and spec.step_overhead_s > 0
     # XLA:CPU keeps independent all-gathers apart (its HLO has one op per gather): not combined
     assert not cal.all_gathers_combined and not spec.combine_all_gathers
+    assert cal.sync_in_program_s > 0 and spec.collective_sync_s == max(0.0, cal.sync_in_program_s
+                                                                       - cal.sync_back_to_back_s)
     path, data = write(spec, cal, tmp_path / "mine.json")
     loaded = load_cluster(str(path))
     assert loaded == spec
@@ -333,3 +335,16 @@ def test_gathers_combined_only_for_program_inputs_outside_loops():
     assert all(gathers_combined(graph, mesh[True], shared, v) for v in outside)
     inner = next(n for n in graph.nodes if n.kind == "eqn" and n.name == "tanh").outputs[0].id
     assert not gathers_combined(graph, mesh[True], inner)
+
+
+def test_collective_sync_is_charged_once_per_collective_op():
+    base = load_cluster("cpu-8").model_dump()
+    plain = mesh_model(cluster_from_dict(base), 1, (2, 4))
+    synced = mesh_model(cluster_from_dict({**base, "collective_sync_s": 3e-4}), 1, (2, 4))
+    for kind in ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute"):
+        for axes in ((0,), (1,), (0, 1)):
+            assert collective_time(synced, kind, axes, 1e6) == pytest.approx(collective_time(plain, kind, axes, 1e6) + 3e-4)
+            # a combined op's share (no α) carries no sync either: the group pays it once
+            assert collective_time(synced, kind, axes, 1e6, latency=False) == collective_time(plain, kind, axes, 1e6,
+                                                                                             latency=False)
+    assert collective_time(synced, "all-reduce", (), 1e6) == 0.0 and collective_time(synced, "all-reduce", (0,), 0) == 0.0
