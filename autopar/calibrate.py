@@ -23,7 +23,8 @@ timed calls (each until ``block_until_ready``); a sample is the median and the s
   memory bandwidth and subtracted). An axis whose groups span processes (``jax.distributed``) is an
   inter-node link, else an intra-node one; the two are fitted apart.
 * **sync**: a small all-reduce after each of k matmuls vs the matmuls alone, and k of them back to
-  back: the difference per op is ``ClusterSpec.collective_sync_s``.
+  back: the difference per op, printed, is what ``ClusterSpec.collective_sync_s`` would charge
+  (not written into the spec: it follows the machine's load).
 * **combining**: ``COMBINE`` independent all-reduces of the smallest size in one program vs one
   (not much dearer: XLA combines them → ``ClusterSpec.combine_all_reduces``).
 * **launch**: a tiny program on every device: ``ClusterSpec.step_overhead_s``.
@@ -373,8 +374,10 @@ def calibrate(*, base: str | ClusterSpec | None = None, name: str | None = None,
     spec, fits = fit_spec(base_spec, cal.samples, name=name, devices_per_node=dpn, memory_bytes=_memory_bytes(),
                           device_name=f"{kind} (calibrated)", launch_overhead_s=cal.launch_overhead_s,
                           description=desc)
-    spec = spec.model_copy(update={"combine_all_gathers": cal.all_gathers_combined, "collective_sync_s": max(
-        0.0, cal.sync_in_program_s - cal.sync_back_to_back_s)})
+    # collective_sync_s is measured and printed, not written: it follows the machine's load (on
+    # this 2-core host 1.7 ms per op under load vs 0.7 ms lighter), and calibrated under load it
+    # made the ranking worse (benchmarks/results/time_fidelity_sync_run.md); set it by hand
+    spec = spec.model_copy(update={"combine_all_gathers": cal.all_gathers_combined})
     return spec, cal.model_copy(update={"fits": fits})
 
 
@@ -391,7 +394,8 @@ def report(spec: ClusterSpec, cal: Calibration) -> str:
              f"α {spec.inter_node_link.alpha_s * 1e6:.2f} µs, "
              f"{spec.inter_node_bandwidth_per_device() / 1e9:.3g} GB/s",
              f"a small all-reduce after compute: {cal.sync_in_program_s * 1e6:.1f} µs, back to back "
-             f"{cal.sync_back_to_back_s * 1e6:.1f} µs → collective_sync_s {spec.collective_sync_s * 1e6:.1f} µs",
+             f"{cal.sync_back_to_back_s * 1e6:.1f} µs (the difference, collective_sync_s, is not written: "
+             f"it follows the load)",
              f"the compiler combines independent all-reduces: {spec.combine_all_reduces} (timed), "
              f"all-gathers: {spec.combine_all_gathers} (read from its HLO)"]
     return "\n".join(lines)
