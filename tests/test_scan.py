@@ -335,3 +335,25 @@ def test_scanned_and_unrolled_decoder_weights_get_the_same_specs(cluster, d, seq
             assert forced.solver.objective_s == pytest.approx(plans[False].solver.objective_s, rel=1e-9), \
                 (k, b, tuple(layer[k]), want, forced.solver.objective_s, plans[False].solver.objective_s)
     assert abs(plans[True].predicted.step_time_s / plans[False].predicted.step_time_s - 1) < 0.05
+
+
+def test_scanned_and_unrolled_layers_compile_to_the_same_collectives_per_layer(devices8):
+    """Per layer, the compiled scan body and the compiled unrolled layer run the same collectives
+    (same kind, same bytes per op); the unrolled program has one of each kind fewer: XLA drops the
+    first layer's input gradient (nothing reads it), the scan body computes it every iteration."""
+    from autopar.validate import hlo_collectives
+    S = jax.ShapeDtypeStruct
+    L_ = 8
+    ws = {"a": S((L_, 512, 2048), jnp.float32), "b": S((L_, 2048, 512), jnp.float32)}
+    wl = [{"a": S((512, 2048), jnp.float32), "b": S((2048, 512), jnp.float32)} for _ in range(L_)]
+    x = S((64, 512), jnp.float32)
+    colls = {}
+    for name, fn, w in (("scan", sgd(fwd_scan), ws), ("loop", sgd(fwd_loop), wl)):
+        plan = autopar.plan(fn, w, x, cluster=CLUSTER, mesh_shape=(8,))
+        colls[name] = hlo_collectives(plan.apply(fn).lower(w, x).compile().as_text())
+    assert {c.kind for c in colls["scan"]} == {c.kind for c in colls["loop"]} == {"all-reduce", "all-gather"}
+    for kind in ("all-reduce", "all-gather"):
+        scan = [c.bytes for c in colls["scan"] if c.kind == kind]   # in the loop body: × the trip count
+        loop = [c.bytes for c in colls["loop"] if c.kind == kind]
+        assert sorted({b // L_ for b in scan}) == sorted(set(loop)), (kind, scan, loop)
+        assert len(loop) == len(scan) * L_ - 1, (kind, scan, loop)
