@@ -198,11 +198,13 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.with_suffix(".jsonl")
     rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
-    meta = (f"Training step of each suite config (AdamW, {ns.dtype} params/activations, no rematerialisation), "
+    meta = (f"Training step of each suite config (AdamW, {ns.dtype} params/activations), "
             f"global batch {BATCH['gpt']} (GPT, MoE) / {BATCH['wresnet']} (Wide-ResNet) in micro-batches of "
             f"{DEFAULT_MICROBATCH} ({MICROBATCH['p3.16xlarge']} on p3.16xlarge's 16 GB V100s), 1F1B, 8 GPUs per node, device memory of the cluster spec; planned from "
-            f"ShapeDtypeStructs. autopar = `autopar.plan_training` (defaults); DP×TP×PP = "
-            f"`autopar.baselines.dp_tp_pp` (best uniform-stage grid point, each stage under the dp_tp rule). "
+            f"ShapeDtypeStructs. autopar = `autopar.plan_training` (defaults: recompute none/dots/full and ZeRO-1 "
+            f"chosen per stage); DP×TP×PP = `autopar.baselines.dp_tp_pp` (defaults: the best uniform-stage grid "
+            f"point over recompute none/dots/full × distributed optimizer (ZeRO-1) × micro-batch sizes, each stage "
+            f"under the dp_tp rule). "
             f"Times are predicted by autopar's cost model. Run on {platform.machine()} (Python "
             f"{platform.python_version()}), 2 cores, one config per subprocess." + (f" {ns.note}" if ns.note else ""))
     old = {}
