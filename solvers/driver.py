@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 
 from .brute import solve_brute
 from .heuristic import solve_heuristic
@@ -288,3 +289,24 @@ def _quick_start(problem: Problem, time_left: float | None):
         return None
     sol = solve_heuristic(problem, time_limit_s=min(5.0, 0.1 * time_left), lns=False)
     return sol.choice if sol.feasible else None
+
+
+def lower_bound(problem: Problem, *, time_limit_s: float | None = None) -> float:
+    """A lower bound on the cost of every choice of ``problem`` that fits its usage limit —
+    hence on what ``solve`` returns, with any solver, time limit or warm start: ∞ when none
+    fits (``InfeasibleError`` before or in presolve); else the optimum of the LP relaxation of
+    the presolved problem without memory rows (presolve's reductions are exact and keep the
+    costs; dropping rows and integrality only enlarges the feasible set), or, when that LP
+    does not finish, the trivial bound: the offset + each node's and each edge's least cost."""
+    try:
+        _check_usage_limit(problem)
+        p = run_presolve(problem).problem
+    except InfeasibleError:
+        return math.inf
+    if p.num_nodes == 0:
+        return float(p.cost_offset)
+    lp = solve_ilp(p, solver="highs", relax=True, time_limit_s=time_limit_s, lazy=True)
+    if lp.stats.get("relaxation") == "optimal" and math.isfinite(lp.lower_bound):
+        return float(lp.lower_bound)
+    return float(p.cost_offset + sum(float(np.min(c)) for c in p.node_costs)
+                 + sum(float(np.min(m)) for m in p.edge_costs))
