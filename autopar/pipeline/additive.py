@@ -138,6 +138,8 @@ class AdditiveCosts:
         each group's layer plans handed to ``pool.prefetch`` together."""
         keys = set(keys)
         for v, s in list(keys):
+            if v == 0:  # (a sub-mesh entered as a bound: its layers planned, nothing more)
+                continue
             other = self.variants.index(("lean" if self.variants[v][0] == "full" else "full", self.variants[v][1]))
             if self.layers[other][s] is None and (self.variants[other][0] == "full" or self.share(s) > 1):
                 keys.add((other, s))
