@@ -131,12 +131,19 @@ class AdditiveCosts:
         return {(v, st[2]) for st, v in zip(sol.stages, sol.variants) if self.layers[v][st[2]] is None}
 
     def resolve(self, keys) -> None:
-        """Plan every layer of these (variant, sub-mesh) placeholders, and of the option's other
-        variant on that sub-mesh (a stage that relies on one of an option's variants there
-        likely relies on the other next: one DP round instead of two); refresh their sums.
+        """Plan every layer of these (variant, sub-mesh) placeholders, of the variants of the
+        same kind on that sub-mesh with the other rematerialisations and the same ZeRO-1 choice,
+        and of each option's other variant (a stage that relies on one of them there likely
+        relies on the others next — placeholders price recomputation at 0 —: one DP round
+        instead of several; the plan is the same, ``solve_lazily`` stops only on a solution of
+        planned entries); refresh their sums.
         Whole-budget variants first (a lean variant plans on the meshes its full one chose),
         each group's layer plans handed to ``pool.prefetch`` together."""
         keys = set(keys)
+        for v, s in list(keys):  # the other rematerialisations with the same ZeRO-1 choice too
+            kind, r = self.variants[v]
+            if v != 0 and (kind == "full" or self.share(s) > 1):
+                keys.update((self.variants.index((kind, q)), s) for q in self.options if q.zero == r.zero)
         for v, s in list(keys):
             if v == 0:  # (a sub-mesh entered as a bound: its layers planned, nothing more)
                 continue
