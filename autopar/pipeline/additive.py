@@ -27,7 +27,8 @@ options' whole-budget variants are planned at once there. With remat, a stage al
 input of each of its layers after the first (a single-layer plan never counts its own
 input): those bytes are added to the sums.
 
-Sub-meshes of several nodes, (k, M) with k ≥ 2, are not planned up front (``LAZY_SUBMESHES``):
+On a cluster of several nodes, every sub-mesh but one whole node (1, M) — the (k, M) with
+k ≥ 2 and the parts (1, m) of a node — is not planned up front (``LAZY_SUBMESHES``):
 each layer enters with a lower bound — latency ``StageCoster.bound`` (each logical mesh's
 LP relaxation without memory rows, less the most the ILP's memory tie-break adds, + the
 stage's sends: no choice the ILP can return, time-limited or not, is faster), static memory
@@ -47,8 +48,8 @@ import numpy as np
 from .costs import CostArrays, StageCost, StageOption, Sums
 from .pool import prefetch, prefetch_bounds
 
-# sub-meshes of several nodes enter the stage DP as lower bounds, planned once a solution uses
-# them (module docstring); False: every sub-mesh is planned up front (the unpruned search)
+# on several nodes, sub-meshes other than (1, M) enter the stage DP as lower bounds, planned once a
+# solution uses them (module docstring); False: every sub-mesh is planned up front (the unpruned search)
 LAZY_SUBMESHES = True
 
 
@@ -63,8 +64,9 @@ class AdditiveCosts:
         r0, rest = self.options[0], self.options[1:]
         self.variants = [("full", r0), ("lean", r0)] + [("full", r) for r in rest] + [("lean", r) for r in rest]
         L, nS, nV = num_layers, len(self.shapes), len(self.variants)
-        # sub-meshes of several nodes enter as bounds (module docstring), unless LAZY_SUBMESHES is off
-        lazy = {s for s, sub in enumerate(self.shapes) if LAZY_SUBMESHES and sub[0] > 1}
+        # on several nodes, every sub-mesh but a whole node enters as bounds (module docstring)
+        whole = (1, max(m for _, m in self.shapes))
+        lazy = {s for s, sub in enumerate(self.shapes) if LAZY_SUBMESHES and sub != whole and total_devices > whole[1]}
         eager = [sub for s, sub in enumerate(self.shapes) if s not in lazy]
         prefetch(coster, [((i, i + 1, sub), r0._asdict()) for i in range(L) for sub in eager])
         # layers[v][s]: the single-layer costs of variant v on sub-mesh s (None: a placeholder)
