@@ -150,14 +150,7 @@ def plan_with(fn, example_args, *, cluster="cpu-8", nodes: int = 1, mesh_shape=N
     progress.phase("solve meshes", total=len(shapes))
     for shape in shapes:
         ts = time.perf_counter()
-        if hooks.problems is not None and shape in hooks.problems:
-            ip = hooks.problems[shape].with_budget(budget)
-        else:
-            ip = build_problem(graph, mesh_model(spec, nodes, shape), memory_budget_bytes=budget,
-                               donated_inputs=donated, carried=carried, reshard_cache=cache,
-                               **({} if hooks.restrict is None else hooks.restrict(shape)))
-            if hooks.problems is not None:
-                hooks.problems[shape] = ip
+        ip = _problem(graph, spec, nodes, shape, budget, hooks, donated, carried, cache)
         t_strat += time.perf_counter() - ts
         ts = time.perf_counter()
         warm = hooks.warm_start(shape) if hooks.warm_start is not None else None
@@ -207,6 +200,48 @@ def plan_with(fn, example_args, *, cluster="cpu-8", nodes: int = 1, mesh_shape=N
     from .runtime import abstract_args
     result._args = abstract_args(example_args)
     return result
+
+
+def _problem(graph, spec, nodes: int, shape, budget: float, hooks: PlanHooks, donated=(), carried=(),
+             cache: ReshardCache | None = None) -> IntraProblem:
+    """The ILP of ``graph`` on mesh ``shape`` within ``budget`` (``hooks.problems`` reused/filled)."""
+    if hooks.problems is not None and shape in hooks.problems:
+        return hooks.problems[shape].with_budget(budget)
+    ip = build_problem(graph, mesh_model(spec, nodes, shape), memory_budget_bytes=budget, donated_inputs=donated,
+                       carried=carried, reshard_cache=cache if cache is not None else hooks.reshard_cache,
+                       **({} if hooks.restrict is None else hooks.restrict(shape)))
+    if hooks.problems is not None:
+        hooks.problems[shape] = ip
+    return ip
+
+
+def lower_bound_with(fn, example_args, *, cluster="cpu-8", nodes: int = 1, memory_budget_bytes: float | None = None,
+                     hooks: PlanHooks = PlanHooks()) -> float:
+    """A lower bound, in seconds, on ``plan_with(...).predicted.step_time_s`` for the same
+    arguments (no donation), without solving an ILP (∞: no mesh has a plan that fits): the
+    least over the meshes of ``solvers.driver.lower_bound`` of the mesh's ILP, less the most
+    its memory tie-break can add to a choice's objective (τ·Σ_v max usage_v, τ =
+    ``TIEBREAK_US_PER_BYTE``), in seconds, + the spec's ``step_overhead_s``. It assumes what
+    ``assemble_plan`` predicts for a choice (compute + collectives + reshards) is not below
+    that choice's objective without the tie-break (the ILP prices the same terms;
+    ``tests/test_lazy_submeshes.py`` checks it on every stage it plans)."""
+    from autopar.solvers.driver import lower_bound
+    from .build_nodes import TIEBREAK_US_PER_BYTE
+    spec = _check_args(cluster, nodes, None, "auto", memory_budget_bytes, None)
+    budget = float(memory_budget_bytes or spec.device.memory_bytes)
+    program, graph = hooks.traced if hooks.traced is not None else (trace(fn, *example_args), None)
+    graph = graph if graph is not None else build_graph(program)
+    carried = carried_pairs(program, [], []) if hooks.carry else []
+    shapes = [tuple(m) for m in hooks.mesh_shapes] if hooks.mesh_shapes is not None else candidate_meshes(
+        nodes * spec.devices_per_node)
+    best = math.inf
+    for shape in shapes:
+        ip = _problem(graph, spec, nodes, shape, budget, hooks, (), carried)
+        lb = lower_bound(ip.problem)
+        if math.isfinite(lb):
+            slack = TIEBREAK_US_PER_BYTE * sum(float(np.max(u)) for u in ip.full.node_usages)
+            best = min(best, (lb - slack) / 1e6 + spec.step_overhead_s)
+    return best
 
 
 def _no_plan(name: str, strategy_name: str, shapes, budget: float, min_needed) -> PlanError:

@@ -99,6 +99,11 @@ def run_one(point: str, llama_batch: int, llama_micro: int, workers: int | None)
     row["cpu_s"] = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
     row["load"] = os.getloadavg()[0]
     row["phases"] = [(n, round(t, 2)) for n, t in progress.phases]
+    try:  # the code that planned it (rows of other points may come from older code: --append)
+        row["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                       cwd=ROOT, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
     return row
 
 
@@ -110,13 +115,14 @@ def describe(tp) -> str:
 
 def table(rows: list[dict]) -> list[str]:
     head = ["| model | GPUs | plan time (wall) | CPU time | load | peak RSS (worker) | predicted step | peak mem/GPU | "
-            "stages (n×layers@sub-mesh/mesh) |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+            "stages (n×layers@sub-mesh/mesh) | code |", "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
         plan = (f"{r['step_s']:.2f} s | {r['peak_gb']:.1f} GB | {r['layout']}" if "step_s" in r else
                 f"– | – | {r.get('error', '?')[:160]}")
         head.append(f"| {r['model']} | {r['gpus']} | {r.get('plan_s', float('nan')):.1f} s | "
                     f"{r.get('cpu_s', float('nan')):.1f} s | {r.get('load', float('nan')):.1f} | "
-                    f"{r.get('rss_gb', float('nan')):.2f} ({r.get('worker_rss_gb', float('nan')):.2f}) GB | {plan} |")
+                    f"{r.get('rss_gb', float('nan')):.2f} ({r.get('worker_rss_gb', float('nan')):.2f}) GB | {plan} | "
+                    f"{r.get('commit', 'before 68d8fd3')} |")
     return head
 
 
@@ -192,7 +198,8 @@ def main() -> None:
              f"(Python {platform.python_version()}), 2 cores shared with other jobs (timings are noisy). "
              "GPT-39B: batch 1024 in 128 micro-batches on dgx-a100-80g; GPT-175B: batch 1536 in 192 on dgx-h100; "
              f"Llama-405B-shaped: batch {ns.llama_batch} in micro-batches of {ns.llama_micro} on dgx-h100. "
-             "Predicted by autopar's cost model. `python benchmarks/scale.py`", ""] + table(rows)
+             "Predicted by autopar's cost model. `python benchmarks/scale.py`; code: the commit that planned "
+             "the row (`--append` keeps the rows of the points not rerun).", ""] + table(rows)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot([r for r in rows if "rss_gb" in r], out.with_suffix(".png"))
     print("\n".join(lines))

@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 
 from .brute import solve_brute
 from .heuristic import solve_heuristic
@@ -199,11 +200,12 @@ def _auto_exact(reduced: _Reduced, warm: _WarmStart, clock: _Clock, *, gap_rel: 
     p = reduced.problem
     size = stats["ilp_size"] = ilp_size(p, cap=AUTO_LP_VARIABLES)
     if size <= AUTO_ILP_VARIABLES:
-        sol = _lp_first(p, clock.left(), gap_rel, cutoff)
+        rounded: list = []
+        sol = _lp_first(p, clock.left(), gap_rel, cutoff, rounded)
         if sol is not None:
             return "auto:highs-lp", sol
         return "auto:highs", solve_ilp(p, solver="highs", time_limit_s=clock.left(),
-                                       start=_ilp_start(reduced, warm, clock), gap_rel=gap_rel)
+                                       start=_ilp_start(reduced, warm, clock, rounded), gap_rel=gap_rel)
     if size <= AUTO_LP_VARIABLES:  # too big for the MILP, but its LP is often integral: try it, briefly
         limit = clock.left()
         return "auto:highs-lp", _lp_first(p, min(AUTO_LP_S, 0.3 * limit) if limit is not None else AUTO_LP_S,
@@ -211,12 +213,13 @@ def _auto_exact(reduced: _Reduced, warm: _WarmStart, clock: _Clock, *, gap_rel: 
     return "auto", None
 
 
-def _ilp_start(reduced: _Reduced, warm: _WarmStart, clock: _Clock):
-    """The ILP's incumbent on the reduced problem: the warm start (if it has finite cost and
-    fits) or the quick heuristic's, whichever is cheaper."""
+def _ilp_start(reduced: _Reduced, warm: _WarmStart, clock: _Clock, extra=()):
+    """The ILP's incumbent on the reduced problem: the cheapest that has finite cost and fits
+    of the warm start, the quick heuristic's and ``extra`` (reduced choices: the rounded LP
+    optimum, a floor under a time-limited MIP that does not depend on the machine's load)."""
     w = warm.ask()
     seeds = [reduced.forward(w.choice)] if w is not None else []
-    seeds = [c for c in seeds if c is not None] + [_quick_start(reduced.problem, clock.left())]
+    seeds = [c for c in seeds if c is not None] + [_quick_start(reduced.problem, clock.left())] + list(extra)
     scored = [(evaluate(reduced.problem, c), c) for c in seeds if c is not None]
     scored = [(r[0], c) for r, c in scored if r[1]]
     return min(scored, key=lambda x: x[0])[1] if scored else None
@@ -251,7 +254,7 @@ def _answer(problem: Problem, reduced: _Reduced, name: str, sol: Solution, warm:
 
 
 def _lp_first(problem: Problem, time_left: float | None, gap_rel: float,
-              cutoff: float | None = None) -> Solution | None:
+              cutoff: float | None = None, rounded: list | None = None) -> Solution | None:
     """The marginal LP relaxation is often integral on sharding problems (measured: every GPT
     mesh in benchmarks/plan_time.py), and the memory limit rarely binds. The LP is solved
     without memory rows; its rounded choice is returned when it fits the memory limit and is
@@ -265,6 +268,8 @@ def _lp_first(problem: Problem, time_left: float | None, gap_rel: float,
     if cutoff is not None and lp.stats.get("relaxation") == "optimal" and lp.lower_bound >= cutoff:
         return Solution(choice=(), cost=math.inf, feasible=False, status="cutoff", lower_bound=lp.lower_bound,
                         solver="highs-lp", time_s=lp.time_s, stats=lp.stats)
+    if rounded is not None and lp.choice:  # (the MILP's caller may start from it)
+        rounded.append(tuple(lp.choice))
     if not lp.feasible or not math.isfinite(lp.lower_bound) or not lp.choice:
         return None
     if lp.cost - lp.lower_bound > max(gap_rel * abs(lp.cost), 1e-9 * max(1.0, abs(lp.cost))):
@@ -288,3 +293,24 @@ def _quick_start(problem: Problem, time_left: float | None):
         return None
     sol = solve_heuristic(problem, time_limit_s=min(5.0, 0.1 * time_left), lns=False)
     return sol.choice if sol.feasible else None
+
+
+def lower_bound(problem: Problem, *, time_limit_s: float | None = None) -> float:
+    """A lower bound on the cost of every choice of ``problem`` that fits its usage limit —
+    hence on what ``solve`` returns, with any solver, time limit or warm start: ∞ when none
+    fits (``InfeasibleError`` before or in presolve); else the optimum of the LP relaxation of
+    the presolved problem without memory rows (presolve's reductions are exact and keep the
+    costs; dropping rows and integrality only enlarges the feasible set), or, when that LP
+    does not finish, the trivial bound: the offset + each node's and each edge's least cost."""
+    try:
+        _check_usage_limit(problem)
+        p = run_presolve(problem).problem
+    except InfeasibleError:
+        return math.inf
+    if p.num_nodes == 0:
+        return float(p.cost_offset)
+    lp = solve_ilp(p, solver="highs", relax=True, time_limit_s=time_limit_s, lazy=True)
+    if lp.stats.get("relaxation") == "optimal" and math.isfinite(lp.lower_bound):
+        return float(lp.lower_bound)
+    return float(p.cost_offset + sum(float(np.min(c)) for c in p.node_costs)
+                 + sum(float(np.min(m)) for m in p.edge_costs))

@@ -26,13 +26,31 @@ placeholder — ("full", r₀)'s latency, parameters sharded over every device, 
 options' whole-budget variants are planned at once there. With remat, a stage also keeps the
 input of each of its layers after the first (a single-layer plan never counts its own
 input): those bytes are added to the sums.
+
+On a cluster of several nodes, every sub-mesh but one whole node (1, M) — the (k, M) with
+k ≥ 2 and the parts (1, m) of a node — is not planned up front (``LAZY_SUBMESHES``):
+each layer enters with a lower bound — latency ``StageCoster.bound`` (each logical mesh's
+LP relaxation without memory rows, less the most the ILP's memory tie-break adds, + the
+stage's sends: no choice the ILP can return, time-limited or not, is faster), static memory
+its parameters, accumulators and optimizer state spread over every device, activations its
+traced residuals spread over every device (as every placeholder above) — and ("full", r₀) is
+planned there like any placeholder, once a solution uses it. Exact: the DP on arrays no
+larger than the planned ones, whose solution uses only planned entries, has the objective
+of that solution on the planned arrays, which no plan beats (the DP on the fully planned
+arrays cannot do better than on lower ones); ties, which go to the lexicographically first
+split, may differ only between splits of equal objective. Sub-meshes whose bound already
+makes them useless — (16, 8) … (128, 8) for GPT-175B on 128 nodes — are never planned.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .costs import CostArrays, StageOption, Sums
-from .pool import prefetch
+from .costs import CostArrays, StageCost, StageOption, Sums
+from .pool import prefetch, prefetch_bounds
+
+# on several nodes, sub-meshes other than (1, M) enter the stage DP as lower bounds, planned once a
+# solution uses them (module docstring); False: every sub-mesh is planned up front (the unpruned search)
+LAZY_SUBMESHES = True
 
 
 class AdditiveCosts:
@@ -46,11 +64,20 @@ class AdditiveCosts:
         r0, rest = self.options[0], self.options[1:]
         self.variants = [("full", r0), ("lean", r0)] + [("full", r) for r in rest] + [("lean", r) for r in rest]
         L, nS, nV = num_layers, len(self.shapes), len(self.variants)
-        prefetch(coster, [((i, i + 1, sub), r0._asdict()) for i in range(L) for sub in self.shapes])
-        first = [[coster.cost(i, i + 1, sub, **r0._asdict()) for sub in self.shapes] for i in range(L)]
+        # on several nodes, every sub-mesh but a whole node enters as bounds (module docstring)
+        whole = (1, max(m for _, m in self.shapes))
+        lazy = {s for s, sub in enumerate(self.shapes) if LAZY_SUBMESHES and sub != whole and total_devices > whole[1]}
+        eager = [sub for s, sub in enumerate(self.shapes) if s not in lazy]
+        prefetch(coster, [((i, i + 1, sub), r0._asdict()) for i in range(L) for sub in eager])
         # layers[v][s]: the single-layer costs of variant v on sub-mesh s (None: a placeholder)
         self.layers: list[list[list | None]] = [[None] * nS for _ in range(nV)]
-        self.layers[0] = [[first[i][s] for i in range(L)] for s in range(nS)]
+        self.layers[0] = [None if s in lazy else [coster.cost(i, i + 1, sub, **r0._asdict()) for i in range(L)]
+                          for s, sub in enumerate(self.shapes)]
+        # bounds[s]: per layer, a StageCost that is not above its plain plan in latency, static
+        # memory or activations (``StageCoster.bound``, parameters and residuals spread over
+        # every device): what a placeholder of sub-mesh s sums while layers[0][s] is None
+        prefetch_bounds(coster, [(i, i + 1, self.shapes[s]) for s in sorted(lazy) for i in range(L)])
+        self.bounds = {s: [self._bound(i, self.shapes[s]) for i in range(L)] for s in sorted(lazy)}
         # remat: each layer's own saved bytes (traced, no plan) and the inputs of the layers
         # after a stage's first, which its checkpoints keep (a single-layer plan never counts
         # its input)
@@ -59,11 +86,22 @@ class AdditiveCosts:
         self.saved = {r: [coster.activation(i, i + 1, r.remat) for i in range(L)] for r in rest}
         self.latency = np.full((nV, L, L + 1, nS), np.inf)
         self.memory, self.activation = np.zeros_like(self.latency), np.zeros_like(self.latency)
-        for s in range(nS):  # a layer that does not fit alone: the other options at once
-            if any(not c.fits for c in self.layers[0][s]):
-                for r in rest:
-                    self._plan(self.variants.index(("full", r)), s)
+        for s in range(nS):
+            self._others_where_unfit(s)
         self._fill(range(nS))
+
+    def _bound(self, i: int, sub) -> StageCost:
+        n, c = sub[0] * sub[1], self.coster
+        lb = c.bound(i, i + 1, sub)
+        return StageCost(latency=lb, send=min(lb, c.send_time(i, i + 1, n)), static=self.pbytes[i] / n,
+                         persist=self.pbytes[i] / n, act=c.activation(i, i + 1) / n)
+
+    def _others_where_unfit(self, s: int) -> None:
+        """A layer that does not fit sub-mesh s alone with the first option: the other options'
+        whole-budget variants there at once (their placeholders sum the first option's ∞)."""
+        if self.layers[0][s] is not None and any(not c.fits for c in self.layers[0][s]):
+            for r in self.options[1:]:
+                self._plan(self.variants.index(("full", r)), s)
 
     def share(self, s: int) -> float:
         """Layers a balanced stage on sub-mesh s holds."""
@@ -77,10 +115,11 @@ class AdditiveCosts:
                 if kind == "lean" and self.share(s) <= 1:
                     continue
                 costs = self.layers[v][s]
+                base = self.layers[0][s] if self.layers[0][s] is not None else self.bounds[s]
                 for i in range(self.L):
                     run0, run = Sums(), Sums()
                     for j in range(i + 1, self.L + 1):
-                        t, _, a = run0.add(self.layers[0][s][j - 1])
+                        t, _, a = run0.add(base[j - 1])
                         kept = 0.0 if r.remat == "none" else sum(self.inputs[i + 1:j]) / n
                         if costs is not None:
                             lat[v, i, j, s], mem[v, i, j, s], act[v, i, j, s] = run.add(costs[j - 1])
@@ -94,13 +133,22 @@ class AdditiveCosts:
         return {(v, st[2]) for st, v in zip(sol.stages, sol.variants) if self.layers[v][st[2]] is None}
 
     def resolve(self, keys) -> None:
-        """Plan every layer of these (variant, sub-mesh) placeholders, and of the option's other
-        variant on that sub-mesh (a stage that relies on one of an option's variants there
-        likely relies on the other next: one DP round instead of two); refresh their sums.
+        """Plan every layer of these (variant, sub-mesh) placeholders, of the variants of the
+        same kind on that sub-mesh with the other rematerialisations and the same ZeRO-1 choice,
+        and of each option's other variant (a stage that relies on one of them there likely
+        relies on the others next — placeholders price recomputation at 0 —: one DP round
+        instead of several; the plan is the same, ``solve_lazily`` stops only on a solution of
+        planned entries); refresh their sums.
         Whole-budget variants first (a lean variant plans on the meshes its full one chose),
         each group's layer plans handed to ``pool.prefetch`` together."""
         keys = set(keys)
+        for v, s in list(keys):  # the other rematerialisations with the same ZeRO-1 choice too
+            kind, r = self.variants[v]
+            if v != 0 and (kind == "full" or self.share(s) > 1):
+                keys.update((self.variants.index((kind, q)), s) for q in self.options if q.zero == r.zero)
         for v, s in list(keys):
+            if v == 0:  # (a sub-mesh entered as a bound: its layers planned, nothing more)
+                continue
             other = self.variants.index(("lean" if self.variants[v][0] == "full" else "full", self.variants[v][1]))
             if self.layers[other][s] is None and (self.variants[other][0] == "full" or self.share(s) > 1):
                 keys.add((other, s))
@@ -109,6 +157,8 @@ class AdditiveCosts:
                                for v, s in full if self.layers[v][s] is None for i in range(self.L)])
         for v, s in full:
             self._plan(v, s)
+            if v == 0:
+                self._others_where_unfit(s)
         lean = sorted((v, s) for v, s in keys if self.variants[v][0] == "lean")
         prefetch(self.coster, [r for v, s in lean if self.layers[v][s] is None for r in self._lean_requests(v, s)])
         for v, s in lean:
@@ -148,7 +198,10 @@ class AdditiveCosts:
         the most expensive layer's first); None (every mesh) when a layer has no plan."""
         s = self.shapes.index(tuple(sub))
         base = self.variants.index(("full", self.option(variant)))
-        var = next(x for x in (self.layers[variant][s], self.layers[base][s], self.layers[0][s]) if x is not None)
+        var = next((x for x in (self.layers[variant][s], self.layers[base][s], self.layers[0][s]) if x is not None),
+                   None)
+        if var is None:
+            return None
         plans = [var[j] for j in range(a, b)]
         if any(not c.fits for c in plans):
             return None

@@ -72,6 +72,46 @@ def _plan_one(args):
     return made, coster.solves - solves, coster.infeasible - infeasible, coster.min_need
 
 
+def _bound_one(args):
+    """In a worker: ``StageCoster.bound`` of one (i, j, sub-mesh)."""
+    return _COSTER.bound(*args)
+
+
+def _map(coster, fn, todo) -> list:
+    """``fn`` over ``todo`` in ``coster.workers`` forked processes (results in order)."""
+    global _COSTER
+    progress, coster.progress = coster.progress, Progress()
+    _COSTER = coster
+    try:
+        ctx = multiprocessing.get_context("fork")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+            with ctx.Pool(min(coster.workers, len(todo)), initializer=_fresh_solver_threads) as pool:
+                return pool.map(fn, todo, chunksize=1)
+    finally:
+        _COSTER = None
+        coster.progress = progress
+
+
+def prefetch_bounds(coster, requests) -> None:
+    """``coster.bound(i, j, sub-mesh)`` of the uncomputed ``requests`` in ``coster.workers``
+    processes (one per distinct stage program and sub-mesh), stored in ``coster.bounds``.
+    A bound is a function of its problem alone (an LP solved to optimality), so it is the
+    same whichever process computes it."""
+    if getattr(coster, "workers", 1) <= 1:
+        return
+    todo, seen = [], set()
+    for i, j, sub in requests:
+        key = (coster.program_key(i, j), tuple(sub), None, coster.budget, False)
+        if key not in seen and key not in coster.bounds and key not in coster.cache:
+            seen.add(key)
+            todo.append(((i, j, tuple(sub)), key))
+    if len(todo) < 2:
+        return
+    for (_, key), value in zip(todo, _map(coster, _bound_one, [args for args, _ in todo])):
+        coster.bounds[key] = value
+
+
 def prefetch(coster, requests) -> None:
     """Plan the uncached ``requests`` ((args, kwargs) of ``coster.cost``) in ``coster.workers``
     processes; merge in request order (module docstring). Sequential when it does not pay."""
@@ -92,18 +132,7 @@ def prefetch(coster, requests) -> None:
         todo.append((args, kw))
     if len(todo) < 2:
         return
-    global _COSTER
-    progress, coster.progress = coster.progress, Progress()
-    _COSTER = coster
-    try:
-        ctx = multiprocessing.get_context("fork")
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
-            with ctx.Pool(min(coster.workers, len(todo)), initializer=_fresh_solver_threads) as pool:
-                results = pool.map(_plan_one, todo, chunksize=1)
-    finally:
-        _COSTER = None
-        coster.progress = progress
+    results = _map(coster, _plan_one, todo)
     for made, solves, infeasible, min_need in results:
         for k, v in made.items():
             if k not in coster.cache:
@@ -114,4 +143,4 @@ def prefetch(coster, requests) -> None:
         coster.prefetched.update(made)  # the caller's first ``cost`` of each is not a cache hit
 
 
-__all__ = ["AUTO_WORKERS", "AUTO_MIN_DEVICES", "resolve_workers", "prefetch"]
+__all__ = ["AUTO_WORKERS", "AUTO_MIN_DEVICES", "resolve_workers", "prefetch", "prefetch_bounds"]

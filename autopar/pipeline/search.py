@@ -10,7 +10,9 @@ and sums them over a range (boundary reshards between layers inside a stage are 
 counted; the chosen stages are re-planned exactly, ``autopar.pipeline.refine``). Each range
 gets a second cost variant from its layers planned within half their share of the budget
 (parameters sharded harder); the stage DP uses it where a stage fits only that way at its
-position.
+position. On several nodes, sub-meshes other than one whole node enter the additive search as lower bounds (each layer's
+LP relaxation) and are planned only once a DP solution uses them (``additive.LAZY_SUBMESHES``;
+same optimum, stated and tested there).
 """
 from __future__ import annotations
 

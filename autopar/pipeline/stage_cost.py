@@ -17,7 +17,7 @@ from autopar.cost import ClusterSpec, shard_factor
 
 from ..graph import build_graph
 from ..build_edges import ReshardCache
-from ..planner import PlanError, PlanHooks, plan_with
+from ..planner import PlanError, PlanHooks, lower_bound_with, plan_with
 from ..warm_start import WarmStart
 from ..progress import Progress
 from ..rules import stage_rules
@@ -135,6 +135,7 @@ class StageCoster:
         self.traced: dict = {}
         self.residuals: dict = {}  # program key -> residual bytes (``activation``)
         self.stages: dict = {}
+        self.bounds: dict = {}  # cache key → ``bound``
         self.planned: dict = {}  # (program key, sub-mesh, mesh or None, zero) -> [(budget, fitting StageCost)]
         self.solves = self.hits = self.infeasible = 0
         self.min_need = math.inf
@@ -233,7 +234,6 @@ class StageCoster:
         charges parameters 2× (themselves, gradient accumulators) within the budget less the
         least ZeRO-1 optimizer state (``zero.reserved_bytes``); the state of the chosen layout
         is added after."""
-        st, _ = self.stage(i, j)
         skey = self.program_key(i, j, remat)
         key = (skey, tuple(submesh), None if mesh_shape is None else tuple(mesh_shape), budget, zero)
         hit = self.cache.get(key)
@@ -252,29 +252,12 @@ class StageCoster:
             self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]} (fits as planned)")
             return reused
         self.solves += 1
-        if skey not in self.traced:  # per stage program, shared by all sub-meshes
-            fwd = stage_forward(self.program, st, self.P, remat, self.layer_eqns[i:j])
-            args = stage_abstract_args(self.program, st, self.P)
-            prog = trace(stage_train(fwd), *args)
-            self.traced[skey] = (fwd, args, prog, build_graph(prog), residual_bytes(fwd, *args[:3]),
-                                 cut_train(fwd, args, prog, len(st.outs) + len(st.nd_outs)))
-        fwd, (p, a, nd, ct), prog, graph = self.traced[skey][:4]
+        fwd, (p, a, nd, ct) = self._traced(i, j, remat)[:2]
         cl, n = sub_cluster(self.spec, submesh)
-        n_dev = submesh[0] * submesh[1]
-        p_bytes = [nbytes(x) for x in p]
-        reserve = reserved_bytes(sum(p_bytes), n_dev, self.opt_ratio) if zero else 0.0
+        reserve = self.reserve(i, j, submesh, zero)
         outcomes: dict = {}
         try:
-            # a parameter also holds its gradient accumulator and optimizer state all step long
-            # (ZeRO-1: the optimizer state is reserved apart, split over every device)
-            scale = {i: 2.0 + (0.0 if zero else self.opt_ratio) for i in range(len(p))}
-            hooks = PlanHooks(
-                mesh_shapes=stage_meshes(submesh, self.mesh_search), traced=(prog, graph),
-                restrict=lambda shape: {"input_usage_scale": scale, "split_backward": True, **(
-                    {} if self.restrict is None else self.restrict((p, a, nd, ct), tuple(shape)))},
-                strategy_name=self.strategy_name, warm_start=self._warm_start((p, a, nd, ct), key[:2]),
-                problems=self.problems.setdefault((*key[:2], zero), {}), reshard_cache=self.reshard_cache, carry=False,
-                cutoff=True, outcomes=outcomes)
+            hooks = self._hooks(i, j, submesh, remat, zero, outcomes)
             sp = plan_with(stage_train(fwd), (p, a, nd, ct), cluster=cl, nodes=n, mesh_shape=mesh_shape,
                            # (the state alone overflowing, a 1-byte budget: the ILP says what it needs)
                            memory_budget_bytes=max(budget - reserve, 1.0), solver=self.solver,
@@ -295,6 +278,70 @@ class StageCoster:
         self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]}: {sp.solver.status}")
         return res
 
+    def _traced(self, i: int, j: int, remat: str = "none") -> tuple:
+        """(fwd, stage args, traced stage_train program, its graph, residual bytes, halves cut)
+        of layers i..j−1 with ``remat``: traced once per stage program, shared by all sub-meshes."""
+        skey = self.program_key(i, j, remat)
+        if skey not in self.traced:
+            st = self.stage(i, j)[0]
+            fwd = stage_forward(self.program, st, self.P, remat, self.layer_eqns[i:j])
+            args = stage_abstract_args(self.program, st, self.P)
+            prog = trace(stage_train(fwd), *args)
+            self.traced[skey] = (fwd, args, prog, build_graph(prog), residual_bytes(fwd, *args[:3]),
+                                 cut_train(fwd, args, prog, len(st.outs) + len(st.nd_outs)))
+        return self.traced[skey]
+
+    def reserve(self, i: int, j: int, submesh, zero: bool) -> float:
+        """ZeRO-1: the least optimizer state a stage of layers i..j−1 reserves per device (else 0)."""
+        if not zero:
+            return 0.0
+        p = stage_abstract_args(self.program, self.stage(i, j)[0], self.P)[0]
+        return reserved_bytes(sum(nbytes(x) for x in p), submesh[0] * submesh[1], self.opt_ratio)
+
+    def _hooks(self, i: int, j: int, submesh, remat: str, zero: bool, outcomes: dict | None = None) -> PlanHooks:
+        """``plan_with``'s hooks for layers i..j−1 on ``submesh`` (the built problems shared
+        by every budget, and by ``bound``)."""
+        fwd, (p, a, nd, ct), prog, graph = self._traced(i, j, remat)[:4]
+        key = (self.program_key(i, j, remat), tuple(submesh))
+        # a parameter also holds its gradient accumulator and optimizer state all step long
+        # (ZeRO-1: the optimizer state is reserved apart, split over every device)
+        scale = {q: 2.0 + (0.0 if zero else self.opt_ratio) for q in range(len(p))}
+        return PlanHooks(
+            mesh_shapes=stage_meshes(submesh, self.mesh_search), traced=(prog, graph),
+            restrict=lambda shape: {"input_usage_scale": scale, "split_backward": True, **(
+                {} if self.restrict is None else self.restrict((p, a, nd, ct), tuple(shape)))},
+            strategy_name=self.strategy_name, warm_start=self._warm_start((p, a, nd, ct), key),
+            problems=self.problems.setdefault((*key, zero), {}), reshard_cache=self.reshard_cache, carry=False,
+            cutoff=True, outcomes=outcomes)
+
+    def bound(self, i: int, j: int, submesh, remat: str = "none", zero: bool = False) -> float:
+        """A lower bound on ``cost(i, j, submesh, remat=remat, zero=zero).latency`` without an
+        ILP (``planner.lower_bound_with``: each mesh's LP relaxation, + the stage's sends; ∞:
+        it does not fit); the latency itself once that cost is planned. Cached; the problems
+        it builds are the ones the ILP reuses."""
+        key = (self.program_key(i, j, remat), tuple(submesh), None, self.budget, zero)
+        if key in self.cache:
+            return self.cache[key].latency
+        if key not in self.bounds:
+            fwd, args = self._traced(i, j, remat)[:2]
+            cl, n = sub_cluster(self.spec, submesh)
+            lb = lower_bound_with(stage_train(fwd), args, cluster=cl, nodes=n,
+                                  memory_budget_bytes=max(self.budget - self.reserve(i, j, submesh, zero), 1.0),
+                                  hooks=self._hooks(i, j, submesh, remat, zero))
+            self.bounds[key] = lb + self.send_time(i, j, submesh[0] * submesh[1])
+            self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]}: bounded")
+        return self.bounds[key]
+
+    def send_time(self, i: int, j: int, n_dev: int) -> float:
+        """Seconds to receive layers i..j−1's incoming activations and send their gradients back
+        (``costs`` module docstring: 2·(α + bytes_in / (n_dev·bw)))."""
+        st = self.stage(i, j)[0]
+        vals = self.program.values
+        in_bytes = sum(vals[v].nbytes for v in list(st.acts_in) + list(st.nd_acts_in))
+        link = self.spec.inter_node_link if self.nodes > 1 else self.spec.intra_node_link
+        bw = (self.spec.inter_node_bandwidth_per_device() if self.nodes > 1 else link.bandwidth_bytes_per_s) * n_dev
+        return 2 * (link.alpha_s + in_bytes / bw) if in_bytes else 0.0
+
     def stage_cost(self, i: int, j: int, submesh, sp, remat: str, zero: bool, memory_free: bool = False) -> StageCost:
         """The StageCost of layers i..j−1 planned as ``sp`` on ``submesh`` (``costs`` module docstring)."""
         st = self.stage(i, j)[0]
@@ -312,10 +359,7 @@ class StageCoster:
             act = residual_bytes_per_device(traced[2], traced[5], sp)
         else:
             act = self.activation(i, j, remat) / n_dev
-        in_bytes = sum(vals[v].nbytes for v in list(st.acts_in) + list(st.nd_acts_in))
-        link = self.spec.inter_node_link if self.nodes > 1 else self.spec.intra_node_link
-        bw = (self.spec.inter_node_bandwidth_per_device() if self.nodes > 1 else link.bandwidth_bytes_per_s) * n_dev
-        send = 2 * (link.alpha_s + in_bytes / bw) if in_bytes else 0.0
+        send = self.send_time(i, j, n_dev)
         static = max(sp.predicted.peak_memory_bytes - act, 0.0)  # the ILP's peak counts one micro-batch's residuals
         shaped = [(tuple(x.shape), b) for x, b in zip(p, p_bytes)]
         if zero:  # the optimizer state split over the replicated axes, all-gathered params once a step
