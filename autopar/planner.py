@@ -262,7 +262,9 @@ def _no_plan(name: str, strategy_name: str, shapes, budget: float, min_needed) -
     return PlanError(
         f"no sharding of {name} fits memory_budget_bytes={budget:.0f} per device on meshes {shapes}; "
         f"the minimum is {need:.0f} bytes per device (every tensor split as finely as possible). "
-        "Raise the budget, add devices/nodes, or shrink the model/batch.", min_bytes_per_device=need)
+        "Raise the budget, add devices/nodes, or shrink the model/batch; a training step can also be planned "
+        "with autopar.plan_training(loss_fn, params, batch, optimizer=..., remat='auto'), which pipelines it and "
+        "chooses activation recomputation and optimizer-state sharding per stage.", min_bytes_per_device=need)
 
 
 def donated_leaves(args, donate_argnums) -> list[int]:

@@ -113,6 +113,7 @@ def test_budget_no_plan_fits_names_the_minimum():
     with pytest.raises(autopar.PlanError, match=r"minimum is \d+ bytes per device") as err:
         autopar.plan(mlp.mlp_step, *args, cluster="cpu-8", memory_budget_bytes=10_000)
     assert err.value.min_bytes_per_device > 10_000
+    assert "plan_training" in str(err.value) and "remat='auto'" in str(err.value)   # the way out for a training step
 
 
 def test_unknown_cluster_lists_known_ones():
