@@ -282,11 +282,9 @@ def headline(s: dict) -> list[str]:
         f"- |error|: median {100 * s['median_abs_error']:.1f} %, max {100 * s['max_abs_error']:.1f} % "
         f"(mean signed {100 * s['mean_signed_error']:+.1f} %) — target median ≤ 25 %",
         f"- machine speed: a fixed matmul on every device (timed in turn with each config's candidates) ran "
-        f"×{s['slowdown'][0]:.2f} … ×{s['slowdown'][1]:.2f} slower than right after calibrating; each prediction "
-        f"× its config's slowdown: median |error| {100 * s['median_abs_error_load_scaled']:.1f} %"
-        if s.get("median_abs_error_load_scaled") is not None else
-        f"- machine speed: a fixed matmul on every device (timed in turn with each config's candidates) ran "
-        f"×{s['slowdown'][0]:.2f} … ×{s['slowdown'][1]:.2f} slower than right after calibrating",
+        f"×{s['slowdown'][0]:.2f} … ×{s['slowdown'][1]:.2f} slower than right after calibrating" + (
+            f"; each prediction × its config's slowdown: median |error| {100 * scaled:.1f} %"
+            if (scaled := s.get("median_abs_error_load_scaled")) is not None else ""),
         f"- rank correlation within a config (mean over configs): Spearman {s['spearman_within_mean']:.2f}, "
         f"Kendall {s['kendall_within_mean']:.2f}; pooled over all candidates: Spearman "
         f"{s['spearman_pooled']:.2f}, Kendall {s['kendall_pooled']:.2f} — target ≥ 0.8",
