@@ -133,17 +133,9 @@ def plan_with(fn, example_args, *, cluster="cpu-8", nodes: int = 1, mesh_shape=N
     t0 = time.perf_counter()
     progress = progress if progress is not None else Progress()
     progress.phase(f"trace {getattr(fn, '__name__', 'fn')}")
-    spec = _check_args(cluster, nodes, mesh_shape, solver, memory_budget_bytes, time_limit_s)
-    budget = float(memory_budget_bytes or spec.device.memory_bytes)
-    program, graph = hooks.traced if hooks.traced is not None else (trace(fn, *example_args), None)
-    donated = donated_leaves(example_args, donate_argnums)
-    graph = graph if graph is not None else build_graph(program)
-    aliases = match_donations(graph, donated)
-    carried = carried_pairs(program, [i for i, _ in aliases], [k for _, k in aliases]) if hooks.carry else []
+    spec, budget, program, graph, donated, carried, shapes = _setup(
+        fn, example_args, hooks, cluster, nodes, mesh_shape, solver, memory_budget_bytes, time_limit_s, donate_argnums)
     t_trace = time.perf_counter()
-    total = nodes * spec.devices_per_node
-    shapes = [tuple(mesh_shape)] if mesh_shape is not None else (
-        [tuple(m) for m in hooks.mesh_shapes] if hooks.mesh_shapes is not None else candidate_meshes(total))
     cache = hooks.reshard_cache if hooks.reshard_cache is not None else ReshardCache()
     best, candidates, min_needed, per_mesh, free = None, [], [], {}, []
     t_strat = t_solve = 0.0
@@ -202,6 +194,24 @@ def plan_with(fn, example_args, *, cluster="cpu-8", nodes: int = 1, mesh_shape=N
     return result
 
 
+def _setup(fn, example_args, hooks: PlanHooks, cluster, nodes: int, mesh_shape, solver, memory_budget_bytes,
+           time_limit_s, donate_argnums):
+    """What ``plan_with`` and ``lower_bound_with`` start from: the checked spec, the memory
+    budget, the traced program and its graph (``hooks.traced`` when given), the donated input
+    leaves, the carried (donated input, output) pairs and the mesh shapes to try."""
+    spec = _check_args(cluster, nodes, mesh_shape, solver, memory_budget_bytes, time_limit_s)
+    budget = float(memory_budget_bytes or spec.device.memory_bytes)
+    program, graph = hooks.traced if hooks.traced is not None else (trace(fn, *example_args), None)
+    donated = donated_leaves(example_args, donate_argnums)
+    graph = graph if graph is not None else build_graph(program)
+    aliases = match_donations(graph, donated)
+    carried = carried_pairs(program, [i for i, _ in aliases], [k for _, k in aliases]) if hooks.carry else []
+    shapes = [tuple(mesh_shape)] if mesh_shape is not None else (
+        [tuple(m) for m in hooks.mesh_shapes] if hooks.mesh_shapes is not None else
+        candidate_meshes(nodes * spec.devices_per_node))
+    return spec, budget, program, graph, donated, carried, shapes
+
+
 def _problem(graph, spec, nodes: int, shape, budget: float, hooks: PlanHooks, donated=(), carried=(),
              cache: ReshardCache | None = None) -> IntraProblem:
     """The ILP of ``graph`` on mesh ``shape`` within ``budget`` (``hooks.problems`` reused/filled)."""
@@ -227,13 +237,8 @@ def lower_bound_with(fn, example_args, *, cluster="cpu-8", nodes: int = 1, memor
     ``tests/test_lazy_submeshes.py`` checks it on every stage it plans)."""
     from autopar.solvers.driver import lower_bound
     from .build_nodes import TIEBREAK_US_PER_BYTE
-    spec = _check_args(cluster, nodes, None, "auto", memory_budget_bytes, None)
-    budget = float(memory_budget_bytes or spec.device.memory_bytes)
-    program, graph = hooks.traced if hooks.traced is not None else (trace(fn, *example_args), None)
-    graph = graph if graph is not None else build_graph(program)
-    carried = carried_pairs(program, [], []) if hooks.carry else []
-    shapes = [tuple(m) for m in hooks.mesh_shapes] if hooks.mesh_shapes is not None else candidate_meshes(
-        nodes * spec.devices_per_node)
+    spec, budget, _, graph, _, carried, shapes = _setup(fn, example_args, hooks, cluster, nodes, None, "auto",
+                                                        memory_budget_bytes, None, ())
     best = math.inf
     for shape in shapes:
         ip = _problem(graph, spec, nodes, shape, budget, hooks, (), carried)
