@@ -62,7 +62,7 @@ from .pipeline.layers import layers_of
 from .pipeline.remat import REMAT_OPTIONS
 from .pipeline.search import estimate_forced
 from .pipeline.stage_cost import CostOptions, StageCoster
-from .pipeline.training import plan_pipeline
+from .pipeline.training import microbatch_counts, plan_pipeline
 from .pipeline.training_plan import GridPoint
 from .progress import Progress
 
@@ -207,7 +207,7 @@ def _microbatch_counts(microbatches, num_microbatches: int, batch) -> list[int]:
     """``dp_tp_pp(microbatches=…)``: None (only ``num_microbatches``), "divisors" (every divisor
     of the global batch) or counts."""
     if microbatches is None:
-        return [num_microbatches]
+        return microbatch_counts(num_microbatches)
     if microbatches == "divisors":
         leaves = jax.tree_util.tree_leaves(batch)
         return _divisors(int(np.shape(leaves[0])[0])) if leaves and np.shape(leaves[0]) else [1]
@@ -228,7 +228,7 @@ def _options(remat, zero) -> list[StageOption]:
     return sorted(opts, key=lambda o: (o != StageOption(), opts.index(o)))
 
 
-def dp_tp_pp(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: int = 1, num_microbatches: int = 1,
+def dp_tp_pp(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: int = 1, num_microbatches=1,
              schedule: str = "1f1b", num_layers: int | None = None, memory_budget_bytes: float | None = None,
              solver: str = "auto", time_limit_s: float | None = None, refine: int = 2, grid=None,
              remat=REMAT_OPTIONS, zero=(False, True), microbatches=None):
@@ -240,7 +240,8 @@ def dp_tp_pp(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: int =
       saved, attention and elementwise recomputed), "full" (``autopar.pipeline.remat``);
     * ``zero``: the distributed optimizer (ZeRO-1: optimizer state split over the data-parallel
       axis, one all-gather of the parameters per step; ``autopar.pipeline.zero``);
-    * ``microbatches``: micro-batch counts tried (None: ``num_microbatches`` only; "divisors":
+    * ``microbatches``: micro-batch counts tried (None: ``num_microbatches``, an int or a
+      sequence of counts as in ``plan_training``; "divisors":
       every divisor of the global batch; or a tuple), each traced and costed apart.
 
     Same inputs as :func:`autopar.plan_training`. Every grid point of :func:`pipeline_grid`

@@ -146,8 +146,7 @@ def _training_plan(ns, module, fn, args):
             fn, *args, optimizer=_optimizer(ns, module), cluster=ns.cluster, nodes=ns.nodes,
             num_microbatches=ns.microbatches, schedule=ns.schedule, num_stages=ns.num_stages,
             stages=_parse_stages(ns.stages), num_layers=ns.layers, memory_budget_bytes=ns.budget,
-            solver=ns.solver, time_limit_s=ns.time_limit, remat=ns.remat, zero=ns.zero,
-            verbose=progress)
+            solver=ns.solver, time_limit_s=ns.time_limit, remat=ns.remat, zero=ns.zero, verbose=progress)
 
 
 def _finish_training(ns, plan) -> None:
@@ -314,7 +313,8 @@ def _common(p):
     t = p.add_argument_group("training plans (--train: FUNCTION is loss_fn(params, batch))")
     t.add_argument("--train", action="store_true", help="plan a training step with pipeline stages")
     t.add_argument("--optimizer", help="sgd|momentum|adam|adamw[:LR] (default: the module's OPTIMIZER, else adam:1e-3)")
-    t.add_argument("--microbatches", type=int, default=1, help="micro-batches per step")
+    t.add_argument("--microbatches", type=lambda s: int(s) if "," not in s else [int(x) for x in s.split(",")],
+                   default=1, help="micro-batches per step; several, e.g. 8,16,32: each planned, the fastest kept")
     t.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"])
     t.add_argument("--num-stages", type=int, default=None, help="force the number of stages")
     t.add_argument("--stages", help="fix the stages: layer ranges and sub-meshes, e.g. 0-2:1x4,2-4:1x4")

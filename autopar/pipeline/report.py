@@ -74,6 +74,11 @@ def format_training_report(plan) -> str:
             step = f"{r.step_s:.4g} s" if r.step_s is not None else "–"
             lines.append(f"  {mark} {r.source:<18} {r.stages:<40} estimate {r.estimate_s:.4g} s, "
                          f"exact {step}{fit} [{r.plan_s:.1f} s]")
+    if plan.microbatch_search:
+        lines.append("micro-batch counts tried (the fastest predicted step is the plan):")
+        for m in plan.microbatch_search:
+            out = f"step {m.step_s:.4g} s" if m.step_s is not None else f"no plan: {m.error}"
+            lines.append(f"  {'→' if m.chosen else ' '} {m.num_microbatches:>5} micro-batches: {out} [{m.plan_s:.1f} s]")
     t = plan.timing
     lines.append(f"planning time: {t.total_s:.2f} s (trace + layers {t.trace_s:.2f} s, stage costing + DP {t.solve_s:.2f} s)")
     fb = sorted({f"{f.primitive} ×{f.count}" for st in plan.stages for f in st.plan.fallbacks})

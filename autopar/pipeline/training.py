@@ -17,8 +17,12 @@ number of (range, sub-mesh) pairs is at most ``max_exact_pairs``, else additive.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+
+import numpy as np
 
 from ..plan_types import Timing
+from ..planner import PlanError
 from ..progress import Progress, progress_for
 from .assemble import SearchRecord, assemble
 from .inputs import ForcedStage, TrainingInputs, forced_stages, microbatch_shapes, prepare_inputs  # noqa: F401
@@ -28,7 +32,7 @@ from .refine import refine
 from .exact import ExactCosts
 from .search import ForcedCosts, additive_search, plan_stages, solution_options, solution_stages, solve_lazily
 from .stage_cost import StageCoster, autopar_options
-from .training_plan import TrainingPlan
+from .training_plan import MicrobatchTrial, TrainingPlan
 
 
 def choose_costing(costing: str, forced, num_layers: int, num_shapes: int, max_exact_pairs: int) -> str:
@@ -76,7 +80,7 @@ def plan_pipeline(inputs: TrainingInputs, layering: Layering, coster: StageCoste
 
 
 def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: int = 1,
-                  num_microbatches: int = 1, schedule: str = "1f1b", num_stages: int | None = None,
+                  num_microbatches: int | Sequence[int] = 1, schedule: str = "1f1b", num_stages: int | None = None,
                   stages=None, num_layers: int | None = None, memory_budget_bytes: float | None = None,
                   solver: str = "auto", time_limit_s: float | None = None, costing: str = "auto",
                   max_exact_pairs: int = 24, mesh_search: str = "auto", split_scans: bool = True,
@@ -86,7 +90,10 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
     ``mesh_search``: "auto" tries a few logical meshes per sub-mesh (``stage_meshes``),
     "full" every factorization.
 
-    The batch is split into ``num_microbatches`` along axis 0; the forward is cut into
+    The batch is split into ``num_microbatches`` along axis 0 (a sequence of counts: each is
+    planned apart and the fastest predicted step is the plan, ``tplan.microbatch_search`` lists
+    them — fewer, larger micro-batches run matmuls nearer peak and send fewer messages, more
+    shrink the pipeline bubble and the activations in flight); the forward is cut into
     ``num_layers`` layers (``autopar.stage_boundary`` markers, else one per repeated block when
     the model stacks more than 8 — ``autopar.pipeline.blocks`` —, else the layer-clustering DP,
     default min(8, equations)); the stage DP picks stages and sub-meshes minimising
@@ -119,6 +126,18 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
     :class:`autopar.progress.Progress` receives it.
     """
     progress = progress_for(verbose)
+    counts = microbatch_counts(num_microbatches)
+    if len(counts) > 1 or not isinstance(num_microbatches, int):
+        try:
+            return _fastest_count(lambda B: plan_training(
+                loss_fn, params, batch, optimizer=optimizer, cluster=cluster, nodes=nodes, num_microbatches=B,
+                schedule=schedule, num_stages=num_stages, stages=stages, num_layers=num_layers,
+                memory_budget_bytes=memory_budget_bytes, solver=solver, time_limit_s=time_limit_s,
+                costing=costing, max_exact_pairs=max_exact_pairs, mesh_search=mesh_search,
+                split_scans=split_scans, remat=remat, zero=zero, workers=workers, verbose=progress), counts, progress)
+        finally:
+            if progress is not verbose:
+                progress.close()
     try:
         t0 = time.perf_counter()
         progress.phase("trace the loss and cut it into layers")
@@ -140,4 +159,43 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
         if progress is not verbose:
             progress.close()
 
-__all__ = ["choose_costing", "plan_pipeline", "plan_training"]
+def microbatch_counts(num_microbatches) -> list[int]:
+    """The micro-batch counts ``num_microbatches`` asks for (an int or a sequence of them)."""
+    many = isinstance(num_microbatches, Sequence) and not isinstance(num_microbatches, str)
+    counts = list(num_microbatches) if many else [num_microbatches]
+    if not counts or any(isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1 for b in counts):
+        raise ValueError(f"num_microbatches must be a positive int or a non-empty sequence of them, got "
+                         f"{num_microbatches!r}")
+    return sorted({int(b) for b in counts})
+
+
+def _fastest_count(plan_one, counts: list[int], progress: Progress) -> TrainingPlan:
+    """Plan each micro-batch count (``plan_one(B)``); the fastest predicted step that fits,
+    with every count's outcome in ``microbatch_search``."""
+    t0, trials, best = time.perf_counter(), [], None
+    errors = []
+    for B in counts:
+        progress.phase(f"micro-batch count {B} ({counts.index(B) + 1} of {len(counts)})")
+        ts = time.perf_counter()
+        try:
+            tp = plan_one(B)
+        except PlanError as err:
+            trials.append(dict(num_microbatches=B, error=str(err).split("\n")[0][:300],
+                               plan_s=time.perf_counter() - ts))
+            errors.append(err)
+            continue
+        trials.append(dict(num_microbatches=B, step_s=tp.predicted.step_time_s, plan_s=time.perf_counter() - ts))
+        if best is None or tp.predicted.step_time_s < best.predicted.step_time_s:
+            best = tp
+    if best is None:
+        need = [e.min_bytes_per_device for e in errors if e.min_bytes_per_device is not None]
+        raise PlanError(f"no micro-batch count of {counts} has a plan that fits; first: {errors[0]}",
+                        min_bytes_per_device=min(need) if need else None)
+    search = [MicrobatchTrial(**t, chosen=t["num_microbatches"] == best.num_microbatches) for t in trials]
+    timing = best.timing.model_copy(update={"total_s": time.perf_counter() - t0})
+    out = best.model_copy(update={"microbatch_search": search, "timing": timing})
+    out._loss_fn, out._optimizer = best._loss_fn, best._optimizer
+    return out
+
+
+__all__ = ["choose_costing", "microbatch_counts", "plan_pipeline", "plan_training"]

@@ -62,6 +62,15 @@ class RefinedSplit(_Frozen):
     plan_s: float = 0.0               # planning time
 
 
+class MicrobatchTrial(_Frozen):
+    """One micro-batch count ``plan_training`` tried (``num_microbatches`` given as a sequence)."""
+    num_microbatches: int
+    step_s: float | None = None       # the predicted step of that count's plan (None: ``error``)
+    error: str | None = None          # why that count has no plan
+    plan_s: float = 0.0               # planning time of that count
+    chosen: bool = False              # the fastest: the plan
+
+
 class GridPoint(_Frozen):
     """A Megatron DP×TP×PP grid point the ``dp_tp_pp`` baseline tried, with its options
     (the same on every stage; plans saved before them: the defaults)."""
@@ -123,6 +132,8 @@ class TrainingPlan(_Document):
     strategy_name: str = Field(default="autopar", exclude_if=lambda v: v == "autopar")  # or the baseline's name
     # dp_tp_pp baseline: every grid point tried
     baseline_grid: list[GridPoint] | None = Field(default=None, exclude_if=lambda v: v is None)
+    # num_microbatches given as a sequence: every count tried (the plan is the fastest)
+    microbatch_search: list[MicrobatchTrial] | None = Field(default=None, exclude_if=lambda v: v is None)
     scan_split: ScanSplitRecord | None = Field(default=None, exclude_if=lambda v: v is None)
     timing: Timing = Timing()
     _loss_fn: Any = PrivateAttr(default=None)
