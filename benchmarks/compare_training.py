@@ -44,8 +44,15 @@ DEFAULT_MICROBATCH = 16
 NODES = (1, 2, 4, 8)
 
 
-def one(model: str, nodes: int, cluster: str, dtype: str, baseline: bool = True) -> dict:
-    """Plan one config (in this process) and return its row (``baseline=False``: autopar only)."""
+def counts_for(model: str, cluster: str, scales=(1.0,)) -> list[int]:
+    """Micro-batch counts of a config: the cluster's micro-batch size × each scale."""
+    size = MICROBATCH.get(cluster, DEFAULT_MICROBATCH)
+    return sorted({BATCH[model] // max(1, round(size * s)) for s in scales})
+
+
+def one(model: str, nodes: int, cluster: str, dtype: str, baseline: bool = True, scales=(1.0,)) -> dict:
+    """Plan one config (in this process) and return its row (``baseline=False``: autopar only);
+    with several micro-batch size ``scales`` both planners try each count and keep the fastest."""
     import importlib
 
     from autopar import PlanError, plan_training
@@ -53,8 +60,9 @@ def one(model: str, nodes: int, cluster: str, dtype: str, baseline: bool = True)
     mod = importlib.import_module(f"examples.{model}")
     suite = SUITES[model][nodes]
     params, batch = mod.params_and_batch(suite=suite, batch=BATCH[model], abstract=True, dtype=dtype)
-    microbatches = BATCH[model] // MICROBATCH.get(cluster, DEFAULT_MICROBATCH)
-    kw = dict(optimizer=mod.OPTIMIZER, cluster=cluster, nodes=nodes, num_microbatches=microbatches)
+    microbatches = counts_for(model, cluster, scales)
+    kw = dict(optimizer=mod.OPTIMIZER, cluster=cluster, nodes=nodes,
+              num_microbatches=microbatches if len(microbatches) > 1 else microbatches[0])
     row = {"model": model, "suite": suite, "cluster": cluster, "nodes": nodes, "gpus": nodes * 8,
            "batch": BATCH[model], "microbatches": microbatches}
     runs = [("autopar", lambda: plan_training(mod.loss_fn, params, batch, **kw)),
@@ -72,7 +80,9 @@ def one(model: str, nodes: int, cluster: str, dtype: str, baseline: bool = True)
             "bubble": tp.predicted.bubble_fraction, "stages": tp.num_stages, "plan_s": time.perf_counter() - t0,
             "layout": [f"L{s.layers[0]}-{s.layers[1] - 1}@{s.submesh[0]}x{s.submesh[1]}/"
                        f"{'x'.join(map(str, s.plan.mesh_shape))}" for s in tp.stages],
-            "layers": tp.search.num_layers, "ilp_solves": tp.search.ilp_solves}
+            "layers": tp.search.num_layers, "ilp_solves": tp.search.ilp_solves, "microbatches": tp.num_microbatches}
+        if tp.microbatch_search is not None:
+            row[name]["per_count"] = {m.num_microbatches: m.step_s for m in tp.microbatch_search}
         if tp.baseline_grid is not None:
             row[name]["grid"] = [g.model_dump() for g in tp.baseline_grid]
         if tp.search.refined:
@@ -113,8 +123,9 @@ def table_line(r: dict) -> str:
     fa = "OOM" if a.get("oom") else _ms(a["step_s"])
     fb = "OOM" if b.get("oom") else _ms(b["step_s"])
     ratio = f"{r['ratio']:.2f}×" if "ratio" in r else ("∞ (baseline OOM)" if b.get("oom") and not a.get("oom") else "–")
-    lay_a = _compact(a["layout"]) if "layout" in a else "–"
-    lay_b = _compact(b["layout"]) if "layout" in b else "–"
+    many = isinstance(r.get("microbatches"), list) and len(r["microbatches"]) > 1
+    lay_a = (_compact(a["layout"]) + (f" ×{a['microbatches']}mb" if many else "")) if "layout" in a else "–"
+    lay_b = (_compact(b["layout"]) + (f" ×{b['microbatches']}mb" if many else "")) if "layout" in b else "–"
     mem = f"{a['peak_gb']:.1f} GB" if "peak_gb" in a else "–"
     return (f"| {r['model']} | {r['suite']} | {r['cluster']} | {r['gpus']} | {fa} | {fb} | {ratio} | {lay_a} | "
             f"{lay_b} | {mem} | {a['plan_s']:.0f} s / {b['plan_s']:.0f} s |")
@@ -180,6 +191,8 @@ def main() -> None:
     ap.add_argument("--clusters", default=",".join(CLUSTERS))
     ap.add_argument("--nodes", default=",".join(map(str, NODES)))
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--mb-scales", default="1", help="micro-batch sizes tried, as multiples of the cluster's "
+                    "default (e.g. 0.5,1,2): both planners plan each count and keep the fastest")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per config (subprocess)")
     ap.add_argument("--resume", action="store_true", help="skip configs already in <out>.jsonl")
     ap.add_argument("--report", action="store_true", help="only rebuild md/json/png from <out>.jsonl")
@@ -191,8 +204,10 @@ def main() -> None:
     ap.add_argument("--one", nargs=3, metavar=("MODEL", "NODES", "CLUSTER"), help=argparse.SUPPRESS)
     ap.add_argument("--no-baseline", action="store_true", help=argparse.SUPPRESS)
     ns = ap.parse_args()
+    scales = tuple(float(x) for x in ns.mb_scales.split(","))
     if ns.one:
-        print("ROW " + json.dumps(one(ns.one[0], int(ns.one[1]), ns.one[2], ns.dtype, not ns.no_baseline)), flush=True)
+        print("ROW " + json.dumps(one(ns.one[0], int(ns.one[1]), ns.one[2], ns.dtype, not ns.no_baseline,
+                                      scales)), flush=True)
         return
     out = Path(ns.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -200,10 +215,13 @@ def main() -> None:
     rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
     meta = (f"Training step of each suite config (AdamW, {ns.dtype} params/activations), "
             f"global batch {BATCH['gpt']} (GPT, MoE) / {BATCH['wresnet']} (Wide-ResNet) in micro-batches of "
-            f"{DEFAULT_MICROBATCH} ({MICROBATCH['p3.16xlarge']} on p3.16xlarge's 16 GB V100s), 1F1B, 8 GPUs per node, device memory of the cluster spec; planned from "
+            f"{DEFAULT_MICROBATCH} ({MICROBATCH['p3.16xlarge']} on p3.16xlarge's 16 GB V100s)" + (
+                f", and micro-batch sizes × {', '.join(ns.mb_scales.split(','))} of that: both planners plan "
+                f"every count and keep their fastest (the count follows each layout, e.g. ×64mb)"
+                if len(scales) > 1 else ", the same count for both") + f", 1F1B, 8 GPUs per node, device memory of the cluster spec; planned from "
             f"ShapeDtypeStructs. autopar = `autopar.plan_training` (defaults: recompute none/dots/full and ZeRO-1 "
             f"chosen per stage); DP×TP×PP = `autopar.baselines.dp_tp_pp` (defaults: the best uniform-stage grid "
-            f"point over recompute none/dots/full × distributed optimizer (ZeRO-1) × micro-batch sizes, each stage "
+            f"point over recompute none/dots/full × distributed optimizer (ZeRO-1), each stage "
             f"under the dp_tp rule). "
             f"Times are predicted by autopar's cost model. Run on {platform.machine()} (Python "
             f"{platform.python_version()}), 2 cores, one config per subprocess." + (f" {ns.note}" if ns.note else ""))
@@ -223,8 +241,8 @@ def main() -> None:
                         continue
                     t0 = time.perf_counter()
                     prev = old.get((model, cluster, nodes))
-                    cmd = [sys.executable, __file__, "--one", model, str(nodes), cluster, "--dtype", ns.dtype] + (
-                        ["--no-baseline"] if prev else [])
+                    cmd = [sys.executable, __file__, "--one", model, str(nodes), cluster, "--dtype", ns.dtype,
+                           "--mb-scales", ns.mb_scales] + (["--no-baseline"] if prev else [])
                     try:
                         res = subprocess.run(cmd, capture_output=True, text=True, timeout=ns.timeout, cwd=ROOT)
                         line = [x for x in res.stdout.splitlines() if x.startswith("ROW ")]
