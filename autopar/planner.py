@@ -112,6 +112,9 @@ class PlanHooks:
     problems: dict | None = None
     # resharding matrices shared across builds (default: one per call, shared by its meshes)
     reshard_cache: ReshardCache | None = None
+    # seconds an ILP too big for the MILP gives its LP relaxation outside the time limit
+    # (``solvers.solve(lp_time_s=)``; pipeline stages under their default limit)
+    lp_time_s: float | None = None
     carry: bool = True  # False: no loop-carried pairs (a stage's gradient program feeds nothing back)
     # True: a mesh whose ILP proves it cannot beat the best mesh so far stops there (its
     # candidate says "cutoff", no objective); the plan is the same (pipeline stages)
@@ -153,7 +156,7 @@ def plan_with(fn, example_args, *, cluster="cpu-8", nodes: int = 1, mesh_shape=N
         try:
             sol = solvers.solve(ip.problem, solver=solver, time_limit_s=time_limit_s, gap_rel=MIP_GAP,
                                 start=warm.start_for(ip, solver=solver, time_limit_s=time_limit_s, gap_rel=MIP_GAP)
-                                if warm else None, cutoff=cutoff)
+                                if warm else None, cutoff=cutoff, lp_time_s=hooks.lp_time_s)
         except solvers.InfeasibleError as err:
             sol = err
         t_solve += time.perf_counter() - ts

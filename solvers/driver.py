@@ -71,13 +71,20 @@ def ilp_size(problem: Problem, cap: float = math.inf) -> int:
 
 def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None = None,
           presolve: bool = True, seed: int = 0, gap_rel: float = 0.0, start=None,
-          cutoff: float | None = None) -> Solution:
+          cutoff: float | None = None, lp_time_s: float | None = None) -> Solution:
     """Best choice for ``problem`` (in its own node order), scored by ``evaluate``.
 
     ``gap_rel``: the ILP stops once its incumbent is proven within this relative gap of the
     optimum (0: prove optimality; the planner passes ``autopar.planner.MIP_GAP`` = 1e-3 —
     closing the last 0.1 % of a predicted step time can take HiGHS minutes). ``seed``: the
-    heuristic's random seed. ``start``: a warm start, ``cutoff``: see the module doc."""
+    heuristic's random seed. ``start``: a warm start, ``cutoff``: see the module doc.
+    ``lp_time_s`` ("auto", an ILP too big for the MILP): seconds its LP relaxation may take
+    outside ``time_limit_s``, which is then the heuristic's alone (None: the LP takes
+    min(AUTO_LP_S, 30 % of the limit) from it). The LP is the way to an exact answer there —
+    integral and fitting on most sharding problems —, but a big one takes longer than 30 % of
+    a short limit, and the heuristic's choice then depends on the machine's load (measured:
+    the MoE-10B stages on (1, 8), 5–12 s of LP each, integral; with 3 s of a 10 s limit each
+    went to the heuristic, 10–14 % above the optimum, and the step rose 4.12 → 4.37 s)."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown {solver=}; expected one of {SOLVERS}")
     clock = _Clock(time_limit_s)
@@ -85,7 +92,8 @@ def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None 
     stats: dict = {}
     reduced = _presolved(problem, min_peak, stats) if presolve else _Reduced.identity(problem)
     warm = _WarmStart(problem, start, clock, stats)
-    name, sol = _run_solver(solver, reduced, warm, clock, gap_rel=gap_rel, seed=seed, stats=stats, cutoff=cutoff)
+    name, sol = _run_solver(solver, reduced, warm, clock, gap_rel=gap_rel, seed=seed, stats=stats, cutoff=cutoff,
+                            lp_time_s=lp_time_s)
     stats["solver"] = sol.stats
     if sol.status != "cutoff":
         sol = _answer(problem, reduced, name, sol, warm.value, min_peak, clock, stats)
@@ -175,7 +183,7 @@ def _presolved(problem: Problem, min_peak: float, stats: dict) -> _Reduced:
 
 
 def _run_solver(solver: str, reduced: _Reduced, warm: _WarmStart, clock: _Clock, *, gap_rel: float, seed: int,
-                stats: dict, cutoff: float | None = None) -> tuple[str, Solution]:
+                stats: dict, cutoff: float | None = None, lp_time_s: float | None = None) -> tuple[str, Solution]:
     """(the solver's name as reported, its solution of the reduced problem)."""
     p = reduced.problem
     if solver == "brute":
@@ -186,7 +194,7 @@ def _run_solver(solver: str, reduced: _Reduced, warm: _WarmStart, clock: _Clock,
     if solver == "heuristic":
         warm.ask()
         return solver, solve_heuristic(p, time_limit_s=_heuristic_time(clock.left()), seed=seed)
-    name, sol = _auto_exact(reduced, warm, clock, gap_rel=gap_rel, stats=stats, cutoff=cutoff)
+    name, sol = _auto_exact(reduced, warm, clock, gap_rel=gap_rel, stats=stats, cutoff=cutoff, lp_time_s=lp_time_s)
     if sol is None or (not sol.feasible and sol.status not in ("infeasible", "cutoff")):
         warm.ask()
         name, sol = "auto:heuristic", solve_heuristic(p, time_limit_s=_heuristic_time(clock.left()), seed=seed)
@@ -194,7 +202,7 @@ def _run_solver(solver: str, reduced: _Reduced, warm: _WarmStart, clock: _Clock,
 
 
 def _auto_exact(reduced: _Reduced, warm: _WarmStart, clock: _Clock, *, gap_rel: float,
-                stats: dict, cutoff: float | None = None) -> tuple[str, Solution | None]:
+                stats: dict, cutoff: float | None = None, lp_time_s: float | None = None) -> tuple[str, Solution | None]:
     """"auto" by the reduced ILP's size: its LP relaxation, then HiGHS (small); the LP
     relaxation alone, briefly (medium); nothing (large: the heuristic's)."""
     p = reduced.problem
@@ -208,6 +216,11 @@ def _auto_exact(reduced: _Reduced, warm: _WarmStart, clock: _Clock, *, gap_rel: 
                                        start=_ilp_start(reduced, warm, clock, rounded), gap_rel=gap_rel)
     if size <= AUTO_LP_VARIABLES:  # too big for the MILP, but its LP is often integral: try it, briefly
         limit = clock.left()
+        if lp_time_s is not None:  # outside the limit (``solve``)
+            t0 = time.perf_counter()
+            sol = _lp_first(p, lp_time_s, gap_rel, cutoff)
+            clock.excluded_s += time.perf_counter() - t0
+            return "auto:highs-lp", sol
         return "auto:highs-lp", _lp_first(p, min(AUTO_LP_S, 0.3 * limit) if limit is not None else AUTO_LP_S,
                                           gap_rel, cutoff)
     return "auto", None

@@ -380,3 +380,32 @@ def test_cutoff_stops_only_when_nothing_is_cheaper(solver):
         assert above.status == "optimal" and _same(above.cost, ref.cost), f"{seed=}: {above} vs {ref.cost}"
         stopped += 1
     assert stopped > 50
+
+
+def test_lp_time_outside_the_limit_leaves_the_heuristic_its_whole_limit(monkeypatch):
+    # an ILP too big for the MILP: with lp_time_s the LP relaxation gets that long of its own
+    # and the heuristic, when the LP does not settle it, still gets the whole time limit;
+    # without it the LP takes 30 % of the limit from the heuristic
+    import time as _time
+
+    import autopar.solvers.driver as sp
+    monkeypatch.setattr(sp, "AUTO_ILP_VARIABLES", -1)   # (even a problem presolve empties)
+    seen = {}
+    real_lp, real_heuristic = sp._lp_first, sp.solve_heuristic
+
+    def slow_unsettled_lp(problem, time_left, *a, **k):
+        seen["lp"] = time_left
+        real_lp(problem, time_left, *a, **k)
+        _time.sleep(0.6)
+        return None                      # as if not integral: the heuristic runs
+
+    def heuristic(problem, *, time_limit_s, **k):
+        seen["heuristic"] = time_limit_s
+        return real_heuristic(problem, time_limit_s=min(time_limit_s, 0.2), **k)
+    monkeypatch.setattr(sp, "_lp_first", slow_unsettled_lp)
+    monkeypatch.setattr(sp, "solve_heuristic", heuristic)
+    p = random_problem(3001, limit=False, n_max=12, p_inf=0.0, structured=False)
+    got = solve(p, solver="auto", time_limit_s=1.0, lp_time_s=7.0)
+    assert seen["lp"] == 7.0 and seen["heuristic"] > 0.7 and got.feasible
+    got = solve(p, solver="auto", time_limit_s=1.0)
+    assert seen["lp"] == pytest.approx(0.3, abs=0.05) and seen["heuristic"] < 0.4 and got.feasible

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from autopar.cost import ClusterSpec, shard_factor
+from autopar.solvers.driver import AUTO_LP_S
 
 from ..graph import build_graph
 from ..build_edges import ReshardCache
@@ -30,7 +31,9 @@ from .halves import cut_train, residual_bytes_per_device
 from .stages import Stage, residual_bytes, split_program, stage_abstract_args, stage_forward, stage_train
 
 # per intra-op stage plan when time_limit_s is None: small stages solve exactly in well under a
-# second; a big stage whose ILP goes to the heuristic returns its incumbent after this long
+# second; a big stage whose ILP goes to the heuristic returns its incumbent after this long (the
+# LP relaxation tried first on an ILP too big for the MILP has AUTO_LP_S of its own: it settles
+# most of them exactly, whatever the machine's load; ``solvers.solve(lp_time_s=)``)
 STAGE_TIME_LIMIT_S = 10.0
 # … and per single layer planned within a share of the budget (additive costing's lean variant):
 # these memory-bound ILPs rarely close their gap, and their incumbent is found early (measured:
@@ -312,7 +315,7 @@ class StageCoster:
                 {} if self.restrict is None else self.restrict((p, a, nd, ct), tuple(shape)))},
             strategy_name=self.strategy_name, warm_start=self._warm_start((p, a, nd, ct), key),
             problems=self.problems.setdefault((*key, zero), {}), reshard_cache=self.reshard_cache, carry=False,
-            cutoff=True, outcomes=outcomes)
+            cutoff=True, outcomes=outcomes, lp_time_s=AUTO_LP_S if self.time_limit_s is None else None)
 
     def bound(self, i: int, j: int, submesh, remat: str = "none", zero: bool = False) -> float:
         """A lower bound on ``cost(i, j, submesh, remat=remat, zero=zero).latency`` without an
