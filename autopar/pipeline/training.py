@@ -125,8 +125,8 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
     ``"autopar"`` logger at INFO; ``verbose=True`` prints it on stderr, a
     :class:`autopar.progress.Progress` receives it.
     """
-    progress = progress_for(verbose)
     counts = microbatch_counts(num_microbatches)
+    progress = progress_for(verbose)
     if len(counts) > 1 or not isinstance(num_microbatches, int):
         try:
             return _fastest_count(lambda B: plan_training(
@@ -172,8 +172,7 @@ def microbatch_counts(num_microbatches) -> list[int]:
 def _fastest_count(plan_one, counts: list[int], progress: Progress) -> TrainingPlan:
     """Plan each micro-batch count (``plan_one(B)``); the fastest predicted step that fits,
     with every count's outcome in ``microbatch_search``."""
-    t0, trials, best = time.perf_counter(), [], None
-    errors = []
+    t0, trials, errors, best = time.perf_counter(), [], [], None
     for B in counts:
         progress.phase(f"micro-batch count {B} ({counts.index(B) + 1} of {len(counts)})")
         ts = time.perf_counter()
