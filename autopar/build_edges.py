@@ -26,6 +26,8 @@ class ReshardCache:
     def __init__(self, max_entries: int = 50_000):
         self.max_entries = max_entries
         self._matrices: dict = {}
+        self._seconds: dict = {}   # ((mesh key, shape, itemsize, combined), src spec, dst spec) → s
+        self._mesh_keys: dict = {}
 
     def matrix(self, mesh: MeshModel, value: Value, src: tuple, dst: tuple, seen: set | None = None,
                combined: bool = False) -> np.ndarray:
@@ -37,13 +39,43 @@ class ReshardCache:
             seen.add(key)
         m = self._matrices.get(key)
         if m is None:
-            m = np.array([[0.0 if d is None else _seconds(mesh, value, a, d, combined)
-                           for d in dst] for a in src]) * US
+            m = self._build(mesh, value, src, dst, combined)
             m.flags.writeable = False
             if len(self._matrices) >= self.max_entries:
                 self._matrices.clear()
+                self._seconds.clear()
+                self._mesh_keys.clear()
             self._matrices[key] = m
         return m
+
+    def _build(self, mesh: MeshModel, value: Value, src: tuple, dst: tuple, combined: bool) -> np.ndarray:
+        """The matrix from its distinct specs: a spec list repeats specs (many strategies
+        share an operand's layout), and another list shares most pairs with this one."""
+        if not src:
+            return np.zeros(0)
+        rows, cols = _positions(src), _positions(dst)
+        mesh_key = self._mesh_keys.setdefault(mesh, len(self._mesh_keys))  # hashed once, not per pair
+        known, base = self._seconds, (mesh_key, value.shape, value.itemsize, combined)
+        table = np.zeros((len(rows), len(cols)))
+        for r, a in enumerate(rows):
+            for c, d in enumerate(cols):
+                if d is not None:
+                    k = (base, a, d)
+                    t = known.get(k)
+                    if t is None:
+                        t = known[k] = _seconds(mesh, value, a, d, combined)
+                    table[r, c] = t
+        return table[np.array([rows[a] for a in src], dtype=np.intp)[:, None],
+                     np.array([cols[d] for d in dst], dtype=np.intp)[None, :]] * US
+
+
+def _positions(specs: tuple) -> dict:
+    """{spec: its row among the distinct specs}, in first-seen order."""
+    out: dict = {}
+    for s in specs:
+        if s not in out:
+            out[s] = len(out)
+    return out
 
 
 def _seconds(mesh: MeshModel, value: Value, src, dst, combined: bool) -> float:
