@@ -197,13 +197,15 @@ def _edge_vars(milp: SparseMILP, su: int, sv: int, sub: np.ndarray, scale: float
     milp.c.extend((cols[gi, gj] * scale).tolist())
     milp.integer.extend([False] * len(gi))
     ids = first + np.arange(len(gi))
-    by_row = _groups(ids, np.bincount(gi, minlength=cols.shape[0]))
-    by_col = _groups(ids[np.argsort(gj, kind="stable")], np.bincount(gj, minlength=cols.shape[1]))
-    for s0, groups, of in ((su, by_row, rg), (sv, by_col, cg)):
-        members = _groups(np.argsort(of, kind="stable"), np.bincount(of, minlength=len(groups)))
-        for sel, mem in zip(groups, members):
-            milp.add_row(np.concatenate([sel, s0 + mem]),
-                         np.concatenate([np.ones(len(sel)), -np.ones(len(mem))]), 0.0, 0.0)
+    for s0, g, of, n in ((su, gi, rg, cols.shape[0]), (sv, gj, cg, cols.shape[1])):
+        # row k of this side: the edge variables of group k (by id), then −1 × the node's
+        # strategies in group k (by index); all rows of the side cut from one sorted array
+        owner = np.concatenate([g, of])
+        var = np.concatenate([ids, s0 + np.arange(len(of))]).astype(np.int32)
+        val = np.concatenate([np.ones(len(g)), -np.ones(len(of))])
+        order = np.argsort(owner, kind="stable")  # (edge variables precede strategies in a group)
+        ends = np.cumsum(np.bincount(owner, minlength=n))[:-1]
+        milp.rows.extend(zip(np.split(var[order], ends), np.split(val[order], ends), [0.0] * n, [0.0] * n))
     return first, gi, gj, rg, cg
 
 

@@ -177,19 +177,24 @@ class _State:
     # -- reductions ----------------------------------------------------------------------
     def examine(self, v: int) -> None:
         keep = np.isfinite(self.cost[v])
-        for m in self.adj[v].values():
-            keep &= np.isfinite(m).any(axis=1)
+        finite = {}  # w → whether E_vw is all finite
+        for w, m in self.adj[v].items():
+            if np.isfinite(m.sum()):  # (one reduction: a sum is finite iff every entry is)
+                finite[w] = True
+            else:
+                finite[w] = False
+                keep &= np.isfinite(m).any(axis=1)
         if not keep.all():
             self.counts["forbidden"] += int((~keep).sum())
             self._restrict(v, keep)
+            finite = {}
         if len(self.cost[v]) == 1:
             return self._fix(v)
         for w in list(self.adj[v]):
             if w not in self.adj[v]:
                 continue
             m = self.adj[v][w]
-            fin = np.isfinite(m)
-            if fin.all():
+            if finite.get(w, False) or np.isfinite(m.sum()):
                 a, b = m[:, 0] - m[0, 0], m[0, :]
                 sep = a[:, None] + b[None, :]
                 if (np.abs(m - sep) <= 1e-13 * np.abs(sep)).all():  # np.allclose(rtol=1e-13, atol=0)
@@ -199,7 +204,14 @@ class _State:
                     self._push(w)
                     self.counts["separable"] += 1
                     continue
-            rows1, cols1 = (fin.sum(axis=1) == 1).all(), (fin.sum(axis=0) == 1).all()
+                # all finite: one entry per row means one column (and per column, one row)
+                rows1, cols1 = m.shape[1] == 1, m.shape[0] == 1
+                if not (rows1 or cols1):
+                    continue
+                fin = np.ones(m.shape, dtype=bool)
+            else:
+                fin = np.isfinite(m)
+                rows1, cols1 = (fin.sum(axis=1) == 1).all(), (fin.sum(axis=0) == 1).all()
             if rows1 and cols1 and len(self.adj[v]) < len(self.adj[w]):
                 rows1 = False  # a bijection: keep the node with more edges (hubs stay put)
             if rows1:  # s_w = f(s_v)
