@@ -204,8 +204,8 @@ def _edge_vars(milp: SparseMILP, su: int, sv: int, sub: np.ndarray, scale: float
         var = np.concatenate([ids, s0 + np.arange(len(of))]).astype(np.int32)
         val = np.concatenate([np.ones(len(g)), -np.ones(len(of))])
         order = np.argsort(owner, kind="stable")  # (edge variables precede strategies in a group)
-        ends = np.cumsum(np.bincount(owner, minlength=n))[:-1]
-        milp.rows.extend(zip(np.split(var[order], ends), np.split(val[order], ends), [0.0] * n, [0.0] * n))
+        var, val, ends = var[order], val[order], np.cumsum(np.bincount(owner, minlength=n)).tolist()
+        milp.rows.extend((var[a:b], val[a:b], 0.0, 0.0) for a, b in zip([0] + ends[:-1], ends))
     return first, gi, gj, rg, cg
 
 

@@ -104,6 +104,8 @@ class _State:
         self.offset = float(problem.cost_offset)
         self.limit = problem.usage_limit
         self.ops: list[tuple] = []
+        # (v, w) → (E_vw known all finite, whether it is neither separable nor functional)
+        self.finite: dict[tuple[int, int], tuple[np.ndarray, bool]] = {}
         self.queue: deque[int] = deque(range(n))
         self.queued = np.ones(n, dtype=bool)
         self.counts = {k: 0 for k in ("forbidden", "fixed", "separable", "merged", "leaf", "series", "dominated",
@@ -175,26 +177,34 @@ class _State:
             self._push(w)
 
     # -- reductions ----------------------------------------------------------------------
+    def _all_finite(self, v: int, w: int, m: np.ndarray) -> bool:
+        """Whether E_vw (``m``) is all finite: known for a matrix seen before (a changed edge is
+        a new array), else one reduction (a sum is finite iff every entry is)."""
+        seen = self.finite.get((v, w))
+        if seen is not None and seen[0] is m:
+            return True
+        if np.isfinite(m.sum()):
+            self.finite[v, w] = (m, False)
+            return True
+        return False
+
     def examine(self, v: int) -> None:
         keep = np.isfinite(self.cost[v])
-        finite = {}  # w → whether E_vw is all finite
         for w, m in self.adj[v].items():
-            if np.isfinite(m.sum()):  # (one reduction: a sum is finite iff every entry is)
-                finite[w] = True
-            else:
-                finite[w] = False
+            if not self._all_finite(v, w, m):
                 keep &= np.isfinite(m).any(axis=1)
         if not keep.all():
             self.counts["forbidden"] += int((~keep).sum())
             self._restrict(v, keep)
-            finite = {}
         if len(self.cost[v]) == 1:
             return self._fix(v)
         for w in list(self.adj[v]):
             if w not in self.adj[v]:
                 continue
             m = self.adj[v][w]
-            if finite.get(w, False) or np.isfinite(m.sum()):
+            if self._all_finite(v, w, m):
+                if self.finite[v, w][1]:  # this matrix was found neither separable nor functional
+                    continue
                 a, b = m[:, 0] - m[0, 0], m[0, :]
                 sep = a[:, None] + b[None, :]
                 if (np.abs(m - sep) <= 1e-13 * np.abs(sep)).all():  # np.allclose(rtol=1e-13, atol=0)
@@ -207,6 +217,7 @@ class _State:
                 # all finite: one entry per row means one column (and per column, one row)
                 rows1, cols1 = m.shape[1] == 1, m.shape[0] == 1
                 if not (rows1 or cols1):
+                    self.finite[v, w] = (m, True)
                     continue
                 fin = np.ones(m.shape, dtype=bool)
             else:
