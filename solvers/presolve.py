@@ -34,6 +34,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -302,10 +303,10 @@ class _State:
         width = 1 + len(self.items[v]) + sum(m.shape[1] for m in self.adj[v].values())
         if k * k * width > DOMINANCE_MAX:
             return
-        feats = np.column_stack([self.cost[v]] + [use for use, _ in self.items[v]] + list(self.adj[v].values()))
+        feats = np.concatenate([self.cost[v][:, None]] + [use[:, None] for use, _ in self.items[v]]
+                               + list(self.adj[v].values()), axis=1)
         le = (feats[:, None, :] <= feats[None, :, :]).all(axis=2)  # le[b, a]: b ≤ a everywhere
-        better = le & (~le.T | (np.arange(k)[:, None] < np.arange(k)[None, :]))
-        np.fill_diagonal(better, False)
+        better = le & (~le.T | _upper(k))
         dominated = better.any(axis=0)
         if dominated.any():
             for a in np.flatnonzero(dominated):  # a dominator that stays (``better`` is a strict order)
@@ -349,6 +350,14 @@ class _State:
                     self.examine(v)
             if self.limit is None or not self.drop_slack_items():
                 return
+
+
+@lru_cache(maxsize=256)
+def _upper(k: int) -> np.ndarray:
+    """k×k: b < a strictly (read only)."""
+    m = np.arange(k)[:, None] < np.arange(k)[None, :]
+    m.flags.writeable = False
+    return m
 
 
 def presolve(problem: Problem) -> Presolved:
