@@ -6,6 +6,7 @@ input's layout before the next call) and scan carries (one layout for every iter
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,8 @@ class ReshardCache:
     def __init__(self, max_entries: int = 50_000):
         self.max_entries = max_entries
         self._matrices: dict = {}
+        self._seconds: dict = {}   # ((mesh key, shape, itemsize, combined), src spec, dst spec) → s
+        self._mesh_keys: dict = {}
 
     def matrix(self, mesh: MeshModel, value: Value, src: tuple, dst: tuple, seen: set | None = None,
                combined: bool = False) -> np.ndarray:
@@ -37,13 +40,69 @@ class ReshardCache:
             seen.add(key)
         m = self._matrices.get(key)
         if m is None:
-            m = np.array([[0.0 if d is None else _seconds(mesh, value, a, d, combined)
-                           for d in dst] for a in src]) * US
+            m = self._build(mesh, value, src, dst, combined)
             m.flags.writeable = False
             if len(self._matrices) >= self.max_entries:
                 self._matrices.clear()
+                self._seconds.clear()
+                self._mesh_keys.clear()
             self._matrices[key] = m
         return m
+
+    def costs_any(self, mesh: MeshModel, value: Value, src: tuple, dst_spec, seen: set | None = None,
+                  combined: bool = False) -> bool:
+        """Whether converting ``value`` from some spec of ``src`` into ``dst_spec`` costs
+        something (a finite entry > 0 of ``matrix(mesh, value, src, (dst_spec,))``, whose key
+        ``seen`` collects), without making that matrix."""
+        key = (mesh, value.shape, value.itemsize, src, (dst_spec,), combined)
+        if seen is not None:
+            seen.add(key)
+        m = self._matrices.get(key)
+        if m is not None:
+            return bool((m[np.isfinite(m)] > 0).any())
+        if dst_spec is None:
+            return False
+        base, known = self._base(mesh, value, combined), self._seconds
+        for a in dict.fromkeys(src):
+            t = known.get((base, a, dst_spec))
+            if t is None:
+                t = known[base, a, dst_spec] = _seconds(mesh, value, a, dst_spec, combined)
+            t = t * US
+            if t > 0 and math.isfinite(t):
+                return True
+        return False
+
+    def _base(self, mesh: MeshModel, value: Value, combined: bool) -> tuple:
+        """The part of a spec pair's key this matrix shares (the mesh hashed once, not per pair)."""
+        return self._mesh_keys.setdefault(mesh, len(self._mesh_keys)), value.shape, value.itemsize, combined
+
+    def _build(self, mesh: MeshModel, value: Value, src: tuple, dst: tuple, combined: bool) -> np.ndarray:
+        """The matrix from its distinct specs: a spec list repeats specs (many strategies
+        share an operand's layout), and another list shares most pairs with this one."""
+        if not src:
+            return np.zeros(0)
+        rows, cols = _positions(src), _positions(dst)
+        known, base = self._seconds, self._base(mesh, value, combined)
+        table = np.zeros((len(rows), len(cols)))
+        for r, a in enumerate(rows):
+            for c, d in enumerate(cols):
+                if d is not None:
+                    k = (base, a, d)
+                    t = known.get(k)
+                    if t is None:
+                        t = known[k] = _seconds(mesh, value, a, d, combined)
+                    table[r, c] = t
+        return table[np.array([rows[a] for a in src], dtype=np.intp)[:, None],
+                     np.array([cols[d] for d in dst], dtype=np.intp)[None, :]] * US
+
+
+def _positions(specs: tuple) -> dict:
+    """{spec: its row among the distinct specs}, in first-seen order."""
+    out: dict = {}
+    for s in specs:
+        if s not in out:
+            out[s] = len(out)
+    return out
 
 
 def _seconds(mesh: MeshModel, value: Value, src, dst, combined: bool) -> float:
@@ -124,7 +183,7 @@ def operand_edges(graph: OpGraph, mesh: MeshModel, strats, cache: ReshardCache, 
         mesh, value, tuple(src), tuple(dst), keys, gathers_combined(graph, mesh, value.id, reader))
     skip = set(remat) | ({n.index for n in graph.nodes if n.kind == "input"} if allowed_reshard is not None else set())
     skip |= unshared_producers(graph)
-    shared = shared_values(graph, strats, grouped, skip, _costly(graph, strats, matrix)) if share else {}
+    shared = shared_values(graph, strats, grouped, skip, _costly(graph, mesh, strats, cache, keys)) if share else {}
     for (u, v), ops in grouped.items():
         mat = np.zeros((len(strats[u]), len(strats[v])))
         for op in ops:
@@ -165,14 +224,18 @@ def unshared_producers(graph: OpGraph) -> set[int]:
     return out
 
 
-def _costly(graph: OpGraph, strats, matrix):
+def _costly(graph: OpGraph, mesh: MeshModel, strats, cache: ReshardCache, keys: set):
     """``costly(value id, spec)``: converting the value into ``spec`` costs something from
-    some output spec of its producer."""
+    some output spec of its producer (``ReshardCache.costs_any``; ``keys`` collects the key
+    of the matrix it stands for)."""
+    sources: dict = {}
+
     def costly(vid, spec) -> bool:
         u, j = graph.producer[vid]
-        src = tuple(dict.fromkeys(s.out_specs[j] for s in strats[u]))
-        col = matrix(graph.program.values[vid], src, (spec,))
-        return bool((col[np.isfinite(col)] > 0).any())
+        if (u, j) not in sources:
+            sources[u, j] = tuple(dict.fromkeys(s.out_specs[j] for s in strats[u]))
+        return cache.costs_any(mesh, graph.program.values[vid], sources[u, j], spec, keys,
+                               gathers_combined(graph, mesh, vid))
     return costly
 
 

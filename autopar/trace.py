@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import jax
@@ -41,11 +42,11 @@ class Value:
     shape: tuple[int, ...]
     dtype: Any
 
-    @property
+    @cached_property  # (asked for hundreds of thousands of times while a pipeline plan is built)
     def itemsize(self) -> int:
         return dtype_itemsize(self.dtype)
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * self.itemsize
 

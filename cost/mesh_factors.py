@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .spec import Spec
 
@@ -32,7 +33,10 @@ def norm_factors(factors) -> tuple[Factor, ...]:
 
 def factors_size(factors) -> int:
     """Devices the factors span: ∏ size."""
-    return math.prod(f[2] for f in factors)
+    n = 1
+    for f in factors:
+        n *= f[2]
+    return n
 
 
 def split_factors(factors, major: int):
@@ -64,22 +68,29 @@ class State:
     rep: tuple[Factor, ...]      # replicated factors, major first
     group: int = 1               # devices per tile held by grouping (rule 7), for the bytes
 
+    def __post_init__(self):  # the counts the replay asks for again and again, once (not fields)
+        sizes = tuple(factors_size(d) for d in self.dims)
+        object.__setattr__(self, "_sizes", sizes)
+        object.__setattr__(self, "_tiles", math.prod(sizes))
+        object.__setattr__(self, "_partial", self._tiles != 1 and factors_size(self.rep) > 1)
+
     def sizes(self):
-        return tuple(factors_size(d) for d in self.dims)
+        return self._sizes
 
     def tiles(self):
-        return math.prod(self.sizes())
+        return self._tiles
 
     def replicated(self):
-        return self.tiles() == 1
+        return self._tiles == 1
 
     def partial(self):
-        return not self.replicated() and factors_size(self.rep) > 1
+        return self._partial
 
     def with_dims(self, dims, rep):
         return State(tuple(norm_factors(d) for d in dims), norm_factors(rep), self.group)
 
 
+@lru_cache(maxsize=1 << 16)
 def state_of(spec: Spec, mesh_shape) -> State:
     dims = tuple(norm_factors((a, 1, mesh_shape[a]) for a in axes) for axes in spec)
     used = {a for axes in spec for a in axes}

@@ -51,7 +51,8 @@ not fall back to rule 8:
    slices the target ("Involuntary full rematerialization").
 
 Bytes follow ``cost.comm``'s records: all-gather its result, all-to-all and collective-permute
-their buffer.
+their buffer (kept as the divisor of the tensor's full bytes: the replay does not depend on
+the dtype).
 """
 from __future__ import annotations
 
@@ -62,13 +63,15 @@ from .mesh_factors import State, factors_size, norm_factors, split_factors
 
 
 class Replay:
-    """Replays XLA's reshard of one tensor; collects (kind, factors, local bytes)."""
+    """Replays XLA's reshard of one tensor; collects (kind, factors, divisor): the op moves
+    the tensor's full bytes / divisor per device (so one replay serves every dtype)."""
 
-    def __init__(self, shape, full_bytes, boundary=False):
-        self.shape, self.full, self.boundary = shape, full_bytes, boundary
+    def __init__(self, shape, boundary=False):
+        self.shape, self.boundary = shape, boundary
 
-    def local(self, st: State) -> float:
-        return self.full / (st.tiles() * st.group)
+    def local(self, st: State) -> int:
+        """The divisor of the full bytes that gives a shard of ``st``."""
+        return st.tiles() * st.group
 
     # ---- entry: PartitionedHlo::ReshardNoCache -------------------------------------------
     def reshard(self, cur: State, dst: State, allow_full=True, shape=None):

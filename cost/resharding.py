@@ -28,13 +28,18 @@ def resharding(mesh: MeshModel, shape: tuple[int, ...], itemsize: int, src: Spec
     if src == dst:
         return 0.0, ()
     full = math.prod(shape) * itemsize
-    plan = Replay(tuple(shape), full, boundary)
-    _, ops = plan.reshard(state_of(src, mesh.shape), state_of(dst, mesh.shape))
     seconds, colls = 0.0, []
-    for kind, factors, nbytes in ops:
-        axes = axes_of(factors)
-        if not axes:
-            continue
+    for kind, axes, divisor in _replayed(mesh.shape, tuple(shape), src, dst, boundary):
+        nbytes = full / divisor
         seconds += collective_time(mesh, kind, axes, nbytes)
         colls.append((kind, axes, nbytes))
     return seconds, tuple(colls)
+
+
+@lru_cache(maxsize=1 << 18)
+def _replayed(mesh_shape: tuple[int, ...], shape: tuple[int, ...], src: Spec, dst: Spec,
+              boundary: bool) -> tuple[tuple[str, tuple[int, ...], int], ...]:
+    """The collectives of the reshard as (kind, mesh axes, divisor of the full bytes): the
+    same on every mesh of this shape and for every dtype (only the pricing differs)."""
+    _, ops = Replay(shape, boundary).reshard(state_of(src, mesh_shape), state_of(dst, mesh_shape))
+    return tuple((kind, axes_of(factors), divisor) for kind, factors, divisor in ops if axes_of(factors))

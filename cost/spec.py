@@ -12,6 +12,7 @@ anything indexed by the spec's axes: the mesh shape (a tuple) for axis indices, 
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 Spec = tuple[tuple[int, ...], ...]
 
@@ -23,6 +24,16 @@ def axes_size(axes, mesh_shape) -> int:
 
 def shard_factor(spec, mesh_shape) -> int:
     """Shards of a tensor laid out as ``spec``: the product over its dims of their split."""
+    if type(mesh_shape) is tuple and type(spec) is tuple:  # (the planner's hot path: cached)
+        try:
+            return _shard_factor(spec, mesh_shape)
+        except TypeError:  # a dim's axes in a list: not hashable
+            pass
+    return axes_size((a for axes in spec for a in axes), mesh_shape)
+
+
+@lru_cache(maxsize=1 << 16)
+def _shard_factor(spec: Spec, mesh_shape: tuple[int, ...]) -> int:
     return axes_size((a for axes in spec for a in axes), mesh_shape)
 
 

@@ -43,7 +43,7 @@ import numpy as np
 from .brute import solve_brute
 from .heuristic import solve_heuristic
 from .ilp import solve_ilp
-from .milp import unique_rows
+from .milp import grouping
 from .presolve import presolve as run_presolve
 from .problem import InfeasibleError, Problem, Solution, evaluate
 
@@ -64,8 +64,8 @@ def ilp_size(problem: Problem, cap: float = math.inf) -> int:
         if size > cap:
             break
         if len(problem.node_costs[u]) > 1 and len(problem.node_costs[v]) > 1:
-            rows = unique_rows(m)[0]
-            size += len(rows) * len(unique_rows(rows.T)[0])
+            sides = grouping(m)[5]
+            size += len(sides[0][2]) * len(sides[1][2])  # row groups × column groups
     return size
 
 

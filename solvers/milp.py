@@ -5,6 +5,7 @@ identical rows / columns (``_edge_vars``), memory rows at binding time points (`
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 
@@ -178,33 +179,54 @@ def unique_rows(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return srt[new], inv
 
 
-def _groups(values: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
-    """``values`` cut into consecutive pieces of ``counts`` elements."""
-    ends = np.cumsum(counts).tolist()
-    return [values[b:e] for b, e in zip([0] + ends[:-1], ends)]
-
-
 def _edge_vars(milp: SparseMILP, su: int, sv: int, sub: np.ndarray, scale: float):
     """Marginal edge variables over *groups*: strategies of u whose rows of ``sub`` are
     identical form one row group (likewise columns), and the marginals are summed over a
     group — exact (binary s still forces one pair), and a 25×80 edge whose consumer has 16
     distinct input specs needs 25×16 variables, not 2000."""
-    rows, rg = unique_rows(sub)
-    colsT, cg = unique_rows(rows.T)
-    cols = colsT.T
-    gi, gj = np.nonzero(np.isfinite(cols))  # row-major: gi sorted
+    vals, gi, gj, rg, cg, sides = grouping(sub)
     first = len(milp.c)
-    milp.c.extend((cols[gi, gj] * scale).tolist())
+    milp.c.extend((vals * scale).tolist())
     milp.integer.extend([False] * len(gi))
-    ids = first + np.arange(len(gi))
-    by_row = _groups(ids, np.bincount(gi, minlength=cols.shape[0]))
-    by_col = _groups(ids[np.argsort(gj, kind="stable")], np.bincount(gj, minlength=cols.shape[1]))
-    for s0, groups, of in ((su, by_row, rg), (sv, by_col, cg)):
-        members = _groups(np.argsort(of, kind="stable"), np.bincount(of, minlength=len(groups)))
-        for sel, mem in zip(groups, members):
-            milp.add_row(np.concatenate([sel, s0 + mem]),
-                         np.concatenate([np.ones(len(sel)), -np.ones(len(mem))]), 0.0, 0.0)
+    for s0, (order, num_vars, ends) in zip((su, sv), sides):
+        # row k of this side: the edge variables of group k (by id), then −1 × the node's
+        # strategies in group k (by index), cut from one array in ``grouping``'s order
+        var = np.where(order < num_vars, first + order, s0 - num_vars + order).astype(np.int32)
+        val = np.where(order < num_vars, 1.0, -1.0)
+        milp.rows.extend((var[a:b], val[a:b], 0.0, 0.0) for a, b in zip([0] + ends[:-1], ends))
     return first, gi, gj, rg, cg
+
+
+GROUPINGS_MAX = 20_000
+_groupings: dict = {}  # memo of ``grouping`` by the matrix's bytes (a pure function of them)
+
+
+def grouping(sub: np.ndarray) -> tuple:
+    """The edge variables of ``sub`` (see ``_edge_vars``), read only: (their costs, row group,
+    column group, row group of each row, column group of each column, and per side (rows,
+    then columns) (the order of [variables, strategies] by group, number of variables, ends
+    of the groups)). A planner solves many problems holding the same edge matrices (the same
+    layers in stages of different lengths, budgets and meshes): each is grouped once."""
+    key = (sub.shape, sub.dtype.str, hashlib.blake2b(np.ascontiguousarray(sub).tobytes(), digest_size=16).digest())
+    out = _groupings.get(key)
+    if out is None:
+        rows, rg = unique_rows(sub)
+        colsT, cg = unique_rows(rows.T)
+        cols = colsT.T
+        gi, gj = np.nonzero(np.isfinite(cols))  # row-major: gi sorted
+        sides = []
+        for g, of, n in ((gi, rg, cols.shape[0]), (gj, cg, cols.shape[1])):
+            owner = np.concatenate([g, of])
+            order = np.argsort(owner, kind="stable")  # (edge variables precede strategies in a group)
+            order.flags.writeable = False
+            sides.append((order, len(g), np.cumsum(np.bincount(owner, minlength=n)).tolist()))
+        out = (cols[gi, gj], gi, gj, rg, cg, tuple(sides))
+        for a in out[:5]:
+            a.flags.writeable = False
+        if len(_groupings) >= GROUPINGS_MAX:
+            _groupings.clear()
+        _groupings[key] = out
+    return out
 
 
 class MemoryRows:

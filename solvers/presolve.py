@@ -34,6 +34,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -104,6 +105,8 @@ class _State:
         self.offset = float(problem.cost_offset)
         self.limit = problem.usage_limit
         self.ops: list[tuple] = []
+        # (v, w) → (E_vw known all finite, whether it is neither separable nor functional)
+        self.finite: dict[tuple[int, int], tuple[np.ndarray, bool]] = {}
         self.queue: deque[int] = deque(range(n))
         self.queued = np.ones(n, dtype=bool)
         self.counts = {k: 0 for k in ("forbidden", "fixed", "separable", "merged", "leaf", "series", "dominated",
@@ -175,10 +178,22 @@ class _State:
             self._push(w)
 
     # -- reductions ----------------------------------------------------------------------
+    def _all_finite(self, v: int, w: int, m: np.ndarray) -> bool:
+        """Whether E_vw (``m``) is all finite: known for a matrix seen before (a changed edge is
+        a new array), else one reduction (a sum is finite iff every entry is)."""
+        seen = self.finite.get((v, w))
+        if seen is not None and seen[0] is m:
+            return True
+        if np.isfinite(m.sum()):
+            self.finite[v, w] = (m, False)
+            return True
+        return False
+
     def examine(self, v: int) -> None:
         keep = np.isfinite(self.cost[v])
-        for m in self.adj[v].values():
-            keep &= np.isfinite(m).any(axis=1)
+        for w, m in self.adj[v].items():
+            if not self._all_finite(v, w, m):
+                keep &= np.isfinite(m).any(axis=1)
         if not keep.all():
             self.counts["forbidden"] += int((~keep).sum())
             self._restrict(v, keep)
@@ -188,8 +203,9 @@ class _State:
             if w not in self.adj[v]:
                 continue
             m = self.adj[v][w]
-            fin = np.isfinite(m)
-            if fin.all():
+            if self._all_finite(v, w, m):
+                if self.finite[v, w][1]:  # this matrix was found neither separable nor functional
+                    continue
                 a, b = m[:, 0] - m[0, 0], m[0, :]
                 sep = a[:, None] + b[None, :]
                 if (np.abs(m - sep) <= 1e-13 * np.abs(sep)).all():  # np.allclose(rtol=1e-13, atol=0)
@@ -199,7 +215,15 @@ class _State:
                     self._push(w)
                     self.counts["separable"] += 1
                     continue
-            rows1, cols1 = (fin.sum(axis=1) == 1).all(), (fin.sum(axis=0) == 1).all()
+                # all finite: one entry per row means one column (and per column, one row)
+                rows1, cols1 = m.shape[1] == 1, m.shape[0] == 1
+                if not (rows1 or cols1):
+                    self.finite[v, w] = (m, True)
+                    continue
+                fin = np.ones(m.shape, dtype=bool)
+            else:
+                fin = np.isfinite(m)
+                rows1, cols1 = (fin.sum(axis=1) == 1).all(), (fin.sum(axis=0) == 1).all()
             if rows1 and cols1 and len(self.adj[v]) < len(self.adj[w]):
                 rows1 = False  # a bijection: keep the node with more edges (hubs stay put)
             if rows1:  # s_w = f(s_v)
@@ -279,10 +303,10 @@ class _State:
         width = 1 + len(self.items[v]) + sum(m.shape[1] for m in self.adj[v].values())
         if k * k * width > DOMINANCE_MAX:
             return
-        feats = np.column_stack([self.cost[v]] + [use for use, _ in self.items[v]] + list(self.adj[v].values()))
+        feats = np.concatenate([self.cost[v][:, None]] + [use[:, None] for use, _ in self.items[v]]
+                               + list(self.adj[v].values()), axis=1)
         le = (feats[:, None, :] <= feats[None, :, :]).all(axis=2)  # le[b, a]: b ≤ a everywhere
-        better = le & (~le.T | (np.arange(k)[:, None] < np.arange(k)[None, :]))
-        np.fill_diagonal(better, False)
+        better = le & (~le.T | _upper(k))
         dominated = better.any(axis=0)
         if dominated.any():
             for a in np.flatnonzero(dominated):  # a dominator that stays (``better`` is a strict order)
@@ -326,6 +350,14 @@ class _State:
                     self.examine(v)
             if self.limit is None or not self.drop_slack_items():
                 return
+
+
+@lru_cache(maxsize=256)
+def _upper(k: int) -> np.ndarray:
+    """k×k: b < a strictly (read only)."""
+    m = np.arange(k)[:, None] < np.arange(k)[None, :]
+    m.flags.writeable = False
+    return m
 
 
 def presolve(problem: Problem) -> Presolved:
