@@ -342,7 +342,9 @@ def test_additive_refinement_plans_equal_splits_exactly_and_keeps_the_fastest_th
     from autopar.pipeline.refine import refine
     from autopar.progress import Progress
     inputs = _inputs()
-    exact = {(0, 4, (4,)): (1.0, 2.0), (0, 4, (2, 2)): (0.9, 2.0), (0, 2, (2,)): (0.6, 2.0), (2, 4, (2,)): (0.6, 2.0)}
+    exact = {(0, 4, (4,)): (1.0, 2.0), (0, 4, (2, 2)): (0.9, 2.0), (0, 2, (2,)): (0.6, 2.0), (2, 4, (2,)): (0.6, 2.0),
+             # on every logical mesh of the sub-mesh (a stage far above its estimate is tried there too)
+             (0, 4, None): (0.95, 2.0), (0, 2, None): (0.6, 2.0), (2, 4, None): (0.6, 2.0)}
     planned = []
 
     def layer(mesh, t):
@@ -360,7 +362,7 @@ def test_additive_refinement_plans_equal_splits_exactly_and_keeps_the_fastest_th
                 return full[a][inputs.shapes.index(tuple(sub))]
             planned.append((a, b, tuple(sub), mesh))
             t, static = exact[(a, b, mesh)]
-            return StageCost(plan=types.SimpleNamespace(mesh_shape=mesh), latency=t, static=static, act=0.5)
+            return StageCost(plan=types.SimpleNamespace(mesh_shape=mesh or (2, 2)), latency=t, static=static, act=0.5)
 
         def cost_within(self, a, b, sub, mesh, budget, remat="none", zero=False):  # no leaner plan
             return INFEASIBLE
@@ -372,10 +374,16 @@ def test_additive_refinement_plans_equal_splits_exactly_and_keeps_the_fastest_th
     assert [r.chosen for r in refined] == [False, True, False] and refined[2].skipped
     assert refined[1].estimate_s == pytest.approx(2.5) and refined[2].estimate_s == pytest.approx(7.0)
     assert refined[0].step_s == pytest.approx(3.6) and refined[1].step_s < 3.5
-    # each stage on the meshes its layers chose (the most expensive layer's first), nothing else
-    assert planned == [(0, 4, (1, 4), (4,)), (0, 4, (1, 4), (2, 2)), (0, 2, (1, 2), (2,)), (2, 4, (1, 2), (2,))]
+    # each stage on the meshes its layers chose (the most expensive layer's first); one more than
+    # 5 % above its estimate (0.9 vs 0.5; 0.6 vs 0.5) then on every mesh (None), kept only if better
+    assert planned == [(0, 4, (1, 4), (4,)), (0, 4, (1, 4), (2, 2)), (0, 4, (1, 4), None),
+                       (0, 2, (1, 2), (2,)), (2, 4, (1, 2), (2,)), (0, 2, (1, 2), None), (2, 4, (1, 2), None)]
     # when the equal split does not fit the budget (static 2 + 2 in flight × 0.5 > 2.6), the DP's split stays
     exact[(0, 4, (4,))], exact[(0, 4, (2, 2))] = (1.0, 0.5), (0.9, 0.5)
     chosen, refined = refine(Coster(), dataclasses.replace(inputs, budget=2.6), 4, costs, sol, Progress())
     assert [(c.start, c.end, c.submesh) for c in chosen] == [(0, 4, (1, 4))] and chosen[0].cost.latency == 0.9
     assert [r.fits for r in refined[:2]] == [True, False] and refined[0].chosen
+    # every mesh finds the stage faster than its layers' meshes: that plan is kept (4 × 0.7 s)
+    exact[(0, 4, None)] = (0.7, 0.5)
+    chosen, refined = refine(Coster(), dataclasses.replace(inputs, budget=2.6), 4, costs, sol, Progress())
+    assert chosen[0].cost.latency == 0.7 and refined[0].step_s == pytest.approx(2.8) and refined[0].chosen
