@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 from autopar.cost import ClusterSpec, shard_factor
-from autopar.solvers.driver import AUTO_LP_S
 
 from ..graph import build_graph
 from ..build_edges import ReshardCache
@@ -32,9 +31,14 @@ from .stages import Stage, residual_bytes, split_program, stage_abstract_args, s
 
 # per intra-op stage plan when time_limit_s is None: small stages solve exactly in well under a
 # second; a big stage whose ILP goes to the heuristic returns its incumbent after this long (the
-# LP relaxation tried first on an ILP too big for the MILP has AUTO_LP_S of its own: it settles
-# most of them exactly, whatever the machine's load; ``solvers.solve(lp_time_s=)``)
+# LP relaxation tried first on an ILP too big for the MILP has STAGE_LP_TIME_S of its own: it
+# settles most of them exactly; ``solvers.solve(lp_time_s=)``)
 STAGE_TIME_LIMIT_S = 10.0
+# wall seconds: ~10× the CPU time of the largest stage LPs measured (MoE stages of 44–55k
+# strategies on (1, 8): 5–12 s), so that the load of a shared machine does not decide whether the
+# LP or the heuristic plans a stage (with 30 s, four jobs on 2 cores sent MoE-2.4B's 16-layer
+# stage to the heuristic: 57.5 s instead of the LP's 37.1 s)
+STAGE_LP_TIME_S = 120.0
 # … and per single layer planned within a share of the budget (additive costing's lean variant):
 # these memory-bound ILPs rarely close their gap, and their incumbent is found early (measured:
 # GPT-39B layers on (1, 8) and (2, 8), the same plan at 1, 2, 4 and 10 s, gaps 12–55 %)
@@ -315,7 +319,7 @@ class StageCoster:
                 {} if self.restrict is None else self.restrict((p, a, nd, ct), tuple(shape)))},
             strategy_name=self.strategy_name, warm_start=self._warm_start((p, a, nd, ct), key),
             problems=self.problems.setdefault((*key, zero), {}), reshard_cache=self.reshard_cache, carry=False,
-            cutoff=True, outcomes=outcomes, lp_time_s=AUTO_LP_S if self.time_limit_s is None else None)
+            cutoff=True, outcomes=outcomes, lp_time_s=STAGE_LP_TIME_S if self.time_limit_s is None else None)
 
     def bound(self, i: int, j: int, submesh, remat: str = "none", zero: bool = False) -> float:
         """A lower bound on ``cost(i, j, submesh, remat=remat, zero=zero).latency`` without an
