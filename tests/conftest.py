@@ -36,3 +36,19 @@ def devices8():
     if len(devs) < 8:
         pytest.skip(f"needs 8 devices, JAX sees {len(devs)}")
     return devs
+
+
+def assert_step_equals_single_device(loss_fn, params, batch, opt, tplan, rtol=1e-5, atol=1e-6):
+    """``tplan.apply()`` on (params, optimizer state, batch) equals the unsharded jitted step."""
+    import numpy as np
+    import optax
+    state = opt.init(params)
+
+    def ref(p, o, b):
+        loss, g = jax.value_and_grad(loss_fn)(p, b)
+        u, o = opt.update(g, o, p)
+        return optax.apply_updates(p, u), o, loss
+    want = jax.jit(ref)(params, state, batch)
+    got = tplan.apply()(params, state, batch)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol)

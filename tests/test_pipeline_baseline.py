@@ -1,9 +1,8 @@
 """The Megatron DP×TP×PP baseline (autopar.baselines.dp_tp_pp): grid, rules, execution, errors."""
-import jax
 import numpy as np
 import optax
 import pytest
-from conftest import make_cluster
+from conftest import assert_step_equals_single_device, make_cluster
 
 import autopar
 from autopar import PlanError, TrainingPlan
@@ -58,16 +57,7 @@ def test_baseline_is_a_uniform_grid_point_under_the_dp_tp_rule(gpt_case):
 
 def test_baseline_runs_and_equals_the_single_device_step(gpt_case):
     params, batch, opt, base, _ = gpt_case
-    state = opt.init(params)
-
-    def ref(p, o, b):
-        loss, g = jax.value_and_grad(gpt.loss_fn)(p, b)
-        u, o = opt.update(g, o, p)
-        return optax.apply_updates(p, u), o, loss
-    want = jax.jit(ref)(params, state, batch)
-    got = base.apply()(params, state, batch)
-    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert_step_equals_single_device(gpt.loss_fn, params, batch, opt, base)
 
 
 def test_autopar_is_not_slower_than_the_grid(gpt_case):

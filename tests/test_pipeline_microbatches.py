@@ -1,9 +1,7 @@
 """plan_training / dp_tp_pp with several micro-batch counts: each planned, the fastest kept."""
-import jax
-import numpy as np
 import optax
 import pytest
-from conftest import make_cluster
+from conftest import assert_step_equals_single_device, make_cluster
 
 import autopar
 from autopar import PlanError, TrainingPlan
@@ -40,16 +38,7 @@ def test_the_fastest_count_is_the_plan_and_every_count_is_listed(case):
 
 def test_the_chosen_count_runs_equal_to_the_single_device_step(case):
     params, batch, opt, _, many, _ = case
-    state = opt.init(params)
-
-    def ref(p, o, b):
-        loss, g = jax.value_and_grad(gpt.loss_fn)(p, b)
-        u, o = opt.update(g, o, p)
-        return optax.apply_updates(p, u), o, loss
-    want = jax.jit(ref)(params, state, batch)
-    got = many.apply()(params, state, batch)
-    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert_step_equals_single_device(gpt.loss_fn, params, batch, opt, many)
 
 
 def test_json_round_trip_keeps_the_counts(case):
