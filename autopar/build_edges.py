@@ -62,15 +62,19 @@ class ReshardCache:
             return bool((m[np.isfinite(m)] > 0).any())
         if dst_spec is None:
             return False
-        base, known = self._base(mesh, value, combined), self._seconds
+        base = self._base(mesh, value, combined)
         for a in dict.fromkeys(src):
-            t = known.get((base, a, dst_spec))
-            if t is None:
-                t = known[base, a, dst_spec] = _seconds(mesh, value, a, dst_spec, combined)
-            t = t * US
+            t = self._pair(base, mesh, value, a, dst_spec, combined) * US
             if t > 0 and math.isfinite(t):
                 return True
         return False
+
+    def _pair(self, base: tuple, mesh: MeshModel, value: Value, src, dst, combined: bool) -> float:
+        """Seconds to reshard ``value`` from spec ``src`` into ``dst``, priced once per ``base``."""
+        t = self._seconds.get((base, src, dst))
+        if t is None:
+            t = self._seconds[base, src, dst] = _seconds(mesh, value, src, dst, combined)
+        return t
 
     def _base(self, mesh: MeshModel, value: Value, combined: bool) -> tuple:
         """The part of a spec pair's key this matrix shares (the mesh hashed once, not per pair)."""
@@ -82,16 +86,12 @@ class ReshardCache:
         if not src:
             return np.zeros(0)
         rows, cols = _positions(src), _positions(dst)
-        known, base = self._seconds, self._base(mesh, value, combined)
+        base = self._base(mesh, value, combined)
         table = np.zeros((len(rows), len(cols)))
         for r, a in enumerate(rows):
             for c, d in enumerate(cols):
                 if d is not None:
-                    k = (base, a, d)
-                    t = known.get(k)
-                    if t is None:
-                        t = known[k] = _seconds(mesh, value, a, d, combined)
-                    table[r, c] = t
+                    table[r, c] = self._pair(base, mesh, value, a, d, combined)
         return table[np.array([rows[a] for a in src], dtype=np.intp)[:, None],
                      np.array([cols[d] for d in dst], dtype=np.intp)[None, :]] * US
 

@@ -82,10 +82,12 @@ def _replan_far_above(coster, inputs: TrainingInputs, chosen: list[ChosenStage],
                       costs: AdditiveCosts, variant: dict) -> None:
     """A stage whose exact plan on its layers' meshes does not fit or is more than
     ``REFINE_MARGIN`` above its estimate is planned again on every logical mesh of its
-    sub-mesh (``stage_meshes``), the better kept: the meshes single layers prefer can be wrong
-    for the whole stage (measured: MoE-2.4B's 16 layers on a p3.16xlarge node, 128
-    micro-batches: the layers chose (2, 4), where the stage came out 57.5 s against an
-    estimate of 37.0 s; the DP×TP grid's (4, 2) point ran 37.6 s)."""
+    sub-mesh (``stage_meshes``), the better kept: a guard for when the meshes single layers
+    prefer are wrong for the whole stage. Not yet measured to help: the case that prompted it
+    (MoE-2.4B's 16 layers on a p3.16xlarge node, 128 micro-batches, 57.5 s on the layers'
+    (2, 4) against an estimate of 37.0 s, four jobs on 2 cores) planned 37.1 s on the same
+    (2, 4) mesh, LP-optimal, under a lighter load: its stage LP, not the mesh, was at fault
+    (``STAGE_LP_TIME_S``)."""
     S, sched = len(chosen), Schedule(inputs.schedule)
     for k, c in enumerate(chosen):
         t = estimate.get((c.start, c.end))

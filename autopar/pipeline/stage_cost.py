@@ -36,8 +36,9 @@ from .stages import Stage, residual_bytes, split_program, stage_abstract_args, s
 STAGE_TIME_LIMIT_S = 10.0
 # wall seconds: ~10× the CPU time of the largest stage LPs measured (MoE stages of 44–55k
 # strategies on (1, 8): 5–12 s), so that the load of a shared machine does not decide whether the
-# LP or the heuristic plans a stage (with 30 s, four jobs on 2 cores sent MoE-2.4B's 16-layer
-# stage to the heuristic: 57.5 s instead of the LP's 37.1 s)
+# LP or the heuristic plans a stage (with 30 s and four jobs on 2 cores, MoE-2.4B's 16-layer stage
+# on (1, 8) came out 57.5 s; under a lighter load the same code's LP solved it, optimal, 37.1 s;
+# the slow run's solver status was not recorded)
 STAGE_LP_TIME_S = 120.0
 # … and per single layer planned within a share of the budget (additive costing's lean variant):
 # these memory-bound ILPs rarely close their gap, and their incumbent is found early (measured:

@@ -173,8 +173,8 @@ def _fastest_count(plan_one, counts: list[int], progress: Progress) -> TrainingP
     """Plan each micro-batch count (``plan_one(B)``); the fastest predicted step that fits,
     with every count's outcome in ``microbatch_search``."""
     t0, trials, errors, best = time.perf_counter(), [], [], None
-    for B in counts:
-        progress.phase(f"micro-batch count {B} ({counts.index(B) + 1} of {len(counts)})")
+    for k, B in enumerate(counts, 1):
+        progress.phase(f"micro-batch count {B} ({k} of {len(counts)})")
         ts = time.perf_counter()
         try:
             tp = plan_one(B)
