@@ -15,6 +15,7 @@ On a real cluster start one process per node yourself (SLURM, ssh) with the same
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -69,9 +70,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Gloo prints "[Gloo] Rank R is connected to N peer ranks. Expected number of connected peer
+# ranks is : M" on stdout once per communicator, one unbuffered write per piece, from several
+# threads at once, so the pieces of two messages interleave within and across lines (seen in CI:
+# "1[Gloo] Rank 1 is connected to 1" on one line, " peer ranks. Expected … : 3" on the next).
+_GLOO_PIECES = re.compile(r"\[Gloo\] Rank | ?is connected to | ?peer ranks\. ?|Expected number of connected peer ranks is"
+                          r"|^\s*:\s*\d+\s*$")
+
+
+def drop_gloo_chatter(line: str) -> str | None:
+    """``line`` without gloo's connection messages, or None when nothing else was on it (a
+    line of only their pieces and the numbers between them)."""
+    rest = _GLOO_PIECES.sub("", line)
+    if rest == line:
+        return line
+    if not rest.strip(" \t\r\n:0123456789"):
+        return None
+    return rest.lstrip(" :0123456789")
+
+
 def _pump(proc, rank: int, out) -> None:
     for line in proc.stdout:
-        if line.startswith("[Gloo] Rank "):  # gloo's connection chatter, one line per communicator
+        if (line := drop_gloo_chatter(line)) is None:
             continue
         out.write(f"[{rank}] {line}" if rank else line)
         out.flush()
@@ -81,8 +101,9 @@ def launch_local(argv: list[str], num_processes: int, devices: int, *, timeout_s
                  wall_s: float | None = None) -> int:
     """Run ``argv`` as ``num_processes`` processes on 127.0.0.1 sharing ``devices`` CPU devices
     (``devices / num_processes`` each). Process 0's output is printed as is, the others' with
-    a ``[rank]`` prefix. Returns the first non-zero exit code (0 when all succeed); once one
-    process fails the others get ``timeout_s`` + 30 s to stop on their own, then are killed.
+    a ``[rank]`` prefix (gloo's connection messages dropped). Returns the first non-zero exit
+    code (0 when all succeed); once one process fails the others get ``timeout_s`` + 30 s to
+    stop on their own, then are killed.
     ``wall_s`` bounds the whole job (killed past it: exit code 124)."""
     if num_processes < 1 or devices % num_processes:
         raise ValueError(f"--processes must divide the devices: {devices} devices over {num_processes} processes")

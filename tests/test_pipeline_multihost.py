@@ -225,3 +225,15 @@ def test_readme_launcher_command_runs_word_for_word():
     assert done.returncode == 0, out[-4000:]
     assert "in 2 processes vs the single-device step" in out and "→ OK" in out, out[-3000:]
     assert "[Gloo]" not in out
+
+
+def test_gloo_connection_messages_are_dropped_even_when_their_pieces_interleave():
+    from autopar.launch import drop_gloo_chatter
+    # as CI printed them: two threads' messages mixed within and across lines
+    seen = [" : 4\n", "1[Gloo] Rank 1 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1\n",
+            " peer ranks. Expected number of connected peer ranks is : 3\n",
+            "[Gloo] Rank 0 is connected to 3 peer ranks. Expected number of connected peer ranks is : 3\n",
+            "0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1\n"]
+    assert [drop_gloo_chatter(ln) for ln in seen] == [None] * 5
+    assert drop_gloo_chatter("1 is connected to autopar: error: process 1: …\n") == "autopar: error: process 1: …\n"
+    assert drop_gloo_chatter("ran 2 stage(s) × 4 micro-batch(es)\n") == "ran 2 stage(s) × 4 micro-batch(es)\n"
