@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -75,7 +76,8 @@ def main() -> None:
     if ns.one:
         print(json.dumps(run_one(ns.one, ns.suite, ns.nodes, ns.microbatches, ns.batch)))
         return
-    results = []
+    results, t0 = [], time.time()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     for row in ns.rows.split(","):
         cmd = [sys.executable, __file__, "--one", row, "--suite", ns.suite, "--nodes", str(ns.nodes),
                "--microbatches", str(ns.microbatches), "--batch", str(ns.batch)]
@@ -91,7 +93,8 @@ def main() -> None:
     lines = [f"# Remat and ZeRO-1 in the search: {ns.suite} on {ns.nodes} × dgx-a100-80g", "",
              f"Global batch {ns.batch} in {ns.microbatches} micro-batches, 1F1B, bfloat16, AdamW; planned from "
              f"ShapeDtypeStructs on {platform.machine()} ({platform.python_version()}), 2 cores shared with other "
-             "jobs. Predicted by autopar's cost model. `python benchmarks/remat_search.py`", "", head,
+             f"jobs (load {os.getloadavg()[0]:.1f} at the end, {time.time() - t0:.0f} s in all), code {commit}. "
+             "Predicted by autopar's cost model. `python benchmarks/remat_search.py`", "", head,
              "|---|---:|---:|---|---:|---:|"]
     for r in results:
         if "error" in r:
