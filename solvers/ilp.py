@@ -159,6 +159,9 @@ def solve_compact(cp: Compact, *, solver: str = "highs", time_limit_s: float | N
     if relax:
         stats["relaxation"] = status  # "optimal": ``bound`` is the LP optimum
     if relax and x is not None:
+        # each node's strategies with a positive LP value (``driver._support_solve``)
+        stats["support"] = [al if b.var0[v] < 0 else al[x[b.var0[v]: b.var0[v] + len(al)] > 1e-6]
+                            for v, al in enumerate(b.allowed)]
         choice = tuple(int(c) for c in b.decode(x))
         cost, feasible = check(cp, choice)
         return Solution(choice=choice, cost=cost, feasible=feasible, status="feasible" if feasible else "unknown",

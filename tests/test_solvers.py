@@ -409,3 +409,25 @@ def test_lp_time_outside_the_limit_leaves_the_heuristic_its_whole_limit(monkeypa
     assert seen["lp"] == 7.0 and seen["heuristic"] > 0.7 and got.feasible
     got = solve(p, solver="auto", time_limit_s=1.0)
     assert seen["lp"] == pytest.approx(0.3, abs=0.05) and seen["heuristic"] < 0.4 and got.feasible
+
+
+def _frustrated_k4(base: float) -> Problem:
+    """K4 of two-strategy nodes whose every edge costs 1 when both ends agree: any choice
+    pays ≥ 2, the LP (each node half of each) pays 0 — presolve cannot reduce it."""
+    agree = np.array([[1.0, 0.0], [0.0, 1.0]])
+    edges = [(u, v) for u in range(4) for v in range(u + 1, 4)]
+    return Problem([np.array([base, base])] * 4, [np.array([1.0, 1.0])] * 4, [(0, 1)] * 4, edges, [agree] * 6,
+                   usage_limit=10.0)
+
+
+def test_a_fractional_lp_is_settled_on_its_support_when_within_the_gap():
+    p = _frustrated_k4(1000.0)  # LP bound 4000, optimum 4002: within 0.1 %
+    best = solve_brute(p)
+    assert presolve(p).problem.num_nodes == 4 and best.cost == 4002.0
+    sol = solve(p, gap_rel=1e-3)
+    assert sol.solver == "auto:highs-lp+support" and sol.cost == best.cost and sol.status == "feasible"
+    assert sol.lower_bound == pytest.approx(4000.0) and sol.stats["support"]["support_nodes"] == 4
+    # outside the gap (exact solve asked, or a looser LP): the MILP decides, from the support's choice
+    for q, gap in ((p, 0.0), (_frustrated_k4(1.0), 1e-3)):
+        sol = solve(q, gap_rel=gap)
+        assert sol.solver == "auto:highs" and sol.status == "optimal" and sol.cost == solve_brute(q).cost
