@@ -9,7 +9,9 @@
          "auto"      HiGHS when the reduced ILP is small (≤ AUTO_ILP_VARIABLES), falling back
                      to the heuristic if HiGHS finds nothing in time; up to AUTO_LP_VARIABLES
                      the LP relaxation alone, kept when it is integral and fits memory;
-                     the heuristic otherwise
+                     the heuristic otherwise. A fractional LP optimum is first tried on
+                     its support (the ILP restricted to the strategies the LP uses):
+                     kept when within ``gap_rel`` of the LP bound
     4. the reduced choice is restored to the original nodes and re-scored with ``evaluate``.
 
 ``time_limit_s`` covers all of it (None: exact solvers run to optimality, the heuristic
@@ -33,6 +35,7 @@ heuristic incumbent) and is returned itself when nothing better is found
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -204,7 +207,9 @@ def _run_solver(solver: str, reduced: _Reduced, warm: _WarmStart, clock: _Clock,
 def _auto_exact(reduced: _Reduced, warm: _WarmStart, clock: _Clock, *, gap_rel: float,
                 stats: dict, cutoff: float | None = None, lp_time_s: float | None = None) -> tuple[str, Solution | None]:
     """"auto" by the reduced ILP's size: its LP relaxation, then HiGHS (small); the LP
-    relaxation alone, briefly (medium); nothing (large: the heuristic's)."""
+    relaxation alone, briefly (medium); nothing (large: the heuristic's). A fractional LP
+    optimum is first tried on its support (``_support_solve``; small: an incumbent for the
+    MILP when not within ``gap_rel``)."""
     p = reduced.problem
     size = stats["ilp_size"] = ilp_size(p, cap=AUTO_LP_VARIABLES)
     if size <= AUTO_ILP_VARIABLES:
@@ -220,17 +225,27 @@ def _auto_exact(reduced: _Reduced, warm: _WarmStart, clock: _Clock, *, gap_rel: 
                 return "auto:highs-lp+support", sol
             if sol is not None and sol.feasible:
                 rounded.append(sol.choice)
-        return "auto:highs", solve_ilp(p, solver="highs", time_limit_s=clock.left(),
-                                       start=_ilp_start(reduced, warm, clock, rounded), gap_rel=gap_rel)
+        sol = solve_ilp(p, solver="highs", time_limit_s=clock.left(), start=_ilp_start(reduced, warm, clock, rounded),
+                        gap_rel=gap_rel)
+        if sol.feasible and "bound" in relaxed and relaxed["bound"] > sol.lower_bound:
+            # a time-limited MILP may not have finished its root: the LP's bound still holds
+            sol = dataclasses.replace(sol, lower_bound=min(relaxed["bound"], sol.cost))
+        return "auto:highs", sol
     if size <= AUTO_LP_VARIABLES:  # too big for the MILP, but its LP is often integral: try it, briefly
-        limit = clock.left()
+        limit, relaxed = clock.left(), {}
         if lp_time_s is not None:  # outside the limit (``solve``)
             t0 = time.perf_counter()
-            sol = _lp_first(p, lp_time_s, gap_rel, cutoff)
+            sol = _lp_first(p, lp_time_s, gap_rel, cutoff, relaxed=relaxed)
             clock.excluded_s += time.perf_counter() - t0
-            return "auto:highs-lp", sol
-        return "auto:highs-lp", _lp_first(p, min(AUTO_LP_S, 0.3 * limit) if limit is not None else AUTO_LP_S,
-                                          gap_rel, cutoff)
+        else:
+            sol = _lp_first(p, min(AUTO_LP_S, 0.3 * limit) if limit is not None else AUTO_LP_S, gap_rel, cutoff,
+                            relaxed=relaxed)
+        if sol is None and "support" in relaxed:  # settled on its support, or the heuristic's
+            sup = _support_solve(p, relaxed["support"], relaxed["bound"], clock.left(), gap_rel)
+            if sup is not None and math.isfinite(sup.lower_bound):
+                stats["support"] = sup.stats
+                return "auto:highs-lp+support", sup
+        return "auto:highs-lp", sol
     return "auto", None
 
 

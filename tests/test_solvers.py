@@ -431,3 +431,15 @@ def test_a_fractional_lp_is_settled_on_its_support_when_within_the_gap():
     for q, gap in ((p, 0.0), (_frustrated_k4(1.0), 1e-3)):
         sol = solve(q, gap_rel=gap)
         assert sol.solver == "auto:highs" and sol.status == "optimal" and sol.cost == solve_brute(q).cost
+
+
+def test_a_time_limited_milp_reports_the_lp_bound_when_its_own_is_weaker(monkeypatch):
+    from autopar.solvers import driver
+    real = driver.solve_ilp
+
+    def stopped(problem, **kw):  # a MILP stopped before its root: its incumbent, a trivial bound
+        sol = real(problem, **kw)
+        return sol if kw.get("relax") else dataclasses.replace(sol, status="feasible", lower_bound=0.0)
+    monkeypatch.setattr(driver, "solve_ilp", stopped)
+    sol = solve(_frustrated_k4(1.0), gap_rel=1e-3)  # LP bound 4, optimum 6: outside the gap
+    assert sol.solver == "auto:highs" and sol.cost == 6.0 and sol.lower_bound == pytest.approx(4.0)
