@@ -239,7 +239,7 @@ def main() -> None:
                 for cluster in ns.clusters.split(","):
                     if (model, cluster, nodes) in done:
                         continue
-                    t0 = time.perf_counter()
+                    t0, code = time.perf_counter(), code_version()  # the code the config's process imports
                     prev = old.get((model, cluster, nodes))
                     cmd = [sys.executable, __file__, "--one", model, str(nodes), cluster, "--dtype", ns.dtype,
                            "--mb-scales", ns.mb_scales] + (["--no-baseline"] if prev else [])
@@ -250,7 +250,7 @@ def main() -> None:
                     except subprocess.TimeoutExpired:
                         row = {"error": f"timed out after {ns.timeout} s"}
                     row.update(model=model, cluster=cluster, nodes=nodes, gpus=nodes * 8,
-                               suite=SUITES[model][nodes], wall_s=time.perf_counter() - t0, code=code_version())
+                               suite=SUITES[model][nodes], wall_s=time.perf_counter() - t0, code=code)
                     if prev:
                         row.update(dp_tp_pp=prev["dp_tp_pp"], baseline_code=prev.get("code", "?"))
                     row.setdefault("autopar", {"plan_s": 0.0})
