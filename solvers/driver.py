@@ -233,7 +233,7 @@ def _auto_exact(reduced: _Reduced, warm: _WarmStart, clock: _Clock, *, gap_rel: 
                 left = clock.left()
                 if left is not None:  # a time-limited MILP rarely improves it; the local search does
                     lns = solve_heuristic(p, time_limit_s=min(SUPPORT_LNS_S, SUPPORT_LNS_SHARE * left), seed=0,
-                                          start=sol.choice)
+                                          start=sol.choice, workers=1)  # (the stage pool has the cores)
                     if lns.feasible:
                         rounded.append(lns.choice)
                         stats["support_lns"] = {"from": sol.cost, "to": lns.cost}
