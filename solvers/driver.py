@@ -56,13 +56,11 @@ AUTO_ILP_VARIABLES = 200_000
 # most 30 % of the time limit): when it is integral and fits memory it is the proven optimum
 AUTO_LP_VARIABLES, AUTO_LP_S = 1_000_000, 30.0
 DEFAULT_HEURISTIC_S = 60.0
-# a time-limited MILP that the LP (or its support) did not settle first gets the local search
-# (with ILP neighbourhoods) from its best start (warm start, quick heuristic, the support's
-# choice) for this long, within the limit. Measured on GPT-175B ILPs on a 4 × 8 mesh: 3-layer
-# stages, 2 s of it found 0.9–1.1 % cheaper plans than 10 s of the MILP from the same start
-# (which returned it unchanged); single layers within a share of the budget (2 s limits), the
-# local search alone found plans 8–14 % cheaper than the warm-started MILP's
-SUPPORT_LNS_S, SUPPORT_LNS_SHARE = 2.0, 0.5
+# a time-limited MILP whose LP support did not settle it first gets the local search (with ILP
+# neighbourhoods) from the support's choice for this long, within the limit: measured on
+# GPT-175B stages on a 4 × 8 mesh, 2 s of it found 0.9–1.1 % cheaper plans than 10 s of the
+# MILP from the same start (which returned the start unchanged)
+SUPPORT_LNS_S, SUPPORT_LNS_SHARE = 2.0, 0.2
 
 
 def ilp_size(problem: Problem, cap: float = math.inf) -> int:
@@ -232,15 +230,15 @@ def _auto_exact(reduced: _Reduced, warm: _WarmStart, clock: _Clock, *, gap_rel: 
                 return "auto:highs-lp+support", sol
             if sol is not None and sol.feasible:
                 rounded.append(sol.choice)
-        start, left = _ilp_start(reduced, warm, clock, rounded), clock.left()
-        if left is not None and start is not None:  # a time-limited MILP rarely improves it; the local search does
-            lns = solve_heuristic(p, time_limit_s=min(SUPPORT_LNS_S, SUPPORT_LNS_SHARE * left), seed=0,
-                                  start=start, workers=1)  # (one thread: the stage pool has the cores)
-            before = evaluate(p, start)[0]
-            stats["start_lns"] = {"from": before, "to": min(before, lns.cost)}
-            if lns.feasible and lns.cost < before:
-                start = lns.choice
-        sol = solve_ilp(p, solver="highs", time_limit_s=clock.left(), start=start, gap_rel=gap_rel)
+                left = clock.left()
+                if left is not None:  # a time-limited MILP rarely improves it; the local search does
+                    lns = solve_heuristic(p, time_limit_s=min(SUPPORT_LNS_S, SUPPORT_LNS_SHARE * left), seed=0,
+                                          start=sol.choice, workers=1)  # (the stage pool has the cores)
+                    if lns.feasible:
+                        rounded.append(lns.choice)
+                        stats["support_lns"] = {"from": sol.cost, "to": lns.cost}
+        sol = solve_ilp(p, solver="highs", time_limit_s=clock.left(), start=_ilp_start(reduced, warm, clock, rounded),
+                        gap_rel=gap_rel)
         if sol.feasible and "bound" in relaxed and relaxed["bound"] > sol.lower_bound:
             # a time-limited MILP may not have finished its root: the LP's bound still holds
             sol = dataclasses.replace(sol, lower_bound=min(relaxed["bound"], sol.cost))

@@ -431,10 +431,10 @@ def test_a_fractional_lp_is_settled_on_its_support_when_within_the_gap():
     for q, gap in ((p, 0.0), (_frustrated_k4(1.0), 1e-3)):
         sol = solve(q, gap_rel=gap)
         assert sol.solver == "auto:highs" and sol.status == "optimal" and sol.cost == solve_brute(q).cost
-        assert "start_lns" not in sol.stats  # no time limit: the MILP alone
-    # under a time limit the local search runs from the best start (here the support's choice) first
+        assert "support_lns" not in sol.stats  # no time limit: the MILP alone
+    # under a time limit the local search runs from the support's choice first, within the limit
     sol = solve(_frustrated_k4(1.0), gap_rel=1e-3, time_limit_s=5.0)
-    assert sol.stats["start_lns"] == {"from": 6.0, "to": 6.0} and sol.cost == 6.0 and sol.status == "optimal"
+    assert sol.stats["support_lns"] == {"from": 6.0, "to": 6.0} and sol.cost == 6.0 and sol.status == "optimal"
 
 
 def test_a_time_limited_milp_reports_the_lp_bound_when_its_own_is_weaker(monkeypatch):
