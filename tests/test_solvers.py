@@ -425,7 +425,9 @@ def test_a_fractional_lp_is_settled_on_its_support_when_within_the_gap():
     best = solve_brute(p)
     assert presolve(p).problem.num_nodes == 4 and best.cost == 4002.0
     sol = solve(p, gap_rel=1e-3)
-    assert sol.solver == "auto:highs-lp+support" and sol.cost == best.cost and sol.status == "feasible"
+    # (HiGHS may stop the support's ILP anywhere within the gap: 1.7.2 returns 4003)
+    assert sol.solver == "auto:highs-lp+support" and best.cost <= sol.cost <= 4000.0 * (1 + 1e-3)
+    assert sol.status == "feasible" and evaluate(p, sol.choice)[0] == sol.cost
     assert sol.lower_bound == pytest.approx(4000.0) and sol.stats["support"]["support_nodes"] == 4
     # outside the gap (exact solve asked, or a looser LP): the MILP decides, from the support's choice
     for q, gap in ((p, 0.0), (_frustrated_k4(1.0), 1e-3)):
