@@ -329,6 +329,19 @@ def load_probe(n: int = 256):
 
 # ----------------------------------------------------------------------------- the command
 
+def _barrier(name: str, timeout_s: int = 600) -> None:
+    """Every process waits here for the others at the coordination service's barrier (not a
+    collective). The local microbenchmarks before the first collective take unequal times on a
+    shared machine, and a collective's first gloo rendezvous gives up after 30 s (seen in CI:
+    "Gloo context initialization failed: DEADLINE_EXCEEDED" in a 2-process calibrate)."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # (jax has no public barrier that is not itself a collective)
+    client = getattr(distributed.global_state, "client", None)
+    if client is not None and hasattr(client, "wait_at_barrier"):
+        client.wait_at_barrier(f"autopar_calibrate_{name}", timeout_in_ms=timeout_s * 1000)
+
+
 def measure(*, quick: bool = False, timer: Timer | None = None, meshes=None, log=print) -> Calibration:
     """Every microbenchmark on the devices JAX sees (same program on every process)."""
     plat = _platform()
@@ -339,6 +352,7 @@ def measure(*, quick: bool = False, timer: Timer | None = None, meshes=None, log
     t0 = time.perf_counter()
     samples = matmul_samples(timer, sizes) + conv_samples(timer, sizes) + elementwise_samples(timer, sizes)
     bw, _, _ = fit_throughput([s for s in samples if s.kind == "elementwise"], "nbytes", "elementwise")
+    _barrier("collectives")
     samples += collective_samples(timer, sizes, bw, meshes)
     if len(jax.devices()) > 1:
         samples += combining_samples(timer, sizes.collective[0])

@@ -347,3 +347,24 @@ def test_collective_sync_is_charged_once_per_collective_op():
             assert collective_time(synced, kind, axes, 1e6, latency=False) == collective_time(plain, kind, axes, 1e6,
                                                                                              latency=False)
     assert collective_time(synced, "all-reduce", (), 1e6) == 0.0 and collective_time(synced, "all-reduce", (0,), 0) == 0.0
+
+
+def test_processes_meet_at_the_coordination_barrier_before_the_first_collective(monkeypatch):
+    """The local microbenchmarks take unequal times per process; a collective's first gloo
+    rendezvous gives up after 30 s, so measure waits at the coordination service's barrier."""
+    import jax
+    from jax._src import distributed
+
+    from autopar import calibrate as cal
+    calls = []
+
+    class Client:
+        def wait_at_barrier(self, barrier_id, timeout_in_ms, process_ids=None):
+            calls.append((barrier_id, timeout_in_ms))
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(distributed.global_state, "client", Client())
+    cal._barrier("collectives")
+    assert calls == [("autopar_calibrate_collectives", 600_000)]
+    monkeypatch.setattr(jax, "process_count", lambda: 1)
+    cal._barrier("again")
+    assert len(calls) == 1  # one process: nothing to wait for
