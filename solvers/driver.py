@@ -29,13 +29,17 @@ MIP found no incumbent at all where without it found one.)
 None) is what a time limit must never make the result worse than; the time it takes is not
 counted against ``time_limit_s`` (the solver keeps its full time). It is asked for only when
 the solve would not be exact at once (not when an integral LP optimum settles it), seeds
-the ILP (mapped through presolve, ``Presolved.forward``; the better of it and the quick
-heuristic incumbent) and is returned itself when nothing better is found
-(``solver`` then ends in ``+start``).
+the ILP (mapped through presolve, ``Presolved.forward``; the best of it, the quick heuristic
+incumbent and the LP's rounded / support choices) and is returned itself when nothing better
+is found (``solver`` then ends in ``+start``). A function that takes a ``cutoff`` keyword is
+given the cost of the best of those other incumbents: a start costing at least that can
+neither seed nor win, so it may return None as soon as it proves that none costs less
+(``autopar.warm_start``: the rule's LP bound), without solving its own ILP.
 """
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -157,16 +161,31 @@ class _WarmStart:
         self.problem, self.start, self.clock, self.stats = problem, start, clock, stats
         self.asked, self.value = False, None  # value: _Scored or None
 
-    def ask(self) -> _Scored | None:
+    def ask(self, cutoff: float | None = None) -> _Scored | None:
+        """The start; ``cutoff``: the cost of the best incumbent the solve has without it
+        (passed on to a start function that takes it, module docstring)."""
         if self.start is None or self.asked:
             return self.value
         self.asked, ts = True, time.perf_counter()
-        choice = self.start(self.clock.left()) if callable(self.start) else self.start
+        if not callable(self.start):
+            choice = self.start
+        elif cutoff is not None and math.isfinite(cutoff) and _takes_cutoff(self.start):
+            choice = self.start(self.clock.left(), cutoff=cutoff)
+            self.stats["start_cutoff"] = cutoff
+        else:
+            choice = self.start(self.clock.left())
         if choice is not None:
             cost, feasible, peak = evaluate(self.problem, choice)
             self.value = _Scored(tuple(int(c) for c in choice), cost, True, peak) if feasible else None
         self.clock.excluded_s = self.stats["start_s"] = time.perf_counter() - ts
         return self.value
+
+
+def _takes_cutoff(fn) -> bool:
+    try:
+        return "cutoff" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _check_usage_limit(problem: Problem) -> float:
@@ -264,12 +283,16 @@ def _auto_exact(reduced: _Reduced, warm: _WarmStart, clock: _Clock, *, gap_rel: 
 def _ilp_start(reduced: _Reduced, warm: _WarmStart, clock: _Clock, extra=()):
     """The ILP's incumbent on the reduced problem: the cheapest that has finite cost and fits
     of the warm start, the quick heuristic's and ``extra`` (reduced choices: the rounded LP
-    optimum, a floor under a time-limited MIP that does not depend on the machine's load)."""
-    w = warm.ask()
+    optimum, a floor under a time-limited MIP that does not depend on the machine's load).
+    The warm start is asked last, with the others' best cost as its ``cutoff``."""
+    own = [c for c in [_quick_start(reduced.problem, clock.left())] + list(extra) if c is not None]
+    own = [(r[0], c) for r, c in ((evaluate(reduced.problem, c), c) for c in own) if r[1]]
+    # (in the original problem's terms, as the start is scored)
+    best = min((evaluate(warm.problem, reduced.restore(c))[0] for _, c in own), default=None)
+    w = warm.ask(cutoff=best)
     seeds = [reduced.forward(w.choice)] if w is not None else []
-    seeds = [c for c in seeds if c is not None] + [_quick_start(reduced.problem, clock.left())] + list(extra)
-    scored = [(evaluate(reduced.problem, c), c) for c in seeds if c is not None]
-    scored = [(r[0], c) for r, c in scored if r[1]]
+    scored = [(evaluate(reduced.problem, c)[0], c) for c in seeds if c is not None and evaluate(reduced.problem, c)[1]]
+    scored += own
     return min(scored, key=lambda x: x[0])[1] if scored else None
 
 

@@ -356,6 +356,7 @@ def test_additive_refinement_plans_equal_splits_exactly_and_keeps_the_fastest_th
     class Coster:
         progress = Progress()
         min_need = math.inf
+        mesh_search = "auto"
 
         def cost(self, a, b, sub, mesh=None, share=1.0, remat="none", zero=False):
             if b == a + 1 and mesh is None:
@@ -374,16 +375,42 @@ def test_additive_refinement_plans_equal_splits_exactly_and_keeps_the_fastest_th
     assert [r.chosen for r in refined] == [False, True, False] and refined[2].skipped
     assert refined[1].estimate_s == pytest.approx(2.5) and refined[2].estimate_s == pytest.approx(7.0)
     assert refined[0].step_s == pytest.approx(3.6) and refined[1].step_s < 3.5
-    # each stage on the meshes its layers chose (the most expensive layer's first); one more than
-    # 5 % above its estimate (0.9 vs 0.5; 0.6 vs 0.5) then on every mesh (None), kept only if better
-    assert planned == [(0, 4, (1, 4), (4,)), (0, 4, (1, 4), (2, 2)), (0, 4, (1, 4), None),
-                       (0, 2, (1, 2), (2,)), (2, 4, (1, 2), (2,)), (0, 2, (1, 2), None), (2, 4, (1, 2), None)]
+    # each stage on the meshes its layers chose (the most expensive layer's first); a stage that
+    # fits is not planned again, however far above its estimate (0.9 vs 0.5; 0.6 vs 0.5)
+    assert planned == [(0, 4, (1, 4), (4,)), (0, 4, (1, 4), (2, 2)), (0, 2, (1, 2), (2,)), (2, 4, (1, 2), (2,))]
     # when the equal split does not fit the budget (static 2 + 2 in flight × 0.5 > 2.6), the DP's split stays
     exact[(0, 4, (4,))], exact[(0, 4, (2, 2))] = (1.0, 0.5), (0.9, 0.5)
     chosen, refined = refine(Coster(), dataclasses.replace(inputs, budget=2.6), 4, costs, sol, Progress())
     assert [(c.start, c.end, c.submesh) for c in chosen] == [(0, 4, (1, 4))] and chosen[0].cost.latency == 0.9
     assert [r.fits for r in refined[:2]] == [True, False] and refined[0].chosen
-    # every mesh finds the stage faster than its layers' meshes: that plan is kept (4 × 0.7 s)
-    exact[(0, 4, None)] = (0.7, 0.5)
+    # a stage that does not fit on its layers' meshes is planned on the sub-mesh's other meshes
+    # (only those: the (4,) no layer chose) and kept when it fits there (4 × 1.0 s)
+    for i in range(4):
+        full[i][2] = layer((2, 2), 0.1)
+    exact[(0, 4, (2, 2))], exact[(0, 4, (4,))] = (0.9, 5.0), (1.0, 0.5)
+    costs = AdditiveCosts(Coster(), 4, inputs.shapes, 4, [0.0] * 4)
+    planned.clear()
     chosen, refined = refine(Coster(), dataclasses.replace(inputs, budget=2.6), 4, costs, sol, Progress())
-    assert chosen[0].cost.latency == 0.7 and refined[0].step_s == pytest.approx(2.8) and refined[0].chosen
+    assert planned[:2] == [(0, 4, (1, 4), (2, 2)), (0, 4, (1, 4), (4,))]
+    assert chosen[0].cost.latency == 1.0 and refined[0].step_s == pytest.approx(4.0) and refined[0].chosen
+
+
+def test_single_layers_and_lean_shares_get_their_own_time_limits():
+    """``StageCoster.cost``: one layer's ILP stops after ``LAYER_TIME_LIMIT_S`` (within a share
+    of the budget: ``LEAN_TIME_LIMIT_S``), a longer range's after the coster's limit; a smaller
+    limit given to ``plan_training`` wins."""
+    from autopar.pipeline import stage_cost
+    from autopar.pipeline.costs import INFEASIBLE
+    coster = stage_cost.StageCoster.__new__(stage_cost.StageCoster)
+    calls = []
+
+    def cost_within(i, j, sub, mesh, budget, time_limit_s=None, remat="none", zero=False):
+        calls.append((j - i, budget, time_limit_s))
+        return INFEASIBLE if budget < 100 else types.SimpleNamespace(fits=True)
+    coster.cost_within, coster.budget = cost_within, 100.0
+    for user, layer, lean in ((None, stage_cost.LAYER_TIME_LIMIT_S, stage_cost.LEAN_TIME_LIMIT_S), (1.0, 1.0, 1.0)):
+        coster.time_limit_s, calls[:] = user, []
+        coster.cost(0, 1, (1, 8))
+        coster.cost(0, 3, (1, 8))
+        coster.cost(0, 1, (1, 8), share=4.0)  # does not fit its share: the whole budget, as one layer
+        assert calls == [(1, 100.0, layer), (3, 100.0, None), (1, 25.0, lean), (1, 100.0, layer)]

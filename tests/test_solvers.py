@@ -449,3 +449,19 @@ def test_a_time_limited_milp_reports_the_lp_bound_when_its_own_is_weaker(monkeyp
     monkeypatch.setattr(driver, "solve_ilp", stopped)
     sol = solve(_frustrated_k4(1.0), gap_rel=1e-3)  # LP bound 4, optimum 6: outside the gap
     assert sol.solver == "auto:highs" and sol.cost == 6.0 and sol.lower_bound == pytest.approx(4.0)
+
+
+def test_a_start_that_takes_a_cutoff_is_told_the_best_incumbent_and_may_decline():
+    p = _frustrated_k4(1.0)  # LP bound 4, optimum 6: outside the gap, so the start is asked
+    told = []
+
+    def declining(left, cutoff=None):  # e.g. a rule whose LP bound proves it has nothing cheaper
+        told.append(cutoff)
+        return None
+    sol = solve(p, gap_rel=1e-3, start=declining)
+    # (the support's choice, already optimal: a start could neither seed nor win)
+    assert told == [6.0] and sol.stats["start_cutoff"] == 6.0
+    assert sol.cost == 6.0 and sol.status == "optimal" and not sol.solver.endswith("+start")
+    plain = []
+    solve(p, gap_rel=1e-3, start=lambda left: plain.append(left) or None)  # (no cutoff keyword: not passed)
+    assert len(plain) == 1

@@ -109,3 +109,19 @@ def test_a_problem_built_once_is_planned_again_at_another_budget(devices8):
     assert again.predicted.peak_memory_bytes <= budget < loose.predicted.peak_memory_bytes
     assert again.solver.objective_s == pytest.approx(fresh.solver.objective_s, rel=1e-9)
     assert again.predicted.peak_memory_bytes == pytest.approx(fresh.predicted.peak_memory_bytes, rel=1e-9)
+
+
+def test_the_rule_is_not_solved_when_its_lp_bound_reaches_the_cutoff(devices8):
+    """``start(left, cutoff=c)``: the main solve already has a choice costing c; when the rule's
+    LP relaxation proves it has none cheaper, its ILP is skipped (None, not remembered)."""
+    program = trace(gpt.sgd_train_step, *_args())
+    spec = load_cluster(CLUSTER)
+    ip = build_problem(build_graph(program), mesh_model(spec, 1, MESH), memory_budget_bytes=spec.device.memory_bytes)
+    warm = WarmStart(**_rule())
+    start = warm.start_for(ip, solver="auto", time_limit_s=None, gap_rel=MIP_GAP)
+    rule = solvers.solve(ip.restricted(**_rule()), gap_rel=MIP_GAP)
+    assert start(None, cutoff=rule.lower_bound * 0.5) is None  # nothing of the rule's costs less than that
+    assert warm.cutoffs == 1 and warm.solved == []
+    got = start(None, cutoff=rule.cost * 2)  # the rule may beat that: solved, and remembered
+    assert got is not None and solvers.evaluate(ip.problem, got)[0] == pytest.approx(rule.cost)
+    assert warm.cutoffs == 1 and len(warm.solved) == 1

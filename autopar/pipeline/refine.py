@@ -25,6 +25,7 @@ from .additive import AdditiveCosts
 from .costs import ChosenStage, simulate_stages, stage_memory, step_time
 from .inputs import TrainingInputs
 from .search import plan_stage, plan_stages, solution_stages, stage_problem
+from .stage_cost import stage_meshes
 from .training_plan import RefinedSplit
 
 # besides the stage DP's split, this many equal splits (the best by estimate) are planned
@@ -67,7 +68,7 @@ def _planned(coster, inputs: TrainingInputs, costs: AdditiveCosts, source: str, 
     variant = {(a, b): v for (a, b, *_), v in zip(est.stages, est.variants)}
     chosen = plan_stages(coster, inputs, stages, lambda a, b, sub: costs.layer_meshes(variant[a, b], a, b, sub),
                          lambda a, b, sub: costs.option(variant[a, b]))
-    _replan_far_above(coster, inputs, chosen, {(a, b): t for a, b, _, _, t in est.stages}, costs, variant)
+    _replan_unfit(coster, inputs, chosen, {(a, b): t for a, b, _, _, t in est.stages}, costs, variant)
     ok = all(c.cost.fits for c in chosen)
     step = step_time(simulate_stages(chosen, inputs.schedule, inputs.num_microbatches),
                      [c.cost.gather_s for c in chosen]) if ok else math.inf
@@ -78,26 +79,33 @@ def _planned(coster, inputs: TrainingInputs, costs: AdditiveCosts, source: str, 
     return split, chosen
 
 
-def _replan_far_above(coster, inputs: TrainingInputs, chosen: list[ChosenStage], estimate: dict,
+def _replan_unfit(coster, inputs: TrainingInputs, chosen: list[ChosenStage], estimate: dict,
                       costs: AdditiveCosts, variant: dict) -> None:
-    """A stage whose exact plan on its layers' meshes does not fit or is more than
-    ``REFINE_MARGIN`` above its estimate is planned again on every logical mesh of its
-    sub-mesh (``stage_meshes``), the better kept: a guard for when the meshes single layers
-    prefer are wrong for the whole stage. Not yet measured to help: the case that prompted it
-    (MoE-2.4B's 16 layers on a p3.16xlarge node, 128 micro-batches, 57.5 s on the layers'
-    (2, 4) against an estimate of 37.0 s, four jobs on 2 cores) planned 37.1 s on the same
-    (2, 4) mesh, LP-optimal, under a lighter load: its stage LP, not the mesh, was at fault
-    (``STAGE_LP_TIME_S``)."""
+    """A stage whose exact plan on its layers' meshes does not fit (with the micro-batches it
+    holds in flight) is planned again on the other logical meshes of its sub-mesh
+    (``stage_meshes``; the meshes already tried are not solved again), the best that fits
+    kept: a guard for when the meshes single layers prefer are wrong for the whole stage.
+    A stage that fits but comes out more than ``REFINE_MARGIN`` above its estimate used to be
+    replanned too; that never helped where measured — the case that prompted it (MoE-2.4B's
+    16 layers on a p3.16xlarge node, 128 micro-batches, 57.5 s on the layers' (2, 4) against
+    an estimate of 37.0 s, four jobs on 2 cores) planned 37.1 s on the same (2, 4) mesh,
+    LP-optimal, under a lighter load: its stage LP, not the mesh, was at fault
+    (``STAGE_LP_TIME_S``) —, and it cost GPT-175B on 1,024 GPUs 30–70 s of 3-layer stage ILPs
+    on the (32,) mesh, none of them chosen."""
     S, sched = len(chosen), Schedule(inputs.schedule)
     for k, c in enumerate(chosen):
-        t = estimate.get((c.start, c.end))
-        if t is None or (c.cost.fits and c.cost.dp_latency <= t * (1 + REFINE_MARGIN)):
-            continue
-        again = plan_stage(coster, inputs, c.start, c.end, c.submesh, None, S - k, costs.option(variant[c.start, c.end]))
         inflight = sched.inflight(S - k, inputs.num_microbatches)
-        if again.fits and again.memory(inflight) <= inputs.budget and (
-                not c.cost.fits or c.cost.memory(inflight) > inputs.budget or again.dp_latency < c.cost.dp_latency):
-            chosen[k] = ChosenStage(c.start, c.end, c.submesh, again)
+        if (c.start, c.end) not in estimate or (c.cost.fits and c.cost.memory(inflight) <= inputs.budget):
+            continue
+        v = variant[c.start, c.end]
+        tried = costs.layer_meshes(v, c.start, c.end, c.submesh)
+        others = [] if tried is None else [m for m in stage_meshes(c.submesh, coster.mesh_search) if m not in tried]
+        for mesh in others:
+            again = plan_stage(coster, inputs, c.start, c.end, c.submesh, mesh, S - k, costs.option(v))
+            best = chosen[k].cost
+            if again.fits and again.memory(inflight) <= inputs.budget and (
+                    not best.fits or best.memory(inflight) > inputs.budget or again.dp_latency < best.dp_latency):
+                chosen[k] = ChosenStage(c.start, c.end, c.submesh, again)
 
 
 def refine(coster, inputs: TrainingInputs, num_layers: int, costs: AdditiveCosts, sol: StageSolution,

@@ -44,6 +44,11 @@ STAGE_LP_TIME_S = 120.0
 # these memory-bound ILPs rarely close their gap, and their incumbent is found early (measured:
 # GPT-39B layers on (1, 8) and (2, 8), the same plan at 1, 2, 4 and 10 s, gaps 12–55 %)
 LEAN_TIME_LIMIT_S = 2.0
+# … and per single layer with the whole budget (``cost`` of one layer: additive costing's
+# estimates, single-layer stages): by then the LP, its support and the local search from it have
+# run (``solvers.driver``); measured on GPT-175B's LM-head layer on (4, 8), whose MILP never
+# closes its gap, the plan at 3, 5 and 10 s was the same (22,250.6 µs; with "dots" 25,793.3 µs)
+LAYER_TIME_LIMIT_S = 3.0
 
 
 def stage_for_range(program: Program, num_params: int, a: int, b: int) -> Stage:
@@ -164,13 +169,18 @@ class StageCoster:
         (``autopar.pipeline.remat``) and, with ``zero``, the optimizer state sharded over the
         replicated axes (``autopar.pipeline.zero``). ``share`` > 1 (additive costing of one layer):
         plan it within budget / share — the layer's part of a stage holding ``share`` layers —
-        falling back to the whole budget when it does not fit that."""
+        falling back to the whole budget when it does not fit that. A single layer's ILP stops
+        after ``LAYER_TIME_LIMIT_S`` (within a share: ``LEAN_TIME_LIMIT_S``), a longer range's
+        after the coster's limit (a smaller ``time_limit_s`` given to ``plan_training`` wins)."""
         kw = dict(remat=remat, zero=zero)
+        user = math.inf if self.time_limit_s is None else self.time_limit_s
+        whole = min(LAYER_TIME_LIMIT_S, user) if j == i + 1 else None  # (None: the coster's limit)
         if share > 1.0:
-            limit = min(LEAN_TIME_LIMIT_S, math.inf if self.time_limit_s is None else self.time_limit_s)
-            res = self.cost_within(i, j, submesh, mesh_shape, self.budget / share, time_limit_s=limit, **kw)
-            return res if res.fits else self.cost_within(i, j, submesh, mesh_shape, self.budget, **kw)
-        return self.cost_within(i, j, submesh, mesh_shape, self.budget, **kw)
+            res = self.cost_within(i, j, submesh, mesh_shape, self.budget / share,
+                                   time_limit_s=min(LEAN_TIME_LIMIT_S, user), **kw)
+            return res if res.fits else self.cost_within(i, j, submesh, mesh_shape, self.budget, time_limit_s=whole,
+                                                         **kw)
+        return self.cost_within(i, j, submesh, mesh_shape, self.budget, time_limit_s=whole, **kw)
 
     def plan_key(self, i: int, j: int, submesh, mesh_shape=None, share: float = 1.0, remat: str = "none",
                  zero: bool = False):
