@@ -51,7 +51,15 @@ class HighsBackend:
         lp.a_matrix_.value_ = val
         lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = nv, len(milp.rows)
         self.mip = any(milp.integer)
-        self._lp_presolve(not self.mip)
+        # HiGHS's presolve is off, for LPs and MIPs (``solvers.presolve`` has reduced the problem
+        # already). On LPs it costs more than it saves (measured on GPT-39B stage relaxations,
+        # 83–455 nodes: 1.4–2.1× faster without it, same optimum). On MIPs HiGHS 1.16's presolve
+        # ignored the time limit — a lean GPT-175B layer's MIP with 1.15 s left was still in
+        # ``strengthenInequalities`` after 10 minutes (1.15.1 and 1.7.2 stop in time) — and on six
+        # MIPs dumped from GPT-175B plans (3–5 s limits) it never helped: the same incumbent on
+        # five; a 3-layer stage 414,029 with it, 57,107 (proven optimal in 4 s) without; the
+        # LM-head layer's bound 13,463 with it, 21,956 without
+        self.h.setOptionValue("presolve", "off")
         if self.mip:
             kinds = highspy.HighsVarType
             lp.integrality_ = [kinds.kInteger if i else kinds.kContinuous for i in milp.integer]
@@ -79,13 +87,8 @@ class HighsBackend:
             # run starts from a clear solver.
             self.h.clearSolver()
         self.h.setOptionValue("solve_relaxation", bool(flag))
-        self._lp_presolve(flag)
         self.relaxed = flag
 
-    def _lp_presolve(self, lp: bool) -> None:
-        """HiGHS's presolve costs more than it saves on these LPs (measured on GPT-39B stage
-        relaxations, 83–455 nodes: 1.4–2.1× faster without it, same optimum); MIPs keep it."""
-        self.h.setOptionValue("presolve", "off" if lp else "choose")
 
     def solve(self, time_left, start):
         hs, h, milp = self.hs, self.h, self.b.milp

@@ -15,6 +15,7 @@ from autopar.solvers.compact import Compact
 from autopar.solvers.heuristic import solve_heuristic
 from autopar.solvers.backends import HighsBackend
 from autopar.solvers.ilp import build, solve_compact, solve_ilp
+from autopar.solvers.milp import _add_memory_rows
 from autopar.solvers.mrf import TRWS
 from autopar.solvers.presolve import presolve
 
@@ -128,6 +129,21 @@ def test_edge_variables_come_out_integral():
         assert np.allclose(x, np.round(x), atol=1e-6), f"{seed=}: fractional edge variables"
         checked += 1
     assert checked > 20
+
+
+def test_highs_presolve_is_off_for_mips_and_lps():
+    """HiGHS's MIP presolve (1.16) ran past the time limit for minutes on a lean GPT-175B layer
+    and found worse incumbents on dumped stage MIPs (``backends.HighsBackend``): ours is used."""
+    p = random_problem(150, limit=True)
+    b = build(Compact.from_problem(p))
+    _add_memory_rows(b, b.memory)
+    backend = HighsBackend(b, 0.0, None)
+    assert backend.mip and backend.h.getOptionValue("presolve")[1] == "off"
+    backend.set_relaxation(True)
+    backend.set_relaxation(False)
+    assert backend.h.getOptionValue("presolve")[1] == "off"
+    status, x, _ = backend.solve(10.0, None)
+    assert status == "optimal" and evaluate(p, b.decode(x))[0] == solve_brute(p).cost
 
 
 def test_presolve_is_exact():
