@@ -89,7 +89,6 @@ class HighsBackend:
         self.h.setOptionValue("solve_relaxation", bool(flag))
         self.relaxed = flag
 
-
     def solve(self, time_left, start):
         hs, h, milp = self.hs, self.h, self.b.milp
         h.setOptionValue("time_limit", float(max(time_left, 0.01)) if time_left is not None else hs.kHighsInf)

@@ -290,9 +290,9 @@ def _ilp_start(reduced: _Reduced, warm: _WarmStart, clock: _Clock, extra=()):
     # (in the original problem's terms, as the start is scored)
     best = min((evaluate(warm.problem, reduced.restore(c))[0] for _, c in own), default=None)
     w = warm.ask(cutoff=best)
-    seeds = [reduced.forward(w.choice)] if w is not None else []
-    scored = [(evaluate(reduced.problem, c)[0], c) for c in seeds if c is not None and evaluate(reduced.problem, c)[1]]
-    scored += own
+    seed = reduced.forward(w.choice) if w is not None else None
+    scored = [(r[0], seed) for r in [evaluate(reduced.problem, seed)] if r[1]] if seed is not None else []
+    scored += own  # (the start first: it wins ties)
     return min(scored, key=lambda x: x[0])[1] if scored else None
 
 
