@@ -4,8 +4,8 @@ wins.
 
 Each stage is planned on every logical mesh one of its layers chose in the cost variant the
 estimate used (``AdditiveCosts.layer_meshes``: a stage of mixed layers may prefer another
-mesh than its most expensive layer; one that then does not fit or comes out more than
-``REFINE_MARGIN`` above its estimate, on every logical mesh of its sub-mesh) with that variant's
+mesh than its most expensive layer; one that then does not fit, also on the other logical
+meshes of its sub-mesh) with that variant's
 stage option (remat, ZeRO-1), within the budget its in-flight micro-batches leave — first the stage DP's split, then up to ``REFINE_UNIFORM``
 equal splits (``uniform_submeshes``) in order of estimate, each only when estimated within
 ``REFINE_MARGIN`` of the best exact step so far (placeholder costs are resolved first; a
@@ -68,7 +68,7 @@ def _planned(coster, inputs: TrainingInputs, costs: AdditiveCosts, source: str, 
     variant = {(a, b): v for (a, b, *_), v in zip(est.stages, est.variants)}
     chosen = plan_stages(coster, inputs, stages, lambda a, b, sub: costs.layer_meshes(variant[a, b], a, b, sub),
                          lambda a, b, sub: costs.option(variant[a, b]))
-    _replan_unfit(coster, inputs, chosen, {(a, b): t for a, b, _, _, t in est.stages}, costs, variant)
+    _replan_unfit(coster, inputs, chosen, costs, variant)
     ok = all(c.cost.fits for c in chosen)
     step = step_time(simulate_stages(chosen, inputs.schedule, inputs.num_microbatches),
                      [c.cost.gather_s for c in chosen]) if ok else math.inf
@@ -79,8 +79,8 @@ def _planned(coster, inputs: TrainingInputs, costs: AdditiveCosts, source: str, 
     return split, chosen
 
 
-def _replan_unfit(coster, inputs: TrainingInputs, chosen: list[ChosenStage], estimate: dict,
-                      costs: AdditiveCosts, variant: dict) -> None:
+def _replan_unfit(coster, inputs: TrainingInputs, chosen: list[ChosenStage], costs: AdditiveCosts,
+                  variant: dict) -> None:
     """A stage whose exact plan on its layers' meshes does not fit (with the micro-batches it
     holds in flight) is planned again on the other logical meshes of its sub-mesh
     (``stage_meshes``; the meshes already tried are not solved again), the best that fits
@@ -95,7 +95,7 @@ def _replan_unfit(coster, inputs: TrainingInputs, chosen: list[ChosenStage], est
     S, sched = len(chosen), Schedule(inputs.schedule)
     for k, c in enumerate(chosen):
         inflight = sched.inflight(S - k, inputs.num_microbatches)
-        if (c.start, c.end) not in estimate or (c.cost.fits and c.cost.memory(inflight) <= inputs.budget):
+        if (c.start, c.end) not in variant or (c.cost.fits and c.cost.memory(inflight) <= inputs.budget):
             continue
         v = variant[c.start, c.end]
         tried = costs.layer_meshes(v, c.start, c.end, c.submesh)
