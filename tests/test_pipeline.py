@@ -331,6 +331,34 @@ def test_a_chosen_stage_is_replanned_for_its_in_flight_micro_batches():
     assert plan_stage(Coster(), gpipe, 0, 2, (1, 4), None, remaining=1).plan == "lean" and calls[-1] == 1.0
 
 
+def test_a_replanned_stage_that_keeps_more_activations_is_planned_again_for_them():
+    # the whole-budget plan (5 + 4·1 > 8 as the first of 4 stages) is replanned within 8 − 3·1 = 5;
+    # that plan keeps 1.5 per micro-batch (3 + 4·1.5 = 9 > 8): again within 8 − 3·1.5 = 3.5, which fits
+    from autopar.pipeline.costs import StageCost
+    from autopar.pipeline.search import plan_stage
+    inputs = _inputs(budget=8.0, num_microbatches=8)
+    calls = []
+
+    class Coster:
+        def cost(self, a, b, sub, mesh=None, remat="none", zero=False):
+            return StageCost(plan="fast", static=5.0, act=1.0)
+
+        def cost_within(self, a, b, sub, mesh, budget, remat="none", zero=False):
+            calls.append(budget)
+            return StageCost(plan="wide", static=3.0, act=1.5) if budget == 5.0 else \
+                StageCost(plan="lean", static=2.0, act=1.25)
+    assert plan_stage(Coster(), inputs, 0, 2, (1, 4), None, remaining=4).plan == "lean" and calls == [5.0, 3.5]
+    # when no replan fits, the one needing the least memory with its 4 in flight is returned
+    calls.clear()
+
+    class Tight(Coster):
+        def cost_within(self, a, b, sub, mesh, budget, remat="none", zero=False):
+            calls.append(budget)
+            return StageCost(plan=f"p{len(calls)}", static=4.0, act=1.0 + len(calls))
+    assert plan_stage(Tight(), inputs, 0, 2, (1, 4), None, remaining=4).plan == "fast"  # 5 + 4·1 < 4 + 4·2 < 4 + 4·3
+    assert calls == [5.0, 2.0]  # 8 − 3·2 = 2, then 8 − 3·3 < 0: stop
+
+
 def test_additive_refinement_plans_equal_splits_exactly_and_keeps_the_fastest_that_fits():
     # the stage DP's split (one stage on 4 devices) is estimated best, but planned exactly it is
     # 0.9 s per micro-batch on the (2, 2) mesh that layers 2-3 chose (1.0 s on layers 0-1's (4,)):

@@ -30,6 +30,9 @@ from .costs import ChosenStage, CostArrays, StageCost, StageOption, Sums, entry
 from .inputs import ForcedStage, TrainingInputs, nbytes
 from .pool import prefetch
 
+# ``plan_stage``: plans within the budget less the in-flight activations, at most
+IN_FLIGHT_REPLANS = 3
+
 
 def stage_problem(inputs: TrainingInputs, num_layers: int, costs: CostArrays) -> StageProblem:
     return StageProblem(num_layers=num_layers, num_nodes=inputs.nodes, devices_per_node=inputs.spec.devices_per_node,
@@ -130,14 +133,30 @@ def plan_stage(coster, inputs: TrainingInputs, a: int, b: int, sub, mesh, remain
                option: StageOption = StageOption()) -> StageCost:
     """Stage [a, b) planned whole with ``option`` (remat, ZeRO-1). The ILP's peak counts one
     micro-batch of activations; when the stage's other in-flight micro-batches then overflow
-    the budget, plan it again within the budget less their activations."""
+    the budget, plan it again within the budget less their activations — and, when that plan
+    keeps more activations than the one it was sized by (another layout; a time-limited ILP
+    may find it under one load and not another), again within the budget less the larger
+    amount (at most ``IN_FLIGHT_REPLANS`` times). The first that fits with its in-flight
+    micro-batches is returned; when none does, the one needing the least memory."""
     c = coster.cost(a, b, sub, mesh, **option._asdict())
-    extra = (Schedule(inputs.schedule).inflight(remaining, inputs.num_microbatches) - 1) * c.act
-    if c.fits and c.static + c.act + extra > inputs.budget >= extra:
+    inflight = Schedule(inputs.schedule).inflight(remaining, inputs.num_microbatches)
+    if not c.fits or c.memory(inflight) <= inputs.budget:
+        return c
+    tries, act = [c], c.act
+    for _ in range(IN_FLIGHT_REPLANS):
+        extra = (inflight - 1) * act
+        if extra >= inputs.budget:
+            break
         again = coster.cost_within(a, b, sub, mesh, inputs.budget - extra, **option._asdict())
-        if again.fits:
+        if not again.fits:
+            break
+        if again.memory(inflight) <= inputs.budget:
             return again
-    return c
+        tries.append(again)
+        if again.act <= act:  # (the same reservation again: the same plan)
+            break
+        act = again.act
+    return min(tries, key=lambda t: t.memory(inflight))
 
 
 def plan_stages(coster, inputs: TrainingInputs, stages, mesh_of, option_of=None) -> list[ChosenStage]:
