@@ -18,9 +18,10 @@ class WarmStart:
     """An input layout rule whose plan warm-starts the ILP (``PlanHooks.warm_start``): the
     ``build_problem`` filters ``allowed`` / ``allowed_reshard``, applied to the unrestricted
     problem as ∞ costs (``IntraProblem.restricted``), and the rule's plans found so far on
-    this problem at other memory budgets, as (usage limit, choice or None): one found under a
-    limit at least as high that still fits is reused (pipeline stages are planned at several
-    budgets on the same mesh)."""
+    this problem at other memory budgets, as (usage limit, choice or None: proven to have none):
+    one found under a limit at least as high that still fits is reused (pipeline stages are
+    planned at several budgets on the same mesh). A solve that ends without a plan and
+    without a proof (its time limit) is not remembered: a later request solves it again."""
     allowed: Callable | None = None
     allowed_reshard: Callable | None = None
     solved: list = field(default_factory=list)
@@ -51,7 +52,9 @@ class WarmStart:
                 if sol.status == "cutoff":
                     self.cutoffs += 1
                     return None
-                choice = sol.choice if sol.feasible else None
+                if not sol.feasible:  # (found nothing in its time: no proof, not remembered)
+                    return None
+                choice = sol.choice
             except solvers.InfeasibleError:
                 choice = None
             self.solved.append((limit, choice))
