@@ -30,7 +30,8 @@ None) is what a time limit must never make the result worse than; the time it ta
 counted against ``time_limit_s`` (the solver keeps its full time). It is asked for only when
 the solve would not be exact at once (not when an integral LP optimum settles it), seeds
 the ILP (mapped through presolve, ``Presolved.forward``; the best of it, the quick heuristic
-incumbent and the LP's rounded / support choices) and is returned itself when nothing better
+incumbent and the LP's rounded / support choices) — or the heuristic, where "auto" falls back
+to it (the best of it and the LP support's choice) — and is returned itself when nothing better
 is found (``solver`` then ends in ``+start``). A function that takes a ``cutoff`` keyword is
 given the cost of the best of those other incumbents: a start costing at least that can
 neither seed nor win, so it may return None as soon as it proves that none costs less
@@ -221,19 +222,25 @@ def _run_solver(solver: str, reduced: _Reduced, warm: _WarmStart, clock: _Clock,
     if solver == "heuristic":
         warm.ask()
         return solver, solve_heuristic(p, time_limit_s=_heuristic_time(clock.left()), seed=seed)
-    name, sol = _auto_exact(reduced, warm, clock, gap_rel=gap_rel, stats=stats, cutoff=cutoff, lp_time_s=lp_time_s)
+    found: list = []  # incumbents (reduced choices) the LP's support gave on the way
+    name, sol = _auto_exact(reduced, warm, clock, gap_rel=gap_rel, stats=stats, cutoff=cutoff, lp_time_s=lp_time_s,
+                            found=found)
     if sol is None or (not sol.feasible and sol.status not in ("infeasible", "cutoff")):
-        warm.ask()
-        name, sol = "auto:heuristic", solve_heuristic(p, time_limit_s=_heuristic_time(clock.left()), seed=seed)
+        # the heuristic starts from the best of those and the warm start (asked with their cost
+        # as its cutoff, as the MILP's is: ``_ilp_start``)
+        start = _ilp_start(reduced, warm, clock, found, quick=False)
+        name, sol = "auto:heuristic", solve_heuristic(p, time_limit_s=_heuristic_time(clock.left()), seed=seed,
+                                                      start=None if start is None else np.asarray(start))
     return name, sol
 
 
 def _auto_exact(reduced: _Reduced, warm: _WarmStart, clock: _Clock, *, gap_rel: float,
-                stats: dict, cutoff: float | None = None, lp_time_s: float | None = None) -> tuple[str, Solution | None]:
+                stats: dict, cutoff: float | None = None, lp_time_s: float | None = None,
+                found: list | None = None) -> tuple[str, Solution | None]:
     """"auto" by the reduced ILP's size: its LP relaxation, then HiGHS (small); the LP
     relaxation alone, briefly (medium); nothing (large: the heuristic's). A fractional LP
     optimum is first tried on its support (``_support_solve``; small: an incumbent for the
-    MILP when not within ``gap_rel``)."""
+    MILP when not within ``gap_rel``; medium: added to ``found``, the heuristic's start)."""
     p = reduced.problem
     size = stats["ilp_size"] = ilp_size(p, cap=AUTO_LP_VARIABLES)
     if size <= AUTO_ILP_VARIABLES:
@@ -276,16 +283,18 @@ def _auto_exact(reduced: _Reduced, warm: _WarmStart, clock: _Clock, *, gap_rel: 
             if sup is not None and math.isfinite(sup.lower_bound):
                 stats["support"] = sup.stats
                 return "auto:highs-lp+support", sup
+            if sup is not None and sup.feasible and found is not None:
+                found.append(sup.choice)
         return "auto:highs-lp", sol
     return "auto", None
 
 
-def _ilp_start(reduced: _Reduced, warm: _WarmStart, clock: _Clock, extra=()):
+def _ilp_start(reduced: _Reduced, warm: _WarmStart, clock: _Clock, extra=(), quick: bool = True):
     """The ILP's incumbent on the reduced problem: the cheapest that has finite cost and fits
-    of the warm start, the quick heuristic's and ``extra`` (reduced choices: the rounded LP
-    optimum, a floor under a time-limited MIP that does not depend on the machine's load).
-    The warm start is asked last, with the others' best cost as its ``cutoff``."""
-    own = [c for c in [_quick_start(reduced.problem, clock.left())] + list(extra) if c is not None]
+    of the warm start, the quick heuristic's (``quick``) and ``extra`` (reduced choices: the
+    rounded LP optimum, a floor under a time-limited MIP that does not depend on the machine's
+    load). The warm start is asked last, with the others' best cost as its ``cutoff``."""
+    own = [c for c in ([_quick_start(reduced.problem, clock.left())] if quick else []) + list(extra) if c is not None]
     own = [(r[0], c) for r, c in ((evaluate(reduced.problem, c), c) for c in own) if r[1]]
     # (in the original problem's terms, as the start is scored)
     best = min((evaluate(warm.problem, reduced.restore(c))[0] for _, c in own), default=None)

@@ -42,8 +42,10 @@ STAGE_TIME_LIMIT_S = 10.0
 STAGE_LP_TIME_S = 120.0
 # … and per single layer planned within a share of the budget (additive costing's lean variant):
 # these memory-bound ILPs rarely close their gap, and their incumbent is found early (measured:
-# GPT-39B layers on (1, 8) and (2, 8), the same plan at 1, 2, 4 and 10 s, gaps 12–55 %)
-LEAN_TIME_LIMIT_S = 2.0
+# GPT-39B layers on (1, 8) and (2, 8), the same plan at 1, 2, 4 and 10 s, gaps 12–55 %; GPT-175B's
+# LM-head layer on (4, 8) within budget / 6 and a decoder layer on (8, 8) within budget / 12, the
+# same plan at 0.5, 1 and 2 s, 1.4 / 0.9 s less per solve at 1 s than at 2 s)
+LEAN_TIME_LIMIT_S = 1.0
 # … and per single layer with the whole budget (``cost`` of one layer: additive costing's
 # estimates, single-layer stages): by then the LP, its support and the local search from it have
 # run (``solvers.driver``); measured on GPT-175B's LM-head layer on (4, 8), whose MILP never
