@@ -319,7 +319,9 @@ def test_a_chosen_stage_is_replanned_for_its_in_flight_micro_batches():
     calls = []
 
     class Coster:
-        def cost(self, a, b, sub, mesh=None, remat="none", zero=False):
+        def cost(self, a, b, sub, mesh=None, remat="none", zero=False, budget=None):
+            if budget is not None:
+                return self.cost_within(a, b, sub, mesh, budget)
             return StageCost(plan="fast", static=5.0, act=1.0)
 
         def cost_within(self, a, b, sub, mesh, budget, remat="none", zero=False):
@@ -340,7 +342,9 @@ def test_a_replanned_stage_that_keeps_more_activations_is_planned_again_for_them
     calls = []
 
     class Coster:
-        def cost(self, a, b, sub, mesh=None, remat="none", zero=False):
+        def cost(self, a, b, sub, mesh=None, remat="none", zero=False, budget=None):
+            if budget is not None:
+                return self.cost_within(a, b, sub, mesh, budget)
             return StageCost(plan="fast", static=5.0, act=1.0)
 
         def cost_within(self, a, b, sub, mesh, budget, remat="none", zero=False):
@@ -357,6 +361,38 @@ def test_a_replanned_stage_that_keeps_more_activations_is_planned_again_for_them
             return StageCost(plan=f"p{len(calls)}", static=4.0, act=1.0 + len(calls))
     assert plan_stage(Tight(), inputs, 0, 2, (1, 4), None, remaining=4).plan == "fast"  # 5 + 4·1 < 4 + 4·2 < 4 + 4·3
     assert calls == [5.0, 2.0]  # 8 − 3·2 = 2, then 8 − 3·3 < 0: stop
+
+
+def test_with_a_worker_pool_the_in_flight_replans_are_planned_together(monkeypatch):
+    # two stages, 1F1B: the first holds 2 micro-batches, 5 + 2·2 > 8, so it is planned again
+    # within 8 − 2 = 6; with workers that request goes to the pool with the others', at once
+    from autopar.pipeline import search
+    from autopar.pipeline.costs import StageCost
+    inputs = _inputs(budget=8.0, num_microbatches=8)
+    asked = []
+    monkeypatch.setattr(search, "prefetch", lambda coster, requests: asked.append(list(requests)))
+
+    class Coster:
+        workers = 2
+
+        def __init__(self):
+            self.cache = {(a, b, None): self.cost(a, b, (1, 2)) for a, b in ((0, 2), (2, 4))}
+
+        def plan_key(self, a, b, sub, mesh=None, remat="none", zero=False, budget=None):
+            return a, b, budget
+
+        def cost(self, a, b, sub, mesh=None, remat="none", zero=False, budget=None):
+            return StageCost(plan="fast" if budget is None else "lean", static=5.0 if budget is None else 3.5, act=2.0)
+    chosen = search.plan_stages(Coster(), inputs, [(0, 2, (1, 2)), (2, 4, (1, 2))], lambda a, b, sub: None)
+    assert asked[0] == [((0, 2, (1, 2), None), {"remat": "none", "zero": False}),
+                        ((2, 4, (1, 2), None), {"remat": "none", "zero": False})]
+    assert asked[1] == [((0, 2, (1, 2), None), {"budget": 6.0, "remat": "none", "zero": False})]
+    assert [c.cost.plan for c in chosen] == ["lean", "fast"]  # 3.5 + 2·2 ≤ 8; 5 + 1·2 ≤ 8
+    Coster.workers = 1  # one process: plan_stage asks for it itself
+    asked.clear()
+    assert [c.cost.plan for c in search.plan_stages(Coster(), inputs, [(0, 2, (1, 2)), (2, 4, (1, 2))],
+                                                    lambda a, b, sub: None)] == ["lean", "fast"]
+    assert len(asked) == 1
 
 
 def test_additive_refinement_plans_equal_splits_exactly_and_keeps_the_fastest_that_fits():
@@ -386,15 +422,14 @@ def test_additive_refinement_plans_equal_splits_exactly_and_keeps_the_fastest_th
         min_need = math.inf
         mesh_search = "auto"
 
-        def cost(self, a, b, sub, mesh=None, share=1.0, remat="none", zero=False):
+        def cost(self, a, b, sub, mesh=None, share=1.0, remat="none", zero=False, budget=None):
+            if budget is not None:  # no leaner plan
+                return INFEASIBLE
             if b == a + 1 and mesh is None:
                 return full[a][inputs.shapes.index(tuple(sub))]
             planned.append((a, b, tuple(sub), mesh))
             t, static = exact[(a, b, mesh)]
             return StageCost(plan=types.SimpleNamespace(mesh_shape=mesh or (2, 2)), latency=t, static=static, act=0.5)
-
-        def cost_within(self, a, b, sub, mesh, budget, remat="none", zero=False):  # no leaner plan
-            return INFEASIBLE
     costs = AdditiveCosts(Coster(), 4, inputs.shapes, 4, [0.0] * 4)
     sol = types.SimpleNamespace(stages=[(0, 4, 2, (1, 4), 0.5)], objective_s=2.0, variants=(0,))
     chosen, refined = refine(Coster(), inputs, 4, costs, sol, Progress())
@@ -436,9 +471,12 @@ def test_single_layers_and_lean_shares_get_their_own_time_limits():
         calls.append((j - i, budget, time_limit_s))
         return INFEASIBLE if budget < 100 else types.SimpleNamespace(fits=True)
     coster.cost_within, coster.budget = cost_within, 100.0
-    for user, layer, lean in ((None, stage_cost.LAYER_TIME_LIMIT_S, stage_cost.LEAN_TIME_LIMIT_S), (1.0, 1.0, 1.0)):
+    for user, layer, lean in ((None, stage_cost.LAYER_TIME_LIMIT_S, stage_cost.LEAN_TIME_LIMIT_S), (0.25, 0.25, 0.25)):
         coster.time_limit_s, calls[:] = user, []
         coster.cost(0, 1, (1, 8))
         coster.cost(0, 3, (1, 8))
         coster.cost(0, 1, (1, 8), share=4.0)  # does not fit its share: the whole budget, as one layer
-        assert calls == [(1, 100.0, layer), (3, 100.0, None), (1, 25.0, lean), (1, 100.0, layer)]
+        coster.cost(0, 3, (1, 8), budget=150.0)  # within a given budget (``search.plan_stage``)
+        coster.cost(0, 1, (1, 8), budget=150.0)
+        assert calls == [(1, 100.0, layer), (3, 100.0, None), (1, 25.0, lean), (1, 100.0, layer), (3, 150.0, None),
+                         (1, 150.0, layer)]

@@ -129,6 +129,15 @@ def additive_search(coster, inputs: TrainingInputs, num_layers: int, progress: P
     return costs, solve_lazily(coster, inputs, num_layers, costs, num_stages=num_stages, name=name, progress=progress)
 
 
+def _inflight_budget(inputs: TrainingInputs, c: StageCost, inflight: int, act: float) -> float | None:
+    """The budget ``plan_stage`` plans ``c``'s stage again within (its other in-flight
+    micro-batches reserving ``act`` each), None when ``c`` needs none or none is left."""
+    if not c.fits or c.memory(inflight) <= inputs.budget:
+        return None
+    extra = (inflight - 1) * act
+    return inputs.budget - extra if extra < inputs.budget else None
+
+
 def plan_stage(coster, inputs: TrainingInputs, a: int, b: int, sub, mesh, remaining: int,
                option: StageOption = StageOption()) -> StageCost:
     """Stage [a, b) planned whole with ``option`` (remat, ZeRO-1). The ILP's peak counts one
@@ -140,36 +149,45 @@ def plan_stage(coster, inputs: TrainingInputs, a: int, b: int, sub, mesh, remain
     micro-batches is returned; when none does, the one needing the least memory."""
     c = coster.cost(a, b, sub, mesh, **option._asdict())
     inflight = Schedule(inputs.schedule).inflight(remaining, inputs.num_microbatches)
-    if not c.fits or c.memory(inflight) <= inputs.budget:
-        return c
     tries, act = [c], c.act
     for _ in range(IN_FLIGHT_REPLANS):
-        extra = (inflight - 1) * act
-        if extra >= inputs.budget:
+        budget = _inflight_budget(inputs, tries[-1], inflight, act)
+        if budget is None:
             break
-        again = coster.cost_within(a, b, sub, mesh, inputs.budget - extra, **option._asdict())
+        again = coster.cost(a, b, sub, mesh, budget=budget, **option._asdict())
         if not again.fits:
             break
-        if again.memory(inflight) <= inputs.budget:
-            return again
         tries.append(again)
         if again.act <= act:  # (the same reservation again: the same plan)
             break
         act = again.act
-    return min(tries, key=lambda t: t.memory(inflight))
+    fit = [t for t in tries if t.fits and t.memory(inflight) <= inputs.budget]
+    return fit[0] if fit else min(tries, key=lambda t: t.memory(inflight))
 
 
 def plan_stages(coster, inputs: TrainingInputs, stages, mesh_of, option_of=None) -> list[ChosenStage]:
     """Each stage (a, b, sub) planned whole; ``mesh_of(a, b, sub)`` is a logical mesh, None
     (every ``stage_meshes``) or a list of meshes tried one by one (the fastest that fits
     with its in-flight micro-batches wins); ``option_of(a, b, sub)``: its
-    :class:`StageOption` (default: no remat, no ZeRO-1)."""
+    :class:`StageOption` (default: no remat, no ZeRO-1). With a worker pool, the stages'
+    first in-flight replans (``plan_stage``) are planned together too."""
     S, out = len(stages), []
-    requests = []
-    for a, b, sub in stages:
+    requests, replans = [], []
+    for k, (a, b, sub) in enumerate(stages):
         meshes, option = mesh_of(a, b, sub), StageOption() if option_of is None else option_of(a, b, sub)
-        requests += [((a, b, sub, m), option._asdict()) for m in (meshes if isinstance(meshes, list) else [meshes])]
+        for m in (meshes if isinstance(meshes, list) else [meshes]):
+            requests.append(((a, b, sub, m), option._asdict()))
+            replans.append((a, b, sub, m, S - k, option))
     prefetch(coster, requests)
+    if getattr(coster, "workers", 1) > 1:
+        again = []
+        for a, b, sub, m, remaining, option in replans:
+            c = coster.cache.get(coster.plan_key(a, b, sub, m, **option._asdict()))
+            inflight = Schedule(inputs.schedule).inflight(remaining, inputs.num_microbatches)
+            budget = None if c is None else _inflight_budget(inputs, c, inflight, c.act)
+            if budget is not None:
+                again.append(((a, b, sub, m), dict(budget=budget, **option._asdict())))
+        prefetch(coster, again)
     for k, (a, b, sub) in enumerate(stages):
         meshes, option = mesh_of(a, b, sub), StageOption() if option_of is None else option_of(a, b, sub)
         if not isinstance(meshes, list):

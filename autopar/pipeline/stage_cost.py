@@ -49,8 +49,9 @@ LEAN_TIME_LIMIT_S = 1.0
 # … and per single layer with the whole budget (``cost`` of one layer: additive costing's
 # estimates, single-layer stages): by then the LP, its support and the local search from it have
 # run (``solvers.driver``); measured on GPT-175B's LM-head layer on (4, 8), whose MILP never
-# closes its gap, the plan at 3, 5 and 10 s was the same (22,250.6 µs; with "dots" 25,793.3 µs)
-LAYER_TIME_LIMIT_S = 3.0
+# closes its gap, the plan at 3, 5 and 10 s was the same (22,250.6 µs; with "dots" 25,793.3 µs),
+# and at 1, 2 and 3 s (22,754.7 µs; with "full" 28,504.9 µs): 2.6 s less per solve at 1 s than at 3 s
+LAYER_TIME_LIMIT_S = 1.0
 
 
 def stage_for_range(program: Program, num_params: int, a: int, b: int) -> Stage:
@@ -166,17 +167,21 @@ class StageCoster:
         return self.stages[(i, j)]
 
     def cost(self, i: int, j: int, submesh, mesh_shape=None, share: float = 1.0, remat: str = "none",
-             zero: bool = False) -> StageCost:
+             zero: bool = False, budget: float | None = None) -> StageCost:
         """Plan layers i..j−1 on ``submesh`` with activation rematerialisation ``remat``
         (``autopar.pipeline.remat``) and, with ``zero``, the optimizer state sharded over the
         replicated axes (``autopar.pipeline.zero``). ``share`` > 1 (additive costing of one layer):
         plan it within budget / share — the layer's part of a stage holding ``share`` layers —
-        falling back to the whole budget when it does not fit that. A single layer's ILP stops
-        after ``LAYER_TIME_LIMIT_S`` (within a share: ``LEAN_TIME_LIMIT_S``), a longer range's
-        after the coster's limit (a smaller ``time_limit_s`` given to ``plan_training`` wins)."""
+        falling back to the whole budget when it does not fit that; ``budget``: plan within
+        that many bytes instead (a stage less its other in-flight micro-batches' activations,
+        ``search.plan_stage``). A single layer's ILP stops after ``LAYER_TIME_LIMIT_S`` (within a
+        share: ``LEAN_TIME_LIMIT_S``), a longer range's after the coster's limit (a smaller
+        ``time_limit_s`` given to ``plan_training`` wins)."""
         kw = dict(remat=remat, zero=zero)
         user = math.inf if self.time_limit_s is None else self.time_limit_s
         whole = min(LAYER_TIME_LIMIT_S, user) if j == i + 1 else None  # (None: the coster's limit)
+        if budget is not None:
+            return self.cost_within(i, j, submesh, mesh_shape, budget, time_limit_s=whole, **kw)
         if share > 1.0:
             res = self.cost_within(i, j, submesh, mesh_shape, self.budget / share,
                                    time_limit_s=min(LEAN_TIME_LIMIT_S, user), **kw)
@@ -185,16 +190,17 @@ class StageCoster:
         return self.cost_within(i, j, submesh, mesh_shape, self.budget, time_limit_s=whole, **kw)
 
     def plan_key(self, i: int, j: int, submesh, mesh_shape=None, share: float = 1.0, remat: str = "none",
-                 zero: bool = False):
+                 zero: bool = False, budget: float | None = None):
         """The cache key of the plan ``cost`` makes first for these arguments."""
-        budget = self.budget / share if share > 1.0 else self.budget
+        if budget is None:
+            budget = self.budget / share if share > 1.0 else self.budget
         return (self.program_key(i, j, remat), tuple(submesh), None if mesh_shape is None else tuple(mesh_shape),
                 budget, zero)
 
     def is_cached(self, i: int, j: int, submesh, mesh_shape=None, share: float = 1.0, remat: str = "none",
-                  zero: bool = False) -> bool:
+                  zero: bool = False, budget: float | None = None) -> bool:
         """Whether ``cost`` with these arguments plans nothing new."""
-        key = self.plan_key(i, j, submesh, mesh_shape, share, remat, zero)
+        key = self.plan_key(i, j, submesh, mesh_shape, share, remat, zero, budget)
         hit = self.cache.get(key) or self.served(i, j, key)
         if hit is None:
             return False
