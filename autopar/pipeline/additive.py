@@ -13,11 +13,6 @@ r₀ preferred)
   budget / (2·L·|m|/N) (a balanced stage on the sub-mesh holds L·|m|/N layers), on the
   logical mesh ("full", r) chose for it: parameters sharded harder, so a long stage, or an
   early one holding many micro-batches, fits. Only on sub-meshes with a share above one layer.
-  With ZeRO-1, where the search has the same remat without it too, ("lean", r) is that
-  option's lean plans run with ZeRO-1 (``StageCoster.as_zero``; no ILP): their layouts with
-  the optimizer state split, feasible, an estimate like the rest of this variant (the chosen
-  stages are planned exactly, ``autopar.pipeline.refine``). Measured on GPT-175B on 1,024
-  GPUs: the ZeRO-1 lean ILPs (2.1–2.3 s each) returned the plain lean plans' latencies.
 
 in the order ("full", r₀), ("lean", r₀), then ("full", r) and ("lean", r) for the other
 options (ties go to the lower index: no remat, whole budget). Only ("full", r₀) is planned
@@ -157,10 +152,6 @@ class AdditiveCosts:
             other = self.variants.index(("lean" if self.variants[v][0] == "full" else "full", self.variants[v][1]))
             if self.layers[other][s] is None and (self.variants[other][0] == "full" or self.share(s) > 1):
                 keys.add((other, s))
-        for v, s in list(keys):  # a derived ZeRO-1 lean variant: its plain one (and that one's full)
-            plain = self._plain_of(v)
-            if plain is not None:
-                keys.update({(plain, s), (self.variants.index(("full", self.variants[plain][1])), s)})
         full = sorted((v, s) for v, s in keys if self.variants[v][0] == "full")
         prefetch(self.coster, [((i, i + 1, self.shapes[s]), self.variants[v][1]._asdict())
                                for v, s in full if self.layers[v][s] is None for i in range(self.L)])
@@ -175,22 +166,11 @@ class AdditiveCosts:
         self._fill({s for _, s in keys})
 
     def _lean_requests(self, v: int, s: int) -> list:
-        """``cost`` arguments of the lean variant v's layers on sub-mesh s (its full one planned;
-        a derived ZeRO-1 variant: its plain one's)."""
-        v = self._plain_of(v) if self._plain_of(v) is not None else v
+        """``cost`` arguments of the lean variant v's layers on sub-mesh s (its full one planned)."""
         r = self.variants[v][1]
         base = self.layers[self.variants.index(("full", r))][s]
-        if base is None:
-            return []
         return [((i, i + 1, self.shapes[s], tuple(c.plan.mesh_shape) if c.fits else None),
                  dict(share=2 * self.share(s), **r._asdict())) for i, c in enumerate(base)]
-
-    def _plain_of(self, v: int) -> int | None:
-        """The plain variant a lean ZeRO-1 variant v is derived from (``as_zero``: the same
-        layouts with the optimizer state split; module docstring), None for any other."""
-        kind, r = self.variants[v]
-        plain = r._replace(zero=False)
-        return self.variants.index(("lean", plain)) if kind == "lean" and r.zero and plain in self.options else None
 
     def _plan(self, v: int, s: int) -> None:
         if self.layers[v][s] is not None:
@@ -201,13 +181,6 @@ class AdditiveCosts:
             prefetch(self.coster, [((i, i + 1, sub), r._asdict()) for i in range(self.L)])
             self.layers[v][s] = [self.coster.cost(i, i + 1, sub, **r._asdict()) for i in range(self.L)]
             return
-        plain = self._plain_of(v)
-        if plain is not None:
-            self._plan(plain, s)
-            zeros = [self.coster.as_zero(i, i + 1, sub, c) for i, c in enumerate(self.layers[plain][s])]
-            if all(z is not None for z in zeros):
-                self.layers[v][s] = zeros
-                return
         base = self.variants.index(("full", r))
         self._plan(base, s)
         meshes = [tuple(c.plan.mesh_shape) if c.fits else None for c in self.layers[base][s]]

@@ -73,19 +73,9 @@ def zero_of(coster, i: int, j: int, submesh, plain, limit: float):
     st = coster.stage(i, j)[0]
     total = sum(coster.program.values[coster.program.invars[q]].nbytes for q in st.params)
     n = math.prod(sp.mesh_shape)
-    slack = TIEBREAK_US_PER_BYTE * coster.opt_ratio * total * (1 - 1 / n) / (sp.solver.objective_s * 1e6)
-    if (sp.solver.gap or 0.0) + slack > MIP_GAP:
-        return None
-    return zero_stage(coster, i, j, submesh, plain, limit)
-
-
-def zero_stage(coster, i: int, j: int, submesh, plain, limit: float):
-    """The plain plan's layout run with ZeRO-1 (its optimizer state split over the replicated
-    axes): its peak less the optimizer state it no longer holds whole, r·p(x); None when that
-    exceeds ``limit``. A feasible ZeRO-1 plan (not necessarily the ZeRO-1 optimum)."""
-    sp = plain.plan
     peak = sp.predicted.peak_memory_bytes - coster.opt_ratio * plain.param_dev
-    if peak > limit:
+    slack = TIEBREAK_US_PER_BYTE * coster.opt_ratio * total * (1 - 1 / n) / (sp.solver.objective_s * 1e6)
+    if peak > limit or (sp.solver.gap or 0.0) + slack > MIP_GAP:
         return None
     plan = sp.model_copy(update={"memory_budget_bytes": limit,
                                  "predicted": sp.predicted.model_copy(update={"peak_memory_bytes": peak})})
@@ -93,4 +83,4 @@ def zero_stage(coster, i: int, j: int, submesh, plain, limit: float):
     return dataclasses.replace(res, memory_free=False)
 
 
-__all__ = ["serves", "served", "zero_of", "zero_stage"]
+__all__ = ["serves", "served", "zero_of"]

@@ -30,7 +30,7 @@ from .costs import ChosenStage, CostArrays, StageCost, StageOption, Sums, entry
 from .inputs import ForcedStage, TrainingInputs, nbytes
 from .pool import prefetch
 
-# ``plan_stage``: plans within the budget less the in-flight activations, at most
+# ``plan_stage`` replans a stage within the budget less its in-flight activations at most this often
 IN_FLIGHT_REPLANS = 3
 
 

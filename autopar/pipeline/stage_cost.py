@@ -24,7 +24,7 @@ from ..rules import stage_rules
 from ..trace import Program, trace
 from .costs import INFEASIBLE, StageCost
 from .inputs import TrainingInputs, nbytes
-from .reuse import served, zero_stage
+from .reuse import served
 from .zero import gather_time, optimizer_bytes, reserved_bytes
 from .halves import cut_train, residual_bytes_per_device
 from .stages import Stage, residual_bytes, split_program, stage_abstract_args, stage_forward, stage_train
@@ -224,16 +224,6 @@ class StageCoster:
         self.cache[key] = res
         if res.fits:
             self.planned.setdefault((key[0], key[1], key[2], key[4]), []).append((key[3], res))
-
-    def as_zero(self, i: int, j: int, submesh, plain: StageCost) -> StageCost | None:
-        """``plain`` (layers i..j−1 planned without ZeRO-1 within some budget) run with ZeRO-1
-        within the same budget (``reuse.zero_stage``): feasible, not necessarily the ZeRO-1
-        ILP's optimum — an estimate (additive costing's lean variant), never cached as a plan.
-        None when ``plain`` does not fit or its ZeRO-1 peak exceeds the ILP's limit."""
-        if not plain.fits:
-            return None
-        limit = self.ilp_limit(i, j, submesh, plain.plan.memory_budget_bytes, True)
-        return zero_stage(self, i, j, submesh, plain, limit)
 
     def program_key(self, i: int, j: int, remat: str = "none"):
         """What the stage's traced forward + backward depends on: its structure, and with
