@@ -310,27 +310,32 @@ def test_additive_costing_plans_layers_leaner_when_a_long_stage_needs_it():
     assert [(a, b, sub) for a, b, _, sub, _ in sol.stages] == [(0, 2, (1, 2)), (2, 4, (1, 2))]
 
 
+class _Replans:
+    """``plan_stage``'s coster: the whole-budget plan holds 5 + 1 per micro-batch; ``within(budget,
+    calls)`` is the plan within a smaller budget (each budget asked is recorded in ``calls``)."""
+
+    def __init__(self, within):
+        self.within, self.calls = within, []
+
+    def cost(self, a, b, sub, mesh=None, remat="none", zero=False, budget=None):
+        from autopar.pipeline.costs import StageCost
+        if budget is None:
+            return StageCost(plan="fast", static=5.0, act=1.0)
+        self.calls.append(budget)
+        return self.within(budget, self.calls)
+
+
 def test_a_chosen_stage_is_replanned_for_its_in_flight_micro_batches():
     # the whole-budget stage plan holds 5 + 1 (one micro-batch); as the first of 4 stages under
     # 1F1B it keeps 4 micro-batches: 5 + 4·1 > 8, so it is planned again within 8 − 3·1
     from autopar.pipeline.costs import StageCost
     from autopar.pipeline.search import plan_stage
     inputs = _inputs(budget=8.0, num_microbatches=8)
-    calls = []
-
-    class Coster:
-        def cost(self, a, b, sub, mesh=None, remat="none", zero=False, budget=None):
-            if budget is not None:
-                return self.cost_within(a, b, sub, mesh, budget)
-            return StageCost(plan="fast", static=5.0, act=1.0)
-
-        def cost_within(self, a, b, sub, mesh, budget, remat="none", zero=False):
-            calls.append(budget)
-            return StageCost(plan="lean", static=3.5, act=1.0)
-    assert plan_stage(Coster(), inputs, 0, 2, (1, 4), None, remaining=4).plan == "lean" and calls == [5.0]
-    assert plan_stage(Coster(), inputs, 0, 2, (1, 4), None, remaining=2).plan == "fast"   # 5 + 2 ≤ 8
+    coster = _Replans(lambda budget, calls: StageCost(plan="lean", static=3.5, act=1.0))
+    assert plan_stage(coster, inputs, 0, 2, (1, 4), None, remaining=4).plan == "lean" and coster.calls == [5.0]
+    assert plan_stage(coster, inputs, 0, 2, (1, 4), None, remaining=2).plan == "fast"   # 5 + 2 ≤ 8
     gpipe = _inputs(budget=8.0, num_microbatches=8, schedule="gpipe")  # all 8 in flight, even in the last stage
-    assert plan_stage(Coster(), gpipe, 0, 2, (1, 4), None, remaining=1).plan == "lean" and calls[-1] == 1.0
+    assert plan_stage(coster, gpipe, 0, 2, (1, 4), None, remaining=1).plan == "lean" and coster.calls[-1] == 1.0
 
 
 def test_a_replanned_stage_that_keeps_more_activations_is_planned_again_for_them():
@@ -339,28 +344,13 @@ def test_a_replanned_stage_that_keeps_more_activations_is_planned_again_for_them
     from autopar.pipeline.costs import StageCost
     from autopar.pipeline.search import plan_stage
     inputs = _inputs(budget=8.0, num_microbatches=8)
-    calls = []
-
-    class Coster:
-        def cost(self, a, b, sub, mesh=None, remat="none", zero=False, budget=None):
-            if budget is not None:
-                return self.cost_within(a, b, sub, mesh, budget)
-            return StageCost(plan="fast", static=5.0, act=1.0)
-
-        def cost_within(self, a, b, sub, mesh, budget, remat="none", zero=False):
-            calls.append(budget)
-            return StageCost(plan="wide", static=3.0, act=1.5) if budget == 5.0 else \
-                StageCost(plan="lean", static=2.0, act=1.25)
-    assert plan_stage(Coster(), inputs, 0, 2, (1, 4), None, remaining=4).plan == "lean" and calls == [5.0, 3.5]
+    coster = _Replans(lambda budget, calls: StageCost(plan="wide", static=3.0, act=1.5) if budget == 5.0 else
+                      StageCost(plan="lean", static=2.0, act=1.25))
+    assert plan_stage(coster, inputs, 0, 2, (1, 4), None, remaining=4).plan == "lean" and coster.calls == [5.0, 3.5]
     # when no replan fits, the one needing the least memory with its 4 in flight is returned
-    calls.clear()
-
-    class Tight(Coster):
-        def cost_within(self, a, b, sub, mesh, budget, remat="none", zero=False):
-            calls.append(budget)
-            return StageCost(plan=f"p{len(calls)}", static=4.0, act=1.0 + len(calls))
-    assert plan_stage(Tight(), inputs, 0, 2, (1, 4), None, remaining=4).plan == "fast"  # 5 + 4·1 < 4 + 4·2 < 4 + 4·3
-    assert calls == [5.0, 2.0]  # 8 − 3·2 = 2, then 8 − 3·3 < 0: stop
+    tight = _Replans(lambda budget, calls: StageCost(plan=f"p{len(calls)}", static=4.0, act=1.0 + len(calls)))
+    assert plan_stage(tight, inputs, 0, 2, (1, 4), None, remaining=4).plan == "fast"  # 5 + 4·1 < 4 + 4·2 < 4 + 4·3
+    assert tight.calls == [5.0, 2.0]  # 8 − 3·2 = 2, then 8 − 3·3 < 0: stop
 
 
 def test_with_a_worker_pool_the_in_flight_replans_are_planned_together(monkeypatch):
