@@ -56,3 +56,47 @@ def _solve_small(_):
     from test_solvers import random_problem
     from autopar.solvers.ilp import solve_ilp
     return [solve_ilp(random_problem(s), solver="highs").cost for s in range(0, 20, 2)]
+
+
+class _Coster:
+    """Just what ``pool.prefetch`` uses of a ``StageCoster``: a request is (program, budget);
+    ``serve(key, cache)`` says whether the cached plans serve ``key`` (``StageCoster.served``)."""
+    workers = 2
+
+    def __init__(self, serve=lambda key, cache: False):
+        import math
+
+        from autopar.progress import Progress
+        self.cache, self.prefetched, self.serve = {}, set(), serve
+        self.solves, self.infeasible, self.min_need, self.progress = 0, 0, math.inf, Progress()
+
+    def plan_key(self, prog, budget=1.0, share=1.0):
+        return prog, (1, 8), None, budget, False
+
+    def is_cached(self, prog, budget=1.0, share=1.0):
+        key = self.plan_key(prog, budget)
+        return key in self.cache or self.serve(key, self.cache)
+
+    def cost(self, prog, budget=1.0, share=1.0):
+        from autopar.pipeline.costs import StageCost
+        self.solves += 1
+        self.cache[self.plan_key(prog, budget)] = StageCost(latency=budget)
+        return self.cache[self.plan_key(prog, budget)]
+
+    def remember(self, key, value):
+        self.cache[key] = value
+
+
+def test_a_request_an_earlier_one_may_serve_is_planned_in_the_next_round():
+    """``prefetch``: the second budget of a stage program waits until the first is merged, then
+    is served by it or planned with the other waiting ones — as one worker would have it."""
+    from autopar.pipeline.pool import prefetch
+    requests = [((p,), {"budget": b}) for p, b in (("A", 10.0), ("A", 20.0), ("B", 10.0), ("B", 20.0))]
+    coster = _Coster()
+    prefetch(coster, requests)
+    assert [(k[0], k[3]) for k in coster.cache] == [("A", 10.0), ("B", 10.0), ("A", 20.0), ("B", 20.0)]
+    assert coster.solves == 4 and len(coster.prefetched) == 4
+    # A at 20 is served by A at 10 once that is merged: B at 20 alone is left to the caller
+    served = _Coster(serve=lambda key, cache: key[0] == "A" and ("A", (1, 8), None, 10.0, False) in cache)
+    prefetch(served, requests)
+    assert [(k[0], k[3]) for k in served.cache] == [("A", 10.0), ("B", 10.0)] and served.solves == 2

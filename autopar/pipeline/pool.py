@@ -114,17 +114,20 @@ def prefetch_bounds(coster, requests) -> None:
 
 def prefetch(coster, requests) -> None:
     """Plan the uncached ``requests`` ((args, kwargs) of ``coster.cost``) in ``coster.workers``
-    processes; merge in request order (module docstring). Sequential when it does not pay."""
+    processes; merge in request order (module docstring). Sequential when it does not pay.
+    A request an earlier one's plan may serve (the same stage program and sub-mesh: a smaller
+    budget, ``StageCoster.served``; a lean request may also plan its whole budget) waits for
+    the next round, which starts once this one is merged — then it is served or planned, as
+    a single worker, asking for it after the earlier one, would have it."""
     if getattr(coster, "workers", 1) <= 1:
         return  # the caller's own ``cost`` calls plan them one by one
-    todo, seen, ahead = [], set(), {}
+    todo, seen, ahead, later = [], set(), {}, []
     for args, kw in requests:
         key = coster.plan_key(*args, **kw)
-        # (one an earlier request's plan may serve — a smaller budget, ``StageCoster.served``;
-        # a lean request may also plan its whole budget — is left to the caller, which plans
-        # it after that one as a single worker would)
-        if key in seen or coster.is_cached(*args, **kw) or any(
-                serves(k, key) for k in ahead.get((key[0], key[1]), ())):
+        if key in seen or coster.is_cached(*args, **kw):
+            continue
+        if any(serves(k, key) for k in ahead.get((key[0], key[1]), ())):
+            later.append((args, kw))
             continue
         seen.add(key)
         ahead.setdefault((key[0], key[1]), []).extend(
@@ -141,6 +144,8 @@ def prefetch(coster, requests) -> None:
         coster.infeasible += infeasible
         coster.min_need = min(coster.min_need, min_need)
         coster.prefetched.update(made)  # the caller's first ``cost`` of each is not a cache hit
+    if later:  # (every request they waited for is merged now)
+        prefetch(coster, later)
 
 
 __all__ = ["AUTO_WORKERS", "AUTO_MIN_DEVICES", "resolve_workers", "prefetch", "prefetch_bounds"]
