@@ -23,6 +23,7 @@ from .build_shared import materialize_usages
 from .graph import OpGraph
 from .repeats import Tied, find_repeats, tie
 from .strategies import Strategy
+from .strategies.base import local_nbytes
 
 
 @dataclass
@@ -109,7 +110,7 @@ class IntraProblem:
 def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float | None,
                   donated_inputs=(), tie_repeats: bool = True, allowed=None, allowed_reshard=None,
                   input_usage_scale=None, carried=(), reshard_cache: ReshardCache | None = None,
-                  split_backward: bool = False) -> IntraProblem:
+                  split_backward: bool = False, held_values=None) -> IntraProblem:
     """``donated_inputs``: flat input indices whose buffers the step may reuse; each must keep
     the sharding of the output it aliases (alias constraint: an edge with ∞ off the diagonal).
 
@@ -128,6 +129,11 @@ def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float
     state, which live on the stage all step long; ``split_backward``: the program's forward
     and backward run as separate executables (a pipeline stage), so XLA cannot merge a
     ``jax.checkpoint``'s recomputation back into the forward (``build_nodes.memory_view``).
+
+    ``held_values`` {value id: k}: k more copies of that value (in the layout it is kept in:
+    its shared conversion's where one is made, else its producer's) are held all step long — a pipeline stage's residuals of its other in-flight micro-batches
+    (``autopar.pipeline.search.plan_stage``), so the ILP weighs a layout's activations by the
+    micro-batches the stage keeps, not by one.
 
     ``tie_repeats`` (default on) ties repeated layers (``autopar.repeats``); it kept the
     optimum on every GPT size we measured. ``reshard_cache``: resharding matrices shared with
@@ -153,7 +159,7 @@ def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float
                    nodes.intervals + m_live, edges.pairs + [(v, n + k) for v, k, _ in edges.materialize_edges],
                    edges.costs + [m for _, _, m in edges.materialize_edges],
                    usage_limit=memory_budget_bytes, name=f"mesh{mesh.shape}",
-                   extra_usages=transient_usages(graph, strats))
+                   extra_usages=transient_usages(graph, strats) + held_usages(graph, mesh, strats, mats, held_values))
     rep = _tie_groups(graph, strats, signatures, tie_repeats=tie_repeats, restricted=allowed is not None)
     tied = tie(full, rep + _tie_materialize(rep, mats, n))
     stats = {"aliases": len(aliases), "carried": len(carried), "nodes": len(graph.nodes), "edges": len(edges.pairs),
@@ -163,6 +169,26 @@ def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float
     return IntraProblem(graph, mesh, strats, nodes.compute_s, nodes.comm_s, fallbacks, edges.pairs, edges.operands,
                         full, tied, stats, carried=list(carried), aliases=aliases, rematerialized=remat,
                         materialize=mats)
+
+
+def held_usages(graph: OpGraph, mesh: MeshModel, strats, mats, held_values) -> list:
+    """``build_problem``'s ``held_values`` as usage items over the whole program: k × the
+    value's bytes per device in the layout it is kept in — on its Materialize node where it
+    has one (whose strategy names that layout: one of the producer's specs, or a conversion),
+    else on its producer (the strategy's output layout)."""
+    n, items = len(graph.nodes), []
+    shared = {m.value.id: k for k, m in enumerate(mats)}
+    for v, k in sorted((held_values or {}).items()):
+        if k <= 0:
+            continue
+        if v in shared:
+            m = mats[shared[v]]
+            specs, node, value = list(m.sources) + list(m.specs), n + shared[v], m.value
+        else:
+            node, out = graph.producer[v]
+            specs, value = [s.out_specs[out] for s in strats[node]], graph.nodes[node].outputs[out]
+        items.append((node, np.array([k * float(local_nbytes(value, sp, mesh.shape)) for sp in specs]), (0, n + 1)))
+    return items
 
 
 def _tie_materialize(rep: list[int], mats, n: int) -> list[int]:

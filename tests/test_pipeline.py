@@ -311,51 +311,53 @@ def test_additive_costing_plans_layers_leaner_when_a_long_stage_needs_it():
 
 
 class _Replans:
-    """``plan_stage``'s coster: the whole-budget plan holds 5 + 1 per micro-batch; ``within(budget,
-    calls)`` is the plan within a smaller budget (each budget asked is recorded in ``calls``)."""
+    """``plan_stage``'s coster: the whole-budget plan for one micro-batch holds 5 + 1 per
+    micro-batch; ``again(calls)`` is the plan for more in flight (each request's (in flight,
+    budget) is recorded in ``calls``)."""
 
-    def __init__(self, within):
-        self.within, self.calls = within, []
+    def __init__(self, again):
+        self.again, self.calls = again, []
 
-    def cost(self, a, b, sub, mesh=None, remat="none", zero=False, budget=None):
+    def cost(self, a, b, sub, mesh=None, remat="none", zero=False, budget=None, inflight=1):
         from autopar.pipeline.costs import StageCost
-        if budget is None:
+        if budget is None and inflight == 1:
             return StageCost(plan="fast", static=5.0, act=1.0)
-        self.calls.append(budget)
-        return self.within(budget, self.calls)
+        self.calls.append((inflight, budget))
+        return self.again(self.calls)
 
 
 def test_a_chosen_stage_is_replanned_for_its_in_flight_micro_batches():
     # the whole-budget stage plan holds 5 + 1 (one micro-batch); as the first of 4 stages under
-    # 1F1B it keeps 4 micro-batches: 5 + 4·1 > 8, so it is planned again within 8 − 3·1
+    # 1F1B it keeps 4 micro-batches: 5 + 4·1 > 8, so it is planned again with their residuals held
     from autopar.pipeline.costs import StageCost
     from autopar.pipeline.search import plan_stage
     inputs = _inputs(budget=8.0, num_microbatches=8)
-    coster = _Replans(lambda budget, calls: StageCost(plan="lean", static=3.5, act=1.0))
-    assert plan_stage(coster, inputs, 0, 2, (1, 4), None, remaining=4).plan == "lean" and coster.calls == [5.0]
+    coster = _Replans(lambda calls: StageCost(plan="lean", static=3.5, act=0.5, held=1.5))
+    assert plan_stage(coster, inputs, 0, 2, (1, 4), None, remaining=4).plan == "lean" and coster.calls == [(4, None)]
     assert plan_stage(coster, inputs, 0, 2, (1, 4), None, remaining=2).plan == "fast"   # 5 + 2 ≤ 8
     gpipe = _inputs(budget=8.0, num_microbatches=8, schedule="gpipe")  # all 8 in flight, even in the last stage
-    assert plan_stage(coster, gpipe, 0, 2, (1, 4), None, remaining=1).plan == "lean" and coster.calls[-1] == 1.0
+    assert plan_stage(coster, gpipe, 0, 2, (1, 4), None, remaining=1).plan == "lean" and coster.calls[-1] == (8, None)
 
 
-def test_a_replanned_stage_that_keeps_more_activations_is_planned_again_for_them():
-    # the whole-budget plan (5 + 4·1 > 8 as the first of 4 stages) is replanned within 8 − 3·1 = 5;
-    # that plan keeps 1.5 per micro-batch (3 + 4·1.5 = 9 > 8): again within 8 − 3·1.5 = 3.5, which fits
+def test_a_stage_planned_in_flight_that_still_overflows_is_planned_within_less():
+    # the plan for 4 in flight keeps its residuals in other layouts than the ILP held (3 + 4·1.5
+    # = 9 > 8): again within 8 − 1 = 7, which fits
     from autopar.pipeline.costs import StageCost
     from autopar.pipeline.search import plan_stage
     inputs = _inputs(budget=8.0, num_microbatches=8)
-    coster = _Replans(lambda budget, calls: StageCost(plan="wide", static=3.0, act=1.5) if budget == 5.0 else
+    coster = _Replans(lambda calls: StageCost(plan="wide", static=3.0, act=1.5) if len(calls) == 1 else
                       StageCost(plan="lean", static=2.0, act=1.25))
-    assert plan_stage(coster, inputs, 0, 2, (1, 4), None, remaining=4).plan == "lean" and coster.calls == [5.0, 3.5]
+    assert plan_stage(coster, inputs, 0, 2, (1, 4), None, remaining=4).plan == "lean"
+    assert coster.calls == [(4, None), (4, 7.0)]
     # when no replan fits, the one needing the least memory with its 4 in flight is returned
-    tight = _Replans(lambda budget, calls: StageCost(plan=f"p{len(calls)}", static=4.0, act=1.0 + len(calls)))
+    tight = _Replans(lambda calls: StageCost(plan=f"p{len(calls)}", static=4.0, act=1.0 + len(calls)))
     assert plan_stage(tight, inputs, 0, 2, (1, 4), None, remaining=4).plan == "fast"  # 5 + 4·1 < 4 + 4·2 < 4 + 4·3
-    assert tight.calls == [5.0, 2.0]  # 8 − 3·2 = 2, then 8 − 3·3 < 0: stop
+    assert tight.calls == [(4, None), (4, 4.0)]  # 8 − (12 − 8) = 4, then 4 − (16 − 8) < 0: stop
 
 
 def test_with_a_worker_pool_the_in_flight_replans_are_planned_together(monkeypatch):
     # two stages, 1F1B: the first holds 2 micro-batches, 5 + 2·2 > 8, so it is planned again
-    # within 8 − 2 = 6; with workers that request goes to the pool with the others', at once
+    # for 2 in flight; with workers that request goes to the pool with the others', at once
     from autopar.pipeline import search
     from autopar.pipeline.costs import StageCost
     inputs = _inputs(budget=8.0, num_microbatches=8)
@@ -366,17 +368,17 @@ def test_with_a_worker_pool_the_in_flight_replans_are_planned_together(monkeypat
         workers = 2
 
         def __init__(self):
-            self.cache = {(a, b, None): self.cost(a, b, (1, 2)) for a, b in ((0, 2), (2, 4))}
+            self.cache = {(a, b, None, 1): self.cost(a, b, (1, 2)) for a, b in ((0, 2), (2, 4))}
 
-        def plan_key(self, a, b, sub, mesh=None, remat="none", zero=False, budget=None):
-            return a, b, budget
+        def plan_key(self, a, b, sub, mesh=None, remat="none", zero=False, budget=None, inflight=1):
+            return a, b, budget, inflight
 
-        def cost(self, a, b, sub, mesh=None, remat="none", zero=False, budget=None):
-            return StageCost(plan="fast" if budget is None else "lean", static=5.0 if budget is None else 3.5, act=2.0)
+        def cost(self, a, b, sub, mesh=None, remat="none", zero=False, budget=None, inflight=1):
+            return StageCost(plan="fast" if inflight == 1 else "lean", static=5.0 if inflight == 1 else 3.5, act=2.0)
     chosen = search.plan_stages(Coster(), inputs, [(0, 2, (1, 2)), (2, 4, (1, 2))], lambda a, b, sub: None)
     assert asked[0] == [((0, 2, (1, 2), None), {"remat": "none", "zero": False}),
                         ((2, 4, (1, 2), None), {"remat": "none", "zero": False})]
-    assert asked[1] == [((0, 2, (1, 2), None), {"budget": 6.0, "remat": "none", "zero": False})]
+    assert asked[1] == [((0, 2, (1, 2), None), {"inflight": 2, "remat": "none", "zero": False})]
     assert [c.cost.plan for c in chosen] == ["lean", "fast"]  # 3.5 + 2·2 ≤ 8; 5 + 1·2 ≤ 8
     Coster.workers = 1  # one process: plan_stage asks for it itself
     asked.clear()
@@ -412,8 +414,8 @@ def test_additive_refinement_plans_equal_splits_exactly_and_keeps_the_fastest_th
         min_need = math.inf
         mesh_search = "auto"
 
-        def cost(self, a, b, sub, mesh=None, share=1.0, remat="none", zero=False, budget=None):
-            if budget is not None:  # no leaner plan
+        def cost(self, a, b, sub, mesh=None, share=1.0, remat="none", zero=False, budget=None, inflight=1):
+            if budget is not None or inflight > 1:  # no leaner plan
                 return INFEASIBLE
             if b == a + 1 and mesh is None:
                 return full[a][inputs.shapes.index(tuple(sub))]
@@ -457,7 +459,7 @@ def test_single_layers_and_lean_shares_get_their_own_time_limits():
     coster = stage_cost.StageCoster.__new__(stage_cost.StageCoster)
     calls = []
 
-    def cost_within(i, j, sub, mesh, budget, time_limit_s=None, remat="none", zero=False):
+    def cost_within(i, j, sub, mesh, budget, time_limit_s=None, remat="none", zero=False, inflight=1):
         calls.append((j - i, budget, time_limit_s))
         return INFEASIBLE if budget < 100 else types.SimpleNamespace(fits=True)
     coster.cost_within, coster.budget = cost_within, 100.0

@@ -52,3 +52,54 @@ def test_zero1_from_a_memory_free_plain_plan_costs_what_its_ilp_does():
     for field in ("static", "act", "persist", "optimizer", "param_dev", "gather_s"):
         assert getattr(derived, field) == pytest.approx(getattr(solved, field), rel=1e-6), field
     assert derived.plan.predicted.peak_memory_bytes == pytest.approx(solved.plan.predicted.peak_memory_bytes, rel=1e-6)
+
+
+def test_held_values_add_their_copies_to_every_point_of_the_peak(devices8):
+    """``build_problem(held_values={v: k})``: k more copies of v, in the layout it is kept in
+    (here its producer's: nothing converts it), live all step: any choice's peak rises by
+    exactly those bytes."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from autopar import solvers
+    from autopar.build import build_problem
+    from autopar.cost import load_cluster, mesh_model
+    from autopar.graph import build_graph
+    from autopar.strategies.base import local_nbytes
+    from autopar.trace import trace
+    prog = trace(lambda x, w: jnp.sum(jnp.tanh(x @ w) * 2.0), jax.ShapeDtypeStruct((64, 32), jnp.float32),
+                 jax.ShapeDtypeStruct((32, 16), jnp.float32))
+    graph = build_graph(prog)
+    mesh = mesh_model(load_cluster("cpu-8"), 1, (4, 2))
+    held = prog.eqns[1].outputs[0]  # tanh's output
+    plain = build_problem(graph, mesh, memory_budget_bytes=None)
+    kept = build_problem(graph, mesh, memory_budget_bytes=None, held_values={held: 3})
+    node, out = graph.producer[held]
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        choice = [int(rng.integers(len(c))) for c in plain.full.node_costs]
+        cost0, _, peak0 = solvers.evaluate(plain.full, choice)
+        cost1, _, peak1 = solvers.evaluate(kept.full, choice)
+        spec = plain.strategies[node][choice[node]].out_specs[out]
+        assert peak1 - peak0 == pytest.approx(3 * local_nbytes(graph.nodes[node].outputs[out], spec, mesh.shape))
+        assert cost1 == cost0  # the objective is left alone
+
+
+def test_a_stage_planned_in_flight_fits_its_micro_batches_where_the_plain_plan_does_not():
+    """``StageCoster.cost(inflight=q)``: the ILP holds q − 1 more micro-batches' residuals, so
+    its plan fits the budget with q in flight; a plain plan that fits that way serves it."""
+    from autopar.pipeline.halves import residual_bytes_per_device
+    c, q = coster(), 4
+    one = c.cost(0, 2, SUB)
+    solves = c.solves
+    assert one.memory_free and c.cost(0, 2, SUB, inflight=q) is one and c.solves == solves  # fits as planned
+    budget = one.memory(q) * 0.9  # the plain plan overflows with 4 in flight
+    res = c.cost_within(0, 2, SUB, None, budget, inflight=q)
+    assert c.solves == solves + 1 and res.fits and res.memory(q) <= budget * (1 + 1e-9)
+    traced = c._traced(0, 2)  # (the residuals in their kept layouts: three are converted once, replicated)
+    assert res.plan.materialized and res.held == pytest.approx((q - 1) * residual_bytes_per_device(
+        traced[2], traced[5], res.plan))
+    assert res.plan.predicted.peak_memory_bytes == pytest.approx(res.static + res.held + res.act)
+    # 3 in flight: the plain plan fits (1 in flight is the looser problem); the one planned for 4 does not serve
+    assert one.memory(q - 1) <= budget and c.cost_within(0, 2, SUB, None, budget, inflight=q - 1) is one

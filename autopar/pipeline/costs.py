@@ -68,6 +68,7 @@ class StageCost:
     gather_s: float = 0.0       # ZeRO-1: the parameters' all-gather, seconds per step
     num_microbatches: int = 1   # B the stage was costed for (the DP spreads gather_s over it)
     memory_free: bool = False   # no mesh's solve depended on the budget (``autopar.pipeline.reuse``)
+    held: float = 0.0           # other micro-batches' residual bytes its ILP's peak counted (planned in flight)
 
     @property
     def option(self) -> StageOption:

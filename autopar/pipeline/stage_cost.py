@@ -167,17 +167,18 @@ class StageCoster:
         return self.stages[(i, j)]
 
     def cost(self, i: int, j: int, submesh, mesh_shape=None, share: float = 1.0, remat: str = "none",
-             zero: bool = False, budget: float | None = None) -> StageCost:
+             zero: bool = False, budget: float | None = None, inflight: int = 1) -> StageCost:
         """Plan layers i..j−1 on ``submesh`` with activation rematerialisation ``remat``
         (``autopar.pipeline.remat``) and, with ``zero``, the optimizer state sharded over the
         replicated axes (``autopar.pipeline.zero``). ``share`` > 1 (additive costing of one layer):
         plan it within budget / share — the layer's part of a stage holding ``share`` layers —
-        falling back to the whole budget when it does not fit that; ``budget``: plan within
-        that many bytes instead (a stage less its other in-flight micro-batches' activations,
-        ``search.plan_stage``). A single layer's ILP stops after ``LAYER_TIME_LIMIT_S`` (within a
+        falling back to the whole budget when it does not fit that; ``inflight`` > 1: the
+        stage holds that many micro-batches' residuals, its ILP charges the other ones' too
+        (``build.build_problem``'s ``held_values``; ``search.plan_stage``); ``budget``: plan
+        within that many bytes instead. A single layer's ILP stops after ``LAYER_TIME_LIMIT_S`` (within a
         share: ``LEAN_TIME_LIMIT_S``), a longer range's after the coster's limit (a smaller
         ``time_limit_s`` given to ``plan_training`` wins)."""
-        kw = dict(remat=remat, zero=zero)
+        kw = dict(remat=remat, zero=zero, inflight=inflight)
         user = math.inf if self.time_limit_s is None else self.time_limit_s
         whole = min(LAYER_TIME_LIMIT_S, user) if j == i + 1 else None  # (None: the coster's limit)
         if budget is not None:
@@ -190,17 +191,23 @@ class StageCoster:
         return self.cost_within(i, j, submesh, mesh_shape, self.budget, time_limit_s=whole, **kw)
 
     def plan_key(self, i: int, j: int, submesh, mesh_shape=None, share: float = 1.0, remat: str = "none",
-                 zero: bool = False, budget: float | None = None):
-        """The cache key of the plan ``cost`` makes first for these arguments."""
+                 zero: bool = False, budget: float | None = None, inflight: int = 1):
+        """The cache key of the plan ``cost`` makes first for these arguments: (program key,
+        sub-mesh, logical mesh or None, budget, ZeRO-1, micro-batches in flight)."""
         if budget is None:
             budget = self.budget / share if share > 1.0 else self.budget
         return (self.program_key(i, j, remat), tuple(submesh), None if mesh_shape is None else tuple(mesh_shape),
-                budget, zero)
+                budget, zero, self.holds(i, j, remat, inflight))
+
+    def holds(self, i: int, j: int, remat: str, inflight: int) -> int:
+        """The micro-batches in flight a plan of layers i..j−1 can hold residuals for: 1 when
+        its program cannot be cut in halves (no residuals to name, ``halves.cut_train``)."""
+        return inflight if inflight <= 1 or self._traced(i, j, remat)[5] is not None else 1
 
     def is_cached(self, i: int, j: int, submesh, mesh_shape=None, share: float = 1.0, remat: str = "none",
-                  zero: bool = False, budget: float | None = None) -> bool:
+                  zero: bool = False, budget: float | None = None, inflight: int = 1) -> bool:
         """Whether ``cost`` with these arguments plans nothing new."""
-        key = self.plan_key(i, j, submesh, mesh_shape, share, remat, zero, budget)
+        key = self.plan_key(i, j, submesh, mesh_shape, share, remat, zero, budget, inflight)
         hit = self.cache.get(key) or self.served(i, j, key)
         if hit is None:
             return False
@@ -223,7 +230,7 @@ class StageCoster:
         """Cache a stage cost (and index a fitting one for ``served``)."""
         self.cache[key] = res
         if res.fits:
-            self.planned.setdefault((key[0], key[1], key[2], key[4]), []).append((key[3], res))
+            self.planned.setdefault((key[0], key[1], key[2], key[4]), []).append((key[3], key[5], res))
 
     def program_key(self, i: int, j: int, remat: str = "none"):
         """What the stage's traced forward + backward depends on: its structure, and with
@@ -254,14 +261,17 @@ class StageCoster:
         return float(sum(self.program.values[v].nbytes for v in st.acts_in))
 
     def cost_within(self, i: int, j: int, submesh, mesh_shape, budget: float,
-                    time_limit_s: float | None = None, remat: str = "none", zero: bool = False) -> StageCost:
+                    time_limit_s: float | None = None, remat: str = "none", zero: bool = False,
+                    inflight: int = 1) -> StageCost:
         """Layers i..j−1 on ``submesh`` planned within ``budget`` bytes per device (cached);
-        ``time_limit_s`` overrides the coster's limit for this plan. With ``zero`` the ILP
+        ``time_limit_s`` overrides the coster's limit for this plan. ``inflight`` > 1: the
+        residuals of that many micro-batches less one more are held all step (in their
+        producers' layouts; ``StageCost.held``). With ``zero`` the ILP
         charges parameters 2× (themselves, gradient accumulators) within the budget less the
         least ZeRO-1 optimizer state (``zero.reserved_bytes``); the state of the chosen layout
         is added after."""
-        skey = self.program_key(i, j, remat)
-        key = (skey, tuple(submesh), None if mesh_shape is None else tuple(mesh_shape), budget, zero)
+        skey, inflight = self.program_key(i, j, remat), self.holds(i, j, remat, inflight)
+        key = (skey, tuple(submesh), None if mesh_shape is None else tuple(mesh_shape), budget, zero, inflight)
         hit = self.cache.get(key)
         if hit is not None:
             if key in self.prefetched:  # planned by a worker (``pool.prefetch``): this is its first use
@@ -283,7 +293,7 @@ class StageCoster:
         reserve = self.reserve(i, j, submesh, zero)
         outcomes: dict = {}
         try:
-            hooks = self._hooks(i, j, submesh, remat, zero, outcomes)
+            hooks = self._hooks(i, j, submesh, remat, zero, outcomes, held=inflight - 1)
             sp = plan_with(stage_train(fwd), (p, a, nd, ct), cluster=cl, nodes=n, mesh_shape=mesh_shape,
                            # (the state alone overflowing, a 1-byte budget: the ILP says what it needs)
                            memory_budget_bytes=max(budget - reserve, 1.0), solver=self.solver,
@@ -299,7 +309,8 @@ class StageCoster:
             self.remember(key, res)
             self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]} do not fit")
             return res
-        res = self.stage_cost(i, j, submesh, sp, remat, zero, memory_free=outcomes.get("memory_free", False))
+        res = self.stage_cost(i, j, submesh, sp, remat, zero, memory_free=outcomes.get("memory_free", False),
+                              held=inflight - 1)
         self.remember(key, res)
         self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]}: {sp.solver.status}")
         return res
@@ -324,20 +335,24 @@ class StageCoster:
         p = stage_abstract_args(self.program, self.stage(i, j)[0], self.P)[0]
         return reserved_bytes(sum(nbytes(x) for x in p), submesh[0] * submesh[1], self.opt_ratio)
 
-    def _hooks(self, i: int, j: int, submesh, remat: str, zero: bool, outcomes: dict | None = None) -> PlanHooks:
+    def _hooks(self, i: int, j: int, submesh, remat: str, zero: bool, outcomes: dict | None = None,
+               held: int = 0) -> PlanHooks:
         """``plan_with``'s hooks for layers i..j−1 on ``submesh`` (the built problems shared
-        by every budget, and by ``bound``)."""
-        fwd, (p, a, nd, ct), prog, graph = self._traced(i, j, remat)[:4]
+        by every budget, and by ``bound``); ``held``: copies of the residuals held besides
+        (the other in-flight micro-batches'; a stage that cannot be cut in halves has none)."""
+        fwd, (p, a, nd, ct), prog, graph, _, cut = self._traced(i, j, remat)
         key = (self.program_key(i, j, remat), tuple(submesh))
         # a parameter also holds its gradient accumulator and optimizer state all step long
         # (ZeRO-1: the optimizer state is reserved apart, split over every device)
         scale = {q: 2.0 + (0.0 if zero else self.opt_ratio) for q in range(len(p))}
+        held = held if held > 0 and cut is not None else 0
+        kept = {"held_values": {v: held for v in cut.residuals}} if held else {}
         return PlanHooks(
             mesh_shapes=stage_meshes(submesh, self.mesh_search), traced=(prog, graph),
-            restrict=lambda shape: {"input_usage_scale": scale, "split_backward": True, **(
+            restrict=lambda shape: {"input_usage_scale": scale, "split_backward": True, **kept, **(
                 {} if self.restrict is None else self.restrict((p, a, nd, ct), tuple(shape)))},
-            strategy_name=self.strategy_name, warm_start=self._warm_start((p, a, nd, ct), key),
-            problems=self.problems.setdefault((*key, zero), {}), reshard_cache=self.reshard_cache, carry=False,
+            strategy_name=self.strategy_name, warm_start=self._warm_start((p, a, nd, ct), (*key, held)),
+            problems=self.problems.setdefault((*key, zero, held), {}), reshard_cache=self.reshard_cache, carry=False,
             cutoff=True, outcomes=outcomes, lp_time_s=STAGE_LP_TIME_S if self.time_limit_s is None else None)
 
     def bound(self, i: int, j: int, submesh, remat: str = "none", zero: bool = False) -> float:
@@ -345,7 +360,7 @@ class StageCoster:
         ILP (``planner.lower_bound_with``: each mesh's LP relaxation, + the stage's sends; ∞:
         it does not fit); the latency itself once that cost is planned. Cached; the problems
         it builds are the ones the ILP reuses."""
-        key = (self.program_key(i, j, remat), tuple(submesh), None, self.budget, zero)
+        key = (self.program_key(i, j, remat), tuple(submesh), None, self.budget, zero, 1)
         if key in self.cache:
             return self.cache[key].latency
         if key not in self.bounds:
@@ -368,8 +383,10 @@ class StageCoster:
         bw = (self.spec.inter_node_bandwidth_per_device() if self.nodes > 1 else link.bandwidth_bytes_per_s) * n_dev
         return 2 * (link.alpha_s + in_bytes / bw) if in_bytes else 0.0
 
-    def stage_cost(self, i: int, j: int, submesh, sp, remat: str, zero: bool, memory_free: bool = False) -> StageCost:
-        """The StageCost of layers i..j−1 planned as ``sp`` on ``submesh`` (``costs`` module docstring)."""
+    def stage_cost(self, i: int, j: int, submesh, sp, remat: str, zero: bool, memory_free: bool = False,
+                   held: int = 0) -> StageCost:
+        """The StageCost of layers i..j−1 planned as ``sp`` on ``submesh`` (``costs`` module
+        docstring); ``held``: copies of the residuals its ILP held besides (``cost_within``)."""
         st = self.stage(i, j)[0]
         p = stage_abstract_args(self.program, st, self.P)[0]
         vals = self.program.values
@@ -381,12 +398,15 @@ class StageCoster:
         # the residuals in their planned layouts, as the runtime keeps them (pipeline.halves); a
         # replicated one is whole on every device (not traced here: the vjp residuals spread evenly)
         traced = self.traced.get(self.program_key(i, j, remat))
+        kept = 0.0  # the held copies, as the ILP counted them (``build.held_usages``)
         if traced is not None and traced[5] is not None:
             act = residual_bytes_per_device(traced[2], traced[5], sp)
+            kept = held * act
         else:
             act = self.activation(i, j, remat) / n_dev
         send = self.send_time(i, j, n_dev)
-        static = max(sp.predicted.peak_memory_bytes - act, 0.0)  # the ILP's peak counts one micro-batch's residuals
+        # the ILP's peak counts one micro-batch's residuals (and the held copies)
+        static = max(sp.predicted.peak_memory_bytes - kept - act, 0.0)
         shaped = [(tuple(x.shape), b) for x, b in zip(p, p_bytes)]
         if zero:  # the optimizer state split over the replicated axes, all-gathered params once a step
             cl, n = sub_cluster(self.spec, submesh)
@@ -400,11 +420,12 @@ class StageCoster:
             persist = min(param_dev * (2.0 + self.opt_ratio), static)
         return StageCost(plan=sp, latency=sp.predicted.step_time_s + send, send=send, static=static, act=act,
                          param_dev=param_dev, persist=persist, remat=remat, zero=zero, optimizer=optimizer,
-                         gather_s=gather, num_microbatches=self.num_microbatches, memory_free=memory_free)
+                         gather_s=gather, num_microbatches=self.num_microbatches, memory_free=memory_free,
+                         held=kept)
 
     def _warm_start(self, stage_args, key):
-        """``PlanHooks.warm_start`` for this stage (``key``: structure, sub-mesh): the rule on
-        each mesh, one :class:`WarmStart` per mesh shared by every budget (None where the rule
+        """``PlanHooks.warm_start`` for this stage (``key``: structure, sub-mesh, residual copies
+        held: a problem of its own): the rule on each mesh, one :class:`WarmStart` per mesh shared by every budget (None where the rule
         does not apply, e.g. a micro-batch that the mesh's data-parallel axis does not divide)."""
         if self.warm_start is None:
             return None
