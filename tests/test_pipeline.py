@@ -431,7 +431,7 @@ def test_additive_refinement_plans_equal_splits_exactly_and_keeps_the_fastest_th
     assert refined[1].estimate_s == pytest.approx(2.5) and refined[2].estimate_s == pytest.approx(7.0)
     assert refined[0].step_s == pytest.approx(3.6) and refined[1].step_s < 3.5
     # each stage on the meshes its layers chose (the most expensive layer's first); a stage that
-    # fits is not planned again, however far above its estimate (0.9 vs 0.5; 0.6 vs 0.5)
+    # fits is not planned again up to ``GROSS_MISS`` × its estimate (0.9 vs 0.5; 0.6 vs 0.5)
     assert planned == [(0, 4, (1, 4), (4,)), (0, 4, (1, 4), (2, 2)), (0, 2, (1, 2), (2,)), (2, 4, (1, 2), (2,))]
     # when the equal split does not fit the budget (static 2 + 2 in flight × 0.5 > 2.6), the DP's split stays
     exact[(0, 4, (4,))], exact[(0, 4, (2, 2))] = (1.0, 0.5), (0.9, 0.5)
@@ -448,6 +448,19 @@ def test_additive_refinement_plans_equal_splits_exactly_and_keeps_the_fastest_th
     chosen, refined = refine(Coster(), dataclasses.replace(inputs, budget=2.6), 4, costs, sol, Progress())
     assert planned[:2] == [(0, 4, (1, 4), (2, 2)), (0, 4, (1, 4), (4,))]
     assert chosen[0].cost.latency == 1.0 and refined[0].step_s == pytest.approx(4.0) and refined[0].chosen
+    # one that fits but comes out above ``GROSS_MISS`` × its estimate (1.2 vs 0.5) is tried there too
+    exact[(0, 4, (2, 2))], exact[(0, 4, (4,))] = (1.2, 0.5), (0.7, 0.5)
+    costs = AdditiveCosts(Coster(), 4, inputs.shapes, 4, [0.0] * 4)
+    planned.clear()
+    chosen, refined = refine(Coster(), dataclasses.replace(inputs, budget=2.6), 4, costs, sol, Progress())
+    assert planned[:2] == [(0, 4, (1, 4), (2, 2)), (0, 4, (1, 4), (4,))]
+    assert chosen[0].cost.latency == 0.7 and refined[0].step_s == pytest.approx(2.8) and refined[0].chosen
+    exact[(0, 4, (2, 2))] = (0.99, 0.5)  # 1.98 × 0.5: kept without a try on (4,)
+    costs = AdditiveCosts(Coster(), 4, inputs.shapes, 4, [0.0] * 4)
+    planned.clear()
+    chosen, refined = refine(Coster(), dataclasses.replace(inputs, budget=2.6), 4, costs, sol, Progress())
+    assert planned[:1] == [(0, 4, (1, 4), (2, 2))] and (0, 4, (1, 4), (4,)) not in planned
+    assert chosen[0].cost.latency == 0.99
 
 
 def test_single_layers_and_lean_shares_get_their_own_time_limits():

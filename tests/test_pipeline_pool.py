@@ -70,18 +70,18 @@ class _Coster:
         self.cache, self.prefetched, self.serve = {}, set(), serve
         self.solves, self.infeasible, self.min_need, self.progress = 0, 0, math.inf, Progress()
 
-    def plan_key(self, prog, budget=1.0, share=1.0):
-        return prog, (1, 8), None, budget, False
+    def plan_key(self, prog, budget=1.0, share=1.0, inflight=1):
+        return prog, (1, 8), None, budget, False, inflight
 
-    def is_cached(self, prog, budget=1.0, share=1.0):
-        key = self.plan_key(prog, budget)
+    def is_cached(self, prog, budget=1.0, share=1.0, inflight=1):
+        key = self.plan_key(prog, budget, inflight=inflight)
         return key in self.cache or self.serve(key, self.cache)
 
-    def cost(self, prog, budget=1.0, share=1.0):
+    def cost(self, prog, budget=1.0, share=1.0, inflight=1):
         from autopar.pipeline.costs import StageCost
         self.solves += 1
-        self.cache[self.plan_key(prog, budget)] = StageCost(latency=budget)
-        return self.cache[self.plan_key(prog, budget)]
+        self.cache[self.plan_key(prog, budget, inflight=inflight)] = StageCost(latency=budget)
+        return self.cache[self.plan_key(prog, budget, inflight=inflight)]
 
     def remember(self, key, value):
         self.cache[key] = value
@@ -97,6 +97,20 @@ def test_a_request_an_earlier_one_may_serve_is_planned_in_the_next_round():
     assert [(k[0], k[3]) for k in coster.cache] == [("A", 10.0), ("B", 10.0), ("A", 20.0), ("B", 20.0)]
     assert coster.solves == 4 and len(coster.prefetched) == 4
     # A at 20 is served by A at 10 once that is merged: B at 20 alone is left to the caller
-    served = _Coster(serve=lambda key, cache: key[0] == "A" and ("A", (1, 8), None, 10.0, False) in cache)
+    served = _Coster(serve=lambda key, cache: key[0] == "A" and ("A", (1, 8), None, 10.0, False, 1) in cache)
     prefetch(served, requests)
     assert [(k[0], k[3]) for k in served.cache] == [("A", 10.0), ("B", 10.0)] and served.solves == 2
+
+
+def test_a_plan_for_more_micro_batches_in_flight_does_not_hold_back_one_for_fewer(monkeypatch):
+    """It cannot serve it (``reuse.served``): both are planned in one pool round; the other way
+    round the second waits for the first."""
+    from autopar.pipeline import pool
+    rounds, run = [], pool._map
+    monkeypatch.setattr(pool, "_map", lambda coster, fn, todo: rounds.append(len(todo)) or run(coster, fn, todo))
+    coster = _Coster()
+    pool.prefetch(coster, [(("A",), {"inflight": 17}), (("A",), {"inflight": 16}), (("B",), {})])
+    assert rounds == [3] and coster.solves == 3
+    rounds.clear()
+    pool.prefetch(_Coster(), [(("A",), {"inflight": 16}), (("A",), {"inflight": 17}), (("B",), {}), (("C",), {})])
+    assert rounds == [3]  # A for 17 waits for A for 16, then is left to the caller (alone)

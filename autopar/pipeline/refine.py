@@ -4,8 +4,8 @@ wins.
 
 Each stage is planned on every logical mesh one of its layers chose in the cost variant the
 estimate used (``AdditiveCosts.layer_meshes``: a stage of mixed layers may prefer another
-mesh than its most expensive layer; one that then does not fit, also on the other logical
-meshes of its sub-mesh) with that variant's
+mesh than its most expensive layer; one that then does not fit, or comes out more than
+``GROSS_MISS`` times its estimate, also on the other logical meshes of its sub-mesh) with that variant's
 stage option (remat, ZeRO-1), within the budget its in-flight micro-batches leave — first the stage DP's split, then up to ``REFINE_UNIFORM``
 equal splits (``uniform_submeshes``) in order of estimate, each only when estimated within
 ``REFINE_MARGIN`` of the best exact step so far (placeholder costs are resolved first; a
@@ -33,6 +33,9 @@ from .training_plan import RefinedSplit
 REFINE_UNIFORM = 2
 # … but only those estimated within this fraction of the best exact step so far
 REFINE_MARGIN = 0.05
+# a stage planned at more than this many times its estimate is planned on the other logical
+# meshes of its sub-mesh too (``_replan_unfit``)
+GROSS_MISS = 2.0
 
 
 def runs(parts) -> str:
@@ -68,7 +71,7 @@ def _planned(coster, inputs: TrainingInputs, costs: AdditiveCosts, source: str, 
     variant = {(a, b): v for (a, b, *_), v in zip(est.stages, est.variants)}
     chosen = plan_stages(coster, inputs, stages, lambda a, b, sub: costs.layer_meshes(variant[a, b], a, b, sub),
                          lambda a, b, sub: costs.option(variant[a, b]))
-    _replan_unfit(coster, inputs, chosen, costs, variant)
+    _replan_unfit(coster, inputs, chosen, costs, variant, {(a, b): t for a, b, _, _, t in est.stages})
     ok = all(c.cost.fits for c in chosen)
     step = step_time(simulate_stages(chosen, inputs.schedule, inputs.num_microbatches),
                      [c.cost.gather_s for c in chosen]) if ok else math.inf
@@ -80,12 +83,15 @@ def _planned(coster, inputs: TrainingInputs, costs: AdditiveCosts, source: str, 
 
 
 def _replan_unfit(coster, inputs: TrainingInputs, chosen: list[ChosenStage], costs: AdditiveCosts,
-                  variant: dict) -> None:
+                  variant: dict, estimate: dict | None = None) -> None:
     """A stage whose exact plan on its layers' meshes does not fit (with the micro-batches it
-    holds in flight) is planned again on the other logical meshes of its sub-mesh
-    (``stage_meshes``; the meshes already tried are not solved again), the best that fits
-    kept: a guard for when the meshes single layers prefer are wrong for the whole stage.
-    A stage that fits but comes out more than ``REFINE_MARGIN`` above its estimate used to be
+    holds in flight), or comes out more than ``GROSS_MISS`` times its ``estimate`` {(start,
+    end): seconds per micro-batch}, is planned again on the other logical meshes of its
+    sub-mesh (``stage_meshes``; the meshes already tried are not solved again), the best that
+    fits kept: a guard for when the meshes single layers prefer are wrong for the whole stage
+    (MoE-27B on 2 p3.16xlarge nodes: 8 layers estimated at 35.67 s for the step, planned at
+    4,558 s on the (16,) mesh, where two of its layers alone cost 0.40 s against 0.074 s on
+    (2, 8)). A stage that fits but comes out more than ``REFINE_MARGIN`` above its estimate used to be
     replanned too; that never helped where measured — the case that prompted it (MoE-2.4B's
     16 layers on a p3.16xlarge node, 128 micro-batches, 57.5 s on the layers' (2, 4) against
     an estimate of 37.0 s, four jobs on 2 cores) planned 37.1 s on the same (2, 4) mesh,
@@ -95,7 +101,9 @@ def _replan_unfit(coster, inputs: TrainingInputs, chosen: list[ChosenStage], cos
     S, sched = len(chosen), Schedule(inputs.schedule)
     for k, c in enumerate(chosen):
         inflight = sched.inflight(S - k, inputs.num_microbatches)
-        if (c.start, c.end) not in variant or (c.cost.fits and c.cost.memory(inflight) <= inputs.budget):
+        fits = c.cost.fits and c.cost.memory(inflight) <= inputs.budget
+        missed = fits and c.cost.dp_latency > GROSS_MISS * (estimate or {}).get((c.start, c.end), math.inf)
+        if (c.start, c.end) not in variant or (fits and not missed):
             continue
         v = variant[c.start, c.end]
         tried = costs.layer_meshes(v, c.start, c.end, c.submesh)
