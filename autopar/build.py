@@ -131,7 +131,8 @@ def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float
     ``jax.checkpoint``'s recomputation back into the forward (``build_nodes.memory_view``).
 
     ``held_values`` {value id: k}: k more copies of that value (in the layout it is kept in:
-    its shared conversion's where one is made, else its producer's) are held all step long — a pipeline stage's residuals of its other in-flight micro-batches
+    its shared conversion's where one is made, else its producer's) are held all step long —
+    a pipeline stage's residuals of its other in-flight micro-batches
     (``autopar.pipeline.search.plan_stage``), so the ILP weighs a layout's activations by the
     micro-batches the stage keeps, not by one.
 

@@ -17,9 +17,6 @@ stated bound:
   budget — solved by the LP relaxation without memory rows, or no usage left after presolve
   that the budget could bind; ``autopar.planner.PlanHooks.outcomes``): the plan is the optimum
   of the problem without a memory limit, hence of every budget it fits, larger ones too.
-
-Every rule takes only plans made for at most the request's micro-batches in flight, so the
-worker pool can tell which earlier request might serve a later one (``serves``).
 * **ZeRO-1 from the plain plan** (``zero_of``): the ZeRO-1 ILP differs from the plain one only
   in what a parameter byte costs in memory (2 instead of 2 + r; r = optimizer bytes per
   parameter byte) and in its budget (less r·P/n, ``zero.reserved_bytes``). Parameters are
@@ -31,6 +28,9 @@ worker pool can tell which earlier request might serve a later one (``serves``).
   within τ·r·P·(1 − 1/n) + the plain plan's own gap of the ZeRO-1 optimum. It is used only
   where that is within the MIP gap the ZeRO-1 ILP itself stops at (``planner.MIP_GAP``): the
   ILP could have returned it.
+
+Every rule takes only plans made for at most the request's micro-batches in flight, so the
+worker pool can tell which earlier request might serve a later one (``serves``).
 
 A plan made for every mesh serves a request for the mesh it chose (it was the best there).
 Among several plans that serve a request the one planned within the least budget, then for

@@ -130,18 +130,17 @@ def additive_search(coster, inputs: TrainingInputs, num_layers: int, progress: P
 
 
 def _inflight_request(inputs: TrainingInputs, c: StageCost, inflight: int, within: float | None = None) -> dict | None:
-    """How ``plan_stage`` plans ``c``'s stage (planned within ``within`` bytes, default the
-    whole budget) again for its ``inflight`` micro-batches
+    """How ``plan_stage`` plans ``c``'s stage again for its ``inflight`` micro-batches
     (``StageCoster.cost`` keywords), None when ``c`` fits with them or nothing is left to try:
     their residuals held in the ILP (``inflight``) within the whole budget — or, when ``c``
-    was that plan and still overflows (the ILP counts a residual in its producer's layout, the
-    stage keeps it in its shared conversion's; a stage that cannot be cut in halves holds
-    none, ``StageCoster.cost``), within ``within`` less the overflow."""
+    was such a plan (made within ``within`` bytes) and still overflows, within ``within`` less
+    the overflow: a stage that cannot be cut in halves holds none (``StageCoster.holds``), and
+    with ZeRO-1 the ILP reserves the least optimizer state, the plan keeps its own."""
     if not c.fits or c.memory(inflight) <= inputs.budget or inflight <= 1:
         return None
     if within is None:
         return dict(inflight=inflight)
-    budget = (inputs.budget if within is None else within) - (c.memory(inflight) - inputs.budget)
+    budget = within - (c.memory(inflight) - inputs.budget)
     return dict(inflight=inflight, budget=budget) if budget > 0 else None
 
 

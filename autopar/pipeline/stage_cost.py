@@ -265,8 +265,8 @@ class StageCoster:
                     inflight: int = 1) -> StageCost:
         """Layers i..j−1 on ``submesh`` planned within ``budget`` bytes per device (cached);
         ``time_limit_s`` overrides the coster's limit for this plan. ``inflight`` > 1: the
-        residuals of that many micro-batches less one more are held all step (in their
-        producers' layouts; ``StageCost.held``). With ``zero`` the ILP
+        residuals of that many micro-batches less one more are held all step (in the layouts
+        the plan keeps them in; ``StageCost.held``). With ``zero`` the ILP
         charges parameters 2× (themselves, gradient accumulators) within the budget less the
         least ZeRO-1 optimizer state (``zero.reserved_bytes``); the state of the chosen layout
         is added after."""
@@ -425,8 +425,9 @@ class StageCoster:
 
     def _warm_start(self, stage_args, key):
         """``PlanHooks.warm_start`` for this stage (``key``: structure, sub-mesh, residual copies
-        held: a problem of its own): the rule on each mesh, one :class:`WarmStart` per mesh shared by every budget (None where the rule
-        does not apply, e.g. a micro-batch that the mesh's data-parallel axis does not divide)."""
+        held — a problem of its own): the rule on each mesh, one :class:`WarmStart` per mesh
+        shared by every budget (None where the rule does not apply, e.g. a micro-batch that the
+        mesh's data-parallel axis does not divide)."""
         if self.warm_start is None:
             return None
 
