@@ -403,8 +403,9 @@ def test_additive_refinement_plans_equal_splits_exactly_and_keeps_the_fastest_th
              (0, 4, None): (0.95, 2.0), (0, 2, None): (0.6, 2.0), (2, 4, None): (0.6, 2.0)}
     planned = []
 
-    def layer(mesh, t):
-        return StageCost(plan=types.SimpleNamespace(mesh_shape=mesh), latency=t)
+    def layer(mesh, t, near=()):  # near: (mesh, objective) of the other logical meshes tried
+        cands = [types.SimpleNamespace(mesh_shape=list(m), objective_s=o) for m, o in [(mesh, t), *near]]
+        return StageCost(plan=types.SimpleNamespace(mesh_shape=mesh, mesh_candidates=cands), latency=t)
     # single layers: 1.0 s on 1 device, 0.25 on 2, on 4 0.15 (layers 0-1, mesh (4,)) or 0.1 (2-3, (2, 2))
     full = [[layer((1,), 1.0), layer((2,), 0.25), layer((4,) if i < 2 else (2, 2), 0.15 if i < 2 else 0.1)]
             for i in range(4)]
@@ -461,6 +462,19 @@ def test_additive_refinement_plans_equal_splits_exactly_and_keeps_the_fastest_th
     chosen, refined = refine(Coster(), dataclasses.replace(inputs, budget=2.6), 4, costs, sol, Progress())
     assert planned[:1] == [(0, 4, (1, 4), (2, 2))] and (0, 4, (1, 4), (4,)) not in planned
     assert chosen[0].cost.latency == 0.99
+    # a mesh on which a layer came within ``MESH_TIE`` of its choice is planned for the stage too
+    # (0.1005 vs 0.1 on (4,); (2, 2) and (4,) tie alone, the stage is faster on (4,)), one 2 % off is not
+    full[3][2] = layer((2, 2), 0.1, near=[((4,), 0.1005)])
+    exact[(0, 4, (4,))] = (0.8, 0.5)
+    costs = AdditiveCosts(Coster(), 4, inputs.shapes, 4, [0.0] * 4)
+    planned.clear()
+    chosen, refined = refine(Coster(), dataclasses.replace(inputs, budget=2.6), 4, costs, sol, Progress())
+    assert planned[:2] == [(0, 4, (1, 4), (2, 2)), (0, 4, (1, 4), (4,))] and chosen[0].cost.latency == 0.8
+    full[3][2] = layer((2, 2), 0.1, near=[((4,), 0.102)])
+    costs = AdditiveCosts(Coster(), 4, inputs.shapes, 4, [0.0] * 4)
+    planned.clear()
+    chosen, refined = refine(Coster(), dataclasses.replace(inputs, budget=2.6), 4, costs, sol, Progress())
+    assert (0, 4, (1, 4), (4,)) not in planned and chosen[0].cost.latency == 0.99
 
 
 def test_single_layers_and_lean_shares_get_their_own_time_limits():
