@@ -439,41 +439,36 @@ def test_additive_refinement_plans_equal_splits_exactly_and_keeps_the_fastest_th
     chosen, refined = refine(Coster(), dataclasses.replace(inputs, budget=2.6), 4, costs, sol, Progress())
     assert [(c.start, c.end, c.submesh) for c in chosen] == [(0, 4, (1, 4))] and chosen[0].cost.latency == 0.9
     assert [r.fits for r in refined[:2]] == [True, False] and refined[0].chosen
+
+    def tight():  # the layers' costs as they are now, planned within 2.6
+        planned.clear()
+        return refine(Coster(), dataclasses.replace(inputs, budget=2.6), 4,
+                      AdditiveCosts(Coster(), 4, inputs.shapes, 4, [0.0] * 4), sol, Progress())
     # a stage that does not fit on its layers' meshes is planned on the sub-mesh's other meshes
     # (only those: the (4,) no layer chose) and kept when it fits there (4 × 1.0 s)
     for i in range(4):
         full[i][2] = layer((2, 2), 0.1)
     exact[(0, 4, (2, 2))], exact[(0, 4, (4,))] = (0.9, 5.0), (1.0, 0.5)
-    costs = AdditiveCosts(Coster(), 4, inputs.shapes, 4, [0.0] * 4)
-    planned.clear()
-    chosen, refined = refine(Coster(), dataclasses.replace(inputs, budget=2.6), 4, costs, sol, Progress())
+    chosen, refined = tight()
     assert planned[:2] == [(0, 4, (1, 4), (2, 2)), (0, 4, (1, 4), (4,))]
     assert chosen[0].cost.latency == 1.0 and refined[0].step_s == pytest.approx(4.0) and refined[0].chosen
     # one that fits but comes out above ``GROSS_MISS`` × its estimate (1.2 vs 0.5) is tried there too
     exact[(0, 4, (2, 2))], exact[(0, 4, (4,))] = (1.2, 0.5), (0.7, 0.5)
-    costs = AdditiveCosts(Coster(), 4, inputs.shapes, 4, [0.0] * 4)
-    planned.clear()
-    chosen, refined = refine(Coster(), dataclasses.replace(inputs, budget=2.6), 4, costs, sol, Progress())
+    chosen, refined = tight()
     assert planned[:2] == [(0, 4, (1, 4), (2, 2)), (0, 4, (1, 4), (4,))]
     assert chosen[0].cost.latency == 0.7 and refined[0].step_s == pytest.approx(2.8) and refined[0].chosen
     exact[(0, 4, (2, 2))] = (0.99, 0.5)  # 1.98 × 0.5: kept without a try on (4,)
-    costs = AdditiveCosts(Coster(), 4, inputs.shapes, 4, [0.0] * 4)
-    planned.clear()
-    chosen, refined = refine(Coster(), dataclasses.replace(inputs, budget=2.6), 4, costs, sol, Progress())
+    chosen, refined = tight()
     assert planned[:1] == [(0, 4, (1, 4), (2, 2))] and (0, 4, (1, 4), (4,)) not in planned
     assert chosen[0].cost.latency == 0.99
     # a mesh on which a layer came within ``MESH_TIE`` of its choice is planned for the stage too
     # (0.1005 vs 0.1 on (4,); (2, 2) and (4,) tie alone, the stage is faster on (4,)), one 2 % off is not
     full[3][2] = layer((2, 2), 0.1, near=[((4,), 0.1005)])
     exact[(0, 4, (4,))] = (0.8, 0.5)
-    costs = AdditiveCosts(Coster(), 4, inputs.shapes, 4, [0.0] * 4)
-    planned.clear()
-    chosen, refined = refine(Coster(), dataclasses.replace(inputs, budget=2.6), 4, costs, sol, Progress())
+    chosen, refined = tight()
     assert planned[:2] == [(0, 4, (1, 4), (2, 2)), (0, 4, (1, 4), (4,))] and chosen[0].cost.latency == 0.8
     full[3][2] = layer((2, 2), 0.1, near=[((4,), 0.102)])
-    costs = AdditiveCosts(Coster(), 4, inputs.shapes, 4, [0.0] * 4)
-    planned.clear()
-    chosen, refined = refine(Coster(), dataclasses.replace(inputs, budget=2.6), 4, costs, sol, Progress())
+    chosen, refined = tight()
     assert (0, 4, (1, 4), (4,)) not in planned and chosen[0].cost.latency == 0.99
 
 
