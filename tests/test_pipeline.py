@@ -470,6 +470,11 @@ def test_additive_refinement_plans_equal_splits_exactly_and_keeps_the_fastest_th
     full[3][2] = layer((2, 2), 0.1, near=[((4,), 0.102)])
     chosen, refined = tight()
     assert (0, 4, (1, 4), (4,)) not in planned and chosen[0].cost.latency == 0.99
+    # a lean variant's layers are planned on one mesh each: the ties come from the whole-budget plans
+    full[3][2] = layer((2, 2), 0.1, near=[((4,), 0.1005)])
+    costs = AdditiveCosts(Coster(), 4, inputs.shapes, 4, [0.0] * 4)
+    costs.layers[1][inputs.shapes.index((1, 4))] = [layer((2, 2), 0.2) for _ in range(4)]
+    assert costs.variants[1][0] == "lean" and costs.layer_meshes(1, 0, 4, (1, 4)) == [(2, 2), (4,)]
 
 
 def test_single_layers_and_lean_shares_get_their_own_time_limits():
