@@ -83,7 +83,7 @@ def _planned(coster, inputs: TrainingInputs, costs: AdditiveCosts, source: str, 
 
 
 def _replan_unfit(coster, inputs: TrainingInputs, chosen: list[ChosenStage], costs: AdditiveCosts,
-                  variant: dict, estimate: dict | None = None) -> None:
+                  variant: dict, estimate: dict) -> None:
     """A stage whose exact plan on its layers' meshes does not fit (with the micro-batches it
     holds in flight), or comes out more than ``GROSS_MISS`` times its ``estimate`` {(start,
     end): seconds per micro-batch}, is planned again on the other logical meshes of its
@@ -102,7 +102,7 @@ def _replan_unfit(coster, inputs: TrainingInputs, chosen: list[ChosenStage], cos
     for k, c in enumerate(chosen):
         inflight = sched.inflight(S - k, inputs.num_microbatches)
         fits = c.cost.fits and c.cost.memory(inflight) <= inputs.budget
-        missed = fits and c.cost.dp_latency > GROSS_MISS * (estimate or {}).get((c.start, c.end), math.inf)
+        missed = fits and c.cost.dp_latency > GROSS_MISS * estimate.get((c.start, c.end), math.inf)
         if (c.start, c.end) not in variant or (fits and not missed):
             continue
         v = variant[c.start, c.end]

@@ -339,14 +339,14 @@ class StageCoster:
                held: int = 0) -> PlanHooks:
         """``plan_with``'s hooks for layers i..j−1 on ``submesh`` (the built problems shared
         by every budget, and by ``bound``); ``held``: copies of the residuals held besides
-        (the other in-flight micro-batches'; a stage that cannot be cut in halves has none)."""
+        (the other in-flight micro-batches'; > 0 only where the stage is cut in halves,
+        ``holds``)."""
         fwd, (p, a, nd, ct), prog, graph, _, cut = self._traced(i, j, remat)
         key = (self.program_key(i, j, remat), tuple(submesh))
         # a parameter also holds its gradient accumulator and optimizer state all step long
         # (ZeRO-1: the optimizer state is reserved apart, split over every device)
         scale = {q: 2.0 + (0.0 if zero else self.opt_ratio) for q in range(len(p))}
-        held = held if held > 0 and cut is not None else 0
-        kept = {"held_values": {v: held for v in cut.residuals}} if held else {}
+        kept = {"held_values": {v: held for v in cut.residuals}} if held > 0 else {}
         return PlanHooks(
             mesh_shapes=stage_meshes(submesh, self.mesh_search), traced=(prog, graph),
             restrict=lambda shape: {"input_usage_scale": scale, "split_backward": True, **kept, **(
