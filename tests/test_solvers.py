@@ -467,6 +467,37 @@ def test_a_time_limited_milp_reports_the_lp_bound_when_its_own_is_weaker(monkeyp
     assert sol.solver == "auto:highs" and sol.cost == 6.0 and sol.lower_bound == pytest.approx(4.0)
 
 
+def test_a_milp_with_too_little_time_left_for_its_root_is_not_started(monkeypatch):
+    # the LP relaxation took a quarter of a second: with < MILP_MIN_LP_TIMES of it left, the MILP
+    # is not started (measured: on GPT-175B plans such MILPs ended in their root node, returning
+    # their start): the best incumbent is the answer, with the LP's bound
+    import time as _time
+
+    from autopar.solvers import driver
+    real_lp, real_ilp, milps = driver._lp_first, driver.solve_ilp, []
+
+    def slow_lp(*a, **k):
+        sol = real_lp(*a, **k)
+        _time.sleep(0.25)
+        return sol
+
+    def counted(problem, **kw):
+        milps.extend([] if kw.get("relax") or "[LP support]" in problem.name else [kw.get("time_limit_s")])
+        return real_ilp(problem, **kw)
+    monkeypatch.setattr(driver, "_lp_first", slow_lp)
+    monkeypatch.setattr(driver, "solve_ilp", counted)
+    p = _frustrated_k4(1.0)  # LP bound 4, optimum 6 (the support's choice): outside the gap
+    sol = solve(p, gap_rel=1e-3, time_limit_s=2.0)
+    assert milps == [] and sol.solver == "auto:highs-lp+start" and sol.cost == 6.0 and sol.status == "feasible"
+    assert sol.lower_bound == pytest.approx(4.0) and evaluate(p, sol.choice)[0] == 6.0
+    assert sol.stats["milp_skipped"]["lp_s"] >= 0.25 and sol.stats["milp_skipped"]["left_s"] < 2.5
+    # enough time left (or no limit): the MILP runs and proves the optimum
+    for limit in (30.0, None):
+        sol = solve(p, gap_rel=1e-3, time_limit_s=limit)
+        assert sol.solver == "auto:highs" and sol.status == "optimal" and "milp_skipped" not in sol.stats
+    assert len(milps) == 2
+
+
 def test_a_start_that_takes_a_cutoff_is_told_the_best_incumbent_and_may_decline():
     p = _frustrated_k4(1.0)  # LP bound 4, optimum 6: outside the gap, so the start is asked
     told = []
