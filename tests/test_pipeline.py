@@ -355,36 +355,57 @@ def test_a_stage_planned_in_flight_that_still_overflows_is_planned_within_less()
     assert tight.calls == [(4, None), (4, 4.0)]  # 8 − (12 − 8) = 4, then 4 − (16 − 8) < 0: stop
 
 
-def test_with_a_worker_pool_the_in_flight_replans_are_planned_together(monkeypatch):
-    # two stages, 1F1B: the first holds 2 micro-batches, 5 + 2·2 > 8, so it is planned again
-    # for 2 in flight; with workers that request goes to the pool with the others', at once
+def test_with_a_worker_pool_each_stage_program_is_one_task_planned_and_replanned_in_one_worker(monkeypatch):
+    # three stages, 1F1B: the first two run one stage program (P), the third another (Q). P's
+    # whole-budget plan holds 5 + 3·2 > 8 in the first stage, 5 + 2·2 > 8 in the second: planned
+    # again for 3 and 2 in flight. With workers, P's stages are one task (``pool.run_tasks``) —
+    # planned whole, then again, in stage order, in one worker, without waiting for Q's plan —;
+    # Q, planned already and fitting, is no task at all
     from autopar.pipeline import search
     from autopar.pipeline.costs import StageCost
     inputs = _inputs(budget=8.0, num_microbatches=8)
-    asked = []
-    monkeypatch.setattr(search, "prefetch", lambda coster, requests: asked.append(list(requests)))
+    tasks = []
+
+    def run_tasks(coster, fn, todo):  # (in order, in this process: what the workers would do)
+        tasks.extend(todo)
+        for t in todo:
+            fn(coster, t)
+    monkeypatch.setattr(search, "run_tasks", run_tasks)
 
     class Coster:
         workers = 2
 
         def __init__(self):
-            self.cache = {(a, b, None, 1): self.cost(a, b, (1, 2)) for a, b in ((0, 2), (2, 4))}
+            self.cache, self.calls = {}, []
+            self.cost(4, 6, (1, 2))
 
         def plan_key(self, a, b, sub, mesh=None, remat="none", zero=False, budget=None, inflight=1):
-            return a, b, budget, inflight
+            return "Q" if a == 4 else "P", tuple(sub), mesh, budget, zero, inflight
+
+        def is_cached(self, *args, **kw):
+            return self.plan_key(*args, **kw) in self.cache
+
+        def served(self, i, j, key):
+            return None
 
         def cost(self, a, b, sub, mesh=None, remat="none", zero=False, budget=None, inflight=1):
-            return StageCost(plan="fast" if inflight == 1 else "lean", static=5.0 if inflight == 1 else 3.5, act=2.0)
-    chosen = search.plan_stages(Coster(), inputs, [(0, 2, (1, 2)), (2, 4, (1, 2))], lambda a, b, sub: None)
-    assert asked[0] == [((0, 2, (1, 2), None), {"remat": "none", "zero": False}),
-                        ((2, 4, (1, 2), None), {"remat": "none", "zero": False})]
-    assert asked[1] == [((0, 2, (1, 2), None), {"inflight": 2, "remat": "none", "zero": False})]
-    assert [c.cost.plan for c in chosen] == ["lean", "fast"]  # 3.5 + 2·2 ≤ 8; 5 + 1·2 ≤ 8
-    Coster.workers = 1  # one process: plan_stage asks for it itself
-    asked.clear()
-    assert [c.cost.plan for c in search.plan_stages(Coster(), inputs, [(0, 2, (1, 2)), (2, 4, (1, 2))],
-                                                    lambda a, b, sub: None)] == ["lean", "fast"]
-    assert len(asked) == 1
+            key = self.plan_key(a, b, sub, mesh, remat, zero, budget, inflight)
+            if key not in self.cache:
+                self.calls.append(key[:1] + key[5:])
+                self.cache[key] = StageCost(plan=f"{key[0]}{inflight}", static=5.0 if inflight == 1 else 2.0,
+                                            act=2.0 if key[0] == "P" else 1.0)
+            return self.cache[key]
+    coster = Coster()
+    stages = [(0, 2, (1, 2)), (2, 4, (1, 2)), (4, 6, (1, 2))]
+    chosen = search.plan_stages(coster, inputs, stages, lambda a, b, sub: None)
+    assert [[it[:2] + (it[4],) for it in t] for t in tasks] == [[(0, 2, 3), (2, 4, 2)]]
+    assert coster.calls == [("Q", 1), ("P", 1), ("P", 3), ("P", 2)]
+    assert [c.cost.plan for c in chosen] == ["P3", "P2", "Q1"]  # 2 + 3·2 ≤ 8; 2 + 2·2 ≤ 8; 5 + 1 ≤ 8
+    Coster.workers = 1  # one process: plan_stage asks for them itself, in the same order
+    tasks.clear()
+    one = Coster()
+    assert [c.cost.plan for c in search.plan_stages(one, inputs, stages, lambda a, b, sub: None)] == ["P3", "P2", "Q1"]
+    assert tasks == [] and one.calls == coster.calls
 
 
 def test_additive_refinement_plans_equal_splits_exactly_and_keeps_the_fastest_that_fits():
@@ -499,3 +520,15 @@ def test_single_layers_and_lean_shares_get_their_own_time_limits():
         coster.cost(0, 1, (1, 8), budget=150.0)
         assert calls == [(1, 100.0, layer), (3, 100.0, None), (1, 25.0, lean), (1, 100.0, layer), (3, 150.0, None),
                          (1, 150.0, layer)]
+
+
+def test_zero1_and_plain_stages_of_one_program_are_separate_tasks_only_when_zero1_comes_first():
+    # a plain plan may serve a later ZeRO-1 request of the same program (``reuse.zero_of``), a
+    # ZeRO-1 plan never serves a plain one: apart only when no plain stage precedes a ZeRO-1 one
+    from autopar.pipeline.costs import StageOption
+    from autopar.pipeline.search import _independent
+    z, p = StageOption(zero=True), StageOption()
+    first = [(0, 3, (4, 8), None, 9, z), (3, 6, (4, 8), None, 8, z), (6, 9, (4, 8), None, 7, p)]
+    assert _independent(first) == [first[:2], first[2:]]
+    mixed = [first[2], first[0]]
+    assert _independent(mixed) == [mixed] and _independent(first[:2]) == [first[:2]]

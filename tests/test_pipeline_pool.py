@@ -114,3 +114,23 @@ def test_a_plan_for_more_micro_batches_in_flight_does_not_hold_back_one_for_fewe
     rounds.clear()
     pool.prefetch(_Coster(), [(("A",), {"inflight": 16}), (("A",), {"inflight": 17}), (("B",), {}), (("C",), {})])
     assert rounds == [3]  # A for 17 waits for A for 16, then is left to the caller (alone)
+
+
+def test_run_tasks_goes_on_within_a_task_and_merges_in_task_order():
+    """``run_tasks``: each task's requests, the later ones made from the earlier ones' plans, in
+    one worker; the plans merged into the parent in task order, the counters summed."""
+    from autopar.pipeline.pool import run_tasks
+
+    def task(coster, progs):
+        first = coster.cost(progs[0])  # (a later request depends on the earlier plan)
+        for prog in progs[1:]:
+            coster.cost(prog, budget=first.latency / 2)
+    coster = _Coster()
+    run_tasks(coster, task, [("A", "A2"), ("B",), ("C", "C2", "C3")])  # (C, the largest, starts first)
+    assert [(k[0], k[3]) for k in coster.cache] == [("A", 1.0), ("A2", 0.5), ("B", 1.0), ("C", 1.0), ("C2", 0.5),
+                                                   ("C3", 0.5)]
+    assert coster.solves == 6 and len(coster.prefetched) == 6
+    single = _Coster()
+    single.workers = 1
+    run_tasks(single, task, [("A", "A2"), ("B",)])  # one worker: nothing here, the caller plans
+    assert single.cache == {} and single.solves == 0

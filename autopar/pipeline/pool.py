@@ -36,6 +36,7 @@ AUTO_WORKERS = 8
 AUTO_MIN_DEVICES = 32
 
 _COSTER = None  # the forked worker's coster (set in the parent right before the fork)
+_TASKS = None  # ``run_tasks``'s (function, tasks), likewise
 
 
 def resolve_workers(workers, total_devices: int) -> int:
@@ -62,10 +63,21 @@ def _fresh_solver_threads() -> None:
 
 def _plan_one(args):
     """In a worker: plan one request; return the cache entries it made and its counters."""
+    return _run_task(lambda coster: coster.cost(*args[0], **args[1]))
+
+
+def _task_one(index):
+    """In a worker: task ``index`` of ``run_tasks`` (its function and tasks inherited at the fork)."""
+    fn, tasks = _TASKS
+    return _run_task(lambda coster: fn(coster, tasks[index]))
+
+
+def _run_task(work):
+    """In a worker: ``work(coster)``; the cache entries it made and its counters."""
     coster = _COSTER
     before = set(coster.cache)
     solves, infeasible = coster.solves, coster.infeasible
-    coster.cost(*args[0], **args[1])
+    work(coster)
     # a plan holds the traced function (not picklable): it travels as its JSON
     made = {k: (v if v.plan is None else dataclasses.replace(v, plan=v.plan.model_dump_json()))
             for k, v in coster.cache.items() if k not in before}
@@ -135,7 +147,34 @@ def prefetch(coster, requests) -> None:
         todo.append((args, kw))
     if len(todo) < 2:
         return
-    results = _map(coster, _plan_one, todo)
+    _merge(coster, _map(coster, _plan_one, todo))
+    if later:  # (every request they waited for is merged now)
+        prefetch(coster, later)
+
+
+def run_tasks(coster, fn, tasks, size=len) -> None:
+    """``fn(coster, task)`` for every task in ``coster.workers`` forked processes, the plans
+    each made merged into the parent's cache in task order (as ``prefetch``'s); handed out
+    largest ``size`` first (ties in task order), so a long task does not start last. For work whose
+    later requests depend on its earlier plans (``search.plan_stages``: a stage planned again
+    for its micro-batches in flight when its plan overflows): each task goes on in its worker
+    without waiting for a round to end. The tasks must not serve one another (``serves``: one
+    task per stage program and sub-mesh); within a task, the requests come in the order one
+    worker would make them. Sequential (nothing done here) with one worker or one task."""
+    global _TASKS
+    if getattr(coster, "workers", 1) <= 1 or len(tasks) < 2:
+        return
+    _TASKS = (fn, list(tasks))
+    order = sorted(range(len(tasks)), key=lambda k: (-size(tasks[k]), k))
+    try:
+        done = dict(zip(order, _map(coster, _task_one, order)))
+        _merge(coster, [done[k] for k in range(len(tasks))])
+    finally:
+        _TASKS = None
+
+
+def _merge(coster, results) -> None:
+    """Workers' cache entries and counters into the parent's, in order."""
     for made, solves, infeasible, min_need in results:
         for k, v in made.items():
             if k not in coster.cache:
@@ -144,8 +183,6 @@ def prefetch(coster, requests) -> None:
         coster.infeasible += infeasible
         coster.min_need = min(coster.min_need, min_need)
         coster.prefetched.update(made)  # the caller's first ``cost`` of each is not a cache hit
-    if later:  # (every request they waited for is merged now)
-        prefetch(coster, later)
 
 
-__all__ = ["AUTO_WORKERS", "AUTO_MIN_DEVICES", "resolve_workers", "prefetch", "prefetch_bounds"]
+__all__ = ["AUTO_WORKERS", "AUTO_MIN_DEVICES", "resolve_workers", "prefetch", "prefetch_bounds", "run_tasks"]
