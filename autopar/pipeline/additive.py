@@ -46,7 +46,7 @@ from __future__ import annotations
 import numpy as np
 
 from .costs import CostArrays, StageCost, StageOption, Sums
-from .pool import prefetch, prefetch_bounds
+from .pool import prefetch, prefetch_bounds, run_tasks
 
 # on several nodes, sub-meshes other than (1, M) enter the stage DP as lower bounds, planned once a
 # solution uses them (module docstring); False: every sub-mesh is planned up front (the unpruned search)
@@ -159,17 +159,42 @@ class AdditiveCosts:
             if self.layers[other][s] is None and (self.variants[other][0] == "full" or self.share(s) > 1):
                 keys.add((other, s))
         full = sorted((v, s) for v, s in keys if self.variants[v][0] == "full")
+        lean = sorted((v, s) for v, s in keys if self.variants[v][0] == "lean")
+        self._in_workers(full, lean)
         prefetch(self.coster, [((i, i + 1, self.shapes[s]), self.variants[v][1]._asdict())
                                for v, s in full if self.layers[v][s] is None for i in range(self.L)])
         for v, s in full:
             self._plan(v, s)
             if v == 0:
                 self._others_where_unfit(s)
-        lean = sorted((v, s) for v, s in keys if self.variants[v][0] == "lean")
         prefetch(self.coster, [r for v, s in lean if self.layers[v][s] is None for r in self._lean_requests(v, s)])
         for v, s in lean:
             self._plan(v, s)
         self._fill({s for _, s in keys})
+
+    def _in_workers(self, full, lean) -> None:
+        """With a worker pool: the layers of these (variant, sub-mesh) pairs planned, one task
+        per layer program and sub-mesh (``pool.run_tasks``): its whole-budget plans, then its
+        lean ones on the meshes those chose, in the order ``resolve`` asks for them, in one
+        worker that does not wait for the other programs' whole-budget plans."""
+        if getattr(self.coster, "workers", 1) <= 1:
+            return
+        groups: dict = {}
+        for v, s in full + lean:
+            if self.layers[v][s] is None:
+                for i in range(self.L):
+                    key = self.coster.plan_key(i, i + 1, self.shapes[s], **self.variants[v][1]._asdict())
+                    groups.setdefault(key[:2], []).append((i, v, s))
+        run_tasks(self.coster, self._plan_layers, list(groups.values()))
+
+    def _plan_layers(self, coster, ops) -> None:
+        """(In a worker) layer i of variant v on sub-mesh s for each (i, v, s) of ``ops``."""
+        for i, v, s in ops:
+            kind, r = self.variants[v]
+            c = coster.cost(i, i + 1, self.shapes[s], **r._asdict())
+            if kind == "lean":
+                mesh = tuple(c.plan.mesh_shape) if c.fits else None
+                coster.cost(i, i + 1, self.shapes[s], mesh, share=2 * self.share(s), **r._asdict())
 
     def _lean_requests(self, v: int, s: int) -> list:
         """``cost`` arguments of the lean variant v's layers on sub-mesh s (its full one planned)."""
