@@ -134,3 +134,31 @@ def test_run_tasks_goes_on_within_a_task_and_merges_in_task_order():
     single.workers = 1
     run_tasks(single, task, [("A", "A2"), ("B",)])  # one worker: nothing here, the caller plans
     assert single.cache == {} and single.solves == 0
+
+
+def test_a_plan_an_earlier_one_served_in_a_worker_is_a_cache_hit_at_its_first_use():
+    """A worker's request answered by an earlier plan (``StageCoster.served``) is a cache hit
+    when the caller first asks for it, as it is with one worker; a plan the worker made is not
+    (one worker would have made it there): the search record's counters match."""
+    from autopar.pipeline.pool import run_tasks
+
+    class Serving(_Coster):
+        def __init__(self):
+            super().__init__()
+            self.reused = set()
+
+        def cost(self, prog, budget=1.0, share=1.0, inflight=1):
+            key = self.plan_key(prog, budget, inflight=inflight)
+            if budget < 1.0 and self.plan_key(prog) in self.cache:  # (a looser plan fits: served)
+                self.reused.add(key)
+                self.cache[key] = self.cache[self.plan_key(prog)]
+                return self.cache[key]
+            return super().cost(prog, budget, share, inflight)
+
+    def task(coster, prog):
+        coster.cost(prog)
+        coster.cost(prog, budget=0.5)
+    coster = Serving()
+    run_tasks(coster, task, ["A", "B"])
+    assert coster.solves == 2 and len(coster.cache) == 4
+    assert coster.prefetched == {coster.plan_key("A"), coster.plan_key("B")}

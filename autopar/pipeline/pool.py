@@ -81,7 +81,8 @@ def _run_task(work):
     # a plan holds the traced function (not picklable): it travels as its JSON
     made = {k: (v if v.plan is None else dataclasses.replace(v, plan=v.plan.model_dump_json()))
             for k, v in coster.cache.items() if k not in before}
-    return made, coster.solves - solves, coster.infeasible - infeasible, coster.min_need
+    reused = {k for k in made if k in getattr(coster, "reused", ())}
+    return made, reused, coster.solves - solves, coster.infeasible - infeasible, coster.min_need
 
 
 def _bound_one(args):
@@ -175,14 +176,16 @@ def run_tasks(coster, fn, tasks, size=len) -> None:
 
 def _merge(coster, results) -> None:
     """Workers' cache entries and counters into the parent's, in order."""
-    for made, solves, infeasible, min_need in results:
+    for made, reused, solves, infeasible, min_need in results:
         for k, v in made.items():
             if k not in coster.cache:
                 coster.remember(k, v if v.plan is None else dataclasses.replace(v, plan=Plan.model_validate_json(v.plan)))
         coster.solves += solves
         coster.infeasible += infeasible
         coster.min_need = min(coster.min_need, min_need)
-        coster.prefetched.update(made)  # the caller's first ``cost`` of each is not a cache hit
+        # the caller's first ``cost`` of a plan a worker made is not a cache hit (one worker
+        # would have planned it there); of one an earlier plan served it is (so it would)
+        coster.prefetched.update(k for k in made if k not in reused)
 
 
 __all__ = ["AUTO_WORKERS", "AUTO_MIN_DEVICES", "resolve_workers", "prefetch", "prefetch_bounds", "run_tasks"]

@@ -158,6 +158,7 @@ class StageCoster:
         self.progress = progress or Progress()  # told of every stage planned
         self.workers = 1  # processes for ``pool.prefetch``
         self.prefetched: set = set()  # keys a worker planned, not yet asked for here
+        self.reused: set = set()  # keys answered by an earlier plan (``served``), not planned
 
     def stage(self, i: int, j: int) -> tuple[Stage, str]:
         """Layers i..j−1 as a stage and its structural key (computed once per range)."""
@@ -284,6 +285,7 @@ class StageCoster:
         reused = self.served(i, j, key)
         if reused is not None:
             self.hits += 1
+            self.reused.add(key)
             self.remember(key, reused)
             self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]} (fits as planned)")
             return reused
