@@ -10,6 +10,10 @@ parent's cache in that same order — so what the search sees afterwards (every 
 counter, the least budget that fits) does not depend on the number of workers, nor on which
 worker finished first. A stage ILP is deterministic given its problem (unless its time
 limit stops it, which depends on the machine's load with one worker as with two).
+``run_tasks(coster, fn, tasks)``: chains of requests whose later ones depend on the earlier
+plans (a stage planned, then planned again for its micro-batches in flight; a layer's
+whole-budget plan, then its lean plan on the mesh it chose), one chain per stage program and
+sub-mesh, each run to its end in one worker; merged in task order like ``prefetch``'s.
 
 Workers are forked (a traced loss function cannot be pickled). JAX warns that ``os.fork`` does
 not mix with its threads (a lock held by another thread at the fork stays held in the child);
