@@ -145,8 +145,8 @@ class AdditiveCosts:
         relies on the others next — placeholders price recomputation at 0 —: one DP round
         instead of several; the plan is the same, ``solve_lazily`` stops only on a solution of
         planned entries); refresh their sums.
-        Whole-budget variants first (a lean variant plans on the meshes its full one chose),
-        each group's layer plans handed to ``pool.prefetch`` together."""
+        Whole-budget variants first (a lean variant plans on the meshes its full one chose);
+        with a worker pool, planned in it first (``_in_workers``)."""
         keys = set(keys)
         for v, s in list(keys):  # the other rematerialisations with the same ZeRO-1 choice too
             kind, r = self.variants[v]
@@ -161,13 +161,10 @@ class AdditiveCosts:
         full = sorted((v, s) for v, s in keys if self.variants[v][0] == "full")
         lean = sorted((v, s) for v, s in keys if self.variants[v][0] == "lean")
         self._in_workers(full, lean)
-        prefetch(self.coster, [((i, i + 1, self.shapes[s]), self.variants[v][1]._asdict())
-                               for v, s in full if self.layers[v][s] is None for i in range(self.L)])
         for v, s in full:
             self._plan(v, s)
             if v == 0:
                 self._others_where_unfit(s)
-        prefetch(self.coster, [r for v, s in lean if self.layers[v][s] is None for r in self._lean_requests(v, s)])
         for v, s in lean:
             self._plan(v, s)
         self._fill({s for _, s in keys})

@@ -206,18 +206,18 @@ def plan_stages(coster, inputs: TrainingInputs, stages, mesh_of, option_of=None)
     (measured on GPT-175B on 1,024 H100s: a 3-layer program's whole-budget plan, then two
     replans for 17 and 16 in flight, 18.6 s in one worker, beside the LM-head stage's 12.7 s)."""
     S, out = len(stages), []
+    asks = [(a, b, sub, mesh_of(a, b, sub), StageOption() if option_of is None else option_of(a, b, sub))
+            for a, b, sub in stages]
     if getattr(coster, "workers", 1) > 1:
         groups: dict = {}  # (stage program, sub-mesh) -> plan_stage arguments, in stage order
-        for k, (a, b, sub) in enumerate(stages):
-            meshes, option = mesh_of(a, b, sub), StageOption() if option_of is None else option_of(a, b, sub)
+        for k, (a, b, sub, meshes, option) in enumerate(asks):
             for m in (meshes if isinstance(meshes, list) else [meshes]):
                 key = coster.plan_key(a, b, sub, m, **option._asdict())
                 groups.setdefault(key[:2], []).append((a, b, sub, m, S - k, option))
         tasks = [t for items in groups.values() for t in _independent(items)]
         run_tasks(coster, lambda c, items: [plan_stage(c, inputs, *it) for it in items],
                   [t for t in tasks if any(_plans_new(coster, inputs, *it) for it in t)])
-    for k, (a, b, sub) in enumerate(stages):
-        meshes, option = mesh_of(a, b, sub), StageOption() if option_of is None else option_of(a, b, sub)
+    for k, (a, b, sub, meshes, option) in enumerate(asks):
         if not isinstance(meshes, list):
             out.append(ChosenStage(a, b, tuple(sub), plan_stage(coster, inputs, a, b, sub, meshes, S - k, option)))
             continue
