@@ -210,6 +210,41 @@ def _effective(p: StageProblem, r: int) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(lat, v[None], axis=0)[0], v
 
 
+def _effective_all(p: StageProblem, fs) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """``_effective`` for each in-flight count f in ``fs`` at once: {f: (latency, variant)},
+    equal to it entry for entry. A variant that fits with f micro-batches fits with fewer
+    (need = W + f·A, A ≥ 0, is monotone in f in floating point too), so with the variants of
+    every entry sorted by latency (stable: ties keep the lower index, as ``argmin`` does) the
+    fastest that fits is the first of them that fits, and its position only moves forward as
+    f grows: over the f in increasing order each entry is examined V + len(fs) times at most,
+    not V·len(fs)."""
+    lat, mem, act = p._v
+    V, rest = lat.shape[0], lat.shape[1:]
+    order = np.argsort(lat.reshape(V, -1), axis=0, kind="stable")
+    sl, sm, sa = (np.take_along_axis(a.reshape(V, -1), order, axis=0) for a in (lat, mem, act))
+    pos = np.zeros(sl.shape[1], dtype=np.int64)  # per entry: the first sorted variant that may fit
+    live = np.flatnonzero(np.isfinite(sl[0]))  # entries whose fit is still open (V: none fits)
+    pos[~np.isfinite(sl[0])] = V
+    out = {}
+    for f in sorted(set(fs)):
+        todo = live
+        while len(todo):
+            t = pos[todo]
+            # (the same arithmetic as ``_need``: W + f·A, compared with the device memory)
+            bad = ~(sm[t, todo] + f * sa[t, todo] <= p.device_memory) | ~np.isfinite(sl[t, todo])
+            todo = todo[bad]
+            pos[todo] += 1
+            done = pos[todo] >= V
+            todo = todo[~done]
+        live = live[pos[live] < V]
+        fits = pos < V
+        at = np.minimum(pos, V - 1)[None]
+        eff = np.where(fits, np.take_along_axis(sl, at, axis=0)[0], np.inf).reshape(rest)
+        var = np.where(fits, np.take_along_axis(order, at, axis=0)[0], 0).reshape(rest)
+        out[f] = (eff, var)
+    return out
+
+
 def _dp(p: StageProblem, cost, smax: int, combine, unit: int = 1):
     """F[s][k, d/unit] = best ⊕-combination of cost(s)[m, k, j] ⊕ F[s−1][j, (d−|m|)/unit];
     choice[s][k, d/unit] = flat (j, m) index of the first choice within _TOL of the best (−1:
@@ -363,11 +398,15 @@ def _forced(p: StageProblem, forced, num_stages: int | None) -> StageSolution:
     for k, j, m in plan:
         if not np.isfinite(p._v[0][:, m, k, j]).any():
             raise StageInfeasibleError(f"forced stage [{k},{j}) on {shapes[m]} has no finite latency", math.inf)
-    need = max(float(_least_need(p, S - i)[m, k, j]) for i, (k, j, m) in enumerate(plan))
-    if need > p.device_memory:
-        raise StageInfeasibleError(f"forced plan needs {need:.6g} bytes per device > device_memory="
-                                   f"{p.device_memory:.6g}", need)
-    return _solution(p, plan, "forced", lambda r: _effective(p, r)[1])
+    # each stage's own entry (m, k, j) only, as ``_least_need`` / ``_effective`` compute it
+    lat = [p._v[0][:, m, k, j] for k, j, m in plan]
+    need = [p._v[1][:, m, k, j] + _inflight(p, S - i) * p._v[2][:, m, k, j] for i, (k, j, m) in enumerate(plan)]
+    least = max(float(np.where(np.isfinite(t), n, np.inf).min()) for t, n in zip(lat, need))
+    if least > p.device_memory:
+        raise StageInfeasibleError(f"forced plan needs {least:.6g} bytes per device > device_memory="
+                                   f"{p.device_memory:.6g}", least)
+    variants = [int(np.argmin(np.where(n <= p.device_memory, t, np.inf))) for t, n in zip(lat, need)]
+    return _solution(p, plan, "forced", variants)
 
 
 def solve_stages(p: StageProblem, *, num_stages: int | None = None, forced=None, prune: bool = True) -> StageSolution:
@@ -378,10 +417,8 @@ def solve_stages(p: StageProblem, *, num_stages: int | None = None, forced=None,
     if forced is not None:
         return _forced(p, forced, num_stages)
     srange, D = _stage_range(p, num_stages), p.total_devices
-    by_inflight: dict[int, tuple] = {}  # effective latencies depend on s only through f(s)
-    for s in range(1, max(srange) + 1):
-        if _inflight(p, s) not in by_inflight:
-            by_inflight[_inflight(p, s)] = _effective(p, s)
+    # effective latencies depend on s only through f(s)
+    by_inflight = _effective_all(p, [_inflight(p, s) for s in range(1, max(srange) + 1)])
     unit, bound = 1, math.inf
     if prune:
         keys = list(by_inflight)

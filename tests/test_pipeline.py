@@ -532,3 +532,34 @@ def test_zero1_and_plain_stages_of_one_program_are_separate_tasks_only_when_zero
     assert _independent(first) == [first[:2], first[2:]]
     mixed = [first[2], first[0]]
     assert _independent(mixed) == [mixed] and _independent(first[:2]) == [first[:2]]
+
+
+def test_range_sums_equal_adding_layers_one_by_one():
+    """``costs.range_sums`` (every range at once, as additive costing fills its arrays) gives
+    bit for bit what ``Sums`` gives adding a range's layers one by one: sends between layers
+    dropped, parameters summed, the largest temporary part, activations summed; a layer that
+    does not fit makes every range over it ∞."""
+    from autopar.pipeline.costs import INFEASIBLE, StageCost, Sums, cumulative, range_sums
+    rng = np.random.default_rng(3)
+    for L in (1, 2, 7):
+        layers = []
+        for _ in range(L):
+            static = float(rng.uniform(1, 9))
+            layers.append(StageCost(plan=object(), latency=float(rng.uniform(0.1, 1)), send=float(rng.uniform(0, .05)),
+                                    static=static, persist=static * float(rng.uniform(0, 1)),
+                                    act=float(rng.uniform(0, 3)), gather_s=float(rng.uniform(0, .2)),
+                                    num_microbatches=3))
+        if L > 2:
+            layers[1] = INFEASIBLE
+        t, m, a = range_sums(layers)
+        x = rng.uniform(0, 1, size=L)
+        c = cumulative(x, skip=1)
+        for i in range(L):
+            run = Sums()
+            for j in range(i + 1, L + 1):
+                assert (t[i, j - 1], m[i, j - 1], a[i, j - 1]) == run.add(layers[j - 1])
+                total = 0.0  # (left to right: Python ≥ 3.12's ``sum`` of floats compensates)
+                for y in x[i + 1:j].tolist():
+                    total += y
+                assert c[i, j - 1] == total
+        assert (L <= 2) or (np.isinf(t[0, 1:]).all() and np.isfinite(t[2:, 2:][np.triu_indices(L - 2)]).all())

@@ -323,3 +323,28 @@ def test_dp_by_shape_equals_the_all_at_once_recurrence():
             for s in range(1, len(want[0])):
                 np.testing.assert_array_equal(got[0][s], want[0][s])
                 np.testing.assert_array_equal(got[1][s], want[1][s])
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+def test_effective_for_every_inflight_count_equals_one_at_a_time(schedule):
+    """``_effective_all`` (variants sorted by latency, each entry's first fitting one moved
+    forward as the in-flight count grows) equals ``_effective`` at every count, latencies and
+    chosen variants alike: ties between variants (the lower index), entries where none fits
+    or none is finite, activation-free variants, memory exactly at the limit."""
+    from autopar.solvers.stage_dp import _effective, _effective_all, _inflight
+    rng = np.random.default_rng(11)
+    for _ in range(40):
+        V, L, N, M = int(rng.integers(1, 6)), int(rng.integers(1, 7)), int(rng.integers(1, 4)), 4
+        shape = (V, L, L + 1, len(submesh_shapes(N, M)))
+        lat = rng.choice([0.5, 1.0, 2.0, np.inf], size=shape)
+        mem = rng.integers(0, 6, size=shape).astype(float)
+        act = rng.choice([0.0, 0.5, 1.0, 2.0], size=shape)
+        p = StageProblem(L, N, M, lat, mem, act, num_microbatches=int(rng.integers(1, 9)),
+                         device_memory=float(rng.integers(2, 9)), schedule=schedule)
+        counts = [_inflight(p, r) for r in range(1, min(L, N * M) + 1)]
+        got = _effective_all(p, counts)
+        assert sorted(got) == sorted(set(counts))
+        for r, f in zip(range(1, len(counts) + 1), counts):
+            want = _effective(p, r)
+            np.testing.assert_array_equal(got[f][0], want[0])
+            np.testing.assert_array_equal(got[f][1], want[1])

@@ -103,3 +103,19 @@ def test_a_stage_planned_in_flight_fits_its_micro_batches_where_the_plain_plan_d
     assert res.plan.predicted.peak_memory_bytes == pytest.approx(res.static + res.held + res.act)
     # 3 in flight: the plain plan fits (1 in flight is the looser problem); the one planned for 4 does not serve
     assert one.memory(q - 1) <= budget and c.cost_within(0, 2, SUB, None, budget, inflight=q - 1) is one
+
+
+def test_single_layer_stages_from_one_split_equal_one_split_each():
+    """``single_layer_stages`` (one pass over the program for every layer, as ``StageCoster.stage``
+    cuts single layers) gives each layer the stage ``stage_for_range`` cuts for it alone: layers
+    that tile the program, and with equations before, between or after them."""
+    from autopar.pipeline.stage_cost import single_layer_stages, stage_for_range
+    c = coster()
+    ranges = c.layer_eqns
+    assert ranges[0][0] == 0 and len(ranges) >= 2
+    for layers in (ranges, ranges[1:], ranges[:-1], [(ranges[0][0] + 1, ranges[0][1])] + ranges[1:],
+                   [(ranges[0][0], ranges[0][1] - 1)] + ranges[1:]):
+        assert single_layer_stages(c.program, c.P, layers) == [stage_for_range(c.program, c.P, a, b)
+                                                                for a, b in layers]
+    assert [c.stage(i, i + 1)[0] for i in range(len(ranges))] == [stage_for_range(c.program, c.P, a, b)
+                                                                   for a, b in ranges]

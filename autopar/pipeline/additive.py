@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .costs import CostArrays, StageCost, StageOption, Sums
+from .costs import CostArrays, StageCost, StageOption, cumulative, range_sums
 from .pool import prefetch, prefetch_bounds, run_tasks
 
 # on several nodes, sub-meshes other than (1, M) enter the stage DP as lower bounds, planned once a
@@ -114,25 +114,36 @@ class AdditiveCosts:
         return self.L * self.shapes[s][0] * self.shapes[s][1] / self.total
 
     def _fill(self, subs) -> None:
+        """The arrays' entries of sub-meshes ``subs`` from their layers' sums (``Sums``, all
+        ranges at once: ``range_sums``) — or, for a placeholder, the bounds' latency, the
+        parameters spread over every device and the activations the module docstring gives."""
         lat, mem, act = self.latency, self.memory, self.activation
+        L = self.L
+        upper = np.triu(np.ones((L, L), dtype=bool))  # [i, j − 1] for j > i
+        rows, cols = np.nonzero(upper)
+        kept_all = cumulative(self.inputs, skip=1)  # the inputs of layers i+1..j−1
+        pbytes = cumulative(self.pbytes)
+        saved = {r: cumulative(x) for r, x in self.saved.items()}
         for s in subs:
             n = self.shapes[s][0] * self.shapes[s][1]
+            base = self.layers[0][s] if self.layers[0][s] is not None else self.bounds[s]
+            t0 = a0 = None  # the base's sums (placeholders), computed once per sub-mesh
             for v, (kind, r) in enumerate(self.variants):
                 if kind == "lean" and self.share(s) <= 1:
                     continue
                 costs = self.layers[v][s]
-                base = self.layers[0][s] if self.layers[0][s] is not None else self.bounds[s]
-                for i in range(self.L):
-                    run0, run = Sums(), Sums()
-                    for j in range(i + 1, self.L + 1):
-                        t, _, a = run0.add(base[j - 1])
-                        kept = 0.0 if r.remat == "none" else sum(self.inputs[i + 1:j]) / n
-                        if costs is not None:
-                            lat[v, i, j, s], mem[v, i, j, s], act[v, i, j, s] = run.add(costs[j - 1])
-                            act[v, i, j, s] += kept
-                        else:  # optimistic placeholder
-                            lat[v, i, j, s], mem[v, i, j, s] = t, sum(self.pbytes[i:j]) / n
-                            act[v, i, j, s] = (a if r == self.options[0] else sum(self.saved[r][i:j]) / n) + kept
+                kept = 0.0 if r.remat == "none" else kept_all / n
+                if costs is not None:
+                    t, m, a = range_sums(costs)
+                    a = a + kept
+                else:  # optimistic placeholder
+                    if t0 is None:
+                        t0, _, a0 = range_sums(base)
+                    t, m = t0, pbytes / n
+                    a = (a0 if r == self.options[0] else saved[r] / n) + kept
+                lat[v, rows, cols + 1, s] = t[upper]
+                mem[v, rows, cols + 1, s] = m[upper]
+                act[v, rows, cols + 1, s] = a[upper]
 
     def placeholders(self, sol) -> set[tuple[int, int]]:
         """(variant, sub-mesh) placeholders the stage DP solution ``sol`` uses."""

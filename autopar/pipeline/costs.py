@@ -138,6 +138,34 @@ class Sums:
         return self.t, self.persist + self.transient, self.a
 
 
+def range_sums(costs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``Sums`` of every range at once: (latency, static, activations), each (L, L) with entry
+    [i, j − 1] the sums of ``costs[i:j]`` (below the diagonal: 0) — the same floating-point
+    operations in the same order as adding them one by one (``cumulative``)."""
+    lat = np.array([c.dp_latency for c in costs], dtype=np.float64)
+    send = np.array([c.send for c in costs], dtype=np.float64)
+    persist = np.array([c.persist for c in costs], dtype=np.float64)
+    transient = np.array([c.static - c.persist for c in costs], dtype=np.float64)
+    act = np.array([c.act for c in costs], dtype=np.float64)
+    t = cumulative(lat - send, first=lat)
+    n = len(costs)
+    # (the largest transient part so far, from 0.0 as ``Sums`` starts)
+    top = np.maximum.accumulate(np.triu(np.broadcast_to(transient, (n, n))), axis=1)
+    return t, cumulative(persist) + top, cumulative(act)
+
+
+def cumulative(x, first=None, skip: int = 0) -> np.ndarray:
+    """(L, L): entry [i, j'] = x[i + skip] + … + x[j'] summed left to right from 0 (``first[i]``
+    in place of x[i]; 0 where j' < i + skip) — what adding them one by one gives, bit for bit
+    (``np.cumsum`` along a row is sequential, and 0.0 + a = a)."""
+    x = np.asarray(x, dtype=np.float64)
+    n = len(x)
+    m = np.triu(np.broadcast_to(x, (n, n)), skip)
+    if first is not None:
+        m[np.arange(n), np.arange(n)] = first
+    return np.cumsum(m, axis=1)
+
+
 def stage_memory(chosen: list[ChosenStage], schedule: str, num_microbatches: int) -> list[tuple[int, float]]:
     """(in-flight micro-batches, bytes per device) of each stage."""
     S, rule = len(chosen), Schedule(schedule)

@@ -8,6 +8,7 @@ from the plain plan) takes it without an ILP: ``autopar.pipeline.reuse``.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass
@@ -58,6 +59,24 @@ def stage_for_range(program: Program, num_params: int, a: int, b: int) -> Stage:
     n = len(program.eqns)
     ranges = [r for r in ((0, a), (a, b), (b, n)) if r[0] < r[1]]
     return next(st for st in split_program(program, num_params, ranges) if st.eqns == (a, b))
+
+
+def single_layer_stages(program: Program, num_params: int, layer_eqns) -> list[Stage]:
+    """``stage_for_range`` of every layer (equation ranges ``layer_eqns``, in order), from one
+    split of the program instead of one per layer: a stage's inputs and outputs are the
+    values crossing its own range's border, however the rest is cut; its index is the one
+    ``stage_for_range`` gives (0 for a stage at the start, else 1)."""
+    n, cuts = len(program.eqns), []
+    if any(a >= b for a, b in layer_eqns) or any(b > c for (_, b), (c, _) in zip(layer_eqns, layer_eqns[1:])):
+        return [stage_for_range(program, num_params, a, b) for a, b in layer_eqns]  # (not in order: one by one)
+    for a, b in layer_eqns:
+        if a > (cuts[-1][1] if cuts else 0):
+            cuts.append((cuts[-1][1] if cuts else 0, a))  # (equations between layers)
+        cuts.append((a, b))
+    if cuts[-1][1] < n:
+        cuts.append((cuts[-1][1], n))
+    at = {st.eqns: st for st in split_program(program, num_params, cuts)}
+    return [dataclasses.replace(at[(a, b)], index=0 if a == 0 else 1) for a, b in layer_eqns]
 
 
 def structural_key(program: Program, st: Stage, num_params: int) -> str:
@@ -161,8 +180,13 @@ class StageCoster:
         self.reused: set = set()  # keys answered by an earlier plan (``served``), not planned
 
     def stage(self, i: int, j: int) -> tuple[Stage, str]:
-        """Layers i..j−1 as a stage and its structural key (computed once per range)."""
+        """Layers i..j−1 as a stage and its structural key (computed once per range; every
+        single layer at the first one's request, in one pass: ``single_layer_stages``)."""
         if (i, j) not in self.stages:
+            if j == i + 1 and (0, 1) not in self.stages:
+                for k, st in enumerate(single_layer_stages(self.program, self.P, self.layer_eqns)):
+                    self.stages[(k, k + 1)] = (st, structural_key(self.program, st, self.P))
+                return self.stages[(i, j)]
             st = stage_for_range(self.program, self.P, self.layer_eqns[i][0], self.layer_eqns[j - 1][1])
             self.stages[(i, j)] = (st, structural_key(self.program, st, self.P))
         return self.stages[(i, j)]
