@@ -366,7 +366,7 @@ def test_with_a_worker_pool_each_stage_program_is_one_task_planned_and_replanned
     inputs = _inputs(budget=8.0, num_microbatches=8)
     tasks = []
 
-    def run_tasks(coster, fn, todo):  # (in order, in this process: what the workers would do)
+    def run_tasks(coster, fn, todo, size=len):  # (in order, in this process: what the workers would do)
         tasks.extend(todo)
         for t in todo:
             fn(coster, t)

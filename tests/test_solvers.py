@@ -498,6 +498,36 @@ def test_a_milp_with_too_little_time_left_for_its_root_is_not_started(monkeypatc
     assert len(milps) == 2
 
 
+def test_an_ilp_too_big_for_the_milp_keeps_its_lp_and_its_start_outside_the_limit(monkeypatch):
+    # "auto" on an ILP above AUTO_ILP_VARIABLES: the LP relaxation gets ``lp_time_s`` of its own
+    # and the warm start's time is not counted either, so the heuristic has the whole limit
+    # (it had the limit less the LP's time once a start was asked: the start's exclusion
+    # replaced the LP's)
+    import time as _time
+
+    from autopar.solvers import driver
+    real_lp, given = driver._lp_first, []
+
+    def slow_lp(*a, **k):
+        _time.sleep(0.4)
+        return real_lp(*a, **k)
+
+    def heuristic(problem, *, time_limit_s=None, **kw):
+        given.append(time_limit_s)
+        return solve_brute(problem)
+
+    def start(left):
+        _time.sleep(0.2)
+        return (0, 1, 0, 1)
+    monkeypatch.setattr(driver, "AUTO_ILP_VARIABLES", 0)
+    monkeypatch.setattr(driver, "_lp_first", slow_lp)
+    monkeypatch.setattr(driver, "solve_heuristic", heuristic)
+    sol = solve(_frustrated_k4(1.0), time_limit_s=1.0, lp_time_s=5.0, start=start)
+    assert sol.solver.startswith("auto:heuristic") and sol.cost == 6.0
+    # (the last call: the support's own ILP asks the quick heuristic for a start first)
+    assert given[-1] > 0.8  # the limit less the bookkeeping ``_heuristic_time`` keeps
+
+
 def test_a_start_that_takes_a_cutoff_is_told_the_best_incumbent_and_may_decline():
     p = _frustrated_k4(1.0)  # LP bound 4, optimum 6: outside the gap, so the start is asked
     told = []

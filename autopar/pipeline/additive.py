@@ -46,7 +46,7 @@ from __future__ import annotations
 import numpy as np
 
 from .costs import CostArrays, StageCost, StageOption, cumulative, range_sums
-from .pool import prefetch, prefetch_bounds, run_tasks
+from .pool import prefetch, run_tasks
 
 # on several nodes, sub-meshes other than (1, M) enter the stage DP as lower bounds, planned once a
 # solution uses them (module docstring); False: every sub-mesh is planned up front (the unpruned search)
@@ -74,7 +74,9 @@ class AdditiveCosts:
         whole = (1, max(m for _, m in self.shapes))
         lazy = {s for s, sub in enumerate(self.shapes) if LAZY_SUBMESHES and sub != whole and total_devices > whole[1]}
         eager = [sub for s, sub in enumerate(self.shapes) if s not in lazy]
-        prefetch(coster, [((i, i + 1, sub), r0._asdict()) for i in range(L) for sub in eager])
+        # (the lazy sub-meshes' bounds below computed in the same pool round)
+        prefetch(coster, [((i, i + 1, sub), r0._asdict()) for i in range(L) for sub in eager],
+                 bounds=[(i, i + 1, self.shapes[s]) for s in sorted(lazy) for i in range(L)])
         # layers[v][s]: the single-layer costs of variant v on sub-mesh s (None: a placeholder)
         self.layers: list[list[list | None]] = [[None] * nS for _ in range(nV)]
         self.layers[0] = [None if s in lazy else [coster.cost(i, i + 1, sub, **r0._asdict()) for i in range(L)]
@@ -82,7 +84,6 @@ class AdditiveCosts:
         # bounds[s]: per layer, a StageCost that is not above its plain plan in latency, static
         # memory or activations (``StageCoster.bound``, parameters and residuals spread over
         # every device): what a placeholder of sub-mesh s sums while layers[0][s] is None
-        prefetch_bounds(coster, [(i, i + 1, self.shapes[s]) for s in sorted(lazy) for i in range(L)])
         self.bounds = {s: [self._bound(i, self.shapes[s]) for i in range(L)] for s in sorted(lazy)}
         # remat: each layer's own saved bytes (traced, no plan) and the inputs of the layers
         # after a stage's first, which its checkpoints keep (a single-layer plan never counts

@@ -94,6 +94,12 @@ def _bound_one(args):
     return _COSTER.bound(*args)
 
 
+def _plan_or_bound(item):
+    """In a worker: a plan request (``_plan_one``) or a bound (``_bound_one``)."""
+    kind, args = item
+    return _plan_one(args) if kind == "plan" else _bound_one(args)
+
+
 def _map(coster, fn, todo) -> list:
     """``fn`` over ``todo`` in ``coster.workers`` forked processes (results in order)."""
     global _COSTER
@@ -115,27 +121,29 @@ def prefetch_bounds(coster, requests) -> None:
     processes (one per distinct stage program and sub-mesh), stored in ``coster.bounds``.
     A bound is a function of its problem alone (an LP solved to optimality), so it is the
     same whichever process computes it."""
-    if getattr(coster, "workers", 1) <= 1:
-        return
+    prefetch(coster, [], bounds=requests)
+
+
+def _bound_todo(coster, requests) -> list:
+    """((i, j, sub-mesh), bound key) of the distinct uncomputed bounds among ``requests``."""
     todo, seen = [], set()
     for i, j, sub in requests:
         key = (coster.program_key(i, j), tuple(sub), None, coster.budget, False, 1)
         if key not in seen and key not in coster.bounds and key not in coster.cache:
             seen.add(key)
             todo.append(((i, j, tuple(sub)), key))
-    if len(todo) < 2:
-        return
-    for (_, key), value in zip(todo, _map(coster, _bound_one, [args for args, _ in todo])):
-        coster.bounds[key] = value
+    return todo
 
 
-def prefetch(coster, requests) -> None:
+def prefetch(coster, requests, bounds=()) -> None:
     """Plan the uncached ``requests`` ((args, kwargs) of ``coster.cost``) in ``coster.workers``
     processes; merge in request order (module docstring). Sequential when it does not pay.
     A request an earlier one's plan may serve (the same stage program and sub-mesh: a smaller
     budget, ``StageCoster.served``; a lean request may also plan its whole budget) waits for
     the next round, which starts once this one is merged — then it is served or planned, as
-    a single worker, asking for it after the earlier one, would have it."""
+    a single worker, asking for it after the earlier one, would have it. ``bounds``: (i, j,
+    sub-mesh) whose ``coster.bound`` is computed in the same round, after the plans
+    (``prefetch_bounds``; a bound needs no plan, and the pool then has no barrier between them)."""
     if getattr(coster, "workers", 1) <= 1:
         return  # the caller's own ``cost`` calls plan them one by one
     todo, seen, ahead, later = [], set(), {}, []
@@ -150,9 +158,13 @@ def prefetch(coster, requests) -> None:
         ahead.setdefault((key[0], key[1]), []).extend(
             [key, coster.plan_key(*args, **{**kw, "share": 1.0})])
         todo.append((args, kw))
-    if len(todo) < 2:
+    btodo = _bound_todo(coster, bounds)
+    if len(todo) + len(btodo) < 2:
         return
-    _merge(coster, _map(coster, _plan_one, todo))
+    results = _map(coster, _plan_or_bound, [("plan", t) for t in todo] + [("bound", args) for args, _ in btodo])
+    _merge(coster, results[:len(todo)])
+    for (_, key), value in zip(btodo, results[len(todo):]):
+        coster.bounds[key] = value
     if later:  # (every request they waited for is merged now)
         prefetch(coster, later)
 
@@ -160,7 +172,8 @@ def prefetch(coster, requests) -> None:
 def run_tasks(coster, fn, tasks, size=len) -> None:
     """``fn(coster, task)`` for every task in ``coster.workers`` forked processes, the plans
     each made merged into the parent's cache in task order (as ``prefetch``'s); handed out
-    largest ``size`` first (ties in task order), so a long task does not start last. For work whose
+    largest ``size`` first (any sortable value; ties in task order), so a long task does not
+    start last (the order changes only when each ends, not what it plans). For work whose
     later requests depend on its earlier plans (``search.plan_stages``: a stage planned again
     for its micro-batches in flight when its plan overflows): each task goes on in its worker
     without waiting for a round to end. The tasks must not serve one another (``serves``: one
@@ -170,7 +183,7 @@ def run_tasks(coster, fn, tasks, size=len) -> None:
     if getattr(coster, "workers", 1) <= 1 or len(tasks) < 2:
         return
     _TASKS = (fn, list(tasks))
-    order = sorted(range(len(tasks)), key=lambda k: (-size(tasks[k]), k))
+    order = sorted(range(len(tasks)), key=lambda k: size(tasks[k]), reverse=True)  # (stable: ties in task order)
     try:
         done = dict(zip(order, _map(coster, _task_one, order)))
         _merge(coster, [done[k] for k in range(len(tasks))])

@@ -195,6 +195,46 @@ def _plans_new(coster, inputs: TrainingInputs, a: int, b: int, sub, mesh, remain
     return request is not None and not coster.is_cached(a, b, sub, mesh, **request, **kw)
 
 
+def stage_asks(stages, mesh_of, option_of=None) -> list[tuple]:
+    """(a, b, sub, meshes, option) of each stage (a, b, sub) of a split (``plan_stages``)."""
+    return [(a, b, sub, mesh_of(a, b, sub), StageOption() if option_of is None else option_of(a, b, sub))
+            for a, b, sub in stages]
+
+
+def prefetch_stages(coster, inputs: TrainingInputs, asks, extra=()) -> None:
+    """With a worker pool: the ``plan_stage`` requests of a split's ``stage_asks`` planned, one
+    task per stage program and sub-mesh (``pool.run_tasks``), each in stage order — and those
+    of another split's asks ``extra`` (planned after it) whose stage program and sub-mesh
+    ``asks`` has not: they cannot serve one another, so they may go in any order (the ones
+    that share a task would change its order: a plain plan may serve a ZeRO-1 request)."""
+    if getattr(coster, "workers", 1) <= 1:
+        return
+    groups: dict = {}  # (stage program, sub-mesh) -> plan_stage arguments, in stage order
+    for split in (asks, extra):
+        known, S = set(groups), len(split)
+        for k, (a, b, sub, meshes, option) in enumerate(split):
+            for m in (meshes if isinstance(meshes, list) else [meshes]):
+                key = coster.plan_key(a, b, sub, m, **option._asdict())
+                if key[:2] not in known:
+                    groups.setdefault(key[:2], []).append((a, b, sub, m, S - k, option))
+    tasks = [t for items in groups.values() for t in _independent(items)]
+    run_tasks(coster, lambda c, items: [plan_stage(c, inputs, *it) for it in items],
+              [t for t in tasks if any(_plans_new(coster, inputs, *it) for it in t)],
+              size=lambda t: (_layer_solve_s(coster, *t[0][:3], t[0][5]), len(t)))
+
+
+def _layer_solve_s(coster, a: int, b: int, sub, option) -> float:
+    """Seconds the whole-budget plans of layers a..b−1 on ``sub`` with ``option`` took to
+    solve, one by one (0 for one not planned): what a worker pool hands out first, the stage
+    ILP that likely takes longest (GPT-175B on 1,024 H100s: the LM-head stage's, 12.8 s,
+    whose layers took 3.0 s, against a 3-layer decoder stage's 6 s, 2.3 s)."""
+    total = 0.0
+    for i in range(a, b):
+        c = coster.cache.get(coster.plan_key(i, i + 1, sub, **option._asdict()))
+        total += c.plan.timing.solve_s if c is not None and c.fits else 0.0
+    return total
+
+
 def plan_stages(coster, inputs: TrainingInputs, stages, mesh_of, option_of=None) -> list[ChosenStage]:
     """Each stage (a, b, sub) planned whole; ``mesh_of(a, b, sub)`` is a logical mesh, None
     (every ``stage_meshes``) or a list of meshes tried one by one (the fastest that fits
@@ -206,17 +246,8 @@ def plan_stages(coster, inputs: TrainingInputs, stages, mesh_of, option_of=None)
     (measured on GPT-175B on 1,024 H100s: a 3-layer program's whole-budget plan, then two
     replans for 17 and 16 in flight, 18.6 s in one worker, beside the LM-head stage's 12.7 s)."""
     S, out = len(stages), []
-    asks = [(a, b, sub, mesh_of(a, b, sub), StageOption() if option_of is None else option_of(a, b, sub))
-            for a, b, sub in stages]
-    if getattr(coster, "workers", 1) > 1:
-        groups: dict = {}  # (stage program, sub-mesh) -> plan_stage arguments, in stage order
-        for k, (a, b, sub, meshes, option) in enumerate(asks):
-            for m in (meshes if isinstance(meshes, list) else [meshes]):
-                key = coster.plan_key(a, b, sub, m, **option._asdict())
-                groups.setdefault(key[:2], []).append((a, b, sub, m, S - k, option))
-        tasks = [t for items in groups.values() for t in _independent(items)]
-        run_tasks(coster, lambda c, items: [plan_stage(c, inputs, *it) for it in items],
-                  [t for t in tasks if any(_plans_new(coster, inputs, *it) for it in t)])
+    asks = stage_asks(stages, mesh_of, option_of)
+    prefetch_stages(coster, inputs, asks)
     for k, (a, b, sub, meshes, option) in enumerate(asks):
         if not isinstance(meshes, list):
             out.append(ChosenStage(a, b, tuple(sub), plan_stage(coster, inputs, a, b, sub, meshes, S - k, option)))
