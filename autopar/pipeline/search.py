@@ -220,14 +220,16 @@ def prefetch_stages(coster, inputs: TrainingInputs, asks, extra=()) -> None:
     tasks = [t for items in groups.values() for t in _independent(items)]
     run_tasks(coster, lambda c, items: [plan_stage(c, inputs, *it) for it in items],
               [t for t in tasks if any(_plans_new(coster, inputs, *it) for it in t)],
-              size=lambda t: (_layer_solve_s(coster, *t[0][:3], t[0][5]), len(t)))
+              size=lambda t: (len(t), _layer_solve_s(coster, *t[0][:3], t[0][5])))
 
 
 def _layer_solve_s(coster, a: int, b: int, sub, option) -> float:
     """Seconds the whole-budget plans of layers a..b−1 on ``sub`` with ``option`` took to
-    solve, one by one (0 for one not planned): what a worker pool hands out first, the stage
-    ILP that likely takes longest (GPT-175B on 1,024 H100s: the LM-head stage's, 12.8 s,
-    whose layers took 3.0 s, against a 3-layer decoder stage's 6 s, 2.3 s)."""
+    solve, one by one (0 for one not planned). A worker pool hands out the tasks of the most
+    stages first (each may be planned again for its micro-batches in flight), then, among as
+    many, the one whose stage ILP likely takes longest (GPT-175B on 1,024 H100s: the LM-head
+    stage's, 15.6 s, whose layers took 3.0 s, against a 2-layer stage's 1.6 s; when it came
+    after that one, the last of the refinement's stage plans ended 2–3 s later)."""
     total = 0.0
     for i in range(a, b):
         c = coster.cache.get(coster.plan_key(i, i + 1, sub, **option._asdict()))
