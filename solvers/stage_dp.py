@@ -295,10 +295,16 @@ def _dp(p: StageProblem, cost, smax: int, combine, unit: int = 1):
         first_m = np.zeros((K, D + 1), dtype=np.int64)
         for (m, n, k0, k1, js, cb, jc), v in zip(blocks, kept):
             near = (block(n, cb, jc) if v is None else v) <= limit[k0:k1, n:, None]
-            w = np.argmax(near, axis=2)  # first j of the band (the band is in increasing j)
-            j = np.take_along_axis(js, w, axis=1)
+            # the first j of the band within the tolerance (the band is a few lengths wide:
+            # slice by slice is faster than ``argmax`` along it, and gives the same)
+            W = near.shape[2]
+            first = np.full(near.shape[:2], W)
+            for w in range(W - 1, -1, -1):
+                first[near[:, :, w]] = w
+            found = first < W
+            j = js[:, :1] + np.where(found, first, 0)  # (js[r, w] = js[r, 0] + w)
             fj, fm = first_j[k0:k1, n:], first_m[k0:k1, n:]  # views
-            take = near.any(axis=2) & (j < fj)
+            take = found & (j < fj)
             fj[take], fm[take] = j[take], m
         idx = first_j * len(sizes) + first_m
         idx[~np.isfinite(best)] = -1
