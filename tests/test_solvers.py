@@ -567,3 +567,35 @@ def test_above_the_milp_size_the_heuristic_starts_from_the_support_and_the_start
     assert told == [6.0] and sol.solver == "auto:heuristic" and sol.cost == 6.0
     # (the last heuristic run is the fallback's: it starts from the support's choice)
     assert starts[-1] is not None and evaluate(presolve(p).problem, starts[-1])[0] == 6.0
+
+
+def test_the_lp_relaxation_is_solved_once_for_problems_that_differ_only_in_memory(monkeypatch):
+    # ``solvers.relaxation_memo``: the memory-free LP depends on the objective alone. Two
+    # problems with the same costs and other usage limits share it (its rounded choice scored on
+    # each problem's memory), a changed cost does not
+    from autopar.solvers import driver, relaxation_memo
+    real, relaxations = driver.solve_ilp, []
+
+    def counted(problem, **kw):
+        relaxations.extend([problem.name] if kw.get("relax") else [])
+        return real(problem, **kw)
+    monkeypatch.setattr(driver, "solve_ilp", counted)
+    tight = _frustrated_k4(1.0)
+    loose = dataclasses.replace(tight, usage_limit=1e9, name="loose")
+    for p in (tight, loose):
+        assert solve(p, gap_rel=1e-3).cost == solve_brute(p).cost
+    assert relaxations == [tight.name]
+    key = relaxation_memo.objective_key(tight)
+    assert key == relaxation_memo.objective_key(loose)
+    assert relaxation_memo.remembered(loose, key).stats["remembered"]
+    over = dataclasses.replace(tight, node_usages=[np.array([3.0, 3.0])] * 4)  # every choice peaks at 12 > 10
+    lp = relaxation_memo.remembered(over, key)
+    assert lp.choice and not lp.feasible and lp.status == "unknown"
+    assert relaxation_memo.remembered(tight, key).feasible
+    other = dataclasses.replace(tight, node_costs=[c + 1.0 for c in tight.node_costs], name="other")
+    assert relaxation_memo.objective_key(other) != key
+    assert solve(other, gap_rel=1e-3).cost == solve_brute(other).cost
+    assert relaxations == [tight.name, "other"]
+    relaxation_memo.forget()
+    solve(loose, gap_rel=1e-3)
+    assert relaxations[-1] == "loose"
