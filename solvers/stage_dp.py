@@ -54,7 +54,7 @@ gone). Cost per DP: Σ_m S·K·band_m·D/unit instead of #shapes·S·L²·D.
 
 Variants: the arrays may carry a leading axis of V alternative costings of every stage
 (e.g. parameters sharded harder: less W, more t). A stage with r stages after it uses the
-fastest variant that fits with f(r) micro-batches in flight (``_effective``), so the DP runs
+fastest variant that fits with f(r) micro-batches in flight (``_effective``, ``solvers.stage_variants``), so the DP runs
 on per-s effective latencies; ``StageSolution.variants`` names the variant of each stage.
 Ties prefer the lower variant index.
 
@@ -73,7 +73,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import stage_prune
-from .schedules import SCHEDULES, Schedule
+from .schedules import SCHEDULES
+from .stage_variants import _effective, _effective_all, _inflight, _least_need, _need  # noqa: F401
 from .submeshes import EVERY_NODE_COUNT_UP_TO, node_counts, submesh_shapes, uniform_stages, uniform_submeshes  # noqa: F401
 
 __all__ = ["StageProblem", "StageSolution", "StageInfeasibleError", "solve_stages",
@@ -192,59 +193,6 @@ class StageSolution:
     variants: tuple = ()
 
 
-def _inflight(p: StageProblem, r: int) -> int:
-    """Micro-batches of activations a stage holds when r stages (itself included) remain."""
-    return Schedule(p.schedule).inflight(r, p.num_microbatches)
-
-
-def _need(p: StageProblem, r: int) -> np.ndarray:
-    """Memory per device of every (variant, submesh, start, end) as a stage with r stages remaining."""
-    return p._v[1] + _inflight(p, r) * p._v[2]
-
-
-def _effective(p: StageProblem, r: int) -> tuple[np.ndarray, np.ndarray]:
-    """(latency, variant) of every (submesh, start, end) as a stage with r stages remaining:
-    the fastest variant that fits with its in-flight micro-batches (∞ where none fits)."""
-    lat = np.where(_need(p, r) <= p.device_memory, p._v[0], np.inf)
-    v = np.argmin(lat, axis=0)  # first of equal minima: the lower variant
-    return np.take_along_axis(lat, v[None], axis=0)[0], v
-
-
-def _effective_all(p: StageProblem, fs) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """``_effective`` for each in-flight count f in ``fs`` at once: {f: (latency, variant)},
-    equal to it entry for entry. A variant that fits with f micro-batches fits with fewer
-    (need = W + f·A, A ≥ 0, is monotone in f in floating point too), so with the variants of
-    every entry sorted by latency (stable: ties keep the lower index, as ``argmin`` does) the
-    fastest that fits is the first of them that fits, and its position only moves forward as
-    f grows: over the f in increasing order each entry is examined V + len(fs) times at most,
-    not V·len(fs)."""
-    lat, mem, act = p._v
-    V, rest = lat.shape[0], lat.shape[1:]
-    order = np.argsort(lat.reshape(V, -1), axis=0, kind="stable")
-    sl, sm, sa = (np.take_along_axis(a.reshape(V, -1), order, axis=0) for a in (lat, mem, act))
-    pos = np.zeros(sl.shape[1], dtype=np.int64)  # per entry: the first sorted variant that may fit
-    live = np.flatnonzero(np.isfinite(sl[0]))  # entries whose fit is still open (V: none fits)
-    pos[~np.isfinite(sl[0])] = V
-    out = {}
-    for f in sorted(set(fs)):
-        todo = live
-        while len(todo):
-            t = pos[todo]
-            # (the same arithmetic as ``_need``: W + f·A, compared with the device memory)
-            bad = ~(sm[t, todo] + f * sa[t, todo] <= p.device_memory) | ~np.isfinite(sl[t, todo])
-            todo = todo[bad]
-            pos[todo] += 1
-            done = pos[todo] >= V
-            todo = todo[~done]
-        live = live[pos[live] < V]
-        fits = pos < V
-        at = np.minimum(pos, V - 1)[None]
-        eff = np.where(fits, np.take_along_axis(sl, at, axis=0)[0], np.inf).reshape(rest)
-        var = np.where(fits, np.take_along_axis(order, at, axis=0)[0], 0).reshape(rest)
-        out[f] = (eff, var)
-    return out
-
-
 def _dp(p: StageProblem, cost, smax: int, combine, unit: int = 1):
     """F[s][k, d/unit] = best ⊕-combination of cost(s)[m, k, j] ⊕ F[s−1][j, (d−|m|)/unit];
     choice[s][k, d/unit] = flat (j, m) index of the first choice within _TOL of the best (−1:
@@ -361,11 +309,6 @@ def _stage_range(p: StageProblem, num_stages: int | None) -> list[int]:
     if not 1 <= num_stages <= smax:
         raise ValueError(f"num_stages={num_stages} must be in 1..min(L, N·M) = 1..{smax}")
     return [num_stages]
-
-
-def _least_need(p: StageProblem, r: int) -> np.ndarray:
-    """(submesh, start, end): the least memory of a variant with a finite latency (∞: none)."""
-    return np.where(np.isfinite(p._v[0]), _need(p, r), np.inf).min(axis=0)
 
 
 def _infeasible(p: StageProblem, srange: list[int]) -> StageInfeasibleError:
