@@ -54,8 +54,9 @@ gone). Cost per DP: Σ_m S·K·band_m·D/unit instead of #shapes·S·L²·D.
 
 Variants: the arrays may carry a leading axis of V alternative costings of every stage
 (e.g. parameters sharded harder: less W, more t). A stage with r stages after it uses the
-fastest variant that fits with f(r) micro-batches in flight (``_effective``, ``solvers.stage_variants``), so the DP runs
-on per-s effective latencies; ``StageSolution.variants`` names the variant of each stage.
+fastest variant that fits with f(r) micro-batches in flight (``_effective``,
+``solvers.stage_variants``), so the DP runs on per-s effective latencies;
+``StageSolution.variants`` names the variant of each stage.
 Ties prefer the lower variant index.
 
 Infeasible (``StageInfeasibleError``): min_device_memory = min over plans with finite
