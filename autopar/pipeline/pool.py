@@ -188,7 +188,8 @@ def run_tasks(coster, fn, tasks, size=len) -> None:
     if getattr(coster, "workers", 1) <= 1 or len(tasks) < 2:
         return
     _TASKS = (fn, list(tasks))
-    order = sorted(range(len(tasks)), key=lambda k: size(tasks[k]), reverse=True)  # (stable: ties in task order)
+    # (a stable sort: ties stay in task order)
+    order = sorted(range(len(tasks)), key=lambda k: size(tasks[k]), reverse=True)
     try:
         done = dict(zip(order, _map(coster, _task_one, order)))
         _merge(coster, [done[k] for k in range(len(tasks))])
