@@ -408,6 +408,41 @@ def test_with_a_worker_pool_each_stage_program_is_one_task_planned_and_replanned
     assert tasks == [] and one.calls == coster.calls
 
 
+
+def test_a_second_split_joins_the_pool_round_only_with_stage_programs_the_first_lacks(monkeypatch):
+    # ``search.prefetch_stages(asks, extra)`` (the refinement's next equal split beside the stage
+    # DP's): the extra split's stages of a program the first split has (P) are left out — in a
+    # task of P they would change its order —, those of a new program (R) are a task of their own
+    from autopar.pipeline import search
+    from autopar.pipeline.costs import StageOption
+    inputs = _inputs(budget=8.0, num_microbatches=8)
+    tasks = []
+
+    def run_tasks(coster, fn, todo, size=len):
+        tasks.extend(todo)
+    monkeypatch.setattr(search, "run_tasks", run_tasks)
+
+    class Coster:
+        workers, cache = 2, {}
+
+        def plan_key(self, a, b, sub, mesh=None, remat="none", zero=False, budget=None, inflight=1):
+            return {0: "R"}.get(a, "P"), tuple(sub), mesh, budget, zero, inflight
+
+        def served(self, i, j, key):
+            return None
+
+        def is_cached(self, *args, **kw):
+            return False
+    none = StageOption()
+    first = [(1, 2, (1, 2), None, none), (2, 4, (1, 2), None, none)]
+    extra = [(0, 2, (1, 2), None, none), (2, 4, (1, 2), None, none)]
+    search.prefetch_stages(Coster(), inputs, first, extra)
+    assert [[it[:2] + (it[4],) for it in t] for t in tasks] == [[(1, 2, 2), (2, 4, 1)], [(0, 2, 2)]]
+    tasks.clear()
+    search.prefetch_stages(Coster(), inputs, first)
+    assert [[it[:2] for it in t] for t in tasks] == [[(1, 2), (2, 4)]]
+
+
 def test_additive_refinement_plans_equal_splits_exactly_and_keeps_the_fastest_that_fits():
     # the stage DP's split (one stage on 4 devices) is estimated best, but planned exactly it is
     # 0.9 s per micro-batch on the (2, 2) mesh that layers 2-3 chose (1.0 s on layers 0-1's (4,)):
