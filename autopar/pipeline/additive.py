@@ -1,5 +1,5 @@
 """Additive stage costing for ``autopar.plan_training`` (many layers): a stage's cost is
-estimated from single-layer plans summed over its range (``stage_cost.Sums``), so only L
+estimated from single-layer plans summed over its range (``costs.Sums``), so only L
 layers × sub-meshes are planned instead of every range.
 
 Cost variants per (range, sub-mesh), from which the stage DP picks, per stage, the fastest

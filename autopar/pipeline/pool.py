@@ -121,14 +121,6 @@ def _map(coster, fn, todo) -> list:
         coster.progress = progress
 
 
-def prefetch_bounds(coster, requests) -> None:
-    """``coster.bound(i, j, sub-mesh)`` of the uncomputed ``requests`` in ``coster.workers``
-    processes (one per distinct stage program and sub-mesh), stored in ``coster.bounds``.
-    A bound is a function of its problem alone (an LP solved to optimality), so it is the
-    same whichever process computes it."""
-    prefetch(coster, [], bounds=requests)
-
-
 def _bound_todo(coster, requests) -> list:
     """((i, j, sub-mesh), bound key) of the distinct uncomputed bounds among ``requests``."""
     todo, seen = [], set()
@@ -147,8 +139,10 @@ def prefetch(coster, requests, bounds=()) -> None:
     budget, ``StageCoster.served``; a lean request may also plan its whole budget) waits for
     the next round, which starts once this one is merged — then it is served or planned, as
     a single worker, asking for it after the earlier one, would have it. ``bounds``: (i, j,
-    sub-mesh) whose ``coster.bound`` is computed in the same round, after the plans
-    (``prefetch_bounds``; a bound needs no plan, and the pool then has no barrier between them)."""
+    sub-mesh) whose ``coster.bound`` is computed in the same round, after the plans, stored in
+    ``coster.bounds`` (one per distinct stage program and sub-mesh: a bound is a function of its
+    problem alone, an LP solved to optimality, the same whichever process computes it; it needs
+    no plan, so the pool has no barrier between them)."""
     if getattr(coster, "workers", 1) <= 1:
         return  # the caller's own ``cost`` calls plan them one by one
     todo, seen, ahead, later = [], set(), {}, []
@@ -211,4 +205,4 @@ def _merge(coster, results) -> None:
         coster.prefetched.update(k for k in made if k not in reused)
 
 
-__all__ = ["AUTO_WORKERS", "AUTO_MIN_DEVICES", "resolve_workers", "prefetch", "prefetch_bounds", "run_tasks"]
+__all__ = ["AUTO_WORKERS", "AUTO_MIN_DEVICES", "resolve_workers", "prefetch", "run_tasks"]
