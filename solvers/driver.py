@@ -75,9 +75,6 @@ SUPPORT_LNS_S, SUPPORT_LNS_SHARE = 2.0, 0.2
 # 10 LP times not one improved its start — the 3-layer stages' MILPs ended in their root node
 # after 6 s —; the two that did, 27 % and 39 %, had 65–75 LP times left
 MILP_MIN_LP_TIMES = 10.0
-# threads the heuristic runs its ILP neighbourhoods on (``solve_heuristic(workers=)``): a process
-# that shares the cores with others (``autopar.pipeline.pool``'s workers, one per core) sets 1
-HEURISTIC_WORKERS = 2
 
 
 def ilp_size(problem: Problem, cap: float = math.inf) -> int:
@@ -234,8 +231,7 @@ def _run_solver(solver: str, reduced: _Reduced, warm: _WarmStart, clock: _Clock,
                                  start=_ilp_start(reduced, warm, clock), gap_rel=gap_rel)
     if solver == "heuristic":
         warm.ask()
-        return solver, solve_heuristic(p, time_limit_s=_heuristic_time(clock.left()), seed=seed,
-                                       workers=HEURISTIC_WORKERS)
+        return solver, solve_heuristic(p, time_limit_s=_heuristic_time(clock.left()), seed=seed)
     found: list = []  # incumbents (reduced choices) the LP's support gave on the way
     name, sol = _auto_exact(reduced, warm, clock, gap_rel=gap_rel, stats=stats, cutoff=cutoff, lp_time_s=lp_time_s,
                             found=found)
@@ -244,8 +240,7 @@ def _run_solver(solver: str, reduced: _Reduced, warm: _WarmStart, clock: _Clock,
         # as its cutoff, as the MILP's is: ``_ilp_start``)
         start = _ilp_start(reduced, warm, clock, found, quick=False)
         name, sol = "auto:heuristic", solve_heuristic(p, time_limit_s=_heuristic_time(clock.left()), seed=seed,
-                                                      start=None if start is None else np.asarray(start),
-                                                      workers=HEURISTIC_WORKERS)
+                                                      start=None if start is None else np.asarray(start))
     return name, sol
 
 
@@ -267,6 +262,10 @@ def _auto_exact(reduced: _Reduced, warm: _WarmStart, clock: _Clock, *, gap_rel: 
         if sol is not None:
             return "auto:highs-lp", sol
         lp_s = relaxed.get("lp_s", time.perf_counter() - t_lp)
+        if "lp_s" in relaxed and clock.time_limit_s is not None:
+            # a remembered LP is charged to the limit as if solved again: what follows gets the
+            # time it would have had (the memo saves the LP's time, it changes no decision)
+            clock.excluded_s -= lp_s
         if "support" in relaxed:
             sol = _support_solve(p, relaxed["support"], relaxed["bound"], clock.left(), gap_rel)
             if sol is not None and math.isfinite(sol.lower_bound):  # within gap_rel of the LP bound

@@ -7,7 +7,10 @@ problem, a 2.5 s LP, and the same 1 s LP of its warm-start rule's restriction). 
 a given LP deterministically, so a remembered relaxation is the one a new solve would return;
 only relaxations solved to optimality are kept (one stopped by its time limit depends on the
 machine's load). The choice it rounds to is scored again on each problem (whether it fits
-its memory)."""
+its memory). A remembered LP is charged to a time-limited solve's clock as if solved again
+(``driver._auto_exact``), so what follows it gets the same time either way: the memo saves
+the LP's time and changes no decision — the plan is the same with one worker process (one memo)
+as with two (one per process)."""
 from __future__ import annotations
 
 import dataclasses

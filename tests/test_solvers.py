@@ -599,3 +599,28 @@ def test_the_lp_relaxation_is_solved_once_for_problems_that_differ_only_in_memor
     relaxation_memo.forget()
     solve(loose, gap_rel=1e-3)
     assert relaxations[-1] == "loose"
+
+
+def test_a_remembered_lp_is_charged_to_the_time_limit_as_if_solved_again(monkeypatch):
+    # the second problem (the same objective, another usage limit) takes the first one's LP from
+    # ``relaxation_memo`` without solving it, and its clock is charged the LP's time: the MILP-skip
+    # rule sees the same LP time and the same time left (one worker process, whose memo has it,
+    # plans as two do)
+    import time as _time
+
+    from autopar.solvers import driver
+    real, relaxations = driver.solve_ilp, []
+
+    def slow(problem, **kw):
+        sol = real(problem, **kw)
+        if kw.get("relax"):
+            relaxations.append(problem.name)
+            _time.sleep(0.5)
+            sol = dataclasses.replace(sol, time_s=sol.time_s + 0.5)
+        return sol
+    monkeypatch.setattr(driver, "solve_ilp", slow)
+    first = _frustrated_k4(1.0)  # LP bound 4, optimum 6: outside the gap
+    again = dataclasses.replace(first, usage_limit=20.0, name="again")
+    skipped = [solve(p, gap_rel=1e-3, time_limit_s=3.0).stats["milp_skipped"] for p in (first, again)]
+    assert relaxations == [first.name]
+    assert skipped[1]["lp_s"] >= 0.5 and skipped[1]["left_s"] < 2.6  # (3 s less the 0.5 s charged)

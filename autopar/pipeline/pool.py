@@ -63,11 +63,6 @@ def _fresh_solver_threads() -> None:
         highspy.Highs.resetGlobalScheduler(False)
     except (ImportError, AttributeError):
         pass
-    # one thread per worker: the pool has a process per core (a heuristic's second thread took
-    # CPU from the other worker: GPT-175B's LM-head stage, 10 s of local search beside a
-    # 3-layer stage's plans)
-    from autopar.solvers import driver
-    driver.HEURISTIC_WORKERS = 1
 
 
 def _plan_one(args):
