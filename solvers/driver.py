@@ -54,7 +54,6 @@ from .heuristic import solve_heuristic
 from .ilp import solve_ilp
 from .milp import grouping
 from .presolve import presolve as run_presolve
-from . import relaxation_memo
 from .problem import InfeasibleError, Problem, Solution, evaluate
 
 SOLVERS = ("auto", "cbc", "highs", "heuristic", "brute")
@@ -261,11 +260,7 @@ def _auto_exact(reduced: _Reduced, warm: _WarmStart, clock: _Clock, *, gap_rel: 
         sol = _lp_first(p, clock.left(), gap_rel, cutoff, rounded, relaxed)
         if sol is not None:
             return "auto:highs-lp", sol
-        lp_s = relaxed.get("lp_s", time.perf_counter() - t_lp)
-        if "lp_s" in relaxed and clock.time_limit_s is not None:
-            # a remembered LP is charged to the limit as if solved again: what follows gets the
-            # time it would have had (the memo saves the LP's time, it changes no decision)
-            clock.excluded_s -= lp_s
+        lp_s = time.perf_counter() - t_lp
         if "support" in relaxed:
             sol = _support_solve(p, relaxed["support"], relaxed["bound"], clock.left(), gap_rel)
             if sol is not None and math.isfinite(sol.lower_bound):  # within gap_rel of the LP bound
@@ -375,15 +370,7 @@ def _lp_first(problem: Problem, time_left: float | None, gap_rel: float,
         return None
     # without memory rows (lazy, relax: none are added): still a lower bound of the real problem,
     # and when the rounded choice fits memory nothing else is needed
-    # (remembered per process by its objective: problems that differ only in memory share it)
-    key = relaxation_memo.objective_key(problem)
-    lp = relaxation_memo.remembered(problem, key)
-    if lp is None:
-        lp = solve_ilp(problem, solver="highs", relax=True, time_limit_s=time_left, lazy=True)
-        relaxation_memo.remember(key, lp)
-    elif relaxed is not None:  # the time the LP took when solved (``MILP_MIN_LP_TIMES``: its proxy)
-        relaxed["lp_s"] = lp.time_s
-    lp = dataclasses.replace(lp, stats=dict(lp.stats))
+    lp = solve_ilp(problem, solver="highs", relax=True, time_limit_s=time_left, lazy=True)
     support = lp.stats.pop("support", None)  # (kept out of the answer's stats: one array per node)
     if cutoff is not None and lp.stats.get("relaxation") == "optimal" and lp.lower_bound >= cutoff:
         return Solution(choice=(), cost=math.inf, feasible=False, status="cutoff", lower_bound=lp.lower_bound,

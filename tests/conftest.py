@@ -15,14 +15,6 @@ import pytest  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 
 from autopar.cost import cluster_from_dict, load_cluster  # noqa: E402
-from autopar.solvers import relaxation_memo  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _fresh_relaxations():
-    """Each test starts without the LP relaxations earlier tests remembered (``solvers.relaxation_memo``)."""
-    relaxation_memo.forget()
-    yield
 
 
 def make_cluster(devices_per_node: int = 4, *, alpha_s: float = 1e-7, intra_bw: float = 150e9,
