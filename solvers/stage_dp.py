@@ -348,14 +348,12 @@ def _forced(p: StageProblem, forced, num_stages: int | None) -> StageSolution:
     for k, j, m in plan:
         if not np.isfinite(p._v[0][:, m, k, j]).any():
             raise StageInfeasibleError(f"forced stage [{k},{j}) on {shapes[m]} has no finite latency", math.inf)
-    # each stage's own entry (m, k, j) only, as ``_least_need`` / ``_effective`` compute it
-    lat = [p._v[0][:, m, k, j] for k, j, m in plan]
-    need = [p._v[1][:, m, k, j] + _inflight(p, S - i) * p._v[2][:, m, k, j] for i, (k, j, m) in enumerate(plan)]
-    least = max(float(np.where(np.isfinite(t), n, np.inf).min()) for t, n in zip(lat, need))
-    if least > p.device_memory:
-        raise StageInfeasibleError(f"forced plan needs {least:.6g} bytes per device > device_memory="
-                                   f"{p.device_memory:.6g}", least)
-    variants = [int(np.argmin(np.where(n <= p.device_memory, t, np.inf))) for t, n in zip(lat, need)]
+    # (each stage's own entry (m, k, j) only, not whole arrays)
+    need = max(float(_least_need(p, S - i, (m, k, j))) for i, (k, j, m) in enumerate(plan))
+    if need > p.device_memory:
+        raise StageInfeasibleError(f"forced plan needs {need:.6g} bytes per device > device_memory="
+                                   f"{p.device_memory:.6g}", need)
+    variants = [int(_effective(p, S - i, (m, k, j))[1]) for i, (k, j, m) in enumerate(plan)]
     return _solution(p, plan, "forced", variants)
 
 

@@ -14,15 +14,18 @@ def _inflight(p, r: int) -> int:
     return Schedule(p.schedule).inflight(r, p.num_microbatches)
 
 
-def _need(p, r: int) -> np.ndarray:
-    """Memory per device of every (variant, submesh, start, end) as a stage with r stages remaining."""
-    return p._v[1] + _inflight(p, r) * p._v[2]
+def _need(p, r: int, at: tuple = ()) -> np.ndarray:
+    """Memory per device of every (variant, submesh, start, end) as a stage with r stages remaining
+    (``at`` = (submesh, start, end): of that entry only, per variant)."""
+    i = (slice(None), *at)
+    return p._v[1][i] + _inflight(p, r) * p._v[2][i]
 
 
-def _effective(p, r: int) -> tuple[np.ndarray, np.ndarray]:
+def _effective(p, r: int, at: tuple = ()) -> tuple[np.ndarray, np.ndarray]:
     """(latency, variant) of every (submesh, start, end) as a stage with r stages remaining:
-    the fastest variant that fits with its in-flight micro-batches (∞ where none fits)."""
-    lat = np.where(_need(p, r) <= p.device_memory, p._v[0], np.inf)
+    the fastest variant that fits with its in-flight micro-batches (∞ where none fits; ``at``:
+    of that entry only)."""
+    lat = np.where(_need(p, r, at) <= p.device_memory, p._v[0][(slice(None), *at)], np.inf)
     v = np.argmin(lat, axis=0)  # first of equal minima: the lower variant
     return np.take_along_axis(lat, v[None], axis=0)[0], v
 
@@ -62,9 +65,10 @@ def _effective_all(p, fs) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def _least_need(p, r: int) -> np.ndarray:
-    """(submesh, start, end): the least memory of a variant with a finite latency (∞: none)."""
-    return np.where(np.isfinite(p._v[0]), _need(p, r), np.inf).min(axis=0)
+def _least_need(p, r: int, at: tuple = ()) -> np.ndarray:
+    """(submesh, start, end): the least memory of a variant with a finite latency (∞: none;
+    ``at``: of that entry only)."""
+    return np.where(np.isfinite(p._v[0][(slice(None), *at)]), _need(p, r, at), np.inf).min(axis=0)
 
 
 __all__ = ["_inflight", "_need", "_effective", "_effective_all", "_least_need"]
