@@ -109,7 +109,7 @@ def test_single_layer_stages_from_one_split_equal_one_split_each():
     """``single_layer_stages`` (one pass over the program for every layer, as ``StageCoster.stage``
     cuts single layers) gives each layer the stage ``stage_for_range`` cuts for it alone: layers
     that tile the program, and with equations before, between or after them."""
-    from autopar.pipeline.stage_cost import single_layer_stages, stage_for_range
+    from autopar.pipeline.stages import single_layer_stages, stage_for_range
     c = coster()
     ranges = c.layer_eqns
     assert ranges[0][0] == 0 and len(ranges) >= 2

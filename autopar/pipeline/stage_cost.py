@@ -1,15 +1,13 @@
 """Stage costing for ``autopar.plan_training``: a (layer range, sub-mesh) of the traced loss
 → its forward + backward planned by the intra-op ILP → a :class:`~.costs.StageCost` (latency,
 static and activation memory per device; ``StageCoster``, cached by the stage's structural
-key so identical layers are planned once).
+key, ``stages.structural_key``, so identical layers are planned once).
 
 A request that an earlier plan answers (a smaller budget it fits, a memory-free plan, ZeRO-1
 from the plain plan) takes it without an ILP: ``autopar.pipeline.reuse``.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -22,13 +20,14 @@ from ..planner import PlanError, PlanHooks, lower_bound_with, plan_with
 from ..warm_start import WarmStart
 from ..progress import Progress
 from ..rules import stage_rules
-from ..trace import Program, trace
+from ..trace import trace
 from .costs import INFEASIBLE, StageCost
 from .inputs import TrainingInputs, nbytes
 from .reuse import served
 from .zero import gather_time, optimizer_bytes, reserved_bytes
 from .halves import cut_train, residual_bytes_per_device
-from .stages import Stage, residual_bytes, split_program, stage_abstract_args, stage_forward, stage_train
+from .stages import (Stage, residual_bytes, single_layer_stages, stage_abstract_args, stage_for_range,
+                     stage_forward, stage_train, structural_key)
 
 # per intra-op stage plan when time_limit_s is None: small stages solve exactly in well under a
 # second; a big stage whose ILP goes to the heuristic returns its incumbent after this long (the
@@ -53,55 +52,6 @@ LEAN_TIME_LIMIT_S = 1.0
 # closes its gap, the plan at 3, 5 and 10 s was the same (22,250.6 µs; with "dots" 25,793.3 µs),
 # and at 1, 2 and 3 s (22,754.7 µs; with "full" 28,504.9 µs): 2.6 s less per solve at 1 s than at 3 s
 LAYER_TIME_LIMIT_S = 1.0
-
-
-def stage_for_range(program: Program, num_params: int, a: int, b: int) -> Stage:
-    n = len(program.eqns)
-    ranges = [r for r in ((0, a), (a, b), (b, n)) if r[0] < r[1]]
-    return next(st for st in split_program(program, num_params, ranges) if st.eqns == (a, b))
-
-
-def single_layer_stages(program: Program, num_params: int, layer_eqns) -> list[Stage]:
-    """``stage_for_range`` of every layer (equation ranges ``layer_eqns``, in order), from one
-    split of the program instead of one per layer: a stage's inputs and outputs are the
-    values crossing its own range's border, however the rest is cut; its index is the one
-    ``stage_for_range`` gives (0 for a stage at the start, else 1)."""
-    n, cuts = len(program.eqns), []
-    if any(a >= b for a, b in layer_eqns) or any(b > c for (_, b), (c, _) in zip(layer_eqns, layer_eqns[1:])):
-        return [stage_for_range(program, num_params, a, b) for a, b in layer_eqns]  # (not in order: one by one)
-    for a, b in layer_eqns:
-        if a > (cuts[-1][1] if cuts else 0):
-            cuts.append((cuts[-1][1] if cuts else 0, a))  # (equations between layers)
-        cuts.append((a, b))
-    if cuts[-1][1] < n:
-        cuts.append((cuts[-1][1], n))
-    at = {st.eqns: st for st in split_program(program, num_params, cuts)}
-    return [dataclasses.replace(at[(a, b)], index=0 if a == 0 else 1) for a, b in layer_eqns]
-
-
-def structural_key(program: Program, st: Stage, num_params: int) -> str:
-    """Hash of the stage's forward program with value ids renumbered: identical layers
-    (same primitives, params, shapes, wiring, input roles) get the same key wherever they sit."""
-    ids: dict[int, int] = {}
-    vals = program.values
-
-    def name(x):
-        if not isinstance(x, int):
-            return f"lit{x.val!r}:{x.dtype}"
-        if x not in ids:
-            ids[x] = len(ids)
-        return f"v{ids[x]}:{vals[x].shape}{vals[x].dtype}"
-    ins = ([program.invars[p] for p in st.params] + list(st.acts_in)
-           + [program.invars[num_params + b] for b in st.batch] + list(st.nd_acts_in) + list(st.consts))
-    # the inputs' roles too: an activation is differentiated (its gradient is computed and
-    # sent back), a batch leaf is not, so the same layer reading either is another program
-    roles = f"{len(st.params)}p {len(st.acts_in)}a {len(st.batch)}b {len(st.nd_acts_in)}n {len(st.consts)}c"
-    parts = [f"in {roles} " + " ".join(name(v) for v in ins)]
-    for eqn in program.eqns[st.eqns[0]:st.eqns[1]]:
-        parts.append(f"{eqn.prim.name} {[name(x) for x in eqn.inputs]} -> {[name(o) for o in eqn.outputs]} "
-                     f"{sorted((k, str(v)) for k, v in eqn.params.items())}")
-    parts.append("out " + " ".join(name(v) for v in list(st.outs) + list(st.nd_outs)))
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
 def sub_cluster(spec: ClusterSpec, submesh) -> tuple[ClusterSpec, int]:

@@ -12,6 +12,9 @@ contiguous range of its equations. For each stage this module finds
   later stages or returns (``outs``), each split into differentiable (floating) and
   non-differentiable (integer/bool) values.
 
+``stage_for_range`` cuts one range out (``single_layer_stages`` every layer, in one pass), and
+``structural_key`` names a stage's program up to value ids (identical layers share it).
+
 ``stage_forward`` turns a stage into ``fwd(p, a, nd) -> (y, aux)``: ``p`` its parameter
 leaves, ``a`` its floating incoming activations, ``nd`` its batch leaves then integer
 activations; ``y`` the floating outputs (differentiated), ``aux`` the integer ones.
@@ -20,6 +23,8 @@ intra-op ILP plans and costs — ``(p, a, nd, ct) -> (y, aux, dp, da)``.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from dataclasses import dataclass
 
 import jax
@@ -98,6 +103,55 @@ def split_program(program: Program, num_params: int, eqn_ranges) -> list[Stage]:
             nd_outs=tuple(v for v in outs if not _floating(program.values[v].dtype)),
             consts=tuple(sorted(consts))))
     return stages
+
+
+def stage_for_range(program: Program, num_params: int, a: int, b: int) -> Stage:
+    n = len(program.eqns)
+    ranges = [r for r in ((0, a), (a, b), (b, n)) if r[0] < r[1]]
+    return next(st for st in split_program(program, num_params, ranges) if st.eqns == (a, b))
+
+
+def single_layer_stages(program: Program, num_params: int, layer_eqns) -> list[Stage]:
+    """``stage_for_range`` of every layer (equation ranges ``layer_eqns``, in order), from one
+    split of the program instead of one per layer: a stage's inputs and outputs are the
+    values crossing its own range's border, however the rest is cut; its index is the one
+    ``stage_for_range`` gives (0 for a stage at the start, else 1)."""
+    n, cuts = len(program.eqns), []
+    if any(a >= b for a, b in layer_eqns) or any(b > c for (_, b), (c, _) in zip(layer_eqns, layer_eqns[1:])):
+        return [stage_for_range(program, num_params, a, b) for a, b in layer_eqns]  # (not in order: one by one)
+    for a, b in layer_eqns:
+        if a > (cuts[-1][1] if cuts else 0):
+            cuts.append((cuts[-1][1] if cuts else 0, a))  # (equations between layers)
+        cuts.append((a, b))
+    if cuts[-1][1] < n:
+        cuts.append((cuts[-1][1], n))
+    at = {st.eqns: st for st in split_program(program, num_params, cuts)}
+    return [dataclasses.replace(at[(a, b)], index=0 if a == 0 else 1) for a, b in layer_eqns]
+
+
+def structural_key(program: Program, st: Stage, num_params: int) -> str:
+    """Hash of the stage's forward program with value ids renumbered: identical layers
+    (same primitives, params, shapes, wiring, input roles) get the same key wherever they sit."""
+    ids: dict[int, int] = {}
+    vals = program.values
+
+    def name(x):
+        if not isinstance(x, int):
+            return f"lit{x.val!r}:{x.dtype}"
+        if x not in ids:
+            ids[x] = len(ids)
+        return f"v{ids[x]}:{vals[x].shape}{vals[x].dtype}"
+    ins = ([program.invars[p] for p in st.params] + list(st.acts_in)
+           + [program.invars[num_params + b] for b in st.batch] + list(st.nd_acts_in) + list(st.consts))
+    # the inputs' roles too: an activation is differentiated (its gradient is computed and
+    # sent back), a batch leaf is not, so the same layer reading either is another program
+    roles = f"{len(st.params)}p {len(st.acts_in)}a {len(st.batch)}b {len(st.nd_acts_in)}n {len(st.consts)}c"
+    parts = [f"in {roles} " + " ".join(name(v) for v in ins)]
+    for eqn in program.eqns[st.eqns[0]:st.eqns[1]]:
+        parts.append(f"{eqn.prim.name} {[name(x) for x in eqn.inputs]} -> {[name(o) for o in eqn.outputs]} "
+                     f"{sorted((k, str(v)) for k, v in eqn.params.items())}")
+    parts.append("out " + " ".join(name(v) for v in list(st.outs) + list(st.nd_outs)))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
 def owners(stages: list[Stage], num_params: int) -> list[int]:
