@@ -68,8 +68,8 @@ def _planned(coster, inputs: TrainingInputs, costs: AdditiveCosts, source: str, 
              est: StageSolution) -> tuple[RefinedSplit, list[ChosenStage]]:
     """One split planned exactly, stage by stage, on the meshes its layers chose."""
     t0 = time.perf_counter()
-    variant = {(a, b): v for (a, b, *_), v in zip(est.stages, est.variants)}
-    chosen = plan_stages(coster, inputs, stages, *_asked(costs, est))
+    variant = _variants(est)
+    chosen = plan_stages(coster, inputs, stages, *_asked(costs, variant))
     _replan_unfit(coster, inputs, chosen, costs, variant, {(a, b): t for a, b, _, _, t in est.stages})
     ok = all(c.cost.fits for c in chosen)
     step = step_time(simulate_stages(chosen, inputs.schedule, inputs.num_microbatches),
@@ -81,11 +81,15 @@ def _planned(coster, inputs: TrainingInputs, costs: AdditiveCosts, source: str, 
     return split, chosen
 
 
-def _asked(costs: AdditiveCosts, est: StageSolution) -> tuple:
-    """``plan_stages``'s ``mesh_of`` and ``option_of`` for a split estimated as ``est``: each
-    stage on the meshes its layers chose in the cost variant the estimate used, with that
-    variant's stage option."""
-    variant = {(a, b): v for (a, b, *_), v in zip(est.stages, est.variants)}
+def _variants(est: StageSolution) -> dict:
+    """{(start, end): the cost variant} of each stage of a split estimated as ``est``."""
+    return {(a, b): v for (a, b, *_), v in zip(est.stages, est.variants)}
+
+
+def _asked(costs: AdditiveCosts, variant: dict) -> tuple:
+    """``plan_stages``'s ``mesh_of`` and ``option_of`` for a split whose stages use the cost
+    variants ``variant`` (``_variants``): each stage on the meshes its layers chose in that
+    variant, with the variant's stage option."""
     return (lambda a, b, sub: costs.layer_meshes(variant[a, b], a, b, sub),
             lambda a, b, sub: costs.option(variant[a, b]))
 
@@ -154,8 +158,8 @@ def _speculate(coster, inputs: TrainingInputs, num_layers: int, costs: AdditiveC
     est, k = min(ests, key=lambda e: (e[0].objective_s, e[1]))
     if costs.placeholders(est) or est.objective_s > sol.objective_s * (1 + REFINE_MARGIN):
         return
-    prefetch_stages(coster, inputs, stage_asks(dp_split, *_asked(costs, sol)),
-                    stage_asks(equal[k][1], *_asked(costs, est)))
+    prefetch_stages(coster, inputs, stage_asks(dp_split, *_asked(costs, _variants(sol))),
+                    stage_asks(equal[k][1], *_asked(costs, _variants(est))))
 
 
 def refine(coster, inputs: TrainingInputs, num_layers: int, costs: AdditiveCosts, sol: StageSolution,
