@@ -89,6 +89,26 @@ class Presolved:
         assert (out >= 0).all(), "restore left a node unset"
         return tuple(int(c) for c in out)
 
+    def restore_sets(self, allowed) -> list[np.ndarray]:
+        """``restore`` for sets: original strategies per original node that ``restore`` can give
+        when each reduced node r takes any strategy of ``allowed[r]`` (reduced indices, none
+        empty); a folded node gets every value of its table over its neighbours' sets."""
+        out: list = [None] * self.num_original
+        for r, v in enumerate(self.nodes):
+            out[v] = np.unique(self.strategies[r][np.asarray(allowed[r], dtype=np.int64)])
+        for op in reversed(self.ops):
+            if op[0] == "fix":
+                out[op[1]] = np.array([op[2]])
+            elif op[0] == "map":
+                _, v, u, table = op
+                out[v] = np.unique(table[out[u]])
+            else:
+                _, v, u, w, su, sw, table = op
+                rows, cols = np.searchsorted(su, out[u]), np.searchsorted(sw, out[w])
+                out[v] = np.unique(table[np.ix_(rows, cols)])
+        assert all(s is not None and len(s) for s in out), "restore_sets left a node unset"
+        return out
+
 
 class _State:
     def __init__(self, problem: Problem):

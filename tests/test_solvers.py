@@ -197,6 +197,61 @@ def test_presolve_forward_maps_a_choice_to_one_no_worse():
     assert mapped > 100 and replaced > 5, (mapped, replaced)
 
 
+def test_restore_sets_hold_every_restored_choice():
+    """Presolved.restore_sets (the LP support mapped back): whatever each reduced node picks
+    from its set, the restored choice picks from the restored sets; a kept node's set is its
+    own strategies, mapped."""
+    import itertools
+    rng = np.random.default_rng(2)
+    folded = 0
+    for seed in range(200):
+        p = random_problem(seed, limit=seed % 3 != 0, n_max=8, k_max=4)
+        try:
+            ps = presolve(p)
+        except InfeasibleError:
+            continue
+        allowed = [rng.choice(len(c), size=int(rng.integers(1, len(c) + 1)), replace=False)
+                   for c in ps.problem.node_costs]
+        sets = ps.restore_sets(allowed)
+        assert len(sets) == p.num_nodes
+        for r, v in enumerate(ps.nodes):
+            assert sorted(sets[v]) == sorted(ps.strategies[r][allowed[r]]), f"{seed=}"
+        for x in itertools.islice(itertools.product(*allowed), 200):
+            restored = ps.restore(x)
+            assert all(restored[v] in sets[v] for v in range(p.num_nodes)), f"{seed=}: {x} → {restored}"
+        folded += p.num_nodes - ps.problem.num_nodes
+    assert folded > 100
+
+
+def test_the_memory_free_relaxation_bounds_the_real_problem_and_maps_back():
+    """``solvers.relaxation``: the problem presolved without its usage limit is no bigger than
+    the one presolved with it, any of its choices restores to an original choice of the same
+    cost, and its LP optimum bounds every fitting choice (``lower_bound``)."""
+    from autopar.solvers.driver import lower_bound
+    from autopar.solvers.relaxation import memory_free
+    rng = np.random.default_rng(3)
+    smaller = compared = 0
+    for seed in range(150):
+        p = random_problem(seed, limit=True, n_max=8, k_max=4)
+        try:
+            ref, free = solve_brute(p), memory_free(p)
+            with_limit = presolve(p).problem
+        except InfeasibleError:
+            continue
+        assert free.problem.usage_limit is None and not free.problem.extra_usages
+        assert free.problem.num_nodes <= with_limit.num_nodes
+        smaller += free.problem.num_nodes < with_limit.num_nodes
+        for _ in range(3):
+            x = [int(rng.integers(len(c))) for c in free.problem.node_costs]
+            c1 = evaluate(free.problem, x)[0]
+            if math.isfinite(c1):
+                assert _same(evaluate(p, free.choice(x))[0], c1), f"{seed=}"
+        if ref.status == "optimal":
+            assert lower_bound(p) <= ref.cost * (1 + 1e-9) + 1e-9, f"{seed=}"
+            compared += 1
+    assert smaller > 10 and compared > 50, (smaller, compared)
+
+
 def test_warm_start_is_never_beaten_by_the_time_limit(monkeypatch):
     """solve(start=…): when the solver stops without beating the warm start (simulated: it
     gives up at once), the start is returned, marked "+start"; the start seeds the ILP (mapped
