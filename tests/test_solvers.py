@@ -171,18 +171,23 @@ def test_presolve_is_exact():
                 assert _same(c2, c1) and f1 == f2, f"{seed=}: reduced {c1, f1} restored {c2, f2}"
 
 
+def _presolved_problems(count: int):
+    """(seed, problem, its presolve) of the random problems presolve does not prove infeasible."""
+    for seed in range(count):
+        p = random_problem(seed, limit=seed % 3 != 0, n_max=8, k_max=4)
+        try:
+            yield seed, p, presolve(p)
+        except InfeasibleError:
+            continue
+
+
 def test_presolve_forward_maps_a_choice_to_one_no_worse():
     """Presolved.forward (warm starts): every feasible original choice maps to a reduced
     choice whose restored cost is no higher and which still fits; dominated strategies are
     replaced by their dominators."""
     rng = np.random.default_rng(1)
     mapped = replaced = 0
-    for seed in range(300):
-        p = random_problem(seed, limit=seed % 3 != 0, n_max=8, k_max=4)
-        try:
-            ps = presolve(p)
-        except InfeasibleError:
-            continue
+    for seed, p, ps in _presolved_problems(300):
         for _ in range(20):
             x = [int(rng.integers(len(c))) for c in p.node_costs]
             cost, feasible, _ = evaluate(p, x)
@@ -204,12 +209,7 @@ def test_restore_sets_hold_every_restored_choice():
     import itertools
     rng = np.random.default_rng(2)
     folded = 0
-    for seed in range(200):
-        p = random_problem(seed, limit=seed % 3 != 0, n_max=8, k_max=4)
-        try:
-            ps = presolve(p)
-        except InfeasibleError:
-            continue
+    for seed, p, ps in _presolved_problems(200):
         allowed = [rng.choice(len(c), size=int(rng.integers(1, len(c) + 1)), replace=False)
                    for c in ps.problem.node_costs]
         sets = ps.restore_sets(allowed)
