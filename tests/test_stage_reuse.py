@@ -54,6 +54,25 @@ def test_zero1_from_a_memory_free_plain_plan_costs_what_its_ilp_does():
     assert derived.plan.predicted.peak_memory_bytes == pytest.approx(solved.plan.predicted.peak_memory_bytes, rel=1e-6)
 
 
+def test_zero1_from_a_plain_plan_does_not_depend_on_where_the_program_was_traced():
+    """With a worker pool the plain plan is made (and its program traced) in a worker, and
+    its ZeRO-1 cost derived in the parent, which never traced it: the derived cost must be the
+    one a single process derives (it was not: the residual bytes came from an estimate without
+    the trace, so the stage DP saw other memory and the search differed with one and two
+    workers, a linen ``nn.scan`` model at 0.8× its peak)."""
+    c = coster()
+    plain = c.cost(0, 2, SUB)
+    here = c.cost(0, 2, SUB, zero=True)
+    parent = coster()  # the parent: the plain plan merged in, nothing traced
+    parent.remember(next(k for k, v in c.cache.items() if v is plain), plain)
+    assert not parent.traced
+    there = parent.cost(0, 2, SUB, zero=True)
+    assert parent.solves == 0
+    for field in ("latency", "static", "act", "persist", "optimizer", "param_dev", "gather_s", "held"):
+        assert getattr(there, field) == getattr(here, field), field
+    assert there.act == plain.act
+
+
 def test_held_values_add_their_copies_to_every_point_of_the_peak(devices8):
     """``build_problem(held_values={v: k})``: k more copies of v, in the layout it is kept in
     (here its producer's: nothing converts it), live all step: any choice's peak rises by

@@ -94,7 +94,7 @@ def zero_of(coster, i: int, j: int, submesh, plain, limit: float, inflight: int 
         return None
     plan = sp.model_copy(update={"memory_budget_bytes": limit,
                                  "predicted": sp.predicted.model_copy(update={"peak_memory_bytes": peak})})
-    res = coster.stage_cost(i, j, submesh, plan, plain.remat, True)
+    res = coster.stage_cost(i, j, submesh, plan, plain.remat, True, act=plain.act)  # (the same layouts)
     return dataclasses.replace(res, memory_free=False)
 
 

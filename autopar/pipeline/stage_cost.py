@@ -360,9 +360,12 @@ class StageCoster:
         return 2 * (link.alpha_s + in_bytes / bw) if in_bytes else 0.0
 
     def stage_cost(self, i: int, j: int, submesh, sp, remat: str, zero: bool, memory_free: bool = False,
-                   held: int = 0) -> StageCost:
+                   held: int = 0, act: float | None = None) -> StageCost:
         """The StageCost of layers i..j−1 planned as ``sp`` on ``submesh`` (``costs`` module
-        docstring); ``held``: copies of the residuals its ILP held besides (``cost_within``)."""
+        docstring); ``held``: copies of the residuals its ILP held besides (``cost_within``);
+        ``act``: the residual bytes per device where another StageCost of the same program and
+        layouts has them (``reuse.zero_of``) — the process that reuses a plan may not have
+        traced its program, and the estimate without the trace differs."""
         st = self.stage(i, j)[0]
         p = stage_abstract_args(self.program, st, self.P)[0]
         vals = self.program.values
@@ -375,7 +378,9 @@ class StageCoster:
         # replicated one is whole on every device (not traced here: the vjp residuals spread evenly)
         traced = self.traced.get(self.program_key(i, j, remat))
         kept = 0.0  # the held copies, as the ILP counted them (``build.held_usages``)
-        if traced is not None and traced[5] is not None:
+        if act is not None:
+            kept = held * act
+        elif traced is not None and traced[5] is not None:
             act = residual_bytes_per_device(traced[2], traced[5], sp)
             kept = held * act
         else:
