@@ -55,7 +55,7 @@ from .ilp import solve_ilp
 from .milp import grouping
 from .presolve import presolve as run_presolve
 from .problem import InfeasibleError, Problem, Solution, evaluate
-from .relaxation import memory_free
+from .relaxation import lp_first as _lp_first, memory_free
 
 SOLVERS = ("auto", "cbc", "highs", "heuristic", "brute")
 AUTO_ILP_VARIABLES = 200_000
@@ -360,48 +360,6 @@ def _answer(problem: Problem, reduced: _Reduced, name: str, sol: Solution, warm:
     return Solution(choice=found.choice, cost=found.cost, feasible=found.fits,
                     status=sol.status if found.fits else "unknown", lower_bound=bound, solver=name,
                     time_s=clock.elapsed(), stats=stats)
-
-
-def _lp_first(problem: Problem, time_left: float | None, gap_rel: float,
-              cutoff: float | None = None, rounded: list | None = None,
-              relaxed: dict | None = None) -> Solution | None:
-    """The marginal LP relaxation is often integral on sharding problems (measured: every GPT
-    mesh in benchmarks/plan_time.py), and the memory limit rarely binds. The LP is solved
-    without memory rows; its rounded choice is returned when it fits the memory limit and is
-    within ``gap_rel`` of the LP bound (that bound proves it); a "cutoff" solution when the
-    bound reaches ``cutoff``; otherwise None → the MILP."""
-    if problem.num_nodes == 0:
-        return None
-    # without memory rows, on the problem presolved without its limit (``solvers.relaxation``):
-    # still a lower bound of the real problem, and when the rounded choice fits memory nothing
-    # else is needed
-    t0 = time.perf_counter()
-    free = memory_free(problem)
-    if free.problem.num_nodes == 0:  # presolve settled it: one choice, costing the offset
-        lp = Solution(choice=(), cost=free.problem.cost_offset, feasible=True, status="optimal",
-                      lower_bound=free.problem.cost_offset, solver="highs", stats={"relaxation": "optimal",
-                                                                                  "support": []})
-    else:
-        lp = solve_ilp(free.problem, solver="highs", relax=True, time_limit_s=time_left, lazy=True)
-    support = lp.stats.pop("support", None)  # (kept out of the answer's stats: one array per node)
-    lp.stats["memory_free_nodes"] = free.problem.num_nodes
-    if cutoff is not None and lp.stats.get("relaxation") == "optimal" and lp.lower_bound >= cutoff:
-        return Solution(choice=(), cost=math.inf, feasible=False, status="cutoff", lower_bound=lp.lower_bound,
-                        solver="highs-lp", time_s=time.perf_counter() - t0, stats=lp.stats)
-    choice = free.choice(lp.choice) if lp.choice or free.problem.num_nodes == 0 else ()
-    if rounded is not None and choice:  # (the MILP's caller may start from it)
-        rounded.append(choice)
-    if relaxed is not None and lp.stats.get("relaxation") == "optimal" and math.isfinite(lp.lower_bound) \
-            and support is not None:
-        relaxed.update(support=free.support(support), bound=float(lp.lower_bound))
-    if not choice or not math.isfinite(lp.lower_bound):
-        return None
-    cost, fits, _ = evaluate(problem, choice)
-    if not fits or not math.isfinite(cost) or cost - lp.lower_bound > max(gap_rel * abs(cost), 1e-9 * max(1.0, abs(cost))):
-        return None
-    status = "optimal" if cost - lp.lower_bound <= 1e-9 * max(1.0, abs(cost)) else "feasible"
-    return Solution(choice=choice, cost=cost, feasible=True, status=status, lower_bound=lp.lower_bound,
-                    solver="highs-lp", time_s=time.perf_counter() - t0, stats=lp.stats)
 
 
 def _support_solve(problem: Problem, support, bound: float, time_left: float | None,

@@ -127,8 +127,11 @@ def solve_compact(cp: Compact, *, solver: str = "highs", time_limit_s: float | N
         if left is not None and left <= 0:
             status = "feasible" if best else "unknown"
             break
-        status, x, bound = backend.solve(left, best[1] if best and not (relax or lp_mode) else None) if b.milp.c \
-            else ("optimal", np.zeros(0), -math.inf)
+        if b.milp.c:
+            status, x, bound = backend.solve(left, best[1] if best and not (relax or lp_mode) else None)
+        else:  # nothing left to choose: the one choice's cost is the optimum (and the bound)
+            x = np.zeros(0)
+            status, bound = "optimal", cp.total_cost(np.asarray(b.decode(x), dtype=np.int64))
         if lp_mode and status != "infeasible" and (x is None or status != "optimal" or not b.integral(x)):
             lp_mode = False  # the relaxation is fractional (or unfinished): branch
             backend.set_relaxation(False)

@@ -115,6 +115,15 @@ def test_lp_first_then_mip_proves_the_optimum(lazy):
     assert evaluate(p, got.choice)[0] == solve_brute(p).cost == 395.0
 
 
+def test_a_relaxation_with_nothing_to_choose_bounds_at_its_one_choice():
+    """A problem presolve settles (every node fixed, e.g. the memory-free presolve of a chain)
+    leaves the LP no variable: its bound is the one choice's cost, not −∞."""
+    for p in (Problem([], [], [], [], [], cost_offset=5.0),
+              Problem([np.array([3.0])], [np.array([0.0])], [(0, 1)], [], [], cost_offset=5.0)):
+        lp = solve_ilp(p, relax=True, lazy=True)
+        assert lp.stats["relaxation"] == "optimal" and lp.lower_bound == evaluate(p, lp.choice)[0]
+
+
 def test_edge_variables_come_out_integral():
     """Continuous e with marginal rows is exact: at a binary s every e is 0/1."""
     checked = 0
