@@ -322,5 +322,4 @@ def dp_tp_pp(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: int =
                         + ". Raise the budget, add nodes or use more micro-batches.",
                         min_bytes_per_device=min(need) if need else None)
     out = best.model_copy(update={"baseline_grid": [GridPoint(**r) for r in rows]})
-    out._loss_fn, out._optimizer = best._loss_fn, best._optimizer
     return out

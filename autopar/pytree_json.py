@@ -59,6 +59,19 @@ def _example(obj: Any) -> Any:
     return tuple(kids)
 
 
+def custom_nodes(obj: Any) -> list[str]:
+    """The distinct classes of a JSON tree's custom nodes (those ``treedef_from_json`` turns
+    into tuples), in first-seen order."""
+    out: list[str] = []
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if o.get("t") == "custom" and o["cls"] not in out:
+            out.append(o["cls"])
+        stack.extend(reversed(o.get("c", [])))
+    return out
+
+
 def treedef_from_json(obj: Any):
     return jax.tree_util.tree_structure(_example(obj), is_leaf=lambda x: x is None and False)
 

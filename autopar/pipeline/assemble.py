@@ -99,6 +99,8 @@ def assemble(inputs: TrainingInputs, layering: Layering, chosen: list[ChosenStag
         stages=stage_plans, predicted=predicted, search=search, strategy_name=record.strategy_name, timing=timing,
         scan_split=_scan_split_record(inputs))
     result._loss_fn, result._optimizer = inputs.loss_fn, inputs.optimizer
+    result._param_treedef = inputs.user_p_tree if inputs.scan_split is not None else inputs.p_tree
+    result._batch_treedef = inputs.b_tree
     return result
 
 

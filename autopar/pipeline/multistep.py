@@ -110,7 +110,7 @@ def to_host(tree):
 class MultiProcessStep(PipelineStep):
     """``PipelineStep`` in one process of a multi-controller job (see the module docstring)."""
 
-    def __init__(self, tplan, loss_fn, optimizer, *, devices=None, donate: bool = True):
+    def __init__(self, tplan, loss_fn, optimizer, *, devices=None, donate: bool = True, trees=None):
         need = tplan.nodes * tplan.cluster.devices_per_node
         have = len(jax.devices() if devices is None else devices)
         if need != have:
@@ -119,7 +119,7 @@ class MultiProcessStep(PipelineStep):
                 f"job has {have} ({jax.process_count()} processes × {jax.local_device_count()} local devices); "
                 "launch as many processes × devices as the plan's nodes × devices per node, or re-plan for this job")
         check_same_plan(tplan)
-        super().__init__(tplan, loss_fn, optimizer, devices=devices, donate=donate)
+        super().__init__(tplan, loss_fn, optimizer, devices=devices, donate=donate, trees=trees)
         self.transfer = Transfer()
         me = jax.process_index()
         self.local = [me in processes(e.repl) for e in self.execs]

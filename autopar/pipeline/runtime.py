@@ -143,13 +143,14 @@ class _StageExec:
 
 
 class PipelineStep:
-    """``step(params, opt_state, batch) -> (params, opt_state, loss)`` for a TrainingPlan."""
+    """``step(params, opt_state, batch) -> (params, opt_state, loss)`` for a TrainingPlan
+    (``trees``: the params' and batch's PyTreeDefs; default: rebuilt from the plan's JSON)."""
 
-    def __init__(self, tplan, loss_fn, optimizer, *, devices=None, donate: bool = True):
+    def __init__(self, tplan, loss_fn, optimizer, *, devices=None, donate: bool = True, trees=None):
         self.plan, self.optimizer, self.donate = tplan, optimizer, donate
         B = tplan.num_microbatches
-        self.p_tree = treedef_from_json(tplan.param_tree)
-        self.b_tree = treedef_from_json(tplan.batch_tree)
+        self.p_tree, self.b_tree = trees if trees is not None else (
+            treedef_from_json(tplan.param_tree), treedef_from_json(tplan.batch_tree))
         params_abs = self.p_tree.unflatten([jax.ShapeDtypeStruct(tuple(s), d)
                                             for s, d in zip(tplan.param_shapes, tplan.param_dtypes)])
         batch_abs = self.b_tree.unflatten([jax.ShapeDtypeStruct(tuple(s), d)
@@ -183,10 +184,15 @@ class PipelineStep:
                 [x if self.own[i] == k else None for i, x in enumerate(flat_abs)]))
         full_opt = jax.eval_shape(optimizer.init, params_abs)
         self.opt_leaves_abs, self.opt_tree = jax.tree_util.tree_flatten(full_opt)
+        # flattened with None as a leaf, a masked skeleton lines up with the full state; the
+        # params' own None fields (an equinox Module's non-arrays) are None in both: dropped
+        with_none, none_tree = jax.tree_util.tree_flatten(full_opt, is_leaf=_is_none)
+        self.opt_slots = [j for j, x in enumerate(with_none) if x is not None]
         self.skeletons = []
         for k, masked in enumerate(self.masked_abs):
             skel = jax.eval_shape(optimizer.init, masked)
-            leaves, tree = jax.tree_util.tree_flatten(skel, is_leaf=_is_none)
+            full, tree = jax.tree_util.tree_flatten(skel, is_leaf=_is_none)
+            leaves = [full[j] for j in self.opt_slots] if tree == none_tree else []
             if len(leaves) != len(self.opt_leaves_abs) or any(
                     s is not None and (tuple(s.shape) != tuple(g.shape) or s.dtype != g.dtype)
                     for s, g in zip(leaves, self.opt_leaves_abs)):
@@ -225,13 +231,20 @@ class PipelineStep:
         self.order = execution_order(tplan.simulate())
 
     # --- optimizer-state placement ----------------------------------------------------
+    def _full(self, leaves, skel_tree) -> list:
+        """A stage's optimizer-state leaves (one per slot) → every leaf of its skeleton."""
+        full = [None] * skel_tree.num_leaves
+        for j, x in zip(self.opt_slots, leaves):
+            full[j] = x
+        return full
+
     def _mirrors(self, k: int) -> list[int]:
         """For each leaf of stage k's optimizer-state skeleton: the param leaf it mirrors
         (a subtree shaped like the masked params, e.g. Adam's mu/nu), else −1 (step counts)."""
         ptree = jax.tree_util.tree_structure(self.masked_abs[k])
         index_tree = self.p_tree.unflatten([i if self.own[i] == k else None for i in range(self.P)])
         leaves, skel_tree = self.skeletons[k]
-        skel_abs = skel_tree.unflatten(leaves)
+        skel_abs = skel_tree.unflatten(self._full(leaves, skel_tree))
 
         def visit(sub):
             if sub is not None and jax.tree_util.tree_structure(sub) == ptree:
@@ -240,6 +253,7 @@ class PipelineStep:
         marked = jax.tree_util.tree_map(visit, skel_abs, is_leaf=lambda t: t is None or
                                         jax.tree_util.tree_structure(t) == ptree)
         flat = jax.tree_util.tree_flatten(marked, is_leaf=_is_none)[0]
+        flat = [flat[j] for j in self.opt_slots]
         out = []
         for i, leaf in zip(flat, leaves):
             ok = leaf is not None and isinstance(i, int) and i >= 0 and \
@@ -397,7 +411,7 @@ class PipelineStep:
                 continue
             mine = [i for i in range(self.P) if self.own[i] == k]
             inputs.append((self.p_tree.unflatten([owner_params[i] if i in mine else None for i in range(self.P)]),
-                           skel_tree.unflatten(o_stage),
+                           skel_tree.unflatten(self._full(o_stage, skel_tree)),
                            self.p_tree.unflatten([grads[i] if i in mine else None for i in range(self.P)])))
         new_p, new_o = [None] * self.P, [None] * len(o_leaves)
         for k in range(S):
@@ -407,7 +421,8 @@ class PipelineStep:
             owned = [i for i in range(self.P) if self.own[i] == k]
             for i, val in zip(owned, jax.tree_util.tree_leaves(p_out)):
                 new_p[i] = val
-            for j, val in enumerate(jax.tree_util.tree_flatten(o_out, is_leaf=_is_none)[0]):
+            o_flat = jax.tree_util.tree_flatten(o_out, is_leaf=_is_none)[0]
+            for j, val in enumerate(o_flat[s] for s in self.opt_slots):
                 if val is not None and k == self.opt_home[j]:  # shared leaves (step counts): stage 0's copy
                     new_o[j] = val
         return new_p, new_o

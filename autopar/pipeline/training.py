@@ -193,7 +193,6 @@ def _fastest_count(plan_one, counts: list[int], progress: Progress) -> TrainingP
     search = [MicrobatchTrial(**t, chosen=t["num_microbatches"] == best.num_microbatches) for t in trials]
     timing = best.timing.model_copy(update={"total_s": time.perf_counter() - t0})
     out = best.model_copy(update={"microbatch_search": search, "timing": timing})
-    out._loss_fn, out._optimizer = best._loss_fn, best._optimizer
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from pydantic import Field, PrivateAttr
 
 from autopar.cost import ClusterSpec
@@ -138,6 +139,10 @@ class TrainingPlan(_Document):
     timing: Timing = Timing()
     _loss_fn: Any = PrivateAttr(default=None)
     _optimizer: Any = PrivateAttr(default=None)
+    # the params' (user form) and batch's own PyTreeDefs (equinox Modules, nnx.State …) when
+    # planned in this process; a JSON load keeps containers and namedtuples only
+    _param_treedef: Any = PrivateAttr(default=None)
+    _batch_treedef: Any = PrivateAttr(default=None)
 
     @property
     def num_stages(self) -> int:
@@ -164,11 +169,14 @@ class TrainingPlan(_Document):
                              title=f"{self.function}: {self.num_stages} stage(s), {self.num_microbatches} "
                                    f"micro-batches, {self.schedule}")
 
-    def apply(self, loss_fn=None, optimizer=None, *, devices=None, donate: bool = True):
+    def apply(self, loss_fn=None, optimizer=None, *, params_like=None, devices=None, donate: bool = True):
         """``step(params, opt_state, batch) -> (params, opt_state, loss)`` running the plan.
 
         ``loss_fn``/``optimizer`` default to the ones planned in this process (required for a
-        plan loaded from JSON). ``opt_state`` is ``optimizer.init(params)``; with ``donate``
+        plan loaded from JSON). ``params_like`` (the parameters, or their ShapeDtypeStructs)
+        gives their pytree structure; needed only for a plan loaded from JSON whose parameters
+        are custom pytree nodes (equinox Modules, dataclasses), which JSON does not rebuild.
+        ``opt_state`` is ``optimizer.init(params)``; with ``donate``
         the params and optimizer-state buffers passed in are reused (as ``jax.jit``'s
         ``donate_argnums``).
 
@@ -183,33 +191,64 @@ class TrainingPlan(_Document):
             raise ValueError("this plan does not hold its loss function/optimizer (it was loaded from JSON): "
                              "call plan.apply(loss_fn, optimizer)")
         import jax
+        user_def = self._user_param_treedef(params_like)
+        b_def = self._batch_treedef if self._batch_treedef is not None else _rebuilt(self.batch_tree, "batch")
         if jax.process_count() > 1:  # a multi-controller job: this process's part of the step
             if self.scan_split is not None:
                 raise ValueError("a pipeline plan of a scanned layer stack (split per iteration) does not run in a "
                                  "multi-process job yet; plan the model with unrolled layers for jax.distributed")
             from .multistep import MultiProcessStep
-            return MultiProcessStep(self, loss_fn, optimizer, devices=devices, donate=donate)
+            return MultiProcessStep(self, loss_fn, optimizer, devices=devices, donate=donate, trees=(user_def, b_def))
         if self.scan_split is None:
-            return PipelineStep(self, loss_fn, optimizer, devices=devices, donate=donate)
-        return self._split_step(loss_fn, optimizer, devices, donate)
+            return PipelineStep(self, loss_fn, optimizer, devices=devices, donate=donate, trees=(user_def, b_def))
+        return self._split_step(loss_fn, optimizer, devices, donate, user_def, b_def)
 
-    def _split_step(self, loss_fn, optimizer, devices, donate):
+    def _user_param_treedef(self, params_like):
+        """The PyTreeDef of the params the user passes: ``params_like``'s (checked against the
+        plan), else the one planned in this process, else the JSON's."""
+        import jax
+
+        from ..runtime import PlanMismatchError
+        rec = self.scan_split if self.scan_split is not None else self
+        if params_like is not None:
+            leaves, tdef = jax.tree_util.tree_flatten(params_like)
+            got = [list(np.shape(x)) for x in leaves]
+            if got != [list(s) for s in rec.param_shapes]:
+                raise PlanMismatchError(f"params_like does not match the plan: planned shapes {rec.param_shapes}, "
+                                        f"given {got} ({len(leaves)} leaves)")
+            return tdef
+        if self._param_treedef is not None:
+            return self._param_treedef
+        return _rebuilt(rec.param_tree, "params")
+
+    def _split_step(self, loss_fn, optimizer, devices, donate, user_def, b_def):
         """A scanned layer stack: the stages run the split form (``autopar.pipeline.unscan``)."""
         import jax
 
         from .inputs import microbatch_shapes
-        from ..pytree_json import treedef_from_json
         from .runtime import PipelineStep
-        from .unscan import ScanSplit, SplitStep, split_loss
+        from .unscan import ScanSplit, SplitStep, split_loss, split_tree
         rec = self.scan_split
         split = ScanSplit(stacked=tuple(rec.stacked), lengths=tuple(rec.lengths))
-        user_def = treedef_from_json(rec.param_tree)
-        params_abs = user_def.unflatten([jax.ShapeDtypeStruct(tuple(s), d)
-                                         for s, d in zip(rec.param_shapes, rec.param_dtypes)])
-        batch_abs = treedef_from_json(self.batch_tree).unflatten(
+        user_abs = [jax.ShapeDtypeStruct(tuple(s), d) for s, d in zip(rec.param_shapes, rec.param_dtypes)]
+        params_abs = user_def.unflatten(user_abs)
+        batch_abs = b_def.unflatten(
             [jax.ShapeDtypeStruct(tuple(s), d) for s, d in zip(self.batch_shapes, self.batch_dtypes)])
         mb_abs = microbatch_shapes(batch_abs, self.num_microbatches)
+        split_def = jax.tree_util.tree_structure(split_tree(split, user_def, user_abs))
         inner = PipelineStep(self, split_loss(loss_fn, split, params_abs, mb_abs), optimizer, devices=devices,
-                             donate=donate)
+                             donate=donate, trees=(split_def, b_def))
         device = list(jax.devices() if devices is None else devices)[self.stages[0].devices[0]]
         return SplitStep(inner, split, user_def, rec.param_shapes, device)
+
+
+def _rebuilt(tree_json, what: str):
+    """A PyTreeDef from a plan's JSON tree; a clear error where it holds custom nodes."""
+    from ..pytree_json import custom_nodes, treedef_from_json
+    custom = custom_nodes(tree_json)
+    if custom:
+        fix = ("pass params_like=params (the parameters or their ShapeDtypeStructs) to apply" if what == "params"
+               else "apply it in the process that planned it")
+        raise ValueError(f"this plan's {what} are custom pytree nodes ({', '.join(custom)}), which a plan loaded "
+                         f"from JSON cannot rebuild: {fix}")
+    return treedef_from_json(tree_json)
