@@ -112,8 +112,8 @@ class PlanHooks:
     problems: dict | None = None
     # resharding matrices shared across builds (default: one per call, shared by its meshes)
     reshard_cache: ReshardCache | None = None
-    # seconds an ILP too big for the MILP gives its LP relaxation outside the time limit
-    # (``solvers.solve(lp_time_s=)``; pipeline stages under their default limit)
+    # seconds an "auto" ILP gives its LP relaxation outside the time limit
+    # (``solvers.solve(lp_time_s=)``; pipeline stages under a limit of autopar's own)
     lp_time_s: float | None = None
     carry: bool = True  # False: no loop-carried pairs (a stage's gradient program feeds nothing back)
     # True: a mesh whose ILP proves it cannot beat the best mesh so far stops there (its

@@ -103,13 +103,15 @@ def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None 
     optimum (0: prove optimality; the planner passes ``autopar.planner.MIP_GAP`` = 1e-3 —
     closing the last 0.1 % of a predicted step time can take HiGHS minutes). ``seed``: the
     heuristic's random seed. ``start``: a warm start, ``cutoff``: see the module doc.
-    ``lp_time_s`` ("auto", an ILP too big for the MILP): seconds its LP relaxation may take
-    outside ``time_limit_s``, which is then the heuristic's alone (None: the LP takes
-    min(AUTO_LP_S, 30 % of the limit) from it). The LP is the way to an exact answer there —
-    integral and fitting on most sharding problems —, but a big one takes longer than 30 % of
-    a short limit, and the heuristic's choice then depends on the machine's load (measured:
-    the MoE-10B stages on (1, 8), 5–12 s of LP each, integral; with 3 s of a 10 s limit each
-    went to the heuristic, 10–14 % above the optimum, and the step rose 4.12 → 4.37 s)."""
+    ``lp_time_s`` ("auto"): seconds its LP relaxation may take outside ``time_limit_s``,
+    which is then the MILP's, the support's and the heuristic's alone (None: the LP takes its
+    time from the limit; an ILP too big for the MILP gives it min(AUTO_LP_S, 30 % of the
+    limit)). The LP is the way to an exact answer — integral and fitting on most sharding
+    problems —, and whether it finishes within a short limit depends on the machine's load:
+    measured, the MoE-10B stages on (1, 8), 5–12 s of LP each, integral; with 3 s of a 10 s
+    limit each went to the heuristic, 10–14 % above the optimum, and the step rose 4.12 →
+    4.37 s; a 4-layer GPT's single layers on (2, 2), 0.3–0.5 s of LP under a 1 s limit, took
+    1 s and more with two planning processes on two busy cores, and the plan changed."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown {solver=}; expected one of {SOLVERS}")
     clock = _Clock(time_limit_s)
@@ -261,7 +263,7 @@ def _auto_exact(reduced: _Reduced, warm: _WarmStart, clock: _Clock, *, gap_rel: 
         rounded: list = []
         relaxed: dict = {}
         t_lp = time.perf_counter()
-        sol = _lp_first(p, clock.left(), gap_rel, cutoff, rounded, relaxed)
+        sol = _relax(p, clock, clock.left(), lp_time_s, gap_rel, cutoff, rounded, relaxed)
         if sol is not None:
             return "auto:highs-lp", sol
         lp_s = time.perf_counter() - t_lp
@@ -290,13 +292,8 @@ def _auto_exact(reduced: _Reduced, warm: _WarmStart, clock: _Clock, *, gap_rel: 
         return "auto:highs", sol
     if size <= AUTO_LP_VARIABLES:  # too big for the MILP, but its LP is often integral: try it, briefly
         limit, relaxed = clock.left(), {}
-        if lp_time_s is not None:  # outside the limit (``solve``)
-            t0 = time.perf_counter()
-            sol = _lp_first(p, lp_time_s, gap_rel, cutoff, relaxed=relaxed)
-            clock.excluded_s += time.perf_counter() - t0
-        else:
-            sol = _lp_first(p, min(AUTO_LP_S, 0.3 * limit) if limit is not None else AUTO_LP_S, gap_rel, cutoff,
-                            relaxed=relaxed)
+        sol = _relax(p, clock, min(AUTO_LP_S, 0.3 * limit) if limit is not None else AUTO_LP_S, lp_time_s, gap_rel,
+                     cutoff, relaxed=relaxed)
         if sol is None and "support" in relaxed:  # settled on its support, or the heuristic's
             sup = _support_solve(p, relaxed["support"], relaxed["bound"], clock.left(), gap_rel)
             if sup is not None and math.isfinite(sup.lower_bound):
@@ -306,6 +303,18 @@ def _auto_exact(reduced: _Reduced, warm: _WarmStart, clock: _Clock, *, gap_rel: 
                 found.append(sup.choice)
         return "auto:highs-lp", sol
     return "auto", None
+
+
+def _relax(p: Problem, clock: _Clock, inside_s: float | None, lp_time_s: float | None, gap_rel: float,
+           cutoff: float | None, rounded: list | None = None, relaxed: dict | None = None) -> Solution | None:
+    """``_lp_first`` within ``inside_s`` of the clock, or, given ``lp_time_s``, within that
+    many seconds outside it (``solve``)."""
+    if lp_time_s is None:
+        return _lp_first(p, inside_s, gap_rel, cutoff, rounded, relaxed)
+    t0 = time.perf_counter()
+    sol = _lp_first(p, lp_time_s, gap_rel, cutoff, rounded, relaxed)
+    clock.excluded_s += time.perf_counter() - t0
+    return sol
 
 
 def _incumbent(p: Problem, choice, bound: float, clock: _Clock, stats: dict, lp_s: float) -> Solution:

@@ -162,3 +162,18 @@ def test_a_plan_an_earlier_one_served_in_a_worker_is_a_cache_hit_at_its_first_us
     run_tasks(coster, task, ["A", "B"])
     assert coster.solves == 2 and len(coster.cache) == 4
     assert coster.prefetched == {coster.plan_key("A"), coster.plan_key("B")}
+
+
+def test_a_stage_lp_runs_outside_autopar_s_own_time_limits():
+    # whether a stage's LP relaxation finishes (and settles its ILP exactly) must not depend
+    # on the load: under a layer's 1 s or the stage default it has STAGE_LP_TIME_S of its own
+    # (at most the user's limit); under the user's own limit it counts against it
+    from types import SimpleNamespace
+
+    from autopar.pipeline.stage_cost import LAYER_TIME_LIMIT_S, STAGE_LP_TIME_S, STAGE_TIME_LIMIT_S, StageCoster
+    lp_time = StageCoster._lp_time
+    assert lp_time(SimpleNamespace(time_limit_s=None), LAYER_TIME_LIMIT_S) == STAGE_LP_TIME_S
+    assert lp_time(SimpleNamespace(time_limit_s=None), STAGE_TIME_LIMIT_S) == STAGE_LP_TIME_S
+    assert lp_time(SimpleNamespace(time_limit_s=60.0), LAYER_TIME_LIMIT_S) == 60.0
+    assert lp_time(SimpleNamespace(time_limit_s=60.0), 60.0) is None
+    assert lp_time(SimpleNamespace(time_limit_s=0.5), 0.5) is None

@@ -491,6 +491,29 @@ def test_lp_time_outside_the_limit_leaves_the_heuristic_its_whole_limit(monkeypa
     assert seen["lp"] == pytest.approx(0.3, abs=0.05) and seen["heuristic"] < 0.4 and got.feasible
 
 
+def test_lp_time_outside_the_limit_settles_a_small_ilp_whatever_the_load(monkeypatch):
+    # the MILP path: an LP that takes longer than the limit (a loaded machine) still settles the
+    # ILP given lp_time_s of its own, and the limit is left whole to what follows it
+    import time as _time
+
+    import autopar.solvers.driver as sp
+    seen = []
+    real_lp = sp._lp_first
+
+    def slow_lp(problem, time_left, *a, **k):
+        seen.append(time_left)
+        _time.sleep(0.4)
+        return real_lp(problem, time_left, *a, **k)
+    monkeypatch.setattr(sp, "_lp_first", slow_lp)
+    p = random_problem(3001, limit=False, n_max=12, p_inf=0.0, structured=False)
+    ref = solve_brute(p)
+    got = solve(p, solver="auto", time_limit_s=0.3, lp_time_s=7.0)
+    assert seen == [7.0] and got.solver == "auto:highs" and got.status == "optimal" and _same(got.cost, ref.cost)
+    seen.clear()
+    got = solve(p, solver="auto", time_limit_s=0.3)  # the LP ate the limit: no MILP
+    assert seen[0] <= 0.3 and got.solver != "auto:highs"
+
+
 def _frustrated_k4(base: float) -> Problem:
     """K4 of two-strategy nodes whose every edge costs 1 when both ends agree: any choice
     pays ≥ 2, the LP (each node half of each) pays 0 — presolve cannot reduce it."""

@@ -31,8 +31,9 @@ from .stages import (Stage, residual_bytes, single_layer_stages, stage_abstract_
 
 # per intra-op stage plan when time_limit_s is None: small stages solve exactly in well under a
 # second; a big stage whose ILP goes to the heuristic returns its incumbent after this long (the
-# LP relaxation tried first on an ILP too big for the MILP has STAGE_LP_TIME_S of its own: it
-# settles most of them exactly; ``solvers.solve(lp_time_s=)``)
+# LP relaxation tried first has STAGE_LP_TIME_S of its own under this and the layer limits
+# below: it settles most of them exactly, and whether it does must not depend on the load;
+# ``StageCoster._lp_time``, ``solvers.solve(lp_time_s=)``)
 STAGE_TIME_LIMIT_S = 10.0
 # wall seconds: ~10× the CPU time of the largest stage LPs measured (MoE stages of 44–55k
 # strategies on (1, 8): 5–12 s), so that the load of a shared machine does not decide whether the
@@ -268,14 +269,14 @@ class StageCoster:
         cl, n = sub_cluster(self.spec, submesh)
         reserve = self.reserve(i, j, submesh, zero)
         outcomes: dict = {}
+        limit = time_limit_s if time_limit_s is not None else (
+            self.time_limit_s if self.time_limit_s is not None else STAGE_TIME_LIMIT_S)
         try:
-            hooks = self._hooks(i, j, submesh, remat, zero, outcomes, held=inflight - 1)
+            hooks = self._hooks(i, j, submesh, remat, zero, outcomes, held=inflight - 1, lp_time_s=self._lp_time(limit))
             sp = plan_with(stage_train(fwd), (p, a, nd, ct), cluster=cl, nodes=n, mesh_shape=mesh_shape,
                            # (the state alone overflowing, a 1-byte budget: the ILP says what it needs)
                            memory_budget_bytes=max(budget - reserve, 1.0), solver=self.solver,
-                           time_limit_s=time_limit_s if time_limit_s is not None else (
-                               self.time_limit_s if self.time_limit_s is not None else STAGE_TIME_LIMIT_S),
-                           hooks=hooks)
+                           time_limit_s=limit, hooks=hooks)
         except PlanError as err:
             if budget == self.budget:  # (a layer that misses its share of the budget is retried whole)
                 self.infeasible += 1
@@ -311,8 +312,18 @@ class StageCoster:
         p = stage_abstract_args(self.program, self.stage(i, j)[0], self.P)[0]
         return reserved_bytes(sum(nbytes(x) for x in p), submesh[0] * submesh[1], self.opt_ratio)
 
+    def _lp_time(self, limit: float) -> float | None:
+        """Seconds a stage ILP's LP relaxation runs outside its time limit ``limit``
+        (``solvers.solve(lp_time_s=)``): under a limit of autopar's own (a layer's, a lean
+        plan's, ``STAGE_TIME_LIMIT_S``) ``STAGE_LP_TIME_S``, at most the user's
+        ``time_limit_s``; none under the user's limit itself."""
+        user = self.time_limit_s
+        if user is not None and limit >= user:
+            return None
+        return STAGE_LP_TIME_S if user is None else min(STAGE_LP_TIME_S, user)
+
     def _hooks(self, i: int, j: int, submesh, remat: str, zero: bool, outcomes: dict | None = None,
-               held: int = 0) -> PlanHooks:
+               held: int = 0, lp_time_s: float | None = None) -> PlanHooks:
         """``plan_with``'s hooks for layers i..j−1 on ``submesh`` (the built problems shared
         by every budget, and by ``bound``); ``held``: copies of the residuals held besides
         (the other in-flight micro-batches'; > 0 only where the stage is cut in halves,
@@ -329,7 +340,7 @@ class StageCoster:
                 {} if self.restrict is None else self.restrict((p, a, nd, ct), tuple(shape)))},
             strategy_name=self.strategy_name, warm_start=self._warm_start((p, a, nd, ct), (*key, held)),
             problems=self.problems.setdefault((*key, zero, held), {}), reshard_cache=self.reshard_cache, carry=False,
-            cutoff=True, outcomes=outcomes, lp_time_s=STAGE_LP_TIME_S if self.time_limit_s is None else None)
+            cutoff=True, outcomes=outcomes, lp_time_s=lp_time_s)
 
     def bound(self, i: int, j: int, submesh, remat: str = "none", zero: bool = False) -> float:
         """A lower bound on ``cost(i, j, submesh, remat=remat, zero=zero).latency`` without an
