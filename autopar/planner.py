@@ -115,6 +115,8 @@ class PlanHooks:
     # seconds an "auto" ILP gives its LP relaxation outside the time limit
     # (``solvers.solve(lp_time_s=)``; pipeline stages under a limit of autopar's own)
     lp_time_s: float | None = None
+    # the heuristic stops once it has found nothing better for this long (``solvers.solve(stall_s=)``)
+    stall_s: float | None = None
     carry: bool = True  # False: no loop-carried pairs (a stage's gradient program feeds nothing back)
     # True: a mesh whose ILP proves it cannot beat the best mesh so far stops there (its
     # candidate says "cutoff", no objective); the plan is the same (pipeline stages)
@@ -156,7 +158,7 @@ def plan_with(fn, example_args, *, cluster="cpu-8", nodes: int = 1, mesh_shape=N
         try:
             sol = solvers.solve(ip.problem, solver=solver, time_limit_s=time_limit_s, gap_rel=MIP_GAP,
                                 start=warm.start_for(ip, solver=solver, time_limit_s=time_limit_s, gap_rel=MIP_GAP)
-                                if warm else None, cutoff=cutoff, lp_time_s=hooks.lp_time_s)
+                                if warm else None, cutoff=cutoff, lp_time_s=hooks.lp_time_s, stall_s=hooks.stall_s)
         except solvers.InfeasibleError as err:
             sol = err
         t_solve += time.perf_counter() - ts

@@ -96,7 +96,7 @@ def ilp_size(problem: Problem, cap: float = math.inf) -> int:
 
 def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None = None,
           presolve: bool = True, seed: int = 0, gap_rel: float = 0.0, start=None,
-          cutoff: float | None = None, lp_time_s: float | None = None) -> Solution:
+          cutoff: float | None = None, lp_time_s: float | None = None, stall_s: float | None = None) -> Solution:
     """Best choice for ``problem`` (in its own node order), scored by ``evaluate``.
 
     ``gap_rel``: the ILP stops once its incumbent is proven within this relative gap of the
@@ -111,7 +111,10 @@ def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None 
     measured, the MoE-10B stages on (1, 8), 5–12 s of LP each, integral; with 3 s of a 10 s
     limit each went to the heuristic, 10–14 % above the optimum, and the step rose 4.12 →
     4.37 s; a 4-layer GPT's single layers on (2, 2), 0.3–0.5 s of LP under a 1 s limit, took
-    1 s and more with two planning processes on two busy cores, and the plan changed."""
+    1 s and more with two planning processes on two busy cores, and the plan changed.
+    ``stall_s``: the heuristic (``"heuristic"``, or "auto"'s fallback to it) stops once it
+    has found nothing better for that long, and for as long as its last improvement took
+    (``solvers.heuristic._Stall``; None: it runs to its time limit)."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown {solver=}; expected one of {SOLVERS}")
     clock = _Clock(time_limit_s)
@@ -120,7 +123,7 @@ def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None 
     reduced = _presolved(problem, min_peak, stats) if presolve else _Reduced.identity(problem)
     warm = _WarmStart(problem, start, clock, stats)
     name, sol = _run_solver(solver, reduced, warm, clock, gap_rel=gap_rel, seed=seed, stats=stats, cutoff=cutoff,
-                            lp_time_s=lp_time_s)
+                            lp_time_s=lp_time_s, stall_s=stall_s)
     stats["solver"] = sol.stats
     if sol.status != "cutoff":
         sol = _answer(problem, reduced, name, sol, warm.value, min_peak, clock, stats)
@@ -226,7 +229,8 @@ def _presolved(problem: Problem, min_peak: float, stats: dict) -> _Reduced:
 
 
 def _run_solver(solver: str, reduced: _Reduced, warm: _WarmStart, clock: _Clock, *, gap_rel: float, seed: int,
-                stats: dict, cutoff: float | None = None, lp_time_s: float | None = None) -> tuple[str, Solution]:
+                stats: dict, cutoff: float | None = None, lp_time_s: float | None = None,
+                stall_s: float | None = None) -> tuple[str, Solution]:
     """(the solver's name as reported, its solution of the reduced problem)."""
     p = reduced.problem
     if solver == "brute":
@@ -236,7 +240,7 @@ def _run_solver(solver: str, reduced: _Reduced, warm: _WarmStart, clock: _Clock,
                                  start=_ilp_start(reduced, warm, clock), gap_rel=gap_rel)
     if solver == "heuristic":
         warm.ask()
-        return solver, solve_heuristic(p, time_limit_s=_heuristic_time(clock.left()), seed=seed)
+        return solver, solve_heuristic(p, time_limit_s=_heuristic_time(clock.left()), seed=seed, stall_s=stall_s)
     found: list = []  # incumbents (reduced choices) the LP's support gave on the way
     name, sol = _auto_exact(reduced, warm, clock, gap_rel=gap_rel, stats=stats, cutoff=cutoff, lp_time_s=lp_time_s,
                             found=found)
@@ -245,7 +249,8 @@ def _run_solver(solver: str, reduced: _Reduced, warm: _WarmStart, clock: _Clock,
         # as its cutoff, as the MILP's is: ``_ilp_start``)
         start = _ilp_start(reduced, warm, clock, found, quick=False)
         name, sol = "auto:heuristic", solve_heuristic(p, time_limit_s=_heuristic_time(clock.left()), seed=seed,
-                                                      start=None if start is None else np.asarray(start))
+                                                      start=None if start is None else np.asarray(start),
+                                                      stall_s=stall_s)
     return name, sol
 
 

@@ -356,6 +356,19 @@ def test_heuristic_is_feasible_and_close():
     assert max(ratios) <= 1.0 + 1e-9, "an ILP neighbourhood covering a tiny problem is exact"
 
 
+def test_heuristic_stops_once_it_stalls():
+    # stall_s: the Lagrangian phase and LNS end once nothing better has come for stall_s and
+    # for as long as the last improvement took; without it they run to the limit
+    p = random_problem(2101, limit=True, n_max=40, k_max=4, p_inf=0.0)
+    kw = dict(time_limit_s=4.0, budget=6.0, seed=0)  # (budget: many small neighbourhoods, not one ILP)
+    stalled = solve_heuristic(p, stall_s=0.3, **kw)
+    last = stalled.stats["trace"][-1][0]
+    assert stalled.feasible and last + max(0.3, last) - 0.02 <= stalled.stats["stalled_s"] < 4.0
+    assert stalled.time_s < 4.0 and stalled.stats["lns_steps"] > 0
+    full = solve_heuristic(p, **kw)
+    assert "stalled_s" not in full.stats and full.stats["lns_steps"] > stalled.stats["lns_steps"]
+
+
 def test_trws_is_exact_on_a_tree():
     rng = np.random.default_rng(3)
     n = 12

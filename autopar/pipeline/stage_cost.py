@@ -53,6 +53,11 @@ LEAN_TIME_LIMIT_S = 1.0
 # closes its gap, the plan at 3, 5 and 10 s was the same (22,250.6 µs; with "dots" 25,793.3 µs),
 # and at 1, 2 and 3 s (22,754.7 µs; with "full" 28,504.9 µs): 2.6 s less per solve at 1 s than at 3 s
 LAYER_TIME_LIMIT_S = 1.0
+# a stage ILP that goes to the heuristic stops it once it has found nothing better for this long
+# (and for as long as its last improvement took; ``solvers.solve(stall_s=)``): measured on
+# GPT-175B's LM-head stage on (4, 8) (1,024 nodes, 278k variables), the same cost after 1.5, 2, 3
+# and 10 s, its best found by 1.8 s — the 10 s limit spent 8 s of refinement on nothing
+STAGE_STALL_S = 2.0
 
 
 def sub_cluster(spec: ClusterSpec, submesh) -> tuple[ClusterSpec, int]:
@@ -340,7 +345,7 @@ class StageCoster:
                 {} if self.restrict is None else self.restrict((p, a, nd, ct), tuple(shape)))},
             strategy_name=self.strategy_name, warm_start=self._warm_start((p, a, nd, ct), (*key, held)),
             problems=self.problems.setdefault((*key, zero, held), {}), reshard_cache=self.reshard_cache, carry=False,
-            cutoff=True, outcomes=outcomes, lp_time_s=lp_time_s)
+            cutoff=True, outcomes=outcomes, lp_time_s=lp_time_s, stall_s=STAGE_STALL_S)
 
     def bound(self, i: int, j: int, submesh, remat: str = "none", zero: bool = False) -> float:
         """A lower bound on ``cost(i, j, submesh, remat=remat, zero=zero).latency`` without an
