@@ -18,7 +18,8 @@ Three phases on the flat :class:`Compact` view (state in ``solvers.local``):
    and improved under the hard limit, and may become the incumbent.
    This phase takes ``lagrangian_share`` of the time; meanwhile a second thread runs LNS
    (below) with one HiGHS worker on a copy of the incumbent (highspy releases the GIL).
-3. *LNS* — ILP neighbourhoods (``solvers.lns``) around the incumbent until the time is up:
+3. *LNS* — ILP neighbourhoods (``solvers.lns``) around the incumbent until the time is up
+   (with ``stall_s``, phases 2 and 3 end early once they stall: ``_Stall``):
    breadth-first balls and the nodes live at the tightest points, solved by HiGHS, LP first
    (sub-problems are nearly always integral at the root), ``workers`` at a time.
 
