@@ -143,9 +143,7 @@ def test_single_layer_stages_from_one_split_equal_one_split_each():
 def test_trace_ahead_traces_each_distinct_program_once_in_the_pools_parent():
     # (every round forks fresh workers from the parent: what it traced they inherit)
     c = coster()
-    c.trace_ahead([(0, 1), (1, 2)], ["none", "dots"])
-    assert not c.traced  # one process: nothing to share, traced when planned
-    c.workers = 2
+    assert not c.traced
     c.trace_ahead([(0, 1), (1, 2)], ["none", "dots"])
     keys = {c.program_key(i, i + 1, r) for i in range(2) for r in ("none", "dots")}
     assert set(c.traced) == keys and len(keys) == 4

@@ -74,7 +74,8 @@ class AdditiveCosts:
         whole = (1, max(m for _, m in self.shapes))
         lazy = {s for s, sub in enumerate(self.shapes) if LAZY_SUBMESHES and sub != whole and total_devices > whole[1]}
         eager = [sub for s, sub in enumerate(self.shapes) if s not in lazy]
-        coster.trace_ahead([(i, i + 1) for i in range(L)], sorted({r.remat for r in self.options}))
+        if getattr(coster, "workers", 1) > 1:  # (one process traces each when it first plans it)
+            coster.trace_ahead([(i, i + 1) for i in range(L)], sorted({r.remat for r in self.options}))
         # (the lazy sub-meshes' bounds below computed in the same pool round)
         prefetch(coster, [((i, i + 1, sub), r0._asdict()) for i in range(L) for sub in eager],
                  bounds=[(i, i + 1, self.shapes[s]) for s in sorted(lazy) for i in range(L)])

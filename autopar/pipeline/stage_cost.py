@@ -223,13 +223,11 @@ class StageCoster:
         return skey, remat, tuple(self.layer_eqns[k][0] - a for k in range(i + 1, j))
 
     def trace_ahead(self, ranges, remats) -> None:
-        """With a worker pool: trace here each distinct stage program of these (i, j) ranges
-        and rematerialisations, once, so that every round's forked workers inherit it (each
-        round forks fresh workers from this process: what one round's worker traced, the
+        """Trace here each distinct stage program of these (i, j) ranges and
+        rematerialisations, once: with a worker pool, every round's forked workers inherit it
+        (each round forks fresh workers from this process: what one round's worker traced, the
         next round's traced again — measured at GPT-175B@1,024: 57 traces of 14 programs, 5.9
         of their 8.8 s CPU repeats, nearly all of single layers)."""
-        if getattr(self, "workers", 1) <= 1:
-            return
         for r in remats:
             for i, j in ranges:
                 self._traced(i, j, r)
