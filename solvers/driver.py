@@ -41,7 +41,6 @@ neither seed nor win, so it may return None as soon as it proves that none costs
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import time
 from collections.abc import Callable
@@ -52,6 +51,7 @@ import numpy as np
 from .brute import solve_brute
 from .heuristic import solve_heuristic
 from .ilp import solve_ilp
+from .incumbents import Clock, Scored, WarmStart, ilp_start
 from .milp import grouping
 from .presolve import presolve as run_presolve
 from .problem import InfeasibleError, Problem, Solution, evaluate
@@ -117,11 +117,11 @@ def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None 
     (``solvers.heuristic._Stall``; None: it runs to its time limit)."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown {solver=}; expected one of {SOLVERS}")
-    clock = _Clock(time_limit_s)
+    clock = Clock(time_limit_s)
     min_peak = _check_usage_limit(problem)
     stats: dict = {}
     reduced = _presolved(problem, min_peak, stats) if presolve else _Reduced.identity(problem)
-    warm = _WarmStart(problem, start, clock, stats)
+    warm = WarmStart(problem, start, clock, stats)
     name, sol = _run_solver(solver, reduced, warm, clock, gap_rel=gap_rel, seed=seed, stats=stats, cutoff=cutoff,
                             lp_time_s=lp_time_s, stall_s=stall_s)
     stats["solver"] = sol.stats
@@ -134,22 +134,6 @@ def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None 
                     lower_bound=max(sol.lower_bound, cutoff), solver=name, time_s=clock.elapsed(), stats=stats)
 
 
-class _Clock:
-    """Seconds left of ``time_limit_s`` (None: no limit); the warm start's own solve
-    (``excluded_s``) is not counted against it."""
-
-    def __init__(self, time_limit_s: float | None):
-        self.t0, self.time_limit_s, self.excluded_s = time.perf_counter(), time_limit_s, 0.0
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
-
-    def left(self) -> float | None:
-        if self.time_limit_s is None:
-            return None
-        return max(0.0, self.time_limit_s + self.excluded_s - self.elapsed())
-
-
 @dataclass(frozen=True)
 class _Reduced:
     """The problem the solver sees and the maps between its choices and the original's."""
@@ -160,51 +144,6 @@ class _Reduced:
     @staticmethod
     def identity(problem: Problem) -> "_Reduced":
         return _Reduced(problem, lambda c: tuple(int(x) for x in c), lambda c: tuple(c))
-
-
-@dataclass(frozen=True)
-class _Scored:
-    """A choice of the original problem with its ``evaluate`` result."""
-    choice: tuple
-    cost: float
-    fits: bool
-    peak: float
-
-
-class _WarmStart:
-    """The caller's ``start``, asked for at most once (when first needed) and kept only when
-    it has finite cost and fits; the time it takes is excluded from the clock."""
-
-    def __init__(self, problem: Problem, start, clock: _Clock, stats: dict):
-        self.problem, self.start, self.clock, self.stats = problem, start, clock, stats
-        self.asked, self.value = False, None  # value: _Scored or None
-
-    def ask(self, cutoff: float | None = None) -> _Scored | None:
-        """The start; ``cutoff``: the cost of the best incumbent the solve has without it
-        (passed on to a start function that takes it, module docstring)."""
-        if self.start is None or self.asked:
-            return self.value
-        self.asked, ts = True, time.perf_counter()
-        if not callable(self.start):
-            choice = self.start
-        elif cutoff is not None and math.isfinite(cutoff) and _takes_cutoff(self.start):
-            choice = self.start(self.clock.left(), cutoff=cutoff)
-            self.stats["start_cutoff"] = cutoff
-        else:
-            choice = self.start(self.clock.left())
-        if choice is not None:
-            cost, feasible, peak = evaluate(self.problem, choice)
-            self.value = _Scored(tuple(int(c) for c in choice), cost, True, peak) if feasible else None
-        self.stats["start_s"] = time.perf_counter() - ts
-        self.clock.excluded_s += self.stats["start_s"]  # (besides an LP kept outside the limit)
-        return self.value
-
-
-def _takes_cutoff(fn) -> bool:
-    try:
-        return "cutoff" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _check_usage_limit(problem: Problem) -> float:
@@ -228,7 +167,7 @@ def _presolved(problem: Problem, min_peak: float, stats: dict) -> _Reduced:
     return _Reduced(ps.problem, ps.restore, ps.forward)
 
 
-def _run_solver(solver: str, reduced: _Reduced, warm: _WarmStart, clock: _Clock, *, gap_rel: float, seed: int,
+def _run_solver(solver: str, reduced: _Reduced, warm: WarmStart, clock: Clock, *, gap_rel: float, seed: int,
                 stats: dict, cutoff: float | None = None, lp_time_s: float | None = None,
                 stall_s: float | None = None) -> tuple[str, Solution]:
     """(the solver's name as reported, its solution of the reduced problem)."""
@@ -237,7 +176,7 @@ def _run_solver(solver: str, reduced: _Reduced, warm: _WarmStart, clock: _Clock,
         return solver, solve_brute(p)
     if solver in ("highs", "cbc"):
         return solver, solve_ilp(p, solver=solver, time_limit_s=clock.left(),
-                                 start=_ilp_start(reduced, warm, clock), gap_rel=gap_rel)
+                                 start=ilp_start(reduced, warm, clock), gap_rel=gap_rel)
     if solver == "heuristic":
         warm.ask()
         return solver, solve_heuristic(p, time_limit_s=_heuristic_time(clock.left()), seed=seed, stall_s=stall_s)
@@ -246,15 +185,15 @@ def _run_solver(solver: str, reduced: _Reduced, warm: _WarmStart, clock: _Clock,
                             found=found)
     if sol is None or (not sol.feasible and sol.status not in ("infeasible", "cutoff")):
         # the heuristic starts from the best of those and the warm start (asked with their cost
-        # as its cutoff, as the MILP's is: ``_ilp_start``)
-        start = _ilp_start(reduced, warm, clock, found, quick=False)
+        # as its cutoff, as the MILP's is: ``ilp_start``)
+        start = ilp_start(reduced, warm, clock, found, quick=False)
         name, sol = "auto:heuristic", solve_heuristic(p, time_limit_s=_heuristic_time(clock.left()), seed=seed,
                                                       start=None if start is None else np.asarray(start),
                                                       stall_s=stall_s)
     return name, sol
 
 
-def _auto_exact(reduced: _Reduced, warm: _WarmStart, clock: _Clock, *, gap_rel: float,
+def _auto_exact(reduced: _Reduced, warm: WarmStart, clock: Clock, *, gap_rel: float,
                 stats: dict, cutoff: float | None = None, lp_time_s: float | None = None,
                 found: list | None = None) -> tuple[str, Solution | None]:
     """"auto" by the reduced ILP's size: its LP relaxation, then HiGHS (small; not started
@@ -287,7 +226,7 @@ def _auto_exact(reduced: _Reduced, warm: _WarmStart, clock: _Clock, *, gap_rel: 
                         rounded.append(lns.choice)
                         stats["support_lns"] = {"from": sol.cost, "to": lns.cost}
         left = clock.left()
-        start = _ilp_start(reduced, warm, clock, rounded)
+        start = ilp_start(reduced, warm, clock, rounded)
         if left is not None and start is not None and clock.left() < MILP_MIN_LP_TIMES * lp_s:
             return "auto:highs-lp+start", _incumbent(p, start, relaxed.get("bound", -math.inf), clock, stats, lp_s)
         sol = solve_ilp(p, solver="highs", time_limit_s=left, start=start, gap_rel=gap_rel)
@@ -310,7 +249,7 @@ def _auto_exact(reduced: _Reduced, warm: _WarmStart, clock: _Clock, *, gap_rel: 
     return "auto", None
 
 
-def _relax(p: Problem, clock: _Clock, inside_s: float | None, lp_time_s: float | None, gap_rel: float,
+def _relax(p: Problem, clock: Clock, inside_s: float | None, lp_time_s: float | None, gap_rel: float,
            cutoff: float | None, rounded: list | None = None, relaxed: dict | None = None) -> Solution | None:
     """``_lp_first`` within ``inside_s`` of the clock, or, given ``lp_time_s``, within that
     many seconds outside it (``solve``)."""
@@ -322,7 +261,7 @@ def _relax(p: Problem, clock: _Clock, inside_s: float | None, lp_time_s: float |
     return sol
 
 
-def _incumbent(p: Problem, choice, bound: float, clock: _Clock, stats: dict, lp_s: float) -> Solution:
+def _incumbent(p: Problem, choice, bound: float, clock: Clock, stats: dict, lp_s: float) -> Solution:
     """The MILP's start as the answer, with the LP's bound, where the time left is too short
     for the MILP (``MILP_MIN_LP_TIMES``)."""
     stats["milp_skipped"] = {"left_s": round(clock.left(), 3), "lp_s": round(lp_s, 3)}
@@ -332,31 +271,15 @@ def _incumbent(p: Problem, choice, bound: float, clock: _Clock, stats: dict, lp_
                     solver="highs-lp+start", time_s=clock.elapsed(), stats={})
 
 
-def _ilp_start(reduced: _Reduced, warm: _WarmStart, clock: _Clock, extra=(), quick: bool = True):
-    """The ILP's incumbent on the reduced problem: the cheapest that has finite cost and fits
-    of the warm start, the quick heuristic's (``quick``) and ``extra`` (reduced choices: the
-    rounded LP optimum, a floor under a time-limited MIP that does not depend on the machine's
-    load). The warm start is asked last, with the others' best cost as its ``cutoff``."""
-    own = [c for c in ([_quick_start(reduced.problem, clock.left())] if quick else []) + list(extra) if c is not None]
-    own = [(r[0], c) for r, c in ((evaluate(reduced.problem, c), c) for c in own) if r[1]]
-    # (in the original problem's terms, as the start is scored)
-    best = min((evaluate(warm.problem, reduced.restore(c))[0] for _, c in own), default=None)
-    w = warm.ask(cutoff=best)
-    seed = reduced.forward(w.choice) if w is not None else None
-    scored = [(r[0], seed) for r in [evaluate(reduced.problem, seed)] if r[1]] if seed is not None else []
-    scored += own  # (the start first: it wins ties)
-    return min(scored, key=lambda x: x[0])[1] if scored else None
-
-
-def _answer(problem: Problem, reduced: _Reduced, name: str, sol: Solution, warm: _Scored | None, min_peak: float,
-            clock: _Clock, stats: dict) -> Solution:
+def _answer(problem: Problem, reduced: _Reduced, name: str, sol: Solution, warm: Scored | None, min_peak: float,
+            clock: Clock, stats: dict) -> Solution:
     """The solver's answer restored to the original nodes and re-scored, or the warm start
     when it is cheaper (never worse than it)."""
     elapsed = clock.elapsed()
     found = None  # the solver's answer, in the original problem
     if sol.feasible:
         choice = reduced.restore(sol.choice)
-        found = _Scored(choice, *evaluate(problem, choice))
+        found = Scored(choice, *evaluate(problem, choice))
     if warm is not None and warm.cost < (found.cost if found else math.inf):
         stats["peak_usage"] = warm.peak
         return Solution(choice=warm.choice, cost=warm.cost, feasible=True, status="feasible",
@@ -421,14 +344,6 @@ def _heuristic_time(time_left: float | None) -> float:
     if time_left is None:
         return DEFAULT_HEURISTIC_S
     return max(0.05, time_left - min(1.0 + 0.005 * time_left, 0.1 * time_left))
-
-
-def _quick_start(problem: Problem, time_left: float | None):
-    """A feasible incumbent for a time-limited ILP (least-usage start + memory-aware ICM)."""
-    if time_left is None or problem.num_nodes == 0:
-        return None
-    sol = solve_heuristic(problem, time_limit_s=min(5.0, 0.1 * time_left), lns=False)
-    return sol.choice if sol.feasible else None
 
 
 def lower_bound(problem: Problem, *, time_limit_s: float | None = None) -> float:
