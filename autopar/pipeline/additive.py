@@ -153,25 +153,21 @@ class AdditiveCosts:
         return {(v, st[2]) for st, v in zip(sol.stages, sol.variants) if self.layers[v][st[2]] is None}
 
     def resolve(self, keys) -> None:
-        """Plan every layer of these (variant, sub-mesh) placeholders, of the variants of the
-        same kind on that sub-mesh with the other rematerialisations and the same ZeRO-1 choice,
-        and of each option's other variant (a stage that relies on one of them there likely
-        relies on the others next — placeholders price recomputation at 0 —: one DP round
-        instead of several; the plan is the same, ``solve_lazily`` stops only on a solution of
-        planned entries); refresh their sums.
+        """Plan every layer of these (variant, sub-mesh) placeholders and, for one of a variant
+        other than the first, of every variant on that sub-mesh (each option, whole budget and
+        lean: a stage that relies on one of them there relies on the others next — their
+        placeholders are equally optimistic, the DP moves from one to the next as each is
+        planned —: one DP round instead of several; measured on GPT-175B on 1,024 H100s: the
+        ZeRO-1 variants of (4, 8) and of (8, 8) each came a round after the others, 6 DP rounds
+        instead of 4. The plan is the same, ``solve_lazily`` stops only on a solution of planned
+        entries); refresh their sums.
         Whole-budget variants first (a lean variant plans on the meshes its full one chose);
         with a worker pool, planned in it first (``_in_workers``)."""
         keys = set(keys)
-        for v, s in list(keys):  # the other rematerialisations with the same ZeRO-1 choice too
-            kind, r = self.variants[v]
-            if v != 0 and (kind == "full" or self.share(s) > 1):
-                keys.update((self.variants.index((kind, q)), s) for q in self.options if q.zero == r.zero)
-        for v, s in list(keys):
-            if v == 0:  # (a sub-mesh entered as a bound: its layers planned, nothing more)
-                continue
-            other = self.variants.index(("lean" if self.variants[v][0] == "full" else "full", self.variants[v][1]))
-            if self.layers[other][s] is None and (self.variants[other][0] == "full" or self.share(s) > 1):
-                keys.add((other, s))
+        for v, s in list(keys):  # (v = 0 on a sub-mesh entered as a bound: its layers planned, nothing more)
+            if v != 0:
+                keys.update((u, s) for u, (kind, _) in enumerate(self.variants)
+                            if u != 0 and self.layers[u][s] is None and (kind == "full" or self.share(s) > 1))
         full = sorted((v, s) for v, s in keys if self.variants[v][0] == "full")
         lean = sorted((v, s) for v, s in keys if self.variants[v][0] == "lean")
         self._in_workers(full, lean)
