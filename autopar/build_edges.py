@@ -29,6 +29,35 @@ class ReshardCache:
         self._matrices: dict = {}
         self._seconds: dict = {}   # ((mesh key, shape, itemsize, combined), src spec, dst spec) → s
         self._mesh_keys: dict = {}
+        self._clears = 0
+
+    def mark(self) -> tuple[int, int]:
+        """Where the cache stands now, for ``made_since``."""
+        return self._clears, len(self._matrices)
+
+    def made_since(self, mark: tuple[int, int]) -> dict:
+        """The matrices made after ``mark`` (every one held, after a clear), for another
+        process's ``absorb`` (``pipeline.pool``: a forked worker's builds, handed back so the
+        next round's workers do not make them again)."""
+        clears, n = mark
+        items = list(self._matrices.items())
+        return dict(items if clears != self._clears else items[n:])
+
+    def absorb(self, matrices: dict) -> None:
+        """Hold matrices another cache made (``made_since``): each is a function of its key
+        alone, the same whichever process made it."""
+        for key, m in matrices.items():
+            if key not in self._matrices:
+                if len(self._matrices) >= self.max_entries:
+                    self._clear()
+                m.flags.writeable = False
+                self._matrices[key] = m
+
+    def _clear(self) -> None:
+        self._matrices.clear()
+        self._seconds.clear()
+        self._mesh_keys.clear()
+        self._clears += 1
 
     def matrix(self, mesh: MeshModel, value: Value, src: tuple, dst: tuple, seen: set | None = None,
                combined: bool = False) -> np.ndarray:
@@ -43,9 +72,7 @@ class ReshardCache:
             m = self._build(mesh, value, src, dst, combined)
             m.flags.writeable = False
             if len(self._matrices) >= self.max_entries:
-                self._matrices.clear()
-                self._seconds.clear()
-                self._mesh_keys.clear()
+                self._clear()
             self._matrices[key] = m
         return m
 
