@@ -177,3 +177,49 @@ def test_a_stage_lp_runs_outside_autopar_s_own_time_limits():
     assert lp_time(SimpleNamespace(time_limit_s=60.0), LAYER_TIME_LIMIT_S) == 60.0
     assert lp_time(SimpleNamespace(time_limit_s=60.0), 60.0) is None
     assert lp_time(SimpleNamespace(time_limit_s=0.5), 0.5) is None
+
+
+def test_workers_hand_back_the_resharding_matrices_their_builds_made(devices8):
+    """Each round forks fresh workers from the parent: the matrices a worker's problem builds
+    made come back with its plans (``ReshardCache.made_since`` → ``absorb``), so a later
+    round's build of the same problem makes none again."""
+    from autopar.build_edges import ReshardCache
+    from autopar.pipeline.pool import prefetch
+    from test_stage_reuse import SUB, coster
+
+    c = coster()
+    c.workers = 2
+    assert not c.reshard_cache.made_since(c.reshard_cache.mark())
+    prefetch(c, [((i, i + 1, SUB), {}) for i in range(2)])
+    held = c.reshard_cache.made_since((0, 0))
+    assert held and all(not m.flags.writeable for m in held.values())
+    assert all(k in c.cache for k in (c.plan_key(i, i + 1, SUB) for i in range(2)))
+    # the same layers planned again within another budget, here: the builds find every matrix
+    made = []
+    build = ReshardCache._build
+    ReshardCache._build = lambda self, *a: made.append(a) or build(self, *a)
+    try:
+        mark = c.reshard_cache.mark()
+        for i in range(2):
+            c.cost(i, i + 1, SUB, budget=c.budget * 0.999)
+    finally:
+        ReshardCache._build = build
+    assert c.solves >= 1 and not made and not c.reshard_cache.made_since(mark)
+
+
+def test_a_reshard_cache_absorbs_what_another_made():
+    from autopar.build_edges import ReshardCache
+    import numpy as np
+
+    a, b = ReshardCache(max_entries=3), ReshardCache(max_entries=3)
+    mark = a.mark()
+    for k in range(2):
+        a._matrices[("k", k)] = np.full((2, 2), float(k))
+    got = a.made_since(mark)
+    assert list(got) == [("k", 0), ("k", 1)]
+    b.absorb(got)
+    assert b.made_since((0, 0)).keys() == got.keys() and b.mark() == (0, 2)
+    b.absorb({("k", 0): np.zeros(1), ("k", 2): np.ones(1)})  # a key held stays as it was
+    assert b._matrices[("k", 0)].shape == (2, 2) and b.mark() == (0, 3)
+    b.absorb({("k", 3): np.ones(1)})  # full: cleared first, then held
+    assert b.mark() == (1, 1) and b.made_since((0, 3)) == {("k", 3): b._matrices[("k", 3)]}
