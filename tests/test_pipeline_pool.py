@@ -66,9 +66,11 @@ class _Coster:
     def __init__(self, serve=lambda key, cache: False):
         import math
 
+        from autopar.build_edges import ReshardCache
         from autopar.progress import Progress
         self.cache, self.prefetched, self.serve = {}, set(), serve
         self.solves, self.infeasible, self.min_need, self.progress = 0, 0, math.inf, Progress()
+        self.reshard_cache = ReshardCache()
 
     def plan_key(self, prog, budget=1.0, share=1.0, inflight=1):
         return prog, (1, 8), None, budget, False, inflight
