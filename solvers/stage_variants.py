@@ -45,23 +45,27 @@ def _effective_all(p, fs) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     pos = np.zeros(sl.shape[1], dtype=np.int64)  # per entry: the first sorted variant that may fit
     live = np.flatnonzero(np.isfinite(sl[0]))  # entries whose fit is still open (V: none fits)
     pos[~np.isfinite(sl[0])] = V
+    # the answer for the current f, updated where an entry's position moved (most do not move
+    # from one f to the next: copying is cheaper than gathering every entry again)
+    eff, var = np.where(pos < V, sl[0], np.inf), np.where(pos < V, order[0], 0)
     out = {}
     for f in sorted(set(fs)):
-        todo = live
+        todo, moved = live, []
         while len(todo):
             t = pos[todo]
             # (the same arithmetic as ``_need``: W + f·A, compared with the device memory)
             bad = ~(sm[t, todo] + f * sa[t, todo] <= p.device_memory) | ~np.isfinite(sl[t, todo])
             todo = todo[bad]
             pos[todo] += 1
+            moved.append(todo)
             done = pos[todo] >= V
             todo = todo[~done]
         live = live[pos[live] < V]
-        fits = pos < V
-        at = np.minimum(pos, V - 1)[None]
-        eff = np.where(fits, np.take_along_axis(sl, at, axis=0)[0], np.inf).reshape(rest)
-        var = np.where(fits, np.take_along_axis(order, at, axis=0)[0], 0).reshape(rest)
-        out[f] = (eff, var)
+        if moved and (ch := np.unique(np.concatenate(moved))).size:
+            at, fits = np.minimum(pos[ch], V - 1), pos[ch] < V
+            eff[ch] = np.where(fits, sl[at, ch], np.inf)
+            var[ch] = np.where(fits, order[at, ch], 0)
+        out[f] = (eff.reshape(rest).copy(), var.reshape(rest).copy())
     return out
 
 
