@@ -310,6 +310,43 @@ def test_additive_costing_plans_layers_leaner_when_a_long_stage_needs_it():
     assert [(a, b, sub) for a, b, _, sub, _ in sol.stages] == [(0, 2, (1, 2)), (2, 4, (1, 2))]
 
 
+def test_a_placeholder_used_resolves_every_variant_of_its_sub_mesh():
+    """``AdditiveCosts.resolve``: a split relying on one variant's placeholder (here whole-budget
+    dots remat on (1, 4)) gets every variant of that sub-mesh planned — the other remat and
+    ZeRO-1 options, whole budget and lean — in one round (their placeholders are as optimistic,
+    the DP would rely on each next); the other sub-meshes keep their placeholders."""
+    from autopar.pipeline.additive import AdditiveCosts
+    from autopar.pipeline.costs import StageOption
+
+    class Coster(_FakeCoster):
+        def __init__(self):
+            super().__init__()
+            self.planned = []
+
+        def cost(self, i, j, sub, mesh=None, share=1.0, remat="none", zero=False):
+            self.planned.append((tuple(sub), remat, zero, share > 1))
+            return super().cost(i, j, sub, mesh, share, remat, zero)
+
+        def activation(self, i, j, remat="none"):
+            return 0.1
+
+        def input_bytes(self, i):
+            return 0.0
+    options = tuple(StageOption(r, z) for z in (False, True) for r in ("none", "dots"))
+    coster = Coster()
+    costs = AdditiveCosts(coster, 4, [(1, 1), (1, 2), (1, 4)], 4, [1.0] * 4, options)
+    assert {p[1:] for p in coster.planned} == {("none", False, False)}  # (the first option only, up front)
+    coster.planned.clear()
+    s, v = 2, costs.variants.index(("full", StageOption("dots")))
+    costs.resolve({(v, s)})
+    planned = {p[1:] for p in coster.planned}
+    assert {p[0] for p in coster.planned} == {(1, 4)}
+    assert planned == {(r, z, lean) for r in ("none", "dots") for z in (False, True) for lean in (False, True)} - {
+        ("none", False, False)}
+    assert all(costs.layers[u][s] is not None for u in range(len(costs.variants)))
+    assert all(costs.layers[u][t] is None for u in range(1, len(costs.variants)) for t in (0, 1))
+
+
 class _Replans:
     """``plan_stage``'s coster: the whole-budget plan for one micro-batch holds 5 + 1 per
     micro-batch; ``again(calls)`` is the plan for more in flight (each request's (in flight,
