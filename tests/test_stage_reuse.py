@@ -147,3 +147,29 @@ def test_trace_ahead_traces_each_distinct_program_once_in_the_pools_parent():
     c.trace_ahead([(0, 1), (1, 2)], ["none", "dots"])
     keys = {c.program_key(i, i + 1, r) for i in range(2) for r in ("none", "dots")}
     assert set(c.traced) == keys and len(keys) == 4
+
+
+def test_a_split_cut_ahead_in_one_pass_equals_its_ranges_cut_one_by_one():
+    """``StageCoster.stages_ahead``: a split's stages from one cut of the program, each the
+    stage (and structural key) ``stage_for_range`` cuts alone."""
+    from autopar.pipeline import stages as S
+    params, batch = params_and_batch(layers=4, d=64)
+    inputs = prepare_inputs(loss_fn, params, batch, optimizer=OPT, cluster=make_cluster(4), nodes=2,
+                            num_microbatches=2, schedule="gpipe", memory_budget_bytes=None)
+    c = StageCoster(inputs, layers_of(inputs.program).eqn_ranges(inputs.program),
+                    autopar_options(inputs, "auto", None, "auto"))
+    assert len(c.layer_eqns) == 4
+    cuts, split = [], S.split_program
+    S.split_program = lambda *a: cuts.append(len(a[2])) or split(*a)
+    try:
+        c.stages_ahead([(0, 1), (1, 3), (3, 4)])
+        c.stages_ahead([(0, 2), (2, 4)])
+        c.stages_ahead([(1, 3)])  # (cut already)
+        c.stages_ahead([(1, 2), (0, 1)])  # (not in order: left to ``stage``)
+    finally:
+        S.split_program = split
+    assert len(cuts) == 2 and set(c.stages) == {(0, 1), (1, 3), (3, 4), (0, 2), (2, 4)}
+    for i, j in c.stages:
+        st = S.stage_for_range(c.program, c.P, c.layer_eqns[i][0], c.layer_eqns[j - 1][1])
+        assert c.stages[(i, j)] == (st, S.structural_key(c.program, st, c.P))
+    assert c.stages[(1, 3)][1] != c.stages[(0, 2)][1] and c.stages[(0, 2)][1] != c.stages[(2, 4)][1]

