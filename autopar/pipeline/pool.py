@@ -31,6 +31,7 @@ it pays: at least two plans to make and ``workers`` > 1 (``resolve_workers``).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import multiprocessing
 import os
 import warnings
@@ -115,6 +116,9 @@ def _map(coster, fn, todo) -> list:
     global _COSTER
     progress, coster.progress = coster.progress, Progress()
     _COSTER = coster
+    # the parent's objects out of the workers' garbage collections (measured at GPT-175B@1,024: the
+    # workers' collections 3.9 → 1.6 s CPU, scanning the inherited traced programs and caches no more)
+    gc.freeze()
     try:
         ctx = multiprocessing.get_context("fork")
         with warnings.catch_warnings():
@@ -122,6 +126,7 @@ def _map(coster, fn, todo) -> list:
             with ctx.Pool(min(coster.workers, len(todo)), initializer=_fresh_solver_threads) as pool:
                 return pool.map(fn, todo, chunksize=1)
     finally:
+        gc.unfreeze()
         _COSTER = None
         coster.progress = progress
 
