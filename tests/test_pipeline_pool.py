@@ -2,10 +2,13 @@
 search record and its counters are the same with one worker and with two."""
 from __future__ import annotations
 
+import gc
+
 import optax
 import pytest
 
 from autopar import plan_training
+from autopar.pipeline import pool
 from autopar.pipeline.pool import resolve_workers
 from conftest import make_cluster
 from examples import gpt, mlp
@@ -23,7 +26,15 @@ def test_one_and_two_workers_give_the_same_plan(devices8, costing):
     kw = dict(optimizer=optax.adam(1e-3), cluster=make_cluster(4), nodes=2, num_microbatches=4,
               costing=costing, remat="none", zero="auto", time_limit_s=60.0)
     one = plan_training(model.loss_fn, params, batch, workers=1, **kw)
-    two = plan_training(model.loss_fn, params, batch, workers=2, **kw)
+    frozen = []
+    freeze = pool.gc.freeze
+    pool.gc.freeze = lambda: frozen.append(gc.get_freeze_count()) or freeze()
+    try:
+        two = plan_training(model.loss_fn, params, batch, workers=2, **kw)
+    finally:
+        pool.gc.freeze = freeze
+    # every round's fork froze the parent's objects (``pool._freeze``); the search's end thawed them
+    assert frozen and gc.get_freeze_count() == 0
     assert one.model_dump(exclude=SKIP) == two.model_dump(exclude=SKIP)
     assert one.search.ilp_solves == two.search.ilp_solves > 1
 

@@ -27,7 +27,7 @@ from ..progress import Progress, progress_for
 from .assemble import SearchRecord, assemble
 from .inputs import ForcedStage, TrainingInputs, forced_stages, microbatch_shapes, prepare_inputs  # noqa: F401
 from .layers import Layering, layers_of
-from .pool import resolve_workers
+from .pool import resolve_workers, thaw
 from .refine import refine
 from .exact import ExactCosts
 from .search import ForcedCosts, additive_search, plan_stages, solution_options, solution_stages, solve_lazily
@@ -156,6 +156,7 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
         return plan_pipeline(inputs, layering, coster, progress, mode=mode, forced=forced, num_stages=num_stages,
                              t0=t0, t_trace=t_trace)
     finally:
+        thaw()  # (a worker pool froze the objects held at each fork: collectable again)
         if progress is not verbose:
             progress.close()
 
