@@ -173,3 +173,16 @@ def test_a_split_cut_ahead_in_one_pass_equals_its_ranges_cut_one_by_one():
         st = S.stage_for_range(c.program, c.P, c.layer_eqns[i][0], c.layer_eqns[j - 1][1])
         assert c.stages[(i, j)] == (st, S.structural_key(c.program, st, c.P))
     assert c.stages[(1, 3)][1] != c.stages[(0, 2)][1] and c.stages[(0, 2)][1] != c.stages[(2, 4)][1]
+
+
+def test_zero1_and_plain_plans_of_a_stage_have_their_own_rule_starts():
+    """The rule's plans found so far (``WarmStart.solved``) are reused at other budgets of the
+    same problem only: a ZeRO-1 ILP charges parameters less memory within less budget, another
+    problem, so it gets its own (shared, it was seeded with the plain problem's rule plan)."""
+    from autopar.pipeline.stage_cost import stage_meshes
+    c = coster()
+    starts = {zero: c._hooks(0, 1, SUB, "none", zero).warm_start for zero in (False, True)}
+    got = [(starts[False](m), starts[True](m)) for m in stage_meshes(SUB)]
+    assert any(p is not None for p, _ in got)
+    for (plain, zero), m in zip(got, stage_meshes(SUB)):
+        assert plain is None or (plain is not zero and c._hooks(0, 1, SUB, "none", False).warm_start(m) is plain)
