@@ -86,7 +86,7 @@ def _task_one(index):
 
 def _run_task(work):
     """In a worker: ``work(coster)``; the cache entries it made, its counters and the
-    resharding matrices its builds made (``_handed_back``)."""
+    resharding matrices its builds made (module docstring)."""
     coster = _COSTER
     before, mark = set(coster.cache), coster.reshard_cache.mark()
     solves, infeasible = coster.solves, coster.infeasible
