@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from autopar.cost import ALL_GATHER, MeshModel, collective_time, resharding
+from autopar.solvers.handoff import HandoffCache
 
 from .build_nodes import US
 from .build_shared import materialize_terms, shared_values
@@ -19,45 +20,25 @@ from .graph import OpGraph, is_constant_broadcast
 from .trace import Lit, Value
 
 
-class ReshardCache:
+class ReshardCache(HandoffCache):
     """Resharding cost matrices (µs, src specs × dst specs) by (mesh, shape, itemsize, src,
     dst), read-only. One per plan; a pipeline plan passes one to all its stage builds (it
-    rebuilds the same layers on the same meshes many times). Cleared at ``max_entries``."""
+    rebuilds the same layers on the same meshes many times), and its worker processes hand
+    theirs back (``solvers.handoff``). Cleared at ``max_entries``."""
 
     def __init__(self, max_entries: int = 50_000):
-        self.max_entries = max_entries
-        self._matrices: dict = {}
+        super().__init__(max_entries)
         self._seconds: dict = {}   # ((mesh key, shape, itemsize, combined), src spec, dst spec) → s
         self._mesh_keys: dict = {}
-        self._clears = 0
 
-    def mark(self) -> tuple[int, int]:
-        """Where the cache stands now, for ``made_since``."""
-        return self._clears, len(self._matrices)
-
-    def made_since(self, mark: tuple[int, int]) -> dict:
-        """The matrices made after ``mark`` (every one held, after a clear), for another
-        process's ``absorb`` (``pipeline.pool``: a forked worker's builds, handed back so the
-        next round's workers do not make them again)."""
-        clears, n = mark
-        items = list(self._matrices.items())
-        return dict(items if clears != self._clears else items[n:])
-
-    def absorb(self, matrices: dict) -> None:
-        """Hold matrices another cache made (``made_since``): each is a function of its key
-        alone, the same whichever process made it."""
-        for key, m in matrices.items():
-            if key not in self._matrices:
-                if len(self._matrices) >= self.max_entries:
-                    self._clear()
-                m.flags.writeable = False
-                self._matrices[key] = m
+    def _held(self, m: np.ndarray) -> np.ndarray:
+        m.flags.writeable = False
+        return m
 
     def _clear(self) -> None:
-        self._matrices.clear()
+        super()._clear()
         self._seconds.clear()
         self._mesh_keys.clear()
-        self._clears += 1
 
     def matrix(self, mesh: MeshModel, value: Value, src: tuple, dst: tuple, seen: set | None = None,
                combined: bool = False) -> np.ndarray:
@@ -67,13 +48,10 @@ class ReshardCache:
         key = (mesh, value.shape, value.itemsize, src, dst, combined)
         if seen is not None:
             seen.add(key)
-        m = self._matrices.get(key)
+        m = self.get(key)
         if m is None:
             m = self._build(mesh, value, src, dst, combined)
-            m.flags.writeable = False
-            if len(self._matrices) >= self.max_entries:
-                self._clear()
-            self._matrices[key] = m
+            self.put(key, m)
         return m
 
     def costs_any(self, mesh: MeshModel, value: Value, src: tuple, dst_spec, seen: set | None = None,
@@ -84,7 +62,7 @@ class ReshardCache:
         key = (mesh, value.shape, value.itemsize, src, (dst_spec,), combined)
         if seen is not None:
             seen.add(key)
-        m = self._matrices.get(key)
+        m = self.get(key)
         if m is not None:
             return bool((m[np.isfinite(m)] > 0).any())
         if dst_spec is None:

@@ -11,6 +11,7 @@ import numpy as np
 
 from autopar import solvers
 from autopar.cost import ALL_GATHER, ALL_REDUCE, ClusterSpec, collective_time, load_cluster, mesh_model, resharding
+from autopar.solvers.relaxation import RelaxationCache
 
 from .build import IntraProblem, build_problem
 from .build_nodes import combinable_nodes
@@ -112,6 +113,9 @@ class PlanHooks:
     problems: dict | None = None
     # resharding matrices shared across builds (default: one per call, shared by its meshes)
     reshard_cache: ReshardCache | None = None
+    # LP relaxations shared across solves, by the problem's costs (``solvers.relaxation``: a
+    # stage planned at several budgets, and bounded, solves one)
+    relaxations: RelaxationCache | None = None
     # seconds an "auto" ILP gives its LP relaxation outside the time limit
     # (``solvers.solve(lp_time_s=)``; pipeline stages under a limit of autopar's own)
     lp_time_s: float | None = None
@@ -157,8 +161,10 @@ def plan_with(fn, example_args, *, cluster="cpu-8", nodes: int = 1, mesh_shape=N
             else None
         try:
             sol = solvers.solve(ip.problem, solver=solver, time_limit_s=time_limit_s, gap_rel=MIP_GAP,
-                                start=warm.start_for(ip, solver=solver, time_limit_s=time_limit_s, gap_rel=MIP_GAP)
-                                if warm else None, cutoff=cutoff, lp_time_s=hooks.lp_time_s, stall_s=hooks.stall_s)
+                                start=warm.start_for(ip, solver=solver, time_limit_s=time_limit_s, gap_rel=MIP_GAP,
+                                                     relaxations=hooks.relaxations)
+                                if warm else None, cutoff=cutoff, lp_time_s=hooks.lp_time_s, stall_s=hooks.stall_s,
+                                relaxations=hooks.relaxations)
         except solvers.InfeasibleError as err:
             sol = err
         t_solve += time.perf_counter() - ts
@@ -247,7 +253,7 @@ def lower_bound_with(fn, example_args, *, cluster="cpu-8", nodes: int = 1, memor
     best = math.inf
     for shape in shapes:
         ip = _problem(graph, spec, nodes, shape, budget, hooks, (), carried)
-        lb = lower_bound(ip.problem)
+        lb = lower_bound(ip.problem, relaxations=hooks.relaxations)
         if math.isfinite(lb):
             slack = TIEBREAK_US_PER_BYTE * sum(float(np.max(u)) for u in ip.full.node_usages)
             best = min(best, (lb - slack) / 1e6 + spec.step_overhead_s)

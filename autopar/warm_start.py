@@ -27,14 +27,16 @@ class WarmStart:
     solved: list = field(default_factory=list)
     cutoffs: int = 0  # solves skipped: the rule had no plan cheaper than the main solve's incumbent
 
-    def start_for(self, ip: IntraProblem, *, solver: str, time_limit_s: float | None, gap_rel: float):
+    def start_for(self, ip: IntraProblem, *, solver: str, time_limit_s: float | None, gap_rel: float,
+                  relaxations=None):
         """The ``start`` for ``solvers.solve(ip.problem)``: a function of the seconds left that
         returns the best plan of ``ip`` under the rule, solved within ``time_limit_s`` of its
         own (the rule's plan is what the main solve must not lose to, so it does not share that
         solve's time), or None when the rule has no plan that fits — or, given ``cutoff`` (the
         cost of a choice the main solve already has), when the rule's LP relaxation proves it has
         none cheaper (``solvers.solve(cutoff=)``): it could neither seed nor beat the main
-        solve, so the guarantee (never worse than the rule's plan) holds without its ILP."""
+        solve, so the guarantee (never worse than the rule's plan) holds without its ILP.
+        ``relaxations``: the LP relaxations the rule's solves share (``solvers.solve``)."""
         def start(left, cutoff=None):
             limit = ip.problem.usage_limit
             for lim, choice in self.solved:
@@ -48,7 +50,8 @@ class WarmStart:
                 # LP bound proves it has none cheaper, its ILP is not solved: None, not remembered)
                 sol = solvers.solve(ip.restricted(self.allowed, self.allowed_reshard), solver=solver,
                                     gap_rel=gap_rel, time_limit_s=time_limit_s,
-                                    cutoff=cutoff if solver in ("auto", "highs") else None)
+                                    cutoff=cutoff if solver in ("auto", "highs") else None,
+                                    relaxations=relaxations)
                 if sol.status == "cutoff":
                     self.cutoffs += 1
                     return None

@@ -55,7 +55,7 @@ from .incumbents import Clock, Scored, WarmStart, ilp_start
 from .milp import grouping
 from .presolve import presolve as run_presolve
 from .problem import InfeasibleError, Problem, Solution, evaluate
-from .relaxation import lp_first as _lp_first, memory_free
+from .relaxation import RelaxationCache, lp_first as _lp_first, memory_free, relax
 
 SOLVERS = ("auto", "cbc", "highs", "heuristic", "brute")
 AUTO_ILP_VARIABLES = 200_000
@@ -96,7 +96,8 @@ def ilp_size(problem: Problem, cap: float = math.inf) -> int:
 
 def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None = None,
           presolve: bool = True, seed: int = 0, gap_rel: float = 0.0, start=None,
-          cutoff: float | None = None, lp_time_s: float | None = None, stall_s: float | None = None) -> Solution:
+          cutoff: float | None = None, lp_time_s: float | None = None, stall_s: float | None = None,
+          relaxations: RelaxationCache | None = None) -> Solution:
     """Best choice for ``problem`` (in its own node order), scored by ``evaluate``.
 
     ``gap_rel``: the ILP stops once its incumbent is proven within this relative gap of the
@@ -114,7 +115,9 @@ def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None 
     1 s and more with two planning processes on two busy cores, and the plan changed.
     ``stall_s``: the heuristic (``"heuristic"``, or "auto"'s fallback to it) stops once it
     has found nothing better for that long, and for as long as its last improvement took
-    (``solvers.heuristic._Stall``; None: it runs to its time limit)."""
+    (``solvers.heuristic._Stall``; None: it runs to its time limit). ``relaxations``: LP
+    relaxations already solved, by the problem's costs ("auto"; ``solvers.relaxation``: the
+    same problem at another usage limit, or with other usages, solves none again)."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown {solver=}; expected one of {SOLVERS}")
     clock = Clock(time_limit_s)
@@ -123,7 +126,7 @@ def solve(problem: Problem, *, solver: str = "auto", time_limit_s: float | None 
     reduced = _presolved(problem, min_peak, stats) if presolve else _Reduced.identity(problem)
     warm = WarmStart(problem, start, clock, stats)
     name, sol = _run_solver(solver, reduced, warm, clock, gap_rel=gap_rel, seed=seed, stats=stats, cutoff=cutoff,
-                            lp_time_s=lp_time_s, stall_s=stall_s)
+                            lp_time_s=lp_time_s, stall_s=stall_s, relaxations=relaxations)
     stats["solver"] = sol.stats
     if sol.status != "cutoff":
         sol = _answer(problem, reduced, name, sol, warm.value, min_peak, clock, stats)
@@ -140,10 +143,12 @@ class _Reduced:
     problem: Problem
     restore: Callable  # reduced choice → original choice
     forward: Callable  # original choice → reduced choice (None: none matches)
+    forward_sets: Callable  # strategies per original node → per reduced node
+    original: Problem
 
     @staticmethod
     def identity(problem: Problem) -> "_Reduced":
-        return _Reduced(problem, lambda c: tuple(int(x) for x in c), lambda c: tuple(c))
+        return _Reduced(problem, lambda c: tuple(int(x) for x in c), lambda c: tuple(c), list, problem)
 
 
 def _check_usage_limit(problem: Problem) -> float:
@@ -164,12 +169,12 @@ def _presolved(problem: Problem, min_peak: float, stats: dict) -> _Reduced:
     except InfeasibleError as err:
         raise InfeasibleError(str(err), min_peak_usage=min_peak) from None
     stats["presolve"] = ps.stats
-    return _Reduced(ps.problem, ps.restore, ps.forward)
+    return _Reduced(ps.problem, ps.restore, ps.forward, ps.forward_sets, problem)
 
 
 def _run_solver(solver: str, reduced: _Reduced, warm: WarmStart, clock: Clock, *, gap_rel: float, seed: int,
                 stats: dict, cutoff: float | None = None, lp_time_s: float | None = None,
-                stall_s: float | None = None) -> tuple[str, Solution]:
+                stall_s: float | None = None, relaxations: RelaxationCache | None = None) -> tuple[str, Solution]:
     """(the solver's name as reported, its solution of the reduced problem)."""
     p = reduced.problem
     if solver == "brute":
@@ -182,7 +187,7 @@ def _run_solver(solver: str, reduced: _Reduced, warm: WarmStart, clock: Clock, *
         return solver, solve_heuristic(p, time_limit_s=_heuristic_time(clock.left()), seed=seed, stall_s=stall_s)
     found: list = []  # incumbents (reduced choices) the LP's support gave on the way
     name, sol = _auto_exact(reduced, warm, clock, gap_rel=gap_rel, stats=stats, cutoff=cutoff, lp_time_s=lp_time_s,
-                            found=found)
+                            found=found, relaxations=relaxations)
     if sol is None or (not sol.feasible and sol.status not in ("infeasible", "cutoff")):
         # the heuristic starts from the best of those and the warm start (asked with their cost
         # as its cutoff, as the MILP's is: ``ilp_start``)
@@ -195,7 +200,7 @@ def _run_solver(solver: str, reduced: _Reduced, warm: WarmStart, clock: Clock, *
 
 def _auto_exact(reduced: _Reduced, warm: WarmStart, clock: Clock, *, gap_rel: float,
                 stats: dict, cutoff: float | None = None, lp_time_s: float | None = None,
-                found: list | None = None) -> tuple[str, Solution | None]:
+                found: list | None = None, relaxations: RelaxationCache | None = None) -> tuple[str, Solution | None]:
     """"auto" by the reduced ILP's size: its LP relaxation, then HiGHS (small; not started
     with less than ``MILP_MIN_LP_TIMES`` LP times left: its incumbent, with the LP's bound); the LP
     relaxation alone, briefly (medium); nothing (large: the heuristic's). A fractional LP
@@ -206,11 +211,9 @@ def _auto_exact(reduced: _Reduced, warm: WarmStart, clock: Clock, *, gap_rel: fl
     if size <= AUTO_ILP_VARIABLES:
         rounded: list = []
         relaxed: dict = {}
-        t_lp = time.perf_counter()
-        sol = _relax(p, clock, clock.left(), lp_time_s, gap_rel, cutoff, rounded, relaxed)
+        sol, lp_s = _relax(reduced, clock, clock.left(), lp_time_s, gap_rel, cutoff, relaxations, rounded, relaxed)
         if sol is not None:
             return "auto:highs-lp", sol
-        lp_s = time.perf_counter() - t_lp
         if "support" in relaxed:
             sol = _support_solve(p, relaxed["support"], relaxed["bound"], clock.left(), gap_rel)
             if sol is not None and math.isfinite(sol.lower_bound):  # within gap_rel of the LP bound
@@ -236,8 +239,8 @@ def _auto_exact(reduced: _Reduced, warm: WarmStart, clock: Clock, *, gap_rel: fl
         return "auto:highs", sol
     if size <= AUTO_LP_VARIABLES:  # too big for the MILP, but its LP is often integral: try it, briefly
         limit, relaxed = clock.left(), {}
-        sol = _relax(p, clock, min(AUTO_LP_S, 0.3 * limit) if limit is not None else AUTO_LP_S, lp_time_s, gap_rel,
-                     cutoff, relaxed=relaxed)
+        sol, _ = _relax(reduced, clock, min(AUTO_LP_S, 0.3 * limit) if limit is not None else AUTO_LP_S, lp_time_s,
+                        gap_rel, cutoff, relaxations, relaxed=relaxed)
         if sol is None and "support" in relaxed:  # settled on its support, or the heuristic's
             sup = _support_solve(p, relaxed["support"], relaxed["bound"], clock.left(), gap_rel)
             if sup is not None and math.isfinite(sup.lower_bound):
@@ -249,16 +252,23 @@ def _auto_exact(reduced: _Reduced, warm: WarmStart, clock: Clock, *, gap_rel: fl
     return "auto", None
 
 
-def _relax(p: Problem, clock: Clock, inside_s: float | None, lp_time_s: float | None, gap_rel: float,
-           cutoff: float | None, rounded: list | None = None, relaxed: dict | None = None) -> Solution | None:
-    """``_lp_first`` within ``inside_s`` of the clock, or, given ``lp_time_s``, within that
-    many seconds outside it (``solve``)."""
-    if lp_time_s is None:
-        return _lp_first(p, inside_s, gap_rel, cutoff, rounded, relaxed)
+def _relax(reduced: _Reduced, clock: Clock, inside_s: float | None, lp_time_s: float | None, gap_rel: float,
+           cutoff: float | None, relaxations: RelaxationCache | None, rounded: list | None = None,
+           relaxed: dict | None = None) -> tuple[Solution | None, float]:
+    """``_lp_first`` on the reduced problem, of the relaxation of the original one
+    (``relaxation.relax``, from ``relaxations`` when it holds it), solved within ``inside_s``
+    of the clock, or, given ``lp_time_s``, within that many seconds outside it (``solve``);
+    and the seconds that relaxation takes to solve (``MILP_MIN_LP_TIMES``: as long as it took
+    when it was solved, when it comes from ``relaxations``)."""
+    if reduced.problem.num_nodes == 0:
+        return None, 0.0
     t0 = time.perf_counter()
-    sol = _lp_first(p, lp_time_s, gap_rel, cutoff, rounded, relaxed)
-    clock.excluded_s += time.perf_counter() - t0
-    return sol
+    r = relax(reduced.original, inside_s if lp_time_s is None else lp_time_s, relaxations)
+    took = time.perf_counter() - t0
+    if lp_time_s is not None:
+        clock.excluded_s += took
+    return _lp_first(reduced.problem, r.onto(reduced.forward, reduced.forward_sets), gap_rel, cutoff, rounded,
+                     relaxed), max(took, r.seconds)
 
 
 def _incumbent(p: Problem, choice, bound: float, clock: Clock, stats: dict, lp_s: float) -> Solution:
@@ -346,23 +356,23 @@ def _heuristic_time(time_left: float | None) -> float:
     return max(0.05, time_left - min(1.0 + 0.005 * time_left, 0.1 * time_left))
 
 
-def lower_bound(problem: Problem, *, time_limit_s: float | None = None) -> float:
+def lower_bound(problem: Problem, *, time_limit_s: float | None = None,
+                relaxations: RelaxationCache | None = None) -> float:
     """A lower bound on the cost of every choice of ``problem`` that fits its usage limit —
     hence on what ``solve`` returns, with any solver, time limit or warm start: ∞ when the
     usage limit is below the minimum peak usage (or no choice has finite cost); else the
     optimum of the LP relaxation of the problem presolved without its limit
     (``solvers.relaxation``: presolve's reductions are exact and keep the costs; dropping the
-    limit and integrality only enlarges the feasible set), or, when that LP does not finish,
-    the trivial bound: the offset + each node's and each edge's least cost."""
+    limit and integrality only enlarges the feasible set; from ``relaxations`` when it holds
+    it, and kept there), or, when that LP does not finish, the trivial bound: the offset +
+    each node's and each edge's least cost."""
     try:
         _check_usage_limit(problem)
-        p = memory_free(problem).problem
+        r = relax(problem, time_limit_s, relaxations)
     except InfeasibleError:
         return math.inf
-    if p.num_nodes == 0:
-        return float(p.cost_offset)
-    lp = solve_ilp(p, solver="highs", relax=True, time_limit_s=time_limit_s, lazy=True)
-    if lp.stats.get("relaxation") == "optimal" and math.isfinite(lp.lower_bound):
-        return float(lp.lower_bound)
+    if r.optimal:
+        return r.bound
+    p = memory_free(problem).problem
     return float(p.cost_offset + sum(float(np.min(c)) for c in p.node_costs)
                  + sum(float(np.min(m)) for m in p.edge_costs))

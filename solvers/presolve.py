@@ -61,16 +61,34 @@ class Presolved:
         the choice uses a strategy presolve proved unusable (it cannot have finite cost)."""
         out = []
         for r, v in enumerate(self.nodes):
-            s, seen = int(choice[v]), 0
-            pos = np.flatnonzero(self.strategies[r] == s)
-            while not len(pos):
-                s = self.dominated_by.get((int(v), s))
-                seen += 1
-                if s is None or seen > len(self.dominated_by):
-                    return None
-                pos = np.flatnonzero(self.strategies[r] == s)
-            out.append(int(pos[0]))
+            pos = self._position(r, int(v), int(choice[v]))
+            if pos is None:
+                return None
+            out.append(pos)
         return tuple(out)
+
+    def forward_sets(self, sets) -> list[np.ndarray]:
+        """``forward`` for sets: per reduced node, the reduced strategies of the original
+        strategies in ``sets[v]`` (a dominated one: its dominator; an unusable one: none —
+        a set may come out empty)."""
+        out = []
+        for r, v in enumerate(self.nodes):
+            got = {self._position(r, int(v), int(s)) for s in sets[v]}
+            out.append(np.array(sorted(p for p in got if p is not None), dtype=np.int64))
+        return out
+
+    def _position(self, r: int, v: int, s: int) -> int | None:
+        """Reduced node r's index of original node v's strategy s, or of the strategy that
+        dominated it (None: presolve proved it unusable)."""
+        seen = 0
+        pos = np.flatnonzero(self.strategies[r] == s)
+        while not len(pos):
+            s = self.dominated_by.get((v, s))
+            seen += 1
+            if s is None or seen > len(self.dominated_by):
+                return None
+            pos = np.flatnonzero(self.strategies[r] == s)
+        return int(pos[0])
 
     def restore(self, choice) -> tuple[int, ...]:
         """Original choice (one strategy per original node) for a reduced ``choice``."""

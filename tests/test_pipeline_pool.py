@@ -81,7 +81,7 @@ class _Coster:
         from autopar.progress import Progress
         self.cache, self.prefetched, self.serve = {}, set(), serve
         self.solves, self.infeasible, self.min_need, self.progress = 0, 0, math.inf, Progress()
-        self.reshard_cache = ReshardCache()
+        self.handoffs = (ReshardCache(),)
 
     def plan_key(self, prog, budget=1.0, share=1.0, inflight=1):
         return prog, (1, 8), None, budget, False, inflight
@@ -192,10 +192,11 @@ def test_a_stage_lp_runs_outside_autopar_s_own_time_limits():
     assert lp_time(SimpleNamespace(time_limit_s=0.5), 0.5) is None
 
 
-def test_workers_hand_back_the_resharding_matrices_their_builds_made(devices8):
+def test_workers_hand_back_the_resharding_matrices_and_relaxations_they_made(devices8):
     """Each round forks fresh workers from the parent: the matrices a worker's problem builds
-    made come back with its plans (``ReshardCache.made_since`` → ``absorb``), so a later
-    round's build of the same problem makes none again."""
+    made and the LP relaxations its solves solved come back with its plans
+    (``solvers.handoff``: ``made_since`` → ``absorb``), so a later round's build and solve of
+    the same problem, at another budget, makes none again."""
     from autopar.build_edges import ReshardCache
     from autopar.pipeline.pool import prefetch
     from test_stage_reuse import SUB, coster
@@ -206,33 +207,35 @@ def test_workers_hand_back_the_resharding_matrices_their_builds_made(devices8):
     prefetch(c, [((i, i + 1, SUB), {}) for i in range(2)])
     held = c.reshard_cache.made_since((0, 0))
     assert held and all(not m.flags.writeable for m in held.values())
+    assert c.relaxations.made_since((0, 0))
     assert all(k in c.cache for k in (c.plan_key(i, i + 1, SUB) for i in range(2)))
     # the same layers planned again within another budget, here: the builds find every matrix
     made = []
     build = ReshardCache._build
     ReshardCache._build = lambda self, *a: made.append(a) or build(self, *a)
     try:
-        mark = c.reshard_cache.mark()
+        marks = [h.mark() for h in c.handoffs]
         for i in range(2):
             c.cost(i, i + 1, SUB, budget=c.budget * 0.999)
     finally:
         ReshardCache._build = build
-    assert c.solves >= 1 and not made and not c.reshard_cache.made_since(mark)
+    assert c.solves >= 1 and not made and not any(h.made_since(m) for h, m in zip(c.handoffs, marks))
 
 
 def test_a_reshard_cache_absorbs_what_another_made():
+    """(``solvers.handoff.HandoffCache``, as a reshard cache: what it absorbs is frozen too.)"""
     from autopar.build_edges import ReshardCache
     import numpy as np
 
     a, b = ReshardCache(max_entries=3), ReshardCache(max_entries=3)
     mark = a.mark()
     for k in range(2):
-        a._matrices[("k", k)] = np.full((2, 2), float(k))
+        a.put(("k", k), np.full((2, 2), float(k)))
     got = a.made_since(mark)
     assert list(got) == [("k", 0), ("k", 1)]
     b.absorb(got)
     assert b.made_since((0, 0)).keys() == got.keys() and b.mark() == (0, 2)
     b.absorb({("k", 0): np.zeros(1), ("k", 2): np.ones(1)})  # a key held stays as it was
-    assert b._matrices[("k", 0)].shape == (2, 2) and b.mark() == (0, 3)
+    assert b.get(("k", 0)).shape == (2, 2) and b.mark() == (0, 3) and not b.get(("k", 2)).flags.writeable
     b.absorb({("k", 3): np.ones(1)})  # full: cleared first, then held
-    assert b.mark() == (1, 1) and b.made_since((0, 3)) == {("k", 3): b._matrices[("k", 3)]}
+    assert b.mark() == (1, 1) and b.made_since((0, 3)) == {("k", 3): b.get(("k", 3))}

@@ -66,10 +66,9 @@ def random_problem(seed: int, *, limit: bool = True, n_max: int = 7, k_max: int 
     return p
 
 
-def hard_problem() -> Problem:
+def hard_problem(seed: int = 7, n: int = 40, k: int = 8) -> Problem:
     """40 nodes × 8 strategies, dense random edges, a binding memory limit: HiGHS needs seconds."""
-    rng = np.random.default_rng(7)
-    n, k = 40, 8
+    rng = np.random.default_rng(seed)
     costs = [rng.integers(0, 1000, k).astype(float) for _ in range(n)]
     usages = [rng.integers(1, 50, k).astype(float) for _ in range(n)]
     edges = [(u, v) for u in range(n) for v in range(u + 1, n) if rng.random() < 0.3]
@@ -261,6 +260,68 @@ def test_the_memory_free_relaxation_bounds_the_real_problem_and_maps_back():
     assert smaller > 10 and compared > 50, (smaller, compared)
 
 
+def test_forward_sets_maps_strategy_sets_as_forward_maps_choices():
+    """``Presolved.forward_sets``: each original strategy of a set goes where ``forward``
+    sends a choice using it (a dominated one to its dominator)."""
+    rng = np.random.default_rng(5)
+    dominated = 0
+    for seed in range(120):
+        p = random_problem(seed, limit=True, n_max=8, k_max=4)
+        try:
+            ps = presolve(p)
+        except InfeasibleError:
+            continue
+        dominated += len(ps.dominated_by)
+        sets = [np.flatnonzero(rng.random(len(c)) < 0.6) for c in p.node_costs]
+        got = ps.forward_sets(sets)
+        assert len(got) == ps.problem.num_nodes
+        base = list(ps.restore([0] * ps.problem.num_nodes))  # (every other node's strategy usable)
+        for r, v in enumerate(ps.nodes):
+            want = set()
+            for s in sets[v]:
+                x = list(base)
+                x[v] = int(s)
+                y = ps.forward(x)
+                want |= {y[r]} if y is not None else set()
+            assert set(got[r].tolist()) == want, f"{seed=}"
+    assert dominated > 10
+
+
+def test_a_relaxation_cache_solves_each_problems_lp_once_whatever_its_limit_or_usages(monkeypatch):
+    """``solvers.relaxation``: the memory-free LP depends on the costs alone. Solving a problem
+    with a ``RelaxationCache`` gives what solving it without one gives; the same problem at
+    another usage limit, with other usages, or bounded (``lower_bound``) then solves no LP."""
+    import dataclasses
+
+    import autopar.solvers.relaxation as rx
+    from autopar.solvers.driver import lower_bound
+    lps = []
+    real = rx.solve_ilp
+    monkeypatch.setattr(rx, "solve_ilp", lambda *a, **k: lps.append(1) or real(*a, **k))
+    compared = 0
+    for seed in range(24):
+        p = random_problem(seed, limit=True, n_max=10, k_max=4) if seed % 3 == 0 else hard_problem(seed, n=12, k=4)
+        cache = rx.RelaxationCache()
+        try:
+            plain = solve(p, gap_rel=1e-9)
+        except InfeasibleError:
+            continue
+        lps.clear()
+        got = solve(p, gap_rel=1e-9, relaxations=cache)
+        assert (got.cost, got.status, got.solver) == (plain.cost, plain.status, plain.solver), f"{seed=}"
+        solved = len(lps)
+        looser = dataclasses.replace(p, usage_limit=p.usage_limit * 1.5,
+                                     node_usages=[u * 0.5 for u in p.node_usages])
+        assert solve(looser, gap_rel=1e-9, relaxations=cache).cost <= got.cost * (1 + 1e-9) + 1e-9
+        assert lower_bound(p, relaxations=cache) == lower_bound(p)
+        assert solved <= 1 and len(lps) == 2 * solved, f"{seed=}"  # (+ the uncached ``lower_bound``)
+        compared += solved > 0
+        # other costs: another relaxation
+        dearer = dataclasses.replace(p, node_costs=[c + 1.0 for c in p.node_costs])
+        assert rx.cost_key(dearer) != rx.cost_key(p) == rx.cost_key(looser)
+    assert compared >= 10
+
+
 def test_warm_start_is_never_beaten_by_the_time_limit(monkeypatch):
     """solve(start=…): when the solver stops without beating the warm start (simulated: it
     gives up at once), the start is returned, marked "+start"; the start seeds the ILP (mapped
@@ -275,7 +336,7 @@ def test_warm_start_is_never_beaten_by_the_time_limit(monkeypatch):
         seeds.append(start)
         return Solution(choice=(), cost=math.inf, feasible=False, status="unknown")
     monkeypatch.setattr(pl, "solve_ilp", give_up)
-    monkeypatch.setattr(pl, "_lp_first", lambda *a, **kw: None)
+    monkeypatch.setattr(pl, "_relax", lambda *a, **kw: (None, 0.0))  # (the LP settles nothing, at once)
     monkeypatch.setattr(pl, "solve_heuristic", lambda *a, **kw: Solution(choice=(), cost=math.inf, feasible=False,
                                                                           status="unknown"))
     calls = []
@@ -482,25 +543,25 @@ def test_lp_time_outside_the_limit_leaves_the_heuristic_its_whole_limit(monkeypa
     import time as _time
 
     import autopar.solvers.driver as sp
-    monkeypatch.setattr(sp, "AUTO_ILP_VARIABLES", -1)   # (even a problem presolve empties)
+    monkeypatch.setattr(sp, "AUTO_ILP_VARIABLES", -1)   # (every ILP too big; not presolved: presolve empties it)
     seen = {}
-    real_lp, real_heuristic = sp._lp_first, sp.solve_heuristic
+    real_lp, real_heuristic = sp.relax, sp.solve_heuristic
 
     def slow_unsettled_lp(problem, time_left, *a, **k):
         seen["lp"] = time_left
-        real_lp(problem, time_left, *a, **k)
+        r = real_lp(problem, time_left, *a, **k)
         _time.sleep(0.6)
-        return None                      # as if not integral: the heuristic runs
+        return dataclasses.replace(r, choice=None, support=None)  # as if it settled nothing: the heuristic runs
 
     def heuristic(problem, *, time_limit_s, **k):
         seen["heuristic"] = time_limit_s
         return real_heuristic(problem, time_limit_s=min(time_limit_s, 0.2), **k)
-    monkeypatch.setattr(sp, "_lp_first", slow_unsettled_lp)
+    monkeypatch.setattr(sp, "relax", slow_unsettled_lp)
     monkeypatch.setattr(sp, "solve_heuristic", heuristic)
     p = random_problem(3001, limit=False, n_max=12, p_inf=0.0, structured=False)
-    got = solve(p, solver="auto", time_limit_s=1.0, lp_time_s=7.0)
+    got = solve(p, solver="auto", time_limit_s=1.0, lp_time_s=7.0, presolve=False)
     assert seen["lp"] == 7.0 and seen["heuristic"] > 0.7 and got.feasible
-    got = solve(p, solver="auto", time_limit_s=1.0)
+    got = solve(p, solver="auto", time_limit_s=1.0, presolve=False)
     assert seen["lp"] == pytest.approx(0.3, abs=0.05) and seen["heuristic"] < 0.4 and got.feasible
 
 
@@ -511,20 +572,21 @@ def test_lp_time_outside_the_limit_settles_a_small_ilp_whatever_the_load(monkeyp
 
     import autopar.solvers.driver as sp
     seen = []
-    real_lp = sp._lp_first
+    real_lp = sp.relax
 
     def slow_lp(problem, time_left, *a, **k):
         seen.append(time_left)
         _time.sleep(0.4)
         return real_lp(problem, time_left, *a, **k)
-    monkeypatch.setattr(sp, "_lp_first", slow_lp)
+    monkeypatch.setattr(sp, "relax", slow_lp)
+    # (not presolved: presolve alone solves it, and a problem it empties needs no LP)
     p = random_problem(3001, limit=False, n_max=12, p_inf=0.0, structured=False)
     ref = solve_brute(p)
-    got = solve(p, solver="auto", time_limit_s=0.3, lp_time_s=7.0)
-    assert seen == [7.0] and got.solver == "auto:highs" and got.status == "optimal" and _same(got.cost, ref.cost)
+    got = solve(p, solver="auto", time_limit_s=0.3, lp_time_s=7.0, presolve=False)
+    assert seen == [7.0] and got.solver == "auto:highs-lp" and got.status == "optimal" and _same(got.cost, ref.cost)
     seen.clear()
-    got = solve(p, solver="auto", time_limit_s=0.3)  # the LP ate the limit: no MILP
-    assert seen[0] <= 0.3 and got.solver != "auto:highs"
+    solve(p, solver="auto", time_limit_s=0.3, presolve=False)  # the LP's time comes from the limit
+    assert seen[0] <= 0.3
 
 
 def _frustrated_k4(base: float) -> Problem:
@@ -574,7 +636,7 @@ def test_a_milp_with_too_little_time_left_for_its_root_is_not_started(monkeypatc
     import time as _time
 
     from autopar.solvers import driver
-    real_lp, real_ilp, milps = driver._lp_first, driver.solve_ilp, []
+    real_lp, real_ilp, milps = driver.relax, driver.solve_ilp, []
 
     def slow_lp(*a, **k):
         sol = real_lp(*a, **k)
@@ -584,7 +646,7 @@ def test_a_milp_with_too_little_time_left_for_its_root_is_not_started(monkeypatc
     def counted(problem, **kw):
         milps.extend([] if kw.get("relax") or "[LP support]" in problem.name else [kw.get("time_limit_s")])
         return real_ilp(problem, **kw)
-    monkeypatch.setattr(driver, "_lp_first", slow_lp)
+    monkeypatch.setattr(driver, "relax", slow_lp)
     monkeypatch.setattr(driver, "solve_ilp", counted)
     p = _frustrated_k4(1.0)  # LP bound 4, optimum 6 (the support's choice): outside the gap
     sol = solve(p, gap_rel=1e-3, time_limit_s=2.0)
@@ -606,7 +668,7 @@ def test_an_ilp_too_big_for_the_milp_keeps_its_lp_and_its_start_outside_the_limi
     import time as _time
 
     from autopar.solvers import driver
-    real_lp, given = driver._lp_first, []
+    real_lp, given = driver.relax, []
 
     def slow_lp(*a, **k):
         _time.sleep(0.4)
@@ -620,7 +682,7 @@ def test_an_ilp_too_big_for_the_milp_keeps_its_lp_and_its_start_outside_the_limi
         _time.sleep(0.2)
         return (0, 1, 0, 1)
     monkeypatch.setattr(driver, "AUTO_ILP_VARIABLES", 0)
-    monkeypatch.setattr(driver, "_lp_first", slow_lp)
+    monkeypatch.setattr(driver, "relax", slow_lp)
     monkeypatch.setattr(driver, "solve_heuristic", heuristic)
     sol = solve(_frustrated_k4(1.0), time_limit_s=1.0, lp_time_s=5.0, start=start)
     assert sol.solver.startswith("auto:heuristic") and sol.cost == 6.0

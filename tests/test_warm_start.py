@@ -12,6 +12,7 @@ from conftest import make_cluster
 import autopar
 from autopar import solvers
 import autopar.solvers.driver as driver
+from autopar.solvers.relaxation import Relaxation
 from autopar.baselines import layout_rule
 from autopar.build import build_problem
 from autopar.graph import build_graph
@@ -42,7 +43,7 @@ def base(devices8):
 def crippled(monkeypatch):
     """Every solver gives up at once on unrestricted problems (a time limit hit before any
     incumbent); the rule's problems (named "… (rule)") solve normally."""
-    real = {k: getattr(driver, k) for k in ("solve_ilp", "_lp_first", "solve_heuristic")}
+    real = {k: getattr(driver, k) for k in ("solve_ilp", "relax", "solve_heuristic")}
 
     def wrap(name, give_up):
         def f(problem, *a, **kw):
@@ -50,7 +51,8 @@ def crippled(monkeypatch):
         return f
     nothing = solvers.Solution(choice=(), cost=math.inf, feasible=False, status="unknown")
     monkeypatch.setattr(driver, "solve_ilp", wrap("solve_ilp", nothing))
-    monkeypatch.setattr(driver, "_lp_first", wrap("_lp_first", None))
+    monkeypatch.setattr(driver, "relax", wrap("relax", Relaxation(optimal=False, bound=-math.inf, choice=None,
+                                                                   support=None, seconds=0.0, stats={})))
     monkeypatch.setattr(driver, "solve_heuristic", wrap("solve_heuristic", nothing))
 
 

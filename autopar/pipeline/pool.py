@@ -16,10 +16,12 @@ whole-budget plan, then its lean plan on the mesh it chose), one chain per stage
 sub-mesh, each run to its end in one worker; merged in task order like ``prefetch``'s.
 
 Each round forks fresh workers from the parent, so what a worker computed and the parent
-does not hold is lost with it: besides its plans, a worker hands back the resharding matrices
-its problem builds made (``build_edges.ReshardCache.made_since``, each a function of its key
-alone), and the next rounds' workers inherit them (measured on GPT-175B on 1,024 H100s: 3.2 of
-the 6.6 s CPU of matrix builds repeated an earlier round's).
+does not hold is lost with it: besides its plans, a worker hands back what its coster's
+``handoffs`` caches gained (``solvers.handoff``, each entry a function of its key alone): the
+resharding matrices its problem builds made and the LP relaxations its solves and bounds
+solved; the next rounds' workers inherit them (measured on GPT-175B on 1,024 H100s: 3.2 of
+the 6.6 s CPU of matrix builds repeated an earlier round's; 12.3 of 49.8 s of LPs repeated one
+solved before, most of them in another process).
 
 Workers are forked (a traced loss function cannot be pickled). JAX warns that ``os.fork`` does
 not mix with its threads (a lock held by another thread at the fork stays held in the child);
@@ -85,10 +87,10 @@ def _task_one(index):
 
 
 def _run_task(work):
-    """In a worker: ``work(coster)``; the cache entries it made, its counters and the
-    resharding matrices its builds made (module docstring)."""
+    """In a worker: ``work(coster)``; the cache entries it made, its counters and what its
+    ``handoffs`` caches gained (module docstring)."""
     coster = _COSTER
-    before, mark = set(coster.cache), coster.reshard_cache.mark()
+    before, marks = set(coster.cache), _marks(coster)
     solves, infeasible = coster.solves, coster.infeasible
     work(coster)
     # a plan holds the traced function (not picklable): it travels as its JSON
@@ -96,14 +98,27 @@ def _run_task(work):
             for k, v in coster.cache.items() if k not in before}
     reused = {k for k in made if k in getattr(coster, "reused", ())}
     return (made, reused, coster.solves - solves, coster.infeasible - infeasible, coster.min_need,
-            coster.reshard_cache.made_since(mark))
+            _made_since(coster, marks))
 
 
 def _bound_one(args):
-    """In a worker: ``StageCoster.bound`` of one (i, j, sub-mesh), and the resharding
-    matrices its builds made."""
-    mark = _COSTER.reshard_cache.mark()
-    return _COSTER.bound(*args), _COSTER.reshard_cache.made_since(mark)
+    """In a worker: ``StageCoster.bound`` of one (i, j, sub-mesh), and what its ``handoffs``
+    caches gained."""
+    marks = _marks(_COSTER)
+    return _COSTER.bound(*args), _made_since(_COSTER, marks)
+
+
+def _marks(coster) -> list:
+    return [c.mark() for c in coster.handoffs]
+
+
+def _made_since(coster, marks) -> list:
+    return [c.made_since(m) for c, m in zip(coster.handoffs, marks)]
+
+
+def _absorb(coster, entries) -> None:
+    for c, e in zip(coster.handoffs, entries):
+        c.absorb(e)
 
 
 def _plan_or_bound(item):
@@ -190,9 +205,9 @@ def prefetch(coster, requests, bounds=()) -> None:
         return
     results = _map(coster, _plan_or_bound, [("plan", t) for t in todo] + [("bound", args) for args, _ in btodo])
     _merge(coster, results[:len(todo)])
-    for (_, key), (value, matrices) in zip(btodo, results[len(todo):]):
+    for (_, key), (value, entries) in zip(btodo, results[len(todo):]):
         coster.bounds[key] = value
-        coster.reshard_cache.absorb(matrices)
+        _absorb(coster, entries)
     if later:  # (every request they waited for is merged now)
         prefetch(coster, later)
 
@@ -221,10 +236,10 @@ def run_tasks(coster, fn, tasks, size=len) -> None:
 
 
 def _merge(coster, results) -> None:
-    """Workers' cache entries, counters and resharding matrices into the parent's, in order."""
+    """Workers' cache entries, counters and handed-off caches into the parent's, in order."""
     plans: dict = {}  # JSON → Plan: a plan that served other requests in its worker is parsed once
-    for made, reused, solves, infeasible, min_need, matrices in results:
-        coster.reshard_cache.absorb(matrices)
+    for made, reused, solves, infeasible, min_need, entries in results:
+        _absorb(coster, entries)
         for k, v in made.items():
             if k not in coster.cache:
                 if v.plan is not None:

@@ -15,6 +15,8 @@ from typing import Callable
 from autopar.cost import ClusterSpec, shard_factor
 
 from ..graph import build_graph
+from autopar.solvers.relaxation import RelaxationCache
+
 from ..build_edges import ReshardCache
 from ..planner import PlanError, PlanHooks, lower_bound_with, plan_with
 from ..warm_start import WarmStart
@@ -122,6 +124,7 @@ class StageCoster:
         self.cache: dict = {}
         self.warm_starts: dict = {}
         self.reshard_cache = ReshardCache()  # shared by every stage build
+        self.relaxations = RelaxationCache()  # shared by every stage solve and bound
         self.problems: dict = {}  # (structure, sub-mesh, zero) -> {mesh: IntraProblem}, reused across budgets
         self.traced: dict = {}
         self.residuals: dict = {}  # program key -> residual bytes (``activation``)
@@ -134,6 +137,11 @@ class StageCoster:
         self.workers = 1  # processes for ``pool.prefetch``
         self.prefetched: set = set()  # keys a worker planned, not yet asked for here
         self.reused: set = set()  # keys answered by an earlier plan (``served``), not planned
+
+    @property
+    def handoffs(self) -> tuple:
+        """The caches a worker process hands back (``pool``, ``solvers.handoff``)."""
+        return self.reshard_cache, self.relaxations
 
     def stage(self, i: int, j: int) -> tuple[Stage, str]:
         """Layers i..j−1 as a stage and its structural key (computed once per range; every
@@ -369,7 +377,8 @@ class StageCoster:
             restrict=lambda shape: {"input_usage_scale": scale, "split_backward": True, **kept, **(
                 {} if self.restrict is None else self.restrict((p, a, nd, ct), tuple(shape)))},
             strategy_name=self.strategy_name, warm_start=self._warm_start((p, a, nd, ct), (*key, zero, held)),
-            problems=self.problems.setdefault((*key, zero, held), {}), reshard_cache=self.reshard_cache, carry=False,
+            problems=self.problems.setdefault((*key, zero, held), {}), reshard_cache=self.reshard_cache,
+            relaxations=self.relaxations, carry=False,
             cutoff=True, outcomes=outcomes, lp_time_s=lp_time_s, stall_s=STAGE_STALL_S)
 
     def bound(self, i: int, j: int, submesh, remat: str = "none", zero: bool = False) -> float:
