@@ -12,24 +12,19 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from autopar.cost import ClusterSpec, shard_factor
-
-from ..graph import build_graph
 from autopar.solvers.relaxation import RelaxationCache
 
 from ..build_edges import ReshardCache
 from ..planner import PlanError, PlanHooks, lower_bound_with, plan_with
-from ..warm_start import WarmStart
 from ..progress import Progress
 from ..rules import stage_rules
-from ..trace import trace
+from ..warm_start import WarmStart
 from .costs import INFEASIBLE, StageCost
-from .inputs import TrainingInputs, nbytes
+from .inputs import TrainingInputs
 from .reuse import served
-from .zero import gather_time, optimizer_bytes, reserved_bytes
-from .halves import cut_train, residual_bytes_per_device
-from .stages import (Stage, residual_bytes, single_layer_stages, stage_abstract_args, stage_for_range,
-                     stage_forward, stage_train, structural_key)
+from .stage_price import StagePricing, sub_cluster
+from .stage_programs import StagePrograms
+from .stages import stage_train
 
 # per intra-op stage plan when time_limit_s is None: small stages solve exactly in well under a
 # second; a big stage whose ILP goes to the heuristic returns its incumbent after this long (the
@@ -60,14 +55,6 @@ LAYER_TIME_LIMIT_S = 1.0
 # GPT-175B's LM-head stage on (4, 8) (1,024 nodes, 278k variables), the same cost after 1.5, 2, 3
 # and 10 s, its best found by 1.8 s — the 10 s limit spent 8 s of refinement on nothing
 STAGE_STALL_S = 2.0
-
-
-def sub_cluster(spec: ClusterSpec, submesh) -> tuple[ClusterSpec, int]:
-    """The cluster a sub-mesh (n, m) sees: n nodes of m devices each."""
-    n, m = submesh
-    if m == spec.devices_per_node:
-        return spec, n
-    return spec.model_copy(update={"devices_per_node": m}), n
 
 
 def stage_meshes(submesh, search: str = "auto") -> list[tuple[int, ...]]:
@@ -107,17 +94,18 @@ def autopar_options(inputs: TrainingInputs, solver: str, time_limit_s, mesh_sear
                        warm_start=stage_rules(inputs.microbatch_size))
 
 
-class StageCoster:
-    """Plans (layer range, sub-mesh) stages with the intra-op ILP, cached by structural key."""
+class StageCoster(StagePrograms, StagePricing):
+    """Plans (layer range, sub-mesh) stages with the intra-op ILP, cached by structural key
+    (its stage programs: ``stage_programs``; a plan priced: ``stage_price``)."""
 
     def __init__(self, inputs: TrainingInputs, layer_eqns, options: CostOptions = CostOptions(),
                  progress: Progress | None = None):
+        super().__init__(inputs.program, inputs.num_params, layer_eqns)
         o = options
         # restrict: build_problem filters (baselines); warm_start: the rule whose plan warm-starts
         # every stage ILP (``PlanHooks.warm_start``); both take (stage_args (p, a, nd, ct), mesh_shape)
         self.mesh_search, self.restrict, self.strategy_name = o.mesh_search, o.restrict, o.strategy_name
         self.warm_start = o.warm_start
-        self.program, self.P, self.layer_eqns = inputs.program, inputs.num_params, list(layer_eqns)
         self.spec, self.nodes, self.budget, self.opt_ratio = inputs.spec, inputs.nodes, inputs.budget, inputs.opt_ratio
         self.num_microbatches = inputs.num_microbatches
         self.solver, self.time_limit_s = o.solver, o.time_limit_s
@@ -126,9 +114,6 @@ class StageCoster:
         self.reshard_cache = ReshardCache()  # shared by every stage build
         self.relaxations = RelaxationCache()  # shared by every stage solve and bound
         self.problems: dict = {}  # (structure, sub-mesh, zero) -> {mesh: IntraProblem}, reused across budgets
-        self.traced: dict = {}
-        self.residuals: dict = {}  # program key -> residual bytes (``activation``)
-        self.stages: dict = {}
         self.bounds: dict = {}  # cache key → ``bound``
         self.planned: dict = {}  # (program key, sub-mesh, mesh or None, zero) -> [(budget, fitting StageCost)]
         self.solves = self.hits = self.infeasible = 0
@@ -142,33 +127,6 @@ class StageCoster:
     def handoffs(self) -> tuple:
         """The caches a worker process hands back (``pool``, ``solvers.handoff``)."""
         return self.reshard_cache, self.relaxations
-
-    def stage(self, i: int, j: int) -> tuple[Stage, str]:
-        """Layers i..j−1 as a stage and its structural key (computed once per range; every
-        single layer at the first one's request, in one pass: ``single_layer_stages``)."""
-        if (i, j) not in self.stages:
-            if j == i + 1 and (0, 1) not in self.stages:
-                for k, st in enumerate(single_layer_stages(self.program, self.P, self.layer_eqns)):
-                    self.stages[(k, k + 1)] = (st, structural_key(self.program, st, self.P))
-                return self.stages[(i, j)]
-            st = stage_for_range(self.program, self.P, self.layer_eqns[i][0], self.layer_eqns[j - 1][1])
-            self.stages[(i, j)] = (st, structural_key(self.program, st, self.P))
-        return self.stages[(i, j)]
-
-    def stages_ahead(self, ranges) -> None:
-        """Cut the layer ranges (i, j) of ``ranges`` (a split's stages: in order, not
-        overlapping) that ``stage`` has not cut yet out of the program in one pass
-        (``single_layer_stages`` on their equation ranges) instead of one pass each (measured:
-        the refinement's two splits of GPT-175B on 1,024 H100s, 59 ranges, 1.2 s of the pool's
-        parent before its round, ~20 ms a cut)."""
-        todo = [(i, j) for i, j in dict.fromkeys(map(tuple, ranges)) if (i, j) not in self.stages]
-        ordered = all(i < j for i, j in todo) and all(j <= c for (_, j), (c, _) in zip(todo, todo[1:]))
-        if len(todo) < 2 or not ordered:
-            return  # (one range, or not a split: ``stage`` cuts them one by one)
-        cut = single_layer_stages(self.program, self.P,
-                                  [(self.layer_eqns[i][0], self.layer_eqns[j - 1][1]) for i, j in todo])
-        for (i, j), st in zip(todo, cut):
-            self.stages[(i, j)] = (st, structural_key(self.program, st, self.P))
 
     def cost(self, i: int, j: int, submesh, mesh_shape=None, share: float = 1.0, remat: str = "none",
              zero: bool = False, budget: float | None = None, inflight: int = 1) -> StageCost:
@@ -218,14 +176,6 @@ class StageCoster:
         full = self.plan_key(i, j, submesh, mesh_shape, 1.0, remat, zero)
         return hit.fits or share <= 1.0 or full in self.cache or self.served(i, j, full) is not None
 
-    def ilp_limit(self, i: int, j: int, submesh, budget: float, zero: bool) -> float:
-        """The memory limit of the stage ILP within ``budget`` (ZeRO-1: less the least optimizer state)."""
-        if not zero:
-            return budget
-        st = self.stage(i, j)[0]
-        p_bytes = sum(self.program.values[self.program.invars[q]].nbytes for q in st.params)
-        return max(budget - reserved_bytes(p_bytes, submesh[0] * submesh[1], self.opt_ratio), 1.0)
-
     def served(self, i: int, j: int, key) -> StageCost | None:
         """What an earlier plan answers for cache key ``key`` of layers i..j−1 (``reuse.served``)."""
         return served(self, i, j, key)
@@ -235,44 +185,6 @@ class StageCoster:
         self.cache[key] = res
         if res.fits:
             self.planned.setdefault((key[0], key[1], key[2], key[4]), []).append((key[3], key[5], res))
-
-    def program_key(self, i: int, j: int, remat: str = "none"):
-        """What the stage's traced forward + backward depends on: its structure, and with
-        remat where its layers are cut (relative equation positions)."""
-        skey = self.stage(i, j)[1]
-        if remat == "none":
-            return skey
-        a = self.layer_eqns[i][0]
-        return skey, remat, tuple(self.layer_eqns[k][0] - a for k in range(i + 1, j))
-
-    def trace_ahead(self, ranges, remats) -> None:
-        """Trace here each distinct stage program of these (i, j) ranges and
-        rematerialisations, once: with a worker pool, every round's forked workers inherit it
-        (each round forks fresh workers from this process: what one round's worker traced, the
-        next round's traced again — measured at GPT-175B@1,024: 57 traces of 14 programs, 5.9
-        of their 8.8 s CPU repeats, nearly all of single layers)."""
-        for r in remats:
-            for i, j in ranges:
-                self._traced(i, j, r)
-
-    def activation(self, i: int, j: int, remat: str = "none") -> float:
-        """Bytes layers i..j−1 keep for the backward per micro-batch with ``remat`` (all
-        devices together; ``stages.residual_bytes``): traced only, no plan (cached)."""
-        key = self.program_key(i, j, remat)
-        if key not in self.residuals:
-            if key in self.traced:
-                self.residuals[key] = self.traced[key][4]
-            else:
-                st = self.stage(i, j)[0]
-                args = stage_abstract_args(self.program, st, self.P)
-                fwd = stage_forward(self.program, st, self.P, remat, self.layer_eqns[i:j])
-                self.residuals[key] = residual_bytes(fwd, *args[:3])
-        return self.residuals[key]
-
-    def input_bytes(self, i: int) -> float:
-        """Bytes of the floating activations layer i receives from earlier layers."""
-        st = self.stage(i, i + 1)[0]
-        return float(sum(self.program.values[v].nbytes for v in st.acts_in))
 
     def cost_within(self, i: int, j: int, submesh, mesh_shape, budget: float,
                     time_limit_s: float | None = None, remat: str = "none", zero: bool = False,
@@ -330,26 +242,6 @@ class StageCoster:
         self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]}: {sp.solver.status}")
         return res
 
-    def _traced(self, i: int, j: int, remat: str = "none") -> tuple:
-        """(fwd, stage args, traced stage_train program, its graph, residual bytes, halves cut)
-        of layers i..j−1 with ``remat``: traced once per stage program, shared by all sub-meshes."""
-        skey = self.program_key(i, j, remat)
-        if skey not in self.traced:
-            st = self.stage(i, j)[0]
-            fwd = stage_forward(self.program, st, self.P, remat, self.layer_eqns[i:j])
-            args = stage_abstract_args(self.program, st, self.P)
-            prog = trace(stage_train(fwd), *args)
-            self.traced[skey] = (fwd, args, prog, build_graph(prog), residual_bytes(fwd, *args[:3]),
-                                 cut_train(fwd, args, prog, len(st.outs) + len(st.nd_outs)))
-        return self.traced[skey]
-
-    def reserve(self, i: int, j: int, submesh, zero: bool) -> float:
-        """ZeRO-1: the least optimizer state a stage of layers i..j−1 reserves per device (else 0)."""
-        if not zero:
-            return 0.0
-        p = stage_abstract_args(self.program, self.stage(i, j)[0], self.P)[0]
-        return reserved_bytes(sum(nbytes(x) for x in p), submesh[0] * submesh[1], self.opt_ratio)
-
     def _lp_time(self, limit: float) -> float | None:
         """Seconds a stage ILP's LP relaxation runs outside its time limit ``limit``
         (``solvers.solve(lp_time_s=)``): under a limit of autopar's own (a layer's, a lean
@@ -398,61 +290,6 @@ class StageCoster:
             self.bounds[key] = lb + self.send_time(i, j, submesh[0] * submesh[1])
             self.progress.advance(detail=f"layers {i}..{j - 1} on {submesh[0]}x{submesh[1]}: bounded")
         return self.bounds[key]
-
-    def send_time(self, i: int, j: int, n_dev: int) -> float:
-        """Seconds to receive layers i..j−1's incoming activations and send their gradients back
-        (``costs`` module docstring: 2·(α + bytes_in / (n_dev·bw)))."""
-        st = self.stage(i, j)[0]
-        vals = self.program.values
-        in_bytes = sum(vals[v].nbytes for v in list(st.acts_in) + list(st.nd_acts_in))
-        link = self.spec.inter_node_link if self.nodes > 1 else self.spec.intra_node_link
-        bw = (self.spec.inter_node_bandwidth_per_device() if self.nodes > 1 else link.bandwidth_bytes_per_s) * n_dev
-        return 2 * (link.alpha_s + in_bytes / bw) if in_bytes else 0.0
-
-    def stage_cost(self, i: int, j: int, submesh, sp, remat: str, zero: bool, memory_free: bool = False,
-                   held: int = 0, act: float | None = None) -> StageCost:
-        """The StageCost of layers i..j−1 planned as ``sp`` on ``submesh`` (``costs`` module
-        docstring); ``held``: copies of the residuals its ILP held besides (``cost_within``);
-        ``act``: the residual bytes per device where another StageCost of the same program and
-        layouts has them (``reuse.zero_of``) — the process that reuses a plan may not have
-        traced its program, and the estimate without the trace differs."""
-        st = self.stage(i, j)[0]
-        p = stage_abstract_args(self.program, st, self.P)[0]
-        vals = self.program.values
-        sizes = dict(zip(sp.axis_names, sp.mesh_shape))
-        n_dev = math.prod(sp.mesh_shape)
-        p_bytes = [nbytes(x) for x in p]
-        p_specs = sp.input_specs_flat[:len(p)]
-        param_dev = sum(b / shard_factor(spec, sizes) for b, spec in zip(p_bytes, p_specs))
-        # the residuals in their planned layouts, as the runtime keeps them (pipeline.halves); a
-        # replicated one is whole on every device (not traced here: the vjp residuals spread evenly)
-        traced = self.traced.get(self.program_key(i, j, remat))
-        kept = 0.0  # the held copies, as the ILP counted them (``build.held_usages``)
-        if act is not None:
-            kept = held * act
-        elif traced is not None and traced[5] is not None:
-            act = residual_bytes_per_device(traced[2], traced[5], sp)
-            kept = held * act
-        else:
-            act = self.activation(i, j, remat) / n_dev
-        send = self.send_time(i, j, n_dev)
-        # the ILP's peak counts one micro-batch's residuals (and the held copies)
-        static = max(sp.predicted.peak_memory_bytes - kept - act, 0.0)
-        shaped = [(tuple(x.shape), b) for x, b in zip(p, p_bytes)]
-        if zero:  # the optimizer state split over the replicated axes, all-gathered params once a step
-            cl, n = sub_cluster(self.spec, submesh)
-            optimizer = optimizer_bytes(shaped, p_specs, sizes, self.opt_ratio)
-            gather = gather_time(cl, n, sp.axis_names, sp.mesh_shape, shaped, p_specs)
-            static += optimizer
-            persist = min(param_dev * 2.0, static - optimizer) + optimizer
-        else:
-            optimizer, gather = param_dev * self.opt_ratio, 0.0
-            # persistent part of static: parameters with their accumulators and optimizer state
-            persist = min(param_dev * (2.0 + self.opt_ratio), static)
-        return StageCost(plan=sp, latency=sp.predicted.step_time_s + send, send=send, static=static, act=act,
-                         param_dev=param_dev, persist=persist, remat=remat, zero=zero, optimizer=optimizer,
-                         gather_s=gather, num_microbatches=self.num_microbatches, memory_free=memory_free,
-                         held=kept)
 
     def _warm_start(self, stage_args, key):
         """``PlanHooks.warm_start`` for this stage (``key``: structure, sub-mesh, ZeRO-1, residual
