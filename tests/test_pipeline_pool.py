@@ -239,3 +239,33 @@ def test_a_reshard_cache_absorbs_what_another_made():
     assert b.get(("k", 0)).shape == (2, 2) and b.mark() == (0, 3) and not b.get(("k", 2)).flags.writeable
     b.absorb({("k", 3): np.ones(1)})  # full: cleared first, then held
     assert b.mark() == (1, 1) and b.made_since((0, 3)) == {("k", 3): b.get(("k", 3))}
+
+
+def test_the_refinements_stage_tasks_go_out_longest_first_by_their_layers_plans():
+    """``search._task_work`` (the order ``prefetch_stages`` hands its tasks out): a stage's
+    single-layer plans weighted by strategies, ×``HARD_LAYER`` where the LP did not prove them,
+    × the solves a stage that likely overflows with its micro-batches in flight takes."""
+    from types import SimpleNamespace
+
+    from autopar.pipeline.costs import StageCost, StageOption
+    from autopar.pipeline.search import HARD_LAYER, IN_FLIGHT_REPLANS, SUMS_FIT, _task_work
+
+    def layer(status, strategies=100, static=1.0, act=1.0):
+        plan = SimpleNamespace(solver=SimpleNamespace(status=status, strategies=strategies))
+        return StageCost(plan=plan, latency=1.0, static=static, persist=static, act=act)
+    cache = {0: layer("optimal"), 1: layer("feasible"), 2: layer("feasible", static=40.0), 3: layer("optimal")}
+    coster = SimpleNamespace(cache=cache, plan_key=lambda i, j, sub, remat, zero: i)
+    inputs = SimpleNamespace(schedule="1f1b", num_microbatches=64, budget=100.0)
+
+    def task(a, b, remaining, stages=1):
+        return [(a, b, (1, 8), None, remaining - k, StageOption()) for k in range(stages)]
+    assert _task_work(coster, inputs, task(0, 1, 1)) == 100.0
+    assert _task_work(coster, inputs, task(1, 2, 1)) == 100.0 * HARD_LAYER  # not proven: a longer solve
+    assert _task_work(coster, inputs, task(0, 2, 1)) == 100.0 * (1 + HARD_LAYER)
+    # layers 1-2: 41 static + 2 per micro-batch in flight (1F1B: as many as the stages left, here
+    # 1 or 30): within SUMS_FIT of the budget one solve, beyond it a replan per stage too
+    assert 41.0 + 2 * 1 <= SUMS_FIT * 100 < 41.0 + 2 * 30
+    assert _task_work(coster, inputs, task(1, 3, 1, stages=1)) == 200.0 * HARD_LAYER
+    assert _task_work(coster, inputs, task(1, 3, 30, stages=5)) == 200.0 * HARD_LAYER * (1 + IN_FLIGHT_REPLANS)
+    assert _task_work(coster, inputs, task(1, 3, 30, stages=1)) == 200.0 * HARD_LAYER * 2
+    assert _task_work(coster, inputs, task(3, 5, 1)) == 0.0  # a layer not planned: no estimate

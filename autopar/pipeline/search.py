@@ -32,6 +32,12 @@ from .pool import run_tasks
 
 # ``plan_stage`` plans a stage again for its micro-batches in flight at most this often
 IN_FLIGHT_REPLANS = 3
+# ``_task_work``: a layer the LP relaxation did not prove optimal weighs this many times its strategies
+HARD_LAYER = 3.0
+# … and a stage whose single-layer sums fill more than this share of the budget with its
+# micro-batches in flight likely overflows planned whole (GPT-175B's 3-layer stages on (4, 8):
+# sums of 83.2 and 83.7 of 85.9 GB with 17 and 20 in flight, both planned again)
+SUMS_FIT = 0.9
 
 
 def stage_problem(inputs: TrainingInputs, num_layers: int, costs: CostArrays) -> StageProblem:
@@ -222,21 +228,35 @@ def prefetch_stages(coster, inputs: TrainingInputs, asks, extra=()) -> None:
     tasks = [t for items in groups.values() for t in _independent(items)]
     run_tasks(coster, lambda c, items: [plan_stage(c, inputs, *it) for it in items],
               [t for t in tasks if any(_plans_new(coster, inputs, *it) for it in t)],
-              size=lambda t: (len(t), _layer_solve_s(coster, *t[0][:3], t[0][5])))
+              size=lambda t: _task_work(coster, inputs, t))
 
 
-def _layer_solve_s(coster, a: int, b: int, sub, option) -> float:
-    """Seconds the whole-budget plans of layers a..b−1 on ``sub`` with ``option`` took to
-    solve, one by one (0 for one not planned). A worker pool hands out the tasks of the most
-    stages first (each may be planned again for its micro-batches in flight), then, among as
-    many, the one whose stage ILP likely takes longest (GPT-175B on 1,024 H100s: the LM-head
-    stage's, 15.6 s, whose layers took 3.0 s, against a 2-layer stage's 1.6 s; when it came
-    after that one, the last of the refinement's stage plans ended 2–3 s later)."""
-    total = 0.0
+def _task_work(coster, inputs: TrainingInputs, items) -> float:
+    """The work a ``prefetch_stages`` task (one stage program's ``plan_stage`` arguments, in
+    stage order: the first holds the most micro-batches in flight) likely takes, to hand the
+    longest out first: its first stage's single-layer plans (whole budget, its option), each
+    weighted by its strategies — ×1 where the LP relaxation proved it optimal, ×``HARD_LAYER``
+    otherwise (the stage ILP then goes through the LP's support, the local search, the rule's
+    start or the heuristic) — times the solves it likely needs: one when their sums
+    (``costs.Sums``) fit its micro-batches in flight well (``SUMS_FIT``), else the plan and a
+    replan for the micro-batches in flight of each stage, at most ``IN_FLIGHT_REPLANS``.
+    Measured on GPT-175B on 1,024 H100s, the refinement's six tasks: a 3-layer stage whose layers
+    the LP proved, 1.6 s (one solve); of unproven layers, 3.5 s a solve, 7.9 and 10.6 s for
+    two and three; the LM-head stage, 7.6 s (one solve, the heuristic). Ordered by the number of
+    stages, then by their layers' solve seconds, the LM-head stage started last and ended 6 s
+    after the other worker's last task. 0 for a task whose layers are not all planned."""
+    a, b, sub, _, remaining, option = items[0]
+    inflight = Schedule(inputs.schedule).inflight(remaining, inputs.num_microbatches)
+    run, work, sums = Sums(), 0.0, None
     for i in range(a, b):
         c = coster.cache.get(coster.plan_key(i, i + 1, sub, **option._asdict()))
-        total += c.plan.timing.solve_s if c is not None and c.fits else 0.0
-    return total
+        if c is None or c.plan is None:
+            return 0.0
+        sums = run.add(c)
+        work += c.plan.solver.strategies * (1.0 if c.plan.solver.status == "optimal" else HARD_LAYER)
+    _, static, act = sums
+    fits = static + inflight * act <= SUMS_FIT * inputs.budget
+    return work * (1 if fits else 1 + min(IN_FLIGHT_REPLANS, len(items)))
 
 
 def plan_stages(coster, inputs: TrainingInputs, stages, mesh_of, option_of=None) -> list[ChosenStage]:
@@ -244,8 +264,8 @@ def plan_stages(coster, inputs: TrainingInputs, stages, mesh_of, option_of=None)
     (every ``stage_meshes``) or a list of meshes tried one by one (the fastest that fits
     with its in-flight micro-batches wins); ``option_of(a, b, sub)``: its
     :class:`StageOption` (default: no remat, no ZeRO-1). With a worker pool, the stages of
-    one stage program and sub-mesh are one task (``pool.run_tasks``, those of the most stages
-    first): planned, and planned again for their micro-batches in flight (``plan_stage``), in
+    one stage program and sub-mesh are one task (``pool.run_tasks``, the likely longest first:
+    ``_task_work``): planned, and planned again for their micro-batches in flight (``plan_stage``), in
     stage order, in one worker that goes on without waiting for the other programs' plans
     (measured on GPT-175B on 1,024 H100s: a 3-layer program's whole-budget plan, then two
     replans for 17 and 16 in flight, 18.6 s in one worker, beside the LM-head stage's 12.7 s)."""
