@@ -25,7 +25,7 @@ with its limit, which differs with the limit) and a :class:`RelaxationCache` kee
 digest of those costs (``cost_key``): one stage planned at several memory budgets, with
 ZeRO-1 or without, with its in-flight residuals held or not, and bounded first
 (``driver.lower_bound``) solves one LP (measured on GPT-175B on 1,024 H100s: 41 of 212 LPs,
-12.3 of 49.8 s, repeated one already solved). ``Relaxation.onto`` maps it onto the problem
+13.8 of 56 s CPU, repeated one already solved). ``Relaxation.onto`` maps it onto the problem
 presolved with the limit (``presolve.Presolved.forward``, ``forward_sets``).
 """
 from __future__ import annotations
@@ -73,8 +73,10 @@ def memory_free(problem: Problem) -> MemoryFree:
 @dataclass(frozen=True)
 class Relaxation:
     """The memory-free LP relaxation of a problem (``relax``), in that problem's terms."""
-    optimal: bool  # solved to optimality (else its time ran out: no bound, no support)
-    bound: float  # its optimum (a lower bound on every choice, fitting or not) when optimal
+    optimal: bool  # solved to optimality (else its time ran out: no support)
+    # a lower bound on every choice, fitting or not: the LP optimum when optimal, else the best
+    # the unfinished LP had (``ilp.solve_ilp``: at least the trivial bound)
+    bound: float
     choice: tuple | None  # the LP optimum rounded: a choice of the problem (None: none, or unusable)
     support: list | None  # per node, the strategies with a positive LP value (optimal only)
     seconds: float  # what presolving and solving it took, when it was solved

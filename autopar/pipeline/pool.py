@@ -20,7 +20,7 @@ does not hold is lost with it: besides its plans, a worker hands back what its c
 ``handoffs`` caches gained (``solvers.handoff``, each entry a function of its key alone): the
 resharding matrices its problem builds made and the LP relaxations its solves and bounds
 solved; the next rounds' workers inherit them (measured on GPT-175B on 1,024 H100s: 3.2 of
-the 6.6 s CPU of matrix builds repeated an earlier round's; 12.3 of 49.8 s of LPs repeated one
+the 6.6 s CPU of matrix builds repeated an earlier round's; 13.8 of 56 s CPU of LPs repeated one
 solved before, most of them in another process).
 
 Workers are forked (a traced loss function cannot be pickled). JAX warns that ``os.fork`` does
