@@ -13,9 +13,6 @@ class HandoffCache:
         self._entries: dict = {}
         self._clears = 0
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def get(self, key):
         return self._entries.get(key)
 

@@ -156,7 +156,7 @@ def lp_first(problem: Problem, relaxation: Relaxation, gap_rel: float,
     r = relaxation
     if cutoff is not None and r.optimal and r.bound >= cutoff:
         return Solution(choice=(), cost=math.inf, feasible=False, status="cutoff", lower_bound=r.bound,
-                        solver="highs-lp", time_s=r.seconds, stats=r.stats)
+                        solver="highs-lp", time_s=r.seconds, stats=dict(r.stats))  # (r may be cached: a copy)
     if rounded is not None and r.choice:  # (the MILP's caller may start from it)
         rounded.append(r.choice)
     if relaxed is not None and r.optimal and r.support is not None:
@@ -168,4 +168,4 @@ def lp_first(problem: Problem, relaxation: Relaxation, gap_rel: float,
         return None
     status = "optimal" if cost - r.bound <= 1e-9 * max(1.0, abs(cost)) else "feasible"
     return Solution(choice=r.choice, cost=cost, feasible=True, status=status, lower_bound=r.bound,
-                    solver="highs-lp", time_s=r.seconds, stats=r.stats)
+                    solver="highs-lp", time_s=r.seconds, stats=dict(r.stats))

@@ -47,12 +47,11 @@ class StagePricing:
         return reserved_bytes(sum(nbytes(x) for x in p), submesh[0] * submesh[1], self.opt_ratio)
 
     def ilp_limit(self, i: int, j: int, submesh, budget: float, zero: bool) -> float:
-        """The memory limit of the stage ILP within ``budget`` (ZeRO-1: less the least optimizer state)."""
+        """The memory limit of the stage ILP within ``budget`` (ZeRO-1: less the least optimizer
+        state, ``reserve``: the limit ``cost_within`` plans under)."""
         if not zero:
             return budget
-        st = self.stage(i, j)[0]
-        p_bytes = sum(self.program.values[self.program.invars[q]].nbytes for q in st.params)
-        return max(budget - reserved_bytes(p_bytes, submesh[0] * submesh[1], self.opt_ratio), 1.0)
+        return max(budget - self.reserve(i, j, submesh, zero), 1.0)
 
     def stage_cost(self, i: int, j: int, submesh, sp, remat: str, zero: bool, memory_free: bool = False,
                    held: int = 0, act: float | None = None) -> StageCost:
