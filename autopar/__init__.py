@@ -33,6 +33,7 @@ _EXPORTS = {
     "stage_boundary": "autopar.pipeline.boundary",
     "TraceError": "autopar.trace",
     "plan_training": "autopar.pipeline.training",
+    "step_lower_bound": "autopar.pipeline.bound",
     "TrainingPlan": "autopar.pipeline.training_plan",
 }
 _MODULES = {"baselines"}

@@ -133,3 +133,23 @@ def test_baseline_options_are_checked(devices8):
         dp_tp_pp(gpt.loss_fn, params, batch, remat=("selective",), **kw)
     with pytest.raises(ValueError, match="microbatches must be"):
         dp_tp_pp(gpt.loss_fn, params, batch, microbatches=(0,), **kw)
+
+
+def test_step_lower_bound_is_below_every_plan_and_scales_with_the_devices(gpt_case):
+    """autopar.step_lower_bound: the micro-batch's compute on one device × micro-batches /
+    devices; neither planner's predicted step is below it."""
+    params, batch, _, base, ours = gpt_case
+    kw = dict(cluster=make_cluster(4), num_microbatches=2)
+    bound = autopar.step_lower_bound(gpt.loss_fn, params, batch, nodes=2, **kw)
+    assert 0 < bound <= ours.predicted.step_time_s and bound <= base.predicted.step_time_s
+    # every stage's compute (collectives left out) is at least its share of the bound
+    compute = sum(s.plan.predicted.compute_s * np.prod(s.submesh) for s in ours.stages) * ours.num_microbatches
+    assert compute >= bound * 8 * (1 - 1e-9)
+    assert autopar.step_lower_bound(gpt.loss_fn, params, batch, nodes=1, **kw) == pytest.approx(2 * bound)
+    # the fewest micro-batches asked for (the largest, nearest peak) make the bound
+    assert autopar.step_lower_bound(gpt.loss_fn, params, batch, nodes=2, cluster=make_cluster(4),
+                                    num_microbatches=(4, 2)) == pytest.approx(bound)
+    assert autopar.step_lower_bound(gpt.loss_fn, params, batch, nodes=2, cluster=make_cluster(4),
+                                    num_microbatches=4) >= bound * (1 - 1e-9)
+    with pytest.raises(ValueError, match="nodes must be a positive int"):
+        autopar.step_lower_bound(gpt.loss_fn, params, batch, nodes=0, **kw)
