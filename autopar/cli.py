@@ -149,6 +149,17 @@ def _training_plan(ns, module, fn, args):
             solver=ns.solver, time_limit_s=ns.time_limit, remat=ns.remat, zero=ns.zero, verbose=progress)
 
 
+def _bound(ns, fn, args, plan) -> None:
+    """``--bound``: the step no plan beats (``autopar.step_lower_bound``) and this plan over it."""
+    if not ns.bound:
+        return
+    import autopar
+    lb = autopar.step_lower_bound(fn, *args, cluster=ns.cluster, nodes=ns.nodes, num_microbatches=ns.microbatches)
+    print(f"\ncompute bound: {lb:.4g} s per step (one micro-batch's forward + backward on one device × "
+          f"micro-batches / devices; no plan is faster); this plan's {plan.predicted.step_time_s:.4g} s is "
+          f"{plan.predicted.step_time_s / lb:.2f}× it")
+
+
 def _finish_training(ns, plan) -> None:
     if ns.json:
         Path(ns.json).write_text(plan.to_json())
@@ -195,6 +206,7 @@ def cmd_plan(ns) -> int:
     if ns.train:
         plan = _training_plan(ns, module, fn, args)
         print(plan.report())
+        _bound(ns, fn, args, plan)
         _finish_training(ns, plan)
         return 0
     plan = _plan_from_args(ns, fn, args)
@@ -260,6 +272,7 @@ def _run_training(ns, module, fn, args) -> int:
     def make():
         plan = _training_plan(ns, module, fn, args)
         print(plan.report())
+        _bound(ns, fn, args, plan)
         _finish_training(ns, plan)
         return plan
     if ns.plan:
@@ -324,6 +337,8 @@ def _common(p):
     t.add_argument("--zero", default="auto", choices=["auto", "none", "1"],
                    help="optimizer-state sharding (ZeRO-1) per stage: chosen by the search (auto) or forced")
     t.add_argument("--timeline", help="draw the pipeline schedule to this .svg or .png")
+    t.add_argument("--bound", action="store_true", help="also print the compute bound (autopar.step_lower_bound: "
+                   "a step no plan beats) and the plan's step over it")
 
 
 def main(argv=None) -> int:

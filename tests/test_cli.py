@@ -71,8 +71,10 @@ def test_training_plan_run_timeline_and_saved_plan(tmp_path):
     assert svg.read_text().startswith("<") and json.loads(saved.read_text())["kind"] == "training"
     r = autopar("run", "examples/mlp.py:loss_fn", *knobs, "--plan", str(saved))
     assert r.returncode == 0 and "→ OK" in r.stdout, r.stderr + r.stdout
-    r = autopar("plan", "examples/mlp.py:loss_fn", *knobs[:7], "--microbatches", "1,2", "--layers", "2")
+    r = autopar("plan", "examples/mlp.py:loss_fn", *knobs[:7], "--microbatches", "1,2", "--layers", "2", "--bound")
     assert r.returncode == 0 and "micro-batch counts tried" in r.stdout and "→" in r.stdout, r.stderr + r.stdout
+    line = next(x for x in r.stdout.splitlines() if x.startswith("compute bound: "))
+    assert float(line.rsplit(" ", 2)[-2].rstrip("×")) >= 1.0, line   # "… is 1.23× it"
     r = autopar("plan", "examples/mlp.py:loss_fn", "--train", "--stages", "0-1:1x3", "--layers", "1")
     assert r.returncode == 2 and "is not one of" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
