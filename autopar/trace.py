@@ -2,7 +2,11 @@
 
 ``jax.make_jaxpr`` on example arguments (arrays or ``jax.ShapeDtypeStruct`` pytrees — no
 allocation), then nested ``jit``, ``custom_jvp_call``, ``custom_vjp_call`` and ``remat2``
-(checkpoint) are inlined and dead equations dropped. ``jax.nn.dot_product_attention`` is
+(checkpoint) are inlined and dead equations dropped. An inlined ``custom_jvp`` / ``custom_vjp``
+call keeps a record (:class:`CustomCall`: the call as traced, its inputs and outputs) and its
+equations a tag, so a program that is differentiated after flattening (a pipeline stage's
+forward) can bind the call itself and get its custom derivative, not the derivative of its
+body (``emit.interpret(custom_calls=True)``). ``jax.nn.dot_product_attention`` is
 intercepted while tracing and becomes one equation (forward; its gradient a second one):
 see :mod:`autopar.attention`. A ``scan``'s body is expanded in place, once (see
 :class:`Region`); ``while``/``cond`` stay single equations. Values are numbered with plain ints.
@@ -69,6 +73,26 @@ class Eqn:
     repeat: int = 1            # executions per call: the trip counts of the enclosing scans
     scope: tuple = ()          # ids of the enclosing scan regions, outermost first
     remat: int | None = None   # the inlined jax.checkpoint (prevent_cse) it came from, outermost
+    custom: int | None = None  # the inlined custom_jvp / custom_vjp call it came from, outermost
+
+
+CUSTOM_CALLS = ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
+
+
+@dataclass(frozen=True)
+class CustomCall:
+    """One inlined ``custom_jvp`` / ``custom_vjp`` call: ``prim`` bound with ``params`` on
+    ``inputs`` gives ``outputs`` with the user's derivative rule. Its equations (tagged
+    ``Eqn.custom == id``) are contiguous; each output is made by one of them (an output that
+    was an input or a literal gets a ``copy``). ``remat``, ``scope``: the checkpoint group and
+    scan regions around the call."""
+    id: int
+    prim: Any
+    params: dict
+    inputs: tuple              # int (value id) | Lit
+    outputs: tuple[int, ...]
+    remat: int | None = None
+    scope: tuple = ()
 
 
 # A scan's body is planned like straight-line code, once for all iterations: its equations
@@ -108,6 +132,7 @@ class Program:
     fingerprint: str = ""
     stats: dict = field(default_factory=dict)
     regions: dict = field(default_factory=dict)   # region id -> Region (expanded scans)
+    customs: dict = field(default_factory=dict)   # call id -> CustomCall (inlined custom_jvp/vjp)
 
 
 def dtype_itemsize(dtype) -> int:
@@ -134,6 +159,7 @@ class _Flattener:
         self.regions: dict[int, Region] = {}
         self.repeat, self.scope = 1, ()
         self.remat, self.remat_groups = None, 0
+        self.custom, self.customs = None, {}
 
     def new_value(self, aval) -> int:
         vid = len(self.values)
@@ -168,7 +194,13 @@ class _Flattener:
                 group = self.remat is None and name in ("checkpoint", "remat2") and eqn.params.get("prevent_cse", True)
                 if group:  # its equations stay a group: emit keeps XLA from merging a recomputation back
                     self.remat, self.remat_groups = self.remat_groups, self.remat_groups + 1
+                custom = self.custom is None and name in CUSTOM_CALLS
+                if custom:
+                    self.custom, start = len(self.customs), len(self.eqns)
                 outs = self.run(inner, inner_consts, ins[n_extra:] if n_extra > 0 else ins)
+                if custom:
+                    outs = self._custom_call(eqn, ins, outs, start)
+                    self.custom = None
                 if group:
                     self.remat = None
                 for v, o in zip(eqn.outvars, outs):
@@ -179,7 +211,7 @@ class _Flattener:
             else:
                 outs = [self.new_value(v.aval) for v in eqn.outvars]
                 self.eqns.append(Eqn(eqn.primitive, ins, outs, dict(eqn.params), _source(eqn), self.repeat,
-                                     self.scope, self.remat))
+                                     self.scope, self.remat, self.custom))
             for v, o in zip(eqn.outvars, outs):
                 env[v] = o
         return [self.read(env, v) for v in jaxpr.outvars]
@@ -187,8 +219,24 @@ class _Flattener:
     def _boundary(self, prim, x, aval, rid: int, k: int, source: str) -> int:
         out = self.new_value(aval)
         self.eqns.append(Eqn(prim, [x], [out], {"region": rid, "index": k}, source, self.repeat, self.scope,
-                             self.remat))
+                             self.remat, self.custom))
         return out
+
+    def _custom_call(self, eqn, ins, outs, start: int) -> list:
+        """Record the custom call just inlined (equations ``start:``); an output its equations
+        do not make (an input passed through, a literal) gets a ``copy`` so the call has a place."""
+        made = {o for e in self.eqns[start:] for o in e.outputs}
+        fixed = []
+        for o, v in zip(outs, eqn.outvars):
+            if not (isinstance(o, int) and o in made):
+                new = self.new_value(v.aval)
+                self.eqns.append(Eqn(jax.lax.copy_p, [o], [new], {}, _source(eqn), self.repeat, self.scope,
+                                     self.remat, self.custom))
+                o = new
+            fixed.append(o)
+        self.customs[self.custom] = CustomCall(self.custom, eqn.primitive, dict(eqn.params), tuple(ins), tuple(fixed),
+                                               self.remat, self.scope)
+        return fixed
 
     def scan(self, eqn, ins) -> list[int]:
         """Expand a ``scan`` in place (see :class:`Region`); returns its outputs' value ids."""
@@ -213,7 +261,7 @@ class _Flattener:
         return res
 
 
-def _dce(eqns: list[Eqn], outvars: list) -> list[Eqn]:
+def _dce(eqns: list[Eqn], outvars: list, customs: dict | None = None) -> list[Eqn]:
     live = {o for o in outvars if isinstance(o, int)}
     kept = []
     for eqn in reversed(eqns):
@@ -223,6 +271,8 @@ def _dce(eqns: list[Eqn], outvars: list) -> list[Eqn]:
         if effectful or any(o in live for o in eqn.outputs):
             kept.append(eqn)
             live.update(x for x in eqn.inputs if isinstance(x, int))
+            if eqn.custom is not None and customs:  # the call is bound whole, on all its inputs
+                live.update(x for x in customs[eqn.custom].inputs if isinstance(x, int))
     return kept[::-1]
 
 
@@ -244,12 +294,13 @@ def trace(fn, *args) -> Program:
     in_tree = jax.tree_util.tree_structure(args)
     invars = [flat.new_value(v.aval) for v in closed.jaxpr.invars]
     outs = flat.run(closed.jaxpr, closed.consts, invars)
-    eqns = _dce(flat.eqns, outs)
+    eqns = _dce(flat.eqns, outs, flat.customs)
     text = "\n".join(f"{e.prim.name} {e.inputs} {e.outputs} {sorted(map(str, e.params.items()))}" for e in eqns)
     shapes = ";".join(f"{flat.values[v].shape}{flat.values[v].dtype}" for v in invars)
     fingerprint = hashlib.sha256((shapes + "\n" + text).encode()).hexdigest()[:16]
     return Program(
         values=flat.values, invars=invars, outvars=outs, consts=flat.consts, eqns=eqns, regions=flat.regions,
+        customs=flat.customs,
         in_tree=in_tree, out_tree=jax.tree_util.tree_structure(out_shape), fingerprint=fingerprint,
         stats={"jaxpr_eqns": len(closed.jaxpr.eqns), "inlined_calls": flat.inlined,
                "dead_eqns": len(flat.eqns) - len(eqns)},

@@ -127,11 +127,20 @@ def cluster_layers(graph: OpGraph, num_layers: int | None = None, *, imbalance: 
     # a scan's expanded body (trace.Region) stays whole: no cut between its first and last equation
     scopes = [graph.nodes[i].eqn.scope for i in positions]
     inside = np.array([k + 1 < n and bool(set(scopes[k]) & set(scopes[k + 1])) for k in range(n)])
+    # nor an inlined custom_jvp / custom_vjp call: a stage binds it whole (trace.CustomCall)
+    customs = [graph.nodes[i].eqn.custom for i in positions]
+    in_call = np.array([k + 1 < n and customs[k] is not None and customs[k] == customs[k + 1] for k in range(n)])
+    inside |= in_call
     cut = np.where(inside, np.inf, cut)
     cuttable = int((~inside[:-1]).sum()) if n > 1 else 0
     markers = [k for k, i in enumerate(positions) if graph.nodes[i].name == "stage_boundary"]
     if markers:
         ends = sorted({k for k in markers if k + 1 < n and graph.nodes[positions[k + 1]].name != "stage_boundary"})
+        cut_call = [k for k in ends if in_call[k]]
+        if cut_call:
+            raise ValueError("an autopar.stage_boundary marker inside a jax.custom_jvp / custom_vjp function "
+                             f"({graph.nodes[positions[cut_call[0]]].eqn.source or 'in the loss'}): a stage must hold "
+                             "the whole call to keep its derivative rule; mark the boundary outside the function")
         if num_layers is not None and num_layers != len(ends) + 1:
             raise ValueError(f"num_layers={num_layers} but the function's stage_boundary markers make "
                              f"{len(ends) + 1} layers; drop num_layers or the markers")

@@ -56,7 +56,7 @@ def remat_forward(program: Program, st, num_params: int, layer_ranges, option: s
     policy = POLICIES[option]
     steps = []
     for ls in layers:
-        run = interpret(_sub_program(program, ls, num_params), {}, {}, None)
+        run = interpret(_sub_program(program, ls, num_params), {}, {}, None, custom_calls=True)
         steps.append((ls, jax.checkpoint(lambda p, x, nd, run=run: run(*p, *x, *nd), policy=policy)))
     ny = len(st.outs)
 

@@ -57,6 +57,14 @@ def _floating(dtype) -> bool:
     return bool(jnp.issubdtype(dtype, jnp.inexact))  # (numpy alone does not know bfloat16)
 
 
+def _reads(program: Program, eqn) -> list:
+    """What ``eqn`` reads; in an inlined custom call, also the call's inputs (a stage binds the
+    call whole, so it needs them all: ``emit.interpret(custom_calls=True)``)."""
+    if eqn.custom is None or eqn.custom not in program.customs:
+        return eqn.inputs
+    return list(eqn.inputs) + list(program.customs[eqn.custom].inputs)
+
+
 def split_program(program: Program, num_params: int, eqn_ranges) -> list[Stage]:
     """Cut ``program`` (inputs: ``num_params`` param leaves, then batch leaves) at
     ``eqn_ranges`` = [(start, end), …] that tile ``range(len(program.eqns))`` in order."""
@@ -75,14 +83,14 @@ def split_program(program: Program, num_params: int, eqn_ranges) -> list[Stage]:
     used_later: dict[int, set[int]] = {}
     for s, (a, b) in enumerate(ranges):
         for eqn in program.eqns[a:b]:
-            for x in eqn.inputs:
+            for x in _reads(program, eqn):
                 if isinstance(x, int) and x in stage_of and stage_of[x] != s:
                     used_later.setdefault(x, set()).add(s)
     stages = []
     for s, (a, b) in enumerate(ranges):
         params, batch, acts, nd_acts, consts = set(), set(), set(), set(), set()
         for eqn in program.eqns[a:b]:
-            for x in eqn.inputs:
+            for x in _reads(program, eqn):
                 if not isinstance(x, int):
                     continue
                 if x in invar_pos:
@@ -171,7 +179,8 @@ def _sub_program(program: Program, st: Stage, num_params: int) -> Program:
               + [program.invars[num_params + b] for b in st.batch] + list(st.nd_acts_in))
     return Program(values=program.values, invars=invars, outvars=list(st.outs) + list(st.nd_outs),
                    consts={c: program.consts[c] for c in st.consts},
-                   eqns=program.eqns[st.eqns[0]:st.eqns[1]], in_tree=None, out_tree=None, regions=program.regions)
+                   eqns=program.eqns[st.eqns[0]:st.eqns[1]], in_tree=None, out_tree=None, regions=program.regions,
+                   customs=program.customs)
 
 
 def stage_forward(program: Program, st: Stage, num_params: int, remat: str = "none", layer_ranges=None):
@@ -181,7 +190,7 @@ def stage_forward(program: Program, st: Stage, num_params: int, remat: str = "no
     if remat != "none":
         from .remat import remat_forward
         return remat_forward(program, st, num_params, layer_ranges, remat)
-    run = interpret(_sub_program(program, st, num_params), {}, {}, None)
+    run = interpret(_sub_program(program, st, num_params), {}, {}, None, custom_calls=True)
     ny = len(st.outs)
 
     def fwd(p, a, nd):
