@@ -72,10 +72,11 @@ def interpret(program: Program, out_specs: dict[int, list], in_specs: dict[tuple
     broadcast (``graph.is_constant_broadcast``) is not resharded but recomputed in that spec.
     An expanded scan (``trace.Region``) is replayed as a ``lax.scan`` whose body carries its
     equations' constraints, so the loop stays a loop (compile time does not grow with the
-    trip count). ``custom_calls``: an inlined ``custom_jvp`` / ``custom_vjp`` call
-    (``trace.CustomCall``) is bound as the call it was, so differentiating the replay uses the
-    user's derivative rule (a pipeline stage's forward; its equations then get no constraints:
-    give it no specs).
+    trip count). ``custom_calls``: an inlined ``custom_jvp`` / ``custom_vjp`` / ``jax.checkpoint``
+    call (``trace.CustomCall``) is bound as the call it was, so differentiating the replay uses
+    the user's derivative rule or recomputes as the checkpoint's policy says (a pipeline stage's
+    forward; its equations then get no constraints: give it no specs). A checkpoint the block
+    holds only part of (a stage boundary inside it) is replayed equation by equation.
     """
     wsc = jax.lax.with_sharding_constraint
     constants = {e.outputs[0]: e for e in program.eqns if is_constant_broadcast(e)}
@@ -127,33 +128,38 @@ def interpret(program: Program, out_specs: dict[int, list], in_specs: dict[tuple
         for k, (o, val) in enumerate(zip(eqn.outputs, outs)):
             env[o] = produced(o, val, out_spec(i, k))
 
-    def custom_call(eqn, depth, group):
-        """The custom call ``eqn`` starts at this nesting (scan depth, checkpoint group), if bound whole."""
-        if not custom_calls or eqn.custom is None:
+    def custom_call(eqn, depth, group, split):
+        """The call ``eqn`` belongs to, if it starts at this nesting (scan depth, checkpoint
+        group) and is to be bound whole (not in ``split``: calls this block holds in part)."""
+        if not custom_calls or eqn.custom is None or eqn.custom in split:
             return None
         c = program.customs[eqn.custom]
         return c if c.remat == group and len(c.scope) == depth else None
 
-    def run_custom(c, block, env):
-        if any(not isinstance(x, Lit) and x not in env for x in c.inputs):  # (layers never cut a call)
-            raise ValueError(f"a jax.custom_jvp/custom_vjp call ({c.prim.name}) is cut by a stage boundary; keep "
-                             "autopar.stage_boundary markers outside custom-derivative functions")
+    def run_custom(c, env):
         outs = c.prim.bind(*[raw(x, env) for x in c.inputs], **c.prim.get_bind_params(c.params))
         for o, val in zip(c.outputs, outs if c.prim.multiple_results else (outs,)):
             env[o] = val
 
     def run_block(block, env, depth, group=None):
-        pos = 0
+        pos, split = 0, set()
         while pos < len(block):
             i, eqn = block[pos]
-            c = custom_call(eqn, depth, group)
-            if c is not None:  # an inlined custom_jvp / custom_vjp call: contiguous
+            c = custom_call(eqn, depth, group, split)
+            if c is not None:  # an inlined custom call: contiguous
                 end = pos
                 while end < len(block) and block[end][1].custom == eqn.custom:
                     end += 1
-                run_custom(c, block[pos:end], env)
-                pos = end
-            elif eqn.remat is not None and eqn.remat != group:  # an inlined jax.checkpoint: contiguous
+                whole = end - pos == c.eqns and all(isinstance(x, Lit) or x in env for x in c.inputs)
+                if whole:
+                    run_custom(c, env)
+                    pos = end
+                    continue
+                if c.rule:  # (layers never cut one: autopar.pipeline.layers)
+                    raise ValueError(f"a jax.custom_jvp/custom_vjp call ({c.prim.name}) is cut by a stage boundary; "
+                                     "keep autopar.stage_boundary markers outside custom-derivative functions")
+                split.add(eqn.custom)  # a checkpoint cut by a stage boundary: replayed as its equations
+            if eqn.remat is not None and eqn.remat != group:  # an inlined jax.checkpoint: contiguous
                 end = pos
                 while end < len(block) and block[end][1].remat == eqn.remat:
                     end += 1

@@ -3,10 +3,10 @@
 ``jax.make_jaxpr`` on example arguments (arrays or ``jax.ShapeDtypeStruct`` pytrees — no
 allocation), then nested ``jit``, ``custom_jvp_call``, ``custom_vjp_call`` and ``remat2``
 (checkpoint) are inlined and dead equations dropped. An inlined ``custom_jvp`` / ``custom_vjp``
-call keeps a record (:class:`CustomCall`: the call as traced, its inputs and outputs) and its
-equations a tag, so a program that is differentiated after flattening (a pipeline stage's
-forward) can bind the call itself and get its custom derivative, not the derivative of its
-body (``emit.interpret(custom_calls=True)``). ``jax.nn.dot_product_attention`` is
+or ``jax.checkpoint`` call keeps a record (:class:`CustomCall`: the call as traced, its inputs
+and outputs) and its equations a tag, so a program that is differentiated after flattening (a
+pipeline stage's forward) can bind the call itself and get its custom derivative or its
+recomputation, not the derivative of its body (``emit.interpret(custom_calls=True)``). ``jax.nn.dot_product_attention`` is
 intercepted while tracing and becomes one equation (forward; its gradient a second one):
 see :mod:`autopar.attention`. A ``scan``'s body is expanded in place, once (see
 :class:`Region`); ``while``/``cond`` stay single equations. Values are numbered with plain ints.
@@ -14,7 +14,8 @@ see :mod:`autopar.attention`. A ``scan``'s body is expanded in place, once (see
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -73,19 +74,21 @@ class Eqn:
     repeat: int = 1            # executions per call: the trip counts of the enclosing scans
     scope: tuple = ()          # ids of the enclosing scan regions, outermost first
     remat: int | None = None   # the inlined jax.checkpoint (prevent_cse) it came from, outermost
-    custom: int | None = None  # the inlined custom_jvp / custom_vjp call it came from, outermost
+    custom: int | None = None  # the inlined custom_jvp / custom_vjp / checkpoint call it came from, outermost
 
 
-CUSTOM_CALLS = ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
+RULE_CALLS = ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")   # the user's derivative
+CUSTOM_CALLS = RULE_CALLS + ("checkpoint", "remat2")                           # + jax.checkpoint's recompute
 
 
 @dataclass(frozen=True)
 class CustomCall:
-    """One inlined ``custom_jvp`` / ``custom_vjp`` call: ``prim`` bound with ``params`` on
-    ``inputs`` gives ``outputs`` with the user's derivative rule. Its equations (tagged
-    ``Eqn.custom == id``) are contiguous; each output is made by one of them (an output that
-    was an input or a literal gets a ``copy``). ``remat``, ``scope``: the checkpoint group and
-    scan regions around the call."""
+    """One inlined ``custom_jvp`` / ``custom_vjp`` / ``jax.checkpoint`` call: ``prim`` bound
+    with ``params`` on ``inputs`` gives ``outputs``, differentiated by the user's rule (or
+    with the checkpoint's recomputation). Its equations (tagged ``Eqn.custom == id``, ``eqns``
+    of them after dead-code removal) are contiguous; each output is made by one of them (an
+    output that was an input or a literal gets a ``copy``). ``remat``, ``scope``: the
+    checkpoint group and scan regions around the call."""
     id: int
     prim: Any
     params: dict
@@ -93,6 +96,12 @@ class CustomCall:
     outputs: tuple[int, ...]
     remat: int | None = None
     scope: tuple = ()
+    eqns: int = 0
+
+    @property
+    def rule(self) -> bool:
+        """A custom derivative rule (never split: it holds for the call as a whole); else a checkpoint."""
+        return self.prim.name in RULE_CALLS
 
 
 # A scan's body is planned like straight-line code, once for all iterations: its equations
@@ -191,6 +200,7 @@ class _Flattener:
                 else:
                     inner, inner_consts = body, ()
                 n_extra = len(ins) - len(inner.invars)
+                outer_remat = self.remat
                 group = self.remat is None and name in ("checkpoint", "remat2") and eqn.params.get("prevent_cse", True)
                 if group:  # its equations stay a group: emit keeps XLA from merging a recomputation back
                     self.remat, self.remat_groups = self.remat_groups, self.remat_groups + 1
@@ -199,7 +209,7 @@ class _Flattener:
                     self.custom, start = len(self.customs), len(self.eqns)
                 outs = self.run(inner, inner_consts, ins[n_extra:] if n_extra > 0 else ins)
                 if custom:
-                    outs = self._custom_call(eqn, ins, outs, start)
+                    outs = self._custom_call(eqn, ins, outs, start, outer_remat)
                     self.custom = None
                 if group:
                     self.remat = None
@@ -222,7 +232,7 @@ class _Flattener:
                              self.remat, self.custom))
         return out
 
-    def _custom_call(self, eqn, ins, outs, start: int) -> list:
+    def _custom_call(self, eqn, ins, outs, start: int, remat) -> list:
         """Record the custom call just inlined (equations ``start:``); an output its equations
         do not make (an input passed through, a literal) gets a ``copy`` so the call has a place."""
         made = {o for e in self.eqns[start:] for o in e.outputs}
@@ -235,7 +245,7 @@ class _Flattener:
                 o = new
             fixed.append(o)
         self.customs[self.custom] = CustomCall(self.custom, eqn.primitive, dict(eqn.params), tuple(ins), tuple(fixed),
-                                               self.remat, self.scope)
+                                               remat, self.scope)
         return fixed
 
     def scan(self, eqn, ins) -> list[int]:
@@ -295,12 +305,14 @@ def trace(fn, *args) -> Program:
     invars = [flat.new_value(v.aval) for v in closed.jaxpr.invars]
     outs = flat.run(closed.jaxpr, closed.consts, invars)
     eqns = _dce(flat.eqns, outs, flat.customs)
+    sizes = Counter(e.custom for e in eqns)
+    customs = {k: replace(c, eqns=sizes[k]) for k, c in flat.customs.items() if sizes[k]}
     text = "\n".join(f"{e.prim.name} {e.inputs} {e.outputs} {sorted(map(str, e.params.items()))}" for e in eqns)
     shapes = ";".join(f"{flat.values[v].shape}{flat.values[v].dtype}" for v in invars)
     fingerprint = hashlib.sha256((shapes + "\n" + text).encode()).hexdigest()[:16]
     return Program(
         values=flat.values, invars=invars, outvars=outs, consts=flat.consts, eqns=eqns, regions=flat.regions,
-        customs=flat.customs,
+        customs=customs,
         in_tree=in_tree, out_tree=jax.tree_util.tree_structure(out_shape), fingerprint=fingerprint,
         stats={"jaxpr_eqns": len(closed.jaxpr.eqns), "inlined_calls": flat.inlined,
                "dead_eqns": len(flat.eqns) - len(eqns)},

@@ -128,3 +128,40 @@ def test_a_stage_boundary_inside_a_custom_function_is_a_clear_error(devices8):
     with pytest.raises(ValueError, match="stage_boundary marker inside a jax.custom_jvp / custom_vjp"):
         autopar.plan_training(bad_loss, params, batch, optimizer=optax.sgd(0.1), cluster=make_cluster(4), nodes=2,
                               num_microbatches=2)
+
+
+def _ckpt_case(checkpoint: bool, scan: bool):
+    def layer(h, w1, w2):
+        return h + jnp.tanh(jnp.tanh(h @ w1) @ w2)
+    f = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable) if checkpoint else layer
+
+    def loss(p, b):
+        h = b["x"]
+        if scan:
+            h, _ = jax.lax.scan(lambda c, w: (f(c, *w), None), h, p)
+        else:
+            for w1, w2 in p:
+                h = autopar.stage_boundary(f(h, w1, w2))
+        return jnp.mean(h ** 2)
+    rng = np.random.default_rng(2)
+    w1 = rng.normal(size=(4, 64, 256)).astype(np.float32) * 0.1
+    w2 = rng.normal(size=(4, 256, 64)).astype(np.float32) * 0.1
+    params = (jnp.asarray(w1), jnp.asarray(w2)) if scan else [(jnp.asarray(a), jnp.asarray(b)) for a, b in zip(w1, w2)]
+    batch = {"x": jnp.asarray(rng.normal(size=(32, 64)).astype(np.float32))}
+    return loss, params, batch
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_a_users_jax_checkpoint_is_kept_in_each_stage(devices8, scan):
+    """A jax.checkpoint(policy=nothing_saveable) per layer: the stages keep only the layer
+    inputs (each checkpoint call bound whole), and the step equals jax.grad's."""
+    opt = optax.sgd(0.1)
+    kw = dict(optimizer=opt, cluster=make_cluster(4), nodes=2, num_microbatches=2, num_stages=2, remat="none")
+    saved = {}
+    for ck in (False, True):
+        loss, params, batch = _ckpt_case(ck, scan)
+        tplan = autopar.plan_training(loss, params, batch, **kw)
+        saved[ck] = [s.activation_bytes_per_device for s in tplan.stages]
+        assert_step_equals_single_device(loss, params, batch, opt, tplan, rtol=1e-5, atol=1e-6)
+    # 2 layers per stage: each keeps its input (32×64) instead of that and two tanh outputs (32×256, 32×64)
+    assert all(a * 4 <= b for a, b in zip(saved[True], saved[False])), saved

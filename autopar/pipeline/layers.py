@@ -127,10 +127,16 @@ def cluster_layers(graph: OpGraph, num_layers: int | None = None, *, imbalance: 
     # a scan's expanded body (trace.Region) stays whole: no cut between its first and last equation
     scopes = [graph.nodes[i].eqn.scope for i in positions]
     inside = np.array([k + 1 < n and bool(set(scopes[k]) & set(scopes[k + 1])) for k in range(n)])
-    # nor an inlined custom_jvp / custom_vjp call: a stage binds it whole (trace.CustomCall)
+    # nor an inlined custom_jvp / custom_vjp call: a stage binds it whole (trace.CustomCall);
+    # nor a jax.checkpoint, so its recomputation holds, unless that leaves nothing to cut
     customs = [graph.nodes[i].eqn.custom for i in positions]
-    in_call = np.array([k + 1 < n and customs[k] is not None and customs[k] == customs[k + 1] for k in range(n)])
+    calls = graph.program.customs
+    same = [k + 1 < n and customs[k] is not None and customs[k] == customs[k + 1] for k in range(n)]
+    in_call = np.array([sm and calls[customs[k]].rule for k, sm in enumerate(same)], dtype=bool)
+    in_ckpt = np.array([sm and not calls[customs[k]].rule for k, sm in enumerate(same)], dtype=bool)
     inside |= in_call
+    if n > 1 and (~(inside | in_ckpt))[:-1].any():
+        inside |= in_ckpt
     cut = np.where(inside, np.inf, cut)
     cuttable = int((~inside[:-1]).sum()) if n > 1 else 0
     markers = [k for k, i in enumerate(positions) if graph.nodes[i].name == "stage_boundary"]
