@@ -165,3 +165,13 @@ def test_a_users_jax_checkpoint_is_kept_in_each_stage(devices8, scan):
         assert_step_equals_single_device(loss, params, batch, opt, tplan, rtol=1e-5, atol=1e-6)
     # 2 layers per stage: each keeps its input (32×64) instead of that and two tanh outputs (32×256, 32×64)
     assert all(a * 4 <= b for a, b in zip(saved[True], saved[False])), saved
+
+
+def test_a_users_checkpoint_inside_the_planners_remat(devices8):
+    """Your jax.checkpoint nested in the stage's own remat (each layer under jax.checkpoint)."""
+    loss, params, batch = _ckpt_case(True, False)
+    opt = optax.sgd(0.1)
+    tplan = autopar.plan_training(loss, params, batch, optimizer=opt, cluster=make_cluster(4), nodes=2,
+                                  num_microbatches=2, num_stages=2, remat="dots")
+    assert {s.remat for s in tplan.stages} == {"dots"}
+    assert_step_equals_single_device(loss, params, batch, opt, tplan, rtol=1e-5, atol=1e-6)
