@@ -115,3 +115,21 @@ def test_flax_nn_scan_decoder_pipelines_per_layer():
     assert len(tplan.scan_split.stacked) == len(stacked) > 0 and set(tplan.scan_split.lengths) == {4}
     _assert_equal(_run(tplan, params, opt_state, tokens, 1), _reference(lt.loss_fn, opt, params, opt_state, tokens, 1),
                   rtol=1e-4, atol=1e-5)
+
+
+def test_flax_nn_remat_under_nn_scan_keeps_its_recomputation_in_the_stages():
+    """The MaxText way: nn.scan over nn.remat(Block) (policy nothing_saveable). Each stage keeps
+    only its layers' inputs (the checkpoint is bound whole in the stage's forward), and the step
+    equals the unsharded one."""
+    from examples.zoo import linen_transformer as lt
+    cfg = dataclasses.replace(lt.TINY, layers=4, scan=True)
+    opt = OPTIMIZER
+    kw = dict(optimizer=opt, cluster="cpu-8", num_microbatches=2, remat="none",
+              stages=[(0, 2, (1, 4)), (2, 4, (1, 4))])
+    params, opt_state, tokens = lt._args(cfg, abstract=False)
+    plain = autopar.plan_training(lt.loss_fn, params, tokens, **kw)
+    tplan = autopar.plan_training(lt.remat_loss_fn, params, tokens, **kw)
+    res = [(s.activation_bytes_per_device, t.activation_bytes_per_device) for s, t in zip(tplan.stages, plain.stages)]
+    assert all(a * 3 < b for a, b in res), res
+    _assert_equal(_run(tplan, params, opt_state, tokens, 1),
+                  _reference(lt.remat_loss_fn, opt, params, opt_state, tokens, 1), rtol=1e-4, atol=1e-5)

@@ -42,18 +42,21 @@ class Block(nn.Module):
 
 class Decoder(nn.Module):
     cfg: Config
+    remat: bool = False   # each block under nn.remat (only its input saved), the MaxText default
 
     @nn.compact
     def __call__(self, tokens):
         cfg = self.cfg
         x = nn.Embed(cfg.vocab, cfg.d)(tokens)
         x = x + self.param("pos", nn.initializers.normal(0.02), (cfg.seq, cfg.d))[: tokens.shape[1]]
+        block = nn.remat(Block, prevent_cse=not cfg.scan, policy=jax.checkpoint_policies.nothing_saveable) \
+            if self.remat else Block
         if cfg.scan:
-            blocks = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.layers)
+            blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.layers)
             x, _ = blocks(cfg.heads, name="blocks")(x, None)
         else:
             for i in range(cfg.layers):
-                x, _ = Block(cfg.heads, name=f"block_{i}")(x)
+                x, _ = block(cfg.heads, name=f"block_{i}")(x)
         return nn.Dense(cfg.vocab, name="head")(nn.LayerNorm()(x))
 
 
@@ -68,10 +71,15 @@ def _config_of(params) -> Config:
                   layers, seq, 0)
 
 
-def loss_fn(params, tokens):
+def loss_fn(params, tokens, remat: bool = False):
     cfg = _config_of(params)
-    logits = Decoder(dataclasses.replace(cfg, batch=0)).apply({"params": params}, tokens[:, :-1])
+    logits = Decoder(dataclasses.replace(cfg, batch=0), remat=remat).apply({"params": params}, tokens[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+
+def remat_loss_fn(params, tokens):
+    """``loss_fn`` with every block under ``nn.remat`` (same parameters)."""
+    return loss_fn(params, tokens, remat=True)
 
 
 linen_step = make_step(loss_fn, name="linen_step")
