@@ -81,6 +81,8 @@ def test_a_two_stage_plan_keeps_the_custom_derivatives(devices8, remat):
     tplan = autopar.plan_training(loss_fn, params, batch, optimizer=opt, cluster=make_cluster(4), nodes=2,
                                   num_microbatches=2, num_stages=2, remat=remat)
     assert tplan.num_stages == 2 and {s.remat for s in tplan.stages} == {remat}
+    assert (tplan.search.custom_calls, tplan.search.checkpoints) == (8, 0)
+    assert "8 jax.custom_vjp/custom_jvp (their derivative rules hold)" in tplan.report()
     assert_step_equals_single_device(loss_fn, params, batch, opt, tplan, rtol=1e-5, atol=1e-6)
     # the rules matter here: the bodies' derivatives (same forward) give other gradients
     params, batch = _case()   # (apply() donated the first ones)
@@ -162,6 +164,7 @@ def test_a_users_jax_checkpoint_is_kept_in_each_stage(devices8, scan):
         loss, params, batch = _ckpt_case(ck, scan)
         tplan = autopar.plan_training(loss, params, batch, **kw)
         saved[ck] = [s.activation_bytes_per_device for s in tplan.stages]
+        assert (tplan.search.checkpoints, tplan.search.checkpoints_cut) == ((4 if ck else 0), 0)
         assert_step_equals_single_device(loss, params, batch, opt, tplan, rtol=1e-5, atol=1e-6)
     # 2 layers per stage: each keeps its input (32×64) instead of that and two tanh outputs (32×256, 32×64)
     assert all(a * 4 <= b for a, b in zip(saved[True], saved[False])), saved
@@ -175,3 +178,26 @@ def test_a_users_checkpoint_inside_the_planners_remat(devices8):
                                   num_microbatches=2, num_stages=2, remat="dots")
     assert {s.remat for s in tplan.stages} == {"dots"}
     assert_step_equals_single_device(loss, params, batch, opt, tplan, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("marked", [True, False], ids=["markers", "clustered"])
+def test_a_checkpoint_around_the_whole_forward_is_cut_and_says_so(devices8, marked):
+    """Nothing else to cut (or markers inside it): the layers split the checkpoint, which then
+    runs without its recomputation (still equal to jax.grad's step), and the report says so."""
+    loss, params, batch = _ckpt_case(False, False)
+
+    def unmarked(p, b):
+        h = b["x"]
+        for w1, w2 in p:
+            h = h + jnp.tanh(jnp.tanh(h @ w1) @ w2)
+        return jnp.mean(h ** 2)
+    whole = jax.checkpoint(loss if marked else unmarked, policy=jax.checkpoint_policies.nothing_saveable)
+
+    def whole_loss(p, b):
+        return whole(p, b)
+    opt = optax.sgd(0.1)
+    tplan = autopar.plan_training(whole_loss, params, batch, optimizer=opt, cluster=make_cluster(4), nodes=2,
+                                  num_microbatches=2, num_stages=2, remat="none")
+    assert tplan.num_stages == 2 and (tplan.search.checkpoints, tplan.search.checkpoints_cut) == (1, 1)
+    assert "1 checkpoint(s) cut by a stage or layer boundary run without recomputation" in tplan.report()
+    assert_step_equals_single_device(whole_loss, params, batch, opt, tplan, rtol=1e-5, atol=1e-6)

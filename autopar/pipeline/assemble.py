@@ -58,6 +58,23 @@ class SearchRecord:
     strategy_name: str = "autopar"
 
 
+def custom_call_counts(program, stages, layer_eqns) -> dict:
+    """How many custom-derivative and checkpoint calls the loss has, and how many checkpoints
+    the executed blocks cut (a stage's range; with remat, each of its layers: ``remat_forward``)."""
+    block = {}
+    for (a, b), remat in stages:
+        for k, (s, e) in enumerate([(a, b)] if remat == "none" else [r for r in layer_eqns if a <= r[0] < b]):
+            block.update((i, (a, k)) for i in range(s, e))
+    spans: dict = {}
+    for i, e in enumerate(program.eqns):
+        if e.custom is not None:
+            spans.setdefault(e.custom, set()).add(block.get(i))
+    calls = program.customs
+    return {"custom_calls": sum(c.rule for c in calls.values()),
+            "checkpoints": sum(not c.rule for c in calls.values()),
+            "checkpoints_cut": sum(len(spans.get(k, ())) > 1 for k, c in calls.items() if not c.rule)}
+
+
 def assemble(inputs: TrainingInputs, layering: Layering, chosen: list[ChosenStage], coster, record: SearchRecord,
              timing: Timing) -> TrainingPlan:
     P, spec, B = inputs.num_params, inputs.spec, inputs.num_microbatches
@@ -86,7 +103,9 @@ def assemble(inputs: TrainingInputs, layering: Layering, chosen: list[ChosenStag
     search = StageSearch(num_layers=len(eqns), layer_flops=list(layering.flops), layer_eqns=[list(x) for x in eqns],
                          layers_from_markers=layering.from_markers, candidates=record.candidates,
                          ilp_solves=coster.solves, cache_hits=coster.hits, infeasible=coster.infeasible,
-                         costing=record.costing, refined=list(record.refined))
+                         costing=record.costing, refined=list(record.refined),
+                         **custom_call_counts(inputs.program, [(st.eqns, c.cost.remat) for st, c in zip(split, chosen)],
+                                              eqns))
     result = TrainingPlan(
         function=getattr(inputs.loss_fn, "__qualname__", inputs.name), fingerprint=inputs.program.fingerprint,
         cluster=spec, nodes=inputs.nodes, num_microbatches=B, schedule=inputs.schedule,

@@ -59,6 +59,11 @@ def format_training_report(plan) -> str:
         lines.append("shared parameters (copied forward, gradients sent back to the owner): " +
                      ", ".join(f"{paths[i]} → stages {ks}" for i, ks in shared))
     lines.append("")
+    if s.custom_calls or s.checkpoints:
+        lines.append(f"your calls bound whole in their stage's forward: {s.custom_calls} jax.custom_vjp/custom_jvp "
+                     f"(their derivative rules hold), {s.checkpoints} jax.checkpoint (their recomputation holds)"
+                     + (f"; {s.checkpoints_cut} checkpoint(s) cut by a stage or layer boundary run without "
+                        "recomputation (mark layer boundaries outside them)" if s.checkpoints_cut else ""))
     lines.append(f"stage search: {s.costing} costing, {s.candidates} (layer range, sub-mesh) candidates, "
                  f"{s.ilp_solves} intra-op plans solved, {s.cache_hits} cache hits (identical layers), "
                  f"{s.infeasible} infeasible")

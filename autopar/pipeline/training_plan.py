@@ -108,6 +108,12 @@ class StageSearch(_Frozen):
     infeasible: int
     costing: str                      # "exact" | "additive"
     refined: list[RefinedSplit] = []  # additive costing: the splits planned exactly
+    # the loss's jax.custom_vjp / custom_jvp calls and jax.checkpoint calls, each bound whole in
+    # its stage's forward (trace.CustomCall); checkpoints_cut: split by a stage or remat-layer
+    # boundary, so replayed without their recomputation
+    custom_calls: int = 0
+    checkpoints: int = 0
+    checkpoints_cut: int = 0
 
 
 class TrainingPlan(_Document):
