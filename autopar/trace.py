@@ -160,7 +160,8 @@ def _source(eqn) -> str:
 
 
 class _Flattener:
-    def __init__(self) -> None:
+    def __init__(self, calls: bool = False) -> None:
+        self.calls = calls   # record custom-derivative and checkpoint calls (trace(calls=True))
         self.values: dict[int, Value] = {}
         self.consts: dict[int, Any] = {}
         self.eqns: list[Eqn] = []
@@ -204,7 +205,7 @@ class _Flattener:
                 group = self.remat is None and name in ("checkpoint", "remat2") and eqn.params.get("prevent_cse", True)
                 if group:  # its equations stay a group: emit keeps XLA from merging a recomputation back
                     self.remat, self.remat_groups = self.remat_groups, self.remat_groups + 1
-                custom = self.custom is None and name in CUSTOM_CALLS
+                custom = self.calls and self.custom is None and name in CUSTOM_CALLS
                 if custom:
                     self.custom, start = len(self.customs), len(self.eqns)
                 outs = self.run(inner, inner_consts, ins[n_extra:] if n_extra > 0 else ins)
@@ -286,8 +287,10 @@ def _dce(eqns: list[Eqn], outvars: list, customs: dict | None = None) -> list[Eq
     return kept[::-1]
 
 
-def trace(fn, *args) -> Program:
-    """Trace ``fn(*args)``; args may be arrays or ``jax.ShapeDtypeStruct`` pytrees."""
+def trace(fn, *args, calls: bool = False) -> Program:
+    """Trace ``fn(*args)``; args may be arrays or ``jax.ShapeDtypeStruct`` pytrees. ``calls``:
+    record each custom-derivative and checkpoint call (:class:`CustomCall`) for a program that
+    is differentiated after flattening (a training loss cut into pipeline stages)."""
     if not callable(fn):
         raise TraceError(f"expected a callable, got {type(fn).__name__}")
     from .attention import intercept
@@ -300,7 +303,7 @@ def trace(fn, *args) -> Program:
             "autopar needs a jittable function: no Python control flow on traced values, no "
             "side effects, array (or ShapeDtypeStruct) arguments. Check that jax.jit(fn)(*args) works."
         ) from err
-    flat = _Flattener()
+    flat = _Flattener(calls)
     in_tree = jax.tree_util.tree_structure(args)
     invars = [flat.new_value(v.aval) for v in closed.jaxpr.invars]
     outs = flat.run(closed.jaxpr, closed.consts, invars)

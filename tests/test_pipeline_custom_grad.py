@@ -63,7 +63,8 @@ def _case():
 
 def test_trace_records_each_custom_call_and_tags_its_equations():
     params, batch = _case()
-    prog = trace(loss_fn, params, batch)
+    assert not trace(loss_fn, params, batch).customs     # (an intra-op program: inlined as before)
+    prog = trace(loss_fn, params, batch, calls=True)
     assert len(prog.customs) == 8          # 4 relus, 2 half_grads, 2 scaled_grads
     for c in prog.customs.values():
         eqns = [k for k, e in enumerate(prog.eqns) if e.custom == c.id]
