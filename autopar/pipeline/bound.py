@@ -6,7 +6,8 @@ operator its roofline on the shard a device holds (``cost.compute_time``: the sl
 FLOPs at the device's peak and its memory traffic at the HBM bandwidth, a matmul's FLOPs at
 its ``matmul_efficiency``). Splitting an operator over n devices leaves each at least 1/n of
 its FLOPs and bytes, and a local matmul is never nearer peak than the whole one; collectives,
-sends, pipeline bubbles, recomputation and stage imbalance only add. So
+sends, pipeline bubbles, the planner's recomputation and stage imbalance only add (the
+recomputation of your own ``jax.checkpoint`` calls is in the bound: every plan keeps it). So
 
     bound = (forward + backward of one micro-batch on one device) × micro-batches / devices
 
