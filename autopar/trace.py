@@ -2,13 +2,14 @@
 
 ``jax.make_jaxpr`` on example arguments (arrays or ``jax.ShapeDtypeStruct`` pytrees — no
 allocation), then nested ``jit``, ``custom_jvp_call``, ``custom_vjp_call`` and ``remat2``
-(checkpoint) are inlined and dead equations dropped. An inlined ``custom_jvp`` / ``custom_vjp``
-or ``jax.checkpoint`` call keeps a record (:class:`CustomCall`: the call as traced, its inputs
-and outputs) and its equations a tag, so a program that is differentiated after flattening (a
-pipeline stage's forward) can bind the call itself and get its custom derivative or its
-recomputation, not the derivative of its body (``emit.interpret(custom_calls=True)``). ``jax.nn.dot_product_attention`` is
-intercepted while tracing and becomes one equation (forward; its gradient a second one):
-see :mod:`autopar.attention`. A ``scan``'s body is expanded in place, once (see
+(checkpoint) are inlined and dead equations dropped. With ``calls=True`` an inlined
+``custom_jvp`` / ``custom_vjp`` or ``jax.checkpoint`` call keeps a record (:class:`CustomCall`:
+the call as traced, its inputs and outputs) and its equations a tag, so a program that is
+differentiated after flattening (a pipeline stage's forward) can bind the call itself and get
+its custom derivative or its recomputation, not the derivative of its body
+(``emit.interpret(custom_calls=True)``). ``jax.nn.dot_product_attention`` is intercepted
+while tracing and becomes one equation (forward; its gradient a second one): see
+:mod:`autopar.attention`. A ``scan``'s body is expanded in place, once (see
 :class:`Region`); ``while``/``cond`` stay single equations. Values are numbered with plain ints.
 """
 from __future__ import annotations
@@ -141,7 +142,7 @@ class Program:
     fingerprint: str = ""
     stats: dict = field(default_factory=dict)
     regions: dict = field(default_factory=dict)   # region id -> Region (expanded scans)
-    customs: dict = field(default_factory=dict)   # call id -> CustomCall (inlined custom_jvp/vjp)
+    customs: dict = field(default_factory=dict)   # call id -> CustomCall (trace(calls=True))
 
 
 def dtype_itemsize(dtype) -> int:

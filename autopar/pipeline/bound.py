@@ -17,8 +17,9 @@ and ``baselines.dp_tp_pp`` on that cluster. (One step of this argument is checke
 proved: which elementwise operators the cost model counts as fused into their neighbours is
 decided on the whole program here and on each stage's program in a plan; a stage boundary
 can only cut such chains, never join them. Tests: both planners' plans of a small GPT;
-``benchmarks/compare_training.py``: all 36 suite configs, 1.04–2.33× above their bounds.) ``planned step / bound`` is how far a plan is from perfect scaling of its compute
-(the optimizer update, charged by neither, is left out); ``baseline step / bound`` is the
+``benchmarks/compare_training.py``: all 36 suite configs, 1.04–2.33× above their bounds.)
+``planned step / bound`` is how far a plan is from perfect scaling of its compute (the
+optimizer update, charged by neither, is left out); ``baseline step / bound`` is the
 largest speedup over that baseline any planner could show.
 """
 from __future__ import annotations

@@ -139,7 +139,7 @@ def microbatch_shapes(batch, num_microbatches: int):
 
 
 def trace_loss(loss_fn, params, mb) -> Program:
-    program = trace(loss_fn, params, mb, calls=True)  # stages differentiate it: custom calls bound whole
+    program = trace(loss_fn, params, mb, calls=True)  # (stages bind its custom calls whole)
     outs = program.outvars
     name = getattr(loss_fn, "__name__", "loss_fn")
     if len(outs) != 1 or not isinstance(outs[0], int) or program.values[outs[0]].shape != () \
