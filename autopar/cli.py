@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import importlib
 import importlib.util
 import inspect
 import os
 import sys
 from pathlib import Path
+
+from .cli_training import plan_training_from, progress_for_cli, run_training
 
 
 def _parse_mesh(text: str | None):
@@ -87,85 +88,10 @@ def example_args(module, name: str, knobs: dict, abstract: bool):
 def _plan_from_args(ns, fn, args):
     import autopar
     donate = tuple(int(x) for x in ns.donate.split(",") if x.strip()) if ns.donate else ()
-    with _progress(ns) as progress:
+    with progress_for_cli(ns) as progress:
         return autopar.plan(fn, *args, cluster=ns.cluster, nodes=ns.nodes, mesh_shape=_parse_mesh(ns.mesh),
                             memory_budget_bytes=ns.budget, solver=ns.solver, time_limit_s=ns.time_limit,
                             donate_argnums=donate, verbose=progress)
-
-
-@contextlib.contextmanager
-def _progress(ns):
-    """A live display on stderr while planning (``--quiet``: none)."""
-    from .progress import Progress, RichProgress
-    progress = Progress() if ns.quiet else RichProgress()
-    try:
-        yield progress
-    finally:
-        progress.close()
-
-
-def _optimizer(ns, module):
-    """--optimizer NAME:LR (sgd, momentum, adam, adamw), else the module's OPTIMIZER, else adam:1e-3."""
-    import optax
-    if ns.optimizer:
-        name, _, lr = ns.optimizer.partition(":")
-        makers = {"sgd": optax.sgd, "adam": optax.adam, "adamw": optax.adamw,
-                  "momentum": lambda lr: optax.sgd(lr, momentum=0.9)}
-        if name not in makers:
-            raise SystemExit(f"autopar: --optimizer must be one of {sorted(makers)}[:LR], got {ns.optimizer!r}")
-        try:
-            return makers[name](float(lr or 1e-3))
-        except ValueError:
-            raise SystemExit(f"autopar: --optimizer learning rate must be a number, got {lr!r}") from None
-    return getattr(module, "OPTIMIZER", None) or optax.adam(1e-3)
-
-
-def _parse_stages(text):
-    """"0-2:1x4,2-4:1x4" → [(0, 2, (1, 4)), (2, 4, (1, 4))] (layer ranges, sub-meshes)."""
-    if not text:
-        return None
-    out = []
-    try:
-        for part in text.split(","):
-            rng, sub = part.split(":")
-            a, b = rng.split("-")
-            n, m = sub.lower().split("x")
-            out.append((int(a), int(b), (int(n), int(m))))
-    except ValueError:
-        raise SystemExit(f"autopar: --stages must look like 0-2:1x4,2-4:1x4 (layer range:sub-mesh), got {text!r}") from None
-    return out
-
-
-def _training_plan(ns, module, fn, args):
-    import autopar
-    if len(args) != 2:
-        raise SystemExit(f"autopar: --train needs a loss function FOO(params, batch); FOO_args returned {len(args)} "
-                         "arguments")
-    with _progress(ns) as progress:
-        return autopar.plan_training(
-            fn, *args, optimizer=_optimizer(ns, module), cluster=ns.cluster, nodes=ns.nodes,
-            num_microbatches=ns.microbatches, schedule=ns.schedule, num_stages=ns.num_stages,
-            stages=_parse_stages(ns.stages), num_layers=ns.layers, memory_budget_bytes=ns.budget,
-            solver=ns.solver, time_limit_s=ns.time_limit, remat=ns.remat, zero=ns.zero, verbose=progress)
-
-
-def _bound(ns, fn, args, plan) -> None:
-    """``--bound``: the step no plan beats (``autopar.step_lower_bound``) and this plan over it."""
-    if not ns.bound:
-        return
-    import autopar
-    lb = autopar.step_lower_bound(fn, *args, cluster=ns.cluster, nodes=ns.nodes, num_microbatches=ns.microbatches)
-    print(f"\ncompute bound: {lb:.4g} s per step (one micro-batch's forward + backward on one device × "
-          f"micro-batches / devices; no plan is faster); this plan's {plan.predicted.step_time_s:.4g} s is "
-          f"{plan.predicted.step_time_s / lb:.2f}× it")
-
-
-def _finish_training(ns, plan) -> None:
-    if ns.json:
-        Path(ns.json).write_text(plan.to_json())
-        print(f"\nplan written to {ns.json}")
-    if ns.timeline:
-        print(f"timeline written to {plan.timeline(ns.timeline)}")
 
 
 def cmd_clusters(ns) -> int:
@@ -204,10 +130,7 @@ def cmd_plan(ns) -> int:
     module, fn, name = load_target(ns.target)
     args = example_args(module, name, _parse_knobs(ns.arg), abstract=True)
     if ns.train:
-        plan = _training_plan(ns, module, fn, args)
-        print(plan.report())
-        _bound(ns, fn, args, plan)
-        _finish_training(ns, plan)
+        plan_training_from(ns, module, fn, args)
         return 0
     plan = _plan_from_args(ns, fn, args)
     print(format_report(plan, equations=ns.equations))
@@ -239,7 +162,7 @@ def cmd_run(ns) -> int:
     module, fn, name = load_target(ns.target)
     args = example_args(module, name, _parse_knobs(ns.arg), abstract=False)
     if ns.train:
-        return _run_training(ns, module, fn, args)
+        return run_training(ns, module, fn, args)
     if ns.plan:
         plan = autopar.Plan.from_json(Path(ns.plan).read_text())
     else:
@@ -257,57 +180,6 @@ def cmd_run(ns) -> int:
     devs = sharded.mesh.devices.size
     print(f"\nran on {devs} {jax.devices()[0].platform} devices, mesh {tuple(plan.mesh_shape)}, "
           f"{result.summary()}")
-    return 0 if result.ok else 1
-
-
-def _run_training(ns, module, fn, args) -> int:
-    import jax
-    import numpy as np
-    import optax
-
-    import autopar
-    opt = _optimizer(ns, module)
-    multi = jax.process_count() > 1  # a jax.distributed job: process 0 plans, every process runs its stages
-
-    def make():
-        plan = _training_plan(ns, module, fn, args)
-        print(plan.report())
-        _bound(ns, fn, args, plan)
-        _finish_training(ns, plan)
-        return plan
-    if ns.plan:
-        plan = autopar.TrainingPlan.from_json(Path(ns.plan).read_text())
-    elif multi:
-        from .pipeline.multistep import share_plan
-        plan = share_plan(make, autopar.TrainingPlan)
-    else:
-        plan = make()
-    params, batch = args
-    state = opt.init(params)
-
-    def reference(p, o, b):
-        loss, g = jax.value_and_grad(fn)(p, b)
-        u, o = opt.update(g, o, p)
-        return optax.apply_updates(p, u), o, loss
-    from .verify import compare_loops, run_loop
-    n_state = len(jax.tree_util.tree_leaves((params, state)))
-    carried = [(i, i) for i in range(n_state)]  # (params, state, batch) -> (params, state, loss)
-    first = [np.asarray(x) for x in jax.tree_util.tree_leaves((params, state, batch))]
-    lead = jax.process_index() == 0  # (the only process in a one-process run) computes the reference, checks
-    want = run_loop(jax.jit(reference), (params, state, batch), carried, ns.steps) if lead else None
-    fetch = None
-    if multi:
-        from .pipeline.multistep import to_host
-        fetch = to_host
-    got = run_loop(plan.apply(fn, opt), (params, state, batch), carried, ns.steps, fetch=fetch)
-    if not lead:
-        return 0
-    result = compare_loops(got, want, first, carried, rtol=ns.rtol, atol=ns.atol,
-                           paths=[f"params/state leaf {k}" for k in range(n_state)] + ["loss"])
-    where = f" in {jax.process_count()} processes" if multi else ""
-    print(f"\nran {plan.num_stages} stage(s) × {plan.num_microbatches} micro-batch(es) ({plan.schedule}) on "
-          f"{plan.nodes * plan.cluster.devices_per_node} {jax.devices()[0].platform} devices{where} vs the "
-          f"single-device step, {result.summary()}")
     return 0 if result.ok else 1
 
 

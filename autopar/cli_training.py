@@ -1,0 +1,139 @@
+"""``autopar plan|run … --train``: a training step's pipeline plan on the command line — the
+optimizer and stages from the flags, the plan with its report (and ``--bound``), and the run
+checked against the single-device step (one process, or one per host under
+``jax.distributed``)."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def progress_for_cli(ns):
+    """A live display on stderr while planning (``--quiet``: none)."""
+    from .progress import Progress, RichProgress
+    progress = Progress() if ns.quiet else RichProgress()
+    try:
+        yield progress
+    finally:
+        progress.close()
+
+
+def optimizer_from(ns, module):
+    """--optimizer NAME:LR (sgd, momentum, adam, adamw), else the module's OPTIMIZER, else adam:1e-3."""
+    import optax
+    if ns.optimizer:
+        name, _, lr = ns.optimizer.partition(":")
+        makers = {"sgd": optax.sgd, "adam": optax.adam, "adamw": optax.adamw,
+                  "momentum": lambda lr: optax.sgd(lr, momentum=0.9)}
+        if name not in makers:
+            raise SystemExit(f"autopar: --optimizer must be one of {sorted(makers)}[:LR], got {ns.optimizer!r}")
+        try:
+            return makers[name](float(lr or 1e-3))
+        except ValueError:
+            raise SystemExit(f"autopar: --optimizer learning rate must be a number, got {lr!r}") from None
+    return getattr(module, "OPTIMIZER", None) or optax.adam(1e-3)
+
+
+def parse_stages(text):
+    """"0-2:1x4,2-4:1x4" → [(0, 2, (1, 4)), (2, 4, (1, 4))] (layer ranges, sub-meshes)."""
+    if not text:
+        return None
+    out = []
+    try:
+        for part in text.split(","):
+            rng, sub = part.split(":")
+            a, b = rng.split("-")
+            n, m = sub.lower().split("x")
+            out.append((int(a), int(b), (int(n), int(m))))
+    except ValueError:
+        raise SystemExit(f"autopar: --stages must look like 0-2:1x4,2-4:1x4 (layer range:sub-mesh), got {text!r}") from None
+    return out
+
+
+def _plan(ns, module, fn, args):
+    import autopar
+    if len(args) != 2:
+        raise SystemExit(f"autopar: --train needs a loss function FOO(params, batch); FOO_args returned {len(args)} "
+                         "arguments")
+    with progress_for_cli(ns) as progress:
+        return autopar.plan_training(
+            fn, *args, optimizer=optimizer_from(ns, module), cluster=ns.cluster, nodes=ns.nodes,
+            num_microbatches=ns.microbatches, schedule=ns.schedule, num_stages=ns.num_stages,
+            stages=parse_stages(ns.stages), num_layers=ns.layers, memory_budget_bytes=ns.budget,
+            solver=ns.solver, time_limit_s=ns.time_limit, remat=ns.remat, zero=ns.zero, verbose=progress)
+
+
+def _bound(ns, fn, args, plan) -> None:
+    """``--bound``: the step no plan beats (``autopar.step_lower_bound``) and this plan over it."""
+    if not ns.bound:
+        return
+    import autopar
+    lb = autopar.step_lower_bound(fn, *args, cluster=ns.cluster, nodes=ns.nodes, num_microbatches=ns.microbatches)
+    print(f"\ncompute bound: {lb:.4g} s per step (one micro-batch's forward + backward on one device × "
+          f"micro-batches / devices; no plan is faster); this plan's {plan.predicted.step_time_s:.4g} s is "
+          f"{plan.predicted.step_time_s / lb:.2f}× it")
+
+
+def plan_training_from(ns, module, fn, args):
+    """``--train``: plan, print the report (and ``--bound``), write ``--json`` / ``--timeline``."""
+    plan = _plan(ns, module, fn, args)
+    print(plan.report())
+    _bound(ns, fn, args, plan)
+    _finish_training(ns, plan)
+    return plan
+
+
+def _finish_training(ns, plan) -> None:
+    if ns.json:
+        Path(ns.json).write_text(plan.to_json())
+        print(f"\nplan written to {ns.json}")
+    if ns.timeline:
+        print(f"timeline written to {plan.timeline(ns.timeline)}")
+
+
+def run_training(ns, module, fn, args) -> int:
+    import jax
+    import numpy as np
+    import optax
+
+    import autopar
+    opt = optimizer_from(ns, module)
+    multi = jax.process_count() > 1  # a jax.distributed job: process 0 plans, every process runs its stages
+
+    def make():
+        return plan_training_from(ns, module, fn, args)
+    if ns.plan:
+        plan = autopar.TrainingPlan.from_json(Path(ns.plan).read_text())
+    elif multi:
+        from .pipeline.multistep import share_plan
+        plan = share_plan(make, autopar.TrainingPlan)
+    else:
+        plan = make()
+    params, batch = args
+    state = opt.init(params)
+
+    def reference(p, o, b):
+        loss, g = jax.value_and_grad(fn)(p, b)
+        u, o = opt.update(g, o, p)
+        return optax.apply_updates(p, u), o, loss
+    from .verify import compare_loops, run_loop
+    n_state = len(jax.tree_util.tree_leaves((params, state)))
+    carried = [(i, i) for i in range(n_state)]  # (params, state, batch) -> (params, state, loss)
+    first = [np.asarray(x) for x in jax.tree_util.tree_leaves((params, state, batch))]
+    lead = jax.process_index() == 0  # (the only process in a one-process run) computes the reference, checks
+    want = run_loop(jax.jit(reference), (params, state, batch), carried, ns.steps) if lead else None
+    fetch = None
+    if multi:
+        from .pipeline.multistep import to_host
+        fetch = to_host
+    got = run_loop(plan.apply(fn, opt), (params, state, batch), carried, ns.steps, fetch=fetch)
+    if not lead:
+        return 0
+    result = compare_loops(got, want, first, carried, rtol=ns.rtol, atol=ns.atol,
+                           paths=[f"params/state leaf {k}" for k in range(n_state)] + ["loss"])
+    where = f" in {jax.process_count()} processes" if multi else ""
+    print(f"\nran {plan.num_stages} stage(s) × {plan.num_microbatches} micro-batch(es) ({plan.schedule}) on "
+          f"{plan.nodes * plan.cluster.devices_per_node} {jax.devices()[0].platform} devices{where} vs the "
+          f"single-device step, {result.summary()}")
+    return 0 if result.ok else 1
