@@ -273,7 +273,15 @@ class _Flattener:
         return res
 
 
-def _dce(eqns: list[Eqn], outvars: list, customs: dict | None = None) -> list[Eqn]:
+def reads(eqn: Eqn, customs: dict) -> list:
+    """What ``eqn`` reads; in a recorded custom call, also all the call's inputs (bound whole,
+    ``emit.interpret(custom_calls=True)``, it needs them even where its body does not)."""
+    if eqn.custom is None or eqn.custom not in customs:
+        return eqn.inputs
+    return list(eqn.inputs) + list(customs[eqn.custom].inputs)
+
+
+def _dce(eqns: list[Eqn], outvars: list, customs: dict) -> list[Eqn]:
     live = {o for o in outvars if isinstance(o, int)}
     kept = []
     for eqn in reversed(eqns):
@@ -282,9 +290,7 @@ def _dce(eqns: list[Eqn], outvars: list, customs: dict | None = None) -> list[Eq
             "debug_callback", "io_callback", "scan_carry_in", "scan_carry_out")
         if effectful or any(o in live for o in eqn.outputs):
             kept.append(eqn)
-            live.update(x for x in eqn.inputs if isinstance(x, int))
-            if eqn.custom is not None and customs:  # the call is bound whole, on all its inputs
-                live.update(x for x in customs[eqn.custom].inputs if isinstance(x, int))
+            live.update(x for x in reads(eqn, customs) if isinstance(x, int))
     return kept[::-1]
 
 

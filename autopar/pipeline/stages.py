@@ -33,7 +33,7 @@ import numpy as np
 from jax.extend.core import Var
 
 from ..emit import interpret
-from ..trace import Program
+from ..trace import Program, reads
 
 
 class StageSplitError(ValueError):
@@ -57,14 +57,6 @@ def _floating(dtype) -> bool:
     return bool(jnp.issubdtype(dtype, jnp.inexact))  # (numpy alone does not know bfloat16)
 
 
-def _reads(program: Program, eqn) -> list:
-    """What ``eqn`` reads; in an inlined custom call, also the call's inputs (a stage binds the
-    call whole, so it needs them all: ``emit.interpret(custom_calls=True)``)."""
-    if eqn.custom is None or eqn.custom not in program.customs:
-        return eqn.inputs
-    return list(eqn.inputs) + list(program.customs[eqn.custom].inputs)
-
-
 def split_program(program: Program, num_params: int, eqn_ranges) -> list[Stage]:
     """Cut ``program`` (inputs: ``num_params`` param leaves, then batch leaves) at
     ``eqn_ranges`` = [(start, end), …] that tile ``range(len(program.eqns))`` in order."""
@@ -83,14 +75,14 @@ def split_program(program: Program, num_params: int, eqn_ranges) -> list[Stage]:
     used_later: dict[int, set[int]] = {}
     for s, (a, b) in enumerate(ranges):
         for eqn in program.eqns[a:b]:
-            for x in _reads(program, eqn):
+            for x in reads(eqn, program.customs):
                 if isinstance(x, int) and x in stage_of and stage_of[x] != s:
                     used_later.setdefault(x, set()).add(s)
     stages = []
     for s, (a, b) in enumerate(ranges):
         params, batch, acts, nd_acts, consts = set(), set(), set(), set(), set()
         for eqn in program.eqns[a:b]:
-            for x in _reads(program, eqn):
+            for x in reads(eqn, program.customs):
                 if not isinstance(x, int):
                     continue
                 if x in invar_pos:
