@@ -1,8 +1,8 @@
 """One process of a multi-process pipeline test (tests/test_pipeline_multihost.py).
 
 argv: PORT PROCESS_ID NUM_PROCESSES LOCAL_DEVICES OUT_DIR CASE [CASE …], each CASE
-"NAME=PLAN_JSON" with NAME "mlp-…" (mlp.loss_fn, adam 1e-2) or "tied-…" (``tied_loss``, sgd 0.1
-momentum 0.9); the test builds its plans and references from ``MODELS``. Every case runs 2 steps whose
+"NAME=PLAN_JSON" with NAME "mlp-…" (mlp.loss_fn, adam 1e-2) or "tied-…" (``tied_loss``,
+clip_by_global_norm 0.5 then sgd 0.1 momentum 0.9); the test builds its plans and references from ``MODELS``. Every case runs 2 steps whose
 params/optimizer state feed back; process 0 writes OUT_DIR/NAME.npz (every output leaf of
 both steps, read with ``to_host``); every process checks that the params live only on their
 owner stage's devices. CASE "mismatch=A,B": process 0 loads plan A, the others plan B, and
@@ -38,7 +38,10 @@ def tied_params_and_batch():
 
 MODELS = {"mlp": lambda: (mlp.loss_fn, optax.adam(1e-2), mlp.params_and_batch(batch=32, hidden=64, layers=4,
                                                                                  bias=True)),
-          "tied": lambda: (tied_loss, optax.sgd(0.1, momentum=0.9), tied_params_and_batch())}
+          # gradients clipped by their norm over all stages (about 1.09 here): a scalar per leaf crosses
+          # processes (autopar.pipeline.update_split)
+          "tied": lambda: (tied_loss, optax.chain(optax.clip_by_global_norm(0.5), optax.sgd(0.1, momentum=0.9)),
+                           tied_params_and_batch())}
 
 
 def check_placement(tplan, params, pid):

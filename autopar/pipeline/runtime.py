@@ -26,8 +26,10 @@ the few hooks saying where a stage runs and how values move: ``_here``, ``_move`
 ``_place_param``, ``_place_opt``, ``_outputs``). Tasks run in the order of the simulated GPipe/1F1B schedule
 (``autopar.pipeline.schedule``). The optimizer state is split per stage by applying
 ``optimizer.init`` to the params with every leaf the stage does not own replaced by
-``None``; this is exact for per-parameter optimizers (sgd, momentum, adam, adamw, …) and
-**not** for transformations that mix leaves (e.g. ``clip_by_global_norm``).
+``None``; each stage updates what it owns apart, which is exact for per-parameter optimizers
+(sgd, momentum, adam, adamw, …). An optimizer mixing leaves through small values
+(``clip_by_global_norm``: each leaf's sum of squares) runs its update in rounds with those
+values sent between the stages (``autopar.pipeline.update_split``).
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ from .schedule import execution_order
 from .halves import planned_halves
 from .stages import owners, split_program, stage_forward
 from .inputs import microbatch_shapes, trace_loss
+from .update_split import SplitUpdate, split_update
 from .zero import zero_spec
 
 _wsc = jax.lax.with_sharding_constraint
@@ -198,8 +201,8 @@ class PipelineStep:
                     for s, g in zip(leaves, self.opt_leaves_abs)):
                 raise ValueError(
                     "the optimizer state does not split per parameter (its structure changes when some params "
-                    "are None); pipeline plans need a per-parameter optax optimizer such as sgd, momentum, "
-                    "adam or adamw, without global transformations like clip_by_global_norm")
+                    "are None); pipeline plans need optax optimizers whose state is kept per parameter, such as "
+                    "sgd, momentum, adam or adamw (chained with clip_by_global_norm or not)")
             self.skeletons.append((leaves, tree))
         self.execs = [_StageExec(sp, st, program, P, [all_devices[i] for i in sp.devices], optimizer, donate,
                                  tplan.search.layer_eqns[sp.layers[0]:sp.layers[1]], self.p_tree,
@@ -224,6 +227,12 @@ class PipelineStep:
         # a step count (or other leaf not mirroring a param) is returned from its first stage
         self.opt_home = [min((k for k, (sk, _) in enumerate(self.skeletons) if sk[j] is not None), default=0)
                          for j in range(len(self.opt_leaves_abs))]
+        # an optimizer mixing parameters (clip_by_global_norm): its update in rounds across the
+        # stages (``autopar.pipeline.update_split``); None for a per-parameter one
+        state_stages = [{k for k, (sk, _) in enumerate(self.skeletons) if sk[j] is not None}
+                        for j in range(len(self.opt_leaves_abs))]
+        split = split_update(optimizer, params_abs, full_opt, self.own, state_stages, self.opt_home, len(self.stages))
+        self.split_update = SplitUpdate(self, split) if split is not None else None
         self.values = program.values
         # sharding of every stage output (activations leave their stage laid out so)
         self.out_sharding = {v: sh for e in self.execs for v, sh in zip(
@@ -397,6 +406,8 @@ class PipelineStep:
 
     def _update(self, owner_params, grads, o_leaves):
         """Each stage's optimizer update of the parameters it owns → new flat params and state."""
+        if self.split_update is not None:
+            return self.split_update(owner_params, grads, o_leaves)
         S, ex = len(self.stages), self.execs
         # every stage's inputs are placed before any update runs: updates donate their inputs,
         # and a step count shared by all stages must not be consumed by the first one

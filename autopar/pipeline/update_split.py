@@ -1,0 +1,359 @@
+"""An optimizer update that mixes parameters, split over pipeline stages in rounds.
+
+A per-parameter optimizer (sgd, adam, adamw, …) updates each stage's parameters from that
+stage's gradients alone, so each stage runs ``optimizer.update`` on the tree of what it owns
+(``autopar.pipeline.runtime``). ``optax.clip_by_global_norm`` cannot be split so: run per
+stage it clips each stage's gradients by that stage's own norm — a different step, silently.
+So the update of the whole tree is traced once (``autopar.trace``) and each value gets a
+home:
+
+* stage k, when it is computed from stage k's parameters, gradients and optimizer state
+  (and from common or global values);
+* *global*, when it combines values of two or more stages (the global norm's sum over
+  leaves): the stage values it reads, the *partials* (each leaf's sum of squares), must be
+  small (``SMALL`` elements); each is sent to every other stage, and every stage computes the
+  global values itself;
+* *common*, when it reads no stage's values: constants, and state leaves every stage keeps a
+  copy of (a step count).
+
+A stage value reading a global value made from partials of round r − 1 belongs to round r;
+round 0 needs nothing from other stages. Round r of stage k is one jitted program: the global
+and common equations of rounds ≤ r (recomputed: they are small) and stage k's own of round r,
+the parameter update ``p + u`` applied where ``u`` is made. After each round the stage's
+partials move, packed into one vector per dtype (``PipelineStep._move``: a ``jax.device_put``
+or, across processes, the multi-host transfer). ``clip_by_global_norm`` takes two rounds and
+sends one scalar per parameter leaf to every other stage. A per-parameter optimizer has no
+global value: :func:`split_update` returns None and the stages update apart, as before.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from ..emit import interpret
+from ..trace import Lit, Program, _dce, trace
+
+SMALL = 4096      # elements: the largest stage value sent to the other stages for a global value
+GLOBAL, COMMON = -1, -2
+
+_wsc = jax.lax.with_sharding_constraint
+
+
+@dataclass(frozen=True)
+class Round:
+    """Round ``round`` of stage ``stage``: ``eqns`` of the update program, reading ``ins``
+    (this stage's values: its inputs, and what its earlier rounds kept) and ``recv`` (other
+    stages' partials, unpacked from their packs); it keeps ``outs`` (for its later rounds and
+    the state leaves it returns), sends ``sends`` (its partials of the round, one pack per
+    dtype) and applies ``applies``: (param leaf i, the param's value id, its update)."""
+    stage: int
+    round: int
+    eqns: tuple
+    ins: tuple
+    recv: tuple
+    outs: tuple
+    sends: tuple
+    applies: tuple
+
+
+@dataclass
+class UpdateSplit:
+    program: Program
+    rounds: list          # [round][stage] -> Round | None
+    home: dict            # value id -> stage | GLOBAL | COMMON
+    level: dict           # value id -> the round it is made in
+    partials: dict        # value id -> its stage (sent to every other stage after the round it is made in)
+    owner: list           # param leaf -> stage
+    state_home: list      # state leaf -> the stage returning it
+
+    @property
+    def num_rounds(self) -> int:
+        return len(self.rounds)
+
+    @property
+    def sends_per_step(self) -> int:
+        """Packs moved per step (each to every other stage)."""
+        return sum(len(rd.sends) for row in self.rounds for rd in row if rd is not None)
+
+
+def _size(value) -> int:
+    n = 1
+    for d in value.shape:
+        n *= int(d)
+    return n
+
+
+def _check_small(value, stage, eqn) -> None:
+    if _size(value) > SMALL:
+        where = f" ({eqn.prim.name} at {eqn.source})" if eqn is not None and eqn.source else ""
+        raise ValueError(
+            f"the optimizer's update combines values of different pipeline stages, and one of them is not small: "
+            f"a {value.dtype}{list(value.shape)} value of stage {stage}{where} would have to be sent to the other "
+            f"stages. Pipeline plans run optimizers whose cross-parameter parts are scalars (clip_by_global_norm, "
+            f"a global norm); use a per-parameter optimizer or one of those, or plan a single stage "
+            f"(plan_training(..., num_stages=1))")
+
+
+def split_update(optimizer, params_abs, opt_abs, owner: list[int], state_stages: list[set],
+                 state_home: list[int], num_stages: int) -> UpdateSplit | None:
+    """The update of ``optimizer`` on the whole tree split into rounds per stage, or None when
+    no value combines two stages' values (a per-parameter optimizer). ``owner[i]``: the stage
+    owning param leaf i; ``state_stages[j]``: the stages whose optimizer state has leaf j (one:
+    that stage's; several: each keeps a copy, a common value); ``state_home[j]``: the stage
+    returning it."""
+    program = trace(lambda p, s, g: optimizer.update(g, s, p), params_abs, opt_abs, params_abs)
+    P, S = len(owner), len(state_stages)
+    inv, vals = program.invars, program.values
+    home: dict = {c: COMMON for c in program.consts}
+    for i in range(P):
+        home[inv[i]] = home[inv[P + S + i]] = owner[i]
+    for j, st in enumerate(state_stages):
+        home[inv[P + j]] = next(iter(st)) if len(st) == 1 else COMMON
+    level: dict = dict.fromkeys(home, 0)
+    partials: dict = {}
+    eqn_home, eqn_level = [], []
+    for e in program.eqns:
+        ins = [x for x in e.inputs if isinstance(x, int)]
+        on_stage = [x for x in ins if home[x] >= 0]
+        stages = {home[x] for x in on_stage}
+        big = list(dict.fromkeys(home[x] for x in on_stage if _size(vals[x]) > SMALL))
+        for x in on_stage:  # a large value of a second stage cannot be sent
+            if big and home[x] != big[0]:
+                _check_small(vals[x], home[x], e)
+        if big:  # computed where its large input is
+            h = big[0]
+        elif len(stages) > 1 or (stages and any(home[x] == GLOBAL for x in ins)):
+            h = GLOBAL  # small values of several stages, or one stage's and a global one
+        elif stages:
+            h = stages.pop()
+        else:
+            h = GLOBAL if any(home[x] == GLOBAL for x in ins) else COMMON
+        lv = max((level[x] for x in ins), default=0)
+        for x in on_stage:
+            if home[x] != h:  # a partial: sent after the round it is made in
+                partials[x] = home[x]
+                lv = max(lv, level[x] + 1)
+        for o in e.outputs:
+            home[o], level[o] = h, lv
+        eqn_home.append(h)
+        eqn_level.append(lv)
+    # an output returned by a stage other than its home's (a stage value in a state leaf all
+    # stages keep a copy of): sent as well
+    returns = [(owner[i], o) for i, o in enumerate(program.outvars[:P])] + \
+              [(state_home[j], o) for j, o in enumerate(program.outvars[P:])]
+    for k, o in returns:
+        if isinstance(o, int) and home[o] >= 0 and home[o] != k:
+            _check_small(vals[o], home[o], None)
+            partials[o] = home[o]
+    if not partials and GLOBAL not in eqn_home:
+        return None
+    if program.regions:
+        raise ValueError("the optimizer's update combines parameters of different pipeline stages inside a loop "
+                         "(lax.scan); pipeline plans split such updates only in straight-line code")
+    ready = [_ready(o, k, home, level) for k, o in returns]
+    R = max(ready + eqn_level) + 1
+    split = UpdateSplit(program, [], home, level, partials, list(owner), list(state_home))
+    split.rounds = [[_round(split, k, r, eqn_home, eqn_level) for k in range(num_stages)] for r in range(R)]
+    return split
+
+
+def _ready(o, k, home, level) -> int:
+    """The round in which stage k has output ``o``: its own or a common/global value when it
+    is made, another stage's after that stage has sent it."""
+    if not isinstance(o, int):
+        return 0
+    return level[o] + 1 if home[o] >= 0 and home[o] != k else level[o]
+
+
+def _round(split: UpdateSplit, k: int, r: int, eqn_home, eqn_level) -> Round | None:
+    program, home, level, partials = split.program, split.home, split.level, split.partials
+    P = len(split.owner)
+    upd, new_state = program.outvars[:P], program.outvars[P:]
+    mine = [program.eqns[n] for n, (h, lv) in enumerate(zip(eqn_home, eqn_level))
+            if (h in (GLOBAL, COMMON) and lv <= r) or (h == k and lv == r)]
+    # what later rounds of this stage read: its own values of later rounds, and every global
+    # and common equation (each round recomputes those it needs)
+    later = {x for n, (h, lv) in enumerate(zip(eqn_home, eqn_level)) if (h == k and lv > r) or h in (GLOBAL, COMMON)
+             for x in program.eqns[n].inputs if isinstance(x, int)}
+    applies = tuple((i, program.invars[i], u) for i, u in enumerate(upd)
+                    if split.owner[i] == k and _ready(u, k, home, level) == r)
+    keeps = [o for j, o in enumerate(new_state)
+             if split.state_home[j] == k and isinstance(o, int) and _ready(o, k, home, level) == r]
+    produced = {o for e in mine for o in e.outputs}
+    sends = [x for x, s in partials.items() if s == k and level[x] == r]
+    carry = sorted(x for x in later if x in produced and home[x] == k)
+    wanted = list(dict.fromkeys([u for _, _, u in applies if isinstance(u, int)] + keeps + sends + carry))
+    kept = _dce(mine, [v for v in wanted if v in produced], {})
+    if not kept and not applies and not keeps and not sends:
+        return None
+    made = {o for e in kept for o in e.outputs}
+    reads = [x for e in kept for x in e.inputs if isinstance(x, int) and x not in made and x not in program.consts]
+    reads += [v for v in wanted if v not in made] + [p for _, p, _ in applies]
+    reads = list(dict.fromkeys(reads))
+    recv = tuple(x for x in reads if partials.get(x, k) != k)
+    ins = tuple(x for x in reads if x not in recv)
+    groups: dict = {}
+    for v in sends:
+        groups.setdefault(str(program.values[v].dtype), []).append(v)
+    return Round(k, r, tuple(kept), ins, recv, tuple(dict.fromkeys(keeps + carry)),
+                 tuple(tuple(g) for g in groups.values()), applies)
+
+
+class SplitUpdate:
+    """Runs an :class:`UpdateSplit` for a ``PipelineStep``: per round, each stage's program
+    (where this process has the stage), then that round's packs of partials to every other
+    stage (the same order in every process)."""
+
+    def __init__(self, step, split: UpdateSplit):
+        self.step, self.split = step, split
+        prog = split.program
+        self.pack_of: dict = {}   # partial -> (pack key (stage, round, group), offset)
+        for row in split.rounds:
+            for rd in row:
+                for g, ids in enumerate(rd.sends if rd is not None else ()):
+                    off = 0
+                    for v in ids:
+                        self.pack_of[v] = ((rd.stage, rd.round, g), off)
+                        off += _size(prog.values[v])
+        # the last round of each stage reading each value: where a parameter or state leaf is donated
+        self.last: dict = {}
+        self.donated: dict = {}   # (stage, round) -> the value ids its program donates
+        for row in split.rounds:
+            for rd in row:
+                for v in (rd.ins if rd is not None else ()):
+                    self.last[(rd.stage, v)] = rd.round
+        self.fns = {(rd.stage, rd.round): self._compile(rd) for row in split.rounds for rd in row if rd is not None}
+
+    def _layout(self, k: int, v: int):
+        """Layout on stage k of an input of the update: a parameter or its gradient as its
+        optimizer state is laid out (ZeRO-1's slices, else the parameter's own sharding), a state
+        leaf as the runtime keeps it; None for other values."""
+        step, prog = self.step, self.split.program
+        P, S = len(self.split.owner), len(self.split.state_home)
+        n = prog.invars.index(v) if v in prog.invars else None
+        if n is None:
+            return None
+        if n < P or n >= P + S:
+            return step.execs[k].opt_sh.get(n % (P + S) if n >= P + S else n)
+        mirror = step.mirrors[k][n - P]
+        return step.opt_sharding[mirror] if mirror >= 0 else step.execs[k].repl
+
+    def _compile(self, rd: Round):
+        step, prog = self.step, self.split.program
+        P = len(self.split.owner)
+        repl = step.execs[rd.stage].repl
+        made = list(dict.fromkeys(o for e in rd.eqns for o in e.outputs))
+        sub = Program(values=prog.values, invars=list(rd.ins) + list(rd.recv), outvars=made,
+                      consts={c: prog.consts[c] for e in rd.eqns for c in e.inputs
+                              if isinstance(c, int) and c in prog.consts},
+                      eqns=list(rd.eqns), in_tree=None, out_tree=None, regions={}, customs={})
+        run = interpret(sub, {}, {}, None) if rd.eqns else None
+        in_sh = [self._layout(rd.stage, v) for v in rd.ins]
+        out_sh = {o: self._layout(rd.stage, prog.invars[P + j]) for j, o in enumerate(prog.outvars[P:])
+                  if isinstance(o, int) and o in rd.outs}
+        p_sh = {i: step.param_sharding[i] for i, _, _ in rd.applies}
+        unpack = self._unpack
+        # with ``donate``: a parameter, state leaf or gradient in the round reading it last, where
+        # an output of its shape and dtype can take its buffer
+        vals, free = prog.values, {}
+        for v in [p for _, p, _ in rd.applies] + list(rd.outs):
+            key = (vals[v].shape, str(vals[v].dtype))
+            free[key] = free.get(key, 0) + 1
+        donated = set()
+        for v in rd.ins:
+            key = (vals[v].shape, str(vals[v].dtype))
+            if step.donate and v in prog.invars and self.last[(rd.stage, v)] == rd.round and free.get(key, 0):
+                free[key] -= 1
+                donated.add(v)
+        self.donated[(rd.stage, rd.round)] = [v for v in rd.ins if v in donated]
+        order = {v: n for n, v in enumerate(rd.ins)}
+
+        def fn(don, keep, packs):
+            ins = [None] * len(rd.ins)
+            for v, x in zip([v for v in rd.ins if v in donated], don):
+                ins[order[v]] = x
+            for v, x in zip([v for v in rd.ins if v not in donated], keep):
+                ins[order[v]] = x
+            ins = [_wsc(x, s) if s is not None else x for x, s in zip(ins, in_sh)]
+            env = dict(zip(rd.ins, ins))
+            env.update((v, unpack(v, packs)) for v in rd.recv)
+            if run is not None:
+                env.update(zip(made, run(*ins, *[env[v] for v in rd.recv])))
+
+            def val(v):
+                return jnp.full(v.shape, v.val, v.dtype) if isinstance(v, Lit) else env[v]
+            new_p = []
+            for i, p, u in rd.applies:  # optax.apply_updates, in the optimizer state's layout
+                new_p.append(_wsc(jnp.asarray(env[p] + val(u)).astype(env[p].dtype), p_sh[i]))
+            kept = [_wsc(env[v], out_sh[v]) if v in out_sh else env[v] for v in rd.outs]
+            sent = [_wsc(jnp.concatenate([jnp.ravel(env[v]) for v in ids]), repl) for ids in rd.sends]
+            return new_p, kept, sent
+        return jax.jit(fn, donate_argnums=(0,))
+
+    def _unpack(self, v, packs):
+        key, off = self.pack_of[v]
+        val = self.split.program.values[v]
+        return packs[key][off:off + _size(val)].reshape(val.shape)
+
+    def __call__(self, owner_params, grads, o_leaves):
+        step, split, prog = self.step, self.split, self.split.program
+        P, S = len(split.owner), len(split.state_home)
+        n_stages = len(step.execs)
+        env = [dict() for _ in range(n_stages)]      # per stage: value id -> array
+        packs = [dict() for _ in range(n_stages)]    # per stage: pack key -> packed partials
+        inv = {v: n for n, v in enumerate(prog.invars)}
+
+        def place(k, v):
+            n = inv[v]
+            if n < P:
+                return owner_params[n]
+            if n >= P + S:
+                return grads[n - P - S]
+            mirror = step.mirrors[k][n - P]
+            return step._place_opt(o_leaves[n - P], n - P, k,
+                                   step.opt_sharding[mirror] if mirror >= 0 else step.execs[k].repl)
+        # every stage's inputs first (in one order in every process: placing a state leaf may
+        # move it from another process)
+        for row in split.rounds:
+            for rd in row:
+                for v in (rd.ins if rd is not None else ()):
+                    if v in inv and v not in env[rd.stage]:
+                        env[rd.stage][v] = place(rd.stage, v)
+        new_p, new_o = [None] * P, [None] * S
+        for row in split.rounds:
+            for rd in row:
+                if rd is None or not step._here(rd.stage):
+                    continue
+                k = rd.stage
+                don = self.donated[(k, rd.round)]
+                p_out, kept, sent = self.fns[(k, rd.round)]([env[k][v] for v in don],
+                                                            [env[k][v] for v in rd.ins if v not in don], packs[k])
+                for (i, _, _), x in zip(rd.applies, p_out):
+                    new_p[i] = x
+                env[k].update(zip(rd.outs, kept))
+                for g, x in enumerate(sent):
+                    packs[k][(k, rd.round, g)] = x
+            for rd in row:
+                for g, ids in enumerate(rd.sends if rd is not None else ()):
+                    key, src = (rd.stage, rd.round, g), rd.stage
+                    aval = jax.ShapeDtypeStruct((sum(_size(prog.values[v]) for v in ids),), prog.values[ids[0]].dtype)
+                    for dst in range(n_stages):
+                        if dst != src:
+                            x = step._move(packs[src].get(key), step.execs[src].repl, step.execs[dst].repl, aval)
+                            if step._here(dst):
+                                packs[dst][key] = x
+        for j, o in enumerate(prog.outvars[P:]):
+            k = split.state_home[j]
+            if not step._here(k):
+                continue
+            if isinstance(o, Lit):
+                new_o[j] = jax.device_put(jnp.full(o.shape, o.val, o.dtype), step.execs[k].repl)
+            elif o in env[k]:
+                new_o[j] = env[k][o]
+            elif o in inv:  # a state leaf passed through
+                new_o[j] = place(k, o)
+            else:
+                new_o[j] = jax.device_put(self._unpack(o, packs[k]), step.execs[k].repl)
+        return new_p, new_o
