@@ -1,8 +1,9 @@
 """Optimizers that mix parameters across pipeline stages (``autopar.pipeline.update_split``):
 ``optax.clip_by_global_norm`` clips by the norm of every stage's gradients together — before,
-each stage clipped by its own norm, silently a different step — with ZeRO-1 too; an optimizer
-that would need a large value of another stage is refused with a clear error; a
-per-parameter one updates each stage apart, as before."""
+each stage clipped by its own norm, silently a different step — with ZeRO-1 too, and inside
+MultiSteps, apply_if_finite and multi_transform; an optimizer that would need a large value of
+another stage is refused with a clear error; a per-parameter one updates each stage apart, as
+before (multi_transform too: it used to be refused)."""
 import jax
 import numpy as np
 import optax
@@ -70,12 +71,38 @@ def test_clip_and_adamw_with_zero1_run_equal(devices8, model):
         assert {d.id for d in m["fc"].sharding.device_set} == set(tplan.stages[i].devices)
 
 
+def _frozen_scales(inner):
+    """optax.multi_transform: the 'scale' leaves frozen (as when fine-tuning), ``inner`` for the rest."""
+    labels = lambda p: jax.tree_util.tree_map_with_path(  # noqa: E731
+        lambda path, _: "frozen" if path[-1].key == "scale" else "train", p)
+    return optax.multi_transform({"train": inner, "frozen": optax.set_to_zero()}, labels)
+
+
+@pytest.mark.parametrize("name", ["multisteps", "apply_if_finite", "multi_transform"])
+def test_wrappers_around_a_global_norm_run_equal(devices8, model, name):
+    """optax.MultiSteps (a lax.cond over the whole tree: run as selects, per leaf) accumulating
+    two steps before a clipped Adam step; apply_if_finite (a global all-finite check) around it;
+    multi_transform (its masked state lines up with the full state by key path) clipping the
+    trained leaves by their global norm."""
+    params, batch = model
+    inner = optax.chain(optax.clip_by_global_norm(MAX_NORM), optax.adam(1e-3, eps=1e-3))
+    opt = {"multisteps": lambda: optax.MultiSteps(inner, 2), "apply_if_finite": lambda: optax.apply_if_finite(inner, 3),
+           "multi_transform": lambda: _frozen_scales(inner)}[name]()
+    tplan = plan_training(loss_fn, params, batch, optimizer=opt, schedule="1f1b", zero="none", **KW)
+    step, got, _ = _steps(tplan, opt, params, batch, n=2 if name == "multisteps" else 1)
+    assert step.split_update is not None
+    changed = jax.tree_util.tree_map(lambda a, b: not np.array_equal(np.asarray(a), np.asarray(b)), got[0], params)
+    for layer in changed:  # the second micro-step applied the update; frozen leaves stay
+        assert layer == {"fc": True, "proj": True, "scale": name != "multi_transform"}
+
+
 def test_a_per_parameter_optimizer_updates_each_stage_apart(devices8, model):
     params, batch = model
-    opt = optax.adam(1e-3, eps=1e-3)
-    tplan = plan_training(loss_fn, params, batch, optimizer=opt, schedule="gpipe", zero="none", **KW)
-    step, _, _ = _steps(tplan, opt, params, batch, n=1)
-    assert step.split_update is None
+    for opt in (optax.adam(1e-3, eps=1e-3), optax.MultiSteps(optax.adam(1e-3, eps=1e-3), 2),
+                _frozen_scales(optax.adamw(1e-3, eps=1e-3))):
+        tplan = plan_training(loss_fn, params, batch, optimizer=opt, schedule="gpipe", zero="none", **KW)
+        step, _, _ = _steps(tplan, opt, params, batch, n=2)
+        assert step.split_update is None
 
 
 def _add_first_leaf():
@@ -93,4 +120,15 @@ def test_an_optimizer_sending_a_large_value_between_stages_is_refused(devices8, 
     tplan = plan_training(loss_fn, params, batch, optimizer=opt, schedule="gpipe", zero="none", **KW)
     with pytest.raises(ValueError, match=r"combines values of different pipeline stages, and one of them is not "
                                          r"small: a float32\[512, 128\] value of stage 0 .*num_stages=1"):
+        tplan.apply(loss_fn, opt)
+
+
+def test_a_state_not_kept_per_parameter_is_refused(devices8, model):
+    """A transformation whose state is one vector over all leaves cannot be split by stage."""
+    params, batch = model
+    count_leaves = optax.GradientTransformation(
+        lambda p: np.zeros(len(jax.tree_util.tree_leaves(p)), np.float32), lambda u, s, p=None: (u, s))
+    opt = optax.chain(count_leaves, optax.sgd(0.1))
+    tplan = plan_training(loss_fn, params, batch, optimizer=opt, schedule="gpipe", zero="none", **KW)
+    with pytest.raises(ValueError, match=r"the optimizer state does not split per parameter .*multi_transform"):
         tplan.apply(loss_fn, opt)

@@ -187,23 +187,28 @@ class PipelineStep:
                 [x if self.own[i] == k else None for i, x in enumerate(flat_abs)]))
         full_opt = jax.eval_shape(optimizer.init, params_abs)
         self.opt_leaves_abs, self.opt_tree = jax.tree_util.tree_flatten(full_opt)
-        # flattened with None as a leaf, a masked skeleton lines up with the full state; the
-        # params' own None fields (an equinox Module's non-arrays) are None in both: dropped
-        with_none, none_tree = jax.tree_util.tree_flatten(full_opt, is_leaf=_is_none)
-        self.opt_slots = [j for j, x in enumerate(with_none) if x is not None]
+        # a stage's skeleton (the state of its params, the others None) lines up with the full
+        # state by key path: ``slots[j]``, the position of full leaf j among the skeleton's leaves
+        # flattened with None as a leaf (None: the stage has no such leaf). Paths, not positions:
+        # a wrapper may mark a missing leaf differently (optax.masked: MaskedNode in the full
+        # state, None in a skeleton)
+        full_paths = [tuple(path) for path, _ in jax.tree_util.tree_flatten_with_path(full_opt)[0]]
         self.skeletons = []
         for k, masked in enumerate(self.masked_abs):
             skel = jax.eval_shape(optimizer.init, masked)
-            full, tree = jax.tree_util.tree_flatten(skel, is_leaf=_is_none)
-            leaves = [full[j] for j in self.opt_slots] if tree == none_tree else []
-            if len(leaves) != len(self.opt_leaves_abs) or any(
+            with_none, tree = jax.tree_util.tree_flatten_with_path(skel, is_leaf=_is_none)
+            at = {tuple(path): pos for pos, (path, x) in enumerate(with_none) if x is not None}
+            slots = [at.get(path) for path in full_paths]
+            leaves = [None if n is None else with_none[n][1] for n in slots]
+            if len(at) != sum(n is not None for n in slots) or any(
                     s is not None and (tuple(s.shape) != tuple(g.shape) or s.dtype != g.dtype)
                     for s, g in zip(leaves, self.opt_leaves_abs)):
                 raise ValueError(
-                    "the optimizer state does not split per parameter (its structure changes when some params "
-                    "are None); pipeline plans need optax optimizers whose state is kept per parameter, such as "
-                    "sgd, momentum, adam or adamw (chained with clip_by_global_norm or not)")
-            self.skeletons.append((leaves, tree))
+                    "the optimizer state does not split per parameter (optimizer.init of some of the params "
+                    "makes leaves the state of all of them does not have); pipeline plans need optax optimizers "
+                    "whose state is kept per parameter, such as sgd, momentum, adam or adamw, alone, chained "
+                    "(clip_by_global_norm …), masked or partitioned (optax.multi_transform)")
+            self.skeletons.append((leaves, tree, slots))
         self.execs = [_StageExec(sp, st, program, P, [all_devices[i] for i in sp.devices], optimizer, donate,
                                  tplan.search.layer_eqns[sp.layers[0]:sp.layers[1]], self.p_tree,
                                  {i for i in range(P) if self.own[i] == k})
@@ -225,11 +230,11 @@ class PipelineStep:
             self.opt_sharding.append(ex.opt_sh.get(i, ex.repl))
         self.mirrors = [self._mirrors(k) for k in range(len(self.stages))]
         # a step count (or other leaf not mirroring a param) is returned from its first stage
-        self.opt_home = [min((k for k, (sk, _) in enumerate(self.skeletons) if sk[j] is not None), default=0)
+        self.opt_home = [min((k for k, (sk, _, _) in enumerate(self.skeletons) if sk[j] is not None), default=0)
                          for j in range(len(self.opt_leaves_abs))]
         # an optimizer mixing parameters (clip_by_global_norm): its update in rounds across the
         # stages (``autopar.pipeline.update_split``); None for a per-parameter one
-        state_stages = [{k for k, (sk, _) in enumerate(self.skeletons) if sk[j] is not None}
+        state_stages = [{k for k, (sk, _, _) in enumerate(self.skeletons) if sk[j] is not None}
                         for j in range(len(self.opt_leaves_abs))]
         split = split_update(optimizer, params_abs, full_opt, self.own, state_stages, self.opt_home, len(self.stages))
         self.split_update = SplitUpdate(self, split) if split is not None else None
@@ -240,20 +245,22 @@ class PipelineStep:
         self.order = execution_order(tplan.simulate())
 
     # --- optimizer-state placement ----------------------------------------------------
-    def _full(self, leaves, skel_tree) -> list:
-        """A stage's optimizer-state leaves (one per slot) → every leaf of its skeleton."""
+    def _full(self, leaves, k: int):
+        """Stage k's optimizer-state leaves (one per leaf of the full state) → its skeleton tree."""
+        _, skel_tree, slots = self.skeletons[k]
         full = [None] * skel_tree.num_leaves
-        for j, x in zip(self.opt_slots, leaves):
-            full[j] = x
-        return full
+        for n, x in zip(slots, leaves):
+            if n is not None:
+                full[n] = x
+        return skel_tree.unflatten(full)
 
     def _mirrors(self, k: int) -> list[int]:
         """For each leaf of stage k's optimizer-state skeleton: the param leaf it mirrors
         (a subtree shaped like the masked params, e.g. Adam's mu/nu), else −1 (step counts)."""
         ptree = jax.tree_util.tree_structure(self.masked_abs[k])
         index_tree = self.p_tree.unflatten([i if self.own[i] == k else None for i in range(self.P)])
-        leaves, skel_tree = self.skeletons[k]
-        skel_abs = skel_tree.unflatten(self._full(leaves, skel_tree))
+        leaves, _, slots = self.skeletons[k]
+        skel_abs = self._full(leaves, k)
 
         def visit(sub):
             if sub is not None and jax.tree_util.tree_structure(sub) == ptree:
@@ -262,7 +269,7 @@ class PipelineStep:
         marked = jax.tree_util.tree_map(visit, skel_abs, is_leaf=lambda t: t is None or
                                         jax.tree_util.tree_structure(t) == ptree)
         flat = jax.tree_util.tree_flatten(marked, is_leaf=_is_none)[0]
-        flat = [flat[j] for j in self.opt_slots]
+        flat = [None if n is None else flat[n] for n in slots]
         out = []
         for i, leaf in zip(flat, leaves):
             ok = leaf is not None and isinstance(i, int) and i >= 0 and \
@@ -413,7 +420,7 @@ class PipelineStep:
         # and a step count shared by all stages must not be consumed by the first one
         inputs = []
         for k in range(S):
-            mirror, (skel, skel_tree) = self.mirrors[k], self.skeletons[k]
+            mirror, skel = self.mirrors[k], self.skeletons[k][0]
             o_stage = [None if sk is None else self._place_opt(
                 o_leaves[j], j, k, self.opt_sharding[mirror[j]] if mirror[j] >= 0 else ex[k].repl)
                 for j, sk in enumerate(skel)]
@@ -422,7 +429,7 @@ class PipelineStep:
                 continue
             mine = [i for i in range(self.P) if self.own[i] == k]
             inputs.append((self.p_tree.unflatten([owner_params[i] if i in mine else None for i in range(self.P)]),
-                           skel_tree.unflatten(self._full(o_stage, skel_tree)),
+                           self._full(o_stage, k),
                            self.p_tree.unflatten([grads[i] if i in mine else None for i in range(self.P)])))
         new_p, new_o = [None] * self.P, [None] * len(o_leaves)
         for k in range(S):
@@ -433,7 +440,7 @@ class PipelineStep:
             for i, val in zip(owned, jax.tree_util.tree_leaves(p_out)):
                 new_p[i] = val
             o_flat = jax.tree_util.tree_flatten(o_out, is_leaf=_is_none)[0]
-            for j, val in enumerate(o_flat[s] for s in self.opt_slots):
+            for j, val in enumerate(None if n is None else o_flat[n] for n in self.skeletons[k][2]):
                 if val is not None and k == self.opt_home[j]:  # shared leaves (step counts): stage 0's copy
                     new_o[j] = val
         return new_p, new_o

@@ -24,6 +24,10 @@ partials move, packed into one vector per dtype (``PipelineStep._move``: a ``jax
 or, across processes, the multi-host transfer). ``clip_by_global_norm`` takes two rounds and
 sends one scalar per parameter leaf to every other stage. A per-parameter optimizer has no
 global value: :func:`split_update` returns None and the stages update apart, as before.
+
+A ``lax.cond`` in the update (``optax.MultiSteps``, ``apply_if_finite``) is traced as both
+branches and a ``select_n`` of their outputs, so each leaf's output reads its own leaf and
+the predicate; the rounds compute both branches (an update's cost at most twice).
 """
 from __future__ import annotations
 
@@ -31,9 +35,11 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jcore
 
 from ..emit import interpret
-from ..trace import Lit, Program, _dce, trace
+
+from ..trace import INLINE_PARAMS, Lit, Program, _dce, trace
 
 SMALL = 4096      # elements: the largest stage value sent to the other stages for a global value
 GLOBAL, COMMON = -1, -2
@@ -96,6 +102,37 @@ def _check_small(value, stage, eqn) -> None:
             f"(plan_training(..., num_stages=1))")
 
 
+def _selects(fn):
+    """``fn`` with every ``lax.cond`` computed as both branches and a ``select_n`` of their
+    outputs (a wrapper such as ``optax.MultiSteps`` conds over the whole tree: as selects, each
+    leaf's output reads only its own leaf and the common predicate)."""
+    def run_jaxpr(jaxpr, consts, args):
+        env = dict(zip(jaxpr.constvars, consts))
+        env.update(zip(jaxpr.invars, args))
+        read = lambda a: a.val if isinstance(a, jcore.Literal) else env[a]  # noqa: E731
+        for eqn in jaxpr.eqns:
+            ins = [read(a) for a in eqn.invars]
+            name = eqn.primitive.name
+            if name == "cond":
+                index, ops = ins[0], ins[1:]
+                branches = [run_jaxpr(b.jaxpr, b.consts, ops) for b in eqn.params["branches"]]
+                outs = [jax.lax.select_n(index, *cases) for cases in zip(*branches)]
+            elif name in INLINE_PARAMS and isinstance(eqn.params.get(INLINE_PARAMS[name]), jcore.ClosedJaxpr):
+                body = eqn.params[INLINE_PARAMS[name]]
+                outs = run_jaxpr(body.jaxpr, body.consts, ins[len(ins) - len(body.jaxpr.invars):])
+            else:
+                outs = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
+                outs = outs if eqn.primitive.multiple_results else [outs]
+            env.update(zip(eqn.outvars, outs))
+        return [read(a) for a in jaxpr.outvars]
+
+    def wrapped(*args):
+        closed, shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+        outs = run_jaxpr(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(args))
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), outs)
+    return wrapped
+
+
 def split_update(optimizer, params_abs, opt_abs, owner: list[int], state_stages: list[set],
                  state_home: list[int], num_stages: int) -> UpdateSplit | None:
     """The update of ``optimizer`` on the whole tree split into rounds per stage, or None when
@@ -103,7 +140,7 @@ def split_update(optimizer, params_abs, opt_abs, owner: list[int], state_stages:
     owning param leaf i; ``state_stages[j]``: the stages whose optimizer state has leaf j (one:
     that stage's; several: each keeps a copy, a common value); ``state_home[j]``: the stage
     returning it."""
-    program = trace(lambda p, s, g: optimizer.update(g, s, p), params_abs, opt_abs, params_abs)
+    program = trace(_selects(lambda p, s, g: optimizer.update(g, s, p)), params_abs, opt_abs, params_abs)
     P, S = len(owner), len(state_stages)
     inv, vals = program.invars, program.values
     home: dict = {c: COMMON for c in program.consts}
