@@ -198,6 +198,8 @@ def _common(p):
     t = p.add_argument_group("training plans (--train: FUNCTION is loss_fn(params, batch))")
     t.add_argument("--train", action="store_true", help="plan a training step with pipeline stages")
     t.add_argument("--optimizer", help="sgd|momentum|adam|adamw[:LR] (default: the module's OPTIMIZER, else adam:1e-3)")
+    t.add_argument("--clip-norm", type=float, default=None, metavar="MAX",
+                   help="clip the gradients by their global norm first (optax.clip_by_global_norm; over all stages)")
     t.add_argument("--microbatches", type=lambda s: int(s) if "," not in s else [int(x) for x in s.split(",")],
                    default=1, help="micro-batches per step; several, e.g. 8,16,32: each planned, the fastest kept")
     t.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"])

@@ -20,7 +20,18 @@ def progress_for_cli(ns):
 
 
 def optimizer_from(ns, module):
-    """--optimizer NAME:LR (sgd, momentum, adam, adamw), else the module's OPTIMIZER, else adam:1e-3."""
+    """--optimizer NAME:LR (sgd, momentum, adam, adamw), else the module's OPTIMIZER, else
+    adam:1e-3; after optax.clip_by_global_norm(--clip-norm) if given."""
+    import optax
+    opt = _optimizer(ns, module)
+    if ns.clip_norm is None:
+        return opt
+    if not ns.clip_norm > 0:
+        raise SystemExit(f"autopar: --clip-norm must be a positive number, got {ns.clip_norm}")
+    return optax.chain(optax.clip_by_global_norm(ns.clip_norm), opt)
+
+
+def _optimizer(ns, module):
     import optax
     if ns.optimizer:
         name, _, lr = ns.optimizer.partition(":")
@@ -127,9 +138,14 @@ def run_training(ns, module, fn, args) -> int:
     if multi:
         from .pipeline.multistep import to_host
         fetch = to_host
-    got = run_loop(plan.apply(fn, opt), (params, state, batch), carried, ns.steps, fetch=fetch)
+    step = plan.apply(fn, opt)
+    got = run_loop(step, (params, state, batch), carried, ns.steps, fetch=fetch)
     if not lead:
         return 0
+    split = step.split_update.split if step.split_update is not None else None
+    if split is not None:
+        print(f"\noptimizer update across stages (a global norm): {split.num_rounds} rounds, "
+              f"{len(split.partials)} small values sent in {split.sends_per_step} pack(s) per step")
     result = compare_loops(got, want, first, carried, rtol=ns.rtol, atol=ns.atol,
                            paths=[f"params/state leaf {k}" for k in range(n_state)] + ["loss"])
     where = f" in {jax.process_count()} processes" if multi else ""

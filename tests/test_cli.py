@@ -63,10 +63,11 @@ def test_errors_are_one_line_messages():
 def test_training_plan_run_timeline_and_saved_plan(tmp_path):
     svg, saved = tmp_path / "t.svg", tmp_path / "train.json"
     knobs = ["--arg", "batch=16", "--arg", "hidden=32", "--arg", "layers=2", "--train", "--microbatches", "2",
-             "--optimizer", "sgd:0.1", "--stages", "0-1:1x4,1-2:1x4", "--layers", "2"]
+             "--optimizer", "sgd:0.1", "--clip-norm", "0.01", "--stages", "0-1:1x4,1-2:1x4", "--layers", "2"]
     r = autopar("run", "examples/mlp.py:loss_fn", *knobs, "--timeline", str(svg), "--json", str(saved))
     assert r.returncode == 0, r.stderr + r.stdout
-    for part in ("2 stage(s), 2 micro-batch(es)", "sub-mesh", "in flight", "→ OK"):
+    for part in ("2 stage(s), 2 micro-batch(es)", "sub-mesh", "in flight", "→ OK",
+                 "optimizer update across stages (a global norm): 2 rounds"):
         assert part in r.stdout, r.stdout
     assert svg.read_text().startswith("<") and json.loads(saved.read_text())["kind"] == "training"
     r = autopar("run", "examples/mlp.py:loss_fn", *knobs, "--plan", str(saved))
