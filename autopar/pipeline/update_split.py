@@ -11,14 +11,18 @@ home:
   (and from common or global values);
 * *global*, when it combines values of two or more stages (the global norm's sum over
   leaves): the stage values it reads, the *partials* (each leaf's sum of squares), must be
-  small (``SMALL`` elements); each is sent to every other stage, and every stage computes the
-  global values itself;
+  small (``SMALL`` elements); each is sent to the other stages that read it, and each stage
+  computes the global values itself;
 * *common*, when it reads no stage's values: constants, and state leaves every stage keeps a
   copy of (a step count).
 
+A small stage value meeting a global one is global too (fewer rounds): a small leaf's update
+after the clip (a bias, a norm scale) is computed by every stage from its sent gradient and
+state; a large one stays on its stage.
+
 A stage value reading a global value made from partials of round r − 1 belongs to round r;
 round 0 needs nothing from other stages. Round r of stage k is one jitted program: the global
-and common equations of rounds ≤ r (recomputed: they are small) and stage k's own of round r,
+and common equations of rounds ≤ r (recomputed: they are cheap) and stage k's own of round r,
 the parameter update ``p + u`` applied where ``u`` is made. After each round the stage's
 partials move, packed into one vector per dtype (``PipelineStep._move``: a ``jax.device_put``
 or, across processes, the multi-host transfer). ``clip_by_global_norm`` takes two rounds and
@@ -80,7 +84,7 @@ class UpdateSplit:
 
     @property
     def sends_per_step(self) -> int:
-        """Packs moved per step (each to every other stage)."""
+        """Packs made per step (each sent to the other stages reading it)."""
         return sum(len(rd.sends) for row in self.rounds for rd in row if rd is not None)
 
 
@@ -262,6 +266,15 @@ class SplitUpdate:
                 for v in (rd.ins if rd is not None else ()):
                     self.last[(rd.stage, v)] = rd.round
         self.fns = {(rd.stage, rd.round): self._compile(rd) for row in split.rounds for rd in row if rd is not None}
+        # the stages reading each pack (it is sent to those only)
+        self.readers: dict = {}
+        for row in split.rounds:
+            for rd in row:
+                for v in (rd.recv if rd is not None else ()):
+                    self.readers.setdefault(self.pack_of[v][0], set()).add(rd.stage)
+        for j, o in enumerate(prog.outvars[len(split.owner):]):  # a state leaf returned by another stage
+            if isinstance(o, int) and o in self.pack_of:
+                self.readers.setdefault(self.pack_of[o][0], set()).add(split.state_home[j])
 
     def _layout(self, k: int, v: int):
         """Layout on stage k of an input of the update: a parameter or its gradient as its
@@ -376,7 +389,7 @@ class SplitUpdate:
                 for g, ids in enumerate(rd.sends if rd is not None else ()):
                     key, src = (rd.stage, rd.round, g), rd.stage
                     aval = jax.ShapeDtypeStruct((sum(_size(prog.values[v]) for v in ids),), prog.values[ids[0]].dtype)
-                    for dst in range(n_stages):
+                    for dst in sorted(self.readers.get(key, ())):
                         if dst != src:
                             x = step._move(packs[src].get(key), step.execs[src].repl, step.execs[dst].repl, aval)
                             if step._here(dst):
