@@ -124,8 +124,10 @@ def run_training(ns, module, fn, args) -> int:
     params, batch = args
     state = opt.init(params)
 
+    from .pipeline.loss_form import full_batch_loss
+
     def reference(p, o, b):
-        loss, g = jax.value_and_grad(fn)(p, b)
+        loss, g = jax.value_and_grad(full_batch_loss(fn))(p, b)
         u, o = opt.update(g, o, p)
         return optax.apply_updates(p, u), o, loss
     from .verify import compare_loops, run_loop

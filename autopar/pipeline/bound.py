@@ -28,6 +28,7 @@ import jax
 
 from autopar.cost import load_cluster
 from autopar.pipeline.inputs import microbatch_shapes
+from autopar.pipeline.loss_form import differentiated
 from autopar.pipeline.training import microbatch_counts
 
 
@@ -41,7 +42,7 @@ def step_lower_bound(loss_fn, params, batch, *, cluster="cpu-8", nodes: int = 1,
         raise ValueError(f"nodes must be a positive int, got {nodes!r}")
     count = min(microbatch_counts(num_microbatches))
     one = spec.model_copy(update={"devices_per_node": 1, "nics_per_node": 1})
-    grad = jax.value_and_grad(loss_fn)
+    grad = jax.value_and_grad(differentiated(loss_fn))  # (a (total, weight) loss: the total's)
     single = plan(grad, params, microbatch_shapes(batch, count), cluster=one, nodes=1, mesh_shape=(1,),
                   memory_budget_bytes=1e30)  # (no memory limit)
     return single.predicted.compute_s * count / (nodes * spec.devices_per_node)

@@ -16,6 +16,7 @@ from autopar.cost import ClusterSpec, load_cluster
 from autopar.solvers.stage_dp import submesh_shapes
 
 from .costs import StageOption
+from .loss_form import batch_normalizer, check_form
 from .remat import remat_options
 from .zero import zero_options
 from .schedule import SCHEDULES
@@ -105,13 +106,23 @@ def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_mic
         traced_loss = split_loss(loss_fn, split, params_abs, microbatch, traced)
         params_abs = split_tree(split, p_tree, p_leaves)
         p_leaves, p_tree = jax.tree_util.tree_flatten(params_abs)
+    program = trace_loss(traced_loss, params_abs, microbatch)
+    cut = batch_normalizer(program, len(p_leaves)) if num_microbatches > 1 else None
+    if cut is not None:
+        where = f" ({cut.source})" if cut.source else ""
+        raise ValueError(
+            f"{getattr(loss_fn, '__name__', 'loss_fn')} divides its loss by a value computed from the batch{where}, "
+            f"e.g. the number of unmasked tokens: averaged over {num_microbatches} micro-batches, that is not the "
+            "full batch's loss. Return the pair (total, weight) instead (e.g. (jnp.sum(losses * mask), "
+            "jnp.sum(mask))): the step then minimises the summed total over the summed weight, exactly; or plan "
+            "with num_microbatches=1")
     return TrainingInputs(
         loss_fn=loss_fn, optimizer=optimizer, name=getattr(loss_fn, "__name__", "loss_fn"), spec=spec, nodes=nodes,
         num_microbatches=num_microbatches, schedule=schedule,
         budget=float(memory_budget_bytes or spec.device.memory_bytes), p_leaves=tuple(p_leaves), p_tree=p_tree,
         b_leaves=tuple(b_leaves), b_tree=b_tree,
         microbatch_size=int(mb_leaves[0].shape[0]) if mb_leaves and mb_leaves[0].shape else 1,
-        program=trace_loss(traced_loss, params_abs, microbatch), opt_ratio=o_bytes / p_bytes if p_bytes else 0.0,
+        program=program, opt_ratio=o_bytes / p_bytes if p_bytes else 0.0,
         shapes=tuple(submesh_shapes(nodes, spec.devices_per_node)), scan_split=split,
         user_p_leaves=user_leaves if split is not None else (), user_p_tree=user_tree if split is not None else None,
         remat=options, zero=zeros)
@@ -139,16 +150,11 @@ def microbatch_shapes(batch, num_microbatches: int):
 
 
 def trace_loss(loss_fn, params, mb) -> Program:
+    """One micro-batch's loss traced, its form checked (``autopar.pipeline.loss_form``)."""
     program = trace(loss_fn, params, mb, calls=True)  # (stages bind its custom calls whole)
-    outs = program.outvars
     name = getattr(loss_fn, "__name__", "loss_fn")
-    if len(outs) != 1 or not isinstance(outs[0], int) or program.values[outs[0]].shape != () \
-            or not jnp.issubdtype(program.values[outs[0]].dtype, jnp.floating):
-        raise TraceError(f"{name}(params, batch) must return one scalar floating loss (a mean over the "
-                         "batch); it returned " + ", ".join(
-                             f"{program.values[o].shape} {program.values[o].dtype}" if isinstance(o, int) else "a constant"
-                             for o in outs))
-    if not program.eqns or outs[0] in program.invars:
+    check_form(program, len(jax.tree_util.tree_leaves(params)), name)
+    if not program.eqns or program.outvars[0] in program.invars:
         raise TraceError(f"{name}'s loss does not depend on any computation; nothing to plan")
     return program
 

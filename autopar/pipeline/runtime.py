@@ -48,6 +48,7 @@ from .schedule import execution_order
 from .halves import planned_halves
 from .stages import owners, split_program, stage_forward
 from .inputs import microbatch_shapes, trace_loss
+from .loss_form import weighted
 from .update_split import SplitUpdate, split_update
 from .zero import zero_spec
 
@@ -173,6 +174,7 @@ class PipelineStep:
                 f"the plan needs {need} devices ({tplan.nodes} node(s) × {tplan.cluster.devices_per_node}) but JAX "
                 f"sees {len(all_devices)}; plan for the devices you have, or on CPU set JAX_NUM_CPU_DEVICES")
         self.loss_var = program.outvars[0]
+        self.weight_var = program.outvars[1] if weighted(program) else None  # a (total, weight) loss
         self.loss_dtype = program.values[self.loss_var].dtype
         self.producer = {v: st.index for st in self.stages for v in list(st.outs) + list(st.nd_outs)}
         self.consumers: dict[int, list[int]] = {}
@@ -292,14 +294,35 @@ class PipelineStep:
             else:
                 self._backward(task.stage, task.microbatch, flight)
         owner_params, grads = self._gather_grads(p_in, p_leaves, flight.acc)
+        # a (total, weight) loss: gradients and loss divided by the weight summed over the batch
+        weight = self._weights(flight, grads) if self.weight_var is not None else None
         new_p, new_o = self._update(owner_params, grads, o_leaves)
         loss = None
         if self._here(self.producer[self.loss_var]):
             loss = flight.losses[0]
             for x in flight.losses[1:]:
                 loss = loss + x
-            loss = loss / B
+            loss = loss / B if weight is None else loss / weight[self.producer[self.loss_var]].astype(loss.dtype)
         return self._outputs(new_p, new_o, loss)
+
+    def _weights(self, flight: "_Flight", grads: list) -> dict:
+        """The micro-batches' weights summed where they are made, sent to every stage owning
+        parameters and to the loss's; each owned gradient divided by it (in place in
+        ``grads``). → {stage: the summed weight there}."""
+        src, v = self.producer[self.weight_var], self.weight_var
+        total = None
+        if self._here(src):
+            total = flight.weights[0]
+            for x in flight.weights[1:]:
+                total = total + x
+        at = {}
+        for k in sorted({self.own[i] for i in range(self.P)} | {self.producer[self.loss_var]}):
+            at[k] = total if k == src else self._move(total, self.out_sharding[v], self.execs[k].repl, self.values[v])
+            mine = [i for i in range(self.P) if self.own[i] == k]
+            if mine and self._here(k):
+                for i, g in zip(mine, _divide([grads[i] for i in mine], at[k])):
+                    grads[i] = g
+        return at
 
     # --- where values go (one process: jax.device_put; ``multistep`` overrides these) ---
     def _here(self, k: int) -> bool:
@@ -362,6 +385,8 @@ class PipelineStep:
         for v, val in zip(list(s.outs) + list(s.nd_outs), list(y) + list(aux)):
             if v == self.loss_var:
                 flight.losses.append(val)
+            if v == self.weight_var:
+                flight.weights.append(val)
             if v in self.consumers:
                 flight.acts[(v, m)] = val
                 flight.pending[(v, m)] = len(self.consumers[v])
@@ -376,8 +401,8 @@ class PipelineStep:
         if self._here(k):
             ct = []
             for v, sh in zip(s.outs, e.ct_sh):
-                if v == self.loss_var:
-                    g = np.asarray(1.0 / B, self.loss_dtype)
+                if v == self.loss_var:  # a mean: 1/B per micro-batch; a (total, weight) total: 1
+                    g = np.asarray(1.0 / B if self.weight_var is None else 1.0, self.loss_dtype)
                 else:
                     g = flight.cts.pop((v, m), None)
                     if g is None:  # an output nobody differentiates: zero cotangent
@@ -449,10 +474,17 @@ class PipelineStep:
 @dataclass
 class _Flight:
     """What a step holds between tasks: activations awaiting readers (and how many), vjp
-    residuals, cotangents awaiting their producer's backward, gradient accumulators, losses."""
+    residuals, cotangents awaiting their producer's backward, gradient accumulators, losses
+    (and a (total, weight) loss's weights)."""
     acc: list
     acts: dict = field(default_factory=dict)
     pending: dict = field(default_factory=dict)
     res: dict = field(default_factory=dict)
     cts: dict = field(default_factory=dict)
     losses: list = field(default_factory=list)
+    weights: list = field(default_factory=list)
+
+
+@jax.jit
+def _divide(grads, weight):
+    return [g / weight.astype(g.dtype) for g in grads]

@@ -85,7 +85,9 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
                   solver: str = "auto", time_limit_s: float | None = None, costing: str = "auto",
                   max_exact_pairs: int = 24, mesh_search: str = "auto", split_scans: bool = True,
                   remat: str = "auto", zero: str = "auto", workers="auto", verbose=False) -> TrainingPlan:
-    """Plan a training step of ``loss_fn(params, batch) -> scalar mean loss`` with ``optimizer``.
+    """Plan a training step of ``loss_fn(params, batch) -> scalar mean loss`` with ``optimizer``
+    (or ``-> (total, weight)``, the loss being total / weight over the whole batch, e.g. a mean
+    over unmasked tokens: ``autopar.pipeline.loss_form``).
 
     ``mesh_search``: "auto" tries a few logical meshes per sub-mesh (``stage_meshes``),
     "full" every factorization.

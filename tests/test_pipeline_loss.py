@@ -1,0 +1,122 @@
+"""Losses normalised by the batch (``autopar.pipeline.loss_form``): a scalar loss divided by a
+count computed from the batch (MaxText's and Levanter's masked means) is refused with more
+than one micro-batch — averaged over micro-batches it is not the full batch's loss — and the
+pair (total, weight) it should return instead runs exactly: totals and weights summed over
+the micro-batches, gradients divided once, equal to the single-device step of total / weight."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from autopar import plan_training, stage_boundary
+from autopar.trace import TraceError
+from conftest import make_cluster
+from test_pipeline import assert_tree_close
+from test_pipeline_remat import block, params_and_batch
+
+STAGES = [(0, 1, (1, 4), (4,)), (1, 2, (1, 4), (4,))]
+KW = dict(cluster=make_cluster(4), nodes=2, remat="none", zero="none", stages=STAGES)
+B = 4
+
+
+def _per_token(params, batch):
+    x = batch["x"]
+    for i, p in enumerate(params):
+        x = block(p, stage_boundary(x) if i else x)
+    return jnp.mean(jnp.square(x - batch["y"]), axis=-1)      # (batch, seq)
+
+
+def masked_mean(params, batch):
+    """MaxText's form: the sum over unmasked tokens over their count."""
+    mask = batch["mask"].astype(jnp.float32)
+    return jnp.sum(_per_token(params, batch) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def total_and_weight(params, batch):
+    return jnp.sum(_per_token(params, batch) * batch["mask"]), jnp.sum(batch["mask"])
+
+
+@pytest.fixture(scope="module")
+def model():
+    params, batch = params_and_batch(layers=2, d=64, seq=8, batch=16)
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(1, 9, size=16)   # tokens per sequence: each micro-batch its own count
+    batch["mask"] = np.arange(8)[None, :] < lengths[:, None]
+    return params, batch
+
+
+def _reference(opt):
+    def step(p, o, b):
+        loss, g = jax.value_and_grad(lambda p_: masked_mean(p_, b))(p)
+        u, o = opt.update(g, o, p)
+        return optax.apply_updates(p, u), o, loss
+    return jax.jit(step)
+
+
+def test_a_loss_divided_by_a_batch_count_is_refused_with_micro_batches(devices8, model):
+    params, batch = model
+    with pytest.raises(ValueError, match=r"masked_mean divides its loss by a value computed from the batch \(.*"
+                                         r"test_pipeline_loss.py.*averaged over 4 micro-batches.*\(total, weight\)"):
+        plan_training(masked_mean, params, batch, optimizer=optax.sgd(0.1), num_microbatches=B, **KW)
+    # with one micro-batch it is the full batch's loss: planned
+    plan_training(masked_mean, params, batch, optimizer=optax.sgd(0.1), num_microbatches=1, **KW)
+
+
+@pytest.mark.parametrize("schedule,mask_dtype", [("gpipe", np.float32), ("1f1b", np.bool_)])
+def test_total_and_weight_equal_the_full_batch_masked_mean(devices8, model, schedule, mask_dtype):
+    params, batch = model
+    batch = dict(batch, mask=batch["mask"].astype(mask_dtype))  # bool: an int32 weight
+    opt = optax.chain(optax.clip_by_global_norm(0.05), optax.sgd(0.5))
+    tplan = plan_training(total_and_weight, params, batch, optimizer=opt, num_microbatches=B, schedule=schedule, **KW)
+    step, ref = tplan.apply(total_and_weight, opt, donate=False), _reference(opt)
+    got = want = (params, opt.init(params))
+    for _ in range(2):
+        got, want = step(*got[:2], batch), ref(*want[:2], batch)
+        assert_tree_close(got, want)
+    # the average of the micro-batches' masked means is another number: the test can tell
+    mbs = [jax.tree_util.tree_map(lambda x: x[m * 4:(m + 1) * 4], batch) for m in range(B)]
+    averaged = np.mean([masked_mean(want[0], mb) for mb in mbs])
+    full = masked_mean(want[0], batch)
+    assert abs(averaged - full) > 1e-3 * abs(full)
+
+
+def test_a_weight_depending_on_the_parameters_is_refused(devices8, model):
+    params, batch = model
+
+    def bad(params, batch):
+        return jnp.sum(_per_token(params, batch)), jnp.sum(params[0]["scale"])
+
+    def constant(params, batch):
+        return jnp.sum(_per_token(params, batch)), 128.0
+    with pytest.raises(TraceError, match="weight that depends on the parameters"):
+        plan_training(bad, params, batch, optimizer=optax.sgd(0.1), num_microbatches=B, **KW)
+    with pytest.raises(TraceError, match="constant weight; return the mean"):
+        plan_training(constant, params, batch, optimizer=optax.sgd(0.1), num_microbatches=B, **KW)
+
+
+def test_the_bound_and_the_cli_take_total_and_weight(devices8, model, tmp_path):
+    import subprocess
+    import sys
+    from autopar import step_lower_bound
+    params, batch = model
+    tplan = plan_training(total_and_weight, params, batch, optimizer=optax.sgd(0.1), num_microbatches=B, **KW)
+    bound = step_lower_bound(total_and_weight, params, batch, cluster=KW["cluster"], nodes=2, num_microbatches=B)
+    assert 0 < bound <= tplan.predicted.step_time_s
+    # the CLI checks a (total, weight) loss against the single-device step of total / weight
+    src = tmp_path / "masked.py"
+    src.write_text(
+        "import jax.numpy as jnp, numpy as np\n"
+        "def loss_fn(w, batch):\n"
+        "    err = jnp.mean(jnp.square(jnp.tanh(batch['x'] @ w) - batch['y']), axis=-1)\n"
+        "    return jnp.sum(err * batch['mask']), jnp.sum(batch['mask'])\n"
+        "def loss_fn_args(abstract=False):\n"
+        "    r = np.random.default_rng(0)\n"
+        "    return (r.standard_normal((16, 16)).astype(np.float32) * 0.3,\n"
+        "            {'x': r.standard_normal((8, 4, 16)).astype(np.float32),\n"
+        "             'y': r.standard_normal((8, 4, 16)).astype(np.float32),\n"
+        "             'mask': (np.arange(4)[None] < r.integers(1, 5, 8)[:, None]).astype(np.float32)})\n")
+    r = subprocess.run([sys.executable, "-m", "autopar", "run", f"{src}:loss_fn", "--train", "--microbatches", "4",
+                        "--optimizer", "sgd:0.5", "--quiet"], capture_output=True, text=True, timeout=600,
+                       env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0 and "→ OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
