@@ -35,6 +35,7 @@ _EXPORTS = {
     "plan_training": "autopar.pipeline.training",
     "step_lower_bound": "autopar.pipeline.bound",
     "TrainingPlan": "autopar.pipeline.training_plan",
+    "WeightedLoss": "autopar.pipeline.loss_form",
 }
 _MODULES = {"baselines"}
 

@@ -1,15 +1,16 @@
 """Losses normalised by the batch (``autopar.pipeline.loss_form``): a scalar loss divided by a
 count computed from the batch (MaxText's and Levanter's masked means) is refused with more
 than one micro-batch — averaged over micro-batches it is not the full batch's loss — and the
-pair (total, weight) it should return instead runs exactly: totals and weights summed over
-the micro-batches, gradients divided once, equal to the single-device step of total / weight."""
+``WeightedLoss(total, weight)`` it should return instead runs exactly: totals and weights
+summed over the micro-batches, gradients divided once, equal to the single-device step of
+total / weight; a bare pair (has_aux style) is refused, not read as a weight."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from autopar import plan_training, stage_boundary
+from autopar import WeightedLoss, plan_training, stage_boundary
 from autopar.trace import TraceError
 from conftest import make_cluster
 from test_pipeline import assert_tree_close
@@ -34,7 +35,7 @@ def masked_mean(params, batch):
 
 
 def total_and_weight(params, batch):
-    return jnp.sum(_per_token(params, batch) * batch["mask"]), jnp.sum(batch["mask"])
+    return WeightedLoss(jnp.sum(_per_token(params, batch) * batch["mask"]), jnp.sum(batch["mask"]))
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +57,9 @@ def _reference(opt):
 
 def test_a_loss_divided_by_a_batch_count_is_refused_with_micro_batches(devices8, model):
     params, batch = model
-    with pytest.raises(ValueError, match=r"masked_mean divides its loss by a value computed from the batch \(.*"
-                                         r"test_pipeline_loss.py.*averaged over 4 micro-batches.*\(total, weight\)"):
+    with pytest.raises(ValueError, match=r"masked_mean divides its loss by a value computed from the batch "
+                                         r"\(.*test_pipeline_loss.py.*averaged over 4 micro-batches.*"
+                                         r"WeightedLoss\(total, weight\)"):
         plan_training(masked_mean, params, batch, optimizer=optax.sgd(0.1), num_microbatches=B, **KW)
     # with one micro-batch it is the full batch's loss: planned
     plan_training(masked_mean, params, batch, optimizer=optax.sgd(0.1), num_microbatches=1, **KW)
@@ -85,14 +87,20 @@ def test_a_weight_depending_on_the_parameters_is_refused(devices8, model):
     params, batch = model
 
     def bad(params, batch):
-        return jnp.sum(_per_token(params, batch)), jnp.sum(params[0]["scale"])
+        return WeightedLoss(jnp.sum(_per_token(params, batch)), jnp.sum(params[0]["scale"]))
 
     def constant(params, batch):
-        return jnp.sum(_per_token(params, batch)), 128.0
+        return WeightedLoss(jnp.sum(_per_token(params, batch)), 128.0)
+
+    def with_aux(params, batch):  # has_aux style: not read as a weight
+        per_token = _per_token(params, batch)
+        return jnp.mean(per_token), jnp.sum(batch["mask"])
     with pytest.raises(TraceError, match="weight that depends on the parameters"):
         plan_training(bad, params, batch, optimizer=optax.sgd(0.1), num_microbatches=B, **KW)
     with pytest.raises(TraceError, match="constant weight; return the mean"):
         plan_training(constant, params, batch, optimizer=optax.sgd(0.1), num_microbatches=B, **KW)
+    with pytest.raises(TraceError, match=r"or autopar.WeightedLoss\(total, weight\).*has_aux\) are not supported"):
+        plan_training(with_aux, params, batch, optimizer=optax.sgd(0.1), num_microbatches=B, **KW)
 
 
 def test_the_bound_and_the_cli_take_total_and_weight(devices8, model, tmp_path):
@@ -106,10 +114,10 @@ def test_the_bound_and_the_cli_take_total_and_weight(devices8, model, tmp_path):
     # the CLI checks a (total, weight) loss against the single-device step of total / weight
     src = tmp_path / "masked.py"
     src.write_text(
-        "import jax.numpy as jnp, numpy as np\n"
+        "import jax.numpy as jnp, numpy as np\nfrom autopar import WeightedLoss\n"
         "def loss_fn(w, batch):\n"
         "    err = jnp.mean(jnp.square(jnp.tanh(batch['x'] @ w) - batch['y']), axis=-1)\n"
-        "    return jnp.sum(err * batch['mask']), jnp.sum(batch['mask'])\n"
+        "    return WeightedLoss(jnp.sum(err * batch['mask']), jnp.sum(batch['mask']))\n"
         "def loss_fn_args(abstract=False):\n"
         "    r = np.random.default_rng(0)\n"
         "    return (r.standard_normal((16, 16)).astype(np.float32) * 0.3,\n"

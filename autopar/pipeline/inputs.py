@@ -113,9 +113,9 @@ def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_mic
         raise ValueError(
             f"{getattr(loss_fn, '__name__', 'loss_fn')} divides its loss by a value computed from the batch{where}, "
             f"e.g. the number of unmasked tokens: averaged over {num_microbatches} micro-batches, that is not the "
-            "full batch's loss. Return the pair (total, weight) instead (e.g. (jnp.sum(losses * mask), "
-            "jnp.sum(mask))): the step then minimises the summed total over the summed weight, exactly; or plan "
-            "with num_microbatches=1")
+            "full batch's loss. Return autopar.WeightedLoss(total, weight) instead (e.g. WeightedLoss("
+            "jnp.sum(losses * mask), jnp.sum(mask))): the step then minimises the summed total over the summed "
+            "weight, exactly; or plan with num_microbatches=1")
     return TrainingInputs(
         loss_fn=loss_fn, optimizer=optimizer, name=getattr(loss_fn, "__name__", "loss_fn"), spec=spec, nodes=nodes,
         num_microbatches=num_microbatches, schedule=schedule,

@@ -5,11 +5,12 @@ full batch's. Two forms are exact:
 
 * one scalar, a **mean over the batch** (``jnp.mean`` of per-example or per-token losses):
   the step averages the micro-batches' losses and gradients;
-* a pair ``(total, weight)``, the loss being ``total / weight`` — a sum of losses and what it
-  is normalised by, e.g. the count of unmasked tokens: the step sums both over the
-  micro-batches and divides once (gradients accumulated unscaled, divided by the summed
-  weight before the optimizer; MaxText's gradient accumulation does the same). ``weight``
-  must not depend on the parameters.
+* :class:`WeightedLoss` ``(total, weight)``, the loss being ``total / weight`` — a sum of
+  losses and what it is normalised by, e.g. the count of unmasked tokens: the step sums both
+  over the micro-batches and divides once (gradients accumulated unscaled, divided by the
+  summed weight before the optimizer; MaxText's gradient accumulation does the same).
+  ``weight`` must not depend on the parameters. (A named type, not a bare pair: a bare
+  ``(loss, aux)`` — ``has_aux`` style — is refused rather than read as a weight.)
 
 A scalar loss divided by a value computed from the batch (``sum(l * mask) / sum(mask)``: the
 masked means of MaxText and Levanter) is neither: averaged over micro-batches with different
@@ -18,9 +19,23 @@ masks it is not the full batch's loss. :func:`batch_normalizer` finds that divis
 """
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
+import jax
 import jax.numpy as jnp
 
 from ..trace import Lit, Program, TraceError
+
+
+class WeightedLoss(NamedTuple):
+    """What a loss normalised by the batch returns: the loss is ``total / weight`` over the
+    whole batch, e.g. ``WeightedLoss(jnp.sum(losses * mask), jnp.sum(mask))`` for a mean over
+    unmasked tokens; ``weight`` must not depend on the parameters (``autopar.pipeline.loss_form``)."""
+    total: Any
+    weight: Any
+
+
+_WEIGHTED = jax.tree_util.tree_structure(WeightedLoss(0, 0))
 
 _PASS = ("convert_element_type", "neg", "copy", "copy_p", "reduce_precision")
 
@@ -45,18 +60,20 @@ def check_form(program: Program, num_params: int, name: str) -> None:
     def scalar(o, floating=True):
         return isinstance(o, int) and vals[o].shape == () and (
             not floating or jnp.issubdtype(vals[o].dtype, jnp.floating))
-    if len(outs) == 2 and scalar(outs[0]) and isinstance(outs[1], Lit):
-        raise TraceError(f"{name}(params, batch) returned (total, weight) with a constant weight; return the "
-                         "mean total / weight instead")
-    if not ((len(outs) == 1 and scalar(outs[0])) or (len(outs) == 2 and scalar(outs[0]) and scalar(outs[1], False))):
+    pair = program.out_tree == _WEIGHTED
+    if pair and scalar(outs[0]) and isinstance(outs[1], Lit):
+        raise TraceError(f"{name}(params, batch) returned WeightedLoss(total, weight) with a constant weight; "
+                         "return the mean total / weight instead")
+    if not ((len(outs) == 1 and scalar(outs[0])) or (pair and scalar(outs[0]) and scalar(outs[1], False))):
         raise TraceError(
-            f"{name}(params, batch) must return one scalar floating loss (a mean over the batch) or a pair (total, "
-            "weight) of scalars (the loss is total / weight); it returned " + ", ".join(
+            f"{name}(params, batch) must return one scalar floating loss (a mean over the batch) or "
+            "autopar.WeightedLoss(total, weight) of scalars (the loss is total / weight, e.g. a mean over unmasked "
+            "tokens); auxiliary outputs (has_aux) are not supported; it returned " + ", ".join(
                 f"{vals[o].shape} {vals[o].dtype}" if isinstance(o, int) else "a constant" for o in outs))
-    if len(outs) == 2:
+    if pair:
         par, _ = depends(program, num_params)
         if outs[1] in par:
-            raise TraceError(f"{name}(params, batch) returned (total, weight) with a weight that depends on the "
+            raise TraceError(f"{name}(params, batch) returned WeightedLoss(total, weight) with a weight that depends on the "
                              "parameters; the weight is what the total is normalised by (e.g. the number of "
                              "unmasked tokens) and must come from the batch alone")
 
@@ -66,7 +83,7 @@ def full_batch_loss(loss_fn):
     a pipeline step's loss equals, e.g. for a single-device reference step)."""
     def loss(params, batch):
         out = loss_fn(params, batch)
-        return out[0] / out[1] if isinstance(out, (tuple, list)) else out
+        return out.total / out.weight if isinstance(out, WeightedLoss) else out
     return loss
 
 
@@ -74,12 +91,12 @@ def differentiated(loss_fn):
     """The scalar each micro-batch's backward differentiates: the mean, or the total."""
     def loss(params, batch):
         out = loss_fn(params, batch)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        return out.total if isinstance(out, WeightedLoss) else out
     return loss
 
 
 def weighted(program: Program) -> bool:
-    """Whether the loss is a (total, weight) pair."""
+    """Whether the loss is a :class:`WeightedLoss`."""
     return len(program.outvars) == 2
 
 
