@@ -1,8 +1,8 @@
 """One process of a multi-process pipeline test (tests/test_pipeline_multihost.py).
 
 argv: PORT PROCESS_ID NUM_PROCESSES LOCAL_DEVICES OUT_DIR CASE [CASE …], each CASE
-"NAME=PLAN_JSON" with NAME "mlp-…" (mlp.loss_fn, adam 1e-2) or "tied-…" (``tied_loss``,
-clip_by_global_norm 0.5 then sgd 0.1 momentum 0.9); the test builds its plans and references from ``MODELS``. Every case runs 2 steps whose
+"NAME=PLAN_JSON" with NAME "mlp-…" (mlp.loss_fn, adam 1e-2) or "tied-…" (``tied_loss``, a
+WeightedLoss; clip_by_global_norm 0.5 then sgd 0.1 momentum 0.9); the test builds its plans and references from ``MODELS``. Every case runs 2 steps whose
 params/optimizer state feed back; process 0 writes OUT_DIR/NAME.npz (every output leaf of
 both steps, read with ``to_host``); every process checks that the params live only on their
 owner stage's devices. CASE "mismatch=A,B": process 0 loads plan A, the others plan B, and
@@ -18,22 +18,27 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from autopar import WeightedLoss
 from examples import mlp
 
 
 def tied_loss(params, batch):
-    """An MLP whose input embedding is also its output projection (tied, as in GPT)."""
+    """An MLP whose input embedding is also its output projection (tied, as in GPT); its
+    squared error averaged over the rows the mask keeps (a weighted loss: the weight, summed
+    over the micro-batches, crosses processes)."""
     h = jnp.tanh(batch["x"] @ params["emb"])
     for w in params["layers"]:
         h = jnp.tanh(h @ w)
-    return jnp.mean((h @ params["emb"].T - batch["y"]) ** 2)
+    err = jnp.mean((h @ params["emb"].T - batch["y"]) ** 2, axis=-1)
+    return WeightedLoss(jnp.sum(err * batch["mask"]), jnp.sum(batch["mask"]))
 
 
 def tied_params_and_batch():
     k = jax.random.split(jax.random.key(0), 5)
     params = {"emb": jax.random.normal(k[0], (16, 32)) * 0.3,
               "layers": [jax.random.normal(k[i], (32, 32)) * 0.2 for i in (1, 2)]}
-    return params, {"x": jax.random.normal(k[3], (32, 16)), "y": jax.random.normal(k[4], (32, 16))}
+    mask = (np.arange(32) % 5 < np.arange(32) % 3 + 1).astype(np.float32)  # a different count per micro-batch
+    return params, {"x": jax.random.normal(k[3], (32, 16)), "y": jax.random.normal(k[4], (32, 16)), "mask": mask}
 
 
 MODELS = {"mlp": lambda: (mlp.loss_fn, optax.adam(1e-2), mlp.params_and_batch(batch=32, hidden=64, layers=4,

@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 from autopar import plan_training
 from autopar.emit import MeshError, make_mesh
 from autopar.launch import free_port
+from autopar.pipeline.loss_form import full_batch_loss
 from autopar.pipeline.multihost import Transfer
 from conftest import make_cluster
 from pipeline_multihost_worker import MODELS
@@ -57,7 +58,7 @@ def _reference(name):
     loss_fn, opt, (params, batch) = MODELS[name.split("-")[0]]()
 
     def step(p, o, b):
-        loss, g = jax.value_and_grad(loss_fn)(p, b)
+        loss, g = jax.value_and_grad(full_batch_loss(loss_fn))(p, b)  # (tied: a WeightedLoss)
         u, o = opt.update(g, o, p)
         return optax.apply_updates(p, u), o, loss
     step, state, flat = jax.jit(step), opt.init(params), []
