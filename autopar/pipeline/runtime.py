@@ -49,7 +49,8 @@ from .halves import planned_halves
 from .stages import owners, split_program, stage_forward
 from .inputs import microbatch_shapes, trace_loss
 from .loss_form import weighted
-from .update_split import SplitUpdate, split_update
+from .update_rounds import SplitUpdate
+from .update_split import split_update
 from .zero import zero_spec
 
 _wsc = jax.lax.with_sharding_constraint
