@@ -239,7 +239,8 @@ class PipelineStep:
         # stages (``autopar.pipeline.update_split``); None for a per-parameter one
         state_stages = [{k for k, (sk, _, _) in enumerate(self.skeletons) if sk[j] is not None}
                         for j in range(len(self.opt_leaves_abs))]
-        split = split_update(optimizer, params_abs, full_opt, self.own, state_stages, self.opt_home, len(self.stages))
+        split = split_update(optimizer, params_abs, full_opt, self.own, state_stages, self.opt_home,
+                             len(self.stages)) if len(self.stages) > 1 else None
         self.split_update = SplitUpdate(self, split) if split is not None else None
         self.values = program.values
         # sharding of every stage output (activations leave their stage laid out so)
