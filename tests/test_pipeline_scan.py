@@ -133,3 +133,21 @@ def test_flax_nn_remat_under_nn_scan_keeps_its_recomputation_in_the_stages():
     assert all(a * 3 < b for a, b in res), res
     _assert_equal(_run(tplan, params, opt_state, tokens, 1),
                   _reference(lt.remat_loss_fn, opt, params, opt_state, tokens, 1), rtol=1e-4, atol=1e-5)
+
+
+def test_an_optimizer_treating_a_stacked_leaf_whole_is_refused_and_a_global_norm_runs():
+    """The stages update each layer's slice apart: lamb (a trust ratio per whole leaf) would
+    update differently and adafactor's factored state does not split per slice — both refused
+    at plan time; clip_by_global_norm (a norm over everything: split or not, the same) runs
+    equal to the single-device step."""
+    p, b = _stack_args()
+    kw = dict(cluster=make_cluster(4), nodes=2, num_microbatches=2, num_stages=2)
+    with pytest.raises(ValueError, match=r"update of a scanned layer stack's parameter \(\['layers'\]\['b'\]\) "
+                                         r"differs when the stack is split per layer.*split_scans=False"):
+        autopar.plan_training(_stack_loss, p, b, optimizer=optax.lamb(1e-2), **kw)
+    with pytest.raises(ValueError, match=r"cannot update the scanned layer stack's parameters split per layer"):
+        autopar.plan_training(_stack_loss, p, b, optimizer=optax.adafactor(1e-2, min_dim_size_to_factor=2), **kw)
+    opt = optax.chain(optax.clip_by_global_norm(0.1), optax.adam(1e-2))
+    tplan = autopar.plan_training(_stack_loss, p, b, optimizer=opt, **kw)
+    o = opt.init(p)
+    _assert_equal(_run(tplan, p, o, b, 2), _reference(_stack_loss, opt, p, o, b, 2))

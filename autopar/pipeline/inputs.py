@@ -21,7 +21,7 @@ from .remat import remat_options
 from .zero import zero_options
 from .schedule import SCHEDULES
 from ..trace import Program, TraceError, trace
-from .unscan import ScanSplit, find_scan_split, loss_jaxpr, split_loss, split_tree
+from .unscan import ScanSplit, check_split_optimizer, find_scan_split, loss_jaxpr, split_loss, split_tree
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,6 +103,7 @@ def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_mic
     split = find_scan_split(loss_fn, params_abs, microbatch, traced) if split_scans else None
     user_leaves, user_tree, traced_loss = tuple(p_leaves), p_tree, loss_fn
     if split is not None:
+        check_split_optimizer(optimizer, split, p_tree, p_leaves)
         traced_loss = split_loss(loss_fn, split, params_abs, microbatch, traced)
         params_abs = split_tree(split, p_tree, p_leaves)
         p_leaves, p_tree = jax.tree_util.tree_flatten(params_abs)

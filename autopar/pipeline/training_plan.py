@@ -233,10 +233,11 @@ class TrainingPlan(_Document):
 
         from .inputs import microbatch_shapes
         from .runtime import PipelineStep
-        from .unscan import ScanSplit, SplitStep, split_loss, split_tree
+        from .unscan import ScanSplit, SplitStep, check_split_optimizer, split_loss, split_tree
         rec = self.scan_split
         split = ScanSplit(stacked=tuple(rec.stacked), lengths=tuple(rec.lengths))
         user_abs = [jax.ShapeDtypeStruct(tuple(s), d) for s, d in zip(rec.param_shapes, rec.param_dtypes)]
+        check_split_optimizer(optimizer, split, user_def, user_abs)
         params_abs = user_def.unflatten(user_abs)
         batch_abs = b_def.unflatten(
             [jax.ShapeDtypeStruct(tuple(s), d) for s, d in zip(self.batch_shapes, self.batch_dtypes)])

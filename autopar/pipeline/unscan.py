@@ -13,7 +13,9 @@ iterations have one structural key (planned once). Everything else is bound as t
 
 The user-facing step keeps the user's structure: ``split_tree`` / ``join_tree`` convert the
 parameters and every optimizer-state subtree shaped like them (Adam's mu/nu, …) between the
-stacked and the split form (``ScanSplit``).
+stacked and the split form (``ScanSplit``). The optimizer then runs on the split form, which
+is the same step only when it updates a stacked leaf as it updates each slice:
+``check_split_optimizer`` refuses those that do not (lamb, adafactor).
 """
 from __future__ import annotations
 
@@ -205,6 +207,55 @@ def map_param_subtrees(fn, tree, p_def, shapes):
         return _matches(t, p_def, shapes)
     return jax.tree_util.tree_map(lambda t: fn(p_def.flatten_up_to(t)) if is_params(t) else t, tree,
                                   is_leaf=is_params)
+
+
+def check_split_optimizer(optimizer, split: ScanSplit, user_def, user_leaves) -> None:
+    """Raise ``ValueError`` unless ``optimizer`` updates a stacked leaf as it updates each of
+    its slices apart — the split form the stages run (``optax.lamb``'s trust ratio, a norm of
+    the whole leaf, is not). Checked by running both forms for two steps on a small stand-in of
+    the parameters (every dimension cut to at most 3, stacks to 2 slices, float32 normals)."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    small = ScanSplit(stacked=split.stacked, lengths=(2,) * len(split.stacked))
+    n = small.length_of()
+    shapes = [((2,) if i in n else ()) + tuple(min(int(d), 3) for d in x.shape[1 if i in n else 0:])
+              for i, x in enumerate(user_leaves)]
+
+    def draw():
+        return [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    params = draw()
+    state = optimizer.init(user_def.unflatten(params))
+    split_def = jax.tree_util.tree_structure(split_tree(small, user_def, params))
+    to_split = lambda leaves: split_tree(small, user_def, leaves)  # noqa: E731
+    split_state = map_param_subtrees(to_split, state, user_def, shapes)
+    split_shapes = [tuple(x.shape) for x in split_def.flatten_up_to(to_split(params))]
+    for step in range(2):
+        grads = draw()
+        try:
+            upd, state = optimizer.update(user_def.unflatten(grads), state, user_def.unflatten(params))
+            s_upd, split_state = optimizer.update(to_split(grads), split_state, to_split(params))
+            joined = join_leaves(small, user_def, split_def.flatten_up_to(s_upd))
+            state_back = map_param_subtrees(lambda leaves: user_def.unflatten(join_leaves(small, user_def, leaves)),
+                                            split_state, split_def, split_shapes)
+        except Exception as err:
+            raise ValueError(
+                f"the optimizer cannot update the scanned layer stack's parameters split per layer ({type(err).__name__}: "
+                f"{err}): its state is not kept in subtrees shaped like the parameters (e.g. adafactor's factored "
+                "moments). Plan with split_scans=False (each scan whole in one stage) or use an optimizer such as "
+                "adam, adamw, sgd or lion") from err
+        want = user_def.flatten_up_to(upd)
+        bad = [i for i, (a, b) in enumerate(zip(want, joined))
+               if not np.allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)]
+        if bad or jax.tree_util.tree_structure(state_back) != jax.tree_util.tree_structure(state):
+            paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(upd)[0]]
+            path = paths[bad[0]] if bad else "its state"
+            raise ValueError(
+                f"the optimizer's update of a scanned layer stack's parameter ({path}) differs when the stack is split "
+                "per layer, as the pipeline stages run it: it treats the stacked leaf as one array (e.g. optax.lamb's "
+                "trust ratio, a norm of the whole leaf). Plan with split_scans=False (each scan whole in one stage) or "
+                "use an optimizer acting elementwise or over all parameters (adam, adamw, sgd, lion, "
+                "clip_by_global_norm)")
+        params = [np.asarray(p) + np.asarray(u) for p, u in zip(params, want)]
 
 
 class SplitStep:
