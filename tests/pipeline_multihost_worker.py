@@ -2,12 +2,14 @@
 
 argv: PORT PROCESS_ID NUM_PROCESSES LOCAL_DEVICES OUT_DIR CASE [CASE …], each CASE
 "NAME=PLAN_JSON" with NAME "mlp-…" (mlp.loss_fn, adam 1e-2) or "tied-…" (``tied_loss``, a
-WeightedLoss; clip_by_global_norm 0.5 then sgd 0.1 momentum 0.9); the test builds its plans and references from ``MODELS``. Every case runs 2 steps whose
-params/optimizer state feed back; process 0 writes OUT_DIR/NAME.npz (every output leaf of
-both steps, read with ``to_host``); every process checks that the params live only on their
-owner stage's devices. CASE "mismatch=A,B": process 0 loads plan A, the others plan B, and
-every process must raise PlanMismatchError. With env DIE_AFTER_STEPS=N process 1 exits (os._exit)
-right after N steps of the first case (process DIE_PROCESS if set), to test that the others stop.
+WeightedLoss; clip_by_global_norm 0.5 then sgd 0.1 momentum 0.9); the test builds its plans
+and references from ``MODELS``. Every case runs 2 steps whose params/optimizer state feed
+back, then ``step.evaluate`` of the new params; process 0 writes OUT_DIR/NAME.npz (every
+output leaf of both steps and the evaluated loss, read with ``to_host``); every process checks
+that the params live only on their owner stage's devices. CASE "mismatch=A,B": process 0
+loads plan A, the others plan B, and every process must raise PlanMismatchError. With env
+DIE_AFTER_STEPS=N process 1 exits (os._exit) right after N steps of the first case (process
+DIE_PROCESS if set), to test that the others stop.
 """
 import os
 import sys
@@ -94,10 +96,11 @@ def main(port, pid, nproc, local, out_dir, cases):
             took.append(round(time.perf_counter() - t0, 3))
             check_placement(tplan, params, pid)
             outs.append(to_host((params, state, loss)))
+        outs.append(to_host(step.evaluate(params, batch)))  # forward only, the updated params fed back
         if pid == 0:
             np.savez(os.path.join(out_dir, f"{name}.npz"),
                      *[x for out in outs for x in jax.tree_util.tree_leaves(out)])
-        print(f"process {pid}: {name} done, placement checked, loss {outs[-1][2]}, step seconds {took}", flush=True)
+        print(f"process {pid}: {name} done, placement checked, loss {outs[-2][2]}, step seconds {took}", flush=True)
     jax.distributed.shutdown()
 
 

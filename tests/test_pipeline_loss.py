@@ -76,6 +76,10 @@ def test_total_and_weight_equal_the_full_batch_masked_mean(devices8, model, sche
     for _ in range(2):
         got, want = step(*got[:2], batch), ref(*want[:2], batch)
         assert_tree_close(got, want)
+    # forward only: the loss of the new parameters, nothing updated
+    before = [np.asarray(x).copy() for x in jax.tree_util.tree_leaves(got[0])]
+    np.testing.assert_allclose(np.asarray(step.evaluate(got[0], batch)), masked_mean(want[0], batch), rtol=1e-5)
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(before, jax.tree_util.tree_leaves(got[0])))
     # the average of the micro-batches' masked means is another number: the test can tell
     mbs = [jax.tree_util.tree_map(lambda x: x[m * 4:(m + 1) * 4], batch) for m in range(B)]
     averaged = np.mean([masked_mean(want[0], mb) for mb in mbs])

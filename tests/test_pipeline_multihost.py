@@ -54,7 +54,8 @@ def plans(tmp_path_factory):
 
 
 def _reference(name):
-    """Flat outputs (params, opt state, loss) of two single-device steps."""
+    """Flat outputs (params, opt state, loss) of two single-device steps, then the loss of the
+    updated params."""
     loss_fn, opt, (params, batch) = MODELS[name.split("-")[0]]()
 
     def step(p, o, b):
@@ -65,7 +66,7 @@ def _reference(name):
     for _ in range(2):
         params, state, loss = step(params, state, batch)
         flat += [np.asarray(x) for x in jax.tree_util.tree_leaves((params, state, loss))]
-    return flat
+    return flat + [np.asarray(full_batch_loss(loss_fn)(params, batch))]  # step.evaluate's
 
 
 def _launch(num, local, args, *, timeout_s=30, env_extra=None, wall_s=240, ranks=None):

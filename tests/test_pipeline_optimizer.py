@@ -55,6 +55,9 @@ def test_clip_by_global_norm_clips_by_the_norm_of_all_stages(devices8, model):
     assert split.num_rounds == 2 and split.sends_per_step == 2
     assert sorted(set(split.partials.values())) == [0, 1]
     _steps(tplan, opt, params, batch)
+    # forward only through the stages (a mean loss)
+    ev = tplan.apply(loss_fn, opt).evaluate(params, batch)
+    np.testing.assert_allclose(np.asarray(ev), loss_fn(params, batch), rtol=1e-5)
 
 
 def test_clip_and_adamw_with_zero1_run_equal(devices8, model):

@@ -151,3 +151,7 @@ def test_an_optimizer_treating_a_stacked_leaf_whole_is_refused_and_a_global_norm
     tplan = autopar.plan_training(_stack_loss, p, b, optimizer=opt, **kw)
     o = opt.init(p)
     _assert_equal(_run(tplan, p, o, b, 2), _reference(_stack_loss, opt, p, o, b, 2))
+    # forward only, through the split stages, from the stacked parameters
+    step = tplan.apply(donate=False)
+    np.testing.assert_allclose(np.asarray(step.evaluate(p, b)), _stack_loss(p, b), rtol=1e-5)
+    assert step.split_update is not None  # the global norm crosses the two stages

@@ -188,6 +188,9 @@ class MultiProcessStep(PipelineStep):
         return self._place(self.P + j, x, self.opt_leaves_abs[j], self.opt_home_sharding[j], self.opt_home[j], k,
                            sh)
 
+    def _loss_output(self, loss):
+        return loss if loss is not None else empty_array((), self.loss_dtype, self.out_sharding[self.loss_var])
+
     def _outputs(self, new_p, new_o, loss):
         new_p = [x if x is not None else empty_array(a.shape, a.dtype, self.param_sharding[i])
                  for i, (x, a) in enumerate(zip(new_p, self.param_abs))]

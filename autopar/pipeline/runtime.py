@@ -118,8 +118,13 @@ class _StageExec:
             dp = [_wsc(x + g, s) for x, g, s in zip(acc, dp, p_sh)]
             return dp, [_wsc(g, s) for g, s in zip(da, a_sh)]
 
+        def infer(p, a, nd):  # forward only (``PipelineStep.evaluate``): no residuals
+            y, aux = fwd(p, a, nd)
+            return [_wsc(v, s) for v, s in zip(y, y_sh)], [_wsc(v, s) for v, s in zip(aux, aux_sh)]
+
         self.forward = jax.jit(forward)
         self.backward = jax.jit(backward, donate_argnums=(3,))
+        self.infer = jax.jit(infer)
 
         # ZeRO-1: each owned parameter's optimizer-state layout (else the parameter's own)
         sizes = dict(zip(plan.axis_names, plan.mesh_shape))
@@ -297,34 +302,59 @@ class PipelineStep:
                 self._backward(task.stage, task.microbatch, flight)
         owner_params, grads = self._gather_grads(p_in, p_leaves, flight.acc)
         # a (total, weight) loss: gradients and loss divided by the weight summed over the batch
-        weight = self._weights(flight, grads) if self.weight_var is not None else None
+        weight = None
+        if self.weight_var is not None:
+            weight = self._summed_weight(flight, {self.own[i] for i in range(self.P)})
+            for k, w in weight.items():
+                mine = [i for i in range(self.P) if self.own[i] == k]
+                if mine and self._here(k):
+                    for i, g in zip(mine, _divide([grads[i] for i in mine], w)):
+                        grads[i] = g
         new_p, new_o = self._update(owner_params, grads, o_leaves)
-        loss = None
-        if self._here(self.producer[self.loss_var]):
-            loss = flight.losses[0]
-            for x in flight.losses[1:]:
-                loss = loss + x
-            loss = loss / B if weight is None else loss / weight[self.producer[self.loss_var]].astype(loss.dtype)
-        return self._outputs(new_p, new_o, loss)
+        return self._outputs(new_p, new_o, self._loss(flight, weight))
 
-    def _weights(self, flight: "_Flight", grads: list) -> dict:
-        """The micro-batches' weights summed where they are made, sent to every stage owning
-        parameters and to the loss's; each owned gradient divided by it (in place in
-        ``grads``). → {stage: the summed weight there}."""
+    def evaluate(self, params, batch):
+        """The loss of ``batch`` under ``params`` through the stages, forward only — no
+        gradients, no update, nothing donated (a validation loss between steps): the same
+        micro-batches, averaged (a mean loss) or Σ total / Σ weight (a ``WeightedLoss``); it
+        lives on the last stage (in a multi-process job, as the step's loss does)."""
+        p_leaves, b_leaves, _ = self._check(params, None, batch)
+        B, S, ex, st = self.plan.num_microbatches, len(self.stages), self.execs, self.stages
+        p_in = [[self._place_param(p_leaves[i], i, k, ex[k].p_sh[j]) for j, i in enumerate(st[k].params)]
+                for k in range(S)]
+        mbs = [[x[m * (x.shape[0] // B):(m + 1) * (x.shape[0] // B)] for x in b_leaves] for m in range(B)]
+        flight = _Flight(acc=[None] * S, train=False)
+        for task in self.order:
+            if task.kind == "F":
+                self._forward(task.stage, task.microbatch, p_in, mbs, flight)
+        weight = self._summed_weight(flight, set()) if self.weight_var is not None else None
+        return self._loss_output(self._loss(flight, weight))
+
+    def _summed_weight(self, flight: "_Flight", stages: set) -> dict:
+        """A ``WeightedLoss``'s weight summed over the micro-batches where it is made, sent to
+        ``stages`` and to the loss's stage → {stage: the summed weight there}."""
         src, v = self.producer[self.weight_var], self.weight_var
         total = None
         if self._here(src):
             total = flight.weights[0]
             for x in flight.weights[1:]:
                 total = total + x
-        at = {}
-        for k in sorted({self.own[i] for i in range(self.P)} | {self.producer[self.loss_var]}):
-            at[k] = total if k == src else self._move(total, self.out_sharding[v], self.execs[k].repl, self.values[v])
-            mine = [i for i in range(self.P) if self.own[i] == k]
-            if mine and self._here(k):
-                for i, g in zip(mine, _divide([grads[i] for i in mine], at[k])):
-                    grads[i] = g
-        return at
+        return {k: total if k == src else self._move(total, self.out_sharding[v], self.execs[k].repl, self.values[v])
+                for k in sorted(set(stages) | {self.producer[self.loss_var]})}
+
+    def _loss(self, flight: "_Flight", weight):
+        """The step's loss on its stage (None in a process without it): the micro-batches'
+        mean, or their summed total over the summed ``weight``."""
+        k = self.producer[self.loss_var]
+        if not self._here(k):
+            return None
+        loss = flight.losses[0]
+        for x in flight.losses[1:]:
+            loss = loss + x
+        return loss / self.plan.num_microbatches if weight is None else loss / weight[k].astype(loss.dtype)
+
+    def _loss_output(self, loss):
+        return loss
 
     # --- where values go (one process: jax.device_put; ``multistep`` overrides these) ---
     def _here(self, k: int) -> bool:
@@ -361,7 +391,7 @@ class PipelineStep:
             raise PlanMismatchError(f"batch does not match the plan: planned shapes {plan.batch_shapes}, given "
                                     f"{[list(np.shape(x)) for x in b_leaves]}; a pipeline plan is made for one batch "
                                     "size: re-plan with plan_training for this batch")
-        if o_tree != self.opt_tree:
+        if opt_state is not None and o_tree != self.opt_tree:  # (None: ``evaluate``)
             raise PlanMismatchError("opt_state does not match optimizer.init(params) of the planned optimizer")
         return p_leaves, b_leaves, o_leaves
 
@@ -379,7 +409,9 @@ class PipelineStep:
             flight.pending[(v, m)] -= 1
             if flight.pending[(v, m)] == 0:
                 del flight.acts[(v, m)], flight.pending[(v, m)]
-        if here:
+        if here and not flight.train:
+            (y, aux), vjp = e.infer(p_in[k], a, nd), None
+        elif here:
             y, aux, res = e.forward(p_in[k], a, nd)
             vjp = (res, list(p_in[k]) + a + nd)  # the inputs by reference: the backward reads them again
         else:  # another process's stage: its outputs are placeholders here
@@ -392,7 +424,8 @@ class PipelineStep:
             if v in self.consumers:
                 flight.acts[(v, m)] = val
                 flight.pending[(v, m)] = len(self.consumers[v])
-        flight.res[(k, m)] = vjp
+        if flight.train:
+            flight.res[(k, m)] = vjp
 
     def _backward(self, k: int, m: int, flight: "_Flight") -> None:
         """Stage k's backward of micro-batch m: gradients accumulated on the stage, cotangents
@@ -485,6 +518,7 @@ class _Flight:
     cts: dict = field(default_factory=dict)
     losses: list = field(default_factory=list)
     weights: list = field(default_factory=list)
+    train: bool = True   # False: forward only (``evaluate``), no residuals kept
 
 
 @jax.jit

@@ -269,12 +269,25 @@ class SplitStep:
         self.split_def = inner.p_tree
         self.split_shapes = [tuple(s) for s in inner.plan.param_shapes]
 
-    def __call__(self, params, opt_state, batch):
+    @property
+    def split_update(self):
+        """The stages' optimizer update in rounds, if it crosses stages (``PipelineStep``)."""
+        return self.inner.split_update
+
+    def _check(self, params):
         from ..runtime import PlanMismatchError
         if not _matches(params, self.user_def, self.user_shapes):
             raise PlanMismatchError(
                 f"params do not match the plan: planned structure {self.user_def} with shapes {self.user_shapes}; "
                 "re-plan with plan_training for these params")
+
+    def evaluate(self, params, batch):
+        """The loss through the stages, forward only (``PipelineStep.evaluate``)."""
+        self._check(params)
+        return self.inner.evaluate(split_tree(self.split, self.user_def, self.user_def.flatten_up_to(params)), batch)
+
+    def __call__(self, params, opt_state, batch):
+        self._check(params)
 
         def to_split(leaves):
             return split_tree(self.split, self.user_def, leaves)
