@@ -2,7 +2,8 @@
 
 argv: PORT PROCESS_ID NUM_PROCESSES LOCAL_DEVICES OUT_DIR CASE [CASE …], each CASE
 "NAME=PLAN_JSON" with NAME "mlp-…" (mlp.loss_fn, adam 1e-2) or "tied-…" (``tied_loss``, a
-WeightedLoss; clip_by_global_norm 0.5 then sgd 0.1 momentum 0.9); the test builds its plans
+WeightedLoss; clip_by_global_norm 0.5 then sgd 0.1 momentum 0.9) or "scan-…" (``scan_loss``, a
+scanned stack run in the split form, adam 1e-2); the test builds its plans
 and references from ``MODELS``. Every case runs 2 steps whose params/optimizer state feed
 back, then ``step.evaluate`` of the new params; process 0 writes OUT_DIR/NAME.npz (every
 output leaf of both steps and the evaluated loss, read with ``to_host``); every process checks
@@ -43,12 +44,29 @@ def tied_params_and_batch():
     return params, {"x": jax.random.normal(k[3], (32, 16)), "y": jax.random.normal(k[4], (32, 16)), "mask": mask}
 
 
+def scan_loss(params, batch):
+    """A lax.scan over 4 stacked layers (MaxText's scan_layers): split per iteration, run in the
+    split form (``apply(stacked=False)``)."""
+    def body(h, w):
+        return jnp.tanh(h @ w["w"] + w["b"]), None
+    h, _ = jax.lax.scan(body, batch["x"] @ params["emb"], params["layers"])
+    return jnp.mean((h @ params["head"] - batch["y"]) ** 2)
+
+
+def scan_params_and_batch():
+    k = jax.random.split(jax.random.key(1), 5)
+    params = {"emb": jax.random.normal(k[0], (16, 32)) * 0.3, "head": jax.random.normal(k[1], (32, 16)) * 0.3,
+              "layers": {"w": jax.random.normal(k[2], (4, 32, 32)) * 0.2, "b": jnp.full((4, 32), 0.1)}}
+    return params, {"x": jax.random.normal(k[3], (32, 16)), "y": jax.random.normal(k[4], (32, 16))}
+
+
 MODELS = {"mlp": lambda: (mlp.loss_fn, optax.adam(1e-2), mlp.params_and_batch(batch=32, hidden=64, layers=4,
                                                                                  bias=True)),
           # gradients clipped by their norm over all stages (about 1.09 here): a scalar per leaf crosses
           # processes (autopar.pipeline.update_split)
           "tied": lambda: (tied_loss, optax.chain(optax.clip_by_global_norm(0.5), optax.sgd(0.1, momentum=0.9)),
-                           tied_params_and_batch())}
+                           tied_params_and_batch()),
+          "scan": lambda: (scan_loss, optax.adam(1e-2), scan_params_and_batch())}
 
 
 def check_placement(tplan, params, pid):
@@ -83,7 +101,10 @@ def main(port, pid, nproc, local, out_dir, cases):
             continue
         loss_fn, opt, (params, batch) = MODELS[name.split("-")[0]]()
         tplan = TrainingPlan.from_json(open(path).read())
-        step = tplan.apply(loss_fn, opt)
+        split = tplan.scan_split is not None  # the split form: each slice on its stage
+        step = tplan.apply(loss_fn, opt, stacked=not split, params_like=params if split else None)
+        if split:
+            params = step.split(params)
         state = opt.init(params)
         outs, took = [], []
         for t in range(2):
@@ -95,7 +116,8 @@ def main(port, pid, nproc, local, out_dir, cases):
             jax.block_until_ready((params, state, loss))
             took.append(round(time.perf_counter() - t0, 3))
             check_placement(tplan, params, pid)
-            outs.append(to_host((params, state, loss)))
+            out = to_host((params, state, loss))
+            outs.append((step.stack(out[0]), step.stack(out[1]), out[2]) if split else out)
         outs.append(to_host(step.evaluate(params, batch)))  # forward only, the updated params fed back
         if pid == 0:
             np.savez(os.path.join(out_dir, f"{name}.npz"),

@@ -45,7 +45,7 @@ def _plan(name, schedule, microbatches=4):
 def plans(tmp_path_factory):
     out = tmp_path_factory.mktemp("plans")
     made = {"mlp-gpipe": _plan("mlp", "gpipe"), "mlp-1f1b": _plan("mlp", "1f1b"), "tied-1f1b": _plan("tied", "1f1b"),
-            "other": _plan("mlp", "gpipe", microbatches=2)}
+            "scan-1f1b": _plan("scan", "1f1b"), "other": _plan("mlp", "gpipe", microbatches=2)}
     paths = {}
     for name, tplan in made.items():
         paths[name] = out / f"{name}.json"
@@ -117,14 +117,16 @@ def test_two_processes_one_stage_each_equal_the_single_device_steps(devices8, pl
     assert devs == [[0, 1, 2, 3], [4, 5, 6, 7]]  # process 0's devices, process 1's devices
     # the tied embedding (flat leaf 0) is read by both stages: its copy and gradient cross processes
     assert [s.index for s in made["tied-1f1b"].stages if 0 in s.params] == [0, 1]
-    cases = [f"mlp-gpipe={paths['mlp-gpipe']}", f"tied-1f1b={paths['tied-1f1b']}",
+    # a scanned stack split per iteration runs in the split form, each slice on its stage's process
+    assert made["scan-1f1b"].scan_split is not None
+    cases = [f"mlp-gpipe={paths['mlp-gpipe']}", f"tied-1f1b={paths['tied-1f1b']}", f"scan-1f1b={paths['scan-1f1b']}",
              f"mismatch={paths['mlp-gpipe']},{paths['other']}"]
     codes, logs, _ = _launch(2, 4, [tmp_path, *cases])
     assert codes == [0, 0], "\n----\n".join(logs)[-6000:]
     for pid, log in enumerate(logs):
         assert "placement checked" in log and "PlanMismatchError: the processes of this job hold different " \
             "plans: process(es) [1]" in log, log[-3000:]
-    _assert_equal_to_reference(tmp_path, ["mlp-gpipe", "tied-1f1b"])
+    _assert_equal_to_reference(tmp_path, ["mlp-gpipe", "tied-1f1b", "scan-1f1b"])
 
 
 def test_four_processes_stages_spanning_two_equal_the_single_device_steps(devices8, plans, tmp_path):

@@ -155,3 +155,27 @@ def test_an_optimizer_treating_a_stacked_leaf_whole_is_refused_and_a_global_norm
     step = tplan.apply(donate=False)
     np.testing.assert_allclose(np.asarray(step.evaluate(p, b)), _stack_loss(p, b), rtol=1e-5)
     assert step.split_update is not None  # the global norm crosses the two stages
+
+
+def test_the_split_form_step_keeps_each_slice_on_its_stage():
+    """``apply(stacked=False)``: the stages' own step over the split form — nothing gathered on
+    one device — equal to the single-device step once stacked back (``step.stack``)."""
+    p, b = _stack_args()
+    opt = optax.adam(1e-2)
+    tplan = autopar.plan_training(_stack_loss, p, b, optimizer=opt, cluster=make_cluster(4), nodes=2,
+                                  num_microbatches=4, num_stages=4)
+    step = tplan.apply(donate=False, stacked=False)
+    ps = step.split(p)
+    assert isinstance(ps["layers"]["w"], list) and len(ps["layers"]["w"]) == 8
+    os_ = opt.init(ps)  # the optimizer state made in the split form (never stacked)
+    for _ in range(2):
+        ps, os_, loss = step(ps, os_, b)
+    want = _reference(_stack_loss, opt, p, opt.init(p), b, 2)
+    _assert_equal((step.stack(ps), step.stack(os_), loss), want)
+    np.testing.assert_allclose(np.asarray(step.evaluate(ps, b)), _stack_loss(step.stack(ps), b), rtol=1e-5)
+    # every slice (and its Adam moments) stays on the devices of the stage running its iteration
+    devs = jax.devices()
+    for st in tplan.stages:
+        for t in range(*st.layers):
+            for x in (ps["layers"]["w"][t], os_[0].mu["layers"]["w"][t]):
+                assert set(x.sharding.device_set) == {devs[d] for d in st.devices}

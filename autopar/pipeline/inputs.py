@@ -21,7 +21,8 @@ from .remat import remat_options
 from .zero import zero_options
 from .schedule import SCHEDULES
 from ..trace import Program, TraceError, trace
-from .unscan import ScanSplit, check_split_optimizer, find_scan_split, loss_jaxpr, split_loss, split_tree
+from .unscan import ScanSplit, find_scan_split, loss_jaxpr, split_loss, split_tree
+from .unscan_step import check_split_optimizer
 
 
 @dataclass(frozen=True, eq=False)

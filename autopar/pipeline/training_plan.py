@@ -175,7 +175,8 @@ class TrainingPlan(_Document):
                              title=f"{self.function}: {self.num_stages} stage(s), {self.num_microbatches} "
                                    f"micro-batches, {self.schedule}")
 
-    def apply(self, loss_fn=None, optimizer=None, *, params_like=None, devices=None, donate: bool = True):
+    def apply(self, loss_fn=None, optimizer=None, *, params_like=None, devices=None, donate: bool = True,
+              stacked: bool = True):
         """``step(params, opt_state, batch) -> (params, opt_state, loss)`` running the plan.
 
         ``loss_fn``/``optimizer`` default to the ones planned in this process (required for a
@@ -189,7 +190,15 @@ class TrainingPlan(_Document):
         In a multi-controller job (``jax.distributed``, ``jax.process_count() > 1``) every
         process calls this with the same plan and gets its part of the step
         (``autopar.pipeline.multistep``): values of stages on other processes' devices are
-        returned as arrays without shards here; ``multistep.to_host`` reads them everywhere."""
+        returned as arrays without shards here; ``multistep.to_host`` reads them everywhere.
+
+        A plan of a scanned layer stack split per iteration (``tplan.scan_split``): by default
+        the step takes and returns your stacked parameters and state, gathering the updated
+        slices on one device each step; ``stacked=False`` gives the stages' own step, taking and
+        returning the split form — each stacked leaf a list of its slices, each on the stage
+        running it — with ``step.split(tree)`` / ``step.stack(tree)`` converting params or
+        optimizer state (``autopar.pipeline.unscan_step``): the form for full-size models, and the
+        one that runs under ``jax.distributed``."""
         from .runtime import PipelineStep
         loss_fn = loss_fn if loss_fn is not None else self._loss_fn
         optimizer = optimizer if optimizer is not None else self._optimizer
@@ -199,15 +208,18 @@ class TrainingPlan(_Document):
         import jax
         user_def = self._user_param_treedef(params_like)
         b_def = self._batch_treedef if self._batch_treedef is not None else _rebuilt(self.batch_tree, "batch")
-        if jax.process_count() > 1:  # a multi-controller job: this process's part of the step
-            if self.scan_split is not None:
-                raise ValueError("a pipeline plan of a scanned layer stack (split per iteration) does not run in a "
-                                 "multi-process job yet; plan the model with unrolled layers for jax.distributed")
-            from .multistep import MultiProcessStep
-            return MultiProcessStep(self, loss_fn, optimizer, devices=devices, donate=donate, trees=(user_def, b_def))
+        multi = jax.process_count() > 1  # a multi-controller job: this process's part of the step
+        if multi and self.scan_split is not None and stacked:
+            raise ValueError("a pipeline plan of a scanned layer stack (split per iteration) runs in a multi-process "
+                             "job in the split form: tplan.apply(..., stacked=False), with step.split(params) / "
+                             "step.split(opt_state) to convert your stacked trees")
+        if multi:
+            from .multistep import MultiProcessStep as cls
+        else:
+            cls = PipelineStep
         if self.scan_split is None:
-            return PipelineStep(self, loss_fn, optimizer, devices=devices, donate=donate, trees=(user_def, b_def))
-        return self._split_step(loss_fn, optimizer, devices, donate, user_def, b_def)
+            return cls(self, loss_fn, optimizer, devices=devices, donate=donate, trees=(user_def, b_def))
+        return self._split_step(loss_fn, optimizer, devices, donate, user_def, b_def, cls, stacked)
 
     def _user_param_treedef(self, params_like):
         """The PyTreeDef of the params the user passes: ``params_like``'s (checked against the
@@ -227,13 +239,14 @@ class TrainingPlan(_Document):
             return self._param_treedef
         return _rebuilt(rec.param_tree, "params")
 
-    def _split_step(self, loss_fn, optimizer, devices, donate, user_def, b_def):
-        """A scanned layer stack: the stages run the split form (``autopar.pipeline.unscan``)."""
+    def _split_step(self, loss_fn, optimizer, devices, donate, user_def, b_def, cls, stacked):
+        """A scanned layer stack: the stages (a ``cls`` step) run the split form
+        (``autopar.pipeline.unscan``); ``stacked``: wrapped to take the user's form."""
         import jax
 
         from .inputs import microbatch_shapes
-        from .runtime import PipelineStep
-        from .unscan import ScanSplit, SplitStep, check_split_optimizer, split_loss, split_tree
+        from .unscan import ScanSplit, split_loss, split_tree
+        from .unscan_step import SplitForms, SplitStep, check_split_optimizer
         rec = self.scan_split
         split = ScanSplit(stacked=tuple(rec.stacked), lengths=tuple(rec.lengths))
         user_abs = [jax.ShapeDtypeStruct(tuple(s), d) for s, d in zip(rec.param_shapes, rec.param_dtypes)]
@@ -243,8 +256,12 @@ class TrainingPlan(_Document):
             [jax.ShapeDtypeStruct(tuple(s), d) for s, d in zip(self.batch_shapes, self.batch_dtypes)])
         mb_abs = microbatch_shapes(batch_abs, self.num_microbatches)
         split_def = jax.tree_util.tree_structure(split_tree(split, user_def, user_abs))
-        inner = PipelineStep(self, split_loss(loss_fn, split, params_abs, mb_abs), optimizer, devices=devices,
-                             donate=donate, trees=(split_def, b_def))
+        inner = cls(self, split_loss(loss_fn, split, params_abs, mb_abs), optimizer, devices=devices,
+                    donate=donate, trees=(split_def, b_def))
+        if not stacked:
+            forms = SplitForms(split, user_def, rec.param_shapes)
+            inner.split, inner.stack = forms.split, forms.stack
+            return inner
         device = list(jax.devices() if devices is None else devices)[self.stages[0].devices[0]]
         return SplitStep(inner, split, user_def, rec.param_shapes, device)
 
