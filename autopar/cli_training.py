@@ -140,7 +140,10 @@ def run_training(ns, module, fn, args) -> int:
     if multi:
         from .pipeline.multistep import to_host
         fetch = to_host
-    step = plan.apply(fn, opt)
+    if multi and plan.scan_split is not None:  # a split scan runs in the split form here: converted per call
+        step = _converting(plan.apply(fn, opt, stacked=False), fetch)
+    else:
+        step = plan.apply(fn, opt)
     got = run_loop(step, (params, state, batch), carried, ns.steps, fetch=fetch)
     if not lead:
         return 0
@@ -155,3 +158,16 @@ def run_training(ns, module, fn, args) -> int:
           f"{plan.nodes * plan.cluster.devices_per_node} {jax.devices()[0].platform} devices{where} vs the "
           f"single-device step, {result.summary()}")
     return 0 if result.ok else 1
+
+
+class _converting:
+    """A split-form step (``tplan.apply(stacked=False)``) called with, and returning, the
+    stacked form as host arrays — for the check against the single-device loop (small models)."""
+
+    def __init__(self, inner, fetch):
+        self.inner, self.fetch = inner, fetch
+        self.split_update = inner.split_update
+
+    def __call__(self, params, opt_state, batch):
+        p, o, loss = self.inner(self.inner.split(params), self.inner.split(opt_state), batch)
+        return self.inner.stack(self.fetch(p)), self.inner.stack(self.fetch(o)), loss

@@ -16,9 +16,8 @@ home:
 * *common*, when it reads no stage's values: constants, and state leaves every stage keeps a
   copy of (a step count).
 
-A small stage value meeting a global one is global too (fewer rounds): a small leaf's update
-after the clip (a bias, a norm scale) is computed by every stage from its sent gradient and
-state; a large one stays on its stage.
+A stage's scalar meeting a global value is global too (a partial sum joining the global sum:
+fewer rounds); an array meeting one (a leaf scaled by the clip) stays on its stage.
 
 A stage value reading a global value made from partials of round r − 1 belongs to round r;
 round 0 needs nothing from other stages. Round r of stage k is one jitted program: the global
@@ -161,8 +160,9 @@ def split_update(optimizer, params_abs, opt_abs, owner: list[int], state_stages:
                 _check_small(vals[x], home[x], e)
         if big:  # computed where its large input is
             h = big[0]
-        elif len(stages) > 1 or (stages and any(home[x] == GLOBAL for x in ins)):
-            h = GLOBAL  # small values of several stages, or one stage's and a global one
+        elif len(stages) > 1 or (stages and any(home[x] == GLOBAL for x in ins)
+                                 and all(vals[x].shape == () for x in on_stage)):
+            h = GLOBAL  # small values of several stages, or one stage's scalar and a global one
         elif stages:
             h = stages.pop()
         else:
