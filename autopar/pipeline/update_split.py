@@ -10,7 +10,7 @@ home:
 * stage k, when it is computed from stage k's parameters, gradients and optimizer state
   (and from common or global values);
 * *global*, when it combines values of two or more stages (the global norm's sum over
-  leaves): the stage values it reads, the *partials* (each leaf's sum of squares), must be
+  leaves): the stage values it reads, the *partials* (sums of squares), must be
   small (``SMALL`` elements); each is sent to the other stages that read it, and each stage
   computes the global values itself;
 * *common*, when it reads no stage's values: constants, and state leaves every stage keeps a
@@ -25,7 +25,8 @@ and common equations of rounds ≤ r (recomputed: they are cheap) and stage k's 
 the parameter update ``p + u`` applied where ``u`` is made. After each round the stage's
 partials move, packed into one vector per dtype (``PipelineStep._move``: a ``jax.device_put``
 or, across processes, the multi-host transfer). ``clip_by_global_norm`` takes two rounds and
-sends one scalar per parameter leaf to every other stage. A per-parameter optimizer has no
+sends at most one scalar per parameter leaf (fewer where the sum's order adds a stage's
+leaves first: one per stage on two stages). A per-parameter optimizer has no
 global value: :func:`split_update` returns None and the stages update apart, as before.
 ``autopar.pipeline.update_rounds`` runs the rounds.
 
