@@ -38,7 +38,7 @@ def check_split_optimizer(optimizer, split: ScanSplit, user_def, user_leaves) ->
     to_split = lambda leaves: split_tree(small, user_def, leaves)  # noqa: E731
     split_state = map_param_subtrees(to_split, state, user_def, shapes)
     split_shapes = [tuple(x.shape) for x in split_def.flatten_up_to(to_split(params))]
-    for step in range(2):
+    for _ in range(2):
         grads = draw()
         try:
             upd, state = optimizer.update(user_def.unflatten(grads), state, user_def.unflatten(params))
