@@ -179,3 +179,31 @@ def test_the_split_form_step_keeps_each_slice_on_its_stage():
         for t in range(*st.layers):
             for x in (ps["layers"]["w"][t], os_[0].mu["layers"]["w"][t]):
                 assert set(x.sharding.device_set) == {devs[d] for d in st.devices}
+
+
+def _masked_stack_loss(p, b):
+    """MaxText's shape of step: scanned layers, a loss weighted per example, returned as a
+    WeightedLoss (summed over micro-batches, divided once)."""
+    h = b["x"] @ p["emb"]
+    h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w["w"] + w["b"]), None), h, p["layers"])
+    err = jnp.mean((h @ p["head"] - b["y"]) ** 2, axis=-1)
+    return autopar.WeightedLoss(jnp.sum(err * b["m"]), jnp.sum(b["m"]))
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_scan_weighted_loss_and_global_norm_together(stacked):
+    from autopar.pipeline.loss_form import full_batch_loss
+    p, b = _stack_args()
+    b["m"] = jnp.asarray((np.arange(16) % 3 != 0) * (np.arange(16) % 5 + 1), jnp.float32)  # per-example weights
+    opt = optax.chain(optax.clip_by_global_norm(0.1), optax.adamw(1e-2, eps=1e-3))
+    tplan = autopar.plan_training(_masked_stack_loss, p, b, optimizer=opt, cluster=make_cluster(4), nodes=2,
+                                  num_microbatches=4, num_stages=2)
+    step = tplan.apply(donate=False, stacked=stacked)
+    ps = p if stacked else step.split(p)
+    os_ = opt.init(ps)
+    for _ in range(2):
+        ps, os_, loss = step(ps, os_, b)
+    got = (ps, os_, loss) if stacked else (step.stack(ps), step.stack(os_), loss)
+    _assert_equal(got, _reference(full_batch_loss(_masked_stack_loss), opt, p, opt.init(p), b, 2))
+    np.testing.assert_allclose(np.asarray(step.evaluate(ps, b)),
+                               full_batch_loss(_masked_stack_loss)(jax.device_get(got[0]), b), rtol=1e-5)
