@@ -19,7 +19,7 @@ planned ones; with a ``remat`` option the recomputation is in the backward half,
 executable, so it is not merged back into the forward. ``planned_halves`` returns None where
 the cut cannot be made (the retraced program is not the planned one, or the forward traced
 alone is not its prefix); the runtime then runs ``jax.vjp`` of the stage forward under the
-plan's boundary shardings only, and says so (``_StageExec.follows_plan``).
+plan's boundary shardings only, and says so (``StageExec.follows_plan``).
 """
 from __future__ import annotations
 

@@ -1,35 +1,19 @@
-"""Run a TrainingPlan: per-stage executables on sub-meshes and a Python schedule driver.
-
-A ``jax.jit`` cannot span two meshes, so each stage gets its own executables, all on its
-sub-mesh with the shardings of its intra-op plan:
-
-* forward ``(p, a, nd) -> (y, aux, res)`` — ``jax.vjp`` of the stage function; ``res`` are
-  its residuals less those that are the forward's own inputs (parameters above all: a jitted
-  output is a new buffer, so returning them would copy the stage's parameters once per
-  in-flight micro-batch); they stay on the stage until its backward; with
-  the stage's ``remat`` option its layers run under ``jax.checkpoint``, so the residuals are
-  only what the policy saves and the backward executable recomputes the rest (the two are
-  separate executables: XLA cannot merge the recomputation back into the forward);
-* backward ``(res, inputs, ct, acc) -> (acc + dp, da)`` — the vjp rebuilt from ``res`` and
-  the forward's inputs; parameter gradients accumulated over micro-batches in place (the
-  accumulator is donated);
-* update ``(params, opt_state, grads) -> (params, opt_state)`` — the optimizer applied to
-  the parameters the stage owns, on its own sub-mesh (params/state donated with ``donate``);
-  with the stage's ``zero`` (ZeRO-1, ``autopar.pipeline.zero``) its optimizer state lives
-  split as ``zero_spec`` lays it out, the parameters and gradients are sliced to that layout
-  (no communication), updated there, and the new parameters all-gathered back to their
-  sharding inside the same executable, once per step.
+"""Run a TrainingPlan: per-stage executables on sub-meshes (``autopar.pipeline.stage_exec``:
+forward, backward, forward-only and update, each a ``jax.jit`` on the stage's sub-mesh, since
+one cannot span two meshes) and a Python schedule driver.
 
 Activations go forward and their gradients back with ``jax.device_put`` to the receiving
 stage's ``NamedSharding`` (in a multi-process job, ``autopar.pipeline.multistep`` overrides
 the few hooks saying where a stage runs and how values move: ``_here``, ``_move``,
-``_place_param``, ``_place_opt``, ``_outputs``). Tasks run in the order of the simulated GPipe/1F1B schedule
-(``autopar.pipeline.schedule``). The optimizer state is split per stage by applying
-``optimizer.init`` to the params with every leaf the stage does not own replaced by
+``_place_param``, ``_place_opt``, ``_outputs``). Tasks run in the order of the simulated
+GPipe/1F1B schedule (``autopar.pipeline.schedule``). The optimizer state is split per stage by
+applying ``optimizer.init`` to the params with every leaf the stage does not own replaced by
 ``None``; each stage updates what it owns apart, which is exact for per-parameter optimizers
 (sgd, momentum, adam, adamw, …). An optimizer mixing leaves through small values
-(``clip_by_global_norm``: each leaf's sum of squares) runs its update in rounds with those
-values sent between the stages (``autopar.pipeline.update_split``).
+(``clip_by_global_norm``: sums of squares) runs its update in rounds with those values sent
+between the stages (``autopar.pipeline.update_split``). A ``WeightedLoss``'s weight is summed
+over the micro-batches and divides the gradients once (``autopar.pipeline.loss_form``);
+``evaluate`` runs the forward tasks only.
 """
 from __future__ import annotations
 
@@ -39,21 +23,17 @@ from dataclasses import dataclass, field
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from ..emit import MeshError, make_mesh, named
+from ..emit import MeshError
 from ..pytree_json import treedef_from_json
 from ..runtime import PlanMismatchError
 from .schedule import execution_order
-from .halves import planned_halves
-from .stages import owners, split_program, stage_forward
+from .stage_exec import StageExec
+from .stages import owners, split_program
 from .inputs import microbatch_shapes, trace_loss
 from .loss_form import weighted
 from .update_rounds import SplitUpdate
 from .update_split import split_update
-from .zero import zero_spec
-
-_wsc = jax.lax.with_sharding_constraint
 
 
 class StageFallbackWarning(UserWarning):
@@ -62,94 +42,6 @@ class StageFallbackWarning(UserWarning):
 
 def _is_none(x) -> bool:
     return x is None
-
-
-class _StageExec:
-    def __init__(self, sp, st, program, P, devices, optimizer, donate, layer_ranges, p_tree, owned):
-        plan = sp.plan
-        self.st = st
-        self.mesh = make_mesh(plan.mesh_shape, plan.axis_names, devices)
-        specs, outs = plan.input_specs_flat, plan.output_specs_flat
-        n_p, n_a = len(st.params), len(st.acts_in)
-        n_nd = len(st.batch) + len(st.nd_acts_in)
-        sh = lambda s: named(self.mesh, s if s is not None else [])  # noqa: E731
-        self.p_sh = [sh(s) for s in specs[:n_p]]
-        self.a_sh = [sh(s) for s in specs[n_p:n_p + n_a]]
-        self.nd_sh = [sh(s) for s in specs[n_p + n_a:n_p + n_a + n_nd]]
-        self.ct_sh = [sh(s) for s in specs[n_p + n_a + n_nd:]]
-        ny, naux = len(st.outs), len(st.nd_outs)
-        self.y_sh = [sh(s) for s in outs[:ny]]
-        self.aux_sh = [sh(s) for s in outs[ny:ny + naux]]
-        self.repl = named(self.mesh, [])
-        self.p_avals = [(tuple(program.values[program.invars[i]].shape), program.values[program.invars[i]].dtype)
-                        for i in st.params]
-        fwd = stage_forward(program, st, P, sp.remat, layer_ranges)  # remat: its layers under jax.checkpoint
-        y_sh, aux_sh, p_sh, a_sh = self.y_sh, self.aux_sh, self.p_sh, self.a_sh
-
-        halves = planned_halves(fwd, program, st, P, plan, self.mesh)
-        self.halves = halves
-        self.follows_plan = halves is not None  # the stage's planned program, constraints and all
-        # without it: jax.vjp of the stage forward under the boundary shardings; per residual
-        # leaf, which forward input it is (-1: computed), set when the forward is traced
-        self.residual_layout = None
-        n_p = len(st.params)
-
-        def forward(p, a, nd):
-            if halves is not None:
-                outs = halves.forward(*p, *a, *nd)
-                y, aux, res = outs[:ny], outs[ny:ny + naux], list(outs[ny + naux:])
-            else:
-                y, vjp_fn, aux = jax.vjp(lambda p_, a_: fwd(p_, a_, nd), p, a, has_aux=True)
-                leaves, tree = jax.tree_util.tree_flatten(vjp_fn)
-                ins = list(p) + list(a) + list(nd)
-                which = [next((j for j, x in enumerate(ins) if x is leaf), -1) for leaf in leaves]
-                self.residual_layout = (tree, which)
-                res = [leaf for leaf, j in zip(leaves, which) if j < 0]
-            return [_wsc(v, s) for v, s in zip(y, y_sh)], [_wsc(v, s) for v, s in zip(aux, aux_sh)], res
-
-        def backward(res, ins, ct, acc):
-            if halves is not None:
-                grads = halves.backward(*res, *[ins[i] for i in halves.reads], *ct)
-                dp, da = grads[:n_p], grads[n_p:]
-            else:
-                tree, which = self.residual_layout
-                kept = iter(res)
-                dp, da = jax.tree_util.tree_unflatten(tree, [next(kept) if j < 0 else ins[j] for j in which])(ct)
-            dp = [_wsc(x + g, s) for x, g, s in zip(acc, dp, p_sh)]
-            return dp, [_wsc(g, s) for g, s in zip(da, a_sh)]
-
-        def infer(p, a, nd):  # forward only (``PipelineStep.evaluate``): no residuals
-            y, aux = fwd(p, a, nd)
-            return [_wsc(v, s) for v, s in zip(y, y_sh)], [_wsc(v, s) for v, s in zip(aux, aux_sh)]
-
-        self.forward = jax.jit(forward)
-        self.backward = jax.jit(backward, donate_argnums=(3,))
-        self.infer = jax.jit(infer)
-
-        # ZeRO-1: each owned parameter's optimizer-state layout (else the parameter's own)
-        sizes = dict(zip(plan.axis_names, plan.mesh_shape))
-        # (an owned parameter no stage reads: replicated)
-        self.opt_sh = {i: self.repl for i in owned} | {
-            i: sh(zero_spec(self.p_avals[j][0], specs[j], sizes)) if sp.zero else self.p_sh[j]
-            for j, i in enumerate(st.params) if i in owned}
-        z_tree = p_tree.unflatten([self.opt_sh.get(i) for i in range(P)])
-        p_sh_tree = p_tree.unflatten([(self.p_sh[st.params.index(i)] if i in st.params else self.repl)
-                                      if i in owned else None for i in range(P)])
-        zero = sp.zero
-
-        def update(params, opt_state, grads):  # owned params: full tree, None where not owned
-            if zero:  # slice to the optimizer state's layout: the update runs split
-                params, grads = (jax.tree_util.tree_map(_wsc, t, z_tree) for t in (params, grads))
-            upd, opt_state = optimizer.update(grads, opt_state, params)
-            new = optax.apply_updates(params, upd)
-            if zero:  # all-gather the new parameters back to their sharding
-                new = jax.tree_util.tree_map(_wsc, new, p_sh_tree)
-            return new, opt_state
-        self.update = jax.jit(update, donate_argnums=(0, 1) if donate else ())
-
-    def zero_grads(self):
-        """Gradient accumulators: zeros with the parameters' shardings (no compilation)."""
-        return [jax.device_put(np.zeros(shape, dtype), sh) for (shape, dtype), sh in zip(self.p_avals, self.p_sh)]
 
 
 class PipelineStep:
@@ -217,7 +109,7 @@ class PipelineStep:
                     "whose state is kept per parameter, such as sgd, momentum, adam or adamw, alone, chained "
                     "(clip_by_global_norm …), masked or partitioned (optax.multi_transform)")
             self.skeletons.append((leaves, tree, slots))
-        self.execs = [_StageExec(sp, st, program, P, [all_devices[i] for i in sp.devices], optimizer, donate,
+        self.execs = [StageExec(sp, st, program, P, [all_devices[i] for i in sp.devices], optimizer, donate,
                                  tplan.search.layer_eqns[sp.layers[0]:sp.layers[1]], self.p_tree,
                                  {i for i in range(P) if self.own[i] == k})
                       for k, (sp, st) in enumerate(zip(tplan.stages, self.stages))]
