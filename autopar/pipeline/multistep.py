@@ -124,10 +124,7 @@ class MultiProcessStep(PipelineStep):
         me = jax.process_index()
         self.local = [me in processes(e.repl) for e in self.execs]
         # each optimizer-state leaf's home sharding (its owner's layout, or its first stage's)
-        self.opt_home_sharding = []
-        for j, k in enumerate(self.opt_home):
-            mirror = self.mirrors[k][j]
-            self.opt_home_sharding.append(self.opt_sharding[mirror] if mirror >= 0 else self.execs[k].repl)
+        self.opt_home_sharding = [self.state_sharding(k, j) for j, k in enumerate(self.opt_home)]
         self.placed: list[bool] = []
 
     def _here(self, k: int) -> bool:

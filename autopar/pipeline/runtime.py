@@ -155,6 +155,12 @@ class PipelineStep:
                 full[n] = x
         return skel_tree.unflatten(full)
 
+    def state_sharding(self, k: int, j: int):
+        """Where optimizer-state leaf j lives on stage k: as the parameter it mirrors is laid
+        out for its state (ZeRO-1's slices, else the parameter's sharding), else replicated."""
+        mirror = self.mirrors[k][j]
+        return self.opt_sharding[mirror] if mirror >= 0 else self.execs[k].repl
+
     def _mirrors(self, k: int) -> list[int]:
         """For each leaf of stage k's optimizer-state skeleton: the param leaf it mirrors
         (a subtree shaped like the masked params, e.g. Adam's mu/nu), else −1 (step counts)."""
@@ -181,12 +187,8 @@ class PipelineStep:
     # --- one training step: check → tasks in schedule order → gradients to owners → updates ---
     def __call__(self, params, opt_state, batch):
         p_leaves, b_leaves, o_leaves = self._check(params, opt_state, batch)
-        B, S, ex, st = self.plan.num_microbatches, len(self.stages), self.execs, self.stages
-        # parameters on every stage that reads them (owners' copies are the ones updated)
-        p_in = [[self._place_param(p_leaves[i], i, k, ex[k].p_sh[j]) for j, i in enumerate(st[k].params)]
-                for k in range(S)]
-        mbs = [[x[m * (x.shape[0] // B):(m + 1) * (x.shape[0] // B)] for x in b_leaves] for m in range(B)]
-        flight = _Flight(acc=[None] * S)
+        p_in, mbs = self._stage_inputs(p_leaves, b_leaves)
+        flight = _Flight(acc=[None] * len(self.stages))
         for task in self.order:
             if task.kind == "F":
                 self._forward(task.stage, task.microbatch, p_in, mbs, flight)
@@ -211,16 +213,22 @@ class PipelineStep:
         micro-batches, averaged (a mean loss) or Σ total / Σ weight (a ``WeightedLoss``); it
         lives on the last stage (in a multi-process job, as the step's loss does)."""
         p_leaves, b_leaves, _ = self._check(params, None, batch)
-        B, S, ex, st = self.plan.num_microbatches, len(self.stages), self.execs, self.stages
-        p_in = [[self._place_param(p_leaves[i], i, k, ex[k].p_sh[j]) for j, i in enumerate(st[k].params)]
-                for k in range(S)]
-        mbs = [[x[m * (x.shape[0] // B):(m + 1) * (x.shape[0] // B)] for x in b_leaves] for m in range(B)]
-        flight = _Flight(acc=[None] * S, train=False)
+        p_in, mbs = self._stage_inputs(p_leaves, b_leaves)
+        flight = _Flight(acc=[None] * len(self.stages), train=False)
         for task in self.order:
             if task.kind == "F":
                 self._forward(task.stage, task.microbatch, p_in, mbs, flight)
         weight = self._summed_weight(flight, set()) if self.weight_var is not None else None
         return self._loss_output(self._loss(flight, weight))
+
+    def _stage_inputs(self, p_leaves, b_leaves):
+        """The parameters on every stage that reads them (owners' copies are the ones updated),
+        and the batch leaves cut into micro-batches."""
+        B, ex, st = self.plan.num_microbatches, self.execs, self.stages
+        p_in = [[self._place_param(p_leaves[i], i, k, ex[k].p_sh[j]) for j, i in enumerate(st[k].params)]
+                for k in range(len(st))]
+        mbs = [[x[m * (x.shape[0] // B):(m + 1) * (x.shape[0] // B)] for x in b_leaves] for m in range(B)]
+        return p_in, mbs
 
     def _summed_weight(self, flight: "_Flight", stages: set) -> dict:
         """A ``WeightedLoss``'s weight summed over the micro-batches where it is made, sent to
@@ -372,10 +380,8 @@ class PipelineStep:
         # and a step count shared by all stages must not be consumed by the first one
         inputs = []
         for k in range(S):
-            mirror, skel = self.mirrors[k], self.skeletons[k][0]
-            o_stage = [None if sk is None else self._place_opt(
-                o_leaves[j], j, k, self.opt_sharding[mirror[j]] if mirror[j] >= 0 else ex[k].repl)
-                for j, sk in enumerate(skel)]
+            o_stage = [None if sk is None else self._place_opt(o_leaves[j], j, k, self.state_sharding(k, j))
+                       for j, sk in enumerate(self.skeletons[k][0])]
             if not self._here(k):
                 inputs.append(None)
                 continue

@@ -22,6 +22,7 @@ class SplitUpdate:
     def __init__(self, step, split: UpdateSplit):
         self.step, self.split = step, split
         prog = split.program
+        self.inv = {v: n for n, v in enumerate(prog.invars)}   # an input's position: params, state, grads
         self.pack_of: dict = {}   # partial -> (pack key (stage, round, group), offset)
         for row in split.rounds:
             for rd in row:
@@ -52,15 +53,14 @@ class SplitUpdate:
         """Layout on stage k of an input of the update: a parameter or its gradient as its
         optimizer state is laid out (ZeRO-1's slices, else the parameter's own sharding), a state
         leaf as the runtime keeps it; None for other values."""
-        step, prog = self.step, self.split.program
+        step = self.step
         P, S = len(self.split.owner), len(self.split.state_home)
-        n = prog.invars.index(v) if v in prog.invars else None
+        n = self.inv.get(v)
         if n is None:
             return None
-        if n < P or n >= P + S:
-            return step.execs[k].opt_sh.get(n % (P + S) if n >= P + S else n)
-        mirror = step.mirrors[k][n - P]
-        return step.opt_sharding[mirror] if mirror >= 0 else step.execs[k].repl
+        if n < P or n >= P + S:  # a parameter, or its gradient
+            return step.execs[k].opt_sh.get(n if n < P else n - P - S)
+        return step.state_sharding(k, n - P)
 
     def _compile(self, rd: Round):
         step, prog = self.step, self.split.program
@@ -86,7 +86,7 @@ class SplitUpdate:
         donated = set()
         for v in rd.ins:
             key = (vals[v].shape, str(vals[v].dtype))
-            if step.donate and v in prog.invars and self.last[(rd.stage, v)] == rd.round and free.get(key, 0):
+            if step.donate and v in self.inv and self.last[(rd.stage, v)] == rd.round and free.get(key, 0):
                 free[key] -= 1
                 donated.add(v)
         self.donated[(rd.stage, rd.round)] = [v for v in rd.ins if v in donated]
@@ -125,7 +125,7 @@ class SplitUpdate:
         n_stages = len(step.execs)
         env = [dict() for _ in range(n_stages)]      # per stage: value id -> array
         packs = [dict() for _ in range(n_stages)]    # per stage: pack key -> packed partials
-        inv = {v: n for n, v in enumerate(prog.invars)}
+        inv = self.inv
 
         def place(k, v):
             n = inv[v]
@@ -133,9 +133,7 @@ class SplitUpdate:
                 return owner_params[n]
             if n >= P + S:
                 return grads[n - P - S]
-            mirror = step.mirrors[k][n - P]
-            return step._place_opt(o_leaves[n - P], n - P, k,
-                                   step.opt_sharding[mirror] if mirror >= 0 else step.execs[k].repl)
+            return step._place_opt(o_leaves[n - P], n - P, k, step.state_sharding(k, n - P))
         # every stage's inputs first (in one order in every process: placing a state leaf may
         # move it from another process)
         for row in split.rounds:

@@ -36,6 +36,7 @@ the predicate; the rounds compute both branches (an update's cost at most twice)
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import jax
@@ -85,10 +86,7 @@ class UpdateSplit:
 
 
 def _size(value) -> int:
-    n = 1
-    for d in value.shape:
-        n *= int(d)
-    return n
+    return math.prod(value.shape)
 
 
 def _check_small(value, stage, eqn) -> None:
