@@ -135,3 +135,21 @@ def test_a_state_not_kept_per_parameter_is_refused(devices8, model):
     tplan = plan_training(loss_fn, params, batch, optimizer=opt, schedule="gpipe", zero="none", **KW)
     with pytest.raises(ValueError, match=r"the optimizer state does not split per parameter .*multi_transform"):
         tplan.apply(loss_fn, opt)
+
+
+@pytest.mark.parametrize("form", ["unrolled", "nnx.scan"])
+def test_a_flax_nnx_decoder_with_clip_and_adamw_runs_equal(devices8, form):
+    """The zoo's flax NNX decoder as users write it (nnx.split State, nnx.List or nnx.vmap +
+    nnx.scan blocks) in 2 stages with clip_by_global_norm + adamw: equal to the single-device step."""
+    from examples.zoo import nnx_transformer as m
+    state, _, tokens = m.nnx_step_args() if form == "unrolled" else m.nnx_scan_step_args()
+    opt = optax.chain(optax.clip_by_global_norm(0.5), optax.adamw(1e-3, eps=1e-3))
+    tplan = plan_training(m.loss_fn, state, tokens, optimizer=opt, cluster=make_cluster(4), nodes=2,
+                          num_microbatches=2, num_stages=2)
+    assert (tplan.scan_split is not None) == (form == "nnx.scan")
+    step, ref = tplan.apply(m.loss_fn, opt, donate=False), reference_step(m.loss_fn, opt)
+    got = want = (state, opt.init(state))
+    for _ in range(2):
+        got, want = step(*got[:2], tokens), ref(*want[:2], tokens)
+        assert_tree_close(got, want)
+    assert step.split_update is not None  # the norm crosses the stages
