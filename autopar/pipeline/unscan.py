@@ -25,9 +25,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jcore
 
+from ..jaxpr_eval import CALLS, bind, inline, run
 from .boundary import stage_boundary_p
-
-_CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr"}
 
 
 @dataclass(frozen=True)
@@ -47,8 +46,8 @@ def _uses(jaxpr, origin: dict, counts: dict, scans: list) -> None:
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
         ins = [origin.get(v) if isinstance(v, jcore.Var) else None for v in eqn.invars]
-        if name in _CALLS:
-            inner = eqn.params[_CALLS[name]]
+        if name in CALLS:
+            inner = eqn.params[CALLS[name]]
             inner = inner.jaxpr if isinstance(inner, jcore.ClosedJaxpr) else inner
             _uses(inner, {iv: o for iv, o in zip(inner.invars, ins) if o is not None}, counts, scans)
             continue
@@ -91,44 +90,25 @@ class _Slices(list):
     """A stacked parameter given as its slices (one array per scan iteration)."""
 
 
-def _bind(eqn, ins):
-    out = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
-    return list(out) if eqn.primitive.multiple_results else [out]
-
-
 def _stacked(x):
     return jnp.stack(list(x)) if isinstance(x, _Slices) else x
 
 
 def _eval(jaxpr, consts, args) -> list:
-    env: dict = {}
-
-    def read(v):
-        return v.val if isinstance(v, jcore.Literal) else env[v]
-    env.update(zip(jaxpr.constvars, consts))
-    env.update(zip(jaxpr.invars, args))
-    for eqn in jaxpr.eqns:
-        ins = [read(v) for v in eqn.invars]
-        if any(isinstance(x, _Slices) for x in ins):
-            outs = _eval_split(eqn, ins)
-        else:
-            outs = _bind(eqn, ins)
-        for v, o in zip(eqn.outvars, outs):
-            if not isinstance(v, jcore.DropVar):
-                env[v] = o
-    return [read(v) for v in jaxpr.outvars]
+    return run(jaxpr, consts, args, _split_hook)
 
 
-def _eval_split(eqn, ins) -> list:
+def _split_hook(eqn, ins) -> list | None:
+    """An equation reading split parameters: a call inlined (so the scan inside it can be
+    unrolled), the scan unrolled, any other reader given the stacked array."""
+    if not any(isinstance(x, _Slices) for x in ins):
+        return None
     name = eqn.primitive.name
-    if name in _CALLS:  # inline the call so the scan inside it can be unrolled
-        inner = eqn.params[_CALLS[name]]
-        if isinstance(inner, jcore.ClosedJaxpr):
-            return _eval(inner.jaxpr, inner.consts, ins)
-        return _eval(inner, (), ins)
+    if name in CALLS:
+        return inline(eqn, ins, _split_hook)
     if name == "scan":
         return _unroll(eqn, ins)
-    return _bind(eqn, [_stacked(x) for x in ins])  # any other reader: the stacked array
+    return bind(eqn, [_stacked(x) for x in ins])
 
 
 def _unroll(eqn, ins) -> list:

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import jax
 from jax.extend import core as jcore
 
+from ..jaxpr_eval import run
 from ..trace import INLINE_PARAMS, Program, _dce, trace
 
 SMALL = 4096      # elements: the largest stage value sent to the other stages for a global value
@@ -104,29 +105,20 @@ def _selects(fn):
     """``fn`` with every ``lax.cond`` computed as both branches and a ``select_n`` of their
     outputs (a wrapper such as ``optax.MultiSteps`` conds over the whole tree: as selects, each
     leaf's output reads only its own leaf and the common predicate)."""
-    def run_jaxpr(jaxpr, consts, args):
-        env = dict(zip(jaxpr.constvars, consts))
-        env.update(zip(jaxpr.invars, args))
-        read = lambda a: a.val if isinstance(a, jcore.Literal) else env[a]  # noqa: E731
-        for eqn in jaxpr.eqns:
-            ins = [read(a) for a in eqn.invars]
-            name = eqn.primitive.name
-            if name == "cond":
-                index, ops = ins[0], ins[1:]
-                branches = [run_jaxpr(b.jaxpr, b.consts, ops) for b in eqn.params["branches"]]
-                outs = [jax.lax.select_n(index, *cases) for cases in zip(*branches)]
-            elif name in INLINE_PARAMS and isinstance(eqn.params.get(INLINE_PARAMS[name]), jcore.ClosedJaxpr):
-                body = eqn.params[INLINE_PARAMS[name]]
-                outs = run_jaxpr(body.jaxpr, body.consts, ins[len(ins) - len(body.jaxpr.invars):])
-            else:
-                outs = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
-                outs = outs if eqn.primitive.multiple_results else [outs]
-            env.update(zip(eqn.outvars, outs))
-        return [read(a) for a in jaxpr.outvars]
+    def hook(eqn, ins):
+        name = eqn.primitive.name
+        if name == "cond":
+            index, ops = ins[0], ins[1:]
+            branches = [run(b.jaxpr, b.consts, ops, hook) for b in eqn.params["branches"]]
+            return [jax.lax.select_n(index, *cases) for cases in zip(*branches)]
+        if name in INLINE_PARAMS and isinstance(eqn.params.get(INLINE_PARAMS[name]), jcore.ClosedJaxpr):
+            body = eqn.params[INLINE_PARAMS[name]]
+            return run(body.jaxpr, body.consts, ins[len(ins) - len(body.jaxpr.invars):], hook)
+        return None
 
     def wrapped(*args):
         closed, shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-        outs = run_jaxpr(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(args))
+        outs = run(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(args), hook)
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), outs)
     return wrapped
 
