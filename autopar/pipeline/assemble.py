@@ -12,6 +12,7 @@ from ..pytree_json import treedef_to_json
 from .costs import FWD_SHARE, ChosenStage, simulate_stages, stage_memory, step_time
 from .inputs import TrainingInputs
 from .layers import Layering
+from .rng_form import dtype_name
 from .stages import owners, split_program
 from .training_plan import (PredictedTraining, RefinedSplit, ScanSplitRecord, StagePlan, StageSearch,
                             TrainingPlan)
@@ -114,7 +115,7 @@ def assemble(inputs: TrainingInputs, layering: Layering, chosen: list[ChosenStag
         param_shapes=[list(x.shape) for x in inputs.p_leaves],
         param_dtypes=[str(np.dtype(x.dtype)) for x in inputs.p_leaves],
         batch_shapes=[list(x.shape) for x in inputs.b_leaves],
-        batch_dtypes=[str(np.dtype(x.dtype)) for x in inputs.b_leaves],
+        batch_dtypes=[dtype_name(x.dtype) for x in inputs.b_leaves],
         stages=stage_plans, predicted=predicted, search=search, strategy_name=record.strategy_name, timing=timing,
         scan_split=_scan_split_record(inputs))
     result._loss_fn, result._optimizer = inputs.loss_fn, inputs.optimizer

@@ -18,6 +18,7 @@ from autopar.solvers.stage_dp import submesh_shapes
 from .costs import StageOption
 from .loss_form import batch_normalizer, check_form
 from .remat import remat_options
+from .rng_form import per_microbatch, whole_leaf
 from .zero import zero_options
 from .schedule import SCHEDULES
 from ..trace import Program, TraceError, trace
@@ -93,19 +94,24 @@ def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_mic
         raise ValueError(f"every params leaf is trained and must be floating; got non-float leaves {bad[:5]}{more}. "
                          "Move integer data into the batch or close over it")
     microbatch = microbatch_shapes(batch_abs, num_microbatches)
-    mb_leaves = jax.tree_util.tree_leaves(microbatch)
+    rows = next((int(x.shape[0]) for x in jax.tree_util.tree_leaves(microbatch) if not whole_leaf(x)), 1)
     try:
         opt_abs = jax.eval_shape(optimizer.init, params_abs)
     except Exception as err:
         raise ValueError(f"optimizer.init(params) failed: {type(err).__name__}: {err}") from err
     p_bytes = sum(nbytes(x) for x in p_leaves)
     o_bytes = sum(nbytes(x) for x in jax.tree_util.tree_leaves(opt_abs))
-    traced = loss_jaxpr(loss_fn, params_abs, microbatch) if split_scans else None
-    split = find_scan_split(loss_fn, params_abs, microbatch, traced) if split_scans else None
-    user_leaves, user_tree, traced_loss = tuple(p_leaves), p_tree, loss_fn
+    traced = loss_jaxpr(loss_fn, params_abs, microbatch) if split_scans or num_microbatches > 1 else None
+    # draws over the batch made per micro-batch as over the whole batch (a dropout mask):
+    # the loss then takes the micro-batch's rows too (``autopar.pipeline.rng_form``)
+    wrapped, microbatch = per_microbatch(loss_fn, params_abs, microbatch, num_microbatches, traced)
+    if wrapped is not loss_fn:
+        traced = loss_jaxpr(wrapped, params_abs, microbatch)
+    split = find_scan_split(wrapped, params_abs, microbatch, traced) if split_scans else None
+    user_leaves, user_tree, traced_loss = tuple(p_leaves), p_tree, wrapped
     if split is not None:
         check_split_optimizer(optimizer, split, p_tree, p_leaves)
-        traced_loss = split_loss(loss_fn, split, params_abs, microbatch, traced)
+        traced_loss = split_loss(wrapped, split, params_abs, microbatch, traced)
         params_abs = split_tree(split, p_tree, p_leaves)
         p_leaves, p_tree = jax.tree_util.tree_flatten(params_abs)
     program = trace_loss(traced_loss, params_abs, microbatch)
@@ -123,7 +129,7 @@ def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_mic
         num_microbatches=num_microbatches, schedule=schedule,
         budget=float(memory_budget_bytes or spec.device.memory_bytes), p_leaves=tuple(p_leaves), p_tree=p_tree,
         b_leaves=tuple(b_leaves), b_tree=b_tree,
-        microbatch_size=int(mb_leaves[0].shape[0]) if mb_leaves and mb_leaves[0].shape else 1,
+        microbatch_size=rows,
         program=program, opt_ratio=o_bytes / p_bytes if p_bytes else 0.0,
         shapes=tuple(submesh_shapes(nodes, spec.devices_per_node)), scan_split=split,
         user_p_leaves=user_leaves if split is not None else (), user_p_tree=user_tree if split is not None else None,
@@ -137,12 +143,16 @@ def abstract(x):
 
 
 def microbatch_shapes(batch, num_microbatches: int):
-    """ShapeDtypeStructs of one micro-batch: every batch leaf split along axis 0."""
+    """ShapeDtypeStructs of one micro-batch: every batch leaf split along axis 0 but a scalar
+    PRNG key, given whole to every micro-batch (``rng_form.whole_leaf``)."""
     leaves, tree = jax.tree_util.tree_flatten(batch)
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(batch)[0]]
     out = []
     for path, x in zip(paths, leaves):
         shape = tuple(getattr(x, "shape", ()))
+        if whole_leaf(x):
+            out.append(jax.ShapeDtypeStruct(shape, x.dtype))
+            continue
         if not shape or shape[0] % num_microbatches:
             raise ValueError(
                 f"batch leaf {path or '<batch>'} has shape {shape}: its leading (batch) dimension must be "

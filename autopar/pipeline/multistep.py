@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 from ..emit import MeshError
 from ..runtime import PlanMismatchError
 from .multihost import Transfer, empty_array, processes
+from .rng_form import whole_leaf
 from .runtime import PipelineStep
 
 _CLOCK_FIELDS = {"timing", "plan_s"}  # wall-clock times: differ between identical plans
@@ -110,7 +111,8 @@ def to_host(tree):
 class MultiProcessStep(PipelineStep):
     """``PipelineStep`` in one process of a multi-controller job (see the module docstring)."""
 
-    def __init__(self, tplan, loss_fn, optimizer, *, devices=None, donate: bool = True, trees=None):
+    def __init__(self, tplan, loss_fn, optimizer, *, devices=None, donate: bool = True, trees=None,
+                 rows: bool | None = None):
         need = tplan.nodes * tplan.cluster.devices_per_node
         have = len(jax.devices() if devices is None else devices)
         if need != have:
@@ -119,7 +121,7 @@ class MultiProcessStep(PipelineStep):
                 f"job has {have} ({jax.process_count()} processes × {jax.local_device_count()} local devices); "
                 "launch as many processes × devices as the plan's nodes × devices per node, or re-plan for this job")
         check_same_plan(tplan)
-        super().__init__(tplan, loss_fn, optimizer, devices=devices, donate=donate, trees=trees)
+        super().__init__(tplan, loss_fn, optimizer, devices=devices, donate=donate, trees=trees, rows=rows)
         self.transfer = Transfer()
         me = jax.process_index()
         self.local = [me in processes(e.repl) for e in self.execs]
@@ -147,7 +149,7 @@ class MultiProcessStep(PipelineStep):
                 raise PlanMismatchError(
                     f"batch leaf {i} is a global array ({x.sharding}); a multi-process pipeline step takes the batch "
                     "as host arrays (numpy), the same in every process: each stage puts the leaves it reads")
-        b_leaves = [np.asarray(x) for x in b_leaves]
+        b_leaves = [x if whole_leaf(x) else np.asarray(x) for x in b_leaves]   # (a PRNG key stays a key)
         homes = [(x, self.param_sharding[i], self.own[i]) for i, x in enumerate(p_leaves)] + \
                 [(x, self.opt_home_sharding[j], self.opt_home[j]) for j, x in enumerate(o_leaves)]
         bits = np.zeros((2, len(homes)), np.int8)

@@ -31,6 +31,7 @@ from .schedule import execution_order
 from .stage_exec import StageExec
 from .stages import owners, split_program
 from .inputs import microbatch_shapes, trace_loss
+from .rng_form import RowsLoss, rows_in, per_microbatch, rows_of, whole_leaf
 from .loss_form import weighted
 from .update_rounds import SplitUpdate
 from .update_split import split_update
@@ -46,18 +47,27 @@ def _is_none(x) -> bool:
 
 class PipelineStep:
     """``step(params, opt_state, batch) -> (params, opt_state, loss)`` for a TrainingPlan
-    (``trees``: the params' and batch's PyTreeDefs; default: rebuilt from the plan's JSON)."""
+    (``trees``: the params' and batch's PyTreeDefs; default: rebuilt from the plan's JSON).
+    ``rows``: whether ``loss_fn`` is already ``rng_form.per_microbatch``'s form taking the
+    micro-batch's rows (None: made here)."""
 
-    def __init__(self, tplan, loss_fn, optimizer, *, devices=None, donate: bool = True, trees=None):
+    def __init__(self, tplan, loss_fn, optimizer, *, devices=None, donate: bool = True, trees=None,
+                 rows: bool | None = None):
         self.plan, self.optimizer, self.donate = tplan, optimizer, donate
         B = tplan.num_microbatches
         self.p_tree, self.b_tree = trees if trees is not None else (
             treedef_from_json(tplan.param_tree), treedef_from_json(tplan.batch_tree))
         params_abs = self.p_tree.unflatten([jax.ShapeDtypeStruct(tuple(s), d)
                                             for s, d in zip(tplan.param_shapes, tplan.param_dtypes)])
-        batch_abs = self.b_tree.unflatten([jax.ShapeDtypeStruct(tuple(s), d)
-                                           for s, d in zip(tplan.batch_shapes, tplan.batch_dtypes)])
-        program = trace_loss(loss_fn, params_abs, microbatch_shapes(batch_abs, B))
+        batch_abs = tplan.batch_abs(self.b_tree)
+        mb_abs = microbatch_shapes(batch_abs, B)
+        if rows is None:
+            loss_fn, mb_abs = per_microbatch(loss_fn, params_abs, mb_abs, B)
+            self.rows = isinstance(loss_fn, RowsLoss)
+        else:
+            self.rows = rows
+            mb_abs = (mb_abs, jax.ShapeDtypeStruct((rows_in(mb_abs),), jnp.int32)) if rows else mb_abs
+        program = trace_loss(loss_fn, params_abs, mb_abs)
         if program.fingerprint != tplan.fingerprint:
             raise PlanMismatchError(
                 f"plan was made for {tplan.function} (fingerprint {tplan.fingerprint}) but this loss function/"
@@ -227,7 +237,10 @@ class PipelineStep:
         B, ex, st = self.plan.num_microbatches, self.execs, self.stages
         p_in = [[self._place_param(p_leaves[i], i, k, ex[k].p_sh[j]) for j, i in enumerate(st[k].params)]
                 for k in range(len(st))]
-        mbs = [[x[m * (x.shape[0] // B):(m + 1) * (x.shape[0] // B)] for x in b_leaves] for m in range(B)]
+        if self.rows:   # the micro-batch's row indices (``rng_form``): the loss draws over the batch
+            b_leaves = list(b_leaves) + [rows_of(next(x.shape[0] for x in b_leaves if not whole_leaf(x)))]
+        mbs = [[x if whole_leaf(x) else x[m * (x.shape[0] // B):(m + 1) * (x.shape[0] // B)] for x in b_leaves]
+               for m in range(B)]
         return p_in, mbs
 
     def _summed_weight(self, flight: "_Flight", stages: set) -> dict:

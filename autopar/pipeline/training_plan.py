@@ -221,6 +221,14 @@ class TrainingPlan(_Document):
             return cls(self, loss_fn, optimizer, devices=devices, donate=donate, trees=(user_def, b_def))
         return self._split_step(loss_fn, optimizer, devices, donate, user_def, b_def, cls, stacked)
 
+    def batch_abs(self, tree_def):
+        """The planned batch as ShapeDtypeStructs in ``tree_def``."""
+        import jax
+
+        from .rng_form import dtype_of
+        return tree_def.unflatten([jax.ShapeDtypeStruct(tuple(s), dtype_of(d))
+                                   for s, d in zip(self.batch_shapes, self.batch_dtypes)])
+
     def _user_param_treedef(self, params_like):
         """The PyTreeDef of the params the user passes: ``params_like``'s (checked against the
         plan), else the one planned in this process, else the JSON's."""
@@ -245,6 +253,7 @@ class TrainingPlan(_Document):
         import jax
 
         from .inputs import microbatch_shapes
+        from .rng_form import RowsLoss, per_microbatch
         from .unscan import ScanSplit, split_loss, split_tree
         from .unscan_step import SplitForms, SplitStep, check_split_optimizer
         rec = self.scan_split
@@ -252,12 +261,12 @@ class TrainingPlan(_Document):
         user_abs = [jax.ShapeDtypeStruct(tuple(s), d) for s, d in zip(rec.param_shapes, rec.param_dtypes)]
         check_split_optimizer(optimizer, split, user_def, user_abs)
         params_abs = user_def.unflatten(user_abs)
-        batch_abs = b_def.unflatten(
-            [jax.ShapeDtypeStruct(tuple(s), d) for s, d in zip(self.batch_shapes, self.batch_dtypes)])
+        batch_abs = self.batch_abs(b_def)
         mb_abs = microbatch_shapes(batch_abs, self.num_microbatches)
+        loss_fn, mb_abs = per_microbatch(loss_fn, params_abs, mb_abs, self.num_microbatches)
         split_def = jax.tree_util.tree_structure(split_tree(split, user_def, user_abs))
         inner = cls(self, split_loss(loss_fn, split, params_abs, mb_abs), optimizer, devices=devices,
-                    donate=donate, trees=(split_def, b_def))
+                    donate=donate, trees=(split_def, b_def), rows=isinstance(loss_fn, RowsLoss))
         if not stacked:
             forms = SplitForms(split, user_def, rec.param_shapes)
             inner.split, inner.stack = forms.split, forms.stack
