@@ -18,7 +18,7 @@ from autopar.solvers.stage_dp import submesh_shapes
 from .costs import StageOption
 from .loss_form import batch_normalizer, check_form
 from .remat import remat_options
-from .rng_form import per_microbatch, whole_leaf
+from .rng_form import RowsLoss, per_microbatch, whole_leaf
 from .zero import zero_options
 from .schedule import SCHEDULES
 from ..trace import Program, TraceError, trace
@@ -55,6 +55,8 @@ class TrainingInputs:
     remat: tuple = ("none",)
     # whether the optimizer state may be / is sharded (ZeRO-1, ``autopar.pipeline.zero``)
     zero: tuple = (False,)
+    # random draws over the batch made per micro-batch as over the whole batch (``rng_form``)
+    batch_draws: int = 0
 
     @property
     def num_params(self) -> int:
@@ -133,7 +135,7 @@ def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_mic
         program=program, opt_ratio=o_bytes / p_bytes if p_bytes else 0.0,
         shapes=tuple(submesh_shapes(nodes, spec.devices_per_node)), scan_split=split,
         user_p_leaves=user_leaves if split is not None else (), user_p_tree=user_tree if split is not None else None,
-        remat=options, zero=zeros)
+        remat=options, zero=zeros, batch_draws=wrapped.count if isinstance(wrapped, RowsLoss) else 0)
 
 
 def abstract(x):
@@ -154,9 +156,11 @@ def microbatch_shapes(batch, num_microbatches: int):
             out.append(jax.ShapeDtypeStruct(shape, x.dtype))
             continue
         if not shape or shape[0] % num_microbatches:
+            key = (" (a PRNG key? pass a typed key, jax.random.key(seed): every micro-batch gets it whole)"
+                   if shape == (2,) and np.dtype(x.dtype) == np.uint32 else "")
             raise ValueError(
                 f"batch leaf {path or '<batch>'} has shape {shape}: its leading (batch) dimension must be "
-                f"divisible by num_microbatches={num_microbatches}; pick a divisor of the batch size")
+                f"divisible by num_microbatches={num_microbatches}; pick a divisor of the batch size{key}")
         out.append(jax.ShapeDtypeStruct((shape[0] // num_microbatches,) + shape[1:], x.dtype))
     return jax.tree_util.tree_unflatten(tree, out)
 

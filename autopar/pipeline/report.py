@@ -21,6 +21,9 @@ def format_training_report(plan) -> str:
         lines.append(f"scanned layer stack split per iteration ({', '.join(map(str, sorted(set(sc.lengths))))} "
                      f"iterations, one layer each): stacked params {', '.join(user[i] for i in sc.stacked)} → one "
                      "slice per iteration, each on the stage that runs it (the step takes and returns them stacked)")
+    if plan.batch_draws:
+        lines.append(f"random draws over the batch (dropout masks …): {plan.batch_draws}, each micro-batch drawing its "
+                     "rows of the whole batch's draw, as jax.jit of the loss over the batch does")
     lines.append("")
     head = (f"{'stage':>5}  {'layers':>7}  {'sub-mesh':>8}  {'devices':>9}  {'mesh':>6}  {'t/micro-batch':>13}  "
             f"{'fwd':>9}  {'bwd':>9}  {'send':>9}  {'params/dev':>10}  {'act/dev':>10}  {'in flight':>9}  {'memory/dev':>10}  "

@@ -87,12 +87,12 @@ def _subjaxprs(eqn):
 
 
 def _draw_eqns(jaxpr, out: list, outer: tuple = ()) -> list:
-    """(eqn, enclosing higher-order primitives) of every random draw, in order."""
+    """(eqn, its enclosing equations, outermost first) of every random draw, in order."""
     for eqn in jaxpr.eqns:
         if eqn.primitive.name in _DRAWS:
             out.append((eqn, outer))
         for sub in _subjaxprs(eqn):
-            _draw_eqns(sub, out, outer + (eqn.primitive.name,))
+            _draw_eqns(sub, out, outer + (eqn,))
     return out
 
 
@@ -102,17 +102,22 @@ def _doubled(mb_abs):
         mb_abs)
 
 
-def _where(eqn) -> str:
-    at = _source(eqn)
-    return f" at {at}" if at else ""
+def _where(eqn, outer=()) -> str:
+    """Where the user's code makes ``eqn``: its own source line, else that of the innermost
+    enclosing call that has one (a draw inside jax.random's own jitted functions has none)."""
+    for e in (eqn, *reversed(outer)):
+        at = _source(e)
+        if at:
+            return f" at {at}"
+    return ""
 
 
-def _batch_axis(e1, e2, name: str) -> int | None:
+def _batch_axis(e1, e2, outer, name: str) -> int | None:
     """The axis along which draw ``e1`` (traced at b rows) grows to ``e2`` (at 2b), None when
     it does not grow; refused where it cannot be made per micro-batch."""
     s1, s2 = tuple(e1.params["shape"]), tuple(e2.params["shape"])
     k1, k2 = tuple(e1.invars[0].aval.shape), tuple(e2.invars[0].aval.shape)
-    what = f"{name} draws {e1.primitive.name.replace('_', ' ')} of shape {s1}{_where(e1)}"
+    what = f"{name} draws {e1.primitive.name.replace('_', ' ')} of shape {s1}{_where(e1, outer)}"
     if s1 == s2:
         return None
     grown = [a for a, (x, y) in enumerate(zip(s1, s2)) if x != y]
@@ -138,9 +143,10 @@ class RowsLoss:
     ``rows[0] // len(rows)``'s block of the whole batch's draw, the whole batch being
     ``num_microbatches`` micro-batches."""
 
-    def __init__(self, loss_fn, closed, out_tree, axes: dict, num_microbatches: int):
+    def __init__(self, loss_fn, closed, out_tree, axes: dict, num_microbatches: int, count: int):
         self.loss_fn, self.closed, self.out_tree = loss_fn, closed, out_tree
         self.axes, self.B = axes, num_microbatches
+        self.count = count      # draws made per micro-batch (a jitted function called twice: two)
         self.__name__ = getattr(loss_fn, "__name__", "loss_fn")
         self._inside: dict = {}
 
@@ -189,21 +195,22 @@ def per_microbatch(loss_fn, params_abs, mb_abs, num_microbatches: int, traced=No
     if [e.primitive.name for e, _ in at_b] != [e.primitive.name for e, _ in at_2b]:
         raise ValueError(f"{name} makes different random draws at different batch sizes; a pipeline step cannot "
                          "make them per micro-batch as over the whole batch: plan with num_microbatches=1")
-    axes = {}
+    axes, count = {}, 0
     for (e1, outer), (e2, _) in zip(at_b, at_2b):
-        axis = _batch_axis(e1, e2, name)
+        axis = _batch_axis(e1, e2, outer, name)
         if axis is None:
             continue
-        bad = [p for p in outer if p not in CALLS and p not in _REBUILT]
+        count += 1
+        bad = [e.primitive.name for e in outer if e.primitive.name not in CALLS and e.primitive.name not in _REBUILT]
         if bad:
-            raise ValueError(f"{name} draws over the batch{_where(e1)} inside {bad[0]}; a pipeline step makes such "
+            raise ValueError(f"{name} draws over the batch{_where(e1, outer)} inside {bad[0]}; a pipeline step makes such "
                              "draws per micro-batch only outside cond / while / custom-derivative functions: draw the "
                              "mask outside it, or plan with num_microbatches=1")
         axes[id(e1)] = axis
     if not axes:
         return loss_fn, mb_abs
     rows = jax.ShapeDtypeStruct((rows_in(mb_abs),), jnp.int32)
-    return RowsLoss(loss_fn, closed, out_tree, axes, num_microbatches), (mb_abs, rows)
+    return RowsLoss(loss_fn, closed, out_tree, axes, num_microbatches, count), (mb_abs, rows)
 
 
 def _jaxpr(loss_fn, params_abs, mb_abs):

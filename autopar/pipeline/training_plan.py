@@ -142,6 +142,9 @@ class TrainingPlan(_Document):
     # num_microbatches given as a sequence: every count tried (the plan is the fastest)
     microbatch_search: list[MicrobatchTrial] | None = Field(default=None, exclude_if=lambda v: v is None)
     scan_split: ScanSplitRecord | None = Field(default=None, exclude_if=lambda v: v is None)
+    # random draws over the batch (dropout masks) each micro-batch makes as its rows of the
+    # whole batch's draw (``autopar.pipeline.rng_form``)
+    batch_draws: int = Field(default=0, exclude_if=lambda v: v == 0)
     timing: Timing = Timing()
     _loss_fn: Any = PrivateAttr(default=None)
     _optimizer: Any = PrivateAttr(default=None)

@@ -29,20 +29,24 @@ FULL_SCAN = Config(vocab=51200, d=4096, heads=32, layers=32, seq=1024, batch=16,
 
 class Block(nn.Module):
     heads: int
+    dropout: float = 0.0     # attention-probability and residual dropout (GPT-2's), off by default
 
     @nn.compact
     def __call__(self, x, _=None):
-        d = x.shape[-1]
+        d, train = x.shape[-1], self.dropout > 0
         mask = nn.make_causal_mask(jnp.ones(x.shape[:2], jnp.int32))
         h = nn.LayerNorm()(x)
-        x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, qkv_features=d)(h, h, mask=mask)
+        h = nn.MultiHeadDotProductAttention(num_heads=self.heads, qkv_features=d, dropout_rate=self.dropout,
+                                            deterministic=not train)(h, h, mask=mask)
+        x = x + nn.Dropout(self.dropout, deterministic=not train)(h)
         h = nn.Dense(4 * d)(nn.LayerNorm()(x))
-        return x + nn.Dense(d)(nn.gelu(h)), None
+        return x + nn.Dropout(self.dropout, deterministic=not train)(nn.Dense(d)(nn.gelu(h))), None
 
 
 class Decoder(nn.Module):
     cfg: Config
     remat: bool = False   # each block under nn.remat (only its input saved), the MaxText default
+    dropout: float = 0.0
 
     @nn.compact
     def __call__(self, tokens):
@@ -52,11 +56,12 @@ class Decoder(nn.Module):
         block = nn.remat(Block, prevent_cse=not cfg.scan, policy=jax.checkpoint_policies.nothing_saveable) \
             if self.remat else Block
         if cfg.scan:
-            blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.layers)
-            x, _ = blocks(cfg.heads, name="blocks")(x, None)
+            blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                             length=cfg.layers)
+            x, _ = blocks(cfg.heads, self.dropout, name="blocks")(x, None)
         else:
             for i in range(cfg.layers):
-                x, _ = block(cfg.heads, name=f"block_{i}")(x)
+                x, _ = block(cfg.heads, self.dropout, name=f"block_{i}")(x)
         return nn.Dense(cfg.vocab, name="head")(nn.LayerNorm()(x))
 
 
@@ -75,6 +80,16 @@ def loss_fn(params, tokens, remat: bool = False):
     cfg = _config_of(params)
     logits = Decoder(dataclasses.replace(cfg, batch=0), remat=remat).apply({"params": params}, tokens[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+
+def dropout_loss_fn(params, batch, rate: float = 0.1):
+    """``loss_fn`` in training mode, GPT-2's dropout ``rate`` on the attention probabilities and
+    the residual branches: ``batch = {"tokens": …, "dropout": a jax.random.key}``, a fresh key
+    per step."""
+    cfg = _config_of(params)
+    logits = Decoder(dataclasses.replace(cfg, batch=0), dropout=rate).apply(
+        {"params": params}, batch["tokens"][:, :-1], rngs={"dropout": batch["dropout"]})
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["tokens"][:, 1:]).mean()
 
 
 def remat_loss_fn(params, tokens):
