@@ -3,7 +3,7 @@
 argv: PORT PROCESS_ID NUM_PROCESSES LOCAL_DEVICES OUT_DIR CASE [CASE …], each CASE
 "NAME=PLAN_JSON" with NAME "mlp-…" (mlp.loss_fn, adam 1e-2) or "tied-…" (``tied_loss``, a
 WeightedLoss; clip_by_global_norm 0.5 then sgd 0.1 momentum 0.9) or "scan-…" (``scan_loss``, a
-scanned stack run in the split form, adam 1e-2); the test builds its plans
+scanned stack with dropout run in the split form, adam 1e-2); the test builds its plans
 and references from ``MODELS``. Every case runs 2 steps whose params/optimizer state feed
 back, then ``step.evaluate`` of the new params; process 0 writes OUT_DIR/NAME.npz (every
 output leaf of both steps and the evaluated loss, read with ``to_host``); every process checks
@@ -45,11 +45,15 @@ def tied_params_and_batch():
 
 
 def scan_loss(params, batch):
-    """A lax.scan over 4 stacked layers (MaxText's scan_layers): split per iteration, run in the
-    split form (``apply(stacked=False)``)."""
-    def body(h, w):
-        return jnp.tanh(h @ w["w"] + w["b"]), None
-    h, _ = jax.lax.scan(body, batch["x"] @ params["emb"], params["layers"])
+    """A lax.scan over 4 stacked layers (MaxText's scan_layers) with dropout from the batch's
+    key (a key per layer; each micro-batch draws its rows of the whole batch's masks): split per
+    iteration, run in the split form (``apply(stacked=False)``)."""
+    def body(h, w_key):
+        w, key = w_key
+        h = jnp.tanh(h @ w["w"] + w["b"])
+        return jnp.where(jax.random.bernoulli(key, 0.9, h.shape), h / 0.9, 0.0), None
+    keys = jax.random.split(batch["dropout"], params["layers"]["b"].shape[0])
+    h, _ = jax.lax.scan(body, batch["x"] @ params["emb"], (params["layers"], keys))
     return jnp.mean((h @ params["head"] - batch["y"]) ** 2)
 
 
@@ -57,7 +61,8 @@ def scan_params_and_batch():
     k = jax.random.split(jax.random.key(1), 5)
     params = {"emb": jax.random.normal(k[0], (16, 32)) * 0.3, "head": jax.random.normal(k[1], (32, 16)) * 0.3,
               "layers": {"w": jax.random.normal(k[2], (4, 32, 32)) * 0.2, "b": jnp.full((4, 32), 0.1)}}
-    return params, {"x": jax.random.normal(k[3], (32, 16)), "y": jax.random.normal(k[4], (32, 16))}
+    return params, {"x": jax.random.normal(k[3], (32, 16)), "y": jax.random.normal(k[4], (32, 16)),
+                    "dropout": jax.random.key(7)}
 
 
 MODELS = {"mlp": lambda: (mlp.loss_fn, optax.adam(1e-2), mlp.params_and_batch(batch=32, hidden=64, layers=4,

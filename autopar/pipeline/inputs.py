@@ -21,7 +21,7 @@ from .remat import remat_options
 from .rng_form import RowsLoss, per_microbatch, whole_leaf
 from .zero import zero_options
 from .schedule import SCHEDULES
-from ..trace import Program, TraceError, trace
+from ..trace import Program, TraceError, dtype_itemsize, trace
 from .unscan import ScanSplit, find_scan_split, loss_jaxpr, split_loss, split_tree
 from .unscan_step import check_split_optimizer
 
@@ -70,7 +70,7 @@ class TrainingInputs:
 
 
 def nbytes(x) -> float:
-    return float(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+    return float(np.prod(x.shape, dtype=np.int64)) * dtype_itemsize(x.dtype)
 
 
 def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_microbatches, schedule,

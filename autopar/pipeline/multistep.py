@@ -32,7 +32,7 @@ from jax.experimental import multihost_utils
 from ..emit import MeshError
 from ..runtime import PlanMismatchError
 from .multihost import Transfer, empty_array, processes
-from .rng_form import whole_leaf
+from .rng_form import impl_of, is_key, whole_leaf
 from .runtime import PipelineStep
 
 _CLOCK_FIELDS = {"timing", "plan_s"}  # wall-clock times: differ between identical plans
@@ -139,6 +139,11 @@ class MultiProcessStep(PipelineStep):
             return jax.device_put(x, dst)
         if me not in ps | pd:
             return None
+        if is_key(aval):   # a PRNG key (per-layer dropout keys) crosses as its words, wrapped again
+            impl = impl_of(aval.dtype)
+            words = jax.eval_shape(jax.random.key_data, aval)
+            data = self.transfer(jax.random.key_data(x) if me in ps else None, src, dst, words.shape, words.dtype)
+            return None if data is None else jax.random.wrap_key_data(data, impl=impl)
         return self.transfer(x if me in ps else None, src, dst, aval.shape, aval.dtype)
 
     # --- the caller's params / optimizer state: on their home stage, or host values ---

@@ -60,14 +60,21 @@ def dtype_name(dtype) -> str:
     return str(dtype) if jnp.issubdtype(dtype, jax.dtypes.prng_key) else str(np.dtype(dtype))
 
 
+_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+
+
+def impl_of(dtype) -> str:
+    """The PRNG implementation's name of a key dtype ('key<fry>' → 'threefry2x32')."""
+    for impl in _IMPLS:
+        if str(jax.eval_shape(lambda impl=impl: jax.random.key(0, impl=impl)).dtype) == str(dtype):
+            return impl
+    raise ValueError(f"unknown PRNG key dtype {dtype}")
+
+
 def dtype_of(name: str):
     """``dtype_name``'s inverse."""
     if name.startswith("key<"):
-        for impl in ("threefry2x32", "rbg", "unsafe_rbg"):
-            dtype = jax.eval_shape(lambda impl=impl: jax.random.key(0, impl=impl)).dtype
-            if str(dtype) == name:
-                return dtype
-        raise ValueError(f"unknown PRNG key dtype {name!r} in the plan")
+        return jax.eval_shape(lambda: jax.random.key(0, impl=impl_of(name))).dtype
     return np.dtype(name)
 
 

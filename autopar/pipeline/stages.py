@@ -33,7 +33,7 @@ import numpy as np
 from jax.extend.core import Var
 
 from ..emit import interpret
-from ..trace import Program, reads
+from ..trace import Program, dtype_itemsize, reads
 
 
 class StageSplitError(ValueError):
@@ -221,5 +221,5 @@ def residual_bytes(fwd, p, a, nd) -> float:
     total = 0.0
     for v in closed.jaxpr.outvars:
         if isinstance(v, Var) and v not in ins:
-            total += float(np.prod(v.aval.shape, dtype=np.int64)) * np.dtype(v.aval.dtype).itemsize
+            total += float(np.prod(v.aval.shape, dtype=np.int64)) * dtype_itemsize(v.aval.dtype)
     return total
