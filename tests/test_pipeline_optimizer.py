@@ -99,6 +99,17 @@ def test_wrappers_around_a_global_norm_run_equal(devices8, model, name):
         assert layer == {"fc": True, "proj": True, "scale": name != "multi_transform"}
 
 
+def test_noise_drawn_over_the_whole_tree_is_the_whole_trees(devices8, model):
+    """optax.noisy_sgd (add_noise: one key split over all the tree's leaves) per stage on its
+    own leaves would split the key over fewer leaves (other noise, silently): its update runs
+    as the whole tree's, split by home."""
+    params, batch = model
+    opt = optax.noisy_sgd(0.1, eta=0.01, seed=3)
+    tplan = plan_training(loss_fn, params, batch, optimizer=opt, schedule="1f1b", zero="none", **KW)
+    step, _, _ = _steps(tplan, opt, params, batch, n=2)
+    assert step.split_update is not None
+
+
 def test_a_per_parameter_optimizer_updates_each_stage_apart(devices8, model):
     params, batch = model
     for opt in (optax.adam(1e-3, eps=1e-3), optax.MultiSteps(optax.adam(1e-3, eps=1e-3), 2),

@@ -175,7 +175,11 @@ def split_update(optimizer, params_abs, opt_abs, owner: list[int], state_stages:
         if isinstance(o, int) and home[o] >= 0 and home[o] != k:
             _check_small(vals[o], home[o], None)
             partials[o] = home[o]
-    if not partials and GLOBAL not in eqn_home:
+    # an update drawing random values (optax.add_noise / noisy_sgd: one key split over the whole
+    # tree's leaves, ``split(key, num_leaves + 1)``) draws other keys per stage on the stage's
+    # own leaves: it runs as the whole tree's update, split by home, even with nothing to send
+    draws = any(e.prim.name.startswith("random_") for e in program.eqns)
+    if not partials and GLOBAL not in eqn_home and not draws:
         return None
     if program.regions:
         raise ValueError("the optimizer's update combines parameters of different pipeline stages inside a loop "
