@@ -26,7 +26,9 @@ the parameter update ``p + u`` applied where ``u`` is made. After each round the
 partials move, packed into one vector per dtype (``PipelineStep._move``: a ``jax.device_put``
 or, across processes, the multi-host transfer). ``clip_by_global_norm`` takes two rounds and
 sends at most one scalar per parameter leaf (fewer where the sum's order adds a stage's
-leaves first: one per stage on two stages). A per-parameter optimizer has no
+leaves first: one per stage on two stages). An update drawing random values (optax.add_noise:
+one key split over the whole tree's leaves) runs so too, with nothing to send: per stage it
+would split the key over the stage's leaves only. A per-parameter optimizer has no
 global value: :func:`split_update` returns None and the stages update apart, as before.
 ``autopar.pipeline.update_rounds`` runs the rounds.
 
