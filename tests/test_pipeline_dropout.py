@@ -12,7 +12,7 @@ import pytest
 from autopar import TrainingPlan, plan_training, stage_boundary
 from autopar.pipeline.rng_form import RowsLoss, _mul64, per_microbatch, rows_of
 from conftest import make_cluster
-from test_pipeline import assert_tree_close
+from test_pipeline import assert_tree_close, reference_step
 
 STAGES = [(0, 1, (1, 4), (4,)), (1, 2, (1, 4), (4,))]
 KW = dict(cluster=make_cluster(4), nodes=2, remat="none", zero="none")
@@ -86,14 +86,6 @@ def mlp():
     return params, batch
 
 
-def _reference(loss_fn, opt):
-    def step(p, o, b):
-        loss, g = jax.value_and_grad(loss_fn)(p, b)
-        u, o = opt.update(g, o, p)
-        return optax.apply_updates(p, u), o, loss
-    return jax.jit(step)
-
-
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_dropout_with_a_fresh_key_per_step_equals_jit_over_the_batch(devices8, mlp, schedule):
     params, batch = mlp
@@ -104,7 +96,7 @@ def test_dropout_with_a_fresh_key_per_step_equals_jit_over_the_batch(devices8, m
     # the plan's JSON keeps the key's dtype: a loaded plan runs too
     loaded = TrainingPlan.from_json(tplan.to_json())
     assert "key<fry>" in loaded.batch_dtypes
-    ref = _reference(dropout_mlp, opt)
+    ref = reference_step(dropout_mlp, opt)
     for plan in (tplan, loaded):
         step = plan.apply(dropout_mlp, opt, donate=False)
         got = want = (params, opt.init(params))
@@ -123,7 +115,7 @@ def test_a_flax_linen_nn_scan_decoder_with_dropout_equals_jit(devices8):
     accumulating 4 micro-batches (the draws rewritten inside the scan's body)."""
     from examples.zoo import linen_transformer as zoo
     opt = optax.adamw(1e-3, eps=1e-3)
-    ref = _reference(zoo.dropout_loss_fn, opt)
+    ref = reference_step(zoo.dropout_loss_fn, opt)
     params, _, tokens = zoo.linen_scan_step_args("tiny")
     batch = {"tokens": tokens, "dropout": jax.random.key(0)}
     for stages, split in ((2, True), (1, False)):
