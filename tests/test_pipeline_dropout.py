@@ -152,6 +152,12 @@ def test_draws_that_cannot_be_made_per_micro_batch_are_refused(devices8, mlp):
         return jnp.mean(x)
     with pytest.raises(ValueError, match=r"in_cond draws over the batch at .* inside cond"):
         plan_training(in_cond, params, batch, **kw)
+
+    def fixed_rows(p, b):   # shapes written for one micro-batch size
+        return dropout_mlp(p, dict(b, x=b["x"].reshape(4, 8, 32)))
+    with pytest.raises(ValueError, match=r"fixed_rows makes random draws; .*traced for twice the micro-batch's rows, "
+                                         r"which failed \(TypeError"):
+        plan_training(fixed_rows, params, batch, **kw)
     legacy = dict(batch, dropout=jax.random.PRNGKey(0))   # a raw uint32[2] key: cut like a batch leaf
     with pytest.raises(ValueError, match=r"batch leaf \['dropout'\] has shape \(2,\).*a PRNG key.*jax.random.key"):
         plan_training(dropout_mlp, params, legacy, **kw)

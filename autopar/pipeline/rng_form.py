@@ -41,6 +41,7 @@ from jax.extend.random import threefry2x32_p
 
 from ..jaxpr_eval import CALLS, inline, run
 from ..trace import _source
+from .unscan import loss_jaxpr
 
 _DRAWS = ("random_bits", "random_split")
 _REBUILT = ("scan", "checkpoint", "remat2")   # higher-order primitives re-made around a rewritten body
@@ -193,12 +194,18 @@ def per_microbatch(loss_fn, params_abs, mb_abs, num_microbatches: int, traced=No
     of ``loss_fn`` at these shapes, when the caller has it."""
     if num_microbatches <= 1:
         return loss_fn, mb_abs
-    closed, out_tree = traced or _jaxpr(loss_fn, params_abs, mb_abs)
+    closed, out_tree = traced or loss_jaxpr(loss_fn, params_abs, mb_abs)
     at_b = _draw_eqns(closed.jaxpr, [])
     if not at_b:
         return loss_fn, mb_abs
-    at_2b = _draw_eqns(_jaxpr(loss_fn, params_abs, _doubled(mb_abs))[0].jaxpr, [])
     name = getattr(loss_fn, "__name__", "loss_fn")
+    try:   # which draws grow with the batch: the loss traced for twice the rows
+        at_2b = _draw_eqns(loss_jaxpr(loss_fn, params_abs, _doubled(mb_abs))[0].jaxpr, [])
+    except Exception as err:
+        raise ValueError(f"{name} makes random draws; to find those over the batch it is traced for twice the "
+                         f"micro-batch's rows, which failed ({type(err).__name__}: {str(err)[:200]}); a loss whose "
+                         "shapes are fixed to one batch size cannot draw per micro-batch: plan with num_microbatches=1"
+                         ) from err
     if [e.primitive.name for e, _ in at_b] != [e.primitive.name for e, _ in at_2b]:
         raise ValueError(f"{name} makes different random draws at different batch sizes; a pipeline step cannot "
                          "make them per micro-batch as over the whole batch: plan with num_microbatches=1")
@@ -218,11 +225,6 @@ def per_microbatch(loss_fn, params_abs, mb_abs, num_microbatches: int, traced=No
         return loss_fn, mb_abs
     rows = jax.ShapeDtypeStruct((rows_in(mb_abs),), jnp.int32)
     return RowsLoss(loss_fn, closed, out_tree, axes, num_microbatches, count), (mb_abs, rows)
-
-
-def _jaxpr(loss_fn, params_abs, mb_abs):
-    closed, out = jax.make_jaxpr(loss_fn, return_shape=True)(params_abs, mb_abs)
-    return closed, jax.tree_util.tree_structure(out)
 
 
 def rows_in(mb_abs) -> int:
