@@ -142,7 +142,9 @@ def test_calibrate_on_8_cpu_devices_reproduces_its_measurements(calibrated, tmp_
     assert spec.device.shared_by >= 1 and spec.step_overhead_s > 0
     # XLA:CPU keeps independent all-gathers apart (its HLO has one op per gather): not combined
     assert not cal.all_gathers_combined and not spec.combine_all_gathers
-    assert cal.sync_in_program_s > 0 and spec.collective_sync_s == 0.0   # measured, reported, not written
+    # measured (a difference of two timings, clamped at 0: on 2 busy cores it can be 0, which made
+    # this test flaky when it asserted > 0), reported, not written
+    assert cal.sync_in_program_s >= 0 and cal.sync_back_to_back_s >= 0 and spec.collective_sync_s == 0.0
     path, data = write(spec, cal, tmp_path / "mine.json")
     loaded = load_cluster(str(path))
     assert loaded == spec
