@@ -72,7 +72,8 @@ def _plan(ns, module, fn, args):
             fn, *args, optimizer=optimizer_from(ns, module), cluster=ns.cluster, nodes=ns.nodes,
             num_microbatches=ns.microbatches, schedule=ns.schedule, num_stages=ns.num_stages,
             stages=parse_stages(ns.stages), num_layers=ns.layers, memory_budget_bytes=ns.budget,
-            solver=ns.solver, time_limit_s=ns.time_limit, remat=ns.remat, zero=ns.zero, verbose=progress)
+            solver=ns.solver, time_limit_s=ns.time_limit, remat=ns.remat, zero=ns.zero, has_aux=ns.has_aux,
+            verbose=progress)
 
 
 def _bound(ns, fn, args, plan) -> None:
@@ -80,7 +81,8 @@ def _bound(ns, fn, args, plan) -> None:
     if not ns.bound:
         return
     import autopar
-    lb = autopar.step_lower_bound(fn, *args, cluster=ns.cluster, nodes=ns.nodes, num_microbatches=ns.microbatches)
+    lb = autopar.step_lower_bound(fn, *args, cluster=ns.cluster, nodes=ns.nodes, num_microbatches=ns.microbatches,
+                                  has_aux=ns.has_aux)
     print(f"\ncompute bound: {lb:.4g} s per step (one micro-batch's forward + backward on one device × "
           f"micro-batches / devices; no plan is faster); this plan's {plan.predicted.step_time_s:.4g} s is "
           f"{plan.predicted.step_time_s / lb:.2f}× it")
@@ -127,13 +129,13 @@ def run_training(ns, module, fn, args) -> int:
     from .pipeline.loss_form import full_batch_loss
 
     def reference(p, o, b):
-        loss, g = jax.value_and_grad(full_batch_loss(fn))(p, b)
+        loss, g = jax.value_and_grad(full_batch_loss(fn, plan.has_aux), has_aux=plan.has_aux)(p, b)
         u, o = opt.update(g, o, p)
         return optax.apply_updates(p, u), o, loss
-    from .verify import compare_loops, run_loop
+    from .verify import compare_loops, host, run_loop
     n_state = len(jax.tree_util.tree_leaves((params, state)))
     carried = [(i, i) for i in range(n_state)]  # (params, state, batch) -> (params, state, loss)
-    first = [np.asarray(x) for x in jax.tree_util.tree_leaves((params, state, batch))]
+    first = [host(x) for x in jax.tree_util.tree_leaves((params, state, batch))]
     lead = jax.process_index() == 0  # (the only process in a one-process run) computes the reference, checks
     want = run_loop(jax.jit(reference), (params, state, batch), carried, ns.steps) if lead else None
     fetch = None
@@ -151,8 +153,12 @@ def run_training(ns, module, fn, args) -> int:
     if split is not None:
         print(f"\noptimizer update across stages (a global norm): {split.num_rounds} rounds, "
               f"{len(split.partials)} small values sent in {split.sends_per_step} pack(s) per step")
+    outs = ["loss"]
+    if plan.has_aux:   # (loss, aux): loss[0], loss[1]['accuracy'] …
+        shapes = jax.eval_shape(full_batch_loss(fn, True), params, batch)
+        outs = [f"loss{jax.tree_util.keystr(k)}" for k, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]]
     result = compare_loops(got, want, first, carried, rtol=ns.rtol, atol=ns.atol,
-                           paths=[f"params/state leaf {k}" for k in range(n_state)] + ["loss"])
+                           paths=[f"params/state leaf {k}" for k in range(n_state)] + outs)
     where = f" in {jax.process_count()} processes" if multi else ""
     print(f"\nran {plan.num_stages} stage(s) × {plan.num_microbatches} micro-batch(es) ({plan.schedule}) on "
           f"{plan.nodes * plan.cluster.devices_per_node} {jax.devices()[0].platform} devices{where} vs the "

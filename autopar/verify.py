@@ -41,15 +41,22 @@ class LoopComparison:
         return text
 
 
+def host(x) -> np.ndarray:
+    """``x`` as a numpy array (a PRNG key as its words)."""
+    if jax.numpy.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    return np.asarray(x)
+
+
 def run_loop(step, args: tuple, carried, steps: int, *, fetch=None) -> list:
     """``steps`` calls of ``step``; call t + 1 gets call t's outputs at the carried positions.
     Returns the flat outputs of every call (as host numpy arrays; ``fetch(leaves)`` makes them
-    so, by default ``np.asarray`` of each)."""
+    so, by default ``host`` of each)."""
     flat, tree = jax.tree_util.tree_flatten(args)
     outs = []
     for _ in range(steps):
         out = jax.tree_util.tree_leaves(jax.block_until_ready(step(*jax.tree_util.tree_unflatten(tree, flat))))
-        outs.append(list(fetch(out)) if fetch is not None else [np.asarray(o) for o in out])
+        outs.append(list(fetch(out)) if fetch is not None else [host(o) for o in out])
         flat = list(flat)
         for i, k in carried:
             flat[i] = out[k]

@@ -2,7 +2,7 @@
 
 argv: PORT PROCESS_ID NUM_PROCESSES LOCAL_DEVICES OUT_DIR CASE [CASE …], each CASE
 "NAME=PLAN_JSON" with NAME "mlp-…" (mlp.loss_fn, adam 1e-2) or "tied-…" (``tied_loss``, a
-WeightedLoss; clip_by_global_norm 0.5 then sgd 0.1 momentum 0.9) or "scan-…" (``scan_loss``, a
+WeightedLoss with aux outputs; clip_by_global_norm 0.5 then sgd 0.1 momentum 0.9) or "scan-…" (``scan_loss``, a
 scanned stack with dropout run in the split form, adam 1e-2); the test builds its plans
 and references from ``MODELS``. Every case runs 2 steps whose params/optimizer state feed
 back, then ``step.evaluate`` of the new params; process 0 writes OUT_DIR/NAME.npz (every
@@ -28,12 +28,14 @@ from examples import mlp
 def tied_loss(params, batch):
     """An MLP whose input embedding is also its output projection (tied, as in GPT); its
     squared error averaged over the rows the mask keeps (a weighted loss: the weight, summed
-    over the micro-batches, crosses processes)."""
+    over the micro-batches, crosses processes), with aux outputs (has_aux): each row's error
+    and a count of rows above 1."""
     h = jnp.tanh(batch["x"] @ params["emb"])
     for w in params["layers"]:
         h = jnp.tanh(h @ w)
     err = jnp.mean((h @ params["emb"].T - batch["y"]) ** 2, axis=-1)
-    return WeightedLoss(jnp.sum(err * batch["mask"]), jnp.sum(batch["mask"]))
+    return (WeightedLoss(jnp.sum(err * batch["mask"]), jnp.sum(batch["mask"])),
+            {"row_error": err, "rows_above_1": jnp.sum(err > 1.0)})
 
 
 def tied_params_and_batch():
@@ -72,6 +74,7 @@ MODELS = {"mlp": lambda: (mlp.loss_fn, optax.adam(1e-2), mlp.params_and_batch(ba
           "tied": lambda: (tied_loss, optax.chain(optax.clip_by_global_norm(0.5), optax.sgd(0.1, momentum=0.9)),
                            tied_params_and_batch()),
           "scan": lambda: (scan_loss, optax.adam(1e-2), scan_params_and_batch())}
+HAS_AUX = {"tied"}   # the models whose loss returns (loss, aux)
 
 
 def check_placement(tplan, params, pid):

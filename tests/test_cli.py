@@ -114,3 +114,26 @@ def test_run_rejects_a_wrong_plan(monkeypatch, capsys, devices8):
     rc = cli.main(["run", "examples/mlp.py:mlp_step", "--arg", "hidden=64", "--arg", "batch=32", "--mesh", "8"])
     out = capsys.readouterr().out
     assert rc == 1 and "→ MISMATCH" in out and "step 2:" in out, out
+
+
+def test_run_a_loss_with_dropout_and_aux_outputs(tmp_path):
+    """``--has-aux``: a loss returning (loss, aux) with dropout drawn from a key in the batch,
+    run in 2 stages × 4 micro-batches and checked against the single-device step, aux included."""
+    (tmp_path / "drop.py").write_text(
+        "import jax, jax.numpy as jnp\nfrom autopar import stage_boundary\n\n"
+        "def loss(p, b):\n"
+        "    h = jnp.tanh(b['x'] @ p['w1'])\n"
+        "    h = jnp.where(jax.random.bernoulli(b['dropout'], 0.8, h.shape), h / 0.8, 0.0)\n"
+        "    err = jnp.mean((stage_boundary(h) @ p['w2'] - b['y']) ** 2, axis=-1)\n"
+        "    return jnp.mean(err), {'row_error': err, 'rows_above_1': jnp.sum(err > 1.0)}\n\n"
+        "def loss_args(abstract=False):\n"
+        "    k = jax.random.split(jax.random.key(0), 4)\n"
+        "    p = {'w1': jax.random.normal(k[0], (16, 32)) * 0.3, 'w2': jax.random.normal(k[1], (32, 16)) * 0.3}\n"
+        "    return p, {'x': jax.random.normal(k[2], (16, 16)), 'y': jax.random.normal(k[3], (16, 16)),\n"
+        "               'dropout': jax.random.key(7)}\n")
+    r = autopar("run", str(tmp_path / "drop.py") + ":loss", "--train", "--has-aux", "--microbatches", "4",
+                "--stages", "0-1:1x4,1-2:1x4", "--layers", "2", "--optimizer", "sgd:0.1")
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "random draws over the batch (dropout masks …): 1" in r.stdout and "→ OK" in r.stdout, r.stdout
+    r = autopar("run", str(tmp_path / "drop.py") + ":loss", "--train", "--microbatches", "4", "--layers", "2")
+    assert r.returncode == 2 and "needs plan_training(..., has_aux=True)" in r.stderr, r.stderr

@@ -164,3 +164,35 @@ def test_draws_that_cannot_be_made_per_micro_batch_are_refused(devices8, mlp):
     # one micro-batch draws over the whole batch: nothing to make per micro-batch
     tplan = plan_training(dropout_mlp, params, batch, optimizer=opt, num_microbatches=1, stages=STAGES, **KW)
     assert tplan.batch_draws == 0
+
+
+def test_a_scanned_stack_with_dropout_and_aux_runs_stacked_and_split(devices8):
+    """lax.scan over stacked layers, dropout from a key in the batch (a key per layer), the
+    loss returning (loss, aux) (``has_aux``): the stacked step and the split form
+    (``stacked=False``) equal jax.jit's, aux included."""
+    from autopar.pipeline.loss_form import full_batch_loss
+    from pipeline_multihost_worker import scan_loss, scan_params_and_batch
+
+    def with_aux(p, b):
+        loss = scan_loss(p, b)
+        return loss, {"loss": loss, "embedded": b["x"] @ p["emb"]}
+    params, batch = scan_params_and_batch()
+    opt = optax.adam(1e-2)
+    tplan = plan_training(with_aux, params, batch, optimizer=opt, num_microbatches=B, num_stages=2, has_aux=True,
+                          **KW)
+    assert tplan.scan_split is not None and tplan.aux_grows == [True, False] and tplan.batch_draws == 1
+    whole = full_batch_loss(with_aux, has_aux=True)
+
+    def reference(p, o, b):
+        loss, g = jax.value_and_grad(whole, has_aux=True)(p, b)
+        u, o = opt.update(g, o, p)
+        return optax.apply_updates(p, u), o, loss
+    reference = jax.jit(reference)
+    for stacked in (True, False):
+        step = tplan.apply(with_aux, opt, donate=False, stacked=stacked)
+        mine = params if stacked else step.split(params)
+        got, want = (mine, opt.init(mine)), (params, opt.init(params))
+        for _ in range(2):
+            got, want = step(*got[:2], batch), reference(*want[:2], batch)
+            assert_tree_close(got[2], want[2])
+            assert_tree_close(got[1] if stacked else step.stack(got[1]), want[1])

@@ -103,7 +103,8 @@ def test_a_weight_depending_on_the_parameters_is_refused(devices8, model):
         plan_training(bad, params, batch, optimizer=optax.sgd(0.1), num_microbatches=B, **KW)
     with pytest.raises(TraceError, match="constant weight; return the mean"):
         plan_training(constant, params, batch, optimizer=optax.sgd(0.1), num_microbatches=B, **KW)
-    with pytest.raises(TraceError, match=r"or autopar.WeightedLoss\(total, weight\).*has_aux\) are not supported"):
+    with pytest.raises(TraceError, match=r"or autopar.WeightedLoss\(total, weight\).*a pair \(loss, aux\) needs "
+                                         r"plan_training\(..., has_aux=True\)"):
         plan_training(with_aux, params, batch, optimizer=optax.sgd(0.1), num_microbatches=B, **KW)
 
 
@@ -132,3 +133,57 @@ def test_the_bound_and_the_cli_take_total_and_weight(devices8, model, tmp_path):
                         "--optimizer", "sgd:0.5", "--quiet"], capture_output=True, text=True, timeout=600,
                        env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 0 and "→ OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def with_metrics(params, batch):
+    """A (loss, aux) loss as for jax.value_and_grad(has_aux=True): the masked mean as a
+    WeightedLoss, and metrics — a float mean, an integer count, per-example errors."""
+    per_token = _per_token(params, batch)
+    loss = WeightedLoss(jnp.sum(per_token * batch["mask"]), jnp.sum(batch["mask"]))
+    return loss, {"mean_error": jnp.mean(per_token), "tokens_above_1": jnp.sum(per_token > 1.0),
+                  "per_example": jnp.mean(per_token, axis=-1)}
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_aux_outputs_equal_the_full_batch_aux(devices8, model, schedule):
+    from autopar import TrainingPlan
+    from autopar.pipeline.loss_form import full_batch_loss
+    params, batch = model
+    opt = optax.sgd(0.5)
+    tplan = plan_training(with_metrics, params, batch, optimizer=opt, num_microbatches=B, schedule=schedule,
+                          has_aux=True, **KW)
+    assert tplan.has_aux and tplan.aux_grows == [False, True, False]   # (aux keys sorted)
+    loaded = TrainingPlan.from_json(tplan.to_json())
+    assert loaded.has_aux and loaded.aux_grows == tplan.aux_grows
+    whole = full_batch_loss(with_metrics, has_aux=True)
+
+    def reference(p, o, b):
+        loss, g = jax.value_and_grad(whole, has_aux=True)(p, b)
+        u, o = opt.update(g, o, p)
+        return optax.apply_updates(p, u), o, loss
+    reference = jax.jit(reference)
+    for plan in (tplan, loaded):
+        step = plan.apply(with_metrics, opt, donate=False)
+        got = want = (params, opt.init(params))
+        for _ in range(2):
+            got, want = step(*got[:2], batch), reference(*want[:2], batch)
+            assert_tree_close(got, want)   # the aux: averaged, summed (the count), concatenated
+            assert got[2][1]["tokens_above_1"].dtype == jnp.int32 and got[2][1]["per_example"].shape == (16,)
+        assert_tree_close(step.evaluate(got[0], batch), whole(jax.tree_util.tree_map(np.asarray, got[0]), batch))
+
+
+def test_aux_outputs_that_cannot_be_combined_are_refused(devices8, model):
+    params, batch = model
+    kw = dict(optimizer=optax.sgd(0.1), num_microbatches=B, has_aux=True, **KW)
+
+    def any_flag(params, batch):
+        return jnp.mean(_per_token(params, batch)), {"big": jnp.any(_per_token(params, batch) > 1.0)}
+
+    def passes_input(params, batch):
+        return jnp.mean(_per_token(params, batch)), {"y": batch["y"]}
+    with pytest.raises(ValueError, match=r"any_flag's aux leaf \['big'\] is a bool over the batch.*jnp.sum\(flags\)"):
+        plan_training(any_flag, params, batch, **kw)
+    with pytest.raises(TraceError, match=r"aux leaf \['y'\] is a constant or an input passed through"):
+        plan_training(passes_input, params, batch, **kw)
+    with pytest.raises(TraceError, match=r"must return a pair \(loss, aux\) with has_aux=True"):
+        plan_training(masked_mean, params, batch, **dict(kw, num_microbatches=1))

@@ -26,7 +26,7 @@ from autopar.launch import free_port
 from autopar.pipeline.loss_form import full_batch_loss
 from autopar.pipeline.multihost import Transfer
 from conftest import make_cluster
-from pipeline_multihost_worker import MODELS
+from pipeline_multihost_worker import HAS_AUX, MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "pipeline_multihost_worker.py"
@@ -37,7 +37,7 @@ def _plan(name, schedule, microbatches=4):
     stage split its weights over its devices."""
     loss_fn, opt, (params, batch) = MODELS[name]()
     return plan_training(loss_fn, params, batch, optimizer=opt, cluster=make_cluster(4, flops=1e9), nodes=2,
-                         num_microbatches=microbatches, schedule=schedule, num_layers=4,
+                         num_microbatches=microbatches, schedule=schedule, num_layers=4, has_aux=name in HAS_AUX,
                          stages=[(0, 2, (1, 4), (4,)), (2, 4, (1, 4), (4,))])
 
 
@@ -54,19 +54,21 @@ def plans(tmp_path_factory):
 
 
 def _reference(name):
-    """Flat outputs (params, opt state, loss) of two single-device steps, then the loss of the
-    updated params."""
+    """Flat outputs (params, opt state, loss (and aux)) of two single-device steps, then the
+    loss (and aux) of the updated params."""
     loss_fn, opt, (params, batch) = MODELS[name.split("-")[0]]()
+    aux = name.split("-")[0] in HAS_AUX
+    whole = full_batch_loss(loss_fn, aux)   # (tied: a WeightedLoss, with aux)
 
     def step(p, o, b):
-        loss, g = jax.value_and_grad(full_batch_loss(loss_fn))(p, b)  # (tied: a WeightedLoss)
+        loss, g = jax.value_and_grad(whole, has_aux=aux)(p, b)
         u, o = opt.update(g, o, p)
         return optax.apply_updates(p, u), o, loss
     step, state, flat = jax.jit(step), opt.init(params), []
     for _ in range(2):
         params, state, loss = step(params, state, batch)
         flat += [np.asarray(x) for x in jax.tree_util.tree_leaves((params, state, loss))]
-    return flat + [np.asarray(full_batch_loss(loss_fn)(params, batch))]  # step.evaluate's
+    return flat + [np.asarray(x) for x in jax.tree_util.tree_leaves(whole(params, batch))]  # step.evaluate's
 
 
 def _launch(num, local, args, *, timeout_s=30, env_extra=None, wall_s=240, ranks=None):

@@ -32,17 +32,18 @@ from autopar.pipeline.loss_form import differentiated
 from autopar.pipeline.training import microbatch_counts
 
 
-def step_lower_bound(loss_fn, params, batch, *, cluster="cpu-8", nodes: int = 1, num_microbatches=1) -> float:
+def step_lower_bound(loss_fn, params, batch, *, cluster="cpu-8", nodes: int = 1, num_microbatches=1,
+                     has_aux: bool = False) -> float:
     """Seconds per training step that no plan of ``loss_fn(params, batch)`` on ``nodes`` nodes of
-    ``cluster`` beats, with ``num_microbatches`` (an int or a sequence of counts) as
-    :func:`autopar.plan_training` takes them (see the module docstring)."""
+    ``cluster`` beats, with ``num_microbatches`` (an int or a sequence of counts) and
+    ``has_aux`` as :func:`autopar.plan_training` takes them (see the module docstring)."""
     from autopar.planner import plan  # (planner imports the pipeline package)
     spec = load_cluster(cluster)
     if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
         raise ValueError(f"nodes must be a positive int, got {nodes!r}")
     count = min(microbatch_counts(num_microbatches))
     one = spec.model_copy(update={"devices_per_node": 1, "nics_per_node": 1})
-    grad = jax.value_and_grad(differentiated(loss_fn))  # (a (total, weight) loss: the total's)
+    grad = jax.value_and_grad(differentiated(loss_fn, has_aux))  # (a (total, weight) loss: the total's)
     single = plan(grad, params, microbatch_shapes(batch, count), cluster=one, nodes=1, mesh_shape=(1,),
                   memory_budget_bytes=1e30)  # (no memory limit)
     return single.predicted.compute_s * count / (nodes * spec.devices_per_node)

@@ -16,9 +16,9 @@ from autopar.cost import ClusterSpec, load_cluster
 from autopar.solvers.stage_dp import submesh_shapes
 
 from .costs import StageOption
-from .loss_form import batch_normalizer, check_form
+from .loss_form import aux_grows, batch_normalizer, check_form
 from .remat import remat_options
-from .rng_form import RowsLoss, per_microbatch, whole_leaf
+from .rng_form import RowsLoss, doubled, per_microbatch, whole_leaf
 from .zero import zero_options
 from .schedule import SCHEDULES
 from ..trace import Program, TraceError, dtype_itemsize, trace
@@ -57,6 +57,9 @@ class TrainingInputs:
     zero: tuple = (False,)
     # random draws over the batch made per micro-batch as over the whole batch (``rng_form``)
     batch_draws: int = 0
+    # the loss returns (loss, aux); per aux leaf, whether its axis 0 is the batch's
+    has_aux: bool = False
+    aux_grows: tuple = ()
 
     @property
     def num_params(self) -> int:
@@ -75,7 +78,7 @@ def nbytes(x) -> float:
 
 def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_microbatches, schedule,
                    memory_budget_bytes, costing="auto", mesh_search="auto", split_scans=True,
-                   remat: str = "none", zero: str = "none") -> TrainingInputs:
+                   remat: str = "none", zero: str = "none", has_aux: bool = False) -> TrainingInputs:
     """Check the options, abstract the arguments, trace one micro-batch's loss and measure
     the optimizer state (``optimizer.init`` under ``jax.eval_shape``). With ``split_scans``
     a scanned layer stack is unrolled into one layer per iteration, its stacked parameters
@@ -116,8 +119,11 @@ def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_mic
         traced_loss = split_loss(wrapped, split, params_abs, microbatch, traced)
         params_abs = split_tree(split, p_tree, p_leaves)
         p_leaves, p_tree = jax.tree_util.tree_flatten(params_abs)
-    program = trace_loss(traced_loss, params_abs, microbatch)
-    cut = batch_normalizer(program, len(p_leaves)) if num_microbatches > 1 else None
+    program = trace_loss(traced_loss, params_abs, microbatch, has_aux)
+    grows = aux_grows(loss_fn, params_abs if split is None else user_tree.unflatten(user_leaves),
+                      microbatch_shapes(batch_abs, num_microbatches), doubled(microbatch_shapes(
+                          batch_abs, num_microbatches))) if has_aux else ()
+    cut = batch_normalizer(program, len(p_leaves), has_aux) if num_microbatches > 1 else None
     if cut is not None:
         where = f" ({cut.source})" if cut.source else ""
         raise ValueError(
@@ -135,7 +141,8 @@ def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_mic
         program=program, opt_ratio=o_bytes / p_bytes if p_bytes else 0.0,
         shapes=tuple(submesh_shapes(nodes, spec.devices_per_node)), scan_split=split,
         user_p_leaves=user_leaves if split is not None else (), user_p_tree=user_tree if split is not None else None,
-        remat=options, zero=zeros, batch_draws=wrapped.count if isinstance(wrapped, RowsLoss) else 0)
+        remat=options, zero=zeros, batch_draws=wrapped.count if isinstance(wrapped, RowsLoss) else 0,
+        has_aux=has_aux, aux_grows=tuple(grows))
 
 
 def abstract(x):
@@ -165,11 +172,11 @@ def microbatch_shapes(batch, num_microbatches: int):
     return jax.tree_util.tree_unflatten(tree, out)
 
 
-def trace_loss(loss_fn, params, mb) -> Program:
+def trace_loss(loss_fn, params, mb, has_aux: bool = False) -> Program:
     """One micro-batch's loss traced, its form checked (``autopar.pipeline.loss_form``)."""
     program = trace(loss_fn, params, mb, calls=True)  # (stages bind its custom calls whole)
     name = getattr(loss_fn, "__name__", "loss_fn")
-    check_form(program, len(jax.tree_util.tree_leaves(params)), name)
+    check_form(program, len(jax.tree_util.tree_leaves(params)), name, has_aux)
     if not program.eqns or program.outvars[0] in program.invars:
         raise TraceError(f"{name}'s loss does not depend on any computation; nothing to plan")
     return program

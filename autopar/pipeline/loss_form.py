@@ -16,6 +16,11 @@ A scalar loss divided by a value computed from the batch (``sum(l * mask) / sum(
 masked means of MaxText and Levanter) is neither: averaged over micro-batches with different
 masks it is not the full batch's loss. :func:`batch_normalizer` finds that division, and
 ``plan_training`` refuses it with more than one micro-batch.
+
+With ``has_aux`` the loss returns ``(loss, aux)`` as for ``jax.value_and_grad(has_aux=True)``:
+``loss`` one of the two forms above, ``aux`` any pytree of arrays (metrics, logits), not
+differentiated. :func:`combine_aux` says how the step makes the whole batch's aux from the
+micro-batches' (:class:`LossOutputs` names the program's outputs).
 """
 from __future__ import annotations
 
@@ -52,15 +57,51 @@ def depends(program: Program, num_params: int) -> tuple[set, set]:
     return par, data
 
 
-def check_form(program: Program, num_params: int, name: str) -> None:
+class LossOutputs(NamedTuple):
+    """The traced loss program's outputs by role: the loss (a ``WeightedLoss``'s total), its
+    weight (None: a mean), the aux leaves (``has_aux``) and their tree."""
+    loss: Any
+    weight: Any
+    aux: tuple
+    aux_tree: Any
+
+
+def loss_outputs(program: Program, has_aux: bool = False) -> LossOutputs:
+    outs = list(program.outvars)
+    if not has_aux:
+        return LossOutputs(outs[0], outs[1] if len(outs) == 2 else None, (), None)
+    loss_tree, aux_tree = program.out_tree.children()
+    n = loss_tree.num_leaves
+    return LossOutputs(outs[0], outs[1] if n == 2 else None, tuple(outs[n:]), aux_tree)
+
+
+def check_form(program: Program, num_params: int, name: str, has_aux: bool = False) -> None:
     """One scalar floating loss, or (scalar floating total, scalar weight not depending on
-    the parameters); else a :class:`TraceError` saying what was returned."""
-    outs, vals = program.outvars, program.values
+    the parameters) — with ``has_aux``, the first of a pair ``(loss, aux)``; else a
+    :class:`TraceError` saying what was returned."""
+    vals = program.values
+    if has_aux:
+        kids = program.out_tree.children() if program.out_tree.num_nodes > 1 else []
+        if len(kids) != 2 or jax.tree_util.tree_structure((0, 0)).node_data() != program.out_tree.node_data():
+            raise TraceError(f"{name}(params, batch) must return a pair (loss, aux) with has_aux=True, as for "
+                             f"jax.value_and_grad(..., has_aux=True); it returned a {program.out_tree}")
+        outs = program.outvars[:kids[0].num_leaves]
+        loss_tree = kids[0]
+        given = set(program.invars) | set(program.consts)
+        paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+            kids[1].unflatten(range(kids[1].num_leaves)))[0]]
+        for path, o in zip(paths, program.outvars[len(outs):]):
+            if not isinstance(o, int) or o in given:
+                raise TraceError(f"{name}(params, batch)'s aux leaf {path or '<aux>'} is a constant or an input passed "
+                                 "through; a pipeline step returns the aux values the loss computes: return that one "
+                                 "beside the step")
+    else:
+        outs, loss_tree = program.outvars, program.out_tree
 
     def scalar(o, floating=True):
         return isinstance(o, int) and vals[o].shape == () and (
             not floating or jnp.issubdtype(vals[o].dtype, jnp.floating))
-    pair = program.out_tree == _WEIGHTED
+    pair = loss_tree == _WEIGHTED
     if pair and scalar(outs[0]) and isinstance(outs[1], Lit):
         raise TraceError(f"{name}(params, batch) returned WeightedLoss(total, weight) with a constant weight; "
                          "return the mean total / weight instead")
@@ -68,7 +109,8 @@ def check_form(program: Program, num_params: int, name: str) -> None:
         raise TraceError(
             f"{name}(params, batch) must return one scalar floating loss (a mean over the batch) or "
             "autopar.WeightedLoss(total, weight) of scalars (the loss is total / weight, e.g. a mean over unmasked "
-            "tokens); auxiliary outputs (has_aux) are not supported; it returned " + ", ".join(
+            "tokens)" + ("" if has_aux else "; a pair (loss, aux) needs plan_training(..., has_aux=True)") +
+            "; it returned " + ", ".join(
                 f"{vals[o].shape} {vals[o].dtype}" if isinstance(o, int) else "a constant" for o in outs))
     if pair:
         par, _ = depends(program, num_params)
@@ -78,33 +120,68 @@ def check_form(program: Program, num_params: int, name: str) -> None:
                              "unmasked tokens) and must come from the batch alone")
 
 
-def full_batch_loss(loss_fn):
+def full_batch_loss(loss_fn, has_aux: bool = False):
     """``loss_fn`` as one scalar over the batch it is given: the mean, or total / weight (what
-    a pipeline step's loss equals, e.g. for a single-device reference step)."""
+    a pipeline step's loss equals, e.g. for a single-device reference step); with
+    ``has_aux``, ``(that, aux)``."""
     def loss(params, batch):
         out = loss_fn(params, batch)
-        return out.total / out.weight if isinstance(out, WeightedLoss) else out
+        main = out[0] if has_aux else out
+        main = main.total / main.weight if isinstance(main, WeightedLoss) else main
+        return (main, out[1]) if has_aux else main
     return loss
 
 
-def differentiated(loss_fn):
+def differentiated(loss_fn, has_aux: bool = False):
     """The scalar each micro-batch's backward differentiates: the mean, or the total."""
     def loss(params, batch):
         out = loss_fn(params, batch)
+        out = out[0] if has_aux else out
         return out.total if isinstance(out, WeightedLoss) else out
     return loss
 
 
-def weighted(program: Program) -> bool:
-    """Whether the loss is a :class:`WeightedLoss`."""
-    return len(program.outvars) == 2
+def combine_aux(values: list, grows: bool):
+    """The whole batch's aux leaf from the micro-batches' ``values``: concatenated along axis
+    0 where that axis is the batch's (``grows``: per-example outputs such as logits); else
+    floating leaves averaged (a mean over the batch → the batch's mean, as the loss) and
+    integer leaves summed (a count → the batch's count); a bool leaf over the batch (any? all?)
+    is refused when planned (``aux_grows``)."""
+    if grows:
+        return jnp.concatenate(values, axis=0)
+    total = values[0]
+    for x in values[1:]:
+        total = total + x
+    return total / len(values) if jnp.issubdtype(total.dtype, jnp.inexact) else total
 
 
-def batch_normalizer(program: Program, num_params: int):
+def aux_grows(loss_fn, params_abs, mb_abs, doubled_abs) -> list[bool]:
+    """Which aux leaves of ``loss_fn`` (has_aux) have the batch as axis 0: their leading
+    dimension doubles with the micro-batch's rows (traced at both). A bool leaf that does not
+    is refused: whether the batch's is an any or an all of the micro-batches' is not known."""
+    name = getattr(loss_fn, "__name__", "loss_fn")
+    try:
+        one = jax.tree_util.tree_flatten_with_path(jax.eval_shape(loss_fn, params_abs, mb_abs)[1])[0]
+        two = jax.tree_util.tree_leaves(jax.eval_shape(loss_fn, params_abs, doubled_abs)[1])
+    except Exception as err:
+        raise ValueError(f"{name}'s aux: to find the per-example leaves the loss is traced for twice the "
+                         f"micro-batch's rows, which failed ({type(err).__name__}: {str(err)[:200]}); plan with "
+                         "num_microbatches=1") from err
+    grows = [bool(a.shape and b.shape and b.shape[0] == 2 * a.shape[0]) for (_, a), b in zip(one, two)]
+    for (path, a), g in zip(one, grows):
+        if not g and a.dtype == jnp.bool_:
+            raise ValueError(f"{name}'s aux leaf {jax.tree_util.keystr(path)} is a bool over the batch; over "
+                             "micro-batches it is not known whether the batch's is their any or their all: return "
+                             "a count (jnp.sum(flags)) or a float mean instead")
+    return grows
+
+
+def batch_normalizer(program: Program, num_params: int, has_aux: bool = False):
     """The equation dividing a scalar loss by a value computed from the batch (and not from
     the parameters), following the loss back through casts, negation and the other factor
     of products; None when there is none (a mean divides by a constant)."""
-    if weighted(program):
+    outs = loss_outputs(program, has_aux)
+    if outs.weight is not None:   # a WeightedLoss needs no check
         return None
     par, data = depends(program, num_params)
     producer = {o: e for e in program.eqns for o in e.outputs}
@@ -119,7 +196,7 @@ def batch_normalizer(program: Program, num_params: int):
         if e.prim.name == "div" and isinstance(e.inputs[0], Lit):
             return batch_only(e.inputs[1])
         return e.prim.name == "integer_pow" and e.params.get("y") == -1 and batch_only(e.inputs[0])
-    v = program.outvars[0]
+    v = outs.loss
     for _ in range(256):
         e = producer.get(v) if isinstance(v, int) else None
         if e is None:

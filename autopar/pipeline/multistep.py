@@ -26,6 +26,7 @@ import hashlib
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -195,11 +196,17 @@ class MultiProcessStep(PipelineStep):
     def _loss_output(self, loss):
         return loss if loss is not None else empty_array((), self.loss_dtype, self.out_sharding[self.loss_var])
 
+    def _aux_output(self, v, x, grows: bool):
+        if x is not None:
+            return x
+        aval = self.values[v]
+        shape = (aval.shape[0] * self.plan.num_microbatches,) + tuple(aval.shape[1:]) if grows else aval.shape
+        dtype = jnp.int32 if aval.dtype == jnp.bool_ and not grows else aval.dtype
+        return empty_array(shape, dtype, self.out_sharding[v])
+
     def _outputs(self, new_p, new_o, loss):
         new_p = [x if x is not None else empty_array(a.shape, a.dtype, self.param_sharding[i])
                  for i, (x, a) in enumerate(zip(new_p, self.param_abs))]
         new_o = [x if x is not None else empty_array(a.shape, a.dtype, self.opt_home_sharding[j])
                  for j, (x, a) in enumerate(zip(new_o, self.opt_leaves_abs))]
-        if loss is None:
-            loss = empty_array((), self.loss_dtype, self.out_sharding[self.loss_var])
-        return super()._outputs(new_p, new_o, loss)
+        return super()._outputs(new_p, new_o, loss)   # (the loss: ``_loss_output``'s placeholder)

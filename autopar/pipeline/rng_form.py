@@ -104,7 +104,8 @@ def _draw_eqns(jaxpr, out: list, outer: tuple = ()) -> list:
     return out
 
 
-def _doubled(mb_abs):
+def doubled(mb_abs):
+    """A micro-batch's shapes with twice its rows (scalar keys as they are)."""
     return jax.tree_util.tree_map(
         lambda x: x if whole_leaf(x) else jax.ShapeDtypeStruct((2 * x.shape[0],) + tuple(x.shape[1:]), x.dtype),
         mb_abs)
@@ -200,7 +201,7 @@ def per_microbatch(loss_fn, params_abs, mb_abs, num_microbatches: int, traced=No
         return loss_fn, mb_abs
     name = getattr(loss_fn, "__name__", "loss_fn")
     try:   # which draws grow with the batch: the loss traced for twice the rows
-        at_2b = _draw_eqns(loss_jaxpr(loss_fn, params_abs, _doubled(mb_abs))[0].jaxpr, [])
+        at_2b = _draw_eqns(loss_jaxpr(loss_fn, params_abs, doubled(mb_abs))[0].jaxpr, [])
     except Exception as err:
         raise ValueError(f"{name} makes random draws; to find those over the batch it is traced for twice the "
                          f"micro-batch's rows, which failed ({type(err).__name__}: {str(err)[:200]}); a loss whose "

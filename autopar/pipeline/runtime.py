@@ -32,7 +32,7 @@ from .stage_exec import StageExec
 from .stages import owners, split_program
 from .inputs import microbatch_shapes, trace_loss
 from .rng_form import RowsLoss, rows_in, per_microbatch, rows_of, whole_leaf
-from .loss_form import weighted
+from .loss_form import combine_aux, loss_outputs
 from .update_rounds import SplitUpdate
 from .update_split import split_update
 
@@ -67,7 +67,7 @@ class PipelineStep:
         else:
             self.rows = rows
             mb_abs = (mb_abs, jax.ShapeDtypeStruct((rows_in(mb_abs),), jnp.int32)) if rows else mb_abs
-        program = trace_loss(loss_fn, params_abs, mb_abs)
+        program = trace_loss(loss_fn, params_abs, mb_abs, tplan.has_aux)
         if program.fingerprint != tplan.fingerprint:
             raise PlanMismatchError(
                 f"plan was made for {tplan.function} (fingerprint {tplan.fingerprint}) but this loss function/"
@@ -81,8 +81,10 @@ class PipelineStep:
             raise MeshError(
                 f"the plan needs {need} devices ({tplan.nodes} node(s) × {tplan.cluster.devices_per_node}) but JAX "
                 f"sees {len(all_devices)}; plan for the devices you have, or on CPU set JAX_NUM_CPU_DEVICES")
-        self.loss_var = program.outvars[0]
-        self.weight_var = program.outvars[1] if weighted(program) else None  # a (total, weight) loss
+        outs = loss_outputs(program, tplan.has_aux)
+        self.loss_var, self.weight_var = outs.loss, outs.weight   # (weight: a (total, weight) loss)
+        self.aux_vars, self.aux_tree = outs.aux, outs.aux_tree   # (has_aux)
+        self.aux_set = set(outs.aux)
         self.loss_dtype = program.values[self.loss_var].dtype
         self.producer = {v: st.index for st in self.stages for v in list(st.outs) + list(st.nd_outs)}
         self.consumers: dict[int, list[int]] = {}
@@ -215,7 +217,7 @@ class PipelineStep:
                     for i, g in zip(mine, _divide([grads[i] for i in mine], w)):
                         grads[i] = g
         new_p, new_o = self._update(owner_params, grads, o_leaves)
-        return self._outputs(new_p, new_o, self._loss(flight, weight))
+        return self._outputs(new_p, new_o, self._result(flight, weight))
 
     def evaluate(self, params, batch):
         """The loss of ``batch`` under ``params`` through the stages, forward only — no
@@ -229,7 +231,7 @@ class PipelineStep:
             if task.kind == "F":
                 self._forward(task.stage, task.microbatch, p_in, mbs, flight)
         weight = self._summed_weight(flight, set()) if self.weight_var is not None else None
-        return self._loss_output(self._loss(flight, weight))
+        return self._result(flight, weight)
 
     def _stage_inputs(self, p_leaves, b_leaves):
         """The parameters on every stage that reads them (owners' copies are the ones updated),
@@ -268,6 +270,21 @@ class PipelineStep:
 
     def _loss_output(self, loss):
         return loss
+
+    def _result(self, flight: "_Flight", weight):
+        """The step's loss, and with ``has_aux`` ``(loss, aux)``: each aux leaf combined over
+        the micro-batches on the stage making it (``loss_form.combine_aux``)."""
+        loss = self._loss_output(self._loss(flight, weight))
+        if not self.plan.has_aux:
+            return loss
+        aux = []
+        for v, grows in zip(self.aux_vars, self.plan.aux_grows):
+            x = combine_aux(flight.aux[v], grows) if self._here(self.producer[v]) else None
+            aux.append(self._aux_output(v, None if x is None else jax.device_put(x, self.out_sharding[v]), grows))
+        return loss, self.aux_tree.unflatten(aux)
+
+    def _aux_output(self, v, x, grows: bool):
+        return x
 
     # --- where values go (one process: jax.device_put; ``multistep`` overrides these) ---
     def _here(self, k: int) -> bool:
@@ -334,6 +351,8 @@ class PipelineStep:
                 flight.losses.append(val)
             if v == self.weight_var:
                 flight.weights.append(val)
+            if v in self.aux_set:
+                flight.aux.setdefault(v, []).append(val)
             if v in self.consumers:
                 flight.acts[(v, m)] = val
                 flight.pending[(v, m)] = len(self.consumers[v])
@@ -429,6 +448,7 @@ class _Flight:
     cts: dict = field(default_factory=dict)
     losses: list = field(default_factory=list)
     weights: list = field(default_factory=list)
+    aux: dict = field(default_factory=dict)     # aux value → its value per micro-batch (has_aux)
     train: bool = True   # False: forward only (``evaluate``), no residuals kept
 
 

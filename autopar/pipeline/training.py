@@ -84,7 +84,8 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
                   stages=None, num_layers: int | None = None, memory_budget_bytes: float | None = None,
                   solver: str = "auto", time_limit_s: float | None = None, costing: str = "auto",
                   max_exact_pairs: int = 24, mesh_search: str = "auto", split_scans: bool = True,
-                  remat: str = "auto", zero: str = "auto", workers="auto", verbose=False) -> TrainingPlan:
+                  remat: str = "auto", zero: str = "auto", workers="auto", has_aux: bool = False,
+                  verbose=False) -> TrainingPlan:
     """Plan a training step of ``loss_fn(params, batch) -> scalar mean loss`` with ``optimizer``
     (or ``-> (total, weight)``, the loss being total / weight over the whole batch, e.g. a mean
     over unmasked tokens: ``autopar.pipeline.loss_form``).
@@ -120,6 +121,12 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
     iteration (identical iterations planned once), each stage holding the slices of its
     iterations; the step still takes and returns the stacked parameters.
 
+    ``has_aux``: ``loss_fn`` returns ``(loss, aux)`` (as for ``jax.value_and_grad(...,
+    has_aux=True)``), ``aux`` a pytree of arrays not differentiated (metrics, logits); the step
+    then returns ``(params, opt_state, (loss, aux))`` with the whole batch's aux
+    (``loss_form.combine_aux``: per-example leaves concatenated, floating ones averaged over the
+    micro-batches, integer ones summed).
+
     ``workers``: processes that plan independent stage ILPs at once (``autopar.pipeline.pool``;
     "auto": the cores, on clusters of 32 devices or more); the plan is the same with any number.
 
@@ -136,7 +143,8 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
                 schedule=schedule, num_stages=num_stages, stages=stages, num_layers=num_layers,
                 memory_budget_bytes=memory_budget_bytes, solver=solver, time_limit_s=time_limit_s,
                 costing=costing, max_exact_pairs=max_exact_pairs, mesh_search=mesh_search,
-                split_scans=split_scans, remat=remat, zero=zero, workers=workers, verbose=progress), counts, progress)
+                split_scans=split_scans, remat=remat, zero=zero, workers=workers, has_aux=has_aux, verbose=progress),
+                counts, progress)
         finally:
             if progress is not verbose:
                 progress.close()
@@ -146,7 +154,7 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
         inputs = prepare_inputs(loss_fn, params, batch, optimizer=optimizer, cluster=cluster, nodes=nodes,
                                 num_microbatches=num_microbatches, schedule=schedule,
                                 memory_budget_bytes=memory_budget_bytes, costing=costing, mesh_search=mesh_search,
-                                split_scans=split_scans, remat=remat, zero=zero)
+                                split_scans=split_scans, remat=remat, zero=zero, has_aux=has_aux)
         layering = layers_of(inputs.program, num_layers, stages, split_scan=inputs.scan_split is not None)
         t_trace = time.perf_counter()
         L = len(layering.layers)

@@ -145,6 +145,10 @@ class TrainingPlan(_Document):
     # random draws over the batch (dropout masks) each micro-batch makes as its rows of the
     # whole batch's draw (``autopar.pipeline.rng_form``)
     batch_draws: int = Field(default=0, exclude_if=lambda v: v == 0)
+    # the loss returns (loss, aux) (``plan_training(has_aux=True)``); per aux leaf, whether its
+    # axis 0 is the batch's (concatenated over micro-batches, else averaged / summed)
+    has_aux: bool = Field(default=False, exclude_if=lambda v: not v)
+    aux_grows: list[bool] = Field(default_factory=list, exclude_if=lambda v: not v)
     timing: Timing = Timing()
     _loss_fn: Any = PrivateAttr(default=None)
     _optimizer: Any = PrivateAttr(default=None)
