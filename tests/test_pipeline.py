@@ -29,9 +29,9 @@ def compilation_cache(tmp_path_factory):
     cc.reset_cache()
 
 
-def reference_step(loss_fn, opt):
+def reference_step(loss_fn, opt, has_aux=False):
     def step(p, o, b):
-        loss, g = jax.value_and_grad(loss_fn)(p, b)
+        loss, g = jax.value_and_grad(loss_fn, has_aux=has_aux)(p, b)
         u, o = opt.update(g, o, p)
         return optax.apply_updates(p, u), o, loss
     return jax.jit(step)

@@ -181,13 +181,7 @@ def test_a_scanned_stack_with_dropout_and_aux_runs_stacked_and_split(devices8):
     tplan = plan_training(with_aux, params, batch, optimizer=opt, num_microbatches=B, num_stages=2, has_aux=True,
                           **KW)
     assert tplan.scan_split is not None and tplan.aux_grows == [True, False] and tplan.batch_draws == 1
-    whole = full_batch_loss(with_aux, has_aux=True)
-
-    def reference(p, o, b):
-        loss, g = jax.value_and_grad(whole, has_aux=True)(p, b)
-        u, o = opt.update(g, o, p)
-        return optax.apply_updates(p, u), o, loss
-    reference = jax.jit(reference)
+    reference = reference_step(full_batch_loss(with_aux, has_aux=True), opt, has_aux=True)
     for stacked in (True, False):
         step = tplan.apply(with_aux, opt, donate=False, stacked=stacked)
         mine = params if stacked else step.split(params)

@@ -13,7 +13,7 @@ import pytest
 from autopar import WeightedLoss, plan_training, stage_boundary
 from autopar.trace import TraceError
 from conftest import make_cluster
-from test_pipeline import assert_tree_close
+from test_pipeline import assert_tree_close, reference_step
 from test_pipeline_remat import block, params_and_batch
 
 STAGES = [(0, 1, (1, 4), (4,)), (1, 2, (1, 4), (4,))]
@@ -156,12 +156,7 @@ def test_aux_outputs_equal_the_full_batch_aux(devices8, model, schedule):
     loaded = TrainingPlan.from_json(tplan.to_json())
     assert loaded.has_aux and loaded.aux_grows == tplan.aux_grows
     whole = full_batch_loss(with_metrics, has_aux=True)
-
-    def reference(p, o, b):
-        loss, g = jax.value_and_grad(whole, has_aux=True)(p, b)
-        u, o = opt.update(g, o, p)
-        return optax.apply_updates(p, u), o, loss
-    reference = jax.jit(reference)
+    reference = reference_step(whole, opt, has_aux=True)
     for plan in (tplan, loaded):
         step = plan.apply(with_metrics, opt, donate=False)
         got = want = (params, opt.init(params))
