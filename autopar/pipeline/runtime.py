@@ -46,7 +46,8 @@ def _is_none(x) -> bool:
 
 
 class PipelineStep:
-    """``step(params, opt_state, batch) -> (params, opt_state, loss)`` for a TrainingPlan
+    """``step(params, opt_state, batch) -> (params, opt_state, loss)`` for a TrainingPlan —
+    ``loss`` is ``(loss, aux)`` for a plan with ``has_aux`` —
     (``trees``: the params' and batch's PyTreeDefs; default: rebuilt from the plan's JSON).
     ``rows``: whether ``loss_fn`` is already ``rng_form.per_microbatch``'s form taking the
     micro-batch's rows (None: made here)."""
