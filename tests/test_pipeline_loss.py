@@ -153,6 +153,7 @@ def test_aux_outputs_equal_the_full_batch_aux(devices8, model, schedule):
     tplan = plan_training(with_metrics, params, batch, optimizer=opt, num_microbatches=B, schedule=schedule,
                           has_aux=True, **KW)
     assert tplan.has_aux and tplan.aux_grows == [False, True, False]   # (aux keys sorted)
+    assert "aux outputs (has_aux): 3 leaves, 1 per-example (concatenated), 96 B held over a step" in tplan.report()
     loaded = TrainingPlan.from_json(tplan.to_json())
     assert loaded.has_aux and loaded.aux_grows == tplan.aux_grows
     whole = full_batch_loss(with_metrics, has_aux=True)
@@ -180,5 +181,8 @@ def test_aux_outputs_that_cannot_be_combined_are_refused(devices8, model):
         plan_training(any_flag, params, batch, **kw)
     with pytest.raises(TraceError, match=r"aux leaf \['y'\] is a constant or an input passed through"):
         plan_training(passes_input, params, batch, **kw)
+    with pytest.raises(ValueError, match=r"with_metrics's aux outputs are 2.4e-05 MB per micro-batch, 9.6e-08 GB held "
+                                         r"over the step's 4 micro-batches, over 1% of a device's 5e-06 GB.*logits"):
+        plan_training(with_metrics, params, batch, **dict(kw, memory_budget_bytes=5e3))
     with pytest.raises(TraceError, match=r"must return a pair \(loss, aux\) with has_aux=True"):
         plan_training(masked_mean, params, batch, **dict(kw, num_microbatches=1))

@@ -60,6 +60,7 @@ class TrainingInputs:
     # the loss returns (loss, aux); per aux leaf, whether its axis 0 is the batch's
     has_aux: bool = False
     aux_grows: tuple = ()
+    aux_bytes: float = 0.0          # aux bytes held over a step (all micro-batches), not in the plan's memory
 
     @property
     def num_params(self) -> int:
@@ -70,6 +71,9 @@ class TrainingInputs:
         """The stage options the search chooses among, the preferred first (ties go to the
         earlier): every remat option without ZeRO-1, then with it."""
         return tuple(StageOption(r, z) for z in self.zero for r in self.remat)
+
+
+AUX_SHARE = 0.01   # aux outputs (has_aux) held over a step may take this share of a device's memory
 
 
 def nbytes(x) -> float:
@@ -120,9 +124,16 @@ def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_mic
         params_abs = split_tree(split, p_tree, p_leaves)
         p_leaves, p_tree = jax.tree_util.tree_flatten(params_abs)
     program = trace_loss(traced_loss, params_abs, microbatch, has_aux)
-    grows = aux_grows(loss_fn, params_abs if split is None else user_tree.unflatten(user_leaves),
-                      microbatch_shapes(batch_abs, num_microbatches), doubled(microbatch_shapes(
-                          batch_abs, num_microbatches))) if has_aux else ()
+    grows, aux_bytes = aux_grows(loss_fn, params_abs if split is None else user_tree.unflatten(user_leaves),
+                                 microbatch_shapes(batch_abs, num_microbatches), doubled(microbatch_shapes(
+                                     batch_abs, num_microbatches))) if has_aux else ((), 0.0)
+    budget = float(memory_budget_bytes or spec.device.memory_bytes)
+    if num_microbatches * aux_bytes > AUX_SHARE * budget:
+        raise ValueError(
+            f"{getattr(loss_fn, '__name__', 'loss_fn')}'s aux outputs are {aux_bytes / 1e6:.4g} MB per micro-batch, "
+            f"{num_microbatches * aux_bytes / 1e9:.4g} GB held over the step's {num_microbatches} micro-batches, over "
+            f"{AUX_SHARE:.0%} of a device's {budget / 1e9:.4g} GB, which plans do not count: return metrics (means, "
+            "counts) rather than per-example arrays such as logits, or compute those with step.evaluate")
     cut = batch_normalizer(program, len(p_leaves), has_aux) if num_microbatches > 1 else None
     if cut is not None:
         where = f" ({cut.source})" if cut.source else ""
@@ -135,14 +146,14 @@ def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_mic
     return TrainingInputs(
         loss_fn=loss_fn, optimizer=optimizer, name=getattr(loss_fn, "__name__", "loss_fn"), spec=spec, nodes=nodes,
         num_microbatches=num_microbatches, schedule=schedule,
-        budget=float(memory_budget_bytes or spec.device.memory_bytes), p_leaves=tuple(p_leaves), p_tree=p_tree,
+        budget=budget, p_leaves=tuple(p_leaves), p_tree=p_tree,
         b_leaves=tuple(b_leaves), b_tree=b_tree,
         microbatch_size=rows,
         program=program, opt_ratio=o_bytes / p_bytes if p_bytes else 0.0,
         shapes=tuple(submesh_shapes(nodes, spec.devices_per_node)), scan_split=split,
         user_p_leaves=user_leaves if split is not None else (), user_p_tree=user_tree if split is not None else None,
         remat=options, zero=zeros, batch_draws=wrapped.count if isinstance(wrapped, RowsLoss) else 0,
-        has_aux=has_aux, aux_grows=tuple(grows))
+        has_aux=has_aux, aux_grows=tuple(grows), aux_bytes=num_microbatches * aux_bytes)
 
 
 def abstract(x):

@@ -24,12 +24,13 @@ micro-batches' (:class:`LossOutputs` names the program's outputs).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from ..trace import Lit, Program, TraceError
+from ..trace import Lit, Program, TraceError, dtype_itemsize
 
 
 class WeightedLoss(NamedTuple):
@@ -155,10 +156,11 @@ def combine_aux(values: list, grows: bool):
     return total / len(values) if jnp.issubdtype(total.dtype, jnp.inexact) else total
 
 
-def aux_grows(loss_fn, params_abs, mb_abs, doubled_abs) -> list[bool]:
-    """Which aux leaves of ``loss_fn`` (has_aux) have the batch as axis 0: their leading
-    dimension doubles with the micro-batch's rows (traced at both). A bool leaf that does not
-    is refused: whether the batch's is an any or an all of the micro-batches' is not known."""
+def aux_grows(loss_fn, params_abs, mb_abs, doubled_abs) -> tuple[list[bool], float]:
+    """Which aux leaves of ``loss_fn`` (has_aux) have the batch as axis 0 — their leading
+    dimension doubles with the micro-batch's rows (traced at both) — and one micro-batch's aux
+    bytes. A bool leaf that does not grow is refused: whether the batch's is an any or an all
+    of the micro-batches' is not known."""
     name = getattr(loss_fn, "__name__", "loss_fn")
     try:
         one = jax.tree_util.tree_flatten_with_path(jax.eval_shape(loss_fn, params_abs, mb_abs)[1])[0]
@@ -173,7 +175,7 @@ def aux_grows(loss_fn, params_abs, mb_abs, doubled_abs) -> list[bool]:
             raise ValueError(f"{name}'s aux leaf {jax.tree_util.keystr(path)} is a bool over the batch; over "
                              "micro-batches it is not known whether the batch's is their any or their all: return "
                              "a count (jnp.sum(flags)) or a float mean instead")
-    return grows
+    return grows, float(sum(math.prod(a.shape) * dtype_itemsize(a.dtype) for _, a in one))
 
 
 def batch_normalizer(program: Program, num_params: int, has_aux: bool = False):

@@ -21,6 +21,10 @@ def format_training_report(plan) -> str:
         lines.append(f"scanned layer stack split per iteration ({', '.join(map(str, sorted(set(sc.lengths))))} "
                      f"iterations, one layer each): stacked params {', '.join(user[i] for i in sc.stacked)} → one "
                      "slice per iteration, each on the stage that runs it (the step takes and returns them stacked)")
+    if plan.has_aux:
+        lines.append(f"aux outputs (has_aux): {len(plan.aux_grows)} leaves, {sum(plan.aux_grows)} per-example "
+                     f"(concatenated), {_si(plan.aux_bytes, 'B')} held over a step (at most 1% of a device, not in "
+                     "the memory above)")
     if plan.batch_draws:
         lines.append(f"random draws over the batch (dropout masks …): {plan.batch_draws}, each micro-batch drawing its "
                      "rows of the whole batch's draw, as jax.jit of the loss over the batch does")

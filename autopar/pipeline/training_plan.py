@@ -149,6 +149,7 @@ class TrainingPlan(_Document):
     # axis 0 is the batch's (concatenated over micro-batches, else averaged / summed)
     has_aux: bool = Field(default=False, exclude_if=lambda v: not v)
     aux_grows: list[bool] = Field(default_factory=list, exclude_if=lambda v: not v)
+    aux_bytes: float = Field(default=0.0, exclude_if=lambda v: not v)   # held over a step, all micro-batches
     timing: Timing = Timing()
     _loss_fn: Any = PrivateAttr(default=None)
     _optimizer: Any = PrivateAttr(default=None)
