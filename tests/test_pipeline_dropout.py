@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from autopar import TrainingPlan, plan_training, stage_boundary
-from autopar.pipeline.rng_form import RowsLoss, _mul64, per_microbatch, rows_of
+from autopar.pipeline.rng_form import RowsLoss, _mul64, counters, per_microbatch, rows_of
 from conftest import make_cluster
 from test_pipeline import assert_tree_close, reference_step
 
@@ -54,7 +54,9 @@ def test_each_micro_batch_draws_its_rows_of_the_whole_batch_draw():
     assert per_microbatch(draws, _abstract(p), mb, 1)[0] is draws
 
 
-def test_counters_are_exact_64_bit_products():
+def test_counters_are_the_whole_draws_flat_indices():
+    """A block's threefry counters are its elements' flat indices in the whole draw, also past
+    2**32 elements (64-bit sums of uint32 pairs; a small block of a huge draw tests them)."""
     rng = np.random.default_rng(0)
     x = rng.integers(0, 2**32, size=64, dtype=np.uint64)
     for c in (1, 3, 2**16 + 7, 2**32 - 1, 2**32 + 5, 3 * 2**40 + 12345, 2**63 + 2**31):
@@ -62,6 +64,16 @@ def test_counters_are_exact_64_bit_products():
         want = [(int(v) * c) % 2**64 for v in x]
         got = [(int(h) << 32) | int(lo_) for h, lo_ in zip(np.asarray(hi), np.asarray(lo))]
         assert got == want, c
+    for shape, axis, B, m in (((3, 4, 5), 0, 4, 2), ((3, 4, 5), 1, 4, 3), ((2, 3), 0, 2**31, 2**31 - 1),
+                              ((3, 2, 5), 1, 2**31 + 7, 2**31 + 3), ((2, 3, 4), 2, 3 * 2**30, 2**31 + 11)):
+        full = list(shape)
+        full[axis] *= B
+        hi, lo = jax.jit(lambda m_, s=shape, a=axis, b=B: counters(s, a, b, m_))(jnp.uint32(m))
+        got = (np.asarray(hi).astype(object) << 32) | np.asarray(lo).astype(object)
+        idx = np.indices(shape).astype(object)
+        idx[axis] += m * shape[axis]
+        want = sum(idx[k] * int(np.prod(full[k + 1:], dtype=object)) for k in range(len(shape)))
+        assert (got == want).all(), (shape, axis, B, m)
 
 
 def _block(p, x, key, i):

@@ -253,19 +253,34 @@ def _add64(a, b):
     return a[0] + b[0] + (lo < a[1]).astype(jnp.uint32), lo
 
 
-def _block_draw(eqn, key, axis: int, B: int, m):
-    """Draw ``eqn`` (random_bits / random_split of shape S from a scalar threefry key) as block
-    ``m`` along ``axis`` of the same draw of shape S with that axis × B: the whole batch's."""
-    shape = tuple(eqn.params["shape"])
+def counters(shape: tuple, axis: int, B: int, m):
+    """The threefry counters (hi, lo uint32 words of the flat index) of block ``m`` (a uint32
+    scalar) along ``axis`` of a draw of ``shape`` with that axis × ``B``. Under 2**32 elements
+    the hi words are 0 and the lo words are the index itself — for axis 0 one iota plus the
+    block's offset (what jax's own counters cost); else 64-bit sums of uint32 pairs."""
     full = shape[:axis] + (shape[axis] * B,) + shape[axis + 1:]
     strides = [math.prod(full[k + 1:]) for k in range(len(full))]
+    offset = shape[axis] * strides[axis]           # block m starts at m × this
+    if math.prod(full) < 2 ** 32:
+        if axis == 0:
+            lo = lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+        else:
+            lo = sum(lax.broadcasted_iota(jnp.uint32, shape, k) * jnp.uint32(stride)
+                     for k, stride in enumerate(strides) if shape[k] > 1)
+            lo = jnp.broadcast_to(jnp.asarray(lo, jnp.uint32), shape)
+        return jnp.zeros(shape, jnp.uint32), lo + m * jnp.uint32(offset)
     count = (jnp.zeros(shape, jnp.uint32), jnp.zeros(shape, jnp.uint32))
     for k, stride in enumerate(strides):
         if shape[k] > 1:
             count = _add64(count, _mul64(lax.broadcasted_iota(jnp.uint32, shape, k), stride))
-    count = _add64(count, _mul64(m, shape[axis] * strides[axis]))
+    return _add64(count, _mul64(m, offset))
+
+
+def _block_draw(eqn, key, axis: int, B: int, m):
+    """Draw ``eqn`` (random_bits / random_split of shape S from a scalar threefry key) as block
+    ``m`` along ``axis`` of the same draw of shape S with that axis × B: the whole batch's."""
     words = jax.random.key_data(key)
-    bits1, bits2 = threefry2x32_p.bind(words[0], words[1], *count)
+    bits1, bits2 = threefry2x32_p.bind(words[0], words[1], *counters(tuple(eqn.params["shape"]), axis, B, m))
     if eqn.primitive.name == "random_split":
         return jax.random.wrap_key_data(jnp.stack([bits1, bits2], axis=-1), impl=jax.random.key_impl(key))
     width = int(eqn.params["bit_width"])
