@@ -186,3 +186,26 @@ def test_aux_outputs_that_cannot_be_combined_are_refused(devices8, model):
         plan_training(with_metrics, params, batch, **dict(kw, memory_budget_bytes=5e3))
     with pytest.raises(TraceError, match=r"must return a pair \(loss, aux\) with has_aux=True"):
         plan_training(masked_mean, params, batch, **dict(kw, num_microbatches=1))
+
+
+def test_a_loss_summed_over_the_batch_is_refused_with_micro_batches(devices8, model):
+    """jnp.sum of per-example losses: averaged over micro-batches its loss and gradients would
+    be 1/B of jax.jit's, silently; a mean, a mean plus a sum over the parameters (L2) and a
+    sum with one micro-batch are planned."""
+    params, batch = model
+    kw = dict(optimizer=optax.sgd(0.1), num_microbatches=B, **KW)
+
+    def summed(params, batch):
+        return jnp.sum(_per_token(params, batch))
+
+    def mean_plus_l2(params, batch):
+        return jnp.mean(_per_token(params, batch)) + 1e-4 * sum(jnp.sum(p["fc"] ** 2) for p in params)
+
+    def mean_plus_sum(params, batch):   # a second term summed over the batch
+        return jnp.mean(_per_token(params, batch)) + 0.5 * jnp.sum(_per_token(params, batch)[:, 0])
+    for fn in (summed, mean_plus_sum):
+        with pytest.raises(ValueError, match=rf"{fn.__name__} returns a sum over the batch \(.*test_pipeline_loss.py.*"
+                                             r"not a mean: .*1/4 of jax.jit's. Return the mean"):
+            plan_training(fn, params, batch, **kw)
+    plan_training(mean_plus_l2, params, batch, **kw)
+    plan_training(summed, params, batch, **dict(kw, num_microbatches=1))

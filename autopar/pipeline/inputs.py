@@ -16,7 +16,7 @@ from autopar.cost import ClusterSpec, load_cluster
 from autopar.solvers.stage_dp import submesh_shapes
 
 from .costs import StageOption
-from .loss_form import aux_grows, batch_normalizer, check_form
+from .loss_form import aux_grows, batch_normalizer, batch_sum, check_form
 from .remat import remat_options
 from .rng_form import RowsLoss, doubled, per_microbatch, whole_leaf
 from .zero import zero_options
@@ -143,6 +143,15 @@ def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_mic
             "full batch's loss. Return autopar.WeightedLoss(total, weight) instead (e.g. WeightedLoss("
             "jnp.sum(losses * mask), jnp.sum(mask))): the step then minimises the summed total over the summed "
             "weight, exactly; or plan with num_microbatches=1")
+    total = batch_sum(program, len(p_leaves), rows, has_aux) if num_microbatches > 1 else None
+    if total is not None:
+        where = f" ({total.source})" if total.source else ""
+        raise ValueError(
+            f"{getattr(loss_fn, '__name__', 'loss_fn')} returns a sum over the batch{where}, not a mean: a pipeline "
+            f"step averages its {num_microbatches} micro-batches' losses, so its loss and gradients would be "
+            f"1/{num_microbatches} of jax.jit's. Return the mean (jnp.mean; scale the learning rate if it was tuned "
+            "for the sum), for weighted rows autopar.WeightedLoss(jnp.sum(losses * w), jnp.sum(w)); or plan with "
+            "num_microbatches=1")
     return TrainingInputs(
         loss_fn=loss_fn, optimizer=optimizer, name=getattr(loss_fn, "__name__", "loss_fn"), spec=spec, nodes=nodes,
         num_microbatches=num_microbatches, schedule=schedule,

@@ -178,6 +178,51 @@ def aux_grows(loss_fn, params_abs, mb_abs, doubled_abs) -> tuple[list[bool], flo
     return grows, float(sum(math.prod(a.shape) * dtype_itemsize(a.dtype) for _, a in one))
 
 
+def batch_sum(program: Program, num_params: int, rows: int, has_aux: bool = False):
+    """The ``reduce_sum`` over the batch that a scalar loss is, un-normalised (``jnp.sum`` of
+    per-example losses where a mean is meant): the loss followed back through casts, negation,
+    sums of terms and products with other factors to a sum of values computed from the batch
+    with no division by a count in between — a literal that is a multiple of the micro-batch's
+    ``rows`` (``jnp.mean``: the sum over rows × tokens divided by their number), or any value
+    not computed from the batch (a constant, a parameter). None when there is none (the usual
+    mean), or where the loss is made otherwise (max, log …: not judged)."""
+    outs = loss_outputs(program, has_aux)
+    if outs.weight is not None:   # a WeightedLoss is a sum by design
+        return None
+    par, data = depends(program, num_params)
+    producer = {o: e for e in program.eqns for o in e.outputs}
+
+    def count(x, inverse=False) -> bool:   # a divisor that counts rows (× tokens …)
+        if not isinstance(x, Lit) or x.shape != ():
+            return isinstance(x, int) and x not in data   # (a constant or parameter value: not judged)
+        v = float(x.val)
+        n = 1.0 / v if inverse and v else v
+        return n >= rows and abs(n / rows - round(n / rows)) < 1e-6
+
+    def find(v, depth=0):
+        if depth > 256 or not isinstance(v, int) or v not in data:
+            return None
+        e = producer.get(v)
+        if e is None:
+            return None
+        name = e.prim.name
+        if name in _PASS:
+            return find(e.inputs[0], depth + 1)
+        if name in ("add", "sub"):
+            return next((hit for x in e.inputs if (hit := find(x, depth + 1)) is not None), None)
+        if name == "div":
+            return None if count(e.inputs[1]) else find(e.inputs[0], depth + 1)
+        if name == "mul":
+            a, b = e.inputs
+            if count(a, inverse=True) or count(b, inverse=True):
+                return None
+            return next((hit for x in (a, b) if (hit := find(x, depth + 1)) is not None), None)
+        if name == "reduce_sum":
+            return e
+        return None
+    return find(outs.loss)
+
+
 def batch_normalizer(program: Program, num_params: int, has_aux: bool = False):
     """The equation dividing a scalar loss by a value computed from the batch (and not from
     the parameters), following the loss back through casts, negation and the other factor
