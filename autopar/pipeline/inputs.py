@@ -16,7 +16,7 @@ from autopar.cost import ClusterSpec, load_cluster
 from autopar.solvers.stage_dp import submesh_shapes
 
 from .costs import StageOption
-from .loss_form import aux_grows, batch_normalizer, batch_sum, check_form
+from .loss_form import aux_grows, check_aux_size, check_form, check_microbatched
 from .remat import remat_options
 from .rng_form import RowsLoss, doubled, per_microbatch, whole_leaf
 from .zero import zero_options
@@ -73,9 +73,6 @@ class TrainingInputs:
         return tuple(StageOption(r, z) for z in self.zero for r in self.remat)
 
 
-AUX_SHARE = 0.01   # aux outputs (has_aux) held over a step may take this share of a device's memory
-
-
 def nbytes(x) -> float:
     return float(np.prod(x.shape, dtype=np.int64)) * dtype_itemsize(x.dtype)
 
@@ -128,30 +125,9 @@ def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_mic
                                  microbatch_shapes(batch_abs, num_microbatches), doubled(microbatch_shapes(
                                      batch_abs, num_microbatches))) if has_aux else ((), 0.0)
     budget = float(memory_budget_bytes or spec.device.memory_bytes)
-    if num_microbatches * aux_bytes > AUX_SHARE * budget:
-        raise ValueError(
-            f"{getattr(loss_fn, '__name__', 'loss_fn')}'s aux outputs are {aux_bytes / 1e6:.4g} MB per micro-batch, "
-            f"{num_microbatches * aux_bytes / 1e9:.4g} GB held over the step's {num_microbatches} micro-batches, over "
-            f"{AUX_SHARE:.0%} of a device's {budget / 1e9:.4g} GB, which plans do not count: return metrics (means, "
-            "counts) rather than per-example arrays such as logits, or compute those with step.evaluate")
-    cut = batch_normalizer(program, len(p_leaves), has_aux) if num_microbatches > 1 else None
-    if cut is not None:
-        where = f" ({cut.source})" if cut.source else ""
-        raise ValueError(
-            f"{getattr(loss_fn, '__name__', 'loss_fn')} divides its loss by a value computed from the batch{where}, "
-            f"e.g. the number of unmasked tokens: averaged over {num_microbatches} micro-batches, that is not the "
-            "full batch's loss. Return autopar.WeightedLoss(total, weight) instead (e.g. WeightedLoss("
-            "jnp.sum(losses * mask), jnp.sum(mask))): the step then minimises the summed total over the summed "
-            "weight, exactly; or plan with num_microbatches=1")
-    total = batch_sum(program, len(p_leaves), rows, has_aux) if num_microbatches > 1 else None
-    if total is not None:
-        where = f" ({total.source})" if total.source else ""
-        raise ValueError(
-            f"{getattr(loss_fn, '__name__', 'loss_fn')} returns a sum over the batch{where}, not a mean: a pipeline "
-            f"step averages its {num_microbatches} micro-batches' losses, so its loss and gradients would be "
-            f"1/{num_microbatches} of jax.jit's. Return the mean (jnp.mean; scale the learning rate if it was tuned "
-            "for the sum), for weighted rows autopar.WeightedLoss(jnp.sum(losses * w), jnp.sum(w)); or plan with "
-            "num_microbatches=1")
+    name = getattr(loss_fn, "__name__", "loss_fn")
+    check_aux_size(name, aux_bytes, num_microbatches, budget)
+    check_microbatched(program, len(p_leaves), name, num_microbatches, rows, has_aux)
     return TrainingInputs(
         loss_fn=loss_fn, optimizer=optimizer, name=getattr(loss_fn, "__name__", "loss_fn"), spec=spec, nodes=nodes,
         num_microbatches=num_microbatches, schedule=schedule,

@@ -263,3 +263,43 @@ def batch_normalizer(program: Program, num_params: int, has_aux: bool = False):
         else:
             return None
     return None
+
+
+AUX_SHARE = 0.01   # aux outputs (has_aux) held over a step may take this share of a device's memory
+
+
+def check_aux_size(name: str, aux_bytes: float, num_microbatches: int, budget: float) -> None:
+    """Aux outputs stay on their stage over the step, outside the plan's memory: refused past
+    ``AUX_SHARE`` of a device's ``budget`` (per-example arrays such as logits)."""
+    if num_microbatches * aux_bytes > AUX_SHARE * budget:
+        raise ValueError(
+            f"{name}'s aux outputs are {aux_bytes / 1e6:.4g} MB per micro-batch, "
+            f"{num_microbatches * aux_bytes / 1e9:.4g} GB held over the step's {num_microbatches} micro-batches, over "
+            f"{AUX_SHARE:.0%} of a device's {budget / 1e9:.4g} GB, which plans do not count: return metrics (means, "
+            "counts) rather than per-example arrays such as logits, or compute those with step.evaluate")
+
+
+def check_microbatched(program: Program, num_params: int, name: str, num_microbatches: int, rows: int,
+                       has_aux: bool = False) -> None:
+    """With more than one micro-batch, refuse the scalar losses whose micro-batches' mean is
+    not the whole batch's loss: divided by a count from the batch (``batch_normalizer``), or
+    summed over the batch (``batch_sum``)."""
+    if num_microbatches <= 1:
+        return
+    cut = batch_normalizer(program, num_params, has_aux)
+    if cut is not None:
+        where = f" ({cut.source})" if cut.source else ""
+        raise ValueError(
+            f"{name} divides its loss by a value computed from the batch{where}, e.g. the number of unmasked "
+            f"tokens: averaged over {num_microbatches} micro-batches, that is not the full batch's loss. Return "
+            "autopar.WeightedLoss(total, weight) instead (e.g. WeightedLoss(jnp.sum(losses * mask), jnp.sum(mask))): "
+            "the step then minimises the summed total over the summed weight, exactly; or plan with "
+            "num_microbatches=1")
+    total = batch_sum(program, num_params, rows, has_aux)
+    if total is not None:
+        where = f" ({total.source})" if total.source else ""
+        raise ValueError(
+            f"{name} returns a sum over the batch{where}, not a mean: a pipeline step averages its "
+            f"{num_microbatches} micro-batches' losses, so its loss and gradients would be 1/{num_microbatches} of "
+            "jax.jit's. Return the mean (jnp.mean; scale the learning rate if it was tuned for the sum), for weighted "
+            "rows autopar.WeightedLoss(jnp.sum(losses * w), jnp.sum(w)); or plan with num_microbatches=1")
