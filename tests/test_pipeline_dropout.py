@@ -202,3 +202,34 @@ def test_a_scanned_stack_with_dropout_and_aux_runs_stacked_and_split(devices8):
             got, want = step(*got[:2], batch), reference(*want[:2], batch)
             assert_tree_close(got[2], want[2])
             assert_tree_close(got[1] if stacked else step.stack(got[1]), want[1])
+
+
+def test_a_flax_nnx_module_with_dropout_and_a_scalar_step_in_the_batch(devices8):
+    """flax NNX: ``nnx.Dropout`` given call-time ``nnx.Rngs`` from the batch's key folded with
+    the batch's step number (scalar leaves: every micro-batch gets them whole)."""
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.up, self.down = nnx.Linear(16, 32, rngs=rngs), nnx.Linear(32, 16, rngs=rngs)
+            self.drop = nnx.Dropout(0.2)
+
+        def __call__(self, x, rngs):
+            return self.down(stage_boundary(self.drop(jax.nn.relu(self.up(x)), rngs=rngs)))
+    graphdef, params = nnx.split(Net(nnx.Rngs(params=0)), nnx.Param)
+
+    def loss(params, batch):
+        rngs = nnx.Rngs(dropout=jax.random.fold_in(batch["dropout"], batch["step"]))
+        return jnp.mean((nnx.merge(graphdef, params)(batch["x"], rngs) - batch["y"]) ** 2)
+    rng = np.random.default_rng(0)
+    batch = {"x": jnp.asarray(rng.normal(size=(16, 16)), jnp.float32), "dropout": jax.random.key(3),
+             "y": jnp.asarray(rng.normal(size=(16, 16)), jnp.float32), "step": jnp.int32(0)}
+    opt = optax.sgd(0.1)
+    tplan = plan_training(loss, params, batch, optimizer=opt, num_microbatches=B, num_layers=2, stages=STAGES, **KW)
+    assert tplan.batch_draws == 1
+    step, ref = tplan.apply(loss, opt, donate=False), reference_step(loss, opt)
+    got = want = (params, opt.init(params))
+    for s in range(2):
+        b = dict(batch, step=jnp.int32(s))
+        got, want = step(*got[:2], b), ref(*want[:2], b)
+        assert_tree_close(got, want)

@@ -148,8 +148,8 @@ def abstract(x):
 
 
 def microbatch_shapes(batch, num_microbatches: int):
-    """ShapeDtypeStructs of one micro-batch: every batch leaf split along axis 0 but a scalar
-    PRNG key, given whole to every micro-batch (``rng_form.whole_leaf``)."""
+    """ShapeDtypeStructs of one micro-batch: every batch leaf split along axis 0 but scalars (a
+    PRNG key), given whole to every micro-batch (``rng_form.whole_leaf``)."""
     leaves, tree = jax.tree_util.tree_flatten(batch)
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(batch)[0]]
     out = []
@@ -158,7 +158,7 @@ def microbatch_shapes(batch, num_microbatches: int):
         if whole_leaf(x):
             out.append(jax.ShapeDtypeStruct(shape, x.dtype))
             continue
-        if not shape or shape[0] % num_microbatches:
+        if shape[0] % num_microbatches:
             key = (" (a PRNG key? pass a typed key, jax.random.key(seed): every micro-batch gets it whole)"
                    if shape == (2,) and np.dtype(x.dtype) == np.uint32 else "")
             raise ValueError(

@@ -19,9 +19,10 @@ leaf, the micro-batch's row indices (int32, ``rows_of``), which the pipeline ste
 broadcast over it) are the same for every micro-batch, as over the whole batch, and stay as
 they are; so does a loss without batch draws (``per_microbatch`` returns None).
 
-A key in the batch: a scalar PRNG key leaf (``jax.random.key``) is given whole to every
-micro-batch (``whole_leaf``), so a step can take a fresh dropout key per step as
-``batch["dropout"]``; an array of per-example keys is cut like any other leaf.
+A key in the batch: a scalar leaf — a PRNG key (``jax.random.key``), flax NNX's ``RngState``
+(its key and count) — is given whole to every micro-batch (``whole_leaf``), so a step can take
+a fresh dropout key per step as ``batch["dropout"]``; an array of per-example keys is cut like
+any other leaf.
 
 Refused with a clear error: a non-partitionable threefry (``jax_threefry_partitionable``
 off: its bits depend on the whole draw's size), other generators (rbg), a batch draw inside a
@@ -52,8 +53,9 @@ def is_key(x) -> bool:
 
 
 def whole_leaf(x) -> bool:
-    """A batch leaf given whole to every micro-batch: a scalar PRNG key."""
-    return is_key(x) and not tuple(getattr(x, "shape", ()))
+    """A batch leaf given whole to every micro-batch: a scalar (a PRNG key, flax NNX's
+    ``RngState`` key and count, a step number); it has no rows to cut."""
+    return not tuple(getattr(x, "shape", ()))
 
 
 def dtype_name(dtype) -> str:
