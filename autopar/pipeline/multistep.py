@@ -26,7 +26,6 @@ import hashlib
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -155,7 +154,7 @@ class MultiProcessStep(PipelineStep):
                 raise PlanMismatchError(
                     f"batch leaf {i} is a global array ({x.sharding}); a multi-process pipeline step takes the batch "
                     "as host arrays (numpy), the same in every process: each stage puts the leaves it reads")
-        b_leaves = [x if whole_leaf(x) else np.asarray(x) for x in b_leaves]   # (a PRNG key stays a key)
+        b_leaves = [x if whole_leaf(x) else np.asarray(x) for x in b_leaves]   # (scalars as given: a key stays one)
         homes = [(x, self.param_sharding[i], self.own[i]) for i, x in enumerate(p_leaves)] + \
                 [(x, self.opt_home_sharding[j], self.opt_home[j]) for j, x in enumerate(o_leaves)]
         bits = np.zeros((2, len(homes)), np.int8)
@@ -199,10 +198,9 @@ class MultiProcessStep(PipelineStep):
     def _aux_output(self, v, x, grows: bool):
         if x is not None:
             return x
-        aval = self.values[v]
+        aval = self.values[v]   # (combine_aux keeps the dtype; a bool over the batch was refused)
         shape = (aval.shape[0] * self.plan.num_microbatches,) + tuple(aval.shape[1:]) if grows else aval.shape
-        dtype = jnp.int32 if aval.dtype == jnp.bool_ and not grows else aval.dtype
-        return empty_array(shape, dtype, self.out_sharding[v])
+        return empty_array(shape, aval.dtype, self.out_sharding[v])
 
     def _outputs(self, new_p, new_o, loss):
         new_p = [x if x is not None else empty_array(a.shape, a.dtype, self.param_sharding[i])
