@@ -121,6 +121,29 @@ def test_dropout_with_a_fresh_key_per_step_equals_jit_over_the_batch(devices8, m
         np.testing.assert_allclose(step.evaluate(got[0], b), dropout_mlp(on_host, b), rtol=1e-5)
 
 
+def test_dropout_inside_jax_checkpoint_with_recomputed_stages(devices8, mlp):
+    """Each block under the user's jax.checkpoint (the draw is rewritten inside it, the
+    checkpoint re-made around it), the stages planned with remat "full" on top."""
+    params, batch = mlp
+    block = jax.checkpoint(_block, static_argnums=(3,), policy=jax.checkpoint_policies.nothing_saveable)
+
+    def loss(params, batch):
+        x = batch["x"]
+        for i, p in enumerate(params):
+            x = block(p, stage_boundary(x) if i else x, batch["dropout"], i)
+        return jnp.mean(jnp.square(x - batch["y"]))
+    opt = optax.sgd(0.5)
+    tplan = plan_training(loss, params, batch, optimizer=opt, num_microbatches=B, stages=STAGES,
+                          **dict(KW, remat="full"))
+    assert tplan.batch_draws == 2 and {s.remat for s in tplan.stages} == {"full"}
+    step, ref = tplan.apply(loss, opt, donate=False), reference_step(loss, opt)
+    got = want = (params, opt.init(params))
+    for s in range(2):
+        b = dict(batch, dropout=jax.random.key(100 + s))
+        got, want = step(*got[:2], b), ref(*want[:2], b)
+        assert_tree_close(got, want)
+
+
 def test_a_flax_linen_nn_scan_decoder_with_dropout_equals_jit(devices8):
     """GPT-2's attention and residual dropout in the zoo's nn.scan decoder (``split_rngs``
     dropout: a key per layer), the scan kept whole in one stage accumulating 4 micro-batches:
