@@ -126,7 +126,7 @@ class MultiProcessStep(PipelineStep):
         me = jax.process_index()
         self.local = [me in processes(e.repl) for e in self.execs]
         # each optimizer-state leaf's home sharding (its owner's layout, or its first stage's)
-        self.opt_home_sharding = [self.state_sharding(k, j) for j, k in enumerate(self.opt_home)]
+        self.opt_home_sharding = [self.state_sharding(k, j) for j, k in enumerate(self.state.home)]
         self.placed: list[bool] = []
 
     def _here(self, k: int) -> bool:
@@ -156,7 +156,7 @@ class MultiProcessStep(PipelineStep):
                     "as host arrays (numpy), the same in every process: each stage puts the leaves it reads")
         b_leaves = [x if whole_leaf(x) else np.asarray(x) for x in b_leaves]   # (scalars as given: a key stays one)
         homes = [(x, self.param_sharding[i], self.own[i]) for i, x in enumerate(p_leaves)] + \
-                [(x, self.opt_home_sharding[j], self.opt_home[j]) for j, x in enumerate(o_leaves)]
+                [(x, self.opt_home_sharding[j], self.state.home[j]) for j, x in enumerate(o_leaves)]
         bits = np.zeros((2, len(homes)), np.int8)
         for n, (x, home, _) in enumerate(homes):
             if isinstance(x, jax.Array):
@@ -189,7 +189,7 @@ class MultiProcessStep(PipelineStep):
         return self._place(i, x, self.param_abs[i], self.param_sharding[i], self.own[i], k, sh)
 
     def _place_opt(self, x, j: int, k: int, sh):
-        return self._place(self.P + j, x, self.opt_leaves_abs[j], self.opt_home_sharding[j], self.opt_home[j], k,
+        return self._place(self.P + j, x, self.state.leaves_abs[j], self.opt_home_sharding[j], self.state.home[j], k,
                            sh)
 
     def _loss_output(self, loss):
@@ -206,5 +206,5 @@ class MultiProcessStep(PipelineStep):
         new_p = [x if x is not None else empty_array(a.shape, a.dtype, self.param_sharding[i])
                  for i, (x, a) in enumerate(zip(new_p, self.param_abs))]
         new_o = [x if x is not None else empty_array(a.shape, a.dtype, self.opt_home_sharding[j])
-                 for j, (x, a) in enumerate(zip(new_o, self.opt_leaves_abs))]
+                 for j, (x, a) in enumerate(zip(new_o, self.state.leaves_abs))]
         return super()._outputs(new_p, new_o, loss)   # (the loss: ``_loss_output``'s placeholder)

@@ -30,6 +30,7 @@ from ..runtime import PlanMismatchError
 from .schedule import execution_order
 from .stage_exec import StageExec
 from .stages import owners, split_program
+from .state_split import StateSplit
 from .inputs import microbatch_shapes, trace_loss
 from .rng_form import RowsLoss, rows_in, per_microbatch, rows_of, whole_leaf
 from .loss_form import combine_aux, loss_outputs
@@ -92,36 +93,9 @@ class PipelineStep:
         for st in self.stages:
             for v in list(st.acts_in) + list(st.nd_acts_in):
                 self.consumers.setdefault(v, []).append(st.index)
-        # optimizer-state split: skeleton per stage with None where the stage owns nothing
-        self.param_abs = flat_abs = jax.tree_util.tree_leaves(params_abs)
-        self.masked_abs = []
-        for k in range(len(self.stages)):
-            self.masked_abs.append(self.p_tree.unflatten(
-                [x if self.own[i] == k else None for i, x in enumerate(flat_abs)]))
-        full_opt = jax.eval_shape(optimizer.init, params_abs)
-        self.opt_leaves_abs, self.opt_tree = jax.tree_util.tree_flatten(full_opt)
-        # a stage's skeleton (the state of its params, the others None) lines up with the full
-        # state by key path: ``slots[j]``, the position of full leaf j among the skeleton's leaves
-        # flattened with None as a leaf (None: the stage has no such leaf). Paths, not positions:
-        # a wrapper may mark a missing leaf differently (optax.masked: MaskedNode in the full
-        # state, None in a skeleton)
-        full_paths = [tuple(path) for path, _ in jax.tree_util.tree_flatten_with_path(full_opt)[0]]
-        self.skeletons = []
-        for k, masked in enumerate(self.masked_abs):
-            skel = jax.eval_shape(optimizer.init, masked)
-            with_none, tree = jax.tree_util.tree_flatten_with_path(skel, is_leaf=_is_none)
-            at = {tuple(path): pos for pos, (path, x) in enumerate(with_none) if x is not None}
-            slots = [at.get(path) for path in full_paths]
-            leaves = [None if n is None else with_none[n][1] for n in slots]
-            if len(at) != sum(n is not None for n in slots) or any(
-                    s is not None and (tuple(s.shape) != tuple(g.shape) or s.dtype != g.dtype)
-                    for s, g in zip(leaves, self.opt_leaves_abs)):
-                raise ValueError(
-                    "the optimizer state does not split per parameter (optimizer.init of some of the params "
-                    "makes leaves the state of all of them does not have); pipeline plans need optax optimizers "
-                    "whose state is kept per parameter, such as sgd, momentum, adam or adamw, alone, chained "
-                    "(clip_by_global_norm …), masked or partitioned (optax.multi_transform)")
-            self.skeletons.append((leaves, tree, slots))
+        # the optimizer state per stage (``autopar.pipeline.state_split``)
+        self.param_abs = jax.tree_util.tree_leaves(params_abs)
+        self.state = StateSplit(optimizer, self.p_tree, params_abs, self.own, len(self.stages))
         self.execs = [StageExec(sp, st, program, P, [all_devices[i] for i in sp.devices], optimizer, donate,
                                  tplan.search.layer_eqns[sp.layers[0]:sp.layers[1]], self.p_tree,
                                  {i for i in range(P) if self.own[i] == k})
@@ -141,16 +115,10 @@ class PipelineStep:
             st = ex.st
             self.param_sharding.append(ex.p_sh[st.params.index(i)] if i in st.params else ex.repl)
             self.opt_sharding.append(ex.opt_sh.get(i, ex.repl))
-        self.mirrors = [self._mirrors(k) for k in range(len(self.stages))]
-        # a step count (or other leaf not mirroring a param) is returned from its first stage
-        self.opt_home = [min((k for k, (sk, _, _) in enumerate(self.skeletons) if sk[j] is not None), default=0)
-                         for j in range(len(self.opt_leaves_abs))]
         # an optimizer mixing parameters (clip_by_global_norm): its update in rounds across the
         # stages (``autopar.pipeline.update_split``); None for a per-parameter one
-        state_stages = [{k for k, (sk, _, _) in enumerate(self.skeletons) if sk[j] is not None}
-                        for j in range(len(self.opt_leaves_abs))]
-        split = split_update(optimizer, params_abs, full_opt, self.own, state_stages, self.opt_home,
-                             len(self.stages)) if len(self.stages) > 1 else None
+        split = split_update(optimizer, params_abs, self.state.full_abs, self.own, self.state.stages,
+                             self.state.home, len(self.stages)) if len(self.stages) > 1 else None
         self.split_update = SplitUpdate(self, split) if split is not None else None
         self.values = program.values
         # sharding of every stage output (activations leave their stage laid out so)
@@ -159,43 +127,11 @@ class PipelineStep:
         self.order = execution_order(tplan.simulate())
 
     # --- optimizer-state placement ----------------------------------------------------
-    def _full(self, leaves, k: int):
-        """Stage k's optimizer-state leaves (one per leaf of the full state) → its skeleton tree."""
-        _, skel_tree, slots = self.skeletons[k]
-        full = [None] * skel_tree.num_leaves
-        for n, x in zip(slots, leaves):
-            if n is not None:
-                full[n] = x
-        return skel_tree.unflatten(full)
-
     def state_sharding(self, k: int, j: int):
         """Where optimizer-state leaf j lives on stage k: as the parameter it mirrors is laid
         out for its state (ZeRO-1's slices, else the parameter's sharding), else replicated."""
-        mirror = self.mirrors[k][j]
+        mirror = self.state.mirrors[k][j]
         return self.opt_sharding[mirror] if mirror >= 0 else self.execs[k].repl
-
-    def _mirrors(self, k: int) -> list[int]:
-        """For each leaf of stage k's optimizer-state skeleton: the param leaf it mirrors
-        (a subtree shaped like the masked params, e.g. Adam's mu/nu), else −1 (step counts)."""
-        ptree = jax.tree_util.tree_structure(self.masked_abs[k])
-        index_tree = self.p_tree.unflatten([i if self.own[i] == k else None for i in range(self.P)])
-        leaves, _, slots = self.skeletons[k]
-        skel_abs = self._full(leaves, k)
-
-        def visit(sub):
-            if sub is not None and jax.tree_util.tree_structure(sub) == ptree:
-                return index_tree
-            return jax.tree_util.tree_map(lambda _: -1, sub)
-        marked = jax.tree_util.tree_map(visit, skel_abs, is_leaf=lambda t: t is None or
-                                        jax.tree_util.tree_structure(t) == ptree)
-        flat = jax.tree_util.tree_flatten(marked, is_leaf=_is_none)[0]
-        flat = [None if n is None else flat[n] for n in slots]
-        out = []
-        for i, leaf in zip(flat, leaves):
-            ok = leaf is not None and isinstance(i, int) and i >= 0 and \
-                tuple(leaf.shape) == tuple(self.plan.param_shapes[i])
-            out.append(i if ok else -1)
-        return out
 
     # --- one training step: check → tasks in schedule order → gradients to owners → updates ---
     def __call__(self, params, opt_state, batch):
@@ -306,7 +242,7 @@ class PipelineStep:
         return jax.device_put(x, sh)
 
     def _outputs(self, new_p, new_o, loss):
-        return self.p_tree.unflatten(new_p), self.opt_tree.unflatten(new_o), loss
+        return self.p_tree.unflatten(new_p), self.state.tree.unflatten(new_o), loss
 
     def _check(self, params, opt_state, batch):
         """Flat leaves of the arguments, after checking them against the plan."""
@@ -322,7 +258,7 @@ class PipelineStep:
             raise PlanMismatchError(f"batch does not match the plan: planned shapes {plan.batch_shapes}, given "
                                     f"{[list(np.shape(x)) for x in b_leaves]}; a pipeline plan is made for one batch "
                                     "size: re-plan with plan_training for this batch")
-        if opt_state is not None and o_tree != self.opt_tree:  # (None: ``evaluate``)
+        if opt_state is not None and o_tree != self.state.tree:  # (None: ``evaluate``)
             raise PlanMismatchError("opt_state does not match optimizer.init(params) of the planned optimizer")
         return p_leaves, b_leaves, o_leaves
 
@@ -414,13 +350,13 @@ class PipelineStep:
         inputs = []
         for k in range(S):
             o_stage = [None if sk is None else self._place_opt(o_leaves[j], j, k, self.state_sharding(k, j))
-                       for j, sk in enumerate(self.skeletons[k][0])]
+                       for j, sk in enumerate(self.state.skeletons[k][0])]
             if not self._here(k):
                 inputs.append(None)
                 continue
             mine = [i for i in range(self.P) if self.own[i] == k]
             inputs.append((self.p_tree.unflatten([owner_params[i] if i in mine else None for i in range(self.P)]),
-                           self._full(o_stage, k),
+                           self.state.full(o_stage, k),
                            self.p_tree.unflatten([grads[i] if i in mine else None for i in range(self.P)])))
         new_p, new_o = [None] * self.P, [None] * len(o_leaves)
         for k in range(S):
@@ -431,8 +367,8 @@ class PipelineStep:
             for i, val in zip(owned, jax.tree_util.tree_leaves(p_out)):
                 new_p[i] = val
             o_flat = jax.tree_util.tree_flatten(o_out, is_leaf=_is_none)[0]
-            for j, val in enumerate(None if n is None else o_flat[n] for n in self.skeletons[k][2]):
-                if val is not None and k == self.opt_home[j]:  # shared leaves (step counts): stage 0's copy
+            for j, val in enumerate(None if n is None else o_flat[n] for n in self.state.skeletons[k][2]):
+                if val is not None and k == self.state.home[j]:  # shared leaves (step counts): stage 0's copy
                     new_o[j] = val
         return new_p, new_o
 
