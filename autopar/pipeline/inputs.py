@@ -121,9 +121,9 @@ def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_mic
         params_abs = split_tree(split, p_tree, p_leaves)
         p_leaves, p_tree = jax.tree_util.tree_flatten(params_abs)
     program = trace_loss(traced_loss, params_abs, microbatch, has_aux)
-    grows, aux_bytes = aux_grows(loss_fn, params_abs if split is None else user_tree.unflatten(user_leaves),
-                                 microbatch_shapes(batch_abs, num_microbatches), doubled(microbatch_shapes(
-                                     batch_abs, num_microbatches))) if has_aux else ((), 0.0)
+    user_mb = microbatch_shapes(batch_abs, num_microbatches)   # (``microbatch`` may carry the rows leaf now)
+    grows, aux_bytes = aux_grows(loss_fn, user_tree.unflatten(user_leaves), user_mb, doubled(user_mb),
+                                 traced) if has_aux else ((), 0.0)
     budget = float(memory_budget_bytes or spec.device.memory_bytes)
     name = getattr(loss_fn, "__name__", "loss_fn")
     check_aux_size(name, aux_bytes, num_microbatches, budget)

@@ -156,14 +156,18 @@ def combine_aux(values: list, grows: bool):
     return total / len(values) if jnp.issubdtype(total.dtype, jnp.inexact) else total
 
 
-def aux_grows(loss_fn, params_abs, mb_abs, doubled_abs) -> tuple[list[bool], float]:
+def aux_grows(loss_fn, params_abs, mb_abs, doubled_abs, traced=None) -> tuple[list[bool], float]:
     """Which aux leaves of ``loss_fn`` (has_aux) have the batch as axis 0 — their leading
-    dimension doubles with the micro-batch's rows (traced at both) — and one micro-batch's aux
+    dimension doubles with the micro-batch's rows (traced at both; ``traced``: the caller's
+    ``(closed jaxpr, output tree)`` at ``mb_abs``, if it has one) — and one micro-batch's aux
     bytes. A bool leaf that does not grow is refused: whether the batch's is an any or an all
     of the micro-batches' is not known."""
     name = getattr(loss_fn, "__name__", "loss_fn")
+    at_b = traced[1].unflatten(traced[0].out_avals) if traced is not None else None
     try:
-        one = jax.tree_util.tree_flatten_with_path(jax.eval_shape(loss_fn, params_abs, mb_abs)[1])[0]
+        if at_b is None:
+            at_b = jax.eval_shape(loss_fn, params_abs, mb_abs)
+        one = jax.tree_util.tree_flatten_with_path(at_b[1])[0]
         two = jax.tree_util.tree_leaves(jax.eval_shape(loss_fn, params_abs, doubled_abs)[1])
     except Exception as err:
         raise ValueError(f"{name}'s aux: to find the per-example leaves the loss is traced for twice the "
@@ -288,18 +292,21 @@ def check_microbatched(program: Program, num_params: int, name: str, num_microba
         return
     cut = batch_normalizer(program, num_params, has_aux)
     if cut is not None:
-        where = f" ({cut.source})" if cut.source else ""
         raise ValueError(
-            f"{name} divides its loss by a value computed from the batch{where}, e.g. the number of unmasked "
+            f"{name} divides its loss by a value computed from the batch{_at(cut)}, e.g. the number of unmasked "
             f"tokens: averaged over {num_microbatches} micro-batches, that is not the full batch's loss. Return "
             "autopar.WeightedLoss(total, weight) instead (e.g. WeightedLoss(jnp.sum(losses * mask), jnp.sum(mask))): "
             "the step then minimises the summed total over the summed weight, exactly; or plan with "
             "num_microbatches=1")
     total = batch_sum(program, num_params, rows, has_aux)
     if total is not None:
-        where = f" ({total.source})" if total.source else ""
         raise ValueError(
-            f"{name} returns a sum over the batch{where}, not a mean: a pipeline step averages its "
+            f"{name} returns a sum over the batch{_at(total)}, not a mean: a pipeline step averages its "
             f"{num_microbatches} micro-batches' losses, so its loss and gradients would be 1/{num_microbatches} of "
             "jax.jit's. Return the mean (jnp.mean; scale the learning rate if it was tuned for the sum), for weighted "
             "rows autopar.WeightedLoss(jnp.sum(losses * w), jnp.sum(w)); or plan with num_microbatches=1")
+
+
+def _at(eqn) -> str:
+    """`` (file:line)`` of the user's code making ``eqn``, when known."""
+    return f" ({eqn.source})" if eqn.source else ""

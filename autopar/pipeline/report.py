@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..emit import to_pspec
 from ..report import _paths, _si, _time
+from .loss_form import AUX_SHARE
 
 
 def format_training_report(plan) -> str:
@@ -23,8 +24,8 @@ def format_training_report(plan) -> str:
                      "slice per iteration, each on the stage that runs it (the step takes and returns them stacked)")
     if plan.has_aux:
         lines.append(f"aux outputs (has_aux): {len(plan.aux_grows)} leaves, {sum(plan.aux_grows)} per-example "
-                     f"(concatenated), {_si(plan.aux_bytes, 'B')} held over a step (at most 1% of a device, not in "
-                     "the memory above)")
+                     f"(concatenated), {_si(plan.aux_bytes, 'B')} held over a step (at most {AUX_SHARE:.0%} of a "
+                     "device, not in the memory above)")
     if plan.batch_draws:
         lines.append(f"random draws over the batch (dropout masks …): {plan.batch_draws}, each micro-batch drawing its "
                      "rows of the whole batch's draw, as jax.jit of the loss over the batch does")
