@@ -202,6 +202,9 @@ def _common(p):
                    help="clip the gradients by their global norm first (optax.clip_by_global_norm; over all stages)")
     t.add_argument("--has-aux", action="store_true", help="the loss returns (loss, aux), as for "
                    "jax.value_and_grad(has_aux=True); run checks the aux too")
+    t.add_argument("--coupled-rows", default="refuse", choices=["refuse", "per_microbatch"],
+                   help="a loss whose batch rows meet (BatchNorm, a load-balancing loss over all tokens): refused "
+                   "with more than one micro-batch, or run with each micro-batch's statistics over its own rows")
     t.add_argument("--microbatches", type=lambda s: int(s) if "," not in s else [int(x) for x in s.split(",")],
                    default=1, help="micro-batches per step; several, e.g. 8,16,32: each planned, the fastest kept")
     t.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"])

@@ -19,6 +19,7 @@ from .costs import StageOption
 from .loss_form import aux_grows, check_aux_size, check_form, check_microbatched
 from .remat import remat_options
 from .rng_form import RowsLoss, doubled, per_microbatch, whole_leaf
+from .row_form import COUPLED_ROWS, check_coupled_rows, check_rows
 from .zero import zero_options
 from .schedule import SCHEDULES
 from ..trace import Program, TraceError, dtype_itemsize, trace
@@ -61,6 +62,10 @@ class TrainingInputs:
     has_aux: bool = False
     aux_grows: tuple = ()
     aux_bytes: float = 0.0          # aux bytes held over a step (all micro-batches), not in the plan's memory
+    # whether the loss keeps the batch's rows apart (``row_form``; "" with one micro-batch), and
+    # whether rows meeting runs per micro-batch (``coupled_rows="per_microbatch"``)
+    rows_check: str = ""
+    rows_meet: bool = False
 
     @property
     def num_params(self) -> int:
@@ -79,14 +84,18 @@ def nbytes(x) -> float:
 
 def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_microbatches, schedule,
                    memory_budget_bytes, costing="auto", mesh_search="auto", split_scans=True,
-                   remat: str = "none", zero: str = "none", has_aux: bool = False) -> TrainingInputs:
+                   remat: str = "none", zero: str = "none", has_aux: bool = False,
+                   coupled_rows: str = "refuse") -> TrainingInputs:
     """Check the options, abstract the arguments, trace one micro-batch's loss and measure
     the optimizer state (``optimizer.init`` under ``jax.eval_shape``). With ``split_scans``
     a scanned layer stack is unrolled into one layer per iteration, its stacked parameters
     split per iteration (``autopar.pipeline.unscan``). ``remat``: "auto" (the search chooses
     per stage) or one option for every stage (``autopar.pipeline.remat``); ``zero`` likewise
-    for ZeRO-1 ("auto", "none", "1"; ``autopar.pipeline.zero``)."""
+    for ZeRO-1 ("auto", "none", "1"; ``autopar.pipeline.zero``). ``coupled_rows``: what to do
+    with a loss whose batch rows meet (BatchNorm …; ``autopar.pipeline.row_form``)."""
     options, zeros = remat_options(remat), zero_options(zero)
+    if coupled_rows not in COUPLED_ROWS:
+        raise ValueError(f"coupled_rows must be one of {COUPLED_ROWS}, got {coupled_rows!r}")
     spec = check_options(cluster, nodes, num_microbatches, schedule, optimizer, memory_budget_bytes, costing,
                          mesh_search)
     params_abs = jax.tree_util.tree_map(abstract, params)
@@ -108,6 +117,7 @@ def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_mic
     p_bytes = sum(nbytes(x) for x in p_leaves)
     o_bytes = sum(nbytes(x) for x in jax.tree_util.tree_leaves(opt_abs))
     traced = loss_jaxpr(loss_fn, params_abs, microbatch) if split_scans or num_microbatches > 1 else None
+    user_traced = traced
     # draws over the batch made per micro-batch as over the whole batch (a dropout mask):
     # the loss then takes the micro-batch's rows too (``autopar.pipeline.rng_form``)
     wrapped, microbatch = per_microbatch(loss_fn, params_abs, microbatch, num_microbatches, traced)
@@ -128,6 +138,11 @@ def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_mic
     name = getattr(loss_fn, "__name__", "loss_fn")
     check_aux_size(name, aux_bytes, num_microbatches, budget)
     check_microbatched(program, len(p_leaves), name, num_microbatches, rows, has_aux)
+    found = None
+    if num_microbatches > 1:   # micro-batching is exact only where the loss keeps rows apart
+        loss_leaves = program.out_tree.children()[0].num_leaves if has_aux else program.out_tree.num_leaves
+        found = check_rows(user_traced[0], jax.tree_util.tree_leaves(user_mb), len(user_leaves), loss_leaves)
+        check_coupled_rows(found, name, num_microbatches, rows, coupled_rows)
     return TrainingInputs(
         loss_fn=loss_fn, optimizer=optimizer, name=getattr(loss_fn, "__name__", "loss_fn"), spec=spec, nodes=nodes,
         num_microbatches=num_microbatches, schedule=schedule,
@@ -138,7 +153,8 @@ def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_mic
         shapes=tuple(submesh_shapes(nodes, spec.devices_per_node)), scan_split=split,
         user_p_leaves=user_leaves if split is not None else (), user_p_tree=user_tree if split is not None else None,
         remat=options, zero=zeros, batch_draws=wrapped.count if isinstance(wrapped, RowsLoss) else 0,
-        has_aux=has_aux, aux_grows=tuple(grows), aux_bytes=num_microbatches * aux_bytes)
+        has_aux=has_aux, aux_grows=tuple(grows), aux_bytes=num_microbatches * aux_bytes,
+        rows_check=found.line() if found is not None else "", rows_meet=bool(found and found.coupled))
 
 
 def abstract(x):

@@ -133,6 +133,31 @@ def full_batch_loss(loss_fn, has_aux: bool = False):
     return loss
 
 
+def per_microbatch_loss(loss_fn, num_microbatches: int, has_aux: bool = False, aux_grows=()):
+    """``loss_fn`` run on each of ``num_microbatches`` micro-batches (batch leaves split along
+    axis 0, scalars given whole) and combined as a pipeline step combines them: the mean of
+    the losses (totals and weights summed for a ``WeightedLoss``), aux by ``combine_aux``. The
+    single-device reference of a plan whose rows meet (``coupled_rows="per_microbatch"``)."""
+    def loss(params, batch):
+        outs = []
+        for m in range(num_microbatches):
+            mb = jax.tree_util.tree_map(
+                lambda x: x if not x.shape else x.reshape(num_microbatches, -1, *x.shape[1:])[m], batch)
+            outs.append(loss_fn(params, mb))
+        mains = [o[0] if has_aux else o for o in outs]
+        if isinstance(mains[0], WeightedLoss):
+            main = sum(o.total for o in mains) / sum(o.weight for o in mains)
+        else:
+            main = sum(mains) / num_microbatches
+        if not has_aux:
+            return main
+        leaves = [jax.tree_util.tree_leaves(o[1]) for o in outs]
+        grows = list(aux_grows) or [False] * len(leaves[0])
+        aux = [combine_aux([ls[i] for ls in leaves], grows[i]) for i in range(len(leaves[0]))]
+        return main, jax.tree_util.tree_structure(outs[0][1]).unflatten(aux)
+    return loss
+
+
 def differentiated(loss_fn, has_aux: bool = False):
     """The scalar each micro-batch's backward differentiates: the mean, or the total."""
     def loss(params, batch):

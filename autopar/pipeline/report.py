@@ -29,6 +29,10 @@ def format_training_report(plan) -> str:
     if plan.batch_draws:
         lines.append(f"random draws over the batch (dropout masks …): {plan.batch_draws}, each micro-batch drawing its "
                      "rows of the whole batch's draw, as jax.jit of the loss over the batch does")
+    if plan.rows_check:
+        lines.append(f"batch rows across micro-batches: {plan.rows_check}" + (
+            "; each micro-batch computes them over its own rows (coupled_rows='per_microbatch'), not jax.jit's "
+            "step over the whole batch" if plan.rows_meet else ""))
     lines.append("")
     head = (f"{'stage':>5}  {'layers':>7}  {'sub-mesh':>8}  {'devices':>9}  {'mesh':>6}  {'t/micro-batch':>13}  "
             f"{'fwd':>9}  {'bwd':>9}  {'send':>9}  {'params/dev':>10}  {'act/dev':>10}  {'in flight':>9}  {'memory/dev':>10}  "

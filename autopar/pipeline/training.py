@@ -85,7 +85,7 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
                   solver: str = "auto", time_limit_s: float | None = None, costing: str = "auto",
                   max_exact_pairs: int = 24, mesh_search: str = "auto", split_scans: bool = True,
                   remat: str = "auto", zero: str = "auto", workers="auto", has_aux: bool = False,
-                  verbose=False) -> TrainingPlan:
+                  coupled_rows: str = "refuse", verbose=False) -> TrainingPlan:
     """Plan a training step of ``loss_fn(params, batch) -> scalar mean loss`` with ``optimizer``
     (or ``-> (total, weight)``, the loss being total / weight over the whole batch, e.g. a mean
     over unmasked tokens: ``autopar.pipeline.loss_form``).
@@ -127,6 +127,14 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
     (``loss_form.combine_aux``: per-example leaves concatenated, floating ones averaged over the
     micro-batches, integer ones summed).
 
+    ``coupled_rows``: a loss whose batch rows meet (BatchNorm's batch statistics, a
+    load-balancing loss over all tokens, in-batch negatives: ``autopar.pipeline.row_form``)
+    computes something else on each micro-batch than ``jax.jit`` over the whole batch; with
+    more than one micro-batch it is refused ("refuse", where the error says where the rows
+    meet), or run with each micro-batch's statistics over its own rows ("per_microbatch", as
+    GPipe runs BatchNorm and gradient accumulation does; the report says so). Primitives the
+    check has no rule for are named in the report ("not judged past …").
+
     ``workers``: processes that plan independent stage ILPs at once (``autopar.pipeline.pool``;
     "auto": the cores, on clusters of 32 devices or more); the plan is the same with any number.
 
@@ -143,7 +151,8 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
                 schedule=schedule, num_stages=num_stages, stages=stages, num_layers=num_layers,
                 memory_budget_bytes=memory_budget_bytes, solver=solver, time_limit_s=time_limit_s,
                 costing=costing, max_exact_pairs=max_exact_pairs, mesh_search=mesh_search,
-                split_scans=split_scans, remat=remat, zero=zero, workers=workers, has_aux=has_aux, verbose=progress),
+                split_scans=split_scans, remat=remat, zero=zero, workers=workers, has_aux=has_aux,
+                coupled_rows=coupled_rows, verbose=progress),
                 counts, progress)
         finally:
             if progress is not verbose:
@@ -154,7 +163,8 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
         inputs = prepare_inputs(loss_fn, params, batch, optimizer=optimizer, cluster=cluster, nodes=nodes,
                                 num_microbatches=num_microbatches, schedule=schedule,
                                 memory_budget_bytes=memory_budget_bytes, costing=costing, mesh_search=mesh_search,
-                                split_scans=split_scans, remat=remat, zero=zero, has_aux=has_aux)
+                                split_scans=split_scans, remat=remat, zero=zero, has_aux=has_aux,
+                                coupled_rows=coupled_rows)
         layering = layers_of(inputs.program, num_layers, stages, split_scan=inputs.scan_split is not None)
         t_trace = time.perf_counter()
         L = len(layering.layers)

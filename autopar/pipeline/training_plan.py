@@ -150,6 +150,11 @@ class TrainingPlan(_Document):
     has_aux: bool = Field(default=False, exclude_if=lambda v: not v)
     aux_grows: list[bool] = Field(default_factory=list, exclude_if=lambda v: not v)
     aux_bytes: float = Field(default=0.0, exclude_if=lambda v: not v)   # held over a step, all micro-batches
+    # whether the loss keeps the batch's rows apart, so micro-batching it is exact
+    # (``autopar.pipeline.row_form``; "" with one micro-batch), and whether rows meeting run per
+    # micro-batch (``plan_training(coupled_rows="per_microbatch")``)
+    rows_check: str = Field(default="", exclude_if=lambda v: not v)
+    rows_meet: bool = Field(default=False, exclude_if=lambda v: not v)
     timing: Timing = Timing()
     _loss_fn: Any = PrivateAttr(default=None)
     _optimizer: Any = PrivateAttr(default=None)

@@ -1,0 +1,169 @@
+"""Losses whose batch rows meet (BatchNorm, load-balancing over all tokens, in-batch
+negatives, capacity across the batch) are found before they run on micro-batches
+(``autopar.pipeline.row_form``): refused, or run per micro-batch when asked, and checked
+against JAX."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import autopar
+from autopar.pipeline.inputs import microbatch_shapes
+from autopar.pipeline.loss_form import per_microbatch_loss
+from autopar.pipeline.row_form import check_rows
+
+
+def judge(loss, params, batch, num_microbatches=2, loss_leaves=1):
+    mb = microbatch_shapes(jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch),
+                           num_microbatches)
+    closed = jax.make_jaxpr(loss)(params, mb)
+    return check_rows(closed, jax.tree_util.tree_leaves(mb), len(jax.tree_util.tree_leaves(params)), loss_leaves)
+
+
+W = {"w": jnp.ones((8, 8)) * 0.1, "e": jnp.ones((8, 4)) * 0.1}
+X = {"x": jnp.ones((16, 6, 8))}
+
+
+def _gates(p, x):
+    return jax.nn.softmax(x @ p["e"], axis=-1)                       # (B, S, E)
+
+
+def lb_per_sequence(p, b):
+    g = _gates(p, b["x"])
+    f = jnp.mean(jax.nn.one_hot(jnp.argmax(g, -1), 4), axis=1)        # (B, E): per sequence
+    return jnp.mean(jnp.sum(f * jnp.mean(g, axis=1), -1)) + jnp.mean(b["x"] @ p["w"])
+
+
+def lb_all_tokens(p, b):
+    g = _gates(p, b["x"]).reshape(-1, 4)                              # every token of the batch
+    f = jnp.mean(jax.nn.one_hot(jnp.argmax(g, -1), 4), axis=0)
+    return jnp.sum(f * jnp.mean(g, axis=0)) + jnp.mean(b["x"] @ p["w"])
+
+
+def batch_norm(p, b):
+    h = b["x"] @ p["w"]
+    h = (h - h.mean(axis=(0, 1))) * jax.lax.rsqrt(h.var(axis=(0, 1)) + 1e-5)
+    return jnp.mean(h ** 2)
+
+
+def in_batch_negatives(p, b):
+    q = jnp.mean(b["x"] @ p["w"], axis=1)                             # (B, 8)
+    logits = q @ q.T                                                   # every pair of examples
+    return -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, -1)))
+
+
+def capacity_across_batch(p, b):
+    g = _gates(p, b["x"]).reshape(-1, 4)
+    slot = jnp.cumsum(jax.nn.one_hot(jnp.argmax(g, -1), 4), axis=0)   # slots counted over all tokens
+    return jnp.mean(g * (slot < 8))
+
+
+def squared_mean(p, b):
+    return jnp.mean(b["x"] @ p["w"]) ** 2
+
+
+def first_row(p, b):
+    return jnp.mean(b["x"][0] @ p["w"])
+
+
+def scanned(p, b):
+    def body(h, w):
+        return jnp.tanh(h @ w), None
+    h, _ = jax.lax.scan(body, b["x"], jnp.stack([p["w"], p["w"]]))
+    return jnp.mean(jax.checkpoint(lambda z: z ** 2)(h))
+
+
+@pytest.mark.parametrize("loss", [lb_per_sequence, scanned])
+def test_losses_that_keep_rows_apart_are_checked(loss):
+    got = judge(loss, W, X)
+    assert got.coupled is None and got.unjudged is None and got.line() == "kept apart (checked)"
+
+
+@pytest.mark.parametrize("loss, why", [
+    (batch_norm, "a statistic over the batch's rows"),
+    (lb_all_tokens, "nonlinear function of sums over the batch"),
+    (in_batch_negatives, "rows are multiplied with other rows"),
+    (capacity_across_batch, "a cumulative sum"),
+    (squared_mean, "nonlinear function of sums over the batch"),
+])
+def test_losses_whose_rows_meet_are_found(loss, why):
+    got = judge(loss, W, X)
+    assert got.coupled is not None and why in got.coupled and "test_pipeline_rows.py" in got.coupled, got
+
+
+def test_an_unjudged_primitive_is_named():
+    got = judge(first_row, W, X)
+    assert got.coupled is None and got.unjudged.startswith("slice"), got
+
+
+def test_flax_batchnorm_is_found():
+    model = nn.Sequential([nn.Dense(8), nn.BatchNorm(use_running_average=False), nn.relu, nn.Dense(1)])
+    variables = model.init(jax.random.key(0), jnp.ones((4, 8)))
+
+    def loss(params, b):
+        y, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, b["x"],
+                           mutable=["batch_stats"])
+        return jnp.mean((y - b["y"]) ** 2)
+    got = judge(loss, variables["params"], {"x": jnp.ones((16, 8)), "y": jnp.ones((16, 1))})
+    assert got.coupled is not None and "flax/linen/normalization.py" in got.coupled, got
+
+
+def _bn_problem():
+    k = jax.random.split(jax.random.key(1), 4)
+    params = {"w1": jax.random.normal(k[0], (8, 16)) * 0.3, "w2": jax.random.normal(k[1], (16, 4)) * 0.3}
+    batch = {"x": jax.random.normal(k[2], (16, 8)), "y": jax.random.normal(k[3], (16, 4))}
+
+    def loss(p, b):
+        h = b["x"] @ p["w1"]
+        h = (h - h.mean(axis=0)) * jax.lax.rsqrt(h.var(axis=0) + 1e-5)   # BatchNorm, training mode
+        h = autopar.stage_boundary(jax.nn.relu(h))
+        return jnp.mean((h @ p["w2"] - b["y"]) ** 2)
+    return loss, params, batch
+
+
+def test_plan_refuses_rows_that_meet_and_says_where(devices8):
+    loss, params, batch = _bn_problem()
+    with pytest.raises(ValueError, match=r"lets the batch's rows meet: a statistic over the batch's rows .* at "
+                                         r"\w+ \(.*test_pipeline_rows.py:\d+") as err:
+        autopar.plan_training(loss, params, batch, optimizer=optax.sgd(0.1), num_microbatches=4, num_layers=2)
+    assert "coupled_rows='per_microbatch'" in str(err.value) and "num_microbatches=1" in str(err.value)
+    with pytest.raises(ValueError, match="coupled_rows must be one of"):
+        autopar.plan_training(loss, params, batch, optimizer=optax.sgd(0.1), coupled_rows="ignore")
+
+
+def test_rows_that_meet_run_per_microbatch_when_asked(devices8):
+    """``coupled_rows="per_microbatch"``: 2 stages × 4 micro-batches, each normalised over its
+    own 4 rows, equal to the single-device gradient-accumulation step; the report says so."""
+    loss, params, batch = _bn_problem()
+    opt = optax.sgd(0.1)
+    plan = autopar.plan_training(loss, params, batch, optimizer=opt, num_microbatches=4, num_layers=2,
+                                 stages=[(0, 1, (1, 4)), (1, 2, (1, 4))], coupled_rows="per_microbatch")
+    assert plan.rows_meet and plan.rows_check.startswith("rows meet: a statistic")
+    assert "each micro-batch computes them over its own rows" in plan.report()
+    again = autopar.TrainingPlan.from_json(plan.to_json())
+    assert again.rows_meet and again.rows_check == plan.rows_check
+    new_p, _, got_loss = plan.apply(loss, opt)(params, opt.init(params), batch)
+
+    ref = per_microbatch_loss(loss, 4)
+    want_loss, g = jax.value_and_grad(ref)(params, batch)
+    want_p = optax.apply_updates(params, opt.update(g, opt.init(params), params)[0])
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(new_p), jax.tree_util.tree_leaves(want_p)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    # and it is not the whole batch's step: the statistics really are per micro-batch
+    assert abs(float(jax.jit(loss)(params, batch)) - float(got_loss)) > 1e-3
+
+
+def test_a_plan_of_rows_kept_apart_says_checked(devices8):
+    loss, params, batch = _bn_problem()
+
+    def layer_norm_loss(p, b):   # the same model, normalised per example: nothing to refuse
+        h = b["x"] @ p["w1"]
+        h = (h - h.mean(axis=-1, keepdims=True)) * jax.lax.rsqrt(h.var(axis=-1, keepdims=True) + 1e-5)
+        return jnp.mean((autopar.stage_boundary(jax.nn.relu(h)) @ p["w2"] - b["y"]) ** 2)
+    plan = autopar.plan_training(layer_norm_loss, params, batch, optimizer=optax.sgd(0.1), num_microbatches=4,
+                                 num_layers=2, stages=[(0, 1, (1, 4)), (1, 2, (1, 4))])
+    assert plan.rows_check == "kept apart (checked)" and not plan.rows_meet
+    assert "batch rows across micro-batches: kept apart (checked)" in plan.report()
