@@ -60,6 +60,12 @@ def capacity_across_batch(p, b):
     return jnp.mean(g * (slot < 8))
 
 
+def expert_choice(p, b):
+    g = _gates(p, b["x"]).reshape(-1, 4).T                            # (E, tokens of the batch)
+    top, _ = jax.lax.top_k(g, 8)                                       # each expert picks its tokens
+    return jnp.mean(top)
+
+
 def squared_mean(p, b):
     return jnp.mean(b["x"] @ p["w"]) ** 2
 
@@ -86,11 +92,20 @@ def test_losses_that_keep_rows_apart_are_checked(loss):
     (lb_all_tokens, "nonlinear function of sums over the batch"),
     (in_batch_negatives, "rows are multiplied with other rows"),
     (capacity_across_batch, "a cumulative sum"),
+    (expert_choice, "a top-k runs along the batch's rows"),
     (squared_mean, "nonlinear function of sums over the batch"),
 ])
 def test_losses_whose_rows_meet_are_found(loss, why):
     got = judge(loss, W, X)
     assert got.coupled is not None and why in got.coupled and "test_pipeline_rows.py" in got.coupled, got
+
+
+def test_only_what_reaches_the_loss_counts():
+    def loss(p, b):   # (loss, aux): the aux's batch-normalised values are not the loss's
+        h = b["x"] @ p["w"]
+        return jnp.mean(h ** 2), {"centred": h - h.mean(axis=0), "first": h[0]}
+    got = judge(loss, W, X)
+    assert got == (None, None), got
 
 
 def test_an_unjudged_primitive_is_named():
@@ -167,3 +182,30 @@ def test_a_plan_of_rows_kept_apart_says_checked(devices8):
                                  num_layers=2, stages=[(0, 1, (1, 4)), (1, 2, (1, 4))])
     assert plan.rows_check == "kept apart (checked)" and not plan.rows_meet
     assert "batch rows across micro-batches: kept apart (checked)" in plan.report()
+
+
+def _zoo(name):
+    import examples.moe as moe
+    import examples.wresnet as wresnet
+    from examples.zoo import eqx_transformer, linen_transformer, llama, nnx_transformer, vit
+    from examples.zoo import moe as zoo_moe
+    import examples.llama as llama_model
+    if name in ("moe", "wresnet"):
+        mod = {"moe": moe, "wresnet": wresnet}[name]
+        params, batch = mod.loss_fn_args(abstract=True)
+        return mod.make_loss_fn(), params, batch
+    if name == "llama_scan":
+        params, _, batch = llama.llama_scan_step_args("tiny", abstract=True)
+        return llama_model.make_loss_fn(llama._config_of(params, scan=True)), params, batch
+    mod, step = {"linen_scan": (linen_transformer, "linen_scan_step"), "nnx_scan": (nnx_transformer, "nnx_scan_step"),
+                 "eqx": (eqx_transformer, "eqx_step"), "zoo_moe": (zoo_moe, "moe_step"),
+                 "vit": (vit, "vit_step")}[name]
+    params, _, batch = getattr(mod, step + "_args")("tiny", abstract=True)
+    return mod.loss_fn, params, batch
+
+
+@pytest.mark.parametrize("name", ["linen_scan", "nnx_scan", "eqx", "zoo_moe", "vit", "llama_scan", "moe", "wresnet"])
+def test_zoo_and_example_losses_keep_rows_apart(name):
+    loss, params, batch = _zoo(name)
+    got = judge(loss, params, batch)
+    assert got == (None, None), got

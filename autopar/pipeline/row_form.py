@@ -45,16 +45,23 @@ class Stat(NamedTuple):
 
 
 class Unknown(NamedTuple):
-    """Rows that went through something not judged (``where``), or that met already."""
-    where: str
+    """Rows that went through a primitive without a rule (``where``; None: a loop's carry
+    the walk could not settle, named by the caller)."""
+    where: str | None
+
+
+class Coupled(NamedTuple):
+    """Computed where rows met (``why``, with the primitive and the user's line)."""
+    why: str
 
 
 SUM = "sum"   # a sum (or mean) over the rows of per-row values: additive over micro-batches
 
 
 class RowCheck(NamedTuple):
-    """What :func:`check_rows` found: ``coupled`` says where rows first meet (None: nowhere),
-    ``unjudged`` the first primitive without a rule that batch rows went through."""
+    """What :func:`check_rows` found on the way to the loss: ``coupled`` says where rows meet
+    (None: nowhere), ``unjudged`` the primitive without a rule the rows went through (None:
+    every one judged). What only feeds aux outputs is not judged."""
     coupled: str | None
     unjudged: str | None
 
@@ -88,12 +95,10 @@ def _shape(v) -> tuple:
 
 
 class _Walk:
-    """The abstract interpretation: ``tags`` per jaxpr variable, the first coupling and the
-    first unjudged primitive."""
+    """The abstract interpretation: a tag per jaxpr variable; findings travel as tags
+    (:class:`Coupled`, :class:`Unknown`), so only those reaching the loss count."""
 
     def __init__(self):
-        self.coupled: str | None = None
-        self.unjudged: str | None = None
         self.outer: list = []   # the calls, scans … being walked (a jnp function's own jit has no user line)
 
     def where(self, eqn) -> str:
@@ -103,14 +108,10 @@ class _Walk:
         return eqn.primitive.name + (f" ({at})" if at else "")
 
     # -- findings ---------------------------------------------------------------------
-    def couple(self, eqn, why: str):
-        if self.coupled is None:
-            self.coupled = f"{why} at {self.where(eqn)}"
-        return Unknown(self.where(eqn))
+    def couple(self, eqn, why: str) -> Coupled:
+        return Coupled(f"{why} at {self.where(eqn)}")
 
-    def unknown(self, eqn):
-        if self.unjudged is None:
-            self.unjudged = self.where(eqn)
+    def unknown(self, eqn) -> Unknown:
         return Unknown(self.where(eqn))
 
     # -- a jaxpr ------------------------------------------------------------------------
@@ -139,7 +140,7 @@ class _Walk:
         n_out = len(eqn.outvars)
         if all(t is None for t in ins):
             return [None] * n_out
-        unknown = next((t for t in ins if isinstance(t, Unknown)), None)
+        bad = _finding(ins)
         name = eqn.primitive.name
         if name in _CALLS or name in ("scan", "while", "cond"):
             self.outer.append(eqn)
@@ -147,8 +148,8 @@ class _Walk:
                 return self.control(eqn, ins)
             finally:
                 self.outer.pop()
-        if unknown is not None:
-            return [unknown] * n_out
+        if bad is not None:
+            return [bad] * n_out
         if name in _PASS:
             return list(ins[:n_out])
         rule = _RULES.get(name)
@@ -197,7 +198,7 @@ class _Walk:
                 xs_in.append(t)
             for _ in range(8):
                 outs = self.body(p["jaxpr"], consts + carry + xs_in)
-                joined = [_join(a, b) for a, b in zip(carry, outs[:nk])]
+                joined = [self.settled(eqn, _join(a, b)) for a, b in zip(carry, outs[:nk])]
                 if joined == carry:
                     break
                 carry = joined
@@ -208,19 +209,29 @@ class _Walk:
             cconsts, bconsts, carry = ins[:cn], ins[cn:cn + bn], ins[cn + bn:]
             for _ in range(8):
                 outs = self.body(p["body_jaxpr"], bconsts + carry)
-                joined = [_join(a, b) for a, b in zip(carry, outs)]
+                joined = [self.settled(eqn, _join(a, b)) for a, b in zip(carry, outs)]
                 if joined == carry:
                     break
                 carry = joined
             pred = self.body(p["cond_jaxpr"], cconsts + carry)[0]
-            return carry if pred is None else [self.unknown(eqn)] * len(carry)
+            return carry if pred is None else [_finding([pred]) or self.unknown(eqn)] * len(carry)
         # cond: the index picks a branch; its outputs join every branch's
         index, ops = ins[0], ins[1:]
         outs = None
         for branch in p["branches"]:
             got = self.body(branch, ops)
-            outs = got if outs is None else [_join(a, b) for a, b in zip(outs, got)]
-        return outs if index is None else [self.unknown(eqn)] * len(eqn.outvars)
+            outs = got if outs is None else [self.settled(eqn, _join(a, b)) for a, b in zip(outs, got)]
+        return outs if index is None else [_finding([index]) or self.unknown(eqn)] * len(eqn.outvars)
+
+
+    def settled(self, eqn, t):
+        return self.unknown(eqn) if t == Unknown(None) else t
+
+
+def _finding(tags):
+    """The first finding among ``tags``, rows meeting before unjudged primitives."""
+    return next((t for t in tags if isinstance(t, Coupled)), None) or next(
+        (t for t in tags if isinstance(t, Unknown)), None)
 
 
 def _gcd_rows(rows) -> Rows | None:
@@ -249,13 +260,13 @@ def _join(a, b):
         return a
     if a is None:
         return b
-    for t in (a, b):
-        if isinstance(t, Unknown):
-            return t
+    bad = _finding([a, b])
+    if bad is not None:
+        return bad
     if isinstance(a, Rows) and isinstance(b, Rows):
-        return _gcd_rows([a, b]) or Unknown("rows on different axes in a loop")
+        return _gcd_rows([a, b]) or Unknown(None)
     if isinstance(a, Rows) or isinstance(b, Rows):
-        return Unknown("rows and a statistic over them in a loop")
+        return Unknown(None)
     return next(t for t in (a, b) if isinstance(t, Stat)) if SUM in (a, b) else a
 
 
@@ -514,16 +525,14 @@ def check_rows(closed, batch_leaves, num_params: int, num_loss_leaves: int) -> R
     micro-batch), and judge its first ``num_loss_leaves`` outputs (a mean's one, a
     ``WeightedLoss``'s two). A loss output that is a statistic of sums (a product of batch
     means) couples rows too."""
-    w = _Walk()
     in_tags = [None] * num_params + [None if whole_leaf(x) else Rows(0, int(x.shape[0])) for x in batch_leaves]
-    outs = w.body(closed, in_tags)
-    for t in outs[:num_loss_leaves]:
-        if w.coupled is None and isinstance(t, Stat):
-            w.coupled = (f"the loss is a nonlinear function of sums over the batch (e.g. a product of two batch "
-                         f"means, as a load-balancing loss over all tokens) made at {t.where}")
-        if w.coupled is None and isinstance(t, Rows):
-            w.coupled = "the loss keeps a rows axis"
-    return RowCheck(w.coupled, w.unjudged)
+    outs = _Walk().body(closed, in_tags)[:num_loss_leaves]
+    found = next((t.why for t in outs if isinstance(t, Coupled)), None) or next(
+        (f"the loss is a nonlinear function of sums over the batch (e.g. a product of two batch means, as a "
+         f"load-balancing loss over all tokens) made at {t.where}" for t in outs if isinstance(t, Stat)), None) or next(
+        ("the loss keeps a rows axis" for t in outs if isinstance(t, Rows)), None)
+    unjudged = next((t.where for t in outs if isinstance(t, Unknown)), None)
+    return RowCheck(found, None if found else unjudged)
 
 
 COUPLED_ROWS = ("refuse", "per_microbatch")
