@@ -223,8 +223,8 @@ class _Walk:
             outs = got if outs is None else [self.settled(eqn, _join(a, b)) for a, b in zip(outs, got)]
         return outs if index is None else [_finding([index]) or self.unknown(eqn)] * len(eqn.outvars)
 
-
     def settled(self, eqn, t):
+        """A loop's or cond's joined tag, an unsettled one named by ``eqn``."""
         return self.unknown(eqn) if t == Unknown(None) else t
 
 
