@@ -108,9 +108,17 @@ def test_only_what_reaches_the_loss_counts():
     assert got == (None, None), got
 
 
-def test_an_unjudged_primitive_is_named():
-    got = judge(first_row, W, X)
-    assert got.coupled is None and got.unjudged.startswith("slice"), got
+def dropless_sort(p, b):   # every token of the batch sorted by expert, then put back
+    g = _gates(p, b["x"]).reshape(-1, 4)
+    order = jnp.argsort(jnp.argmax(g, -1))
+    y = g[order] * 2.0
+    return jnp.mean(jnp.zeros_like(y).at[order].set(y))
+
+
+@pytest.mark.parametrize("loss, where", [(first_row, "slice"), (dropless_sort, "sort")])
+def test_an_unjudged_primitive_is_named(loss, where):
+    got = judge(loss, W, X)
+    assert got.coupled is None and got.unjudged.startswith(where) and "test_pipeline_rows.py" in got.unjudged, got
 
 
 def test_flax_batchnorm_is_found():

@@ -448,6 +448,17 @@ def _stack(w, eqn, ins):
     return Rows(r.axis + (r.axis >= eqn.params["axis"]), r.count)
 
 
+def _sort(w, eqn, ins):
+    """A sort along the rows only permutes them — a dropless MoE sorts every token of the
+    batch by expert and puts them back —, which this walk cannot follow: not judged there
+    (a ``top_k`` or ``cumsum`` along the rows does make rows meet)."""
+    rows = [t for t in ins if isinstance(t, Rows)]
+    r = _gcd_rows(rows) if len(rows) == sum(1 for t in ins if t is not None) else None
+    if r is None or eqn.params["dimension"] % len(_shape(eqn.invars[0])) == r.axis:
+        return w.unknown(eqn)
+    return r
+
+
 def _split(w, eqn, ins):
     t = ins[0]
     if isinstance(t, Rows) and t.axis == eqn.params["axis"] % len(_shape(eqn.invars[0])):
@@ -508,11 +519,10 @@ _RULES = {
     "broadcast_in_dim": _broadcast, "reshape": _reshape, "squeeze": _squeeze, "transpose": _transpose,
     "dot_general": _dot, "conv_general_dilated": _conv, "concatenate": _concatenate, "slice": _slice,
     "dynamic_slice": _dynamic_slice, "dynamic_update_slice": _dynamic_update_slice, "pad": _pad,
-    "gather": _gather, "split": _split, "stack": _stack, "rev": _rev,
+    "gather": _gather, "split": _split, "stack": _stack, "sort": _sort, "rev": _rev,
     **{n: _reduce for n in _REDUCE_SUM | _REDUCE_OTHER},
     **{n: _along("a cumulative sum (or product, max) runs along the batch's rows, e.g. expert slots counted over "
                  "the tokens of every sequence") for n in _CUMULATIVE},
-    "sort": _along("a sort runs along the batch's rows"),
     "top_k": _along("a top-k runs along the batch's rows, e.g. experts choosing tokens across sequences"),
     "approx_top_k": _along("a top-k runs along the batch's rows"),
     **{n: _reduce_window for n in ("reduce_window_sum", "reduce_window_max", "reduce_window_min", "reduce_window")},

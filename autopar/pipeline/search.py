@@ -80,7 +80,8 @@ def solve_lazily(coster, inputs: TrainingInputs, num_layers: int, costs, *, num_
         if not lower:
             return sol
         if progress is not None:
-            progress.phase("plan the candidates the stage DP relies on", total=len(lower))
+            # (counted per plan made, which one placeholder may need many of: no total)
+            progress.phase(f"plan the candidates the stage DP relies on ({len(lower)} placeholder(s))")
         costs.resolve(lower)
 
 
