@@ -74,6 +74,13 @@ def first_row(p, b):
     return jnp.mean(b["x"][0] @ p["w"])
 
 
+def per_example_keys(p, b):   # dropout with a key per example, drawn under vmap
+    keys = jax.vmap(lambda k: jax.random.split(k, 2))(b["keys"])[:, 0]
+    h = b["x"] @ p["w"]
+    keep = jax.vmap(lambda k: jax.random.bernoulli(k, 0.9, h.shape[1:]))(keys)
+    return jnp.mean(jnp.where(keep, h / 0.9, 0.0))
+
+
 def scanned(p, b):
     def body(h, w):
         return jnp.tanh(h @ w), None
@@ -81,9 +88,9 @@ def scanned(p, b):
     return jnp.mean(jax.checkpoint(lambda z: z ** 2)(h))
 
 
-@pytest.mark.parametrize("loss", [lb_per_sequence, scanned])
+@pytest.mark.parametrize("loss", [lb_per_sequence, scanned, per_example_keys])
 def test_losses_that_keep_rows_apart_are_checked(loss):
-    got = judge(loss, W, X)
+    got = judge(loss, W, {**X, "keys": jax.random.split(jax.random.key(0), 16)})
     assert got.coupled is None and got.unjudged is None and got.line() == "kept apart (checked)"
 
 

@@ -459,6 +459,18 @@ def _sort(w, eqn, ins):
     return r
 
 
+def _leading(w, eqn, ins):
+    """Primitives that keep their operand's leading axes and work within them (PRNG keys
+    split, folded, wrapped or drawn from — per-example keys —, bit casts): rows stay on
+    their axis where it is one of those."""
+    rows = [t for t in ins if isinstance(t, Rows)]
+    r = _gcd_rows(rows) if len(rows) == sum(1 for t in ins if t is not None) else None
+    s, out = _shape(eqn.invars[0]), _shape(eqn.outvars[0])
+    if r is None or r.axis >= min(len(s), len(out)) or s[:r.axis + 1] != out[:r.axis + 1]:
+        return w.unknown(eqn)
+    return r
+
+
 def _split(w, eqn, ins):
     t = ins[0]
     if isinstance(t, Rows) and t.axis == eqn.params["axis"] % len(_shape(eqn.invars[0])):
@@ -519,7 +531,9 @@ _RULES = {
     "broadcast_in_dim": _broadcast, "reshape": _reshape, "squeeze": _squeeze, "transpose": _transpose,
     "dot_general": _dot, "conv_general_dilated": _conv, "concatenate": _concatenate, "slice": _slice,
     "dynamic_slice": _dynamic_slice, "dynamic_update_slice": _dynamic_update_slice, "pad": _pad,
-    "gather": _gather, "split": _split, "stack": _stack, "sort": _sort, "rev": _rev,
+    "gather": _gather, "split": _split, "stack": _stack, "sort": _sort,
+    **{n: _leading for n in ("random_bits", "random_split", "random_fold_in", "random_wrap", "random_unwrap",
+                             "bitcast_convert_type")}, "rev": _rev,
     **{n: _reduce for n in _REDUCE_SUM | _REDUCE_OTHER},
     **{n: _along("a cumulative sum (or product, max) runs along the batch's rows, e.g. expert slots counted over "
                  "the tokens of every sequence") for n in _CUMULATIVE},
