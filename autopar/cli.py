@@ -205,6 +205,8 @@ def _common(p):
     t.add_argument("--coupled-rows", default="refuse", choices=["refuse", "per_microbatch"],
                    help="a loss whose batch rows meet (BatchNorm, a load-balancing loss over all tokens): refused "
                    "with more than one micro-batch, or run with each micro-batch's statistics over its own rows")
+    t.add_argument("--grad-accum", default="params", choices=["params", "float32"],
+                   help="sum the micro-batches' gradients in the parameters' dtype or in float32 (bfloat16 params)")
     t.add_argument("--microbatches", type=lambda s: int(s) if "," not in s else [int(x) for x in s.split(",")],
                    default=1, help="micro-batches per step; several, e.g. 8,16,32: each planned, the fastest kept")
     t.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"])

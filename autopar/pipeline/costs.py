@@ -14,9 +14,11 @@ Costs per stage and micro-batch (seconds, bytes per device):
   layer range not planned yet (``StageCoster.activation``) counts the ``jax.vjp`` residuals
   / n_dev, a lower bound.
 * static = the ILP's peak for one micro-batch − act, where the ILP charges every parameter
-  (2 + r)× its bytes (itself, its gradient accumulator and optimizer state; r =
-  optimizer-state bytes per parameter byte); ``persist`` is that parameter part. With ZeRO-1
-  (``autopar.pipeline.zero``) the ILP charges 2× and the sharded optimizer state is added.
+  (1 + a + r)× its bytes (itself, its gradient accumulator and optimizer state; a =
+  accumulator bytes per parameter byte, 1, or 2 for bfloat16 parameters accumulated in
+  float32, ``inputs.acc_ratio``; r = optimizer-state bytes per parameter byte); ``persist``
+  is that parameter part. With ZeRO-1 (``autopar.pipeline.zero``) the ILP charges (1 + a)×
+  and the sharded optimizer state is added.
 * memory of stage k of S = static + f(S − k)·act, f the schedule's in-flight rule
   (``solvers.schedules.Schedule.inflight``).
 * gather = ZeRO-1's all-gather of the updated parameters, once per step after the stage's

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from .costs import CostArrays, StageCost, entry
-from .inputs import nbytes
+from .inputs import resident_bytes
 from .pool import prefetch
 
 
@@ -33,7 +33,7 @@ class ExactCosts:
 
     def __init__(self, coster, inputs, num_layers: int, shapes, progress):
         self.coster, self.L, self.shapes, self.options = coster, num_layers, list(shapes), tuple(inputs.options)
-        self.budget, self.factor = inputs.budget, 2.0 + inputs.opt_ratio
+        self.budget, self.opt_ratio, self.grad_accum = inputs.budget, inputs.opt_ratio, inputs.grad_accum
         self.p_leaves = inputs.p_leaves
         R, nS = len(self.options), len(self.shapes)
         self.latency = np.full((R, num_layers, num_layers + 1, nS), np.inf)
@@ -63,7 +63,7 @@ class ExactCosts:
         """Least static memory of layers i..j−1 on ``sub``: their parameters with accumulators
         and optimizer state, sharded over every device."""
         st = self.coster.stage(i, j)[0]
-        return sum(nbytes(self.p_leaves[q]) for q in st.params) * self.factor / (sub[0] * sub[1])
+        return resident_bytes([self.p_leaves[q] for q in st.params], self.opt_ratio, self.grad_accum) / (sub[0] * sub[1])
 
     def _set(self, r: int, i: int, j: int, s: int, c: StageCost) -> None:
         self.latency[r, i, j, s], self.memory[r, i, j, s], self.activation[r, i, j, s] = entry(c)

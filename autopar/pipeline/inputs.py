@@ -66,6 +66,8 @@ class TrainingInputs:
     # whether rows meeting runs per micro-batch (``coupled_rows="per_microbatch"``)
     rows_check: str = ""
     rows_meet: bool = False
+    # the dtype gradients accumulate in over the micro-batches: the parameters' or float32
+    grad_accum: str = "params"
 
     @property
     def num_params(self) -> int:
@@ -82,10 +84,28 @@ def nbytes(x) -> float:
     return float(np.prod(x.shape, dtype=np.int64)) * dtype_itemsize(x.dtype)
 
 
+GRAD_ACCUM = ("params", "float32")
+
+
+def acc_ratio(dtype, grad_accum: str) -> float:
+    """Gradient-accumulator bytes per parameter byte: 1 (accumulated in the parameter's dtype),
+    or float32's over a lower-precision parameter's with ``grad_accum="float32"`` (2 for
+    bfloat16)."""
+    if grad_accum == "float32" and dtype_itemsize(dtype) < 4:
+        return 4.0 / dtype_itemsize(dtype)
+    return 1.0
+
+
+def resident_bytes(leaves, opt_ratio: float, grad_accum: str) -> float:
+    """Bytes a stage's parameter ``leaves`` hold all step: themselves, their gradient
+    accumulators (``acc_ratio``) and optimizer state (``opt_ratio`` × their bytes)."""
+    return sum(nbytes(x) * (1.0 + acc_ratio(x.dtype, grad_accum) + opt_ratio) for x in leaves)
+
+
 def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_microbatches, schedule,
                    memory_budget_bytes, costing="auto", mesh_search="auto", split_scans=True,
                    remat: str = "none", zero: str = "none", has_aux: bool = False,
-                   coupled_rows: str = "refuse") -> TrainingInputs:
+                   coupled_rows: str = "refuse", grad_accum: str = "params") -> TrainingInputs:
     """Check the options, abstract the arguments, trace one micro-batch's loss and measure
     the optimizer state (``optimizer.init`` under ``jax.eval_shape``). With ``split_scans``
     a scanned layer stack is unrolled into one layer per iteration, its stacked parameters
@@ -96,6 +116,8 @@ def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_mic
     options, zeros = remat_options(remat), zero_options(zero)
     if coupled_rows not in COUPLED_ROWS:
         raise ValueError(f"coupled_rows must be one of {COUPLED_ROWS}, got {coupled_rows!r}")
+    if grad_accum not in GRAD_ACCUM:
+        raise ValueError(f"grad_accum must be one of {GRAD_ACCUM}, got {grad_accum!r}")
     spec = check_options(cluster, nodes, num_microbatches, schedule, optimizer, memory_budget_bytes, costing,
                          mesh_search)
     params_abs = jax.tree_util.tree_map(abstract, params)
@@ -154,7 +176,8 @@ def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_mic
         user_p_leaves=user_leaves if split is not None else (), user_p_tree=user_tree if split is not None else None,
         remat=options, zero=zeros, batch_draws=wrapped.count if isinstance(wrapped, RowsLoss) else 0,
         has_aux=has_aux, aux_grows=tuple(grows), aux_bytes=num_microbatches * aux_bytes,
-        rows_check=found.line() if found is not None else "", rows_meet=bool(found and found.coupled))
+        rows_check=found.line() if found is not None else "", rows_meet=bool(found and found.coupled),
+        grad_accum=grad_accum)
 
 
 def abstract(x):

@@ -29,6 +29,9 @@ def format_training_report(plan) -> str:
     if plan.batch_draws:
         lines.append(f"random draws over the batch (dropout masks …): {plan.batch_draws}, each micro-batch drawing its "
                      "rows of the whole batch's draw, as jax.jit of the loss over the batch does")
+    if plan.grad_accum == "float32":
+        lines.append("gradients accumulated over the micro-batches in float32 (grad_accum='float32'; cast to the "
+                     "parameters' dtype once, before the update; the memory above counts the larger accumulators)")
     if plan.rows_check:
         lines.append(f"batch rows across micro-batches: {plan.rows_check}" + (
             "; each micro-batch computes them over its own rows (coupled_rows='per_microbatch'), not jax.jit's "

@@ -98,7 +98,7 @@ class PipelineStep:
         self.state = StateSplit(optimizer, self.p_tree, params_abs, self.own, len(self.stages))
         self.execs = [StageExec(sp, st, program, P, [all_devices[i] for i in sp.devices], optimizer, donate,
                                  tplan.search.layer_eqns[sp.layers[0]:sp.layers[1]], self.p_tree,
-                                 {i for i in range(P) if self.own[i] == k})
+                                 {i for i in range(P) if self.own[i] == k}, tplan.grad_accum)
                       for k, (sp, st) in enumerate(zip(tplan.stages, self.stages))]
         off = [k for k, e in enumerate(self.execs) if not e.follows_plan]
         if off:
@@ -326,6 +326,8 @@ class PipelineStep:
         for k, st in enumerate(self.stages):
             for j, i in enumerate(st.params):
                 g = acc[k][j] if self._here(k) else None
+                if g is not None and g.dtype != self.param_abs[i].dtype:   # a float32 accumulator (grad_accum)
+                    g = g.astype(self.param_abs[i].dtype)
                 if self.own[i] == k:
                     owner_params[i] = p_in[k][j]
                 else:

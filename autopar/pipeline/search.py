@@ -27,7 +27,7 @@ from ..planner import PlanError
 from ..progress import Progress
 from .additive import AdditiveCosts
 from .costs import ChosenStage, CostArrays, StageCost, StageOption, Sums, entry
-from .inputs import ForcedStage, TrainingInputs, nbytes
+from .inputs import ForcedStage, TrainingInputs, resident_bytes
 from .pool import run_tasks
 
 # ``plan_stage`` plans a stage again for its micro-batches in flight at most this often
@@ -128,8 +128,8 @@ def additive_search(coster, inputs: TrainingInputs, num_layers: int, progress: P
     """Stage costs from single-layer plans in two variants (``autopar.pipeline.additive``),
     then the stage DP; where its solution relies on a placeholder of the lean variant, that
     sub-mesh's layers are planned lean and the DP re-run."""
-    pbytes = [sum(nbytes(inputs.p_leaves[q]) for q in coster.stage(i, i + 1)[0].params) * (2.0 + inputs.opt_ratio)
-              for i in range(num_layers)]
+    pbytes = [resident_bytes([inputs.p_leaves[q] for q in coster.stage(i, i + 1)[0].params], inputs.opt_ratio,
+                             inputs.grad_accum) for i in range(num_layers)]
     progress.phase("plan layers one by one (additive costing)", total=num_layers * len(inputs.shapes))
     costs = AdditiveCosts(coster, num_layers, inputs.shapes, inputs.nodes * inputs.spec.devices_per_node, pbytes,
                           inputs.options)

@@ -20,7 +20,7 @@ from ..progress import Progress
 from ..rules import stage_rules
 from ..warm_start import WarmStart
 from .costs import INFEASIBLE, StageCost
-from .inputs import TrainingInputs
+from .inputs import TrainingInputs, acc_ratio
 from .reuse import served
 from .stage_price import StagePricing, sub_cluster
 from .stage_programs import StagePrograms
@@ -107,7 +107,7 @@ class StageCoster(StagePrograms, StagePricing):
         self.mesh_search, self.restrict, self.strategy_name = o.mesh_search, o.restrict, o.strategy_name
         self.warm_start = o.warm_start
         self.spec, self.nodes, self.budget, self.opt_ratio = inputs.spec, inputs.nodes, inputs.budget, inputs.opt_ratio
-        self.num_microbatches = inputs.num_microbatches
+        self.num_microbatches, self.grad_accum = inputs.num_microbatches, inputs.grad_accum
         self.solver, self.time_limit_s = o.solver, o.time_limit_s
         self.cache: dict = {}
         self.warm_starts: dict = {}
@@ -193,7 +193,7 @@ class StageCoster(StagePrograms, StagePricing):
         ``time_limit_s`` overrides the coster's limit for this plan. ``inflight`` > 1: the
         residuals of that many micro-batches less one more are held all step (in the layouts
         the plan keeps them in; ``StageCost.held``). With ``zero`` the ILP
-        charges parameters 2× (themselves, gradient accumulators) within the budget less the
+        charges parameters (1 + a)× (themselves, gradient accumulators: ``acc_ratio``) within the budget less the
         least ZeRO-1 optimizer state (``zero.reserved_bytes``); the state of the chosen layout
         is added after."""
         skey, inflight = self.program_key(i, j, remat), self.holds(i, j, remat, inflight)
@@ -260,9 +260,10 @@ class StageCoster(StagePrograms, StagePricing):
         ``holds``)."""
         fwd, (p, a, nd, ct), prog, graph, _, cut = self._traced(i, j, remat)
         key = (self.program_key(i, j, remat), tuple(submesh))
-        # a parameter also holds its gradient accumulator and optimizer state all step long
-        # (ZeRO-1: the optimizer state is reserved apart, split over every device)
-        scale = {q: 2.0 + (0.0 if zero else self.opt_ratio) for q in range(len(p))}
+        # a parameter also holds its gradient accumulator (``acc_ratio``: float32 ones are larger) and
+        # optimizer state all step long (ZeRO-1: the optimizer state is reserved apart, split over every device)
+        scale = {q: 1.0 + acc_ratio(x.dtype, self.grad_accum) + (0.0 if zero else self.opt_ratio)
+                 for q, x in enumerate(p)}
         kept = {"held_values": {v: held for v in cut.residuals}} if held > 0 else {}
         return PlanHooks(
             mesh_shapes=stage_meshes(submesh, self.mesh_search), traced=(prog, graph),

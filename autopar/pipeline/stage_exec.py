@@ -10,7 +10,9 @@ its intra-op plan (``autopar.pipeline.runtime`` drives them):
   separate executables: XLA cannot merge the recomputation back into the forward);
 * backward ``(res, inputs, ct, acc) -> (acc + dp, da)`` — the vjp rebuilt from ``res`` and
   the forward's inputs; parameter gradients accumulated over micro-batches in place (the
-  accumulator is donated);
+  accumulator is donated), in the parameter's dtype or, with the plan's ``grad_accum=
+  "float32"``, in float32 for lower-precision parameters (cast back once, before the update:
+  ``PipelineStep._gather_grads``);
 * infer ``(p, a, nd) -> (y, aux)`` — the forward alone, keeping nothing (``evaluate``);
 * update ``(params, opt_state, grads) -> (params, opt_state)`` — the optimizer applied to
   the parameters the stage owns, on its own sub-mesh (params/state donated with ``donate``);
@@ -27,6 +29,7 @@ import optax
 
 from ..emit import make_mesh, named
 from .halves import planned_halves
+from .inputs import acc_ratio
 from .stages import stage_forward
 from .zero import zero_spec
 
@@ -36,7 +39,8 @@ _wsc = jax.lax.with_sharding_constraint
 class StageExec:
     """The executables of one stage (see the module docstring)."""
 
-    def __init__(self, sp, st, program, P, devices, optimizer, donate, layer_ranges, p_tree, owned):
+    def __init__(self, sp, st, program, P, devices, optimizer, donate, layer_ranges, p_tree, owned,
+                 grad_accum: str = "params"):
         plan = sp.plan
         self.st = st
         self.mesh = make_mesh(plan.mesh_shape, plan.axis_names, devices)
@@ -54,6 +58,7 @@ class StageExec:
         self.repl = named(self.mesh, [])
         self.p_avals = [(tuple(program.values[program.invars[i]].shape), program.values[program.invars[i]].dtype)
                         for i in st.params]
+        self.acc_dtypes = [np.float32 if acc_ratio(dtype, grad_accum) > 1 else dtype for _, dtype in self.p_avals]
         fwd = stage_forward(program, st, P, sp.remat, layer_ranges)  # remat: its layers under jax.checkpoint
         y_sh, aux_sh, p_sh, a_sh = self.y_sh, self.aux_sh, self.p_sh, self.a_sh
 
@@ -86,7 +91,7 @@ class StageExec:
                 tree, which = self.residual_layout
                 kept = iter(res)
                 dp, da = jax.tree_util.tree_unflatten(tree, [next(kept) if j < 0 else ins[j] for j in which])(ct)
-            dp = [_wsc(x + g, s) for x, g, s in zip(acc, dp, p_sh)]
+            dp = [_wsc(x + g.astype(x.dtype), s) for x, g, s in zip(acc, dp, p_sh)]
             return dp, [_wsc(g, s) for g, s in zip(da, a_sh)]
 
         def infer(p, a, nd):  # forward only (``PipelineStep.evaluate``): no residuals
@@ -119,5 +124,7 @@ class StageExec:
         self.update = jax.jit(update, donate_argnums=(0, 1) if donate else ())
 
     def zero_grads(self):
-        """Gradient accumulators: zeros with the parameters' shardings (no compilation)."""
-        return [jax.device_put(np.zeros(shape, dtype), sh) for (shape, dtype), sh in zip(self.p_avals, self.p_sh)]
+        """Gradient accumulators: zeros with the parameters' shardings (no compilation), in
+        ``acc_dtypes``."""
+        return [jax.device_put(np.zeros(shape, dtype), sh)
+                for (shape, _), dtype, sh in zip(self.p_avals, self.acc_dtypes, self.p_sh)]

@@ -13,7 +13,7 @@ from autopar.cost import ClusterSpec, shard_factor
 
 from .costs import StageCost
 from .halves import residual_bytes_per_device
-from .inputs import nbytes
+from .inputs import acc_ratio, nbytes
 from .stages import stage_abstract_args
 from .zero import gather_time, optimizer_bytes, reserved_bytes
 
@@ -68,6 +68,8 @@ class StagePricing:
         p_bytes = [nbytes(x) for x in p]
         p_specs = sp.input_specs_flat[:len(p)]
         param_dev = sum(b / shard_factor(spec, sizes) for b, spec in zip(p_bytes, p_specs))
+        acc_dev = sum(b * acc_ratio(x.dtype, self.grad_accum) / shard_factor(spec, sizes)
+                      for x, b, spec in zip(p, p_bytes, p_specs))   # their gradient accumulators
         # the residuals in their planned layouts, as the runtime keeps them (pipeline.halves); a
         # replicated one is whole on every device (not traced here: the vjp residuals spread evenly)
         traced = self.traced.get(self.program_key(i, j, remat))
@@ -88,11 +90,11 @@ class StagePricing:
             optimizer = optimizer_bytes(shaped, p_specs, sizes, self.opt_ratio)
             gather = gather_time(cl, n, sp.axis_names, sp.mesh_shape, shaped, p_specs)
             static += optimizer
-            persist = min(param_dev * 2.0, static - optimizer) + optimizer
+            persist = min(param_dev + acc_dev, static - optimizer) + optimizer
         else:
             optimizer, gather = param_dev * self.opt_ratio, 0.0
             # persistent part of static: parameters with their accumulators and optimizer state
-            persist = min(param_dev * (2.0 + self.opt_ratio), static)
+            persist = min(param_dev * (1.0 + self.opt_ratio) + acc_dev, static)
         return StageCost(plan=sp, latency=sp.predicted.step_time_s + send, send=send, static=static, act=act,
                          param_dev=param_dev, persist=persist, remat=remat, zero=zero, optimizer=optimizer,
                          gather_s=gather, num_microbatches=self.num_microbatches, memory_free=memory_free,

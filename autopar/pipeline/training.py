@@ -85,7 +85,7 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
                   solver: str = "auto", time_limit_s: float | None = None, costing: str = "auto",
                   max_exact_pairs: int = 24, mesh_search: str = "auto", split_scans: bool = True,
                   remat: str = "auto", zero: str = "auto", workers="auto", has_aux: bool = False,
-                  coupled_rows: str = "refuse", verbose=False) -> TrainingPlan:
+                  coupled_rows: str = "refuse", grad_accum: str = "params", verbose=False) -> TrainingPlan:
     """Plan a training step of ``loss_fn(params, batch) -> scalar mean loss`` with ``optimizer``
     (or ``-> (total, weight)``, the loss being total / weight over the whole batch, e.g. a mean
     over unmasked tokens: ``autopar.pipeline.loss_form``).
@@ -135,6 +135,12 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
     GPipe runs BatchNorm and gradient accumulation does; the report says so). Primitives the
     check has no rule for are named in the report ("not judged past …").
 
+    ``grad_accum``: the dtype gradients are summed in over the micro-batches: "params" (the
+    parameters' own) or "float32" (bfloat16 / float16 parameters get float32 accumulators,
+    cast back once before the update, as Megatron's main_grad: B micro-batches' gradients
+    summed in bfloat16 round B times where ``jax.jit`` rounds once); the memory model counts
+    the larger accumulators.
+
     ``workers``: processes that plan independent stage ILPs at once (``autopar.pipeline.pool``;
     "auto": the cores, on clusters of 32 devices or more); the plan is the same with any number.
 
@@ -152,7 +158,7 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
                 memory_budget_bytes=memory_budget_bytes, solver=solver, time_limit_s=time_limit_s,
                 costing=costing, max_exact_pairs=max_exact_pairs, mesh_search=mesh_search,
                 split_scans=split_scans, remat=remat, zero=zero, workers=workers, has_aux=has_aux,
-                coupled_rows=coupled_rows, verbose=progress),
+                coupled_rows=coupled_rows, grad_accum=grad_accum, verbose=progress),
                 counts, progress)
         finally:
             if progress is not verbose:
@@ -164,7 +170,7 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
                                 num_microbatches=num_microbatches, schedule=schedule,
                                 memory_budget_bytes=memory_budget_bytes, costing=costing, mesh_search=mesh_search,
                                 split_scans=split_scans, remat=remat, zero=zero, has_aux=has_aux,
-                                coupled_rows=coupled_rows)
+                                coupled_rows=coupled_rows, grad_accum=grad_accum)
         layering = layers_of(inputs.program, num_layers, stages, split_scan=inputs.scan_split is not None)
         t_trace = time.perf_counter()
         L = len(layering.layers)

@@ -155,6 +155,9 @@ class TrainingPlan(_Document):
     # micro-batch (``plan_training(coupled_rows="per_microbatch")``)
     rows_check: str = Field(default="", exclude_if=lambda v: not v)
     rows_meet: bool = Field(default=False, exclude_if=lambda v: not v)
+    # gradients accumulated over the micro-batches in the parameters' dtype ("params") or, for
+    # lower-precision parameters, in float32 (``plan_training(grad_accum="float32")``)
+    grad_accum: str = Field(default="params", exclude_if=lambda v: v == "params")
     timing: Timing = Timing()
     _loss_fn: Any = PrivateAttr(default=None)
     _optimizer: Any = PrivateAttr(default=None)

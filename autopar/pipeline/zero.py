@@ -11,8 +11,8 @@ slices them (free).
 Costs per stage (bytes per device, seconds; r = optimizer-state bytes per parameter byte,
 ``TrainingInputs.opt_ratio``; P = the stage's parameter bytes, n = its devices):
 
-* memory: parameters and gradient accumulators 2× their bytes under ``spec`` (the intra-op
-  ILP's ``input_usage_scale`` 2 instead of 2 + r), optimizer state r × Σ bytes / shards of
+* memory: parameters and gradient accumulators (1 + a)× their bytes under ``spec`` (the
+  intra-op ILP's ``input_usage_scale`` 1 + a instead of 1 + a + r; a: ``inputs.acc_ratio``), optimizer state r × Σ bytes / shards of
   ``zero_spec`` (``optimizer_bytes``) — r·P/n when every replicated axis divides a dim, which
   the ILP's budget reserves up front (``reserved_bytes``);
 * time: one all-gather per parameter leaf over the axes ``zero_spec`` added, of the
