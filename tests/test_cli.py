@@ -125,7 +125,7 @@ def test_run_a_loss_with_dropout_and_aux_outputs(tmp_path):
         "    h = jnp.tanh(b['x'] @ p['w1'])\n"
         "    h = jnp.where(jax.random.bernoulli(b['dropout'], 0.8, h.shape), h / 0.8, 0.0)\n"
         "    err = jnp.mean((stage_boundary(h) @ p['w2'] - b['y']) ** 2, axis=-1)\n"
-        "    return jnp.mean(err), {'row_error': err, 'rows_above_1': jnp.sum(err > 1.0)}\n\n"
+        "    return jnp.mean(err), {'row_error': err, 'rows_above_1': jnp.sum(err > 1.0), 'worst': jnp.max(err)}\n\n"
         "def loss_args(abstract=False):\n"
         "    k = jax.random.split(jax.random.key(0), 4)\n"
         "    p = {'w1': jax.random.normal(k[0], (16, 32)) * 0.3, 'w2': jax.random.normal(k[1], (32, 16)) * 0.3}\n"
@@ -135,6 +135,8 @@ def test_run_a_loss_with_dropout_and_aux_outputs(tmp_path):
                 "--stages", "0-1:1x4,1-2:1x4", "--layers", "2", "--optimizer", "sgd:0.1")
     assert r.returncode == 0, r.stderr + r.stdout
     assert "random draws over the batch (dropout masks …): 1" in r.stdout and "→ OK" in r.stdout, r.stdout
+    # a max over the batch: averaged over micro-batches, named, and not compared
+    assert "not compared (nonlinear over the batch, averaged over micro-batches): loss[1]['worst']" in r.stdout
     r = autopar("run", str(tmp_path / "drop.py") + ":loss", "--train", "--microbatches", "4", "--layers", "2")
     assert r.returncode == 2 and "needs plan_training(..., has_aux=True)" in r.stderr, r.stderr
 

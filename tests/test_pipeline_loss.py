@@ -137,11 +137,12 @@ def test_the_bound_and_the_cli_take_total_and_weight(devices8, model, tmp_path):
 
 def with_metrics(params, batch):
     """A (loss, aux) loss as for jax.value_and_grad(has_aux=True): the masked mean as a
-    WeightedLoss, and metrics — a float mean, an integer count, per-example errors."""
+    WeightedLoss, and metrics — a float mean, an integer count, a float sum (summed over the
+    micro-batches, not averaged), per-example errors."""
     per_token = _per_token(params, batch)
     loss = WeightedLoss(jnp.sum(per_token * batch["mask"]), jnp.sum(batch["mask"]))
     return loss, {"mean_error": jnp.mean(per_token), "tokens_above_1": jnp.sum(per_token > 1.0),
-                  "per_example": jnp.mean(per_token, axis=-1)}
+                  "per_example": jnp.mean(per_token, axis=-1), "tokens": jnp.sum(batch["mask"].astype(jnp.float32))}
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
@@ -152,10 +153,12 @@ def test_aux_outputs_equal_the_full_batch_aux(devices8, model, schedule):
     opt = optax.sgd(0.5)
     tplan = plan_training(with_metrics, params, batch, optimizer=opt, num_microbatches=B, schedule=schedule,
                           has_aux=True, **KW)
-    assert tplan.has_aux and tplan.aux_grows == [False, True, False]   # (aux keys sorted)
-    assert "aux outputs (has_aux): 3 leaves, 1 per-example (concatenated), 96 B held over a step" in tplan.report()
+    assert tplan.has_aux and tplan.aux_grows == [False, True, False, False]   # (aux keys sorted)
+    assert tplan.aux_sums == [False, False, True, False] and not tplan.aux_inexact
+    assert ("aux outputs (has_aux): 4 leaves, 1 per-example (concatenated), 1 float sums over the batch (summed), "
+            "112 B held over a step") in tplan.report()
     loaded = TrainingPlan.from_json(tplan.to_json())
-    assert loaded.has_aux and loaded.aux_grows == tplan.aux_grows
+    assert loaded.has_aux and loaded.aux_grows == tplan.aux_grows and loaded.aux_sums == tplan.aux_sums
     whole = full_batch_loss(with_metrics, has_aux=True)
     reference = reference_step(whole, opt, has_aux=True)
     for plan in (tplan, loaded):
@@ -163,9 +166,24 @@ def test_aux_outputs_equal_the_full_batch_aux(devices8, model, schedule):
         got = want = (params, opt.init(params))
         for _ in range(2):
             got, want = step(*got[:2], batch), reference(*want[:2], batch)
-            assert_tree_close(got, want)   # the aux: averaged, summed (the count), concatenated
+            assert_tree_close(got, want)   # the aux: averaged, summed (the counts), concatenated
             assert got[2][1]["tokens_above_1"].dtype == jnp.int32 and got[2][1]["per_example"].shape == (16,)
         assert_tree_close(step.evaluate(got[0], batch), whole(jax.tree_util.tree_map(np.asarray, got[0]), batch))
+
+
+def test_aux_outputs_nonlinear_over_the_batch_are_named(devices8, model):
+    """A max or a ratio of sums over the batch has no exact combination of micro-batches:
+    averaged, and the plan and report name them; a per-example max is concatenated."""
+    params, batch = model
+
+    def with_max(params, batch):
+        per_token = _per_token(params, batch)
+        return jnp.mean(per_token), {"max_error": jnp.max(per_token), "row_max": jnp.max(per_token, axis=-1),
+                                     "masked_mean": jnp.sum(per_token * batch["mask"]) / jnp.sum(batch["mask"])}
+    tplan = plan_training(with_max, params, batch, optimizer=optax.sgd(0.1), num_microbatches=B, has_aux=True, **KW)
+    assert tplan.aux_inexact == ["aux['masked_mean']", "aux['max_error']"] and tplan.aux_grows == [False, False, True]
+    assert ("aux leaves aux['masked_mean'], aux['max_error']: nonlinear statistics over the batch (max, std, a ratio "
+            "of sums), averaged over the micro-batches: not jax.jit's value") in tplan.report()
 
 
 def test_aux_outputs_that_cannot_be_combined_are_refused(devices8, model):
@@ -181,7 +199,7 @@ def test_aux_outputs_that_cannot_be_combined_are_refused(devices8, model):
         plan_training(any_flag, params, batch, **kw)
     with pytest.raises(TraceError, match=r"aux leaf \['y'\] is a constant or an input passed through"):
         plan_training(passes_input, params, batch, **kw)
-    with pytest.raises(ValueError, match=r"with_metrics's aux outputs are 2.4e-05 MB per micro-batch, 9.6e-08 GB held "
+    with pytest.raises(ValueError, match=r"with_metrics's aux outputs are 2.8e-05 MB per micro-batch, 1.12e-07 GB held "
                                          r"over the step's 4 micro-batches, over 1% of a device's 5e-06 GB.*logits"):
         plan_training(with_metrics, params, batch, **dict(kw, memory_budget_bytes=5e3))
     with pytest.raises(TraceError, match=r"must return a pair \(loss, aux\) with has_aux=True"):

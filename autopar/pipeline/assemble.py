@@ -119,7 +119,8 @@ def assemble(inputs: TrainingInputs, layering: Layering, chosen: list[ChosenStag
         stages=stage_plans, predicted=predicted, search=search, strategy_name=record.strategy_name, timing=timing,
         scan_split=_scan_split_record(inputs), batch_draws=inputs.batch_draws, has_aux=inputs.has_aux,
         aux_grows=list(inputs.aux_grows), aux_bytes=inputs.aux_bytes, rows_check=inputs.rows_check,
-        rows_meet=inputs.rows_meet, grad_accum=inputs.grad_accum)
+        rows_meet=inputs.rows_meet, grad_accum=inputs.grad_accum, aux_sums=list(inputs.aux_sums),
+        aux_inexact=list(inputs.aux_inexact))
     result._loss_fn, result._optimizer = inputs.loss_fn, inputs.optimizer
     result._param_treedef = inputs.user_p_tree if inputs.scan_split is not None else inputs.p_tree
     result._batch_treedef = inputs.b_tree

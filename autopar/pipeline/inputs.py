@@ -16,10 +16,10 @@ from autopar.cost import ClusterSpec, load_cluster
 from autopar.solvers.stage_dp import submesh_shapes
 
 from .costs import StageOption
-from .loss_form import aux_grows, check_aux_size, check_form, check_microbatched
+from .loss_form import aux_grows, aux_sums, check_aux_size, check_form, check_microbatched
 from .remat import remat_options
 from .rng_form import RowsLoss, doubled, per_microbatch, whole_leaf
-from .row_form import COUPLED_ROWS, check_coupled_rows, check_rows
+from .row_form import COUPLED_ROWS, check_coupled_rows, check_rows, output_tags
 from .zero import zero_options
 from .schedule import SCHEDULES
 from ..trace import Program, TraceError, dtype_itemsize, trace
@@ -61,6 +61,8 @@ class TrainingInputs:
     # the loss returns (loss, aux); per aux leaf, whether its axis 0 is the batch's
     has_aux: bool = False
     aux_grows: tuple = ()
+    aux_sums: tuple = ()            # per aux leaf: a float sum over the batch, summed over micro-batches
+    aux_inexact: tuple = ()         # paths of aux leaves no combination gives exactly (averaged)
     aux_bytes: float = 0.0          # aux bytes held over a step (all micro-batches), not in the plan's memory
     # whether the loss keeps the batch's rows apart (``row_form``; "" with one micro-batch), and
     # whether rows meeting runs per micro-batch (``coupled_rows="per_microbatch"``)
@@ -160,11 +162,17 @@ def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_mic
     name = getattr(loss_fn, "__name__", "loss_fn")
     check_aux_size(name, aux_bytes, num_microbatches, budget)
     check_microbatched(program, len(p_leaves), name, num_microbatches, rows, has_aux)
-    found = None
+    found, sums, inexact = None, (), ()
     if num_microbatches > 1:   # micro-batching is exact only where the loss keeps rows apart
         loss_leaves = program.out_tree.children()[0].num_leaves if has_aux else program.out_tree.num_leaves
-        found = check_rows(user_traced[0], jax.tree_util.tree_leaves(user_mb), len(user_leaves), loss_leaves)
+        tags = output_tags(user_traced[0], jax.tree_util.tree_leaves(user_mb), len(user_leaves))
+        found = check_rows(user_traced[0], (), len(user_leaves), loss_leaves, tags=tags)
         check_coupled_rows(found, name, num_microbatches, rows, coupled_rows)
+        if has_aux:   # aux float sums are summed over the micro-batches, nonlinear statistics flagged
+            sums, inexact = aux_sums(program, len(p_leaves), rows, grows, tags[loss_leaves:])
+            paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(
+                user_traced[1].unflatten(range(user_traced[1].num_leaves))[1])[0]]
+            inexact = tuple(f"aux{paths[j]}" for j in inexact)
     return TrainingInputs(
         loss_fn=loss_fn, optimizer=optimizer, name=getattr(loss_fn, "__name__", "loss_fn"), spec=spec, nodes=nodes,
         num_microbatches=num_microbatches, schedule=schedule,
@@ -177,7 +185,7 @@ def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_mic
         remat=options, zero=zeros, batch_draws=wrapped.count if isinstance(wrapped, RowsLoss) else 0,
         has_aux=has_aux, aux_grows=tuple(grows), aux_bytes=num_microbatches * aux_bytes,
         rows_check=found.line() if found is not None else "", rows_meet=bool(found and found.coupled),
-        grad_accum=grad_accum)
+        grad_accum=grad_accum, aux_sums=tuple(sums), aux_inexact=inexact)
 
 
 def abstract(x):

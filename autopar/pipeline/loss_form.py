@@ -133,7 +133,7 @@ def full_batch_loss(loss_fn, has_aux: bool = False):
     return loss
 
 
-def per_microbatch_loss(loss_fn, num_microbatches: int, has_aux: bool = False, aux_grows=()):
+def per_microbatch_loss(loss_fn, num_microbatches: int, has_aux: bool = False, aux_grows=(), aux_sums=()):
     """``loss_fn`` run on each of ``num_microbatches`` micro-batches (batch leaves split along
     axis 0, scalars given whole) and combined as a pipeline step combines them: the mean of
     the losses (totals and weights summed for a ``WeightedLoss``), aux by ``combine_aux``. The
@@ -153,7 +153,8 @@ def per_microbatch_loss(loss_fn, num_microbatches: int, has_aux: bool = False, a
             return main
         leaves = [jax.tree_util.tree_leaves(o[1]) for o in outs]
         grows = list(aux_grows) or [False] * len(leaves[0])
-        aux = [combine_aux([ls[i] for ls in leaves], grows[i]) for i in range(len(leaves[0]))]
+        sums = list(aux_sums) or [False] * len(leaves[0])
+        aux = [combine_aux([ls[i] for ls in leaves], grows[i], sums[i]) for i in range(len(leaves[0]))]
         return main, jax.tree_util.tree_structure(outs[0][1]).unflatten(aux)
     return loss
 
@@ -167,18 +168,38 @@ def differentiated(loss_fn, has_aux: bool = False):
     return loss
 
 
-def combine_aux(values: list, grows: bool):
+def combine_aux(values: list, grows: bool, summed: bool = False):
     """The whole batch's aux leaf from the micro-batches' ``values``: concatenated along axis
     0 where that axis is the batch's (``grows``: per-example outputs such as logits); else
-    floating leaves averaged (a mean over the batch → the batch's mean, as the loss) and
-    integer leaves summed (a count → the batch's count); a bool leaf over the batch (any? all?)
-    is refused when planned (``aux_grows``)."""
+    floating leaves averaged (a mean over the batch → the batch's mean, as the loss) but
+    those that sum over the batch (``summed``: ``aux_sums``) and integer leaves summed (a
+    count → the batch's count); a bool leaf over the batch (any? all?) is refused when
+    planned (``aux_grows``)."""
     if grows:
         return jnp.concatenate(values, axis=0)
     total = values[0]
     for x in values[1:]:
         total = total + x
-    return total / len(values) if jnp.issubdtype(total.dtype, jnp.inexact) else total
+    return total / len(values) if jnp.issubdtype(total.dtype, jnp.inexact) and not summed else total
+
+
+def aux_sums(program: Program, num_params: int, rows: int, grows, tags) -> tuple[list[bool], list[int]]:
+    """Per aux leaf of the traced loss ``program`` (has_aux), whether it is a float sum over
+    the batch, un-normalised (``jnp.sum(mask)`` as a float token count: ``batch_sum``'s
+    test; summed over the micro-batches, where a mean is averaged), and the indices of the
+    leaves no combination gives exactly (``row_form.nonlinear`` of their ``tags``: a max, a
+    standard deviation or a ratio of sums over the batch — averaged, and said so)."""
+    from .row_form import SUM, nonlinear
+    _, data = depends(program, num_params)
+    producer = {o: e for e in program.eqns for o in e.outputs}
+    sums, inexact = [], []
+    for j, (v, g, t) in enumerate(zip(loss_outputs(program, True).aux, grows, tags)):
+        floating = isinstance(v, int) and jnp.issubdtype(program.values[v].dtype, jnp.inexact)
+        sums.append(bool(floating and not g and t == SUM
+                         and _unnormalised_sum(v, data, producer, rows) is not None))
+        if not g and nonlinear(t):
+            inexact.append(j)
+    return sums, inexact
 
 
 def aux_grows(loss_fn, params_abs, mb_abs, doubled_abs, traced=None) -> tuple[list[bool], float]:
@@ -218,9 +239,14 @@ def batch_sum(program: Program, num_params: int, rows: int, has_aux: bool = Fals
     outs = loss_outputs(program, has_aux)
     if outs.weight is not None:   # a WeightedLoss is a sum by design
         return None
-    par, data = depends(program, num_params)
+    _, data = depends(program, num_params)
     producer = {o: e for e in program.eqns for o in e.outputs}
+    return _unnormalised_sum(outs.loss, data, producer, rows)
 
+
+def _unnormalised_sum(var, data: set, producer: dict, rows: int):
+    """``batch_sum``'s search from the program value ``var``: the ``reduce_sum`` over the batch
+    it is with no division by a count of rows on the way, or None."""
     def count(x, inverse=False) -> bool:   # a divisor that counts rows (× tokens …)
         if not isinstance(x, Lit) or x.shape != ():
             return isinstance(x, int) and x not in data   # (a constant or parameter value: not judged)
@@ -249,7 +275,7 @@ def batch_sum(program: Program, num_params: int, rows: int, has_aux: bool = Fals
         if name == "reduce_sum":
             return e
         return None
-    return find(outs.loss)
+    return find(var)
 
 
 def batch_normalizer(program: Program, num_params: int, has_aux: bool = False):

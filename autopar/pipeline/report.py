@@ -24,8 +24,12 @@ def format_training_report(plan) -> str:
                      "slice per iteration, each on the stage that runs it (the step takes and returns them stacked)")
     if plan.has_aux:
         lines.append(f"aux outputs (has_aux): {len(plan.aux_grows)} leaves, {sum(plan.aux_grows)} per-example "
-                     f"(concatenated), {_si(plan.aux_bytes, 'B')} held over a step (at most {AUX_SHARE:.0%} of a "
+                     f"(concatenated), {sum(plan.aux_sums)} float sums over the batch (summed), "
+                     f"{_si(plan.aux_bytes, 'B')} held over a step (at most {AUX_SHARE:.0%} of a "
                      "device, not in the memory above)")
+        if plan.aux_inexact:
+            lines.append(f"aux leaves {', '.join(plan.aux_inexact)}: nonlinear statistics over the batch (max, std, "
+                         "a ratio of sums), averaged over the micro-batches: not jax.jit's value over the whole batch")
     if plan.batch_draws:
         lines.append(f"random draws over the batch (dropout masks …): {plan.batch_draws}, each micro-batch drawing its "
                      "rows of the whole batch's draw, as jax.jit of the loss over the batch does")

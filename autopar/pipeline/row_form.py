@@ -543,14 +543,27 @@ _RULES = {
 }
 
 
-def check_rows(closed, batch_leaves, num_params: int, num_loss_leaves: int) -> RowCheck:
-    """Follow the rows of ``batch_leaves`` (one micro-batch's ShapeDtypeStructs, axis 0 the
-    rows but for scalars given whole) through ``closed``, the loss's closed jaxpr on (params,
-    micro-batch), and judge its first ``num_loss_leaves`` outputs (a mean's one, a
-    ``WeightedLoss``'s two). A loss output that is a statistic of sums (a product of batch
-    means) couples rows too."""
+def output_tags(closed, batch_leaves, num_params: int) -> list:
+    """The tag of every output of ``closed``, the loss's closed jaxpr on (params, micro-batch),
+    following the rows of ``batch_leaves`` (one micro-batch's ShapeDtypeStructs, axis 0 the
+    rows but for scalars given whole)."""
     in_tags = [None] * num_params + [None if whole_leaf(x) else Rows(0, int(x.shape[0])) for x in batch_leaves]
-    outs = _Walk().body(closed, in_tags)[:num_loss_leaves]
+    return _Walk().body(closed, in_tags)
+
+
+def nonlinear(tag) -> bool:
+    """Whether an output so tagged is no sum over the rows and no per-row value: no way of
+    combining the micro-batches' values gives the whole batch's (a max, a variance, a ratio
+    of sums over the batch)."""
+    return isinstance(tag, (Stat, Coupled))
+
+
+def check_rows(closed, batch_leaves, num_params: int, num_loss_leaves: int, tags=None) -> RowCheck:
+    """Judge the first ``num_loss_leaves`` outputs (a mean's one, a ``WeightedLoss``'s two) of
+    the loss's closed jaxpr ``closed`` (``output_tags``; ``tags``: those, when the caller has
+    them). A loss output that is a statistic of sums (a product of batch means) couples rows
+    too."""
+    outs = (tags if tags is not None else output_tags(closed, batch_leaves, num_params))[:num_loss_leaves]
     found = next((t.why for t in outs if isinstance(t, Coupled)), None) or next(
         (f"the loss is a nonlinear function of sums over the batch (e.g. a product of two batch means, as a "
          f"load-balancing loss over all tokens) made at {t.where}" for t in outs if isinstance(t, Stat)), None) or next(

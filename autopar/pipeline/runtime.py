@@ -215,8 +215,9 @@ class PipelineStep:
         if not self.plan.has_aux:
             return loss
         aux = []
-        for v, grows in zip(self.aux_vars, self.plan.aux_grows):
-            x = combine_aux(flight.aux[v], grows) if self._here(self.producer[v]) else None
+        summed = self.plan.aux_sums or [False] * len(self.aux_vars)
+        for v, grows, s in zip(self.aux_vars, self.plan.aux_grows, summed):
+            x = combine_aux(flight.aux[v], grows, s) if self._here(self.producer[v]) else None
             aux.append(self._aux_output(v, None if x is None else jax.device_put(x, self.out_sharding[v]), grows))
         return loss, self.aux_tree.unflatten(aux)
 

@@ -150,6 +150,11 @@ class TrainingPlan(_Document):
     has_aux: bool = Field(default=False, exclude_if=lambda v: not v)
     aux_grows: list[bool] = Field(default_factory=list, exclude_if=lambda v: not v)
     aux_bytes: float = Field(default=0.0, exclude_if=lambda v: not v)   # held over a step, all micro-batches
+    # per aux leaf: a float sum over the batch (summed over the micro-batches, not averaged)
+    aux_sums: list[bool] = Field(default_factory=list, exclude_if=lambda v: not any(v))
+    # aux leaves that are nonlinear statistics over the batch (max, std, ratio of sums): averaged,
+    # which is not jax.jit's value (``loss_form.aux_sums``)
+    aux_inexact: list[str] = Field(default_factory=list, exclude_if=lambda v: not v)
     # whether the loss keeps the batch's rows apart, so micro-batching it is exact
     # (``autopar.pipeline.row_form``; "" with one micro-batch), and whether rows meeting run per
     # micro-batch (``plan_training(coupled_rows="per_microbatch")``)
