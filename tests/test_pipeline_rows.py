@@ -224,3 +224,37 @@ def test_zoo_and_example_losses_keep_rows_apart(name):
     loss, params, batch = _zoo(name)
     got = judge(loss, params, batch)
     assert got == (None, None), got
+
+
+def test_flax_batchnorm_runs_per_microbatch_with_its_running_stats(devices8):
+    """A flax linen BatchNorm model returning its updated ``batch_stats`` as aux (has_aux),
+    run with ``coupled_rows="per_microbatch"`` in 2 stages × 4 micro-batches: equal to the
+    single-device step over the same micro-batches; the running mean (linear in the rows)
+    combines exactly, the running variance is named inexact."""
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.BatchNorm(use_running_average=False)(nn.Dense(16)(x)))
+            return nn.Dense(4)(autopar.stage_boundary(x))
+    model = Net()
+    k = jax.random.split(jax.random.key(2), 3)
+    variables = model.init(k[0], jnp.ones((4, 8)))
+    stats = variables["batch_stats"]
+    batch = {"x": jax.random.normal(k[1], (16, 8)), "y": jax.random.normal(k[2], (16, 4))}
+
+    def loss(params, b):
+        y, new = model.apply({"params": params, "batch_stats": stats}, b["x"], mutable=["batch_stats"])
+        return jnp.mean((y - b["y"]) ** 2), new["batch_stats"]
+    opt = optax.sgd(0.1)   # (not Adam: the bias before BatchNorm has a zero gradient, Adam turns its noise into ±lr)
+    params = variables["params"]
+    plan = autopar.plan_training(loss, params, batch, optimizer=opt, num_microbatches=4, num_layers=2, has_aux=True,
+                                 stages=[(0, 1, (1, 4)), (1, 2, (1, 4))], coupled_rows="per_microbatch")
+    assert plan.rows_meet and "flax/linen/normalization.py" in plan.rows_check
+    assert plan.aux_inexact == ["aux['BatchNorm_0']['var']"]
+    (got_p, _, (got_loss, got_stats)) = plan.apply(loss, opt, donate=False)(params, opt.init(params), batch)
+    ref = per_microbatch_loss(loss, 4, True, plan.aux_grows, plan.aux_sums)
+    (want_loss, want_stats), g = jax.value_and_grad(ref, has_aux=True)(params, batch)
+    want_p = optax.apply_updates(params, opt.update(g, opt.init(params), params)[0])
+    for a, b in zip(jax.tree_util.tree_leaves((got_p, got_loss, got_stats)),
+                    jax.tree_util.tree_leaves((want_p, want_loss, want_stats))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)
