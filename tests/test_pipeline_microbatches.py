@@ -69,3 +69,20 @@ def test_no_count_fits_raises_plan_error_naming_the_counts(case):
     with pytest.raises(PlanError, match=r"no micro-batch count of \[1, 2\] has a plan that fits") as err:
         autopar.plan_training(gpt.loss_fn, params, batch, num_microbatches=(1, 2), memory_budget_bytes=1e3, **kw)
     assert err.value.min_bytes_per_device is not None and err.value.min_bytes_per_device > 1e3
+
+
+def test_batch_leaves_must_share_the_batch_axis_and_the_loss_its_signature():
+    """A leaf whose axis 0 is not the examples' (positions (T,) beside tokens (B, T)) would be
+    cut into micro-batches as if it were: refused; so is a train step given as the loss."""
+    import jax.numpy as jnp
+    params, batch = gpt.params_and_batch(layers=2, hidden=32, seq=16, vocab=64, batch=16)
+    opt = optax.sgd(0.1)
+    with pytest.raises(ValueError, match=r"batch leaf \['pos'\] has 8 along axis 0 where \['labels'\] has 16.*"
+                                         r"close over values every example shares"):
+        autopar.plan_training(gpt.loss_fn, params, {**batch, "pos": jnp.arange(8)}, optimizer=opt, num_microbatches=2)
+
+    def train_step(params, opt_state, batch):
+        return params, opt_state, gpt.loss_fn(params, batch)
+    with pytest.raises(ValueError, match=r"train_step\(params, opt_state, batch\) cannot be called as "
+                                         r"train_step\(params, batch\): plan_training takes the loss"):
+        autopar.plan_training(train_step, params, batch, optimizer=opt)

@@ -4,6 +4,7 @@ micro-batch loss (``trace_loss``), all gathered in :class:`TrainingInputs` by
 ``prepare_inputs``; forced stages (``forced_stages``)."""
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -116,6 +117,7 @@ def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_mic
     for ZeRO-1 ("auto", "none", "1"; ``autopar.pipeline.zero``). ``coupled_rows``: what to do
     with a loss whose batch rows meet (BatchNorm …; ``autopar.pipeline.row_form``)."""
     options, zeros = remat_options(remat), zero_options(zero)
+    check_signature(loss_fn)
     if coupled_rows not in COUPLED_ROWS:
         raise ValueError(f"coupled_rows must be one of {COUPLED_ROWS}, got {coupled_rows!r}")
     if grad_accum not in GRAD_ACCUM:
@@ -188,6 +190,21 @@ def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_mic
         grad_accum=grad_accum, aux_sums=tuple(sums), aux_inexact=inexact)
 
 
+def check_signature(loss_fn) -> None:
+    """``loss_fn`` must take ``(params, batch)``: a training step ``(params, opt_state, batch)``
+    given instead is refused with what to pass."""
+    try:
+        inspect.signature(loss_fn).bind(None, None)
+    except TypeError:
+        name = getattr(loss_fn, "__name__", "loss_fn")
+        raise ValueError(
+            f"{name}{inspect.signature(loss_fn)} cannot be called as {name}(params, batch): plan_training takes the "
+            "loss, loss_fn(params, batch) -> scalar loss, and builds the training step itself from it and "
+            "optimizer= (to plan a whole train_step function on one mesh, use autopar.plan)") from None
+    except ValueError:   # (no signature to read: a builtin or C callable) — tracing will tell
+        pass
+
+
 def abstract(x):
     if hasattr(x, "shape") and hasattr(x, "dtype"):
         return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
@@ -212,6 +229,14 @@ def microbatch_shapes(batch, num_microbatches: int):
                 f"batch leaf {path or '<batch>'} has shape {shape}: its leading (batch) dimension must be "
                 f"divisible by num_microbatches={num_microbatches}; pick a divisor of the batch size{key}")
         out.append(jax.ShapeDtypeStruct((shape[0] // num_microbatches,) + shape[1:], x.dtype))
+    sizes = {(p or "<batch>"): int(x.shape[0]) for p, x in zip(paths, leaves) if not whole_leaf(x)}
+    if num_microbatches > 1 and len(set(sizes.values())) > 1:
+        (a, n), (b, m) = sorted(sizes.items(), key=lambda kv: -kv[1])[0], min(sizes.items(), key=lambda kv: kv[1])
+        raise ValueError(
+            f"batch leaf {b} has {m} along axis 0 where {a} has {n}: every batch leaf is cut into "
+            f"{num_microbatches} micro-batches along axis 0, which must be the batch's examples in all of them. Give "
+            "it the batch axis (grouped items as (batch, k, …), not (batch·k, …)), or close over values every "
+            "example shares (positions, a causal mask) instead of passing them in the batch")
     return jax.tree_util.tree_unflatten(tree, out)
 
 
