@@ -43,7 +43,8 @@ deliberately unequal (the point of this model for the pipeline stage DP).
 Differences from Alpa's model, on purpose:
 
 * **No BatchNorm.** Batch statistics would make a micro-batched pipeline compute something
-  different from the full batch. Every normalization is a per-example **LayerNorm over the
+  different from the full batch (``plan_training`` refuses such a loss on micro-batches, or
+  runs it per micro-batch with ``coupled_rows="per_microbatch"``). Every normalization is a per-example **LayerNorm over the
   channels of each pixel** (ConvNeXt-style; scale 1 and bias 0 at init, ``scale``/``bias``
   parameters of shape (C,), the same parameter count as BatchNorm's scale/offset). Hence the
   loss of a batch is exactly the mean of the losses of its halves.
