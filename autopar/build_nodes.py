@@ -362,7 +362,7 @@ def combinable_nodes(graph: OpGraph) -> frozenset[int]:
     (``ClusterSpec.combine_all_reduces``): outside loops, and none of their results reaches a
     dot or convolution, so no later matmul waits for them (weight gradients on their way to the
     update, the loss) — they are independent of one another."""
-    heavy = {"dot_general", "conv_general_dilated"}
+    heavy = {"dot_general", "ragged_dot_general", "conv_general_dilated"}
     reaches = [False] * len(graph.nodes)
     for node in reversed(graph.nodes):   # readers come after producers
         reaches[node.index] = any(graph.nodes[u].name in heavy or reaches[u]

@@ -1,5 +1,6 @@
 """Every strategy family: planned, compiled, run on 8 CPU devices; outputs equal the
 unsharded function and predicted collective bytes match the compiled HLO."""
+import math
 import re
 
 import jax
@@ -110,6 +111,10 @@ def batched_keys(x, keys):
     return x + jax.vmap(lambda k: jax.random.normal(k, x.shape[1:]))(keys)
 
 
+def grouped_matmul_grads(x, w, sizes):   # a dropless MoE's expert FFN and its gradients (ragged_dot ×3)
+    return jax.grad(lambda x_, w_: jnp.tanh(jax.lax.ragged_dot(x_, w_, sizes)).sum(), argnums=(0, 1))(x, w)
+
+
 CASES = {
     "dot_general": (lambda a, b: jnp.tanh(a @ b) @ b.T, lambda: (arr(64, 128), arr(128, 256))),
     "batched_dot": (attention_like, lambda: (arr(8, 32, 16), arr(8, 32, 16))),
@@ -129,6 +134,7 @@ CASES = {
     "pooling": (pool_grads, lambda: (arr(16, 16, 16, 8),)),
     "bitcast_barrier": (bitcast_barrier, lambda: (arr(64, 32), arr(64))),
     "batched_keys": (batched_keys, lambda: (arr(64, 32), jax.random.split(jax.random.key(0), 64))),
+    "ragged_dot": (grouped_matmul_grads, lambda: (arr(256, 64), arr(4, 64, 128), jnp.asarray([60, 100, 30, 66], jnp.int32))),
 }
 
 
@@ -330,3 +336,50 @@ def test_census_llama_gpt_flax_have_no_fallback_ops():
     assert not any(bad.values()), bad
     seen = {p for s in result.values() for p, _ in s}
     assert {"stack", "unstack", "dot_product_attention", "dot_product_attention_bwd"} <= seen
+
+
+# jax.lax.ragged_dot (a dropless MoE's grouped matmul) and the two ragged dots of its gradient:
+# (lhs, rhs, dimension numbers) — rows ragged and free, rows ragged and contracted (the weight
+# gradient, whose output gains the group dim), rows ragged and free against the weight's out dim
+_RAGGED = {
+    "forward": ((64, 16), (4, 16, 32), (((1,), (1,)), ((), ())), (0,)),
+    "weight_grad": ((64, 16), (64, 32), (((0,), (0,)), ((), ())), ()),
+    "input_grad": ((64, 32), (4, 16, 32), (((1,), (2,)), ((), ())), (0,)),
+}
+
+
+@pytest.mark.parametrize("mesh_shape", [(8,), (2, 4)])
+@pytest.mark.parametrize("mode", list(_RAGGED))
+def test_every_ragged_dot_strategy_runs_equal_with_the_predicted_collectives(mode, mesh_shape, devices8):
+    """Each strategy of ``ragged_dot_rule``, compiled with its specs: the values of the
+    unsharded ragged dot, and in the HLO exactly the all-reduces it predicts (kind, group,
+    bytes) and nothing else."""
+    from jax.sharding import NamedSharding
+
+    from autopar.cost import mesh_model
+    from autopar.graph import build_graph
+    from autopar.strategies.dot_general import ragged_dot_rule
+    from autopar.trace import trace
+    from autopar.validate import hlo_collectives
+    lshape, rshape, dot_dn, group = _RAGGED[mode]
+    dn = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=dot_dn, lhs_ragged_dimensions=(0,),
+                                           rhs_group_dimensions=group)
+    fn = lambda a, b, s: jax.lax.ragged_dot_general(a, b, s, dn)  # noqa: E731
+    args = (arr(*lshape), arr(*rshape), jnp.asarray([10, 20, 30, 4], jnp.int32))
+    want = jax.jit(fn)(*args)
+    node = next(n for n in build_graph(trace(fn, *args)).nodes if n.name == "ragged_dot_general")
+    mesh_m = mesh_model(CLUSTER, 1, mesh_shape)
+    strategies = ragged_dot_rule(node, mesh_m)
+    names = ("x", "y")[:len(mesh_shape)]
+    mesh = jax.make_mesh(mesh_shape, names)
+    spec = lambda s: P(*[tuple(names[a] for a in axes) or None for axes in s])  # noqa: E731
+    split = 0
+    for s in strategies:
+        shard = [NamedSharding(mesh, spec(sp)) for sp in s.in_specs]
+        f = jax.jit(fn, in_shardings=shard, out_shardings=NamedSharding(mesh, spec(s.out_specs[0])))
+        np.testing.assert_allclose(np.asarray(f(*args)), np.asarray(want), rtol=1e-5, atol=1e-5, err_msg=s.name)
+        got = sorted((c.kind, c.group_size, c.bytes) for c in hlo_collectives(f.lower(*args).compile().as_text()))
+        predicted = sorted((k, math.prod(mesh_shape[a] for a in axes), round(b)) for k, axes, b in s.comm)
+        assert got == predicted, (s.name, got, predicted)
+        split += any(len(ax) > 0 for ax in s.in_specs[0] + s.in_specs[1])
+    assert split >= len(mesh_shape) * 2, [s.name for s in strategies]   # rows, free and contracting dims split

@@ -71,3 +71,58 @@ def dot_general_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
                 res.append(Strategy(base + f"-reducescatter{d}", (tuple(rs),), ins,
                                     ((REDUCE_SCATTER.name, contracted, out_local),), work))
     return res
+
+
+def _ragged_roles(node: Node):
+    """``ragged_dot_general``'s roles as a dot's: (kind, size, (lhs dim, rhs dim, out dim));
+    the rhs group dim (one weight per group) is no role, nor is the output's group dim a
+    ragged contraction makes (the weight gradient: (groups, free…), out dims after it)."""
+    lhs, rhs = node.operands[:2]
+    rdn = node.params["ragged_dot_dimension_numbers"]
+    (lc, rc), (lb, rb) = rdn.dot_dimension_numbers
+    group = set(rdn.rhs_group_dimensions)
+    lfree = [d for d in range(len(lhs.shape)) if d not in lc and d not in lb]
+    rfree = [d for d in range(len(rhs.shape)) if d not in rc and d not in rb and d not in group]
+    first = 1 if any(d in lc for d in rdn.lhs_ragged_dimensions) else 0   # a ragged contraction's group dim
+    nb = len(lb)
+    roles = [("b", lhs.shape[a], (a, b, first + i)) for i, (a, b) in enumerate(zip(lb, rb))]
+    roles += [("l", lhs.shape[a], (a, None, first + nb + j)) for j, a in enumerate(lfree)]
+    roles += [("r", rhs.shape[b], (None, b, first + nb + len(lfree) + k)) for k, b in enumerate(rfree)]
+    roles += [("c", lhs.shape[a], (a, b, None)) for a, b in zip(lc, rc)]
+    return roles
+
+
+def ragged_dot_flops(params: dict, operands: list, outputs: list) -> float:
+    """2 · M · K · N: every lhs row meets one group's weight (not all of them)."""
+    rdn = params["ragged_dot_dimension_numbers"]
+    (_, rc), (_, rb) = rdn.dot_dimension_numbers
+    rhs = operands[1]
+    n = math.prod(s for d, s in enumerate(rhs.shape) if d not in rc and d not in rb
+                  and d not in rdn.rhs_group_dimensions)
+    return 2.0 * math.prod(operands[0].shape) * n
+
+
+@register("ragged_dot_general", flops=ragged_dot_flops)
+def ragged_dot_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
+    """``jax.lax.ragged_dot`` (a dropless MoE's grouped matmul) and its gradients: every mesh
+    axis splits one of a dot's roles — lhs rows (the ragged dim, however the groups fall),
+    an lhs or rhs free dim, a contracting pair (partial sums → one all-reduce per split dim)
+    — never the groups; the group sizes replicated. XLA's partitioner keeps each of these
+    local but the all-reduce (checked in the compiled HLO: tests/test_strategies.py)."""
+    lhs, rhs, sizes = node.operands[:3]
+    out = node.outputs[0]
+    roles = _ragged_roles(node)
+    ranks = (len(lhs.shape), len(rhs.shape), len(out.shape))
+    res = []
+    for per in role_assignments([r[1] for r in roles], mesh.shape):
+        lspec, rspec, ospec = specs_from_roles(ranks, [r[2] for r in roles], per)
+        ins = (lspec, rspec, ((),) * len(sizes.shape))
+        work = shard_factor(per, mesh.shape)
+        base = f"{spec_name(lspec)}x{spec_name(rspec)}"
+        split_c = [axes for r, axes in zip(roles, per) if r[0] == "c"]
+        if not any(split_c):
+            res.append(Strategy(base, (ospec,), ins, (), work))
+            continue
+        out_local = out.nbytes / shard_factor(ospec, mesh.shape)
+        res.append(Strategy(base + "-allreduce", (ospec,), ins, partial_sum_all_reduces(split_c, out_local), work))
+    return res
