@@ -130,7 +130,8 @@ def _op_costs(node, strats, mesh, skip_out: bool = False, skip_in: tuple = (), c
         nbytes += sum(local_nbytes(o, sp, mesh.shape) for k, (o, sp) in enumerate(zip(node.operands, s.in_specs))
                       if not (k < len(skip_in) and skip_in[k]))
         eff = _dot_efficiency(node, s, mesh) if node.name == "dot_general" else \
-            _conv_efficiency(node, s, mesh) if node.name == "conv_general_dilated" else 1.0
+            _conv_efficiency(node, s, mesh) if node.name == "conv_general_dilated" else \
+            ragged_efficiency(node, mesh) if node.name == "ragged_dot_general" else 1.0
         flops = node.flops / div / eff
         comp[i] = 0.0 if view else compute_time(mesh, flops, nbytes * node.repeat, dtype)  # flops × repeat
         comm[i] = sum(collective_time(mesh, k, ax, n, latency=not (combined and k == ALL_REDUCE.name))
@@ -149,6 +150,13 @@ def _dot_efficiency(node, s: Strategy, mesh: MeshModel) -> float:
     m = math.prod(d for k, d in enumerate(lhs) if k not in lc and k not in lb)
     n = math.prod(d for k, d in enumerate(rhs) if k not in rc and k not in rb)
     return matmul_efficiency(mesh.matmul_half_dim, (m, math.prod(lhs[k] for k in lc), n))
+
+
+def ragged_efficiency(node, mesh: MeshModel) -> float:
+    """A ragged dot's useful FLOPs over those it runs: 1 where jax lowers it to XLA's grouped
+    matmul (GPU, TPU), 1/G on CPU, where it runs as a dense dot over every group
+    (``strategies.dot_general.ragged_dot_rule``)."""
+    return 1.0 / node.operands[2].shape[-1] if mesh.device_kind == "cpu" else 1.0
 
 
 def _conv_efficiency(node, s: Strategy, mesh: MeshModel) -> float:

@@ -56,6 +56,7 @@ MODELS = [
     ("vit", "vit_step", 1, "FULL"),
     ("llama", "llama_step", 1, "FULL"),
     ("llama", "llama_scan_step", 8, "FULL_SCAN"),
+    ("mixtral", "mixtral_step", 4, "FULL"),
 ]
 
 
@@ -159,13 +160,15 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-full", action="store_true")
     ap.add_argument("--skip-tiny", action="store_true")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other models' rows of the existing zoo.json (the run's models replace theirs)")
     ns = ap.parse_args(argv)
     rows, t0 = [], time.perf_counter()
     for module, name, nodes, cfg_name in MODELS:
         if ns.models and name not in ns.models:
             continue
         mod = importlib.import_module(f"examples.zoo.{module}")
-        row = {"model": name, "module": f"examples/zoo/{module}.py"}
+        row = {"model": name, "module": f"examples/zoo/{module}.py", "code": code_version()}
         if not ns.skip_full:
             row["full"] = full_row(mod, name, nodes, cfg_name)
             print(f"{name} full: {row['full']['plan_s']:.1f} s, mesh {row['full']['mesh']}, "
@@ -176,6 +179,15 @@ def main(argv=None) -> None:
                   f"equal {row['tiny']['equal']}", flush=True)
         rows.append(row)
     total = time.perf_counter() - t0
+    old, merged = Path(ns.out) / "zoo.json", ""
+    if ns.merge and old.exists():   # every model's row in MODELS order, this run's where it has one
+        before = json.loads(old.read_text())
+        kept = {r["model"]: {"code": before["meta"]["code"], **r} for r in before["rows"]}
+        kept.update({r["model"]: r for r in rows})
+        rows = [kept[name] for _, name, _, _ in MODELS if name in kept]
+        merged = (f" Merged: {', '.join(r['model'] for r in rows if r['code'] == code_version())} run now, the "
+                  f"other rows kept from earlier runs (code per row: " +
+                  ", ".join(f"{r['model']} {r['code']}" for r in rows) + ").")
     md = table(rows)
     print(md)
     out = Path(ns.out)
@@ -186,7 +198,7 @@ def main(argv=None) -> None:
     configs = "\n".join(f"* `{r['model']}` ({r['module']}): {r['full']['config']}" for r in rows if "full" in r)
     (out / "zoo.md").write_text(
         f"# Model zoo (`python benchmarks/zoo.py`)\n\nCode {meta['code']}, {meta['machine']}, jax {meta['jax']}, "
-        f"whole run {total:.0f} s. Full size: AdamW step planned from ShapeDtypeStructs on {CLUSTER} × nodes, mesh "
+        f"whole run {total:.0f} s.{merged} Full size: AdamW step planned from ShapeDtypeStructs on {CLUSTER} × nodes, mesh "
         "search (1D and every 2D factorization). Tiny: 8 simulated CPU devices, mesh (2, 4), the test cluster "
         "(fast links); collective bytes are per device per step, compiled = the HLO after SPMD partitioning "
         "(while-loop bodies × trip count); peak memory compiled = arguments + outputs − aliased + temporaries; "

@@ -1,6 +1,7 @@
 """The model zoo (examples/zoo/, examples/llama.py): models written the way the ecosystem
 writes them (flax linen unrolled and nn.scan, flax NNX unrolled and nnx.scan, equinox, a GShard
-MoE with lax.top_k routing, a ViT, Llama-3 unrolled and scanned), each an optax AdamW training
+MoE with lax.top_k routing, a ViT, Llama-3 unrolled and scanned, a Mixtral-style dropless MoE
+with jax.lax.ragged_dot), each an optax AdamW training
 step at its tiny size. Every one plans on (2, 4) (one also on (8,)), runs equal to jax.jit
 (loss and the whole optimizer state — first and second moments — at rtol 1e-5; the parameters
 are not compared: AdamW turns float noise on ~zero gradients into ±lr updates, DESIGN.md),
@@ -30,6 +31,8 @@ MODELS = {
     ("vit", "vit_step"): [],
     ("llama", "llama_step"): [],
     ("llama", "llama_scan_step"): [],
+    # the dropless MoE's two argsorts over all the batch's (token, expert) pairs stay whole
+    ("mixtral", "mixtral_step"): [("sort", 2)],
 }
 
 

@@ -108,10 +108,18 @@ def ragged_dot_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
     axis splits one of a dot's roles — lhs rows (the ragged dim, however the groups fall),
     an lhs or rhs free dim, a contracting pair (partial sums → one all-reduce per split dim)
     — never the groups; the group sizes replicated. XLA's partitioner keeps each of these
-    local but the all-reduce (checked in the compiled HLO: tests/test_strategies.py)."""
+    local but the all-reduce (checked in the compiled HLO: tests/test_strategies.py).
+
+    jax lowers ``ragged_dot`` to XLA's grouped matmul on GPU and TPU; elsewhere (CPU) to a
+    dense dot of the lhs expanded to every group (G × its bytes as scratch, and the rhs too
+    for a ragged contraction; G × the FLOPs: ``build_nodes.ragged_efficiency``)."""
     lhs, rhs, sizes = node.operands[:3]
     out = node.outputs[0]
     roles = _ragged_roles(node)
+    rdn = node.params["ragged_dot_dimension_numbers"]
+    groups = int(sizes.shape[-1])
+    dense = mesh.device_kind == "cpu"
+    contracting = any(d in rdn.dot_dimension_numbers[0][0] for d in rdn.lhs_ragged_dimensions)
     ranks = (len(lhs.shape), len(rhs.shape), len(out.shape))
     res = []
     for per in role_assignments([r[1] for r in roles], mesh.shape):
@@ -119,10 +127,13 @@ def ragged_dot_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
         ins = (lspec, rspec, ((),) * len(sizes.shape))
         work = shard_factor(per, mesh.shape)
         base = f"{spec_name(lspec)}x{spec_name(rspec)}"
+        temp = groups * (lhs.nbytes / shard_factor(lspec, mesh.shape) + (
+            rhs.nbytes / shard_factor(rspec, mesh.shape) if contracting else 0.0)) if dense else 0.0
         split_c = [axes for r, axes in zip(roles, per) if r[0] == "c"]
         if not any(split_c):
-            res.append(Strategy(base, (ospec,), ins, (), work))
+            res.append(Strategy(base, (ospec,), ins, (), work, temp))
             continue
         out_local = out.nbytes / shard_factor(ospec, mesh.shape)
-        res.append(Strategy(base + "-allreduce", (ospec,), ins, partial_sum_all_reduces(split_c, out_local), work))
+        res.append(Strategy(base + "-allreduce", (ospec,), ins, partial_sum_all_reduces(split_c, out_local), work,
+                            temp))
     return res
