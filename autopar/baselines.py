@@ -231,7 +231,8 @@ def _options(remat, zero) -> list[StageOption]:
 def dp_tp_pp(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: int = 1, num_microbatches=1,
              schedule: str = "1f1b", num_layers: int | None = None, memory_budget_bytes: float | None = None,
              solver: str = "auto", time_limit_s: float | None = None, refine: int = 2, grid=None,
-             remat=REMAT_OPTIONS, zero=(False, True), microbatches=None, grad_accum: str = "params"):
+             remat=REMAT_OPTIONS, zero=(False, True), microbatches=None, grad_accum: str = "params",
+             coupled_rows: str = "refuse"):
     """The best Megatron-LM 3D grid (data × tensor × pipeline parallel, uniform stages) for a
     training step, as a :class:`~autopar.TrainingPlan` (``strategy_name="dp_tp_pp"``), with
     Megatron's practice on top of the grid, each the same on every stage of a point:
@@ -244,7 +245,7 @@ def dp_tp_pp(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: int =
       sequence of counts as in ``plan_training``; "divisors":
       every divisor of the global batch; or a tuple), each traced and costed apart;
     * ``grad_accum``: the gradient accumulators' dtype, as for ``plan_training`` (Megatron's
-      fp32 ``main_grad``: "float32").
+      fp32 ``main_grad``: "float32"); ``coupled_rows`` as for ``plan_training`` too.
 
     Same inputs as :func:`autopar.plan_training`. Every grid point of :func:`pipeline_grid`
     (or ``grid=[(pp, submesh, (dp, tp)), …]``) is costed layer by layer (each layer's
@@ -270,7 +271,7 @@ def dp_tp_pp(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: int =
     for B in counts:
         inputs = prepare_inputs(loss_fn, params, batch, optimizer=optimizer, cluster=cluster, nodes=nodes,
                                 num_microbatches=B, schedule=schedule, memory_budget_bytes=memory_budget_bytes,
-                                grad_accum=grad_accum)
+                                grad_accum=grad_accum, coupled_rows=coupled_rows)
         layering = layers_of(inputs.program, num_layers)
         mb_size = inputs.microbatch_size
         L, M = len(layering.layers), inputs.spec.devices_per_node
