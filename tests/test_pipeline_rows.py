@@ -258,3 +258,12 @@ def test_flax_batchnorm_runs_per_microbatch_with_its_running_stats(devices8):
     for a, b in zip(jax.tree_util.tree_leaves((got_p, got_loss, got_stats)),
                     jax.tree_util.tree_leaves((want_p, want_loss, want_stats))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)
+
+
+def test_the_grid_baseline_refuses_or_runs_rows_that_meet_alike(devices8):
+    from autopar.baselines import dp_tp_pp
+    loss, params, batch = _bn_problem()
+    kw = dict(optimizer=optax.sgd(0.1), num_microbatches=4, num_layers=2)
+    with pytest.raises(ValueError, match="lets the batch's rows meet"):
+        dp_tp_pp(loss, params, batch, **kw)
+    assert dp_tp_pp(loss, params, batch, coupled_rows="per_microbatch", **kw).rows_meet
