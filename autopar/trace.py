@@ -294,6 +294,19 @@ def _dce(eqns: list[Eqn], outvars: list, customs: dict) -> list[Eqn]:
     return kept[::-1]
 
 
+def traced_jaxpr(fn, *args):
+    """``jax.make_jaxpr(fn, return_shape=True)(*args)``; the user's function failing under
+    tracing is a :class:`TraceError` saying what autopar needs."""
+    try:
+        return jax.make_jaxpr(fn, return_shape=True)(*args)
+    except Exception as err:  # the user's function failed under tracing
+        raise TraceError(
+            f"could not trace {getattr(fn, '__name__', fn)!r} with jax.make_jaxpr: {type(err).__name__}: {err}\n"
+            "autopar needs a jittable function: no Python control flow on traced values, no "
+            "side effects, array (or ShapeDtypeStruct) arguments. Check that jax.jit(fn)(*args) works."
+        ) from err
+
+
 def trace(fn, *args, calls: bool = False) -> Program:
     """Trace ``fn(*args)``; args may be arrays or ``jax.ShapeDtypeStruct`` pytrees. ``calls``:
     record each custom-derivative and checkpoint call (:class:`CustomCall`) for a program that
@@ -301,15 +314,8 @@ def trace(fn, *args, calls: bool = False) -> Program:
     if not callable(fn):
         raise TraceError(f"expected a callable, got {type(fn).__name__}")
     from .attention import intercept
-    try:
-        with intercept():  # jax.nn.dot_product_attention → one planned op (autopar.attention)
-            closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-    except Exception as err:  # the user's function failed under tracing
-        raise TraceError(
-            f"could not trace {getattr(fn, '__name__', fn)!r} with jax.make_jaxpr: {type(err).__name__}: {err}\n"
-            "autopar needs a jittable function: no Python control flow on traced values, no "
-            "side effects, array (or ShapeDtypeStruct) arguments. Check that jax.jit(fn)(*args) works."
-        ) from err
+    with intercept():  # jax.nn.dot_product_attention → one planned op (autopar.attention)
+        closed, out_shape = traced_jaxpr(fn, *args)
     flat = _Flattener(calls)
     in_tree = jax.tree_util.tree_structure(args)
     invars = [flat.new_value(v.aval) for v in closed.jaxpr.invars]

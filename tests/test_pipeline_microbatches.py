@@ -86,3 +86,9 @@ def test_batch_leaves_must_share_the_batch_axis_and_the_loss_its_signature():
     with pytest.raises(ValueError, match=r"train_step\(params, opt_state, batch\) cannot be called as "
                                          r"train_step\(params, batch\): plan_training takes the loss"):
         autopar.plan_training(train_step, params, batch, optimizer=opt)
+    # a batch of Python lists, a loss failing under tracing: named, not a traceback from inside
+    with pytest.raises(TypeError, match=r"batch leaf \['labels'\]\[0\]\[0\] is not an array \(int\)"):
+        autopar.plan_training(gpt.loss_fn, params, {**batch, "labels": [[0] * 16] * 16}, optimizer=opt)
+    from autopar.trace import TraceError
+    with pytest.raises(TraceError, match=r"could not trace '<lambda>' with jax.make_jaxpr: KeyError: 'nope'"):
+        autopar.plan_training(lambda p, b: p["nope"], params, batch, optimizer=opt, num_microbatches=2)

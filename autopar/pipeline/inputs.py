@@ -124,8 +124,7 @@ def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_mic
         raise ValueError(f"grad_accum must be one of {GRAD_ACCUM}, got {grad_accum!r}")
     spec = check_options(cluster, nodes, num_microbatches, schedule, optimizer, memory_budget_bytes, costing,
                          mesh_search)
-    params_abs = jax.tree_util.tree_map(abstract, params)
-    batch_abs = jax.tree_util.tree_map(abstract, batch)
+    params_abs, batch_abs = abstract_tree(params, "params"), abstract_tree(batch, "batch")
     p_leaves, p_tree = jax.tree_util.tree_flatten(params_abs)
     b_leaves, b_tree = jax.tree_util.tree_flatten(batch_abs)
     bad = [jax.tree_util.keystr(k) for k, x in jax.tree_util.tree_flatten_with_path(params_abs)[0]
@@ -205,10 +204,15 @@ def check_signature(loss_fn) -> None:
         pass
 
 
-def abstract(x):
-    if hasattr(x, "shape") and hasattr(x, "dtype"):
-        return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
-    raise TypeError(f"expected arrays or jax.ShapeDtypeStruct leaves, got {type(x).__name__}")
+def abstract_tree(tree, what: str):
+    """``tree``'s leaves as ShapeDtypeStructs; a leaf that is no array (a Python float, a list
+    of numbers) is refused naming it."""
+    def one(path, x):
+        if hasattr(x, "shape") and hasattr(x, "dtype"):
+            return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
+        raise TypeError(f"{what} leaf {jax.tree_util.keystr(path) or '<root>'} is not an array ({type(x).__name__}): "
+                        "pass arrays (jnp.asarray / np.asarray of a list) or jax.ShapeDtypeStruct")
+    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def microbatch_shapes(batch, num_microbatches: int):

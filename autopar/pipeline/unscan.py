@@ -26,6 +26,7 @@ from jax import lax
 from jax.extend import core as jcore
 
 from ..jaxpr_eval import CALLS, bind, inline, run
+from ..trace import traced_jaxpr
 from .boundary import stage_boundary_p
 
 
@@ -64,7 +65,7 @@ def _uses(jaxpr, origin: dict, counts: dict, scans: list) -> None:
 def loss_jaxpr(loss_fn, params_abs, mb_abs):
     """(closed jaxpr, output treedef) of ``loss_fn`` at these shapes: one trace shared by
     ``find_scan_split`` and ``split_loss``."""
-    closed, out = jax.make_jaxpr(loss_fn, return_shape=True)(params_abs, mb_abs)
+    closed, out = traced_jaxpr(loss_fn, params_abs, mb_abs)
     return closed, jax.tree_util.tree_structure(out)
 
 
