@@ -205,6 +205,7 @@ def per_microbatch(loss_fn, params_abs, mb_abs, num_microbatches: int, traced=No
     try:   # which draws grow with the batch: the loss traced for twice the rows
         at_2b = _draw_eqns(loss_jaxpr(loss_fn, params_abs, doubled(mb_abs))[0].jaxpr, [])
     except Exception as err:
+        err = err.__cause__ or err   # (the user's own error under loss_jaxpr's TraceError)
         raise ValueError(f"{name} makes random draws; to find those over the batch it is traced for twice the "
                          f"micro-batch's rows, which failed ({type(err).__name__}: {str(err)[:200]}); a loss whose "
                          "shapes are fixed to one batch size cannot draw per micro-batch: plan with num_microbatches=1"
