@@ -29,25 +29,13 @@ from examples.zoo.common import OPTIMIZER, check_size, make_step, step_args
 
 
 @dataclasses.dataclass(frozen=True)
-class MixtralConfig:
-    vocab: int = 256
-    dim: int = 64
-    layers: int = 2
-    heads: int = 4
-    kv_heads: int = 2
-    ffn: int = 128
+class MixtralConfig(llama.LlamaConfig):
+    """``llama.LlamaConfig``'s sizes (``dpa`` attention) with ``experts`` SwiGLU experts of
+    ``ffn`` each, ``top_k`` per token."""
     experts: int = 4
     top_k: int = 2
     seq: int = 16
-    batch: int = 8
-    dtype: str = "float32"
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.heads
-
-    def attention(self) -> llama.LlamaConfig:   # llama.attention's view of the sizes
-        return llama.LlamaConfig(dim=self.dim, heads=self.heads, kv_heads=self.kv_heads, attention="dpa")
+    attention: str = "dpa"
 
 
 TINY = MixtralConfig()
@@ -90,7 +78,7 @@ def block(cfg: MixtralConfig, p, x, positions):
     k = (h @ p["wk"]).reshape(b, s, cfg.kv_heads, cfg.head_dim)
     v = (h @ p["wv"]).reshape(b, s, cfg.kv_heads, cfg.head_dim)
     q, k = llama.rope(q, positions), llama.rope(k, positions)
-    x = x + llama.attention(cfg.attention(), q, k, v).reshape(b, s, -1) @ p["wo"]
+    x = x + llama.attention(cfg, q, k, v).reshape(b, s, -1) @ p["wo"]
     return x + moe(cfg, p, llama.rms_norm(p["mlp_norm"], x))
 
 
