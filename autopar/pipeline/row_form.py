@@ -9,9 +9,10 @@ are common and would run a different step, silently:
   (``x - mean(x, axis=0)``): statistics of the micro-batch instead of the batch;
 * a **load-balancing loss over all tokens** (Switch/Mixtral style ``mean(f) * mean(P)``
   across the batch): a product of batch means is not the mean of micro-batches' products;
-* **expert capacity across the batch** (a ``cumsum``/``sort``/``top_k`` over the flattened
-  tokens of all sequences) and **in-batch negatives** (logits between every pair of
-  examples, contrastive losses).
+* **expert capacity or expert choice across the batch** (a ``cumsum`` / ``top_k`` over the
+  flattened tokens of all sequences) and **in-batch negatives** (logits between every pair
+  of examples, contrastive losses). A ``sort`` along the rows only permutes them (a dropless
+  MoE puts them back): not judged.
 
 :func:`check_rows` follows the batch's rows through the loss's jaxpr, primitive by primitive,
 as an abstract value per array (:class:`Rows`: an axis whose index says which row an element
@@ -25,7 +26,6 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-import jax
 from jax.extend import core as jcore
 
 from .rng_form import whole_leaf
