@@ -51,12 +51,24 @@ def load_target(target: str):
         path = Path(where)
         if not path.exists():
             raise SystemExit(f"autopar: file {where!r} does not exist")
-        # the file's own directory (its sibling modules), then its parent (its package)
-        sys.path[:0] = [str(path.resolve().parent), str(path.resolve().parent.parent)]
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[path.stem] = module
-        spec.loader.exec_module(module)
+        # the file's own directory (its sibling modules), its parent, and the directory above
+        # its outermost package (``examples/zoo/vit.py`` imports ``examples.zoo.common``)
+        here = path.resolve().parent
+        root = here
+        while (root / "__init__.py").exists():
+            root = root.parent
+        sys.path[:0] = [str(here), str(here.parent), str(root)]
+        try:
+            if root != here:   # inside a package: imported under its dotted name
+                rel = path.resolve().relative_to(root).with_suffix("")
+                module = importlib.import_module(".".join(rel.parts))
+            else:
+                spec = importlib.util.spec_from_file_location(path.stem, path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[path.stem] = module
+                spec.loader.exec_module(module)
+        except ImportError as err:
+            raise SystemExit(f"autopar: cannot import {where!r}: {err}") from None
     else:
         sys.path.insert(0, os.getcwd())
         try:

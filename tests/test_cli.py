@@ -162,3 +162,16 @@ def test_run_a_loss_whose_rows_meet(tmp_path):
     r = autopar(*args, "--coupled-rows", "per_microbatch")
     assert r.returncode == 0, r.stderr + r.stdout
     assert "batch rows across micro-batches: rows meet" in r.stdout and "→ OK" in r.stdout, r.stdout
+
+
+def test_a_file_inside_a_package_imports_from_anywhere(tmp_path):
+    """``autopar plan examples/zoo/vit.py:vit_step`` run outside the checkout, no PYTHONPATH:
+    the zoo module imports ``examples.zoo.common``, found above its outermost package."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "JAX_NUM_CPU_DEVICES")}
+    r = subprocess.run([sys.executable, "-m", "autopar", "plan", str(ROOT / "examples/zoo/vit.py") + ":vit_step",
+                        "--quiet"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "fallback ops: none" in r.stdout, r.stderr[-2000:]
+    (tmp_path / "missing_dep.py").write_text("import no_such_module\n")
+    r = subprocess.run([sys.executable, "-m", "autopar", "plan", str(tmp_path / "missing_dep.py") + ":f"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "autopar: cannot import" in r.stderr and "no_such_module" in r.stderr, r.stderr
