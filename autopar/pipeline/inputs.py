@@ -20,7 +20,7 @@ from .costs import StageOption
 from .loss_form import aux_grows, aux_sums, check_aux_size, check_form, check_microbatched
 from .remat import remat_options
 from .rng_form import RowsLoss, doubled, per_microbatch, whole_leaf
-from .row_form import COUPLED_ROWS, check_coupled_rows, check_rows, output_tags
+from .row_form import COUPLED_ROWS, check_coupled_rows, judge_loss, output_tags
 from .zero import zero_options
 from .schedule import SCHEDULES
 from ..trace import Program, TraceError, dtype_itemsize, trace
@@ -167,7 +167,7 @@ def prepare_inputs(loss_fn, params, batch, *, optimizer, cluster, nodes, num_mic
     if num_microbatches > 1:   # micro-batching is exact only where the loss keeps rows apart
         loss_leaves = program.out_tree.children()[0].num_leaves if has_aux else program.out_tree.num_leaves
         tags = output_tags(user_traced[0], jax.tree_util.tree_leaves(user_mb), len(user_leaves))
-        found = check_rows(user_traced[0], (), len(user_leaves), loss_leaves, tags=tags)
+        found = judge_loss(tags[:loss_leaves])
         check_coupled_rows(found, name, num_microbatches, rows, coupled_rows)
         if has_aux:   # aux float sums are summed over the micro-batches, nonlinear statistics flagged
             sums, inexact = aux_sums(program, len(p_leaves), rows, grows, tags[loss_leaves:])

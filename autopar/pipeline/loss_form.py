@@ -189,7 +189,8 @@ def aux_sums(program: Program, num_params: int, rows: int, grows, tags) -> tuple
     test; summed over the micro-batches, where a mean is averaged), and the indices of the
     leaves no combination gives exactly (``row_form.nonlinear`` of their ``tags``: a max, a
     standard deviation or a ratio of sums over the batch — averaged, and said so)."""
-    from .row_form import SUM, nonlinear
+    from .row_form import nonlinear
+    from .row_rules import SUM
     _, data = depends(program, num_params)
     producer = {o: e for e in program.eqns for o in e.outputs}
     sums, inexact = [], []
