@@ -16,11 +16,18 @@ if TYPE_CHECKING:
     from ..graph import Node
 
 
-def _roles(lhs_rank, rhs_rank, dn):
+def _roles(lhs_shape, rhs_shape, dn, rhs_unsplit=(), first: int = 0) -> list:
+    """A dot's roles, (kind, size, (lhs dim, rhs dim, out dim)): batch pairs, lhs free dims,
+    rhs free dims (but ``rhs_unsplit``), contracting pairs; out dims counted from ``first``
+    (the output dims before it belong to no role)."""
     (lc, rc), (lb, rb) = dn
-    lfree = [d for d in range(lhs_rank) if d not in lc and d not in lb]
-    rfree = [d for d in range(rhs_rank) if d not in rc and d not in rb]
-    return list(lc), list(rc), list(lb), list(rb), lfree, rfree
+    lfree = [d for d in range(len(lhs_shape)) if d not in lc and d not in lb]
+    rfree = [d for d in range(len(rhs_shape)) if d not in rc and d not in rb and d not in rhs_unsplit]
+    nb = len(lb)
+    roles = [("b", lhs_shape[a], (a, b, first + i)) for i, (a, b) in enumerate(zip(lb, rb))]
+    roles += [("l", lhs_shape[a], (a, None, first + nb + j)) for j, a in enumerate(lfree)]
+    roles += [("r", rhs_shape[b], (None, b, first + nb + len(lfree) + k)) for k, b in enumerate(rfree)]
+    return roles + [("c", lhs_shape[a], (a, b, None)) for a, b in zip(lc, rc)]
 
 
 def dot_flops(params: dict, operands: list, outputs: list) -> float:
@@ -36,13 +43,7 @@ def dot_flops(params: dict, operands: list, outputs: list) -> float:
 def dot_general_rule(node: Node, mesh: MeshModel) -> list[Strategy]:
     lhs, rhs = node.operands[:2]
     out = node.outputs[0]
-    lc, rc, lb, rb, lfree, rfree = _roles(len(lhs.shape), len(rhs.shape), node.params["dimension_numbers"])
-    # roles: (kind, size, (lhs dim, rhs dim, out dim))
-    nb = len(lb)
-    roles = [("b", lhs.shape[a], (a, b, i)) for i, (a, b) in enumerate(zip(lb, rb))]
-    roles += [("l", lhs.shape[a], (a, None, nb + j)) for j, a in enumerate(lfree)]
-    roles += [("r", rhs.shape[b], (None, b, nb + len(lfree) + k)) for k, b in enumerate(rfree)]
-    roles += [("c", lhs.shape[a], (a, b, None)) for a, b in zip(lc, rc)]
+    roles = _roles(lhs.shape, rhs.shape, node.params["dimension_numbers"])
     ranks = (len(lhs.shape), len(rhs.shape), len(out.shape))
     res, seen = [], set()
     for per in role_assignments([r[1] for r in roles], mesh.shape):
@@ -79,17 +80,9 @@ def _ragged_roles(node: Node):
     ragged contraction makes (the weight gradient: (groups, free…), out dims after it)."""
     lhs, rhs = node.operands[:2]
     rdn = node.params["ragged_dot_dimension_numbers"]
-    (lc, rc), (lb, rb) = rdn.dot_dimension_numbers
-    group = set(rdn.rhs_group_dimensions)
-    lfree = [d for d in range(len(lhs.shape)) if d not in lc and d not in lb]
-    rfree = [d for d in range(len(rhs.shape)) if d not in rc and d not in rb and d not in group]
+    lc = rdn.dot_dimension_numbers[0][0]
     first = 1 if any(d in lc for d in rdn.lhs_ragged_dimensions) else 0   # a ragged contraction's group dim
-    nb = len(lb)
-    roles = [("b", lhs.shape[a], (a, b, first + i)) for i, (a, b) in enumerate(zip(lb, rb))]
-    roles += [("l", lhs.shape[a], (a, None, first + nb + j)) for j, a in enumerate(lfree)]
-    roles += [("r", rhs.shape[b], (None, b, first + nb + len(lfree) + k)) for k, b in enumerate(rfree)]
-    roles += [("c", lhs.shape[a], (a, b, None)) for a, b in zip(lc, rc)]
-    return roles
+    return _roles(lhs.shape, rhs.shape, rdn.dot_dimension_numbers, rdn.rhs_group_dimensions, first)
 
 
 def ragged_dot_flops(params: dict, operands: list, outputs: list) -> float:
