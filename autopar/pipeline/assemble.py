@@ -57,6 +57,7 @@ class SearchRecord:
     candidates: int                       # (layer range, sub-mesh) pairs costed
     refined: tuple[RefinedSplit, ...] = ()
     strategy_name: str = "autopar"
+    virtual: int = 1                      # interleaved: stages per device group
 
 
 def custom_call_counts(program, stages, layer_eqns) -> dict:
@@ -82,9 +83,15 @@ def assemble(inputs: TrainingInputs, layering: Layering, chosen: list[ChosenStag
     eqns = layering.eqn_ranges(inputs.program)
     split = split_program(inputs.program, P, [(eqns[c.start][0], eqns[c.end - 1][1]) for c in chosen])
     own = owners(split, P)
-    devices = place_submeshes([c.submesh for c in chosen], inputs.nodes, spec.devices_per_node)
+    v = record.virtual
+    G = len(chosen) // v   # device groups: stage k on group k mod G
+    if any(c.submesh != chosen[k % G].submesh for k, c in enumerate(chosen)):
+        raise PlanError(f"interleaved stages on {G} device groups need stage k's sub-mesh to be stage k mod {G}'s; "
+                        f"got {[c.submesh for c in chosen]}")
+    groups = place_submeshes([c.submesh for c in chosen[:G]], inputs.nodes, spec.devices_per_node)
+    devices = [groups[k % G] for k in range(len(chosen))]
     stage_plans = []
-    for k, (c, st, (inflight, memory)) in enumerate(zip(chosen, split, stage_memory(chosen, inputs.schedule, B))):
+    for k, (c, st, (inflight, memory)) in enumerate(zip(chosen, split, stage_memory(chosen, inputs.schedule, B, v))):
         if not c.cost.fits:
             raise PlanError(f"stage {k} (layers {c.start}..{c.end - 1}) does not fit sub-mesh {c.submesh}")
         t, send = c.cost.latency, c.cost.send
@@ -95,7 +102,7 @@ def assemble(inputs: TrainingInputs, layering: Layering, chosen: list[ChosenStag
             batch=list(st.batch), param_bytes_per_device=c.cost.param_dev, activation_bytes_per_device=c.cost.act,
             inflight_microbatches=inflight, memory_bytes_per_device=memory, remat=c.cost.remat, zero=c.cost.zero,
             optimizer_bytes_per_device=c.cost.optimizer, gather_s=c.cost.gather_s))
-    timeline = simulate_stages(chosen, inputs.schedule, B)
+    timeline = simulate_stages(chosen, inputs.schedule, B, v)
     step = step_time(timeline, [c.cost.gather_s for c in chosen])
     predicted = PredictedTraining(step_time_s=step, dp_objective_s=record.objective_s,
                                   bubble_fraction=timeline.bubble_fraction,
@@ -120,7 +127,7 @@ def assemble(inputs: TrainingInputs, layering: Layering, chosen: list[ChosenStag
         scan_split=_scan_split_record(inputs), batch_draws=inputs.batch_draws, has_aux=inputs.has_aux,
         aux_grows=list(inputs.aux_grows), aux_bytes=inputs.aux_bytes, rows_check=inputs.rows_check,
         rows_meet=inputs.rows_meet, grad_accum=inputs.grad_accum, aux_sums=list(inputs.aux_sums),
-        aux_inexact=list(inputs.aux_inexact))
+        aux_inexact=list(inputs.aux_inexact), virtual_stages=v)
     result._loss_fn, result._optimizer = inputs.loss_fn, inputs.optimizer
     result._param_treedef = inputs.user_p_tree if inputs.scan_split is not None else inputs.p_tree
     result._batch_treedef = inputs.b_tree

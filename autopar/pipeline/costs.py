@@ -37,7 +37,7 @@ import numpy as np
 
 from autopar.solvers.schedules import Schedule
 
-from .schedule import simulate, stage_orders
+from .schedule import peak_held, simulate, stage_orders, stage_peaks
 
 FWD_SHARE = 1.0 / 3.0   # forward : backward = 1 : 2 (matmul-dominated layers)
 
@@ -168,23 +168,39 @@ def cumulative(x, first=None, skip: int = 0) -> np.ndarray:
     return np.cumsum(m, axis=1)
 
 
-def stage_memory(chosen: list[ChosenStage], schedule: str, num_microbatches: int) -> list[tuple[int, float]]:
-    """(in-flight micro-batches, bytes per device) of each stage."""
+def group_static(costs: list[StageCost]) -> float:
+    """The static bytes of stages sharing a device group (interleaving): every stage's
+    parameter part, which stays all step, and the largest other part (one runs at a time)."""
+    return sum(c.persist for c in costs) + max(c.static - c.persist for c in costs)
+
+
+def stage_memory(chosen: list[ChosenStage], schedule: str, num_microbatches: int,
+                 virtual: int = 1) -> list[tuple[int, float]]:
+    """(in-flight micro-batches, bytes per device) of each stage; interleaved (``virtual`` >
+    1), the bytes are its device group's: the group's stages' static parts
+    (``group_static``) and the most activations they hold at once on the simulated order."""
     S, rule = len(chosen), Schedule(schedule)
-    return [(rule.inflight(S - k, num_microbatches), c.cost.memory(rule.inflight(S - k, num_microbatches)))
-            for k, c in enumerate(chosen)]
+    if virtual == 1:
+        return [(rule.inflight(S - k, num_microbatches), c.cost.memory(rule.inflight(S - k, num_microbatches)))
+                for k, c in enumerate(chosen)]
+    orders = stage_orders(S, num_microbatches, schedule, virtual)
+    G, held = len(orders), peak_held(orders, [c.cost.act for c in chosen])
+    group = [group_static([c.cost for c in chosen[g::G]]) + held[g] for g in range(G)]
+    peaks = stage_peaks(orders)
+    return [(peaks[k], group[k % G]) for k in range(S)]
 
 
-def simulate_stages(chosen: list[ChosenStage], schedule: str, num_microbatches: int):
-    """The schedule's timeline (``autopar.pipeline.schedule.simulate``) of these stages."""
+def simulate_stages(chosen: list[ChosenStage], schedule: str, num_microbatches: int, virtual: int = 1):
+    """The schedule's timeline (``autopar.pipeline.schedule.simulate``) of these stages
+    (``virtual`` > 1: interleaved on len(chosen) / virtual device groups)."""
     t = [c.cost.latency - c.cost.send for c in chosen]
-    return simulate(stage_orders(len(chosen), num_microbatches, schedule), [x * FWD_SHARE for x in t],
+    return simulate(stage_orders(len(chosen), num_microbatches, schedule, virtual), [x * FWD_SHARE for x in t],
                     [x * (1 - FWD_SHARE) for x in t], [c.cost.send / 2 for c in chosen[1:]])
 
 
 def stage_ends(timeline) -> list[float]:
     """When each stage's last task ends in ``timeline``."""
-    ends = [0.0] * timeline.num_stages
+    ends = [0.0] * timeline.total_stages
     for task, _, end in timeline.events:
         ends[task.stage] = max(ends[task.stage], end)
     return ends

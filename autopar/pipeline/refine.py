@@ -64,20 +64,24 @@ def _equal_splits(inputs: TrainingInputs, num_layers: int, dp_split, num_stages:
     return out
 
 
-def _planned(coster, inputs: TrainingInputs, costs: AdditiveCosts, source: str, stages,
-             est: StageSolution) -> tuple[RefinedSplit, list[ChosenStage]]:
-    """One split planned exactly, stage by stage, on the meshes its layers chose."""
+def planned(coster, inputs: TrainingInputs, costs, source: str, stages,
+            est: StageSolution, virtual: int = 1) -> tuple[RefinedSplit, list[ChosenStage]]:
+    """One split planned exactly, stage by stage, on the meshes its layers chose (``costs``
+    without single-layer plans, ``ExactCosts``: on every mesh); ``virtual`` > 1: its stages
+    interleaved on len(stages) / virtual device groups (``autopar.pipeline.interleave``)."""
     t0 = time.perf_counter()
     variant = _variants(est)
     chosen = plan_stages(coster, inputs, stages, *_asked(costs, variant))
     _replan_unfit(coster, inputs, chosen, costs, variant, {(a, b): t for a, b, _, _, t in est.stages})
     ok = all(c.cost.fits for c in chosen)
-    step = step_time(simulate_stages(chosen, inputs.schedule, inputs.num_microbatches),
+    B = inputs.num_microbatches
+    step = step_time(simulate_stages(chosen, inputs.schedule, B, virtual),
                      [c.cost.gather_s for c in chosen]) if ok else math.inf
-    peak = max(m for _, m in stage_memory(chosen, inputs.schedule, inputs.num_microbatches)) if ok else math.inf
+    peak = max(m for _, m in stage_memory(chosen, inputs.schedule, B, virtual)) if ok else math.inf
     split = RefinedSplit(source=source, estimate_s=est.objective_s, stages=_describe(chosen),
                          step_s=step if ok else None, peak_bytes=peak if ok else None,
-                         fits=ok and peak <= inputs.budget * (1 + 1e-9), plan_s=time.perf_counter() - t0)
+                         fits=ok and peak <= inputs.budget * (1 + 1e-9), plan_s=time.perf_counter() - t0,
+                         virtual=virtual)
     return split, chosen
 
 
@@ -86,10 +90,12 @@ def _variants(est: StageSolution) -> dict:
     return {(a, b): v for (a, b, *_), v in zip(est.stages, est.variants)}
 
 
-def _asked(costs: AdditiveCosts, variant: dict) -> tuple:
+def _asked(costs, variant: dict) -> tuple:
     """``plan_stages``'s ``mesh_of`` and ``option_of`` for a split whose stages use the cost
     variants ``variant`` (``_variants``): each stage on the meshes its layers chose in that
-    variant, with the variant's stage option."""
+    variant (costs without single-layer plans: every mesh), with the variant's stage option."""
+    if not hasattr(costs, "layer_meshes"):
+        return (lambda a, b, sub: None), (lambda a, b, sub: costs.option(variant[a, b]))
     return (lambda a, b, sub: costs.layer_meshes(variant[a, b], a, b, sub),
             lambda a, b, sub: costs.option(variant[a, b]))
 
@@ -122,6 +128,8 @@ def _replan_unfit(coster, inputs: TrainingInputs, chosen: list[ChosenStage], cos
     (``STAGE_LP_TIME_S``) —, and it cost GPT-175B on 1,024 GPUs 30–70 s of 3-layer stage ILPs
     on the (32,) mesh, none of them chosen."""
     S, sched = len(chosen), Schedule(inputs.schedule)
+    if not hasattr(costs, "layer_meshes"):  # (exact costs: every mesh was tried)
+        return
     for k, c in enumerate(chosen):
         inflight = sched.inflight(S - k, inputs.num_microbatches)
         fits = c.cost.fits and c.cost.memory(inflight) <= inputs.budget
@@ -182,7 +190,7 @@ def refine(coster, inputs: TrainingInputs, num_layers: int, costs: AdditiveCosts
                                         stages=runs(f"{b - a}L@{x}x{y}" for a, b, (x, y) in stages)))
             exact.append(None)
             return
-        split, chosen = _planned(coster, inputs, costs, source, stages, est)
+        split, chosen = planned(coster, inputs, costs, source, stages, est)
         refined.append(split)
         exact.append(chosen)
         progress.advance(detail=source, incumbent_s=best_step() if math.isfinite(best_step()) else None)

@@ -11,10 +11,13 @@ def format_training_report(plan) -> str:
     total = plan.nodes * plan.cluster.devices_per_node
     who = "autopar" if plan.strategy_name == "autopar" else f"baseline {plan.strategy_name}"
     lines = [f"{who} training plan: {plan.function} on {plan.cluster.name} × {plan.nodes} node(s) = {total} devices",
-             f"{plan.num_stages} stage(s), {plan.num_microbatches} micro-batch(es), schedule {plan.schedule}; "
+             f"{plan.num_stages} stage(s), {plan.num_microbatches} micro-batch(es), schedule {plan.schedule}"
+             + (f" interleaved ×{plan.virtual_stages} (stage k on device group k mod {plan.num_groups}, "
+                f"{plan.num_groups} groups)" if plan.virtual_stages > 1 else "") + "; "
              f"layers: {s.num_layers} ({'stage_boundary markers' if s.layers_from_markers else 'clustered'})",
-             f"predicted step time: {_time(p.step_time_s)} (schedule simulation; DP objective "
-             f"Σt + (B−1)·max t = {_time(p.dp_objective_s)}), bubble {p.bubble_fraction:.1%}, "
+             f"predicted step time: {_time(p.step_time_s)} (schedule simulation; "
+             + (f"DP objective Σt + (B−1)·max t = {_time(p.dp_objective_s)}" if plan.virtual_stages == 1 else
+                f"plain 1F1B stage DP's objective {_time(p.dp_objective_s)}") + f"), bubble {p.bubble_fraction:.1%}, "
              f"peak memory {_si(p.peak_memory_bytes, 'B')} per device (budget {_si(plan.memory_budget_bytes, 'B')})"]
     if plan.scan_split is not None:
         sc = plan.scan_split
@@ -98,6 +101,9 @@ def format_training_report(plan) -> str:
             step = f"{r.step_s:.4g} s" if r.step_s is not None else "–"
             lines.append(f"  {mark} {r.source:<18} {r.stages:<40} estimate {r.estimate_s:.4g} s, "
                          f"exact {step}{fit} [{r.plan_s:.1f} s]")
+        if any(r.virtual > 1 for r in s.refined):
+            lines.append("    (interleaved ×G ×v: G device groups, each holding v of the G·v chunks, chunk j on "
+                         "group j mod G; memory/dev is the group's)")
     if plan.microbatch_search:
         lines.append("micro-batch counts tried (the fastest predicted step is the plan):")
         for m in plan.microbatch_search:

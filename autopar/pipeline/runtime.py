@@ -354,6 +354,9 @@ class PipelineStep:
         for k in range(S):
             o_stage = [None if sk is None else self._place_opt(o_leaves[j], j, k, self.state_sharding(k, j))
                        for j, sk in enumerate(self.state.skeletons[k][0])]
+            if self.plan.virtual_stages > 1:   # (stages share devices: a shared leaf placed twice is one buffer)
+                o_stage = [_unaliased(x) if x is not None and k != self.state.home[j] else x
+                           for j, x in enumerate(o_stage)]
             if not self._here(k):
                 inputs.append(None)
                 continue
@@ -390,6 +393,12 @@ class _Flight:
     weights: list = field(default_factory=list)
     aux: dict = field(default_factory=dict)     # aux value → its value per micro-batch (has_aux)
     train: bool = True   # False: forward only (``evaluate``), no residuals kept
+
+
+def _unaliased(x):
+    """A copy of ``x`` on its sharding: each stage's update donates its inputs, so a shared
+    leaf (a step count) given to two stages on the same devices must be two buffers."""
+    return jax.device_put(x, x.sharding, may_alias=False) if isinstance(x, jax.Array) else x
 
 
 @jax.jit

@@ -66,16 +66,17 @@ def _labels(timeline: Timeline, stage_labels: Sequence[str] | None) -> list[str]
 def draw_timeline(timeline: Timeline, path, *, stage_labels: Sequence[str] | None = None,
                   title: str | None = None, recompute: Sequence[str] | None = None) -> str:
     """Write the pipeline picture of ``timeline`` to ``path`` (``.svg`` or ``.png``) and
-    return the path. ``stage_labels``: one row label per stage (default "stage s");
-    ``recompute``: per stage its remat option ("none", "dots", "full"); the backward boxes of
-    the others are drawn as "backward + recompute"."""
+    return the path. ``stage_labels``: one row label per stage (default "stage s"; interleaved:
+    per device group, each row holding its stages g, g + G, …); ``recompute``: per stage its
+    remat option ("none", "dots", "full"); the backward boxes of the others are drawn as
+    "backward + recompute"."""
     suffix = Path(path).suffix.lower()
     if suffix not in (".svg", ".png"):
         raise ValueError(f"draw_timeline writes .svg or .png, got {str(path)!r}")
     labels = _labels(timeline, stage_labels)
-    remat = list(recompute) if recompute is not None else ["none"] * timeline.num_stages
-    if len(remat) != timeline.num_stages:
-        raise ValueError(f"recompute needs one option per stage: {len(remat)} given, {timeline.num_stages} stages")
+    remat = list(recompute) if recompute is not None else ["none"] * timeline.total_stages
+    if len(remat) != timeline.total_stages:
+        raise ValueError(f"recompute needs one option per stage: {len(remat)} given, {timeline.total_stages} stages")
     kinds = _Kinds(remat)
     if suffix == ".svg":
         Path(path).write_text(_svg(timeline, labels, _title(timeline, title), kinds), encoding="utf-8")
@@ -132,7 +133,7 @@ def _svg(timeline: Timeline, labels: list[str], title: str, kinds: _Kinds) -> st
         out.append(f'<text class="stage-label" x="{left - 8:.1f}" y="{y + _ROW_H / 2 + 4:.1f}" '
                    f'text-anchor="end">{escape(label)}</text>')
     for task, start, end in timeline.events:
-        y = row_y(task.stage)
+        y = row_y(timeline.row(task))
         x0, x1 = x(start), x(end)
         tip = (f"{kinds.name(task)} · stage {task.stage} · micro-batch {task.microbatch} · "
                f"{_fmt(start * scale)}–{_fmt(end * scale)} {unit}")
@@ -171,14 +172,14 @@ def _png(timeline: Timeline, labels: list[str], title: str, path, kinds: _Kinds)
     ax = fig.add_subplot()
     for task, start, end in timeline.events:
         x0, w = start * scale, (end - start) * scale
-        ax.barh(task.stage, w, left=x0, height=0.8, color=COLORS[kinds(task)], edgecolor="white", linewidth=0.5)
+        ax.barh(timeline.row(task), w, left=x0, height=0.8, color=COLORS[kinds(task)], edgecolor="white", linewidth=0.5)
     fig.canvas.draw()  # renderer for measuring the label width
     width_px = ax.get_window_extent().width
     span = makespan * scale if makespan > 0 else 1.0
     for task, start, end in timeline.events:
         text = str(task.microbatch)
         if (end - start) * scale / span * width_px >= 7 * len(text) + 4:
-            ax.text((start + end) / 2 * scale, task.stage, text, ha="center", va="center",
+            ax.text((start + end) / 2 * scale, timeline.row(task), text, ha="center", va="center",
                     color="white", fontsize=8)
     ax.set_yticks(range(S), labels)
     ax.set_ylim(S - 0.5, -0.5)

@@ -29,7 +29,9 @@ from .inputs import ForcedStage, TrainingInputs, forced_stages, microbatch_shape
 from .layers import Layering, layers_of
 from .pool import resolve_workers, thaw
 from .refine import refine
+from .costs import simulate_stages, step_time
 from .exact import ExactCosts
+from .interleave import forced_interleaved, interleave, virtual_options
 from .search import ForcedCosts, additive_search, plan_stages, solution_options, solution_stages, solve_lazily
 from .stage_cost import StageCoster, autopar_options
 from .training_plan import MicrobatchTrial, TrainingPlan
@@ -47,13 +49,23 @@ def choose_costing(costing: str, forced, num_layers: int, num_shapes: int, max_e
 def plan_pipeline(inputs: TrainingInputs, layering: Layering, coster: StageCoster, progress: Progress, *,
                   mode: str, forced: list[ForcedStage] | None = None, num_stages: int | None = None,
                   strategy_name: str = "autopar", t0: float | None = None,
-                  t_trace: float | None = None) -> TrainingPlan:
+                  t_trace: float | None = None, virtual: tuple[int, ...] = (1,)) -> TrainingPlan:
     """Stage costs (``mode`` "exact" or "additive", or only the ``forced`` stages) → stage DP
-    → the chosen stages planned exactly → the TrainingPlan."""
+    → the chosen stages planned exactly → the TrainingPlan; ``virtual``: the chunk counts per
+    device group to consider (``autopar.pipeline.interleave``)."""
     t0 = time.perf_counter() if t0 is None else t0
     t_trace = t0 if t_trace is None else t_trace
     L, shapes = len(layering.layers), inputs.shapes
     name = inputs.name if strategy_name == "autopar" else f"{inputs.name} (baseline {strategy_name})"
+    if forced is not None and max(virtual) > 1 and 1 not in virtual:   # the given chunks, interleaved
+        chosen = forced_interleaved(coster, inputs, forced, virtual[0])
+        t_solve = time.perf_counter()
+        step = step_time(simulate_stages(chosen, inputs.schedule, inputs.num_microbatches, virtual[0]),
+                         [c.cost.gather_s for c in chosen])
+        record = SearchRecord(costing="exact", objective_s=step, candidates=len(forced),
+                              strategy_name=strategy_name, virtual=virtual[0])
+        return assemble(inputs, layering, chosen, coster, record,
+                        Timing(trace_s=t_trace - t0, solve_s=t_solve - t_trace, total_s=time.perf_counter() - t0))
     additive = mode == "additive" and forced is None
     if additive:
         costs, sol = additive_search(coster, inputs, L, progress, num_stages=num_stages, name=name)
@@ -65,15 +77,20 @@ def plan_pipeline(inputs: TrainingInputs, layering: Layering, coster: StageCoste
     candidates = costs.candidates
     t_solve = time.perf_counter()
     progress.phase(f"stage DP: {len(sol.stages)} stage(s), estimated step {sol.objective_s:.4g} s")
-    if additive:  # estimates → plan the DP's split and the best equal splits exactly
-        chosen, refined = refine(coster, inputs, L, costs, sol, progress, num_stages)
-    else:  # the chosen stages, planned exactly (cached: the exact mode already planned them)
-        mesh_of = {(f.start, f.end): f.mesh for f in forced} if forced is not None else {}
-        option_of = solution_options(sol, costs)
-        chosen, refined = plan_stages(coster, inputs, solution_stages(sol), lambda a, b, sub: mesh_of.get((a, b)),
-                                      lambda a, b, sub: option_of[a, b]), ()
+    chosen, refined, v = None, (), 1
+    if 1 in virtual or forced is not None:
+        if additive:  # estimates → plan the DP's split and the best equal splits exactly
+            chosen, refined = refine(coster, inputs, L, costs, sol, progress, num_stages)
+        else:  # the chosen stages, planned exactly (cached: the exact mode already planned them)
+            mesh_of = {(f.start, f.end): f.mesh for f in forced} if forced is not None else {}
+            option_of = solution_options(sol, costs)
+            chosen = plan_stages(coster, inputs, solution_stages(sol), lambda a, b, sub: mesh_of.get((a, b)),
+                                 lambda a, b, sub: option_of[a, b])
+    if max(virtual) > 1 and forced is None:   # interleaved splits beside (or instead of) the plain one
+        chosen, refined, v = interleave(coster, inputs, L, costs, progress, virtual, num_stages, chosen,
+                                        list(refined), sol.objective_s)
     record = SearchRecord(costing="additive" if additive else "exact", objective_s=sol.objective_s,
-                          candidates=candidates, refined=tuple(refined), strategy_name=strategy_name)
+                          candidates=candidates, refined=tuple(refined), strategy_name=strategy_name, virtual=v)
     t_end = time.perf_counter()
     timing = Timing(trace_s=t_trace - t0, solve_s=t_solve - t_trace, total_s=t_end - t0)
     return assemble(inputs, layering, chosen, coster, record, timing)
@@ -85,7 +102,8 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
                   solver: str = "auto", time_limit_s: float | None = None, costing: str = "auto",
                   max_exact_pairs: int = 24, mesh_search: str = "auto", split_scans: bool = True,
                   remat: str = "auto", zero: str = "auto", workers="auto", has_aux: bool = False,
-                  coupled_rows: str = "refuse", grad_accum: str = "params", verbose=False) -> TrainingPlan:
+                  coupled_rows: str = "refuse", grad_accum: str = "params", virtual_stages=1,
+                  verbose=False) -> TrainingPlan:
     """Plan a training step of ``loss_fn(params, batch) -> scalar mean loss`` with ``optimizer``
     (or ``-> (total, weight)``, the loss being total / weight over the whole batch, e.g. a mean
     over unmasked tokens: ``autopar.pipeline.loss_form``).
@@ -141,6 +159,13 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
     summed in bfloat16 round B times where ``jax.jit`` rounds once); the memory model counts
     the larger accumulators.
 
+    ``virtual_stages``: model chunks per device group, interleaved 1F1B (Megatron's virtual
+    pipeline, ``autopar.pipeline.interleave``): 1 (plain 1F1B / GPipe), an int v > 1 (G equal
+    device groups holding G·v equal chunks, chunk j on group j mod G: the bubble shrinks v
+    times, the activations held grow, B must be a multiple of G; with ``stages=`` the list
+    gives the G·v chunks, chunk j on stage j mod G's sub-mesh), or "auto" (the fastest of 1, 2
+    and 4 that fits).
+
     ``workers``: processes that plan independent stage ILPs at once (``autopar.pipeline.pool``;
     "auto": the cores, on clusters of 32 devices or more); the plan is the same with any number.
 
@@ -158,13 +183,17 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
                 memory_budget_bytes=memory_budget_bytes, solver=solver, time_limit_s=time_limit_s,
                 costing=costing, max_exact_pairs=max_exact_pairs, mesh_search=mesh_search,
                 split_scans=split_scans, remat=remat, zero=zero, workers=workers, has_aux=has_aux,
-                coupled_rows=coupled_rows, grad_accum=grad_accum, verbose=progress),
+                coupled_rows=coupled_rows, grad_accum=grad_accum, virtual_stages=virtual_stages,
+                verbose=progress),
                 counts, progress)
         finally:
             if progress is not verbose:
                 progress.close()
     try:
         t0 = time.perf_counter()
+        virtual = virtual_options(virtual_stages)
+        if max(virtual) > 1 and schedule != "1f1b":
+            raise ValueError(f"virtual_stages (interleaved 1F1B) needs schedule='1f1b', got {schedule!r}")
         progress.phase("trace the loss and cut it into layers")
         inputs = prepare_inputs(loss_fn, params, batch, optimizer=optimizer, cluster=cluster, nodes=nodes,
                                 num_microbatches=num_microbatches, schedule=schedule,
@@ -180,7 +209,7 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
         coster.workers = resolve_workers(workers, inputs.nodes * inputs.spec.devices_per_node)
         mode = choose_costing(costing, forced, L, len(inputs.shapes), max_exact_pairs)
         return plan_pipeline(inputs, layering, coster, progress, mode=mode, forced=forced, num_stages=num_stages,
-                             t0=t0, t_trace=t_trace)
+                             t0=t0, t_trace=t_trace, virtual=virtual)
     finally:
         thaw()  # (a worker pool froze the objects held at each fork: collectable again)
         if progress is not verbose:

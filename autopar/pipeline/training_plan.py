@@ -61,6 +61,7 @@ class RefinedSplit(_Frozen):
     chosen: bool = False              # the fastest that fits: the plan
     skipped: bool = False             # estimate above the best exact step: not planned
     plan_s: float = 0.0               # planning time
+    virtual: int = Field(default=1, exclude_if=lambda v: v == 1)  # interleaved: stages per device group
 
 
 class MicrobatchTrial(_Frozen):
@@ -163,6 +164,9 @@ class TrainingPlan(_Document):
     # gradients accumulated over the micro-batches in the parameters' dtype ("params") or, for
     # lower-precision parameters, in float32 (``plan_training(grad_accum="float32")``)
     grad_accum: str = Field(default="params", exclude_if=lambda v: v == "params")
+    # interleaved 1F1B (``autopar.pipeline.interleave``): the stages are model chunks on
+    # len(stages) / virtual_stages device groups, stage j on group j mod G (its ``devices``)
+    virtual_stages: int = Field(default=1, exclude_if=lambda v: v == 1)
     timing: Timing = Timing()
     _loss_fn: Any = PrivateAttr(default=None)
     _optimizer: Any = PrivateAttr(default=None)
@@ -175,6 +179,11 @@ class TrainingPlan(_Document):
     def num_stages(self) -> int:
         return len(self.stages)
 
+    @property
+    def num_groups(self) -> int:
+        """Device groups the stages run on (the stages, unless interleaved)."""
+        return len(self.stages) // self.virtual_stages
+
     def report(self) -> str:
         from .report import format_training_report
         return format_training_report(self)
@@ -182,19 +191,23 @@ class TrainingPlan(_Document):
     def simulate(self):
         """The predicted schedule (``autopar.pipeline.schedule.Timeline``) of one training step."""
         from .schedule import simulate, stage_orders
-        orders = stage_orders(len(self.stages), self.num_microbatches, self.schedule)
+        orders = stage_orders(len(self.stages), self.num_microbatches, self.schedule, self.virtual_stages)
         return simulate(orders, [s.fwd_s for s in self.stages], [s.bwd_s for s in self.stages],
                         [s.send_s / 2 for s in self.stages[1:]])
 
     def timeline(self, path: str) -> str:
         """Draw the pipeline schedule per stage/devices to ``path`` (.svg or .png)."""
         from .timeline import draw_timeline
+        G = self.num_groups
         labels = [f"stage {s.index} · devices {s.devices[0]}-{s.devices[-1]} "
                   f"{'×'.join(map(str, s.plan.mesh_shape))}" + (f" · remat {s.remat}" if s.remat != "none" else "")
-                  for s in self.stages]
+                  for s in self.stages] if G == len(self.stages) else [
+                  f"stages {', '.join(str(j) for j in range(g, len(self.stages), G))} · devices "
+                  f"{self.stages[g].devices[0]}-{self.stages[g].devices[-1]}" for g in range(G)]
         return draw_timeline(self.simulate(), path, stage_labels=labels, recompute=[s.remat for s in self.stages],
                              title=f"{self.function}: {self.num_stages} stage(s), {self.num_microbatches} "
-                                   f"micro-batches, {self.schedule}")
+                                   f"micro-batches, {self.schedule}"
+                                   + (f" interleaved ×{self.virtual_stages}" if self.virtual_stages > 1 else ""))
 
     def apply(self, loss_fn=None, optimizer=None, *, params_like=None, devices=None, donate: bool = True,
               stacked: bool = True):
