@@ -228,11 +228,22 @@ def _options(remat, zero) -> list[StageOption]:
     return sorted(opts, key=lambda o: (o != StageOption(), opts.index(o)))
 
 
+def _virtual(virtual, pp: int, num_layers: int, num_microbatches: int) -> list[int]:
+    """The chunk counts per stage a grid point takes (Megatron's rule: the layers split into
+    pp·v equal chunks; the micro-batches a multiple of pp): 1, and each v > 1 of ``virtual``
+    that fits."""
+    vs = [int(v) for v in ((virtual,) if isinstance(virtual, int) else virtual)]
+    if not vs or any(v < 1 for v in vs):
+        raise ValueError(f"virtual must be chunk counts ≥ 1 per pipeline stage, got {virtual!r}")
+    return [v for v in sorted(set(vs) | {1}) if v == 1 or (
+        pp >= 2 and num_layers % (pp * v) == 0 and num_microbatches % pp == 0)]
+
+
 def dp_tp_pp(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: int = 1, num_microbatches=1,
              schedule: str = "1f1b", num_layers: int | None = None, memory_budget_bytes: float | None = None,
              solver: str = "auto", time_limit_s: float | None = None, refine: int = 2, grid=None,
              remat=REMAT_OPTIONS, zero=(False, True), microbatches=None, grad_accum: str = "params",
-             coupled_rows: str = "refuse"):
+             coupled_rows: str = "refuse", virtual=(1,)):
     """The best Megatron-LM 3D grid (data × tensor × pipeline parallel, uniform stages) for a
     training step, as a :class:`~autopar.TrainingPlan` (``strategy_name="dp_tp_pp"``), with
     Megatron's practice on top of the grid, each the same on every stage of a point:
@@ -245,7 +256,11 @@ def dp_tp_pp(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: int =
       sequence of counts as in ``plan_training``; "divisors":
       every divisor of the global batch; or a tuple), each traced and costed apart;
     * ``grad_accum``: the gradient accumulators' dtype, as for ``plan_training`` (Megatron's
-      fp32 ``main_grad``: "float32"); ``coupled_rows`` as for ``plan_training`` too.
+      fp32 ``main_grad``: "float32"); ``coupled_rows`` as for ``plan_training`` too;
+    * ``virtual``: model chunks per pipeline stage tried (Megatron's interleaved schedule,
+      ``--num-layers-per-virtual-pipeline-stage``): for v > 1, a point with pp ≥ 2 whose
+      layers divide into pp·v equal chunks and whose micro-batch count is a multiple of pp
+      is also costed interleaved (``autopar.pipeline.interleave``).
 
     Same inputs as :func:`autopar.plan_training`. Every grid point of :func:`pipeline_grid`
     (or ``grid=[(pp, submesh, (dp, tp)), …]``) is costed layer by layer (each layer's
@@ -288,26 +303,28 @@ def dp_tp_pp(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: int =
                     or pp * sub[0] * sub[1] != nodes * M:
                 raise ValueError(f"grid point pp={pp}, submesh={sub}, mesh={mesh} does not fit {L} layers on "
                                  f"{nodes} node(s) × {M} (sub-meshes {list(inputs.shapes)})")
-            forced = [ForcedStage(a, b, sub, mesh) for a, b in uniform_stages(L, pp)]
-            for k, opt in enumerate(options):
-                row = {"pp": pp, "submesh": list(sub), "dp": mesh[0], "tp": mesh[1], "num_microbatches": B,
-                       "remat": opt.remat, "zero": opt.zero}
-                try:
-                    row["estimate_s"] = estimate_forced(coster, inputs, L, forced, progress, options=(opt,),
-                                                        name=f"{inputs.name} (baseline dp_tp_pp)").objective_s
-                except PlanError as err:
-                    row["error"] = str(err).split(";")[0]
-                rows.append(row)
-                cands.append((replace(inputs, remat=(opt.remat,), zero=(opt.zero,)), layering, coster, forced))
-                if k == 0 and "estimate_s" in row and opt == StageOption():
-                    break   # the plain point fits: recompute and ZeRO-1 only add work
+            for v in _virtual(virtual, pp, L, B):
+                forced = [ForcedStage(a, b, sub, mesh) for a, b in uniform_stages(L, pp * v)]
+                for k, opt in enumerate(options):
+                    row = {"pp": pp, "submesh": list(sub), "dp": mesh[0], "tp": mesh[1], "num_microbatches": B,
+                           "remat": opt.remat, "zero": opt.zero, "virtual": v}
+                    try:
+                        row["estimate_s"] = estimate_forced(coster, inputs, L, forced, progress, options=(opt,),
+                                                            name=f"{inputs.name} (baseline dp_tp_pp)",
+                                                            virtual=v).objective_s
+                    except PlanError as err:
+                        row["error"] = str(err).split(";")[0]
+                    rows.append(row)
+                    cands.append((replace(inputs, remat=(opt.remat,), zero=(opt.zero,)), layering, coster, forced, v))
+                    if k == 0 and "estimate_s" in row and opt == StageOption():
+                        break   # the plain point fits: recompute and ZeRO-1 only add work
     ok = sorted((k for k, r in enumerate(rows) if "estimate_s" in r), key=lambda k: rows[k]["estimate_s"])
     best, errors = None, []
     for k in ok[:max(1, refine)]:
-        inputs, layering, coster, forced = cands[k]
+        inputs, layering, coster, forced, v = cands[k]
         try:
             tp_ = plan_pipeline(inputs, layering, coster, progress, mode="exact", forced=forced,
-                                strategy_name="dp_tp_pp")
+                                strategy_name="dp_tp_pp", virtual=(v,))
         except PlanError as err:
             rows[k]["error"] = str(err).split(";")[0]
             errors.append(err)
@@ -318,7 +335,7 @@ def dp_tp_pp(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: int =
     if best is None:
         M = load_cluster(cluster).devices_per_node
         need = [e.min_bytes_per_device for e in errors if e.min_bytes_per_device] + [
-            c.min_need for _, _, c, _ in cands if math.isfinite(c.min_need)]
+            c.min_need for _, _, c, _, _ in cands if math.isfinite(c.min_need)]
         raise PlanError(f"no Megatron DP×TP×PP grid point of {getattr(loss_fn, '__name__', 'loss_fn')} fits "
                         f"memory_budget_bytes={cands[0][0].budget if cands else memory_budget_bytes:.0f} per device on "
                         f"{nodes} node(s) × {M} ({len(rows)} points tried)"

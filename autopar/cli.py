@@ -222,6 +222,9 @@ def _common(p):
     t.add_argument("--microbatches", type=lambda s: int(s) if "," not in s else [int(x) for x in s.split(",")],
                    default=1, help="micro-batches per step; several, e.g. 8,16,32: each planned, the fastest kept")
     t.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"])
+    t.add_argument("--virtual-stages", type=_virtual_stages, default=1,
+                   help="model chunks per device group, interleaved 1F1B (Megatron's virtual pipeline): 1, a count, "
+                   "or auto (the fastest of 1, 2, 4)")
     t.add_argument("--num-stages", type=int, default=None, help="force the number of stages")
     t.add_argument("--stages", help="fix the stages: layer ranges and sub-meshes, e.g. 0-2:1x4,2-4:1x4")
     t.add_argument("--layers", type=int, default=None, help="number of layers to cluster the forward into")
@@ -232,6 +235,15 @@ def _common(p):
     t.add_argument("--timeline", help="draw the pipeline schedule to this .svg or .png")
     t.add_argument("--bound", action="store_true", help="also print the compute bound (autopar.step_lower_bound: "
                    "a step no plan beats) and the plan's step over it")
+
+
+def _virtual_stages(text: str):
+    """``--virtual-stages``: "auto" or a count ≥ 1."""
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected auto or a count ≥ 1, got {text!r}")
+    return int(text)
 
 
 def main(argv=None) -> int:

@@ -73,7 +73,8 @@ def _plan(ns, module, fn, args):
             num_microbatches=ns.microbatches, schedule=ns.schedule, num_stages=ns.num_stages,
             stages=parse_stages(ns.stages), num_layers=ns.layers, memory_budget_bytes=ns.budget,
             solver=ns.solver, time_limit_s=ns.time_limit, remat=ns.remat, zero=ns.zero, has_aux=ns.has_aux,
-            coupled_rows=ns.coupled_rows, grad_accum=ns.grad_accum, verbose=progress)
+            coupled_rows=ns.coupled_rows, grad_accum=ns.grad_accum, virtual_stages=ns.virtual_stages,
+            verbose=progress)
 
 
 def _bound(ns, fn, args, plan) -> None:

@@ -203,14 +203,15 @@ def _validate_orders(orders: Sequence[Sequence[Task]]) -> int:
     tasks of stages g, g + G, …)."""
     G = len(orders)
     if G < 1:
-        raise ValueError("orders must hold one task list per stage; got no stages")
+        raise ValueError("orders must hold one task list per stage (device group); got none")
     seen = set()
     for s, order in enumerate(orders):
         for task in order:
             if not isinstance(task, Task):
                 raise ValueError(f"orders[{s}] holds {task!r}; expected Task objects")
             if task.stage % G != s:
-                raise ValueError(f"{task} is in the order of stage {s}; each stage lists only its own tasks")
+                raise ValueError(f"{task} is in the order of device group {s} (of {G}); each group lists only its own tasks "
+                                 "(stage j on group j mod G)")
             if task in seen:
                 raise ValueError(f"{task} appears twice in the orders")
             seen.add(task)

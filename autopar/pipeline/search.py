@@ -296,9 +296,18 @@ def solution_options(sol: StageSolution, costs) -> dict[tuple[int, int], StageOp
 
 
 def estimate_forced(coster, inputs: TrainingInputs, num_layers: int, forced: list[ForcedStage], progress: Progress,
-                    name: str = "", options=None) -> StageSolution:
+                    name: str = "", options=None, virtual: int = 1) -> StageSolution:
     """The given stages' step estimated from single-layer plans (as the additive search does),
-    each stage with the fastest fitting of ``options`` (default ``inputs.options``)."""
+    each stage with the fastest fitting of ``options`` (default ``inputs.options``);
+    ``virtual`` > 1: the stages are chunks interleaved on len(forced) / virtual device groups
+    (``interleave.estimate``; a PlanError when a group fits in no option)."""
     costs = ForcedCosts(coster, num_layers, inputs.shapes, forced, progress, options or inputs.options,
                         additive=True)
+    if virtual > 1:
+        from .interleave import estimate
+        est = estimate(inputs, costs.arrays, [(f.start, f.end, tuple(f.submesh)) for f in forced], virtual)
+        if est is None:
+            raise PlanError(f"{name or inputs.name}: the interleaved stages do not fit "
+                            f"memory_budget_bytes={inputs.budget:.0f} per device by estimate")
+        return est
     return run_stage_dp(inputs, num_layers, costs.arrays, min_need=coster.min_need, forced=forced, name=name)

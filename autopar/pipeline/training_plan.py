@@ -83,6 +83,7 @@ class GridPoint(_Frozen):
     num_microbatches: int | None = None   # None: the plan's
     remat: str = "none"               # activation recompute: "none" | "dots" (selective) | "full"
     zero: bool = False                # distributed optimizer (ZeRO-1)
+    virtual: int = Field(default=1, exclude_if=lambda v: v == 1)   # interleaved: model chunks per stage
     estimate_s: float | None = None   # additive estimate (None: ``error``)
     error: str | None = None          # why it was dropped
     step_s: float | None = None       # planned exactly (the best estimates only)

@@ -1,0 +1,132 @@
+"""Interleaved 1F1B (``plan_training(virtual_stages=…)``, ``autopar.pipeline.interleave``):
+v model chunks per device group, executed equal to ``jax.jit``; the bubble the search
+trades for memory; the group memory; the Megatron grid's interleaved points; clear errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import assert_step_equals_single_device, make_cluster
+
+import autopar
+from autopar.pipeline.costs import ChosenStage, StageCost, stage_memory
+from autopar.pipeline.schedule import peak_held, stage_orders
+from autopar.planner import PlanError
+
+L, D, BATCH = 8, 64, 32
+
+
+def loss(params, batch):
+    x, y = batch
+    for i, p in enumerate(params):
+        x = jnp.tanh(x @ p["w"] + p["b"])
+        if i < len(params) - 1:
+            x = autopar.stage_boundary(x)
+    return jnp.mean((x - y) ** 2)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    ks = jax.random.split(jax.random.key(0), L + 2)
+    params = [{"w": jax.random.normal(k, (D, D)) * 0.2, "b": jnp.zeros(D)} for k in ks[:L]]
+    batch = (jax.random.normal(ks[L], (BATCH, D)), jax.random.normal(ks[L + 1], (BATCH, D)))
+    return params, batch
+
+
+# slow devices, fast links: the bubble is what interleaving wins back
+SLOW = make_cluster(4, flops=2e8)
+
+
+def test_interleaved_plan_runs_equal_to_jit(devices8, problem):
+    params, batch = problem
+    # (eps 1e-4: Adam's default 1e-8 turns a gradient of ~1e-9 — float rounding of summing
+    # micro-batches against one batch — into a step of ±lr)
+    opt = optax.adamw(1e-2, eps=1e-4)
+    tplan = autopar.plan_training(loss, params, batch, optimizer=opt, cluster=SLOW, nodes=2, num_microbatches=4,
+                                  num_stages=2, virtual_stages=2)
+    assert tplan.virtual_stages == 2 and tplan.num_stages == 4 and tplan.num_groups == 2
+    # chunk k on device group k mod 2: the same devices as stage k mod 2, the groups apart
+    assert [s.devices for s in tplan.stages[2:]] == [s.devices for s in tplan.stages[:2]]
+    assert not set(tplan.stages[0].devices) & set(tplan.stages[1].devices)
+    assert [s.layers for s in tplan.stages] == [[0, 2], [2, 4], [4, 6], [6, 8]]
+    assert "interleaved ×2" in tplan.report()
+    assert_step_equals_single_device(loss, params, batch, opt, tplan)
+    # the group memory: its chunks' static parts and the most activations they hold at once
+    tl = tplan.simulate()
+    assert tl.num_stages == 2 and tl.total_stages == 4
+    assert tplan.stages[0].memory_bytes_per_device == tplan.stages[2].memory_bytes_per_device
+    back = autopar.TrainingPlan.from_json(tplan.to_json())
+    assert back.virtual_stages == 2
+    np.testing.assert_allclose(back.simulate().makespan, tl.makespan)
+
+
+def test_interleaving_shrinks_the_bubble(devices8, problem):
+    """Same groups and chunks' layers: the interleaved step beats plain 1F1B's by the bubble
+    it removes ((G − 1)/(vB + G − 1) against (G − 1)/(B + G − 1)) less the extra sends."""
+    params, batch = problem
+    opt = optax.sgd(1e-2)
+    kw = dict(optimizer=opt, cluster=SLOW, nodes=2, num_microbatches=4, num_stages=2)
+    plain = autopar.plan_training(loss, params, batch, virtual_stages=1, **kw)
+    inter = autopar.plan_training(loss, params, batch, virtual_stages=2, **kw)
+    assert plain.num_stages == 2 and [s.submesh for s in plain.stages] == [s.submesh for s in inter.stages[:2]]
+    assert inter.predicted.bubble_fraction < plain.predicted.bubble_fraction
+    assert inter.predicted.step_time_s < plain.predicted.step_time_s
+    auto = autopar.plan_training(loss, params, batch, virtual_stages="auto", **kw)
+    assert auto.predicted.step_time_s <= min(plain.predicted.step_time_s, inter.predicted.step_time_s) * (1 + 1e-9)
+    tried = {r.virtual for r in auto.search.refined}
+    assert 2 in tried and 1 in tried
+
+
+def test_given_chunks_and_a_mixing_optimizer(devices8, problem):
+    """``stages=`` lists the chunks (chunk k on stage k mod G's sub-mesh); clip_by_global_norm
+    mixes every stage's gradients (its update in rounds) with stages sharing devices."""
+    params, batch = problem
+    opt = optax.chain(optax.clip_by_global_norm(0.5), optax.adam(1e-2, eps=1e-4))
+    stages = [(0, 2, (1, 4)), (2, 4, (1, 4)), (4, 6, (1, 4)), (6, 8, (1, 4))]
+    tplan = autopar.plan_training(loss, params, batch, optimizer=opt, cluster=SLOW, nodes=2, num_microbatches=2,
+                                  stages=stages, virtual_stages=2)
+    assert tplan.virtual_stages == 2 and [s.layers for s in tplan.stages] == [[a, b] for a, b, _ in stages]
+    assert_step_equals_single_device(loss, params, batch, opt, tplan)
+
+
+def test_group_memory_counts_every_chunk():
+    """Two chunks per group: both parameter parts, the larger transient part, and the
+    activations the group's order holds at its peak."""
+    def cost(act, persist, transient):
+        return StageCost(plan=object(), latency=1.0, static=persist + transient, act=act, persist=persist)
+    chosen = [ChosenStage(k, k + 1, (1, 4), cost(10.0 * (k + 1), 100.0 * (k + 1), 7.0 * k)) for k in range(4)]
+    B = 4
+    mem = stage_memory(chosen, "1f1b", B, virtual=2)
+    orders = stage_orders(4, B, "1f1b", 2)
+    held = peak_held(orders, [c.cost.act for c in chosen])
+    assert mem[0][1] == mem[2][1] == 100.0 + 300.0 + 14.0 + held[0]
+    assert mem[1][1] == mem[3][1] == 200.0 + 400.0 + 21.0 + held[1]
+    # below B × every chunk's activations (GPipe's), above one micro-batch of each
+    assert 10.0 + 30.0 < held[0] < B * (10.0 + 30.0)
+
+
+def test_megatron_grid_has_interleaved_points(devices8, problem):
+    params, batch = problem
+    tplan = autopar.baselines.dp_tp_pp(loss, params, batch, optimizer=optax.sgd(1e-2), cluster=SLOW, nodes=2,
+                                       num_microbatches=4, virtual=(1, 2))
+    points = {(g.pp, g.virtual) for g in tplan.baseline_grid if g.estimate_s is not None}
+    # 8 layers: 2 or 4 stages × 2 chunks; 8 stages would need 16 chunks
+    assert {(2, 2), (4, 2), (2, 1), (4, 1), (8, 1)} <= points and (8, 2) not in points
+    assert {g.virtual for g in tplan.baseline_grid if g.pp == 1} == {1}
+
+
+def test_clear_errors(problem):
+    params, batch = problem
+    kw = dict(optimizer=optax.sgd(1e-2), cluster=SLOW, nodes=2)
+    with pytest.raises(PlanError, match="multiple of G"):
+        autopar.plan_training(loss, params, batch, num_microbatches=1, num_stages=2, virtual_stages=2, **kw)
+    with pytest.raises(ValueError, match="virtual_stages must be"):
+        autopar.plan_training(loss, params, batch, num_microbatches=2, virtual_stages="two", **kw)
+    with pytest.raises(ValueError, match="schedule='1f1b'"):
+        autopar.plan_training(loss, params, batch, num_microbatches=2, virtual_stages=2, schedule="gpipe", **kw)
+    with pytest.raises(ValueError, match="sub-mesh of stage k mod 2"):
+        autopar.plan_training(loss, params, batch, num_microbatches=2, virtual_stages=2,
+                              stages=[(0, 2, (1, 4)), (2, 4, (1, 4)), (4, 6, (1, 2)), (6, 8, (1, 4))], **kw)
+    with pytest.raises(ValueError, match="multiple of 2"):
+        autopar.plan_training(loss, params, batch, num_microbatches=2, virtual_stages=2,
+                              stages=[(0, 3, (1, 4)), (3, 6, (1, 4)), (6, 8, (1, 4))], **kw)
