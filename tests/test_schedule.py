@@ -175,7 +175,7 @@ def test_simulate_errors():
                   [Task(1, 1, "F"), Task(1, 1, "B"), Task(1, 0, "F"), Task(1, 0, "B")]], [1, 1], [1, 1])
     with pytest.raises(ValueError, match="no stage order contains"):
         simulate([[Task(0, 0, "F")], [Task(1, 0, "F"), Task(1, 1, "F")]], [1, 1], [1, 1])
-    with pytest.raises(ValueError, match="order of stage 1"):
+    with pytest.raises(ValueError, match="order of device group 1"):
         simulate([[Task(0, 0, "F")], [Task(0, 1, "F")]], [1, 1], [1, 1])
     with pytest.raises(ValueError, match="twice"):
         simulate([[Task(0, 0, "F"), Task(0, 0, "F")]], [1], [1])
