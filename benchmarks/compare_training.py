@@ -55,9 +55,11 @@ def counts_for(model: str, cluster: str, scales=(1.0,)) -> list[int]:
     return sorted({BATCH[model] // max(1, round(size * s)) for s in scales})
 
 
-def one(model: str, nodes: int, cluster: str, dtype: str, baseline: bool = True, scales=(1.0,)) -> dict:
+def one(model: str, nodes: int, cluster: str, dtype: str, baseline: bool = True, scales=(1.0,),
+        virtual: str = "1") -> dict:
     """Plan one config (in this process) and return its row (``baseline=False``: autopar only);
-    with several micro-batch size ``scales`` both planners try each count and keep the fastest."""
+    with several micro-batch size ``scales`` both planners try each count and keep the fastest;
+    ``virtual`` "auto": both may interleave 1, 2 or 4 model chunks per stage (interleaved 1F1B)."""
     import importlib
 
     from autopar import PlanError, plan_training
@@ -71,8 +73,9 @@ def one(model: str, nodes: int, cluster: str, dtype: str, baseline: bool = True,
     row = {"model": model, "suite": suite, "cluster": cluster, "nodes": nodes, "gpus": nodes * 8,
            "batch": BATCH[model], "microbatches": microbatches,
            "bound_s": bound(model, nodes, cluster, dtype, microbatches)}
-    runs = [("autopar", lambda: plan_training(mod.loss_fn, params, batch, **kw)),
-            ("dp_tp_pp", lambda: dp_tp_pp(mod.loss_fn, params, batch, **kw))]
+    auto = virtual == "auto"
+    runs = [("autopar", lambda: plan_training(mod.loss_fn, params, batch, virtual_stages="auto" if auto else 1, **kw)),
+            ("dp_tp_pp", lambda: dp_tp_pp(mod.loss_fn, params, batch, virtual=(1, 2, 4) if auto else (1,), **kw))]
     for name, fn in runs[:2 if baseline else 1]:
         t0 = time.perf_counter()
         try:
@@ -86,7 +89,8 @@ def one(model: str, nodes: int, cluster: str, dtype: str, baseline: bool = True,
             "bubble": tp.predicted.bubble_fraction, "stages": tp.num_stages, "plan_s": time.perf_counter() - t0,
             "layout": [f"L{s.layers[0]}-{s.layers[1] - 1}@{s.submesh[0]}x{s.submesh[1]}/"
                        f"{'x'.join(map(str, s.plan.mesh_shape))}" for s in tp.stages],
-            "layers": tp.search.num_layers, "ilp_solves": tp.search.ilp_solves, "microbatches": tp.num_microbatches}
+            "layers": tp.search.num_layers, "ilp_solves": tp.search.ilp_solves, "microbatches": tp.num_microbatches,
+            "virtual": tp.virtual_stages}
         if tp.microbatch_search is not None:
             row[name]["per_count"] = {m.num_microbatches: m.step_s for m in tp.microbatch_search}
         if tp.baseline_grid is not None:
@@ -133,6 +137,12 @@ def _compact(layout: list[str]) -> str:
     return " ".join(f"{n}×{k[0]}L@{k[1]}" for k, n in parts)
 
 
+def _interleaved(x: dict) -> str:
+    """" interleaved ×v on G groups" for an interleaved plan's row (its layout lists the chunks)."""
+    v = x.get("virtual", 1)
+    return f" interleaved ×{v} ({len(x['layout']) // v} groups)" if v > 1 else ""
+
+
 def table_line(r: dict) -> str:
     a, b = r["autopar"], r["dp_tp_pp"]
     if "error" in r:
@@ -141,8 +151,10 @@ def table_line(r: dict) -> str:
     fb = "OOM" if b.get("oom") else _ms(b["step_s"])
     ratio = f"{r['ratio']:.2f}×" if "ratio" in r else ("∞ (baseline OOM)" if b.get("oom") and not a.get("oom") else "–")
     many = isinstance(r.get("microbatches"), list) and len(r["microbatches"]) > 1
-    lay_a = (_compact(a["layout"]) + (f" ×{a['microbatches']}mb" if many else "")) if "layout" in a else "–"
-    lay_b = (_compact(b["layout"]) + (f" ×{b['microbatches']}mb" if many else "")) if "layout" in b else "–"
+    lay_a = (_compact(a["layout"]) + (f" ×{a['microbatches']}mb" if many else "") + _interleaved(a)) \
+        if "layout" in a else "–"
+    lay_b = (_compact(b["layout"]) + (f" ×{b['microbatches']}mb" if many else "") + _interleaved(b)) \
+        if "layout" in b else "–"
     mem = f"{a['peak_gb']:.1f} GB" if "peak_gb" in a else "–"
     lb = r.get("bound_s")
     bnd = (_ms(lb) + ": " + ", ".join(f"{x['step_s'] / lb:.2f}×" if "step_s" in x else "–" for x in (a, b))) \
@@ -257,13 +269,15 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compare_training"))
     ap.add_argument("--baseline-from", help="a .jsonl of an earlier run: take each config's dp_tp_pp result from it "
                     "(the row records its code version as baseline_code) and plan autopar only")
+    ap.add_argument("--virtual", default="1", choices=["1", "auto"],
+                    help="interleaved 1F1B: auto lets both planners take 1, 2 or 4 model chunks per stage")
     ap.add_argument("--one", nargs=3, metavar=("MODEL", "NODES", "CLUSTER"), help=argparse.SUPPRESS)
     ap.add_argument("--no-baseline", action="store_true", help=argparse.SUPPRESS)
     ns = ap.parse_args()
     scales = tuple(float(x) for x in ns.mb_scales.split(","))
     if ns.one:
         print("ROW " + json.dumps(one(ns.one[0], int(ns.one[1]), ns.one[2], ns.dtype, not ns.no_baseline,
-                                      scales)), flush=True)
+                                      scales, ns.virtual)), flush=True)
         return
     out = Path(ns.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -274,7 +288,9 @@ def main() -> None:
             f"{DEFAULT_MICROBATCH} ({MICROBATCH['p3.16xlarge']} on p3.16xlarge's 16 GB V100s)" + (
                 f", and micro-batch sizes × {', '.join(ns.mb_scales.split(','))} of that: both planners plan "
                 f"every count and keep their fastest (the count follows each layout, e.g. ×64mb)"
-                if len(scales) > 1 else ", the same count for both") + f", 1F1B, 8 GPUs per node, device memory of the cluster spec; planned from "
+                if len(scales) > 1 else ", the same count for both") + (
+                ", 1F1B or interleaved 1F1B with 2 or 4 model chunks per stage (both planners choose)"
+                if ns.virtual == "auto" else ", 1F1B") + f", 8 GPUs per node, device memory of the cluster spec; planned from "
             f"ShapeDtypeStructs. autopar = `autopar.plan_training` (defaults: recompute none/dots/full and ZeRO-1 "
             f"chosen per stage); DP×TP×PP = `autopar.baselines.dp_tp_pp` (defaults: the best uniform-stage grid "
             f"point over recompute none/dots/full × distributed optimizer (ZeRO-1), each stage "
@@ -306,7 +322,7 @@ def main() -> None:
                     t0, code = time.perf_counter(), code_version()  # the code the config's process imports
                     prev = old.get((model, cluster, nodes))
                     cmd = [sys.executable, __file__, "--one", model, str(nodes), cluster, "--dtype", ns.dtype,
-                           "--mb-scales", ns.mb_scales] + (["--no-baseline"] if prev else [])
+                           "--mb-scales", ns.mb_scales, "--virtual", ns.virtual] + (["--no-baseline"] if prev else [])
                     try:
                         res = subprocess.run(cmd, capture_output=True, text=True, timeout=ns.timeout, cwd=ROOT)
                         line = [x for x in res.stdout.splitlines() if x.startswith("ROW ")]
