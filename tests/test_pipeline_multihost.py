@@ -32,20 +32,24 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "pipeline_multihost_worker.py"
 
 
-def _plan(name, schedule, microbatches=4):
-    """Two stages of 2 layers, one per node of 4 devices; slow devices (1 GFLOP/s) make each
-    stage split its weights over its devices."""
+def _plan(name, schedule, microbatches=4, virtual=1):
+    """Two stages of 2 layers, one per node of 4 devices (``virtual`` 2: four 1-layer chunks
+    interleaved on the two nodes); slow devices (1 GFLOP/s) make each stage split its weights
+    over its devices."""
     loss_fn, opt, (params, batch) = MODELS[name]()
+    stages = [(0, 2, (1, 4), (4,)), (2, 4, (1, 4), (4,))] if virtual == 1 else [(k, k + 1, (1, 4), (4,))
+                                                                              for k in range(4)]
     return plan_training(loss_fn, params, batch, optimizer=opt, cluster=make_cluster(4, flops=1e9), nodes=2,
                          num_microbatches=microbatches, schedule=schedule, num_layers=4, has_aux=name in HAS_AUX,
-                         stages=[(0, 2, (1, 4), (4,)), (2, 4, (1, 4), (4,))])
+                         stages=stages, virtual_stages=virtual)
 
 
 @pytest.fixture(scope="module")
 def plans(tmp_path_factory):
     out = tmp_path_factory.mktemp("plans")
     made = {"mlp-gpipe": _plan("mlp", "gpipe"), "mlp-1f1b": _plan("mlp", "1f1b"), "tied-1f1b": _plan("tied", "1f1b"),
-            "scan-1f1b": _plan("scan", "1f1b"), "other": _plan("mlp", "gpipe", microbatches=2)}
+            "scan-1f1b": _plan("scan", "1f1b"), "other": _plan("mlp", "gpipe", microbatches=2),
+            "mlpeps-interleaved": _plan("mlpeps", "1f1b", virtual=2)}
     paths = {}
     for name, tplan in made.items():
         paths[name] = out / f"{name}.json"
@@ -121,14 +125,16 @@ def test_two_processes_one_stage_each_equal_the_single_device_steps(devices8, pl
     assert [s.index for s in made["tied-1f1b"].stages if 0 in s.params] == [0, 1]
     # a scanned stack split per iteration runs in the split form, each slice on its stage's process
     assert made["scan-1f1b"].scan_split is not None
+    # interleaved: chunks 0, 2 on process 0, chunks 1, 3 on process 1; chunk 1's output goes back to process 0
+    assert [s.devices[0] for s in made["mlpeps-interleaved"].stages] == [0, 4, 0, 4]
     cases = [f"mlp-gpipe={paths['mlp-gpipe']}", f"tied-1f1b={paths['tied-1f1b']}", f"scan-1f1b={paths['scan-1f1b']}",
-             f"mismatch={paths['mlp-gpipe']},{paths['other']}"]
+             f"mlpeps-interleaved={paths['mlpeps-interleaved']}", f"mismatch={paths['mlp-gpipe']},{paths['other']}"]
     codes, logs, _ = _launch(2, 4, [tmp_path, *cases])
     assert codes == [0, 0], "\n----\n".join(logs)[-6000:]
     for pid, log in enumerate(logs):
         assert "placement checked" in log and "PlanMismatchError: the processes of this job hold different " \
             "plans: process(es) [1]" in log, log[-3000:]
-    _assert_equal_to_reference(tmp_path, ["mlp-gpipe", "tied-1f1b", "scan-1f1b"])
+    _assert_equal_to_reference(tmp_path, ["mlp-gpipe", "tied-1f1b", "scan-1f1b", "mlpeps-interleaved"])
 
 
 def test_four_processes_stages_spanning_two_equal_the_single_device_steps(devices8, plans, tmp_path):
