@@ -33,6 +33,15 @@ def dependency_end(task: Task, ends: dict[Task, float], S: int, sends: list[floa
     return ends[Task(s + 1, m, "B")] + sends[s]
 
 
+def dependencies(task: Task, S: int) -> list[Task]:
+    """The tasks ``task`` must follow: its forward's predecessor, or its own forward and its
+    backward's successor."""
+    s, m = task.stage, task.microbatch
+    if task.kind == "F":
+        return [Task(s - 1, m, "F")] if s > 0 else []
+    return [Task(s, m, "F")] + ([Task(s + 1, m, "B")] if s < S - 1 else [])
+
+
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("S,B", SIZES, ids=[f"S{S}-B{B}" for S, B in SIZES])
 def test_uniform_makespan_and_bubble(schedule, S, B):
@@ -119,15 +128,7 @@ def test_random_instance_dependencies_and_tightness(seed):
     starts = {task: start for task, start, _ in tl.events}
     assert [starts[t] for t in order] == sorted(starts[t] for t in order)
     for task in order:
-        s, m = task.stage, task.microbatch
-        deps = []
-        if task.kind == "F" and s > 0:
-            deps.append(Task(s - 1, m, "F"))
-        if task.kind == "B":
-            deps.append(Task(s, m, "F"))
-            if s < S - 1:
-                deps.append(Task(s + 1, m, "B"))
-        assert all(position[d] < position[task] for d in deps), task
+        assert all(position[d] < position[task] for d in dependencies(task, S)), task
     for s in range(S):  # the driver order keeps each stage's own order
         assert [t for t in order if t.stage == s] == orders[s]
 
@@ -391,15 +392,7 @@ def test_interleaved_random_instances(seed):
     starts = {task: start for task, start, _ in tl.events}
     assert [starts[t] for t in order] == sorted(starts.values())
     for task in order:
-        s, m = task.stage, task.microbatch
-        deps = []
-        if task.kind == "F" and s > 0:
-            deps.append(Task(s - 1, m, "F"))
-        if task.kind == "B":
-            deps.append(Task(s, m, "F"))
-            if s < S - 1:
-                deps.append(Task(s + 1, m, "B"))
-        assert all(position[d] < position[task] for d in deps), task
+        assert all(position[d] < position[task] for d in dependencies(task, S)), task
     for g in range(G):  # the driver order keeps each group's own order
         assert [t for t in order if t.stage % G == g] == orders[g]
 
