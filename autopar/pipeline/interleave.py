@@ -120,6 +120,10 @@ def interleave(coster, inputs: TrainingInputs, num_layers: int, costs, progress,
     ests = []
     for source, stages, v in interleaved_splits(inputs, num_layers, options, num_stages):
         est = estimate(inputs, costs.arrays, stages, v)
+        lower = costs.placeholders(est) if est is not None else None
+        if lower:   # lower bounds of options not planned yet: planned, then estimated for real
+            costs.resolve(lower)
+            est = estimate(inputs, costs.arrays, stages, v)
         if est is not None:
             ests.append((est.objective_s, len(ests), est, source, stages, v))
     ests.sort(key=lambda e: e[:2])

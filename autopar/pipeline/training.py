@@ -164,7 +164,7 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
     device groups holding G·v equal chunks, chunk j on group j mod G: the bubble shrinks v
     times, the activations held grow, B must be a multiple of G; with ``stages=`` the list
     gives the G·v chunks, chunk j on stage j mod G's sub-mesh), or "auto" (the fastest of 1, 2
-    and 4 that fits).
+    and 4 that fits). ``num_stages`` then counts the device groups.
 
     ``workers``: processes that plan independent stage ILPs at once (``autopar.pipeline.pool``;
     "auto": the cores, on clusters of 32 devices or more); the plan is the same with any number.
