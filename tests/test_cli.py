@@ -175,3 +175,17 @@ def test_a_file_inside_a_package_imports_from_anywhere(tmp_path):
     r = subprocess.run([sys.executable, "-m", "autopar", "plan", str(tmp_path / "missing_dep.py") + ":f"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "autopar: cannot import" in r.stderr and "no_such_module" in r.stderr, r.stderr
+
+
+def test_run_interleaved_chunks(tmp_path):
+    """``--virtual-stages 2`` with four given chunks on two device groups: planned, run and
+    checked against the single-device step; the timeline has one row per group."""
+    svg = tmp_path / "t.svg"
+    r = autopar("run", "examples/mlp.py:loss_fn", "--arg", "batch=16", "--arg", "hidden=32", "--arg", "layers=4",
+                "--train", "--microbatches", "2", "--optimizer", "sgd:0.1", "--layers", "4",
+                "--stages", "0-1:1x4,1-2:1x4,2-3:1x4,3-4:1x4", "--virtual-stages", "2", "--timeline", str(svg))
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "interleaved ×2 (stage k on device group k mod 2, 2 groups)" in r.stdout and "→ OK" in r.stdout, r.stdout
+    assert svg.read_text().count('class="row"') == 2
+    r = autopar("plan", "examples/mlp.py:loss_fn", "--train", "--virtual-stages", "two")
+    assert r.returncode == 2 and "expected auto or a count" in r.stderr and "Traceback" not in r.stderr, r.stderr
