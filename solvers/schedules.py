@@ -9,7 +9,9 @@ has run and whose backward it has not. At its peak, with ``r`` stages from it to
 
 The stage DP (``solvers.stage_dp``), the stage planner (``autopar.pipeline``) and the
 runtime's schedule (``autopar.pipeline.schedule.peak_inflight``, which measures it on the
-simulated task order) all use this rule.
+simulated task order) all use this rule. Interleaved 1F1B (several model chunks per device
+group, ``autopar.pipeline.interleave``) is not a rule of this kind: its groups' activations
+are measured on the simulated order (``autopar.pipeline.schedule.peak_held``).
 """
 from __future__ import annotations
 
