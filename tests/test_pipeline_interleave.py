@@ -130,3 +130,28 @@ def test_clear_errors(problem):
     with pytest.raises(ValueError, match="multiple of 2"):
         autopar.plan_training(loss, params, batch, num_microbatches=2, virtual_stages=2,
                               stages=[(0, 3, (1, 4)), (3, 6, (1, 4)), (6, 8, (1, 4))], **kw)
+
+
+def test_balanced_chunks_even_out_a_heavy_last_layer():
+    """Megatron's equal chunks put a heavy last layer (an LM head) on one group; the balanced
+    split moves boundaries until the groups' times even out, and its estimated step is lower."""
+    from types import SimpleNamespace
+
+    from autopar.pipeline.costs import CostArrays
+    from autopar.pipeline.interleave import balanced, estimate
+    layer = np.array([1.0] * 15 + [4.0])   # 16 layers, the last one 4× the others
+    n = len(layer)
+    lat = np.full((n, n + 1, 1), np.inf)
+    for a in range(n):
+        for b in range(a + 1, n + 1):
+            lat[a, b, 0] = layer[a:b].sum()
+    arrays = CostArrays(lat, np.zeros_like(lat), np.zeros_like(lat))
+    inputs = SimpleNamespace(shapes=[(1, 4)], num_microbatches=8, schedule="1f1b", budget=1.0)
+    equal = [(a, a + 4, (1, 4)) for a in range(0, 16, 4)]   # G = 2 groups × v = 2 chunks of 4 layers
+    even = balanced(inputs, arrays, equal, 2)
+    assert even is not None and [a for a, _, _ in even][0] == 0 and even[-1][1] == 16
+    groups = [sum(layer[a:b].sum() for a, b, _ in even[g::2]) for g in range(2)]
+    assert max(groups) < 4 + 4 + 3   # equal chunks: group 1 holds 4 + (3 + 4) = 11
+    assert estimate(inputs, arrays, even, 2).objective_s < estimate(inputs, arrays, equal, 2).objective_s
+    # nothing to move where every chunk is one layer
+    assert balanced(inputs, arrays, [(a, a + 1, (1, 4)) for a in range(16)], 8) is None

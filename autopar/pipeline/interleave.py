@@ -63,6 +63,41 @@ def interleaved_splits(inputs: TrainingInputs, num_layers: int, options: tuple[i
     return out
 
 
+def balanced(inputs: TrainingInputs, arrays, stages, v: int) -> list | None:
+    """The chunks of an equal interleaved split moved toward equal device-group times (None:
+    no better), by single-layer boundary moves on the cost arrays (each chunk at its fastest
+    option): a move is kept when it lowers B·max_g T_g + Σ t·(G − 1)/(G·v) — the steady
+    state of the busiest group and the fill on uniform chunks (``schedule``'s formula) —, or
+    keeps it and lowers Σ_g T_g² (toward balance, where one layer cannot move the maximum
+    alone). Megatron's equal chunks put a heavy last layer (an LM head) or alternating layer
+    kinds (dense / MoE) on some groups more than others; autopar's plain stage DP already
+    balances stages this way."""
+    lat = arrays.latency if arrays.latency.ndim == 3 else arrays.latency.min(axis=0)
+    s = list(inputs.shapes).index(tuple(stages[0][2]))
+    S, B = len(stages), inputs.num_microbatches
+    G = S // v
+    bounds = [a for a, _, _ in stages] + [stages[-1][1]]
+
+    def score(bs):
+        t = [float(lat[bs[c], bs[c + 1], s]) for c in range(S)]
+        if not all(map(math.isfinite, t)):
+            return (math.inf, math.inf)
+        groups = [sum(t[g::G]) for g in range(G)]
+        return (B * max(groups) + sum(t) * (G - 1) / (G * v), sum(x * x for x in groups))
+
+    best, start = score(bounds), bounds
+    for _ in range(4 * S * S):   # (each kept move lowers the score: no cycles; a cap all the same)
+        moves = [bounds[:c] + [bounds[c] + d] + bounds[c + 1:] for c in range(1, S) for d in (-1, 1)
+                 if bounds[c - 1] < bounds[c] + d < bounds[c + 1]]
+        scored = min(((score(m), m) for m in moves), default=None)
+        if scored is None or not scored[0] < best:
+            break
+        best, bounds = scored
+    if bounds == start:
+        return None
+    return [(bounds[c], bounds[c + 1], stages[0][2]) for c in range(S)]
+
+
 def estimate(inputs: TrainingInputs, arrays, stages, v: int) -> StageSolution | None:
     """The step of an interleaved split from the cost arrays (None: a group fits in no
     option): each device group on the stage option fastest over its chunks among those whose
@@ -118,7 +153,13 @@ def interleave(coster, inputs: TrainingInputs, num_layers: int, costs, progress,
         exact = [chosen if r.chosen else None for r in refined]
         refined = [r.model_copy(update={"chosen": False}) for r in refined]
     ests = []
+    splits = []
     for source, stages, v in interleaved_splits(inputs, num_layers, options, num_stages):
+        splits.append((source, stages, v))
+        even = balanced(inputs, costs.arrays, stages, v)
+        if even is not None:
+            splits.append((source + " balanced", even, v))
+    for source, stages, v in splits:
         est = estimate(inputs, costs.arrays, stages, v)
         lower = costs.placeholders(est) if est is not None else None
         if lower:   # lower bounds of options not planned yet: planned, then estimated for real
