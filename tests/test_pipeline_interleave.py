@@ -155,3 +155,16 @@ def test_balanced_chunks_even_out_a_heavy_last_layer():
     assert estimate(inputs, arrays, even, 2).objective_s < estimate(inputs, arrays, equal, 2).objective_s
     # nothing to move where every chunk is one layer
     assert balanced(inputs, arrays, [(a, a + 1, (1, 4)) for a in range(16)], 8) is None
+
+
+def test_a_scanned_stack_interleaved(devices8):
+    """A ``lax.scan`` layer stack (split per iteration) with dropout drawn over the batch, as
+    four one-iteration chunks on two device groups, equals the single-device step."""
+    from pipeline_multihost_worker import MODELS
+    loss_fn, _, (params, batch) = MODELS["scan"]()
+    opt = optax.adam(1e-2, eps=1e-4)
+    tplan = autopar.plan_training(loss_fn, params, batch, optimizer=opt, cluster=make_cluster(4, flops=1e9), nodes=2,
+                                  num_microbatches=4, num_stages=2, virtual_stages=2)
+    assert tplan.scan_split is not None and tplan.virtual_stages == 2
+    assert [s.layers for s in tplan.stages] == [[0, 1], [1, 2], [2, 3], [3, 4]]
+    assert_step_equals_single_device(loss_fn, params, batch, opt, tplan)
