@@ -134,6 +134,9 @@ def _compact(layout: list[str]) -> str:
             parts[-1][1] += 1
         else:
             parts.append([key, 1])
+    for period in range(2, len(parts) // 2 + 1):   # a repeated run of several kinds: n×(…)
+        if len(parts) % period == 0 and parts == parts[:period] * (len(parts) // period):
+            return f"{len(parts) // period}×(" + " ".join(f"{n}×{k[0]}L@{k[1]}" for k, n in parts[:period]) + ")"
     return " ".join(f"{n}×{k[0]}L@{k[1]}" for k, n in parts)
 
 
