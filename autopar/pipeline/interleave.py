@@ -175,6 +175,7 @@ def interleave(coster, inputs: TrainingInputs, num_layers: int, costs, progress,
             refined.append(RefinedSplit(source=source, estimate_s=est.objective_s, skipped=True, virtual=v,
                                         stages=runs(f"{b - a}L@{x}x{y}" for a, b, (x, y) in stages)))
             exact.append(None)
+            progress.advance(detail=f"{source}: not planned (estimate above the best step)")
             continue
         split, ch = planned(coster, inputs, costs, source, stages, est, v)
         refined.append(split)
@@ -206,7 +207,8 @@ def _none_fits(inputs: TrainingInputs, num_layers: int, options, num_stages, est
 
 def forced_interleaved(coster, inputs: TrainingInputs, forced, v: int) -> list[ChosenStage]:
     """The given stages (``plan_training(stages=…)``, chunk k on group k mod G) planned whole,
-    each group on the first stage option (``inputs.options``) whose plans fit it."""
+    every chunk on the first stage option (``inputs.options``: remat, ZeRO-1) with which all
+    device groups fit."""
     S = len(forced)
     if S % v or S // v < 1:
         raise ValueError(f"with virtual_stages={v} the {S} given stages must be {v} chunks per device group: "
