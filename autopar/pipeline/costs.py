@@ -206,6 +206,11 @@ def stage_ends(timeline) -> list[float]:
     return ends
 
 
+def chosen_step(chosen: list[ChosenStage], schedule: str, num_microbatches: int, virtual: int = 1) -> float:
+    """The predicted step of these stages: their simulated schedule, with ZeRO-1's all-gathers."""
+    return step_time(simulate_stages(chosen, schedule, num_microbatches, virtual), [c.cost.gather_s for c in chosen])
+
+
 def step_time(timeline, gather_s) -> float:
     """The step: the schedule's makespan, or later where a stage's per-step all-gather
     (``gather_s[k]``, ZeRO-1) after its last task ends after it."""

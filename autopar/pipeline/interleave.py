@@ -23,7 +23,7 @@ import numpy as np
 from autopar.solvers.stage_dp import StageSolution, uniform_stages, uniform_submeshes
 
 from ..planner import PlanError
-from .costs import FWD_SHARE, ChosenStage, simulate_stages, step_time
+from .costs import FWD_SHARE, ChosenStage, chosen_step, stage_memory
 from .inputs import TrainingInputs
 from .refine import REFINE_MARGIN, planned, runs
 from .schedule import interleaving_error, peak_held, simulate, stage_orders
@@ -132,11 +132,6 @@ def estimate(inputs: TrainingInputs, arrays, stages, v: int) -> StageSolution | 
                          variants=tuple(variant))
 
 
-def _step(chosen: list[ChosenStage], inputs: TrainingInputs) -> float:
-    return step_time(simulate_stages(chosen, inputs.schedule, inputs.num_microbatches),
-                     [c.cost.gather_s for c in chosen])
-
-
 def interleave(coster, inputs: TrainingInputs, num_layers: int, costs, progress, options: tuple[int, ...],
                num_stages: int | None, chosen: list[ChosenStage] | None, refined: list[RefinedSplit],
                estimate_s: float) -> tuple[list[ChosenStage], list[RefinedSplit], int]:
@@ -147,10 +142,10 @@ def interleave(coster, inputs: TrainingInputs, num_layers: int, costs, progress,
         refined, exact = [], []
     else:
         if not refined:   # (exact costing: the plain split as planned)
-            refined = [RefinedSplit(source="stage DP", estimate_s=estimate_s, step_s=_step(chosen, inputs),
+            refined = [RefinedSplit(source="stage DP", estimate_s=estimate_s, step_s=chosen_step(chosen, inputs.schedule, inputs.num_microbatches),
                                     stages=runs(f"{c.end - c.start}L@{c.submesh[0]}x{c.submesh[1]}" for c in chosen),
                                     fits=True, chosen=True)]
-        exact = [chosen if r.chosen else None for r in refined]
+        exact = [(chosen, 1) if r.chosen else None for r in refined]
         refined = [r.model_copy(update={"chosen": False}) for r in refined]
     ests = []
     splits = []
@@ -188,8 +183,7 @@ def interleave(coster, inputs: TrainingInputs, num_layers: int, costs, progress,
         raise PlanError(_none_fits(inputs, num_layers, options, num_stages, ests))
     k = min(fitting, key=lambda k: (refined[k].step_s, k))
     refined[k] = refined[k].model_copy(update={"chosen": True})
-    got = exact[k]
-    return (got[0], refined, got[1]) if isinstance(got, tuple) else (got, refined, 1)
+    return exact[k][0], refined, exact[k][1]
 
 
 def _none_fits(inputs: TrainingInputs, num_layers: int, options, num_stages, ests) -> str:
@@ -221,7 +215,6 @@ def forced_interleaved(coster, inputs: TrainingInputs, forced, v: int) -> list[C
     error = interleaving_error(G, v, inputs.num_microbatches)
     if error:
         raise ValueError(error + "; choose a multiple, or virtual_stages=1")
-    from .costs import stage_memory
     mesh_of = {(f.start, f.end): f.mesh for f in forced}
     stages = [(f.start, f.end, tuple(f.submesh)) for f in forced]
     tries = []

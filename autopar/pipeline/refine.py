@@ -22,7 +22,7 @@ from autopar.solvers.stage_dp import StageSolution, solve_stages, uniform_stages
 
 from ..progress import Progress
 from .additive import AdditiveCosts
-from .costs import ChosenStage, simulate_stages, stage_memory, step_time
+from .costs import ChosenStage, chosen_step, stage_memory
 from .inputs import TrainingInputs
 from .search import plan_stage, plan_stages, prefetch_stages, solution_stages, stage_asks, stage_problem
 from .stage_cost import stage_meshes
@@ -75,8 +75,7 @@ def planned(coster, inputs: TrainingInputs, costs, source: str, stages,
     _replan_unfit(coster, inputs, chosen, costs, variant, {(a, b): t for a, b, _, _, t in est.stages})
     ok = all(c.cost.fits for c in chosen)
     B = inputs.num_microbatches
-    step = step_time(simulate_stages(chosen, inputs.schedule, B, virtual),
-                     [c.cost.gather_s for c in chosen]) if ok else math.inf
+    step = chosen_step(chosen, inputs.schedule, B, virtual) if ok else math.inf
     peak = max(m for _, m in stage_memory(chosen, inputs.schedule, B, virtual)) if ok else math.inf
     split = RefinedSplit(source=source, estimate_s=est.objective_s, stages=_describe(chosen),
                          step_s=step if ok else None, peak_bytes=peak if ok else None,

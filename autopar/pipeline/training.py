@@ -29,7 +29,7 @@ from .inputs import ForcedStage, TrainingInputs, forced_stages, microbatch_shape
 from .layers import Layering, layers_of
 from .pool import resolve_workers, thaw
 from .refine import refine
-from .costs import simulate_stages, step_time
+from .costs import chosen_step
 from .exact import ExactCosts
 from .interleave import forced_interleaved, interleave, virtual_options
 from .search import ForcedCosts, additive_search, plan_stages, solution_options, solution_stages, solve_lazily
@@ -60,8 +60,7 @@ def plan_pipeline(inputs: TrainingInputs, layering: Layering, coster: StageCoste
     if forced is not None and max(virtual) > 1 and 1 not in virtual:   # the given chunks, interleaved
         chosen = forced_interleaved(coster, inputs, forced, virtual[0])
         t_solve = time.perf_counter()
-        step = step_time(simulate_stages(chosen, inputs.schedule, inputs.num_microbatches, virtual[0]),
-                         [c.cost.gather_s for c in chosen])
+        step = chosen_step(chosen, inputs.schedule, inputs.num_microbatches, virtual[0])
         record = SearchRecord(costing="exact", objective_s=step, candidates=len(forced),
                               strategy_name=strategy_name, virtual=virtual[0])
         return assemble(inputs, layering, chosen, coster, record,
