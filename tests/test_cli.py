@@ -144,17 +144,20 @@ def test_run_a_loss_with_dropout_and_aux_outputs(tmp_path):
 def test_run_a_loss_whose_rows_meet(tmp_path):
     """A BatchNorm-style loss is refused on micro-batches with where its rows meet; with
     ``--coupled-rows per_microbatch`` it runs each micro-batch's statistics over its own rows,
-    checked against the single-device step over the same micro-batches."""
+    checked against the single-device step over the same micro-batches — dropout included,
+    each micro-batch drawing its rows of the whole batch's mask in both."""
     (tmp_path / "bn.py").write_text(
         "import jax, jax.numpy as jnp\nfrom autopar import stage_boundary\n\n"
         "def loss(p, b):\n"
         "    h = b['x'] @ p['w1']\n"
         "    h = (h - h.mean(axis=0)) * jax.lax.rsqrt(h.var(axis=0) + 1e-5)\n"
+        "    h = jnp.where(jax.random.bernoulli(b['key'], 0.8, h.shape), h / 0.8, 0.0)\n"
         "    return jnp.mean((stage_boundary(jnp.tanh(h)) @ p['w2'] - b['y']) ** 2)\n\n"
         "def loss_args(abstract=False):\n"
         "    k = jax.random.split(jax.random.key(0), 4)\n"
         "    p = {'w1': jax.random.normal(k[0], (16, 32)) * 0.3, 'w2': jax.random.normal(k[1], (32, 16)) * 0.3}\n"
-        "    return p, {'x': jax.random.normal(k[2], (16, 16)), 'y': jax.random.normal(k[3], (16, 16))}\n")
+        "    return p, {'x': jax.random.normal(k[2], (16, 16)), 'y': jax.random.normal(k[3], (16, 16)),\n"
+        "               'key': jax.random.key(5)}\n")
     args = ["run", str(tmp_path / "bn.py") + ":loss", "--train", "--microbatches", "4", "--layers", "2",
             "--stages", "0-1:1x4,1-2:1x4", "--optimizer", "sgd:0.1"]
     r = autopar(*args)

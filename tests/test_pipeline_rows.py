@@ -186,6 +186,33 @@ def test_rows_that_meet_run_per_microbatch_when_asked(devices8):
     assert abs(float(jax.jit(loss)(params, batch)) - float(got_loss)) > 1e-3
 
 
+def test_rows_that_meet_with_dropout_use_the_whole_batch_s_draw(devices8):
+    """Rows that meet run per micro-batch with a dropout mask over the batch: each micro-batch
+    draws its rows of the whole batch's mask, in the pipeline step and in the single-device
+    reference (``per_microbatch_loss``) alike — equal; a reference that drew a micro-batch's
+    mask afresh per micro-batch (the first 4 rows' mask, four times) is another step."""
+    _, params, batch = _bn_problem()
+    batch = {**batch, "key": jax.random.key(7)}
+
+    def loss(p, b):
+        h = b["x"] @ p["w1"]
+        h = (h - h.mean(axis=0)) * jax.lax.rsqrt(h.var(axis=0) + 1e-5)
+        h = jnp.where(jax.random.bernoulli(b["key"], 0.8, h.shape), h / 0.8, 0.0)
+        return jnp.mean((autopar.stage_boundary(jax.nn.relu(h)) @ p["w2"] - b["y"]) ** 2)
+    opt = optax.sgd(0.1)
+    plan = autopar.plan_training(loss, params, batch, optimizer=opt, num_microbatches=4, num_layers=2,
+                                 stages=[(0, 1, (1, 4)), (1, 2, (1, 4))], coupled_rows="per_microbatch")
+    new_p, _, got_loss = plan.apply(loss, opt, donate=False)(params, opt.init(params), batch)
+    want_loss, g = jax.value_and_grad(per_microbatch_loss(loss, 4))(params, batch)
+    want_p = optax.apply_updates(params, opt.update(g, opt.init(params), params)[0])
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(new_p), jax.tree_util.tree_leaves(want_p)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    cuts = [{k: v if not v.shape else v[4 * m:4 * m + 4] for k, v in batch.items()} for m in range(4)]
+    repeated = sum(float(loss(params, mb)) for mb in cuts) / 4
+    assert abs(repeated - float(got_loss)) > 1e-3
+
+
 def test_a_plan_of_rows_kept_apart_says_checked(devices8):
     loss, params, batch = _bn_problem()
 

@@ -137,13 +137,23 @@ def per_microbatch_loss(loss_fn, num_microbatches: int, has_aux: bool = False, a
     """``loss_fn`` run on each of ``num_microbatches`` micro-batches (batch leaves split along
     axis 0, scalars given whole) and combined as a pipeline step combines them: the mean of
     the losses (totals and weights summed for a ``WeightedLoss``), aux by ``combine_aux``. The
-    single-device reference of a plan whose rows meet (``coupled_rows="per_microbatch"``)."""
+    single-device reference of a plan whose rows meet (``coupled_rows="per_microbatch"``).
+    Random draws over the batch (dropout) are made as the pipeline step makes them: each
+    micro-batch gets its rows of the whole batch's draw (``rng_form.per_microbatch``)."""
+    from .rng_form import per_microbatch, rows_of
+
     def loss(params, batch):
-        outs = []
-        for m in range(num_microbatches):
-            mb = jax.tree_util.tree_map(
-                lambda x: x if not x.shape else x.reshape(num_microbatches, -1, *x.shape[1:])[m], batch)
-            outs.append(loss_fn(params, mb))
+        B = num_microbatches
+        mbs = [jax.tree_util.tree_map(lambda x: x if not x.shape else x.reshape(B, -1, *x.shape[1:])[m], batch)
+               for m in range(B)]
+        shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
+        fn, mb_abs = per_microbatch(loss_fn, jax.tree_util.tree_map(shape, params),
+                                    jax.tree_util.tree_map(shape, mbs[0]), B)
+        if fn is not loss_fn:   # draws over the batch: micro-batch m's rows of them
+            rows = rows_of(B * mb_abs[1].shape[0]).reshape(B, -1)
+            outs = [fn(params, (mb, rows[m])) for m, mb in enumerate(mbs)]
+        else:
+            outs = [loss_fn(params, mb) for mb in mbs]
         mains = [o[0] if has_aux else o for o in outs]
         if isinstance(mains[0], WeightedLoss):
             main = sum(o.total for o in mains) / sum(o.weight for o in mains)
