@@ -5,7 +5,9 @@ With G device groups of one sub-mesh each and B micro-batches, v chunks per grou
 1F1B bubble from (G − 1) to (G − 1)/v stage-times for more activations held (group 0: G +
 (G − 1)/v stages' worth against G) and v times the boundary sends. The candidates are
 Megatron's: G equal groups (``uniform_submeshes``) holding G·v equal chunks of layers, chunk
-j on group j mod G, the micro-batch count a multiple of G. Each is estimated from the search's
+j on group j mod G, the micro-batch count a multiple of G, and two unequal splits of the same
+groups: the equal chunks moved toward equal group times (``balanced``) and the chunks whose
+passes are even (``pass_chunks``: where one layer is heavy). Each is estimated from the search's
 cost arrays — every group on the fastest stage option (remat, ZeRO-1) its memory allows, the
 step simulated on the interleaved order — and the best ``PLANNED`` by estimate are planned
 exactly (``refine.planned``) when within ``REFINE_MARGIN`` of the best step so far; the fastest
@@ -98,6 +100,62 @@ def balanced(inputs: TrainingInputs, arrays, stages, v: int) -> list | None:
     return [(bounds[c], bounds[c + 1], stages[0][2]) for c in range(S)]
 
 
+def even_passes(inputs: TrainingInputs, arrays, stages, v: int) -> list | None:
+    """The G·v chunks of an equal interleaved split's sub-mesh (``pass_chunks`` on the
+    arrays, each range at its fastest option); None where none is finite."""
+    lat = arrays.latency if arrays.latency.ndim == 3 else arrays.latency.min(axis=0)
+    s = list(inputs.shapes).index(tuple(stages[0][2]))
+    bounds = pass_chunks(lat[:, :, s], len(stages) // v, v)
+    return None if bounds is None else [(a, b, stages[0][2]) for a, b in zip(bounds, bounds[1:])]
+
+
+def pass_chunks(lat: np.ndarray, G: int, v: int) -> list[int] | None:
+    """Bounds (G·v + 1) of G·v contiguous chunks of the layers, chunk j on group j mod G,
+    ``lat[a, b]`` the time of layers a..b−1, minimising Σ over the v passes (chunks rG..rG+G−1)
+    of the pass's slowest chunk — exactly, by dynamic programs: the least slowest chunk of
+    layers a..b−1 cut in G, then the passes' split points. Interleaved 1F1B runs each chunk
+    on G micro-batches in a row and hands them to the next group, so a pass moves at its
+    slowest chunk's pace: a round of G micro-batches takes between the busiest group's time
+    (max_g Σ_r) and this sum (Σ_r max_g), which equals it when every pass is even. Where one
+    layer is heavy (a stem, an LM head), every other chunk of its pass grows toward it and
+    the other passes take the rest. None where no split has finite times."""
+    L = lat.shape[0]
+    lat = np.where(np.isnan(lat), np.inf, lat)
+    full = np.full((L + 1, L + 1), np.inf)
+    full[:L, :] = lat
+    # cut[a][b]: least slowest chunk of layers a..b−1 in G chunks; arg: the last chunk's start
+    cut, arg = np.full((L + 1, L + 1), np.inf), np.zeros((L + 1, G + 1, L + 1), dtype=np.int64)
+    for a in range(L):
+        h = full[a].copy()   # one chunk: a..b−1
+        for k in range(2, G + 1):
+            starts = np.arange(L + 1)
+            both = np.maximum(h[:, None], full)   # [c, b]: chunks so far ending at c, then c..b−1
+            both[(starts[:, None] >= starts[None, :]) | (starts[:, None] <= a)] = np.inf
+            arg[a, k] = both.argmin(axis=0)
+            h = both.min(axis=0)
+        cut[a] = h
+    F = np.full((v + 1, L + 1), np.inf)
+    back = np.zeros((v + 1, L + 1), dtype=np.int64)
+    F[0, 0] = 0.0
+    for r in range(1, v + 1):
+        total = F[r - 1][:, None] + cut   # [m', m]: passes so far ending at m', then m'..m−1
+        back[r] = total.argmin(axis=0)
+        F[r] = total.min(axis=0)
+    if not math.isfinite(F[v, L]):
+        return None
+    ends = [L]
+    for r in range(v, 0, -1):
+        ends.append(int(back[r, ends[-1]]))
+    passes = list(reversed(ends))
+    bounds = []
+    for a, b in zip(passes, passes[1:]):
+        inner = [b]
+        for k in range(G, 1, -1):
+            inner.append(int(arg[a, k, inner[-1]]))
+        bounds += [a] + list(reversed(inner))[:-1]
+    return bounds + [L]
+
+
 def estimate(inputs: TrainingInputs, arrays, stages, v: int) -> StageSolution | None:
     """The step of an interleaved split from the cost arrays (None: a group fits in no
     option): each device group on the stage option fastest over its chunks among those whose
@@ -154,6 +212,9 @@ def interleave(coster, inputs: TrainingInputs, num_layers: int, costs, progress,
         even = balanced(inputs, costs.arrays, stages, v)
         if even is not None:
             splits.append((source + " balanced", even, v))
+        passes = even_passes(inputs, costs.arrays, stages, v)
+        if passes is not None and passes not in (stages, even):
+            splits.append((source + " even passes", passes, v))
     for source, stages, v in splits:
         est = estimate(inputs, costs.arrays, stages, v)
         lower = costs.placeholders(est) if est is not None else None

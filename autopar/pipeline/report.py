@@ -94,12 +94,12 @@ def format_training_report(plan) -> str:
         for r in s.refined:
             mark = "→" if r.chosen else " "
             if r.skipped:
-                lines.append(f"  {mark} {r.source:<27} {r.stages:<40} estimate {r.estimate_s:.4g} s, "
+                lines.append(f"  {mark} {r.source:<31} {r.stages:<40} estimate {r.estimate_s:.4g} s, "
                              "not planned (estimate above the best exact step)")
                 continue
             fit = "" if r.fits else "  (does not fit)" if r.step_s is not None else "  (a stage does not fit)"
             step = f"{r.step_s:.4g} s" if r.step_s is not None else "–"
-            lines.append(f"  {mark} {r.source:<27} {r.stages:<40} estimate {r.estimate_s:.4g} s, "
+            lines.append(f"  {mark} {r.source:<31} {r.stages:<40} estimate {r.estimate_s:.4g} s, "
                          f"exact {step}{fit} [{r.plan_s:.1f} s]")
         if any(r.virtual > 1 for r in s.refined):
             lines.append("    (interleaved ×G ×v: G device groups, each holding v of the G·v chunks, chunk j on "
