@@ -128,7 +128,7 @@ def build_problem(graph: OpGraph, mesh: MeshModel, *, memory_budget_bytes: float
     sharding): pipeline stages charge a parameter for its gradient accumulator and optimizer
     state, which live on the stage all step long; ``split_backward``: the program's forward
     and backward run as separate executables (a pipeline stage), so XLA cannot merge a
-    ``jax.checkpoint``'s recomputation back into the forward (``build_nodes.memory_view``).
+    ``jax.checkpoint``'s recomputation back into the forward (``xla_view.memory_view``).
 
     ``held_values`` {value id: k}: k more copies of that value (in the layout it is kept in:
     its shared conversion's where one is made, else its producer's) are held all step long —

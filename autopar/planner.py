@@ -14,7 +14,7 @@ from autopar.cost import ALL_GATHER, ALL_REDUCE, ClusterSpec, collective_time, l
 from autopar.solvers.relaxation import RelaxationCache
 
 from .build import IntraProblem, build_problem
-from .build_nodes import combinable_nodes
+from .xla_view import combinable_nodes
 from .build_edges import ReshardCache, gathers_combined, match_donations
 from .carry import carried_pairs
 from .emit import axis_names

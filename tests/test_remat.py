@@ -3,7 +3,7 @@ is predicted within 15 % of XLA's, with full remat, ``checkpoint_dots`` and no r
 
 On XLA:CPU the compiled program of every variant is the same: ``cse_barrier_expander``
 removes jax's optimization barriers before CSE, which then merges the recomputation with the
-forward pass (``build_nodes.barriers_survive_cse`` / ``remat_cse``). Where the barriers
+forward pass (``xla_view.barriers_survive_cse`` / ``remat_cse``). Where the barriers
 survive (GPU, TPU) the remat'd step must compile to a smaller peak than the plain one."""
 import jax
 import jax.numpy as jnp
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import autopar
-from autopar.build_nodes import barriers_survive_cse
+from autopar.xla_view import barriers_survive_cse
 from test_scan import CLUSTER, layer, sgd, stacked, unstacked
 
 

@@ -9,7 +9,7 @@ Like jax's ``standard_primitive(shape_rule, dtype_rule, name, sharding_rule=…)
   outputs: anything with ``.shape``; default :func:`output_elements`); ``graph.build_graph``
   reads them through :func:`primitive_flops`;
 * whether XLA fuses it away, its output never materialised: ``FUSION_RULES[name]``
-  (:class:`Fusion`; ``build.fused_nodes`` charges such a node no memory).
+  (:class:`Fusion`; ``xla_view.fused_nodes`` charges such a node no memory).
 """
 from __future__ import annotations
 
