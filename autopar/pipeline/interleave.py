@@ -20,7 +20,6 @@ simulated order (``costs.stage_memory``).
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 
@@ -39,8 +38,10 @@ from .training_plan import RefinedSplit
 AUTO = (2, 4)
 # interleaved splits planned exactly, the best by estimate
 PLANNED = 2
-# seconds each of those may be moved a layer at a time on the simulated step (``polished``)
-POLISH_S = 2.0
+# rounds of single-boundary moves those get on the simulated step (``polished``), for splits
+# of at most POLISH_TASKS chunk micro-batches (S·B: 16 × 48 takes 6 ms a simulation here)
+POLISH_ROUNDS = 8
+POLISH_TASKS = 2048
 
 
 def virtual_options(virtual_stages) -> tuple[int, ...]:
@@ -114,17 +115,18 @@ def even_passes(inputs: TrainingInputs, arrays, stages, v: int) -> list | None:
     return None if bounds is None else [(a, b, stages[0][2]) for a, b in zip(bounds, bounds[1:])]
 
 
-def polished(inputs: TrainingInputs, arrays, stages, v: int, step_s: float,
-             seconds: float = POLISH_S) -> list | None:
+def polished(inputs: TrainingInputs, arrays, stages, v: int, step_s: float) -> list | None:
     """``stages`` moved a layer boundary at a time while the simulated step (``estimate``)
-    drops, the best move each round, for at most ``seconds`` (None: no move helps).
-    Neither proxy of the candidates — equal group times (``balanced``), even passes — is
-    the interleaved step, which also depends on how the chunks' times line up along the
-    order (measured on a stem-heavy 24-layer profile, 4 groups × 2: 160.2 → 148.3)."""
-    deadline = time.monotonic() + seconds
+    drops, the best move each round, at most ``POLISH_ROUNDS`` rounds (None: no move helps,
+    or a split of more than ``POLISH_TASKS`` chunk micro-batches, whose simulations would
+    take too long). Neither proxy of the candidates — equal group times (``balanced``), even
+    passes — is the interleaved step, which also depends on how the chunks' times line up
+    along the order (measured on a stem-heavy 24-layer profile, 4 groups × 2: 160.2 → 148.3)."""
     bounds, sub, S = [a for a, _, _ in stages] + [stages[-1][1]], stages[0][2], len(stages)
+    if S * inputs.num_microbatches > POLISH_TASKS:
+        return None
     best, moved = step_s, None
-    while time.monotonic() < deadline:
+    for _ in range(POLISH_ROUNDS):
         round_best = None
         for c in range(1, S):
             for d in (-1, 1):
@@ -201,6 +203,7 @@ def interleave(coster, inputs: TrainingInputs, num_layers: int, costs, progress,
         passes = even_passes(inputs, costs.arrays, stages, v)
         if passes is not None and passes not in (stages, even):
             splits.append((source + " even passes", passes, v))
+
     def scored(source, stages, v):
         est = estimate(inputs, costs.arrays, stages, v)
         lower = costs.placeholders(est) if est is not None else None
