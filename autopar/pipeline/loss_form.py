@@ -146,7 +146,7 @@ def per_microbatch_loss(loss_fn, num_microbatches: int, has_aux: bool = False, a
         B = num_microbatches
         mbs = [jax.tree_util.tree_map(lambda x: x if not x.shape else x.reshape(B, -1, *x.shape[1:])[m], batch)
                for m in range(B)]
-        shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
+        shape = lambda x: jax.ShapeDtypeStruct(jnp.shape(x), getattr(x, "dtype", None) or jnp.result_type(x))  # noqa: E731
         fn, mb_abs = per_microbatch(loss_fn, jax.tree_util.tree_map(shape, params),
                                     jax.tree_util.tree_map(shape, mbs[0]), B)
         if fn is not loss_fn:   # draws over the batch: micro-batch m's rows of them
