@@ -23,12 +23,14 @@ def pass_chunks(lat: np.ndarray, G: int, v: int) -> list[int] | None:
     full[:L, :] = lat
     # cut[a][b]: least slowest chunk of layers a..b−1 in G chunks; arg: the last chunk's start
     cut, arg = np.full((L + 1, L + 1), np.inf), np.zeros((L + 1, G + 1, L + 1), dtype=np.int64)
+    idx = np.arange(L + 1)
+    behind = idx[:, None] >= idx[None, :]   # [c, b]: no chunk c..b−1
     for a in range(L):
         h = full[a].copy()   # one chunk: a..b−1
+        cut_off = behind | (idx[:, None] <= a)   # the chunks so far must end after a
         for k in range(2, G + 1):
-            starts = np.arange(L + 1)
             both = np.maximum(h[:, None], full)   # [c, b]: chunks so far ending at c, then c..b−1
-            both[(starts[:, None] >= starts[None, :]) | (starts[:, None] <= a)] = np.inf
+            both[cut_off] = np.inf
             arg[a, k] = both.argmin(axis=0)
             h = both.min(axis=0)
         cut[a] = h

@@ -71,6 +71,24 @@ def interleaved_splits(inputs: TrainingInputs, num_layers: int, options: tuple[i
     return out
 
 
+def _fastest(inputs: TrainingInputs, arrays, sub) -> np.ndarray:
+    """The arrays' latency of every layer range on sub-mesh ``sub``, at its fastest option."""
+    lat = arrays.latency if arrays.latency.ndim == 3 else arrays.latency.min(axis=0)
+    return lat[:, :, list(inputs.shapes).index(tuple(sub))]
+
+
+def _moves(bounds: list[int]):
+    """The chunk bounds one layer boundary away from ``bounds`` (every chunk kept non-empty)."""
+    for c in range(1, len(bounds) - 1):
+        for d in (-1, 1):
+            if bounds[c - 1] < bounds[c] + d < bounds[c + 1]:
+                yield bounds[:c] + [bounds[c] + d] + bounds[c + 1:]
+
+
+def _chunks(bounds: list[int], sub) -> list:
+    return [(a, b, sub) for a, b in zip(bounds, bounds[1:])]
+
+
 def balanced(inputs: TrainingInputs, arrays, stages, v: int) -> list | None:
     """The chunks of an equal interleaved split moved toward equal device-group times (None:
     no better), by single-layer boundary moves on the cost arrays (each chunk at its fastest
@@ -80,14 +98,13 @@ def balanced(inputs: TrainingInputs, arrays, stages, v: int) -> list | None:
     alone). Megatron's equal chunks put a heavy last layer (an LM head) or alternating layer
     kinds (dense / MoE) on some groups more than others; autopar's plain stage DP already
     balances stages this way."""
-    lat = arrays.latency if arrays.latency.ndim == 3 else arrays.latency.min(axis=0)
-    s = list(inputs.shapes).index(tuple(stages[0][2]))
+    lat = _fastest(inputs, arrays, stages[0][2])
     S, B = len(stages), inputs.num_microbatches
     G = S // v
     bounds = [a for a, _, _ in stages] + [stages[-1][1]]
 
     def score(bs):
-        t = [float(lat[bs[c], bs[c + 1], s]) for c in range(S)]
+        t = [float(lat[bs[c], bs[c + 1]]) for c in range(S)]
         if not all(map(math.isfinite, t)):
             return (math.inf, math.inf)
         groups = [sum(t[g::G]) for g in range(G)]
@@ -95,24 +112,18 @@ def balanced(inputs: TrainingInputs, arrays, stages, v: int) -> list | None:
 
     best, start = score(bounds), bounds
     for _ in range(4 * S * S):   # (each kept move lowers the score: no cycles; a cap all the same)
-        moves = [bounds[:c] + [bounds[c] + d] + bounds[c + 1:] for c in range(1, S) for d in (-1, 1)
-                 if bounds[c - 1] < bounds[c] + d < bounds[c + 1]]
-        scored = min(((score(m), m) for m in moves), default=None)
+        scored = min(((score(m), m) for m in _moves(bounds)), default=None)
         if scored is None or not scored[0] < best:
             break
         best, bounds = scored
-    if bounds == start:
-        return None
-    return [(bounds[c], bounds[c + 1], stages[0][2]) for c in range(S)]
+    return None if bounds == start else _chunks(bounds, stages[0][2])
 
 
 def even_passes(inputs: TrainingInputs, arrays, stages, v: int) -> list | None:
     """The G·v chunks of an equal interleaved split's sub-mesh (``pass_chunks`` on the
     arrays, each range at its fastest option); None where none is finite."""
-    lat = arrays.latency if arrays.latency.ndim == 3 else arrays.latency.min(axis=0)
-    s = list(inputs.shapes).index(tuple(stages[0][2]))
-    bounds = pass_chunks(lat[:, :, s], len(stages) // v, v)
-    return None if bounds is None else [(a, b, stages[0][2]) for a, b in zip(bounds, bounds[1:])]
+    bounds = pass_chunks(_fastest(inputs, arrays, stages[0][2]), len(stages) // v, v)
+    return None if bounds is None else _chunks(bounds, stages[0][2])
 
 
 def polished(inputs: TrainingInputs, arrays, stages, v: int, step_s: float) -> list | None:
@@ -128,20 +139,16 @@ def polished(inputs: TrainingInputs, arrays, stages, v: int, step_s: float) -> l
     best, moved = step_s, None
     for _ in range(POLISH_ROUNDS):
         round_best = None
-        for c in range(1, S):
-            for d in (-1, 1):
-                b = bounds[:c] + [bounds[c] + d] + bounds[c + 1:]
-                if not b[c - 1] < b[c] < b[c + 1]:
-                    continue
-                est = estimate(inputs, arrays, [(b[k], b[k + 1], sub) for k in range(S)], v)
-                if est is not None and est.objective_s < best * (1 - 1e-9) and (
-                        round_best is None or est.objective_s < round_best[0]):
-                    round_best = (est.objective_s, b)
+        for b in _moves(bounds):
+            est = estimate(inputs, arrays, _chunks(b, sub), v)
+            if est is not None and est.objective_s < best * (1 - 1e-9) and (
+                    round_best is None or est.objective_s < round_best[0]):
+                round_best = (est.objective_s, b)
         if round_best is None:
             break
         best, bounds = round_best
         moved = bounds
-    return None if moved is None else [(moved[k], moved[k + 1], sub) for k in range(S)]
+    return None if moved is None else _chunks(moved, sub)
 
 
 def estimate(inputs: TrainingInputs, arrays, stages, v: int) -> StageSolution | None:
@@ -224,7 +231,6 @@ def interleave(coster, inputs: TrainingInputs, num_layers: int, costs, progress,
     # is not the exact step (GPT-6.7B on 16 H100s, ×4: polished 8.026 s estimated and 7.921 s
     # planned, the equal chunks 8.042 s and 7.904 s)
     todo = sorted(top + ests[made:], key=lambda e: e[:2])
-    ests.sort(key=lambda e: e[:2])
     progress.phase("plan interleaved splits exactly", total=len(todo))
     for _, _, est, source, stages, v in todo:
         best = min((r.step_s for r in refined if r.fits), default=math.inf)

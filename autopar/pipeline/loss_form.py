@@ -140,17 +140,16 @@ def per_microbatch_loss(loss_fn, num_microbatches: int, has_aux: bool = False, a
     single-device reference of a plan whose rows meet (``coupled_rows="per_microbatch"``).
     Random draws over the batch (dropout) are made as the pipeline step makes them: each
     micro-batch gets its rows of the whole batch's draw (``rng_form.per_microbatch``)."""
-    from .rng_form import per_microbatch, rows_of
+    from .inputs import abstract_tree, microbatch_shapes
+    from .rng_form import per_microbatch, rows_in, rows_of
 
     def loss(params, batch):
         B = num_microbatches
         mbs = [jax.tree_util.tree_map(lambda x: x if not x.shape else x.reshape(B, -1, *x.shape[1:])[m], batch)
                for m in range(B)]
-        shape = lambda x: jax.ShapeDtypeStruct(jnp.shape(x), getattr(x, "dtype", None) or jnp.result_type(x))  # noqa: E731
-        fn, mb_abs = per_microbatch(loss_fn, jax.tree_util.tree_map(shape, params),
-                                    jax.tree_util.tree_map(shape, mbs[0]), B)
+        fn, _ = per_microbatch(loss_fn, abstract_tree(params, "params"), microbatch_shapes(batch, B), B)
         if fn is not loss_fn:   # draws over the batch: micro-batch m's rows of them
-            rows = rows_of(B * mb_abs[1].shape[0]).reshape(B, -1)
+            rows = rows_of(rows_in(batch)).reshape(B, -1)
             outs = [fn(params, (mb, rows[m])) for m, mb in enumerate(mbs)]
         else:
             outs = [loss_fn(params, mb) for mb in mbs]
