@@ -53,7 +53,7 @@ from .heuristic import solve_heuristic
 from .ilp import solve_ilp
 from .incumbents import Clock, Scored, WarmStart, ilp_start
 from .milp import grouping
-from .presolve import presolve as run_presolve
+from .presolve import Presolved, presolve as run_presolve
 from .problem import InfeasibleError, Problem, Solution, evaluate
 from .relaxation import RelaxationCache, lp_first as _lp_first, memory_free, relax
 
@@ -145,6 +145,7 @@ class _Reduced:
     forward: Callable  # original choice → reduced choice (None: none matches)
     forward_sets: Callable  # strategies per original node → per reduced node
     original: Problem
+    presolved: Presolved | None = None  # (``relaxation.relax``: reused when its limit cannot bind)
 
     @staticmethod
     def identity(problem: Problem) -> "_Reduced":
@@ -169,7 +170,7 @@ def _presolved(problem: Problem, min_peak: float, stats: dict) -> _Reduced:
     except InfeasibleError as err:
         raise InfeasibleError(str(err), min_peak_usage=min_peak) from None
     stats["presolve"] = ps.stats
-    return _Reduced(ps.problem, ps.restore, ps.forward, ps.forward_sets, problem)
+    return _Reduced(ps.problem, ps.restore, ps.forward, ps.forward_sets, problem, ps)
 
 
 def _run_solver(solver: str, reduced: _Reduced, warm: WarmStart, clock: Clock, *, gap_rel: float, seed: int,
@@ -263,7 +264,7 @@ def _relax(reduced: _Reduced, clock: Clock, inside_s: float | None, lp_time_s: f
     if reduced.problem.num_nodes == 0:
         return None, 0.0
     t0 = time.perf_counter()
-    r = relax(reduced.original, inside_s if lp_time_s is None else lp_time_s, relaxations)
+    r = relax(reduced.original, inside_s if lp_time_s is None else lp_time_s, relaxations, reduced.presolved)
     took = time.perf_counter() - t0
     if lp_time_s is not None:
         clock.excluded_s += took

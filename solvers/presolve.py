@@ -26,7 +26,10 @@ several). An item's variable part is use − min use; the min moves to ``fixed_u
    swapping a for b never costs more nor uses more memory anywhere.
 8. *Irrelevant usage*: an item whose interval covers only time points that cannot exceed
    the limit even with every item at its largest usage loses its variable part
-   (``_drop_slack_items``); with no usage limit all items go.
+   (``drop_slack_items``); with no usage limit all items go. When no item is relevant from
+   the start they all go before any other reduction: the reductions are then exactly those
+   of the problem without its limit (``Presolved.memory_free``: the LP relaxation, presolved
+   without the limit, reuses them).
 """
 from __future__ import annotations
 
@@ -54,6 +57,9 @@ class Presolved:
     stats: dict = field(default_factory=dict)
     # (original node, original strategy) dropped as dominated → the strategy that dominated it
     dominated_by: dict = field(default_factory=dict, repr=False)
+    # no choice can exceed the usage limit (or there is none): the reductions were those of the
+    # problem without its limit (``solvers.relaxation.memory_free`` need not presolve it again)
+    memory_free: bool = False
 
     def forward(self, choice) -> tuple[int, ...] | None:
         """A reduced choice for an original ``choice`` (a warm start): each kept node keeps
@@ -158,6 +164,14 @@ class _State:
             for v, use, iv in problem.usage_items():
                 if v >= 0:
                     self._add_item(v, np.asarray(use, dtype=np.float64).copy(), iv)
+        # no choice can exceed the limit anywhere: every item is slack from the start, and the
+        # reductions are those of the problem without its limit (``Presolved.memory_free``)
+        self.memory_free = self.limit is None or not self._relevant_items()[1].any()
+        if not self.memory_free:
+            return
+        for v in range(n):
+            self.counts["slack_items"] += len(self.items[v])
+            self.items[v] = []
 
     # -- bookkeeping ---------------------------------------------------------------------
     def _push(self, v: int) -> None:
@@ -353,11 +367,12 @@ class _State:
             self.counts["dominated"] += int(dominated.sum())
             self._restrict(v, ~dominated)
 
-    def drop_slack_items(self) -> bool:
-        """Drop variable usage on items that cover no time point able to exceed the limit."""
+    def _relevant_items(self) -> tuple[list[tuple[int, int]], np.ndarray]:
+        """The live items (node, index) and, for each, whether its interval covers a time point
+        that can exceed the limit with every item at its largest usage."""
         live = [(v, j) for v in np.flatnonzero(self.alive) for j in range(len(self.items[v]))]
         if not live:
-            return False
+            return live, np.zeros(0, dtype=bool)
         ivs = [self.items[v][j][1] for v, j in live] + [iv for _, iv in self.fixed]
         starts, ends = np.array([a for a, _ in ivs]), np.array([b for _, b in ivs])
         points = maximal_points(starts, ends)
@@ -369,7 +384,11 @@ class _State:
         np.add.at(prof, hi, -amount)
         binding = np.cumsum(prof)[:-1] > self.limit
         covered = np.concatenate([[0], np.cumsum(binding)])
-        relevant = covered[hi[: len(live)]] > covered[lo[: len(live)]]
+        return live, covered[hi[: len(live)]] > covered[lo[: len(live)]]
+
+    def drop_slack_items(self) -> bool:
+        """Drop variable usage on items that cover no time point able to exceed the limit."""
+        live, relevant = self._relevant_items()
         changed = False
         for (v, j), rel in sorted(zip(live, relevant), key=lambda x: (x[0][0], -x[0][1])):
             if not rel:
@@ -429,4 +448,5 @@ def presolve(problem: Problem) -> Presolved:
     stats = dict(st.counts, nodes=len(nodes), edges=len(edges), strategies=int(sum(len(st.cost[v]) for v in nodes)),
                  items=len(extra), time_s=time.perf_counter() - t0)
     return Presolved(problem=reduced, nodes=nodes, strategies=[st.strat[v] for v in nodes], ops=st.ops,
-                     num_original=problem.num_nodes, stats=stats, dominated_by=st.dominated_by)
+                     num_original=problem.num_nodes, stats=stats, dominated_by=st.dominated_by,
+                     memory_free=st.memory_free)

@@ -63,9 +63,13 @@ class MemoryFree:
         return self.presolved.restore_sets(reduced_support)
 
 
-def memory_free(problem: Problem) -> MemoryFree:
+def memory_free(problem: Problem, presolved: Presolved | None = None) -> MemoryFree:
     """``problem`` presolved as if it had no usage limit (InfeasibleError as ``presolve``:
-    a node with no finite-cost strategy)."""
+    a node with no finite-cost strategy) — ``presolved`` itself when it is ``problem``'s
+    presolve and its limit could not bind (``Presolved.memory_free``: the same reductions)."""
+    if presolved is not None and presolved.memory_free:
+        return MemoryFree(dataclasses.replace(presolved, problem=dataclasses.replace(presolved.problem,
+                                                                                    usage_limit=None)))
     free = dataclasses.replace(problem, usage_limit=None) if problem.usage_limit is not None else problem
     return MemoryFree(presolve(free))
 
@@ -114,17 +118,19 @@ def cost_key(problem: Problem) -> bytes:
     return h.digest()
 
 
-def relax(problem: Problem, time_left: float | None, cache: RelaxationCache | None = None) -> Relaxation:
+def relax(problem: Problem, time_left: float | None, cache: RelaxationCache | None = None,
+          presolved: Presolved | None = None) -> Relaxation:
     """The LP relaxation of ``problem`` without memory rows, on ``problem`` presolved without
-    its limit (``memory_free``; InfeasibleError as ``presolve``), mapped back to ``problem``'s
-    nodes; from ``cache`` when it holds it (and kept there when optimal)."""
+    its limit (``memory_free``, given ``problem``'s ``presolved``; InfeasibleError as
+    ``presolve``), mapped back to ``problem``'s nodes; from ``cache`` when it holds it (and
+    kept there when optimal)."""
     key = cost_key(problem) if cache is not None else None
     if key is not None:
         hit = cache.get(key)
         if hit is not None:
             return hit
     t0 = time.perf_counter()
-    free = memory_free(problem)
+    free = memory_free(problem, presolved)
     if free.problem.num_nodes == 0:  # nothing left to choose: the one choice's cost
         return Relaxation(optimal=True, bound=float(free.problem.cost_offset), choice=free.choice(()),
                           support=free.support([]), seconds=time.perf_counter() - t0, stats={"memory_free_nodes": 0})

@@ -15,7 +15,7 @@ COUNTS = (1, 2, 4)
 def case(devices8):
     params, batch = gpt.params_and_batch(layers=4, hidden=32, seq=16, vocab=64, batch=16)
     opt = optax.sgd(0.1, momentum=0.9)
-    kw = dict(optimizer=opt, cluster=make_cluster(4), nodes=2)
+    kw = dict(optimizer=opt, cluster=make_cluster(4), nodes=1)
     many = autopar.plan_training(gpt.loss_fn, params, batch, num_microbatches=list(COUNTS), **kw)
     single = {B: autopar.plan_training(gpt.loss_fn, params, batch, num_microbatches=B, **kw) for B in COUNTS}
     return params, batch, opt, kw, many, single
@@ -60,8 +60,14 @@ def test_bad_counts_are_rejected_with_a_clear_error(case):
     for bad in ([], [0], [2, -1], "4", [2.5], True):
         with pytest.raises(ValueError, match="num_microbatches must be a positive int"):
             autopar.plan_training(gpt.loss_fn, params, batch, num_microbatches=bad, **kw)
+    traced = []
+
+    def loss_fn(p, b):
+        traced.append(1)
+        return gpt.loss_fn(p, b)
     with pytest.raises(ValueError, match="divisible by num_microbatches=3"):
-        autopar.plan_training(gpt.loss_fn, params, batch, num_microbatches=[2, 3], **kw)
+        autopar.plan_training(loss_fn, params, batch, num_microbatches=[2, 3], **kw)
+    assert not traced  # refused before count 2 was planned
 
 
 def test_no_count_fits_raises_plan_error_naming_the_counts(case):

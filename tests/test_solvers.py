@@ -260,6 +260,41 @@ def test_the_memory_free_relaxation_bounds_the_real_problem_and_maps_back():
     assert smaller > 10 and compared > 50, (smaller, compared)
 
 
+def test_a_limit_that_cannot_bind_presolves_as_no_limit_and_the_relaxation_reuses_it():
+    """``Presolved.memory_free``: where no choice can exceed the usage limit (every item at its
+    largest usage fits) presolve makes the reductions of the problem without its limit, and
+    ``memory_free(p, presolved)`` is that problem without presolving again; where the limit
+    can bind the flag is off and the relaxation presolves without the limit itself."""
+    from autopar.solvers.relaxation import memory_free
+    free_seen = bound_seen = 0
+    for seed in range(120):
+        p = random_problem(seed, limit=True, n_max=8, k_max=4)
+        peak = sum(float(np.max(u)) for u in p.node_usages) + sum(float(np.max(u)) for _, u, _ in p.extra_usages)
+        for limit, binds in ((peak + sum(u for u, _ in p.fixed_usages) + 1.0, False), (p.usage_limit, None)):
+            q = dataclasses.replace(p, usage_limit=limit)
+            try:
+                ps, ref = presolve(q), memory_free(q)
+            except InfeasibleError:
+                continue
+            if binds is False:
+                assert ps.memory_free, f"{seed=}"
+            if not ps.memory_free:
+                bound_seen += 1
+                assert memory_free(q, ps).problem.num_nodes == ref.problem.num_nodes
+                continue
+            free_seen += 1
+            got = memory_free(q, ps)
+            assert got.problem.usage_limit is None and not got.problem.extra_usages
+            assert got.problem.edges == ref.problem.edges and list(ps.nodes) == list(ref.presolved.nodes)
+            for a, b in zip(got.problem.node_costs + got.problem.edge_costs,
+                            ref.problem.node_costs + ref.problem.edge_costs):
+                np.testing.assert_array_equal(a, b)
+            assert got.problem.cost_offset == ref.problem.cost_offset
+            x = [0] * got.problem.num_nodes
+            assert got.choice(x) == ref.choice(x), f"{seed=}"
+    assert free_seen > 50 and bound_seen > 20, (free_seen, bound_seen)
+
+
 def test_forward_sets_maps_strategy_sets_as_forward_maps_choices():
     """``Presolved.forward_sets``: each original strategy of a set goes where ``forward``
     sends a choice using it (a dominated one to its dominator)."""

@@ -175,6 +175,11 @@ def plan_training(loss_fn, params, batch, *, optimizer, cluster="cpu-8", nodes: 
     counts = microbatch_counts(num_microbatches)
     progress = progress_for(verbose)
     if len(counts) > 1 or not isinstance(num_microbatches, int):
+        for B in counts:  # a count the batch does not divide is refused before any is planned
+            try:
+                microbatch_shapes(batch, B)
+            except (TypeError, AttributeError, IndexError):
+                break  # (not a batch of arrays: the first count's plan says what is wrong)
         try:
             return _fastest_count(lambda B: plan_training(
                 loss_fn, params, batch, optimizer=optimizer, cluster=cluster, nodes=nodes, num_microbatches=B,
