@@ -66,6 +66,22 @@ def expert_choice(p, b):
     return jnp.mean(top)
 
 
+def shifted_negatives(p, b):   # each example's negative: the next example of the batch (jnp.roll)
+    q = jnp.mean(b["x"] @ p["w"], axis=1)                             # (B, 8)
+    neg = jnp.roll(q, 1, axis=0)
+    return jnp.mean(jax.nn.softplus(-jnp.sum(q * q, -1)) + jax.nn.softplus(jnp.sum(q * neg, -1)))
+
+
+def mixup(p, b):   # each example mixed with the batch's reversed order
+    x = 0.7 * b["x"] + 0.3 * b["x"][::-1]
+    return jnp.mean((x @ p["w"]) ** 2)
+
+
+def rolled_sum(p, b):   # a sum over moved rows is the rows' sum
+    h = b["x"] @ p["w"]
+    return jnp.mean(jnp.roll(h, 3, axis=0) ** 2) + jnp.mean(h[::-1] * 2.0)
+
+
 def squared_mean(p, b):
     return jnp.mean(b["x"] @ p["w"]) ** 2
 
@@ -88,7 +104,7 @@ def scanned(p, b):
     return jnp.mean(jax.checkpoint(lambda z: z ** 2)(h))
 
 
-@pytest.mark.parametrize("loss", [lb_per_sequence, scanned, per_example_keys])
+@pytest.mark.parametrize("loss", [lb_per_sequence, scanned, per_example_keys, rolled_sum])
 def test_losses_that_keep_rows_apart_are_checked(loss):
     got = judge(loss, W, {**X, "keys": jax.random.split(jax.random.key(0), 16)})
     assert got.coupled is None and got.unjudged is None and got.line() == "kept apart (checked)"
@@ -101,6 +117,8 @@ def test_losses_that_keep_rows_apart_are_checked(loss):
     (capacity_across_batch, "a cumulative sum"),
     (expert_choice, "a top-k runs along the batch's rows"),
     (squared_mean, "nonlinear function of sums over the batch"),
+    (shifted_negatives, "rows are combined with rows of the batch moved along it at concatenate"),
+    (mixup, "rows are combined with rows of the batch moved along it at rev"),
 ])
 def test_losses_whose_rows_meet_are_found(loss, why):
     got = judge(loss, W, X)

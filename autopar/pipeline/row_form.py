@@ -11,8 +11,9 @@ are common and would run a different step, silently:
   across the batch): a product of batch means is not the mean of micro-batches' products;
 * **expert capacity or expert choice across the batch** (a ``cumsum`` / ``top_k`` over the
   flattened tokens of all sequences) and **in-batch negatives** (logits between every pair
-  of examples, contrastive losses). A ``sort`` along the rows only permutes them (a dropless
-  MoE puts them back): not judged.
+  of examples, contrastive losses), and rows **moved along the batch** (``x[::-1]``, ``jnp.roll``
+  along axis 0: mixup, shifted negatives) combined with the rows in place. A ``sort`` along
+  the rows only permutes them (a dropless MoE puts them back): not judged.
 
 :func:`check_rows` follows the batch's rows through the loss's jaxpr, primitive by primitive,
 as an abstract value per array (:class:`Rows`: an axis whose index says which row an element
@@ -28,8 +29,8 @@ from typing import NamedTuple
 from jax.extend import core as jcore
 
 from .rng_form import whole_leaf
-from .row_rules import (CALLS, ELEMENTWISE, PASS, RULES, SUM, Coupled, Rows, Stat, Unknown, after, gcd_rows,
-                        shape_of)
+from .row_rules import (CALLS, ELEMENTWISE, PASS, RULES, SUM, Coupled, Moved, Part, Rows, Stat, Unknown, after,
+                        gcd_rows, moved, shape_of)
 from ..trace import _source
 
 class RowCheck(NamedTuple):
@@ -106,6 +107,8 @@ class _Walk:
             return [bad] * n_out
         if name in PASS:
             return list(ins[:n_out])
+        if name not in ("rev", "concatenate") and any(isinstance(t, (Moved, Part)) for t in ins):
+            return [moved(self, eqn, ins)] * n_out
         rule = RULES.get(name)
         if rule is None:
             if name in ELEMENTWISE:
@@ -145,6 +148,8 @@ class _Walk:
             consts, carry, xs = ins[:nc], ins[nc:nc + nk], ins[nc + nk:]
             xs_in = []
             for t in xs:
+                if isinstance(t, (Moved, Part)):
+                    return [self.unknown(eqn)] * len(eqn.outvars)
                 if isinstance(t, Rows):
                     if t.axis == 0:
                         return [self.unknown(eqn)] * len(eqn.outvars)   # a scan over the rows
@@ -199,7 +204,7 @@ def _join(a, b):
         return bad
     if isinstance(a, Rows) and isinstance(b, Rows):
         return gcd_rows([a, b]) or Unknown(None)
-    if isinstance(a, Rows) or isinstance(b, Rows):
+    if any(isinstance(t, (Rows, Moved, Part)) for t in (a, b)):
         return Unknown(None)
     return next(t for t in (a, b) if isinstance(t, Stat)) if SUM in (a, b) else a
 
@@ -232,8 +237,8 @@ def judge_loss(outs) -> RowCheck:
     found = next((t.why for t in outs if isinstance(t, Coupled)), None) or next(
         (f"the loss is a nonlinear function of sums over the batch (e.g. a product of two batch means, as a "
          f"load-balancing loss over all tokens) made at {t.where}" for t in outs if isinstance(t, Stat)), None) or next(
-        ("the loss keeps a rows axis" for t in outs if isinstance(t, Rows)), None)
-    unjudged = next((t.where for t in outs if isinstance(t, Unknown)), None)
+        ("the loss keeps a rows axis" for t in outs if isinstance(t, (Rows, Moved))), None)
+    unjudged = next((t.where for t in outs if isinstance(t, (Unknown, Part))), None)
     return RowCheck(found, None if found else unjudged)
 
 

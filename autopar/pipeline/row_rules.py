@@ -1,7 +1,8 @@
 """The per-primitive rules of the rows check (``autopar.pipeline.row_form``): the tags an
 array may carry — :class:`Rows` (an axis whose index says which row of the batch an element
 comes from), ``SUM`` (added up over rows), :class:`Stat` (a nonlinear function of such sums),
-:class:`Unknown` and :class:`Coupled` (findings), ``None`` (not from the batch) — and, per
+:class:`Moved` (rows moved along the batch: reversed, rolled) and :class:`Part` (a slice of
+the rows), :class:`Unknown` and :class:`Coupled` (findings), ``None`` (not from the batch) — and, per
 structural primitive, the tag of its outputs from its inputs' (``RULES``; elementwise ones by
 ``ELEMENTWISE`` / ``after``). A rule takes the walk ``w`` for ``w.unknown(eqn)`` (no rule
 fits), ``w.couple(eqn, why)`` (rows meet) and ``w.where(eqn)``."""
@@ -17,6 +18,24 @@ class Rows(NamedTuple):
     """Along ``axis`` the array holds ``count`` rows of the batch, each a contiguous block."""
     axis: int
     count: int
+
+
+class Moved(NamedTuple):
+    """Along ``axis`` the batch's rows moved along it, first at ``where`` (``x[::-1]``,
+    ``jnp.roll`` along the batch): row i holds another row's values — of another row of the
+    whole batch, where a micro-batch would move only its own rows. Elementwise with the rows
+    in place, rows meet (mixup, shifted negatives); summed over, it is the rows' sum."""
+    axis: int
+    where: str
+
+
+class Part(NamedTuple):
+    """Along ``axis`` a contiguous part of a rows axis of ``size`` (a slice of the batch,
+    first at ``where``): judged only when put back together to ``size`` rows in another order
+    (``jnp.roll``: ``Moved``)."""
+    axis: int
+    size: int
+    where: str
 
 
 class Stat(NamedTuple):
@@ -192,6 +211,14 @@ def all_rows(ins) -> Rows | None:
 
 
 def _concatenate(w, eqn, ins):
+    d = eqn.params["dimension"]
+    if any(isinstance(t, Part) for t in ins):
+        # parts of one rows axis put back to its length in another order: rows moved (``jnp.roll``)
+        size = {t.size for t in ins if isinstance(t, Part)}
+        if all(isinstance(t, Part) and t.axis == d for t in ins) and len(size) == 1 \
+                and shape_of(eqn.outvars[0])[d] == size.pop():
+            return Moved(d, w.where(eqn))
+        return Unknown(next(t for t in ins if isinstance(t, Part)).where)
     r = all_rows(ins)
     if r is None or r.axis == eqn.params["dimension"]:
         return w.unknown(eqn)
@@ -213,8 +240,15 @@ def _full_along(w, eqn, ins, check):
 
 def _slice(w, eqn, ins):
     p, s = eqn.params, shape_of(eqn.invars[0])
-    return _full_along(w, eqn, ins, lambda k: p["start_indices"][k] == 0 and p["limit_indices"][k] == s[k]
-                       and (p["strides"] is None or p["strides"][k] == 1))
+
+    def whole(k):
+        return p["start_indices"][k] == 0 and p["limit_indices"][k] == s[k] and (p["strides"] is None
+                                                                                  or p["strides"][k] == 1)
+    t = ins[0]
+    if isinstance(t, Rows) and not whole(t.axis) and (p["strides"] is None or p["strides"][t.axis] == 1):
+        # a contiguous part of the rows (one half of a ``jnp.roll``)
+        return Part(t.axis, s[t.axis], w.where(eqn))
+    return _full_along(w, eqn, ins, whole)
 
 
 def _dynamic_slice(w, eqn, ins):
@@ -288,7 +322,9 @@ def _split(w, eqn, ins):
 
 def _rev(w, eqn, ins):
     t = ins[0]
-    return w.unknown(eqn) if isinstance(t, Rows) and t.axis in eqn.params["dimensions"] else t
+    if isinstance(t, Rows) and t.axis in eqn.params["dimensions"]:
+        return Moved(t.axis, w.where(eqn))   # x[::-1] along the batch
+    return t
 
 
 def _reduce_window(w, eqn, ins):
@@ -333,6 +369,32 @@ def _gather(w, eqn, ins):
         else:
             return w.unknown(eqn)
     return gcd_rows(got) or w.unknown(eqn)
+
+
+def moved(w, eqn, ins):
+    """A primitive with a ``Moved`` or ``Part`` operand (``rev`` and ``concatenate`` make
+    them): elementwise and reductions judged, anything else not (a part of the rows is
+    judged only by the concatenation that puts it back)."""
+    name = eqn.primitive.name
+    part = next((t for t in ins if isinstance(t, Part)), None)
+    if part is not None:
+        return Unknown(part.where)   # (not judged past the slice)
+    m = next(t for t in ins if isinstance(t, Moved))
+    if name in _REDUCE_SUM | _REDUCE_OTHER and len(ins) == 1:
+        axes = tuple(eqn.params["axes"])
+        if m.axis in axes:
+            return SUM if name in _REDUCE_SUM else Stat(w.where(eqn))
+        return Moved(m.axis - sum(1 for a in axes if a < m.axis), m.where)
+    if name not in ELEMENTWISE:
+        return w.unknown(eqn)
+    out_shape = shape_of(eqn.outvars[0])
+    for v, t in zip(eqn.invars, ins):   # the moved axis kept, no broadcast along it
+        if t is not None and (len(shape_of(v)) != len(out_shape) or shape_of(v)[m.axis] != out_shape[m.axis]):
+            return w.unknown(eqn)
+    if any(t is not None and t != m for t in ins):
+        return w.couple(eqn, f"rows are combined with rows of the batch moved along it at {m.where} (x[::-1] or "
+                             "jnp.roll along the batch: mixup, shifted negatives); a micro-batch moves only its own rows")
+    return m
 
 
 RULES = {
