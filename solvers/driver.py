@@ -53,7 +53,8 @@ from .heuristic import solve_heuristic
 from .ilp import solve_ilp
 from .incumbents import Clock, Scored, WarmStart, ilp_start
 from .milp import grouping
-from .presolve import Presolved, presolve as run_presolve
+from .presolve import presolve as run_presolve
+from .presolved import Presolved
 from .problem import InfeasibleError, Problem, Solution, evaluate
 from .relaxation import RelaxationCache, lp_first as _lp_first, memory_free, relax
 

@@ -40,7 +40,8 @@ import numpy as np
 
 from .handoff import HandoffCache
 from .ilp import solve_ilp
-from .presolve import Presolved, presolve
+from .presolve import presolve
+from .presolved import Presolved
 from .problem import Problem, Solution, evaluate
 
 
